@@ -1,0 +1,54 @@
+"""``mmfree-fpga reference``: the float PyTorch model, or with --integer the hardware's integer model."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from mmfree_fpga.generation import generate
+
+from ._common import add_generation_arguments, generation_result, prompt_and_sampler, stream_printer
+
+HELP = "run the float reference (or --integer: the exact integer model of the hardware) on a prompt"
+
+
+def add_arguments(p) -> None:
+    add_generation_arguments(p)
+    p.add_argument("--integer", action="store_true", help="run the integer model the hardware implements")
+
+
+def float_stepper(checkpoint):
+    from mmfree_fpga.reference.checkpoint import load_model
+    model = load_model(checkpoint)
+    state = model.init_state()
+
+    def step(tok: int):
+        nonlocal state
+        logits, state = model.step(tok, state)
+        return logits.numpy().astype("float64")
+
+    return model.config, step
+
+
+def integer_stepper(checkpoint):
+    from mmfree_fpga.reference.checkpoint import DEMO_CHECKPOINT, load_checkpoint
+    from mmfree_fpga.reference.export import integer_weights
+    from mmfree_fpga.reference.integer import IntegerModel
+    cfg, tensors = load_checkpoint(checkpoint or DEMO_CHECKPOINT)
+    model = IntegerModel(integer_weights(cfg, tensors))
+    return cfg, lambda tok: model.logits_to_float(model.step(tok))
+
+
+def run(args) -> dict:
+    torch.set_grad_enabled(False)
+    cfg, step = (integer_stepper if args.integer else float_stepper)(args.checkpoint)
+    prompt, sampler = prompt_and_sampler(args, cfg.V)
+    on_token = stream_printer(cfg.V)
+    if cfg.V == 256:
+        sys.stdout.write(bytes(prompt).decode("utf-8", errors="replace"))
+    gen = generate(step, prompt, args.steps, sampler, on_token=on_token)
+    sys.stdout.write("\n")
+    result = generation_result(gen, cfg.V)
+    result["model"] = "integer" if args.integer else "float"
+    return result

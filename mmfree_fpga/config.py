@@ -1,0 +1,234 @@
+"""The single source of truth: model geometry, number formats, hardware parameters.
+
+Everything in ``reference/``, ``hw/``, ``sim/``, ``host/`` and ``boards/`` reads its
+dimensions and fixed-point formats from here; no geometry constant is written twice.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import CheckpointError
+
+__all__ = ["ModelConfig", "Formats", "FORMATS", "derive_intermediate_size"]
+
+
+def derive_intermediate_size(hidden_size: int, hidden_ratio: float = 4) -> int:
+    """``int(d * hidden_ratio * 2 / 3)`` rounded up to a multiple of 256, as mmfreelm does."""
+    raw = int(hidden_size * hidden_ratio * 2 / 3)
+    return 256 * ((raw + 255) // 256)
+
+
+# config.json keys we accept, with the only value we support where a key changes the math.
+_REQUIRED_VALUES = {
+    "model_type": ("hgrn_bit", "this toolkit implements the HGRN-bit architecture only"),
+    "num_heads": (1, "the g_norm would be split per head; the published models use 1 head"),
+    "expand_ratio": (1, "the token mixer would be wider than the hidden size; published models use 1"),
+    "use_short_conv": (False, "the short convolution is not implemented; published models have it off"),
+    "tie_word_embeddings": (False, "lm_head must be its own ternary matrix, as in the published models"),
+    "attn_mode": ("fused_recurrent", "only the recurrent MLGRU formulation is defined for decode"),
+    "hidden_act": ("swish", "the GLU uses SiLU (swish) only"),
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Geometry of an HGRN-bit model (the parts of ``config.json`` that matter)."""
+
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    intermediate_size: int
+    rms_norm_eps: float = 1e-6
+    use_lower_bound: bool = True
+
+    # -- derived names used throughout the code -----------------------------------
+    @property
+    def d(self) -> int:
+        return self.hidden_size
+
+    @property
+    def L(self) -> int:
+        return self.num_hidden_layers
+
+    @property
+    def I(self) -> int:  # noqa: E743 - the paper's name
+        return self.intermediate_size
+
+    @property
+    def V(self) -> int:
+        return self.vocab_size
+
+    def __post_init__(self):
+        for key in ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise CheckpointError(f"config key {key!r} must be a positive integer, got {value!r}")
+        if not (isinstance(self.rms_norm_eps, (int, float)) and 0 < self.rms_norm_eps < 1):
+            raise CheckpointError(f"config key 'rms_norm_eps' must be in (0, 1), got {self.rms_norm_eps!r}")
+        if max(self.hidden_size, self.intermediate_size) > FORMATS.max_features:
+            raise CheckpointError(
+                f"hidden_size {self.hidden_size} / intermediate_size {self.intermediate_size} exceed "
+                f"the largest supported vector length {FORMATS.max_features}")
+
+    # -- sizes -------------------------------------------------------------------
+    def bitlinear_shapes(self) -> dict[str, tuple[int, int]]:
+        """(out_features, in_features) of every BitLinear of one layer, plus lm_head."""
+        d, i = self.d, self.I
+        return {
+            "attn.i_proj": (d, d), "attn.f_proj": (d, d), "attn.g_proj": (d, d),
+            "attn.o_proj": (d, d), "mlp.gate_proj": (2 * i, d), "mlp.down_proj": (d, i),
+        }
+
+    @property
+    def ternary_weights(self) -> int:
+        """Ternary weights (= ternary MACs per token): ``L (4 d^2 + 3 d I) + V d``."""
+        return self.L * (4 * self.d ** 2 + 3 * self.d * self.I) + self.V * self.d
+
+    @property
+    def embedding_params(self) -> int:
+        return self.V * self.d
+
+    # -- config.json ---------------------------------------------------------------
+    @classmethod
+    def from_hf_dict(cls, cfg: dict) -> "ModelConfig":
+        """Validate an mmfreelm ``config.json`` dict; unsupported settings raise CheckpointError."""
+        if not isinstance(cfg, dict):
+            raise CheckpointError("config.json must hold a JSON object")
+        for key, (wanted, why) in _REQUIRED_VALUES.items():
+            if key == "model_type":
+                if cfg.get(key) != wanted:
+                    raise CheckpointError(
+                        f"config key 'model_type' is {cfg.get(key)!r}, expected 'hgrn_bit': {why}")
+            elif key in cfg and cfg[key] is not None and cfg[key] != wanted:
+                raise CheckpointError(f"config key {key!r} = {cfg[key]!r} is not supported "
+                                      f"(only {wanted!r}): {why}")
+        missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers") if k not in cfg]
+        if missing:
+            raise CheckpointError(f"config.json lacks the key(s) {', '.join(missing)}")
+        inter = cfg.get("intermediate_size")
+        if inter is None:
+            inter = derive_intermediate_size(cfg["hidden_size"], cfg.get("hidden_ratio") or 4)
+        return cls(
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            num_hidden_layers=cfg["num_hidden_layers"],
+            intermediate_size=inter,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            use_lower_bound=bool(cfg.get("use_lower_bound", True)),
+        )
+
+    def to_hf_dict(self) -> dict:
+        """The ``config.json`` mmfreelm writes for this geometry."""
+        return {
+            "architectures": ["HGRNBitForCausalLM"],
+            "model_type": "hgrn_bit",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "intermediate_size": self.intermediate_size,
+            "hidden_ratio": 4,
+            "num_heads": 1,
+            "expand_ratio": 1,
+            "attn_mode": "fused_recurrent",
+            "use_short_conv": False,
+            "conv_size": 4,
+            "share_conv_kernel": True,
+            "use_lower_bound": self.use_lower_bound,
+            "hidden_act": "swish",
+            "max_position_embeddings": 2048,
+            "rms_norm_eps": self.rms_norm_eps,
+            "use_cache": True,
+            "pad_token_id": None,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "tie_word_embeddings": False,
+            "initializer_range": 0.02,
+            "fuse_cross_entropy": True,
+            "torch_dtype": "float32",
+        }
+
+    @classmethod
+    def from_checkpoint(cls, directory) -> "ModelConfig":
+        path = Path(directory) / "config.json"
+        if not path.is_file():
+            raise CheckpointError(f"{directory}: no config.json; a checkpoint is a directory with "
+                                  "config.json and model.safetensors (or pytorch_model.bin)")
+        try:
+            cfg = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_hf_dict(cfg)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Formats:
+    """Fixed-point formats of the integer model (and so of the hardware).
+
+    Notation: a value stored as integer ``n`` in format "Qf" means ``n / 2**f``.
+
+    * activations entering a matrix: int8 ``q`` in [-128, 127], per-token absmax scale;
+    * weights: trits {-1, 0, +1}; one scale ``beta`` per matrix, folded into ``out_scale``;
+    * residual stream ``x``, the MLGRU state ``h`` and every BitLinear output: signed
+      ``x_bits`` integers in Q``x_frac``, saturated on every add;
+    * gates (sigmoid outputs, forget gates, lower bounds): unsigned Q``gate_frac``;
+    * per-channel norm vectors: signed ``norm_bits`` integers with one power-of-two exponent
+      per vector, chosen at export so the largest entry uses the full width;
+    * the vector entering a BitLinear is first normalised to ``norm_bits`` bits (one shift per
+      token), so every per-element product is ``norm_bits x norm_bits``;
+    * the per-token output scale of a BitLinear is a ``scale_bits``-bit mantissa and a shift.
+    """
+
+    act_bits: int = 8
+    x_bits: int = 32
+    x_frac: int = 16
+    gate_frac: int = 15
+    norm_bits: int = 16
+    # mantissa width of the export-time constant beta * sqrt(n) / 127
+    const_bits: int = 16
+    # bits of the per-token scale mantissa (quotient of the scalar divider)
+    scale_bits: int = 17
+    # sum-of-squares terms are (v * a) >> sumsq_shift before squaring
+    sumsq_shift: int = 15
+    # the quantiser's reciprocal: R = floor(127 << recip_frac / m16), m16 in [2^15, 2^16)
+    recip_frac: int = 24
+    # sigmoid table: 2**sig_table_log2 + 1 entries over [-sig_range, +sig_range]
+    sig_range: int = 16
+    sig_table_log2: int = 9
+    # embedding rows: int8 values with an unsigned per-row scale in Q(emb_scale_frac)
+    emb_scale_frac: int = 24
+    emb_scale_bits: int = 32
+    # largest supported vector (in_features/out_features of any matrix except lm_head rows)
+    max_features: int = 16384
+
+    @property
+    def acc_bits(self) -> int:
+        """Signed accumulator width: |acc| <= 128 * max_features."""
+        return (128 * self.max_features).bit_length() + 1
+
+    @property
+    def sig_step_log2(self) -> int:
+        """Sigmoid table step is 2**-sig_step_log2."""
+        return self.sig_table_log2 - 1 - int(math.log2(self.sig_range))
+
+    @property
+    def x_max(self) -> int:
+        return (1 << (self.x_bits - 1)) - 1
+
+    @property
+    def x_min(self) -> int:
+        return -(1 << (self.x_bits - 1))
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["acc_bits"] = self.acc_bits
+        return d
+
+
+FORMATS = Formats()
