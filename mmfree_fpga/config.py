@@ -196,7 +196,9 @@ class Formats:
     scale_bits: int = 17
     # sum-of-squares terms are (v * a) >> sumsq_shift before squaring
     sumsq_shift: int = 15
-    # the quantiser's reciprocal: R = floor(127 << recip_frac / m16), m16 in [2^15, 2^16)
+    # the quantiser shifts |z| and m = max|z| so m has quant_bits bits, then multiplies by
+    # R = floor(127 << recip_frac / m16)
+    quant_bits: int = 16
     recip_frac: int = 24
     # sigmoid table: 2**sig_table_log2 + 1 entries over [-sig_range, +sig_range]
     sig_range: int = 16

@@ -110,8 +110,11 @@ def save_checkpoint(model: HGRNBitForCausalLM, directory, dtype=torch.float32,
     """Write config.json + model.safetensors; the directory appears only when complete."""
     from safetensors.torch import save_file
     directory = Path(directory)
+    if directory.exists() and not (directory / "config.json").is_file() and any(directory.iterdir()):
+        raise CheckpointError(f"{directory} exists and is not a checkpoint; choose an empty or new directory")
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=directory.parent))
+    tmp.chmod(0o755)
     try:
         cfg = model.config.to_hf_dict()
         cfg["torch_dtype"] = {torch.float32: "float32", torch.bfloat16: "bfloat16",
@@ -120,6 +123,7 @@ def save_checkpoint(model: HGRNBitForCausalLM, directory, dtype=torch.float32,
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         tensors = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "model.safetensors").chmod(0o644)
         if directory.exists():
             shutil.rmtree(directory)
         os.replace(tmp, directory)

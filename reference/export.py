@@ -52,7 +52,7 @@ def _bitlinear(w: torch.Tensor, a: np.ndarray, c: np.ndarray, fmt: Formats) -> I
     trits, beta = weight_ternary(w)
     a_int, e_a = to_fixed_vector(a, fmt.norm_bits)
     c_int, e_c = to_fixed_vector(c, fmt.norm_bits)
-    k = float(beta) * math.sqrt(w.shape[1]) / 127.0 * 2.0 ** (e_a - e_c + 1)
+    k = float(beta) * math.sqrt(w.shape[1]) / 127.0 * 2.0 ** (e_a - e_c + fmt.x_frac - fmt.sumsq_shift)
     k_exp = math.floor(math.log2(k)) - (fmt.const_bits - 1)
     k_mant = round(k / 2.0 ** k_exp)
     if k_mant >= 1 << fmt.const_bits:

@@ -17,6 +17,7 @@ The one-BitLinear recipe, for an input vector v (Q16), rms-weights a and quant-w
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -64,9 +65,9 @@ def normalise(v: np.ndarray, fmt: Formats = F) -> np.ndarray:
 def quantise(z: np.ndarray, m: int, fmt: Formats = F) -> np.ndarray:
     """int8 absmax quantisation of z with m = max|z| > 0: round(127 z / m), ties away.
 
-    |z| and m are shifted so m has 16 bits, then multiplied by R = floor(127 * 2^recip_frac / m16).
+    |z| and m are shifted so m has quant_bits bits, then multiplied by R = floor(127 * 2^recip_frac / m16).
     """
-    zs = m.bit_length() - 16
+    zs = m.bit_length() - fmt.quant_bits
     mag = np.abs(z)
     mag16 = mag >> zs if zs >= 0 else mag << (-zs)
     m16 = m >> zs if zs >= 0 else m << (-zs)
@@ -92,7 +93,7 @@ def bitlinear(v: np.ndarray, layer: "IntBitLinear", fmt: Formats = F, trace: dic
     if m == 0 or r == 0:
         return np.zeros(layer.trits.shape[0], dtype=np.int64)
     q = quantise(z, m, fmt)
-    acc = matvec(layer.trits, q)
+    acc = matvec(layer.trits_f32, q)
     qt, t = scale_mantissa(layer.k_mant * m, r, fmt)
     y = saturate(rshift_round(acc * qt, t - layer.k_exp), fmt)
     if trace is not None:
@@ -101,8 +102,11 @@ def bitlinear(v: np.ndarray, layer: "IntBitLinear", fmt: Formats = F, trace: dic
 
 
 def matvec(trits: np.ndarray, q: np.ndarray) -> np.ndarray:
-    """acc = T @ q, exactly (float64 BLAS is exact below 2^53; |acc| <= 128 * 16384)."""
-    return (trits.astype(np.float64) @ q.astype(np.float64)).astype(np.int64)
+    """acc = T @ q, exactly: every partial sum is an integer below 2^24 in magnitude
+    (|acc| <= 128 * max_features = 2^21), so float32 BLAS is exact and fast."""
+    if trits.dtype != np.float32:
+        trits = trits.astype(np.float32)
+    return (trits @ q.astype(np.float32)).astype(np.int64)
 
 
 def sigmoid_table(fmt: Formats = F) -> np.ndarray:
@@ -112,11 +116,12 @@ def sigmoid_table(fmt: Formats = F) -> np.ndarray:
     return np.round((1.0 / (1.0 + np.exp(-xs))) * (1 << fmt.gate_frac)).astype(np.int64)
 
 
-_SIG_TABLE = sigmoid_table(F)
+_sigmoid_table_cached = functools.lru_cache(maxsize=None)(sigmoid_table)
 
 
-def sigmoid(y: np.ndarray, fmt: Formats = F, table: np.ndarray = _SIG_TABLE) -> np.ndarray:
+def sigmoid(y: np.ndarray, fmt: Formats = F) -> np.ndarray:
     """Q16 -> Q15 sigmoid: table lookup with linear interpolation, saturated outside the table."""
+    table = _sigmoid_table_cached(fmt)
     frac_bits = fmt.x_frac - fmt.sig_step_log2
     n = 1 << fmt.sig_table_log2
     idx = (y >> frac_bits) + n // 2
@@ -143,10 +148,14 @@ class IntBitLinear:
     trits: np.ndarray          # int8 [out, in], values in {-1, 0, 1}
     a: np.ndarray              # int64 [in], rms-weights (int16 range), exponent e_a
     c: np.ndarray              # int64 [in], quant-weights (int16 range), exponent e_c
-    k_mant: int                # K = k_mant * 2^k_exp = beta sqrt(in) / 127 * 2^(e_a - e_c + 1)
+    k_mant: int                # K = k_mant * 2^k_exp = beta sqrt(in) / 127 * 2^(e_a - e_c + x_frac - sumsq_shift)
     k_exp: int
     e_a: int = 0
     e_c: int = 0
+
+    @functools.cached_property
+    def trits_f32(self) -> np.ndarray:
+        return self.trits.astype(np.float32)
 
 
 @dataclass

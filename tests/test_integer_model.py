@@ -1,0 +1,114 @@
+"""The integer model: primitives against exact definitions, widths at the worst case, and
+agreement with the float reference."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import random_model
+from mmfree_fpga.config import FORMATS, ModelConfig
+from mmfree_fpga.reference import integer as im
+from mmfree_fpga.reference.agreement import agreement, held_out_ids
+from mmfree_fpga.reference.checkpoint import DEMO_CHECKPOINT, load_checkpoint, load_model
+from mmfree_fpga.reference.export import integer_weights, to_fixed_vector
+
+F = FORMATS
+
+
+def test_quantise_matches_exact_rounding():
+    g = np.random.default_rng(0)
+    for bits in (8, 16, 20, 30):
+        z = g.integers(-(1 << bits), 1 << bits, size=4000)
+        m = int(np.abs(z).max())
+        q = im.quantise(z, m)
+        exact = np.sign(z) * np.floor(np.abs(z) * 127 / m + 0.5)
+        assert np.abs(q - exact).max() <= 1  # the 16-bit reciprocal moves rare ties by one
+        assert (q != exact).mean() < 0.01
+        assert np.abs(q).max() == 127 and q[np.argmax(np.abs(z))] == np.sign(z[np.argmax(np.abs(z))]) * 127
+
+
+def test_normalise_and_scale_mantissa():
+    v = np.array([3, -5, 1])
+    n = im.normalise(v)
+    assert np.abs(n).max().item().bit_length() == F.norm_bits - 1 and (n == v << 12).all()
+    big = np.array([1 << 30, -(1 << 29)])
+    assert (im.normalise(big) == big >> 16).all()
+    for num, r in [(12345678, 999), (1, 1 << 20), (1 << 46, 3)]:
+        qt, t = im.scale_mantissa(num, r)
+        assert 1 << (F.scale_bits - 2) <= qt < 1 << F.scale_bits
+        assert qt == math.floor(num * 2.0 ** t / r)
+
+
+def test_sigmoid_and_silu_error():
+    y = np.arange(-20 << 16, 20 << 16, 997, dtype=np.int64)
+    xs = y / 65536.0
+    sig = 1 / (1 + np.exp(-xs))
+    assert np.abs(im.sigmoid(y) / 2 ** 15 - sig).max() < 2e-4
+    assert np.abs(im.silu(y) / 2 ** 16 - xs * sig).max() < 5e-3
+    assert im.sigmoid(np.array([-(1 << 40), 1 << 40])).tolist() == [0, 1 << 15]
+
+
+def test_rshift_round_and_saturate():
+    assert im.rshift_round(np.array([5, -5, 6, -6, 7]), 1).tolist() == [3, -2, 3, -3, 4]
+    assert im.saturate(np.array([1 << 40, -(1 << 40)])).tolist() == [F.x_max, F.x_min]
+
+
+def test_worst_case_widths_do_not_overflow():
+    """All |q| = 128 and all trits equal at the largest vector: acc fits acc_bits, and the
+    float32 matvec is still exact; every intermediate of the BitLinear fits its width."""
+    n = F.max_features
+    for trit, qv in [(1, -128), (-1, -128), (1, 127)]:
+        acc = im.matvec(np.full((2, n), trit, dtype=np.int8), np.full(n, qv))
+        assert acc[0] == trit * qv * n
+        assert abs(int(acc[0])) < 1 << (F.acc_bits - 1)
+    assert 128 * n < 1 << 24  # float32 holds every partial sum exactly
+    v16_max = 1 << (F.norm_bits - 1)
+    z_max = v16_max * v16_max                      # |v16 * c| with |c| <= 2^15
+    assert z_max.bit_length() <= 31
+    p_max = z_max >> F.sumsq_shift
+    s2_max = n * p_max * p_max
+    assert s2_max < 1 << 63
+    qt_max = (1 << F.scale_bits) - 1
+    assert 128 * n * qt_max < 1 << 63              # acc * Qt before the shift
+
+
+def test_bitlinear_against_float_formula():
+    """One BitLinear: integer result vs the float formula acc * beta * max|v c| / (127 rms(v a))."""
+    g = np.random.default_rng(3)
+    d, out = 256, 64
+    w = torch.randn(out, d) * 0.05
+    a, c = g.uniform(0.5, 1.5, d), g.uniform(0.5, 1.5, d)
+    from mmfree_fpga.reference.export import _bitlinear
+    bl = _bitlinear(w, a, a * c, F)
+    v = g.normal(0, 3, d)
+    y = im.bitlinear(np.round(v * 65536).astype(np.int64), bl) / 65536
+    from mmfree_fpga.reference.model import activation_quant, weight_ternary
+    t, beta = weight_ternary(w.double())
+    u = torch.tensor(v * a) / torch.tensor(v * a).pow(2).mean().sqrt() * torch.tensor(c)
+    q, s = activation_quant(u)
+    want = ((t @ q) * beta / s).numpy()
+    assert np.abs(y - want).max() < 2e-3 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("d,L,I", [(64, 1, 256), (128, 2, 256), (256, 3, 512), (512, 4, 768)])
+def test_random_models_agree(d, L, I):
+    cfg = ModelConfig(vocab_size=256, hidden_size=d, num_hidden_layers=L, intermediate_size=I)
+    model = random_model(cfg, seed=d)
+    ids = np.random.default_rng(d).integers(0, 256, 48).tolist()
+    r = agreement(model, integer_weights(cfg, model.state_dict()), ids)
+    assert r["mean_logit_cosine"] >= 0.99, r
+
+
+def test_demo_model_agrees_on_held_out_text():
+    """Integer vs float on >= 2,000 held-out positions of the demo model."""
+    cfg, tensors = load_checkpoint(DEMO_CHECKPOINT)
+    r = agreement(load_model(DEMO_CHECKPOINT), integer_weights(cfg, tensors), held_out_ids(2048))
+    assert r["top1_agreement"] >= 0.99 and r["mean_logit_cosine"] >= 0.995, r
+
+
+def test_to_fixed_vector():
+    n, e = to_fixed_vector(np.array([0.5, -3.0, 0.001]), 16)
+    assert np.abs(n).max() <= (1 << 15) - 1 and np.abs(n).max() >= 1 << 14
+    np.testing.assert_allclose(n / 2.0 ** e, [0.5, -3.0, 0.001], atol=2.0 ** -e)
