@@ -22,6 +22,8 @@ COMMANDS = {
     "export": "export",
     "train": "train",
     "demo": "demo",
+    "build": "build",
+    "program": "program",
 }
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 HELP = "the main job on the demo model: float and integer model side by side on one prompt"
 
 
@@ -13,6 +11,8 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> dict:
+    import torch
+
     from mmfree_fpga.generation import Sampler, decode_text, generate, parse_prompt
 
     from .reference import float_stepper, integer_stepper

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import sys
 
-import torch
-
 from mmfree_fpga.generation import generate
 
 from ._common import add_generation_arguments, generation_result, prompt_and_sampler, stream_printer
@@ -41,6 +39,8 @@ def integer_stepper(checkpoint):
 
 
 def run(args) -> dict:
+    import torch
+
     torch.set_grad_enabled(False)
     cfg, step = (integer_stepper if args.integer else float_stepper)(args.checkpoint)
     prompt, sampler = prompt_and_sampler(args, cfg.V)

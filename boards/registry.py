@@ -1,0 +1,127 @@
+"""The boards the flow knows by name, and ``module:Class`` for any other amaranth-boards platform."""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+from amaranth.build import Platform
+
+from mmfree_fpga.errors import UserError
+
+from .budget import device_resources
+
+__all__ = ["Board", "Programmer", "BOARDS", "resolve_board", "known_boards_text"]
+
+
+@dataclass(frozen=True)
+class Programmer:
+    """How openFPGALoader (or iceprog) reaches a board."""
+
+    ofl_board: str                 # openFPGALoader -b
+    cable: str                     # what a person should look for, for messages
+    sram: bool                     # volatile (SRAM) loading works on the stock board
+    iceprog: bool = False          # iceprog (ICEPROG) can program it too
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Board:
+    """A board the flow can build for."""
+
+    name: str
+    platform_class: type
+    description: str
+    default_clock_hz: float | None       # the design clock when --clock-mhz is not given
+    pll: bool = False                    # the top may put a PLL between oscillator and design
+    leds: tuple = (0, 1, 2)              # platform "led" numbers: heartbeat, activity, error
+    reset_button: tuple | None = None    # (resource name, number), pressed = reset
+    programmer: Programmer | None = None
+    generic: bool = False
+
+    def platform(self) -> Platform:
+        return self.platform_class()
+
+    @property
+    def device(self) -> str:
+        return self.platform_class.device
+
+    @property
+    def resources(self):
+        return device_resources(self.device)
+
+    @property
+    def family(self) -> str | None:
+        r = self.resources
+        return r.family if r is not None else None
+
+
+def _known():
+    from amaranth_boards.icebreaker import ICEBreakerPlatform
+    from amaranth_boards.ulx3s import ULX3S_85F_Platform
+    return {
+        "icebreaker": Board(
+            name="icebreaker", platform_class=ICEBreakerPlatform,
+            description="1BitSquared iCEBreaker (iCE40UP5K, 12 MHz oscillator)",
+            default_clock_hz=24e6, pll=True, leds=(1, None, 0), reset_button=("button", 0),
+            programmer=Programmer(
+                ofl_board="ice40_generic", cable="the iCEBreaker's FTDI FT2232H (USB 0403:6010)",
+                sram=False, iceprog=True,
+                note="the iCE40 boots from the board's SPI flash: programming always writes the flash")),
+        "ulx3s-85f": Board(
+            name="ulx3s-85f", platform_class=ULX3S_85F_Platform,
+            description="Radiona ULX3S with LFE5U-85F (ECP5, 25 MHz oscillator)",
+            default_clock_hz=60e6, pll=True, leds=(0, 1, 2), reset_button=("button_fire", 0),
+            programmer=Programmer(ofl_board="ulx3s", cable="the ULX3S's FTDI FT231X on the US1 port (USB 0403:6015)",
+                                  sram=True)),
+    }
+
+
+BOARDS: dict[str, Board] = _known()
+
+
+def known_boards_text() -> str:
+    return (", ".join(BOARDS) + ", or module:Class for any amaranth-boards platform "
+            "(e.g. amaranth_boards.icestick:ICEStickPlatform)")
+
+
+def _generic(spec: str) -> Board:
+    module_name, _, class_name = spec.partition(":")
+    if not module_name or not class_name:
+        raise UserError(f"unknown board {spec!r}; known boards: {known_boards_text()}")
+    module = None
+    for candidate in (module_name, f"amaranth_boards.{module_name}"):
+        try:
+            module = importlib.import_module(candidate)
+            break
+        except ModuleNotFoundError as e:
+            if e.name is not None and not candidate.startswith(e.name):
+                raise UserError(f"board module {candidate} needs {e.name}, which is not installed") from None
+    if module is None:
+        raise UserError(f"unknown board {spec!r}: no module {module_name} (nor amaranth_boards.{module_name}); "
+                        f"known boards: {known_boards_text()}")
+    cls = getattr(module, class_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, Platform)):
+        raise UserError(f"unknown board {spec!r}: {module.__name__} has no platform class {class_name}; "
+                        f"known boards: {known_boards_text()}")
+    try:
+        platform = cls()
+        clock = platform.default_clk_frequency
+    except (TypeError, AttributeError) as e:
+        raise UserError(f"board {spec}: {cls.__name__} cannot be used as a platform ({e})") from None
+    try:
+        platform.lookup("uart", 0)
+    except Exception:  # amaranth raises ResourceError; a broken platform anything
+        raise UserError(f"board {spec}: the platform has no 'uart' resource, which the board top "
+                        "needs for the host link") from None
+    return Board(name=spec, platform_class=cls, description=f"{cls.__module__}.{cls.__qualname__} ({cls.device})",
+                 default_clock_hz=clock, generic=True)
+
+
+def resolve_board(name: str) -> Board:
+    """A known board by name, or an amaranth-boards platform as ``module:Class``; UserError otherwise."""
+    if name in BOARDS:
+        return BOARDS[name]
+    if ":" in name:
+        return _generic(name)
+    raise UserError(f"unknown board {name!r}; known boards: {known_boards_text()}")

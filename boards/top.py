@@ -1,0 +1,195 @@
+"""The board top: a design between a UART and the board's clock, reset and LEDs.
+
+A *design* is what a *design factory* returns: ``factory(context: DesignContext)`` gives a
+``wiring.Component`` with (at least) these members, both byte streams by
+``amaranth.lib.stream`` rules, clocked by the ``sync`` domain at ``context.clock_hz``::
+
+    i_stream: In(stream.Signature(8))    bytes from the host (UART RX)
+    o_stream: Out(stream.Signature(8))   bytes to the host (UART TX)
+
+The factory gets the board, device, clock, baud rate, checkpoint and memory budget in the
+:class:`DesignContext`, so a design can size itself to the board. Structure of the top::
+
+    pin rx -> io.Buffer -> UARTBridge: UARTReceiver -> FIFO -> design.i_stream
+    pin tx <- io.Buffer <- UARTBridge: UARTTransmitter <- FIFO <- design.o_stream
+    oscillator -> PLL (SyncDomain) -> sync domain, reset until lock + por delay, reset button
+    LEDs: heartbeat (~1 Hz), UART activity, sticky error (framing error or RX overrun)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from amaranth.build import ResourceError
+from amaranth.hdl import ClockDomain, ClockSignal, Elaboratable, Module, Shape, Signal
+from amaranth.lib import fifo, io, stream, wiring
+from amaranth.lib.cdc import ResetSynchronizer
+from amaranth.lib.wiring import In, Out
+
+from mmfree_fpga.hw.uart import UARTReceiver, UARTTransmitter
+
+from .budget import DeviceResources, ImageSummary, MemoryBudget
+
+__all__ = ["DesignContext", "DesignFactory", "UARTBridge", "BoardTop", "check_design", "DEFAULT_BAUD",
+           "DEFAULT_FIFO_DEPTH"]
+
+DEFAULT_BAUD = 3_000_000
+# one iCE40 EBR (512 x 8) per direction; lets the host send a command while the design is busy
+DEFAULT_FIFO_DEPTH = 512
+
+
+@dataclass(frozen=True)
+class DesignContext:
+    """What a design factory learns about the board it is built for."""
+
+    board: str
+    device: str
+    family: str | None               # "ice40", "ecp5" or None (generic board of another family)
+    clock_hz: float                  # the sync domain's frequency
+    baud: int
+    checkpoint: Path | None
+    image: ImageSummary | None       # sizes of the weight image the engine will hold
+    resources: DeviceResources | None
+    budget: MemoryBudget | None      # on-chip RAM left for the design
+
+
+DesignFactory = Callable[[DesignContext], wiring.Component]
+
+
+def check_design(design) -> None:
+    """TypeError unless ``design`` has the i_stream/o_stream byte-stream members."""
+    sig = getattr(design, "signature", None)
+    if not isinstance(sig, wiring.Signature):
+        if isinstance(design, Elaboratable):
+            design._MustUse__silence = True
+        raise TypeError(f"the design factory returned {design!r}, not a wiring.Component")
+    for name, flow in (("i_stream", In), ("o_stream", Out)):
+        member = sig.members[name] if name in sig.members else None
+        ok = (member is not None and member.is_signature and member.flow == flow
+              and isinstance(member.signature, stream.Signature)
+              and Shape.cast(member.signature.members["payload"].shape) == Shape.cast(8))
+        if not ok:
+            design._MustUse__silence = True  # rejected, so not an unused elaboratable
+            raise TypeError(f"design {type(design).__name__} needs a member "
+                            f"{name}: {flow.name}(stream.Signature(8)); its signature is {sig!r}")
+
+
+def _request_optional(platform, name, number):
+    try:
+        return platform.request(name, number, dir="-")
+    except ResourceError:
+        return None
+
+
+class UARTBridge(wiring.Component):
+    """A design between a UART receiver and transmitter, with a FIFO on each side.
+
+    Platform-independent (simulate it with the serial lines as plain signals).
+
+    Members
+    -------
+    rx : In(1, init=1)       serial line from the host
+    tx : Out(1, init=1)      serial line to the host
+    activity : Out(1)        a byte went in or out this cycle
+    error : Out(1)           a framing error or an RX overrun happened this cycle
+    """
+
+    def __init__(self, design, *, clock_hz: float, baud: int = DEFAULT_BAUD, fifo_depth: int = DEFAULT_FIFO_DEPTH):
+        check_design(design)
+        self.design = design
+        self.fifo_depth = fifo_depth
+        # constructed now so a bad clock/baud pair fails before elaboration
+        self.uart_rx = UARTReceiver(clk_freq=clock_hz, baud=baud)
+        self.uart_tx = UARTTransmitter(clk_freq=clock_hz, baud=baud)
+        super().__init__({"rx": In(1, init=1), "tx": Out(1, init=1), "activity": Out(1), "error": Out(1)})
+
+    def elaborate(self, platform):
+        m = Module()
+        m.submodules.uart_rx = rx = self.uart_rx
+        m.submodules.uart_tx = tx = self.uart_tx
+        m.submodules.design = design = self.design
+        m.d.comb += [rx.rx.eq(self.rx), self.tx.eq(tx.tx)]
+        if self.fifo_depth:
+            m.submodules.rx_fifo = rx_fifo = fifo.SyncFIFOBuffered(width=8, depth=self.fifo_depth)
+            m.submodules.tx_fifo = tx_fifo = fifo.SyncFIFOBuffered(width=8, depth=self.fifo_depth)
+            m.d.comb += [
+                rx_fifo.w_data.eq(rx.data.payload), rx_fifo.w_en.eq(rx.data.valid),
+                rx.data.ready.eq(rx_fifo.w_rdy),
+                design.i_stream.payload.eq(rx_fifo.r_data), design.i_stream.valid.eq(rx_fifo.r_rdy),
+                rx_fifo.r_en.eq(design.i_stream.ready),
+                tx_fifo.w_data.eq(design.o_stream.payload), tx_fifo.w_en.eq(design.o_stream.valid),
+                design.o_stream.ready.eq(tx_fifo.w_rdy),
+                tx.data.payload.eq(tx_fifo.r_data), tx.data.valid.eq(tx_fifo.r_rdy),
+                tx_fifo.r_en.eq(tx.data.ready),
+            ]
+        else:
+            wiring.connect(m, rx.data, design.i_stream)
+            wiring.connect(m, design.o_stream, tx.data)
+        m.d.comb += [
+            self.activity.eq((rx.data.valid & rx.data.ready) | (tx.data.valid & tx.data.ready)),
+            self.error.eq(rx.framing_error | rx.overrun),
+        ]
+        return m
+
+
+class BoardTop(Elaboratable):
+    """Pins, clocking and LEDs around a :class:`UARTBridge` (see the module docstring).
+
+    Parameters
+    ----------
+    design : the component from the design factory
+    clock_hz : frequency of the sync domain (drives the UART divider)
+    baud : UART bit rate
+    sync_domain : a :class:`SyncDomain` (PLL / reset), or None to let the platform create the
+        sync domain from its default clock (generic boards)
+    leds : platform LED numbers for (heartbeat, activity, error); None or missing ones are skipped
+    fifo_depth : bytes of FIFO on each side of the design (0: none)
+    """
+
+    def __init__(self, design, *, clock_hz: float, baud: int = DEFAULT_BAUD, sync_domain=None,
+                 leds=(0, 1, 2), fifo_depth: int = DEFAULT_FIFO_DEPTH):
+        self.bridge = UARTBridge(design, clock_hz=clock_hz, baud=baud, fifo_depth=fifo_depth)
+        self.clock_hz = clock_hz
+        self.sync_domain = sync_domain
+        self.leds = leds
+
+    def elaborate(self, platform):
+        m = Module()
+        if self.sync_domain is not None:
+            m.submodules.clocking = clocking = self.sync_domain
+            m.domains.sync = ClockDomain("sync")
+            m.d.comb += ClockSignal("sync").eq(clocking.clk)
+            m.submodules.reset_sync = ResetSynchronizer(clocking.rst, domain="sync")
+            platform.add_clock_constraint(clocking.clk, self.clock_hz)
+
+        m.submodules.bridge = bridge = self.bridge
+        uart = platform.request("uart", 0, dir="-")
+        # plain buffers: the receiver synchronises rx itself, and tx must idle high from
+        # configuration on (an I/O-cell register would hold it low until the PLL locks)
+        m.submodules.rx_buf = rx_buf = io.Buffer("i", uart.rx)
+        m.submodules.tx_buf = tx_buf = io.Buffer("o", uart.tx)
+        m.d.comb += [bridge.rx.eq(rx_buf.i), tx_buf.o.eq(bridge.tx)]
+
+        heartbeat = Signal(max(1, int(self.clock_hz).bit_length()))
+        m.d.sync += heartbeat.eq(heartbeat + 1)
+        # a byte in or out lights the activity LED for ~20 ms, so single bytes are visible
+        stretch = max(2, int(self.clock_hz / 50))
+        activity = Signal(range(stretch))
+        with m.If(bridge.activity):
+            m.d.sync += activity.eq(stretch - 1)
+        with m.Elif(activity != 0):
+            m.d.sync += activity.eq(activity - 1)
+        error = Signal()
+        with m.If(bridge.error):
+            m.d.sync += error.eq(1)
+
+        heartbeat_led, activity_led, error_led = self.leds
+        for number, value in ((heartbeat_led, heartbeat[-1]), (activity_led, activity != 0),
+                              (error_led, error)):
+            port = _request_optional(platform, "led", number) if number is not None else None
+            if port is not None:
+                m.submodules[f"led{number}"] = led = io.Buffer("o", port)
+                m.d.comb += led.o.eq(value)
+        return m

@@ -1,0 +1,62 @@
+"""``mmfree-fpga build``: a bitstream for a board (see boards/build.py)."""
+
+from __future__ import annotations
+
+HELP = "build the bitstream of the design for a board (YoWASP Yosys + nextpnr), with timing and utilisation"
+
+
+def add_arguments(p) -> None:
+    from mmfree_fpga.boards.registry import BOARDS, known_boards_text
+    from mmfree_fpga.boards.top import DEFAULT_BAUD
+    clocks = ", ".join(f"{name} {board.default_clock_hz / 1e6:g}" for name, board in BOARDS.items())
+    p.add_argument("--board", default="icebreaker", metavar="B",
+                   help=f"target board (default icebreaker): {known_boards_text()}")
+    p.add_argument("--clock-mhz", type=float, default=None, metavar="F",
+                   help=f"design clock in MHz, made by the board's PLL (default: {clocks})")
+    p.add_argument("--baud", type=int, default=DEFAULT_BAUD, metavar="N",
+                   help=f"UART bit rate (default {DEFAULT_BAUD})")
+    p.add_argument("--packing", choices=("2bit", "base3"), default=None,
+                   help="trit packing for the model size check (default base3, or that of an exported image)")
+    p.add_argument("--out", default=None, metavar="DIR", help="output directory (default out/build/BOARD)")
+    p.add_argument("--no-cache", action="store_true", help="run the toolchain even if this build is cached")
+
+
+def _utilisation_text(util: dict) -> str:
+    names = {"lut": "LUT", "ff": "FF", "logic_cell": "LC", "bram": "BRAM", "spram": "SPRAM", "dsp": "DSP"}
+    parts = []
+    for key, label in names.items():
+        if key in util:
+            u = util[key]
+            pct = f" ({u['percent']:g}%)" if u["percent"] is not None else ""
+            parts.append(f"{label} {u['used']}/{u['available']}{pct}")
+    return ", ".join(parts)
+
+
+def run(args) -> dict:
+    import sys
+
+    from mmfree_fpga.boards.build import build
+    r = build(args.board, out=args.out, clock_mhz=args.clock_mhz, baud=args.baud, checkpoint=args.checkpoint,
+              packing=args.packing, use_cache=not args.no_cache, quiet=args.quiet)
+    how = f"from the cache in {r['build_seconds']:.1f} s" if r["cached"] else f"in {r['build_seconds']:.1f} s"
+    print(f"built {r['bitstream']} for {r['board']} ({r['device']}) {how}")
+    print(f"design: {r['design']}" + (f" ({r['design_description']})" if r["design_description"] else ""))
+    pll = r["pll"]
+    clock = f"{r['clock_mhz']:g} MHz" + (" from the PLL" if pll else " from the oscillator")
+    print(f"clock: {clock}; UART {r['baud']} baud 8N1")
+    if r["fmax_mhz"] is None:
+        print("Fmax: not found in the nextpnr log (no timing line for the design clock)")
+    else:
+        verdict = "timing met" if r["timing_met"] else "TIMING NOT MET"
+        print(f"Fmax: {r['fmax_mhz']:g} MHz at {r['clock_mhz']:g} MHz: {verdict}")
+        if not r["timing_met"]:
+            print(f"mmfree-fpga build: warning: the design clock ({r['clock_mhz']:g} MHz) is faster than the "
+                  f"design's Fmax ({r['fmax_mhz']:g} MHz); rebuild with a lower --clock-mhz", file=sys.stderr)
+    print(f"utilisation: {_utilisation_text(r['utilization'])}")
+    fit = r["model_fit"]
+    if fit:
+        print(f"model: {fit['needed_bytes']:,} of {fit['available_bytes']:,} bytes of on-chip RAM "
+              f"({fit['percent']:g}%), {fit['image']['packing']} weight image")
+    for note in r["notes"]:
+        print(f"note: {note}")
+    return r

