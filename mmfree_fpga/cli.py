@@ -22,6 +22,7 @@ COMMANDS = {
     "export": "export",
     "train": "train",
     "demo": "demo",
+    "bench": "bench",
     "build": "build",
     "program": "program",
 }

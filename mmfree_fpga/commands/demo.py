@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-HELP = "the main job on the demo model: float and integer model side by side on one prompt"
+HELP = "the main job on the demo model: what the hardware's arithmetic writes, checked against the float model"
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--prompt", default="def fibonacci(n):\n", metavar="TEXT")
-    p.add_argument("--steps", type=int, default=160, metavar="N")
+    p.add_argument("--prompt", default="def ", metavar="TEXT")
+    p.add_argument("--steps", type=int, default=200, metavar="N")
+    p.add_argument("--temperature", type=float, default=0.7, metavar="T")
+    p.add_argument("--top-k", type=int, default=40, metavar="K")
+    p.add_argument("--seed", type=int, default=1)
 
 
 def run(args) -> dict:
@@ -17,15 +20,20 @@ def run(args) -> dict:
 
     from .reference import float_stepper, integer_stepper
     torch.set_grad_enabled(False)
-    result = {}
+    cfg, int_step = integer_stepper(args.checkpoint)
+    prompt = parse_prompt(args.prompt, None, cfg.V)
+    sampler = Sampler(temperature=args.temperature, top_k=args.top_k, seed=args.seed)
+    sampled = generate(int_step, prompt, args.steps, sampler)
+    print(f"--- integer model (the hardware's arithmetic), {args.steps} tokens sampled at "
+          f"temperature {args.temperature}, top-k {args.top_k}, seed {args.seed}:")
+    print(decode_text(sampled.tokens, cfg.V))
+    greedy = {}
     for name, make in (("float", float_stepper), ("integer", integer_stepper)):
-        cfg, step = make(args.checkpoint)
-        prompt = parse_prompt(args.prompt, None, cfg.V)
-        gen = generate(step, prompt, args.steps, Sampler())
-        text = decode_text(gen.tokens, cfg.V)
-        print(f"--- {name} model, greedy, {args.steps} new tokens " + "-" * 30)
-        print(text)
-        result[name] = {"tokens": gen.tokens, "text": text}
-    same = sum(a == b for a, b in zip(result["float"]["tokens"], result["integer"]["tokens"]))
-    print(f"--- float and integer models agree on {same}/{len(result['float']['tokens'])} tokens")
-    return result
+        _, step = make(args.checkpoint)
+        greedy[name] = generate(step, prompt, args.steps, Sampler()).tokens
+    a, b = greedy["float"], greedy["integer"]
+    same = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), len(a)) - len(prompt)
+    print(f"--- greedy decoding: the integer and float models agree on the first {same} of "
+          f"{args.steps} tokens")
+    return {"sampled": {"tokens": sampled.tokens, "text": decode_text(sampled.tokens, cfg.V)},
+            "greedy": {"float": a, "integer": b, "agreeing_prefix": same}}
