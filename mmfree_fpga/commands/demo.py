@@ -16,10 +16,14 @@ def add_arguments(p) -> None:
 def run(args) -> dict:
     import torch
 
+    with torch.no_grad():
+        return _run(args)
+
+
+def _run(args) -> dict:
     from mmfree_fpga.generation import Sampler, decode_text, generate, parse_prompt
 
     from .reference import float_stepper, integer_stepper
-    torch.set_grad_enabled(False)
     cfg, int_step = integer_stepper(args.checkpoint)
     prompt = parse_prompt(args.prompt, None, cfg.V)
     sampler = Sampler(temperature=args.temperature, top_k=args.top_k, seed=args.seed)

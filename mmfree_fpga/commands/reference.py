@@ -41,7 +41,11 @@ def integer_stepper(checkpoint):
 def run(args) -> dict:
     import torch
 
-    torch.set_grad_enabled(False)
+    with torch.no_grad():
+        return _run(args)
+
+
+def _run(args) -> dict:
     cfg, step = (integer_stepper if args.integer else float_stepper)(args.checkpoint)
     prompt, sampler = prompt_and_sampler(args, cfg.V)
     on_token = stream_printer(cfg.V)
