@@ -23,6 +23,7 @@ COMMANDS = {
     "train": "train",
     "demo": "demo",
     "bench": "bench",
+    "compare": "compare",
     "build": "build",
     "program": "program",
 }
