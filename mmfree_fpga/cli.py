@@ -26,6 +26,8 @@ COMMANDS = {
     "compare": "compare",
     "build": "build",
     "program": "program",
+    "serve": "serve",
+    "run": "run",
 }
 
 

@@ -1,0 +1,677 @@
+"""The host driver: streams tokens to an mmfree-fpga engine over an unreliable byte link.
+
+``Driver`` talks to a transport (``host/transport.py``): a board's UART, the simulated device
+of ``mmfree-fpga serve`` over ``socket://``, or an in-process pipe to ``DeviceModel``. The same
+code serves all three. What it does about an unreliable link:
+
+* every command is retransmitted (same SEQ, same bytes) until its response arrives: at once
+  after a NAK BAD_CRC or a corrupt response with its SEQ, else after a timeout that adapts to
+  the measured round trip (Jacobson/Karels; doubled while nothing at all comes back), or
+  EARLY_RETRY_GAP_S after bytes that form no frame (most likely its answer, damaged). The
+  device's reply cache makes retransmission safe: no command runs twice;
+* garbage and false starts are skipped by the frame decoder; at a timeout a partial frame
+  is given up and the bytes behind its false start are rescanned;
+* weights go in chunks, logits come in pieces, whose size halves on a noisy link (down to
+  MIN_CHUNK / MIN_LOGITS_READ) and grows back when clean; the image ends with a CRC-32 check;
+* a device that lost its state (reset, power cycle, reprogrammed) is noticed by the position
+  every FEED_TOKEN/READ_LOGITS carries (POSITION_MISMATCH) or by NO_WEIGHTS. The driver then
+  identifies it (a new boot id), reloads the weights if they are gone or differ, resets the
+  state and replays the token history, checking that each replayed step predicts what it did
+  before, so the recurrent state is exactly what it was. Then the command is retried.
+
+All waits are bounded: MAX_SILENT_RETRIES timeouts without a byte, MAX_ATTEMPTS sends of one
+command, MAX_RECOVERIES recoveries in a row, MAX_LOAD_ATTEMPTS image loads.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+
+from mmfree_fpga.config import FORMATS, ModelConfig
+from mmfree_fpga.errors import UserError
+from mmfree_fpga.generation import Sampler
+from mmfree_fpga.protocol import (
+    CONNECT_RETRIES, CONNECT_TIMEOUT_S, DEFAULT_TIMEOUT_S, DEVICE_MAGIC, EARLY_RETRY_GAP_S,
+    FEED_TOKEN_REQUEST, FEED_TOKEN_RESPONSE, FRAME_OVERHEAD, IDENTITY, LOAD_BEGIN_REQUEST,
+    LOAD_BEGIN_RESPONSE, LOAD_CHUNK_HEADER, LOAD_CHUNK_RESPONSE, LOAD_COMMIT_RESPONSE, MAX_ATTEMPTS,
+    MAX_CHUNK, MAX_LOAD_ATTEMPTS, MAX_LOGITS_PER_READ, MAX_PAYLOAD, MAX_RECOVERIES, MAX_SILENT_RETRIES,
+    MAX_TIMEOUT_S, MIN_CHUNK, MIN_DEVICE_PAYLOAD, MIN_LOGITS_READ, MIN_TIMEOUT_S, NAK_PAYLOAD,
+    NAK_RESPONSE, POSITION, PROTOCOL_VERSION, READ_LOGITS_HEADER, READ_LOGITS_REQUEST, RESPONSE,
+    BadFrame, Error, FrameDecoder, Identity, Op, Packing, encode_frame, formats_id,
+)
+from mmfree_fpga.reference.export import IMAGE_VERSION
+
+from .image import WeightImage
+from .transport import LinkClosed, SerialTransport
+
+__all__ = ["Driver", "FeedResult", "DriverStats", "DriverError", "NoDeviceError", "WrongDeviceError",
+           "IncompatibleDeviceError", "DeviceNak", "RecoveryError", "NoisyLinkError", "describe"]
+
+
+class DriverError(UserError):
+    """The device or the link did not do what the driver needs (one line for the user)."""
+
+
+class NoDeviceError(DriverError):
+    """Nothing answers."""
+
+
+class WrongDeviceError(DriverError):
+    """Something answers, but not an mmfree-fpga engine speaking this protocol."""
+
+
+class IncompatibleDeviceError(DriverError):
+    """An engine that cannot run this model: protocol version, geometry, formats, packing, weights."""
+
+
+class RecoveryError(DriverError):
+    """The device kept losing its state, or gave different results after a recovery."""
+
+
+class NoisyLinkError(DriverError):
+    """Bytes arrive but no valid answer does, MAX_ATTEMPTS times in a row."""
+
+
+class _GiveUp(Exception):
+    """A command failed ``give_up`` sends in a row on a noisy link; the caller re-issues it."""
+
+
+class DeviceNak(DriverError):
+    """The device rejected a command (a NAK other than BAD_CRC)."""
+
+    def __init__(self, op: int, error: int, arg: int):
+        name = Error(error).name if error in Error._value2member_map_ else f"error {error}"
+        opname = Op(op).name if op in Op._value2member_map_ else f"op {op:#x}"
+        super().__init__(f"the device rejected {opname}: {name} (arg {arg})")
+        self.op, self.error, self.arg = op, error, arg
+
+
+@dataclass(frozen=True)
+class FeedResult:
+    position: int        # tokens fed since the reset, this one included
+    token: int           # the greedy next token (first index of the largest logit)
+    logit: int           # that logit, Q16
+    cycles: int          # engine cycles of the step (0: not counted)
+
+
+@dataclass
+class DriverStats:
+    commands: int = 0
+    sends: int = 0
+    retransmits: int = 0
+    timeouts: int = 0
+    bad_crc_naks: int = 0
+    corrupt_responses: int = 0
+    garbled_responses: int = 0
+    stale_frames: int = 0
+    echo_frames: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    recoveries: int = 0
+    device_resets: int = 0
+    loads: int = 0
+    replayed_tokens: int = 0
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+class _RoundTrip:
+    """Adaptive response timeout of one opcode (RFC 6298 without the clock granularity)."""
+
+    def __init__(self, initial: float):
+        self.initial, self.srtt, self.rttvar = initial, None, 0.0
+
+    def sample(self, rtt: float) -> None:
+        if self.srtt is None:
+            self.srtt, self.rttvar = rtt, rtt / 2
+        else:
+            self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - rtt)
+            self.srtt = 0.875 * self.srtt + 0.125 * rtt
+
+    def timeout(self, cap: float = MAX_TIMEOUT_S) -> float:
+        if self.srtt is None:
+            return self.initial
+        return min(max(self.srtt + 4 * self.rttvar + 0.02, MIN_TIMEOUT_S), cap)
+
+
+class _AdaptiveSize:
+    """A transfer size that halves when a transfer of it fails and doubles after clean ones."""
+
+    CLEAN_TO_GROW = 4
+
+    def __init__(self, maximum: int, minimum: int):
+        self.maximum, self.minimum, self.size, self._clean = maximum, minimum, maximum, 0
+
+    def failed(self, tried: int) -> None:
+        self.size = max(self.minimum, min(self.size, tried) // 2)
+        self._clean = 0
+
+    def done(self, failures: int) -> None:
+        if failures:
+            self.size = max(self.minimum, self.size // 2)
+            self._clean = 0
+        else:
+            self._clean += 1
+            if self._clean >= self.CLEAN_TO_GROW and self.size < self.maximum:
+                self.size, self._clean = min(self.maximum, self.size * 2), 0
+
+
+def describe(info: Identity) -> str:
+    """One line about an engine, for humans."""
+    weights = (f"weights loaded ({info.image_size} bytes, CRC-32 {info.image_crc:08x})"
+               if info.weights_loaded else "no weights loaded")
+    packing = Packing(info.packing).name_in_export if info.packing in Packing._value2member_map_ else info.packing
+    return (f"protocol {info.version_major}.{info.version_minor}, vocab {info.vocab_size}, hidden "
+            f"{info.hidden_size}, {info.num_layers} layers, intermediate {info.intermediate_size}, "
+            f"{packing} packing, {info.lanes} lanes, {weights}, boot id {info.boot_id:08x}")
+
+
+def _unpack(layout: struct.Struct, payload: bytes, op: Op):
+    if len(payload) != layout.size:
+        raise WrongDeviceError(f"the device answered {op.name} with {len(payload)} payload bytes, "
+                               f"expected {layout.size}; it does not speak this protocol version")
+    return layout.unpack_from(payload)
+
+
+class Driver:
+    """A connection to one engine. Open with ``Driver.open(url)`` or ``Driver(transport)``.
+
+    Typical use::
+
+        with Driver.open("socket://127.0.0.1:7000") as dev:
+            dev.connect(image.cfg)
+            dev.ensure_weights(image, progress=callback)
+            for token in dev.generate(prompt, steps=32):
+                ...
+
+    ``timeout`` fixes every response timeout instead of adapting it; ``log`` gets one line
+    per notable event (device reset, reload, replay).
+    """
+
+    def __init__(self, transport, *, timeout: float | None = None, log: Callable[[str], None] | None = None):
+        self.transport = transport
+        self.fixed_timeout = timeout
+        self.log = log or (lambda message: None)
+        self.decoder = FrameDecoder(MAX_PAYLOAD)
+        self.stats = DriverStats()
+        self.info: Identity | None = None
+        self.image: WeightImage | None = None
+        self.history: list[int] = []         # tokens fed since the last RESET_STATE
+        self._predicted: list[int] = []      # the greedy token the device returned after each of them
+        self.chunk = _AdaptiveSize(MAX_CHUNK, MIN_CHUNK)                   # LOAD_CHUNK data bytes
+        self.logits_read = _AdaptiveSize(MAX_LOGITS_PER_READ, MIN_LOGITS_READ)  # READ_LOGITS count
+        self.last_failures = 0               # failed sends of the last command
+        self._events: deque = deque()
+        self._seq = os.urandom(1)[0]
+        self._rtt: dict[int, _RoundTrip] = {}
+        self._link_rtt = _RoundTrip(DEFAULT_TIMEOUT_S)
+
+    @classmethod
+    def open(cls, url: str, *, baudrate: int = 115200, **kw) -> "Driver":
+        """A driver on ``serial_for_url(url)``: /dev/ttyUSB1, /dev/pts/N, socket://127.0.0.1:P, loop://."""
+        return cls(SerialTransport.open(url, baudrate), **kw)
+
+    @property
+    def name(self) -> str:
+        return getattr(self.transport, "name", "the device")
+
+    def close(self) -> None:
+        self.transport.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- one command, retried until it is answered --------------------------------------------
+    def _timeout(self, op: Op) -> float:
+        """The adaptive response timeout of ``op``; before its first round trip, what the link
+        has shown so far (any command), plus the device's compute bound for the slow ones."""
+        own = self._rtt.get(op)
+        if own is not None and own.srtt is not None:
+            return own.timeout(self._cap(op))
+        return self._link_rtt.timeout() + self._compute_allowance(op)
+
+    def _compute_allowance(self, op: Op) -> float:
+        step = (self.info.step_time_ms / 1000.0) if self.info is not None else 0.0
+        return 2 * step if op in (Op.FEED_TOKEN, Op.LOAD_COMMIT) else 0.0
+
+    def _cap(self, op: Op) -> float:
+        """The longest response timeout: MAX_TIMEOUT_S, more for a device that computes slowly."""
+        return MAX_TIMEOUT_S + self._compute_allowance(op)
+
+    def _line_time(self, op: Op, frame_len: int) -> float:
+        rate = getattr(self.transport, "bytes_per_s", None)
+        if not rate:
+            return 0.0
+        answer = FRAME_OVERHEAD + (MAX_PAYLOAD if op == Op.READ_LOGITS else IDENTITY.size)
+        return 1.5 * (frame_len + answer) / rate
+
+    def _exchange(self, op: Op, payload: bytes = b"", *, tries: int | None = None,
+                  timeout: float | None = None, give_up: int | None = None) -> bytes:
+        """Send one command until its response arrives; returns the response payload.
+
+        Every failed send is retried with the same SEQ and bytes. Gives up after
+        MAX_SILENT_RETRIES timeouts in a row with nothing received (the device is gone), or
+        MAX_ATTEMPTS sends (a link too noisy to use). ``tries`` (connecting) also bounds the
+        sends that got no sign of an engine (silence, echo or unrecognisable bytes) until one
+        shows (a NAK or a damaged response with our SEQ). ``give_up`` raises ``_GiveUp`` after
+        that many failed sends, for commands the caller can re-issue in another form (a
+        smaller chunk).
+        """
+        self._seq = (self._seq + 1) & 0xFF
+        seq = self._seq
+        frame = encode_frame(seq, op, payload)
+        rtt = self._rtt.setdefault(op, _RoundTrip(DEFAULT_TIMEOUT_S))
+        adaptive = timeout is None and self.fixed_timeout is None
+        wait = (timeout or self.fixed_timeout or self._timeout(op)) + self._line_time(op, len(frame))
+        quiet = max(EARLY_RETRY_GAP_S, 0.5 * (rtt.srtt or 0.0)) + (0.02 if self._line_time(op, 1) else 0.0)
+        self.stats.commands += 1
+        seen = (self.stats.echo_frames, self.decoder.garbage_bytes, time.monotonic())
+        base_wait = wait
+        sends = silent = no_engine = 0
+        engine_seen = False          # a NAK or a damaged response of ours: an engine is there
+        while True:
+            sends += 1
+            self.stats.sends += 1
+            self.stats.retransmits += int(sends > 1)
+            self.transport.write(frame)
+            self.stats.bytes_sent += len(frame)
+            sent_at = time.monotonic()
+            kind, value, heard = self._await(seq, op, sent_at + wait, quiet)
+            if kind == "ok":
+                if sends == 1:           # Karn: a retransmitted command's round trip is ambiguous
+                    rtt.sample(time.monotonic() - sent_at)
+                    self._link_rtt.sample(time.monotonic() - sent_at)
+                self.last_failures = sends - 1
+                return value
+            if kind == "nak":
+                error, arg = value
+                if error != Error.BAD_CRC:
+                    raise DeviceNak(op, error, arg)
+                self.stats.bad_crc_naks += 1
+                silent, engine_seen = 0, True
+            elif kind == "corrupt":
+                self.stats.corrupt_responses += 1
+                silent, engine_seen = 0, True
+            elif kind == "garbled":
+                self.stats.garbled_responses += 1
+                silent = 0
+                no_engine += 1
+            else:
+                self.stats.timeouts += 1
+                no_engine += 1
+                silent = 0 if heard else silent + 1
+            # back off while the device says nothing at all; a device that answers, even
+            # garbled, is there and gets the measured timeout again
+            wait = min(wait * 2, max(self._cap(op) / 4, base_wait)) if silent and adaptive else base_wait
+            if give_up is not None and sends >= give_up and silent == 0:
+                raise _GiveUp()
+            if (tries is not None and not engine_seen and no_engine >= tries) or silent >= MAX_SILENT_RETRIES:
+                raise self._silence(op, sends, seen)
+            if sends >= MAX_ATTEMPTS:
+                raise NoisyLinkError(f"{sends} sends of {op.name} to {self.name} got no valid answer although "
+                                     "bytes arrive: the link is too noisy (check cable, baud rate, ground)")
+
+    def _silence(self, op: Op, sends: int, seen) -> DriverError:
+        echo0, garbage0, t0 = seen
+        took = f"{sends} tries over {time.monotonic() - t0:.1f} s"
+        if self.stats.echo_frames > echo0:
+            return NoDeviceError(f"{self.name} echoes what the host sends but no device answers ({took}); "
+                                 "is it a loopback (loop://, a loopback plug) rather than an engine?")
+        garbage = self.decoder.garbage_bytes - garbage0
+        if garbage:
+            return WrongDeviceError(f"{garbage} bytes came from {self.name} but no valid frame ({took}): "
+                                    "not an mmfree-fpga engine, or the wrong port or baud rate")
+        if self.info is None:
+            return NoDeviceError(f"no device answered at {self.name} ({op.name}, {took}); is the board "
+                                 "programmed and the port right, or is 'mmfree-fpga serve' running?")
+        return NoDeviceError(f"the device at {self.name} stopped answering ({op.name}, {took})")
+
+    def _await(self, seq: int, op: Op, deadline: float, quiet: float):
+        """Wait for the answer to (seq, op); returns (kind, value, heard) with kind one of
+
+        "ok" (payload), "nak" ((error, arg)), "corrupt" (a response with our SEQ failed its CRC
+        or stopped short), "garbled" (bytes that are no frame arrived, then the line stayed
+        quiet for ``quiet`` seconds: most likely our answer with a damaged header) or
+        "timeout"; ``heard`` says whether any byte arrived.
+        """
+        heard = False
+        garbage0 = self.decoder.garbage_bytes
+        quiet_since = None
+        while True:
+            while self._events:
+                found = self._match(self._events.popleft(), seq, op)
+                if found is not None:
+                    return (*found, heard)
+            now = time.monotonic()
+            expired = now >= deadline
+            if expired or (quiet_since is not None and now >= quiet_since + quiet):
+                head = self.decoder.pending_header()
+                ours = head is not None and head[0] == seq and head[1] & RESPONSE
+                if self.decoder.pending:      # give the partial frame up; rescan what it held back
+                    self._events.extend(self.decoder.abandon())
+                    if self._events:
+                        continue
+                if ours:
+                    return "corrupt", None, heard
+                return ("timeout" if expired else "garbled"), None, heard
+            until = deadline if quiet_since is None else min(deadline, quiet_since + quiet)
+            data = self.transport.read(min(until - now, 0.05))
+            if data:
+                heard = True
+                self.stats.bytes_received += len(data)
+                self._events.extend(self.decoder.feed(data))
+                head = self.decoder.pending_header()
+                truncated = head is not None and head[0] == seq and head[1] & RESPONSE
+                unusable = self.decoder.garbage_bytes > garbage0 and not self.decoder.pending
+                quiet_since = time.monotonic() if unusable or truncated else None
+
+    def _match(self, event, seq: int, op: Op):
+        if isinstance(event, BadFrame):
+            return ("corrupt", None) if event.op & RESPONSE and event.seq == seq else None
+        if not event.is_response:
+            self.stats.echo_frames += 1
+            return None
+        if event.seq == seq:
+            if event.op == op | RESPONSE:
+                return "ok", event.payload
+            if event.op == NAK_RESPONSE and len(event.payload) == NAK_PAYLOAD.size:
+                error, rejected, arg = NAK_PAYLOAD.unpack(event.payload)
+                if rejected == op:
+                    return "nak", (error, arg)
+        self.stats.stale_frames += 1
+        return None
+
+    # -- connecting -----------------------------------------------------------------------
+    def identify(self, *, connecting: bool = False) -> Identity:
+        """IDENTIFY; notes a changed boot id (the device was reset) in ``stats.device_resets``."""
+        if connecting:
+            try:
+                payload = self._exchange(Op.IDENTIFY, tries=CONNECT_RETRIES,
+                                         timeout=max(CONNECT_TIMEOUT_S, self.fixed_timeout or 0.0))
+            except LinkClosed as e:
+                raise NoDeviceError(f"{self.name} closed the connection before answering ({e}); is another "
+                                    "host connected to that device?") from None
+        else:
+            payload = self._exchange(Op.IDENTIFY)
+        if len(payload) < 6 or payload[:4] != DEVICE_MAGIC:
+            raise WrongDeviceError(f"the device at {self.name} answers, but is not an mmfree-fpga engine "
+                                   f"(IDENTIFY magic {payload[:4]!r}, expected {DEVICE_MAGIC!r})")
+        major, minor = payload[4], payload[5]
+        if major != PROTOCOL_VERSION[0]:
+            raise IncompatibleDeviceError(
+                f"the engine at {self.name} speaks protocol {major}.{minor}, this host "
+                f"{PROTOCOL_VERSION[0]}.{PROTOCOL_VERSION[1]}; update mmfree-fpga or rebuild the engine")
+        if len(payload) < IDENTITY.size:
+            raise WrongDeviceError(f"the device at {self.name} answered IDENTIFY with {len(payload)} bytes, "
+                                   f"protocol {major}.x has {IDENTITY.size}")
+        info = Identity.unpack(payload[:IDENTITY.size])
+        if info.max_payload < MIN_DEVICE_PAYLOAD:
+            raise WrongDeviceError(f"the engine at {self.name} announces a {info.max_payload}-byte payload "
+                                   f"buffer; the protocol needs at least {MIN_DEVICE_PAYLOAD}")
+        if self.info is not None and info.boot_id != self.info.boot_id:
+            self.stats.device_resets += 1
+            self.log(f"the device was reset (boot id {self.info.boot_id:08x} -> {info.boot_id:08x})")
+        self.info = info
+        return info
+
+    def connect(self, cfg: ModelConfig | None = None, what: str = "the model") -> Identity:
+        """Identify the engine and check it can run this host's formats (and ``cfg``'s geometry)."""
+        info = self.identify(connecting=True)
+        if info.formats_id != formats_id(FORMATS):
+            raise IncompatibleDeviceError(
+                f"the engine at {self.name} computes with other fixed-point formats (id {info.formats_id:08x}) "
+                f"than this host's (id {formats_id(FORMATS):08x}); rebuild the engine from this version")
+        if info.image_version != IMAGE_VERSION:
+            raise IncompatibleDeviceError(
+                f"the engine at {self.name} reads weight image version {info.image_version}, this host "
+                f"writes version {IMAGE_VERSION}; rebuild the engine from this version")
+        if info.packing not in Packing._value2member_map_:
+            raise IncompatibleDeviceError(f"the engine at {self.name} uses an unknown trit packing {info.packing}")
+        if cfg is not None:
+            self.check_geometry(cfg, what)
+        return info
+
+    def check_geometry(self, cfg: ModelConfig, what: str = "the model") -> None:
+        info = self.info or self.identify()
+        if info.geometry != (cfg.V, cfg.d, cfg.L, cfg.I):
+            raise IncompatibleDeviceError(
+                f"the engine at {self.name} is built for vocab {info.vocab_size}, hidden {info.hidden_size}, "
+                f"{info.num_layers} layers, intermediate {info.intermediate_size}, but {what} has vocab {cfg.V}, "
+                f"hidden {cfg.d}, {cfg.L} layers, intermediate {cfg.I}; use the checkpoint the engine was "
+                "built for, or build the engine for this one")
+
+    @property
+    def packing(self) -> str:
+        """The trit packing the engine decodes, as ``mmfree-fpga export --packing`` names it."""
+        info = self.info or self.identify()
+        return Packing(info.packing).name_in_export
+
+    # -- weights ----------------------------------------------------------------------------
+    def holds(self, image: WeightImage) -> bool:
+        info = self.info or self.identify()
+        return info.weights_loaded and info.image_crc == image.crc32 and info.image_size == image.size
+
+    def ensure_weights(self, image: WeightImage, *, force: bool = False, allow_load: bool = True,
+                       progress: Callable[[int, int], None] | None = None) -> bool:
+        """Make the engine hold ``image``; True if it had to be loaded."""
+        info = self.info or self.identify()
+        self.check_geometry(image.cfg, image.source or "the image")
+        if Packing.from_export_name(image.packing) != info.packing:
+            raise IncompatibleDeviceError(
+                f"the image is packed {image.packing} but the engine at {self.name} decodes "
+                f"{Packing(info.packing).name_in_export}; export with --packing {Packing(info.packing).name_in_export}")
+        if image.formats_id != info.formats_id or image.image_version != info.image_version:
+            raise IncompatibleDeviceError(f"the image {image.source} was written for other formats or another "
+                                          "image version than the engine's; re-export it")
+        if self.holds(image) and not force:
+            self.image = image
+            return False
+        if not allow_load:
+            held = (f"other weights (CRC-32 {info.image_crc:08x}, this image {image.crc32:08x})"
+                    if info.weights_loaded else "no weights")
+            raise IncompatibleDeviceError(f"the engine at {self.name} holds {held}; load this image into it "
+                                          "(in 'mmfree-fpga run': leave out --no-load)")
+        self.load_weights(image, progress)
+        return True
+
+    def load_weights(self, image: WeightImage, progress: Callable[[int, int], None] | None = None) -> None:
+        """LOAD_BEGIN, in-order LOAD_CHUNKs, LOAD_COMMIT; restarts if the device loses the load."""
+        info = self.info or self.identify()
+        max_chunk = min(MAX_CHUNK, info.max_payload - LOAD_CHUNK_HEADER.size)
+        blob, size, crc = image.blob, image.size, image.crc32
+        self.stats.loads += 1
+        last: DeviceNak | None = None
+        for attempt in range(MAX_LOAD_ATTEMPTS):
+            try:
+                begin = self._exchange(Op.LOAD_BEGIN, LOAD_BEGIN_REQUEST.pack(size, crc))
+            except DeviceNak as e:
+                if e.error == Error.BAD_IMAGE_SIZE:
+                    raise IncompatibleDeviceError(f"the engine at {self.name} takes images of {e.arg} bytes, "
+                                                  f"this one has {size}; export for the engine's geometry") from None
+                raise
+            if _unpack(LOAD_BEGIN_RESPONSE, begin, Op.LOAD_BEGIN) != (size, crc):
+                raise WrongDeviceError(f"the device at {self.name} acknowledged LOAD_BEGIN for another image")
+            self.history.clear()
+            self._predicted.clear()
+            offset = rewinds = 0
+            try:
+                while offset < size:
+                    n = min(self.chunk.size, max_chunk, size - offset)
+                    try:
+                        answer = self._exchange(Op.LOAD_CHUNK, LOAD_CHUNK_HEADER.pack(offset) + blob[offset:offset + n],
+                                                give_up=2 if n > MIN_CHUNK else None)
+                        (next_offset,) = _unpack(LOAD_CHUNK_RESPONSE, answer, Op.LOAD_CHUNK)
+                    except _GiveUp:
+                        # too long for this link: send less. If the device did take the chunk
+                        # and only its answer was lost, BAD_OFFSET will say where it stands.
+                        self.chunk.failed(n)
+                        continue
+                    except DeviceNak as e:
+                        if e.error != Error.BAD_OFFSET or not 0 <= e.arg <= size:
+                            raise
+                        if e.arg < offset:
+                            rewinds += 1
+                            if rewinds > MAX_RECOVERIES:
+                                raise
+                        next_offset, n = e.arg, 0
+                    if not 0 <= next_offset <= size:
+                        raise WrongDeviceError(f"the device at {self.name} reports load offset {next_offset} "
+                                               f"outside the {size}-byte image")
+                    offset = next_offset
+                    if n:
+                        self.chunk.done(self.last_failures)
+                    if progress is not None:
+                        progress(offset, size)
+                done = self._exchange(Op.LOAD_COMMIT)
+            except DeviceNak as e:
+                if e.error not in (Error.NO_LOAD, Error.CHECKSUM_MISMATCH, Error.INCOMPLETE):
+                    raise
+                last = e
+                self.log(f"weight load attempt {attempt + 1} failed ({e}); starting over")
+                continue
+            if _unpack(LOAD_COMMIT_RESPONSE, done, Op.LOAD_COMMIT) != (size, crc):
+                raise WrongDeviceError(f"the device at {self.name} committed another image than it was sent")
+            self.image = image
+            self.identify()
+            return
+        raise DriverError(f"loading the weights into {self.name} failed {MAX_LOAD_ATTEMPTS} times (last: {last})")
+
+    # -- state and tokens -----------------------------------------------------------------
+    def reset_state(self) -> None:
+        (position,) = _unpack(POSITION, self._exchange(Op.RESET_STATE), Op.RESET_STATE)
+        if position != 0:
+            raise WrongDeviceError(f"the device at {self.name} reports position {position} after RESET_STATE")
+        self.history.clear()
+        self._predicted.clear()
+
+    def _feed_once(self, position: int, token: int) -> FeedResult:
+        answer = self._exchange(Op.FEED_TOKEN, FEED_TOKEN_REQUEST.pack(position, token))
+        result = FeedResult(*_unpack(FEED_TOKEN_RESPONSE, answer, Op.FEED_TOKEN))
+        if result.position != position + 1:
+            raise WrongDeviceError(f"the device at {self.name} answered a feed at position {position} "
+                                   f"with position {result.position}")
+        return result
+
+    def feed(self, token: int) -> FeedResult:
+        """Feed one token at the current position; recovers from a device reset and retries."""
+        for _ in range(MAX_RECOVERIES + 1):
+            try:
+                result = self._feed_once(len(self.history), token)
+            except DeviceNak as e:
+                if e.error not in (Error.POSITION_MISMATCH, Error.NO_WEIGHTS):
+                    raise
+                self._recover(e)
+                continue
+            self.history.append(token)
+            self._predicted.append(result.token)
+            return result
+        raise RecoveryError(f"the device at {self.name} keeps losing its state")
+
+    def logits(self) -> np.ndarray:
+        """The integer (Q16) logits after the last token fed, read in pieces; recovers like feed."""
+        info = self.info or self.identify()
+        if not self.history:
+            raise DriverError("there are no logits before the first token is fed")
+        per_read = min(MAX_LOGITS_PER_READ, (info.max_payload - READ_LOGITS_HEADER.size) // 4)
+        for _ in range(MAX_RECOVERIES + 1):
+            position = len(self.history)
+            out = np.empty(info.vocab_size, dtype=np.int64)
+            start = 0
+            try:
+                while start < info.vocab_size:
+                    count = min(self.logits_read.size, per_read, info.vocab_size - start)
+                    try:
+                        answer = self._exchange(Op.READ_LOGITS, READ_LOGITS_REQUEST.pack(position, start, count),
+                                                give_up=2 if count > MIN_LOGITS_READ else None)
+                    except _GiveUp:      # reading is idempotent: ask for fewer at once
+                        self.logits_read.failed(count)
+                        continue
+                    if len(answer) != READ_LOGITS_HEADER.size + 4 * count or \
+                            READ_LOGITS_HEADER.unpack_from(answer) != (position, start):
+                        raise WrongDeviceError(f"the device at {self.name} answered READ_LOGITS for position "
+                                               f"{position} from {start} with something else")
+                    out[start:start + count] = np.frombuffer(answer, dtype="<i4", offset=READ_LOGITS_HEADER.size)
+                    self.logits_read.done(self.last_failures)
+                    start += count
+                return out
+            except DeviceNak as e:
+                if e.error not in (Error.POSITION_MISMATCH, Error.NO_WEIGHTS):
+                    raise
+                self._recover(e)
+        raise RecoveryError(f"the device at {self.name} keeps losing its state")
+
+    def _recover(self, cause: DeviceNak) -> None:
+        """Bring a device that lost its state back to exactly ``self.history``."""
+        history, predicted = list(self.history), list(self._predicted)
+        self.stats.recoveries += 1
+        self.log(f"the device lost its state ({cause}); recovering {len(history)} tokens")
+        last: DeviceNak = cause
+        for _ in range(MAX_RECOVERIES):
+            try:
+                info = self.identify()
+                intact = info.weights_loaded and (self.image is None or self.holds(self.image))
+                if not intact:
+                    if self.image is None:
+                        raise RecoveryError(f"the device at {self.name} lost its weights and this driver has no "
+                                            "image to reload; load the weights again")
+                    self.log("reloading the weights")
+                    self.load_weights(self.image)
+                self.reset_state()
+                for position, token in enumerate(history):
+                    result = self._feed_once(position, token)
+                    if result.token != predicted[position]:
+                        raise RecoveryError(
+                            f"after recovery the device predicts {result.token} at position {position + 1}, "
+                            f"before it predicted {predicted[position]}: its state cannot be restored exactly")
+                    self.history.append(token)
+                    self._predicted.append(result.token)
+                    self.stats.replayed_tokens += 1
+                return
+            except DeviceNak as e:
+                if e.error not in (Error.POSITION_MISMATCH, Error.NO_WEIGHTS, Error.NO_LOAD):
+                    raise
+                last = e
+        raise RecoveryError(f"the device at {self.name} lost its state {MAX_RECOVERIES} times during "
+                            f"recovery (last: {last})")
+
+    def generate(self, prompt: list[int], steps: int, sampler: Sampler | None = None) -> Iterator[int]:
+        """Reset, feed the prompt, then yield ``steps`` new tokens as they arrive.
+
+        Greedy (the device's argmax) unless ``sampler`` samples; then the logits are read and
+        ``sampler`` sees them as floats (Q16 / 2^16), exactly as ``reference --integer`` does.
+        """
+        info = self.info or self.identify()
+        sampler = sampler or Sampler()
+        if steps < 0:
+            raise UserError("--steps must be >= 0")
+        if not prompt:
+            raise UserError("the prompt is empty; give at least one token")
+        bad = [t for t in prompt if not 0 <= t < info.vocab_size]
+        if bad:
+            raise UserError(f"prompt id {bad[0]} is outside the vocabulary [0, {info.vocab_size})")
+        return self._generate(list(prompt), steps, sampler)
+
+    def _generate(self, prompt: list[int], steps: int, sampler: Sampler) -> Iterator[int]:
+        self.reset_state()
+        last = None
+        for token in prompt:
+            last = self.feed(token)
+        for step in range(steps):
+            if sampler.greedy:
+                token = last.token
+            else:
+                token = sampler(self.logits().astype(np.float64) / (1 << FORMATS.x_frac))
+            yield token
+            if step < steps - 1:
+                last = self.feed(token)

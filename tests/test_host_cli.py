@@ -1,0 +1,136 @@
+"""``mmfree-fpga serve`` and ``mmfree-fpga run``: the served device over socket://, the tokens of
+``reference --integer``, Ctrl-C, and one clear line with exit code 2 for every user error."""
+
+import json
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from mmfree_fpga.cli import main
+from mmfree_fpga.generation import decode_text
+from mmfree_fpga.host.testing import SMALL_CONFIG, TINY_CONFIG, random_checkpoint, reference_tokens
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return random_checkpoint(tmp_path_factory.mktemp("ckpt") / "small", SMALL_CONFIG, seed=31)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Reader:
+    """Collects a pipe's lines in a thread, so a slow or silent child never blocks the test."""
+
+    def __init__(self, stream):
+        self.lines: "queue.Queue[str]" = queue.Queue()
+        self.text: list[str] = []
+        self._thread = threading.Thread(target=self._run, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _run(self, stream):
+        for line in stream:
+            self.text.append(line)
+            self.lines.put(line)
+
+    def line(self, timeout: float) -> str:
+        return self.lines.get(timeout=timeout)
+
+    def rest(self) -> str:
+        self._thread.join(timeout=10)
+        return "".join(self.text)
+
+
+def _error_line(capsys, argv) -> str:
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"mmfree-fpga {argv[0]}: error: "), err
+    return lines[0]
+
+
+def test_serve_then_run_gives_the_integer_reference_and_ctrl_c_exits_0(checkpoint, tmp_path, capsys):
+    proc = subprocess.Popen([sys.executable, "-m", "mmfree_fpga.cli", "serve", "--port", "0",
+                             "--checkpoint", str(checkpoint)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
+    child_out, child_err = _Reader(proc.stdout), _Reader(proc.stderr)
+    try:
+        try:
+            line = child_out.line(timeout=180)
+        except queue.Empty:
+            raise AssertionError(f"serve printed no URL within 180 s; stderr: {''.join(child_err.text)!r}") from None
+        url = re.search(r"socket://127\.0\.0\.1:\d+", line).group(0)
+
+        out_json = tmp_path / "run.json"
+        assert main(["run", "--device", url, "--checkpoint", str(checkpoint), "--prompt", "def ",
+                     "--steps", "24", "--json-out", str(out_json)]) == 0
+        printed = capsys.readouterr().out
+        result = json.loads(out_json.read_text())
+        want = reference_tokens(checkpoint, list(b"def "), 24)
+        assert result["tokens"] == want
+        assert result["text"] == decode_text(want, 256) and result["text"] in printed
+        assert result["tokens_per_s"] > 0 and result["loaded_weights"] is True
+        assert "tokens/s" in printed
+
+        assert main(["run", "--device", url, "--checkpoint", str(checkpoint), "--prompt", "def ",
+                     "--steps", "6", "--quiet", "--json-out", str(out_json)]) == 0
+        again = json.loads(out_json.read_text())
+        assert again["loaded_weights"] is False and again["tokens"] == want[:4 + 6]
+
+        same_shape = random_checkpoint(tmp_path / "same", SMALL_CONFIG, seed=2)
+        err = _error_line(capsys, ["run", "--device", url, "--checkpoint", str(same_shape), "--no-load",
+                                   "--steps", "2"])
+        assert "holds other weights" in err and "--no-load" in err
+
+        other = random_checkpoint(tmp_path / "tiny", TINY_CONFIG, seed=1)
+        err = _error_line(capsys, ["run", "--device", url, "--checkpoint", str(other), "--prompt-ids", "1,2",
+                                   "--steps", "2", "--json-out", str(tmp_path / "never.json")])
+        assert "built for vocab 256, hidden 32" in err and not (tmp_path / "never.json").exists()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            rc = proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise
+        rest, errors = child_out.rest(), child_err.rest()
+        proc.stdout.close()
+        proc.stderr.close()
+    assert rc == 0, errors
+    assert "stopped" in rest
+
+
+def test_run_errors_are_one_line_and_exit_2(checkpoint, capsys):
+    common = ["--checkpoint", str(checkpoint), "--steps", "2"]
+    assert "cannot open device 'bogus://x'" in _error_line(capsys, ["run", "--device", "bogus://x"] + common)
+    port = _free_port()
+    assert "no device listening at socket://127.0.0.1" in _error_line(
+        capsys, ["run", "--device", f"socket://127.0.0.1:{port}"] + common)
+    assert "cannot open device /dev/ttyMMFREE0" in _error_line(capsys, ["run", "--device", "/dev/ttyMMFREE0"] + common)
+    assert "--timeout" in _error_line(capsys, ["run", "--device", "loop://", "--timeout", "0"] + common)
+
+
+def test_run_on_a_loopback_port_says_no_device_answers(checkpoint, capsys):
+    err = _error_line(capsys, ["run", "--device", "loop://", "--checkpoint", str(checkpoint), "--steps", "1"])
+    assert "echoes what the host sends but no device answers" in err
+
+
+def test_serve_errors_are_one_line_and_exit_2(checkpoint, capsys):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert "cannot listen on 127.0.0.1" in _error_line(
+            capsys, ["serve", "--port", str(port), "--checkpoint", str(checkpoint)])
+    assert "is not a TCP port" in _error_line(capsys, ["serve", "--port", "70000", "--checkpoint", str(checkpoint)])
+    assert "no config.json" in _error_line(capsys, ["serve", "--checkpoint", "/nonexistent/ckpt"])
