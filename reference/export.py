@@ -14,6 +14,7 @@ import math
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,10 +28,54 @@ from .model import lower_bound_values, weight_ternary
 from .packing import pack_trits, packed_size, unpack_trits, PACKINGS
 
 __all__ = ["integer_weights", "to_fixed_vector", "write_image", "read_image", "image_sections",
-           "IMAGE_VERSION", "SECTION_ALIGN"]
+           "image_layout", "image_size", "parse_image", "Section", "IMAGE_VERSION", "SECTION_ALIGN"]
 
 IMAGE_VERSION = 1
 SECTION_ALIGN = 16
+
+
+@dataclass(frozen=True)
+class Section:
+    name: str
+    kind: str
+    offset: int
+    size: int
+    shape: tuple[int, ...]
+
+
+def _bitlinear_names(cfg: ModelConfig):
+    per_layer = {key.split(".", 1)[1]: shape for key, shape in cfg.bitlinear_shapes().items()}
+    for layer in range(cfg.L):
+        for name in IntLayer.MATRICES:
+            yield f"layers.{layer}.{name}", per_layer[name]
+    yield "lm_head", (cfg.V, cfg.d)
+
+
+def image_layout(cfg: ModelConfig, packing: str) -> list[Section]:
+    """Every section of ``weights.bin``, in image order: a function of geometry and packing alone,
+    so an engine addresses its weight memory with constants and never reads the manifest."""
+    if packing not in PACKINGS:
+        raise UserError(f"unknown packing {packing!r}; use one of {', '.join(PACKINGS)}")
+    entries: list[tuple[str, str, int, tuple[int, ...]]] = []
+    for name, (out_f, in_f) in _bitlinear_names(cfg):
+        entries += [(f"{name}.trits", "trits", packed_size(out_f * in_f, packing), (out_f, in_f)),
+                    (f"{name}.a", "int16", 2 * in_f, (in_f,)),
+                    (f"{name}.c", "int16", 2 * in_f, (in_f,)),
+                    (f"{name}.k", "k", 8, (2,))]
+    entries += [(f"layers.{layer}.lower_bound", "uint16", 2 * cfg.d, (cfg.d,)) for layer in range(cfg.L)]
+    entries += [("embedding.q", "int8", cfg.V * cfg.d, (cfg.V, cfg.d)),
+                ("embedding.scale", "uint32", 4 * cfg.V, (cfg.V,))]
+    out, offset = [], 0
+    for name, kind, size, shape in entries:
+        offset += (-offset) % SECTION_ALIGN
+        out.append(Section(name, kind, offset, size, shape))
+        offset += size
+    return out
+
+
+def image_size(cfg: ModelConfig, packing: str) -> int:
+    last = image_layout(cfg, packing)[-1]
+    return last.offset + last.size
 
 
 def to_fixed_vector(v: np.ndarray, bits: int) -> tuple[np.ndarray, int]:
@@ -131,14 +176,14 @@ def image_sections(w: IntegerWeights, packing: str) -> list[tuple[str, str, byte
 
 def write_image(w: IntegerWeights, out_dir, packing: str = "base3") -> dict:
     """Write weights.bin + manifest.json into out_dir (complete or not at all); returns the manifest."""
-    sections = image_sections(w, packing)
-    blob = bytearray()
+    layout = image_layout(w.cfg, packing)
+    blob = bytearray(image_size(w.cfg, packing))
     entries = []
     trit_bytes = 0
-    for name, kind, data, extra in sections:
-        blob += b"\0" * ((-len(blob)) % SECTION_ALIGN)
-        entries.append({"name": name, "kind": kind, "offset": len(blob), "size": len(data), **extra})
-        blob += data
+    for place, (name, kind, data, extra) in zip(layout, image_sections(w, packing), strict=True):
+        assert (place.name, place.size) == (name, len(data)), (place, name, len(data))
+        blob[place.offset:place.offset + place.size] = data
+        entries.append({"name": name, "kind": kind, "offset": place.offset, "size": place.size, **extra})
         if kind == "trits":
             trit_bytes += len(data)
     cfg = w.cfg
@@ -171,35 +216,57 @@ def write_image(w: IntegerWeights, out_dir, packing: str = "base3") -> dict:
     return manifest
 
 
+def parse_image(blob: bytes, cfg: ModelConfig, packing: str, fmt: Formats = FORMATS,
+                exponents: dict[str, tuple[int, int]] | None = None) -> IntegerWeights:
+    """IntegerWeights from raw image bytes, using only geometry and packing, as an engine reads them.
+
+    The export-time exponents e_a/e_c are manifest metadata already folded into k; without
+    ``exponents`` they come back as 0 (the integer datapath does not read them).
+    """
+    layout = {s.name: s for s in image_layout(cfg, packing)}
+    total = image_size(cfg, packing)
+    if len(blob) != total:
+        raise UserError(f"image has {len(blob)} bytes; geometry and packing {packing} imply {total}")
+    view = memoryview(blob)
+    exponents = exponents or {}
+
+    def raw(name: str):
+        s = layout[name]
+        return view[s.offset:s.offset + s.size]
+
+    def vector(name: str, dtype: str) -> np.ndarray:
+        return np.frombuffer(raw(name), dtype=dtype).astype(np.int64)
+
+    def bitlinear(name: str) -> IntBitLinear:
+        out_f, in_f = layout[f"{name}.trits"].shape
+        trits = unpack_trits(bytes(raw(f"{name}.trits")), out_f * in_f, packing).reshape(out_f, in_f)
+        k_mant, k_exp = (int(v) for v in np.frombuffer(raw(f"{name}.k"), dtype="<i4"))
+        e_a, e_c = exponents.get(name, (0, 0))
+        return IntBitLinear(trits=trits, a=vector(f"{name}.a", "<i2"), c=vector(f"{name}.c", "<i2"),
+                            k_mant=k_mant, k_exp=k_exp, e_a=e_a, e_c=e_c)
+
+    layers = [IntLayer(**{m: bitlinear(f"layers.{layer}.{m}") for m in IntLayer.MATRICES},
+                       lower_bound=vector(f"layers.{layer}.lower_bound", "<u2"))
+              for layer in range(cfg.L)]
+    emb_q = np.frombuffer(raw("embedding.q"), dtype=np.int8).reshape(cfg.V, cfg.d).copy()
+    return IntegerWeights(cfg=cfg, emb_q=emb_q, emb_scale=vector("embedding.scale", "<u4"),
+                          layers=layers, lm_head=bitlinear("lm_head"), formats=fmt)
+
+
 def read_image(directory) -> IntegerWeights:
-    """IntegerWeights from an exported image (checks size and SHA-256)."""
+    """IntegerWeights from an exported image directory (checks size and SHA-256)."""
     directory = Path(directory)
     try:
         manifest = json.loads((directory / "manifest.json").read_text())
         blob = (directory / "weights.bin").read_bytes()
-    except (OSError, json.JSONDecodeError) as e:
+        fmt = Formats(**{k: v for k, v in manifest["formats"].items() if k != "acc_bits"})
+        cfg = ModelConfig(**manifest["geometry"])
+        packing = manifest["packing"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
         raise UserError(f"{directory}: not a weight image ({e}); run 'mmfree-fpga export'") from None
     if len(blob) != manifest["bytes"] or hashlib.sha256(blob).hexdigest() != manifest["sha256"]:
         raise UserError(f"{directory}/weights.bin does not match its manifest (size or SHA-256); re-export")
-    fmt = Formats(**{k: v for k, v in manifest["formats"].items() if k != "acc_bits"})
-    cfg = ModelConfig(**manifest["geometry"])
     sec = {e["name"]: e for e in manifest["sections"]}
-    raw = lambda name: blob[sec[name]["offset"]:sec[name]["offset"] + sec[name]["size"]]  # noqa: E731
-
-    def bitlinear(name):
-        e = sec[f"{name}.trits"]
-        trits = unpack_trits(raw(f"{name}.trits"), e["shape"][0] * e["shape"][1], e["packing"]).reshape(e["shape"])
-        k_mant, k_exp = (int(v) for v in np.frombuffer(raw(f"{name}.k"), dtype="<i4"))
-        return IntBitLinear(trits=trits,
-                            a=np.frombuffer(raw(f"{name}.a"), dtype="<i2").astype(np.int64),
-                            c=np.frombuffer(raw(f"{name}.c"), dtype="<i2").astype(np.int64),
-                            k_mant=k_mant, k_exp=k_exp,
-                            e_a=sec[f"{name}.a"]["exponent"], e_c=sec[f"{name}.c"]["exponent"])
-
-    layers = [IntLayer(**{m: bitlinear(f"layers.{l}.{m}") for m in IntLayer.MATRICES},
-                       lower_bound=np.frombuffer(raw(f"layers.{l}.lower_bound"), dtype="<u2").astype(np.int64))
-              for l in range(cfg.L)]
-    emb_q = np.frombuffer(raw("embedding.q"), dtype=np.int8).reshape(cfg.V, cfg.d).copy()
-    emb_scale = np.frombuffer(raw("embedding.scale"), dtype="<u4").astype(np.int64)
-    return IntegerWeights(cfg=cfg, emb_q=emb_q, emb_scale=emb_scale, layers=layers,
-                          lm_head=bitlinear("lm_head"), formats=fmt)
+    exponents = {name[:-2]: (sec[name]["exponent"], sec[name[:-2] + ".c"]["exponent"])
+                 for name in sec if name.endswith(".a")}
+    return parse_image(blob, cfg, packing, fmt, exponents)
