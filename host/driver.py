@@ -205,6 +205,7 @@ class Driver:
         self.info: Identity | None = None
         self.image: WeightImage | None = None
         self.history: list[int] = []         # tokens fed since the last RESET_STATE
+        self.feed_cycles: list[int] = []     # engine cycles of every step fed, as the device counted them
         self._predicted: list[int] = []      # the greedy token the device returned after each of them
         self.chunk = _AdaptiveSize(MAX_CHUNK, MIN_CHUNK)                   # LOAD_CHUNK data bytes
         self.logits_read = _AdaptiveSize(MAX_LOGITS_PER_READ, MIN_LOGITS_READ)  # READ_LOGITS count
@@ -575,6 +576,7 @@ class Driver:
                 continue
             self.history.append(token)
             self._predicted.append(result.token)
+            self.feed_cycles.append(result.cycles)
             return result
         raise RecoveryError(f"the device at {self.name} keeps losing its state")
 

@@ -28,6 +28,8 @@ COMMANDS = {
     "program": "program",
     "serve": "serve",
     "run": "run",
+    "sim": "sim",
+    "generate": "generate",
 }
 
 

@@ -28,7 +28,7 @@ def build_pipe_sim(design, build_dir, log=None) -> Path:
     reason = simulator_missing("verilator")
     if reason:
         raise UserError(reason)
-    build_dir = Path(build_dir)
+    build_dir = Path(build_dir).resolve()
     build_dir.mkdir(parents=True, exist_ok=True)
     verilog = write_verilog(design, build_dir / "top.v", name="top")
     key = hashlib.sha256(verilog.read_bytes() + HARNESS.read_bytes()).hexdigest()[:16]

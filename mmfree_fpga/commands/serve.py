@@ -12,9 +12,10 @@ def add_arguments(p) -> None:
     from mmfree_fpga.host.backends import BACKENDS
     p.add_argument("--port", type=int, default=0, metavar="P",
                    help="TCP port on 127.0.0.1 (default 0: a free port; the URL is printed)")
-    p.add_argument("--backend", choices=sorted(BACKENDS), default="model",
-                   help="what computes behind the stream: 'model' = the Python device model on the "
-                        "integer reference (default)")
+    p.add_argument("--backend", choices=sorted(BACKENDS), default="rtl",
+                   help="what computes behind the stream: 'rtl' = the engine's generated Verilog in "
+                        "Verilator (default); 'model' = the Python device model on the integer reference")
+    p.add_argument("--lanes", type=int, default=16, help="lanes of the simulated engine (rtl; default 16)")
     p.add_argument("--packing", choices=("2bit", "base3"), default="base3",
                    help="trit packing the simulated engine decodes (default base3)")
     p.add_argument("--preload", action="store_true",
@@ -43,7 +44,8 @@ def run(args) -> dict:
     checkpoint = args.checkpoint or DEMO_CHECKPOINT
     cfg = ModelConfig.from_checkpoint(checkpoint)
     image = WeightImage.from_checkpoint(checkpoint, args.packing) if args.preload else None
-    backend = make_backend(args.backend, cfg, args.packing, image)
+    backend = make_backend(args.backend, cfg, args.packing, image, lanes=args.lanes,
+                           log=lambda msg: print(msg, flush=True))
     try:
         server = TcpDeviceServer(backend, port=args.port)
         print(f"serving on {server.url}", flush=True)

@@ -1,0 +1,831 @@
+"""The engine: token id in, next token out, every layer of an HGRN-bit model on chip.
+
+Bit-exact with :class:`mmfree_fpga.reference.integer.IntegerModel` (same tokens, same Q16
+logits). One :class:`EngineCore` holds the datapath cores and a hard-wired sequencer; it reads
+``weights.bin`` through the weight port (:mod:`.weight_port`). :class:`Engine` adds a
+:class:`~.weight_port.WeightMemory`.
+
+Sequencer: hard-wired, table driven
+-----------------------------------
+A token is a fixed list of *jobs*, one per BitLinear: for each layer ``f_proj, i_proj, g_proj,
+o_proj, gate_proj, down_proj`` (in that order), then ``lm_head`` (``K = 6 L + 1`` jobs). Every
+job is the same recipe (normalise/statistics/quantise passes, a matrix, an output scale, one
+elementwise op streamed on the outputs); only the vectors it reads and writes and the op
+differ, and those follow from the job type (7 cases, wired in). A microcode would buy nothing
+here: the order never changes, and the variable parts (sizes, addresses) are run-time
+*parameters*: geometry registers and a small parameter RAM of section addresses and lengths
+(:func:`engine_params`, derived from ``host.image.image_layout``). Its initial contents are the
+build's geometry; ``SET_PARAM`` rewrites them, so a smaller model runs on a larger build, and
+one simulator build serves several geometries.
+
+Four units walk the job list concurrently, each with its own job counter:
+
+* the *fetcher* issues weight-port requests: the embedding row and scale, then per job its norm
+  vectors ``a`` and ``c`` and constant ``k`` (plus the lower bounds for ``f_proj``) into one of
+  three norm slots, and its trits. Norms are fetched one job ahead of the trits
+  (``N0 N1 T0 N2 T1 ...``), so the statistics of job k+1 run while matrix k streams. Responses
+  come in request order, so trits pass through a FIFO (``trit_fifo_depth`` beats) that fills
+  from the spare beats (base3 uses 4 beats in 5) and keeps the matrix unit busy while the next
+  norms go by;
+* the *front* feeds :class:`~.bitlinear_front.BitLinearFront`: one MAX element (the OR of the
+  input vector's magnitudes, tracked as the vector was written, has the bit length of its
+  maximum), a STATS pass and a QUANT pass; q is packed ``lanes`` wide into a FIFO that the
+  matrix unit loads from with its first row;
+* the *matrix issuer* gives :class:`~.matvec.TernaryMatVec` one command per job;
+* the *output path*: accumulators -> :class:`~.output_scale.OutputScale` (scale from
+  :class:`~.scalar_unit.ScalarUnit` through a FIFO) -> an operand stage that reads the op's
+  second operand from on-chip memory -> :class:`~.elementwise.ElementwiseUnit` -> a writer.
+  ``f``: FORGET with the lower bound -> f; ``i``: RECUR with f and h[l] -> h[l];
+  ``g``: SILU_MUL with h[l] -> p; ``o`` and ``down``: ADD to x; ``gate``: rows < I stored,
+  rows >= I SILU_MUL with the stored gate -> v; ``lm_head``: -> logits and the argmax.
+
+A front job waits only for its input vector (``f``, ``o``, ``gate``, ``down``, ``lm_head``
+wait until the output path finished the job before; ``i`` and ``g`` read the same x as ``f``)
+and for its norms. So per dependent BitLinear the exposed overhead is about two passes over its
+input plus pipeline latencies; everything else overlaps with the matrices.
+
+On-chip memories: x (max_d), h (max_L x max_d), f/gate and p/v (max(max_d, max_I)), three norm
+slots (a and c, max(max_d, max_I) x 16 bits each), lower bounds (max_d x 16), logits (max_V),
+all 32-bit unless noted, plus the q FIFO (2 max_in / lanes words of lanes bytes) and the trit
+FIFO (about (4 max_in + 2 max_d) / beat_bytes beats).
+
+Control interface (all ``amaranth.lib.stream``)
+-----------------------------------------------
+``cmd`` (:func:`cmd_layout`: ``op`` 3 bits, ``index`` 8 bits, ``arg`` 32 bits), accepted only
+while the engine is idle (not during a token, nor while a result waits):
+
+* ``RESET_STATE``: h := 0 for every layer (also the state after reset);
+* ``FEED_TOKEN(arg = token)``: runs one step; exactly one ``result`` follows;
+* ``LOAD_RESET``: the image write pointer := 0;
+* ``SET_PARAM(index, arg)``: parameter ``index`` := arg (:class:`Param`; see :func:`engine_params`).
+
+``load`` (8-bit stream, always ready): image bytes, stored at the write pointer, which then
+advances. ``result`` (:func:`result_layout`): ``token`` (the argmax), ``logit`` (its Q16 value,
+signed), ``cycles`` (clock cycles from accepting FEED_TOKEN to offering the result).
+``logit_req`` (32-bit index) -> ``logit_resp`` (signed 32-bit Q16 logit of the last step), one
+response per request, in order.
+
+Constraints: ``lanes`` in {16, 32, 64} (beats of lanes/4 bytes divide the image's 16-byte section
+alignment); d and I multiples of ``lanes``, d >= 16.
+"""
+
+from __future__ import annotations
+
+from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed, unsigned
+from amaranth.lib import data, enum, stream, wiring
+from amaranth.lib.fifo import SyncFIFOBuffered
+from amaranth.lib.memory import Memory
+from amaranth.lib.wiring import In, Out
+
+from mmfree_fpga.config import FORMATS, ModelConfig
+from mmfree_fpga.errors import UserError
+from mmfree_fpga.reference.packing import PACKINGS, TRITS_PER_BYTE
+
+from .argmax import Argmax
+from .bitlinear_front import BitLinearFront, FrontOp
+from .elementwise import ElementwiseOp, ElementwiseUnit
+from .embed_scale import EmbedScale
+from .matvec import TernaryMatVec
+from .output_scale import OutputScale
+from .scalar_unit import ScalarUnit
+from .trits import packing_code
+from .vector_common import vector_widths
+from .weight_port import (ADDR_BITS, LEN_BITS, WeightMemory, weight_port_signature, write_layout)
+
+__all__ = ["EngineOp", "Param", "JOBS", "cmd_layout", "result_layout", "beat_bytes",
+           "engine_params", "check_geometry", "EngineCore", "Engine", "ideal_cycles"]
+
+JOBS = ("f_proj", "i_proj", "g_proj", "o_proj", "gate_proj", "down_proj", "lm_head")
+JT_F, JT_I, JT_G, JT_O, JT_GATE, JT_DOWN, JT_LM = range(7)
+LANES_SUPPORTED = (16, 32, 64)
+# Norm slots: job k's norms go to slot k mod 3, so the norms of job k+2 can be fetched right
+# behind the trits of job k (the front is done with job k-1 by then).
+NORM_SLOTS = 3
+
+
+class EngineOp(enum.Enum, shape=3):
+    RESET_STATE = 0
+    FEED_TOKEN = 1
+    LOAD_RESET = 2
+    SET_PARAM = 3
+
+
+class Param:
+    """Parameter indices. Per job type ``jt`` (index in JOBS) at ``JOB_STRIDE * jt``: word offsets
+    (layer 0 for layer matrices, the layer stride added per layer) and lengths in beats."""
+    JOB_STRIDE = 8
+    TRITS_OFF, TRITS_BEATS, A_OFF, C_OFF, NORM_BEATS, K_OFF = range(6)
+    LB_OFF = 56            # words, layer 0
+    LB_BEATS = 57
+    EMB_Q_OFF = 58         # words
+    EMB_ROW_BEATS = 59
+    EMB_SCALE_OFF = 60     # bytes
+    RAM_SIZE = 64
+    # registers
+    D, I, V, L, PACKING, LAYER_STRIDE, LB_STRIDE = range(64, 71)
+
+
+def beat_bytes(lanes: int) -> int:
+    """Bytes per weight beat: one beat sustains ``lanes`` trits per cycle in either packing."""
+    return -(-lanes // TRITS_PER_BYTE["2bit"])
+
+
+def cmd_layout() -> data.StructLayout:
+    return data.StructLayout({"op": EngineOp, "index": unsigned(8), "arg": unsigned(32)})
+
+
+def result_layout() -> data.StructLayout:
+    return data.StructLayout({"token": unsigned(32), "logit": signed(32), "cycles": unsigned(32)})
+
+
+def ideal_cycles(cfg: ModelConfig, lanes: int) -> float:
+    """Ternary weights / lanes: one group of ``lanes`` trits per cycle, nothing else."""
+    return cfg.ternary_weights / lanes
+
+
+def check_geometry(cfg: ModelConfig, lanes: int, *, max_d=None, max_I=None, max_L=None, max_V=None) -> None:
+    """UserError unless ``cfg`` runs on an engine of these lanes and maxima."""
+    if lanes not in LANES_SUPPORTED:
+        raise UserError(f"lanes must be one of {LANES_SUPPORTED}, got {lanes}")
+    if cfg.d % lanes or cfg.I % lanes or cfg.d < 16:
+        raise UserError(f"hidden size {cfg.d} and intermediate size {cfg.I} must be multiples of "
+                        f"lanes={lanes} (and d >= 16)")
+    for name, v, mx in (("d", cfg.d, max_d), ("I", cfg.I, max_I), ("L", cfg.L, max_L), ("V", cfg.V, max_V)):
+        if mx is not None and v > mx:
+            raise UserError(f"{name}={v} exceeds this engine build's maximum {mx}; generate a larger build")
+
+
+def engine_params(cfg: ModelConfig, packing: str, lanes: int) -> dict[int, int]:
+    """Every parameter (index -> value) of a model: geometry and the image's section addresses."""
+    from mmfree_fpga.host.image import image_layout
+    check_geometry(cfg, lanes)
+    wb = beat_bytes(lanes)
+    sec = {s.name: s for s in image_layout(cfg, packing)}
+
+    def words(name):
+        off = sec[name].offset
+        assert off % wb == 0, (name, off, wb)
+        return off // wb
+
+    def beats(name):
+        return -(-sec[name].size // wb)
+
+    p = {}
+    for jt, job in enumerate(JOBS):
+        prefix = "lm_head" if jt == JT_LM else f"layers.0.{job}"
+        base = Param.JOB_STRIDE * jt
+        in_f = sec[f"{prefix}.trits"].shape[1]
+        p[base + Param.TRITS_OFF] = words(f"{prefix}.trits")
+        p[base + Param.TRITS_BEATS] = beats(f"{prefix}.trits")
+        p[base + Param.A_OFF] = words(f"{prefix}.a")
+        p[base + Param.C_OFF] = words(f"{prefix}.c")
+        assert (2 * in_f) % wb == 0
+        p[base + Param.NORM_BEATS] = 2 * in_f // wb
+        p[base + Param.K_OFF] = words(f"{prefix}.k")
+    p[Param.LB_OFF] = words("layers.0.lower_bound")
+    p[Param.LB_BEATS] = beats("layers.0.lower_bound")
+    p[Param.EMB_Q_OFF] = words("embedding.q")
+    p[Param.EMB_ROW_BEATS] = cfg.d // wb
+    p[Param.EMB_SCALE_OFF] = sec["embedding.scale"].offset
+    p[Param.D], p[Param.I], p[Param.V], p[Param.L] = cfg.d, cfg.I, cfg.V, cfg.L
+    p[Param.PACKING] = packing_code(packing)
+    if cfg.L > 1:
+        p[Param.LAYER_STRIDE] = words("layers.1.f_proj.trits") - words("layers.0.f_proj.trits")
+        p[Param.LB_STRIDE] = words("layers.1.lower_bound") - words("layers.0.lower_bound")
+        for jt, job in enumerate(JOBS[:6]):
+            for part in ("trits", "a", "c", "k"):
+                assert (words(f"layers.1.{job}.{part}") - words(f"layers.0.{job}.{part}")
+                        == p[Param.LAYER_STRIDE]), "the image's layers are not evenly spaced"
+    else:
+        p[Param.LAYER_STRIDE] = 0
+        p[Param.LB_STRIDE] = 0
+    return p
+
+
+class _Job:
+    """A job counter: global index k, job type jt, layer l."""
+
+    def __init__(self, name: str, max_L: int):
+        self.k = Signal(range(6 * max_L + 2), name=f"{name}_k")
+        self.jt = Signal(3, name=f"{name}_jt")
+        self.l = Signal(range(max_L + 1), name=f"{name}_l")
+        self.slot = Signal(range(NORM_SLOTS), name=f"{name}_slot")     # k mod NORM_SLOTS
+
+    def reset(self):
+        return [self.k.eq(0), self.jt.eq(0), self.l.eq(0), self.slot.eq(0)]
+
+    def step(self, n_layers):
+        last_layer = self.l == n_layers - 1
+        return [self.k.eq(self.k + 1), self.slot.eq(Mux(self.slot == NORM_SLOTS - 1, 0, self.slot + 1)),
+                self.jt.eq(Mux(self.jt == JT_DOWN, Mux(last_layer, JT_LM, JT_F), self.jt + 1)),
+                self.l.eq(Mux(self.jt == JT_DOWN, self.l + 1, self.l))]
+
+
+class _Tag:
+    TRITS, A, C, K, LB, EMBS, EMBR = range(7)
+
+
+class EngineCore(wiring.Component):
+    """The engine without its weight memory (see the module docstring).
+
+    Parameters
+    ----------
+    cfg : ModelConfig
+        The build's geometry: the initial parameters and, unless given, the maxima.
+    lanes : int
+        Trits per cycle of the matrix unit (16, 32 or 64).
+    packing : str
+        The initial trit packing; ``packings`` the packings decoded (both by default).
+    max_d, max_I, max_L, max_V : int
+        Synthesis maxima of the geometry (memory sizes).
+
+    Members
+    -------
+    cmd, load, result, logit_req, logit_resp : the control interface (module docstring).
+    wport : Out(weight_port_signature(beat_bytes(lanes)))
+    wwrite : Out(write_layout(beat_bytes(lanes))) : image words from ``load``.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, lanes: int = 16, packing: str = "base3", packings=PACKINGS,
+                 max_d=None, max_I=None, max_L=None, max_V=None):
+        self.cfg = cfg
+        self.lanes = lanes
+        self.packing = packing
+        self.packings = tuple(p for p in PACKINGS if p in packings)
+        if packing not in self.packings:
+            raise UserError(f"packing {packing} is not among the build's packings {self.packings}")
+        self.max_d = max_d or cfg.d
+        self.max_I = max_I or cfg.I
+        self.max_L = max_L or cfg.L
+        self.max_V = max_V or cfg.V
+        check_geometry(cfg, lanes, max_d=self.max_d, max_I=self.max_I, max_L=self.max_L, max_V=self.max_V)
+        if self.max_d % lanes or self.max_I % lanes:
+            raise UserError("max_d and max_I must be multiples of lanes")
+        self.beat_bytes = beat_bytes(lanes)
+        self.params = engine_params(cfg, packing, lanes)
+        # the largest burst of non-trit beats between two trit requests: norms of down_proj (or
+        # of a d-input matrix with the lower bounds), and the k constant
+        burst = (4 * max(self.max_d, self.max_I) + 2 * self.max_d) // self.beat_bytes + 2
+        self.trit_fifo_depth = 1 << (burst - 1).bit_length()
+        super().__init__({
+            "cmd": In(stream.Signature(cmd_layout())),
+            "load": In(stream.Signature(unsigned(8))),
+            "result": Out(stream.Signature(result_layout())),
+            "logit_req": In(stream.Signature(unsigned(32))),
+            "logit_resp": Out(stream.Signature(signed(32))),
+            "wport": Out(weight_port_signature(self.beat_bytes)),
+            "wwrite": Out(write_layout(self.beat_bytes)),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        w = vector_widths(FORMATS)
+        lanes, wb = self.lanes, self.beat_bytes
+        hw_ = wb // 2                                     # int16 per beat
+        max_d, max_I, max_L, max_V = self.max_d, self.max_I, self.max_L, self.max_V
+        max_in = max(max_d, max_I)
+        nw = max_in // hw_                                # norm words per slot
+        x_shape = w.x
+
+        # -- cores --------------------------------------------------------------------------
+        m.submodules.front = front = BitLinearFront(FORMATS)
+        m.submodules.scalar = scalar = ScalarUnit(FORMATS)
+        m.submodules.matvec = mv = TernaryMatVec(lanes=lanes, packings=self.packings,
+                                                 max_rows=max(2 * max_I, max_V, max_d), max_cols=max_in)
+        m.submodules.oscale = osc = OutputScale(FORMATS)
+        m.submodules.ew = ew = ElementwiseUnit(FORMATS)
+        m.submodules.embed = emb = EmbedScale(FORMATS)
+        m.submodules.argmax = amax = Argmax(max_V, FORMATS)
+
+        # -- parameters ------------------------------------------------------------------------
+        pinit = [self.params.get(k, 0) for k in range(Param.RAM_SIZE)]
+        m.submodules.pram = pram = Memory(shape=unsigned(32), depth=Param.RAM_SIZE, init=pinit)
+        p0 = pram.read_port()
+        p1 = pram.read_port()
+        pw = pram.write_port()
+        P = self.params
+        g_d = Signal(range(max_d + 1), init=P[Param.D])
+        g_I = Signal(range(max_I + 1), init=P[Param.I])
+        g_V = Signal(range(max_V + 1), init=P[Param.V])
+        g_L = Signal(range(max_L + 1), init=P[Param.L])
+        g_packing = Signal(1, init=P[Param.PACKING])
+        g_lstride = Signal(ADDR_BITS, init=P[Param.LAYER_STRIDE])
+        g_lbstride = Signal(ADDR_BITS, init=P[Param.LB_STRIDE])
+        n_jobs = Signal(range(6 * max_L + 2))
+        m.d.comb += n_jobs.eq(6 * g_L + 1)
+
+        def rows_of(jt):
+            return Mux(jt == JT_GATE, 2 * g_I, Mux(jt == JT_LM, g_V, g_d))
+
+        def cols_of(jt):
+            return Mux(jt == JT_DOWN, g_I, g_d)
+
+        # -- memories --------------------------------------------------------------------------
+        def mem(name, shape, depth):
+            mm = Memory(shape=shape, depth=depth, init=[])
+            m.submodules[name] = mm
+            return mm
+        norm_word = data.ArrayLayout(signed(w.norm_bits), hw_)
+        a_mem = mem("a_mem", norm_word, NORM_SLOTS * nw)
+        c_mem = mem("c_mem", norm_word, NORM_SLOTS * nw)
+        lb_mem = mem("lb_mem", data.ArrayLayout(unsigned(16), hw_), max_d // hw_)
+        x_mem = mem("x_mem", x_shape, max_d)
+        u_mem = mem("u_mem", x_shape, max_in)      # p (o_proj input) and v (down_proj input)
+        g_mem = mem("g_mem", x_shape, max_in)      # f (forget gate) and the GLU gate
+        h_mem = mem("h_mem", x_shape, max_L * max_d)
+        lg_mem = mem("logit_mem", x_shape, max_V)
+
+        # -- control ------------------------------------------------------------------------------
+        running = Signal()
+        start = Signal()
+        token = Signal(32)
+        cycles = Signal(32)
+        fresh = Signal(max_L, init=(1 << max_L) - 1)   # h[l] is zero
+        res_valid = Signal()
+        res = Signal(result_layout())
+        m.d.comb += [self.result.valid.eq(res_valid), self.result.payload.eq(res)]
+        with m.If(self.result.valid & self.result.ready):
+            m.d.sync += res_valid.eq(0)
+        with m.If(running):
+            m.d.sync += cycles.eq(cycles + 1)
+
+        cmd = self.cmd.payload
+        m.d.comb += self.cmd.ready.eq(~running & ~res_valid)
+        m.d.comb += [pw.addr.eq(cmd.index[:6]), pw.data.eq(cmd.arg)]
+        with m.If(self.cmd.valid & self.cmd.ready):
+            with m.Switch(cmd.op):
+                with m.Case(EngineOp.RESET_STATE):
+                    m.d.sync += fresh.eq((1 << max_L) - 1)
+                with m.Case(EngineOp.FEED_TOKEN):
+                    m.d.sync += [token.eq(cmd.arg), running.eq(1), cycles.eq(1)]
+                    m.d.comb += start.eq(1)
+                with m.Case(EngineOp.SET_PARAM):
+                    m.d.comb += pw.en.eq(cmd.index < Param.RAM_SIZE)
+                    for idx, reg in ((Param.D, g_d), (Param.I, g_I), (Param.V, g_V), (Param.L, g_L),
+                                     (Param.PACKING, g_packing), (Param.LAYER_STRIDE, g_lstride),
+                                     (Param.LB_STRIDE, g_lbstride)):
+                        with m.If(cmd.index == idx):
+                            m.d.sync += reg.eq(cmd.arg)
+
+        # -- image loading -----------------------------------------------------------------------
+        wptr = Signal(ADDR_BITS + 4)
+        lword = Signal(8 * wb)
+        lb_log = (wb - 1).bit_length()
+        boff = wptr[:lb_log] if lb_log else Const(0, 1)
+        merged = Signal(8 * wb)
+        m.d.comb += self.load.ready.eq(1)
+        byte_mask = Signal(8 * wb)
+        m.d.comb += byte_mask.eq(Const(0xFF, 8 * wb) << (boff * 8))
+        m.d.comb += merged.eq((lword & ~byte_mask) | ((self.load.payload << (boff * 8))[:8 * wb]))
+        with m.If(self.load.valid):
+            m.d.sync += [wptr.eq(wptr + 1), lword.eq(Mux(boff == wb - 1, 0, merged))]
+            m.d.comb += [self.wwrite.en.eq(1), self.wwrite.addr.eq(wptr >> lb_log), self.wwrite.data.eq(merged)]
+        with m.If(self.cmd.valid & self.cmd.ready & (cmd.op == EngineOp.LOAD_RESET)):
+            m.d.sync += [wptr.eq(0), lword.eq(0)]
+
+        # -- job counters and progress -------------------------------------------------------------
+        nj = _Job("nj", max_L)      # fetcher: next norms
+        tj = _Job("tj", max_L)      # fetcher: next trits
+        fj = _Job("fj", max_L)      # front
+        mj = _Job("mj", max_L)      # matrix issuer
+        oj = _Job("oj", max_L)      # operand stage
+        wj = _Job("wj", max_L)      # writer
+        norm_arrived = Signal(range(6 * max_L + 2))
+        emb_done = Signal()
+        front_done = fj.k
+        out_done = wj.k
+        with m.If(start):
+            m.d.sync += nj.reset() + tj.reset() + fj.reset() + mj.reset() + oj.reset() + wj.reset()
+            m.d.sync += [norm_arrived.eq(0), emb_done.eq(0)]
+
+        # -- fetcher -----------------------------------------------------------------------------------
+        tags = data.StructLayout({"kind": unsigned(3), "slot": unsigned(2), "count": unsigned(LEN_BITS),
+                                  "boff": unsigned(4)})
+        m.submodules.tagq = tagq = SyncFIFOBuffered(width=tags.size, depth=8)
+        req = self.wport.req
+        tag = Signal(tags)
+        m.d.comb += [tagq.w_data.eq(tag), tagq.w_en.eq(req.valid & req.ready)]
+        ph = Signal()
+        k_beats = -(-8 // wb)
+        njt_base = nj.jt * Param.JOB_STRIDE
+        tjt_base = tj.jt * Param.JOB_STRIDE
+        n_layer_base = Mux(nj.jt == JT_LM, 0, nj.l * g_lstride)
+        t_layer_base = Mux(tj.jt == JT_LM, 0, tj.l * g_lstride)
+        tok_bits = max(1, (max_V - 1).bit_length())
+        emb_scale_byte = p0.data + 4 * token[:tok_bits]
+
+        def request(addr, length, kind, slot=0, boff_=0, nxt=None, then=()):
+            with m.If(~ph):
+                m.d.sync += ph.eq(1)
+            with m.Else():
+                m.d.comb += [req.valid.eq(tagq.w_rdy), req.payload.addr.eq(addr), req.payload.length.eq(length),
+                             tag.kind.eq(kind), tag.slot.eq(slot), tag.count.eq(length), tag.boff.eq(boff_)]
+                with m.If(req.valid & req.ready):
+                    m.d.sync += ph.eq(0)
+                    m.d.sync += list(then)
+                    m.next = nxt
+
+        norm_ok = (front_done + NORM_SLOTS - 1 >= nj.k) & ((nj.jt != JT_F) | (out_done + 5 >= nj.k))
+        with m.FSM(name="fetch"):
+            with m.State("IDLE"):
+                with m.If(start):
+                    m.d.sync += ph.eq(0)
+                    m.next = "EMBS"
+            with m.State("EMBS"):
+                m.d.comb += p0.addr.eq(Param.EMB_SCALE_OFF)
+                request(emb_scale_byte >> lb_log, 1, _Tag.EMBS, boff_=emb_scale_byte[:lb_log] if lb_log else 0,
+                        nxt="EMBR")
+            with m.State("EMBR"):
+                m.d.comb += [p0.addr.eq(Param.EMB_Q_OFF), p1.addr.eq(Param.EMB_ROW_BEATS)]
+                request(p0.data + token[:tok_bits] * p1.data[:16], p1.data, _Tag.EMBR, nxt="SEL")
+            with m.State("SEL"):
+                with m.If((nj.k < n_jobs) & (nj.k <= tj.k + 1)):
+                    with m.If(norm_ok):
+                        m.d.sync += ph.eq(0)
+                        with m.If(nj.jt == JT_F):
+                            m.next = "LB"
+                        with m.Else():
+                            m.next = "NA"
+                with m.Elif(tj.k < n_jobs):
+                    m.d.sync += ph.eq(0)
+                    m.next = "TRITS"
+                with m.Else():
+                    m.next = "IDLE"
+            with m.State("LB"):
+                m.d.comb += [p0.addr.eq(Param.LB_OFF), p1.addr.eq(Param.LB_BEATS)]
+                request(p0.data + nj.l * g_lbstride, p1.data, _Tag.LB, nxt="NA")
+            with m.State("NA"):
+                m.d.comb += [p0.addr.eq(njt_base + Param.A_OFF), p1.addr.eq(njt_base + Param.NORM_BEATS)]
+                request(p0.data + n_layer_base, p1.data, _Tag.A, slot=nj.slot, nxt="NC")
+            with m.State("NC"):
+                m.d.comb += [p0.addr.eq(njt_base + Param.C_OFF), p1.addr.eq(njt_base + Param.NORM_BEATS)]
+                request(p0.data + n_layer_base, p1.data, _Tag.C, slot=nj.slot, nxt="NK")
+            with m.State("NK"):
+                m.d.comb += p0.addr.eq(njt_base + Param.K_OFF)
+                request(p0.data + n_layer_base, k_beats, _Tag.K, slot=nj.slot, nxt="SEL", then=nj.step(g_L))
+            with m.State("TRITS"):
+                m.d.comb += [p0.addr.eq(tjt_base + Param.TRITS_OFF), p1.addr.eq(tjt_base + Param.TRITS_BEATS)]
+                request(p0.data + t_layer_base, p1.data, _Tag.TRITS, nxt="SEL", then=tj.step(g_L))
+
+        # -- router: response beats to their destinations ----------------------------------------------
+        rtag = Signal(tags)
+        m.d.comb += rtag.eq(tagq.r_data)
+        resp = self.wport.resp
+        bidx = Signal(LEN_BITS)
+        dest_ready = Signal()
+        beat_in = resp.valid & tagq.r_rdy
+        xfer = beat_in & dest_ready
+        m.d.comb += resp.ready.eq(tagq.r_rdy & dest_ready)
+        with m.If(xfer):
+            with m.If(bidx == rtag.count - 1):
+                m.d.comb += tagq.r_en.eq(1)
+                m.d.sync += bidx.eq(0)
+            with m.Else():
+                m.d.sync += bidx.eq(bidx + 1)
+        last_beat = bidx == rtag.count - 1
+
+        # trits, through a FIFO deep enough to keep the matrix unit busy while the norms of a later
+        # job pass the in-order response stream (base3 leaves a fifth of the beats spare to fill it)
+        m.submodules.tritq = tritq = SyncFIFOBuffered(width=8 * wb, depth=self.trit_fifo_depth)
+        m.d.comb += [tritq.w_data.eq(resp.payload.as_value()),
+                     tritq.w_en.eq(beat_in & (rtag.kind == _Tag.TRITS)),
+                     mv.weights.payload.eq(tritq.r_data), mv.weights.valid.eq(tritq.r_rdy),
+                     tritq.r_en.eq(mv.weights.ready)]
+        # norms and lower bounds
+        aw = a_mem.write_port()
+        cw = c_mem.write_port()
+        lbw = lb_mem.write_port()
+        m.d.comb += [
+            aw.addr.eq(rtag.slot * nw + bidx), aw.data.eq(resp.payload.as_value()),
+            aw.en.eq(xfer & (rtag.kind == _Tag.A)),
+            cw.addr.eq(rtag.slot * nw + bidx), cw.data.eq(resp.payload.as_value()),
+            cw.en.eq(xfer & (rtag.kind == _Tag.C)),
+            lbw.addr.eq(bidx), lbw.data.eq(resp.payload.as_value()),
+            lbw.en.eq(xfer & (rtag.kind == _Tag.LB)),
+        ]
+        # k constants, one per slot
+        kbuf = [Signal(64, name=f"kbuf{s}") for s in range(NORM_SLOTS)]
+        for s in range(NORM_SLOTS):
+            with m.If(xfer & (rtag.kind == _Tag.K) & (rtag.slot == s)):
+                if wb >= 8:
+                    m.d.sync += kbuf[s].eq(resp.payload.as_value()[:64])
+                else:
+                    for b in range(8 // wb):
+                        with m.If(bidx == b):
+                            m.d.sync += kbuf[s][8 * wb * b:8 * wb * (b + 1)].eq(resp.payload.as_value())
+        with m.If(xfer & (rtag.kind == _Tag.K) & last_beat):
+            m.d.sync += norm_arrived.eq(norm_arrived + 1)
+        # embedding scale
+        emb_scale = Signal(32)
+        with m.If(xfer & (rtag.kind == _Tag.EMBS)):
+            m.d.sync += emb_scale.eq(resp.payload.as_value().word_select(rtag.boff[2:], 32) if wb > 4
+                                     else resp.payload.as_value()[:32])
+        # embedding row: one byte per cycle into EmbedScale
+        dbuf = Signal(data.ArrayLayout(signed(8), wb))
+        dcnt = Signal(range(wb + 1))
+        dpos = Signal(range(wb))
+        eidx = Signal(range(max_d + 1))
+        emb_take = emb.i.valid & emb.i.ready
+        m.d.comb += [emb.i.valid.eq(dcnt != 0), emb.i.payload.q.eq(dbuf[dpos]),
+                     emb.i.payload.last.eq(eidx == g_d - 1), emb.scale.eq(emb_scale)]
+        with m.If(emb_take):
+            m.d.sync += [dpos.eq(dpos + 1), dcnt.eq(dcnt - 1), eidx.eq(eidx + 1)]
+        embr_ready = (dcnt == 0) | ((dcnt == 1) & emb.i.ready)
+        with m.If(xfer & (rtag.kind == _Tag.EMBR)):
+            m.d.sync += [dbuf.eq(resp.payload), dcnt.eq(wb), dpos.eq(0)]
+        with m.If(start):
+            m.d.sync += eidx.eq(0)
+        with m.Switch(rtag.kind):
+            with m.Case(_Tag.TRITS):
+                m.d.comb += dest_ready.eq(tritq.w_rdy)
+            with m.Case(_Tag.EMBR):
+                m.d.comb += dest_ready.eq(embr_ready)
+            with m.Default():
+                m.d.comb += dest_ready.eq(1)
+
+        # -- OR of magnitudes of the vectors the front reads --------------------------------------------
+        or_x = Signal(32)
+        or_u = Signal(32)
+
+        def mag(v):
+            return Mux(v < 0, -v, v)[:32]
+
+        # embedding -> x
+        xw = x_mem.write_port()
+        je = Signal(range(max_d + 1))
+        m.d.comb += emb.o.ready.eq(1)
+        with m.If(emb.o.valid):
+            m.d.comb += [xw.en.eq(1), xw.addr.eq(je), xw.data.eq(emb.o.payload.value)]
+            m.d.sync += [je.eq(je + 1), or_x.eq(Mux(je == 0, 0, or_x) | mag(emb.o.payload.value))]
+            with m.If(emb.o.payload.last):
+                m.d.sync += [emb_done.eq(1), je.eq(0)]
+
+        # -- front -----------------------------------------------------------------------------------
+        xr_f = x_mem.read_port()
+        ur_f = u_mem.read_port()
+        ar = a_mem.read_port()
+        cr = c_mem.read_port()
+        fv = Signal()
+        f_op = Signal(FrontOp)
+        f_last = Signal()
+        f_max = Signal()
+        f_src = Signal()
+        f_sel = Signal(range(hw_))
+        j = Signal(range(max_in + 1))
+        f_adv = ~fv | front.i.ready
+        f_state_max = Signal()
+        f_state_stats = Signal()
+        f_state_quant = Signal()
+        f_n = Mux(f_state_max, 1, cols_of(fj.jt))
+        f_issue = f_state_max | f_state_stats | f_state_quant
+        f_is_last = j == f_n - 1
+        src_u = (fj.jt == JT_O) | (fj.jt == JT_DOWN)
+        slot = fj.slot
+        m.d.comb += [
+            xr_f.addr.eq(j), ur_f.addr.eq(j),
+            ar.addr.eq(slot * nw + j // hw_), cr.addr.eq(slot * nw + j // hw_),
+            xr_f.en.eq(f_adv), ur_f.en.eq(f_adv), ar.en.eq(f_adv), cr.en.eq(f_adv),
+        ]
+        with m.If(f_adv):
+            m.d.sync += [fv.eq(f_issue), f_last.eq(f_is_last), f_max.eq(f_state_max), f_src.eq(src_u),
+                         f_sel.eq(j % hw_),
+                         f_op.eq(Mux(f_state_max, FrontOp.MAX, Mux(f_state_stats, FrontOp.STATS, FrontOp.QUANT)))]
+            with m.If(f_issue):
+                m.d.sync += j.eq(Mux(f_is_last, 0, j + 1))
+        or_in = Mux(f_src, or_u, or_x)
+        max_elem = Mux(or_in[31], w.x_min, or_in[:31])
+        m.d.comb += [
+            front.i.valid.eq(fv),
+            front.i.payload.op.eq(f_op),
+            front.i.payload.last.eq(f_last),
+            front.i.payload.v.eq(Mux(f_max, max_elem, Mux(f_src, ur_f.data, xr_f.data))),
+            front.i.payload.a.eq(ar.data[f_sel]),
+            front.i.payload.c.eq(cr.data[f_sel]),
+        ]
+        stats_taken = Signal()
+        kcur = Mux(slot == 2, kbuf[2], Mux(slot == 1, kbuf[1], kbuf[0]))
+        m.d.comb += [scalar.i.payload.eq(front.stats.payload), scalar.i.valid.eq(front.stats.valid),
+                     front.stats.ready.eq(scalar.i.ready),
+                     scalar.k_mant.eq(kcur[:32]), scalar.k_exp.eq(kcur[32:64].as_signed())]
+        with m.If(scalar.i.valid & scalar.i.ready):
+            m.d.sync += stats_taken.eq(1)
+        input_ready = Mux((fj.jt == JT_I) | (fj.jt == JT_G), 1, (out_done == fj.k) & emb_done)
+        with m.FSM(name="front_seq"):
+            with m.State("WAIT"):
+                with m.If(running & (fj.k < n_jobs) & (norm_arrived > fj.k) & input_ready):
+                    m.next = "MAX"
+            with m.State("MAX"):
+                m.d.comb += f_state_max.eq(f_adv)
+                with m.If(f_adv):
+                    m.next = "STATS"
+            with m.State("STATS"):
+                m.d.comb += f_state_stats.eq(f_adv)
+                with m.If(f_adv & f_is_last):
+                    m.next = "QUANT"
+            with m.State("QUANT"):
+                m.d.comb += f_state_quant.eq(f_adv)
+                with m.If(f_adv & f_is_last):
+                    m.next = "FIN"
+            with m.State("FIN"):
+                with m.If(stats_taken):
+                    m.d.sync += fj.step(g_L) + [stats_taken.eq(0)]
+                    m.next = "WAIT"
+
+        # q packer and FIFO into the matrix unit
+        q_words = 2 * max_in // lanes + 2
+        m.submodules.qfifo = qfifo = SyncFIFOBuffered(width=lanes * w.act_bits, depth=q_words)
+        qpack = Signal(data.ArrayLayout(signed(w.act_bits), lanes))
+        qcnt = Signal(range(lanes))
+        q_full = qcnt == lanes - 1
+        m.d.comb += front.q.ready.eq(~q_full | qfifo.w_rdy)
+        packed = Signal(data.ArrayLayout(signed(w.act_bits), lanes))
+        m.d.comb += packed.eq(qpack)
+        m.d.comb += packed[lanes - 1].eq(front.q.payload)
+        m.d.comb += qfifo.w_data.eq(packed.as_value())
+        with m.If(front.q.valid & front.q.ready):
+            m.d.sync += qpack[qcnt].eq(front.q.payload)
+            with m.If(q_full):
+                m.d.comb += qfifo.w_en.eq(1)
+                m.d.sync += qcnt.eq(0)
+            with m.Else():
+                m.d.sync += qcnt.eq(qcnt + 1)
+        m.d.comb += [mv.act.valid.eq(qfifo.r_rdy), mv.act.payload.eq(qfifo.r_data), qfifo.r_en.eq(mv.act.ready)]
+
+        # -- matrix commands ---------------------------------------------------------------------------
+        m.d.comb += [mv.cmd.valid.eq(running & (mj.k < n_jobs)),
+                     mv.cmd.payload.rows.eq(rows_of(mj.jt)), mv.cmd.payload.cols.eq(cols_of(mj.jt)),
+                     mv.cmd.payload.load.eq(1)]
+        if len(self.packings) > 1:
+            m.d.comb += mv.cmd.payload.packing.eq(g_packing)
+        with m.If(mv.cmd.valid & mv.cmd.ready):
+            m.d.sync += mj.step(g_L)
+
+        # -- output scale -------------------------------------------------------------------------------
+        m.submodules.scales = sfifo = SyncFIFOBuffered(width=len(scalar.o.payload.as_value()), depth=4)
+        m.d.comb += [sfifo.w_data.eq(scalar.o.payload), sfifo.w_en.eq(scalar.o.valid),
+                     scalar.o.ready.eq(sfifo.w_rdy)]
+        m.d.comb += [
+            osc.i.payload.eq(mv.out.payload),
+            osc.i.valid.eq(mv.out.valid & sfifo.r_rdy),
+            mv.out.ready.eq(osc.i.ready & sfifo.r_rdy),
+            osc.scale.eq(sfifo.r_data),
+            sfifo.r_en.eq(mv.out.valid & osc.i.ready & mv.out.payload.last),
+        ]
+
+        # -- operand stage ----------------------------------------------------------------------------
+        lbr = lb_mem.read_port()
+        gr = g_mem.read_port()
+        hr = h_mem.read_port()
+        xr_o = x_mem.read_port()
+        jo = Signal(range(2 * max_in + max_V + 1))
+        ov = Signal()
+        o_y = Signal(x_shape)
+        o_last = Signal()
+        o_jt = Signal(3)
+        o_up = Signal()
+        o_fresh = Signal()
+        o_sel = Signal(range(hw_))
+        o_adv = ~ov | ew.i.ready
+        upper = (oj.jt == JT_GATE) & (jo >= g_I)
+        m.d.comb += osc.o.ready.eq(o_adv)
+        m.d.comb += [
+            lbr.addr.eq(jo // hw_), gr.addr.eq(Mux(upper, jo - g_I, jo)),
+            hr.addr.eq(oj.l * max_d + jo), xr_o.addr.eq(jo),
+            lbr.en.eq(o_adv), gr.en.eq(o_adv), hr.en.eq(o_adv), xr_o.en.eq(o_adv),
+        ]
+        with m.If(o_adv):
+            m.d.sync += [ov.eq(osc.o.valid), o_y.eq(osc.o.payload.value), o_last.eq(osc.o.payload.last),
+                         o_jt.eq(oj.jt), o_up.eq(upper), o_fresh.eq(fresh.bit_select(oj.l, 1)),
+                         o_sel.eq(jo % hw_)]
+            with m.If(osc.o.valid):
+                with m.If(osc.o.payload.last):
+                    m.d.sync += [jo.eq(0)] + oj.step(g_L)
+                with m.Else():
+                    m.d.sync += jo.eq(jo + 1)
+        ew_in = ew.i.payload
+        m.d.comb += [ew.i.valid.eq(ov), ew_in.last.eq(o_last), ew_in.y.eq(o_y), ew_in.a.eq(0), ew_in.g.eq(0)]
+        with m.Switch(o_jt):
+            with m.Case(JT_F):
+                m.d.comb += [ew_in.op.eq(ElementwiseOp.FORGET), ew_in.g.eq(lbr.data[o_sel])]
+            with m.Case(JT_I):
+                m.d.comb += [ew_in.op.eq(ElementwiseOp.RECUR), ew_in.g.eq(gr.data[:16]),
+                             ew_in.a.eq(Mux(o_fresh, 0, hr.data))]
+            with m.Case(JT_G):
+                m.d.comb += [ew_in.op.eq(ElementwiseOp.SILU_MUL), ew_in.y.eq(hr.data), ew_in.a.eq(o_y)]
+            with m.Case(JT_O, JT_DOWN):
+                m.d.comb += [ew_in.op.eq(ElementwiseOp.ADD), ew_in.a.eq(xr_o.data)]
+            with m.Case(JT_GATE):
+                with m.If(o_up):
+                    m.d.comb += [ew_in.op.eq(ElementwiseOp.SILU_MUL), ew_in.y.eq(gr.data), ew_in.a.eq(o_y)]
+                with m.Else():
+                    m.d.comb += ew_in.op.eq(ElementwiseOp.ADD)
+            with m.Default():
+                m.d.comb += ew_in.op.eq(ElementwiseOp.ADD)
+
+        # -- writer ----------------------------------------------------------------------------------------
+        uw = u_mem.write_port()
+        gw = g_mem.write_port()
+        hw = h_mem.write_port()
+        lw = lg_mem.write_port()
+        jw = Signal(range(2 * max_in + max_V + 1))
+        val = ew.o.payload.value
+        wv = ew.o.valid
+        w_up = (wj.jt == JT_GATE) & (jw >= g_I)
+        m.d.comb += [ew.o.ready.eq(1),
+                     uw.data.eq(val), gw.data.eq(val), hw.data.eq(val), lw.data.eq(val),
+                     uw.addr.eq(Mux(w_up, jw - g_I, jw)), gw.addr.eq(jw), hw.addr.eq(wj.l * max_d + jw),
+                     lw.addr.eq(jw)]
+        m.d.comb += [amax.i.payload.value.eq(val), amax.i.payload.last.eq(ew.o.payload.last),
+                     amax.i.valid.eq(wv & (wj.jt == JT_LM)), amax.o.ready.eq(1)]
+        with m.If(wv):
+            with m.If(ew.o.payload.last):
+                m.d.sync += [jw.eq(0)] + wj.step(g_L)
+            with m.Else():
+                m.d.sync += jw.eq(jw + 1)
+            with m.Switch(wj.jt):
+                with m.Case(JT_F):
+                    m.d.comb += gw.en.eq(1)
+                with m.Case(JT_I):
+                    m.d.comb += hw.en.eq(1)
+                    with m.If(ew.o.payload.last):
+                        m.d.sync += fresh.bit_select(wj.l, 1).eq(0)
+                with m.Case(JT_G):
+                    m.d.comb += uw.en.eq(1)
+                    m.d.sync += or_u.eq(Mux(jw == 0, 0, or_u) | mag(val))
+                with m.Case(JT_O, JT_DOWN):
+                    m.d.comb += [xw.en.eq(1), xw.addr.eq(jw), xw.data.eq(val)]
+                    m.d.sync += or_x.eq(Mux(jw == 0, 0, or_x) | mag(val))
+                with m.Case(JT_GATE):
+                    with m.If(w_up):
+                        m.d.comb += uw.en.eq(1)
+                        m.d.sync += or_u.eq(Mux(jw == g_I, 0, or_u) | mag(val))
+                    with m.Else():
+                        m.d.comb += gw.en.eq(1)
+                with m.Case(JT_LM):
+                    m.d.comb += lw.en.eq(1)
+
+        # -- the result --------------------------------------------------------------------------------------
+        with m.If(amax.o.valid):
+            m.d.sync += [res.token.eq(amax.o.payload.index), res.logit.eq(amax.o.payload.value),
+                         res.cycles.eq(cycles), res_valid.eq(1), running.eq(0)]
+
+        # -- logit read port -----------------------------------------------------------------------------------
+        lr = lg_mem.read_port()
+        lvalid = Signal()
+        m.d.comb += [self.logit_req.ready.eq(~lvalid), lr.addr.eq(self.logit_req.payload),
+                     lr.en.eq(self.logit_req.valid & self.logit_req.ready),
+                     self.logit_resp.valid.eq(lvalid), self.logit_resp.payload.eq(lr.data)]
+        with m.If(self.logit_req.valid & self.logit_req.ready):
+            m.d.sync += lvalid.eq(1)
+        with m.Elif(self.logit_resp.ready):
+            m.d.sync += lvalid.eq(0)
+        return m
+
+
+class Engine(wiring.Component):
+    """:class:`EngineCore` with its :class:`~.weight_port.WeightMemory`.
+
+    ``image`` (bytes) initialises on-chip RAM; ``readmemh=True`` uses the simulation store that
+    reads ``+weights=FILE``; ``model=True`` adds the memory model, whose knobs become inputs
+    ``mem_bandwidth``, ``mem_latency``, ``mem_stall_rate``, ``mem_synthetic``. ``mem_words``
+    sizes the store (default: the build geometry's image).
+    """
+
+    def __init__(self, cfg: ModelConfig, *, lanes: int = 16, packing: str = "base3", packings=PACKINGS,
+                 image: bytes | None = None, readmemh: bool = False, model: bool = False,
+                 mem_words: int | None = None, mem_fifo_depth: int = 64, **maxima):
+        from mmfree_fpga.host.image import image_size
+        self.core = EngineCore(cfg, lanes=lanes, packing=packing, packings=packings, **maxima)
+        wb = self.core.beat_bytes
+        if mem_words is None:
+            mem_words = -(-image_size(cfg, packing) // wb)
+        self.memory = WeightMemory(beat_bytes=wb, depth=mem_words, init=image, readmemh=readmemh,
+                                   model=model, fifo_depth=mem_fifo_depth)
+        self._model = model
+        members = {
+            "cmd": In(stream.Signature(cmd_layout())),
+            "load": In(stream.Signature(unsigned(8))),
+            "result": Out(stream.Signature(result_layout())),
+            "logit_req": In(stream.Signature(unsigned(32))),
+            "logit_resp": Out(stream.Signature(signed(32))),
+        }
+        if model:
+            members.update({"mem_bandwidth": In(16), "mem_latency": In(16), "mem_stall_rate": In(8),
+                            "mem_synthetic": In(1)})
+        super().__init__(members)
+
+    def elaborate(self, platform):
+        m = Module()
+        m.submodules.core = core = self.core
+        m.submodules.memory = memory = self.memory
+        wiring.connect(m, core.wport, memory.port)
+        m.d.comb += memory.write.eq(core.wwrite)
+        wiring.connect(m, wiring.flipped(self.cmd), core.cmd)
+        wiring.connect(m, wiring.flipped(self.load), core.load)
+        wiring.connect(m, core.result, wiring.flipped(self.result))
+        wiring.connect(m, wiring.flipped(self.logit_req), core.logit_req)
+        wiring.connect(m, core.logit_resp, wiring.flipped(self.logit_resp))
+        if self._model:
+            m.d.comb += [memory.bandwidth.eq(self.mem_bandwidth), memory.latency.eq(self.mem_latency),
+                         memory.stall_rate.eq(self.mem_stall_rate), memory.synthetic.eq(self.mem_synthetic)]
+        return m

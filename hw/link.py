@@ -1,0 +1,722 @@
+"""The serial link: the wire protocol of :mod:`mmfree_fpga.protocol` in gateware.
+
+:class:`Link` sits between the UART byte streams and the compute engine. It receives frames,
+checks both CRCs, answers every command byte for byte as ``host/device_model.py`` does (the
+same NAKs, in the same order of checks, the same duplicate replay, the same resynchronisation
+after garbage) and drives the engine through a small command/result interface. It imports
+every constant, enum, payload layout and CRC algorithm from the protocol module.
+
+Receiving
+---------
+Incoming bytes go into a ring buffer (``ring_depth`` bytes, the smallest power of two that
+holds a whole frame of ``max_payload``). The parser reads the ring at its own pace, so it can
+rescan: when a header, a frame CRC or the idle timeout rejects a frame it resumes at the byte
+after the rejected SYNC and reparses the bytes it already took, exactly like
+``protocol.FrameDecoder``. A frame's bytes stay in the ring until the command is done, so
+LOAD_CHUNK data is forwarded to the engine only after the frame's CRC-16 has checked out; the
+ring is the chunk buffer. ``rx.ready`` falls only when the ring is full (the host's
+stop-and-wait keeps it far from that).
+
+A partial frame that sees no new byte for ``idle_timeout_cycles`` is dropped the same way
+(``FRAME_IDLE_TIMEOUT_S`` at ``clk_freq`` unless given).
+
+Commands
+--------
+Duplicate replay keeps the last executed command's SEQ, CRC-16 and op, not its response: every
+executed command replaces that cache and a rejected one changes nothing, so when a duplicate
+arrives the device is in the state the cached command left it in, and each response is a
+function of that state (RESET_STATE: position 0; LOAD_BEGIN: size and the expected CRC;
+LOAD_CHUNK: the write pointer; LOAD_COMMIT: size and image CRC; FEED_TOKEN: the position and
+the engine's last result, the one 96-bit register kept for this). IDENTIFY and READ_LOGITS
+change nothing, so a duplicate of one of them is executed again, with identical bytes.
+
+Members
+-------
+rx : In(stream.Signature(8))
+    Bytes from the host (the UART receiver).
+tx : Out(stream.Signature(8))
+    Bytes to the host (the UART transmitter).
+eng_cmd : Out(stream.Signature(engine_command_layout()))
+    ``op`` (:class:`EngineCommand`) and ``token`` (u32, FEED_TOKEN only). RESET_STATE: zero the
+    recurrent state (sent by RESET_STATE and by a successful LOAD_COMMIT). LOAD_RESET: the
+    weight write pointer := 0, the weights are invalid (sent by LOAD_BEGIN). FEED_TOKEN: run
+    one step; exactly one ``eng_result`` must follow. The link sends one command and (for
+    FEED_TOKEN) waits for its result before anything else; the engine may hold ``ready`` low
+    while busy.
+eng_image : Out(stream.Signature(8))
+    Image bytes in order, to be stored at the engine's write pointer (which then advances).
+    Only bytes of LOAD_CHUNK frames whose CRC-16 and checks passed; never past the image size.
+eng_result : In(stream.Signature(engine_result_layout()))
+    ``argmax`` (u32), ``logit`` (s32, Q16), ``cycles`` (u32, 0 if not counted): one per
+    FEED_TOKEN, copied into its response.
+eng_logit_req : Out(stream.Signature(32))
+    Index of a logit of the last step (READ_LOGITS), ascending within one read.
+eng_logit_resp : In(stream.Signature(signed(32)))
+    The logit (Q16), one per request, in order. The link has at most one request outstanding.
+
+Throughput: one byte per clock cycle in each of parsing, forwarding image bytes and
+transmitting (the ring is read one byte ahead); a UART byte takes ten bit times or more.
+
+Memory: the ring is the only RAM (``ring_depth(max_payload)`` bytes: 128 for 64, 512 for 256,
+2048 for MAX_PAYLOAD; one, one and four iCE40 EBRs).
+
+Testbench observation points (not ports): ``idle`` (the parser waits for bytes and nothing is
+being sent) and ``state`` (name -> Signal of every register a command may change).
+
+Not byte-identical to the device model, by design: the boot id (a counter or a parameter, not
+random), ``cycles`` in FEED_TOKEN (the engine's count, the model says 0), and the moment a
+partial frame times out (cycles here, ``poll(now)`` there).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import struct
+
+from amaranth.hdl import Cat, Const, Module, Mux, Signal, Value, signed, unsigned
+from amaranth.lib import data, enum, stream, wiring
+from amaranth.lib.memory import Memory
+from amaranth.lib.wiring import In, Out
+
+from mmfree_fpga.config import FORMATS, ModelConfig
+from mmfree_fpga.protocol import (
+    DEVICE_MAGIC, FEED_TOKEN_REQUEST, FEED_TOKEN_RESPONSE, FRAME_CRC, FRAME_IDLE_TIMEOUT_S, HEADER_CRC,
+    HEADER_LEN, IDENTITY, IMAGE_CRC, LOAD_BEGIN_REQUEST, LOAD_BEGIN_RESPONSE, LOAD_CHUNK_HEADER,
+    LOAD_CHUNK_RESPONSE, LOAD_COMMIT_RESPONSE, MAX_LOGITS_PER_READ, MAX_PAYLOAD, MIN_DEVICE_PAYLOAD,
+    NAK_PAYLOAD, NAK_RESPONSE, POSITION, PROTOCOL_VERSION, READ_LOGITS_HEADER, READ_LOGITS_REQUEST,
+    REQUEST_LENGTHS, RESPONSE, SYNC, TRAILER_LEN, Error, Identity, Op, Packing, Status, formats_id,
+)
+from mmfree_fpga.reference.export import IMAGE_VERSION
+
+__all__ = ["EngineCommand", "engine_command_layout", "engine_result_layout", "Link", "ring_depth",
+           "struct_fields"]
+
+
+class EngineCommand(enum.Enum, shape=2):
+    RESET_STATE = 0
+    FEED_TOKEN = 1
+    LOAD_RESET = 2
+
+
+def engine_command_layout() -> data.StructLayout:
+    return data.StructLayout({"op": EngineCommand, "token": unsigned(32)})
+
+
+def engine_result_layout() -> data.StructLayout:
+    return data.StructLayout({"argmax": unsigned(32), "logit": signed(32), "cycles": unsigned(32)})
+
+
+def struct_fields(layout: struct.Struct) -> list[tuple[int, int]]:
+    """(bit offset, bit width) of each field of a little-endian ``struct`` layout, in order."""
+    fmt = layout.format
+    if fmt[0] != "<":
+        raise ValueError(f"{fmt!r}: the wire layouts are little-endian, without padding")
+    out, offset = [], 0
+    for count, code in re.findall(r"(\d*)([a-zA-Z])", fmt[1:]):
+        n = int(count or 1)
+        if code == "s":
+            fields = [(offset, 8 * n)]
+        else:
+            fields = [(offset + 8 * struct.calcsize("<" + code) * i, 8 * struct.calcsize("<" + code))
+                      for i in range(n)]
+        out += fields
+        offset = fields[-1][0] + fields[-1][1]
+    assert offset == 8 * layout.size, fmt
+    return out
+
+
+def _field(value, layout: struct.Struct, index: int):
+    offset, width = struct_fields(layout)[index]
+    return value[offset:offset + width]
+
+
+def _pack(layout: struct.Struct, *values):
+    """The wire bytes (byte i = bits 8i..8i+7) of ``values`` in ``layout``; ints and bytes are constants."""
+    fields = struct_fields(layout)
+    if len(values) != len(fields):
+        raise ValueError(f"{layout.format} has {len(fields)} fields, got {len(values)} values")
+    parts = []
+    for (_, width), value in zip(fields, values):
+        if isinstance(value, bytes):
+            value = int.from_bytes(value, "little")
+        if isinstance(value, int):
+            parts.append(Const(value & ((1 << width) - 1), width))
+            continue
+        value = Value.cast(value).as_unsigned()
+        parts.append(value[:width] if len(value) >= width else Cat(value, Const(0, width - len(value))))
+    return Cat(*parts)
+
+
+def ring_depth(max_payload: int) -> int:
+    """Bytes of the receive ring: the smallest power of two that holds a whole frame."""
+    frame = HEADER_LEN + max_payload + TRAILER_LEN
+    return 1 << (frame - 1).bit_length()
+
+
+# Commands whose duplicate is executed again (they change no state) instead of replayed.
+_REEXECUTED = (Op.IDENTIFY, Op.READ_LOGITS)
+_ARG_BYTES = max(max(REQUEST_LENGTHS.values()), LOAD_CHUNK_HEADER.size)
+
+
+class _Kind(enum.Enum, shape=3):
+    """Where a response's payload bytes come from."""
+    IDENTITY = 0
+    NAK = 1
+    LOGITS = 2
+    RESET_STATE = 3     # the other kinds: the response of the command of that name, from the state
+    LOAD_BEGIN = 4
+    LOAD_CHUNK = 5
+    LOAD_COMMIT = 6
+    FEED_TOKEN = 7
+
+
+# The commands answered from the state after they ran: (payload kind, response layout).
+_STATE_RESPONSES = {
+    Op.RESET_STATE: (_Kind.RESET_STATE, POSITION),
+    Op.LOAD_BEGIN: (_Kind.LOAD_BEGIN, LOAD_BEGIN_RESPONSE),
+    Op.LOAD_CHUNK: (_Kind.LOAD_CHUNK, LOAD_CHUNK_RESPONSE),
+    Op.LOAD_COMMIT: (_Kind.LOAD_COMMIT, LOAD_COMMIT_RESPONSE),
+    Op.FEED_TOKEN: (_Kind.FEED_TOKEN, FEED_TOKEN_RESPONSE),
+}
+
+
+class Link(wiring.Component):
+    """The device side of the wire protocol for an engine of ``cfg`` / ``packing`` (module docstring).
+
+    Parameters
+    ----------
+    cfg : ModelConfig
+        The geometry the engine was built for (IDENTIFY, the image size, token and logit ranges).
+    packing : str
+        Trit packing of the image the engine reads ("base3" or "2bit").
+    lanes : int
+        MAC lanes of the engine, reported in IDENTIFY.
+    max_payload : int
+        Largest payload accepted and sent, MIN_DEVICE_PAYLOAD .. MAX_PAYLOAD; sizes the ring.
+    step_time_ms : int
+        Upper bound of one FEED_TOKEN's compute time, reported in IDENTIFY (0: unknown).
+    clk_freq : float
+        Clock frequency of the sync domain; gives the idle timeout in cycles.
+    idle_timeout_cycles : int or None
+        Overrides ``FRAME_IDLE_TIMEOUT_S * clk_freq``.
+    boot_id : int or None
+        A fixed boot id, or None: the cycles from reset to the first byte received (the host's
+        timing makes it differ from one reset to the next).
+    """
+
+    def __init__(self, cfg: ModelConfig, *, packing: str = "base3", lanes: int = 0,
+                 max_payload: int = MAX_PAYLOAD, step_time_ms: int = 0, clk_freq: float = 12e6,
+                 idle_timeout_cycles: int | None = None, boot_id: int | None = None):
+        from mmfree_fpga.host.image import image_size
+        if not MIN_DEVICE_PAYLOAD <= max_payload <= MAX_PAYLOAD:
+            raise ValueError(f"max_payload must be in [{MIN_DEVICE_PAYLOAD}, {MAX_PAYLOAD}], got {max_payload}")
+        self.cfg = cfg
+        self.packing = packing
+        self.packing_code = Packing.from_export_name(packing)
+        self.lanes = lanes
+        self.max_payload = max_payload
+        self.step_time_ms = step_time_ms
+        self.image_bytes = image_size(cfg, packing)
+        self.idle_timeout_cycles = (max(1, round(FRAME_IDLE_TIMEOUT_S * clk_freq))
+                                    if idle_timeout_cycles is None else idle_timeout_cycles)
+        if self.idle_timeout_cycles < 1:
+            raise ValueError("idle_timeout_cycles must be at least 1")
+        self.boot_id = boot_id
+        self.ring_depth = ring_depth(max_payload)
+        self.logits_per_read = min(MAX_LOGITS_PER_READ, (max_payload - READ_LOGITS_HEADER.size) // 4)
+        super().__init__({
+            "rx": In(stream.Signature(8)),
+            "tx": Out(stream.Signature(8)),
+            "eng_cmd": Out(stream.Signature(engine_command_layout())),
+            "eng_image": Out(stream.Signature(8)),
+            "eng_result": In(stream.Signature(engine_result_layout())),
+            "eng_logit_req": Out(stream.Signature(32)),
+            "eng_logit_resp": In(stream.Signature(signed(32))),
+        })
+        # observation points for testbenches (not ports): ``idle`` (waiting for bytes, nothing
+        # to send) and every register of the device state a command may change
+        self.idle = Signal()
+        self.state = {
+            "position": Signal(32), "logits_valid": Signal(), "weights_loaded": Signal(),
+            "image_crc": Signal(32), "load_open": Signal(), "load_crc": Signal(32),
+            "load_pointer": Signal(range(self.image_bytes + 1)),
+            "running_crc": Signal(32), "cache_valid": Signal(), "cache_seq": Signal(8), "cache_crc": Signal(16),
+            "cache_op": Signal(8), "result": Signal(engine_result_layout().size), "boot_id": Signal(32),
+        }
+
+    def elaborate(self, platform):
+        m = Module()
+        cfg = self.cfg
+        ring_bits = (self.ring_depth - 1).bit_length()
+        ptr_shape = unsigned(ring_bits + 1)
+        len_shape = unsigned(16)                                  # the LEN field
+        index_shape = range(HEADER_LEN + self.max_payload + TRAILER_LEN + 1)   # a byte within a frame
+
+        # -- receive ring -----------------------------------------------------------------
+        m.submodules.ring = ring = Memory(shape=8, depth=self.ring_depth, init=[])
+        wr = ring.write_port()
+        rd = ring.read_port()
+        wp = Signal(ptr_shape)       # next byte written
+        sp = Signal(ptr_shape)       # start of the frame candidate (the SYNC) or the scan point
+        rp = Signal(ptr_shape)       # next byte parsed
+        level = Signal(ptr_shape)
+        m.d.comb += [
+            level.eq(wp - sp),
+            self.rx.ready.eq(level != self.ring_depth),
+            wr.addr.eq(wp[:ring_bits]), wr.data.eq(self.rx.payload),
+            wr.en.eq(self.rx.valid & self.rx.ready),
+        ]
+        with m.If(wr.en):
+            m.d.sync += wp.eq(wp + 1)
+
+        idle_count = Signal(range(self.idle_timeout_cycles + 1))
+        idle_expired = Signal()
+        m.d.comb += idle_expired.eq(idle_count == self.idle_timeout_cycles)
+        with m.If(wr.en):
+            m.d.sync += idle_count.eq(0)
+        with m.Elif(~idle_expired):
+            m.d.sync += idle_count.eq(idle_count + 1)
+
+        boot_id = self.state["boot_id"]
+        if self.boot_id is None:
+            # counts cycles from reset and stops at the first byte received
+            booted = Signal()
+            with m.If(wr.en):
+                m.d.sync += booted.eq(1)
+            with m.If(~booted & ~wr.en):
+                m.d.sync += boot_id.eq(boot_id + 1)
+        else:
+            m.d.comb += boot_id.eq(self.boot_id & 0xFFFFFFFF)
+
+        # -- CRC units ----------------------------------------------------------------------
+        m.submodules.rx_hcrc = rx_hcrc = HEADER_CRC(data_width=8).create()
+        m.submodules.rx_fcrc = rx_fcrc = FRAME_CRC(data_width=8).create()
+        m.submodules.tx_hcrc = tx_hcrc = HEADER_CRC(data_width=8).create()
+        m.submodules.tx_fcrc = tx_fcrc = FRAME_CRC(data_width=8).create()
+        m.submodules.img_crc = img_crc = IMAGE_CRC(data_width=8).create()
+
+        # -- frame registers ------------------------------------------------------------------
+        got = Signal()                   # rd.data holds the byte at rp
+        take = Signal()
+        jump = Signal()
+        rp_next = Signal(ptr_shape)
+        byte = Signal(8)
+        m.d.comb += byte.eq(rd.data)
+        hidx = Signal(range(HEADER_LEN))
+        seq = Signal(8)
+        op = Signal(8)
+        length = Signal(len_shape)
+        pidx = Signal(index_shape)
+        args = Signal(8 * _ARG_BYTES)
+        frame_crc = Signal(16)
+        tidx = Signal(range(TRAILER_LEN))
+
+        # -- device state ------------------------------------------------------------------------
+        st = self.state
+        position, logits_valid, weights_loaded = st["position"], st["logits_valid"], st["weights_loaded"]
+        image_crc, load_open, load_crc, load_pointer = (st["image_crc"], st["load_open"], st["load_crc"],
+                                                        st["load_pointer"])
+        cache_valid, cache_seq, cache_crc, cache_op = (st["cache_valid"], st["cache_seq"], st["cache_crc"],
+                                                       st["cache_op"])
+        last_result = data.View(engine_result_layout(), st["result"])
+        m.d.comb += st["running_crc"].eq(img_crc.crc)
+
+        # -- response registers ------------------------------------------------------------------
+        out_seq = Signal(8)
+        out_op = Signal(8)
+        out_len = Signal(index_shape)
+        out_kind = Signal(_Kind)
+        nak_error = Signal(8)
+        nak_arg = Signal(32)
+        k = Signal(index_shape)          # next byte of the response frame to load
+        tx_valid = Signal()
+        tx_byte = Signal(8)
+        rescan_after = Signal()          # after the response: rescan from sp + 1 (bad CRC)
+        m.d.comb += [self.tx.valid.eq(tx_valid), self.tx.payload.eq(tx_byte)]
+
+        # READ_LOGITS streaming
+        read_start = Signal(range(cfg.V))       # checked: start + count <= V, count >= 1
+        logit_index = Signal(range(cfg.V + 1))
+        logit_word = Signal(32)
+        logit_have = Signal()
+        logit_asked = Signal()
+        logit_byte = Signal(2)
+
+        chunk_n = Signal(index_shape)     # image bytes of the current chunk forwarded
+
+        # -- decoded request fields --------------------------------------------------------
+        req_len_ok = Signal()
+        chunk_data_len = Signal(index_shape)
+        m.d.comb += chunk_data_len.eq(length - LOAD_CHUNK_HEADER.size)
+        begin_size = _field(args, LOAD_BEGIN_REQUEST, 0)
+        begin_crc = _field(args, LOAD_BEGIN_REQUEST, 1)
+        chunk_offset = _field(args, LOAD_CHUNK_HEADER, 0)
+        feed_position = _field(args, FEED_TOKEN_REQUEST, 0)
+        feed_token = _field(args, FEED_TOKEN_REQUEST, 1)
+        read_position = _field(args, READ_LOGITS_REQUEST, 0)
+        read_start_arg = _field(args, READ_LOGITS_REQUEST, 1)
+        read_count = _field(args, READ_LOGITS_REQUEST, 2)
+
+        # -- checks, in the device model's order: the first failure is the NAK ---------------
+        commands = [c for c in Op if c != Op.NAK]
+        error = Signal(8)
+        error_arg = Signal(32)
+        with m.Switch(op):
+            for c in commands:
+                with m.Case(c):
+                    if c == Op.LOAD_CHUNK:
+                        m.d.comb += req_len_ok.eq(length > LOAD_CHUNK_HEADER.size)
+                    else:
+                        m.d.comb += req_len_ok.eq(length == REQUEST_LENGTHS[c])
+
+        def reject(cond, err, arg=0):
+            return cond, err, arg
+
+        def checks_of(c):
+            """(condition, error, arg) after the length check, in the device model's order."""
+            if c == Op.LOAD_BEGIN:
+                return [reject(begin_size != self.image_bytes, Error.BAD_IMAGE_SIZE, self.image_bytes)]
+            if c == Op.LOAD_CHUNK:
+                return [reject(~load_open, Error.NO_LOAD),
+                        reject(chunk_offset != load_pointer, Error.BAD_OFFSET, load_pointer),
+                        reject(load_pointer + chunk_data_len > self.image_bytes, Error.BAD_ARGUMENT,
+                               self.image_bytes - load_pointer)]
+            if c == Op.LOAD_COMMIT:
+                return [reject(~load_open, Error.NO_LOAD),
+                        reject(load_pointer != self.image_bytes, Error.INCOMPLETE, load_pointer),
+                        reject(img_crc.crc != load_crc, Error.CHECKSUM_MISMATCH, img_crc.crc)]
+            if c == Op.FEED_TOKEN:
+                return [reject(~weights_loaded, Error.NO_WEIGHTS),
+                        reject(feed_token >= cfg.V, Error.BAD_ARGUMENT, cfg.V),
+                        reject(feed_position != position, Error.POSITION_MISMATCH, position),
+                        reject(feed_position == 0xFFFFFFFF, Error.BAD_ARGUMENT, feed_position)]
+            if c == Op.READ_LOGITS:
+                return [reject(~weights_loaded, Error.NO_WEIGHTS),
+                        reject(read_position != position, Error.POSITION_MISMATCH, position),
+                        reject(~logits_valid | (read_count == 0) | (read_count > self.logits_per_read)
+                               | (read_start_arg + read_count > cfg.V), Error.BAD_ARGUMENT,
+                               self.logits_per_read)]
+            return []
+
+        with m.Switch(op):
+            for c in commands:
+                with m.Case(c):
+                    expected_len = (LOAD_CHUNK_HEADER.size + 1 if c == Op.LOAD_CHUNK
+                                    else REQUEST_LENGTHS[c])
+                    with m.If(~req_len_ok):
+                        m.d.comb += [error.eq(Error.BAD_LENGTH), error_arg.eq(expected_len)]
+                    for cond, err, arg in checks_of(c):
+                        with m.Elif(cond):
+                            m.d.comb += [error.eq(err), error_arg.eq(arg)]
+            with m.Default():
+                m.d.comb += error.eq(Error.UNKNOWN_OP)
+
+        # -- response payload bytes ------------------------------------------------------------------
+        status = Signal(8)
+        m.d.comb += status.eq(Mux(weights_loaded, Status.WEIGHTS_LOADED, 0) | Mux(load_open, Status.LOADING, 0))
+        identity_values = dict(
+            magic=DEVICE_MAGIC, version_major=PROTOCOL_VERSION[0], version_minor=PROTOCOL_VERSION[1],
+            boot_id=boot_id, vocab_size=cfg.V, hidden_size=cfg.d, num_layers=cfg.L, intermediate_size=cfg.I,
+            lanes=self.lanes, packing=int(self.packing_code), image_version=IMAGE_VERSION,
+            formats_id=formats_id(FORMATS), max_payload=self.max_payload, step_time_ms=self.step_time_ms,
+            status=status, image_size=Mux(weights_loaded, self.image_bytes, 0),
+            image_crc=Mux(weights_loaded, image_crc, 0), position=position)
+        identity = _pack(IDENTITY, *[identity_values[f.name] for f in dataclasses.fields(Identity)])
+        nak = _pack(NAK_PAYLOAD, nak_error, op, nak_arg)
+        logits_header = _pack(READ_LOGITS_HEADER, position, read_start)
+        j = Signal(index_shape)
+        m.d.comb += j.eq(k - HEADER_LEN)
+        payload_byte = Signal(8)
+        payload_ready = Signal()
+        state_payloads = {
+            _Kind.RESET_STATE: _pack(POSITION, 0),
+            _Kind.LOAD_BEGIN: _pack(LOAD_BEGIN_RESPONSE, self.image_bytes, load_crc),
+            _Kind.LOAD_CHUNK: _pack(LOAD_CHUNK_RESPONSE, load_pointer),
+            _Kind.LOAD_COMMIT: _pack(LOAD_COMMIT_RESPONSE, self.image_bytes, image_crc),
+            _Kind.FEED_TOKEN: _pack(FEED_TOKEN_RESPONSE, position, last_result.argmax, last_result.logit,
+                                    last_result.cycles),
+        }
+        with m.Switch(out_kind):
+            for kind, value in state_payloads.items():
+                with m.Case(kind):
+                    m.d.comb += [payload_byte.eq(value.word_select(j[:(len(value) // 8 - 1).bit_length()], 8)),
+                                 payload_ready.eq(1)]
+            with m.Case(_Kind.IDENTITY):
+                m.d.comb += [payload_byte.eq(identity.word_select(j[:(IDENTITY.size - 1).bit_length()], 8)),
+                             payload_ready.eq(1)]
+            with m.Case(_Kind.NAK):
+                m.d.comb += [payload_byte.eq(nak.word_select(j[:(NAK_PAYLOAD.size - 1).bit_length()], 8)),
+                             payload_ready.eq(1)]
+            with m.Case(_Kind.LOGITS):
+                with m.If(j < READ_LOGITS_HEADER.size):
+                    m.d.comb += [payload_byte.eq(logits_header.word_select(
+                        j[:(READ_LOGITS_HEADER.size - 1).bit_length()], 8)), payload_ready.eq(1)]
+                with m.Else():
+                    m.d.comb += [payload_byte.eq(logit_word.word_select(logit_byte, 8)),
+                                 payload_ready.eq(logit_have)]
+
+        m.d.comb += [
+            self.eng_logit_req.payload.eq(logit_index),
+            self.eng_image.payload.eq(rd.data),
+        ]
+
+        # -- read port address ---------------------------------------------------------------------
+        chunk_phase = Signal()
+        chunk_step = Signal()             # an image byte is accepted: address the next one
+        chunk_addr = Signal(ptr_shape)
+        m.d.comb += [
+            chunk_addr.eq(sp + HEADER_LEN + LOAD_CHUNK_HEADER.size + chunk_n + chunk_step),
+            rd.addr.eq(Mux(chunk_phase, chunk_addr[:ring_bits], rp_next[:ring_bits])),
+        ]
+        # The read port is addressed with the next parse position, so the parser takes one
+        # byte per cycle; ``got``: the byte at rp has been read (it was in the ring last cycle).
+        m.d.comb += rp_next.eq(Mux(jump, sp + 1, rp + take))
+        m.d.sync += [rp.eq(rp_next), got.eq((rp_next != wp) & ~chunk_phase)]
+
+        def take_byte():
+            """Consume the byte at rp (its value is ``byte`` this cycle)."""
+            m.d.comb += take.eq(1)
+
+        def rescan():
+            """Drop the SYNC at sp and parse again from the byte after it."""
+            m.d.comb += jump.eq(1)
+            m.d.sync += sp.eq(sp + 1)
+
+        def respond(kind, out_op_value, length_value, *, rescan_flag=0):
+            return [out_kind.eq(kind), out_seq.eq(seq), out_op.eq(out_op_value), out_len.eq(length_value),
+                    k.eq(0), tx_valid.eq(0), rescan_after.eq(rescan_flag)]
+
+        def cache_and_respond(kind, length_value):
+            return [cache_valid.eq(1), cache_seq.eq(seq), cache_crc.eq(frame_crc), cache_op.eq(op),
+                    *respond(kind, op | RESPONSE, length_value)]
+
+        def state_response(command):
+            kind, layout = _STATE_RESPONSES[command]
+            return cache_and_respond(kind, layout.size)
+
+        waiting = Signal()     # the parser needs a byte that has not arrived
+        m.d.comb += waiting.eq(~got & (rp == wp))
+
+        with m.FSM(name="link"):
+            # ---- parsing: one byte per cycle while bytes are in the ring ----
+            with m.State("HUNT"):
+                m.d.comb += self.idle.eq(waiting & ~tx_valid)
+                with m.If(got):
+                    take_byte()
+                    with m.If(byte == SYNC):
+                        m.d.comb += [rx_hcrc.start.eq(1), rx_fcrc.start.eq(1)]
+                        m.d.sync += hidx.eq(1)
+                        m.next = "HEADER"
+                    with m.Else():
+                        m.d.sync += sp.eq(rp + 1)
+
+            with m.State("HEADER"):
+                m.d.comb += self.idle.eq(waiting)
+                with m.If(waiting & idle_expired):
+                    rescan()
+                    m.next = "HUNT"
+                with m.Elif(got):
+                    take_byte()
+                    m.d.sync += [hidx.eq(hidx + 1), pidx.eq(0), tidx.eq(0)]
+                    m.d.comb += [rx_fcrc.data.eq(byte), rx_fcrc.valid.eq(1),
+                                 rx_hcrc.data.eq(byte), rx_hcrc.valid.eq(hidx < HEADER_LEN - 1)]
+                    with m.Switch(hidx):
+                        with m.Case(1):
+                            m.d.sync += seq.eq(byte)
+                        with m.Case(2):
+                            m.d.sync += op.eq(byte)
+                        with m.Case(3):
+                            m.d.sync += length[:8].eq(byte)
+                        with m.Case(4):
+                            m.d.sync += length[8:].eq(byte)
+                        with m.Default():
+                            with m.If((byte != rx_hcrc.crc) | (length > self.max_payload)):
+                                rescan()
+                                m.next = "HUNT"
+                            with m.Elif(length == 0):
+                                m.next = "TRAILER"
+                            with m.Else():
+                                m.next = "PAYLOAD"
+
+            with m.State("PAYLOAD"):
+                m.d.comb += self.idle.eq(waiting)
+                with m.If(waiting & idle_expired):
+                    rescan()
+                    m.next = "HUNT"
+                with m.Elif(got):
+                    take_byte()
+                    m.d.sync += [pidx.eq(pidx + 1)]
+                    m.d.comb += [rx_fcrc.data.eq(byte), rx_fcrc.valid.eq(1)]
+                    for i in range(_ARG_BYTES):
+                        with m.If(pidx == i):
+                            m.d.sync += args[8 * i:8 * i + 8].eq(byte)
+                    with m.If(pidx == length - 1):
+                        m.next = "TRAILER"
+
+            with m.State("TRAILER"):
+                m.d.comb += self.idle.eq(waiting)
+                with m.If(waiting & idle_expired):
+                    rescan()
+                    m.next = "HUNT"
+                with m.Elif(got):
+                    take_byte()
+                    m.d.sync += [tidx.eq(tidx + 1),
+                                 frame_crc.eq(Cat(byte, frame_crc[:8]))]
+                    m.d.comb += [rx_fcrc.data.eq(byte), rx_fcrc.valid.eq(1)]
+                    with m.If(tidx == TRAILER_LEN - 1):
+                        m.next = "DECIDE"
+
+            # ---- a frame with a valid header is complete; rx_fcrc has seen every byte ----
+            with m.State("DECIDE"):
+                good = rx_fcrc.match_detected
+                with m.If(op & RESPONSE):
+                    with m.If(good):
+                        m.d.sync += sp.eq(rp)
+                    with m.Else():
+                        rescan()
+                    m.next = "HUNT"
+                with m.Elif(~good):
+                    m.d.sync += [*respond(_Kind.NAK, NAK_RESPONSE, NAK_PAYLOAD.size, rescan_flag=1),
+                                 nak_error.eq(Error.BAD_CRC), nak_arg.eq(0)]
+                    m.next = "SEND"
+                with m.Elif(cache_valid & (cache_seq == seq) & (cache_crc == frame_crc)
+                            & ~(cache_op == _REEXECUTED[0]) & ~(cache_op == _REEXECUTED[1])):
+                    with m.Switch(cache_op):
+                        for command, (kind, layout) in _STATE_RESPONSES.items():
+                            with m.Case(command):
+                                m.d.sync += respond(kind, cache_op | RESPONSE, layout.size)
+                    m.next = "SEND"
+                with m.Elif(error != 0):
+                    m.d.sync += [*respond(_Kind.NAK, NAK_RESPONSE, NAK_PAYLOAD.size),
+                                 nak_error.eq(error), nak_arg.eq(error_arg)]
+                    m.next = "SEND"
+                with m.Else():
+                    with m.Switch(op):
+                        with m.Case(Op.IDENTIFY):
+                            m.d.sync += cache_and_respond(_Kind.IDENTITY, IDENTITY.size)
+                            m.next = "SEND"
+                        with m.Case(Op.RESET_STATE):
+                            m.d.sync += [position.eq(0), logits_valid.eq(0),
+                                         *state_response(Op.RESET_STATE)]
+                            m.next = "ENGINE_RESET"
+                        with m.Case(Op.LOAD_BEGIN):
+                            m.d.comb += img_crc.start.eq(1)
+                            m.d.sync += [weights_loaded.eq(0), image_crc.eq(0), position.eq(0),
+                                         logits_valid.eq(0), load_open.eq(1), load_crc.eq(begin_crc),
+                                         load_pointer.eq(0),
+                                         *state_response(Op.LOAD_BEGIN)]
+                            m.next = "ENGINE_LOAD_RESET"
+                        with m.Case(Op.LOAD_CHUNK):
+                            m.d.sync += [chunk_n.eq(0), chunk_phase.eq(1),
+                                         *state_response(Op.LOAD_CHUNK)]
+                            m.next = "CHUNK_ADDR"
+                        with m.Case(Op.LOAD_COMMIT):
+                            m.d.sync += [weights_loaded.eq(1), image_crc.eq(load_crc), load_open.eq(0),
+                                         position.eq(0), logits_valid.eq(0),
+                                         *state_response(Op.LOAD_COMMIT)]
+                            m.next = "ENGINE_RESET"
+                        with m.Case(Op.FEED_TOKEN):
+                            m.d.sync += state_response(Op.FEED_TOKEN)
+                            m.next = "ENGINE_FEED"
+                        with m.Case(Op.READ_LOGITS):
+                            m.d.sync += [read_start.eq(read_start_arg), logit_index.eq(read_start_arg),
+                                         logit_have.eq(0), logit_asked.eq(0), logit_byte.eq(0),
+                                         *cache_and_respond(_Kind.LOGITS,
+                                                            READ_LOGITS_HEADER.size + 4 * read_count)]
+                            m.next = "SEND"
+
+            # ---- engine commands ----
+            with m.State("ENGINE_RESET"):
+                m.d.comb += [self.eng_cmd.valid.eq(1), self.eng_cmd.payload.op.eq(EngineCommand.RESET_STATE)]
+                with m.If(self.eng_cmd.ready):
+                    m.next = "SEND"
+            with m.State("ENGINE_LOAD_RESET"):
+                m.d.comb += [self.eng_cmd.valid.eq(1), self.eng_cmd.payload.op.eq(EngineCommand.LOAD_RESET)]
+                with m.If(self.eng_cmd.ready):
+                    m.next = "SEND"
+            with m.State("ENGINE_FEED"):
+                m.d.comb += [self.eng_cmd.valid.eq(1), self.eng_cmd.payload.op.eq(EngineCommand.FEED_TOKEN),
+                             self.eng_cmd.payload.token.eq(feed_token)]
+                with m.If(self.eng_cmd.ready):
+                    m.next = "ENGINE_RESULT"
+            with m.State("ENGINE_RESULT"):
+                m.d.comb += self.eng_result.ready.eq(1)
+                with m.If(self.eng_result.valid):
+                    result = self.eng_result.payload
+                    m.d.sync += [position.eq(position + 1), logits_valid.eq(1),
+                                 st["result"].eq(result.as_value())]
+                    m.next = "SEND"
+
+            # ---- LOAD_CHUNK: the checked frame's data from the ring to the engine ----
+            # the read port is addressed one byte ahead, so a byte goes out every cycle
+            with m.State("CHUNK_ADDR"):
+                m.next = "CHUNK_OUT"
+            with m.State("CHUNK_OUT"):
+                m.d.comb += [self.eng_image.valid.eq(1), img_crc.data.eq(rd.data),
+                             img_crc.valid.eq(self.eng_image.ready), chunk_step.eq(self.eng_image.ready)]
+                with m.If(self.eng_image.ready):
+                    m.d.sync += chunk_n.eq(chunk_n + 1)
+                    with m.If(chunk_n == chunk_data_len - 1):
+                        m.d.sync += [chunk_phase.eq(0), load_pointer.eq(load_pointer + chunk_data_len)]
+                        m.next = "SEND"
+
+            # ---- transmit the response frame: one byte per cycle ----
+            # A byte enters the CRCs when it is loaded into the output register, so the header
+            # CRC (byte 5) and the trailer see every byte before them one cycle later.
+            with m.State("SEND"):
+                total = HEADER_LEN + out_len + TRAILER_LEN
+                can_load = ~tx_valid | self.tx.ready
+                next_byte = Signal(8)
+                next_ready = Signal()
+                with m.If(k == 0):
+                    m.d.comb += [next_byte.eq(SYNC), next_ready.eq(1)]
+                with m.Elif(k < HEADER_LEN):
+                    m.d.comb += next_ready.eq(1)
+                    with m.Switch(k):
+                        with m.Case(1):
+                            m.d.comb += next_byte.eq(out_seq)
+                        with m.Case(2):
+                            m.d.comb += next_byte.eq(out_op)
+                        with m.Case(3):
+                            m.d.comb += next_byte.eq(out_len[:8])
+                        with m.Case(4):
+                            m.d.comb += next_byte.eq(out_len[8:])
+                        with m.Default():
+                            m.d.comb += next_byte.eq(tx_hcrc.crc)
+                with m.Elif(k < HEADER_LEN + out_len):
+                    m.d.comb += [next_byte.eq(payload_byte), next_ready.eq(payload_ready)]
+                    with m.If(~payload_ready):
+                        # fetch the next logit from the engine
+                        m.d.comb += [self.eng_logit_req.valid.eq(~logit_asked),
+                                     self.eng_logit_resp.ready.eq(logit_asked)]
+                        with m.If(self.eng_logit_req.valid & self.eng_logit_req.ready):
+                            m.d.sync += logit_asked.eq(1)
+                        with m.If(self.eng_logit_resp.valid & self.eng_logit_resp.ready):
+                            m.d.sync += [logit_word.eq(self.eng_logit_resp.payload), logit_have.eq(1),
+                                         logit_asked.eq(0)]
+                with m.Elif(k == HEADER_LEN + out_len):
+                    m.d.comb += [next_byte.eq(tx_fcrc.crc[8:]), next_ready.eq(1)]
+                with m.Elif(k == HEADER_LEN + out_len + 1):
+                    m.d.comb += [next_byte.eq(tx_fcrc.crc[:8]), next_ready.eq(1)]
+
+                with m.If(can_load & next_ready):
+                    m.d.sync += [tx_byte.eq(next_byte), tx_valid.eq(1), k.eq(k + 1)]
+                    m.d.comb += [tx_hcrc.start.eq(k == 0), tx_fcrc.start.eq(k == 0),
+                                 tx_hcrc.data.eq(next_byte), tx_fcrc.data.eq(next_byte),
+                                 tx_hcrc.valid.eq((k >= 1) & (k < HEADER_LEN - 1)),
+                                 tx_fcrc.valid.eq((k >= 1) & (k < HEADER_LEN + out_len))]
+                    with m.If((out_kind == _Kind.LOGITS) & (k >= HEADER_LEN + READ_LOGITS_HEADER.size)
+                              & (k < HEADER_LEN + out_len)):
+                        m.d.sync += logit_byte.eq(logit_byte + 1)
+                        with m.If(logit_byte == 3):
+                            m.d.sync += [logit_have.eq(0), logit_index.eq(logit_index + 1)]
+                with m.Elif(can_load):
+                    m.d.sync += tx_valid.eq(0)
+                    with m.If(k == total):
+                        with m.If(rescan_after):
+                            rescan()
+                        with m.Else():
+                            m.d.sync += sp.eq(rp)
+                        m.next = "HUNT"
+        return m

@@ -1,0 +1,80 @@
+"""The board design: the serial :class:`~.link.Link` in front of the compute :class:`~.engine.Engine`.
+
+:class:`LinkedEngine` is a design as ``boards/top.py`` expects one (``i_stream``/``o_stream``
+byte streams): the UART bytes go through the Link, which drives the engine through its public
+control interface. Only the port adaptation lives here:
+
+* ``Link.eng_cmd`` (``op`` :class:`~.link.EngineCommand`, ``token``) -> ``Engine.cmd``
+  (``op`` :class:`~.engine.EngineOp` of the same name, ``arg`` = token, ``index`` 0);
+* ``Link.eng_image`` -> ``Engine.load``;
+* ``Engine.result`` (``token``, ``logit``, ``cycles``) -> ``Link.eng_result`` (``argmax``,
+  ``logit``, ``cycles``);
+* ``Link.eng_logit_req`` / ``eng_logit_resp`` <-> ``Engine.logit_req`` / ``logit_resp``.
+
+The engine starts without weights (its RAM is written only through ``load``), as the Link
+reports after reset.
+"""
+
+from __future__ import annotations
+
+from amaranth.hdl import Module
+from amaranth.lib import stream, wiring
+from amaranth.lib.wiring import In, Out
+
+from mmfree_fpga.config import ModelConfig
+from mmfree_fpga.protocol import MAX_PAYLOAD
+
+from .engine import Engine, EngineOp
+from .link import EngineCommand, Link
+
+__all__ = ["LinkedEngine"]
+
+
+class LinkedEngine(wiring.Component):
+    """Link + Engine for ``cfg`` / ``packing`` / ``lanes``.
+
+    ``max_payload``, ``step_time_ms``, ``clk_freq``, ``idle_timeout_cycles`` and ``boot_id``
+    go to the :class:`~.link.Link`; other keywords (maxima, ``mem_words``, ...) to the
+    :class:`~.engine.Engine`.
+
+    Members
+    -------
+    i_stream : In(stream.Signature(8))    bytes from the host
+    o_stream : Out(stream.Signature(8))   bytes to the host
+    """
+
+    def __init__(self, cfg: ModelConfig, *, lanes: int = 16, packing: str = "base3",
+                 max_payload: int = MAX_PAYLOAD, step_time_ms: int = 0, clk_freq: float = 12e6,
+                 idle_timeout_cycles: int | None = None, boot_id: int | None = None, **engine_kw):
+        self.link = Link(cfg, packing=packing, lanes=lanes, max_payload=max_payload, step_time_ms=step_time_ms,
+                         clk_freq=clk_freq, idle_timeout_cycles=idle_timeout_cycles, boot_id=boot_id)
+        self.engine = Engine(cfg, lanes=lanes, packing=packing, **engine_kw)
+        super().__init__({"i_stream": In(stream.Signature(8)), "o_stream": Out(stream.Signature(8))})
+
+    def elaborate(self, platform):
+        m = Module()
+        m.submodules.link = link = self.link
+        m.submodules.engine = engine = self.engine
+        wiring.connect(m, wiring.flipped(self.i_stream), link.rx)
+        wiring.connect(m, link.tx, wiring.flipped(self.o_stream))
+
+        cmd = link.eng_cmd
+        m.d.comb += [engine.cmd.valid.eq(cmd.valid), cmd.ready.eq(engine.cmd.ready),
+                     engine.cmd.payload.arg.eq(cmd.payload.token)]
+        with m.Switch(cmd.payload.op):
+            for op in EngineCommand:
+                with m.Case(op):
+                    m.d.comb += engine.cmd.payload.op.eq(EngineOp[op.name])
+
+        m.d.comb += [engine.load.valid.eq(link.eng_image.valid), engine.load.payload.eq(link.eng_image.payload),
+                     link.eng_image.ready.eq(engine.load.ready)]
+
+        result = engine.result
+        m.d.comb += [link.eng_result.valid.eq(result.valid), result.ready.eq(link.eng_result.ready),
+                     link.eng_result.payload.argmax.eq(result.payload.token),
+                     link.eng_result.payload.logit.eq(result.payload.logit),
+                     link.eng_result.payload.cycles.eq(result.payload.cycles)]
+
+        wiring.connect(m, link.eng_logit_req, engine.logit_req)
+        wiring.connect(m, engine.logit_resp, link.eng_logit_resp)
+        return m

@@ -1,0 +1,242 @@
+"""The weight port: how the engine reads ``weights.bin``, whatever memory holds it.
+
+One abstraction for every board and for simulation: a *request* stream of (word address,
+length in beats) and a *response* stream of beats of ``beat_bytes`` bytes, in request order,
+with arbitrary latency and stalls. Word ``n`` holds image bytes ``[n * beat_bytes, (n + 1) *
+beat_bytes)``, byte 0 in the low bits. The engine keeps several requests in flight, so a
+memory that pipelines them hides its latency.
+
+Implementations (one component, :class:`WeightMemory`, three back ends):
+
+* on-chip RAM initialised from the exported image (``init=`` the image bytes): small models,
+  ECP5 block RAM, and Amaranth's own simulator;
+* on-chip RAM written only through ``write`` (``init=None``): boards whose RAM has no initial
+  contents (iCE40 SPRAM); the engine's load stream drives ``write``;
+* ``readmemh=True``: a Verilog memory (:data:`STORE_VERILOG`) that reads the image at time 0
+  from the file named by the plusarg ``+weights=FILE`` (:func:`write_hex`), so one simulator
+  build serves every image and no Python runs per word.
+
+``model=True`` puts a memory model in front of the store, for projecting tokens/s on boards
+with external DRAM: a bandwidth limit (``bandwidth``, bytes per cycle in Q8; 0 = one beat per
+cycle), a latency (``latency`` cycles from reading a beat to offering it) and random stalls of
+the response (``stall_rate``/256 of the cycles, from an LFSR). ``synthetic`` makes every beat a
+hash of its address instead of the store's contents: pseudo-random trits for geometries too large
+to hold (cycle counts only; the tokens are meaningless). These are run-time inputs, so one build
+covers every setting.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from amaranth.hdl import Cat, ClockSignal, Const, Instance, Module, Mux, Signal, unsigned
+from amaranth.lib import data, stream, wiring
+from amaranth.lib.fifo import SyncFIFO
+from amaranth.lib.memory import Memory
+from amaranth.lib.wiring import In, Out
+
+__all__ = ["ADDR_BITS", "LEN_BITS", "weight_request_layout", "weight_port_signature", "write_layout",
+           "WeightMemory", "image_words", "write_hex", "STORE_VERILOG", "STORE_MODULE"]
+
+ADDR_BITS = 28      # word address
+LEN_BITS = 24       # beats per request
+
+STORE_MODULE = "mmfree_weight_store"
+STORE_VERILOG = """\
+// Weight store of mmfree-fpga simulations: a synchronous RAM that loads +weights=FILE
+// ($readmemh, one word per line) at time 0. Written by hw/weight_port.py.
+module mmfree_weight_store #(parameter WIDTH = 32, parameter DEPTH = 1024, parameter ABITS = 10) (
+    input clk,
+    input [ABITS-1:0] raddr,
+    output reg [WIDTH-1:0] rdata,
+    input we,
+    input [ABITS-1:0] waddr,
+    input [WIDTH-1:0] wdata
+);
+    reg [WIDTH-1:0] mem [0:DEPTH-1];
+    reg [8*1024-1:0] path;
+    initial begin
+        if ($value$plusargs("weights=%s", path)) $readmemh(path, mem);
+    end
+    always @(posedge clk) begin
+        if (we) mem[waddr] <= wdata;
+        rdata <= mem[raddr];
+    end
+endmodule
+"""
+
+
+def weight_request_layout() -> data.StructLayout:
+    return data.StructLayout({"addr": unsigned(ADDR_BITS), "length": unsigned(LEN_BITS)})
+
+
+def weight_port_signature(beat_bytes: int) -> wiring.Signature:
+    """The master's view (the engine): ``req`` out, ``resp`` in."""
+    return wiring.Signature({
+        "req": Out(stream.Signature(weight_request_layout())),
+        "resp": In(stream.Signature(data.ArrayLayout(unsigned(8), beat_bytes))),
+    })
+
+
+def write_layout(beat_bytes: int) -> data.StructLayout:
+    """A word write from the load stream: ``en``, word ``addr``, ``data``."""
+    return data.StructLayout({"en": 1, "addr": unsigned(ADDR_BITS), "data": unsigned(8 * beat_bytes)})
+
+
+def image_words(blob: bytes, beat_bytes: int) -> list[int]:
+    """The image as memory words (the last one zero-padded)."""
+    blob = bytes(blob) + bytes(-len(blob) % beat_bytes)
+    return [int.from_bytes(blob[k:k + beat_bytes], "little") for k in range(0, len(blob), beat_bytes)]
+
+
+def write_hex(blob: bytes, beat_bytes: int, path) -> Path:
+    """A ``$readmemh`` file of the image for the ``readmemh`` store."""
+    path = Path(path)
+    digits = 2 * beat_bytes
+    path.write_text("".join(f"{w:0{digits}x}\n" for w in image_words(blob, beat_bytes)))
+    return path
+
+
+class WeightMemory(wiring.Component):
+    """A word memory behind the weight port (see the module docstring).
+
+    Parameters
+    ----------
+    beat_bytes : int
+        Bytes per word and per response beat.
+    depth : int
+        Words of storage.
+    init : bytes or None
+        Initial contents (the image); ignored with ``readmemh``.
+    readmemh : bool
+        Use the Verilog store that reads ``+weights=FILE`` (simulation of generated Verilog).
+    model : bool
+        Add the bandwidth/latency/stall/synthetic model (the run-time inputs below).
+    fifo_depth : int
+        Beats the model can hold in flight: the largest latency at full rate.
+
+    Members
+    -------
+    port : In(weight_port_signature(beat_bytes))
+        ``req`` accepted while no request is being read (a request of length 0 is dropped);
+        ``resp`` one beat per word.
+    write : In(write_layout(beat_bytes))
+        Word writes (the engine's image loader).
+    bandwidth, latency, stall_rate, synthetic : In(...)
+        Only with ``model``: Q8 bytes/cycle (0: unlimited), cycles, stall probability x256,
+        hash data instead of stored data.
+    """
+
+    def __init__(self, *, beat_bytes: int, depth: int, init: bytes | None = None,
+                 readmemh: bool = False, model: bool = False, fifo_depth: int = 64):
+        self._beat_bytes = beat_bytes
+        self._depth = depth
+        self._init = init
+        self._readmemh = readmemh
+        self._model = model
+        self._fifo_depth = fifo_depth
+        if init is not None and len(image_words(init, beat_bytes)) > depth:
+            raise ValueError(f"the image ({len(init)} bytes) does not fit {depth} words of {beat_bytes} bytes")
+        members = {
+            "port": In(weight_port_signature(beat_bytes)),
+            "write": In(write_layout(beat_bytes)),
+        }
+        if model:
+            members.update({"bandwidth": In(16), "latency": In(16), "stall_rate": In(8), "synthetic": In(1)})
+        super().__init__(members)
+
+    def elaborate(self, platform):
+        m = Module()
+        wb = self._beat_bytes
+        width = 8 * wb
+        abits = max(1, (self._depth - 1).bit_length())
+
+        raddr = Signal(abits)
+        rdata = Signal(width)
+        if self._readmemh:
+            m.submodules.store = Instance(
+                STORE_MODULE, p_WIDTH=width, p_DEPTH=self._depth, p_ABITS=abits,
+                i_clk=ClockSignal("sync"), i_raddr=raddr, o_rdata=rdata,
+                i_we=self.write.en, i_waddr=self.write.addr[:abits], i_wdata=self.write.data)
+        else:
+            init = image_words(self._init, wb) if self._init is not None else []
+            m.submodules.store = store = Memory(shape=unsigned(width), depth=self._depth, init=init)
+            rp = store.read_port()
+            wp = store.write_port()
+            m.d.comb += [rp.addr.eq(raddr), rdata.eq(rp.data),
+                         wp.en.eq(self.write.en), wp.addr.eq(self.write.addr[:abits]), wp.data.eq(self.write.data)]
+
+        # -- the reader: one word per cycle while a request lasts --------------------------------
+        busy = Signal()
+        addr = Signal(ADDR_BITS)
+        left = Signal(LEN_BITS)
+        req = self.port.req
+        m.d.comb += req.ready.eq(~busy)
+        with m.If(req.valid & req.ready & (req.payload.length != 0)):
+            m.d.sync += [busy.eq(1), addr.eq(req.payload.addr), left.eq(req.payload.length)]
+
+        depth = self._fifo_depth
+        now = Signal(32)
+        m.d.sync += now.eq(now + 1)
+        entry = data.StructLayout({"data": unsigned(width), "due": unsigned(32)})
+        m.submodules.fifo = fifo = SyncFIFO(width=entry.size, depth=depth)
+        inflight = Signal()
+        may_issue = Signal()
+        issue = busy & may_issue
+        m.d.comb += raddr.eq(addr[:abits])
+        with m.If(issue):
+            m.d.sync += [addr.eq(addr + 1), left.eq(left - 1)]
+            with m.If(left == 1):
+                m.d.sync += busy.eq(0)
+        m.d.sync += inflight.eq(issue)
+        read_addr = Signal(ADDR_BITS)
+        m.d.sync += read_addr.eq(addr)
+
+        word = Signal(width)
+        if self._model:
+            m.d.comb += word.eq(Mux(self.synthetic, _hash_word(read_addr, wb), rdata))
+            credit = Signal(20)
+            cost = wb << 8
+            unlimited = self.bandwidth == 0
+            m.d.comb += may_issue.eq((fifo.level + inflight < depth) & (unlimited | (credit >= cost)))
+            gained = Mux(credit + self.bandwidth > 2 * cost, 2 * cost, credit + self.bandwidth)
+            m.d.sync += credit.eq(Mux(issue & ~unlimited, gained - cost, gained))
+            due = Signal(32)
+            m.d.sync += due.eq(now + self.latency)
+            lfsr = Signal(16, init=0xACE1)
+            m.d.sync += lfsr.eq(Cat(lfsr[1:], lfsr[0] ^ lfsr[2] ^ lfsr[3] ^ lfsr[5]))
+            stall = lfsr[:8] < self.stall_rate
+            out = Signal(entry)
+            m.d.comb += out.eq(fifo.r_data)
+            ready_time = (now - out.due)[-1] == 0          # now >= due, modulo 2^32
+            m.d.comb += [
+                self.port.resp.valid.eq(fifo.r_rdy & ready_time & ~stall),
+                self.port.resp.payload.eq(out.data),
+                fifo.r_en.eq(self.port.resp.ready & ready_time & ~stall),
+            ]
+            m.d.comb += [fifo.w_en.eq(inflight), fifo.w_data.eq(Cat(word, due))]
+        else:
+            m.d.comb += word.eq(rdata)
+            m.d.comb += may_issue.eq(fifo.level + inflight < depth)
+            out = Signal(entry)
+            m.d.comb += [
+                out.eq(fifo.r_data),
+                self.port.resp.valid.eq(fifo.r_rdy),
+                self.port.resp.payload.eq(out.data),
+                fifo.r_en.eq(self.port.resp.ready),
+                fifo.w_en.eq(inflight), fifo.w_data.eq(Cat(word, Const(0, 32))),
+            ]
+        return m
+
+
+def _hash_word(addr, beat_bytes: int):
+    """Pseudo-random bytes from a word address: base3 bytes below 243, so every trit is used."""
+    parts = []
+    for k in range(beat_bytes):
+        x = (addr * 0x9E3779B1 + (k + 1) * 0x85EBCA77)[:32]
+        x = (x ^ (x >> 15))[:32]
+        x = (x * 0x2C1B3C6D)[:32]
+        b = (x >> 24)[:8]
+        parts.append(Mux(b >= 243, b - 128, b)[:8])
+    return Cat(*parts)
+

@@ -1,0 +1,83 @@
+"""``mmfree-fpga sim``: run the engine's generated Verilog on a prompt, count cycles per token."""
+
+from __future__ import annotations
+
+import sys
+
+from mmfree_fpga.errors import UserError
+
+from ._common import add_generation_arguments, prompt_and_sampler
+
+HELP = "simulate the engine's Verilog on a prompt (greedy); cycles per token against the ideal"
+
+
+def add_arguments(p) -> None:
+    add_generation_arguments(p)
+    p.add_argument("--lanes", type=int, default=16, help="trits per cycle of the matrix unit: 16, 32 or 64 (default 16)")
+    p.add_argument("--packing", choices=("base3", "2bit"), default="base3", help="trit packing of the image (default base3)")
+    p.add_argument("--simulator", choices=("verilator", "icarus", "amaranth"), default="verilator",
+                   help="simulator (default verilator)")
+    p.add_argument("--stall-rate", type=float, default=0.0, metavar="P",
+                   help="probability of a stall cycle on the weight memory's responses (default 0)")
+    p.add_argument("--mem-bandwidth", type=float, default=0.0, metavar="B",
+                   help="weight memory bandwidth in bytes/cycle (default 0: one beat of lanes/4 bytes per cycle)")
+    p.add_argument("--mem-latency", type=int, default=1, metavar="L", help="weight memory latency in cycles (default 1)")
+    p.add_argument("--synthetic", action="store_true",
+                   help="pseudo-random weights made up by the memory model (cycle counts only; the tokens are meaningless)")
+
+
+def run(args) -> dict:
+    from mmfree_fpga.config import ModelConfig
+    from mmfree_fpga.hw.engine import check_geometry, ideal_cycles
+    from mmfree_fpga.reference.checkpoint import DEMO_CHECKPOINT
+    from mmfree_fpga.sim.engine_sim import load_image, reference_tokens, run_engine
+
+    if args.temperature > 0:
+        raise UserError("sim decodes greedily (the engine's argmax); leave --temperature at 0")
+    if args.steps < 1:
+        raise UserError("--steps must be at least 1")
+    if not 0 <= args.stall_rate < 1:
+        raise UserError("--stall-rate must be in [0, 1)")
+    if args.mem_bandwidth < 0 or args.mem_bandwidth > 255 or args.mem_latency < 1 or args.mem_latency > 60:
+        raise UserError("--mem-bandwidth must be in [0, 255] bytes/cycle and --mem-latency in [1, 60] cycles")
+    checkpoint = args.checkpoint or DEMO_CHECKPOINT
+    if args.synthetic:
+        cfg, blob = ModelConfig.from_checkpoint(checkpoint), None
+        if args.simulator == "amaranth":
+            raise UserError("--synthetic needs --simulator verilator or icarus")
+    else:
+        cfg, blob = load_image(checkpoint, args.packing)
+    check_geometry(cfg, args.lanes)
+    prompt, _ = prompt_and_sampler(args, cfg.V)
+    r = run_engine(cfg=cfg, blob=blob, packing=args.packing, lanes=args.lanes, prompt=prompt, steps=args.steps,
+                   simulator=args.simulator, stall_rate=args.stall_rate, mem_bandwidth=args.mem_bandwidth,
+                   mem_latency=args.mem_latency, synthetic=args.synthetic)
+    ideal = ideal_cycles(cfg, args.lanes)
+    total_cycles = r.sim_cycles or sum(r.cycles)
+    result = {
+        "tokens": r.tokens,
+        "cycles_per_token": r.cycles,
+        "ideal_cycles_per_token": ideal,
+        "ratio_to_ideal": max(r.cycles) / ideal,
+        "sim_cycles_per_s": total_cycles / r.sim_seconds if r.sim_seconds else None,
+        "simulator": r.simulator,
+        "lanes": args.lanes,
+        "packing": args.packing,
+        "geometry": cfg.as_dict(),
+        "synthetic_weights": bool(args.synthetic),
+        "argmax_logits": r.argmax_logits,
+        "mem": {"bandwidth_bytes_per_cycle": args.mem_bandwidth or None, "latency": args.mem_latency,
+                "stall_rate": args.stall_rate},
+    }
+    if blob is not None:
+        ref, _ = reference_tokens(cfg, blob, args.packing, prompt, args.steps)
+        result["matches_integer_model"] = ref == r.tokens
+    if not args.quiet:
+        kind = "synthetic weights: " if args.synthetic else ""
+        print(f"{kind}tokens {r.tokens}")
+        print(f"cycles/token {min(r.cycles)}..{max(r.cycles)}, ideal {ideal:.0f} "
+              f"({result['ratio_to_ideal']:.3f}x), {r.simulator} at {result['sim_cycles_per_s'] or 0:.0f} cycles/s")
+        if "matches_integer_model" in result:
+            print("matches the integer model" if result["matches_integer_model"] else "DIFFERS from the integer model",
+                  file=sys.stdout)
+    return result

@@ -1,0 +1,90 @@
+"""The engine's performance figures, for ``make bench`` (``engine_benchmarks()``).
+
+* ``demo``: the bundled demo model at 16 lanes (the iCEBreaker build), real weights, cycles per
+  token against the ideal (ternary weights / lanes); target 1.25x.
+* ``block_d512``: one d=512 block (I=1536) at 64 lanes, measured as cycles(L=2) - cycles(L=1)
+  on the same build; target under 60 000 cycles (the paper's FPGA: about 2.58 M).
+* ``hgrn_370m``: L=24, d=1024, I=2816, V=32000 at 64 lanes; target 1.10x the ideal.
+
+The d=512 and 370M figures use *synthetic* weights (pseudo-random bytes made by the memory
+model, labelled ``synthetic_weights: true``): the cycle count of a step does not depend on the
+weights, and these images would not fit the simulated memory. All runs use Verilator; the
+memory model delivers one beat per cycle with latency 1 unless ``mem_bandwidth`` /
+``mem_latency`` are given.
+"""
+
+from __future__ import annotations
+
+import time
+
+from mmfree_fpga.config import ModelConfig
+
+from .engine_sim import default_build, load_image, reference_tokens, run_engine
+
+__all__ = ["engine_benchmarks", "TARGETS", "GEOMETRY_370M", "block_cycles"]
+
+TARGETS = {"demo_ratio": 1.25, "block_d512_cycles": 60_000, "hgrn_370m_ratio": 1.10}
+GEOMETRY_370M = ModelConfig(vocab_size=32000, hidden_size=1024, num_hidden_layers=24, intermediate_size=2816)
+BUILD_64 = default_build(GEOMETRY_370M, 64)
+
+
+def _ideal(cfg: ModelConfig, lanes: int) -> float:
+    return cfg.ternary_weights / lanes
+
+
+def block_cycles(d: int = 512, I: int = 1536, lanes: int = 64, simulator: str = "verilator", **mem) -> dict:
+    """Cycles of one block: the difference between an L=2 and an L=1 model (same build)."""
+    out = {}
+    for L in (1, 2):
+        cfg = ModelConfig(vocab_size=64, hidden_size=d, num_hidden_layers=L, intermediate_size=I)
+        r = run_engine(cfg=cfg, blob=None, packing="base3", lanes=lanes, prompt=[1, 2], steps=1,
+                       simulator=simulator, build=BUILD_64 if lanes == 64 else None, synthetic=True, **mem)
+        out[L] = r.cycles[-1]
+    block = 4 * d * d + 3 * d * I
+    return {"cycles": out[2] - out[1], "ideal_cycles": block / lanes, "ratio_to_ideal": (out[2] - out[1]) / (block / lanes),
+            "ternary_weights": block, "lanes": lanes, "synthetic_weights": True, "target_cycles": TARGETS["block_d512_cycles"],
+            "paper_fpga_cycles": 2_580_000}
+
+
+def engine_benchmarks(*, include_370m: bool = True, tokens_370m: int = 2, mem_bandwidth: float = 0.0,
+                      mem_latency: int = 1, stall_rate: float = 0.0) -> dict:
+    """Every figure above as a dict (see the module docstring); each has ``ok`` against its target."""
+    from mmfree_fpga.reference.checkpoint import DEMO_CHECKPOINT
+    mem = {"mem_bandwidth": mem_bandwidth, "mem_latency": mem_latency, "stall_rate": stall_rate}
+    res = {}
+
+    cfg, blob = load_image(DEMO_CHECKPOINT, "base3")
+    prompt = list(b"def ")
+    t0 = time.perf_counter()
+    r = run_engine(cfg=cfg, blob=blob, packing="base3", lanes=16, prompt=prompt, steps=4, simulator="verilator", **mem)
+    ref, _ = reference_tokens(cfg, blob, "base3", prompt, 4)
+    ideal = _ideal(cfg, 16)
+    res["demo"] = {"lanes": 16, "cycles_per_token": r.cycles, "ideal_cycles_per_token": ideal,
+                   "ratio_to_ideal": max(r.cycles) / ideal, "target_ratio": TARGETS["demo_ratio"],
+                   "ok": max(r.cycles) <= TARGETS["demo_ratio"] * ideal, "matches_integer_model": ref == r.tokens,
+                   "sim_cycles_per_s": r.sim_cycles / r.sim_seconds, "wall_s": time.perf_counter() - t0}
+
+    t0 = time.perf_counter()
+    b = block_cycles(**mem)
+    b["ok"] = b["cycles"] < TARGETS["block_d512_cycles"]
+    b["wall_s"] = time.perf_counter() - t0
+    res["block_d512"] = b
+
+    if include_370m:
+        t0 = time.perf_counter()
+        cfg = GEOMETRY_370M
+        r = run_engine(cfg=cfg, blob=None, packing="base3", lanes=64, prompt=[1] * tokens_370m, steps=1,
+                       simulator="verilator", build=BUILD_64, synthetic=True, **mem)
+        ideal = _ideal(cfg, 64)
+        res["hgrn_370m"] = {"lanes": 64, "cycles_per_token": r.cycles, "ideal_cycles_per_token": ideal,
+                            "ratio_to_ideal": max(r.cycles) / ideal, "target_ratio": TARGETS["hgrn_370m_ratio"],
+                            "ok": max(r.cycles) <= TARGETS["hgrn_370m_ratio"] * ideal, "synthetic_weights": True,
+                            "sim_cycles_per_s": r.sim_cycles / r.sim_seconds, "wall_s": time.perf_counter() - t0}
+    res["mem"] = mem
+    return res
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+    print(json.dumps(engine_benchmarks(include_370m="--no-370m" not in sys.argv), indent=1))

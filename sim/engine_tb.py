@@ -1,0 +1,108 @@
+"""cocotb testbench of the engine's generated Verilog (run by ``sim/engine_sim.py``).
+
+The job (parameters, prompt, steps, memory model settings) comes as JSON in ``ENGINE_JOB``; the
+tokens, argmax logits, cycles per token and read-back logits go to ``ENGINE_RESULT``. The
+weights are already in the simulated memory (``+weights=FILE``). Python only wakes for the
+few handshakes of each token; while the engine computes, the test waits on ``result.valid``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+
+import cocotb
+from cocotb.clock import Clock
+from cocotb.triggers import ClockCycles, FallingEdge, ReadOnly, RisingEdge
+from cocotb.utils import get_sim_time
+
+# EngineOp values (hw/engine.py); not imported so the test module needs no Amaranth.
+RESET_STATE, FEED_TOKEN, LOAD_RESET, SET_PARAM = range(4)
+PERIOD_NS = 10
+
+
+def _cmd_word(op: int, index: int, arg: int) -> int:
+    return op | (index << 3) | (arg << 11)
+
+
+def _signed32(v: int) -> int:
+    return v - (1 << 32) if v & (1 << 31) else v
+
+
+@cocotb.test()
+async def engine_job(dut):
+    with open(os.environ["ENGINE_JOB"]) as f:
+        job = json.load(f)
+    rng = random.Random(job["seed"])
+    Clock(dut.clk, PERIOD_NS, unit="ns", impl="gpi").start()
+    dut.rst.value = 1
+    dut.cmd__valid.value = 0
+    dut.load__valid.value = 0
+    dut.result__ready.value = 0
+    dut.logit_req__valid.value = 0
+    dut.logit_resp__ready.value = 1
+    dut.mem_bandwidth.value = int(round(job["mem_bandwidth"] * 256))
+    dut.mem_latency.value = int(job["mem_latency"])
+    dut.mem_stall_rate.value = min(255, int(round(job["stall_rate"] * 256)))
+    dut.mem_synthetic.value = int(bool(job["synthetic"]))
+    await ClockCycles(dut.clk, 3)
+    await FallingEdge(dut.clk)
+    dut.rst.value = 0
+
+    async def idle():
+        if job["cmd_stall_rate"] > 0:
+            while rng.random() < job["cmd_stall_rate"]:
+                await FallingEdge(dut.clk)
+
+    async def command(op, index=0, arg=0):
+        await idle()
+        await FallingEdge(dut.clk)
+        dut.cmd__payload.value = _cmd_word(op, index, arg)
+        dut.cmd__valid.value = 1
+        while not int(dut.cmd__ready.value):
+            await FallingEdge(dut.clk)
+        await FallingEdge(dut.clk)
+        dut.cmd__valid.value = 0
+
+    for index, value in job["params"]:
+        await command(SET_PARAM, index, value)
+    await command(RESET_STATE)
+
+    prompt, steps = job["prompt"], job["steps"]
+    tokens = list(prompt)
+    argmax_logits, cycles, read_logits = [], [], {}
+    start_ns = get_sim_time("ns")
+    for t in range(len(prompt) + steps - 1):
+        await command(FEED_TOKEN, 0, tokens[t])
+        if not int(dut.result__valid.value):
+            await RisingEdge(dut.result__valid)
+        await ReadOnly()
+        payload = int(dut.result__payload.value)
+        await FallingEdge(dut.clk)
+        await idle()
+        dut.result__ready.value = 1
+        await FallingEdge(dut.clk)
+        dut.result__ready.value = 0
+        token = payload & 0xFFFFFFFF
+        if t >= len(prompt) - 1:
+            tokens.append(token)
+        argmax_logits.append(_signed32((payload >> 32) & 0xFFFFFFFF))
+        cycles.append((payload >> 64) & 0xFFFFFFFF)
+        got = {}
+        for idx in job["read_logits"]:
+            dut.logit_req__payload.value = idx
+            dut.logit_req__valid.value = 1
+            while not int(dut.logit_req__ready.value):
+                await FallingEdge(dut.clk)
+            await FallingEdge(dut.clk)
+            dut.logit_req__valid.value = 0
+            while not int(dut.logit_resp__valid.value):
+                await FallingEdge(dut.clk)
+            got[idx] = _signed32(int(dut.logit_resp__payload.value))
+            await FallingEdge(dut.clk)
+        read_logits[t] = got
+    sim_cycles = (get_sim_time("ns") - start_ns) / PERIOD_NS
+    with open(os.environ["ENGINE_RESULT"], "w") as f:
+        json.dump({"tokens": tokens, "argmax_logits": argmax_logits, "cycles": cycles,
+                   "read_logits": read_logits, "sim_cycles": sim_cycles}, f)
