@@ -59,11 +59,17 @@ while the engine is idle (not during a token, nor while a result waits):
 * ``LOAD_RESET``: the image write pointer := 0;
 * ``SET_PARAM(index, arg)``: parameter ``index`` := arg (:class:`Param`; see :func:`engine_params`).
 
-``load`` (8-bit stream, always ready): image bytes, stored at the write pointer, which then
-advances. ``result`` (:func:`result_layout`): ``token`` (the argmax), ``logit`` (its Q16 value,
+``load`` (8-bit stream, always ready; not to be used during a token): image bytes, stored at the
+write pointer, which then advances. ``result`` (:func:`result_layout`): ``token`` (the argmax), ``logit`` (its Q16 value,
 signed), ``cycles`` (clock cycles from accepting FEED_TOKEN to offering the result).
 ``logit_req`` (32-bit index) -> ``logit_resp`` (signed 32-bit Q16 logit of the last step), one
 response per request, in order.
+
+In the generated Verilog (ports named ``<member>__valid/ready/payload``): ``cmd__payload`` is
+``{arg[31:0], index[7:0], op[2:0]}`` (op in bits 2:0, index 10:3, arg 42:11); ``result__payload``
+is ``{cycles, logit, token}`` (token 31:0, logit 63:32, cycles 95:64); ``load__payload`` 8 bits;
+``logit_req__payload`` and ``logit_resp__payload`` 32 bits. ``rst`` is synchronous, active high.
+Parameter indices below 64 go to the parameter RAM, 64..70 to registers; others are ignored.
 
 Constraints: ``lanes`` in {16, 32, 64} (beats of lanes/4 bytes divide the image's 16-byte section
 alignment); d and I multiples of ``lanes``, d >= 16.
@@ -71,7 +77,7 @@ alignment); d and I multiples of ``lanes``, d >= 16.
 
 from __future__ import annotations
 
-from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed, unsigned
+from amaranth.hdl import Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, enum, stream, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.memory import Memory

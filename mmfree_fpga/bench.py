@@ -160,8 +160,75 @@ def reference_speed_section(quick: bool) -> Section:
     return s
 
 
+_ENGINE_RESULTS: dict = {}
+
+
+def _engine_results(quick: bool) -> dict:
+    """Simulated cycle counts (sim/engine_bench.py), run once per bench invocation."""
+    if "res" not in _ENGINE_RESULTS:
+        from .sim.engine_bench import engine_benchmarks
+        _ENGINE_RESULTS["res"] = engine_benchmarks(include_370m=not quick)
+    return _ENGINE_RESULTS["res"]
+
+
+def engine_section(quick: bool) -> Section:
+    from .config import PERF_MODEL, PUBLISHED
+    from .reference.checkpoint import DEMO_CHECKPOINT
+    from .config import ModelConfig
+    res = _engine_results(quick)
+    s = Section("Engine cycles per token (Verilator simulation of the generated Verilog)",
+                "mmfree-fpga bench --only engine",
+                ["workload", "lanes", "cycles per token", "ideal (weights / lanes)", "ratio", "target",
+                 "analytic model", "model error", "weights"])
+    demo = ModelConfig.from_checkpoint(DEMO_CHECKPOINT)
+    d = res["demo"]
+    measured = max(d["cycles_per_token"])
+    model = PERF_MODEL.cycles_per_token(demo, d["lanes"])
+    s.rows.append(["demo model, token step", d["lanes"], measured, d["ideal_cycles_per_token"],
+                   d["ratio_to_ideal"], f"<= {d['target_ratio']}x", model, f"{model / measured - 1:+.1%}",
+                   "real (bit-exact: " + ("yes" if d["matches_integer_model"] else "NO") + ")"])
+    b = res["block_d512"]
+    b1 = ModelConfig(vocab_size=64, hidden_size=512, num_hidden_layers=1, intermediate_size=1536)
+    b2 = ModelConfig(vocab_size=64, hidden_size=512, num_hidden_layers=2, intermediate_size=1536)
+    model = PERF_MODEL.cycles_per_token(b2, b["lanes"]) - PERF_MODEL.cycles_per_token(b1, b["lanes"])
+    s.rows.append(["one d=512 block (I=1536)", b["lanes"], b["cycles"], b["ideal_cycles"], b["ratio_to_ideal"],
+                   f"< {b['target_cycles']:,} cycles", model, f"{model / b['cycles'] - 1:+.1%}", "synthetic"])
+    if "hgrn_370m" in res:
+        h = res["hgrn_370m"]
+        measured = max(h["cycles_per_token"])
+        model = PERF_MODEL.cycles_per_token(PUBLISHED["370M"], h["lanes"])
+        s.rows.append(["370M geometry, token step", h["lanes"], measured, h["ideal_cycles_per_token"],
+                       h["ratio_to_ideal"], f"<= {h['target_ratio']}x", model, f"{model / measured - 1:+.1%}",
+                       "synthetic"])
+    s.notes.append(f"Verilator simulated {d['sim_cycles_per_s']:,.0f} cycles/s for the demo model (cocotb, C++ clock).")
+    s.notes.append("The paper's FPGA needed about 2.58 M cycles for one d=512 block.")
+    s.notes.append("'synthetic': the memory model makes up the trits (a step's cycle count does not depend on them).")
+    return s
+
+
+def projection_section(quick: bool) -> Section:
+    from .config import PERF_MODEL, PUBLISHED
+    clock = 100e6
+    s = Section(f"Projected tokens/s with weights in external memory (engine at 64 lanes, {clock / 1e6:.0f} MHz)",
+                "mmfree-fpga bench --only projection",
+                ["model", "bytes/token (base3)", "cycles/token (model)", "0.2 GB/s", "1.6 GB/s", "12.8 GB/s",
+                 "bound at 12.8 GB/s", "original GPU code, H200"])
+    for name, cfg in PUBLISHED.items():
+        rates = [PERF_MODEL.tokens_per_s(cfg, 64, "base3", clock, bw * 1e9) for bw in (0.2, 1.6, 12.8)]
+        s.rows.append([name, PERF_MODEL.bytes_per_token(cfg, "base3"), PERF_MODEL.cycles_per_token(cfg, 64)]
+                      + [f"{r:.1f} ({b.split()[0]})" for r, b in rates] + [rates[-1][1],
+                      "14 tokens/s (370M, batch 1; MODEL.md)" if name == "370M" else ""])
+    s.notes.append("tokens/s = min(clock / cycles per token, bandwidth / bytes per token), from the analytic "
+                   "model in mmfree_fpga/config.py (PerfModel), which the engine section checks against simulation.")
+    s.notes.append(f"{clock / 1e6:.0f} MHz is the ECP5 clock target of the board issue, not yet a measured Fmax "
+                   "of the whole engine.")
+    return s
+
+
 SECTIONS: dict[str, Callable[[bool], Section]] = {
     "agreement": agreement_section,
     "packing": packing_section,
     "reference_speed": reference_speed_section,
+    "engine": engine_section,
+    "projection": projection_section,
 }

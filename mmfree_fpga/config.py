@@ -234,3 +234,51 @@ class Formats:
 
 
 FORMATS = Formats()
+
+
+@dataclass(frozen=True)
+class PerfModel:
+    """Analytic cycles and bytes per token of the engine (``hw/engine.py``), to size a design
+    without simulating it; ``mmfree-fpga bench`` checks it against simulation.
+
+    The matrix unit takes ``ternary_weights / lanes`` cycles. What does not overlap a matrix:
+    for each BitLinear whose input is the previous one's output (f_proj, o_proj, gate_proj and
+    down_proj of every layer, and lm_head) ``passes`` passes over that input (statistics, then
+    quantisation, one element per cycle) and ``job_latency`` cycles of pipeline and scalar-unit
+    latency; i_proj and g_proj read the same x as f_proj and hide behind its matrix.
+    """
+
+    passes: int = 2
+    job_latency: int = 100
+
+    def ideal_cycles(self, cfg: ModelConfig, lanes: int) -> float:
+        return cfg.ternary_weights / lanes
+
+    def cycles_per_token(self, cfg: ModelConfig, lanes: int) -> float:
+        per_layer = self.passes * (3 * cfg.d + cfg.I) + 4 * self.job_latency
+        return self.ideal_cycles(cfg, lanes) + cfg.L * per_layer + self.passes * cfg.d + self.job_latency
+
+    def bytes_per_token(self, cfg: ModelConfig, packing: str) -> int:
+        """Weight-memory bytes read per token: the whole image but the embedding table, plus one row."""
+        from mmfree_fpga.reference.export import image_layout
+        total = sum(s.size for s in image_layout(cfg, packing) if not s.name.startswith("embedding."))
+        return total + cfg.d + 4
+
+    def tokens_per_s(self, cfg: ModelConfig, lanes: int, packing: str, clock_hz: float,
+                     bandwidth_bytes_per_s: float | None = None) -> tuple[float, str]:
+        """(tokens/s, bound): the slower of compute (clock / cycles) and memory (bandwidth / bytes)."""
+        compute = clock_hz / self.cycles_per_token(cfg, lanes)
+        if bandwidth_bytes_per_s is None:
+            return compute, "compute"
+        memory = bandwidth_bytes_per_s / self.bytes_per_token(cfg, packing)
+        return (compute, "compute") if compute <= memory else (memory, "memory bandwidth")
+
+
+PERF_MODEL = PerfModel()
+
+# Published geometries (MODEL.md), for benchmarks and size checks.
+PUBLISHED = {
+    "370M": ModelConfig(vocab_size=32000, hidden_size=1024, num_hidden_layers=24, intermediate_size=2816),
+    "1.3B": ModelConfig(vocab_size=32000, hidden_size=2048, num_hidden_layers=24, intermediate_size=5632),
+    "2.7B": ModelConfig(vocab_size=32000, hidden_size=2560, num_hidden_layers=32, intermediate_size=6912),
+}

@@ -19,7 +19,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 
 from mmfree_fpga.config import ModelConfig
 
@@ -27,6 +26,10 @@ __all__ = ["EngineBuild", "default_build", "EngineRun", "load_image", "synthetic
            "run_engine", "run_amaranth", "build_dir_for", "SIMULATORS"]
 
 SIMULATORS = ("verilator", "icarus", "amaranth")
+# the gateware the engine is made of (a change to any of them means a new simulator build)
+ENGINE_SOURCES = tuple(f"hw/{name}.py" for name in (
+    "engine", "weight_port", "matvec", "trits", "bitlinear_front", "scalar_unit", "output_scale", "elementwise",
+    "embed_scale", "argmax", "vector_common")) + ("mmfree_fpga/config.py", "reference/integer.py", "reference/packing.py")
 _BUILD_ROOT = Path(os.environ.get("MMFREE_SIM_BUILD", Path(tempfile.gettempdir()) / "mmfree-engine-sim"))
 
 
@@ -44,9 +47,9 @@ class EngineBuild:
     def key(self) -> str:
         """Names the build directory: these parameters and the gateware sources."""
         h = hashlib.sha1(repr(self).encode())
-        hw_dir = Path(__file__).resolve().parent.parent / "hw"
-        for f in sorted(hw_dir.glob("*.py")):
-            h.update(f.read_bytes())
+        root = Path(__file__).resolve().parent.parent
+        for name in ENGINE_SOURCES:
+            h.update((root / name).read_bytes())
         return h.hexdigest()[:12]
 
     def base_cfg(self) -> ModelConfig:
