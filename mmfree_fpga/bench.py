@@ -61,7 +61,7 @@ def agreement_section(quick: bool) -> Section:
     from .reference.agreement import agreement, held_out_ids
     from .reference.checkpoint import DEMO_CHECKPOINT, load_checkpoint, load_model
     from .reference.export import integer_weights
-    from .reference.model import HGRNBitForCausalLM
+    from .reference.model import HGRNBitForCausalLM, randomize
 
     s = Section("Integer model vs float reference", "mmfree-fpga bench --only agreement",
                 ["model", "positions", "top-1 agreement", "mean logit cosine", "min logit cosine"])
@@ -76,14 +76,7 @@ def agreement_section(quick: bool) -> Section:
     geometries = [(64, 1, 256), (256, 2, 512)] if quick else [(64, 1, 256), (128, 2, 256), (256, 3, 512), (512, 4, 1536)]
     for d, L, I in geometries:
         gcfg = ModelConfig(vocab_size=256, hidden_size=d, num_hidden_layers=L, intermediate_size=I)
-        torch.manual_seed(d)
-        m = HGRNBitForCausalLM(gcfg).eval()
-        with torch.no_grad():
-            for name, p in m.named_parameters():
-                if name.endswith("norm.weight"):
-                    p.uniform_(0.5, 1.5)
-                elif name == "model.lower_bounds":
-                    p.normal_()
+        m = randomize(HGRNBitForCausalLM(gcfg), seed=d, embedding_std=0.02)
         ids = np.random.default_rng(d).integers(0, 256, 128).tolist()
         r = agreement(m, integer_weights(gcfg, m.state_dict()), ids)
         s.rows.append([f"random weights d={d} L={L} I={I}", r["positions"], r["top1_agreement"],

@@ -180,3 +180,19 @@ class HGRNBitForCausalLM(nn.Module):
         """One decode step for batch 1: -> (logits [V], new state)."""
         logits, state = self.forward(torch.tensor([[token]]), state)
         return logits[0, 0], state
+
+
+@torch.no_grad()
+def randomize(model: HGRNBitForCausalLM, seed: int = 0, embedding_std: float = 1.0) -> HGRNBitForCausalLM:
+    """Random latent weights with non-trivial norms and lower bounds (for tests and benchmarks)."""
+    torch.manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.uniform_(0.5, 1.5)
+        elif name == "model.lower_bounds":
+            p.normal_()
+        elif name == "model.embeddings.weight":
+            p.normal_(0, embedding_std)
+        else:
+            p.normal_(0, 0.02)
+    return model.eval()

@@ -104,3 +104,23 @@ def run_cocotb(*, simulator: str, sources, toplevel: str, test_module: str, buil
     if total == 0:
         raise CocotbFailure(f"no cocotb test ran on {simulator}; see {build_dir}")
     return total
+
+
+def verilator_lint(source, accepted: dict, top_ports: set[str] = frozenset()) -> list[str]:
+    """``verilator --lint-only -Wall`` on ``source``: the warning lines outside ``accepted``
+    (code -> reason) plus any UNUSEDSIGNAL on a top-level port (a real bug, not an alias)."""
+    import re
+    import subprocess
+    result = subprocess.run(["verilator", "--lint-only", "-Wall", "--top-module", "top", str(source)],
+                            capture_output=True, text=True, timeout=120)
+    found = list(re.finditer(r"^%(Warning|Error)-?([A-Z_]*): .*$", result.stderr, re.M))
+    if not found:
+        return [f"verilator printed no warnings; its output changed? {result.stderr[:2000]}"]
+    bad = [m.group(0) for m in found
+           if m.group(1) == "Error" and "Exiting due to" not in m.group(0)
+           or m.group(1) == "Warning" and m.group(2) not in accepted]
+    for m in found:
+        port = re.search(r"used: '(\w+)'", m.group(0))
+        if "UNUSEDSIGNAL" in m.group(0) and port and port.group(1) in top_ports:
+            bad.append(m.group(0))
+    return bad

@@ -11,18 +11,8 @@ from mmfree_fpga.config import ModelConfig  # noqa: E402
 
 def random_model(cfg: ModelConfig, seed: int = 0):
     """A model with random latent weights and non-trivial norms and lower bounds."""
-    from mmfree_fpga.reference.model import HGRNBitForCausalLM
-    torch.manual_seed(seed)
-    model = HGRNBitForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-            elif name == "model.lower_bounds":
-                p.normal_()
-            elif name == "model.embeddings.weight":
-                p.normal_(0, 1.0)
-    return model
+    from mmfree_fpga.reference.model import HGRNBitForCausalLM, randomize
+    return randomize(HGRNBitForCausalLM(cfg), seed)
 
 
 @pytest.fixture

@@ -85,7 +85,9 @@ def test_matches_independent_numpy_model(geometry):
 
 
 def test_prefill_equals_step_by_step(small_cfg):
-    model = random_model(small_cfg, seed=3)
+    # float64: in float32 the batched and the one-token matmuls round differently, and now and
+    # then that flips an int8 activation (a real but uninteresting difference)
+    model = random_model(small_cfg, seed=3).double()
     ids = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         logits, state = model(ids)
