@@ -193,14 +193,14 @@ def ref_elementwise(op, y, a, g):
         r = ref.sigmoid(y)
     elif op == ElementwiseOp.SILU:
         r = ref.silu(y)
-    elif op == ElementwiseOp.FORGET:
+    elif op == ElementwiseOp.FORGET:                    # mlgru: f = lb + ...
         r = g + ref.rshift_round((one - g) * ref.sigmoid(y), F.gate_frac)
-    elif op == ElementwiseOp.RECUR:
+    elif op == ElementwiseOp.RECUR:                     # mlgru: c = ...; h = ...
         c = ref.rshift_round(ref.silu(y) * (one - g), F.gate_frac)
         r = ref.saturate(ref.rshift_round(g * a, F.gate_frac) + c)
-    elif op == ElementwiseOp.SILU_MUL:
+    elif op == ElementwiseOp.SILU_MUL:                  # mlgru: p = ...; glu: v = ...
         r = ref.saturate(ref.rshift_round(a * ref.silu(y), F.x_frac))
-    else:
+    else:                                               # step: x = saturate(x + o)
         r = ref.saturate(y + a)
     return int(r[0])
 

@@ -24,6 +24,7 @@ from mmfree_fpga.hw.output_scale import OutputScale
 from mmfree_fpga.hw.scalar_unit import ScalarUnit
 from mmfree_fpga.hw.vector_common import vector_widths
 from mmfree_fpga.reference import integer as ref
+from mmfree_fpga.sim.vector_tb import ref_elementwise
 
 W = vector_widths(F)
 CLOCK = 1e-8
@@ -368,24 +369,6 @@ def test_bitlinear_front_max_length():
 
 # -- ElementwiseUnit -----------------------------------------------------------------------
 
-def ref_elementwise(op, y, a, g):
-    """The lines of sigmoid, silu, mlgru, glu and IntegerModel.step that each op stands for."""
-    y, a, g = (np.array([v], dtype=np.int64) for v in (y, a, g))
-    one = 1 << F.gate_frac
-    if op == ElementwiseOp.SIGMOID:
-        r = ref.sigmoid(y)
-    elif op == ElementwiseOp.SILU:
-        r = ref.silu(y)
-    elif op == ElementwiseOp.FORGET:                    # mlgru: f = lb + ...
-        r = g + ref.rshift_round((one - g) * ref.sigmoid(y), F.gate_frac)
-    elif op == ElementwiseOp.RECUR:                     # mlgru: c = ...; h = ...
-        c = ref.rshift_round(ref.silu(y) * (one - g), F.gate_frac)
-        r = ref.saturate(ref.rshift_round(g * a, F.gate_frac) + c)
-    elif op == ElementwiseOp.SILU_MUL:                  # mlgru: p = ...; glu: v = ...
-        r = ref.saturate(ref.rshift_round(a * ref.silu(y), F.x_frac))
-    else:                                               # step: x = saturate(x + o)
-        r = ref.saturate(y + a)
-    return int(r[0])
 
 
 def elementwise_values(rng, n):
