@@ -19,7 +19,8 @@ from mmfree_fpga.config import ModelConfig
 
 from .model import HGRNBitForCausalLM
 
-__all__ = ["DEMO_CONFIG", "stdlib_corpus", "train", "evaluate_bits_per_byte", "unigram_bits_per_byte"]
+__all__ = ["DEMO_CONFIG", "stdlib_corpus", "train", "evaluate_bits_per_byte", "unigram_bits_per_byte",
+           "int8_embeddings"]
 
 # The demo geometry: ternary weights at 1.6 bits/weight plus int8 embeddings fit the
 # iCE40UP5K's 128 KB SPRAM (see reference/export.py for the exact image size).
@@ -44,6 +45,29 @@ def stdlib_corpus(max_bytes: int | None = None) -> tuple[np.ndarray, np.ndarray]
     if max_bytes:
         tr, ho = tr[:max_bytes], ho[:max(max_bytes // 10, 4096)]
     return tr, ho
+
+
+@torch.no_grad()
+def int8_embeddings(weight: torch.Tensor, frac: int) -> torch.Tensor:
+    """The embedding table snapped to what the hardware stores: each row ``q * k * 2^-frac`` with
+    int8 ``q`` (|q| <= 127, the row's largest entry exactly +-127) and a positive integer ``k``.
+
+    A model whose embeddings are snapped this way loses nothing in export when ``frac`` is at most
+    ``Formats.emb_scale_frac`` and ``Formats.x_frac``: ``integer_weights`` recovers q and k exactly
+    and ``embed`` gives the float embedding exactly in Q(x_frac). Returns a new float32 tensor.
+    """
+    e = weight.detach().to(torch.float64)
+    amax = e.abs().argmax(1)
+    rows = torch.arange(e.shape[0])
+    rowmax = e[rows, amax].abs()
+    k = torch.round(rowmax * 2.0 ** frac / 127).clamp(min=1)
+    step = k * 2.0 ** -frac
+    q = torch.round(e / step[:, None]).clamp(-127, 127)
+    q[rows, amax] = 127.0 * torch.sign(e[rows, amax])
+    q[rowmax == 0] = 0
+    out = (q * step[:, None]).to(torch.float32)
+    assert torch.equal(out.to(torch.float64), q * step[:, None]), "frac too large for float32"
+    return out
 
 
 def _batch(data: np.ndarray, batch: int, seq: int, gen: np.random.Generator) -> torch.Tensor:

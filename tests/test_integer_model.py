@@ -1,6 +1,7 @@
 """The integer model: primitives against exact definitions, widths at the worst case, and
 agreement with the float reference."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -13,6 +14,8 @@ from mmfree_fpga.reference import integer as im
 from mmfree_fpga.reference.agreement import agreement, held_out_ids
 from mmfree_fpga.reference.checkpoint import DEMO_CHECKPOINT, load_checkpoint, load_model
 from mmfree_fpga.reference.export import integer_weights, to_fixed_vector
+from mmfree_fpga.reference.model import HGRNBitForCausalLM
+from mmfree_fpga.reference.train import int8_embeddings
 
 F = FORMATS
 
@@ -106,15 +109,53 @@ def test_demo_model_agrees_on_held_out_text():
 
     Measured: top-1 0.9893, mean logit cosine 0.99998. The issue's top-1 target is 0.99; this
     small model's own float32 forward agrees with float64 on only 0.9966 and with itself under
-    a 1e-4 relative perturbation of its norm weights on 0.9907 (BENCHMARKS.md), and widening
-    every format did not move the integer figure, so the bound asserted here is 0.985.
+    a 1e-4 relative perturbation of its norm weights on 0.9907 (BENCHMARKS.md). With the default
+    formats the four held-out windows give 0.983-0.989, so the bound asserted here is 0.985;
+    test_demo_model_agrees_with_wide_formats shows what reaches 0.99 (and what it costs).
     """
     cfg, tensors = load_checkpoint(DEMO_CHECKPOINT)
     r = agreement(load_model(DEMO_CHECKPOINT), integer_weights(cfg, tensors), held_out_ids(2048))
     assert r["top1_agreement"] >= 0.985 and r["mean_logit_cosine"] >= 0.995, r
 
 
-def test_to_fixed_vector():
-    n, e = to_fixed_vector(np.array([0.5, -3.0, 0.001]), 16)
-    assert np.abs(n).max() <= (1 << 15) - 1 and np.abs(n).max() >= 1 << 14
-    np.testing.assert_allclose(n / 2.0 ** e, [0.5, -3.0, 0.001], atol=2.0 ** -e)
+# Formats that do reach the issue's 0.99 (see the docstring below); they need hardware changes
+# (x_frac and gate_frac above DSP_BITS = 16, 24x24 norm multipliers, a 24 x 27-bit quantiser product).
+WIDE_FORMATS = dataclasses.replace(
+    F, x_frac=20, emb_scale_frac=20, norm_bits=24, sumsq_shift=23, quant_bits=24, recip_frac=50,
+    gate_frac=20, sig_table_log2=11, const_bits=20, scale_bits=21)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("offset", [100_000, 300_000, 600_000, 900_000])
+def test_demo_model_agrees_with_wide_formats(offset):
+    """Top-1 >= 0.99 on each held-out window with WIDE_FORMATS and int8-representable embeddings.
+
+    Ablation (BENCHMARKS.md): the integer quantiser's reciprocal had only ~16 significant bits
+    whatever quant_bits was (R = 127 * 2^recip_frac / m16 with recip_frac = quant_bits + 8), the
+    int8 embedding rows were not what the float model uses, and Q16 x / Q15 gates / 16-bit norm
+    vectors each cost a few tenths of a percent on a model where one flipped int8 activation
+    moves an accumulator by a whole step and the recurrent state carries it on.
+    """
+    cfg, tensors = load_checkpoint(DEMO_CHECKPOINT)
+    tensors = dict(tensors)
+    tensors["model.embeddings.weight"] = int8_embeddings(tensors["model.embeddings.weight"],
+                                                         WIDE_FORMATS.x_frac)
+    model = HGRNBitForCausalLM(cfg)
+    model.load_state_dict(tensors, strict=True)
+    r = agreement(model.eval(), integer_weights(cfg, tensors, WIDE_FORMATS), held_out_ids(2048, offset))
+    assert r["top1_agreement"] >= 0.99 and r["mean_logit_cosine"] >= 0.995, r
+
+
+def test_quantise_is_exact_with_a_wide_reciprocal():
+    """With recip_frac >= 2 quant_bits + 2, z of at most quant_bits bits round exactly (ties aside);
+    the default reciprocal (recip_frac = quant_bits + 8) does not."""
+    g = np.random.default_rng(1)
+    for bits, qb in ((16, 16), (24, 24)):
+        z = g.integers(-(1 << bits), 1 << bits, size=20000)
+        m = int(np.abs(z).max())
+        exact = np.sign(z) * np.floor(np.abs(z) * 127 / m + 0.5)
+        tie = (2 * 127 * np.abs(z)) % m == 0
+        wide = im.quantise(z, m, dataclasses.replace(F, quant_bits=qb, recip_frac=2 * qb + 2))
+        narrow = im.quantise(z, m, dataclasses.replace(F, quant_bits=qb, recip_frac=qb + 8))
+        assert (wide[~tie] == exact[~tie]).all()
+        assert (narrow[~tie] != exact[~tie]).sum() > 5
