@@ -24,8 +24,9 @@ def test_compare_demo_matches_agreement(tmp_path, demo_image):
     r = json.loads(js.read_text())
     cfg, tensors = load_checkpoint(DEMO_CHECKPOINT)
     want = agreement(load_model(DEMO_CHECKPOINT), integer_weights(cfg, tensors), held_out_ids(96))
-    assert r["top1_agreement"] == want["top1_agreement"]
-    # compare feeds token by token, agreement() the whole prompt at once: float32 order differs
+    # compare feeds token by token, agreement() the whole prompt at once: float32 order differs,
+    # and float32 rounding alone flips about 0.5% of this model's greedy choices (BENCHMARKS.md)
+    assert abs(r["top1_agreement"] - want["top1_agreement"]) <= 1 / 96 + 1e-9
     assert r["mean_logit_cosine"] == pytest.approx(want["mean_logit_cosine"], abs=1e-6)
     assert r["hardware_exact"] is True and r["hardware_first_mismatch"] is None
     for name in ("report.md", "report.json", "cosine_per_token.png", "error_per_op.png", "quantisation_error.png"):
