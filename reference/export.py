@@ -113,6 +113,9 @@ def integer_weights(cfg: ModelConfig, tensors: dict[str, torch.Tensor], fmt: For
     v * c with c the product of the norm weights in front of the matrix, and the output scale
     on max|v * c| / rms(v * a) with a the weights of the norm whose rms the float model takes.
     """
+    # float64 copies for the norm vectors; trits and beta come from the tensors in their own
+    # dtype, as the float reference computes them (a float64 W / beta can land on the other side
+    # of 0.5: one lm_head trit of the demo model does)
     t = {k: v.detach().to(torch.float64) for k, v in tensors.items()}
     vec = lambda name: t[name].numpy()  # noqa: E731
     lbs = (lower_bound_values(t["model.lower_bounds"]) if cfg.use_lower_bound
@@ -122,7 +125,7 @@ def integer_weights(cfg: ModelConfig, tensors: dict[str, torch.Tensor], fmt: For
     for l in range(cfg.L):
         p = f"model.layers.{l}."
         an, gn, mn = vec(p + "attn_norm.weight"), vec(p + "attn.g_norm.weight"), vec(p + "mlp_norm.weight")
-        bl = lambda name, a, c_pre: _bitlinear(t[p + name + ".weight"], a, c_pre * vec(p + name + ".norm.weight"), fmt)  # noqa: E731
+        bl = lambda name, a, c_pre: _bitlinear(tensors[p + name + ".weight"].detach(), a, c_pre * vec(p + name + ".norm.weight"), fmt)  # noqa: E731
         lb = np.round(lbs[l] * one).astype(np.int64)
         layers.append(IntLayer(
             i_proj=bl("attn.i_proj", an, an), f_proj=bl("attn.f_proj", an, an),
@@ -131,7 +134,7 @@ def integer_weights(cfg: ModelConfig, tensors: dict[str, torch.Tensor], fmt: For
             down_proj=bl("mlp.down_proj", np.ones(cfg.I), np.ones(cfg.I)),
             lower_bound=np.clip(lb, 0, one - 1)))
     fn = vec("model.norm.weight")
-    lm_head = _bitlinear(t["lm_head.weight"], fn, fn * vec("lm_head.norm.weight"), fmt)
+    lm_head = _bitlinear(tensors["lm_head.weight"].detach(), fn, fn * vec("lm_head.norm.weight"), fmt)
 
     emb = vec("model.embeddings.weight")
     rowmax = np.abs(emb).max(axis=1)
