@@ -70,7 +70,8 @@ class EngineRun:
     sim_seconds: float = 0.0
     simulator: str = ""
     synthetic: bool = False
-    sim_cycles: float = 0.0
+    sim_cycles: float = 0.0        # clock cycles from the first FEED_TOKEN to the last result
+    sim_wall_s: float = 0.0        # wall-clock seconds of those cycles (simulator start-up excluded)
     trace: list | None = None      # per step: [(job, layer, row, value), ...] in store order
 
 
@@ -239,7 +240,7 @@ def _run_cocotb(*, cfg, blob, packing, build, prompt, steps, simulator, stall_ra
     return EngineRun(tokens=res["tokens"], argmax_logits=res["argmax_logits"], cycles=res["cycles"],
                      read_logits={int(k): {int(i): v for i, v in d.items()} for k, d in res["read_logits"].items()},
                      sim_seconds=elapsed, simulator=simulator, synthetic=synthetic,
-                     sim_cycles=res["sim_cycles"], trace=traces)
+                     sim_cycles=res["sim_cycles"], sim_wall_s=res["sim_wall_s"], trace=traces)
 
 
 def run_amaranth(*, cfg, blob, packing, lanes, prompt, steps, read_logits=(), load_stream: bool = False,
@@ -255,11 +256,15 @@ def run_amaranth(*, cfg, blob, packing, lanes, prompt, steps, read_logits=(), lo
     dut = Engine(cfg, lanes=lanes, packing=packing, image=None if load_stream else blob)
     out = EngineRun(tokens=list(prompt), argmax_logits=[], cycles=[], simulator="amaranth",
                     trace=[] if trace else None)
-    clock = {"cycle": 0, "start": None, "end": 0}
+    clock = {"cycle": 0, "start": None, "end": 0, "t0": 0.0, "t1": 0.0}
 
-    async def count(ctx):
-        async for _ in ctx.tick():
+    async def until(ctx, cond, *exprs):
+        """tick().sample(*exprs).until(cond), counting the cycles (no extra process per cycle)."""
+        while True:
+            _clk, _rst, done, *values = await ctx.tick().sample(cond, *exprs)
             clock["cycle"] += 1
+            if done:
+                return values
 
     async def capture(ctx):
         # values sampled at the clock edge: what the writer stores on that edge
@@ -270,7 +275,7 @@ def run_amaranth(*, cfg, blob, packing, lanes, prompt, steps, read_logits=(), lo
     async def command(ctx, op, arg=0, index=0):
         ctx.set(dut.cmd.payload, {"op": op, "index": index, "arg": arg})
         ctx.set(dut.cmd.valid, 1)
-        await ctx.tick().until(dut.cmd.ready)
+        await until(ctx, dut.cmd.ready)
         ctx.set(dut.cmd.valid, 0)
 
     async def bench(ctx):
@@ -288,16 +293,16 @@ def run_amaranth(*, cfg, blob, packing, lanes, prompt, steps, read_logits=(), lo
             if trace:
                 out.trace.append([])
             if clock["start"] is None:
-                clock["start"] = clock["cycle"]
+                clock["start"], clock["t0"] = clock["cycle"], time.perf_counter()
             await command(ctx, EngineOp.FEED_TOKEN, out.tokens[t])
             ctx.set(dut.result.ready, 1)
-            (res,) = await ctx.tick().sample(dut.result.payload).until(dut.result.valid)
+            (res,) = await until(ctx, dut.result.valid, dut.result.payload)
             ctx.set(dut.result.ready, 0)
             if t >= len(prompt) - 1:
                 out.tokens.append(int(res.token))
             out.argmax_logits.append(int(res.logit))
             out.cycles.append(int(res.cycles))
-            clock["end"] = clock["cycle"]
+            clock["end"], clock["t1"] = clock["cycle"], time.perf_counter()
             got = {}
             for idx in read_logits:
                 ctx.set(dut.logit_req.payload, idx)
@@ -313,11 +318,11 @@ def run_amaranth(*, cfg, blob, packing, lanes, prompt, steps, read_logits=(), lo
     sim = Simulator(dut)
     sim.add_clock(1e-8)
     sim.add_testbench(bench)
-    sim.add_process(count)
     if trace:
         sim.add_process(capture)
     t0 = time.perf_counter()
     sim.run()
     out.sim_seconds = time.perf_counter() - t0
     out.sim_cycles = clock["end"] - (clock["start"] or 0)
+    out.sim_wall_s = clock["t1"] - clock["t0"]
     return out

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import time
 
 import cocotb
 from cocotb.clock import Clock
@@ -96,6 +97,7 @@ async def engine_job(dut):
     tokens = list(prompt)
     argmax_logits, cycles, read_logits, traces = [], [], {}, []
     start_ns = get_sim_time("ns")
+    start_wall = time.perf_counter()
     for t in range(len(prompt) + steps - 1):
         if trace_sink is not None:
             trace_sink[0] = []
@@ -129,7 +131,8 @@ async def engine_job(dut):
             await FallingEdge(dut.clk)
         read_logits[t] = got
     sim_cycles = (get_sim_time("ns") - start_ns) / PERIOD_NS
+    sim_wall_s = time.perf_counter() - start_wall
     with open(os.environ["ENGINE_RESULT"], "w") as f:
         json.dump({"tokens": tokens, "argmax_logits": argmax_logits, "cycles": cycles,
-                   "read_logits": read_logits, "sim_cycles": sim_cycles,
+                   "read_logits": read_logits, "sim_cycles": sim_cycles, "sim_wall_s": sim_wall_s,
                    "trace": traces if trace_sink is not None else None}, f)
