@@ -97,3 +97,16 @@ def test_corrupted_weight_is_located(tmp_path, demo_image, hardware):
     for e in r["per_layer"]:
         if e.get("hardware_compared") and (e["layer"], order.index(e["op"])) < (1, order.index("gate_proj")):
             assert e["hardware_mismatched_tokens"] == 0, e
+
+
+def test_compare_without_simulator(tmp_path, monkeypatch, capsys):
+    """No Verilator: the default falls back to the image and says so; --hardware sim is an error."""
+    import mmfree_fpga.sim.runner as runner
+    monkeypatch.setattr(runner, "simulator_missing", lambda name: f"{name} not found: install it")
+    js = tmp_path / "r.json"
+    assert main(["compare", "--positions", "2", "--out", str(tmp_path / "rep"), "--json-out", str(js)]) == 0
+    assert json.loads(js.read_text())["hardware"] == "image"
+    assert "verilator not found" in capsys.readouterr().out
+    assert main(["compare", "--positions", "2", "--hardware", "sim", "--out", str(tmp_path / "rep2")]) != 0
+    err = capsys.readouterr().err
+    assert "--hardware sim: verilator not found" in err and "Traceback" not in err
