@@ -69,15 +69,16 @@ In the generated Verilog (ports named ``<member>__valid/ready/payload``): ``cmd_
 ``{arg[31:0], index[7:0], op[2:0]}`` (op in bits 2:0, index 10:3, arg 42:11); ``result__payload``
 is ``{cycles, logit, token}`` (token 31:0, logit 63:32, cycles 95:64); ``load__payload`` 8 bits;
 ``logit_req__payload`` and ``logit_resp__payload`` 32 bits. ``rst`` is synchronous, active high.
+Parameter indices below 64 go to the parameter RAM, 64..70 to registers; others are ignored.
 
 ``trace`` (:func:`trace_layout`, observational): valid for one cycle whenever the writer stores
 a result: ``job`` (index in ``JOBS``), ``layer``, ``row`` (the output row of the job's matrix)
 and ``value`` (what is stored: f, h[l], p, x, the GLU gate (rows < I) or v (rows >= I), a logit).
 Its ``ready`` is ignored (nothing may stall the writer; a stream with ``always_ready`` cannot be
 a top-level port in Amaranth 0.5); left unconnected, as on the boards, it is only wires of
-signals the writer has anyway. Verilog: ``trace__valid``, ``trace__payload`` =
+signals the writer has anyway (the demo LinkedEngine's netlist after Yosys ``proc; flatten; opt;
+opt_clean -purge`` is identical with and without it). Verilog: ``trace__valid``, ``trace__payload`` =
 ``{value, row, layer, job}`` from bit 0 up, widths from :func:`trace_layout`.
-Parameter indices below 64 go to the parameter RAM, 64..70 to registers; others are ignored.
 
 Constraints: ``lanes`` in {16, 32, 64} (beats of lanes/4 bytes divide the image's 16-byte section
 alignment); d and I multiples of ``lanes``, d >= 16.

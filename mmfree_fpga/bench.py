@@ -249,6 +249,7 @@ def engine_large_section(quick: bool) -> Section:
                 ["workload", "lanes", "cycles per token", "ideal (weights / lanes)", "ratio", "analytic model",
                  "model error", "simulated cycles/s", "wall s", "weights"])
     names = ("1.3B",) if quick else ("1.3B", "2.7B")
+    load = _load()
     res = large_geometries(names)
     for name, r in res.items():
         measured = max(r["cycles_per_token"])
@@ -259,7 +260,18 @@ def engine_large_section(quick: bool) -> Section:
     s.notes.append("One simulator build (the 2.7B maxima, 64 lanes) serves both geometries; the 1.3B is set at "
                    "run time with SET_PARAM. Wall time includes that build when it is not cached.")
     s.notes.append("'synthetic': the memory model makes up the trits (a step's cycle count does not depend on them).")
+    s.notes.append(f"Cycle counts do not depend on the machine; cycles/s and wall time do (load when the section "
+                   f"started: {load}).")
     return s
+
+
+def _load() -> str:
+    import os
+    try:
+        one, five, _ = os.getloadavg()
+    except OSError:
+        return "unknown"
+    return f"load average {one:.1f} (1 min), {five:.1f} (5 min) on {os.cpu_count()} CPUs"
 
 
 def sim_speed_section(quick: bool) -> Section:
@@ -269,6 +281,7 @@ def sim_speed_section(quick: bool) -> Section:
                 ["simulator", "token steps", "simulated cycles", "wall s (simulation)", "cycles/s",
                  "vs Verilator", "bit-exact"])
     tokens = {"verilator": 1, "icarus": 1, "amaranth": 1} if quick else {"verilator": 4, "icarus": 1, "amaranth": 1}
+    load = _load()
     res = sim_speed(tokens)
     base = res.get("verilator", {}).get("cycles_per_s")
     labels = {"verilator": "Verilator (cocotb, generated Verilog)", "icarus": "Icarus Verilog (cocotb, generated Verilog)",
@@ -285,6 +298,7 @@ def sim_speed_section(quick: bool) -> Section:
                    "step (about 26,000 cycles) because they are slow.")
     s.notes.append("Verilator and Icarus are driven by the same cocotb testbench (sim/engine_tb.py), which wakes "
                    "Python only for the handshakes; the Amaranth testbench wakes every cycle while it waits.")
+    s.notes.append(f"Single-threaded simulators; this machine's load when the section started: {load}.")
     return s
 
 
