@@ -26,3 +26,14 @@ def test_bench_only_updates_named_sections(tmp_path):
 def test_bench_unknown_section(capsys):
     assert main(["bench", "--only", "nonsense"]) != 0
     assert "unknown bench section" in capsys.readouterr().err
+
+
+def test_bench_skip_keeps_skipped_sections(tmp_path):
+    md = tmp_path / "B.md"
+    assert main(["bench", "--only", "packing,projection", "--out", str(md)]) == 0
+    before = split_markdown(md.read_text())
+    marked = before["projection"].replace("## ", "## [kept] ", 1)
+    md.write_text(md.read_text().replace(before["projection"], marked))
+    assert main(["bench", "--only", "packing,projection", "--skip", "projection", "--out", str(md)]) == 0
+    after = split_markdown(md.read_text())
+    assert after["projection"] == marked and list(after) == ["packing", "projection"]
