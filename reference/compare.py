@@ -108,7 +108,8 @@ def hardware_trace(records: list[list[tuple]], cfg) -> list[dict]:
     """The engine's ``trace`` beats (per step: ``(job, layer, row, value)``, as
     :attr:`mmfree_fpga.sim.engine_sim.EngineRun.trace` holds them) -> a trace of
     :data:`HARDWARE_VECTORS` and the logits. A row stored twice or never is marked with a
-    value no integer vector can hold, so it shows as a mismatch of that vector."""
+    value no integer vector can hold, so it shows as a mismatch of that vector; a store that
+    belongs to no vector (a job, layer or row out of range) is counted in ``"unexpected"``."""
     from mmfree_fpga.hw.engine import JOBS
     missing = np.iinfo(np.int64).min
     d, inter = cfg.d, cfg.I
@@ -123,6 +124,7 @@ def hardware_trace(records: list[list[tuple]], cfg) -> list[dict]:
         logits = np.full(cfg.V, missing, dtype=np.int64)
         seen = set()
         bad = set()
+        unexpected = 0
         for jt, layer, row, value in beats:
             job = JOBS[jt] if jt < len(JOBS) else None
             if job == "lm_head":
@@ -130,12 +132,15 @@ def hardware_trace(records: list[list[tuple]], cfg) -> list[dict]:
             elif job in stored and layer < cfg.L:
                 hit = [(v, row - first) for v, first, n in stored[job] if first <= row < first + n]
                 if not hit:
+                    unexpected += 1
                     continue
                 vec, idx = hit[0]
                 target, key = layers[layer][vec], (job, layer, vec)
             else:
+                unexpected += 1
                 continue
             if idx >= len(target):
+                unexpected += 1
                 continue
             if (key, idx) in seen:
                 bad.add((key, idx))
@@ -143,7 +148,7 @@ def hardware_trace(records: list[list[tuple]], cfg) -> list[dict]:
             target[idx] = value
         for (job, layer, vec), idx in bad:
             (logits if job == "lm_head" else layers[layer][vec])[idx] = missing
-        out.append({"layers": layers, "logits": logits})
+        out.append({"layers": layers, "logits": logits, "unexpected": unexpected})
     return out
 
 
@@ -203,7 +208,9 @@ def compare_traces(ids: list[int], flt: list[dict], itg: list[dict], hw: list[di
                 rows = np.flatnonzero(hw[t]["logits"] != itg[t]["logits"])
                 first = {"token_index": t, "layer": None, "op": "lm_head", "vector": "logits",
                          "elements": [int(r) for r in rows[:8]]}
-        report["hardware_exact"] = first is None and all(r["hardware_logits_exact"] for r in per_token)
+        report["hardware_unexpected_stores"] = int(sum(h.get("unexpected", 0) for h in hw))
+        report["hardware_exact"] = (first is None and all(r["hardware_logits_exact"] for r in per_token)
+                                    and report["hardware_unexpected_stores"] == 0)
         report["hardware_first_mismatch"] = first
         report["hardware_vectors"] = hw_ops + ["logits"]
         report["hardware_top1_agreement_with_integer"] = float(
@@ -221,7 +228,7 @@ def _verdict(r: dict) -> str:
         else:
             f = r["hardware_first_mismatch"]
             if f is None:
-                where = "the argmax"
+                where = f"{r['hardware_unexpected_stores']} stores outside every vector"
             elif f["layer"] is None:
                 where = f"the logits (lm_head), token {f['token_index']}"
             else:

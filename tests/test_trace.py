@@ -53,6 +53,8 @@ def test_hardware_trace_marks_missing_and_repeated_rows():
     repeated = beats + [(4, 1, 3, 0)]                                 # gate_proj layer 1, row 3 stored twice
     h2 = hardware_trace([dropped], cfg)[0]
     h3 = hardware_trace([repeated], cfg)[0]
+    assert hw["unexpected"] == h2["unexpected"] == h3["unexpected"] == 0
+    assert hardware_trace([beats + [(0, 0, cfg.d, 1), (1, cfg.L, 0, 1), (7, 0, 0, 1)]], cfg)[0]["unexpected"] == 3
     assert h2["layers"][0]["h"][7] != hw["layers"][0]["h"][7] and (h2["layers"][0]["h"][:7] == hw["layers"][0]["h"][:7]).all()
     assert h3["layers"][1]["gate"][3] != hw["layers"][1]["gate"][3]
     assert not -(1 << 31) <= int(h3["layers"][1]["gate"][3]) < (1 << 31)
