@@ -71,6 +71,15 @@ is ``{cycles, logit, token}`` (token 31:0, logit 63:32, cycles 95:64); ``load__p
 ``logit_req__payload`` and ``logit_resp__payload`` 32 bits. ``rst`` is synchronous, active high.
 Parameter indices below 64 go to the parameter RAM, 64..70 to registers; others are ignored.
 
+``trace`` (:func:`trace_layout`, observational): valid for one cycle whenever the writer stores
+a result: ``job`` (index in ``JOBS``), ``layer``, ``row`` (the output row of the job's matrix)
+and ``value`` (what is stored: f, h[l], p, x, the GLU gate (rows < I) or v (rows >= I), a logit).
+Its ``ready`` is ignored (nothing may stall the writer; a stream with ``always_ready`` cannot be
+a top-level port in Amaranth 0.5); left unconnected, as on the boards, it is only wires of
+signals the writer has anyway (the demo LinkedEngine's netlist after Yosys ``proc; flatten; opt;
+opt_clean -purge`` is identical with and without it). Verilog: ``trace__valid``, ``trace__payload`` =
+``{value, row, layer, job}`` from bit 0 up, widths from :func:`trace_layout`.
+
 Constraints: ``lanes`` in {16, 32, 64} (beats of lanes/4 bytes divide the image's 16-byte section
 alignment); d and I multiples of ``lanes``, d >= 16.
 """
@@ -98,7 +107,7 @@ from .trits import packing_code
 from .vector_common import vector_widths
 from .weight_port import (ADDR_BITS, LEN_BITS, WeightMemory, weight_port_signature, write_layout)
 
-__all__ = ["EngineOp", "Param", "JOBS", "cmd_layout", "result_layout", "beat_bytes",
+__all__ = ["EngineOp", "Param", "JOBS", "cmd_layout", "result_layout", "trace_layout", "beat_bytes",
            "engine_params", "check_geometry", "EngineCore", "Engine", "ideal_cycles"]
 
 JOBS = ("f_proj", "i_proj", "g_proj", "o_proj", "gate_proj", "down_proj", "lm_head")
@@ -142,6 +151,13 @@ def cmd_layout() -> data.StructLayout:
 
 def result_layout() -> data.StructLayout:
     return data.StructLayout({"token": unsigned(32), "logit": signed(32), "cycles": unsigned(32)})
+
+
+def trace_layout(max_d: int, max_I: int, max_L: int, max_V: int) -> data.StructLayout:
+    """What the ``trace`` port carries for each stored result (module docstring)."""
+    return data.StructLayout({"job": unsigned(3), "layer": unsigned(max(1, max_L.bit_length())),
+                              "row": unsigned((2 * max(max_d, max_I) + max_V).bit_length()),
+                              "value": signed(32)})
 
 
 def ideal_cycles(cfg: ModelConfig, lanes: int) -> float:
@@ -248,6 +264,7 @@ class EngineCore(wiring.Component):
     Members
     -------
     cmd, load, result, logit_req, logit_resp : the control interface (module docstring).
+    trace : Out(stream.Signature(trace_layout(...))) : every stored result; ready is ignored.
     wport : Out(weight_port_signature(beat_bytes(lanes)))
     wwrite : Out(write_layout(beat_bytes(lanes))) : image words from ``load``.
     """
@@ -279,9 +296,13 @@ class EngineCore(wiring.Component):
             "result": Out(stream.Signature(result_layout())),
             "logit_req": In(stream.Signature(unsigned(32))),
             "logit_resp": Out(stream.Signature(signed(32))),
+            "trace": Out(stream.Signature(self.trace_layout())),
             "wport": Out(weight_port_signature(self.beat_bytes)),
             "wwrite": Out(write_layout(self.beat_bytes)),
         })
+
+    def trace_layout(self) -> data.StructLayout:
+        return trace_layout(self.max_d, self.max_I, self.max_L, self.max_V)
 
     def elaborate(self, platform):
         m = Module()
@@ -743,6 +764,9 @@ class EngineCore(wiring.Component):
                      lw.addr.eq(jw)]
         m.d.comb += [amax.i.payload.value.eq(val), amax.i.payload.last.eq(ew.o.payload.last),
                      amax.i.valid.eq(wv & (wj.jt == JT_LM)), amax.o.ready.eq(1)]
+        m.d.comb += [self.trace.valid.eq(wv), self.trace.payload.job.eq(wj.jt),
+                     self.trace.payload.layer.eq(wj.l), self.trace.payload.row.eq(jw),
+                     self.trace.payload.value.eq(val)]
         with m.If(wv):
             with m.If(ew.o.payload.last):
                 m.d.sync += [jw.eq(0)] + wj.step(g_L)
@@ -814,6 +838,7 @@ class Engine(wiring.Component):
             "result": Out(stream.Signature(result_layout())),
             "logit_req": In(stream.Signature(unsigned(32))),
             "logit_resp": Out(stream.Signature(signed(32))),
+            "trace": Out(stream.Signature(self.core.trace_layout())),
         }
         if model:
             members.update({"mem_bandwidth": In(16), "mem_latency": In(16), "mem_stall_rate": In(8),
@@ -831,6 +856,7 @@ class Engine(wiring.Component):
         wiring.connect(m, core.result, wiring.flipped(self.result))
         wiring.connect(m, wiring.flipped(self.logit_req), core.logit_req)
         wiring.connect(m, core.logit_resp, wiring.flipped(self.logit_resp))
+        wiring.connect(m, core.trace, wiring.flipped(self.trace))
         if self._model:
             m.d.comb += [memory.bandwidth.eq(self.mem_bandwidth), memory.latency.eq(self.mem_latency),
                          memory.stall_rate.eq(self.mem_stall_rate), memory.synthetic.eq(self.mem_synthetic)]

@@ -2,6 +2,10 @@
 
 A section is a function ``(quick: bool) -> Section``; ``mmfree-fpga bench`` runs them, writes
 ``BENCHMARKS.md`` and a JSON file, and states the command that produced every figure.
+``--only NAMES`` reruns those sections and keeps the others of an existing BENCHMARKS.md as
+they are (:func:`merge_markdown`): a section runs from its ``## `` title to the next and is
+recognised by the command it names (```mmfree-fpga bench --only NAME```), with its own date
+and machine.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from typing import Callable
 
 import numpy as np
 
-__all__ = ["Section", "SECTIONS", "render_markdown"]
+__all__ = ["Section", "SECTIONS", "render_markdown", "render_section", "merge_markdown", "split_markdown"]
 
 
 @dataclass
@@ -24,10 +28,12 @@ class Section:
     rows: list[list] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    name: str = ""           # the key in SECTIONS (set by the bench command)
+    when: str = ""           # date and machine of the run (set by the bench command)
 
     def as_dict(self) -> dict:
-        return {"title": self.title, "command": self.command, "columns": self.columns,
-                "rows": self.rows, "notes": self.notes, "seconds": round(self.seconds, 1)}
+        return {"name": self.name, "title": self.title, "command": self.command, "columns": self.columns,
+                "rows": self.rows, "notes": self.notes, "seconds": round(self.seconds, 1), "when": self.when}
 
 
 def _fmt(v) -> str:
@@ -38,17 +44,51 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def render_markdown(sections: list[Section], argv: str) -> str:
-    lines = ["# Benchmarks", "",
-             f"Produced by `{argv}` on {platform.machine()} / {platform.python_version()} "
-             f"({time.strftime('%Y-%m-%d', time.gmtime())}). Every figure below was measured by "
-             "that run; each section names the command that reproduces it alone.", ""]
-    for s in sections:
-        lines += [f"## {s.title}", "", f"`{s.command}` ({s.seconds:.0f} s)", "",
-                  "| " + " | ".join(s.columns) + " |", "|" + "---|" * len(s.columns)]
+def run_stamp() -> str:
+    return f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.machine()} / Python {platform.python_version()}"
+
+
+def _header(argv: str) -> list[str]:
+    return ["# Benchmarks", "",
+            f"Last updated by `{argv}` ({run_stamp()}). Every figure below was measured by the command "
+            "its section names (which reproduces that section alone), at the time it states; "
+            "`mmfree-fpga bench --only NAME` refreshes one section and keeps the others.", ""]
+
+
+def render_section(s: Section) -> str:
+    lines = [f"## {s.title}", "",
+             f"`{s.command}` ({s.seconds:.0f} s; {s.when or run_stamp()})", ""]
+    if s.rows:
+        lines += ["| " + " | ".join(s.columns) + " |", "|" + "---|" * len(s.columns)]
         lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in s.rows]
-        lines += [""] + [f"- {n}" for n in s.notes] + ([""] if s.notes else [])
+        lines += [""]
+    lines += [f"- {n}" for n in s.notes] + ([""] if s.notes else [])
     return "\n".join(lines) + "\n"
+
+
+def render_markdown(sections: list[Section], argv: str) -> str:
+    return "\n".join(_header(argv)) + "\n" + "".join(render_section(s) for s in sections)
+
+
+def split_markdown(text: str) -> dict[str, str]:
+    """Section name -> its Markdown (from its ``## `` title to the next), named by the
+    ```mmfree-fpga bench --only NAME``` command it states."""
+    import re
+    out = {}
+    for part in re.split(r"^(?=## )", text, flags=re.M):
+        m = re.search(r"`mmfree-fpga bench --only ([A-Za-z0-9_]+)", part)
+        if part.startswith("## ") and m:
+            out[m.group(1)] = part if part.endswith("\n") else part + "\n"
+    return out
+
+
+def merge_markdown(old: str, sections: list[Section], argv: str, order) -> str:
+    """``old`` with the given sections replaced (or added), the others kept verbatim, in ``order``."""
+    kept = split_markdown(old)
+    for s in sections:
+        kept[s.name] = render_section(s)
+    names = [n for n in order if n in kept] + [n for n in kept if n not in order]
+    return "\n".join(_header(argv)) + "\n" + "".join(kept[n] for n in names)
 
 
 # -- sections ------------------------------------------------------------------------
@@ -202,10 +242,78 @@ def engine_section(quick: bool) -> Section:
         s.rows.append(["370M geometry, token step", h["lanes"], measured, h["ideal_cycles_per_token"],
                        h["ratio_to_ideal"], f"<= {h['target_ratio']}x", model, f"{model / measured - 1:+.1%}",
                        "synthetic"])
-    s.notes.append(f"Verilator simulated {d['sim_cycles_per_s']:,.0f} cycles/s for the demo model (cocotb, C++ clock).")
+    s.notes.append(f"Verilator simulated {d['sim_cycles_per_s']:,.0f} cycles/s for the demo model (cocotb, C++ clock; "
+                   "see the simulator speed section for all three simulators).")
     s.notes.append("The paper's FPGA needed about 2.58 M cycles for one d=512 block.")
     s.notes.append("'synthetic': the memory model makes up the trits (a step's cycle count does not depend on them).")
     return s
+
+
+def engine_large_section(quick: bool) -> Section:
+    """The 1.3B and 2.7B geometries, one token each (Verilator, synthetic weights, 64 lanes)."""
+    from .config import PERF_MODEL, PUBLISHED
+    from .sim.engine_bench import large_geometries
+    s = Section("Engine cycles per token, 1.3B and 2.7B geometries (Verilator, one token each)",
+                "mmfree-fpga bench --only engine_large",
+                ["workload", "lanes", "cycles per token", "ideal (weights / lanes)", "ratio", "analytic model",
+                 "model error", "simulated cycles/s", "wall s", "weights"])
+    names = ("1.3B",) if quick else ("1.3B", "2.7B")
+    load = _load()
+    res = large_geometries(names)
+    for name, r in res.items():
+        measured = max(r["cycles_per_token"])
+        model = PERF_MODEL.cycles_per_token(PUBLISHED[name], r["lanes"])
+        s.rows.append([f"{name} geometry, token step", r["lanes"], measured, r["ideal_cycles_per_token"],
+                       r["ratio_to_ideal"], model, f"{model / measured - 1:+.2%}", r["sim_cycles_per_s"],
+                       r["wall_s"], "synthetic"])
+    s.notes.append("One simulator build (the 2.7B maxima, 64 lanes) serves both geometries; the 1.3B is set at "
+                   "run time with SET_PARAM. Wall time includes that build when it is not cached.")
+    s.notes.append("'synthetic': the memory model makes up the trits (a step's cycle count does not depend on them).")
+    s.notes.append(f"Cycle counts do not depend on the machine; cycles/s and wall time do (load when the section "
+                   f"started: {load}).")
+    return s
+
+
+def _load() -> str:
+    import os
+    try:
+        one, five, _ = os.getloadavg()
+    except OSError:
+        return "unknown"
+    return f"load average {one:.1f} (1 min), {five:.1f} (5 min) on {os.cpu_count()} CPUs"
+
+
+def sim_speed_section(quick: bool) -> Section:
+    """Simulated cycles per second of the three simulators on the same engine workload."""
+    from .sim.engine_bench import sim_speed
+    s = Section("Simulator speed (engine, demo model, 16 lanes)", "mmfree-fpga bench --only sim_speed",
+                ["simulator", "token steps", "simulated cycles", "wall s (simulation)", "cycles/s",
+                 "vs Verilator", "bit-exact"])
+    tokens = {"verilator": 1, "icarus": 1, "amaranth": 1} if quick else {"verilator": 4, "icarus": 1, "amaranth": 1}
+    load = _load()
+    res = sim_speed(tokens)
+    base = res.get("verilator", {}).get("cycles_per_s")
+    labels = {"verilator": "Verilator (cocotb, generated Verilog)", "icarus": "Icarus Verilog (cocotb, generated Verilog)",
+              "amaranth": "Amaranth's Python simulator"}
+    for sim, r in res.items():
+        if "missing" in r:
+            s.rows.append([labels[sim], "", "", "", "", "", f"not run: {r['missing']}"])
+            continue
+        s.rows.append([labels[sim], r["tokens"], int(r["sim_cycles"]), r["sim_wall_s"], r["cycles_per_s"],
+                       f"{r['cycles_per_s'] / base:.4f}x" if base else "",
+                       "yes" if r["matches_integer_model"] else "NO"])
+    s.notes.append("cycles/s: clock cycles from the first FEED_TOKEN to the last result over the wall-clock time "
+                   "of that interval; builds and simulator start-up are excluded. Icarus and Amaranth run one token "
+                   "step (about 26,000 cycles) because they are slow.")
+    s.notes.append("Verilator and Icarus are driven by the same cocotb testbench (sim/engine_tb.py), which wakes "
+                   "Python only for the handshakes; the Amaranth testbench wakes every cycle while it waits.")
+    s.notes.append(f"Single-threaded simulators; this machine's load when the section started: {load}.")
+    return s
+
+
+# A "boards" section (Fmax, utilisation and projected tokens/s per board, from boards/bench.py) goes
+# between "sim_speed" and "projection": define boards_section(quick) -> Section here and add
+# "boards": boards_section to SECTIONS in that place; --only boards then refreshes it alone.
 
 
 def projection_section(quick: bool) -> Section:
@@ -232,5 +340,8 @@ SECTIONS: dict[str, Callable[[bool], Section]] = {
     "packing": packing_section,
     "reference_speed": reference_speed_section,
     "engine": engine_section,
+    "engine_large": engine_large_section,
+    "sim_speed": sim_speed_section,
+    # "boards": boards_section,   (see the comment above projection_section)
     "projection": projection_section,
 }

@@ -4,6 +4,16 @@ Traces are lists (one entry per token fed) of ``{"layers": [ {op: vector} per la
 "logits": vector}``. Integer and hardware traces hold the raw integers (Q16, gates Q15);
 float traces hold floats. Hardware is compared with the integer model exactly, the float
 model with the integer model by magnitude.
+
+The hardware trace (:func:`hardware_trace`) holds what the engine's writer stores, captured
+from the simulation through the engine's ``trace`` port: per layer ``forget`` (f after the
+lower bound, written by the f_proj job), ``h`` (i_proj job), ``o_in`` (p, g_proj job),
+``x_attn`` (x after the token mixer, o_proj job), ``gate`` and ``down_in`` (the GLU gate and
+v, gate_proj job), ``x`` (down_proj job), and the logits (lm_head). The raw BitLinear outputs
+``i_proj``, ``f_proj``, ``g_proj``, ``o_proj``, ``gate_proj`` (its up half) and ``down_proj``
+are never stored by the engine (they go straight from the output scale into the elementwise
+unit), so they have no hardware counterpart; each stored vector is the first place an error
+in its job shows.
 """
 
 from __future__ import annotations
@@ -19,18 +29,33 @@ from mmfree_fpga.config import FORMATS
 from .integer import IntegerModel, IntegerWeights
 from .model import BitLinear, HGRNBitForCausalLM
 
-__all__ = ["OPS", "float_trace", "integer_trace", "compare_traces", "write_report"]
+__all__ = ["OPS", "OP_JOB", "HARDWARE_VECTORS", "float_trace", "integer_trace", "hardware_trace",
+           "compare_traces", "write_report"]
 
-# ops every trace has, in datapath order; value: the integer format's fractional bits
-OPS = {"i_proj": FORMATS.x_frac, "f_proj": FORMATS.x_frac, "g_proj": FORMATS.x_frac,
-       "h": FORMATS.x_frac, "o_proj": FORMATS.x_frac, "gate_proj": FORMATS.x_frac,
+# vectors every float and integer trace has, in the order the engine produces them; value: the
+# integer format's fractional bits
+OPS = {"f_proj": FORMATS.x_frac, "forget": FORMATS.gate_frac, "i_proj": FORMATS.x_frac, "h": FORMATS.x_frac,
+       "g_proj": FORMATS.x_frac, "o_in": FORMATS.x_frac, "o_proj": FORMATS.x_frac, "x_attn": FORMATS.x_frac,
+       "gate_proj": FORMATS.x_frac, "gate": FORMATS.x_frac, "down_in": FORMATS.x_frac,
        "down_proj": FORMATS.x_frac, "x": FORMATS.x_frac}
+# the engine job (BitLinear) whose output path produces each vector
+OP_JOB = {"f_proj": "f_proj", "forget": "f_proj", "i_proj": "i_proj", "h": "i_proj", "g_proj": "g_proj",
+          "o_in": "g_proj", "o_proj": "o_proj", "x_attn": "o_proj", "gate_proj": "gate_proj",
+          "gate": "gate_proj", "down_in": "gate_proj", "down_proj": "down_proj", "x": "down_proj"}
+# what the engine's writer stores (see hardware_trace), in store order; plus the logits
+HARDWARE_VECTORS = ("forget", "h", "o_in", "x_attn", "gate", "down_in", "x")
 
 
 @torch.no_grad()
 def float_trace(model: HGRNBitForCausalLM, ids: list[int]) -> list[dict]:
+    """The float model's vectors of :data:`OPS` per token. ``o_in`` is g_proj * silu(h) before
+    the float model's g_norm (the integer model folds that RMSNorm into o_proj's own
+    normalisation, so this is the vector it computes)."""
+    import torch.nn.functional as F
     captured: dict = {}
     hooks = []
+    lbs = model.lower_bounds().double().numpy()
+    n_inter = model.config.I
     for l, layer in enumerate(model.model.layers):
         for op in ("i_proj", "f_proj", "g_proj", "o_proj"):
             hooks.append(getattr(layer.attn, op).register_forward_hook(
@@ -42,12 +67,25 @@ def float_trace(model: HGRNBitForCausalLM, ids: list[int]) -> list[dict]:
             lambda m, i, o, l=l: captured.__setitem__((l, "h"), o[1][0].double().numpy())))
         hooks.append(layer.register_forward_hook(
             lambda m, i, o, l=l: captured.__setitem__((l, "x"), o[0][0, -1].double().numpy())))
+        hooks.append(layer.mlp_norm.register_forward_hook(
+            lambda m, i, o, l=l: captured.__setitem__((l, "x_attn"), i[0][0, -1].double().numpy())))
+
+    def derived(l):
+        c = captured
+        f = torch.sigmoid(torch.from_numpy(c[(l, "f_proj")])).numpy()
+        c[(l, "forget")] = lbs[l] + (1 - lbs[l]) * f
+        c[(l, "o_in")] = c[(l, "g_proj")] * F.silu(torch.from_numpy(c[(l, "h")])).numpy()
+        gu = c[(l, "gate_proj")]
+        c[(l, "gate")] = gu[:n_inter]
+        c[(l, "down_in")] = F.silu(torch.from_numpy(gu[:n_inter])).numpy() * gu[n_inter:]
     try:
         state = model.init_state()
         out = []
         for tok in ids:
             captured.clear()
             logits, state = model.step(tok, state)
+            for l in range(model.config.L):
+                derived(l)
             out.append({"layers": [{op: captured[(l, op)] for op in OPS} for l in range(model.config.L)],
                         "logits": logits.double().numpy()})
         return out
@@ -63,6 +101,54 @@ def integer_trace(weights: IntegerWeights, ids: list[int]) -> list[dict]:
         layers: list = []
         logits = model.step(tok, trace=layers)
         out.append({"layers": [{op: t[op] for op in OPS} for t in layers], "logits": logits})
+    return out
+
+
+def hardware_trace(records: list[list[tuple]], cfg) -> list[dict]:
+    """The engine's ``trace`` beats (per step: ``(job, layer, row, value)``, as
+    :attr:`mmfree_fpga.sim.engine_sim.EngineRun.trace` holds them) -> a trace of
+    :data:`HARDWARE_VECTORS` and the logits. A row stored twice or never is marked with a
+    value no integer vector can hold, so it shows as a mismatch of that vector; a store that
+    belongs to no vector (a job, layer or row out of range) is counted in ``"unexpected"``."""
+    from mmfree_fpga.hw.engine import JOBS
+    missing = np.iinfo(np.int64).min
+    d, inter = cfg.d, cfg.I
+    # job -> [(vector, first row, length)]
+    stored = {"f_proj": [("forget", 0, d)], "i_proj": [("h", 0, d)], "g_proj": [("o_in", 0, d)],
+              "o_proj": [("x_attn", 0, d)], "gate_proj": [("gate", 0, inter), ("down_in", inter, inter)],
+              "down_proj": [("x", 0, d)]}
+    out = []
+    for beats in records:
+        layers = [{v: np.full(n, missing, dtype=np.int64) for job in stored for v, _, n in stored[job]}
+                  for _ in range(cfg.L)]
+        logits = np.full(cfg.V, missing, dtype=np.int64)
+        seen = set()
+        bad = set()
+        unexpected = 0
+        for jt, layer, row, value in beats:
+            job = JOBS[jt] if jt < len(JOBS) else None
+            if job == "lm_head":
+                target, idx, key = logits, row, ("lm_head", 0, "logits")
+            elif job in stored and layer < cfg.L:
+                hit = [(v, row - first) for v, first, n in stored[job] if first <= row < first + n]
+                if not hit:
+                    unexpected += 1
+                    continue
+                vec, idx = hit[0]
+                target, key = layers[layer][vec], (job, layer, vec)
+            else:
+                unexpected += 1
+                continue
+            if idx >= len(target):
+                unexpected += 1
+                continue
+            if (key, idx) in seen:
+                bad.add((key, idx))
+            seen.add((key, idx))
+            target[idx] = value
+        for (job, layer, vec), idx in bad:
+            (logits if job == "lm_head" else layers[layer][vec])[idx] = missing
+        out.append({"layers": layers, "logits": logits, "unexpected": unexpected})
     return out
 
 
@@ -83,6 +169,7 @@ def compare_traces(ids: list[int], flt: list[dict], itg: list[dict], hw: list[di
         per_token.append(row)
     per_layer = []
     errors = {}
+    hw_ops = [op for op in OPS if hw is not None and op in hw[0]["layers"][0]]
     for l in range(n_layers):
         for op, frac in OPS.items():
             rel, quant_err = [], []
@@ -92,11 +179,16 @@ def compare_traces(ids: list[int], flt: list[dict], itg: list[dict], hw: list[di
                 rel.append(np.linalg.norm(f - i) / (np.linalg.norm(f) + 1e-30))
                 quant_err.append((i - f) / (np.abs(f).max() + 1e-30))
             errors[(l, op)] = np.concatenate(quant_err)
-            entry = {"layer": l, "op": op, "float_vs_integer_rel_l2": float(np.mean(rel)),
+            entry = {"layer": l, "op": op, "job": OP_JOB[op], "float_vs_integer_rel_l2": float(np.mean(rel)),
                      "float_vs_integer_rel_l2_max": float(np.max(rel))}
             if hw is not None:
-                bad = [t for t in range(len(ids)) if not np.array_equal(hw[t]["layers"][l][op], itg[t]["layers"][l][op])]
-                entry["hardware_mismatched_tokens"] = len(bad)
+                entry["hardware_compared"] = op in hw_ops
+                bad = [t for t in range(len(ids))
+                       if op in hw_ops and not np.array_equal(hw[t]["layers"][l][op], itg[t]["layers"][l][op])]
+                entry["hardware_mismatched_tokens"] = len(bad) if op in hw_ops else None
+                entry["hardware_mismatched_elements"] = (
+                    int(sum(np.count_nonzero(hw[t]["layers"][l][op] != itg[t]["layers"][l][op]) for t in bad))
+                    if op in hw_ops else None)
                 entry["hardware_first_mismatch_token"] = bad[0] if bad else None
             per_layer.append(entry)
     top1 = float(np.mean([r["float_top1"] == r["integer_top1"] for r in per_token]))
@@ -107,11 +199,20 @@ def compare_traces(ids: list[int], flt: list[dict], itg: list[dict], hw: list[di
         first = None
         for t in range(len(ids)):
             for l in range(n_layers):
-                for op in OPS:
+                for op in hw_ops:
                     if first is None and not np.array_equal(hw[t]["layers"][l][op], itg[t]["layers"][l][op]):
-                        first = {"token_index": t, "layer": l, "op": op}
-        report["hardware_exact"] = first is None and all(r["hardware_logits_exact"] for r in per_token)
+                        rows = np.flatnonzero(hw[t]["layers"][l][op] != itg[t]["layers"][l][op])
+                        first = {"token_index": t, "layer": l, "op": OP_JOB[op], "vector": op,
+                                 "elements": [int(r) for r in rows[:8]]}
+            if first is None and not np.array_equal(hw[t]["logits"], itg[t]["logits"]):
+                rows = np.flatnonzero(hw[t]["logits"] != itg[t]["logits"])
+                first = {"token_index": t, "layer": None, "op": "lm_head", "vector": "logits",
+                         "elements": [int(r) for r in rows[:8]]}
+        report["hardware_unexpected_stores"] = int(sum(h.get("unexpected", 0) for h in hw))
+        report["hardware_exact"] = (first is None and all(r["hardware_logits_exact"] for r in per_token)
+                                    and report["hardware_unexpected_stores"] == 0)
         report["hardware_first_mismatch"] = first
+        report["hardware_vectors"] = hw_ops + ["logits"]
         report["hardware_top1_agreement_with_integer"] = float(
             np.mean([r["hardware_top1"] == r["integer_top1"] for r in per_token]))
     report["verdict"] = _verdict(report)
@@ -126,7 +227,12 @@ def _verdict(r: dict) -> str:
             parts.append("hardware equals the integer model bit for bit")
         else:
             f = r["hardware_first_mismatch"]
-            where = f"layer {f['layer']} {f['op']}, token {f['token_index']}" if f else "the logits"
+            if f is None:
+                where = f"{r['hardware_unexpected_stores']} stores outside every vector"
+            elif f["layer"] is None:
+                where = f"the logits (lm_head), token {f['token_index']}"
+            else:
+                where = f"layer {f['layer']} {f['op']} (stored vector {f['vector']}), token {f['token_index']}"
             parts.append(f"HARDWARE DIFFERS from the integer model, first at {where}")
     parts.append(f"integer vs float: top-1 agreement {r['top1_agreement']:.4f}, mean logit cosine "
                  f"{r['mean_logit_cosine']:.5f} over {r['positions']} positions")
@@ -176,14 +282,28 @@ def write_report(report: dict, out_dir) -> list[str]:
 
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     files.append("report.json")
-    md = ["# mmfree-fpga compare", "", f"**Verdict:** {report['verdict']}", "",
-          "| layer | op | rel. L2 error (int vs float), mean | max |" +
-          (" hardware mismatched tokens |" if "hardware_exact" in report else ""),
-          "|---|---|---|---|" + ("---|" if "hardware_exact" in report else "")]
+    has_hw = "hardware_exact" in report
+    md = ["# mmfree-fpga compare", "", f"**Verdict:** {report['verdict']}", ""]
+    if report.get("hardware_source"):
+        md += [f"Hardware: {report['hardware_source']}.", ""]
+    if report.get("simulation"):
+        sim = report["simulation"]
+        md += [f"Simulation: {sim['simulator']}, {max(sim['cycles_per_token']):,} cycles per token at most, "
+               f"{sim['sim_seconds']} s; the engine's returned argmax logits "
+               + ("match" if sim["result_matches_stored_logits"] else "DO NOT match")
+               + " the largest logits it stored.", ""]
+    if has_hw:
+        md += ["Vectors the engine stores (compared exactly): " + ", ".join(report["hardware_vectors"]) + ".", ""]
+    md += ["| layer | vector | job | rel. L2 error (int vs float), mean | max |" +
+           (" hardware vs integer: mismatched tokens (elements) |" if has_hw else ""),
+           "|---|---|---|---|---|" + ("---|" if has_hw else "")]
     for e in report["per_layer"]:
-        md.append(f"| {e['layer']} | {e['op']} | {e['float_vs_integer_rel_l2']:.2e} | "
-                  f"{e['float_vs_integer_rel_l2_max']:.2e} |" +
-                  (f" {e['hardware_mismatched_tokens']} |" if "hardware_exact" in report else ""))
+        hwcol = ""
+        if has_hw:
+            hwcol = (f" {e['hardware_mismatched_tokens']} ({e['hardware_mismatched_elements']}) |"
+                     if e["hardware_compared"] else " not stored by the engine |")
+        md.append(f"| {e['layer']} | {e['op']} | {e['job']} | {e['float_vs_integer_rel_l2']:.2e} | "
+                  f"{e['float_vs_integer_rel_l2_max']:.2e} |" + hwcol)
     md += ["", "![cosine per token](cosine_per_token.png)", "", "![error per op](error_per_op.png)", "",
            "![quantisation error](quantisation_error.png)", ""]
     (out / "report.md").write_text("\n".join(md))

@@ -214,7 +214,7 @@ def glu(x: np.ndarray, layer: IntLayer, cfg: ModelConfig, fmt: Formats = F, trac
     v = saturate(rshift_round(silu(gate, fmt) * up, fmt.x_frac), fmt)
     out = bitlinear(v, layer.down_proj, fmt)
     if trace is not None:
-        trace.update(gate_proj=gu, down_in=v, down_proj=out)
+        trace.update(gate_proj=gu, gate=gu[:cfg.I], down_in=v, down_proj=out)
     return out
 
 
@@ -231,13 +231,20 @@ class IntegerModel:
         self.h = [np.zeros(self.cfg.d, dtype=np.int64) for _ in range(self.cfg.L)]
 
     def step(self, token: int, trace: list | None = None) -> np.ndarray:
-        """Feed one token; returns the Q16 logits (int64 [V])."""
+        """Feed one token; returns the Q16 logits (int64 [V]).
+
+        ``trace``: a list that gets one dict per layer: the BitLinear outputs (``i_proj`` ...
+        ``down_proj``), ``forget`` (f after the lower bound, Q15), ``h``, ``o_in`` (p),
+        ``x_attn`` (x after the token mixer), ``gate`` (the first I rows of gate_proj),
+        ``down_in`` (v) and ``x``, plus the BitLinear internals the functions record."""
         fmt, cfg = self.fmt, self.cfg
         x = embed(self.w, token)
         for l, layer in enumerate(self.w.layers):
             t = {} if trace is not None else None
             o, self.h[l] = mlgru(x, self.h[l], layer, fmt, t)
             x = saturate(x + o, fmt)
+            if trace is not None:
+                t["x_attn"] = x.copy()
             x = saturate(x + glu(x, layer, cfg, fmt, t), fmt)
             if trace is not None:
                 t["x"] = x.copy()

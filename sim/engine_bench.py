@@ -5,6 +5,11 @@
 * ``block_d512``: one d=512 block (I=1536) at 64 lanes, measured as cycles(L=2) - cycles(L=1)
   on the same build; target under 60 000 cycles (the paper's FPGA: about 2.58 M).
 * ``hgrn_370m``: L=24, d=1024, I=2816, V=32000 at 64 lanes; target 1.10x the ideal.
+* :func:`large_geometries`: the 1.3B and 2.7B geometries at 64 lanes, one token each, on one
+  shared build (``BUILD_64_LARGE``); no target, the ratio to the ideal is the figure.
+* :func:`sim_speed`: simulated clock cycles per wall-clock second of Verilator, Icarus and
+  Amaranth's simulator on the same workload (the demo model at 16 lanes, real weights), counted
+  from the first FEED_TOKEN to the last result (simulator start-up and builds excluded).
 
 The d=512 and 370M figures use *synthetic* weights (pseudo-random bytes made by the memory
 model, labelled ``synthetic_weights: true``): the cycle count of a step does not depend on the
@@ -21,11 +26,15 @@ from mmfree_fpga.config import ModelConfig
 
 from .engine_sim import default_build, load_image, reference_tokens, run_engine
 
-__all__ = ["engine_benchmarks", "TARGETS", "GEOMETRY_370M", "block_cycles"]
+__all__ = ["engine_benchmarks", "TARGETS", "GEOMETRY_370M", "block_cycles", "large_geometries", "sim_speed",
+           "BUILD_64_LARGE"]
 
 TARGETS = {"demo_ratio": 1.25, "block_d512_cycles": 60_000, "hgrn_370m_ratio": 1.10}
 GEOMETRY_370M = ModelConfig(vocab_size=32000, hidden_size=1024, num_hidden_layers=24, intermediate_size=2816)
 BUILD_64 = default_build(GEOMETRY_370M, 64)
+# one build for the 1.3B and 2.7B geometries (the 2.7B's maxima; 1.3B set at run time)
+BUILD_64_LARGE = default_build(ModelConfig(vocab_size=32000, hidden_size=2560, num_hidden_layers=32,
+                                           intermediate_size=6912), 64)
 
 
 def _ideal(cfg: ModelConfig, lanes: int) -> float:
@@ -62,7 +71,7 @@ def engine_benchmarks(*, include_370m: bool = True, tokens_370m: int = 2, mem_ba
     res["demo"] = {"lanes": 16, "cycles_per_token": r.cycles, "ideal_cycles_per_token": ideal,
                    "ratio_to_ideal": max(r.cycles) / ideal, "target_ratio": TARGETS["demo_ratio"],
                    "ok": max(r.cycles) <= TARGETS["demo_ratio"] * ideal, "matches_integer_model": ref == r.tokens,
-                   "sim_cycles_per_s": r.sim_cycles / r.sim_seconds, "wall_s": time.perf_counter() - t0}
+                   "sim_cycles_per_s": r.sim_cycles / r.sim_wall_s, "wall_s": time.perf_counter() - t0}
 
     t0 = time.perf_counter()
     b = block_cycles(**mem)
@@ -79,9 +88,47 @@ def engine_benchmarks(*, include_370m: bool = True, tokens_370m: int = 2, mem_ba
         res["hgrn_370m"] = {"lanes": 64, "cycles_per_token": r.cycles, "ideal_cycles_per_token": ideal,
                             "ratio_to_ideal": max(r.cycles) / ideal, "target_ratio": TARGETS["hgrn_370m_ratio"],
                             "ok": max(r.cycles) <= TARGETS["hgrn_370m_ratio"] * ideal, "synthetic_weights": True,
-                            "sim_cycles_per_s": r.sim_cycles / r.sim_seconds, "wall_s": time.perf_counter() - t0}
+                            "sim_cycles_per_s": r.sim_cycles / r.sim_wall_s, "wall_s": time.perf_counter() - t0}
     res["mem"] = mem
     return res
+
+
+def large_geometries(names=("1.3B", "2.7B"), tokens: int = 1, **mem) -> dict:
+    """Cycles of ``tokens`` token steps (synthetic weights, 64 lanes) of each published geometry."""
+    from mmfree_fpga.config import PUBLISHED
+    out = {}
+    for name in names:
+        cfg = PUBLISHED[name]
+        t0 = time.perf_counter()
+        r = run_engine(cfg=cfg, blob=None, packing="base3", lanes=64, prompt=[1] * tokens, steps=1,
+                       simulator="verilator", build=BUILD_64_LARGE, synthetic=True, **mem)
+        ideal = _ideal(cfg, 64)
+        out[name] = {"lanes": 64, "cycles_per_token": r.cycles, "ideal_cycles_per_token": ideal,
+                     "ratio_to_ideal": max(r.cycles) / ideal, "synthetic_weights": True,
+                     "sim_cycles_per_s": r.sim_cycles / r.sim_wall_s, "wall_s": time.perf_counter() - t0}
+    return out
+
+
+def sim_speed(tokens: dict | None = None) -> dict:
+    """Simulator -> cycles/s on the demo model at 16 lanes (``tokens``: simulator -> token steps)."""
+    from mmfree_fpga.reference.checkpoint import DEMO_CHECKPOINT
+    from .runner import simulator_missing
+    tokens = tokens or {"verilator": 4, "icarus": 1, "amaranth": 1}
+    cfg, blob = load_image(DEMO_CHECKPOINT, "base3")
+    prompt = list(b"def ")
+    out = {}
+    for sim, n in tokens.items():
+        reason = None if sim == "amaranth" else simulator_missing(sim)
+        if reason:
+            out[sim] = {"missing": reason}
+            continue
+        t0 = time.perf_counter()
+        r = run_engine(cfg=cfg, blob=blob, packing="base3", lanes=16, prompt=prompt[:n], steps=1, simulator=sim)
+        ref, _ = reference_tokens(cfg, blob, "base3", prompt[:n], 1)
+        out[sim] = {"tokens": n, "sim_cycles": r.sim_cycles, "sim_wall_s": r.sim_wall_s,
+                    "cycles_per_s": r.sim_cycles / r.sim_wall_s, "matches_integer_model": r.tokens == ref,
+                    "wall_s": time.perf_counter() - t0}
+    return out
 
 
 if __name__ == "__main__":

@@ -7,6 +7,10 @@ at time 0 (no Python per word), and one build per (lanes, maxima, packings) serv
 geometry that fits: the geometry is set at run time with ``SET_PARAM``. cocotb drives the
 command stream (``sim/engine_tb.py``); the Amaranth simulator (``simulator="amaranth"``)
 instead uses on-chip RAM initialised from the image.
+
+``trace=True`` also records the engine's ``trace`` port: every result its writer stores, as
+``(job, layer, row, value)`` tuples per step (:attr:`EngineRun.trace`), which
+:func:`mmfree_fpga.reference.compare.hardware_trace` turns into per-layer vectors.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from pathlib import Path
 from mmfree_fpga.config import ModelConfig
 
 __all__ = ["EngineBuild", "default_build", "EngineRun", "load_image", "synthetic_image_info", "reference_tokens",
-           "run_engine", "run_amaranth", "build_dir_for", "SIMULATORS"]
+           "run_engine", "run_amaranth", "build_dir_for", "decode_trace", "SIMULATORS"]
 
 SIMULATORS = ("verilator", "icarus", "amaranth")
 # the gateware the engine is made of (a change to any of them means a new simulator build)
@@ -66,7 +70,9 @@ class EngineRun:
     sim_seconds: float = 0.0
     simulator: str = ""
     synthetic: bool = False
-    sim_cycles: float = 0.0
+    sim_cycles: float = 0.0        # clock cycles from the first FEED_TOKEN to the last result
+    sim_wall_s: float = 0.0        # wall-clock seconds of those cycles (simulator start-up excluded)
+    trace: list | None = None      # per step: [(job, layer, row, value), ...] in store order
 
 
 def load_image(checkpoint, packing: str):
@@ -118,12 +124,13 @@ def run_engine(*, cfg: ModelConfig, blob: bytes | None, packing: str, lanes: int
                steps: int, simulator: str = "verilator", build: EngineBuild | None = None,
                stall_rate: float = 0.0, cmd_stall_rate: float = 0.0, mem_bandwidth: float = 0.0,
                mem_latency: int = 1, read_logits: list[int] = (), seed: int = 1,
-               synthetic: bool = False) -> EngineRun:
+               synthetic: bool = False, trace: bool = False) -> EngineRun:
     """Feed ``prompt`` then ``steps - 1`` greedy tokens (``steps`` generated tokens in all).
 
     ``blob`` None with ``synthetic``: the memory model makes up the weights (cycle counts only).
     ``stall_rate``: probability of a stall cycle on the weight response; ``cmd_stall_rate``: of
     an idle cycle before each command. ``mem_bandwidth`` bytes/cycle (0 = one beat per cycle).
+    ``trace``: record the ``trace`` port (module docstring).
     """
     from mmfree_fpga.hw.engine import beat_bytes, check_geometry
     from mmfree_fpga.host.image import image_size
@@ -132,7 +139,7 @@ def run_engine(*, cfg: ModelConfig, blob: bytes | None, packing: str, lanes: int
     check_geometry(cfg, lanes, max_d=build.max_d, max_I=build.max_I, max_L=build.max_L, max_V=build.max_V)
     if simulator == "amaranth":
         return run_amaranth(cfg=cfg, blob=blob, packing=packing, lanes=lanes, prompt=prompt, steps=steps,
-                            read_logits=read_logits)
+                            read_logits=read_logits, trace=trace)
     from .runner import simulator_missing
     from mmfree_fpga.errors import UserError
     reason = simulator_missing(simulator)
@@ -143,7 +150,21 @@ def run_engine(*, cfg: ModelConfig, blob: bytes | None, packing: str, lanes: int
     return _run_cocotb(cfg=cfg, blob=blob, packing=packing, build=build, prompt=prompt, steps=steps,
                        simulator=simulator, stall_rate=stall_rate, cmd_stall_rate=cmd_stall_rate,
                        mem_bandwidth=mem_bandwidth, mem_latency=mem_latency, read_logits=read_logits,
-                       seed=seed, synthetic=synthetic)
+                       seed=seed, synthetic=synthetic, trace=trace)
+
+
+def decode_trace(words: list[int], layout) -> list[tuple[int, int, int, int]]:
+    """Raw ``trace__payload`` integers -> (job, layer, row, value) with the widths of ``layout``."""
+    widths = [layout[name].shape.width for name in ("job", "layer", "row", "value")]
+    out = []
+    for w in words:
+        fields = []
+        for width in widths:
+            fields.append(w & ((1 << width) - 1))
+            w >>= width
+        v = fields[3]
+        out.append((fields[0], fields[1], fields[2], v - (1 << 32) if v & (1 << 31) else v))
+    return out
 
 
 def _sources(build: EngineBuild, directory: Path) -> list[Path]:
@@ -164,7 +185,7 @@ def _sources(build: EngineBuild, directory: Path) -> list[Path]:
 
 
 def _run_cocotb(*, cfg, blob, packing, build, prompt, steps, simulator, stall_rate, cmd_stall_rate,
-                mem_bandwidth, mem_latency, read_logits, seed, synthetic) -> EngineRun:
+                mem_bandwidth, mem_latency, read_logits, seed, synthetic, trace=False) -> EngineRun:
     from cocotb_tools.runner import get_results, get_runner
     from mmfree_fpga.hw.engine import beat_bytes
     from mmfree_fpga.hw.weight_port import write_hex
@@ -198,6 +219,7 @@ def _run_cocotb(*, cfg, blob, packing, build, prompt, steps, simulator, stall_ra
             "prompt": list(prompt), "steps": steps, "stall_rate": stall_rate,
             "cmd_stall_rate": cmd_stall_rate, "mem_bandwidth": mem_bandwidth, "mem_latency": mem_latency,
             "read_logits": list(read_logits), "seed": seed, "synthetic": synthetic, "vocab": cfg.V,
+            "trace": trace,
         }
         (tmp / "job.json").write_text(json.dumps(job))
         out = tmp / "result.json"
@@ -210,27 +232,50 @@ def _run_cocotb(*, cfg, blob, packing, build, prompt, steps, simulator, stall_ra
         if failed or total == 0 or not out.exists():
             raise CocotbFailure(f"the engine simulation failed on {simulator}; see {tmp}")
         res = json.loads(out.read_text())
+    traces = None
+    if trace:
+        from mmfree_fpga.hw.engine import trace_layout
+        layout = trace_layout(build.max_d, build.max_I, build.max_L, build.max_V)
+        traces = [decode_trace(words, layout) for words in res["trace"]]
     return EngineRun(tokens=res["tokens"], argmax_logits=res["argmax_logits"], cycles=res["cycles"],
                      read_logits={int(k): {int(i): v for i, v in d.items()} for k, d in res["read_logits"].items()},
                      sim_seconds=elapsed, simulator=simulator, synthetic=synthetic,
-                     sim_cycles=res["sim_cycles"])
+                     sim_cycles=res["sim_cycles"], sim_wall_s=res["sim_wall_s"], trace=traces)
 
 
-def run_amaranth(*, cfg, blob, packing, lanes, prompt, steps, read_logits=(), load_stream: bool = False) -> EngineRun:
+def run_amaranth(*, cfg, blob, packing, lanes, prompt, steps, read_logits=(), load_stream: bool = False,
+                 trace: bool = False) -> EngineRun:
     """The same run on Amaranth's simulator, weights in on-chip RAM initialised from the image
-    (``load_stream``: RAM without contents, the image sent through the ``load`` stream first)."""
+    (``load_stream``: RAM without contents, the image sent through the ``load`` stream first).
+    ``sim_cycles``: clock cycles from the first FEED_TOKEN to the last result."""
     from amaranth.sim import Simulator
     from mmfree_fpga.hw.engine import Engine, EngineOp
     if blob is None:
         from mmfree_fpga.errors import UserError
         raise UserError("the Amaranth simulator needs real weights (no synthetic mode)")
     dut = Engine(cfg, lanes=lanes, packing=packing, image=None if load_stream else blob)
-    out = EngineRun(tokens=list(prompt), argmax_logits=[], cycles=[], simulator="amaranth")
+    out = EngineRun(tokens=list(prompt), argmax_logits=[], cycles=[], simulator="amaranth",
+                    trace=[] if trace else None)
+    clock = {"cycle": 0, "start": None, "end": 0, "t0": 0.0, "t1": 0.0}
+
+    async def until(ctx, cond, *exprs):
+        """tick().sample(*exprs).until(cond), counting the cycles (no extra process per cycle)."""
+        while True:
+            _clk, _rst, done, *values = await ctx.tick().sample(cond, *exprs)
+            clock["cycle"] += 1
+            if done:
+                return values
+
+    async def capture(ctx):
+        # values sampled at the clock edge: what the writer stores on that edge
+        async for _clk, _rst, valid, payload in ctx.tick().sample(dut.trace.valid, dut.trace.payload):
+            if valid:
+                out.trace[-1].append((int(payload.job), int(payload.layer), int(payload.row), int(payload.value)))
 
     async def command(ctx, op, arg=0, index=0):
         ctx.set(dut.cmd.payload, {"op": op, "index": index, "arg": arg})
         ctx.set(dut.cmd.valid, 1)
-        await ctx.tick().until(dut.cmd.ready)
+        await until(ctx, dut.cmd.ready)
         ctx.set(dut.cmd.valid, 0)
 
     async def bench(ctx):
@@ -245,14 +290,19 @@ def run_amaranth(*, cfg, blob, packing, lanes, prompt, steps, read_logits=(), lo
         await command(ctx, EngineOp.RESET_STATE)
         n_feed = len(prompt) + steps - 1
         for t in range(n_feed):
+            if trace:
+                out.trace.append([])
+            if clock["start"] is None:
+                clock["start"], clock["t0"] = clock["cycle"], time.perf_counter()
             await command(ctx, EngineOp.FEED_TOKEN, out.tokens[t])
             ctx.set(dut.result.ready, 1)
-            (res,) = await ctx.tick().sample(dut.result.payload).until(dut.result.valid)
+            (res,) = await until(ctx, dut.result.valid, dut.result.payload)
             ctx.set(dut.result.ready, 0)
             if t >= len(prompt) - 1:
                 out.tokens.append(int(res.token))
             out.argmax_logits.append(int(res.logit))
             out.cycles.append(int(res.cycles))
+            clock["end"], clock["t1"] = clock["cycle"], time.perf_counter()
             got = {}
             for idx in read_logits:
                 ctx.set(dut.logit_req.payload, idx)
@@ -268,7 +318,11 @@ def run_amaranth(*, cfg, blob, packing, lanes, prompt, steps, read_logits=(), lo
     sim = Simulator(dut)
     sim.add_clock(1e-8)
     sim.add_testbench(bench)
+    if trace:
+        sim.add_process(capture)
     t0 = time.perf_counter()
     sim.run()
     out.sim_seconds = time.perf_counter() - t0
+    out.sim_cycles = clock["end"] - (clock["start"] or 0)
+    out.sim_wall_s = clock["t1"] - clock["t0"]
     return out

@@ -4,6 +4,10 @@ The job (parameters, prompt, steps, memory model settings) comes as JSON in ``EN
 tokens, argmax logits, cycles per token and read-back logits go to ``ENGINE_RESULT``. The
 weights are already in the simulated memory (``+weights=FILE``). Python only wakes for the
 few handshakes of each token; while the engine computes, the test waits on ``result.valid``.
+
+With ``"trace": true`` in the job, a second coroutine also records every ``trace`` beat (each
+result the engine's writer stores) as the raw payload integer, per step; it wakes on the rising
+edge of ``trace__valid`` and then once per cycle while it stays high.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import time
 
 import cocotb
 from cocotb.clock import Clock
@@ -28,6 +33,21 @@ def _cmd_word(op: int, index: int, arg: int) -> int:
 
 def _signed32(v: int) -> int:
     return v - (1 << 32) if v & (1 << 31) else v
+
+
+async def _capture_trace(dut, sink):
+    """Append the payload of every cycle with ``trace__valid`` high to ``sink[0]`` (the list of
+    the step in progress): values sampled after the cycle settled, i.e. what the writer stores
+    at the next clock edge."""
+    valid, payload, clk = dut.trace__valid, dut.trace__payload, dut.clk
+    await ReadOnly()
+    while True:
+        if int(valid.value):
+            sink[0].append(int(payload.value))
+            await RisingEdge(clk)
+        else:
+            await RisingEdge(valid)
+        await ReadOnly()
 
 
 @cocotb.test()
@@ -65,15 +85,23 @@ async def engine_job(dut):
         await FallingEdge(dut.clk)
         dut.cmd__valid.value = 0
 
+    trace_sink = [[]] if job.get("trace") else None
+    if trace_sink is not None:
+        cocotb.start_soon(_capture_trace(dut, trace_sink))
+
     for index, value in job["params"]:
         await command(SET_PARAM, index, value)
     await command(RESET_STATE)
 
     prompt, steps = job["prompt"], job["steps"]
     tokens = list(prompt)
-    argmax_logits, cycles, read_logits = [], [], {}
+    argmax_logits, cycles, read_logits, traces = [], [], {}, []
     start_ns = get_sim_time("ns")
+    start_wall = time.perf_counter()
     for t in range(len(prompt) + steps - 1):
+        if trace_sink is not None:
+            trace_sink[0] = []
+            traces.append(trace_sink[0])
         await command(FEED_TOKEN, 0, tokens[t])
         if not int(dut.result__valid.value):
             await RisingEdge(dut.result__valid)
@@ -103,6 +131,8 @@ async def engine_job(dut):
             await FallingEdge(dut.clk)
         read_logits[t] = got
     sim_cycles = (get_sim_time("ns") - start_ns) / PERIOD_NS
+    sim_wall_s = time.perf_counter() - start_wall
     with open(os.environ["ENGINE_RESULT"], "w") as f:
         json.dump({"tokens": tokens, "argmax_logits": argmax_logits, "cycles": cycles,
-                   "read_logits": read_logits, "sim_cycles": sim_cycles}, f)
+                   "read_logits": read_logits, "sim_cycles": sim_cycles, "sim_wall_s": sim_wall_s,
+                   "trace": traces if trace_sink is not None else None}, f)

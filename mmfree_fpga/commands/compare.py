@@ -6,35 +6,81 @@ from pathlib import Path
 
 HELP = "compare the float model, the integer model and the hardware on the same text; writes a report"
 
+HARDWARE_CHOICES = ("sim", "image", "none")
+SIM_CHOICES = ("verilator", "icarus", "amaranth")
+
 
 def add_arguments(p) -> None:
     p.add_argument("--prompt", default=None, metavar="TEXT", help="text to feed (default: held-out demo-corpus text)")
     p.add_argument("--prompt-ids", default=None, metavar="IDS", help="token ids to feed")
-    p.add_argument("--positions", type=int, default=256, metavar="N",
-                   help="positions of held-out text when no prompt is given (default 256)")
-    p.add_argument("--hardware", choices=("image", "none"), default="image",
-                   help="'image': run the exported weight image the hardware is loaded with (default; "
-                        "--image DIR, else exported on the fly); 'none': float vs integer only")
-    p.add_argument("--image", default=None, metavar="DIR", help="an exported weight image (mmfree-fpga export)")
+    p.add_argument("--positions", type=int, default=None, metavar="N",
+                   help="positions of held-out text when no prompt is given (default 256; 32 with --hardware sim)")
+    p.add_argument("--hardware", choices=HARDWARE_CHOICES, default=None,
+                   help="'sim': simulate the engine on the exported weight image and capture every vector it "
+                        "stores (default when the simulator is installed); 'image': run that image through "
+                        "the integer model (no simulation); 'none': float vs integer only")
+    p.add_argument("--simulator", choices=SIM_CHOICES, default="verilator",
+                   help="simulator for --hardware sim (default verilator; icarus and amaranth are much slower)")
+    p.add_argument("--lanes", type=int, default=16, metavar="N", help="engine lanes for --hardware sim (default 16)")
+    p.add_argument("--image", default=None, metavar="DIR",
+                   help="an exported weight image (mmfree-fpga export) to load the hardware with "
+                        "(default: the checkpoint exported on the fly, base3)")
     p.add_argument("--out", default="out/compare", metavar="DIR", help="report directory (default out/compare)")
 
 
-def run(args) -> dict:
+def _simulator_missing(name: str) -> str | None:
+    if name == "amaranth":
+        return None
+    from mmfree_fpga.sim.runner import simulator_missing
+    return simulator_missing(name)
+
+
+def _hardware_image(args, weights, cfg, ckpt):
+    """The WeightImage the hardware is loaded with."""
     import tempfile
 
     from mmfree_fpga.errors import UserError
+    from mmfree_fpga.host.image import WeightImage
+    from mmfree_fpga.reference.export import write_image
+    if args.image:
+        image = WeightImage.from_directory(args.image)
+    else:
+        with tempfile.TemporaryDirectory(prefix="mmfree-compare-") as tmp:
+            write_image(weights, Path(tmp) / "img")
+            image = WeightImage.from_directory(Path(tmp) / "img")
+    if image.cfg != cfg:
+        raise UserError(f"the image at {args.image} is for a different geometry than {ckpt}")
+    return image
+
+
+def run(args) -> dict:
+    from mmfree_fpga.errors import UserError
     from mmfree_fpga.generation import parse_prompt
+    from mmfree_fpga.host.image import parse_image
     from mmfree_fpga.reference.agreement import held_out_ids
     from mmfree_fpga.reference.checkpoint import DEMO_CHECKPOINT, load_checkpoint, load_model
-    from mmfree_fpga.reference.compare import compare_traces, float_trace, integer_trace, write_report
-    from mmfree_fpga.reference.export import integer_weights, read_image, write_image
+    from mmfree_fpga.reference.compare import (compare_traces, float_trace, hardware_trace, integer_trace,
+                                               write_report)
+    from mmfree_fpga.reference.export import integer_weights
 
+    hardware = args.hardware
+    if hardware is None:
+        reason = _simulator_missing(args.simulator)
+        hardware = "sim" if reason is None else "image"
+        if reason:
+            print(f"compare: {reason}; comparing the weight image through the integer model instead "
+                  "(--hardware image)", flush=True)
+    elif hardware == "sim":
+        reason = _simulator_missing(args.simulator)
+        if reason:
+            raise UserError(f"--hardware sim: {reason}")
     ckpt = args.checkpoint or DEMO_CHECKPOINT
     cfg, tensors = load_checkpoint(ckpt)
     if args.prompt is None and args.prompt_ids is None:
         if cfg.V != 256:
             raise UserError("this model is not byte-level: give --prompt-ids")
-        ids = held_out_ids(args.positions)
+        positions = args.positions if args.positions is not None else (32 if hardware == "sim" else 256)
+        ids = held_out_ids(positions)
     else:
         ids = parse_prompt(args.prompt, args.prompt_ids, cfg.V)
     weights = integer_weights(cfg, tensors)
@@ -43,23 +89,41 @@ def run(args) -> dict:
     print("compare: integer model ...", flush=True)
     itg = integer_trace(weights, ids)
     hw = None
-    if args.hardware == "image":
-        if args.image:
-            image = read_image(args.image)
+    source = None
+    sim_info = None
+    if hardware in ("image", "sim"):
+        image = _hardware_image(args, weights, cfg, ckpt)
+        if hardware == "image":
+            print("compare: hardware image through the integer model ...", flush=True)
+            hw = integer_trace(parse_image(image.blob, image.cfg, image.packing), ids)
+            source = (f"the weight image ({image.packing}, {args.image or f'{ckpt} exported on the fly'}) run "
+                      "through the integer model, not simulated")
         else:
-            with tempfile.TemporaryDirectory() as tmp:
-                write_image(weights, Path(tmp) / "img")
-                image = read_image(Path(tmp) / "img")
-        if image.cfg != cfg:
-            raise UserError(f"the image at {args.image} is for a different geometry than {ckpt}")
-        print("compare: hardware image ...", flush=True)
-        hw = integer_trace(image, ids)
+            from mmfree_fpga.sim.engine_sim import run_engine
+            print(f"compare: simulating the engine ({args.simulator}, {args.lanes} lanes, {len(ids)} tokens) ...",
+                  flush=True)
+            r = run_engine(cfg=cfg, blob=image.blob, packing=image.packing, lanes=args.lanes, prompt=list(ids),
+                           steps=1, simulator=args.simulator, trace=True)
+            hw = hardware_trace(r.trace, cfg)
+            # the result the engine returned (its argmax logit) must be the largest logit it stored
+            consistent = all(int(h["logits"].max()) == lg for h, lg in zip(hw, r.argmax_logits))
+            source = (f"the engine ({args.lanes} lanes) simulated on {args.simulator} with the weight image "
+                      f"({image.packing}, {args.image or f'{ckpt} exported on the fly'}); every vector its writer "
+                      "stored, captured from its trace port")
+            sim_info = {"simulator": args.simulator, "lanes": args.lanes, "cycles_per_token": r.cycles,
+                        "sim_seconds": round(r.sim_seconds, 2), "argmax_tokens": r.tokens[len(ids):],
+                        "argmax_logits": r.argmax_logits, "result_matches_stored_logits": consistent}
     report = compare_traces(ids, flt, itg, hw)
+    if source:
+        report["hardware_source"] = source
+    if sim_info:
+        report["simulation"] = sim_info
     files = write_report(report, args.out)
     print(f"compare: {report['verdict']}")
     print(f"compare: report in {Path(args.out) / 'report.md'}")
     return {"top1_agreement": report["top1_agreement"], "mean_logit_cosine": report["mean_logit_cosine"],
-            "per_layer": report["per_layer"], "verdict": report["verdict"],
-            "hardware_exact": report.get("hardware_exact"),
+            "per_layer": report["per_layer"], "verdict": report["verdict"], "hardware": hardware,
+            "hardware_source": source, "hardware_exact": report.get("hardware_exact"),
             "hardware_first_mismatch": report.get("hardware_first_mismatch"),
+            "hardware_vectors": report.get("hardware_vectors"), "simulation": sim_info,
             "files": [str(Path(args.out) / f) for f in files]}
