@@ -211,20 +211,26 @@ def engine_params(cfg: ModelConfig, packing: str, lanes: int) -> dict[int, int]:
 class _Job:
     """A job counter: global index k, job type jt, layer l."""
 
-    def __init__(self, name: str, max_L: int):
+    def __init__(self, name: str, max_L: int, strides=()):
         self.k = Signal(range(6 * max_L + 2), name=f"{name}_k")
         self.jt = Signal(3, name=f"{name}_jt")
         self.l = Signal(range(max_L + 1), name=f"{name}_l")
         self.slot = Signal(range(NORM_SLOTS), name=f"{name}_slot")     # k mod NORM_SLOTS
+        # l * stride for each (name, stride), kept as running sums (no multiplier)
+        self._strides = tuple(strides)
+        self.base = {n: Signal(ADDR_BITS, name=f"{name}_{n}_base") for n, _ in self._strides}
 
     def reset(self):
-        return [self.k.eq(0), self.jt.eq(0), self.l.eq(0), self.slot.eq(0)]
+        return ([self.k.eq(0), self.jt.eq(0), self.l.eq(0), self.slot.eq(0)]
+                + [b.eq(0) for b in self.base.values()])
 
     def step(self, n_layers):
         last_layer = self.l == n_layers - 1
         return [self.k.eq(self.k + 1), self.slot.eq(Mux(self.slot == NORM_SLOTS - 1, 0, self.slot + 1)),
                 self.jt.eq(Mux(self.jt == JT_DOWN, Mux(last_layer, JT_LM, JT_F), self.jt + 1)),
-                self.l.eq(Mux(self.jt == JT_DOWN, self.l + 1, self.l))]
+                self.l.eq(Mux(self.jt == JT_DOWN, self.l + 1, self.l))] + [
+                self.base[n].eq(Mux(self.jt == JT_DOWN, self.base[n] + stride, self.base[n]))
+                for n, stride in self._strides]
 
 
 class _Tag:
@@ -244,6 +250,11 @@ class EngineCore(wiring.Component):
         The initial trit packing; ``packings`` the packings decoded (both by default).
     max_d, max_I, max_L, max_V : int
         Synthesis maxima of the geometry (memory sizes).
+    compact : bool
+        The small-FPGA variant (iCE40UP5K: 8 DSPs): the output scale and the elementwise unit
+        share each multiplier between two products (one output element every two cycles,
+        which a matrix of ``cols / lanes >= 2`` cycles per row never notices) and the embedding
+        goes through the output scale (no EmbedScale): 8 DSPs in all instead of 14.
 
     Members
     -------
@@ -253,8 +264,9 @@ class EngineCore(wiring.Component):
     """
 
     def __init__(self, cfg: ModelConfig, *, lanes: int = 16, packing: str = "base3", packings=PACKINGS,
-                 max_d=None, max_I=None, max_L=None, max_V=None):
+                 max_d=None, max_I=None, max_L=None, max_V=None, compact: bool = False):
         self.cfg = cfg
+        self.compact = compact
         self.lanes = lanes
         self.packing = packing
         self.packings = tuple(p for p in PACKINGS if p in packings)
@@ -298,9 +310,20 @@ class EngineCore(wiring.Component):
         m.submodules.scalar = scalar = ScalarUnit(FORMATS)
         m.submodules.matvec = mv = TernaryMatVec(lanes=lanes, packings=self.packings,
                                                  max_rows=max(2 * max_I, max_V, max_d), max_cols=max_in)
-        m.submodules.oscale = osc = OutputScale(FORMATS)
-        m.submodules.ew = ew = ElementwiseUnit(FORMATS)
-        m.submodules.embed = emb = EmbedScale(FORMATS)
+        compact = self.compact
+        share = 2 if compact else 1
+        m.submodules.oscale = osc = OutputScale(FORMATS, share=share, embed=compact)
+        m.submodules.ew = ew = ElementwiseUnit(FORMATS, share=share)
+        # the embedding: its own EmbedScale, or (compact) through the output scale, which is
+        # idle from FEED_TOKEN until the embedding is in x
+        emb_i = stream.Signature(data.StructLayout({"q": signed(w.act_bits), "last": 1})).create()
+        emb_o = stream.Signature(data.StructLayout({"value": x_shape, "last": 1})).create()
+        emb_scale = Signal(32)
+        if not compact:
+            m.submodules.embed = emb = EmbedScale(FORMATS)
+            wiring.connect(m, emb_i, emb.i)
+            wiring.connect(m, emb.o, wiring.flipped(emb_o))
+            m.d.comb += emb.scale.eq(emb_scale)
         m.submodules.argmax = amax = Argmax(max_V, FORMATS)
 
         # -- parameters ------------------------------------------------------------------------
@@ -390,8 +413,8 @@ class EngineCore(wiring.Component):
             m.d.sync += [wptr.eq(0), lword.eq(0)]
 
         # -- job counters and progress -------------------------------------------------------------
-        nj = _Job("nj", max_L)      # fetcher: next norms
-        tj = _Job("tj", max_L)      # fetcher: next trits
+        nj = _Job("nj", max_L, (("layer", g_lstride), ("lb", g_lbstride)))      # fetcher: next norms
+        tj = _Job("tj", max_L, (("layer", g_lstride),))                         # fetcher: next trits
         fj = _Job("fj", max_L)      # front
         mj = _Job("mj", max_L)      # matrix issuer
         oj = _Job("oj", max_L)      # operand stage
@@ -415,10 +438,20 @@ class EngineCore(wiring.Component):
         k_beats = -(-8 // wb)
         njt_base = nj.jt * Param.JOB_STRIDE
         tjt_base = tj.jt * Param.JOB_STRIDE
-        n_layer_base = Mux(nj.jt == JT_LM, 0, nj.l * g_lstride)
-        t_layer_base = Mux(tj.jt == JT_LM, 0, tj.l * g_lstride)
+        n_layer_base = Mux(nj.jt == JT_LM, 0, nj.base["layer"])
+        t_layer_base = Mux(tj.jt == JT_LM, 0, tj.base["layer"])
         tok_bits = max(1, (max_V - 1).bit_length())
         emb_scale_byte = p0.data + 4 * token[:tok_bits]
+        # the embedding row's word offset token * d / beat_bytes, by shift and add (one token bit
+        # per cycle from FEED_TOKEN on, done before the fetcher asks for the row): no multiplier
+        emb_row = Signal(ADDR_BITS)
+        emb_mtok = Signal(tok_bits)
+        emb_mcnt = Signal(range(tok_bits + 1))
+        with m.If(start):
+            m.d.sync += [emb_row.eq(0), emb_mtok.eq(cmd.arg[:tok_bits]), emb_mcnt.eq(tok_bits)]
+        with m.Elif(emb_mcnt != 0):
+            m.d.sync += [emb_row.eq((emb_row << 1) + Mux(emb_mtok[-1], g_d >> lb_log, 0)),
+                         emb_mtok.eq(emb_mtok << 1), emb_mcnt.eq(emb_mcnt - 1)]
 
         def request(addr, length, kind, slot=0, boff_=0, nxt=None, then=()):
             with m.If(~ph):
@@ -443,7 +476,8 @@ class EngineCore(wiring.Component):
                         nxt="EMBR")
             with m.State("EMBR"):
                 m.d.comb += [p0.addr.eq(Param.EMB_Q_OFF), p1.addr.eq(Param.EMB_ROW_BEATS)]
-                request(p0.data + token[:tok_bits] * p1.data[:16], p1.data, _Tag.EMBR, nxt="SEL")
+                with m.If(emb_mcnt == 0):
+                    request(p0.data + emb_row, p1.data, _Tag.EMBR, nxt="SEL")
             with m.State("SEL"):
                 with m.If((nj.k < n_jobs) & (nj.k <= tj.k + 1)):
                     with m.If(norm_ok):
@@ -459,7 +493,7 @@ class EngineCore(wiring.Component):
                     m.next = "IDLE"
             with m.State("LB"):
                 m.d.comb += [p0.addr.eq(Param.LB_OFF), p1.addr.eq(Param.LB_BEATS)]
-                request(p0.data + nj.l * g_lbstride, p1.data, _Tag.LB, nxt="NA")
+                request(p0.data + nj.base["lb"], p1.data, _Tag.LB, nxt="NA")
             with m.State("NA"):
                 m.d.comb += [p0.addr.eq(njt_base + Param.A_OFF), p1.addr.eq(njt_base + Param.NORM_BEATS)]
                 request(p0.data + n_layer_base, p1.data, _Tag.A, slot=nj.slot, nxt="NC")
@@ -522,7 +556,6 @@ class EngineCore(wiring.Component):
         with m.If(xfer & (rtag.kind == _Tag.K) & last_beat):
             m.d.sync += norm_arrived.eq(norm_arrived + 1)
         # embedding scale
-        emb_scale = Signal(32)
         with m.If(xfer & (rtag.kind == _Tag.EMBS)):
             m.d.sync += emb_scale.eq(resp.payload.as_value().word_select(rtag.boff[2:], 32) if wb > 4
                                      else resp.payload.as_value()[:32])
@@ -531,12 +564,12 @@ class EngineCore(wiring.Component):
         dcnt = Signal(range(wb + 1))
         dpos = Signal(range(wb))
         eidx = Signal(range(max_d + 1))
-        emb_take = emb.i.valid & emb.i.ready
-        m.d.comb += [emb.i.valid.eq(dcnt != 0), emb.i.payload.q.eq(dbuf[dpos]),
-                     emb.i.payload.last.eq(eidx == g_d - 1), emb.scale.eq(emb_scale)]
+        emb_take = emb_i.valid & emb_i.ready
+        m.d.comb += [emb_i.valid.eq(dcnt != 0), emb_i.payload.q.eq(dbuf[dpos]),
+                     emb_i.payload.last.eq(eidx == g_d - 1)]
         with m.If(emb_take):
             m.d.sync += [dpos.eq(dpos + 1), dcnt.eq(dcnt - 1), eidx.eq(eidx + 1)]
-        embr_ready = (dcnt == 0) | ((dcnt == 1) & emb.i.ready)
+        embr_ready = (dcnt == 0) | ((dcnt == 1) & emb_i.ready)
         with m.If(xfer & (rtag.kind == _Tag.EMBR)):
             m.d.sync += [dbuf.eq(resp.payload), dcnt.eq(wb), dpos.eq(0)]
         with m.If(start):
@@ -559,11 +592,11 @@ class EngineCore(wiring.Component):
         # embedding -> x
         xw = x_mem.write_port()
         je = Signal(range(max_d + 1))
-        m.d.comb += emb.o.ready.eq(1)
-        with m.If(emb.o.valid):
-            m.d.comb += [xw.en.eq(1), xw.addr.eq(je), xw.data.eq(emb.o.payload.value)]
-            m.d.sync += [je.eq(je + 1), or_x.eq(Mux(je == 0, 0, or_x) | mag(emb.o.payload.value))]
-            with m.If(emb.o.payload.last):
+        m.d.comb += emb_o.ready.eq(1)
+        with m.If(emb_o.valid):
+            m.d.comb += [xw.en.eq(1), xw.addr.eq(je), xw.data.eq(emb_o.payload.value)]
+            m.d.sync += [je.eq(je + 1), or_x.eq(Mux(je == 0, 0, or_x) | mag(emb_o.payload.value))]
+            with m.If(emb_o.payload.last):
                 m.d.sync += [emb_done.eq(1), je.eq(0)]
 
         # -- front -----------------------------------------------------------------------------------
@@ -670,13 +703,26 @@ class EngineCore(wiring.Component):
         m.submodules.scales = sfifo = SyncFIFOBuffered(width=len(scalar.o.payload.as_value()), depth=4)
         m.d.comb += [sfifo.w_data.eq(scalar.o.payload), sfifo.w_en.eq(scalar.o.valid),
                      scalar.o.ready.eq(sfifo.w_rdy)]
+        # (compact) embedding: from FEED_TOKEN until the embedding is in x, the output scale takes
+        # the embedding row; no accumulator can come before then (f_proj waits for x)
+        embedding = Signal()
+        if compact:
+            m.d.comb += embedding.eq(~emb_done)
         m.d.comb += [
             osc.i.payload.eq(mv.out.payload),
             osc.i.valid.eq(mv.out.valid & sfifo.r_rdy),
-            mv.out.ready.eq(osc.i.ready & sfifo.r_rdy),
+            mv.out.ready.eq(osc.i.ready & sfifo.r_rdy & ~embedding),
             osc.scale.eq(sfifo.r_data),
-            sfifo.r_en.eq(mv.out.valid & osc.i.ready & mv.out.payload.last),
+            sfifo.r_en.eq(mv.out.valid & osc.i.ready & mv.out.payload.last & ~embedding),
         ]
+        if compact:
+            m.d.comb += [osc.embed.eq(embedding), osc.emb_scale.eq(emb_scale),
+                         emb_i.ready.eq(embedding & osc.i.ready),
+                         emb_o.valid.eq(embedding & osc.o.valid), emb_o.payload.value.eq(osc.o.payload.value),
+                         emb_o.payload.last.eq(osc.o.payload.last)]
+            with m.If(embedding):
+                m.d.comb += [osc.i.payload.acc.eq(emb_i.payload.q), osc.i.payload.last.eq(emb_i.payload.last),
+                             osc.i.valid.eq(emb_i.valid)]
 
         # -- operand stage ----------------------------------------------------------------------------
         lbr = lb_mem.read_port()
@@ -693,17 +739,18 @@ class EngineCore(wiring.Component):
         o_sel = Signal(range(hw_))
         o_adv = ~ov | ew.i.ready
         upper = (oj.jt == JT_GATE) & (jo >= g_I)
-        m.d.comb += osc.o.ready.eq(o_adv)
+        m.d.comb += osc.o.ready.eq(o_adv | embedding)
+        o_in = osc.o.valid & ~embedding
         m.d.comb += [
             lbr.addr.eq(jo // hw_), gr.addr.eq(Mux(upper, jo - g_I, jo)),
             hr.addr.eq(oj.l * max_d + jo), xr_o.addr.eq(jo),
             lbr.en.eq(o_adv), gr.en.eq(o_adv), hr.en.eq(o_adv), xr_o.en.eq(o_adv),
         ]
         with m.If(o_adv):
-            m.d.sync += [ov.eq(osc.o.valid), o_y.eq(osc.o.payload.value), o_last.eq(osc.o.payload.last),
+            m.d.sync += [ov.eq(o_in), o_y.eq(osc.o.payload.value), o_last.eq(osc.o.payload.last),
                          o_jt.eq(oj.jt), o_up.eq(upper), o_fresh.eq(fresh.bit_select(oj.l, 1)),
                          o_sel.eq(jo % hw_)]
-            with m.If(osc.o.valid):
+            with m.If(o_in):
                 with m.If(osc.o.payload.last):
                     m.d.sync += [jo.eq(0)] + oj.step(g_L)
                 with m.Else():
@@ -794,19 +841,23 @@ class Engine(wiring.Component):
     ``image`` (bytes) initialises on-chip RAM; ``readmemh=True`` uses the simulation store that
     reads ``+weights=FILE``; ``model=True`` adds the memory model, whose knobs become inputs
     ``mem_bandwidth``, ``mem_latency``, ``mem_stall_rate``, ``mem_synthetic``. ``mem_words``
-    sizes the store (default: the build geometry's image).
+    sizes the store (default: the build geometry's image). ``mem_spram`` builds the store from
+    iCE40 SPRAM (None: on an iCE40 platform when ``image`` is None); ``mem_fifo_depth`` beats of
+    response FIFO (3 suffice without the model). Other keywords (maxima, ``compact``) go to
+    :class:`EngineCore`.
     """
 
     def __init__(self, cfg: ModelConfig, *, lanes: int = 16, packing: str = "base3", packings=PACKINGS,
                  image: bytes | None = None, readmemh: bool = False, model: bool = False,
-                 mem_words: int | None = None, mem_fifo_depth: int = 64, **maxima):
+                 mem_words: int | None = None, mem_fifo_depth: int = 64, mem_spram: bool | None = None,
+                 **maxima):
         from mmfree_fpga.host.image import image_size
         self.core = EngineCore(cfg, lanes=lanes, packing=packing, packings=packings, **maxima)
         wb = self.core.beat_bytes
         if mem_words is None:
             mem_words = -(-image_size(cfg, packing) // wb)
         self.memory = WeightMemory(beat_bytes=wb, depth=mem_words, init=image, readmemh=readmemh,
-                                   model=model, fifo_depth=mem_fifo_depth)
+                                   model=model, fifo_depth=mem_fifo_depth, spram=mem_spram)
         self._model = model
         members = {
             "cmd": In(stream.Signature(cmd_layout())),
