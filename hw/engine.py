@@ -77,7 +77,7 @@ alignment); d and I multiples of ``lanes``, d >= 16.
 
 from __future__ import annotations
 
-from amaranth.hdl import Const, Module, Mux, Signal, signed, unsigned
+from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, enum, stream, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.memory import Memory
@@ -670,16 +670,21 @@ class EngineCore(wiring.Component):
                     m.d.sync += fj.step(g_L) + [stats_taken.eq(0)]
                     m.next = "WAIT"
 
-        # q packer and FIFO into the matrix unit
+        # q packer and FIFO into the matrix unit. The FIFO holds words of `sub` q values; compact
+        # builds use quarter-width words (2 iCE40 EBRs instead of 8 for 16 lanes) that are put
+        # back together in front of the matrix unit, whose first row then takes a word per
+        # `q_split` cycles at most (dependent jobs are paced by the front's one q per cycle anyway)
+        q_split = 4 if compact and lanes % 4 == 0 else 1
+        sub = lanes // q_split
         q_words = 2 * max_in // lanes + 2
-        m.submodules.qfifo = qfifo = SyncFIFOBuffered(width=lanes * w.act_bits, depth=q_words)
-        qpack = Signal(data.ArrayLayout(signed(w.act_bits), lanes))
-        qcnt = Signal(range(lanes))
-        q_full = qcnt == lanes - 1
+        m.submodules.qfifo = qfifo = SyncFIFOBuffered(width=sub * w.act_bits, depth=q_words * q_split)
+        qpack = Signal(data.ArrayLayout(signed(w.act_bits), sub))
+        qcnt = Signal(range(sub))
+        q_full = qcnt == sub - 1
         m.d.comb += front.q.ready.eq(~q_full | qfifo.w_rdy)
-        packed = Signal(data.ArrayLayout(signed(w.act_bits), lanes))
+        packed = Signal(data.ArrayLayout(signed(w.act_bits), sub))
         m.d.comb += packed.eq(qpack)
-        m.d.comb += packed[lanes - 1].eq(front.q.payload)
+        m.d.comb += packed[sub - 1].eq(front.q.payload)
         m.d.comb += qfifo.w_data.eq(packed.as_value())
         with m.If(front.q.valid & front.q.ready):
             m.d.sync += qpack[qcnt].eq(front.q.payload)
@@ -688,7 +693,20 @@ class EngineCore(wiring.Component):
                 m.d.sync += qcnt.eq(0)
             with m.Else():
                 m.d.sync += qcnt.eq(qcnt + 1)
-        m.d.comb += [mv.act.valid.eq(qfifo.r_rdy), mv.act.payload.eq(qfifo.r_data), qfifo.r_en.eq(mv.act.ready)]
+        if q_split == 1:
+            m.d.comb += [mv.act.valid.eq(qfifo.r_rdy), mv.act.payload.eq(qfifo.r_data),
+                         qfifo.r_en.eq(mv.act.ready)]
+        else:
+            ubuf = Signal(data.ArrayLayout(unsigned(sub * w.act_bits), q_split - 1))
+            ucnt = Signal(range(q_split))
+            whole = ucnt == q_split - 1
+            m.d.comb += [mv.act.valid.eq(whole & qfifo.r_rdy), mv.act.payload.eq(Cat(ubuf, qfifo.r_data)),
+                         qfifo.r_en.eq(Mux(whole, mv.act.ready, 1))]
+            with m.If(qfifo.r_rdy & qfifo.r_en):
+                with m.If(whole):
+                    m.d.sync += ucnt.eq(0)
+                with m.Else():
+                    m.d.sync += [ubuf[ucnt].eq(qfifo.r_data), ucnt.eq(ucnt + 1)]
 
         # -- matrix commands ---------------------------------------------------------------------------
         m.d.comb += [mv.cmd.valid.eq(running & (mj.k < n_jobs)),
