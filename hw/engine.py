@@ -71,8 +71,8 @@ is ``{cycles, logit, token}`` (token 31:0, logit 63:32, cycles 95:64); ``load__p
 ``logit_req__payload`` and ``logit_resp__payload`` 32 bits. ``rst`` is synchronous, active high.
 Parameter indices below 64 go to the parameter RAM, 64..70 to registers; others are ignored.
 
-Constraints: ``lanes`` in {16, 32, 64} (beats of lanes/4 bytes divide the image's 16-byte section
-alignment); d and I multiples of ``lanes``, d >= 16.
+Constraints: ``lanes`` in {8, 16, 32, 64} (beats of lanes/4 bytes divide the image's 16-byte
+section alignment); d and I multiples of ``lanes``, d >= 16.
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ __all__ = ["EngineOp", "Param", "JOBS", "cmd_layout", "result_layout", "beat_byt
 
 JOBS = ("f_proj", "i_proj", "g_proj", "o_proj", "gate_proj", "down_proj", "lm_head")
 JT_F, JT_I, JT_G, JT_O, JT_GATE, JT_DOWN, JT_LM = range(7)
-LANES_SUPPORTED = (16, 32, 64)
+LANES_SUPPORTED = (8, 16, 32, 64)
 # Norm slots: job k's norms go to slot k mod 3, so the norms of job k+2 can be fetched right
 # behind the trits of job k (the front is done with job k-1 by then).
 NORM_SLOTS = 3
@@ -472,7 +472,7 @@ class EngineCore(wiring.Component):
                     m.next = "EMBS"
             with m.State("EMBS"):
                 m.d.comb += p0.addr.eq(Param.EMB_SCALE_OFF)
-                request(emb_scale_byte >> lb_log, 1, _Tag.EMBS, boff_=emb_scale_byte[:lb_log] if lb_log else 0,
+                request(emb_scale_byte >> lb_log, -(-4 // wb), _Tag.EMBS, boff_=emb_scale_byte[:lb_log] if lb_log else 0,
                         nxt="EMBR")
             with m.State("EMBR"):
                 m.d.comb += [p0.addr.eq(Param.EMB_Q_OFF), p1.addr.eq(Param.EMB_ROW_BEATS)]
@@ -557,8 +557,13 @@ class EngineCore(wiring.Component):
             m.d.sync += norm_arrived.eq(norm_arrived + 1)
         # embedding scale
         with m.If(xfer & (rtag.kind == _Tag.EMBS)):
-            m.d.sync += emb_scale.eq(resp.payload.as_value().word_select(rtag.boff[2:], 32) if wb > 4
-                                     else resp.payload.as_value()[:32])
+            if wb >= 4:
+                m.d.sync += emb_scale.eq(resp.payload.as_value().word_select(rtag.boff[2:], 32) if wb > 4
+                                         else resp.payload.as_value()[:32])
+            else:       # beats narrower than the 32-bit scale: 4 / wb beats, low bytes first
+                for b in range(4 // wb):
+                    with m.If(bidx == b):
+                        m.d.sync += emb_scale[8 * wb * b:8 * wb * (b + 1)].eq(resp.payload.as_value())
         # embedding row: one byte per cycle into EmbedScale
         dbuf = Signal(data.ArrayLayout(signed(8), wb))
         dcnt = Signal(range(wb + 1))

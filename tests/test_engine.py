@@ -75,13 +75,15 @@ def test_params_follow_the_image_layout():
         engine_params(ModelConfig(vocab_size=10, hidden_size=40, num_hidden_layers=1, intermediate_size=64), "base3", 16)
 
 
-@pytest.mark.parametrize("compact", [False, True], ids=["full", "compact"])
-def test_engine_amaranth_tiny_with_load_stream(images, compact):
+@pytest.mark.parametrize("compact,lanes", [(False, LANES), (True, LANES), (True, 8)],
+                         ids=["full", "compact", "compact-8lanes"])
+def test_engine_amaranth_tiny_with_load_stream(images, compact, lanes):
     """Amaranth's simulator; the weights arrive through the load stream (RAM without init).
-    ``compact``: the iCE40 variant (shared multipliers, the embedding through the output scale)."""
+    ``compact``: the iCE40 variant (shared multipliers, the embedding through the output scale);
+    8 lanes: 2-byte weight beats (the embedding scale and k take several beats)."""
     cfg, blob = load_image(images["tiny"], "2bit")
     prompt, steps = [3, 60, 7], 2
-    run = run_amaranth(cfg=cfg, blob=blob, packing="2bit", lanes=LANES, prompt=prompt, steps=steps,
+    run = run_amaranth(cfg=cfg, blob=blob, packing="2bit", lanes=lanes, prompt=prompt, steps=steps,
                        read_logits=READ_BACK, load_stream=True, compact=compact)
     _check(cfg, blob, "2bit", prompt, steps, run)
 
