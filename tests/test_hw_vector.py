@@ -707,3 +707,20 @@ def test_msb_index_and_greater():
     sim = Simulator(m)
     sim.add_testbench(bench)
     sim.run()
+
+
+# -- DSP budget of the compact (iCE40UP5K) variant -----------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("make, dsps", [
+    (lambda: OutputScale(share=2, embed=True), 1),
+    (lambda: ElementwiseUnit(share=2), 4),
+    (lambda: BitLinearFront(), 3),
+    (lambda: OutputScale(), 2),
+    (lambda: ElementwiseUnit(), 7),
+], ids=["OutputScale-compact", "ElementwiseUnit-compact", "BitLinearFront", "OutputScale", "ElementwiseUnit"])
+def test_ice40_dsp_count(make, dsps, tmp_path):
+    """SB_MAC16 cells after synth_ice40 -dsp: the compact engine's vector cores use the UP5K's 8."""
+    from mmfree_fpga.hw.resources import inclusive, synth_stats
+    stats = synth_stats(make(), tmp_path)
+    assert inclusive(stats)["top"]["DSP"] == dsps
