@@ -77,6 +77,8 @@ section alignment); d and I multiples of ``lanes``, d >= 16.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, enum, stream, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
@@ -329,8 +331,15 @@ class EngineCore(wiring.Component):
         # -- parameters ------------------------------------------------------------------------
         pinit = [self.params.get(k, 0) for k in range(Param.RAM_SIZE)]
         m.submodules.pram = pram = Memory(shape=unsigned(32), depth=Param.RAM_SIZE, init=pinit)
-        p0 = pram.read_port()
-        p1 = pram.read_port()
+        if self.compact:
+            # one read port (one copy of the RAM: 2 iCE40 EBRs fewer): the fetcher reads a
+            # request's length (p1) first and keeps it in a register, then its address (p0)
+            p_rd = pram.read_port()
+            p0 = SimpleNamespace(addr=Signal(6, name="p0_addr"), data=p_rd.data)
+            p1 = SimpleNamespace(addr=Signal(6, name="p1_addr"), data=Signal(32, name="p1_data"))
+        else:
+            p0 = pram.read_port()
+            p1 = pram.read_port()
         pw = pram.write_port()
         P = self.params
         g_d = Signal(range(max_d + 1), init=P[Param.D])
@@ -434,7 +443,10 @@ class EngineCore(wiring.Component):
         req = self.wport.req
         tag = Signal(tags)
         m.d.comb += [tagq.w_data.eq(tag), tagq.w_en.eq(req.valid & req.ready)]
-        ph = Signal()
+        ph = Signal(2)      # request phase: 0 address the parameters, (compact: 1 latch p1), then issue
+        ph_issue = 2 if self.compact else 1
+        if self.compact:
+            m.d.comb += p_rd.addr.eq(Mux(ph == 0, p1.addr, p0.addr))
         k_beats = -(-8 // wb)
         njt_base = nj.jt * Param.JOB_STRIDE
         tjt_base = tj.jt * Param.JOB_STRIDE
@@ -454,9 +466,12 @@ class EngineCore(wiring.Component):
                          emb_mtok.eq(emb_mtok << 1), emb_mcnt.eq(emb_mcnt - 1)]
 
         def request(addr, length, kind, slot=0, boff_=0, nxt=None, then=()):
-            with m.If(~ph):
+            with m.If(ph == 0):
                 m.d.sync += ph.eq(1)
-            with m.Else():
+            if self.compact:
+                with m.If(ph == 1):
+                    m.d.sync += [p1.data.eq(p_rd.data), ph.eq(2)]
+            with m.If(ph == ph_issue):
                 m.d.comb += [req.valid.eq(tagq.w_rdy), req.payload.addr.eq(addr), req.payload.length.eq(length),
                              tag.kind.eq(kind), tag.slot.eq(slot), tag.count.eq(length), tag.boff.eq(boff_)]
                 with m.If(req.valid & req.ready):
@@ -605,7 +620,13 @@ class EngineCore(wiring.Component):
                 m.d.sync += [emb_done.eq(1), je.eq(0)]
 
         # -- front -----------------------------------------------------------------------------------
+        # x has two readers, the front and (for o_proj and down_proj) the residual add of the
+        # operand stage. They are never busy at once: while the operand stage is at an o or down
+        # job, every front job up to it reads u, and later ones wait for its outputs. The compact
+        # build gives them one read port (one copy of x: 2 iCE40 EBRs fewer).
         xr_f = x_mem.read_port()
+        xr_o = xr_f if compact else x_mem.read_port()
+        x_res = Signal()        # the operand stage owns the shared port
         ur_f = u_mem.read_port()
         ar = a_mem.read_port()
         cr = c_mem.read_port()
@@ -626,9 +647,9 @@ class EngineCore(wiring.Component):
         src_u = (fj.jt == JT_O) | (fj.jt == JT_DOWN)
         slot = fj.slot
         m.d.comb += [
-            xr_f.addr.eq(j), ur_f.addr.eq(j),
+            ur_f.addr.eq(j),
             ar.addr.eq(slot * nw + j // hw_), cr.addr.eq(slot * nw + j // hw_),
-            xr_f.en.eq(f_adv), ur_f.en.eq(f_adv), ar.en.eq(f_adv), cr.en.eq(f_adv),
+            ur_f.en.eq(f_adv), ar.en.eq(f_adv), cr.en.eq(f_adv),
         ]
         with m.If(f_adv):
             m.d.sync += [fv.eq(f_issue), f_last.eq(f_is_last), f_max.eq(f_state_max), f_src.eq(src_u),
@@ -751,7 +772,6 @@ class EngineCore(wiring.Component):
         lbr = lb_mem.read_port()
         gr = g_mem.read_port()
         hr = h_mem.read_port()
-        xr_o = x_mem.read_port()
         jo = Signal(range(2 * max_in + max_V + 1))
         ov = Signal()
         o_y = Signal(x_shape)
@@ -761,13 +781,20 @@ class EngineCore(wiring.Component):
         o_fresh = Signal()
         o_sel = Signal(range(hw_))
         o_adv = ~ov | ew.i.ready
+        # ... from the operand stage's first o/down element until the last one has left it (it may
+        # wait in front of the elementwise unit with its x operand on the port's output)
+        m.d.comb += x_res.eq((oj.jt == JT_O) | (oj.jt == JT_DOWN) | (ov & ((o_jt == JT_O) | (o_jt == JT_DOWN))))
+        if compact:
+            m.d.comb += [xr_f.addr.eq(Mux(x_res, jo, j)), xr_f.en.eq(Mux(x_res, o_adv, f_adv))]
+        else:
+            m.d.comb += [xr_f.addr.eq(j), xr_f.en.eq(f_adv), xr_o.addr.eq(jo), xr_o.en.eq(o_adv)]
         upper = (oj.jt == JT_GATE) & (jo >= g_I)
         m.d.comb += osc.o.ready.eq(o_adv | embedding)
         o_in = osc.o.valid & ~embedding
         m.d.comb += [
             lbr.addr.eq(jo // hw_), gr.addr.eq(Mux(upper, jo - g_I, jo)),
-            hr.addr.eq(oj.l * max_d + jo), xr_o.addr.eq(jo),
-            lbr.en.eq(o_adv), gr.en.eq(o_adv), hr.en.eq(o_adv), xr_o.en.eq(o_adv),
+            hr.addr.eq(oj.l * max_d + jo),
+            lbr.en.eq(o_adv), gr.en.eq(o_adv), hr.en.eq(o_adv),
         ]
         with m.If(o_adv):
             m.d.sync += [ov.eq(o_in), o_y.eq(osc.o.payload.value), o_last.eq(osc.o.payload.last),

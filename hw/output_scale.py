@@ -103,8 +103,11 @@ class OutputScale(wiring.Component):
         shr = p.reg(3, "shr", Mux(sh > 0, sh, 0), range(w.shift_max + 1))
         rnd = p.reg(3, "rnd", Mux(sh > 0, sh - 1, 0), range(w.shift_max))
         shl = p.reg(3, "shl", Mux(sh > 0, 0, -sh), range(-w.shift_min + 1))
-        one = Const(1, 1) << rnd
-        half = p.reg(4, "half", Mux(p.at(neg, 3), one - 1, one), unsigned(w.shift_max))
+        # 2^rnd, or 2^rnd - 1 for negative products: a decoder and a thermometer code (no carry
+        # chain: on an iCE40 the 40-bit subtraction was the longest path of the unit)
+        one = Cat(*[rnd == i for i in range(w.shift_max)])
+        below = Cat(*[rnd > i for i in range(w.shift_max)])
+        half = p.reg(4, "half", Mux(p.at(neg, 3), below, one), unsigned(w.shift_max))
 
         if self.embed_mode:
             # |acc| = a1 2^16 + a0, Qt = b1 2^16 + b0: normal elements have b1 <= 1 (scale_bits
