@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from amaranth.hdl import Cat, Const, Module, Mux, unsigned
+from amaranth.hdl import Cat, Const, Module, Mux, Signal, unsigned
 from amaranth.lib import data, enum, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from mmfree_fpga.config import FORMATS, Formats
 
-from .vector_common import (DSP_BITS, Pipeline, round_carry_mag, round_carry_signed, rshift_round_mag,
+from .vector_common import (DSP_BITS, SHARES, Pipeline, round_carry_mag, round_carry_signed, rshift_round_mag,
                             saturate_mag, saturate_signed, signed_from_mag, umul, value_layout,
                             vector_widths)
 
@@ -63,7 +63,10 @@ class ElementwiseUnit(wiring.Component):
     o : Out(stream of value_layout)
         The result; gates (SIGMOID, FORGET) come out as Q(gate_frac) integers.
 
-    Throughput one element per cycle; latency ``LATENCY`` = 14 cycles.
+    Throughput one element per cycle; latency ``LATENCY`` = 14 cycles. With ``share=2`` every
+    stage takes two cycles and the multipliers serve two products each (4 DSPs: the table
+    interpolation, |y| sigmoid(y) limbs, two for the four 16x16 limb products): one element every
+    two cycles, latency ``2 * LATENCY`` (``latency``).
 
     The sigmoid is ``reference.integer.sigmoid`` exactly: a ROM of the 2^sig_table_log2 table
     intervals holding (t0, t1 - t0), generated from ``sigmoid_table``; the interpolation
@@ -74,7 +77,10 @@ class ElementwiseUnit(wiring.Component):
 
     LATENCY = 14
 
-    def __init__(self, fmt: Formats = FORMATS):
+    def __init__(self, fmt: Formats = FORMATS, *, share: int = 1):
+        if share not in SHARES:
+            raise ValueError(f"share must be one of {SHARES}, got {share}")
+        self.share = share
         self._w = w = vector_widths(fmt)
         if (w.gate_one.bit_length() > DSP_BITS or (-w.x_min).bit_length() > 2 * DSP_BITS
                 or not 0 < fmt.x_frac <= DSP_BITS or not 0 < fmt.gate_frac <= DSP_BITS):
@@ -85,15 +91,21 @@ class ElementwiseUnit(wiring.Component):
             "o": Out(stream.Signature(value_layout(w))),
         })
 
+    @property
+    def latency(self) -> int:
+        """Cycles from an accepted element to its result (``share * LATENCY``)."""
+        return self.share * self.LATENCY
+
     def elaborate(self, platform):
         w = self._w
         gf, fb, n = w.gate_frac, w.sig_frac_bits, w.sig_n
         table = w.sig_table
         t_lo, t_hi = table[0], table[n]
         m = Module()
-        advance = ~self.o.valid | self.o.ready
+        out_valid = Signal()
+        advance, phase, offered = Pipeline.shared_control(m, self.share, out_valid, self.o.ready)
         m.d.comb += self.i.ready.eq(advance)
-        p = Pipeline(m, advance)
+        p = Pipeline(m, advance, phase=phase)
         Op = ElementwiseOp
 
         rom_row = data.StructLayout({"t0": unsigned(max(table).bit_length()),
@@ -162,10 +174,11 @@ class ElementwiseUnit(wiring.Component):
         a_lo, a_hi = am[:DSP_BITS], am[DSP_BITS:]
         s_lo, s_hi = smag[:DSP_BITS], smag[DSP_BITS:]
         prod = unsigned(2 * DSP_BITS)
-        d0 = p.reg(s, "d0", Mux(recur, gg1, a_lo) * s_lo, prod)
-        d1 = p.reg(s, "d1", Mux(recur, gg1, a_hi) * Mux(recur, s_hi, s_lo), prod)
-        d2 = p.reg(s, "d2", a_lo * Mux(recur, gg, s_hi), prod)
-        d3 = p.reg(s, "d3", a_hi * Mux(recur, gg, s_hi), prod)
+        d0, d2, d1, d3 = p.products(s, "d", [
+            (Mux(recur, gg1, a_lo), s_lo, prod),
+            (a_lo, Mux(recur, gg, s_hi), prod),
+            (Mux(recur, gg1, a_hi), Mux(recur, s_hi, s_lo), prod),
+            (a_hi, Mux(recur, gg, s_hi), prod)])
         early = p.reg(s, "early", Mux(p.at(op, s - 1) == Op.SILU, silu_out, p.at(early, s - 1)), w.x)
 
         # stage 10: partial sums, each a carry chain of at most 2 DSP_BITS + 1 bits, and the
@@ -210,5 +223,5 @@ class ElementwiseUnit(wiring.Component):
                     w.x)
         assert s == self.LATENCY
         m.d.comb += [self.o.payload.value.eq(out), self.o.payload.last.eq(p.at(last, s)),
-                     self.o.valid.eq(p.at(valid, s))]
+                     out_valid.eq(p.at(valid, s)), self.o.valid.eq(offered)]
         return m

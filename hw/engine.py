@@ -80,13 +80,15 @@ signals the writer has anyway (the demo LinkedEngine's netlist after Yosys ``pro
 opt_clean -purge`` is identical with and without it). Verilog: ``trace__valid``, ``trace__payload`` =
 ``{value, row, layer, job}`` from bit 0 up, widths from :func:`trace_layout`.
 
-Constraints: ``lanes`` in {16, 32, 64} (beats of lanes/4 bytes divide the image's 16-byte section
-alignment); d and I multiples of ``lanes``, d >= 16.
+Constraints: ``lanes`` in {8, 16, 32, 64} (beats of lanes/4 bytes divide the image's 16-byte
+section alignment); d and I multiples of ``lanes``, d >= 16.
 """
 
 from __future__ import annotations
 
-from amaranth.hdl import Const, Module, Mux, Signal, signed, unsigned
+from types import SimpleNamespace
+
+from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, enum, stream, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.memory import Memory
@@ -112,7 +114,7 @@ __all__ = ["EngineOp", "Param", "JOBS", "cmd_layout", "result_layout", "trace_la
 
 JOBS = ("f_proj", "i_proj", "g_proj", "o_proj", "gate_proj", "down_proj", "lm_head")
 JT_F, JT_I, JT_G, JT_O, JT_GATE, JT_DOWN, JT_LM = range(7)
-LANES_SUPPORTED = (16, 32, 64)
+LANES_SUPPORTED = (8, 16, 32, 64)
 # Norm slots: job k's norms go to slot k mod 3, so the norms of job k+2 can be fetched right
 # behind the trits of job k (the front is done with job k-1 by then).
 NORM_SLOTS = 3
@@ -227,20 +229,26 @@ def engine_params(cfg: ModelConfig, packing: str, lanes: int) -> dict[int, int]:
 class _Job:
     """A job counter: global index k, job type jt, layer l."""
 
-    def __init__(self, name: str, max_L: int):
+    def __init__(self, name: str, max_L: int, strides=()):
         self.k = Signal(range(6 * max_L + 2), name=f"{name}_k")
         self.jt = Signal(3, name=f"{name}_jt")
         self.l = Signal(range(max_L + 1), name=f"{name}_l")
         self.slot = Signal(range(NORM_SLOTS), name=f"{name}_slot")     # k mod NORM_SLOTS
+        # l * stride for each (name, stride), kept as running sums (no multiplier)
+        self._strides = tuple(strides)
+        self.base = {n: Signal(ADDR_BITS, name=f"{name}_{n}_base") for n, _ in self._strides}
 
     def reset(self):
-        return [self.k.eq(0), self.jt.eq(0), self.l.eq(0), self.slot.eq(0)]
+        return ([self.k.eq(0), self.jt.eq(0), self.l.eq(0), self.slot.eq(0)]
+                + [b.eq(0) for b in self.base.values()])
 
     def step(self, n_layers):
         last_layer = self.l == n_layers - 1
         return [self.k.eq(self.k + 1), self.slot.eq(Mux(self.slot == NORM_SLOTS - 1, 0, self.slot + 1)),
                 self.jt.eq(Mux(self.jt == JT_DOWN, Mux(last_layer, JT_LM, JT_F), self.jt + 1)),
-                self.l.eq(Mux(self.jt == JT_DOWN, self.l + 1, self.l))]
+                self.l.eq(Mux(self.jt == JT_DOWN, self.l + 1, self.l))] + [
+                self.base[n].eq(Mux(self.jt == JT_DOWN, self.base[n] + stride, self.base[n]))
+                for n, stride in self._strides]
 
 
 class _Tag:
@@ -260,6 +268,11 @@ class EngineCore(wiring.Component):
         The initial trit packing; ``packings`` the packings decoded (both by default).
     max_d, max_I, max_L, max_V : int
         Synthesis maxima of the geometry (memory sizes).
+    compact : bool
+        The small-FPGA variant (iCE40UP5K: 8 DSPs): the output scale and the elementwise unit
+        share each multiplier between two products (one output element every two cycles,
+        which a matrix of ``cols / lanes >= 2`` cycles per row never notices) and the embedding
+        goes through the output scale (no EmbedScale): 8 DSPs in all instead of 14.
 
     Members
     -------
@@ -270,8 +283,9 @@ class EngineCore(wiring.Component):
     """
 
     def __init__(self, cfg: ModelConfig, *, lanes: int = 16, packing: str = "base3", packings=PACKINGS,
-                 max_d=None, max_I=None, max_L=None, max_V=None):
+                 max_d=None, max_I=None, max_L=None, max_V=None, compact: bool = False):
         self.cfg = cfg
+        self.compact = compact
         self.lanes = lanes
         self.packing = packing
         self.packings = tuple(p for p in PACKINGS if p in packings)
@@ -319,16 +333,34 @@ class EngineCore(wiring.Component):
         m.submodules.scalar = scalar = ScalarUnit(FORMATS)
         m.submodules.matvec = mv = TernaryMatVec(lanes=lanes, packings=self.packings,
                                                  max_rows=max(2 * max_I, max_V, max_d), max_cols=max_in)
-        m.submodules.oscale = osc = OutputScale(FORMATS)
-        m.submodules.ew = ew = ElementwiseUnit(FORMATS)
-        m.submodules.embed = emb = EmbedScale(FORMATS)
+        compact = self.compact
+        share = 2 if compact else 1
+        m.submodules.oscale = osc = OutputScale(FORMATS, share=share, embed=compact)
+        m.submodules.ew = ew = ElementwiseUnit(FORMATS, share=share)
+        # the embedding: its own EmbedScale, or (compact) through the output scale, which is
+        # idle from FEED_TOKEN until the embedding is in x
+        emb_i = stream.Signature(data.StructLayout({"q": signed(w.act_bits), "last": 1})).create()
+        emb_o = stream.Signature(data.StructLayout({"value": x_shape, "last": 1})).create()
+        emb_scale = Signal(32)
+        if not compact:
+            m.submodules.embed = emb = EmbedScale(FORMATS)
+            wiring.connect(m, emb_i, emb.i)
+            wiring.connect(m, emb.o, wiring.flipped(emb_o))
+            m.d.comb += emb.scale.eq(emb_scale)
         m.submodules.argmax = amax = Argmax(max_V, FORMATS)
 
         # -- parameters ------------------------------------------------------------------------
         pinit = [self.params.get(k, 0) for k in range(Param.RAM_SIZE)]
         m.submodules.pram = pram = Memory(shape=unsigned(32), depth=Param.RAM_SIZE, init=pinit)
-        p0 = pram.read_port()
-        p1 = pram.read_port()
+        if self.compact:
+            # one read port (one copy of the RAM: 2 iCE40 EBRs fewer): the fetcher reads a
+            # request's length (p1) first and keeps it in a register, then its address (p0)
+            p_rd = pram.read_port()
+            p0 = SimpleNamespace(addr=Signal(6, name="p0_addr"), data=p_rd.data)
+            p1 = SimpleNamespace(addr=Signal(6, name="p1_addr"), data=Signal(32, name="p1_data"))
+        else:
+            p0 = pram.read_port()
+            p1 = pram.read_port()
         pw = pram.write_port()
         P = self.params
         g_d = Signal(range(max_d + 1), init=P[Param.D])
@@ -411,8 +443,8 @@ class EngineCore(wiring.Component):
             m.d.sync += [wptr.eq(0), lword.eq(0)]
 
         # -- job counters and progress -------------------------------------------------------------
-        nj = _Job("nj", max_L)      # fetcher: next norms
-        tj = _Job("tj", max_L)      # fetcher: next trits
+        nj = _Job("nj", max_L, (("layer", g_lstride), ("lb", g_lbstride)))      # fetcher: next norms
+        tj = _Job("tj", max_L, (("layer", g_lstride),))                         # fetcher: next trits
         fj = _Job("fj", max_L)      # front
         mj = _Job("mj", max_L)      # matrix issuer
         oj = _Job("oj", max_L)      # operand stage
@@ -432,19 +464,35 @@ class EngineCore(wiring.Component):
         req = self.wport.req
         tag = Signal(tags)
         m.d.comb += [tagq.w_data.eq(tag), tagq.w_en.eq(req.valid & req.ready)]
-        ph = Signal()
+        ph = Signal(2)      # request phase: 0 address the parameters, (compact: 1 latch p1), then issue
+        ph_issue = 2 if self.compact else 1
+        if self.compact:
+            m.d.comb += p_rd.addr.eq(Mux(ph == 0, p1.addr, p0.addr))
         k_beats = -(-8 // wb)
         njt_base = nj.jt * Param.JOB_STRIDE
         tjt_base = tj.jt * Param.JOB_STRIDE
-        n_layer_base = Mux(nj.jt == JT_LM, 0, nj.l * g_lstride)
-        t_layer_base = Mux(tj.jt == JT_LM, 0, tj.l * g_lstride)
+        n_layer_base = Mux(nj.jt == JT_LM, 0, nj.base["layer"])
+        t_layer_base = Mux(tj.jt == JT_LM, 0, tj.base["layer"])
         tok_bits = max(1, (max_V - 1).bit_length())
         emb_scale_byte = p0.data + 4 * token[:tok_bits]
+        # the embedding row's word offset token * d / beat_bytes, by shift and add (one token bit
+        # per cycle from FEED_TOKEN on, done before the fetcher asks for the row): no multiplier
+        emb_row = Signal(ADDR_BITS)
+        emb_mtok = Signal(tok_bits)
+        emb_mcnt = Signal(range(tok_bits + 1))
+        with m.If(start):
+            m.d.sync += [emb_row.eq(0), emb_mtok.eq(cmd.arg[:tok_bits]), emb_mcnt.eq(tok_bits)]
+        with m.Elif(emb_mcnt != 0):
+            m.d.sync += [emb_row.eq((emb_row << 1) + Mux(emb_mtok[-1], g_d >> lb_log, 0)),
+                         emb_mtok.eq(emb_mtok << 1), emb_mcnt.eq(emb_mcnt - 1)]
 
         def request(addr, length, kind, slot=0, boff_=0, nxt=None, then=()):
-            with m.If(~ph):
+            with m.If(ph == 0):
                 m.d.sync += ph.eq(1)
-            with m.Else():
+            if self.compact:
+                with m.If(ph == 1):
+                    m.d.sync += [p1.data.eq(p_rd.data), ph.eq(2)]
+            with m.If(ph == ph_issue):
                 m.d.comb += [req.valid.eq(tagq.w_rdy), req.payload.addr.eq(addr), req.payload.length.eq(length),
                              tag.kind.eq(kind), tag.slot.eq(slot), tag.count.eq(length), tag.boff.eq(boff_)]
                 with m.If(req.valid & req.ready):
@@ -460,11 +508,12 @@ class EngineCore(wiring.Component):
                     m.next = "EMBS"
             with m.State("EMBS"):
                 m.d.comb += p0.addr.eq(Param.EMB_SCALE_OFF)
-                request(emb_scale_byte >> lb_log, 1, _Tag.EMBS, boff_=emb_scale_byte[:lb_log] if lb_log else 0,
+                request(emb_scale_byte >> lb_log, -(-4 // wb), _Tag.EMBS, boff_=emb_scale_byte[:lb_log] if lb_log else 0,
                         nxt="EMBR")
             with m.State("EMBR"):
                 m.d.comb += [p0.addr.eq(Param.EMB_Q_OFF), p1.addr.eq(Param.EMB_ROW_BEATS)]
-                request(p0.data + token[:tok_bits] * p1.data[:16], p1.data, _Tag.EMBR, nxt="SEL")
+                with m.If(emb_mcnt == 0):
+                    request(p0.data + emb_row, p1.data, _Tag.EMBR, nxt="SEL")
             with m.State("SEL"):
                 with m.If((nj.k < n_jobs) & (nj.k <= tj.k + 1)):
                     with m.If(norm_ok):
@@ -480,7 +529,7 @@ class EngineCore(wiring.Component):
                     m.next = "IDLE"
             with m.State("LB"):
                 m.d.comb += [p0.addr.eq(Param.LB_OFF), p1.addr.eq(Param.LB_BEATS)]
-                request(p0.data + nj.l * g_lbstride, p1.data, _Tag.LB, nxt="NA")
+                request(p0.data + nj.base["lb"], p1.data, _Tag.LB, nxt="NA")
             with m.State("NA"):
                 m.d.comb += [p0.addr.eq(njt_base + Param.A_OFF), p1.addr.eq(njt_base + Param.NORM_BEATS)]
                 request(p0.data + n_layer_base, p1.data, _Tag.A, slot=nj.slot, nxt="NC")
@@ -543,21 +592,25 @@ class EngineCore(wiring.Component):
         with m.If(xfer & (rtag.kind == _Tag.K) & last_beat):
             m.d.sync += norm_arrived.eq(norm_arrived + 1)
         # embedding scale
-        emb_scale = Signal(32)
         with m.If(xfer & (rtag.kind == _Tag.EMBS)):
-            m.d.sync += emb_scale.eq(resp.payload.as_value().word_select(rtag.boff[2:], 32) if wb > 4
-                                     else resp.payload.as_value()[:32])
+            if wb >= 4:
+                m.d.sync += emb_scale.eq(resp.payload.as_value().word_select(rtag.boff[2:], 32) if wb > 4
+                                         else resp.payload.as_value()[:32])
+            else:       # beats narrower than the 32-bit scale: 4 / wb beats, low bytes first
+                for b in range(4 // wb):
+                    with m.If(bidx == b):
+                        m.d.sync += emb_scale[8 * wb * b:8 * wb * (b + 1)].eq(resp.payload.as_value())
         # embedding row: one byte per cycle into EmbedScale
         dbuf = Signal(data.ArrayLayout(signed(8), wb))
         dcnt = Signal(range(wb + 1))
         dpos = Signal(range(wb))
         eidx = Signal(range(max_d + 1))
-        emb_take = emb.i.valid & emb.i.ready
-        m.d.comb += [emb.i.valid.eq(dcnt != 0), emb.i.payload.q.eq(dbuf[dpos]),
-                     emb.i.payload.last.eq(eidx == g_d - 1), emb.scale.eq(emb_scale)]
+        emb_take = emb_i.valid & emb_i.ready
+        m.d.comb += [emb_i.valid.eq(dcnt != 0), emb_i.payload.q.eq(dbuf[dpos]),
+                     emb_i.payload.last.eq(eidx == g_d - 1)]
         with m.If(emb_take):
             m.d.sync += [dpos.eq(dpos + 1), dcnt.eq(dcnt - 1), eidx.eq(eidx + 1)]
-        embr_ready = (dcnt == 0) | ((dcnt == 1) & emb.i.ready)
+        embr_ready = (dcnt == 0) | ((dcnt == 1) & emb_i.ready)
         with m.If(xfer & (rtag.kind == _Tag.EMBR)):
             m.d.sync += [dbuf.eq(resp.payload), dcnt.eq(wb), dpos.eq(0)]
         with m.If(start):
@@ -580,15 +633,21 @@ class EngineCore(wiring.Component):
         # embedding -> x
         xw = x_mem.write_port()
         je = Signal(range(max_d + 1))
-        m.d.comb += emb.o.ready.eq(1)
-        with m.If(emb.o.valid):
-            m.d.comb += [xw.en.eq(1), xw.addr.eq(je), xw.data.eq(emb.o.payload.value)]
-            m.d.sync += [je.eq(je + 1), or_x.eq(Mux(je == 0, 0, or_x) | mag(emb.o.payload.value))]
-            with m.If(emb.o.payload.last):
+        m.d.comb += emb_o.ready.eq(1)
+        with m.If(emb_o.valid):
+            m.d.comb += [xw.en.eq(1), xw.addr.eq(je), xw.data.eq(emb_o.payload.value)]
+            m.d.sync += [je.eq(je + 1), or_x.eq(Mux(je == 0, 0, or_x) | mag(emb_o.payload.value))]
+            with m.If(emb_o.payload.last):
                 m.d.sync += [emb_done.eq(1), je.eq(0)]
 
         # -- front -----------------------------------------------------------------------------------
+        # x has two readers, the front and (for o_proj and down_proj) the residual add of the
+        # operand stage. They are never busy at once: while the operand stage is at an o or down
+        # job, every front job up to it reads u, and later ones wait for its outputs. The compact
+        # build gives them one read port (one copy of x: 2 iCE40 EBRs fewer).
         xr_f = x_mem.read_port()
+        xr_o = xr_f if compact else x_mem.read_port()
+        x_res = Signal()        # the operand stage owns the shared port
         ur_f = u_mem.read_port()
         ar = a_mem.read_port()
         cr = c_mem.read_port()
@@ -609,9 +668,9 @@ class EngineCore(wiring.Component):
         src_u = (fj.jt == JT_O) | (fj.jt == JT_DOWN)
         slot = fj.slot
         m.d.comb += [
-            xr_f.addr.eq(j), ur_f.addr.eq(j),
+            ur_f.addr.eq(j),
             ar.addr.eq(slot * nw + j // hw_), cr.addr.eq(slot * nw + j // hw_),
-            xr_f.en.eq(f_adv), ur_f.en.eq(f_adv), ar.en.eq(f_adv), cr.en.eq(f_adv),
+            ur_f.en.eq(f_adv), ar.en.eq(f_adv), cr.en.eq(f_adv),
         ]
         with m.If(f_adv):
             m.d.sync += [fv.eq(f_issue), f_last.eq(f_is_last), f_max.eq(f_state_max), f_src.eq(src_u),
@@ -658,16 +717,21 @@ class EngineCore(wiring.Component):
                     m.d.sync += fj.step(g_L) + [stats_taken.eq(0)]
                     m.next = "WAIT"
 
-        # q packer and FIFO into the matrix unit
+        # q packer and FIFO into the matrix unit. The FIFO holds words of `sub` q values; compact
+        # builds use quarter-width words (2 iCE40 EBRs instead of 8 for 16 lanes) that are put
+        # back together in front of the matrix unit, whose first row then takes a word per
+        # `q_split` cycles at most (dependent jobs are paced by the front's one q per cycle anyway)
+        q_split = 4 if compact and lanes % 4 == 0 else 1
+        sub = lanes // q_split
         q_words = 2 * max_in // lanes + 2
-        m.submodules.qfifo = qfifo = SyncFIFOBuffered(width=lanes * w.act_bits, depth=q_words)
-        qpack = Signal(data.ArrayLayout(signed(w.act_bits), lanes))
-        qcnt = Signal(range(lanes))
-        q_full = qcnt == lanes - 1
+        m.submodules.qfifo = qfifo = SyncFIFOBuffered(width=sub * w.act_bits, depth=q_words * q_split)
+        qpack = Signal(data.ArrayLayout(signed(w.act_bits), sub))
+        qcnt = Signal(range(sub))
+        q_full = qcnt == sub - 1
         m.d.comb += front.q.ready.eq(~q_full | qfifo.w_rdy)
-        packed = Signal(data.ArrayLayout(signed(w.act_bits), lanes))
+        packed = Signal(data.ArrayLayout(signed(w.act_bits), sub))
         m.d.comb += packed.eq(qpack)
-        m.d.comb += packed[lanes - 1].eq(front.q.payload)
+        m.d.comb += packed[sub - 1].eq(front.q.payload)
         m.d.comb += qfifo.w_data.eq(packed.as_value())
         with m.If(front.q.valid & front.q.ready):
             m.d.sync += qpack[qcnt].eq(front.q.payload)
@@ -676,7 +740,20 @@ class EngineCore(wiring.Component):
                 m.d.sync += qcnt.eq(0)
             with m.Else():
                 m.d.sync += qcnt.eq(qcnt + 1)
-        m.d.comb += [mv.act.valid.eq(qfifo.r_rdy), mv.act.payload.eq(qfifo.r_data), qfifo.r_en.eq(mv.act.ready)]
+        if q_split == 1:
+            m.d.comb += [mv.act.valid.eq(qfifo.r_rdy), mv.act.payload.eq(qfifo.r_data),
+                         qfifo.r_en.eq(mv.act.ready)]
+        else:
+            ubuf = Signal(data.ArrayLayout(unsigned(sub * w.act_bits), q_split - 1))
+            ucnt = Signal(range(q_split))
+            whole = ucnt == q_split - 1
+            m.d.comb += [mv.act.valid.eq(whole & qfifo.r_rdy), mv.act.payload.eq(Cat(ubuf, qfifo.r_data)),
+                         qfifo.r_en.eq(Mux(whole, mv.act.ready, 1))]
+            with m.If(qfifo.r_rdy & qfifo.r_en):
+                with m.If(whole):
+                    m.d.sync += ucnt.eq(0)
+                with m.Else():
+                    m.d.sync += [ubuf[ucnt].eq(qfifo.r_data), ucnt.eq(ucnt + 1)]
 
         # -- matrix commands ---------------------------------------------------------------------------
         m.d.comb += [mv.cmd.valid.eq(running & (mj.k < n_jobs)),
@@ -691,19 +768,31 @@ class EngineCore(wiring.Component):
         m.submodules.scales = sfifo = SyncFIFOBuffered(width=len(scalar.o.payload.as_value()), depth=4)
         m.d.comb += [sfifo.w_data.eq(scalar.o.payload), sfifo.w_en.eq(scalar.o.valid),
                      scalar.o.ready.eq(sfifo.w_rdy)]
+        # (compact) embedding: from FEED_TOKEN until the embedding is in x, the output scale takes
+        # the embedding row; no accumulator can come before then (f_proj waits for x)
+        embedding = Signal()
+        if compact:
+            m.d.comb += embedding.eq(~emb_done)
         m.d.comb += [
             osc.i.payload.eq(mv.out.payload),
             osc.i.valid.eq(mv.out.valid & sfifo.r_rdy),
-            mv.out.ready.eq(osc.i.ready & sfifo.r_rdy),
+            mv.out.ready.eq(osc.i.ready & sfifo.r_rdy & ~embedding),
             osc.scale.eq(sfifo.r_data),
-            sfifo.r_en.eq(mv.out.valid & osc.i.ready & mv.out.payload.last),
+            sfifo.r_en.eq(mv.out.valid & osc.i.ready & mv.out.payload.last & ~embedding),
         ]
+        if compact:
+            m.d.comb += [osc.embed.eq(embedding), osc.emb_scale.eq(emb_scale),
+                         emb_i.ready.eq(embedding & osc.i.ready),
+                         emb_o.valid.eq(embedding & osc.o.valid), emb_o.payload.value.eq(osc.o.payload.value),
+                         emb_o.payload.last.eq(osc.o.payload.last)]
+            with m.If(embedding):
+                m.d.comb += [osc.i.payload.acc.eq(emb_i.payload.q), osc.i.payload.last.eq(emb_i.payload.last),
+                             osc.i.valid.eq(emb_i.valid)]
 
         # -- operand stage ----------------------------------------------------------------------------
         lbr = lb_mem.read_port()
         gr = g_mem.read_port()
         hr = h_mem.read_port()
-        xr_o = x_mem.read_port()
         jo = Signal(range(2 * max_in + max_V + 1))
         ov = Signal()
         o_y = Signal(x_shape)
@@ -713,18 +802,26 @@ class EngineCore(wiring.Component):
         o_fresh = Signal()
         o_sel = Signal(range(hw_))
         o_adv = ~ov | ew.i.ready
+        # ... from the operand stage's first o/down element until the last one has left it (it may
+        # wait in front of the elementwise unit with its x operand on the port's output)
+        m.d.comb += x_res.eq((oj.jt == JT_O) | (oj.jt == JT_DOWN) | (ov & ((o_jt == JT_O) | (o_jt == JT_DOWN))))
+        if compact:
+            m.d.comb += [xr_f.addr.eq(Mux(x_res, jo, j)), xr_f.en.eq(Mux(x_res, o_adv, f_adv))]
+        else:
+            m.d.comb += [xr_f.addr.eq(j), xr_f.en.eq(f_adv), xr_o.addr.eq(jo), xr_o.en.eq(o_adv)]
         upper = (oj.jt == JT_GATE) & (jo >= g_I)
-        m.d.comb += osc.o.ready.eq(o_adv)
+        m.d.comb += osc.o.ready.eq(o_adv | embedding)
+        o_in = osc.o.valid & ~embedding
         m.d.comb += [
             lbr.addr.eq(jo // hw_), gr.addr.eq(Mux(upper, jo - g_I, jo)),
-            hr.addr.eq(oj.l * max_d + jo), xr_o.addr.eq(jo),
-            lbr.en.eq(o_adv), gr.en.eq(o_adv), hr.en.eq(o_adv), xr_o.en.eq(o_adv),
+            hr.addr.eq(oj.l * max_d + jo),
+            lbr.en.eq(o_adv), gr.en.eq(o_adv), hr.en.eq(o_adv),
         ]
         with m.If(o_adv):
-            m.d.sync += [ov.eq(osc.o.valid), o_y.eq(osc.o.payload.value), o_last.eq(osc.o.payload.last),
+            m.d.sync += [ov.eq(o_in), o_y.eq(osc.o.payload.value), o_last.eq(osc.o.payload.last),
                          o_jt.eq(oj.jt), o_up.eq(upper), o_fresh.eq(fresh.bit_select(oj.l, 1)),
                          o_sel.eq(jo % hw_)]
-            with m.If(osc.o.valid):
+            with m.If(o_in):
                 with m.If(osc.o.payload.last):
                     m.d.sync += [jo.eq(0)] + oj.step(g_L)
                 with m.Else():
@@ -818,19 +915,23 @@ class Engine(wiring.Component):
     ``image`` (bytes) initialises on-chip RAM; ``readmemh=True`` uses the simulation store that
     reads ``+weights=FILE``; ``model=True`` adds the memory model, whose knobs become inputs
     ``mem_bandwidth``, ``mem_latency``, ``mem_stall_rate``, ``mem_synthetic``. ``mem_words``
-    sizes the store (default: the build geometry's image).
+    sizes the store (default: the build geometry's image). ``mem_spram`` builds the store from
+    iCE40 SPRAM (None: on an iCE40 platform when ``image`` is None); ``mem_fifo_depth`` beats of
+    response FIFO (3 suffice without the model). Other keywords (maxima, ``compact``) go to
+    :class:`EngineCore`.
     """
 
     def __init__(self, cfg: ModelConfig, *, lanes: int = 16, packing: str = "base3", packings=PACKINGS,
                  image: bytes | None = None, readmemh: bool = False, model: bool = False,
-                 mem_words: int | None = None, mem_fifo_depth: int = 64, **maxima):
+                 mem_words: int | None = None, mem_fifo_depth: int = 64, mem_spram: bool | None = None,
+                 **maxima):
         from mmfree_fpga.host.image import image_size
         self.core = EngineCore(cfg, lanes=lanes, packing=packing, packings=packings, **maxima)
         wb = self.core.beat_bytes
         if mem_words is None:
             mem_words = -(-image_size(cfg, packing) // wb)
         self.memory = WeightMemory(beat_bytes=wb, depth=mem_words, init=image, readmemh=readmemh,
-                                   model=model, fifo_depth=mem_fifo_depth)
+                                   model=model, fifo_depth=mem_fifo_depth, spram=mem_spram)
         self._model = model
         members = {
             "cmd": In(stream.Signature(cmd_layout())),

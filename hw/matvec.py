@@ -26,6 +26,17 @@ def _levels(n: int) -> int:
     return (n - 1).bit_length()
 
 
+def _shift_add_product(a, cols, lanes: int):
+    """a * cols for a ``cols`` that is a multiple of ``lanes``, as a sum of shifted copies of
+    ``a`` (LUTs and carry chains; no hardware multiplier: the iCE40UP5K has 8 and the vector
+    datapath uses them). With ``lanes`` a power of two cols' low bits are known zero."""
+    low = (lanes & -lanes).bit_length() - 1            # trailing zero bits of every multiple
+    total = 0
+    for i in range(low, len(cols)):
+        total = total + Mux(cols[i], a << i, 0)
+    return total
+
+
 class PipelinedAdderTree(wiring.Component):
     """Sum of ``n`` signed inputs through a binary tree with a register after every level.
 
@@ -291,7 +302,7 @@ class TernaryMatVec(wiring.Component):
                 first_col.eq(1), last_col.eq(cmd.cols == lanes), one_group.eq(cmd.cols == lanes),
                 last_row.eq(cmd.rows == 1),
                 loading.eq(cmd.load), load_col.eq(0), load_word.eq(0), ahead.eq(0),
-                feeding.eq(1), trits_left.eq(cmd.rows * cmd.cols),
+                feeding.eq(1), trits_left.eq(_shift_add_product(cmd.rows, cmd.cols, lanes)),
             ]
             if runtime_packing:
                 m.d.sync += packing.eq(cmd.packing)

@@ -23,13 +23,16 @@ from amaranth.lib import data
 from mmfree_fpga.config import FORMATS, Formats
 from mmfree_fpga.reference.integer import sigmoid_table
 
-__all__ = ["DSP_BITS", "K_EXP_BITS", "VectorWidths", "vector_widths", "Pipeline", "umul",
+__all__ = ["DSP_BITS", "K_EXP_BITS", "VectorWidths", "vector_widths", "Pipeline", "umul", "SHARES",
            "rshift_round_mag", "signed_from_mag", "saturate_mag",
            "saturate_signed", "greater_unsigned", "round_carry_mag", "round_carry_signed",
            "msb_index", "signed_range_shape", "stats_layout", "scale_layout",
            "acc_layout", "value_layout"]
 
 DSP_BITS = 16
+# multiplier sharing of the vector cores: 1 (a multiplier per product, one element per cycle) or
+# 2 (two products per multiplier, one element every two cycles)
+SHARES = (1, 2)
 # reference/export.py writes (k_mant, k_exp) as two little-endian int32 values.
 K_EXP_BITS = 32
 
@@ -181,7 +184,7 @@ class Pipeline:
     expression of stage k-1 values.
     """
 
-    def __init__(self, m, advance, domain: str = "sync", name: str = "pipe"):
+    def __init__(self, m, advance, domain: str = "sync", name: str = "pipe", phase=None):
         # A module of its own, so registers (and delays created by ``at``) are never nested in
         # whatever ``m.If`` the caller happens to be inside.
         self._m = Module()
@@ -190,6 +193,56 @@ class Pipeline:
         self._domain = domain
         self._stage = {}
         self._delayed = {}
+        self._phase = phase
+
+    @staticmethod
+    def shared_control(m, share: int, out_valid, out_ready, name: str = "phase"):
+        """(advance, phase, offered) of a pipeline whose multipliers each serve ``share`` products.
+
+        ``share`` 1: ``advance = ~offered | out_ready``, phase None, ``offered`` = ``out_valid``
+        (the last stage's valid). ``share`` 2: the stages hold for at least two cycles; in the
+        first (``phase`` low) every shared multiplier computes its first product into a holding
+        register, in the second (``phase`` high) its second, and the pipeline may advance.
+        The output is offered only while ``phase`` is high, so a stream's ``valid`` stays high
+        until it is taken (``phase`` falls only when the pipeline advances).
+        """
+        if share not in SHARES:
+            raise ValueError(f"share must be one of {SHARES}, got {share}")
+        if share == 1:
+            return ~out_valid | out_ready, None, out_valid
+        phase = Signal(name=name)
+        advance = phase & (~out_valid | out_ready)
+        m.d.sync += phase.eq(~advance)
+        return advance, phase, out_valid & phase
+
+    def products(self, stage: int, name: str, pairs):
+        """Registered products a * b at ``stage`` of (a, b, shape) operands of stage ``stage - 1``.
+
+        Without a phase one multiplier per product; with one (:meth:`shared_control`, share 2)
+        consecutive pairs of products share a multiplier: the first is computed while ``phase`` is
+        low into a holding register, the second while it is high."""
+        out = []
+        if self._phase is None:
+            for k, (a, b, shape) in enumerate(pairs):
+                out.append(self.reg(stage, f"{name}{k}", a * b, shape))
+            return out
+        for k in range(0, len(pairs), 2):
+            if k + 1 == len(pairs):
+                a, b, shape = pairs[k]
+                out.append(self.reg(stage, f"{name}{k}", a * b, shape))
+                break
+            (a0, b0, sh0), (a1, b1, sh1) = pairs[k], pairs[k + 1]
+            width = max(len(Value.cast(a0)), len(Value.cast(a1))), max(len(Value.cast(b0)), len(Value.cast(b1)))
+            ma = Signal(width[0], name=f"{name}{k}_ma")
+            mb = Signal(width[1], name=f"{name}{k}_mb")
+            self._m.d.comb += [ma.eq(Mux(self._phase, a1, a0)), mb.eq(Mux(self._phase, b1, b0))]
+            prod = ma * mb
+            hold = Signal(sh0, name=f"{name}{k}_hold")
+            with self._m.If(~self._phase):
+                self._m.d[self._domain] += hold.eq(prod)
+            out.append(self.reg(stage, f"{name}{k}", hold, sh0))
+            out.append(self.reg(stage, f"{name}{k + 1}", prod, sh1))
+        return out
 
     def reg(self, stage: int, name: str, value, shape=None, *, base=None) -> Signal:
         value = Value.cast(value)
@@ -227,13 +280,20 @@ def umul(pipe: Pipeline, stage: int, name: str, a, a_max: int, b, b_max: int):
         return [(Value.cast(v)[DSP_BITS * k:DSP_BITS * (k + 1)], DSP_BITS * k,
                  min((1 << DSP_BITS) - 1, vmax >> (DSP_BITS * k))) for k in range(n)]
     terms = []
+    big, big_meta = [], []
     for i, (al, ash, amax) in enumerate(limbs(a, a_max)):
         for j, (bl, bsh, bmax) in enumerate(limbs(b, b_max)):
             if amax == 0 or bmax == 0:
                 continue
             prod_bits = (amax * bmax).bit_length()
-            terms.append((pipe.reg(stage, f"{name}_p{i}{j}", al * bl, unsigned(prod_bits)),
-                          ash + bsh, amax * bmax))
+            if amax > 1 and bmax > 1:       # a multiplier (products with a 1-bit limb are ANDs)
+                big.append((al[:amax.bit_length()], bl[:bmax.bit_length()], unsigned(prod_bits)))
+                big_meta.append((ash + bsh, amax * bmax))
+            else:
+                terms.append((pipe.reg(stage, f"{name}_p{i}{j}", al * bl, unsigned(prod_bits)),
+                              ash + bsh, amax * bmax))
+    for r, (sh, mx) in zip(pipe.products(stage, f"{name}_m", big), big_meta):
+        terms.append((r, sh, mx))
     out_bits = (a_max * b_max).bit_length()
     if not terms:
         return pipe.reg(stage, name, 0, unsigned(max(1, out_bits))), stage

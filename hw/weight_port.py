@@ -11,7 +11,10 @@ Implementations (one component, :class:`WeightMemory`, three back ends):
 * on-chip RAM initialised from the exported image (``init=`` the image bytes): small models,
   ECP5 block RAM, and Amaranth's own simulator;
 * on-chip RAM written only through ``write`` (``init=None``): boards whose RAM has no initial
-  contents (iCE40 SPRAM); the engine's load stream drives ``write``;
+  contents; the engine's load stream drives ``write``. On an iCE40 platform (or with
+  ``spram=True``) this store is made of ``SB_SPRAM256KA`` instances (16k x 16 bits each, at most
+  four on the UP5K), which Yosys does not infer by itself: one address for reads and writes
+  (writes win; the engine does not read while it loads);
 * ``readmemh=True``: a Verilog memory (:data:`STORE_VERILOG`) that reads the image at time 0
   from the file named by the plusarg ``+weights=FILE`` (:func:`write_hex`), so one simulator
   build serves every image and no Python runs per word.
@@ -36,7 +39,7 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 __all__ = ["ADDR_BITS", "LEN_BITS", "weight_request_layout", "weight_port_signature", "write_layout",
-           "WeightMemory", "image_words", "write_hex", "STORE_VERILOG", "STORE_MODULE"]
+           "WeightMemory", "spram_banks", "image_words", "write_hex", "STORE_VERILOG", "STORE_MODULE"]
 
 ADDR_BITS = 28      # word address
 LEN_BITS = 24       # beats per request
@@ -113,7 +116,11 @@ class WeightMemory(wiring.Component):
     model : bool
         Add the bandwidth/latency/stall/synthetic model (the run-time inputs below).
     fifo_depth : int
-        Beats the model can hold in flight: the largest latency at full rate.
+        Beats the response FIFO holds: with the model, the largest latency at full rate;
+        without it, 3 already sustain one beat per cycle.
+    spram : bool or None
+        Build the store from iCE40 SPRAM instances (needs ``init=None``, no ``readmemh``);
+        None: when elaborated for an iCE40 platform with ``init=None``.
 
     Members
     -------
@@ -128,13 +135,19 @@ class WeightMemory(wiring.Component):
     """
 
     def __init__(self, *, beat_bytes: int, depth: int, init: bytes | None = None,
-                 readmemh: bool = False, model: bool = False, fifo_depth: int = 64):
+                 readmemh: bool = False, model: bool = False, fifo_depth: int = 64,
+                 spram: bool | None = None):
         self._beat_bytes = beat_bytes
         self._depth = depth
         self._init = init
         self._readmemh = readmemh
         self._model = model
         self._fifo_depth = fifo_depth
+        self._spram = spram
+        if spram and (init is not None or readmemh):
+            raise ValueError("an SPRAM store has no initial contents: use init=None without readmemh")
+        if spram:
+            spram_banks(8 * beat_bytes, depth)      # raises when it does not fit
         if init is not None and len(image_words(init, beat_bytes)) > depth:
             raise ValueError(f"the image ({len(init)} bytes) does not fit {depth} words of {beat_bytes} bytes")
         members = {
@@ -153,7 +166,14 @@ class WeightMemory(wiring.Component):
 
         raddr = Signal(abits)
         rdata = Signal(width)
-        if self._readmemh:
+        spram = self._spram
+        if spram is None:
+            spram = (self._init is None and not self._readmemh
+                     and getattr(platform, "family", None) == "ice40")
+        if spram:
+            _spram_store(m, width, self._depth, raddr, rdata, self.write.en, self.write.addr[:abits],
+                         self.write.data)
+        elif self._readmemh:
             m.submodules.store = Instance(
                 STORE_MODULE, p_WIDTH=width, p_DEPTH=self._depth, p_ABITS=abits,
                 i_clk=ClockSignal("sync"), i_raddr=raddr, o_rdata=rdata,
@@ -178,7 +198,7 @@ class WeightMemory(wiring.Component):
         depth = self._fifo_depth
         now = Signal(32)
         m.d.sync += now.eq(now + 1)
-        entry = data.StructLayout({"data": unsigned(width), "due": unsigned(32)})
+        entry = data.StructLayout({"data": unsigned(width), "due": unsigned(32 if self._model else 0)})
         m.submodules.fifo = fifo = SyncFIFO(width=entry.size, depth=depth)
         inflight = Signal()
         may_issue = Signal()
@@ -224,9 +244,58 @@ class WeightMemory(wiring.Component):
                 self.port.resp.valid.eq(fifo.r_rdy),
                 self.port.resp.payload.eq(out.data),
                 fifo.r_en.eq(self.port.resp.ready),
-                fifo.w_en.eq(inflight), fifo.w_data.eq(Cat(word, Const(0, 32))),
+                fifo.w_en.eq(inflight), fifo.w_data.eq(word),
             ]
         return m
+
+
+SPRAM_WORDS = 16384       # SB_SPRAM256KA: 16k words of 16 bits
+SPRAM_WIDTH = 16
+SPRAM_MAX = 4             # iCE40UP5K
+
+
+def spram_banks(width: int, depth: int) -> tuple[int, int]:
+    """(SPRAMs side by side, SPRAMs deep) for a ``width``-bit, ``depth``-word store; ValueError
+    when that needs more than the UP5K's four."""
+    wide, deep = -(-width // SPRAM_WIDTH), -(-depth // SPRAM_WORDS)
+    if wide * deep > SPRAM_MAX:
+        raise ValueError(f"a {depth} x {width}-bit store needs {wide * deep} iCE40 SPRAMs, "
+                         f"the UP5K has {SPRAM_MAX}")
+    return wide, deep
+
+
+def _spram_store(m, width, depth, raddr, rdata, we, waddr, wdata):
+    """A synchronous RAM of SB_SPRAM256KA blocks: reads (one cycle latency) and writes share
+    the address, writes win."""
+    wide, deep = spram_banks(width, depth)
+    abits = len(raddr)
+    addr = Signal(max(abits, 14))
+    m.d.comb += addr.eq(Mux(we, waddr, raddr))
+    bank = addr[14:] if deep > 1 else Const(0, 1)
+    bank_r = Signal.like(bank)
+    m.d.sync += bank_r.eq(bank)
+    outs = []
+    for b in range(deep):
+        sel = bank == b
+        words = []
+        for k in range(wide):
+            dout = Signal(SPRAM_WIDTH, name=f"spram_{b}_{k}_out")
+            din = Signal(SPRAM_WIDTH, name=f"spram_{b}_{k}_in")
+            m.d.comb += din.eq(wdata[SPRAM_WIDTH * k:SPRAM_WIDTH * (k + 1)])
+            m.submodules[f"spram_{b}_{k}"] = Instance(
+                "SB_SPRAM256KA",
+                i_ADDRESS=addr[:14], i_DATAIN=din, i_MASKWREN=Const(0xF, 4), i_WREN=we & sel,
+                i_CHIPSELECT=Const(1, 1), i_CLOCK=ClockSignal("sync"), i_STANDBY=Const(0, 1),
+                i_SLEEP=Const(0, 1), i_POWEROFF=Const(1, 1), o_DATAOUT=dout)
+            words.append(dout)
+        outs.append(Cat(*words)[:width])
+    if deep == 1:
+        m.d.comb += rdata.eq(outs[0])
+    else:
+        with m.Switch(bank_r):
+            for b in range(deep):
+                with m.Case(b):
+                    m.d.comb += rdata.eq(outs[b])
 
 
 def _hash_word(addr, beat_bytes: int):

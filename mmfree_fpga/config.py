@@ -246,17 +246,28 @@ class PerfModel:
     down_proj of every layer, and lm_head) ``passes`` passes over that input (statistics, then
     quantisation, one element per cycle) and ``job_latency`` cycles of pipeline and scalar-unit
     latency; i_proj and g_proj read the same x as f_proj and hide behind its matrix.
+
+    The compact engine (``EngineCore(compact=True)``, :data:`PERF_MODEL_COMPACT`) adds
+    ``embed_passes`` passes over the embedding (it goes through the half-rate output scale), a
+    longer ``job_latency`` (the output scale and elementwise pipelines take two cycles per
+    stage) and, for i_proj and g_proj, ``(q_split - 1) * d / lanes`` cycles of a first row fed
+    from the narrow q FIFO. Both models assume d / lanes >= 2 (a matrix row at least as long as
+    the compact output path takes per element).
     """
 
     passes: int = 2
     job_latency: int = 100
+    embed_passes: int = 0
+    q_split: int = 1
 
     def ideal_cycles(self, cfg: ModelConfig, lanes: int) -> float:
         return cfg.ternary_weights / lanes
 
     def cycles_per_token(self, cfg: ModelConfig, lanes: int) -> float:
-        per_layer = self.passes * (3 * cfg.d + cfg.I) + 4 * self.job_latency
-        return self.ideal_cycles(cfg, lanes) + cfg.L * per_layer + self.passes * cfg.d + self.job_latency
+        per_layer = (self.passes * (3 * cfg.d + cfg.I) + 4 * self.job_latency
+                     + 2 * (self.q_split - 1) * cfg.d / lanes)
+        return (self.ideal_cycles(cfg, lanes) + cfg.L * per_layer + (self.passes + self.embed_passes) * cfg.d
+                + self.job_latency)
 
     def bytes_per_token(self, cfg: ModelConfig, packing: str) -> int:
         """Weight-memory bytes read per token: the whole image but the embedding table, plus one row."""
@@ -275,6 +286,9 @@ class PerfModel:
 
 
 PERF_MODEL = PerfModel()
+# the compact engine (iCE40UP5K): output scale and elementwise unit at half rate (each of their
+# 11 pipeline stages 2 cycles), the embedding through the output scale, q FIFO words of lanes/4
+PERF_MODEL_COMPACT = PerfModel(job_latency=122, embed_passes=1, q_split=4)
 
 # Published geometries (MODEL.md), for benchmarks and size checks.
 PUBLISHED = {

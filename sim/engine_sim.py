@@ -47,6 +47,7 @@ class EngineBuild:
     max_V: int
     mem_words: int
     packings: tuple = ("2bit", "base3")
+    compact: bool = False           # EngineCore(compact=True): the iCE40 variant
 
     def key(self) -> str:
         """Names the build directory: these parameters and the gateware sources."""
@@ -177,7 +178,8 @@ def _sources(build: EngineBuild, directory: Path) -> list[Path]:
     store = directory / "weight_store.v"
     if not top.exists():
         engine = Engine(build.base_cfg(), lanes=build.lanes, packings=build.packings, readmemh=True, model=True,
-                        mem_words=build.mem_words, packing="base3" if "base3" in build.packings else "2bit")
+                        mem_words=build.mem_words, packing="base3" if "base3" in build.packings else "2bit",
+                        compact=build.compact)
         tmp = write_verilog(engine, directory / "engine_top.v.tmp", name="engine_top")
         store.write_text(STORE_VERILOG)
         os.replace(tmp, top)
@@ -244,7 +246,7 @@ def _run_cocotb(*, cfg, blob, packing, build, prompt, steps, simulator, stall_ra
 
 
 def run_amaranth(*, cfg, blob, packing, lanes, prompt, steps, read_logits=(), load_stream: bool = False,
-                 trace: bool = False) -> EngineRun:
+                 trace: bool = False, compact: bool = False) -> EngineRun:
     """The same run on Amaranth's simulator, weights in on-chip RAM initialised from the image
     (``load_stream``: RAM without contents, the image sent through the ``load`` stream first).
     ``sim_cycles``: clock cycles from the first FEED_TOKEN to the last result."""
@@ -253,7 +255,8 @@ def run_amaranth(*, cfg, blob, packing, lanes, prompt, steps, read_logits=(), lo
     if blob is None:
         from mmfree_fpga.errors import UserError
         raise UserError("the Amaranth simulator needs real weights (no synthetic mode)")
-    dut = Engine(cfg, lanes=lanes, packing=packing, image=None if load_stream else blob)
+    dut = Engine(cfg, lanes=lanes, packing=packing, image=None if load_stream else blob,
+                 compact=compact)
     out = EngineRun(tokens=list(prompt), argmax_logits=[], cycles=[], simulator="amaranth",
                     trace=[] if trace else None)
     clock = {"cycle": 0, "start": None, "end": 0, "t0": 0.0, "t1": 0.0}

@@ -75,12 +75,16 @@ def test_params_follow_the_image_layout():
         engine_params(ModelConfig(vocab_size=10, hidden_size=40, num_hidden_layers=1, intermediate_size=64), "base3", 16)
 
 
-def test_engine_amaranth_tiny_with_load_stream(images):
-    """Amaranth's simulator; the weights arrive through the load stream (RAM without init)."""
+@pytest.mark.parametrize("compact,lanes", [(False, LANES), (True, LANES), (True, 8)],
+                         ids=["full", "compact", "compact-8lanes"])
+def test_engine_amaranth_tiny_with_load_stream(images, compact, lanes):
+    """Amaranth's simulator; the weights arrive through the load stream (RAM without init).
+    ``compact``: the iCE40 variant (shared multipliers, the embedding through the output scale);
+    8 lanes: 2-byte weight beats (the embedding scale and k take several beats)."""
     cfg, blob = load_image(images["tiny"], "2bit")
     prompt, steps = [3, 60, 7], 2
-    run = run_amaranth(cfg=cfg, blob=blob, packing="2bit", lanes=LANES, prompt=prompt, steps=steps,
-                       read_logits=READ_BACK, load_stream=True)
+    run = run_amaranth(cfg=cfg, blob=blob, packing="2bit", lanes=lanes, prompt=prompt, steps=steps,
+                       read_logits=READ_BACK, load_stream=True, compact=compact)
     _check(cfg, blob, "2bit", prompt, steps, run)
 
 
@@ -134,3 +138,17 @@ def test_engine_full(images, simulator, name, packing):
                      simulator=simulator, build=SHARED_BUILD, stall_rate=0.1, cmd_stall_rate=0.2,
                      mem_latency=4, read_logits=READ_BACK)
     _check(cfg, blob, packing, prompt, 32, run)
+
+
+def test_board_engine_design_factory():
+    """The design factory for boards: on an iCE40 the compact engine with its weights in SPRAM."""
+    from mmfree_fpga.boards.top import DesignContext, check_design
+    from mmfree_fpga.hw.resources import engine_design
+    for family, compact in (("ice40", True), ("ecp5", False)):
+        ctx = DesignContext(board="b", device="d", family=family, clock_hz=24e6, baud=3_000_000,
+                            checkpoint=DEMO_CHECKPOINT, image=None, resources=None, budget=None)
+        design = engine_design(ctx)
+        check_design(design)
+        assert design.engine.core.compact is compact
+        assert (design.engine.memory._spram is True) is compact
+        assert design.engine.core.lanes == (8 if compact else 16)

@@ -97,10 +97,13 @@ def ref_output_scale(acc, qt, shift):
     return int(ref.saturate(ref.rshift_round(acc * qt, shift)))
 
 
-@pytest.mark.parametrize("seed", [1, 2])
-def test_output_scale(seed):
+OSC_VARIANTS = {"full": {}, "shared": {"share": 2}, "shared_embed": {"share": 2, "embed": True}}
+
+
+@pytest.mark.parametrize("seed,variant", [(1, "full"), (2, "full"), (3, "shared"), (4, "shared_embed")])
+def test_output_scale(seed, variant):
     rng = random.Random(seed)
-    dut = OutputScale()
+    dut = OutputScale(**OSC_VARIANTS[variant])
     sh_lo, sh_hi = -(1 << (W.shift.width - 1)), (1 << (W.shift.width - 1)) - 1
     cases = []
     accs = edge_values(-W.acc_mag_max, W.acc_mag_max - 1, rng, 300)
@@ -126,7 +129,7 @@ def test_output_scale(seed):
     async def collect(ctx):
         got.extend(await receive(ctx, dut.o, len(cases), rng, convert=value_last))
 
-    simulate(dut, drive, collect, max_cycles=20 * len(cases))
+    simulate(dut, drive, collect, max_cycles=40 * len(cases))
     want = [(ref_output_scale(*c), c[0] & 1) for c in cases]
     bad = [(c, g, x) for c, g, x in zip(cases, got, want) if g != x]
     assert not bad, f"{len(bad)} mismatches, first (acc, qt, shift), got, want: {bad[:3]}"
@@ -397,10 +400,10 @@ def gate_values(rng, n):
     return [rng.choice([0, one, one - 1, 1, rng.randrange(one + 1), rng.randrange(one + 1)]) for _ in range(n)]
 
 
-@pytest.mark.parametrize("seed", [7, 8])
-def test_elementwise_unit(seed):
+@pytest.mark.parametrize("seed,share", [(7, 1), (8, 1), (9, 2)])
+def test_elementwise_unit(seed, share):
     rng = random.Random(seed)
-    dut = ElementwiseUnit()
+    dut = ElementwiseUnit(share=share)
     n = 120
     items = []
     for op in ElementwiseOp:
@@ -423,7 +426,7 @@ def test_elementwise_unit(seed):
     async def collect(ctx):
         got.extend(await receive(ctx, dut.o, len(items), rng, convert=value_last))
 
-    simulate(dut, drive, collect, max_cycles=10 * len(items))
+    simulate(dut, drive, collect, max_cycles=10 * share * len(items))
     want = [(ref_elementwise(it["op"], it["y"], it["a"], it["g"]), int(it["last"])) for it in items]
     bad = [(it, g_, w_) for it, g_, w_ in zip(items, got, want) if g_ != w_]
     assert len(got) == len(items) and not bad, f"{len(bad)} mismatches: {bad[:3]}"
@@ -489,6 +492,46 @@ def test_embed_scale():
     assert got == want
 
 
+def test_output_scale_embedding_mixed():
+    """OutputScale(embed=True): embedding elements (embed high) mixed with accumulators, both exact."""
+    rng = random.Random(11)
+    dut = OutputScale(share=2, embed=True)
+    smax = (1 << F.emb_scale_bits) - 1
+    items = []
+    for _ in range(150):
+        if rng.random() < 0.5:
+            scale = rng.choice([0, 1, smax, 1 << F.emb_scale_frac, rng.randrange(smax + 1),
+                                random_bits(rng, F.emb_scale_bits)])
+            q = rng.choice([W.act_min, W.act_max, 0, -1, rng.randrange(W.act_min, W.act_max + 1)])
+            weights = SimpleNamespace(formats=F, emb_q=np.array([[q]], dtype=np.int8),
+                                      emb_scale=np.array([scale], dtype=np.int64))
+            items.append((1, q, scale, 0, int(ref.embed(weights, 0)[0])))
+        else:
+            acc = rng.randrange(-W.acc_mag_max, W.acc_mag_max)
+            qt = rng.choice([(1 << W.scale_bits) - 1, rng.randrange(1 << W.scale_bits)])
+            shift = rng.choice([W.shift_min, W.shift_max, rng.randrange(-4, 40)])
+            items.append((0, acc, qt, shift, ref_output_scale(acc, qt, shift)))
+    got = []
+
+    async def drive(ctx):
+        for emb, acc, qt, shift, _ in items:
+            while rng.random() < 0.3:
+                await ctx.tick()
+            ctx.set(dut.i.payload, {"acc": acc, "last": 0})
+            ctx.set(dut.embed, emb)
+            ctx.set(dut.emb_scale, qt if emb else rng.randrange(smax + 1))
+            ctx.set(dut.scale, {"qt": 0 if emb else qt, "shift": shift})
+            ctx.set(dut.i.valid, 1)
+            await ctx.tick().until(dut.i.ready)
+            ctx.set(dut.i.valid, 0)
+
+    async def collect(ctx):
+        got.extend(await receive(ctx, dut.o, len(items), rng, convert=lambda v: int(v.value)))
+
+    simulate(dut, drive, collect, max_cycles=40 * len(items))
+    assert got == [it[-1] for it in items]
+
+
 # -- Argmax ----------------------------------------------------------------------------------
 
 def run_argmax(dut, vectors, rng, idle=0.3, stall=0.5):
@@ -542,7 +585,7 @@ async def stream_timing(ctx, dut, items, max_cycles=2000):
             k += 1
         if ov:
             produced.append(cycle)
-        if k == len(items) and cycle > accepted[-1] + 30:
+        if k == len(items) and cycle > accepted[-1] + 60:
             break
     return accepted, produced
 
@@ -551,12 +594,16 @@ def _elementwise_items(n):
     return [{"op": ElementwiseOp(k % 6), "y": k * 977, "a": -k, "g": k % 100, "last": 0} for k in range(n)]
 
 
-@pytest.mark.parametrize("make, items, latency", [
-    (OutputScale, [{"acc": k, "last": 0} for k in range(50)], OutputScale.LATENCY),
-    (ElementwiseUnit, _elementwise_items(50), ElementwiseUnit.LATENCY),
-    (EmbedScale, [{"q": k - 25, "last": 0} for k in range(50)], EmbedScale.LATENCY),
-], ids=["OutputScale", "ElementwiseUnit", "EmbedScale"])
-def test_one_element_per_cycle(make, items, latency):
+@pytest.mark.parametrize("make, items, latency, share", [
+    (OutputScale, [{"acc": k, "last": 0} for k in range(50)], OutputScale.LATENCY, 1),
+    (ElementwiseUnit, _elementwise_items(50), ElementwiseUnit.LATENCY, 1),
+    (EmbedScale, [{"q": k - 25, "last": 0} for k in range(50)], EmbedScale.LATENCY, 1),
+    (lambda: OutputScale(share=2, embed=True), [{"acc": k, "last": 0} for k in range(50)],
+     2 * OutputScale.LATENCY, 2),
+    (lambda: ElementwiseUnit(share=2), _elementwise_items(50), 2 * ElementwiseUnit.LATENCY, 2),
+], ids=["OutputScale", "ElementwiseUnit", "EmbedScale", "OutputScale-shared", "ElementwiseUnit-shared"])
+def test_one_element_per_cycle(make, items, latency, share):
+    """Full rate: one element per cycle; shared multipliers (share=2): one every two cycles."""
     dut = make()
     result = {}
 
@@ -566,9 +613,10 @@ def test_one_element_per_cycle(make, items, latency):
     simulate(dut, bench, max_cycles=3000)
     accepted, produced = result["t"]
     n = len(items)
-    assert accepted == list(range(accepted[0], accepted[0] + n)), "input not taken every cycle"
-    assert produced == list(range(produced[0], produced[0] + n)), "output not produced every cycle"
+    assert accepted == list(range(accepted[0], accepted[0] + share * n, share)), "input rate"
+    assert produced == list(range(produced[0], produced[0] + share * n, share)), "output rate"
     assert produced[0] - accepted[0] == latency
+    assert getattr(dut, "latency", latency) == latency
 
 
 def test_argmax_one_element_per_cycle():
@@ -659,3 +707,20 @@ def test_msb_index_and_greater():
     sim = Simulator(m)
     sim.add_testbench(bench)
     sim.run()
+
+
+# -- DSP budget of the compact (iCE40UP5K) variant -----------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("make, dsps", [
+    (lambda: OutputScale(share=2, embed=True), 1),
+    (lambda: ElementwiseUnit(share=2), 4),
+    (lambda: BitLinearFront(), 3),
+    (lambda: OutputScale(), 2),
+    (lambda: ElementwiseUnit(), 7),
+], ids=["OutputScale-compact", "ElementwiseUnit-compact", "BitLinearFront", "OutputScale", "ElementwiseUnit"])
+def test_ice40_dsp_count(make, dsps, tmp_path):
+    """SB_MAC16 cells after synth_ice40 -dsp: the compact engine's vector cores use the UP5K's 8."""
+    from mmfree_fpga.hw.resources import inclusive, synth_stats
+    stats = synth_stats(make(), tmp_path)
+    assert inclusive(stats)["top"]["DSP"] == dsps
