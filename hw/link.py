@@ -85,7 +85,8 @@ from mmfree_fpga.protocol import (
     HEADER_LEN, IDENTITY, IMAGE_CRC, LOAD_BEGIN_REQUEST, LOAD_BEGIN_RESPONSE, LOAD_CHUNK_HEADER,
     LOAD_CHUNK_RESPONSE, LOAD_COMMIT_RESPONSE, MAX_LOGITS_PER_READ, MAX_PAYLOAD, MIN_DEVICE_PAYLOAD,
     NAK_PAYLOAD, NAK_RESPONSE, POSITION, PROTOCOL_VERSION, READ_LOGITS_HEADER, READ_LOGITS_REQUEST,
-    REQUEST_LENGTHS, RESPONSE, SYNC, TRAILER_LEN, Error, Identity, Op, Packing, Status, formats_id,
+    REQUEST_LENGTHS, RESPONSE, SYNC, TRAILER_LEN, Error, Identity, Op, Packing, Status, crc32_image,
+    formats_id,
 )
 from mmfree_fpga.reference.export import IMAGE_VERSION
 
@@ -203,11 +204,17 @@ class Link(wiring.Component):
     boot_id : int or None
         A fixed boot id, or None: the cycles from reset to the first byte received (the host's
         timing makes it differ from one reset to the next).
+    image : bytes or None
+        The image the engine's RAM holds from configuration on (weights in the bitstream), or
+        None (the RAM starts empty). With an image, IDENTIFY reports the weights loaded with the
+        image's size and CRC-32 from the start, and a reset does not change that (the RAM keeps
+        its contents through a reset); LOAD_BEGIN still replaces them as usual.
     """
 
     def __init__(self, cfg: ModelConfig, *, packing: str = "base3", lanes: int = 0,
                  max_payload: int = MAX_PAYLOAD, step_time_ms: int = 0, clk_freq: float = 12e6,
-                 idle_timeout_cycles: int | None = None, boot_id: int | None = None):
+                 idle_timeout_cycles: int | None = None, boot_id: int | None = None,
+                 image: bytes | None = None):
         from mmfree_fpga.host.image import image_size
         if not MIN_DEVICE_PAYLOAD <= max_payload <= MAX_PAYLOAD:
             raise ValueError(f"max_payload must be in [{MIN_DEVICE_PAYLOAD}, {MAX_PAYLOAD}], got {max_payload}")
@@ -223,6 +230,10 @@ class Link(wiring.Component):
         if self.idle_timeout_cycles < 1:
             raise ValueError("idle_timeout_cycles must be at least 1")
         self.boot_id = boot_id
+        if image is not None and len(image) != self.image_bytes:
+            raise ValueError(f"the preloaded image has {len(image)} bytes; this geometry and packing take "
+                             f"{self.image_bytes}")
+        self.preloaded = image is not None
         self.ring_depth = ring_depth(max_payload)
         self.logits_per_read = min(MAX_LOGITS_PER_READ, (max_payload - READ_LOGITS_HEADER.size) // 4)
         super().__init__({
@@ -238,8 +249,11 @@ class Link(wiring.Component):
         # to send) and every register of the device state a command may change
         self.idle = Signal()
         self.state = {
-            "position": Signal(32), "logits_valid": Signal(), "weights_loaded": Signal(),
-            "image_crc": Signal(32), "load_open": Signal(), "load_crc": Signal(32),
+            "position": Signal(32), "logits_valid": Signal(),
+            # preloaded weights are there from configuration on and survive a reset, like the RAM
+            "weights_loaded": Signal(init=self.preloaded, reset_less=self.preloaded),
+            "image_crc": Signal(32, init=crc32_image(image) if image is not None else 0, reset_less=self.preloaded),
+            "load_open": Signal(), "load_crc": Signal(32),
             "load_pointer": Signal(range(self.image_bytes + 1)),
             "running_crc": Signal(32), "cache_valid": Signal(), "cache_seq": Signal(8), "cache_crc": Signal(16),
             "cache_op": Signal(8), "result": Signal(engine_result_layout().size), "boot_id": Signal(32),

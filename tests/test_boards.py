@@ -144,13 +144,18 @@ def test_power_on_reset_waits_and_follows_the_button():
 
 # -- board tops: plans without running the tools (one smoke test per board) ----------------------
 
-@pytest.mark.parametrize("board, clock_mhz, pll_cell, params, constraint", [
-    ("icebreaker", None, "SB_PLL40_PAD", ["\\DIVF 63", "\\DIVQ 5"], ("top.pcf", "set_frequency clocking.clk 24.0")),
-    ("icebreaker", 12, None, [], ("top.pcf", "set_io uart_0__tx__io 9")),
-    ("ulx3s-85f", None, "EHXPLLL", ["\\CLKI_DIV 5", "\\CLKFB_DIV 12"], ("top.lpf", "60000000.0 HZ")),
-    ("amaranth_boards.icestick:ICEStickPlatform", None, None, [], ("top.pcf", "set_io uart_0__rx__io 9")),
+ECHO = "mmfree_fpga.boards.placeholder.FrameEcho"
+ENGINE = "mmfree_fpga.hw.linked_engine.LinkedEngine"
+
+
+@pytest.mark.parametrize("board, clock_mhz, pll_cell, params, constraint, design", [
+    ("icebreaker", None, "SB_PLL40_PAD", ["\\DIVF 63", "\\DIVQ 5"], ("top.pcf", "set_frequency clocking.clk 24.0"),
+     ECHO),
+    ("icebreaker", 12, None, [], ("top.pcf", "set_io uart_0__tx__io 9"), ECHO),
+    ("ulx3s-85f", None, "EHXPLLL", ["\\CLKI_DIV 5", "\\CLKFB_DIV 12"], ("top.lpf", "60000000.0 HZ"), ENGINE),
+    ("amaranth_boards.icestick:ICEStickPlatform", None, None, [], ("top.pcf", "set_io uart_0__rx__io 9"), ECHO),
 ])
-def test_board_plan(board, clock_mhz, pll_cell, params, constraint, checkpoint, tiny_checkpoint):
+def test_board_plan(board, clock_mhz, pll_cell, params, constraint, design, checkpoint, tiny_checkpoint):
     p = prepare(board, clock_mhz=clock_mhz, checkpoint=tiny_checkpoint if "icestick" in board else checkpoint)
     rtlil = p.plan.files["top.il"]
     assert (f"cell \\{pll_cell} " in rtlil) if pll_cell else ("SB_PLL40" not in rtlil and "EHXPLLL" not in rtlil)
@@ -161,7 +166,37 @@ def test_board_plan(board, clock_mhz, pll_cell, params, constraint, checkpoint, 
     commands = json.loads(p.plan.files["build_top.json"])["commands"]
     assert [c[0] for c in commands][:2] == ["yosys", "nextpnr-" + p.context.family]
     assert "--timing-allow-fail" in commands[1]
-    assert p.design_name == "mmfree_fpga.boards.placeholder.FrameEcho"
+    assert p.design_name == design and p.lanes == (16 if design == ENGINE else None)
+
+
+def test_ulx3s_engine_holds_the_weights_in_the_bitstream(checkpoint):
+    """The ECP5 engine's RAM starts with the image and its link reports it; iCE40 loads over the UART."""
+    from mmfree_fpga.boards.designs import design_factory, weight_image
+    from mmfree_fpga.boards.top import DesignContext
+    from mmfree_fpga.protocol import crc32_image
+    blob = weight_image(checkpoint, None).blob
+    factory = design_factory("engine", lanes=32)
+    designs = {}
+    for family in ("ecp5", "ice40"):
+        context = DesignContext(board="b", device="d", family=family, clock_hz=60e6, baud=3_000_000,
+                                checkpoint=checkpoint, image=None, resources=None, budget=None)
+        designs[family] = factory(context)
+    ecp5, ice40 = designs["ecp5"], designs["ice40"]
+    assert factory.lanes == 32 and ecp5.link.lanes == 32 and ecp5.link.step_time_ms >= 1
+    assert ecp5.engine.memory._init == blob and ecp5.link.preloaded
+    assert ecp5.link.state["weights_loaded"].init == 1 and ecp5.link.state["image_crc"].init == crc32_image(blob)
+    assert ice40.engine.memory._init is None and not ice40.link.preloaded
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--lanes", "24"], "lanes must be one of (16, 32, 64), got 24"),
+    (["--design", "echo", "--lanes", "32"], "--lanes applies to the engine; the design built for ulx3s-85f is echo"),
+])
+def test_build_refuses_bad_lanes(args, message, checkpoint, tmp_path, capsys, cache):
+    rc = main(["build", "--board", "ulx3s-85f", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "o"),
+               "--quiet", *args])
+    assert rc == 2 and message in one_line_error(capsys)
+    assert not (tmp_path / "o").exists()
 
 
 def test_plan_uses_the_demo_checkpoint_by_default_and_checks_its_size(checkpoint, monkeypatch):
