@@ -41,6 +41,13 @@ __all__ = ["prepare", "build", "PreparedBuild", "toolchain", "default_cache_dir"
            "BUILD_NAME"]
 
 BUILD_NAME = "top"
+# Yosys commands run right after reading the design. Amaranth names the elements of an ArrayLayout
+# signal `name[k]` (e.g. `product[5]` beside `product` in hw/matvec.py). With such wires in the
+# flattened board design, Yosys 0.70's synth_ecp5 stops in abc9 (abc_ops_reintegrate): "Assert
+# `GetSize(conn.first) == GetSize(conn.second)' failed in kernel/rtlil.cc:3091". Measured on the
+# ULX3S engine (16 lanes): making just the `*.matvec.product[k]` wires private avoids it; making
+# all bracketed wire names private (they are only debug names) keeps other designs clear of it.
+YOSYS_AFTER_READ = "rename -hide w:*[[]*"
 CACHE_VERSION = 2
 _STAGE_LABELS = {"yosys": "synthesis", "nextpnr-ice40": "place and route", "nextpnr-ecp5": "place and route",
                  "icepack": "bitstream", "ecppack": "bitstream"}
@@ -239,8 +246,9 @@ def prepare(board: str, *, clock_mhz: float | None = None, baud: int = DEFAULT_B
                                  clock_hz=clock_hz, pll=pll, reset_port=reset_port)
     top = BoardTop(design_obj, clock_hz=clock_hz, baud=baud, sync_domain=sync_domain, leds=spec.leds,
                    fifo_depth=fifo_depth)
+    overrides = {"script_after_read": YOSYS_AFTER_READ} if family in ("ice40", "ecp5") else {}
     plan = platform.build(top, name=BUILD_NAME, do_build=False, debug_verilog=False,
-                          nextpnr_opts="--timing-allow-fail")
+                          nextpnr_opts="--timing-allow-fail", **overrides)
     return PreparedBuild(board=spec, platform=platform, plan=plan, context=context, design_name=name,
                          design_description=description, requested_clock_hz=requested, pll=pll, fit=fit,
                          notes=notes, lanes=getattr(design, "lanes", None))

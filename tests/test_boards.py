@@ -594,3 +594,23 @@ def test_explain_failure_permission():
                           resolve_board("ulx3s-85f"))
     assert "may not open it" in msg and "udev rule" in msg
     assert os.linesep not in msg
+
+
+# -- the engine on the ULX3S: a real ECP5 build (minutes; make bench) ---------------------------------
+
+@pytest.mark.slow
+def test_ulx3s_engine_build_and_bench_row(tmp_path):
+    from mmfree_fpga.boards.bench import BENCH_COLUMNS, bench_row_cells, board_benchmarks
+    from mmfree_fpga.config import PERF_MODEL
+    from mmfree_fpga.reference.checkpoint import DEMO_CHECKPOINT
+    lines = []
+    (row,) = board_benchmarks(("ulx3s-85f",), (16,), lines.append, cache_dir=tmp_path / "cache",
+                              out_dir=tmp_path / "out")
+    assert row["error"] is None and lines == ["building the engine for ulx3s-85f, 16 lanes, 100 MHz"]
+    assert row["clock_mhz"] == 100.0 and row["fmax_mhz"] > 50
+    assert row["timing_met"] == (row["fmax_mhz"] >= 100.0)
+    assert 0 < row["lut"]["used"] < row["lut"]["available"] == 83640 and row["bram"]["used"] > 50
+    cycles = PERF_MODEL.cycles_per_token(ModelConfig.from_checkpoint(DEMO_CHECKPOINT), 16)
+    assert row["cycles_per_token"] == round(cycles, 1)
+    assert row["tokens_per_s_at_fmax"] == round(row["fmax_mhz"] * 1e6 / cycles, 1)
+    assert len(bench_row_cells(row)) == len(BENCH_COLUMNS) and Path(row["bitstream"]).stat().st_size > 100_000
