@@ -411,25 +411,45 @@ class EngineCore(wiring.Component):
         req = self.wport.req
         tag = Signal(tags)
         m.d.comb += [tagq.w_data.eq(tag), tagq.w_en.eq(req.valid & req.ready)]
-        ph = Signal()
+        # A request takes five phases, so that no path runs from the parameter RAM's output (slow
+        # on ECP5 block RAM) through a multiplier and an adder into the weight memory:
+        # 0 the parameter RAM reads; 1 its data is registered (p0d, p1d); 2 the products are
+        # registered (they are computed every cycle from registers); 3 address and length are
+        # computed into registers; 4 the request is offered until taken.
+        ph = Signal(range(5))
         k_beats = -(-8 // wb)
+        p0d = Signal.like(p0.data)
+        p1d = Signal.like(p1.data)
+        m.d.sync += [p0d.eq(p0.data), p1d.eq(p1.data)]
         njt_base = nj.jt * Param.JOB_STRIDE
         tjt_base = tj.jt * Param.JOB_STRIDE
-        n_layer_base = Mux(nj.jt == JT_LM, 0, nj.l * g_lstride)
-        t_layer_base = Mux(tj.jt == JT_LM, 0, tj.l * g_lstride)
+        n_layer_base = Signal(ADDR_BITS)
+        t_layer_base = Signal(ADDR_BITS)
+        lb_layer_base = Signal(ADDR_BITS)
         tok_bits = max(1, (max_V - 1).bit_length())
-        emb_scale_byte = p0.data + 4 * token[:tok_bits]
+        emb_row_base = Signal(ADDR_BITS)
+        m.d.sync += [n_layer_base.eq(Mux(nj.jt == JT_LM, 0, nj.l * g_lstride)),
+                     t_layer_base.eq(Mux(tj.jt == JT_LM, 0, tj.l * g_lstride)),
+                     lb_layer_base.eq(nj.l * g_lbstride),
+                     emb_row_base.eq(token[:tok_bits] * p1d[:16])]
+        emb_scale_byte = p0d + 4 * token[:tok_bits]
+        req_addr = Signal(ADDR_BITS)
+        req_len = Signal(LEN_BITS)
+        req_tag = Signal(tags)
 
         def request(addr, length, kind, slot=0, boff_=0, nxt=None, then=()):
-            with m.If(~ph):
-                m.d.sync += ph.eq(1)
-            with m.Else():
-                m.d.comb += [req.valid.eq(tagq.w_rdy), req.payload.addr.eq(addr), req.payload.length.eq(length),
-                             tag.kind.eq(kind), tag.slot.eq(slot), tag.count.eq(length), tag.boff.eq(boff_)]
+            with m.If(ph == 3):
+                m.d.sync += [ph.eq(4), req_addr.eq(addr), req_len.eq(length), req_tag.kind.eq(kind),
+                             req_tag.slot.eq(slot), req_tag.count.eq(length), req_tag.boff.eq(boff_)]
+            with m.Elif(ph == 4):
+                m.d.comb += [req.valid.eq(tagq.w_rdy), req.payload.addr.eq(req_addr),
+                             req.payload.length.eq(req_len), tag.eq(req_tag)]
                 with m.If(req.valid & req.ready):
                     m.d.sync += ph.eq(0)
                     m.d.sync += list(then)
                     m.next = nxt
+            with m.Else():
+                m.d.sync += ph.eq(ph + 1)
 
         norm_ok = (front_done + NORM_SLOTS - 1 >= nj.k) & ((nj.jt != JT_F) | (out_done + 5 >= nj.k))
         with m.FSM(name="fetch"):
@@ -443,7 +463,7 @@ class EngineCore(wiring.Component):
                         nxt="EMBR")
             with m.State("EMBR"):
                 m.d.comb += [p0.addr.eq(Param.EMB_Q_OFF), p1.addr.eq(Param.EMB_ROW_BEATS)]
-                request(p0.data + token[:tok_bits] * p1.data[:16], p1.data, _Tag.EMBR, nxt="SEL")
+                request(p0d + emb_row_base, p1d, _Tag.EMBR, nxt="SEL")
             with m.State("SEL"):
                 with m.If((nj.k < n_jobs) & (nj.k <= tj.k + 1)):
                     with m.If(norm_ok):
@@ -459,19 +479,19 @@ class EngineCore(wiring.Component):
                     m.next = "IDLE"
             with m.State("LB"):
                 m.d.comb += [p0.addr.eq(Param.LB_OFF), p1.addr.eq(Param.LB_BEATS)]
-                request(p0.data + nj.l * g_lbstride, p1.data, _Tag.LB, nxt="NA")
+                request(p0d + lb_layer_base, p1d, _Tag.LB, nxt="NA")
             with m.State("NA"):
                 m.d.comb += [p0.addr.eq(njt_base + Param.A_OFF), p1.addr.eq(njt_base + Param.NORM_BEATS)]
-                request(p0.data + n_layer_base, p1.data, _Tag.A, slot=nj.slot, nxt="NC")
+                request(p0d + n_layer_base, p1d, _Tag.A, slot=nj.slot, nxt="NC")
             with m.State("NC"):
                 m.d.comb += [p0.addr.eq(njt_base + Param.C_OFF), p1.addr.eq(njt_base + Param.NORM_BEATS)]
-                request(p0.data + n_layer_base, p1.data, _Tag.C, slot=nj.slot, nxt="NK")
+                request(p0d + n_layer_base, p1d, _Tag.C, slot=nj.slot, nxt="NK")
             with m.State("NK"):
                 m.d.comb += p0.addr.eq(njt_base + Param.K_OFF)
-                request(p0.data + n_layer_base, k_beats, _Tag.K, slot=nj.slot, nxt="SEL", then=nj.step(g_L))
+                request(p0d + n_layer_base, k_beats, _Tag.K, slot=nj.slot, nxt="SEL", then=nj.step(g_L))
             with m.State("TRITS"):
                 m.d.comb += [p0.addr.eq(tjt_base + Param.TRITS_OFF), p1.addr.eq(tjt_base + Param.TRITS_BEATS)]
-                request(p0.data + t_layer_base, p1.data, _Tag.TRITS, nxt="SEL", then=tj.step(g_L))
+                request(p0d + t_layer_base, p1d, _Tag.TRITS, nxt="SEL", then=tj.step(g_L))
 
         # -- router: response beats to their destinations ----------------------------------------------
         rtag = Signal(tags)
