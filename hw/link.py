@@ -479,13 +479,17 @@ class Link(wiring.Component):
         chunk_phase = Signal()
         chunk_step = Signal()             # an image byte is accepted: address the next one
         chunk_addr = Signal(ptr_shape)
+        chunk_base = Signal(ptr_shape)
+        m.d.comb += chunk_base.eq(sp + HEADER_LEN + LOAD_CHUNK_HEADER.size + chunk_n)
         m.d.comb += [
-            chunk_addr.eq(sp + HEADER_LEN + LOAD_CHUNK_HEADER.size + chunk_n + chunk_step),
+            # the late decisions (take, jump, chunk_step) select among sums of registers instead
+            # of entering an adder: the ring's read address is on the critical path (ECP5)
+            chunk_addr.eq(Mux(chunk_step, chunk_base + 1, chunk_base)),
             rd.addr.eq(Mux(chunk_phase, chunk_addr[:ring_bits], rp_next[:ring_bits])),
         ]
         # The read port is addressed with the next parse position, so the parser takes one
         # byte per cycle; ``got``: the byte at rp has been read (it was in the ring last cycle).
-        m.d.comb += rp_next.eq(Mux(jump, sp + 1, rp + take))
+        m.d.comb += rp_next.eq(Mux(jump, sp + 1, Mux(take, rp + 1, rp)))
         m.d.sync += [rp.eq(rp_next), got.eq((rp_next != wp) & ~chunk_phase)]
 
         def take_byte():
