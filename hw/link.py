@@ -54,8 +54,9 @@ eng_logit_req : Out(stream.Signature(32))
 eng_logit_resp : In(stream.Signature(signed(32)))
     The logit (Q16), one per request, in order. The link has at most one request outstanding.
 
-Throughput: one byte per clock cycle in each of parsing, forwarding image bytes and
-transmitting (the ring is read one byte ahead); a UART byte takes ten bit times or more.
+Throughput: one byte per clock cycle in forwarding image bytes and in transmitting, one byte
+per three cycles in parsing (the ring's output is registered before the parser decides); a UART
+byte takes ten bit times or more.
 
 Memory: the ring is the only RAM (``ring_depth(max_payload)`` bytes: 128 for 64, 512 for 256,
 2048 for MAX_PAYLOAD; one, one and four iCE40 EBRs).
@@ -311,12 +312,13 @@ class Link(wiring.Component):
         m.submodules.img_crc = img_crc = IMAGE_CRC(data_width=8).create()
 
         # -- frame registers ------------------------------------------------------------------
-        got = Signal()                   # rd.data holds the byte at rp
+        got = Signal()                   # byte holds the byte at rp
         take = Signal()
         jump = Signal()
         rp_next = Signal(ptr_shape)
         byte = Signal(8)
-        m.d.comb += byte.eq(rd.data)
+        byte_r = Signal(8)               # the ring's output, registered
+        m.d.comb += byte.eq(byte_r)
         hidx = Signal(range(HEADER_LEN))
         seq = Signal(8)
         op = Signal(8)
@@ -485,12 +487,19 @@ class Link(wiring.Component):
             # the late decisions (take, jump, chunk_step) select among sums of registers instead
             # of entering an adder: the ring's read address is on the critical path (ECP5)
             chunk_addr.eq(Mux(chunk_step, chunk_base + 1, chunk_base)),
-            rd.addr.eq(Mux(chunk_phase, chunk_addr[:ring_bits], rp_next[:ring_bits])),
+            rd.addr.eq(Mux(chunk_phase, chunk_addr[:ring_bits], rp[:ring_bits])),
         ]
-        # The read port is addressed with the next parse position, so the parser takes one
-        # byte per cycle; ``got``: the byte at rp has been read (it was in the ring last cycle).
+        # The read port is addressed with the parse position rp (a register) and its output is
+        # registered (byte_r) before the parser looks at it: no path runs from the block RAM's
+        # slow output through the parser's decisions back into its address (the ECP5 critical
+        # path when the parser read one byte per cycle). A byte is parsed every third cycle at
+        # most; ``got``: byte_r holds the byte at rp, which was in the ring when it was read.
         m.d.comb += rp_next.eq(Mux(jump, sp + 1, Mux(take, rp + 1, rp)))
-        m.d.sync += [rp.eq(rp_next), got.eq((rp_next != wp) & ~chunk_phase)]
+        read_ok = Signal()               # rd.data holds the byte at rp
+        moved = take | jump
+        m.d.sync += [rp.eq(rp_next), byte_r.eq(rd.data),
+                     read_ok.eq((rp != wp) & ~moved & ~chunk_phase),
+                     got.eq(read_ok & ~moved & ~chunk_phase)]
 
         def take_byte():
             """Consume the byte at rp (its value is ``byte`` this cycle)."""
@@ -517,7 +526,7 @@ class Link(wiring.Component):
         m.d.comb += waiting.eq(~got & (rp == wp))
 
         with m.FSM(name="link"):
-            # ---- parsing: one byte per cycle while bytes are in the ring ----
+            # ---- parsing: one byte every third cycle while bytes are in the ring ----
             with m.State("HUNT"):
                 m.d.comb += self.idle.eq(waiting & ~tx_valid)
                 with m.If(got):
