@@ -360,6 +360,7 @@ class Link(wiring.Component):
         logit_byte = Signal(2)
 
         chunk_n = Signal(index_shape)     # image bytes of the current chunk forwarded
+        crc_pending = Signal()            # byte_r holds an image byte the image CRC must take
 
         # -- decoded request fields --------------------------------------------------------
         req_len_ok = Signal()
@@ -497,6 +498,8 @@ class Link(wiring.Component):
         m.d.comb += rp_next.eq(Mux(jump, sp + 1, Mux(take, rp + 1, rp)))
         read_ok = Signal()               # rd.data holds the byte at rp
         moved = take | jump
+        m.d.comb += [img_crc.data.eq(byte_r), img_crc.valid.eq(crc_pending)]
+        m.d.sync += crc_pending.eq(0)
         m.d.sync += [rp.eq(rp_next), byte_r.eq(rd.data),
                      read_ok.eq((rp != wp) & ~moved & ~chunk_phase),
                      got.eq(read_ok & ~moved & ~chunk_phase)]
@@ -677,11 +680,13 @@ class Link(wiring.Component):
 
             # ---- LOAD_CHUNK: the checked frame's data from the ring to the engine ----
             # the read port is addressed one byte ahead, so a byte goes out every cycle
+            # the image CRC takes each forwarded byte a cycle later, from byte_r (the ring's
+            # output registered): the ECP5 critical path ran from the ring through the CRC-32
             with m.State("CHUNK_ADDR"):
                 m.next = "CHUNK_OUT"
             with m.State("CHUNK_OUT"):
-                m.d.comb += [self.eng_image.valid.eq(1), img_crc.data.eq(rd.data),
-                             img_crc.valid.eq(self.eng_image.ready), chunk_step.eq(self.eng_image.ready)]
+                m.d.comb += [self.eng_image.valid.eq(1), chunk_step.eq(self.eng_image.ready)]
+                m.d.sync += crc_pending.eq(self.eng_image.ready)
                 with m.If(self.eng_image.ready):
                     m.d.sync += chunk_n.eq(chunk_n + 1)
                     with m.If(chunk_n == chunk_data_len - 1):
