@@ -8,8 +8,8 @@ environment, unless an environment variable names another tool (``YOSYS``,
 convention). Results are cached under a hash of the build plan (RTLIL, constraints, scripts),
 the weight image, the tool versions, the board and the clock, so a repeat build is instant.
 
-The design is a parameter (``design=``); :data:`DEFAULT_DESIGN` is what ``mmfree-fpga build``
-builds. The engine replaces the placeholder by changing that one line.
+The design is a parameter (``design=``, a factory); without one, the board's own
+(``Board.design``: the engine on the ULX3S, see :mod:`.designs`) is built.
 """
 
 from __future__ import annotations
@@ -32,18 +32,22 @@ from mmfree_fpga.errors import UserError
 
 from .budget import ImageSummary, check_fits, image_summary, memory_budget
 from .clocks import PLL_FAMILIES, SyncDomain
-from .placeholder import frame_echo
+from .designs import design_factory
 from .registry import Board, resolve_board
 from .reports import design_clock, parse_nextpnr_log, parse_yosys_log, utilization
 from .top import DEFAULT_BAUD, DEFAULT_FIFO_DEPTH, BoardTop, DesignContext, DesignFactory
 
-__all__ = ["DEFAULT_DESIGN", "prepare", "build", "PreparedBuild", "toolchain", "default_cache_dir",
+__all__ = ["prepare", "build", "PreparedBuild", "toolchain", "default_cache_dir",
            "BUILD_NAME"]
 
-# The design `mmfree-fpga build` puts on the board. The engine plugs in here.
-DEFAULT_DESIGN: DesignFactory = frame_echo
-
 BUILD_NAME = "top"
+# Yosys commands run right after reading the design. Amaranth names the elements of an ArrayLayout
+# signal `name[k]` (e.g. `product[5]` beside `product` in hw/matvec.py). With such wires in the
+# flattened board design, Yosys 0.70's synth_ecp5 stops in abc9 (abc_ops_reintegrate): "Assert
+# `GetSize(conn.first) == GetSize(conn.second)' failed in kernel/rtlil.cc:3091". Measured on the
+# ULX3S engine (16 lanes): making just the `*.matvec.product[k]` wires private avoids it; making
+# all bracketed wire names private (they are only debug names) keeps other designs clear of it.
+YOSYS_AFTER_READ = "rename -hide w:*[[]*"
 CACHE_VERSION = 2
 _STAGE_LABELS = {"yosys": "synthesis", "nextpnr-ice40": "place and route", "nextpnr-ecp5": "place and route",
                  "icepack": "bitstream", "ecppack": "bitstream"}
@@ -157,6 +161,7 @@ class PreparedBuild:
     pll: object | None
     fit: dict | None
     notes: list = field(default_factory=list)
+    lanes: int | None = None          # the engine's lanes (None: a design without lanes)
 
     def bitstream(self, build_dir: Path) -> Path | None:
         """The bitstream the toolchain wrote: .bin (iCE40), .bit (ECP5), else the first one found."""
@@ -174,9 +179,10 @@ def _design_identity(design) -> tuple[str, str]:
 
 
 def prepare(board: str, *, clock_mhz: float | None = None, baud: int = DEFAULT_BAUD, checkpoint=None,
-            packing: str | None = None, design: DesignFactory = DEFAULT_DESIGN,
+            packing: str | None = None, design: DesignFactory | None = None,
             fifo_depth: int = DEFAULT_FIFO_DEPTH, cache_dir=None) -> PreparedBuild:
-    """Elaborate the board top around ``design`` into a build plan (no tools run).
+    """Elaborate the board top around ``design`` (default: the board's design) into a build plan
+    (no tools run).
 
     Raises UserError for an unknown board, an unreachable clock, a baud rate the clock cannot
     make, or a model too big for the board.
@@ -228,6 +234,8 @@ def prepare(board: str, *, clock_mhz: float | None = None, baud: int = DEFAULT_B
 
     context = DesignContext(board=spec.name, device=platform.device, family=family, clock_hz=clock_hz,
                             baud=baud, checkpoint=ckpt, image=image, resources=resources, budget=budget)
+    if design is None:
+        design = design_factory(spec.design)
     design_obj = design(context)
     name, description = _design_identity(design_obj)
 
@@ -238,11 +246,12 @@ def prepare(board: str, *, clock_mhz: float | None = None, baud: int = DEFAULT_B
                                  clock_hz=clock_hz, pll=pll, reset_port=reset_port)
     top = BoardTop(design_obj, clock_hz=clock_hz, baud=baud, sync_domain=sync_domain, leds=spec.leds,
                    fifo_depth=fifo_depth)
+    overrides = {"script_after_read": YOSYS_AFTER_READ} if family in ("ice40", "ecp5") else {}
     plan = platform.build(top, name=BUILD_NAME, do_build=False, debug_verilog=False,
-                          nextpnr_opts="--timing-allow-fail")
+                          nextpnr_opts="--timing-allow-fail", **overrides)
     return PreparedBuild(board=spec, platform=platform, plan=plan, context=context, design_name=name,
                          design_description=description, requested_clock_hz=requested, pll=pll, fit=fit,
-                         notes=notes)
+                         notes=notes, lanes=getattr(design, "lanes", None))
 
 
 def cache_key(prepared: PreparedBuild, tools: dict) -> str:
@@ -394,7 +403,7 @@ def _install(files: list[Path], out: Path) -> None:
 
 
 def build(board: str, *, out=None, clock_mhz: float | None = None, baud: int = DEFAULT_BAUD,
-          checkpoint=None, packing: str | None = None, design: DesignFactory = DEFAULT_DESIGN,
+          checkpoint=None, packing: str | None = None, design: DesignFactory | None = None,
           cache_dir=None, use_cache: bool = True, quiet: bool = False,
           fifo_depth: int = DEFAULT_FIFO_DEPTH) -> dict:
     """Build (or fetch from the cache) the bitstream of ``design`` on ``board``.
@@ -444,6 +453,7 @@ def build(board: str, *, out=None, clock_mhz: float | None = None, baud: int = D
         "device": ctx.device,
         "design": prepared.design_name,
         "design_description": prepared.design_description,
+        "lanes": prepared.lanes,
         "bitstream": str(out / bitstream_file),
         "clock_mhz": round(ctx.clock_hz / 1e6, 6),
         "requested_clock_mhz": round(prepared.requested_clock_hz / 1e6, 6),

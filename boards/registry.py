@@ -38,6 +38,7 @@ class Board:
     reset_button: tuple | None = None    # (resource name, number), pressed = reset
     programmer: Programmer | None = None
     generic: bool = False
+    design: str = "echo"                 # what `mmfree-fpga build` puts on it (boards.designs.DESIGNS)
 
     def platform(self) -> Platform:
         return self.platform_class()
@@ -73,7 +74,8 @@ def _known():
             description="Radiona ULX3S with LFE5U-85F (ECP5, 25 MHz oscillator)",
             default_clock_hz=60e6, pll=True, leds=(0, 1, 2), reset_button=("button_fire", 0),
             programmer=Programmer(ofl_board="ulx3s", cable="the ULX3S's FTDI FT231X on the US1 port (USB 0403:6015)",
-                                  sram=True)),
+                                  sram=True),
+            design="engine"),
     }
 
 

@@ -464,17 +464,27 @@ class EngineCore(wiring.Component):
         req = self.wport.req
         tag = Signal(tags)
         m.d.comb += [tagq.w_data.eq(tag), tagq.w_en.eq(req.valid & req.ready)]
-        ph = Signal(2)      # request phase: 0 address the parameters, (compact: 1 latch p1), then issue
-        ph_issue = 2 if self.compact else 1
+        # A request takes several phases, so that no path runs from the parameter RAM's output
+        # (slow on ECP5 block RAM) through an adder into the weight memory: 0 the parameter RAM
+        # reads (compact: p1's word; 1 p1 latched, p0's word read, one read port); then its data
+        # is registered (p0d, p1d); then address and length are computed into registers; then the
+        # request is offered until taken. The layer and embedding-row offsets are registers
+        # (running sums, shift and add): no multiplier on this path.
+        ph_calc = 3 if self.compact else 2
+        ph_issue = ph_calc + 1
+        ph = Signal(range(ph_issue + 1))
         if self.compact:
             m.d.comb += p_rd.addr.eq(Mux(ph == 0, p1.addr, p0.addr))
         k_beats = -(-8 // wb)
+        p0d = Signal.like(p0.data)
+        p1d = Signal.like(p1.data)
+        m.d.sync += [p0d.eq(p0.data), p1d.eq(p1.data)]
         njt_base = nj.jt * Param.JOB_STRIDE
         tjt_base = tj.jt * Param.JOB_STRIDE
         n_layer_base = Mux(nj.jt == JT_LM, 0, nj.base["layer"])
         t_layer_base = Mux(tj.jt == JT_LM, 0, tj.base["layer"])
         tok_bits = max(1, (max_V - 1).bit_length())
-        emb_scale_byte = p0.data + 4 * token[:tok_bits]
+        emb_scale_byte = p0d + 4 * token[:tok_bits]
         # the embedding row's word offset token * d / beat_bytes, by shift and add (one token bit
         # per cycle from FEED_TOKEN on, done before the fetcher asks for the row): no multiplier
         emb_row = Signal(ADDR_BITS)
@@ -485,20 +495,26 @@ class EngineCore(wiring.Component):
         with m.Elif(emb_mcnt != 0):
             m.d.sync += [emb_row.eq((emb_row << 1) + Mux(emb_mtok[-1], g_d >> lb_log, 0)),
                          emb_mtok.eq(emb_mtok << 1), emb_mcnt.eq(emb_mcnt - 1)]
+        req_addr = Signal(ADDR_BITS)
+        req_len = Signal(LEN_BITS)
+        req_tag = Signal(tags)
 
         def request(addr, length, kind, slot=0, boff_=0, nxt=None, then=()):
-            with m.If(ph == 0):
-                m.d.sync += ph.eq(1)
             if self.compact:
                 with m.If(ph == 1):
-                    m.d.sync += [p1.data.eq(p_rd.data), ph.eq(2)]
-            with m.If(ph == ph_issue):
-                m.d.comb += [req.valid.eq(tagq.w_rdy), req.payload.addr.eq(addr), req.payload.length.eq(length),
-                             tag.kind.eq(kind), tag.slot.eq(slot), tag.count.eq(length), tag.boff.eq(boff_)]
+                    m.d.sync += p1.data.eq(p_rd.data)
+            with m.If(ph == ph_calc):
+                m.d.sync += [ph.eq(ph_issue), req_addr.eq(addr), req_len.eq(length), req_tag.kind.eq(kind),
+                             req_tag.slot.eq(slot), req_tag.count.eq(length), req_tag.boff.eq(boff_)]
+            with m.Elif(ph == ph_issue):
+                m.d.comb += [req.valid.eq(tagq.w_rdy), req.payload.addr.eq(req_addr),
+                             req.payload.length.eq(req_len), tag.eq(req_tag)]
                 with m.If(req.valid & req.ready):
                     m.d.sync += ph.eq(0)
                     m.d.sync += list(then)
                     m.next = nxt
+            with m.Else():
+                m.d.sync += ph.eq(ph + 1)
 
         norm_ok = (front_done + NORM_SLOTS - 1 >= nj.k) & ((nj.jt != JT_F) | (out_done + 5 >= nj.k))
         with m.FSM(name="fetch"):
@@ -513,7 +529,7 @@ class EngineCore(wiring.Component):
             with m.State("EMBR"):
                 m.d.comb += [p0.addr.eq(Param.EMB_Q_OFF), p1.addr.eq(Param.EMB_ROW_BEATS)]
                 with m.If(emb_mcnt == 0):
-                    request(p0.data + emb_row, p1.data, _Tag.EMBR, nxt="SEL")
+                    request(p0d + emb_row, p1d, _Tag.EMBR, nxt="SEL")
             with m.State("SEL"):
                 with m.If((nj.k < n_jobs) & (nj.k <= tj.k + 1)):
                     with m.If(norm_ok):
@@ -529,19 +545,19 @@ class EngineCore(wiring.Component):
                     m.next = "IDLE"
             with m.State("LB"):
                 m.d.comb += [p0.addr.eq(Param.LB_OFF), p1.addr.eq(Param.LB_BEATS)]
-                request(p0.data + nj.base["lb"], p1.data, _Tag.LB, nxt="NA")
+                request(p0d + nj.base["lb"], p1d, _Tag.LB, nxt="NA")
             with m.State("NA"):
                 m.d.comb += [p0.addr.eq(njt_base + Param.A_OFF), p1.addr.eq(njt_base + Param.NORM_BEATS)]
-                request(p0.data + n_layer_base, p1.data, _Tag.A, slot=nj.slot, nxt="NC")
+                request(p0d + n_layer_base, p1d, _Tag.A, slot=nj.slot, nxt="NC")
             with m.State("NC"):
                 m.d.comb += [p0.addr.eq(njt_base + Param.C_OFF), p1.addr.eq(njt_base + Param.NORM_BEATS)]
-                request(p0.data + n_layer_base, p1.data, _Tag.C, slot=nj.slot, nxt="NK")
+                request(p0d + n_layer_base, p1d, _Tag.C, slot=nj.slot, nxt="NK")
             with m.State("NK"):
                 m.d.comb += p0.addr.eq(njt_base + Param.K_OFF)
-                request(p0.data + n_layer_base, k_beats, _Tag.K, slot=nj.slot, nxt="SEL", then=nj.step(g_L))
+                request(p0d + n_layer_base, k_beats, _Tag.K, slot=nj.slot, nxt="SEL", then=nj.step(g_L))
             with m.State("TRITS"):
                 m.d.comb += [p0.addr.eq(tjt_base + Param.TRITS_OFF), p1.addr.eq(tjt_base + Param.TRITS_BEATS)]
-                request(p0.data + t_layer_base, p1.data, _Tag.TRITS, nxt="SEL", then=tj.step(g_L))
+                request(p0d + t_layer_base, p1d, _Tag.TRITS, nxt="SEL", then=tj.step(g_L))
 
         # -- router: response beats to their destinations ----------------------------------------------
         rtag = Signal(tags)

@@ -54,8 +54,9 @@ eng_logit_req : Out(stream.Signature(32))
 eng_logit_resp : In(stream.Signature(signed(32)))
     The logit (Q16), one per request, in order. The link has at most one request outstanding.
 
-Throughput: one byte per clock cycle in each of parsing, forwarding image bytes and
-transmitting (the ring is read one byte ahead); a UART byte takes ten bit times or more.
+Throughput: one byte per clock cycle in forwarding image bytes and in transmitting, one byte
+per three cycles in parsing (the ring's output is registered before the parser decides); a UART
+byte takes ten bit times or more.
 
 Memory: the ring is the only RAM (``ring_depth(max_payload)`` bytes: 128 for 64, 512 for 256,
 2048 for MAX_PAYLOAD; one, one and four iCE40 EBRs).
@@ -85,7 +86,8 @@ from mmfree_fpga.protocol import (
     HEADER_LEN, IDENTITY, IMAGE_CRC, LOAD_BEGIN_REQUEST, LOAD_BEGIN_RESPONSE, LOAD_CHUNK_HEADER,
     LOAD_CHUNK_RESPONSE, LOAD_COMMIT_RESPONSE, MAX_LOGITS_PER_READ, MAX_PAYLOAD, MIN_DEVICE_PAYLOAD,
     NAK_PAYLOAD, NAK_RESPONSE, POSITION, PROTOCOL_VERSION, READ_LOGITS_HEADER, READ_LOGITS_REQUEST,
-    REQUEST_LENGTHS, RESPONSE, SYNC, TRAILER_LEN, Error, Identity, Op, Packing, Status, formats_id,
+    REQUEST_LENGTHS, RESPONSE, SYNC, TRAILER_LEN, Error, Identity, Op, Packing, Status, crc32_image,
+    formats_id,
 )
 from mmfree_fpga.reference.export import IMAGE_VERSION
 
@@ -203,11 +205,17 @@ class Link(wiring.Component):
     boot_id : int or None
         A fixed boot id, or None: the cycles from reset to the first byte received (the host's
         timing makes it differ from one reset to the next).
+    image : bytes or None
+        The image the engine's RAM holds from configuration on (weights in the bitstream), or
+        None (the RAM starts empty). With an image, IDENTIFY reports the weights loaded with the
+        image's size and CRC-32 from the start, and a reset does not change that (the RAM keeps
+        its contents through a reset); LOAD_BEGIN still replaces them as usual.
     """
 
     def __init__(self, cfg: ModelConfig, *, packing: str = "base3", lanes: int = 0,
                  max_payload: int = MAX_PAYLOAD, step_time_ms: int = 0, clk_freq: float = 12e6,
-                 idle_timeout_cycles: int | None = None, boot_id: int | None = None):
+                 idle_timeout_cycles: int | None = None, boot_id: int | None = None,
+                 image: bytes | None = None):
         from mmfree_fpga.host.image import image_size
         if not MIN_DEVICE_PAYLOAD <= max_payload <= MAX_PAYLOAD:
             raise ValueError(f"max_payload must be in [{MIN_DEVICE_PAYLOAD}, {MAX_PAYLOAD}], got {max_payload}")
@@ -223,6 +231,10 @@ class Link(wiring.Component):
         if self.idle_timeout_cycles < 1:
             raise ValueError("idle_timeout_cycles must be at least 1")
         self.boot_id = boot_id
+        if image is not None and len(image) != self.image_bytes:
+            raise ValueError(f"the preloaded image has {len(image)} bytes; this geometry and packing take "
+                             f"{self.image_bytes}")
+        self.preloaded = image is not None
         self.ring_depth = ring_depth(max_payload)
         self.logits_per_read = min(MAX_LOGITS_PER_READ, (max_payload - READ_LOGITS_HEADER.size) // 4)
         super().__init__({
@@ -238,8 +250,11 @@ class Link(wiring.Component):
         # to send) and every register of the device state a command may change
         self.idle = Signal()
         self.state = {
-            "position": Signal(32), "logits_valid": Signal(), "weights_loaded": Signal(),
-            "image_crc": Signal(32), "load_open": Signal(), "load_crc": Signal(32),
+            "position": Signal(32), "logits_valid": Signal(),
+            # preloaded weights are there from configuration on and survive a reset, like the RAM
+            "weights_loaded": Signal(init=self.preloaded, reset_less=self.preloaded),
+            "image_crc": Signal(32, init=crc32_image(image) if image is not None else 0, reset_less=self.preloaded),
+            "load_open": Signal(), "load_crc": Signal(32),
             "load_pointer": Signal(range(self.image_bytes + 1)),
             "running_crc": Signal(32), "cache_valid": Signal(), "cache_seq": Signal(8), "cache_crc": Signal(16),
             "cache_op": Signal(8), "result": Signal(engine_result_layout().size), "boot_id": Signal(32),
@@ -297,12 +312,13 @@ class Link(wiring.Component):
         m.submodules.img_crc = img_crc = IMAGE_CRC(data_width=8).create()
 
         # -- frame registers ------------------------------------------------------------------
-        got = Signal()                   # rd.data holds the byte at rp
+        got = Signal()                   # byte holds the byte at rp
         take = Signal()
         jump = Signal()
         rp_next = Signal(ptr_shape)
         byte = Signal(8)
-        m.d.comb += byte.eq(rd.data)
+        byte_r = Signal(8)               # the ring's output, registered
+        m.d.comb += byte.eq(byte_r)
         hidx = Signal(range(HEADER_LEN))
         seq = Signal(8)
         op = Signal(8)
@@ -344,6 +360,7 @@ class Link(wiring.Component):
         logit_byte = Signal(2)
 
         chunk_n = Signal(index_shape)     # image bytes of the current chunk forwarded
+        crc_pending = Signal()            # byte_r holds an image byte the image CRC must take
 
         # -- decoded request fields --------------------------------------------------------
         req_len_ok = Signal()
@@ -465,14 +482,27 @@ class Link(wiring.Component):
         chunk_phase = Signal()
         chunk_step = Signal()             # an image byte is accepted: address the next one
         chunk_addr = Signal(ptr_shape)
+        chunk_base = Signal(ptr_shape)
+        m.d.comb += chunk_base.eq(sp + HEADER_LEN + LOAD_CHUNK_HEADER.size + chunk_n)
         m.d.comb += [
-            chunk_addr.eq(sp + HEADER_LEN + LOAD_CHUNK_HEADER.size + chunk_n + chunk_step),
-            rd.addr.eq(Mux(chunk_phase, chunk_addr[:ring_bits], rp_next[:ring_bits])),
+            # the late decisions (take, jump, chunk_step) select among sums of registers instead
+            # of entering an adder: the ring's read address is on the critical path (ECP5)
+            chunk_addr.eq(Mux(chunk_step, chunk_base + 1, chunk_base)),
+            rd.addr.eq(Mux(chunk_phase, chunk_addr[:ring_bits], rp[:ring_bits])),
         ]
-        # The read port is addressed with the next parse position, so the parser takes one
-        # byte per cycle; ``got``: the byte at rp has been read (it was in the ring last cycle).
-        m.d.comb += rp_next.eq(Mux(jump, sp + 1, rp + take))
-        m.d.sync += [rp.eq(rp_next), got.eq((rp_next != wp) & ~chunk_phase)]
+        # The read port is addressed with the parse position rp (a register) and its output is
+        # registered (byte_r) before the parser looks at it: no path runs from the block RAM's
+        # slow output through the parser's decisions back into its address (the ECP5 critical
+        # path when the parser read one byte per cycle). A byte is parsed every third cycle at
+        # most; ``got``: byte_r holds the byte at rp, which was in the ring when it was read.
+        m.d.comb += rp_next.eq(Mux(jump, sp + 1, Mux(take, rp + 1, rp)))
+        read_ok = Signal()               # rd.data holds the byte at rp
+        moved = take | jump
+        m.d.comb += [img_crc.data.eq(byte_r), img_crc.valid.eq(crc_pending)]
+        m.d.sync += crc_pending.eq(0)
+        m.d.sync += [rp.eq(rp_next), byte_r.eq(rd.data),
+                     read_ok.eq((rp != wp) & ~moved & ~chunk_phase),
+                     got.eq(read_ok & ~moved & ~chunk_phase)]
 
         def take_byte():
             """Consume the byte at rp (its value is ``byte`` this cycle)."""
@@ -499,7 +529,7 @@ class Link(wiring.Component):
         m.d.comb += waiting.eq(~got & (rp == wp))
 
         with m.FSM(name="link"):
-            # ---- parsing: one byte per cycle while bytes are in the ring ----
+            # ---- parsing: one byte every third cycle while bytes are in the ring ----
             with m.State("HUNT"):
                 m.d.comb += self.idle.eq(waiting & ~tx_valid)
                 with m.If(got):
@@ -650,11 +680,13 @@ class Link(wiring.Component):
 
             # ---- LOAD_CHUNK: the checked frame's data from the ring to the engine ----
             # the read port is addressed one byte ahead, so a byte goes out every cycle
+            # the image CRC takes each forwarded byte a cycle later, from byte_r (the ring's
+            # output registered): the ECP5 critical path ran from the ring through the CRC-32
             with m.State("CHUNK_ADDR"):
                 m.next = "CHUNK_OUT"
             with m.State("CHUNK_OUT"):
-                m.d.comb += [self.eng_image.valid.eq(1), img_crc.data.eq(rd.data),
-                             img_crc.valid.eq(self.eng_image.ready), chunk_step.eq(self.eng_image.ready)]
+                m.d.comb += [self.eng_image.valid.eq(1), chunk_step.eq(self.eng_image.ready)]
+                m.d.sync += crc_pending.eq(self.eng_image.ready)
                 with m.If(self.eng_image.ready):
                     m.d.sync += chunk_n.eq(chunk_n + 1)
                     with m.If(chunk_n == chunk_data_len - 1):

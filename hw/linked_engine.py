@@ -11,8 +11,11 @@ control interface. Only the port adaptation lives here:
   ``logit``, ``cycles``);
 * ``Link.eng_logit_req`` / ``eng_logit_resp`` <-> ``Engine.logit_req`` / ``logit_resp``.
 
-The engine starts without weights (its RAM is written only through ``load``), as the Link
-reports after reset.
+Weights: without ``image`` the engine starts without weights (its RAM is written only through
+``load``), as the Link reports after reset. With ``image`` (the exported weight image) the
+engine's RAM is initialised with it (block RAM contents in the bitstream, e.g. on ECP5) and the
+Link reports those weights loaded from the start, so a host that holds the same image need not
+upload it; LOAD_BEGIN/CHUNK/COMMIT still overwrite them.
 """
 
 from __future__ import annotations
@@ -34,8 +37,8 @@ class LinkedEngine(wiring.Component):
     """Link + Engine for ``cfg`` / ``packing`` / ``lanes``.
 
     ``max_payload``, ``step_time_ms``, ``clk_freq``, ``idle_timeout_cycles`` and ``boot_id``
-    go to the :class:`~.link.Link`; other keywords (maxima, ``mem_words``, ...) to the
-    :class:`~.engine.Engine`.
+    go to the :class:`~.link.Link`; ``image`` (bytes of the weight image, or None) to both;
+    other keywords (maxima, ``mem_words``, ...) to the :class:`~.engine.Engine`.
 
     Members
     -------
@@ -45,10 +48,12 @@ class LinkedEngine(wiring.Component):
 
     def __init__(self, cfg: ModelConfig, *, lanes: int = 16, packing: str = "base3",
                  max_payload: int = MAX_PAYLOAD, step_time_ms: int = 0, clk_freq: float = 12e6,
-                 idle_timeout_cycles: int | None = None, boot_id: int | None = None, **engine_kw):
+                 idle_timeout_cycles: int | None = None, boot_id: int | None = None,
+                 image: bytes | None = None, **engine_kw):
         self.link = Link(cfg, packing=packing, lanes=lanes, max_payload=max_payload, step_time_ms=step_time_ms,
-                         clk_freq=clk_freq, idle_timeout_cycles=idle_timeout_cycles, boot_id=boot_id)
-        self.engine = Engine(cfg, lanes=lanes, packing=packing, **engine_kw)
+                         clk_freq=clk_freq, idle_timeout_cycles=idle_timeout_cycles, boot_id=boot_id,
+                         image=image)
+        self.engine = Engine(cfg, lanes=lanes, packing=packing, image=image, **engine_kw)
         super().__init__({"i_stream": In(stream.Signature(8)), "o_stream": Out(stream.Signature(8))})
 
     def elaborate(self, platform):

@@ -129,7 +129,9 @@ class TernaryMatVec(wiring.Component):
     weights : In(stream.Signature(ArrayLayout(unsigned(8), weight_bytes)))
         Packed trits, byte 0 of a beat first. Ready only while the active command still needs
         beats: exactly ``ceil(rows * cols / beat trits)`` beats per command are taken.
-        ``ready`` depends on registers only (a free gearbox slot, beats still due).
+        ``ready`` depends on registers only (a free slot, beats still due). A beat is
+        registered before it is decoded: on ECP5 the payload may come straight from a block
+        RAM (a FIFO), whose output is slow.
     out : Out(stream.Signature(out_layout))
         ``acc`` (signed ``FORMATS.acc_bits``) of each row, ``last`` on the final row of a
         command. ``valid`` is a register (it comes from a FIFO).
@@ -144,12 +146,12 @@ class TernaryMatVec(wiring.Component):
 
     With no stalls, counting the cycle in which ``cmd`` is transferred as cycle 0, the last
     result is transferred in cycle ``N + latency`` for ``N = rows * cols / lanes`` groups,
-    ``latency = 6 + ceil(log2 lanes)``: the first group issues in cycle 2 (cycle 1 takes the
-    first weight beat into the gearbox), the last in cycle N + 1; then 1 cycle for the q
-    buffer's read, 1 for a register behind it, 1 of products, ``ceil(log2 lanes)`` of adder
-    tree, and 2 through the output FIFO (the accumulator writes it combinationally). The next command is accepted
-    the cycle after the last group issues, so back-to-back commands start ``N + 2`` cycles
-    apart. With ``load``, q streams in alongside the first row and costs nothing extra if the
+    ``latency = 7 + ceil(log2 lanes)``: the first group issues in cycle 3 (cycle 1 takes the
+    first weight beat into a register, cycle 2 into the gearbox), the last in cycle N + 2; then
+    1 cycle for the q buffer's read, 1 for a register behind it, 1 of products,
+    ``ceil(log2 lanes)`` of adder tree, and 2 through the output FIFO (the accumulator writes it
+    combinationally). The next command is accepted the cycle after the last group issues, so
+    back-to-back commands start ``N + 3`` cycles apart. With ``load``, q streams in alongside the first row and costs nothing extra if the
     act stream keeps up (one beat per cycle).
     """
 
@@ -217,7 +219,7 @@ class TernaryMatVec(wiring.Component):
     @property
     def latency(self) -> int:
         """Cycles from the command transfer to the last result, beyond one per group."""
-        return 6 + self.tree_latency
+        return 7 + self.tree_latency
 
     @property
     def fifo_depth(self) -> int:
@@ -324,12 +326,18 @@ class TernaryMatVec(wiring.Component):
         if runtime_packing:
             m.d.comb += [decoder.packing.eq(packing), gearbox.packing.eq(packing)]
         m.d.comb += beat.eq(select_by_packing(packing, self._beats))
+        wbuf = Signal(self.weight_layout, reset_less=True)
+        wbuf_valid = Signal()
         m.d.comb += [
-            decoder.data.eq(self.weights.payload),
+            decoder.data.eq(wbuf),
             gearbox.i.payload.eq(decoder.codes),
-            gearbox.i.valid.eq(self.weights.valid & feeding),
-            self.weights.ready.eq(gearbox.i.ready & feeding),
+            gearbox.i.valid.eq(wbuf_valid),
+            self.weights.ready.eq(feeding & (~wbuf_valid | gearbox.i.ready)),
         ]
+        with m.If(self.weights.valid & self.weights.ready):
+            m.d.sync += [wbuf.eq(self.weights.payload), wbuf_valid.eq(1)]
+        with m.Elif(gearbox.i.ready):
+            m.d.sync += wbuf_valid.eq(0)
         with m.If(self.weights.valid & self.weights.ready):
             with m.If(trits_left <= beat):
                 m.d.sync += feeding.eq(0)

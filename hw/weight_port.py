@@ -208,21 +208,26 @@ class WeightMemory(wiring.Component):
             m.d.sync += [addr.eq(addr + 1), left.eq(left - 1)]
             with m.If(left == 1):
                 m.d.sync += busy.eq(0)
+        # The store's read data is registered once (`word`) before the FIFO: a store of many block
+        # RAMs ends in a wide output multiplexer behind the RAMs' slow clock-to-out (ECP5).
         m.d.sync += inflight.eq(issue)
         read_addr = Signal(ADDR_BITS)
         m.d.sync += read_addr.eq(addr)
+        stored = Signal()                     # `word` holds a beat read two cycles ago
+        m.d.sync += stored.eq(inflight)
+        in_pipe = inflight + stored
 
-        word = Signal(width)
+        word = Signal(width, reset_less=True)
         if self._model:
-            m.d.comb += word.eq(Mux(self.synthetic, _hash_word(read_addr, wb), rdata))
+            m.d.sync += word.eq(Mux(self.synthetic, _hash_word(read_addr, wb), rdata))
             credit = Signal(20)
             cost = wb << 8
             unlimited = self.bandwidth == 0
-            m.d.comb += may_issue.eq((fifo.level + inflight < depth) & (unlimited | (credit >= cost)))
+            m.d.comb += may_issue.eq((fifo.level + in_pipe < depth) & (unlimited | (credit >= cost)))
             gained = Mux(credit + self.bandwidth > 2 * cost, 2 * cost, credit + self.bandwidth)
             m.d.sync += credit.eq(Mux(issue & ~unlimited, gained - cost, gained))
             due = Signal(32)
-            m.d.sync += due.eq(now + self.latency)
+            m.d.sync += due.eq(now + self.latency - 1)    # + 1 cycle in `word`
             lfsr = Signal(16, init=0xACE1)
             m.d.sync += lfsr.eq(Cat(lfsr[1:], lfsr[0] ^ lfsr[2] ^ lfsr[3] ^ lfsr[5]))
             stall = lfsr[:8] < self.stall_rate
@@ -234,17 +239,19 @@ class WeightMemory(wiring.Component):
                 self.port.resp.payload.eq(out.data),
                 fifo.r_en.eq(self.port.resp.ready & ready_time & ~stall),
             ]
-            m.d.comb += [fifo.w_en.eq(inflight), fifo.w_data.eq(Cat(word, due))]
+            due_r = Signal(32)
+            m.d.sync += due_r.eq(due)
+            m.d.comb += [fifo.w_en.eq(stored), fifo.w_data.eq(Cat(word, due_r))]
         else:
-            m.d.comb += word.eq(rdata)
-            m.d.comb += may_issue.eq(fifo.level + inflight < depth)
+            m.d.sync += word.eq(rdata)
+            m.d.comb += may_issue.eq(fifo.level + in_pipe < depth)
             out = Signal(entry)
             m.d.comb += [
                 out.eq(fifo.r_data),
                 self.port.resp.valid.eq(fifo.r_rdy),
                 self.port.resp.payload.eq(out.data),
                 fifo.r_en.eq(self.port.resp.ready),
-                fifo.w_en.eq(inflight), fifo.w_data.eq(word),
+                fifo.w_en.eq(stored), fifo.w_data.eq(word),
             ]
         return m
 

@@ -242,5 +242,5 @@ async def throughput_without_stalls(dut):
     stim = encode_jobs(unit, jobs)     # back to back
     cmd_cycles, out_cycles = await drive(dut, unit, stim, idle=0, stall=0, rng=rng)
     gaps = [b - a for a, b in zip(cmd_cycles, cmd_cycles[1:])]
-    assert gaps == [g + 2 for g in stim.groups[:-1]], f"command gaps {gaps}, groups {stim.groups}"
+    assert gaps == [g + 3 for g in stim.groups[:-1]], f"command gaps {gaps}, groups {stim.groups}"
     assert out_cycles[-1] - cmd_cycles[-1] == stim.groups[-1] + unit.latency

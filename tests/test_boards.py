@@ -144,13 +144,18 @@ def test_power_on_reset_waits_and_follows_the_button():
 
 # -- board tops: plans without running the tools (one smoke test per board) ----------------------
 
-@pytest.mark.parametrize("board, clock_mhz, pll_cell, params, constraint", [
-    ("icebreaker", None, "SB_PLL40_PAD", ["\\DIVF 63", "\\DIVQ 5"], ("top.pcf", "set_frequency clocking.clk 24.0")),
-    ("icebreaker", 12, None, [], ("top.pcf", "set_io uart_0__tx__io 9")),
-    ("ulx3s-85f", None, "EHXPLLL", ["\\CLKI_DIV 5", "\\CLKFB_DIV 12"], ("top.lpf", "60000000.0 HZ")),
-    ("amaranth_boards.icestick:ICEStickPlatform", None, None, [], ("top.pcf", "set_io uart_0__rx__io 9")),
+ECHO = "mmfree_fpga.boards.placeholder.FrameEcho"
+ENGINE = "mmfree_fpga.hw.linked_engine.LinkedEngine"
+
+
+@pytest.mark.parametrize("board, clock_mhz, pll_cell, params, constraint, design", [
+    ("icebreaker", None, "SB_PLL40_PAD", ["\\DIVF 63", "\\DIVQ 5"], ("top.pcf", "set_frequency clocking.clk 24.0"),
+     ECHO),
+    ("icebreaker", 12, None, [], ("top.pcf", "set_io uart_0__tx__io 9"), ECHO),
+    ("ulx3s-85f", None, "EHXPLLL", ["\\CLKI_DIV 5", "\\CLKFB_DIV 12"], ("top.lpf", "60000000.0 HZ"), ENGINE),
+    ("amaranth_boards.icestick:ICEStickPlatform", None, None, [], ("top.pcf", "set_io uart_0__rx__io 9"), ECHO),
 ])
-def test_board_plan(board, clock_mhz, pll_cell, params, constraint, checkpoint, tiny_checkpoint):
+def test_board_plan(board, clock_mhz, pll_cell, params, constraint, design, checkpoint, tiny_checkpoint):
     p = prepare(board, clock_mhz=clock_mhz, checkpoint=tiny_checkpoint if "icestick" in board else checkpoint)
     rtlil = p.plan.files["top.il"]
     assert (f"cell \\{pll_cell} " in rtlil) if pll_cell else ("SB_PLL40" not in rtlil and "EHXPLLL" not in rtlil)
@@ -161,7 +166,37 @@ def test_board_plan(board, clock_mhz, pll_cell, params, constraint, checkpoint, 
     commands = json.loads(p.plan.files["build_top.json"])["commands"]
     assert [c[0] for c in commands][:2] == ["yosys", "nextpnr-" + p.context.family]
     assert "--timing-allow-fail" in commands[1]
-    assert p.design_name == "mmfree_fpga.boards.placeholder.FrameEcho"
+    assert p.design_name == design and p.lanes == (16 if design == ENGINE else None)
+
+
+def test_ulx3s_engine_holds_the_weights_in_the_bitstream(checkpoint):
+    """The ECP5 engine's RAM starts with the image and its link reports it; iCE40 loads over the UART."""
+    from mmfree_fpga.boards.designs import design_factory, weight_image
+    from mmfree_fpga.boards.top import DesignContext
+    from mmfree_fpga.protocol import crc32_image
+    blob = weight_image(checkpoint, None).blob
+    factory = design_factory("engine", lanes=32)
+    designs = {}
+    for family in ("ecp5", "ice40"):
+        context = DesignContext(board="b", device="d", family=family, clock_hz=60e6, baud=3_000_000,
+                                checkpoint=checkpoint, image=None, resources=None, budget=None)
+        designs[family] = factory(context)
+    ecp5, ice40 = designs["ecp5"], designs["ice40"]
+    assert factory.lanes == 32 and ecp5.link.lanes == 32 and ecp5.link.step_time_ms >= 1
+    assert ecp5.engine.memory._init == blob and ecp5.link.preloaded
+    assert ecp5.link.state["weights_loaded"].init == 1 and ecp5.link.state["image_crc"].init == crc32_image(blob)
+    assert ice40.engine.memory._init is None and not ice40.link.preloaded
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--lanes", "24"], "lanes must be one of (16, 32, 64), got 24"),
+    (["--design", "echo", "--lanes", "32"], "--lanes applies to the engine; the design built for ulx3s-85f is echo"),
+])
+def test_build_refuses_bad_lanes(args, message, checkpoint, tmp_path, capsys, cache):
+    rc = main(["build", "--board", "ulx3s-85f", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "o"),
+               "--quiet", *args])
+    assert rc == 2 and message in one_line_error(capsys)
+    assert not (tmp_path / "o").exists()
 
 
 def test_plan_uses_the_demo_checkpoint_by_default_and_checks_its_size(checkpoint, monkeypatch):
@@ -559,3 +594,23 @@ def test_explain_failure_permission():
                           resolve_board("ulx3s-85f"))
     assert "may not open it" in msg and "udev rule" in msg
     assert os.linesep not in msg
+
+
+# -- the engine on the ULX3S: a real ECP5 build (minutes; make bench) ---------------------------------
+
+@pytest.mark.slow
+def test_ulx3s_engine_build_and_bench_row(tmp_path):
+    from mmfree_fpga.boards.bench import BENCH_COLUMNS, bench_row_cells, board_benchmarks
+    from mmfree_fpga.config import PERF_MODEL
+    from mmfree_fpga.reference.checkpoint import DEMO_CHECKPOINT
+    lines = []
+    (row,) = board_benchmarks(("ulx3s-85f",), (16,), lines.append, cache_dir=tmp_path / "cache",
+                              out_dir=tmp_path / "out")
+    assert row["error"] is None and lines == ["building the engine for ulx3s-85f, 16 lanes, 100 MHz"]
+    assert row["clock_mhz"] == 100.0 and row["fmax_mhz"] > 50
+    assert row["timing_met"] == (row["fmax_mhz"] >= 100.0)
+    assert 0 < row["lut"]["used"] < row["lut"]["available"] == 83640 and row["bram"]["used"] > 50
+    cycles = PERF_MODEL.cycles_per_token(ModelConfig.from_checkpoint(DEMO_CHECKPOINT), 16)
+    assert row["cycles_per_token"] == round(cycles, 1)
+    assert row["tokens_per_s_at_fmax"] == round(row["fmax_mhz"] * 1e6 / cycles, 1)
+    assert len(bench_row_cells(row)) == len(BENCH_COLUMNS) and Path(row["bitstream"]).stat().st_size > 100_000

@@ -17,7 +17,7 @@ from mmfree_fpga.host.image import WeightImage
 from mmfree_fpga.hw.linked_engine import LinkedEngine
 from mmfree_fpga.protocol import (
     FEED_TOKEN_REQUEST, FEED_TOKEN_RESPONSE, LOAD_BEGIN_REQUEST, LOAD_CHUNK_HEADER, READ_LOGITS_REQUEST,
-    RESPONSE, FrameDecoder, Op, crc32_image, encode_frame,
+    RESPONSE, FrameDecoder, Identity, Op, crc32_image, encode_frame,
 )
 
 CFG = ModelConfig(vocab_size=24, hidden_size=16, num_hidden_layers=1, intermediate_size=16)
@@ -123,3 +123,41 @@ def test_load_and_feed_through_the_link(tmp_path):
         await command(Op.READ_LOGITS, READ_LOGITS_REQUEST.pack(3, 0, CFG.V))
 
     run(design, script)
+
+
+def test_weights_in_the_bitstream(tmp_path):
+    """With ``image`` the RAM starts with the weights and the link says so: no upload needed."""
+    from conftest import random_model
+
+    from mmfree_fpga.reference.checkpoint import save_checkpoint
+    blob = WeightImage.from_checkpoint(save_checkpoint(random_model(CFG, seed=3), tmp_path / "c"), PACKING).blob
+    design = LinkedEngine(CFG, lanes=LANES, packing=PACKING, max_payload=256, boot_id=BOOT_ID,
+                          idle_timeout_cycles=1 << 20, image=blob)
+    model = DeviceModel(CFG, PACKING, lanes=LANES, step_time_ms=0, max_payload=256, seed=0)
+    model.boot_id = BOOT_ID
+    model.load_image(blob)
+    dec = FrameDecoder()
+    tokens = []
+
+    async def script(exchange):
+        frames = [encode_frame(1, Op.IDENTIFY)]
+        frames += [encode_frame(2 + pos, Op.FEED_TOKEN, FEED_TOKEN_REQUEST.pack(pos, token))
+                   for pos, token in enumerate([5, 11])]
+        frames += [encode_frame(4, Op.READ_LOGITS, READ_LOGITS_REQUEST.pack(2, 0, CFG.V))]
+        for frame in frames:
+            got, want = await exchange(frame), model.receive(frame, now=0.0)
+            (resp,) = dec.feed(got)
+            (want_resp,) = FrameDecoder().feed(want)
+            if resp.op == Op.FEED_TOKEN | RESPONSE:   # the engine counts cycles, the model reports 0
+                n = FEED_TOKEN_RESPONSE.size - 4
+                assert resp.payload[:n] == want_resp.payload[:n] and resp.payload[n:] != bytes(4)
+                tokens.append(resp.payload)
+            else:
+                assert got == want
+                if resp.op == Op.IDENTIFY | RESPONSE:
+                    ident = Identity.unpack(resp.payload)
+                    assert ident.weights_loaded and ident.image_crc == crc32_image(blob)
+                    assert ident.image_size == len(blob)
+
+    run(design, script)
+    assert len(tokens) == 2

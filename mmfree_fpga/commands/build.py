@@ -15,6 +15,13 @@ def add_arguments(p) -> None:
                    help=f"design clock in MHz, made by the board's PLL (default: {clocks})")
     p.add_argument("--baud", type=int, default=DEFAULT_BAUD, metavar="N",
                    help=f"UART bit rate (default {DEFAULT_BAUD})")
+    from mmfree_fpga.boards.designs import DEFAULT_LANES, DESIGNS
+    defaults = ", ".join(f"{name} {board.design}" for name, board in BOARDS.items())
+    p.add_argument("--design", choices=tuple(DESIGNS), default=None,
+                   help=f"what goes on the board (default: the board's, {defaults}): "
+                        + "; ".join(f"{k}: {v}" for k, v in DESIGNS.items()))
+    p.add_argument("--lanes", type=int, default=None, metavar="N",
+                   help=f"trits per cycle of the engine's matrix unit: 16, 32 or 64 (default {DEFAULT_LANES})")
     p.add_argument("--packing", choices=("2bit", "base3"), default=None,
                    help="trit packing for the model size check (default base3, or that of an exported image)")
     p.add_argument("--out", default=None, metavar="DIR", help="output directory (default out/build/BOARD)")
@@ -35,12 +42,22 @@ def _utilisation_text(util: dict) -> str:
 def run(args) -> dict:
     import sys
 
+    from mmfree_fpga.errors import UserError
+
     from mmfree_fpga.boards.build import build
+    from mmfree_fpga.boards.designs import design_factory
+    from mmfree_fpga.boards.registry import resolve_board
+    name = args.design or resolve_board(args.board).design
+    if args.lanes is not None and name != "engine":
+        raise UserError(f"--lanes applies to the engine; the design built for {args.board} is {name} "
+                        "(add --design engine)")
     r = build(args.board, out=args.out, clock_mhz=args.clock_mhz, baud=args.baud, checkpoint=args.checkpoint,
-              packing=args.packing, use_cache=not args.no_cache, quiet=args.quiet)
+              packing=args.packing, design=design_factory(name, lanes=args.lanes), use_cache=not args.no_cache,
+              quiet=args.quiet)
     how = f"from the cache in {r['build_seconds']:.1f} s" if r["cached"] else f"in {r['build_seconds']:.1f} s"
     print(f"built {r['bitstream']} for {r['board']} ({r['device']}) {how}")
-    print(f"design: {r['design']}" + (f" ({r['design_description']})" if r["design_description"] else ""))
+    lanes = f", {r['lanes']} lanes" if r["lanes"] else ""
+    print(f"design: {r['design']}{lanes}" + (f" ({r['design_description']})" if r["design_description"] else ""))
     pll = r["pll"]
     clock = f"{r['clock_mhz']:g} MHz" + (" from the PLL" if pll else " from the oscillator")
     print(f"clock: {clock}; UART {r['baud']} baud 8N1")

@@ -1,0 +1,76 @@
+"""The designs the board flow can build: the engine (the real one) and the framed echo.
+
+A design factory takes the board's :class:`~.top.DesignContext` and returns the component
+that goes between the UART streams (see :mod:`.top`). :func:`linked_engine` is the engine with
+its serial link (:class:`~mmfree_fpga.hw.linked_engine.LinkedEngine`) for the context's
+checkpoint; :func:`~.placeholder.frame_echo` a small echo that exercises the board path alone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mmfree_fpga.errors import UserError
+
+from .placeholder import frame_echo
+from .top import DesignContext, DesignFactory
+
+__all__ = ["DESIGNS", "DEFAULT_LANES", "PRELOAD_FAMILIES", "linked_engine", "design_factory", "weight_image"]
+
+DEFAULT_LANES = 16
+# Families whose block RAM takes initial contents from the bitstream, so the weight image can be
+# part of the configuration (iCE40 SPRAM has no initial contents: weights come over the UART).
+PRELOAD_FAMILIES = ("ecp5",)
+
+
+def weight_image(checkpoint, packing: str | None):
+    """The :class:`~mmfree_fpga.host.image.WeightImage` of an export directory or a checkpoint."""
+    from mmfree_fpga.host.image import WeightImage
+    from mmfree_fpga.reference.checkpoint import DEMO_CHECKPOINT
+    directory = Path(checkpoint) if checkpoint is not None else DEMO_CHECKPOINT
+    if (directory / "manifest.json").is_file():
+        image = WeightImage.from_directory(directory)
+        if packing is not None and packing != image.packing:
+            raise UserError(f"{directory} is a {image.packing} weight image, but --packing {packing} was asked for")
+        return image
+    return WeightImage.from_checkpoint(directory, packing or "base3")
+
+
+def linked_engine(*, lanes: int = DEFAULT_LANES, preload: bool | None = None) -> DesignFactory:
+    """Factory of the engine + link for the context's checkpoint, ``lanes`` trits per cycle.
+
+    ``preload`` puts the weight image into the engine's RAM through the bitstream (default: on
+    families in :data:`PRELOAD_FAMILIES`); the link then reports the weights loaded from
+    configuration on, and the host uploads nothing when it holds the same image.
+    """
+    from mmfree_fpga.hw.engine import check_geometry
+    from mmfree_fpga.hw.linked_engine import LinkedEngine
+
+    def factory(context: DesignContext):
+        from mmfree_fpga.config import PERF_MODEL
+        packing = context.image.packing if context.image is not None else None
+        image = weight_image(context.checkpoint, packing)
+        check_geometry(image.cfg, lanes)
+        with_image = context.family in PRELOAD_FAMILIES if preload is None else preload
+        cycles = PERF_MODEL.cycles_per_token(image.cfg, lanes)
+        step_ms = max(1, int(-(-cycles * 1000 // context.clock_hz)))
+        return LinkedEngine(image.cfg, lanes=lanes, packing=image.packing, clk_freq=context.clock_hz,
+                            step_time_ms=step_ms, image=image.blob if with_image else None)
+
+    factory.lanes = lanes
+    return factory
+
+
+DESIGNS = {"engine": "the engine with its serial link (hw/linked_engine.py)",
+           "echo": "a framed echo with a CRC-8 (boards/placeholder.py): the board path without the engine"}
+
+
+def design_factory(name: str, *, lanes: int | None = None) -> DesignFactory:
+    """The factory of a design by name (:data:`DESIGNS`); ``lanes`` only for the engine."""
+    if name == "engine":
+        return linked_engine(lanes=DEFAULT_LANES if lanes is None else lanes)
+    if name == "echo":
+        if lanes is not None:
+            raise UserError("--lanes applies to the engine design only (--design engine)")
+        return frame_echo
+    raise UserError(f"unknown design {name!r}; use one of {', '.join(DESIGNS)}")
