@@ -251,7 +251,7 @@ def prepare(board: str, *, clock_mhz: float | None = None, baud: int = DEFAULT_B
                           nextpnr_opts="--timing-allow-fail", **overrides)
     return PreparedBuild(board=spec, platform=platform, plan=plan, context=context, design_name=name,
                          design_description=description, requested_clock_hz=requested, pll=pll, fit=fit,
-                         notes=notes, lanes=getattr(design, "lanes", None))
+                         notes=notes, lanes=_design_lanes(design_obj))
 
 
 def cache_key(prepared: PreparedBuild, tools: dict) -> str:
@@ -489,3 +489,9 @@ def _store(entry: Path, products: list[Path], report: dict) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _design_lanes(design) -> int | None:
+    """The lanes of a design that holds the engine (``LinkedEngine``), else None."""
+    core = getattr(getattr(design, "engine", None), "core", None)
+    return getattr(core, "lanes", None)

@@ -15,9 +15,12 @@ from mmfree_fpga.errors import UserError
 from .placeholder import frame_echo
 from .top import DesignContext, DesignFactory
 
-__all__ = ["DESIGNS", "DEFAULT_LANES", "PRELOAD_FAMILIES", "linked_engine", "design_factory", "weight_image"]
+__all__ = ["DESIGNS", "DEFAULT_LANES", "FAMILY_LANES", "PRELOAD_FAMILIES", "linked_engine", "design_factory", "weight_image"]
 
 DEFAULT_LANES = 16
+# The iCE40UP5K gets the compact engine (shared multipliers: 8 DSPs), its weights in the SPRAMs,
+# and 8 lanes by default (hw/resources.py prints where its logic goes).
+FAMILY_LANES = {"ice40": 8}
 # Families whose block RAM takes initial contents from the bitstream, so the weight image can be
 # part of the configuration (iCE40 SPRAM has no initial contents: weights come over the UART).
 PRELOAD_FAMILIES = ("ecp5",)
@@ -36,8 +39,12 @@ def weight_image(checkpoint, packing: str | None):
     return WeightImage.from_checkpoint(directory, packing or "base3")
 
 
-def linked_engine(*, lanes: int = DEFAULT_LANES, preload: bool | None = None) -> DesignFactory:
-    """Factory of the engine + link for the context's checkpoint, ``lanes`` trits per cycle.
+def linked_engine(*, lanes: int | None = None, preload: bool | None = None) -> DesignFactory:
+    """Factory of the engine + link for the context's checkpoint, ``lanes`` trits per cycle
+    (default: :data:`FAMILY_LANES` for the board's family, else :data:`DEFAULT_LANES`).
+
+    On an iCE40 it is the compact engine (``compact=True``) with its weights in SPRAM and one
+    packing; elsewhere the full engine.
 
     ``preload`` puts the weight image into the engine's RAM through the bitstream (default: on
     families in :data:`PRELOAD_FAMILIES`); the link then reports the weights loaded from
@@ -47,15 +54,19 @@ def linked_engine(*, lanes: int = DEFAULT_LANES, preload: bool | None = None) ->
     from mmfree_fpga.hw.linked_engine import LinkedEngine
 
     def factory(context: DesignContext):
-        from mmfree_fpga.config import PERF_MODEL
+        from mmfree_fpga.config import PERF_MODEL, PERF_MODEL_COMPACT
         packing = context.image.packing if context.image is not None else None
         image = weight_image(context.checkpoint, packing)
-        check_geometry(image.cfg, lanes)
+        n = lanes or FAMILY_LANES.get(context.family, DEFAULT_LANES)
+        check_geometry(image.cfg, n)
         with_image = context.family in PRELOAD_FAMILIES if preload is None else preload
-        cycles = PERF_MODEL.cycles_per_token(image.cfg, lanes)
+        compact = context.family == "ice40"
+        kw = (dict(packings=(image.packing,), compact=True, mem_spram=True, mem_fifo_depth=4, max_payload=256)
+              if compact else {})
+        cycles = (PERF_MODEL_COMPACT if compact else PERF_MODEL).cycles_per_token(image.cfg, n)
         step_ms = max(1, int(-(-cycles * 1000 // context.clock_hz)))
-        return LinkedEngine(image.cfg, lanes=lanes, packing=image.packing, clk_freq=context.clock_hz,
-                            step_time_ms=step_ms, image=image.blob if with_image else None)
+        return LinkedEngine(image.cfg, lanes=n, packing=image.packing, clk_freq=context.clock_hz,
+                            step_time_ms=step_ms, image=image.blob if with_image else None, **kw)
 
     factory.lanes = lanes
     return factory
@@ -68,7 +79,7 @@ DESIGNS = {"engine": "the engine with its serial link (hw/linked_engine.py)",
 def design_factory(name: str, *, lanes: int | None = None) -> DesignFactory:
     """The factory of a design by name (:data:`DESIGNS`); ``lanes`` only for the engine."""
     if name == "engine":
-        return linked_engine(lanes=DEFAULT_LANES if lanes is None else lanes)
+        return linked_engine(lanes=lanes)
     if name == "echo":
         if lanes is not None:
             raise UserError("--lanes applies to the engine design only (--design engine)")

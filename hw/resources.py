@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-__all__ = ["UP5K", "design_for", "engine_design", "synth_stats", "inclusive", "main"]
+__all__ = ["UP5K", "design_for", "synth_stats", "inclusive", "main"]
 
 UP5K = {"LUT4": 5280, "FF": 5280, "CARRY": None, "DSP": 8, "EBR": 30, "SPRAM": 4}
 _CELL = {"SB_LUT4": "LUT4", "SB_CARRY": "CARRY", "SB_MAC16": "DSP", "SB_RAM40_4K": "EBR",
@@ -40,24 +40,6 @@ def design_for(cfg, *, lanes: int = 16, compact: bool = True, which: str = "link
         return Engine(cfg, lanes=lanes, packing="base3", **kw)
     from .linked_engine import LinkedEngine
     return LinkedEngine(cfg, lanes=lanes, packing="base3", max_payload=256, **kw)
-
-
-def engine_design(context, *, lanes: int | None = None):
-    """Design factory (``boards.build.build(..., design=engine_design)``) of the real engine for
-    the board in ``context``: the compact variant with the weights in SPRAM on an iCE40 (8 lanes),
-    the full engine at 16 lanes elsewhere; the model is the context's checkpoint."""
-    from mmfree_fpga.config import ModelConfig
-    from mmfree_fpga.reference.checkpoint import DEMO_CHECKPOINT
-    from .linked_engine import LinkedEngine
-    cfg = ModelConfig.from_checkpoint(context.checkpoint or DEMO_CHECKPOINT)
-    packing = context.image.packing if context.image is not None else "base3"
-    if context.family == "ice40":
-        kw = dict(packings=(packing,), compact=True, mem_spram=True, mem_fifo_depth=4)
-        lanes = lanes or 8
-    else:
-        kw = {}
-        lanes = lanes or 16
-    return LinkedEngine(cfg, lanes=lanes, packing=packing, max_payload=256, clk_freq=context.clock_hz, **kw)
 
 
 def _yosys() -> str:

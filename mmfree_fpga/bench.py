@@ -311,9 +311,22 @@ def sim_speed_section(quick: bool) -> Section:
     return s
 
 
-# A "boards" section (Fmax, utilisation and projected tokens/s per board, from boards/bench.py) goes
-# between "sim_speed" and "projection": define boards_section(quick) -> Section here and add
-# "boards": boards_section to SECTIONS in that place; --only boards then refreshes it alone.
+def boards_section(quick: bool) -> Section:
+    from .boards.bench import BENCH_COLUMNS, board_benchmarks, bench_row_cells
+    s = Section("The engine on the boards (place and route with YoWASP Yosys + nextpnr)",
+                "mmfree-fpga bench --only boards", BENCH_COLUMNS)
+    plan = [("ulx3s-85f", (16,) if quick else (16, 32, 64)), ("icebreaker", (8,))]
+    for board, lanes in plan:
+        for row in board_benchmarks((board,), lanes, progress=lambda line: print(f"bench: {line}", flush=True)):
+            s.rows.append(bench_row_cells(row))
+    s.notes.append("Demo model. Fmax is nextpnr's final post-route figure for the engine's clock; the requested "
+                   "clocks are the board issue's targets (ECP5 100 MHz; iCE40 24 MHz, the iCEBreaker's build clock). "
+                   "cycles/token from config.PERF_MODEL (PERF_MODEL_COMPACT on iCE40), which the engine section "
+                   "checks against simulation; tokens/s at Fmax = Fmax / cycles per token.")
+    s.notes.append("ULX3S: the engine with the weight image in block RAM from the bitstream. iCEBreaker: the "
+                   "compact engine (8 DSPs, weights in SPRAM, 8 lanes); it does not fit the iCE40UP5K's 5,280 "
+                   "logic cells yet, and the row says what nextpnr reported.")
+    return s
 
 
 def projection_section(quick: bool) -> Section:
@@ -330,8 +343,8 @@ def projection_section(quick: bool) -> Section:
                       "14 tokens/s (370M, batch 1; MODEL.md)" if name == "370M" else ""])
     s.notes.append("tokens/s = min(clock / cycles per token, bandwidth / bytes per token), from the analytic "
                    "model in mmfree_fpga/config.py (PerfModel), which the engine section checks against simulation.")
-    s.notes.append(f"{clock / 1e6:.0f} MHz is the ECP5 clock target of the board issue, not yet a measured Fmax "
-                   "of the whole engine.")
+    s.notes.append(f"{clock / 1e6:.0f} MHz is the ECP5 clock target of the board issue; the boards section has the measured Fmax"
+                   " of the whole engine.")
     return s
 
 
@@ -342,6 +355,6 @@ SECTIONS: dict[str, Callable[[bool], Section]] = {
     "engine": engine_section,
     "engine_large": engine_large_section,
     "sim_speed": sim_speed_section,
-    # "boards": boards_section,   (see the comment above projection_section)
+    "boards": boards_section,
     "projection": projection_section,
 }

@@ -189,7 +189,7 @@ def test_ulx3s_engine_holds_the_weights_in_the_bitstream(checkpoint):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--lanes", "24"], "lanes must be one of (16, 32, 64), got 24"),
+    (["--lanes", "24"], "lanes must be one of (8, 16, 32, 64), got 24"),
     (["--design", "echo", "--lanes", "32"], "--lanes applies to the engine; the design built for ulx3s-85f is echo"),
 ])
 def test_build_refuses_bad_lanes(args, message, checkpoint, tmp_path, capsys, cache):

@@ -143,11 +143,11 @@ def test_engine_full(images, simulator, name, packing):
 def test_board_engine_design_factory():
     """The design factory for boards: on an iCE40 the compact engine with its weights in SPRAM."""
     from mmfree_fpga.boards.top import DesignContext, check_design
-    from mmfree_fpga.hw.resources import engine_design
+    from mmfree_fpga.boards.designs import linked_engine
     for family, compact in (("ice40", True), ("ecp5", False)):
         ctx = DesignContext(board="b", device="d", family=family, clock_hz=24e6, baud=3_000_000,
                             checkpoint=DEMO_CHECKPOINT, image=None, resources=None, budget=None)
-        design = engine_design(ctx)
+        design = linked_engine()(ctx)
         check_design(design)
         assert design.engine.core.compact is compact
         assert (design.engine.memory._spram is True) is compact

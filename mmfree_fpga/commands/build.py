@@ -21,7 +21,7 @@ def add_arguments(p) -> None:
                    help=f"what goes on the board (default: the board's, {defaults}): "
                         + "; ".join(f"{k}: {v}" for k, v in DESIGNS.items()))
     p.add_argument("--lanes", type=int, default=None, metavar="N",
-                   help=f"trits per cycle of the engine's matrix unit: 16, 32 or 64 (default {DEFAULT_LANES})")
+                   help=f"trits per cycle of the engine's matrix unit: 8, 16, 32 or 64 (default {DEFAULT_LANES}; 8 on iCE40)")
     p.add_argument("--packing", choices=("2bit", "base3"), default=None,
                    help="trit packing for the model size check (default base3, or that of an exported image)")
     p.add_argument("--out", default=None, metavar="DIR", help="output directory (default out/build/BOARD)")
