@@ -98,14 +98,15 @@ def test_serve_then_run_gives_the_integer_reference_and_ctrl_c_exits_0(checkpoin
     finally:
         proc.send_signal(signal.SIGINT)
         try:
-            rc = proc.wait(timeout=30)
+            rc = proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
             raise
-        rest, errors = child_out.rest(), child_err.rest()
-        proc.stdout.close()
-        proc.stderr.close()
+        finally:
+            rest, errors = child_out.rest(), child_err.rest()
+            proc.stdout.close()
+            proc.stderr.close()
     assert rc == 0, errors
     assert "stopped" in rest
 
