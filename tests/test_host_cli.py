@@ -59,9 +59,12 @@ def _error_line(capsys, argv) -> str:
 
 
 def test_serve_then_run_gives_the_integer_reference_and_ctrl_c_exits_0(checkpoint, tmp_path, capsys):
+    # The child gets Ctrl-C's default disposition even when the suite runs as a background job
+    # (a shell starts those with SIGINT ignored, and an ignored signal stays ignored across exec).
     proc = subprocess.Popen([sys.executable, "-m", "mmfree_fpga.cli", "serve", "--port", "0",
                              "--backend", "model", "--checkpoint", str(checkpoint)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     child_out, child_err = _Reader(proc.stdout), _Reader(proc.stderr)
     try:
         try:
