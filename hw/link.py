@@ -71,6 +71,7 @@ partial frame times out (cycles here, ``poll(now)`` there).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 import struct
@@ -504,6 +505,17 @@ class Link(wiring.Component):
                      read_ok.eq((rp != wp) & ~moved & ~chunk_phase),
                      got.eq(read_ok & ~moved & ~chunk_phase)]
 
+        @contextlib.contextmanager
+        def frame_byte():
+            """Inside a frame: the idle timeout returns to HUNT, else the body runs on each byte."""
+            m.d.comb += self.idle.eq(waiting)
+            with m.If(waiting & idle_expired):
+                rescan()
+                m.next = "HUNT"
+            with m.Elif(got):
+                take_byte()
+                yield
+
         def take_byte():
             """Consume the byte at rp (its value is ``byte`` this cycle)."""
             m.d.comb += take.eq(1)
@@ -542,12 +554,7 @@ class Link(wiring.Component):
                         m.d.sync += sp.eq(rp + 1)
 
             with m.State("HEADER"):
-                m.d.comb += self.idle.eq(waiting)
-                with m.If(waiting & idle_expired):
-                    rescan()
-                    m.next = "HUNT"
-                with m.Elif(got):
-                    take_byte()
+                with frame_byte():
                     m.d.sync += [hidx.eq(hidx + 1), pidx.eq(0), tidx.eq(0)]
                     m.d.comb += [rx_fcrc.data.eq(byte), rx_fcrc.valid.eq(1),
                                  rx_hcrc.data.eq(byte), rx_hcrc.valid.eq(hidx < HEADER_LEN - 1)]
@@ -570,12 +577,7 @@ class Link(wiring.Component):
                                 m.next = "PAYLOAD"
 
             with m.State("PAYLOAD"):
-                m.d.comb += self.idle.eq(waiting)
-                with m.If(waiting & idle_expired):
-                    rescan()
-                    m.next = "HUNT"
-                with m.Elif(got):
-                    take_byte()
+                with frame_byte():
                     m.d.sync += [pidx.eq(pidx + 1)]
                     m.d.comb += [rx_fcrc.data.eq(byte), rx_fcrc.valid.eq(1)]
                     for i in range(_ARG_BYTES):
@@ -585,12 +587,7 @@ class Link(wiring.Component):
                         m.next = "TRAILER"
 
             with m.State("TRAILER"):
-                m.d.comb += self.idle.eq(waiting)
-                with m.If(waiting & idle_expired):
-                    rescan()
-                    m.next = "HUNT"
-                with m.Elif(got):
-                    take_byte()
+                with frame_byte():
                     m.d.sync += [tidx.eq(tidx + 1),
                                  frame_crc.eq(Cat(byte, frame_crc[:8]))]
                     m.d.comb += [rx_fcrc.data.eq(byte), rx_fcrc.valid.eq(1)]
