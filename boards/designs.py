@@ -15,7 +15,7 @@ from mmfree_fpga.errors import UserError
 from .placeholder import frame_echo
 from .top import DesignContext, DesignFactory
 
-__all__ = ["DESIGNS", "DEFAULT_LANES", "FAMILY_LANES", "PRELOAD_FAMILIES", "linked_engine", "design_factory", "weight_image"]
+__all__ = ["DESIGNS", "DEFAULT_LANES", "FAMILY_LANES", "engine_perf_model", "PRELOAD_FAMILIES", "linked_engine", "design_factory", "weight_image"]
 
 DEFAULT_LANES = 16
 # The iCE40UP5K gets the compact engine (shared multipliers: 8 DSPs), its weights in the SPRAMs,
@@ -39,6 +39,12 @@ def weight_image(checkpoint, packing: str | None):
     return WeightImage.from_checkpoint(directory, packing or "base3")
 
 
+def engine_perf_model(family: str):
+    """The analytic cycle model of the engine variant :func:`linked_engine` builds for ``family``."""
+    from mmfree_fpga.config import PERF_MODEL, PERF_MODEL_COMPACT
+    return PERF_MODEL_COMPACT if family == "ice40" else PERF_MODEL
+
+
 def linked_engine(*, lanes: int | None = None, preload: bool | None = None) -> DesignFactory:
     """Factory of the engine + link for the context's checkpoint, ``lanes`` trits per cycle
     (default: :data:`FAMILY_LANES` for the board's family, else :data:`DEFAULT_LANES`).
@@ -54,7 +60,6 @@ def linked_engine(*, lanes: int | None = None, preload: bool | None = None) -> D
     from mmfree_fpga.hw.linked_engine import LinkedEngine
 
     def factory(context: DesignContext):
-        from mmfree_fpga.config import PERF_MODEL, PERF_MODEL_COMPACT
         packing = context.image.packing if context.image is not None else None
         image = weight_image(context.checkpoint, packing)
         n = lanes or FAMILY_LANES.get(context.family, DEFAULT_LANES)
@@ -63,7 +68,7 @@ def linked_engine(*, lanes: int | None = None, preload: bool | None = None) -> D
         compact = context.family == "ice40"
         kw = (dict(packings=(image.packing,), compact=True, mem_spram=True, mem_fifo_depth=4, max_payload=256)
               if compact else {})
-        cycles = (PERF_MODEL_COMPACT if compact else PERF_MODEL).cycles_per_token(image.cfg, n)
+        cycles = engine_perf_model(context.family).cycles_per_token(image.cfg, n)
         step_ms = max(1, int(-(-cycles * 1000 // context.clock_hz)))
         return LinkedEngine(image.cfg, lanes=n, packing=image.packing, clk_freq=context.clock_hz,
                             step_time_ms=step_ms, image=image.blob if with_image else None, **kw)
