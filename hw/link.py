@@ -364,9 +364,8 @@ class Link(wiring.Component):
         crc_pending = Signal()            # byte_r holds an image byte the image CRC must take
 
         # -- decoded request fields --------------------------------------------------------
-        req_len_ok = Signal()
-        chunk_data_len = Signal(index_shape)
-        m.d.comb += chunk_data_len.eq(length - LOAD_CHUNK_HEADER.size)
+        chunk_data_len = Signal(index_shape)   # LOAD_CHUNK's data bytes (registered: length - 5)
+        chunk_last = Signal(index_shape)       # chunk_data_len - 1
         begin_size = _field(args, LOAD_BEGIN_REQUEST, 0)
         begin_crc = _field(args, LOAD_BEGIN_REQUEST, 1)
         chunk_offset = _field(args, LOAD_CHUNK_HEADER, 0)
@@ -377,9 +376,21 @@ class Link(wiring.Component):
         read_count = _field(args, READ_LOGITS_REQUEST, 2)
 
         # -- checks, in the device model's order: the first failure is the NAK ---------------
+        # Everything a check reads (op, length, the payload fields, the device state) is fixed
+        # from the last payload byte on, while the trailer arrives (at least six cycles: one
+        # byte per three cycles). The checks are computed in two registered stages during that
+        # time: each comparison into a flag, then the first failing check into the NAK's error
+        # code and argument. DECIDE only reads registers (the ECP5 critical path ran from
+        # ``length`` through these adders and comparators and the priority chain into DECIDE).
+        def flag(cond, name):
+            r = Signal(name=f"chk_{name}")
+            m.d.sync += r.eq(cond)
+            return r
+
+        m.d.sync += [chunk_data_len.eq(length - LOAD_CHUNK_HEADER.size),
+                     chunk_last.eq(length - (LOAD_CHUNK_HEADER.size + 1))]
         commands = [c for c in Op if c != Op.NAK]
-        error = Signal(8)
-        error_arg = Signal(32)
+        req_len_ok = Signal()
         with m.Switch(op):
             for c in commands:
                 with m.Case(c):
@@ -387,48 +398,65 @@ class Link(wiring.Component):
                         m.d.comb += req_len_ok.eq(length > LOAD_CHUNK_HEADER.size)
                     else:
                         m.d.comb += req_len_ok.eq(length == REQUEST_LENGTHS[c])
-
-        def reject(cond, err, arg=0):
-            return cond, err, arg
+        len_ok = flag(req_len_ok, "len_ok")
+        position_bad = flag(feed_position != position, "position")    # READ_LOGITS: the same field
+        assert struct_fields(FEED_TOKEN_REQUEST)[0] == struct_fields(READ_LOGITS_REQUEST)[0]
 
         def checks_of(c):
-            """(condition, error, arg) after the length check, in the device model's order."""
+            """(registered condition, error, arg) after the length check, in the device model's order."""
             if c == Op.LOAD_BEGIN:
-                return [reject(begin_size != self.image_bytes, Error.BAD_IMAGE_SIZE, self.image_bytes)]
+                return [(flag(begin_size != self.image_bytes, "begin_size"), Error.BAD_IMAGE_SIZE,
+                         self.image_bytes)]
             if c == Op.LOAD_CHUNK:
-                return [reject(~load_open, Error.NO_LOAD),
-                        reject(chunk_offset != load_pointer, Error.BAD_OFFSET, load_pointer),
-                        reject(load_pointer + chunk_data_len > self.image_bytes, Error.BAD_ARGUMENT,
-                               self.image_bytes - load_pointer)]
+                # load_pointer + (length - 5) > image_bytes, for length > 5 (the length check)
+                return [(~load_open, Error.NO_LOAD, 0),
+                        (flag(chunk_offset != load_pointer, "offset"), Error.BAD_OFFSET, load_pointer),
+                        (flag(load_pointer + length > self.image_bytes + LOAD_CHUNK_HEADER.size, "overrun"),
+                         Error.BAD_ARGUMENT, self.image_bytes - load_pointer)]
             if c == Op.LOAD_COMMIT:
-                return [reject(~load_open, Error.NO_LOAD),
-                        reject(load_pointer != self.image_bytes, Error.INCOMPLETE, load_pointer),
-                        reject(img_crc.crc != load_crc, Error.CHECKSUM_MISMATCH, img_crc.crc)]
+                return [(~load_open, Error.NO_LOAD, 0),
+                        (flag(load_pointer != self.image_bytes, "incomplete"), Error.INCOMPLETE, load_pointer),
+                        (flag(img_crc.crc != load_crc, "checksum"), Error.CHECKSUM_MISMATCH, img_crc.crc)]
             if c == Op.FEED_TOKEN:
-                return [reject(~weights_loaded, Error.NO_WEIGHTS),
-                        reject(feed_token >= cfg.V, Error.BAD_ARGUMENT, cfg.V),
-                        reject(feed_position != position, Error.POSITION_MISMATCH, position),
-                        reject(feed_position == 0xFFFFFFFF, Error.BAD_ARGUMENT, feed_position)]
+                return [(~weights_loaded, Error.NO_WEIGHTS, 0),
+                        (flag(feed_token >= cfg.V, "token"), Error.BAD_ARGUMENT, cfg.V),
+                        (position_bad, Error.POSITION_MISMATCH, position),
+                        (flag(feed_position == 0xFFFFFFFF, "last_position"), Error.BAD_ARGUMENT, feed_position)]
             if c == Op.READ_LOGITS:
-                return [reject(~weights_loaded, Error.NO_WEIGHTS),
-                        reject(read_position != position, Error.POSITION_MISMATCH, position),
-                        reject(~logits_valid | (read_count == 0) | (read_count > self.logits_per_read)
-                               | (read_start_arg + read_count > cfg.V), Error.BAD_ARGUMENT,
-                               self.logits_per_read)]
+                return [(~weights_loaded, Error.NO_WEIGHTS, 0),
+                        (position_bad, Error.POSITION_MISMATCH, position),
+                        (flag(~logits_valid | (read_count == 0) | (read_count > self.logits_per_read)
+                              | (read_start_arg + read_count > cfg.V), "read_range"), Error.BAD_ARGUMENT,
+                         self.logits_per_read)]
             return []
 
-        with m.Switch(op):
-            for c in commands:
-                with m.Case(c):
-                    expected_len = (LOAD_CHUNK_HEADER.size + 1 if c == Op.LOAD_CHUNK
-                                    else REQUEST_LENGTHS[c])
-                    with m.If(~req_len_ok):
-                        m.d.comb += [error.eq(Error.BAD_LENGTH), error_arg.eq(expected_len)]
-                    for cond, err, arg in checks_of(c):
-                        with m.Elif(cond):
-                            m.d.comb += [error.eq(err), error_arg.eq(arg)]
-            with m.Default():
-                m.d.comb += error.eq(Error.UNKNOWN_OP)
+        # a duplicate of the last executed command is answered from the state (crc_cached: the
+        # frame's CRC-16 equals the cached one, compared as its last byte is taken)
+        crc_cached = Signal()
+        replayable = flag(cache_valid & (cache_seq == seq) & ~(cache_op == _REEXECUTED[0])
+                          & ~(cache_op == _REEXECUTED[1]), "replayable")
+
+        # the second stage: the NAK's error code (0: none) and argument, straight into the NAK
+        # payload registers (only SEND reads those, and a response is sent before the next frame)
+        in_trailer = Signal()
+        rejected = Signal()               # some check failed: nak_error / nak_arg hold the first
+        checks = {c: checks_of(c) for c in commands}
+        with m.If(in_trailer):
+            with m.Switch(op):
+                for c in commands:
+                    with m.Case(c):
+                        expected_len = (LOAD_CHUNK_HEADER.size + 1 if c == Op.LOAD_CHUNK
+                                        else REQUEST_LENGTHS[c])
+                        m.d.sync += rejected.eq(1)
+                        with m.If(~len_ok):
+                            m.d.sync += [nak_error.eq(Error.BAD_LENGTH), nak_arg.eq(expected_len)]
+                        for cond, err, arg in checks[c]:
+                            with m.Elif(cond):
+                                m.d.sync += [nak_error.eq(err), nak_arg.eq(arg)]
+                        with m.Else():
+                            m.d.sync += rejected.eq(0)
+                with m.Default():
+                    m.d.sync += [rejected.eq(1), nak_error.eq(Error.UNKNOWN_OP), nak_arg.eq(0)]
 
         # -- response payload bytes ------------------------------------------------------------------
         status = Signal(8)
@@ -587,9 +615,11 @@ class Link(wiring.Component):
                         m.next = "TRAILER"
 
             with m.State("TRAILER"):
+                m.d.comb += in_trailer.eq(1)
                 with frame_byte():
                     m.d.sync += [tidx.eq(tidx + 1),
-                                 frame_crc.eq(Cat(byte, frame_crc[:8]))]
+                                 frame_crc.eq(Cat(byte, frame_crc[:8])),
+                                 crc_cached.eq(Cat(byte, frame_crc[:8]) == cache_crc)]
                     m.d.comb += [rx_fcrc.data.eq(byte), rx_fcrc.valid.eq(1)]
                     with m.If(tidx == TRAILER_LEN - 1):
                         m.next = "DECIDE"
@@ -607,16 +637,14 @@ class Link(wiring.Component):
                     m.d.sync += [*respond(_Kind.NAK, NAK_RESPONSE, NAK_PAYLOAD.size, rescan_flag=1),
                                  nak_error.eq(Error.BAD_CRC), nak_arg.eq(0)]
                     m.next = "SEND"
-                with m.Elif(cache_valid & (cache_seq == seq) & (cache_crc == frame_crc)
-                            & ~(cache_op == _REEXECUTED[0]) & ~(cache_op == _REEXECUTED[1])):
+                with m.Elif(crc_cached & replayable):
                     with m.Switch(cache_op):
                         for command, (kind, layout) in _STATE_RESPONSES.items():
                             with m.Case(command):
                                 m.d.sync += respond(kind, cache_op | RESPONSE, layout.size)
                     m.next = "SEND"
-                with m.Elif(error != 0):
-                    m.d.sync += [*respond(_Kind.NAK, NAK_RESPONSE, NAK_PAYLOAD.size),
-                                 nak_error.eq(error), nak_arg.eq(error_arg)]
+                with m.Elif(rejected):
+                    m.d.sync += respond(_Kind.NAK, NAK_RESPONSE, NAK_PAYLOAD.size)
                     m.next = "SEND"
                 with m.Else():
                     with m.Switch(op):
@@ -686,7 +714,7 @@ class Link(wiring.Component):
                 m.d.sync += crc_pending.eq(self.eng_image.ready)
                 with m.If(self.eng_image.ready):
                     m.d.sync += chunk_n.eq(chunk_n + 1)
-                    with m.If(chunk_n == chunk_data_len - 1):
+                    with m.If(chunk_n == chunk_last):
                         m.d.sync += [chunk_phase.eq(0), load_pointer.eq(load_pointer + chunk_data_len)]
                         m.next = "SEND"
 
