@@ -54,9 +54,13 @@ eng_logit_req : Out(stream.Signature(32))
 eng_logit_resp : In(stream.Signature(signed(32)))
     The logit (Q16), one per request, in order. The link has at most one request outstanding.
 
-Throughput: one byte per clock cycle in forwarding image bytes and in transmitting, one byte
-per three cycles in parsing (the ring's output is registered before the parser decides); a UART
-byte takes ten bit times or more.
+Throughput: one byte per three cycles in parsing and in forwarding image bytes, one per two in
+transmitting (every path from the ring's output, into the CRCs or out of the Link, is cut by a
+register); a UART byte takes ten bit times, at least 40 cycles.
+
+Timing (ECP5): the request checks are computed while the trailer arrives (at least six cycles),
+in registered stages, so DECIDE reads only registers; a frame's CRC verdict is registered in
+CHECK; the response's next byte is chosen a cycle before it enters the output register and CRCs.
 
 Memory: the ring is the only RAM (``ring_depth(max_payload)`` bytes: 128 for 64, 512 for 256,
 2048 for MAX_PAYLOAD; one, one and four iCE40 EBRs).
@@ -152,9 +156,10 @@ def _pack(layout: struct.Struct, *values):
 
 
 def ring_depth(max_payload: int) -> int:
-    """Bytes of the receive ring: the smallest power of two that holds a whole frame."""
+    """Bytes of the receive ring: the smallest power of two that holds a whole frame and one byte
+    more (the Link takes a byte only while at least two places are free)."""
     frame = HEADER_LEN + max_payload + TRAILER_LEN
-    return 1 << (frame - 1).bit_length()
+    return 1 << frame.bit_length()
 
 
 # Commands whose duplicate is executed again (they change no state) instead of replayed.
@@ -266,20 +271,30 @@ class Link(wiring.Component):
         cfg = self.cfg
         ring_bits = (self.ring_depth - 1).bit_length()
         ptr_shape = unsigned(ring_bits + 1)
-        len_shape = unsigned(16)                                  # the LEN field
         index_shape = range(HEADER_LEN + self.max_payload + TRAILER_LEN + 1)   # a byte within a frame
 
         # -- receive ring -----------------------------------------------------------------
-        m.submodules.ring = ring = Memory(shape=8, depth=self.ring_depth, init=[])
+        # The read port is written as an asynchronous port and a register (ring_q), which Yosys
+        # (memory_dff) turns into the block RAM's synchronous port. Written so, the memory's
+        # ``no_rw_check`` attribute reaches Yosys: the ring is never read where it is being
+        # written in the same cycle (the parser reads at rp only while rp != wp, and ignores a
+        # read made when they met; a chunk's bytes lie behind wp), so no read-during-write
+        # emulation is needed: without the attribute Yosys puts a multiplexer after the block
+        # RAM's slow output (the Link's ECP5 critical path).
+        m.submodules.ring = ring = Memory(shape=8, depth=self.ring_depth, init=[], attrs={"no_rw_check": 1})
         wr = ring.write_port()
-        rd = ring.read_port()
+        rd = ring.read_port(domain="comb")
+        ring_q = Signal(8)               # the byte at the address of the previous cycle
+        m.d.sync += ring_q.eq(rd.data)
         wp = Signal(ptr_shape)       # next byte written
         sp = Signal(ptr_shape)       # start of the frame candidate (the SYNC) or the scan point
         rp = Signal(ptr_shape)       # next byte parsed
-        level = Signal(ptr_shape)
+        # rx.ready is a register: set while at least two places are free, so a byte taken in
+        # the cycle it is computed still leaves room for one in the next
+        rx_ready = Signal(init=1)
+        m.d.sync += rx_ready.eq(wp - sp < self.ring_depth - 1)
         m.d.comb += [
-            level.eq(wp - sp),
-            self.rx.ready.eq(level != self.ring_depth),
+            self.rx.ready.eq(rx_ready),
             wr.addr.eq(wp[:ring_bits]), wr.data.eq(self.rx.payload),
             wr.en.eq(self.rx.valid & self.rx.ready),
         ]
@@ -306,10 +321,12 @@ class Link(wiring.Component):
             m.d.comb += boot_id.eq(self.boot_id & 0xFFFFFFFF)
 
         # -- CRC units ----------------------------------------------------------------------
-        m.submodules.rx_hcrc = rx_hcrc = HEADER_CRC(data_width=8).create()
-        m.submodules.rx_fcrc = rx_fcrc = FRAME_CRC(data_width=8).create()
-        m.submodules.tx_hcrc = tx_hcrc = HEADER_CRC(data_width=8).create()
-        m.submodules.tx_fcrc = tx_fcrc = FRAME_CRC(data_width=8).create()
+        # one header CRC and one frame CRC serve both directions: a frame is parsed (HEADER ..
+        # DECIDE) and a response sent (SEND ..) at different times
+        m.submodules.hcrc = hcrc = HEADER_CRC(data_width=8).create()
+        m.submodules.fcrc = fcrc = FRAME_CRC(data_width=8).create()
+        rx_hcrc = tx_hcrc = hcrc
+        rx_fcrc = tx_fcrc = fcrc
         m.submodules.img_crc = img_crc = IMAGE_CRC(data_width=8).create()
 
         # -- frame registers ------------------------------------------------------------------
@@ -323,9 +340,14 @@ class Link(wiring.Component):
         hidx = Signal(range(HEADER_LEN))
         seq = Signal(8)
         op = Signal(8)
-        length = Signal(len_shape)
+        length = Signal(max(8, self.max_payload.bit_length()))   # LEN, if not too long
+        length_big = Signal()            # LEN > max_payload
+        length_zero = Signal()           # registered: LEN == 0
+        length_m1 = Signal(index_shape)  # registered: LEN - 1
+        m.d.sync += [length_zero.eq(length == 0), length_m1.eq(length - 1)]
         pidx = Signal(index_shape)
         args = Signal(8 * _ARG_BYTES)
+        arg_sel = Signal(_ARG_BYTES)     # one-hot: the byte of args the next payload byte goes to
         frame_crc = Signal(16)
         tidx = Signal(range(TRAILER_LEN))
 
@@ -343,14 +365,27 @@ class Link(wiring.Component):
         out_seq = Signal(8)
         out_op = Signal(8)
         out_len = Signal(index_shape)
+        out_last = Signal(index_shape)   # out_len - 1 (every response has a payload)
         out_kind = Signal(_Kind)
         nak_error = Signal(8)
         nak_arg = Signal(32)
-        k = Signal(index_shape)          # next byte of the response frame to load
+        hk = Signal(range(HEADER_LEN))   # next header (or trailer) byte of the response
+        j = Signal(range(self.max_payload))   # next payload byte of the response
+        logits_data = Signal()           # j >= READ_LOGITS_HEADER.size
+        # The response's next byte is chosen into ``nb`` in one cycle and moved to the output
+        # register (and into the CRCs) in a later one: the payload multiplexer and the CRC
+        # logic are in different cycles. One byte per two cycles at most.
+        nb = Signal(8)
+        nb_valid = Signal()
+        nb_start = Signal()              # the SYNC: (re)starts both CRCs
+        nb_hcrc = Signal()               # the byte enters the header CRC
+        nb_fcrc = Signal()               # the byte enters the frame CRC
         tx_valid = Signal()
         tx_byte = Signal(8)
         rescan_after = Signal()          # after the response: rescan from sp + 1 (bad CRC)
         m.d.comb += [self.tx.valid.eq(tx_valid), self.tx.payload.eq(tx_byte)]
+        can_load = Signal()              # the output register is free (or frees up this cycle)
+        m.d.comb += can_load.eq(~tx_valid | self.tx.ready)
 
         # READ_LOGITS streaming
         read_start = Signal(range(cfg.V))       # checked: start + count <= V, count >= 1
@@ -360,8 +395,7 @@ class Link(wiring.Component):
         logit_asked = Signal()
         logit_byte = Signal(2)
 
-        chunk_n = Signal(index_shape)     # image bytes of the current chunk forwarded
-        crc_pending = Signal()            # byte_r holds an image byte the image CRC must take
+        chunk_left = Signal(index_shape)  # image bytes of the current chunk still to forward, less one
 
         # -- decoded request fields --------------------------------------------------------
         chunk_data_len = Signal(index_shape)   # LOAD_CHUNK's data bytes (registered: length - 5)
@@ -399,8 +433,26 @@ class Link(wiring.Component):
                     else:
                         m.d.comb += req_len_ok.eq(length == REQUEST_LENGTHS[c])
         len_ok = flag(req_len_ok, "len_ok")
+        # the opcode, registered as 1 + its index in ``commands`` (0: unknown)
+        op_index = {c: i + 1 for i, c in enumerate(commands)}
+        op_code = Signal(range(len(commands) + 1))
+        with m.Switch(op):
+            for c in commands:
+                with m.Case(c):
+                    m.d.sync += op_code.eq(op_index[c])
+            with m.Default():
+                m.d.sync += op_code.eq(0)
         position_bad = flag(feed_position != position, "position")    # READ_LOGITS: the same field
         assert struct_fields(FEED_TOKEN_REQUEST)[0] == struct_fields(READ_LOGITS_REQUEST)[0]
+
+        # start + count > V on vb-bit operands (vb: the bits of V): a higher bit set in either
+        # makes the sum exceed V anyway
+        vb = cfg.V.bit_length()
+        past_vocab = ((read_start_arg[vb:] != 0) | (read_count[vb:] != 0)
+                      | (read_start_arg[:vb] + read_count[:vb] > cfg.V))
+
+        load_left = Signal.like(load_pointer)      # registered: the image bytes not yet loaded
+        m.d.sync += load_left.eq(self.image_bytes - load_pointer)
 
         def checks_of(c):
             """(registered condition, error, arg) after the length check, in the device model's order."""
@@ -412,7 +464,7 @@ class Link(wiring.Component):
                 return [(~load_open, Error.NO_LOAD, 0),
                         (flag(chunk_offset != load_pointer, "offset"), Error.BAD_OFFSET, load_pointer),
                         (flag(load_pointer + length > self.image_bytes + LOAD_CHUNK_HEADER.size, "overrun"),
-                         Error.BAD_ARGUMENT, self.image_bytes - load_pointer)]
+                         Error.BAD_ARGUMENT, load_left)]
             if c == Op.LOAD_COMMIT:
                 return [(~load_open, Error.NO_LOAD, 0),
                         (flag(load_pointer != self.image_bytes, "incomplete"), Error.INCOMPLETE, load_pointer),
@@ -421,42 +473,59 @@ class Link(wiring.Component):
                 return [(~weights_loaded, Error.NO_WEIGHTS, 0),
                         (flag(feed_token >= cfg.V, "token"), Error.BAD_ARGUMENT, cfg.V),
                         (position_bad, Error.POSITION_MISMATCH, position),
-                        (flag(feed_position == 0xFFFFFFFF, "last_position"), Error.BAD_ARGUMENT, feed_position)]
+                        (flag(feed_position == 0xFFFFFFFF, "last_position"), Error.BAD_ARGUMENT, 0xFFFFFFFF)]
             if c == Op.READ_LOGITS:
                 return [(~weights_loaded, Error.NO_WEIGHTS, 0),
                         (position_bad, Error.POSITION_MISMATCH, position),
                         (flag(~logits_valid | (read_count == 0) | (read_count > self.logits_per_read)
-                              | (read_start_arg + read_count > cfg.V), "read_range"), Error.BAD_ARGUMENT,
-                         self.logits_per_read)]
+                              | past_vocab, "read_range"), Error.BAD_ARGUMENT, self.logits_per_read)]
             return []
 
         # a duplicate of the last executed command is answered from the state (crc_cached: the
         # frame's CRC-16 equals the cached one, compared as its last byte is taken)
         crc_cached = Signal()
+        good = Signal()                   # the frame's CRC-16 checked out (registered in CHECK)
         replayable = flag(cache_valid & (cache_seq == seq) & ~(cache_op == _REEXECUTED[0])
                           & ~(cache_op == _REEXECUTED[1]), "replayable")
 
-        # the second stage: the NAK's error code (0: none) and argument, straight into the NAK
-        # payload registers (only SEND reads those, and a response is sent before the next frame)
+        # The second stage: the first failing check's error code (0: none) and which value is
+        # its argument (nak_arg_sel); the third: that value. Both go straight into the NAK payload
+        # registers (only SEND reads those, and a response is sent before the next frame).
         in_trailer = Signal()
         rejected = Signal()               # some check failed: nak_error / nak_arg hold the first
         checks = {c: checks_of(c) for c in commands}
+        arg_values = []                   # the distinct arguments (ints: constants; or values)
+
+        def arg_index(arg):
+            for i, known in enumerate(arg_values):
+                if (isinstance(arg, int) and isinstance(known, int) and arg == known) or arg is known:
+                    return i
+            arg_values.append(arg)
+            return len(arg_values) - 1
+
+        arg_index(0)
+        arg_cases = []                    # (op, (cond, err, arg index) in priority order)
+        for c in commands:
+            expected_len = LOAD_CHUNK_HEADER.size + 1 if c == Op.LOAD_CHUNK else REQUEST_LENGTHS[c]
+            arg_cases.append((c, [(~len_ok, Error.BAD_LENGTH, arg_index(expected_len))]
+                              + [(cond, err, arg_index(arg)) for cond, err, arg in checks[c]]))
+        nak_arg_sel = Signal(range(len(arg_values)))
         with m.If(in_trailer):
-            with m.Switch(op):
-                for c in commands:
-                    with m.Case(c):
-                        expected_len = (LOAD_CHUNK_HEADER.size + 1 if c == Op.LOAD_CHUNK
-                                        else REQUEST_LENGTHS[c])
+            with m.Switch(op_code):
+                for c, cases in arg_cases:
+                    with m.Case(op_index[c]):
                         m.d.sync += rejected.eq(1)
-                        with m.If(~len_ok):
-                            m.d.sync += [nak_error.eq(Error.BAD_LENGTH), nak_arg.eq(expected_len)]
-                        for cond, err, arg in checks[c]:
-                            with m.Elif(cond):
-                                m.d.sync += [nak_error.eq(err), nak_arg.eq(arg)]
+                        for n, (cond, err, index) in enumerate(cases):
+                            with (m.If if n == 0 else m.Elif)(cond):
+                                m.d.sync += [nak_error.eq(err), nak_arg_sel.eq(index)]
                         with m.Else():
                             m.d.sync += rejected.eq(0)
                 with m.Default():
-                    m.d.sync += [rejected.eq(1), nak_error.eq(Error.UNKNOWN_OP), nak_arg.eq(0)]
+                    m.d.sync += [rejected.eq(1), nak_error.eq(Error.UNKNOWN_OP), nak_arg_sel.eq(0)]
+            with m.Switch(nak_arg_sel):
+                for i, value in enumerate(arg_values):
+                    with m.Case(i):
+                        m.d.sync += nak_arg.eq(value)
 
         # -- response payload bytes ------------------------------------------------------------------
         status = Signal(8)
@@ -471,8 +540,6 @@ class Link(wiring.Component):
         identity = _pack(IDENTITY, *[identity_values[f.name] for f in dataclasses.fields(Identity)])
         nak = _pack(NAK_PAYLOAD, nak_error, op, nak_arg)
         logits_header = _pack(READ_LOGITS_HEADER, position, read_start)
-        j = Signal(index_shape)
-        m.d.comb += j.eq(k - HEADER_LEN)
         payload_byte = Signal(8)
         payload_ready = Signal()
         state_payloads = {
@@ -495,41 +562,47 @@ class Link(wiring.Component):
                 m.d.comb += [payload_byte.eq(nak.word_select(j[:(NAK_PAYLOAD.size - 1).bit_length()], 8)),
                              payload_ready.eq(1)]
             with m.Case(_Kind.LOGITS):
-                with m.If(j < READ_LOGITS_HEADER.size):
+                with m.If(~logits_data):
                     m.d.comb += [payload_byte.eq(logits_header.word_select(
                         j[:(READ_LOGITS_HEADER.size - 1).bit_length()], 8)), payload_ready.eq(1)]
                 with m.Else():
                     m.d.comb += [payload_byte.eq(logit_word.word_select(logit_byte, 8)),
                                  payload_ready.eq(logit_have)]
 
+        # The payload byte at j, registered (pb) before it is picked (the multiplexer and the
+        # output path are in different cycles). pb_ready: pb is the byte at j and available;
+        # it is withheld for a cycle after anything it depends on changed (pb_stale).
+        pb = Signal(8)
+        pb_ready = Signal()
+        pb_last = Signal()               # j == out_last, registered with pb
+        pb_stale = Signal()
+        m.d.sync += [pb.eq(payload_byte), pb_ready.eq(payload_ready & ~pb_stale), pb_last.eq(j == out_last)]
+
         m.d.comb += [
             self.eng_logit_req.payload.eq(logit_index),
-            self.eng_image.payload.eq(rd.data),
+            self.eng_image.payload.eq(byte_r),
         ]
 
         # -- read port address ---------------------------------------------------------------------
         chunk_phase = Signal()
         chunk_step = Signal()             # an image byte is accepted: address the next one
-        chunk_addr = Signal(ptr_shape)
-        chunk_base = Signal(ptr_shape)
-        m.d.comb += chunk_base.eq(sp + HEADER_LEN + LOAD_CHUNK_HEADER.size + chunk_n)
-        m.d.comb += [
-            # the late decisions (take, jump, chunk_step) select among sums of registers instead
-            # of entering an adder: the ring's read address is on the critical path (ECP5)
-            chunk_addr.eq(Mux(chunk_step, chunk_base + 1, chunk_base)),
-            rd.addr.eq(Mux(chunk_phase, chunk_addr[:ring_bits], rp[:ring_bits])),
-        ]
+        chunk_addr = Signal(ring_bits)    # the ring address of the image byte offered
+        with m.If(~chunk_phase):
+            m.d.sync += chunk_addr.eq(sp + HEADER_LEN + LOAD_CHUNK_HEADER.size)
+        with m.Elif(chunk_step):
+            m.d.sync += chunk_addr.eq(chunk_addr + 1)
+        # the read address is a register (chunk_addr or rp): no decision of this cycle reaches it
+        m.d.comb += rd.addr.eq(Mux(chunk_phase, chunk_addr, rp[:ring_bits]))
         # The read port is addressed with the parse position rp (a register) and its output is
         # registered (byte_r) before the parser looks at it: no path runs from the block RAM's
         # slow output through the parser's decisions back into its address (the ECP5 critical
         # path when the parser read one byte per cycle). A byte is parsed every third cycle at
         # most; ``got``: byte_r holds the byte at rp, which was in the ring when it was read.
         m.d.comb += rp_next.eq(Mux(jump, sp + 1, Mux(take, rp + 1, rp)))
-        read_ok = Signal()               # rd.data holds the byte at rp
+        read_ok = Signal()               # ring_q holds the byte at rp
         moved = take | jump
-        m.d.comb += [img_crc.data.eq(byte_r), img_crc.valid.eq(crc_pending)]
-        m.d.sync += crc_pending.eq(0)
-        m.d.sync += [rp.eq(rp_next), byte_r.eq(rd.data),
+        m.d.comb += img_crc.data.eq(byte_r)
+        m.d.sync += [rp.eq(rp_next), byte_r.eq(ring_q),
                      read_ok.eq((rp != wp) & ~moved & ~chunk_phase),
                      got.eq(read_ok & ~moved & ~chunk_phase)]
 
@@ -555,7 +628,8 @@ class Link(wiring.Component):
 
         def respond(kind, out_op_value, length_value, *, rescan_flag=0):
             return [out_kind.eq(kind), out_seq.eq(seq), out_op.eq(out_op_value), out_len.eq(length_value),
-                    k.eq(0), tx_valid.eq(0), rescan_after.eq(rescan_flag)]
+                    out_last.eq(length_value - 1), hk.eq(0), j.eq(0), logits_data.eq(0),
+                    rescan_after.eq(rescan_flag)]
 
         def cache_and_respond(kind, length_value):
             return [cache_valid.eq(1), cache_seq.eq(seq), cache_crc.eq(frame_crc), cache_op.eq(op),
@@ -583,7 +657,7 @@ class Link(wiring.Component):
 
             with m.State("HEADER"):
                 with frame_byte():
-                    m.d.sync += [hidx.eq(hidx + 1), pidx.eq(0), tidx.eq(0)]
+                    m.d.sync += [hidx.eq(hidx + 1), pidx.eq(0), tidx.eq(0), arg_sel.eq(1)]
                     m.d.comb += [rx_fcrc.data.eq(byte), rx_fcrc.valid.eq(1),
                                  rx_hcrc.data.eq(byte), rx_hcrc.valid.eq(hidx < HEADER_LEN - 1)]
                     with m.Switch(hidx):
@@ -594,24 +668,28 @@ class Link(wiring.Component):
                         with m.Case(3):
                             m.d.sync += length[:8].eq(byte)
                         with m.Case(4):
-                            m.d.sync += length[8:].eq(byte)
+                            # LEN > max_payload, from its high byte and the low byte kept
+                            m.d.sync += [length[8:].eq(byte),
+                                         length_big.eq((byte > self.max_payload >> 8)
+                                                       | ((byte == self.max_payload >> 8)
+                                                          & (length[:8] > (self.max_payload & 0xFF))))]
                         with m.Default():
-                            with m.If((byte != rx_hcrc.crc) | (length > self.max_payload)):
+                            with m.If((byte != rx_hcrc.crc) | length_big):
                                 rescan()
                                 m.next = "HUNT"
-                            with m.Elif(length == 0):
+                            with m.Elif(length_zero):
                                 m.next = "TRAILER"
                             with m.Else():
                                 m.next = "PAYLOAD"
 
             with m.State("PAYLOAD"):
                 with frame_byte():
-                    m.d.sync += [pidx.eq(pidx + 1)]
+                    m.d.sync += [pidx.eq(pidx + 1), arg_sel.eq(arg_sel << 1)]
                     m.d.comb += [rx_fcrc.data.eq(byte), rx_fcrc.valid.eq(1)]
                     for i in range(_ARG_BYTES):
-                        with m.If(pidx == i):
+                        with m.If(arg_sel[i]):
                             m.d.sync += args[8 * i:8 * i + 8].eq(byte)
-                    with m.If(pidx == length - 1):
+                    with m.If(pidx == length_m1):
                         m.next = "TRAILER"
 
             with m.State("TRAILER"):
@@ -622,11 +700,15 @@ class Link(wiring.Component):
                                  crc_cached.eq(Cat(byte, frame_crc[:8]) == cache_crc)]
                     m.d.comb += [rx_fcrc.data.eq(byte), rx_fcrc.valid.eq(1)]
                     with m.If(tidx == TRAILER_LEN - 1):
-                        m.next = "DECIDE"
+                        m.next = "CHECK"
+
+            # ---- the frame CRC has seen every byte: its verdict is registered first ----
+            with m.State("CHECK"):
+                m.d.sync += good.eq(rx_fcrc.match_detected)
+                m.next = "DECIDE"
 
             # ---- a frame with a valid header is complete; rx_fcrc has seen every byte ----
             with m.State("DECIDE"):
-                good = rx_fcrc.match_detected
                 with m.If(op & RESPONSE):
                     with m.If(good):
                         m.d.sync += sp.eq(rp)
@@ -647,34 +729,33 @@ class Link(wiring.Component):
                     m.d.sync += respond(_Kind.NAK, NAK_RESPONSE, NAK_PAYLOAD.size)
                     m.next = "SEND"
                 with m.Else():
-                    with m.Switch(op):
-                        with m.Case(Op.IDENTIFY):
+                    with m.Switch(op_code):
+                        with m.Case(op_index[Op.IDENTIFY]):
                             m.d.sync += cache_and_respond(_Kind.IDENTITY, IDENTITY.size)
                             m.next = "SEND"
-                        with m.Case(Op.RESET_STATE):
+                        with m.Case(op_index[Op.RESET_STATE]):
                             m.d.sync += [position.eq(0), logits_valid.eq(0),
                                          *state_response(Op.RESET_STATE)]
                             m.next = "ENGINE_RESET"
-                        with m.Case(Op.LOAD_BEGIN):
-                            m.d.comb += img_crc.start.eq(1)
+                        with m.Case(op_index[Op.LOAD_BEGIN]):
                             m.d.sync += [weights_loaded.eq(0), image_crc.eq(0), position.eq(0),
                                          logits_valid.eq(0), load_open.eq(1), load_crc.eq(begin_crc),
                                          load_pointer.eq(0),
                                          *state_response(Op.LOAD_BEGIN)]
                             m.next = "ENGINE_LOAD_RESET"
-                        with m.Case(Op.LOAD_CHUNK):
-                            m.d.sync += [chunk_n.eq(0), chunk_phase.eq(1),
+                        with m.Case(op_index[Op.LOAD_CHUNK]):
+                            m.d.sync += [chunk_left.eq(chunk_last), chunk_phase.eq(1),
                                          *state_response(Op.LOAD_CHUNK)]
                             m.next = "CHUNK_ADDR"
-                        with m.Case(Op.LOAD_COMMIT):
+                        with m.Case(op_index[Op.LOAD_COMMIT]):
                             m.d.sync += [weights_loaded.eq(1), image_crc.eq(load_crc), load_open.eq(0),
                                          position.eq(0), logits_valid.eq(0),
                                          *state_response(Op.LOAD_COMMIT)]
                             m.next = "ENGINE_RESET"
-                        with m.Case(Op.FEED_TOKEN):
+                        with m.Case(op_index[Op.FEED_TOKEN]):
                             m.d.sync += state_response(Op.FEED_TOKEN)
                             m.next = "ENGINE_FEED"
-                        with m.Case(Op.READ_LOGITS):
+                        with m.Case(op_index[Op.READ_LOGITS]):
                             m.d.sync += [read_start.eq(read_start_arg), logit_index.eq(read_start_arg),
                                          logit_have.eq(0), logit_asked.eq(0), logit_byte.eq(0),
                                          *cache_and_respond(_Kind.LOGITS,
@@ -687,7 +768,9 @@ class Link(wiring.Component):
                 with m.If(self.eng_cmd.ready):
                     m.next = "SEND"
             with m.State("ENGINE_LOAD_RESET"):
-                m.d.comb += [self.eng_cmd.valid.eq(1), self.eng_cmd.payload.op.eq(EngineCommand.LOAD_RESET)]
+                # LOAD_BEGIN's restart of the image CRC (here, not in DECIDE: a shorter path)
+                m.d.comb += [self.eng_cmd.valid.eq(1), self.eng_cmd.payload.op.eq(EngineCommand.LOAD_RESET),
+                             img_crc.start.eq(1)]
                 with m.If(self.eng_cmd.ready):
                     m.next = "SEND"
             with m.State("ENGINE_FEED"):
@@ -704,76 +787,92 @@ class Link(wiring.Component):
                     m.next = "SEND"
 
             # ---- LOAD_CHUNK: the checked frame's data from the ring to the engine ----
-            # the read port is addressed one byte ahead, so a byte goes out every cycle
-            # the image CRC takes each forwarded byte a cycle later, from byte_r (the ring's
-            # output registered): the ECP5 critical path ran from the ring through the CRC-32
+            # One byte per three cycles: the ring is read at chunk_addr (CHUNK_ADDR), its output
+            # registered (ring_q, CHUNK_WAIT) and registered again (byte_r, CHUNK_OUT), which is
+            # what the engine and the image CRC get: no path from the block RAM's slow output
+            # leaves the Link or enters the CRC-32.
             with m.State("CHUNK_ADDR"):
+                m.next = "CHUNK_WAIT"
+            with m.State("CHUNK_WAIT"):
                 m.next = "CHUNK_OUT"
             with m.State("CHUNK_OUT"):
-                m.d.comb += [self.eng_image.valid.eq(1), chunk_step.eq(self.eng_image.ready)]
-                m.d.sync += crc_pending.eq(self.eng_image.ready)
+                m.d.comb += [self.eng_image.valid.eq(1), chunk_step.eq(self.eng_image.ready),
+                             img_crc.valid.eq(self.eng_image.ready)]
                 with m.If(self.eng_image.ready):
-                    m.d.sync += chunk_n.eq(chunk_n + 1)
-                    with m.If(chunk_n == chunk_last):
+                    m.next = "CHUNK_ADDR"
+                    m.d.sync += chunk_left.eq(chunk_left - 1)
+                    with m.If(chunk_left == 0):
                         m.d.sync += [chunk_phase.eq(0), load_pointer.eq(load_pointer + chunk_data_len)]
                         m.next = "SEND"
 
-            # ---- transmit the response frame: one byte per cycle ----
-            # A byte enters the CRCs when it is loaded into the output register, so the header
-            # CRC (byte 5) and the trailer see every byte before them one cycle later.
+            # ---- transmit the response frame ----
+            # Each state picks the next byte into ``nb`` while it is empty; the output register
+            # takes it from there (below), which also runs it through the CRCs. A CRC byte is
+            # picked after every byte before it has been taken.
             with m.State("SEND"):
-                total = HEADER_LEN + out_len + TRAILER_LEN
-                can_load = ~tx_valid | self.tx.ready
-                next_byte = Signal(8)
-                next_ready = Signal()
-                with m.If(k == 0):
-                    m.d.comb += [next_byte.eq(SYNC), next_ready.eq(1)]
-                with m.Elif(k < HEADER_LEN):
-                    m.d.comb += next_ready.eq(1)
-                    with m.Switch(k):
+                with m.If(~nb_valid):
+                    m.d.sync += [nb_valid.eq(1), hk.eq(hk + 1), nb_start.eq(hk == 0),
+                                 nb_hcrc.eq((hk >= 1) & (hk < HEADER_LEN - 1)), nb_fcrc.eq(hk >= 1)]
+                    with m.Switch(hk):
+                        with m.Case(0):
+                            m.d.sync += nb.eq(SYNC)
                         with m.Case(1):
-                            m.d.comb += next_byte.eq(out_seq)
+                            m.d.sync += nb.eq(out_seq)
                         with m.Case(2):
-                            m.d.comb += next_byte.eq(out_op)
+                            m.d.sync += nb.eq(out_op)
                         with m.Case(3):
-                            m.d.comb += next_byte.eq(out_len[:8])
+                            m.d.sync += nb.eq(out_len[:8])
                         with m.Case(4):
-                            m.d.comb += next_byte.eq(out_len[8:])
+                            m.d.sync += nb.eq(out_len[8:])
                         with m.Default():
-                            m.d.comb += next_byte.eq(tx_hcrc.crc)
-                with m.Elif(k < HEADER_LEN + out_len):
-                    m.d.comb += [next_byte.eq(payload_byte), next_ready.eq(payload_ready)]
-                    with m.If(~payload_ready):
-                        # fetch the next logit from the engine
-                        m.d.comb += [self.eng_logit_req.valid.eq(~logit_asked),
-                                     self.eng_logit_resp.ready.eq(logit_asked)]
-                        with m.If(self.eng_logit_req.valid & self.eng_logit_req.ready):
-                            m.d.sync += logit_asked.eq(1)
-                        with m.If(self.eng_logit_resp.valid & self.eng_logit_resp.ready):
-                            m.d.sync += [logit_word.eq(self.eng_logit_resp.payload), logit_have.eq(1),
-                                         logit_asked.eq(0)]
-                with m.Elif(k == HEADER_LEN + out_len):
-                    m.d.comb += [next_byte.eq(tx_fcrc.crc[8:]), next_ready.eq(1)]
-                with m.Elif(k == HEADER_LEN + out_len + 1):
-                    m.d.comb += [next_byte.eq(tx_fcrc.crc[:8]), next_ready.eq(1)]
-
-                with m.If(can_load & next_ready):
-                    m.d.sync += [tx_byte.eq(next_byte), tx_valid.eq(1), k.eq(k + 1)]
-                    m.d.comb += [tx_hcrc.start.eq(k == 0), tx_fcrc.start.eq(k == 0),
-                                 tx_hcrc.data.eq(next_byte), tx_fcrc.data.eq(next_byte),
-                                 tx_hcrc.valid.eq((k >= 1) & (k < HEADER_LEN - 1)),
-                                 tx_fcrc.valid.eq((k >= 1) & (k < HEADER_LEN + out_len))]
-                    with m.If((out_kind == _Kind.LOGITS) & (k >= HEADER_LEN + READ_LOGITS_HEADER.size)
-                              & (k < HEADER_LEN + out_len)):
+                            m.d.sync += [nb.eq(tx_hcrc.crc), hk.eq(0)]
+                            m.next = "SEND_PAYLOAD"
+            with m.State("SEND_PAYLOAD"):
+                with m.If(~nb_valid & pb_ready):
+                    m.d.comb += pb_stale.eq(1)
+                    m.d.sync += [nb.eq(pb), nb_valid.eq(1), nb_start.eq(0), nb_hcrc.eq(0),
+                                 nb_fcrc.eq(1), j.eq(j + 1)]
+                    with m.If(j == READ_LOGITS_HEADER.size - 1):
+                        m.d.sync += logits_data.eq(1)
+                    with m.If((out_kind == _Kind.LOGITS) & logits_data):
                         m.d.sync += logit_byte.eq(logit_byte + 1)
                         with m.If(logit_byte == 3):
                             m.d.sync += [logit_have.eq(0), logit_index.eq(logit_index + 1)]
-                with m.Elif(can_load):
-                    m.d.sync += tx_valid.eq(0)
-                    with m.If(k == total):
-                        with m.If(rescan_after):
-                            rescan()
-                        with m.Else():
-                            m.d.sync += sp.eq(rp)
-                        m.next = "HUNT"
+                    with m.If(pb_last):
+                        m.next = "SEND_TRAILER"
+                with m.If(~payload_ready):
+                    # fetch the next logit from the engine
+                    m.d.comb += [self.eng_logit_req.valid.eq(~logit_asked),
+                                 self.eng_logit_resp.ready.eq(logit_asked)]
+                    with m.If(self.eng_logit_req.valid & self.eng_logit_req.ready):
+                        m.d.sync += logit_asked.eq(1)
+                    with m.If(self.eng_logit_resp.valid & self.eng_logit_resp.ready):
+                        m.d.comb += pb_stale.eq(1)
+                        m.d.sync += [logit_word.eq(self.eng_logit_resp.payload), logit_have.eq(1),
+                                     logit_asked.eq(0)]
+            with m.State("SEND_TRAILER"):
+                with m.If(~nb_valid):
+                    m.d.sync += [nb_valid.eq(1), nb_start.eq(0), nb_hcrc.eq(0), nb_fcrc.eq(0), hk.eq(1)]
+                    with m.If(hk == 0):
+                        m.d.sync += nb.eq(tx_fcrc.crc[8:])
+                    with m.Else():
+                        m.d.sync += nb.eq(tx_fcrc.crc[:8])
+                        m.next = "SEND_END"
+            with m.State("SEND_END"):
+                # the last byte has left nb; done once the output register is free
+                with m.If(~nb_valid & can_load):
+                    with m.If(rescan_after):
+                        rescan()
+                    with m.Else():
+                        m.d.sync += sp.eq(rp)
+                    m.next = "HUNT"
+
+        # the output register takes nb when it is free; the CRCs see each byte as it is taken
+        with m.If(nb_valid & can_load):
+            m.d.sync += [tx_byte.eq(nb), tx_valid.eq(1), nb_valid.eq(0)]
+            m.d.comb += [tx_hcrc.start.eq(nb_start), tx_fcrc.start.eq(nb_start),
+                         tx_hcrc.data.eq(nb), tx_fcrc.data.eq(nb),
+                         tx_hcrc.valid.eq(nb_hcrc), tx_fcrc.valid.eq(nb_fcrc)]
+        with m.Elif(can_load):
+            m.d.sync += tx_valid.eq(0)
         return m

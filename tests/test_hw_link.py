@@ -483,6 +483,26 @@ def test_garbage_false_syncs_and_resynchronisation(image):
     simulate(link, body, seed=11)
 
 
+@pytest.mark.parametrize("max_payload", [MIN_DEVICE_PAYLOAD, 256, MAX_PAYLOAD])
+def test_header_length_limit(max_payload):
+    """A header whose LEN exceeds max_payload is dropped at once (whatever its low byte); a
+    frame of exactly max_payload bytes is taken whole (here: a BAD_LENGTH NAK)."""
+    link, model = make_link(max_payload), make_model(max_payload)
+    lengths = sorted({n for n in (max_payload + 1, max_payload + 0x80, max_payload + 0x100, 0xFF, 0x1FF,
+                                  0x8000 | (max_payload & 0xFF), 0xFFFF) if max_payload < n <= 0xFFFF})
+
+    async def body(ctx, bench):
+        s = Session(ctx, bench, model)
+        for seq, length in enumerate(lengths):
+            header = bytes([SYNC, seq, Op.IDENTIFY, length & 0xFF, length >> 8])
+            frames = await s.send(header + bytes([crc8_header(header[1:])]) + encode_frame(seq, Op.IDENTIFY))
+            assert [f.op for f in frames] == [Op.IDENTIFY | RESPONSE], hex(length)
+        await s.nak(Op.IDENTIFY, bytes(range(7, 7 + max_payload)) if max_payload < 250
+                    else bytes(max_payload), Error.BAD_LENGTH, 0)
+
+    simulate(link, body, seed=max_payload, backpressure=False)
+
+
 def test_idle_timeout_drops_a_partial_frame():
     timeout = 300
     link, model = make_link(idle_timeout_cycles=timeout), make_model()
