@@ -54,13 +54,14 @@ eng_logit_req : Out(stream.Signature(32))
 eng_logit_resp : In(stream.Signature(signed(32)))
     The logit (Q16), one per request, in order. The link has at most one request outstanding.
 
-Throughput: one byte per three cycles in parsing and in forwarding image bytes, one per two in
+Throughput: one byte per three cycles in parsing, in forwarding image bytes and in
 transmitting (every path from the ring's output, into the CRCs or out of the Link, is cut by a
 register); a UART byte takes ten bit times, at least 40 cycles.
 
 Timing (ECP5): the request checks are computed while the trailer arrives (at least six cycles),
 in registered stages, so DECIDE reads only registers; a frame's CRC verdict is registered in
-CHECK; the response's next byte is chosen a cycle before it enters the output register and CRCs.
+CHECK; the response's next byte is prefetched (pb), and the CRCs take a byte in the cycle after
+the transmitter did.
 
 Memory: the ring is the only RAM (``ring_depth(max_payload)`` bytes: 128 for 64, 512 for 256,
 2048 for MAX_PAYLOAD; one, one and four iCE40 EBRs).
@@ -263,7 +264,10 @@ class Link(wiring.Component):
             "load_open": Signal(), "load_crc": Signal(32),
             "load_pointer": Signal(range(self.image_bytes + 1)),
             "running_crc": Signal(32), "cache_valid": Signal(), "cache_seq": Signal(8), "cache_crc": Signal(16),
-            "cache_op": Signal(8), "result": Signal(engine_result_layout().size), "boot_id": Signal(32),
+            "cache_op": Signal(8), "boot_id": Signal(32),
+            # the last FEED_TOKEN's result: argmax (< vocab, so range(vocab) bits), logit, cycles
+            "result": Signal(data.StructLayout({"argmax": range(cfg.V), "logit": signed(32),
+                                                "cycles": unsigned(32)}).size),
         }
 
     def elaborate(self, platform):
@@ -358,11 +362,11 @@ class Link(wiring.Component):
                                                         st["load_pointer"])
         cache_valid, cache_seq, cache_crc, cache_op = (st["cache_valid"], st["cache_seq"], st["cache_crc"],
                                                        st["cache_op"])
-        last_result = data.View(engine_result_layout(), st["result"])
+        last_result = data.View(data.StructLayout({"argmax": range(cfg.V), "logit": signed(32),
+                                                   "cycles": unsigned(32)}), st["result"])
         m.d.comb += st["running_crc"].eq(img_crc.crc)
 
         # -- response registers ------------------------------------------------------------------
-        out_seq = Signal(8)
         out_op = Signal(8)
         out_len = Signal(index_shape)
         out_last = Signal(index_shape)   # out_len - 1 (every response has a payload)
@@ -372,20 +376,19 @@ class Link(wiring.Component):
         hk = Signal(range(HEADER_LEN))   # next header (or trailer) byte of the response
         j = Signal(range(self.max_payload))   # next payload byte of the response
         logits_data = Signal()           # j >= READ_LOGITS_HEADER.size
-        # The response's next byte is chosen into ``nb`` in one cycle and moved to the output
-        # register (and into the CRCs) in a later one: the payload multiplexer and the CRC
-        # logic are in different cycles. One byte per two cycles at most.
+        # The response's next byte is chosen into ``nb``, the output register; in the cycle
+        # after tx takes it, the CRCs take it (``fed``), and only then is the next byte chosen:
+        # the payload multiplexer, the handshake and the CRC logic are in different cycles.
+        # One byte per three cycles at most.
         nb = Signal(8)
         nb_valid = Signal()
         nb_start = Signal()              # the SYNC: (re)starts both CRCs
         nb_hcrc = Signal()               # the byte enters the header CRC
         nb_fcrc = Signal()               # the byte enters the frame CRC
-        tx_valid = Signal()
-        tx_byte = Signal(8)
+        fed = Signal()                   # tx took nb in the previous cycle: the CRCs take it now
+        nb_free = Signal()               # the next byte may be chosen
         rescan_after = Signal()          # after the response: rescan from sp + 1 (bad CRC)
-        m.d.comb += [self.tx.valid.eq(tx_valid), self.tx.payload.eq(tx_byte)]
-        can_load = Signal()              # the output register is free (or frees up this cycle)
-        m.d.comb += can_load.eq(~tx_valid | self.tx.ready)
+        m.d.comb += [self.tx.valid.eq(nb_valid), self.tx.payload.eq(nb), nb_free.eq(~nb_valid & ~fed)]
 
         # READ_LOGITS streaming
         read_start = Signal(range(cfg.V))       # checked: start + count <= V, count >= 1
@@ -627,7 +630,7 @@ class Link(wiring.Component):
             m.d.sync += sp.eq(sp + 1)
 
         def respond(kind, out_op_value, length_value, *, rescan_flag=0):
-            return [out_kind.eq(kind), out_seq.eq(seq), out_op.eq(out_op_value), out_len.eq(length_value),
+            return [out_kind.eq(kind), out_op.eq(out_op_value), out_len.eq(length_value),
                     out_last.eq(length_value - 1), hk.eq(0), j.eq(0), logits_data.eq(0),
                     rescan_after.eq(rescan_flag)]
 
@@ -645,7 +648,7 @@ class Link(wiring.Component):
         with m.FSM(name="link"):
             # ---- parsing: one byte every third cycle while bytes are in the ring ----
             with m.State("HUNT"):
-                m.d.comb += self.idle.eq(waiting & ~tx_valid)
+                m.d.comb += self.idle.eq(waiting & ~nb_valid)
                 with m.If(got):
                     take_byte()
                     with m.If(byte == SYNC):
@@ -783,7 +786,8 @@ class Link(wiring.Component):
                 with m.If(self.eng_result.valid):
                     result = self.eng_result.payload
                     m.d.sync += [position.eq(position + 1), logits_valid.eq(1),
-                                 st["result"].eq(result.as_value())]
+                                 last_result.argmax.eq(result.argmax), last_result.logit.eq(result.logit),
+                                 last_result.cycles.eq(result.cycles)]
                     m.next = "SEND"
 
             # ---- LOAD_CHUNK: the checked frame's data from the ring to the engine ----
@@ -810,14 +814,14 @@ class Link(wiring.Component):
             # takes it from there (below), which also runs it through the CRCs. A CRC byte is
             # picked after every byte before it has been taken.
             with m.State("SEND"):
-                with m.If(~nb_valid):
+                with m.If(nb_free):
                     m.d.sync += [nb_valid.eq(1), hk.eq(hk + 1), nb_start.eq(hk == 0),
                                  nb_hcrc.eq((hk >= 1) & (hk < HEADER_LEN - 1)), nb_fcrc.eq(hk >= 1)]
                     with m.Switch(hk):
                         with m.Case(0):
                             m.d.sync += nb.eq(SYNC)
                         with m.Case(1):
-                            m.d.sync += nb.eq(out_seq)
+                            m.d.sync += nb.eq(seq)       # the frame's SEQ (no byte is parsed now)
                         with m.Case(2):
                             m.d.sync += nb.eq(out_op)
                         with m.Case(3):
@@ -828,7 +832,7 @@ class Link(wiring.Component):
                             m.d.sync += [nb.eq(tx_hcrc.crc), hk.eq(0)]
                             m.next = "SEND_PAYLOAD"
             with m.State("SEND_PAYLOAD"):
-                with m.If(~nb_valid & pb_ready):
+                with m.If(nb_free & pb_ready):
                     m.d.comb += pb_stale.eq(1)
                     m.d.sync += [nb.eq(pb), nb_valid.eq(1), nb_start.eq(0), nb_hcrc.eq(0),
                                  nb_fcrc.eq(1), j.eq(j + 1)]
@@ -851,7 +855,7 @@ class Link(wiring.Component):
                         m.d.sync += [logit_word.eq(self.eng_logit_resp.payload), logit_have.eq(1),
                                      logit_asked.eq(0)]
             with m.State("SEND_TRAILER"):
-                with m.If(~nb_valid):
+                with m.If(nb_free):
                     m.d.sync += [nb_valid.eq(1), nb_start.eq(0), nb_hcrc.eq(0), nb_fcrc.eq(0), hk.eq(1)]
                     with m.If(hk == 0):
                         m.d.sync += nb.eq(tx_fcrc.crc[8:])
@@ -859,20 +863,19 @@ class Link(wiring.Component):
                         m.d.sync += nb.eq(tx_fcrc.crc[:8])
                         m.next = "SEND_END"
             with m.State("SEND_END"):
-                # the last byte has left nb; done once the output register is free
-                with m.If(~nb_valid & can_load):
+                # done once the last byte has been taken
+                with m.If(nb_free):
                     with m.If(rescan_after):
                         rescan()
                     with m.Else():
                         m.d.sync += sp.eq(rp)
                     m.next = "HUNT"
 
-        # the output register takes nb when it is free; the CRCs see each byte as it is taken
-        with m.If(nb_valid & can_load):
-            m.d.sync += [tx_byte.eq(nb), tx_valid.eq(1), nb_valid.eq(0)]
+        m.d.sync += fed.eq(nb_valid & self.tx.ready)
+        with m.If(nb_valid & self.tx.ready):
+            m.d.sync += nb_valid.eq(0)
+        with m.If(fed):
             m.d.comb += [tx_hcrc.start.eq(nb_start), tx_fcrc.start.eq(nb_start),
                          tx_hcrc.data.eq(nb), tx_fcrc.data.eq(nb),
                          tx_hcrc.valid.eq(nb_hcrc), tx_fcrc.valid.eq(nb_fcrc)]
-        with m.Elif(can_load):
-            m.d.sync += tx_valid.eq(0)
         return m
