@@ -347,9 +347,8 @@ class Link(wiring.Component):
         length = Signal(max(8, self.max_payload.bit_length()))   # LEN, if not too long
         length_big = Signal()            # LEN > max_payload
         length_zero = Signal()           # registered: LEN == 0
-        length_m1 = Signal(index_shape)  # registered: LEN - 1
-        m.d.sync += [length_zero.eq(length == 0), length_m1.eq(length - 1)]
-        pidx = Signal(index_shape)
+        m.d.sync += length_zero.eq(length == 0)
+        payload_left = Signal(index_shape)   # payload bytes still to come, less one
         args = Signal(8 * _ARG_BYTES)
         arg_sel = Signal(_ARG_BYTES)     # one-hot: the byte of args the next payload byte goes to
         frame_crc = Signal(16)
@@ -401,8 +400,6 @@ class Link(wiring.Component):
         chunk_left = Signal(index_shape)  # image bytes of the current chunk still to forward, less one
 
         # -- decoded request fields --------------------------------------------------------
-        chunk_data_len = Signal(index_shape)   # LOAD_CHUNK's data bytes (registered: length - 5)
-        chunk_last = Signal(index_shape)       # chunk_data_len - 1
         begin_size = _field(args, LOAD_BEGIN_REQUEST, 0)
         begin_crc = _field(args, LOAD_BEGIN_REQUEST, 1)
         chunk_offset = _field(args, LOAD_CHUNK_HEADER, 0)
@@ -424,8 +421,6 @@ class Link(wiring.Component):
             m.d.sync += r.eq(cond)
             return r
 
-        m.d.sync += [chunk_data_len.eq(length - LOAD_CHUNK_HEADER.size),
-                     chunk_last.eq(length - (LOAD_CHUNK_HEADER.size + 1))]
         commands = [c for c in Op if c != Op.NAK]
         req_len_ok = Signal()
         with m.Switch(op):
@@ -454,8 +449,6 @@ class Link(wiring.Component):
         past_vocab = ((read_start_arg[vb:] != 0) | (read_count[vb:] != 0)
                       | (read_start_arg[:vb] + read_count[:vb] > cfg.V))
 
-        load_left = Signal.like(load_pointer)      # registered: the image bytes not yet loaded
-        m.d.sync += load_left.eq(self.image_bytes - load_pointer)
 
         def checks_of(c):
             """(registered condition, error, arg) after the length check, in the device model's order."""
@@ -467,7 +460,7 @@ class Link(wiring.Component):
                 return [(~load_open, Error.NO_LOAD, 0),
                         (flag(chunk_offset != load_pointer, "offset"), Error.BAD_OFFSET, load_pointer),
                         (flag(load_pointer + length > self.image_bytes + LOAD_CHUNK_HEADER.size, "overrun"),
-                         Error.BAD_ARGUMENT, load_left)]
+                         Error.BAD_ARGUMENT, self.image_bytes - load_pointer)]
             if c == Op.LOAD_COMMIT:
                 return [(~load_open, Error.NO_LOAD, 0),
                         (flag(load_pointer != self.image_bytes, "incomplete"), Error.INCOMPLETE, load_pointer),
@@ -591,7 +584,9 @@ class Link(wiring.Component):
         chunk_step = Signal()             # an image byte is accepted: address the next one
         chunk_addr = Signal(ring_bits)    # the ring address of the image byte offered
         with m.If(~chunk_phase):
-            m.d.sync += chunk_addr.eq(sp + HEADER_LEN + LOAD_CHUNK_HEADER.size)
+            # set up for a LOAD_CHUNK until one starts: its first byte and its length less one
+            m.d.sync += [chunk_addr.eq(sp + HEADER_LEN + LOAD_CHUNK_HEADER.size),
+                         chunk_left.eq(length - (LOAD_CHUNK_HEADER.size + 1))]
         with m.Elif(chunk_step):
             m.d.sync += chunk_addr.eq(chunk_addr + 1)
         # the read address is a register (chunk_addr or rp): no decision of this cycle reaches it
@@ -612,8 +607,8 @@ class Link(wiring.Component):
         @contextlib.contextmanager
         def frame_byte():
             """Inside a frame: the idle timeout returns to HUNT, else the body runs on each byte."""
-            m.d.comb += self.idle.eq(waiting)
-            with m.If(waiting & idle_expired):
+            m.d.comb += [self.idle.eq(waiting), in_frame.eq(1)]
+            with m.If(timed_out):
                 rescan()
                 m.next = "HUNT"
             with m.Elif(got):
@@ -644,6 +639,11 @@ class Link(wiring.Component):
 
         waiting = Signal()     # the parser needs a byte that has not arrived
         m.d.comb += waiting.eq(~got & (rp == wp))
+        # the idle timeout inside a frame, registered: while the parser waits it takes no byte
+        # and stays in its state, so the next cycle drops the frame in the state that timed out
+        in_frame = Signal()
+        timed_out = Signal()
+        m.d.sync += timed_out.eq(waiting & idle_expired & in_frame)
 
         with m.FSM(name="link"):
             # ---- parsing: one byte every third cycle while bytes are in the ring ----
@@ -660,7 +660,7 @@ class Link(wiring.Component):
 
             with m.State("HEADER"):
                 with frame_byte():
-                    m.d.sync += [hidx.eq(hidx + 1), pidx.eq(0), tidx.eq(0), arg_sel.eq(1)]
+                    m.d.sync += [hidx.eq(hidx + 1), tidx.eq(0), arg_sel.eq(1)]
                     m.d.comb += [rx_fcrc.data.eq(byte), rx_fcrc.valid.eq(1),
                                  rx_hcrc.data.eq(byte), rx_hcrc.valid.eq(hidx < HEADER_LEN - 1)]
                     with m.Switch(hidx):
@@ -677,6 +677,7 @@ class Link(wiring.Component):
                                                        | ((byte == self.max_payload >> 8)
                                                           & (length[:8] > (self.max_payload & 0xFF))))]
                         with m.Default():
+                            m.d.sync += payload_left.eq(length - 1)
                             with m.If((byte != rx_hcrc.crc) | length_big):
                                 rescan()
                                 m.next = "HUNT"
@@ -687,12 +688,12 @@ class Link(wiring.Component):
 
             with m.State("PAYLOAD"):
                 with frame_byte():
-                    m.d.sync += [pidx.eq(pidx + 1), arg_sel.eq(arg_sel << 1)]
+                    m.d.sync += [payload_left.eq(payload_left - 1), arg_sel.eq(arg_sel << 1)]
                     m.d.comb += [rx_fcrc.data.eq(byte), rx_fcrc.valid.eq(1)]
                     for i in range(_ARG_BYTES):
                         with m.If(arg_sel[i]):
                             m.d.sync += args[8 * i:8 * i + 8].eq(byte)
-                    with m.If(pidx == length_m1):
+                    with m.If(payload_left == 0):
                         m.next = "TRAILER"
 
             with m.State("TRAILER"):
@@ -747,7 +748,7 @@ class Link(wiring.Component):
                                          *state_response(Op.LOAD_BEGIN)]
                             m.next = "ENGINE_LOAD_RESET"
                         with m.Case(op_index[Op.LOAD_CHUNK]):
-                            m.d.sync += [chunk_left.eq(chunk_last), chunk_phase.eq(1),
+                            m.d.sync += [chunk_phase.eq(1),
                                          *state_response(Op.LOAD_CHUNK)]
                             m.next = "CHUNK_ADDR"
                         with m.Case(op_index[Op.LOAD_COMMIT]):
@@ -804,9 +805,9 @@ class Link(wiring.Component):
                              img_crc.valid.eq(self.eng_image.ready)]
                 with m.If(self.eng_image.ready):
                     m.next = "CHUNK_ADDR"
-                    m.d.sync += chunk_left.eq(chunk_left - 1)
+                    m.d.sync += [chunk_left.eq(chunk_left - 1), load_pointer.eq(load_pointer + 1)]
                     with m.If(chunk_left == 0):
-                        m.d.sync += [chunk_phase.eq(0), load_pointer.eq(load_pointer + chunk_data_len)]
+                        m.d.sync += chunk_phase.eq(0)
                         m.next = "SEND"
 
             # ---- transmit the response frame ----
