@@ -458,8 +458,10 @@ class EngineCore(wiring.Component):
             m.d.sync += [norm_arrived.eq(0), emb_done.eq(0)]
 
         # -- fetcher -----------------------------------------------------------------------------------
+        # (``single``: count == 1, so the router knows a tag's first beat is its last without a
+        # comparator behind the tag FIFO's output)
         tags = data.StructLayout({"kind": unsigned(3), "slot": unsigned(2), "count": unsigned(LEN_BITS),
-                                  "boff": unsigned(4)})
+                                  "boff": unsigned(4), "single": unsigned(1)})
         m.submodules.tagq = tagq = SyncFIFOBuffered(width=tags.size, depth=8)
         req = self.wport.req
         tag = Signal(tags)
@@ -505,7 +507,8 @@ class EngineCore(wiring.Component):
                     m.d.sync += p1.data.eq(p_rd.data)
             with m.If(ph == ph_calc):
                 m.d.sync += [ph.eq(ph_issue), req_addr.eq(addr), req_len.eq(length), req_tag.kind.eq(kind),
-                             req_tag.slot.eq(slot), req_tag.count.eq(length), req_tag.boff.eq(boff_)]
+                             req_tag.slot.eq(slot), req_tag.count.eq(length), req_tag.boff.eq(boff_),
+                             req_tag.single.eq(length == 1)]
             with m.Elif(ph == ph_issue):
                 m.d.comb += [req.valid.eq(tagq.w_rdy), req.payload.addr.eq(req_addr),
                              req.payload.length.eq(req_len), tag.eq(req_tag)]
@@ -568,13 +571,20 @@ class EngineCore(wiring.Component):
         beat_in = resp.valid & tagq.r_rdy
         xfer = beat_in & dest_ready
         m.d.comb += resp.ready.eq(tagq.r_rdy & dest_ready)
+        # Whether this beat is its tag's last, from registers: on a tag's first beat the tag's
+        # ``single``, on later ones ``last_r``, set a beat ahead from a down-counter (the xfer
+        # logic fans out to every destination's enables; no adder or comparator in front of it).
+        started = Signal()
+        left = Signal(LEN_BITS)
+        last_r = Signal()
+        left_now = Mux(started, left, rtag.count)
+        last_beat = Mux(started, last_r, rtag.single)
         with m.If(xfer):
-            with m.If(bidx == rtag.count - 1):
+            with m.If(last_beat):
                 m.d.comb += tagq.r_en.eq(1)
-                m.d.sync += bidx.eq(0)
+                m.d.sync += [bidx.eq(0), started.eq(0)]
             with m.Else():
-                m.d.sync += bidx.eq(bidx + 1)
-        last_beat = bidx == rtag.count - 1
+                m.d.sync += [bidx.eq(bidx + 1), started.eq(1), left.eq(left_now - 1), last_r.eq(left_now == 2)]
 
         # trits, through a FIFO deep enough to keep the matrix unit busy while the norms of a later
         # job pass the in-order response stream (base3 leaves a fifth of the beats spare to fill it)
@@ -667,14 +677,20 @@ class EngineCore(wiring.Component):
         ur_f = u_mem.read_port()
         ar = a_mem.read_port()
         cr = c_mem.read_port()
-        fv = Signal()
+        fv = Signal()               # stage A: the element whose memory words are being read
         f_op = Signal(FrontOp)
         f_last = Signal()
         f_max = Signal()
         f_src = Signal()
         f_sel = Signal(range(hw_))
         j = Signal(range(max_in + 1))
-        f_adv = ~fv | front.i.ready
+        # Full builds register the element (stage B: the front's input) after the block RAM reads:
+        # on ECP5 a block RAM's clock-to-out (about 6 ns) leaves no room for the word select and
+        # the source multiplexer in the same cycle. Compact builds (iCE40, 40 MHz) feed the front
+        # from stage A directly.
+        f_reg = not compact
+        fvb = Signal() if f_reg else fv
+        f_adv = ~fvb | front.i.ready
         f_state_max = Signal()
         f_state_stats = Signal()
         f_state_quant = Signal()
@@ -696,14 +712,20 @@ class EngineCore(wiring.Component):
                 m.d.sync += j.eq(Mux(f_is_last, 0, j + 1))
         or_in = Mux(f_src, or_u, or_x)
         max_elem = Mux(or_in[31], w.x_min, or_in[:31])
+        f_elem = Signal.like(front.i.payload)
         m.d.comb += [
-            front.i.valid.eq(fv),
-            front.i.payload.op.eq(f_op),
-            front.i.payload.last.eq(f_last),
-            front.i.payload.v.eq(Mux(f_max, max_elem, Mux(f_src, ur_f.data, xr_f.data))),
-            front.i.payload.a.eq(ar.data[f_sel]),
-            front.i.payload.c.eq(cr.data[f_sel]),
+            f_elem.op.eq(f_op),
+            f_elem.last.eq(f_last),
+            f_elem.v.eq(Mux(f_max, max_elem, Mux(f_src, ur_f.data, xr_f.data))),
+            f_elem.a.eq(ar.data[f_sel]),
+            f_elem.c.eq(cr.data[f_sel]),
         ]
+        if f_reg:
+            f_elem_b = Signal.like(front.i.payload)
+            with m.If(f_adv):
+                m.d.sync += [fvb.eq(fv), f_elem_b.eq(f_elem)]
+            f_elem = f_elem_b
+        m.d.comb += [front.i.valid.eq(fvb), front.i.payload.eq(f_elem)]
         stats_taken = Signal()
         kcur = Mux(slot == 2, kbuf[2], Mux(slot == 1, kbuf[1], kbuf[0]))
         m.d.comb += [scalar.i.payload.eq(front.stats.payload), scalar.i.valid.eq(front.stats.valid),
@@ -817,7 +839,11 @@ class EngineCore(wiring.Component):
         o_up = Signal()
         o_fresh = Signal()
         o_sel = Signal(range(hw_))
-        o_adv = ~ov | ew.i.ready
+        # (full builds: the elementwise unit's input registered after the block RAM reads, as the
+        # front's; see f_reg)
+        o_reg = not compact
+        ovb = Signal() if o_reg else ov
+        o_adv = ~ovb | ew.i.ready
         # ... from the operand stage's first o/down element until the last one has left it (it may
         # wait in front of the elementwise unit with its x operand on the port's output)
         m.d.comb += x_res.eq((oj.jt == JT_O) | (oj.jt == JT_DOWN) | (ov & ((o_jt == JT_O) | (o_jt == JT_DOWN))))
@@ -842,8 +868,15 @@ class EngineCore(wiring.Component):
                     m.d.sync += [jo.eq(0)] + oj.step(g_L)
                 with m.Else():
                     m.d.sync += jo.eq(jo + 1)
-        ew_in = ew.i.payload
-        m.d.comb += [ew.i.valid.eq(ov), ew_in.last.eq(o_last), ew_in.y.eq(o_y), ew_in.a.eq(0), ew_in.g.eq(0)]
+        ew_in = Signal.like(ew.i.payload)
+        if o_reg:
+            ew_in_b = Signal.like(ew.i.payload)
+            with m.If(o_adv):
+                m.d.sync += [ovb.eq(ov), ew_in_b.eq(ew_in)]
+            m.d.comb += [ew.i.valid.eq(ovb), ew.i.payload.eq(ew_in_b)]
+        else:
+            m.d.comb += [ew.i.valid.eq(ov), ew.i.payload.eq(ew_in)]
+        m.d.comb += [ew_in.last.eq(o_last), ew_in.y.eq(o_y), ew_in.a.eq(0), ew_in.g.eq(0)]
         with m.Switch(o_jt):
             with m.Case(JT_F):
                 m.d.comb += [ew_in.op.eq(ElementwiseOp.FORGET), ew_in.g.eq(lbr.data[o_sel])]
