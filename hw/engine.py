@@ -107,7 +107,8 @@ from .output_scale import OutputScale
 from .scalar_unit import ScalarUnit
 from .trits import packing_code
 from .vector_common import vector_widths
-from .weight_port import (ADDR_BITS, LEN_BITS, WeightMemory, weight_port_signature, write_layout)
+from .weight_port import (ADDR_BITS, LEN_BITS, NO_RW_CHECK, WeightMemory, registered_read_port,
+                          weight_port_signature, write_layout)
 
 __all__ = ["EngineOp", "Param", "JOBS", "cmd_layout", "result_layout", "trace_layout", "beat_bytes",
            "engine_params", "check_geometry", "EngineCore", "Engine", "ideal_cycles"]
@@ -351,16 +352,16 @@ class EngineCore(wiring.Component):
 
         # -- parameters ------------------------------------------------------------------------
         pinit = [self.params.get(k, 0) for k in range(Param.RAM_SIZE)]
-        m.submodules.pram = pram = Memory(shape=unsigned(32), depth=Param.RAM_SIZE, init=pinit)
+        m.submodules.pram = pram = Memory(shape=unsigned(32), depth=Param.RAM_SIZE, init=pinit, attrs=NO_RW_CHECK)
         if self.compact:
             # one read port (one copy of the RAM: 2 iCE40 EBRs fewer): the fetcher reads a
             # request's length (p1) first and keeps it in a register, then its address (p0)
-            p_rd = pram.read_port()
+            p_rd = registered_read_port(m, pram)
             p0 = SimpleNamespace(addr=Signal(6, name="p0_addr"), data=p_rd.data)
             p1 = SimpleNamespace(addr=Signal(6, name="p1_addr"), data=Signal(32, name="p1_data"))
         else:
-            p0 = pram.read_port()
-            p1 = pram.read_port()
+            p0 = registered_read_port(m, pram)
+            p1 = registered_read_port(m, pram)
         pw = pram.write_port()
         P = self.params
         g_d = Signal(range(max_d + 1), init=P[Param.D])
@@ -380,8 +381,13 @@ class EngineCore(wiring.Component):
             return Mux(jt == JT_DOWN, g_I, g_d)
 
         # -- memories --------------------------------------------------------------------------
+        # No memory is read at an address written in the same cycle (the front and the operand
+        # stage read what the writer finished earlier, or elements ahead of it; norms go to a slot
+        # the front is not reading; parameters, logits and weights are written only while idle),
+        # so Yosys may leave out its read/write collision logic (NO_RW_CHECK), which otherwise
+        # puts an address comparator and a multiplexer behind each block RAM's slow output.
         def mem(name, shape, depth):
-            mm = Memory(shape=shape, depth=depth, init=[])
+            mm = Memory(shape=shape, depth=depth, init=[], attrs=NO_RW_CHECK)
             m.submodules[name] = mm
             return mm
         norm_word = data.ArrayLayout(signed(w.norm_bits), hw_)
@@ -671,12 +677,12 @@ class EngineCore(wiring.Component):
         # operand stage. They are never busy at once: while the operand stage is at an o or down
         # job, every front job up to it reads u, and later ones wait for its outputs. The compact
         # build gives them one read port (one copy of x: 2 iCE40 EBRs fewer).
-        xr_f = x_mem.read_port()
-        xr_o = xr_f if compact else x_mem.read_port()
+        xr_f = registered_read_port(m, x_mem)
+        xr_o = xr_f if compact else registered_read_port(m, x_mem)
         x_res = Signal()        # the operand stage owns the shared port
-        ur_f = u_mem.read_port()
-        ar = a_mem.read_port()
-        cr = c_mem.read_port()
+        ur_f = registered_read_port(m, u_mem)
+        ar = registered_read_port(m, a_mem)
+        cr = registered_read_port(m, c_mem)
         fv = Signal()               # stage A: the element whose memory words are being read
         f_op = Signal(FrontOp)
         f_last = Signal()
@@ -712,20 +718,24 @@ class EngineCore(wiring.Component):
                 m.d.sync += j.eq(Mux(f_is_last, 0, j + 1))
         or_in = Mux(f_src, or_u, or_x)
         max_elem = Mux(or_in[31], w.x_min, or_in[:31])
-        f_elem = Signal.like(front.i.payload)
-        m.d.comb += [
-            f_elem.op.eq(f_op),
-            f_elem.last.eq(f_last),
-            f_elem.v.eq(Mux(f_max, max_elem, Mux(f_src, ur_f.data, xr_f.data))),
-            f_elem.a.eq(ar.data[f_sel]),
-            f_elem.c.eq(cr.data[f_sel]),
-        ]
+        f_src_vals = [f_op, f_last, f_max, f_src, f_sel, xr_f.data, ur_f.data, ar.data, cr.data]
         if f_reg:
-            f_elem_b = Signal.like(front.i.payload)
+            # stage B holds the RAM words as read (no logic between a block RAM and a register);
+            # the word select and the source multiplexer sit in front of the front's own input
+            # register
+            regs = [Signal.like(v, name=f"{v.name}_b" if hasattr(v, "name") else None) for v in f_src_vals]
             with m.If(f_adv):
-                m.d.sync += [fvb.eq(fv), f_elem_b.eq(f_elem)]
-            f_elem = f_elem_b
-        m.d.comb += [front.i.valid.eq(fvb), front.i.payload.eq(f_elem)]
+                m.d.sync += [fvb.eq(fv)] + [r.eq(v) for r, v in zip(regs, f_src_vals)]
+            f_src_vals = regs
+        fb_op, fb_last, fb_max, fb_src, fb_sel, fb_x, fb_u, fb_a, fb_c = f_src_vals
+        m.d.comb += [
+            front.i.valid.eq(fvb),
+            front.i.payload.op.eq(fb_op),
+            front.i.payload.last.eq(fb_last),
+            front.i.payload.v.eq(Mux(fb_max, max_elem, Mux(fb_src, fb_u, fb_x))),
+            front.i.payload.a.eq(fb_a[fb_sel]),
+            front.i.payload.c.eq(fb_c[fb_sel]),
+        ]
         stats_taken = Signal()
         kcur = Mux(slot == 2, kbuf[2], Mux(slot == 1, kbuf[1], kbuf[0]))
         m.d.comb += [scalar.i.payload.eq(front.stats.payload), scalar.i.valid.eq(front.stats.valid),
@@ -765,19 +775,36 @@ class EngineCore(wiring.Component):
         m.submodules.qfifo = qfifo = SyncFIFOBuffered(width=sub * w.act_bits, depth=q_words * q_split)
         qpack = Signal(data.ArrayLayout(signed(w.act_bits), sub))
         qcnt = Signal(range(sub))
-        q_full = qcnt == sub - 1
-        m.d.comb += front.q.ready.eq(~q_full | qfifo.w_rdy)
+        # q into the packer. Full builds put a small FIFO between the front and the packer, so the
+        # front's pipeline enable (which fans out to all its registers, and on to the reads that
+        # feed it) waits only for that FIFO's registered level, and keep "the word is full" in a
+        # register; compact builds take q straight from the front.
+        if compact:
+            q_in = front.q
+            q_full = qcnt == sub - 1
+        else:
+            m.submodules.qskid = qskid = SyncFIFOBuffered(width=w.act_bits, depth=3)
+            q_in = stream.Signature(signed(w.act_bits)).create()
+            m.d.comb += [qskid.w_data.eq(front.q.payload), qskid.w_en.eq(front.q.valid),
+                         front.q.ready.eq(qskid.w_rdy),
+                         q_in.payload.eq(qskid.r_data), q_in.valid.eq(qskid.r_rdy), qskid.r_en.eq(q_in.ready)]
+            q_full = Signal()
+        m.d.comb += q_in.ready.eq(~q_full | qfifo.w_rdy)
         packed = Signal(data.ArrayLayout(signed(w.act_bits), sub))
         m.d.comb += packed.eq(qpack)
-        m.d.comb += packed[sub - 1].eq(front.q.payload)
+        m.d.comb += packed[sub - 1].eq(q_in.payload)
         m.d.comb += qfifo.w_data.eq(packed.as_value())
-        with m.If(front.q.valid & front.q.ready):
-            m.d.sync += qpack[qcnt].eq(front.q.payload)
+        with m.If(q_in.valid & q_in.ready):
+            m.d.sync += qpack[qcnt].eq(q_in.payload)
             with m.If(q_full):
                 m.d.comb += qfifo.w_en.eq(1)
                 m.d.sync += qcnt.eq(0)
+                if not compact:
+                    m.d.sync += q_full.eq(0)
             with m.Else():
                 m.d.sync += qcnt.eq(qcnt + 1)
+                if not compact:
+                    m.d.sync += q_full.eq(qcnt == sub - 2)
         if q_split == 1:
             m.d.comb += [mv.act.valid.eq(qfifo.r_rdy), mv.act.payload.eq(qfifo.r_data),
                          qfifo.r_en.eq(mv.act.ready)]
@@ -828,9 +855,9 @@ class EngineCore(wiring.Component):
                              osc.i.valid.eq(emb_i.valid)]
 
         # -- operand stage ----------------------------------------------------------------------------
-        lbr = lb_mem.read_port()
-        gr = g_mem.read_port()
-        hr = h_mem.read_port()
+        lbr = registered_read_port(m, lb_mem)
+        gr = registered_read_port(m, g_mem)
+        hr = registered_read_port(m, h_mem)
         jo = Signal(range(2 * max_in + max_V + 1))
         ov = Signal()
         o_y = Signal(x_shape)
@@ -868,28 +895,30 @@ class EngineCore(wiring.Component):
                     m.d.sync += [jo.eq(0)] + oj.step(g_L)
                 with m.Else():
                     m.d.sync += jo.eq(jo + 1)
-        ew_in = Signal.like(ew.i.payload)
+        o_vals = [o_y, o_last, o_jt, o_up, o_fresh, o_sel, lbr.data, gr.data, hr.data, xr_o.data]
         if o_reg:
-            ew_in_b = Signal.like(ew.i.payload)
+            # stage B: the RAM words as read, then the operand multiplexers in front of the
+            # elementwise unit's input register
+            regs = [Signal.like(v) for v in o_vals]
             with m.If(o_adv):
-                m.d.sync += [ovb.eq(ov), ew_in_b.eq(ew_in)]
-            m.d.comb += [ew.i.valid.eq(ovb), ew.i.payload.eq(ew_in_b)]
-        else:
-            m.d.comb += [ew.i.valid.eq(ov), ew.i.payload.eq(ew_in)]
-        m.d.comb += [ew_in.last.eq(o_last), ew_in.y.eq(o_y), ew_in.a.eq(0), ew_in.g.eq(0)]
-        with m.Switch(o_jt):
+                m.d.sync += [ovb.eq(ov)] + [r.eq(v) for r, v in zip(regs, o_vals)]
+            o_vals = regs
+        ob_y, ob_last, ob_jt, ob_up, ob_fresh, ob_sel, ob_lb, ob_g, ob_h, ob_x = o_vals
+        ew_in = ew.i.payload
+        m.d.comb += [ew.i.valid.eq(ovb), ew_in.last.eq(ob_last), ew_in.y.eq(ob_y), ew_in.a.eq(0), ew_in.g.eq(0)]
+        with m.Switch(ob_jt):
             with m.Case(JT_F):
-                m.d.comb += [ew_in.op.eq(ElementwiseOp.FORGET), ew_in.g.eq(lbr.data[o_sel])]
+                m.d.comb += [ew_in.op.eq(ElementwiseOp.FORGET), ew_in.g.eq(ob_lb[ob_sel])]
             with m.Case(JT_I):
-                m.d.comb += [ew_in.op.eq(ElementwiseOp.RECUR), ew_in.g.eq(gr.data[:16]),
-                             ew_in.a.eq(Mux(o_fresh, 0, hr.data))]
+                m.d.comb += [ew_in.op.eq(ElementwiseOp.RECUR), ew_in.g.eq(ob_g[:16]),
+                             ew_in.a.eq(Mux(ob_fresh, 0, ob_h))]
             with m.Case(JT_G):
-                m.d.comb += [ew_in.op.eq(ElementwiseOp.SILU_MUL), ew_in.y.eq(hr.data), ew_in.a.eq(o_y)]
+                m.d.comb += [ew_in.op.eq(ElementwiseOp.SILU_MUL), ew_in.y.eq(ob_h), ew_in.a.eq(ob_y)]
             with m.Case(JT_O, JT_DOWN):
-                m.d.comb += [ew_in.op.eq(ElementwiseOp.ADD), ew_in.a.eq(xr_o.data)]
+                m.d.comb += [ew_in.op.eq(ElementwiseOp.ADD), ew_in.a.eq(ob_x)]
             with m.Case(JT_GATE):
-                with m.If(o_up):
-                    m.d.comb += [ew_in.op.eq(ElementwiseOp.SILU_MUL), ew_in.y.eq(gr.data), ew_in.a.eq(o_y)]
+                with m.If(ob_up):
+                    m.d.comb += [ew_in.op.eq(ElementwiseOp.SILU_MUL), ew_in.y.eq(ob_g), ew_in.a.eq(ob_y)]
                 with m.Else():
                     m.d.comb += ew_in.op.eq(ElementwiseOp.ADD)
             with m.Default():
@@ -946,7 +975,7 @@ class EngineCore(wiring.Component):
                          res.cycles.eq(cycles), res_valid.eq(1), running.eq(0)]
 
         # -- logit read port -----------------------------------------------------------------------------------
-        lr = lg_mem.read_port()
+        lr = registered_read_port(m, lg_mem)
         lvalid = Signal()
         m.d.comb += [self.logit_req.ready.eq(~lvalid), lr.addr.eq(self.logit_req.payload),
                      lr.en.eq(self.logit_req.valid & self.logit_req.ready),
