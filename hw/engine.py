@@ -859,6 +859,7 @@ class EngineCore(wiring.Component):
         gr = registered_read_port(m, g_mem)
         hr = registered_read_port(m, h_mem)
         jo = Signal(range(2 * max_in + max_V + 1))
+        jw = Signal(range(2 * max_in + max_V + 1))     # the writer's element index
         ov = Signal()
         o_y = Signal(x_shape)
         o_last = Signal()
@@ -879,8 +880,23 @@ class EngineCore(wiring.Component):
         else:
             m.d.comb += [xr_f.addr.eq(j), xr_f.en.eq(f_adv), xr_o.addr.eq(jo), xr_o.en.eq(o_adv)]
         upper = (oj.jt == JT_GATE) & (jo >= g_I)
-        m.d.comb += osc.o.ready.eq(o_adv | embedding)
-        o_in = osc.o.valid & ~embedding
+        # Reads after writes through memory: i_proj's element reads f, g_proj's reads h[l] (both
+        # written by the job before), and the GLU's upper rows read the gate of row - I (written
+        # by this job). With short rows (d / lanes) and few rows (I) an element can reach this
+        # stage before the writer has stored its operand; full builds then hold it. The hold is a
+        # register, computed a cycle ahead from the writer's progress for the element after the
+        # current one (conservative: both counters only grow), and set for the cycle after a job
+        # change; compact builds (whose pipelines are unchanged) take elements as before.
+        o_hold = Signal()
+        o_in = osc.o.valid & ~embedding & ~o_hold
+        m.d.comb += osc.o.ready.eq((o_adv & ~o_hold) | embedding)
+        if not compact:
+            nxt = jo + 1
+            writer_behind = wj.k < oj.k
+            gate_up = (oj.jt == JT_GATE) & (nxt >= g_I)
+            m.d.sync += o_hold.eq((o_adv & o_in & osc.o.payload.last)
+                                  | (((oj.jt == JT_I) | (oj.jt == JT_G)) & writer_behind)
+                                  | (gate_up & (writer_behind | (nxt >= jw + g_I))))
         m.d.comb += [
             lbr.addr.eq(jo // hw_), gr.addr.eq(Mux(upper, jo - g_I, jo)),
             hr.addr.eq(oj.l * max_d + jo),
@@ -929,7 +945,6 @@ class EngineCore(wiring.Component):
         gw = g_mem.write_port()
         hw = h_mem.write_port()
         lw = lg_mem.write_port()
-        jw = Signal(range(2 * max_in + max_V + 1))
         val = ew.o.payload.value
         wv = ew.o.valid
         w_up = (wj.jt == JT_GATE) & (jw >= g_I)
