@@ -229,7 +229,7 @@ class WeightMemory(wiring.Component):
                 m.d.sync += busy.eq(0)
         # The store's read data is registered once (`word`) before the FIFO: a store of many block
         # RAMs ends in a wide output multiplexer behind the RAMs' slow clock-to-out (ECP5).
-        # (a banked store adds a cycle: `inflight` is then two stages)
+        # (a banked store adds two cycles: `inflight` is then three stages)
         flight = [Signal(name=f"inflight{k}") for k in range(read_latency)]
         read_addrs = [Signal(ADDR_BITS, name=f"read_addr{k}") for k in range(read_latency)]
         m.d.sync += [flight[0].eq(issue), read_addrs[0].eq(addr)]
@@ -289,8 +289,8 @@ RAM_BANK_WORDS = 1024
 
 def _ram_store(m, width, depth, init, raddr, rdata, we, waddr, wdata) -> int:
     """A synchronous RAM (``Memory``, initialised with ``init``), in banks of
-    :data:`RAM_BANK_WORDS` words when deeper than that; returns its read latency (1, or 2 when
-    banked: bank outputs registered, then selected)."""
+    :data:`RAM_BANK_WORDS` words when deeper than that; returns its read latency (1, or 3 when
+    banked: bank outputs registered twice, then selected)."""
     if depth <= RAM_BANK_WORDS:
         m.submodules.store = store = Memory(shape=unsigned(width), depth=depth, init=init, attrs=NO_RW_CHECK)
         rp = registered_read_port(m, store)
@@ -301,7 +301,8 @@ def _ram_store(m, width, depth, init, raddr, rdata, we, waddr, wdata) -> int:
     n = -(-depth // RAM_BANK_WORDS)
     sel = Signal(range(n), name="bank_sel")
     sel_r = Signal(range(n), name="bank_sel_r")
-    m.d.sync += [sel.eq(raddr[bb:]), sel_r.eq(sel)]
+    sel_rr = Signal(range(n), name="bank_sel_rr")
+    m.d.sync += [sel.eq(raddr[bb:]), sel_r.eq(sel), sel_rr.eq(sel_r)]
     outs = []
     for b in range(n):
         words = min(RAM_BANK_WORDS, depth - b * RAM_BANK_WORDS)
@@ -310,16 +311,20 @@ def _ram_store(m, width, depth, init, raddr, rdata, we, waddr, wdata) -> int:
         m.submodules[f"store{b}"] = bank
         rp = registered_read_port(m, bank)
         wp = bank.write_port()
+        # two registers: the first has the RAM as its only source and the second as its only
+        # sink, so the placer can put it beside the RAM (one register, pulled towards the
+        # multiplexer, left 5 ns of routing behind the RAM's 6 ns clock-to-out on ECP5)
+        q1 = Signal(width, name=f"bank{b}_q1", reset_less=True)
         q = Signal(width, name=f"bank{b}_q", reset_less=True)
-        m.d.sync += q.eq(rp.data)
+        m.d.sync += [q1.eq(rp.data), q.eq(q1)]
         m.d.comb += [rp.addr.eq(raddr[:bb]), wp.en.eq(we & (waddr[bb:] == b)), wp.addr.eq(waddr[:bb]),
                      wp.data.eq(wdata)]
         outs.append(q)
-    with m.Switch(sel_r):
+    with m.Switch(sel_rr):
         for b in range(n):
             with m.Case(b):
                 m.d.comb += rdata.eq(outs[b])
-    return 2
+    return 3
 
 
 SPRAM_WORDS = 16384       # SB_SPRAM256KA: 16k words of 16 bits
