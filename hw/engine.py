@@ -107,7 +107,8 @@ from .output_scale import OutputScale
 from .scalar_unit import ScalarUnit
 from .trits import packing_code
 from .vector_common import vector_widths
-from .weight_port import (ADDR_BITS, LEN_BITS, WeightMemory, weight_port_signature, write_layout)
+from .weight_port import (ADDR_BITS, LEN_BITS, NO_RW_CHECK, WeightMemory, registered_read_port,
+                          weight_port_signature, write_layout)
 
 __all__ = ["EngineOp", "Param", "JOBS", "cmd_layout", "result_layout", "trace_layout", "beat_bytes",
            "engine_params", "check_geometry", "EngineCore", "Engine", "ideal_cycles"]
@@ -351,16 +352,16 @@ class EngineCore(wiring.Component):
 
         # -- parameters ------------------------------------------------------------------------
         pinit = [self.params.get(k, 0) for k in range(Param.RAM_SIZE)]
-        m.submodules.pram = pram = Memory(shape=unsigned(32), depth=Param.RAM_SIZE, init=pinit)
+        m.submodules.pram = pram = Memory(shape=unsigned(32), depth=Param.RAM_SIZE, init=pinit, attrs=NO_RW_CHECK)
         if self.compact:
             # one read port (one copy of the RAM: 2 iCE40 EBRs fewer): the fetcher reads a
             # request's length (p1) first and keeps it in a register, then its address (p0)
-            p_rd = pram.read_port()
+            p_rd = registered_read_port(m, pram)
             p0 = SimpleNamespace(addr=Signal(6, name="p0_addr"), data=p_rd.data)
             p1 = SimpleNamespace(addr=Signal(6, name="p1_addr"), data=Signal(32, name="p1_data"))
         else:
-            p0 = pram.read_port()
-            p1 = pram.read_port()
+            p0 = registered_read_port(m, pram)
+            p1 = registered_read_port(m, pram)
         pw = pram.write_port()
         P = self.params
         g_d = Signal(range(max_d + 1), init=P[Param.D])
@@ -380,8 +381,13 @@ class EngineCore(wiring.Component):
             return Mux(jt == JT_DOWN, g_I, g_d)
 
         # -- memories --------------------------------------------------------------------------
+        # No memory is read at an address written in the same cycle (the front and the operand
+        # stage read what the writer finished earlier, or elements ahead of it; norms go to a slot
+        # the front is not reading; parameters, logits and weights are written only while idle),
+        # so Yosys may leave out its read/write collision logic (NO_RW_CHECK), which otherwise
+        # puts an address comparator and a multiplexer behind each block RAM's slow output.
         def mem(name, shape, depth):
-            mm = Memory(shape=shape, depth=depth, init=[])
+            mm = Memory(shape=shape, depth=depth, init=[], attrs=NO_RW_CHECK)
             m.submodules[name] = mm
             return mm
         norm_word = data.ArrayLayout(signed(w.norm_bits), hw_)
@@ -458,8 +464,10 @@ class EngineCore(wiring.Component):
             m.d.sync += [norm_arrived.eq(0), emb_done.eq(0)]
 
         # -- fetcher -----------------------------------------------------------------------------------
+        # (``single``: count == 1, so the router knows a tag's first beat is its last without a
+        # comparator behind the tag FIFO's output)
         tags = data.StructLayout({"kind": unsigned(3), "slot": unsigned(2), "count": unsigned(LEN_BITS),
-                                  "boff": unsigned(4)})
+                                  "boff": unsigned(4), "single": unsigned(1)})
         m.submodules.tagq = tagq = SyncFIFOBuffered(width=tags.size, depth=8)
         req = self.wport.req
         tag = Signal(tags)
@@ -505,7 +513,8 @@ class EngineCore(wiring.Component):
                     m.d.sync += p1.data.eq(p_rd.data)
             with m.If(ph == ph_calc):
                 m.d.sync += [ph.eq(ph_issue), req_addr.eq(addr), req_len.eq(length), req_tag.kind.eq(kind),
-                             req_tag.slot.eq(slot), req_tag.count.eq(length), req_tag.boff.eq(boff_)]
+                             req_tag.slot.eq(slot), req_tag.count.eq(length), req_tag.boff.eq(boff_),
+                             req_tag.single.eq(length == 1)]
             with m.Elif(ph == ph_issue):
                 m.d.comb += [req.valid.eq(tagq.w_rdy), req.payload.addr.eq(req_addr),
                              req.payload.length.eq(req_len), tag.eq(req_tag)]
@@ -568,13 +577,20 @@ class EngineCore(wiring.Component):
         beat_in = resp.valid & tagq.r_rdy
         xfer = beat_in & dest_ready
         m.d.comb += resp.ready.eq(tagq.r_rdy & dest_ready)
+        # Whether this beat is its tag's last, from registers: on a tag's first beat the tag's
+        # ``single``, on later ones ``last_r``, set a beat ahead from a down-counter (the xfer
+        # logic fans out to every destination's enables; no adder or comparator in front of it).
+        started = Signal()
+        left = Signal(LEN_BITS)
+        last_r = Signal()
+        left_now = Mux(started, left, rtag.count)
+        last_beat = Mux(started, last_r, rtag.single)
         with m.If(xfer):
-            with m.If(bidx == rtag.count - 1):
+            with m.If(last_beat):
                 m.d.comb += tagq.r_en.eq(1)
-                m.d.sync += bidx.eq(0)
+                m.d.sync += [bidx.eq(0), started.eq(0)]
             with m.Else():
-                m.d.sync += bidx.eq(bidx + 1)
-        last_beat = bidx == rtag.count - 1
+                m.d.sync += [bidx.eq(bidx + 1), started.eq(1), left.eq(left_now - 1), last_r.eq(left_now == 2)]
 
         # trits, through a FIFO deep enough to keep the matrix unit busy while the norms of a later
         # job pass the in-order response stream (base3 leaves a fifth of the beats spare to fill it)
@@ -661,20 +677,26 @@ class EngineCore(wiring.Component):
         # operand stage. They are never busy at once: while the operand stage is at an o or down
         # job, every front job up to it reads u, and later ones wait for its outputs. The compact
         # build gives them one read port (one copy of x: 2 iCE40 EBRs fewer).
-        xr_f = x_mem.read_port()
-        xr_o = xr_f if compact else x_mem.read_port()
+        xr_f = registered_read_port(m, x_mem)
+        xr_o = xr_f if compact else registered_read_port(m, x_mem)
         x_res = Signal()        # the operand stage owns the shared port
-        ur_f = u_mem.read_port()
-        ar = a_mem.read_port()
-        cr = c_mem.read_port()
-        fv = Signal()
+        ur_f = registered_read_port(m, u_mem)
+        ar = registered_read_port(m, a_mem)
+        cr = registered_read_port(m, c_mem)
+        fv = Signal()               # stage A: the element whose memory words are being read
         f_op = Signal(FrontOp)
         f_last = Signal()
         f_max = Signal()
         f_src = Signal()
         f_sel = Signal(range(hw_))
         j = Signal(range(max_in + 1))
-        f_adv = ~fv | front.i.ready
+        # Full builds register the element (stage B: the front's input) after the block RAM reads:
+        # on ECP5 a block RAM's clock-to-out (about 6 ns) leaves no room for the word select and
+        # the source multiplexer in the same cycle. Compact builds (iCE40, 40 MHz) feed the front
+        # from stage A directly.
+        f_reg = not compact
+        fvb = Signal() if f_reg else fv
+        f_adv = ~fvb | front.i.ready
         f_state_max = Signal()
         f_state_stats = Signal()
         f_state_quant = Signal()
@@ -696,13 +718,23 @@ class EngineCore(wiring.Component):
                 m.d.sync += j.eq(Mux(f_is_last, 0, j + 1))
         or_in = Mux(f_src, or_u, or_x)
         max_elem = Mux(or_in[31], w.x_min, or_in[:31])
+        f_src_vals = [f_op, f_last, f_max, f_src, f_sel, xr_f.data, ur_f.data, ar.data, cr.data]
+        if f_reg:
+            # stage B holds the RAM words as read (no logic between a block RAM and a register);
+            # the word select and the source multiplexer sit in front of the front's own input
+            # register
+            regs = [Signal.like(v, name=f"{v.name}_b" if hasattr(v, "name") else None) for v in f_src_vals]
+            with m.If(f_adv):
+                m.d.sync += [fvb.eq(fv)] + [r.eq(v) for r, v in zip(regs, f_src_vals)]
+            f_src_vals = regs
+        fb_op, fb_last, fb_max, fb_src, fb_sel, fb_x, fb_u, fb_a, fb_c = f_src_vals
         m.d.comb += [
-            front.i.valid.eq(fv),
-            front.i.payload.op.eq(f_op),
-            front.i.payload.last.eq(f_last),
-            front.i.payload.v.eq(Mux(f_max, max_elem, Mux(f_src, ur_f.data, xr_f.data))),
-            front.i.payload.a.eq(ar.data[f_sel]),
-            front.i.payload.c.eq(cr.data[f_sel]),
+            front.i.valid.eq(fvb),
+            front.i.payload.op.eq(fb_op),
+            front.i.payload.last.eq(fb_last),
+            front.i.payload.v.eq(Mux(fb_max, max_elem, Mux(fb_src, fb_u, fb_x))),
+            front.i.payload.a.eq(fb_a[fb_sel]),
+            front.i.payload.c.eq(fb_c[fb_sel]),
         ]
         stats_taken = Signal()
         kcur = Mux(slot == 2, kbuf[2], Mux(slot == 1, kbuf[1], kbuf[0]))
@@ -743,19 +775,36 @@ class EngineCore(wiring.Component):
         m.submodules.qfifo = qfifo = SyncFIFOBuffered(width=sub * w.act_bits, depth=q_words * q_split)
         qpack = Signal(data.ArrayLayout(signed(w.act_bits), sub))
         qcnt = Signal(range(sub))
-        q_full = qcnt == sub - 1
-        m.d.comb += front.q.ready.eq(~q_full | qfifo.w_rdy)
+        # q into the packer. Full builds put a small FIFO between the front and the packer, so the
+        # front's pipeline enable (which fans out to all its registers, and on to the reads that
+        # feed it) waits only for that FIFO's registered level, and keep "the word is full" in a
+        # register; compact builds take q straight from the front.
+        if compact:
+            q_in = front.q
+            q_full = qcnt == sub - 1
+        else:
+            m.submodules.qskid = qskid = SyncFIFOBuffered(width=w.act_bits, depth=3)
+            q_in = stream.Signature(signed(w.act_bits)).create()
+            m.d.comb += [qskid.w_data.eq(front.q.payload), qskid.w_en.eq(front.q.valid),
+                         front.q.ready.eq(qskid.w_rdy),
+                         q_in.payload.eq(qskid.r_data), q_in.valid.eq(qskid.r_rdy), qskid.r_en.eq(q_in.ready)]
+            q_full = Signal()
+        m.d.comb += q_in.ready.eq(~q_full | qfifo.w_rdy)
         packed = Signal(data.ArrayLayout(signed(w.act_bits), sub))
         m.d.comb += packed.eq(qpack)
-        m.d.comb += packed[sub - 1].eq(front.q.payload)
+        m.d.comb += packed[sub - 1].eq(q_in.payload)
         m.d.comb += qfifo.w_data.eq(packed.as_value())
-        with m.If(front.q.valid & front.q.ready):
-            m.d.sync += qpack[qcnt].eq(front.q.payload)
+        with m.If(q_in.valid & q_in.ready):
+            m.d.sync += qpack[qcnt].eq(q_in.payload)
             with m.If(q_full):
                 m.d.comb += qfifo.w_en.eq(1)
                 m.d.sync += qcnt.eq(0)
+                if not compact:
+                    m.d.sync += q_full.eq(0)
             with m.Else():
                 m.d.sync += qcnt.eq(qcnt + 1)
+                if not compact:
+                    m.d.sync += q_full.eq(qcnt == sub - 2)
         if q_split == 1:
             m.d.comb += [mv.act.valid.eq(qfifo.r_rdy), mv.act.payload.eq(qfifo.r_data),
                          qfifo.r_en.eq(mv.act.ready)]
@@ -806,10 +855,11 @@ class EngineCore(wiring.Component):
                              osc.i.valid.eq(emb_i.valid)]
 
         # -- operand stage ----------------------------------------------------------------------------
-        lbr = lb_mem.read_port()
-        gr = g_mem.read_port()
-        hr = h_mem.read_port()
+        lbr = registered_read_port(m, lb_mem)
+        gr = registered_read_port(m, g_mem)
+        hr = registered_read_port(m, h_mem)
         jo = Signal(range(2 * max_in + max_V + 1))
+        jw = Signal(range(2 * max_in + max_V + 1))     # the writer's element index
         ov = Signal()
         o_y = Signal(x_shape)
         o_last = Signal()
@@ -817,7 +867,11 @@ class EngineCore(wiring.Component):
         o_up = Signal()
         o_fresh = Signal()
         o_sel = Signal(range(hw_))
-        o_adv = ~ov | ew.i.ready
+        # (full builds: the elementwise unit's input registered after the block RAM reads, as the
+        # front's; see f_reg)
+        o_reg = not compact
+        ovb = Signal() if o_reg else ov
+        o_adv = ~ovb | ew.i.ready
         # ... from the operand stage's first o/down element until the last one has left it (it may
         # wait in front of the elementwise unit with its x operand on the port's output)
         m.d.comb += x_res.eq((oj.jt == JT_O) | (oj.jt == JT_DOWN) | (ov & ((o_jt == JT_O) | (o_jt == JT_DOWN))))
@@ -826,8 +880,23 @@ class EngineCore(wiring.Component):
         else:
             m.d.comb += [xr_f.addr.eq(j), xr_f.en.eq(f_adv), xr_o.addr.eq(jo), xr_o.en.eq(o_adv)]
         upper = (oj.jt == JT_GATE) & (jo >= g_I)
-        m.d.comb += osc.o.ready.eq(o_adv | embedding)
-        o_in = osc.o.valid & ~embedding
+        # Reads after writes through memory: i_proj's element reads f, g_proj's reads h[l] (both
+        # written by the job before), and the GLU's upper rows read the gate of row - I (written
+        # by this job). With short rows (d / lanes) and few rows (I) an element can reach this
+        # stage before the writer has stored its operand; full builds then hold it. The hold is a
+        # register, computed a cycle ahead from the writer's progress for the element after the
+        # current one (conservative: both counters only grow), and set for the cycle after a job
+        # change; compact builds (whose pipelines are unchanged) take elements as before.
+        o_hold = Signal()
+        o_in = osc.o.valid & ~embedding & ~o_hold
+        m.d.comb += osc.o.ready.eq((o_adv & ~o_hold) | embedding)
+        if not compact:
+            nxt = jo + 1
+            writer_behind = wj.k < oj.k
+            gate_up = (oj.jt == JT_GATE) & (nxt >= g_I)
+            m.d.sync += o_hold.eq((o_adv & o_in & osc.o.payload.last)
+                                  | (((oj.jt == JT_I) | (oj.jt == JT_G)) & writer_behind)
+                                  | (gate_up & (writer_behind | (nxt >= jw + g_I))))
         m.d.comb += [
             lbr.addr.eq(jo // hw_), gr.addr.eq(Mux(upper, jo - g_I, jo)),
             hr.addr.eq(oj.l * max_d + jo),
@@ -842,21 +911,30 @@ class EngineCore(wiring.Component):
                     m.d.sync += [jo.eq(0)] + oj.step(g_L)
                 with m.Else():
                     m.d.sync += jo.eq(jo + 1)
+        o_vals = [o_y, o_last, o_jt, o_up, o_fresh, o_sel, lbr.data, gr.data, hr.data, xr_o.data]
+        if o_reg:
+            # stage B: the RAM words as read, then the operand multiplexers in front of the
+            # elementwise unit's input register
+            regs = [Signal.like(v) for v in o_vals]
+            with m.If(o_adv):
+                m.d.sync += [ovb.eq(ov)] + [r.eq(v) for r, v in zip(regs, o_vals)]
+            o_vals = regs
+        ob_y, ob_last, ob_jt, ob_up, ob_fresh, ob_sel, ob_lb, ob_g, ob_h, ob_x = o_vals
         ew_in = ew.i.payload
-        m.d.comb += [ew.i.valid.eq(ov), ew_in.last.eq(o_last), ew_in.y.eq(o_y), ew_in.a.eq(0), ew_in.g.eq(0)]
-        with m.Switch(o_jt):
+        m.d.comb += [ew.i.valid.eq(ovb), ew_in.last.eq(ob_last), ew_in.y.eq(ob_y), ew_in.a.eq(0), ew_in.g.eq(0)]
+        with m.Switch(ob_jt):
             with m.Case(JT_F):
-                m.d.comb += [ew_in.op.eq(ElementwiseOp.FORGET), ew_in.g.eq(lbr.data[o_sel])]
+                m.d.comb += [ew_in.op.eq(ElementwiseOp.FORGET), ew_in.g.eq(ob_lb[ob_sel])]
             with m.Case(JT_I):
-                m.d.comb += [ew_in.op.eq(ElementwiseOp.RECUR), ew_in.g.eq(gr.data[:16]),
-                             ew_in.a.eq(Mux(o_fresh, 0, hr.data))]
+                m.d.comb += [ew_in.op.eq(ElementwiseOp.RECUR), ew_in.g.eq(ob_g[:16]),
+                             ew_in.a.eq(Mux(ob_fresh, 0, ob_h))]
             with m.Case(JT_G):
-                m.d.comb += [ew_in.op.eq(ElementwiseOp.SILU_MUL), ew_in.y.eq(hr.data), ew_in.a.eq(o_y)]
+                m.d.comb += [ew_in.op.eq(ElementwiseOp.SILU_MUL), ew_in.y.eq(ob_h), ew_in.a.eq(ob_y)]
             with m.Case(JT_O, JT_DOWN):
-                m.d.comb += [ew_in.op.eq(ElementwiseOp.ADD), ew_in.a.eq(xr_o.data)]
+                m.d.comb += [ew_in.op.eq(ElementwiseOp.ADD), ew_in.a.eq(ob_x)]
             with m.Case(JT_GATE):
-                with m.If(o_up):
-                    m.d.comb += [ew_in.op.eq(ElementwiseOp.SILU_MUL), ew_in.y.eq(gr.data), ew_in.a.eq(o_y)]
+                with m.If(ob_up):
+                    m.d.comb += [ew_in.op.eq(ElementwiseOp.SILU_MUL), ew_in.y.eq(ob_g), ew_in.a.eq(ob_y)]
                 with m.Else():
                     m.d.comb += ew_in.op.eq(ElementwiseOp.ADD)
             with m.Default():
@@ -867,7 +945,6 @@ class EngineCore(wiring.Component):
         gw = g_mem.write_port()
         hw = h_mem.write_port()
         lw = lg_mem.write_port()
-        jw = Signal(range(2 * max_in + max_V + 1))
         val = ew.o.payload.value
         wv = ew.o.valid
         w_up = (wj.jt == JT_GATE) & (jw >= g_I)
@@ -913,7 +990,7 @@ class EngineCore(wiring.Component):
                          res.cycles.eq(cycles), res_valid.eq(1), running.eq(0)]
 
         # -- logit read port -----------------------------------------------------------------------------------
-        lr = lg_mem.read_port()
+        lr = registered_read_port(m, lg_mem)
         lvalid = Signal()
         m.d.comb += [self.logit_req.ready.eq(~lvalid), lr.addr.eq(self.logit_req.payload),
                      lr.en.eq(self.logit_req.valid & self.logit_req.ready),

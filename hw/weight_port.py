@@ -31,6 +31,7 @@ covers every setting.
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 from amaranth.hdl import Cat, ClockSignal, Const, Instance, Module, Mux, Signal, unsigned
 from amaranth.lib import data, stream, wiring
@@ -38,10 +39,31 @@ from amaranth.lib.fifo import SyncFIFO
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-__all__ = ["ADDR_BITS", "LEN_BITS", "weight_request_layout", "weight_port_signature", "write_layout",
+__all__ = ["ADDR_BITS", "LEN_BITS", "NO_RW_CHECK", "registered_read_port", "weight_request_layout", "weight_port_signature", "write_layout",
            "WeightMemory", "spram_banks", "image_words", "write_hex", "STORE_VERILOG", "STORE_MODULE"]
 
 ADDR_BITS = 28      # word address
+# Memory attribute: Yosys need not make reads of an address written in the same cycle return
+# the old data (the designs that set it never do that), so no collision logic goes behind a
+# block RAM's output. Simulation keeps Amaranth's semantics. Yosys honours it only on read ports
+# that it builds itself from an asynchronous port and a register (memory_dff), hence
+# :func:`registered_read_port`.
+NO_RW_CHECK = {"no_rw_check": 1}
+
+
+def registered_read_port(m, memory):
+    """A synchronous read port of ``memory`` (``addr``, ``en``, ``data``; the same behaviour as
+    ``memory.read_port()``: one cycle latency, ``data`` held while ``en`` is low, old contents
+    on a same-cycle write) made of an asynchronous port and a register, which Yosys merges into
+    a block RAM port without collision logic when the memory has :data:`NO_RW_CHECK`
+    (Amaranth's synchronous ports reach Yosys already merged, and get the logic: on ECP5 a
+    multiplexer and an address comparator behind the block RAM's slow output)."""
+    port = memory.read_port(domain="comb")
+    en = Signal(init=1)
+    data = Signal.like(port.data, reset_less=True)
+    with m.If(en):
+        m.d.sync += data.eq(port.data)
+    return SimpleNamespace(addr=port.addr, en=en, data=data)
 LEN_BITS = 24       # beats per request
 
 STORE_MODULE = "mmfree_weight_store"
@@ -166,6 +188,7 @@ class WeightMemory(wiring.Component):
 
         raddr = Signal(abits)
         rdata = Signal(width)
+        read_latency = 1                      # cycles from raddr to rdata
         spram = self._spram
         if spram is None:
             spram = (self._init is None and not self._readmemh
@@ -180,11 +203,8 @@ class WeightMemory(wiring.Component):
                 i_we=self.write.en, i_waddr=self.write.addr[:abits], i_wdata=self.write.data)
         else:
             init = image_words(self._init, wb) if self._init is not None else []
-            m.submodules.store = store = Memory(shape=unsigned(width), depth=self._depth, init=init)
-            rp = store.read_port()
-            wp = store.write_port()
-            m.d.comb += [rp.addr.eq(raddr), rdata.eq(rp.data),
-                         wp.en.eq(self.write.en), wp.addr.eq(self.write.addr[:abits]), wp.data.eq(self.write.data)]
+            read_latency = _ram_store(m, width, self._depth, init, raddr, rdata, self.write.en,
+                                      self.write.addr[:abits], self.write.data)
 
         # -- the reader: one word per cycle while a request lasts --------------------------------
         busy = Signal()
@@ -200,7 +220,6 @@ class WeightMemory(wiring.Component):
         m.d.sync += now.eq(now + 1)
         entry = data.StructLayout({"data": unsigned(width), "due": unsigned(32 if self._model else 0)})
         m.submodules.fifo = fifo = SyncFIFO(width=entry.size, depth=depth)
-        inflight = Signal()
         may_issue = Signal()
         issue = busy & may_issue
         m.d.comb += raddr.eq(addr[:abits])
@@ -210,12 +229,16 @@ class WeightMemory(wiring.Component):
                 m.d.sync += busy.eq(0)
         # The store's read data is registered once (`word`) before the FIFO: a store of many block
         # RAMs ends in a wide output multiplexer behind the RAMs' slow clock-to-out (ECP5).
-        m.d.sync += inflight.eq(issue)
-        read_addr = Signal(ADDR_BITS)
-        m.d.sync += read_addr.eq(addr)
-        stored = Signal()                     # `word` holds a beat read two cycles ago
-        m.d.sync += stored.eq(inflight)
-        in_pipe = inflight + stored
+        # (a banked store adds two cycles: `inflight` is then three stages)
+        flight = [Signal(name=f"inflight{k}") for k in range(read_latency)]
+        read_addrs = [Signal(ADDR_BITS, name=f"read_addr{k}") for k in range(read_latency)]
+        m.d.sync += [flight[0].eq(issue), read_addrs[0].eq(addr)]
+        for k in range(1, read_latency):
+            m.d.sync += [flight[k].eq(flight[k - 1]), read_addrs[k].eq(read_addrs[k - 1])]
+        read_addr = read_addrs[-1]
+        stored = Signal()                     # `word` holds a beat read read_latency + 1 cycles ago
+        m.d.sync += stored.eq(flight[-1])
+        in_pipe = sum(flight) + stored
 
         word = Signal(width, reset_less=True)
         if self._model:
@@ -254,6 +277,54 @@ class WeightMemory(wiring.Component):
                 fifo.w_en.eq(stored), fifo.w_data.eq(word),
             ]
         return m
+
+
+# Words per bank of a block-RAM store. A deep store is split into banks of this many words, each
+# bank's read data registered before the multiplexer that picks the addressed bank: on ECP5 the
+# block RAM's clock-to-out (about 6 ns without its output register, which Yosys does not use) plus
+# a multiplexer over many RAMs spread across the die was the engine's longest path. 1024 words
+# is one DP16KD deep in its 18-bit mode (Yosys's choice for a wide store).
+RAM_BANK_WORDS = 1024
+
+
+def _ram_store(m, width, depth, init, raddr, rdata, we, waddr, wdata) -> int:
+    """A synchronous RAM (``Memory``, initialised with ``init``), in banks of
+    :data:`RAM_BANK_WORDS` words when deeper than that; returns its read latency (1, or 3 when
+    banked: bank outputs registered twice, then selected)."""
+    if depth <= RAM_BANK_WORDS:
+        m.submodules.store = store = Memory(shape=unsigned(width), depth=depth, init=init, attrs=NO_RW_CHECK)
+        rp = registered_read_port(m, store)
+        wp = store.write_port()
+        m.d.comb += [rp.addr.eq(raddr), rdata.eq(rp.data), wp.en.eq(we), wp.addr.eq(waddr), wp.data.eq(wdata)]
+        return 1
+    bb = (RAM_BANK_WORDS - 1).bit_length()
+    n = -(-depth // RAM_BANK_WORDS)
+    sel = Signal(range(n), name="bank_sel")
+    sel_r = Signal(range(n), name="bank_sel_r")
+    sel_rr = Signal(range(n), name="bank_sel_rr")
+    m.d.sync += [sel.eq(raddr[bb:]), sel_r.eq(sel), sel_rr.eq(sel_r)]
+    outs = []
+    for b in range(n):
+        words = min(RAM_BANK_WORDS, depth - b * RAM_BANK_WORDS)
+        bank = Memory(shape=unsigned(width), depth=words,
+                      init=init[b * RAM_BANK_WORDS:b * RAM_BANK_WORDS + words], attrs=NO_RW_CHECK)
+        m.submodules[f"store{b}"] = bank
+        rp = registered_read_port(m, bank)
+        wp = bank.write_port()
+        # two registers: the first has the RAM as its only source and the second as its only
+        # sink, so the placer can put it beside the RAM (one register, pulled towards the
+        # multiplexer, left 5 ns of routing behind the RAM's 6 ns clock-to-out on ECP5)
+        q1 = Signal(width, name=f"bank{b}_q1", reset_less=True)
+        q = Signal(width, name=f"bank{b}_q", reset_less=True)
+        m.d.sync += [q1.eq(rp.data), q.eq(q1)]
+        m.d.comb += [rp.addr.eq(raddr[:bb]), wp.en.eq(we & (waddr[bb:] == b)), wp.addr.eq(waddr[:bb]),
+                     wp.data.eq(wdata)]
+        outs.append(q)
+    with m.Switch(sel_rr):
+        for b in range(n):
+            with m.Case(b):
+                m.d.comb += rdata.eq(outs[b])
+    return 3
 
 
 SPRAM_WORDS = 16384       # SB_SPRAM256KA: 16k words of 16 bits
