@@ -442,9 +442,13 @@ class EngineCore(wiring.Component):
         byte_mask = Signal(8 * wb)
         m.d.comb += byte_mask.eq(Const(0xFF, 8 * wb) << (boff * 8))
         m.d.comb += merged.eq((lword & ~byte_mask) | ((self.load.payload << (boff * 8))[:8 * wb]))
+        # The word write is registered: the load stream's valid comes from the Link's state machine
+        # at the other end of the chip, and the write enable fans out to every block RAM of the
+        # weight store (the ECP5 critical path when it was combinational).
+        m.d.sync += self.wwrite.en.eq(self.load.valid)
         with m.If(self.load.valid):
-            m.d.sync += [wptr.eq(wptr + 1), lword.eq(Mux(boff == wb - 1, 0, merged))]
-            m.d.comb += [self.wwrite.en.eq(1), self.wwrite.addr.eq(wptr >> lb_log), self.wwrite.data.eq(merged)]
+            m.d.sync += [wptr.eq(wptr + 1), lword.eq(Mux(boff == wb - 1, 0, merged)),
+                         self.wwrite.addr.eq(wptr >> lb_log), self.wwrite.data.eq(merged)]
         with m.If(self.cmd.valid & self.cmd.ready & (cmd.op == EngineOp.LOAD_RESET)):
             m.d.sync += [wptr.eq(0), lword.eq(0)]
 
