@@ -92,8 +92,8 @@ class UARTBridge(wiring.Component):
     -------
     rx : In(1, init=1)       serial line from the host
     tx : Out(1, init=1)      serial line to the host
-    activity : Out(1)        a byte went in or out this cycle
-    error : Out(1)           a framing error or an RX overrun happened this cycle
+    activity : Out(1)        a byte went in or out the cycle before (registered)
+    error : Out(1)           a framing error or an RX overrun happened the cycle before
     """
 
     def __init__(self, design, *, clock_hz: float, baud: int = DEFAULT_BAUD, fifo_depth: int = DEFAULT_FIFO_DEPTH):
@@ -127,7 +127,9 @@ class UARTBridge(wiring.Component):
         else:
             wiring.connect(m, rx.data, design.i_stream)
             wiring.connect(m, design.o_stream, tx.data)
-        m.d.comb += [
+        # registered: the LEDs sit far from the UART, and the handshakes are already late in the
+        # cycle (the ULX3S critical path when these were combinational)
+        m.d.sync += [
             self.activity.eq((rx.data.valid & rx.data.ready) | (tx.data.valid & tx.data.ready)),
             self.error.eq(rx.framing_error | rx.overrun),
         ]
