@@ -352,7 +352,10 @@ class EngineCore(wiring.Component):
 
         # -- parameters ------------------------------------------------------------------------
         pinit = [self.params.get(k, 0) for k in range(Param.RAM_SIZE)]
-        m.submodules.pram = pram = Memory(shape=unsigned(32), depth=Param.RAM_SIZE, init=pinit, attrs=NO_RW_CHECK)
+        # (full builds: in LUT RAM, whose read is fast; on ECP5 a block RAM's output took about 10
+        # ns to the register behind it. iCE40 has no LUT RAM: compact builds keep a block RAM)
+        pattrs = NO_RW_CHECK if self.compact else {**NO_RW_CHECK, "ram_style": "distributed"}
+        m.submodules.pram = pram = Memory(shape=unsigned(32), depth=Param.RAM_SIZE, init=pinit, attrs=pattrs)
         if self.compact:
             # one read port (one copy of the RAM: 2 iCE40 EBRs fewer): the fetcher reads a
             # request's length (p1) first and keeps it in a register, then its address (p0)
@@ -613,15 +616,24 @@ class EngineCore(wiring.Component):
         ]
         # k constants, one per slot
         kbuf = [Signal(64, name=f"kbuf{s}") for s in range(NORM_SLOTS)]
+        k_we, k_slot, k_bidx, k_last, k_data = (xfer & (rtag.kind == _Tag.K), rtag.slot, bidx, last_beat,
+                                                resp.payload.as_value())
+        if not compact:
+            # (full builds: a k beat is registered first, so the transfer logic does not fan out to
+            # the 3 x 64 enables of the k buffers; norm_arrived counts a cycle later)
+            regs = (Signal(name="k_we"), Signal.like(k_slot, name="k_slot"), Signal.like(k_bidx, name="k_bidx"),
+                    Signal(name="k_last"), Signal(8 * wb, name="k_data", reset_less=True))
+            m.d.sync += [r.eq(v) for r, v in zip(regs, (k_we, k_slot, k_bidx, k_last, k_data))]
+            k_we, k_slot, k_bidx, k_last, k_data = regs
         for s in range(NORM_SLOTS):
-            with m.If(xfer & (rtag.kind == _Tag.K) & (rtag.slot == s)):
+            with m.If(k_we & (k_slot == s)):
                 if wb >= 8:
-                    m.d.sync += kbuf[s].eq(resp.payload.as_value()[:64])
+                    m.d.sync += kbuf[s].eq(k_data[:64])
                 else:
                     for b in range(8 // wb):
-                        with m.If(bidx == b):
-                            m.d.sync += kbuf[s][8 * wb * b:8 * wb * (b + 1)].eq(resp.payload.as_value())
-        with m.If(xfer & (rtag.kind == _Tag.K) & last_beat):
+                        with m.If(k_bidx == b):
+                            m.d.sync += kbuf[s][8 * wb * b:8 * wb * (b + 1)].eq(k_data)
+        with m.If(k_we & k_last):
             m.d.sync += norm_arrived.eq(norm_arrived + 1)
         # embedding scale
         with m.If(xfer & (rtag.kind == _Tag.EMBS)):
@@ -1010,7 +1022,8 @@ class Engine(wiring.Component):
     ``mem_bandwidth``, ``mem_latency``, ``mem_stall_rate``, ``mem_synthetic``. ``mem_words``
     sizes the store (default: the build geometry's image). ``mem_spram`` builds the store from
     iCE40 SPRAM (None: on an iCE40 platform when ``image`` is None); ``mem_fifo_depth`` beats of
-    response FIFO (3 suffice without the model). Other keywords (maxima, ``compact``) go to
+    response FIFO (without the model 3 suffice for a store of one block, more for a banked one).
+    Other keywords (maxima, ``compact``) go to
     :class:`EngineCore`.
     """
 
