@@ -352,7 +352,10 @@ class EngineCore(wiring.Component):
 
         # -- parameters ------------------------------------------------------------------------
         pinit = [self.params.get(k, 0) for k in range(Param.RAM_SIZE)]
-        m.submodules.pram = pram = Memory(shape=unsigned(32), depth=Param.RAM_SIZE, init=pinit, attrs=NO_RW_CHECK)
+        # (full builds: in LUT RAM, whose read is fast; on ECP5 a block RAM's output took about 10
+        # ns to the register behind it. iCE40 has no LUT RAM: compact builds keep a block RAM)
+        pattrs = NO_RW_CHECK if self.compact else {**NO_RW_CHECK, "ram_style": "distributed"}
+        m.submodules.pram = pram = Memory(shape=unsigned(32), depth=Param.RAM_SIZE, init=pinit, attrs=pattrs)
         if self.compact:
             # one read port (one copy of the RAM: 2 iCE40 EBRs fewer): the fetcher reads a
             # request's length (p1) first and keeps it in a register, then its address (p0)
@@ -607,31 +610,56 @@ class EngineCore(wiring.Component):
         aw = a_mem.write_port()
         cw = c_mem.write_port()
         lbw = lb_mem.write_port()
+        n_we = [xfer & (rtag.kind == _Tag.A), xfer & (rtag.kind == _Tag.C), xfer & (rtag.kind == _Tag.LB)]
+        n_addr, n_lbaddr, n_data = rtag.slot * nw + bidx, bidx, resp.payload.as_value()
+        if not compact:
+            # (full builds: norm beats are registered before their RAMs, as k beats are: the
+            # transfer logic drives registers, not block RAM enables and addresses; they land a
+            # cycle later, still before their job's k, which norm_arrived waits for)
+            regs = ([Signal(name=f"n_we{k}") for k in range(3)],
+                    Signal(range(NORM_SLOTS * nw), name="n_addr"), Signal(range(max_d // hw_), name="n_lbaddr"),
+                    Signal(8 * wb, name="n_data", reset_less=True))
+            m.d.sync += [r.eq(v) for r, v in zip(regs[0], n_we)]
+            m.d.sync += [regs[1].eq(n_addr), regs[2].eq(n_lbaddr), regs[3].eq(n_data)]
+            n_we, n_addr, n_lbaddr, n_data = regs
         m.d.comb += [
-            aw.addr.eq(rtag.slot * nw + bidx), aw.data.eq(resp.payload.as_value()),
-            aw.en.eq(xfer & (rtag.kind == _Tag.A)),
-            cw.addr.eq(rtag.slot * nw + bidx), cw.data.eq(resp.payload.as_value()),
-            cw.en.eq(xfer & (rtag.kind == _Tag.C)),
-            lbw.addr.eq(bidx), lbw.data.eq(resp.payload.as_value()),
-            lbw.en.eq(xfer & (rtag.kind == _Tag.LB)),
+            aw.addr.eq(n_addr), aw.data.eq(n_data), aw.en.eq(n_we[0]),
+            cw.addr.eq(n_addr), cw.data.eq(n_data), cw.en.eq(n_we[1]),
+            lbw.addr.eq(n_lbaddr), lbw.data.eq(n_data), lbw.en.eq(n_we[2]),
         ]
         # k constants, one per slot
         kbuf = [Signal(64, name=f"kbuf{s}") for s in range(NORM_SLOTS)]
+        k_we, k_slot, k_bidx, k_last, k_data = (xfer & (rtag.kind == _Tag.K), rtag.slot, bidx, last_beat,
+                                                resp.payload.as_value())
+        if not compact:
+            # (full builds: a k beat is registered first, so the transfer logic does not fan out to
+            # the 3 x 64 enables of the k buffers; norm_arrived counts a cycle later)
+            regs = (Signal(name="k_we"), Signal.like(k_slot, name="k_slot"), Signal.like(k_bidx, name="k_bidx"),
+                    Signal(name="k_last"), Signal(8 * wb, name="k_data", reset_less=True))
+            m.d.sync += [r.eq(v) for r, v in zip(regs, (k_we, k_slot, k_bidx, k_last, k_data))]
+            k_we, k_slot, k_bidx, k_last, k_data = regs
         for s in range(NORM_SLOTS):
-            with m.If(xfer & (rtag.kind == _Tag.K) & (rtag.slot == s)):
+            with m.If(k_we & (k_slot == s)):
                 if wb >= 8:
-                    m.d.sync += kbuf[s].eq(resp.payload.as_value()[:64])
+                    m.d.sync += kbuf[s].eq(k_data[:64])
                 else:
                     for b in range(8 // wb):
-                        with m.If(bidx == b):
-                            m.d.sync += kbuf[s][8 * wb * b:8 * wb * (b + 1)].eq(resp.payload.as_value())
-        with m.If(xfer & (rtag.kind == _Tag.K) & last_beat):
+                        with m.If(k_bidx == b):
+                            m.d.sync += kbuf[s][8 * wb * b:8 * wb * (b + 1)].eq(k_data)
+        with m.If(k_we & k_last):
             m.d.sync += norm_arrived.eq(norm_arrived + 1)
-        # embedding scale
-        with m.If(xfer & (rtag.kind == _Tag.EMBS)):
+        # embedding scale (full builds, beats of 4 bytes or more: from the registered beat, a
+        # cycle later, which is still before the first embedding element can reach EmbedScale:
+        # the row's first beat comes a cycle after the scale's at the earliest, then goes
+        # through dbuf)
+        e_we, e_sel, e_data = xfer & (rtag.kind == _Tag.EMBS), rtag.boff[2:], resp.payload.as_value()
+        if not compact and wb >= 4:
+            regs = (Signal(name="e_we"), Signal.like(e_sel, name="e_sel"))
+            m.d.sync += [regs[0].eq(e_we), regs[1].eq(e_sel)]
+            (e_we, e_sel), e_data = regs, n_data
+        with m.If(e_we):
             if wb >= 4:
-                m.d.sync += emb_scale.eq(resp.payload.as_value().word_select(rtag.boff[2:], 32) if wb > 4
-                                         else resp.payload.as_value()[:32])
+                m.d.sync += emb_scale.eq(e_data.word_select(e_sel, 32) if wb > 4 else e_data[:32])
             else:       # beats narrower than the 32-bit scale: 4 / wb beats, low bytes first
                 for b in range(4 // wb):
                     with m.If(bidx == b):
@@ -1014,7 +1042,8 @@ class Engine(wiring.Component):
     ``mem_bandwidth``, ``mem_latency``, ``mem_stall_rate``, ``mem_synthetic``. ``mem_words``
     sizes the store (default: the build geometry's image). ``mem_spram`` builds the store from
     iCE40 SPRAM (None: on an iCE40 platform when ``image`` is None); ``mem_fifo_depth`` beats of
-    response FIFO (3 suffice without the model). Other keywords (maxima, ``compact``) go to
+    response FIFO (without the model 3 suffice for a store of one block, more for a banked one).
+    Other keywords (maxima, ``compact``) go to
     :class:`EngineCore`.
     """
 

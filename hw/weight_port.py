@@ -35,7 +35,7 @@ from types import SimpleNamespace
 
 from amaranth.hdl import Cat, ClockSignal, Const, Instance, Module, Mux, Signal, unsigned
 from amaranth.lib import data, stream, wiring
-from amaranth.lib.fifo import SyncFIFO
+from amaranth.lib.fifo import SyncFIFO, SyncFIFOBuffered
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
@@ -139,7 +139,8 @@ class WeightMemory(wiring.Component):
         Add the bandwidth/latency/stall/synthetic model (the run-time inputs below).
     fifo_depth : int
         Beats the response FIFO holds: with the model, the largest latency at full rate;
-        without it, 3 already sustain one beat per cycle.
+        without it, 3 sustain one beat per cycle from a store of one block (more from a banked
+        store, whose reads take 3 cycles: :data:`RAM_BANK_WORDS`).
     spram : bool or None
         Build the store from iCE40 SPRAM instances (needs ``init=None``, no ``readmemh``);
         None: when elaborated for an iCE40 platform with ``init=None``.
@@ -219,7 +220,10 @@ class WeightMemory(wiring.Component):
         now = Signal(32)
         m.d.sync += now.eq(now + 1)
         entry = data.StructLayout({"data": unsigned(width), "due": unsigned(32 if self._model else 0)})
-        m.submodules.fifo = fifo = SyncFIFO(width=entry.size, depth=depth)
+        # (buffered, except for the SPRAM store of the small iCE40 builds: the response beat comes
+        # from a register, not from a LUT RAM's read multiplexer)
+        fifo_cls = SyncFIFO if spram else SyncFIFOBuffered
+        m.submodules.fifo = fifo = fifo_cls(width=entry.size, depth=depth)
         may_issue = Signal()
         issue = busy & may_issue
         m.d.comb += raddr.eq(addr[:abits])

@@ -75,8 +75,8 @@ def test_params_follow_the_image_layout():
         engine_params(ModelConfig(vocab_size=10, hidden_size=40, num_hidden_layers=1, intermediate_size=64), "base3", 16)
 
 
-@pytest.mark.parametrize("compact,lanes", [(False, LANES), (True, LANES), (True, 8)],
-                         ids=["full", "compact", "compact-8lanes"])
+@pytest.mark.parametrize("compact,lanes", [(False, LANES), (False, 8), (True, LANES), (True, 8)],
+                         ids=["full", "full-8lanes", "compact", "compact-8lanes"])
 def test_engine_amaranth_tiny_with_load_stream(images, compact, lanes):
     """Amaranth's simulator; the weights arrive through the load stream (RAM without init).
     ``compact``: the iCE40 variant (shared multipliers, the embedding through the output scale);
