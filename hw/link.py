@@ -371,7 +371,7 @@ class Link(wiring.Component):
         out_last = Signal(index_shape)   # out_len - 1 (every response has a payload)
         out_kind = Signal(_Kind)
         nak_error = Signal(8)
-        nak_arg = Signal(32)               # the NAK's argument: the value nak_arg_sel chooses
+        nak_arg = Signal(32)
         hk = Signal(range(HEADER_LEN))   # next header (or trailer) byte of the response
         j = Signal(range(self.max_payload))   # next payload byte of the response
         logits_data = Signal()           # j >= READ_LOGITS_HEADER.size
@@ -485,11 +485,12 @@ class Link(wiring.Component):
                           & ~(cache_op == _REEXECUTED[1]), "replayable")
 
         # The second stage: the first failing check's error code (0: none) and which value is
-        # its argument (nak_arg_sel), straight into the NAK payload registers (only SEND reads
-        # those, and a response is sent before the next frame). A rejected command changes no
-        # state, so the argument's value is still the same when the NAK is sent.
+        # its argument (nak_arg_sel); the third: that value. Both go straight into the NAK
+        # payload registers (only SEND reads those, and a response is sent before the next
+        # frame). (Choosing the argument when it is sent instead saves the 32-bit nak_arg on
+        # iCE40, but lengthens the payload multiplexer: the ECP5 Fmax fell by about 8%.)
         in_trailer = Signal()
-        rejected = Signal()               # some check failed: nak_error / nak_arg_sel tell the first
+        rejected = Signal()               # some check failed: nak_error / nak_arg hold the first
         checks = {c: checks_of(c) for c in commands}
         arg_values = []                   # the distinct arguments (ints: constants; or values)
 
@@ -519,6 +520,10 @@ class Link(wiring.Component):
                             m.d.sync += rejected.eq(0)
                 with m.Default():
                     m.d.sync += [rejected.eq(1), nak_error.eq(Error.UNKNOWN_OP), nak_arg_sel.eq(0)]
+            with m.Switch(nak_arg_sel):
+                for i, value in enumerate(arg_values):
+                    with m.Case(i):
+                        m.d.sync += nak_arg.eq(value)
 
         # -- response payload bytes ------------------------------------------------------------------
         status = Signal(8)
@@ -531,10 +536,6 @@ class Link(wiring.Component):
             status=status, image_size=Mux(weights_loaded, self.image_bytes, 0),
             image_crc=image_crc, position=position)    # image_crc is 0 while no weights are loaded
         identity = _pack(IDENTITY, *[identity_values[f.name] for f in dataclasses.fields(Identity)])
-        with m.Switch(nak_arg_sel):
-            for i, value in enumerate(arg_values):
-                with m.Case(i):
-                    m.d.comb += nak_arg.eq(value)
         nak = _pack(NAK_PAYLOAD, nak_error, op, nak_arg)
         logits_header = _pack(READ_LOGITS_HEADER, position, read_start)
         payload_byte = Signal(8)
@@ -722,7 +723,7 @@ class Link(wiring.Component):
                     m.next = "HUNT"
                 with m.Elif(~good):
                     m.d.sync += [*respond(_Kind.NAK, NAK_RESPONSE, NAK_PAYLOAD.size, rescan_flag=1),
-                                 nak_error.eq(Error.BAD_CRC), nak_arg_sel.eq(0)]
+                                 nak_error.eq(Error.BAD_CRC), nak_arg.eq(0)]
                     m.next = "SEND"
                 with m.Elif(crc_cached & replayable):
                     with m.Switch(cache_op):
