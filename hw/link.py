@@ -405,7 +405,6 @@ class Link(wiring.Component):
         chunk_offset = _field(args, LOAD_CHUNK_HEADER, 0)
         feed_position = _field(args, FEED_TOKEN_REQUEST, 0)
         feed_token = _field(args, FEED_TOKEN_REQUEST, 1)
-        read_position = _field(args, READ_LOGITS_REQUEST, 0)
         read_start_arg = _field(args, READ_LOGITS_REQUEST, 1)
         read_count = _field(args, READ_LOGITS_REQUEST, 2)
 
@@ -413,9 +412,10 @@ class Link(wiring.Component):
         # Everything a check reads (op, length, the payload fields, the device state) is fixed
         # from the last payload byte on, while the trailer arrives (at least six cycles: one
         # byte per three cycles). The checks are computed in two registered stages during that
-        # time: each comparison into a flag, then the first failing check into the NAK's error
-        # code and argument. DECIDE only reads registers (the ECP5 critical path ran from
-        # ``length`` through these adders and comparators and the priority chain into DECIDE).
+        # time: each comparison into a flag (and the opcode into op_code), then the first failing
+        # check into the NAK's error code and the choice of its argument. DECIDE only reads
+        # registers (the ECP5 critical path ran from ``length`` through these adders and
+        # comparators and the priority chain into DECIDE).
         def flag(cond, name):
             r = Signal(name=f"chk_{name}")
             m.d.sync += r.eq(cond)
@@ -440,7 +440,7 @@ class Link(wiring.Component):
                     m.d.sync += op_code.eq(op_index[c])
             with m.Default():
                 m.d.sync += op_code.eq(0)
-        position_bad = flag(feed_position != position, "position")    # READ_LOGITS: the same field
+        position_bad = flag(feed_position != position, "position")    # READ_LOGITS' position: the same bytes
         assert struct_fields(FEED_TOKEN_REQUEST)[0] == struct_fields(READ_LOGITS_REQUEST)[0]
 
         # start + count > V on vb-bit operands (vb: the bits of V): a higher bit set in either
@@ -485,8 +485,10 @@ class Link(wiring.Component):
                           & ~(cache_op == _REEXECUTED[1]), "replayable")
 
         # The second stage: the first failing check's error code (0: none) and which value is
-        # its argument (nak_arg_sel); the third: that value. Both go straight into the NAK payload
-        # registers (only SEND reads those, and a response is sent before the next frame).
+        # its argument (nak_arg_sel); the third: that value. Both go straight into the NAK
+        # payload registers (only SEND reads those, and a response is sent before the next
+        # frame). (Choosing the argument when it is sent instead saves the 32-bit nak_arg on
+        # iCE40, but lengthens the payload multiplexer: the ECP5 Fmax fell by about 8%.)
         in_trailer = Signal()
         rejected = Signal()               # some check failed: nak_error / nak_arg hold the first
         checks = {c: checks_of(c) for c in commands}
@@ -532,7 +534,7 @@ class Link(wiring.Component):
             lanes=self.lanes, packing=int(self.packing_code), image_version=IMAGE_VERSION,
             formats_id=formats_id(FORMATS), max_payload=self.max_payload, step_time_ms=self.step_time_ms,
             status=status, image_size=Mux(weights_loaded, self.image_bytes, 0),
-            image_crc=Mux(weights_loaded, image_crc, 0), position=position)
+            image_crc=image_crc, position=position)    # image_crc is 0 while no weights are loaded
         identity = _pack(IDENTITY, *[identity_values[f.name] for f in dataclasses.fields(Identity)])
         nak = _pack(NAK_PAYLOAD, nak_error, op, nak_arg)
         logits_header = _pack(READ_LOGITS_HEADER, position, read_start)
