@@ -107,8 +107,8 @@ from .output_scale import OutputScale
 from .scalar_unit import ScalarUnit
 from .trits import packing_code
 from .vector_common import vector_widths
-from .weight_port import (ADDR_BITS, LEN_BITS, NO_RW_CHECK, WeightMemory, registered_read_port,
-                          weight_port_signature, write_layout)
+from .ram import NO_RW_CHECK, registered_read_port
+from .weight_port import ADDR_BITS, LEN_BITS, WeightMemory, weight_port_signature, write_layout
 
 __all__ = ["EngineOp", "Param", "JOBS", "cmd_layout", "result_layout", "trace_layout", "beat_bytes",
            "engine_params", "check_geometry", "EngineCore", "Engine", "ideal_cycles"]

@@ -97,6 +97,8 @@ from mmfree_fpga.protocol import (
 )
 from mmfree_fpga.reference.export import IMAGE_VERSION
 
+from .ram import NO_RW_CHECK, registered_read_port
+
 __all__ = ["EngineCommand", "engine_command_layout", "engine_result_layout", "Link", "ring_depth",
            "struct_fields"]
 
@@ -278,18 +280,14 @@ class Link(wiring.Component):
         index_shape = range(HEADER_LEN + self.max_payload + TRAILER_LEN + 1)   # a byte within a frame
 
         # -- receive ring -----------------------------------------------------------------
-        # The read port is written as an asynchronous port and a register (ring_q), which Yosys
-        # (memory_dff) turns into the block RAM's synchronous port. Written so, the memory's
-        # ``no_rw_check`` attribute reaches Yosys: the ring is never read where it is being
-        # written in the same cycle (the parser reads at rp only while rp != wp, and ignores a
-        # read made when they met; a chunk's bytes lie behind wp), so no read-during-write
-        # emulation is needed: without the attribute Yosys puts a multiplexer after the block
-        # RAM's slow output (the Link's ECP5 critical path).
-        m.submodules.ring = ring = Memory(shape=8, depth=self.ring_depth, init=[], attrs={"no_rw_check": 1})
+        # The ring is never read where it is being written in the same cycle (the parser reads
+        # at rp only while rp != wp, and ignores a read made when they met; a chunk's bytes lie
+        # behind wp), so it needs no read-during-write logic (NO_RW_CHECK, hw/ram.py): with it,
+        # Yosys put a multiplexer after the block RAM's slow output (the Link's ECP5 critical path).
+        m.submodules.ring = ring = Memory(shape=8, depth=self.ring_depth, init=[], attrs=NO_RW_CHECK)
         wr = ring.write_port()
-        rd = ring.read_port(domain="comb")
-        ring_q = Signal(8)               # the byte at the address of the previous cycle
-        m.d.sync += ring_q.eq(rd.data)
+        rd = registered_read_port(m, ring)
+        ring_q = rd.data                 # the byte at the address of the previous cycle
         wp = Signal(ptr_shape)       # next byte written
         sp = Signal(ptr_shape)       # start of the frame candidate (the SYNC) or the scan point
         rp = Signal(ptr_shape)       # next byte parsed

@@ -31,7 +31,6 @@ covers every setting.
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 from amaranth.hdl import Cat, ClockSignal, Const, Instance, Module, Mux, Signal, unsigned
 from amaranth.lib import data, stream, wiring
@@ -39,31 +38,12 @@ from amaranth.lib.fifo import SyncFIFO, SyncFIFOBuffered
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-__all__ = ["ADDR_BITS", "LEN_BITS", "NO_RW_CHECK", "registered_read_port", "weight_request_layout", "weight_port_signature", "write_layout",
+from .ram import NO_RW_CHECK, registered_read_port
+
+__all__ = ["ADDR_BITS", "LEN_BITS", "weight_request_layout", "weight_port_signature", "write_layout",
            "WeightMemory", "spram_banks", "image_words", "write_hex", "STORE_VERILOG", "STORE_MODULE"]
 
 ADDR_BITS = 28      # word address
-# Memory attribute: Yosys need not make reads of an address written in the same cycle return
-# the old data (the designs that set it never do that), so no collision logic goes behind a
-# block RAM's output. Simulation keeps Amaranth's semantics. Yosys honours it only on read ports
-# that it builds itself from an asynchronous port and a register (memory_dff), hence
-# :func:`registered_read_port`.
-NO_RW_CHECK = {"no_rw_check": 1}
-
-
-def registered_read_port(m, memory):
-    """A synchronous read port of ``memory`` (``addr``, ``en``, ``data``; the same behaviour as
-    ``memory.read_port()``: one cycle latency, ``data`` held while ``en`` is low, old contents
-    on a same-cycle write) made of an asynchronous port and a register, which Yosys merges into
-    a block RAM port without collision logic when the memory has :data:`NO_RW_CHECK`
-    (Amaranth's synchronous ports reach Yosys already merged, and get the logic: on ECP5 a
-    multiplexer and an address comparator behind the block RAM's slow output)."""
-    port = memory.read_port(domain="comb")
-    en = Signal(init=1)
-    data = Signal.like(port.data, reset_less=True)
-    with m.If(en):
-        m.d.sync += data.eq(port.data)
-    return SimpleNamespace(addr=port.addr, en=en, data=data)
 LEN_BITS = 24       # beats per request
 
 STORE_MODULE = "mmfree_weight_store"
