@@ -1,0 +1,558 @@
+"""The tiny engine: the whole token step on one sequential datapath, for the iCE40UP5K.
+
+Same control interface as :class:`~.engine.Engine` (``cmd``, ``load``, ``result``,
+``logit_req`` / ``logit_resp``; see :mod:`.engine`), so :class:`~.linked_engine.LinkedEngine`
+puts the serial link in front of either. Bit-exact with ``reference/integer.py``: it runs the
+program of :mod:`.tiny_program` as :class:`~.tiny_isa.Machine` specifies it.
+
+Datapath: the 64-bit accumulator ``A``, an operand register ``X``, one adder/comparator, a
+shifter that moves 1 or 8 places per cycle, a 32 x 33-bit multiplier (DSPs), a shared
+restoring divider / square root (one bit per cycle), the sigmoid-interval logic. Memories:
+the program ROM, 16 registers of 64 bits, the vector memory (32-bit words), the q memory, the
+sigmoid table, the base3 decoder ROM (block RAM) and the weight image (16-bit words; the four
+SPRAMs on the iCE40, written a byte at a time from ``load``).
+
+Timing: an instruction without an operand (stores, control) takes one cycle; one with an
+operand three (decode and read, operand, execute), plus the extra cycles of ``MUL`` (1),
+``SHR`` (one per step), ``BITLEN``, ``DIV`` (64), ``SQRT`` (32) and 32-bit weight reads (1).
+``MATVEC`` is a unit of its own: one trit per cycle (each image byte read once, decoded by the
+ROM into five trits), the accumulator written to the vector memory at the end of each row.
+"""
+
+from __future__ import annotations
+
+from amaranth.hdl import Cat, ClockSignal, Const, Instance, Module, Mux, Signal, signed, unsigned
+from amaranth.lib import stream, wiring
+from amaranth.lib.memory import Memory
+from amaranth.lib.wiring import In, Out
+
+from mmfree_fpga.config import FORMATS, ModelConfig
+from mmfree_fpga.errors import UserError
+from mmfree_fpga.reference.integer import sigmoid_table
+from mmfree_fpga.reference.packing import BASE3_DECODE
+
+from .engine import EngineOp, cmd_layout, result_layout
+from .tiny_isa import B_BITS, FIELDS, PROG_DEPTH, WORD_BITS, Cond, Kind, Op, encode
+from .tiny_program import RESET_PC, TOKEN_PC, token_program
+
+__all__ = ["TinyEngine", "base3_rom", "SPRAM_WORDS"]
+
+SPRAM_WORDS = 16384
+SPRAM_MAX = 4
+
+
+def base3_rom() -> list[int]:
+    """byte -> its five trits, two bits each (01 = +1, 11 = -1, 00 = 0), trit 0 in bits 1:0."""
+    out = []
+    for v in range(256):
+        word = 0
+        for k, t in enumerate(BASE3_DECODE[v]):
+            word |= (int(t) & 3) << (2 * k)
+        out.append(word)
+    return out
+
+
+class TinyEngine(wiring.Component):
+    """The tiny engine for ``cfg`` (base3 images only).
+
+    ``image``: initial contents of the weight memory (simulation; None: written by ``load``).
+    ``spram``: build the weight memory from iCE40 ``SB_SPRAM256KA`` blocks (no initial
+    contents, so ``image`` must be None).
+    """
+
+    lanes = 1
+
+    def __init__(self, cfg: ModelConfig, *, packing: str = "base3", image: bytes | None = None,
+                 spram: bool = False):
+        from mmfree_fpga.reference.export import image_size
+        self.cfg = cfg
+        self.packing = packing
+        self.program, self.layout = token_program(cfg, packing)
+        self.image_bytes = image_size(cfg, packing)
+        self.w_depth = -(-self.image_bytes // 2)
+        if spram and image is not None:
+            raise ValueError("SPRAM has no initial contents: image must be None")
+        if spram and self.w_depth > SPRAM_WORDS * SPRAM_MAX:
+            raise UserError(f"the weight image ({self.image_bytes} bytes) does not fit the iCE40UP5K's "
+                            f"{SPRAM_MAX} SPRAMs ({2 * SPRAM_WORDS * SPRAM_MAX} bytes)")
+        if self.image_bytes >= 1 << B_BITS:
+            raise UserError(f"the weight image ({self.image_bytes} bytes) exceeds the tiny engine's "
+                            f"{1 << B_BITS}-byte address space")
+        self.image = image
+        self.spram = spram
+        super().__init__({
+            "cmd": In(stream.Signature(cmd_layout())),
+            "load": In(stream.Signature(unsigned(8))),
+            "result": Out(stream.Signature(result_layout())),
+            "logit_req": In(stream.Signature(unsigned(32))),
+            "logit_resp": Out(stream.Signature(signed(32))),
+        })
+
+    # -- memories -----------------------------------------------------------------
+    def _weight_memory(self, m, addr, rdata, we, wdata, wlane):
+        """16-bit words; reads one cycle late; a write (one byte lane) wins over a read."""
+        if not self.spram:
+            init = []
+            if self.image is not None:
+                blob = bytes(self.image) + bytes(2 * self.w_depth - len(self.image))
+                init = [blob[2 * k] | (blob[2 * k + 1] << 8) for k in range(self.w_depth)]
+            m.submodules.wmem = mem = Memory(shape=16, depth=self.w_depth, init=init)
+            rp = mem.read_port()
+            wp = mem.write_port(granularity=8)
+            m.d.comb += [rp.addr.eq(addr), wp.addr.eq(addr), rdata.eq(rp.data),
+                         wp.data.eq(Cat(wdata, wdata)),
+                         wp.en.eq(Mux(we, Mux(wlane, 0b10, 0b01), 0))]
+            return
+        deep = -(-self.w_depth // SPRAM_WORDS)
+        bank = addr[14:16] if deep > 1 else Const(0, 1)
+        bank_r = Signal.like(bank)
+        m.d.sync += bank_r.eq(bank)
+        outs = []
+        for b in range(deep):
+            dout = Signal(16, name=f"spram{b}_out")
+            m.submodules[f"spram{b}"] = Instance(
+                "SB_SPRAM256KA",
+                i_ADDRESS=addr[:14], i_DATAIN=Cat(wdata, wdata),
+                i_MASKWREN=Mux(wlane, Const(0b1100, 4), Const(0b0011, 4)), i_WREN=we & (bank == b),
+                i_CHIPSELECT=Const(1, 1), i_CLOCK=ClockSignal("sync"), i_STANDBY=Const(0, 1),
+                i_SLEEP=Const(0, 1), i_POWEROFF=Const(1, 1), o_DATAOUT=dout)
+            outs.append(dout)
+        with m.Switch(bank_r):
+            for b in range(deep):
+                with m.Case(b):
+                    m.d.comb += rdata.eq(outs[b])
+
+    def elaborate(self, platform):
+        m = Module()
+        lay = self.layout
+        fmt = FORMATS
+
+        # program ROM, registers, vector / q memories, sigmoid table, base3 decoder
+        m.submodules.rom = rom = Memory(shape=WORD_BITS, depth=PROG_DEPTH,
+                                        init=[encode(ins) for ins in self.program])
+        m.submodules.regs = regs = Memory(shape=64, depth=16, init=[])
+        m.submodules.vmem = vmem = Memory(shape=32, depth=lay.vm_depth, init=[])
+        m.submodules.qmem = qmem = Memory(shape=8, depth=lay.qm_depth, init=[])
+        table = [int(t) for t in sigmoid_table(fmt)]
+        m.submodules.tab = tab = Memory(shape=16, depth=len(table), init=table)
+        m.submodules.b3 = b3 = Memory(shape=10, depth=256, init=base3_rom())
+        rom_rp = rom.read_port()
+        reg_rp, reg_wp = regs.read_port(), regs.write_port()
+        vm_rp, vm_wp = vmem.read_port(), vmem.write_port()
+        qm_rp, qm_wp = qmem.read_port(), qmem.write_port()
+        tab_rp = tab.read_port()
+        b3_rp = b3.read_port()
+
+        w_addr = Signal(range(max(2, self.w_depth)))
+        w_rdata = Signal(16)
+        w_we = Signal()
+        w_wdata = Signal(8)
+        w_lane = Signal()
+        self._weight_memory(m, w_addr, w_rdata, w_we, w_wdata, w_lane)
+
+        # -- architectural state --
+        A = Signal(signed(64))
+        X = Signal(signed(64))
+        P = Signal(B_BITS)
+        i = Signal(16)
+        RA = Signal(range(PROG_DEPTH))
+        pc = Signal(range(PROG_DEPTH))
+        bases = [Signal(B_BITS, name=f"b{k}") for k in range(8)]
+        token = Signal(32)
+        res_token = Signal(32)
+        res_logit = Signal(signed(32))
+        cycles = Signal(32)
+        for_token = Signal()
+
+        # -- decoded instruction (from the ROM's output while decoding, then held) --
+        word = Signal(WORD_BITS)
+        held = Signal(WORD_BITS)
+        f = {}
+        pos = 0
+        for name, width in FIELDS:
+            f[name] = word[pos:pos + width]
+            pos += width
+        op, kind, reg, imm = f["op"], f["kind"], f["reg"], f["imm"].as_signed()
+        flag = f["flag"]
+
+        # address of the operand / store
+        kind_size_log2 = Signal(2)
+        with m.Switch(kind):
+            with m.Case(Kind.W16):
+                m.d.comb += kind_size_log2.eq(1)
+            with m.Case(Kind.W32):
+                m.d.comb += kind_size_log2.eq(2)
+        bsel_val = Signal(B_BITS)
+        with m.Switch(f["bsel"]):
+            for k in range(8):
+                with m.Case(k):
+                    m.d.comb += bsel_val.eq(bases[k])
+        addr = Signal(B_BITS)
+        m.d.comb += addr.eq(imm + Mux(f["fi"], i << kind_size_log2, 0) + Mux(f["fp"], P, 0)
+                            + Mux(f["fb"], bsel_val, 0))
+        target = imm[:9]
+
+        # -- ALU pieces --
+        a_zero = A == 0
+        a_neg = A[63]
+        cond_ok = Signal()
+        with m.Switch(reg):
+            with m.Case(Cond.ALWAYS):
+                m.d.comb += cond_ok.eq(1)
+            with m.Case(Cond.EQ):
+                m.d.comb += cond_ok.eq(a_zero)
+            with m.Case(Cond.NE):
+                m.d.comb += cond_ok.eq(~a_zero)
+            with m.Case(Cond.LT):
+                m.d.comb += cond_ok.eq(a_neg)
+            with m.Case(Cond.GE):
+                m.d.comb += cond_ok.eq(~a_neg)
+            with m.Case(Cond.GT):
+                m.d.comb += cond_ok.eq(~a_neg & ~a_zero)
+            with m.Case(Cond.LE):
+                m.d.comb += cond_ok.eq(a_neg | a_zero)
+
+        # multiplier: A[31:0] signed x X[31:0] (signed, or unsigned with flag), one cycle + register
+        xm = Signal(signed(33))
+        m.d.comb += xm.eq(Mux(flag, Cat(X[:32], Const(0, 1)), Cat(X[:32], X[31])).as_signed())
+        prod = Signal(signed(65))
+        m.d.sync += prod.eq(A[:32].as_signed() * xm)
+
+        # shifter / bit length / divider state
+        rem_cnt = Signal(signed(8))
+        rounded = Signal()
+        count = Signal(7)
+        rem = Signal(36)
+        root = Signal(32)
+
+        # sigmoid interval of A
+        frac_bits = fmt.x_frac - fmt.sig_step_log2
+        n_tab = 1 << fmt.sig_table_log2
+        hi_bit = frac_bits + fmt.sig_table_log2 - 1          # |y| >= 2^hi_bit is outside the table
+        upper = A[hi_bit:]
+        sig_lo = a_neg & ~upper.all()
+        sig_hi = ~a_neg & upper.any()
+        sig_idx = Signal(fmt.sig_table_log2)
+        sig_frac = Signal(frac_bits + 1)
+        with m.If(sig_lo):
+            m.d.comb += [sig_idx.eq(0), sig_frac.eq(0)]
+        with m.Elif(sig_hi):
+            m.d.comb += [sig_idx.eq(n_tab - 1), sig_frac.eq(1 << frac_bits)]
+        with m.Else():
+            m.d.comb += [sig_idx.eq(A[frac_bits:hi_bit + 1] ^ (n_tab // 2)), sig_frac.eq(A[:frac_bits])]
+
+        # -- matrix unit state --
+        mv_r = Signal(16)
+        mv_c = Signal(16)
+        mv_wa = Signal(range(max(2, self.w_depth)))
+        mv_word = Signal(16)
+        mv_wvalid = Signal()      # mv_word holds bytes not yet decoded
+        mv_wsel = Signal()
+        mv_rpend = Signal()       # a weight word read was issued last cycle
+        mv_dpend = Signal()       # a decoder lookup was issued last cycle
+        mv_next = Signal(10)
+        mv_nvalid = Signal()
+        mv_tq = Signal(10)
+        mv_tn = Signal(range(6))
+        mv_issue_done = Signal()
+        mv_s1 = Signal()          # stage 1 valid
+        mv_s1_trit = Signal(2)
+        mv_s1_last = Signal()
+        mv_s1_row = Signal(16)
+        mv_acc = Signal(signed(32))
+
+        # -- load stream: image bytes at the write pointer --
+        wptr = Signal(B_BITS)
+
+        # -- control --
+        m.d.comb += [self.result.payload.token.eq(res_token), self.result.payload.logit.eq(res_logit),
+                     self.result.payload.cycles.eq(cycles)]
+        m.d.comb += self.logit_resp.payload.eq(vm_rp.data.as_signed())
+
+        m.d.comb += word.eq(held)
+        with m.If(for_token):
+            m.d.sync += cycles.eq(cycles + 1)
+
+        def next_instr(npc):
+            """Leave the current instruction: read the instruction at npc (decoded next cycle)."""
+            m.d.comb += rom_rp.addr.eq(npc)
+            m.d.sync += pc.eq(npc)
+            m.next = "DECODE"
+
+        # default ROM address: the current pc (so a held instruction stays readable)
+        m.d.comb += rom_rp.addr.eq(pc)
+
+        with m.FSM(name="ctl"):
+            with m.State("IDLE"):
+                m.d.comb += [self.cmd.ready.eq(~self.result.valid), self.load.ready.eq(1),
+                             self.logit_req.ready.eq(~self.cmd.valid)]
+                with m.If(self.load.valid):
+                    m.d.comb += [w_addr.eq(wptr[1:]), w_we.eq(1), w_wdata.eq(self.load.payload), w_lane.eq(wptr[0])]
+                    m.d.sync += wptr.eq(wptr + 1)
+                with m.If(self.cmd.valid & ~self.result.valid):
+                    with m.Switch(self.cmd.payload.op):
+                        with m.Case(EngineOp.RESET_STATE):
+                            m.d.sync += for_token.eq(0)
+                            next_instr(RESET_PC)
+                        with m.Case(EngineOp.FEED_TOKEN):
+                            m.d.sync += [for_token.eq(1), token.eq(self.cmd.payload.arg), cycles.eq(1)]
+                            next_instr(TOKEN_PC)
+                        with m.Case(EngineOp.LOAD_RESET):
+                            m.d.sync += wptr.eq(0)
+                with m.Elif(self.logit_req.valid):
+                    m.d.comb += vm_rp.addr.eq(lay.logits + self.logit_req.payload[:16])
+                    m.next = "LOGIT"
+
+            with m.State("LOGIT"):
+                m.d.comb += [self.logit_resp.valid.eq(1), vm_rp.en.eq(0)]
+                with m.If(self.logit_resp.ready):
+                    m.next = "IDLE"
+
+            with m.State("DECODE"):
+                m.d.comb += word.eq(rom_rp.data)
+                m.d.sync += held.eq(rom_rp.data)
+                # operand reads (used by OPER)
+                m.d.comb += [reg_rp.addr.eq(reg), vm_rp.addr.eq(addr), w_addr.eq(addr[1:]), tab_rp.addr.eq(addr)]
+                npc = pc + 1
+                with m.Switch(op):
+                    with m.Case(Op.ST):
+                        m.d.comb += [reg_wp.addr.eq(reg), reg_wp.data.eq(A), reg_wp.en.eq(1)]
+                        next_instr(npc)
+                    with m.Case(Op.STV):
+                        m.d.comb += [vm_wp.addr.eq(addr), vm_wp.data.eq(A[:32]), vm_wp.en.eq(1)]
+                        next_instr(npc)
+                    with m.Case(Op.STQ):
+                        m.d.comb += [qm_wp.addr.eq(addr), qm_wp.data.eq(A[:8]), qm_wp.en.eq(1)]
+                        next_instr(npc)
+                    with m.Case(Op.SETP):
+                        m.d.sync += P.eq(A[:B_BITS])
+                        next_instr(npc)
+                    with m.Case(Op.SETB):
+                        with m.Switch(f["bsel"]):
+                            for k in range(8):
+                                with m.Case(k):
+                                    m.d.sync += bases[k].eq(imm[:B_BITS])
+                        next_instr(npc)
+                    with m.Case(Op.RES):
+                        with m.If(reg[0]):
+                            m.d.sync += res_logit.eq(A[:32])
+                        with m.Else():
+                            m.d.sync += res_token.eq(A[:32])
+                        next_instr(npc)
+                    with m.Case(Op.GETI):
+                        m.d.sync += A.eq(i)
+                        next_instr(npc)
+                    with m.Case(Op.GETT):
+                        m.d.sync += A.eq(token)
+                        next_instr(npc)
+                    with m.Case(Op.LOOP):
+                        cnt = Mux(f["fb"], bsel_val, imm[9:20])
+                        with m.If(i + 1 < cnt):
+                            m.d.sync += i.eq(i + 1)
+                            next_instr(target)
+                        with m.Else():
+                            m.d.sync += i.eq(0)
+                            next_instr(npc)
+                    with m.Case(Op.BR):
+                        next_instr(Mux(cond_ok, target, npc))
+                    with m.Case(Op.CALL):
+                        m.d.sync += RA.eq(npc)
+                        next_instr(target)
+                    with m.Case(Op.RET):
+                        next_instr(RA)
+                    with m.Case(Op.MATVEC):
+                        m.d.sync += [mv_r.eq(0), mv_c.eq(0), mv_wa.eq(bases[2][1:]), mv_wvalid.eq(0),
+                                     mv_rpend.eq(0), mv_dpend.eq(0), mv_nvalid.eq(0), mv_tn.eq(0),
+                                     mv_issue_done.eq(0), mv_s1.eq(0), mv_acc.eq(0)]
+                        m.next = "MATVEC"
+                    with m.Case(Op.END):
+                        with m.If(for_token):
+                            m.d.sync += for_token.eq(0)
+                            m.next = "RESULT"
+                        with m.Else():
+                            m.next = "IDLE"
+                    with m.Case(Op.NOP):
+                        next_instr(npc)
+                    with m.Case(Op.ABS, Op.SAT, Op.BITLEN, Op.SQRT, Op.SIGP):
+                        m.d.sync += [count.eq(0), rem.eq(0), root.eq(0)]
+                        m.next = "EXEC"
+                    with m.Default():
+                        m.next = "OPER"
+
+            with m.State("OPER"):
+                # the operand, from the memory read issued while decoding
+                with m.Switch(kind):
+                    with m.Case(Kind.IMM):
+                        m.d.sync += X.eq(imm)
+                    with m.Case(Kind.R):
+                        m.d.sync += X.eq(reg_rp.data.as_signed())
+                    with m.Case(Kind.VM):
+                        m.d.sync += X.eq(vm_rp.data.as_signed())
+                    with m.Case(Kind.TAB):
+                        m.d.sync += X.eq(tab_rp.data)
+                    with m.Case(Kind.W8):
+                        byte = Mux(addr[0], w_rdata[8:], w_rdata[:8])
+                        m.d.sync += X.eq(Mux(flag, byte, byte.as_signed()))
+                    with m.Case(Kind.W16):
+                        m.d.sync += X.eq(Mux(flag, w_rdata, w_rdata.as_signed()))
+                    with m.Case(Kind.W32):
+                        m.d.sync += X.eq(w_rdata)      # low half; the high half next cycle
+                        m.d.comb += w_addr.eq(addr[1:] + 1)
+                m.d.sync += [count.eq(0), rem.eq(0), root.eq(0), rounded.eq(0)]
+                with m.If(kind == Kind.W32):
+                    m.next = "OPER2"
+                with m.Else():
+                    m.next = "EXEC"
+
+            with m.State("OPER2"):
+                hi = Cat(X[:16], w_rdata)
+                m.d.sync += X.eq(Mux(flag, hi, hi.as_signed()))
+                m.next = "EXEC"
+
+            with m.State("EXEC"):
+                npc = pc + 1
+                with m.Switch(op):
+                    with m.Case(Op.LD):
+                        m.d.sync += A.eq(X)
+                        next_instr(npc)
+                    with m.Case(Op.ADD):
+                        m.d.sync += A.eq(A + X)
+                        next_instr(npc)
+                    with m.Case(Op.SUB):
+                        m.d.sync += A.eq(A - X)
+                        next_instr(npc)
+                    with m.Case(Op.MAX, Op.MIN):
+                        a_less = A < X
+                        take_x = Mux(op == Op.MAX, a_less, ~a_less)
+                        m.d.sync += A.eq(Mux(take_x, X, A))
+                        next_instr(npc)
+                    with m.Case(Op.OR):
+                        m.d.sync += A.eq(A | X)
+                        next_instr(npc)
+                    with m.Case(Op.CSGN):
+                        m.d.sync += A.eq(Mux(X[63], -A, A))
+                        next_instr(npc)
+                    with m.Case(Op.ABS):
+                        m.d.sync += A.eq(Mux(a_neg, -A, A))
+                        next_instr(npc)
+                    with m.Case(Op.SAT):
+                        top_ones = A[31:].all()
+                        top_zeros = ~A[31:].any()
+                        with m.If(~top_ones & ~top_zeros):
+                            m.d.sync += A.eq(Mux(a_neg, -(1 << 31), (1 << 31) - 1))
+                        next_instr(npc)
+                    with m.Case(Op.SIGP):
+                        m.d.sync += [P.eq(sig_idx), A.eq(sig_frac)]
+                        next_instr(npc)
+                    with m.Case(Op.MUL):
+                        # the product register is written at the end of this cycle
+                        m.next = "MUL2"
+                    with m.Case(Op.SHR):
+                        m.d.sync += rem_cnt.eq(X[:8].as_signed())
+                        m.next = "SHIFT"
+                    with m.Case(Op.BITLEN):
+                        with m.If(A[8:] != 0):
+                            m.d.sync += [A.eq(A >> 8), count.eq(count + 8)]
+                        with m.Elif(~a_zero):
+                            m.d.sync += [A.eq(A >> 1), count.eq(count + 1)]
+                        with m.Else():
+                            m.d.sync += A.eq(count)
+                            next_instr(npc)
+                    with m.Case(Op.DIV):
+                        # restoring division, one quotient bit per cycle (64 cycles), quotient in A
+                        r2 = Cat(A[63], rem[:35])
+                        ge = r2 >= X[:34]
+                        m.d.sync += [rem.eq(Mux(ge, r2 - X[:34], r2)), A.eq(Cat(ge, A[:63])),
+                                     count.eq(count + 1)]
+                        with m.If(count == 63):
+                            next_instr(npc)
+                    with m.Case(Op.SQRT):
+                        # restoring square root, one root bit per cycle (32 cycles)
+                        r2 = Cat(A[62:64], rem[:34])
+                        trial = Cat(Const(1, 2), root)
+                        ge = r2 >= trial
+                        m.d.sync += [rem.eq(Mux(ge, r2 - trial, r2)), root.eq(Cat(ge, root[:31])),
+                                     A.eq(A << 2), count.eq(count + 1)]
+                        with m.If(count == 32):
+                            m.d.sync += A.eq(root)
+                            next_instr(npc)
+                    with m.Default():
+                        next_instr(npc)
+
+            with m.State("MUL2"):
+                m.d.sync += A.eq(prod)
+                next_instr(pc + 1)
+
+            with m.State("SHIFT"):
+                rnd = f["flag"]
+                with m.If(rem_cnt > 0):
+                    with m.If(rnd & (rem_cnt == 1) & ~rounded):
+                        m.d.sync += [A.eq(A + 1), rounded.eq(1)]
+                    with m.Elif(rem_cnt >= Mux(rnd, 9, 8)):
+                        m.d.sync += [A.eq(A >> 8), rem_cnt.eq(rem_cnt - 8)]
+                    with m.Else():
+                        m.d.sync += [A.eq(A >> 1), rem_cnt.eq(rem_cnt - 1)]
+                with m.Elif(rem_cnt < 0):
+                    with m.If(rem_cnt <= -8):
+                        m.d.sync += [A.eq(A << 8), rem_cnt.eq(rem_cnt + 8)]
+                    with m.Else():
+                        m.d.sync += [A.eq(A << 1), rem_cnt.eq(rem_cnt + 1)]
+                with m.Else():
+                    next_instr(pc + 1)
+
+            with m.State("MATVEC"):
+                cols, rows, out = bases[1], bases[5], bases[4]
+                # producer: weight words -> bytes -> decoded trits (mv_next), running ahead
+                with m.If(mv_rpend):
+                    m.d.sync += [mv_word.eq(w_rdata), mv_wvalid.eq(1), mv_wsel.eq(0), mv_rpend.eq(0)]
+                with m.Elif(~mv_wvalid & ~mv_issue_done):
+                    m.d.comb += w_addr.eq(mv_wa)
+                    m.d.sync += [mv_wa.eq(mv_wa + 1), mv_rpend.eq(1)]
+                take_next = Signal()
+                with m.If(mv_dpend):
+                    m.d.sync += [mv_next.eq(b3_rp.data), mv_nvalid.eq(1), mv_dpend.eq(0)]
+                with m.Elif(mv_wvalid & (~mv_nvalid | take_next) & ~mv_rpend):
+                    m.d.comb += b3_rp.addr.eq(Mux(mv_wsel, mv_word[8:], mv_word[:8]))
+                    m.d.sync += [mv_dpend.eq(1), mv_wsel.eq(~mv_wsel)]
+                    with m.If(mv_wsel):
+                        m.d.sync += mv_wvalid.eq(0)
+                # consumer: one trit per cycle -> stage 1 (q read)
+                m.d.sync += mv_s1.eq(0)
+                have = mv_tn != 0
+                last_col = mv_c == cols - 1
+                with m.If(have & ~mv_issue_done):
+                    m.d.comb += qm_rp.addr.eq(mv_c)
+                    m.d.sync += [mv_s1.eq(1), mv_s1_trit.eq(mv_tq[:2]), mv_s1_last.eq(last_col),
+                                 mv_s1_row.eq(mv_r)]
+                    with m.If(last_col):
+                        m.d.sync += [mv_c.eq(0), mv_r.eq(mv_r + 1)]
+                        with m.If(mv_r == rows - 1):
+                            m.d.sync += mv_issue_done.eq(1)
+                    with m.Else():
+                        m.d.sync += mv_c.eq(mv_c + 1)
+                    with m.If((mv_tn == 1) & mv_nvalid):
+                        m.d.comb += take_next.eq(1)
+                        m.d.sync += [mv_tq.eq(mv_next), mv_tn.eq(5), mv_nvalid.eq(0)]
+                    with m.Else():
+                        m.d.sync += [mv_tq.eq(mv_tq >> 2), mv_tn.eq(mv_tn - 1)]
+                with m.Elif(~have & mv_nvalid & ~mv_issue_done):
+                    m.d.comb += take_next.eq(1)
+                    m.d.sync += [mv_tq.eq(mv_next), mv_tn.eq(5), mv_nvalid.eq(0)]
+                # stage 1: accumulate; write the row's sum after its last column
+                q = qm_rp.data.as_signed()
+                term = Mux(mv_s1_trit == 1, q, Mux(mv_s1_trit == 3, -q, 0))
+                total = mv_acc + term
+                with m.If(mv_s1):
+                    with m.If(mv_s1_last):
+                        m.d.comb += [vm_wp.addr.eq(out + mv_s1_row), vm_wp.data.eq(total), vm_wp.en.eq(1)]
+                        m.d.sync += mv_acc.eq(0)
+                    with m.Else():
+                        m.d.sync += mv_acc.eq(total)
+                with m.If(mv_issue_done & ~mv_s1):
+                    next_instr(pc + 1)
+
+            with m.State("RESULT"):
+                m.d.comb += self.result.valid.eq(1)
+                with m.If(self.result.ready):
+                    m.next = "IDLE"
+        return m
