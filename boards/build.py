@@ -254,6 +254,8 @@ def prepare(board: str, *, clock_mhz: float | None = None, baud: int = DEFAULT_B
     top = BoardTop(design_obj, clock_hz=clock_hz, baud=baud, sync_domain=sync_domain, leds=spec.leds,
                    fifo_depth=fifo_depth)
     overrides = {"script_after_read": YOSYS_AFTER_READ} if family in ("ice40", "ecp5") else {}
+    if family == "ice40":
+        overrides["synth_opts"] = "-dsp"      # multipliers into SB_MAC16 (synth_ecp5 maps DSPs by default)
     plan = platform.build(top, name=BUILD_NAME, do_build=False, debug_verilog=False,
                           nextpnr_opts="--timing-allow-fail", **overrides)
     return PreparedBuild(board=spec, platform=platform, plan=plan, context=context, design_name=name,

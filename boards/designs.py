@@ -18,9 +18,10 @@ from .top import DesignContext, DesignFactory
 __all__ = ["DESIGNS", "DEFAULT_LANES", "FAMILY_LANES", "engine_perf_model", "PRELOAD_FAMILIES", "linked_engine", "design_factory", "weight_image"]
 
 DEFAULT_LANES = 16
-# The iCE40UP5K gets the compact engine (shared multipliers: 8 DSPs), its weights in the SPRAMs,
-# and 8 lanes by default (hw/resources.py prints where its logic goes).
-FAMILY_LANES = {"ice40": 8}
+# The iCE40UP5K gets the tiny engine (hw/tiny_engine.py: one sequential datapath, one trit per
+# cycle), its weights in the SPRAMs; hw/resources.py prints where its logic goes.
+FAMILY_LANES = {"ice40": 1}
+TINY_FAMILIES = ("ice40",)
 # Families whose block RAM takes initial contents from the bitstream, so the weight image can be
 # part of the configuration (iCE40 SPRAM has no initial contents: weights come over the UART).
 PRELOAD_FAMILIES = ("ecp5",)
@@ -41,16 +42,17 @@ def weight_image(checkpoint, packing: str | None):
 
 def engine_perf_model(family: str):
     """The analytic cycle model of the engine variant :func:`linked_engine` builds for ``family``."""
-    from mmfree_fpga.config import PERF_MODEL, PERF_MODEL_COMPACT
-    return PERF_MODEL_COMPACT if family == "ice40" else PERF_MODEL
+    from mmfree_fpga.config import PERF_MODEL
+    from mmfree_fpga.hw.tiny_program import TINY_PERF_MODEL
+    return TINY_PERF_MODEL if family in TINY_FAMILIES else PERF_MODEL
 
 
 def linked_engine(*, lanes: int | None = None, preload: bool | None = None) -> DesignFactory:
     """Factory of the engine + link for the context's checkpoint, ``lanes`` trits per cycle
     (default: :data:`FAMILY_LANES` for the board's family, else :data:`DEFAULT_LANES`).
 
-    On an iCE40 it is the compact engine (``compact=True``) with its weights in SPRAM and one
-    packing; elsewhere the full engine.
+    On an iCE40 it is the tiny engine (:class:`~mmfree_fpga.hw.tiny_engine.TinyEngine`, one lane,
+    base3 images) with its weights in SPRAM; elsewhere the full engine.
 
     ``preload`` puts the weight image into the engine's RAM through the bitstream (default: on
     families in :data:`PRELOAD_FAMILIES`); the link then reports the weights loaded from
@@ -62,12 +64,14 @@ def linked_engine(*, lanes: int | None = None, preload: bool | None = None) -> D
     def factory(context: DesignContext):
         packing = context.image.packing if context.image is not None else None
         image = weight_image(context.checkpoint, packing)
+        tiny = context.family in TINY_FAMILIES
+        if tiny and lanes not in (None, 1):
+            raise UserError(f"the {context.family} build runs the tiny engine, which has one lane; leave out --lanes")
         n = lanes or FAMILY_LANES.get(context.family, DEFAULT_LANES)
-        check_geometry(image.cfg, n)
+        if not tiny:
+            check_geometry(image.cfg, n)
         with_image = context.family in PRELOAD_FAMILIES if preload is None else preload
-        compact = context.family == "ice40"
-        kw = (dict(packings=(image.packing,), compact=True, mem_spram=True, mem_fifo_depth=4, max_payload=256)
-              if compact else {})
+        kw = dict(tiny=True, spram=True, max_payload=256) if tiny else {}
         cycles = engine_perf_model(context.family).cycles_per_token(image.cfg, n)
         step_ms = max(1, int(-(-cycles * 1000 // context.clock_hz)))
         return LinkedEngine(image.cfg, lanes=n, packing=image.packing, clk_freq=context.clock_hz,

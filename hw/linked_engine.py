@@ -38,7 +38,9 @@ class LinkedEngine(wiring.Component):
 
     ``max_payload``, ``step_time_ms``, ``clk_freq``, ``idle_timeout_cycles`` and ``boot_id``
     go to the :class:`~.link.Link`; ``image`` (bytes of the weight image, or None) to both;
-    other keywords (maxima, ``mem_words``, ...) to the :class:`~.engine.Engine`.
+    other keywords (maxima, ``mem_words``, ...) to the :class:`~.engine.Engine`, or with ``tiny``
+    (``spram``) to the :class:`~.tiny_engine.TinyEngine` (iCE40UP5K; ``lanes`` is then only
+    reported by the Link).
 
     Members
     -------
@@ -49,11 +51,15 @@ class LinkedEngine(wiring.Component):
     def __init__(self, cfg: ModelConfig, *, lanes: int = 16, packing: str = "base3",
                  max_payload: int = MAX_PAYLOAD, step_time_ms: int = 0, clk_freq: float = 12e6,
                  idle_timeout_cycles: int | None = None, boot_id: int | None = None,
-                 image: bytes | None = None, **engine_kw):
+                 image: bytes | None = None, tiny: bool = False, **engine_kw):
         self.link = Link(cfg, packing=packing, lanes=lanes, max_payload=max_payload, step_time_ms=step_time_ms,
                          clk_freq=clk_freq, idle_timeout_cycles=idle_timeout_cycles, boot_id=boot_id,
                          image=image)
-        self.engine = Engine(cfg, lanes=lanes, packing=packing, image=image, **engine_kw)
+        if tiny:
+            from .tiny_engine import TinyEngine
+            self.engine = TinyEngine(cfg, packing=packing, image=image, **engine_kw)
+        else:
+            self.engine = Engine(cfg, lanes=lanes, packing=packing, image=image, **engine_kw)
         super().__init__({"i_stream": In(stream.Signature(8)), "o_stream": Out(stream.Signature(8))})
 
     def elaborate(self, platform):

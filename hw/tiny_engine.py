@@ -164,9 +164,8 @@ class TinyEngine(wiring.Component):
         cycles = Signal(32)
         for_token = Signal()
 
-        # -- decoded instruction (from the ROM's output while decoding, then held) --
-        word = Signal(WORD_BITS)
-        held = Signal(WORD_BITS)
+        # -- the instruction: the ROM's output (its address stays at pc until the instruction ends) --
+        word = rom_rp.data
         f = {}
         pos = 0
         for name, width in FIELDS:
@@ -220,10 +219,72 @@ class TinyEngine(wiring.Component):
 
         # shifter / bit length / divider state
         rem_cnt = Signal(signed(8))
+        take_x = Signal()
         rounded = Signal()
         count = Signal(7)
         rem = Signal(36)
         root = Signal(32)
+
+        # -- the one adder: ADD A + X, SUB A - X (also the compare of MAX / MIN), NEG -A, INC A + 1,
+        #    LDX X (loads pass through it)
+        add_a = Signal(64)
+        add_b = Signal(64)
+        add_ci = Signal()
+        add_mode = Signal(3)
+        ADD, SUB, NEG, INC, LDX = range(5)
+        with m.Switch(add_mode):
+            with m.Case(LDX):
+                m.d.comb += [add_a.eq(0), add_b.eq(X)]
+            with m.Case(ADD):
+                m.d.comb += [add_a.eq(A), add_b.eq(X)]
+            with m.Case(SUB):
+                m.d.comb += [add_a.eq(A), add_b.eq(~X), add_ci.eq(1)]
+            with m.Case(NEG):
+                m.d.comb += [add_a.eq(0), add_b.eq(~A), add_ci.eq(1)]
+            with m.Case(INC):
+                m.d.comb += [add_a.eq(A), add_b.eq(0), add_ci.eq(1)]
+        add_s = Signal(65)
+        m.d.comb += add_s.eq(Cat(add_a, add_a[63]) + Cat(add_b, add_b[63]) + add_ci)
+        a_lt_x = add_s[64]            # in SUB mode: A < X (signed)
+
+        # -- the divider / square root step: one subtractor for both
+        is_div = op == Op.DIV
+        r2 = Mux(is_div, Cat(A[63], rem[:35]), Cat(A[62:64], rem[:34]))
+        trial = Mux(is_div, X[:34], Cat(Const(1, 2), root))
+        diff = Signal(37)
+        m.d.comb += diff.eq(r2 - trial)
+        ge = ~diff[36]
+
+        # -- the shifter: one of A >> 1, A >> 8, A << 1 (bit 0: the quotient bit), A << 8, A << 2
+        sh_mode = Signal(3)
+        R1, R8, L1, L8, L2 = range(5)
+        sh = Signal(64)
+        with m.Switch(sh_mode):
+            with m.Case(R1):
+                m.d.comb += sh.eq(A >> 1)
+            with m.Case(R8):
+                m.d.comb += sh.eq(A >> 8)
+            with m.Case(L1):
+                m.d.comb += sh.eq(Cat(ge & is_div, A[:63]))
+            with m.Case(L8):
+                m.d.comb += sh.eq(A << 8)
+            with m.Case(L2):
+                m.d.comb += sh.eq(A << 2)
+
+        # -- what A takes this cycle
+        a_sel = Signal(3)
+        HOLD, SUM, SH, PROD, SMALL = range(5)
+        small = Signal(32)
+        sat_hi = Signal()             # SMALL with the saturation pattern above bit 31
+        with m.Switch(a_sel):
+            with m.Case(SUM):
+                m.d.sync += A.eq(add_s[:64])
+            with m.Case(SH):
+                m.d.sync += A.eq(sh)
+            with m.Case(PROD):
+                m.d.sync += A.eq(prod[:64])
+            with m.Case(SMALL):
+                m.d.sync += A.eq(Cat(small[:31], Mux(sat_hi, A[63], small[31]).replicate(33)))
 
         # sigmoid interval of A
         frac_bits = fmt.x_frac - fmt.sig_step_log2
@@ -242,24 +303,24 @@ class TinyEngine(wiring.Component):
             m.d.comb += [sig_idx.eq(A[frac_bits:hi_bit + 1] ^ (n_tab // 2)), sig_frac.eq(A[:frac_bits])]
 
         # -- matrix unit state --
-        mv_r = Signal(16)
-        mv_c = Signal(16)
-        mv_wa = Signal(range(max(2, self.w_depth)))
-        mv_word = Signal(16)
-        mv_wvalid = Signal()      # mv_word holds bytes not yet decoded
-        mv_wsel = Signal()
-        mv_rpend = Signal()       # a weight word read was issued last cycle
-        mv_dpend = Signal()       # a decoder lookup was issued last cycle
-        mv_next = Signal(10)
+        row_bits = max(1, lay.vm_depth.bit_length())
+        col_bits = max(1, lay.qm_depth.bit_length())
+        mv_r = Signal(row_bits)
+        mv_c = Signal(col_bits)
+        mv_ba = Signal(B_BITS)    # the next weight byte to decode
+        mv_p1 = Signal()          # a weight word read is in flight (its byte lane in mv_lane)
+        mv_lane = Signal()
+        mv_p2 = Signal()          # a decoder lookup is in flight
+        mv_next = Signal(10)      # the five trits of the next byte
         mv_nvalid = Signal()
-        mv_tq = Signal(10)
+        mv_tq = Signal(10)        # the trits of the current byte, next in bits 1:0
         mv_tn = Signal(range(6))
         mv_issue_done = Signal()
-        mv_s1 = Signal()          # stage 1 valid
+        mv_s1 = Signal()          # stage 1 valid: its trit, last-column flag, row
         mv_s1_trit = Signal(2)
         mv_s1_last = Signal()
-        mv_s1_row = Signal(16)
-        mv_acc = Signal(signed(32))
+        mv_s1_row = Signal(row_bits)
+        mv_acc = Signal(signed(fmt.acc_bits))
 
         # -- load stream: image bytes at the write pointer --
         wptr = Signal(B_BITS)
@@ -269,7 +330,6 @@ class TinyEngine(wiring.Component):
                      self.result.payload.cycles.eq(cycles)]
         m.d.comb += self.logit_resp.payload.eq(vm_rp.data.as_signed())
 
-        m.d.comb += word.eq(held)
         with m.If(for_token):
             m.d.sync += cycles.eq(cycles + 1)
 
@@ -309,8 +369,6 @@ class TinyEngine(wiring.Component):
                     m.next = "IDLE"
 
             with m.State("DECODE"):
-                m.d.comb += word.eq(rom_rp.data)
-                m.d.sync += held.eq(rom_rp.data)
                 # operand reads (used by OPER)
                 m.d.comb += [reg_rp.addr.eq(reg), vm_rp.addr.eq(addr), w_addr.eq(addr[1:]), tab_rp.addr.eq(addr)]
                 npc = pc + 1
@@ -340,10 +398,10 @@ class TinyEngine(wiring.Component):
                             m.d.sync += res_token.eq(A[:32])
                         next_instr(npc)
                     with m.Case(Op.GETI):
-                        m.d.sync += A.eq(i)
+                        m.d.comb += [a_sel.eq(SMALL), small.eq(i)]
                         next_instr(npc)
                     with m.Case(Op.GETT):
-                        m.d.sync += A.eq(token)
+                        m.d.comb += [a_sel.eq(SMALL), small.eq(token)]
                         next_instr(npc)
                     with m.Case(Op.LOOP):
                         cnt = Mux(f["fb"], bsel_val, imm[9:20])
@@ -361,9 +419,8 @@ class TinyEngine(wiring.Component):
                     with m.Case(Op.RET):
                         next_instr(RA)
                     with m.Case(Op.MATVEC):
-                        m.d.sync += [mv_r.eq(0), mv_c.eq(0), mv_wa.eq(bases[2][1:]), mv_wvalid.eq(0),
-                                     mv_rpend.eq(0), mv_dpend.eq(0), mv_nvalid.eq(0), mv_tn.eq(0),
-                                     mv_issue_done.eq(0), mv_s1.eq(0), mv_acc.eq(0)]
+                        m.d.sync += [mv_r.eq(0), mv_c.eq(0), mv_ba.eq(bases[2]), mv_p1.eq(0), mv_p2.eq(0),
+                                     mv_nvalid.eq(0), mv_tn.eq(0), mv_issue_done.eq(0), mv_s1.eq(0), mv_acc.eq(0)]
                         m.next = "MATVEC"
                     with m.Case(Op.END):
                         with m.If(for_token):
@@ -413,36 +470,31 @@ class TinyEngine(wiring.Component):
                 npc = pc + 1
                 with m.Switch(op):
                     with m.Case(Op.LD):
-                        m.d.sync += A.eq(X)
+                        m.d.comb += [add_mode.eq(LDX), a_sel.eq(SUM)]
                         next_instr(npc)
                     with m.Case(Op.ADD):
-                        m.d.sync += A.eq(A + X)
+                        m.d.comb += [add_mode.eq(ADD), a_sel.eq(SUM)]
                         next_instr(npc)
                     with m.Case(Op.SUB):
-                        m.d.sync += A.eq(A - X)
+                        m.d.comb += [add_mode.eq(SUB), a_sel.eq(SUM)]
                         next_instr(npc)
                     with m.Case(Op.MAX, Op.MIN):
-                        a_less = A < X
-                        take_x = Mux(op == Op.MAX, a_less, ~a_less)
-                        m.d.sync += A.eq(Mux(take_x, X, A))
-                        next_instr(npc)
-                    with m.Case(Op.OR):
-                        m.d.sync += A.eq(A | X)
-                        next_instr(npc)
-                    with m.Case(Op.CSGN):
-                        m.d.sync += A.eq(Mux(X[63], -A, A))
-                        next_instr(npc)
-                    with m.Case(Op.ABS):
-                        m.d.sync += A.eq(Mux(a_neg, -A, A))
+                        # compare now, take X in MINMAX
+                        m.d.comb += add_mode.eq(SUB)
+                        m.d.sync += take_x.eq(Mux(op == Op.MAX, a_lt_x, ~a_lt_x))
+                        m.next = "MINMAX"
+                    with m.Case(Op.CSGN, Op.ABS):
+                        m.d.comb += add_mode.eq(NEG)
+                        with m.If(Mux(op == Op.ABS, a_neg, X[63])):
+                            m.d.comb += a_sel.eq(SUM)
                         next_instr(npc)
                     with m.Case(Op.SAT):
-                        top_ones = A[31:].all()
-                        top_zeros = ~A[31:].any()
-                        with m.If(~top_ones & ~top_zeros):
-                            m.d.sync += A.eq(Mux(a_neg, -(1 << 31), (1 << 31) - 1))
+                        with m.If(~A[31:].all() & A[31:].any()):
+                            m.d.comb += [a_sel.eq(SMALL), sat_hi.eq(1), small.eq(Mux(a_neg, 1 << 31, (1 << 31) - 1))]
                         next_instr(npc)
                     with m.Case(Op.SIGP):
-                        m.d.sync += [P.eq(sig_idx), A.eq(sig_frac)]
+                        m.d.sync += P.eq(sig_idx)
+                        m.d.comb += [a_sel.eq(SMALL), small.eq(sig_frac)]
                         next_instr(npc)
                     with m.Case(Op.MUL):
                         # the product register is written at the end of this cycle
@@ -452,84 +504,91 @@ class TinyEngine(wiring.Component):
                         m.next = "SHIFT"
                     with m.Case(Op.BITLEN):
                         with m.If(A[8:] != 0):
-                            m.d.sync += [A.eq(A >> 8), count.eq(count + 8)]
+                            m.d.comb += [a_sel.eq(SH), sh_mode.eq(R8)]
+                            m.d.sync += count.eq(count + 8)
                         with m.Elif(~a_zero):
-                            m.d.sync += [A.eq(A >> 1), count.eq(count + 1)]
+                            m.d.comb += [a_sel.eq(SH), sh_mode.eq(R1)]
+                            m.d.sync += count.eq(count + 1)
                         with m.Else():
-                            m.d.sync += A.eq(count)
+                            m.d.comb += [a_sel.eq(SMALL), small.eq(count)]
                             next_instr(npc)
                     with m.Case(Op.DIV):
                         # restoring division, one quotient bit per cycle (64 cycles), quotient in A
-                        r2 = Cat(A[63], rem[:35])
-                        ge = r2 >= X[:34]
-                        m.d.sync += [rem.eq(Mux(ge, r2 - X[:34], r2)), A.eq(Cat(ge, A[:63])),
-                                     count.eq(count + 1)]
+                        m.d.comb += [a_sel.eq(SH), sh_mode.eq(L1)]
+                        m.d.sync += [rem.eq(Mux(ge, diff, r2)), count.eq(count + 1)]
                         with m.If(count == 63):
                             next_instr(npc)
                     with m.Case(Op.SQRT):
-                        # restoring square root, one root bit per cycle (32 cycles)
-                        r2 = Cat(A[62:64], rem[:34])
-                        trial = Cat(Const(1, 2), root)
-                        ge = r2 >= trial
-                        m.d.sync += [rem.eq(Mux(ge, r2 - trial, r2)), root.eq(Cat(ge, root[:31])),
-                                     A.eq(A << 2), count.eq(count + 1)]
+                        # restoring square root, one root bit per cycle (32 cycles), then A := root
+                        m.d.sync += [rem.eq(Mux(ge, diff, r2)), root.eq(Cat(ge, root[:31])), count.eq(count + 1)]
                         with m.If(count == 32):
-                            m.d.sync += A.eq(root)
+                            m.d.comb += [a_sel.eq(SMALL), small.eq(root)]
                             next_instr(npc)
+                        with m.Else():
+                            m.d.comb += [a_sel.eq(SH), sh_mode.eq(L2)]
                     with m.Default():
                         next_instr(npc)
 
+            with m.State("MINMAX"):
+                with m.If(take_x):
+                    m.d.comb += [add_mode.eq(LDX), a_sel.eq(SUM)]
+                next_instr(pc + 1)
+
             with m.State("MUL2"):
-                m.d.sync += A.eq(prod)
+                m.d.comb += a_sel.eq(PROD)
                 next_instr(pc + 1)
 
             with m.State("SHIFT"):
                 rnd = f["flag"]
                 with m.If(rem_cnt > 0):
                     with m.If(rnd & (rem_cnt == 1) & ~rounded):
-                        m.d.sync += [A.eq(A + 1), rounded.eq(1)]
+                        m.d.comb += [add_mode.eq(INC), a_sel.eq(SUM)]
+                        m.d.sync += rounded.eq(1)
                     with m.Elif(rem_cnt >= Mux(rnd, 9, 8)):
-                        m.d.sync += [A.eq(A >> 8), rem_cnt.eq(rem_cnt - 8)]
+                        m.d.comb += [a_sel.eq(SH), sh_mode.eq(R8)]
+                        m.d.sync += rem_cnt.eq(rem_cnt - 8)
                     with m.Else():
-                        m.d.sync += [A.eq(A >> 1), rem_cnt.eq(rem_cnt - 1)]
+                        m.d.comb += [a_sel.eq(SH), sh_mode.eq(R1)]
+                        m.d.sync += rem_cnt.eq(rem_cnt - 1)
                 with m.Elif(rem_cnt < 0):
                     with m.If(rem_cnt <= -8):
-                        m.d.sync += [A.eq(A << 8), rem_cnt.eq(rem_cnt + 8)]
+                        m.d.comb += [a_sel.eq(SH), sh_mode.eq(L8)]
+                        m.d.sync += rem_cnt.eq(rem_cnt + 8)
                     with m.Else():
-                        m.d.sync += [A.eq(A << 1), rem_cnt.eq(rem_cnt + 1)]
+                        m.d.comb += [a_sel.eq(SH), sh_mode.eq(L1)]
+                        m.d.sync += rem_cnt.eq(rem_cnt + 1)
                 with m.Else():
                     next_instr(pc + 1)
 
             with m.State("MATVEC"):
                 cols, rows, out = bases[1], bases[5], bases[4]
-                # producer: weight words -> bytes -> decoded trits (mv_next), running ahead
-                with m.If(mv_rpend):
-                    m.d.sync += [mv_word.eq(w_rdata), mv_wvalid.eq(1), mv_wsel.eq(0), mv_rpend.eq(0)]
-                with m.Elif(~mv_wvalid & ~mv_issue_done):
-                    m.d.comb += w_addr.eq(mv_wa)
-                    m.d.sync += [mv_wa.eq(mv_wa + 1), mv_rpend.eq(1)]
+                # producer: weight byte -> (read) -> decoder ROM -> mv_next, one byte in flight
                 take_next = Signal()
-                with m.If(mv_dpend):
-                    m.d.sync += [mv_next.eq(b3_rp.data), mv_nvalid.eq(1), mv_dpend.eq(0)]
-                with m.Elif(mv_wvalid & (~mv_nvalid | take_next) & ~mv_rpend):
-                    m.d.comb += b3_rp.addr.eq(Mux(mv_wsel, mv_word[8:], mv_word[:8]))
-                    m.d.sync += [mv_dpend.eq(1), mv_wsel.eq(~mv_wsel)]
-                    with m.If(mv_wsel):
-                        m.d.sync += mv_wvalid.eq(0)
+                m.d.sync += [mv_p1.eq(0), mv_p2.eq(0)]
+                with m.If(~mv_nvalid & ~mv_p1 & ~mv_p2 & ~mv_issue_done):
+                    m.d.comb += w_addr.eq(mv_ba[1:])
+                    m.d.sync += [mv_p1.eq(1), mv_lane.eq(mv_ba[0]), mv_ba.eq(mv_ba + 1)]
+                with m.If(mv_p1):
+                    m.d.comb += b3_rp.addr.eq(Mux(mv_lane, w_rdata[8:], w_rdata[:8]))
+                    m.d.sync += mv_p2.eq(1)
+                with m.If(mv_p2):
+                    m.d.sync += [mv_next.eq(b3_rp.data), mv_nvalid.eq(1)]
                 # consumer: one trit per cycle -> stage 1 (q read)
                 m.d.sync += mv_s1.eq(0)
                 have = mv_tn != 0
-                last_col = mv_c == cols - 1
+                c_next = mv_c + 1
+                r_next = mv_r + 1
+                last_col = c_next == cols
                 with m.If(have & ~mv_issue_done):
                     m.d.comb += qm_rp.addr.eq(mv_c)
                     m.d.sync += [mv_s1.eq(1), mv_s1_trit.eq(mv_tq[:2]), mv_s1_last.eq(last_col),
                                  mv_s1_row.eq(mv_r)]
                     with m.If(last_col):
-                        m.d.sync += [mv_c.eq(0), mv_r.eq(mv_r + 1)]
-                        with m.If(mv_r == rows - 1):
+                        m.d.sync += [mv_c.eq(0), mv_r.eq(r_next)]
+                        with m.If(r_next == rows):
                             m.d.sync += mv_issue_done.eq(1)
                     with m.Else():
-                        m.d.sync += mv_c.eq(mv_c + 1)
+                        m.d.sync += mv_c.eq(c_next)
                     with m.If((mv_tn == 1) & mv_nvalid):
                         m.d.comb += take_next.eq(1)
                         m.d.sync += [mv_tq.eq(mv_next), mv_tn.eq(5), mv_nvalid.eq(0)]

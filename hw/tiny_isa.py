@@ -59,15 +59,14 @@ class Op(enum.IntEnum):
     ADD = 2      # A := A + X
     SUB = 3      # A := A - X
     MUL = 4      # A := sext32(A[31:0]) * (flag ? X[31:0] : sext32(X[31:0]))
-    MAX = 5      # A := max(A, X)
+    MAX = 5      # A := max(A, X) (two EXEC cycles: compare, then take X)
     MIN = 6      # A := min(A, X)
-    OR = 7       # A := A | X
     SHR = 8      # s = X: s > 0: A >> s (flag: rounded, (A + 2^(s-1)) >> s); s < 0: A << -s
     CSGN = 9     # A := -A if X < 0
     ABS = 10     # A := |A|
     SAT = 11     # A := clamp(A, int32)
     BITLEN = 12  # A := bit length of A (A >= 0)
-    SQRT = 13    # A := floor(sqrt(A)) (A >= 0)
+    SQRT = 13    # A := floor(sqrt(A)) (0 <= A < 2^62)
     DIV = 14     # A := A // X (A >= 0, 0 < X < 2^33)
     SIGP = 15    # sigmoid interval of A: P := index, A := fraction (see sig_index)
     GETI = 16    # A := i
@@ -238,6 +237,7 @@ class Machine:
     res: list = field(default_factory=lambda: [0, 0])
     token: int = 0
     steps: int = 0
+    cycles: int = 0
 
     def __post_init__(self):
         self.VM = np.zeros(self.vm_depth, dtype=np.int64)
@@ -292,7 +292,12 @@ class Machine:
             nxt = pc + 1
             if op in _ALU:
                 x = self.operand(ins) if op not in _UNARY else 0
+                self.cycles += op_cycles(ins, self.A, x, self.fmt)
                 self.A = _s64(_ALU[op](self, ins, x))
+            else:
+                self.cycles += op_cycles(ins, self.A, 0, self.fmt, self.B)
+            if op in _ALU:
+                pass
             elif op == Op.ST:
                 self.R[ins.reg] = self.A
             elif op == Op.STV:
@@ -347,6 +352,59 @@ class Machine:
         self.VM[out:out + rows] = acc
 
 
+# clock cycles of the hardware (hw/tiny_engine.py): DECODE, then OPER (+ a second one for a
+# 32-bit weight), then EXEC and the op's extra cycles; stores and control finish in DECODE.
+MATVEC_OVERHEAD = 6
+_NO_OPERAND = {Op.ST, Op.STV, Op.STQ, Op.SETP, Op.SETB, Op.RES, Op.GETI, Op.GETT, Op.LOOP, Op.BR, Op.CALL,
+               Op.RET, Op.NOP, Op.END}
+
+
+def shift_steps(s: int, rnd: bool) -> int:
+    """Cycles of the SHIFT state for a shift by s (8 or 1 places per cycle, +1 for rounding)."""
+    n = 0
+    added = False
+    while s != 0:
+        if s > 0:
+            if rnd and s == 1 and not added:
+                added = True
+            elif s >= (9 if rnd else 8):
+                s -= 8
+            else:
+                s -= 1
+        else:
+            s += 8 if s <= -8 else 1
+        n += 1
+    return n + 1
+
+
+def op_cycles(ins: Instr, a: int, x: int, fmt: Formats = FORMATS, bases=None) -> int:
+    op = ins.op
+    if op in _NO_OPERAND:
+        return 1
+    if op == Op.MATVEC:
+        return 1 + MATVEC_OVERHEAD + bases[5] * bases[1]
+    if op in (Op.ABS, Op.SAT, Op.SIGP):
+        return 2
+    if op == Op.BITLEN:
+        n = 0
+        while a >> 8:
+            a >>= 8
+            n += 1
+        return 2 + n + a.bit_length()
+    if op == Op.SQRT:
+        return 34
+    oper = 2 + (ins.kind == Kind.W32)
+    if op == Op.MUL:
+        return oper + 2
+    if op == Op.DIV:
+        return oper + 64
+    if op in (Op.MAX, Op.MIN):
+        return oper + 2
+    if op == Op.SHR:
+        return oper + 1 + shift_steps(x, bool(ins.flag) and x > 0)
+    return oper + 1
+
+
 def _shr(m: Machine, ins: Instr, s: int) -> int:
     a = m.A
     if not -63 <= s <= 63:
@@ -372,8 +430,8 @@ def _bitlen(m: Machine, ins: Instr, x: int) -> int:
 
 
 def _sqrt(m: Machine, ins: Instr, x: int) -> int:
-    if m.A < 0:
-        raise ProgramFault("SQRT of a negative A")
+    if not 0 <= m.A < (1 << 62):
+        raise ProgramFault("SQRT of a negative A or one of 62 bits or more (the root must fit 31 bits)")
     return math.isqrt(m.A)
 
 
@@ -398,7 +456,6 @@ _ALU = {
     Op.MUL: _mul,
     Op.MAX: lambda m, ins, x: max(m.A, x),
     Op.MIN: lambda m, ins, x: min(m.A, x),
-    Op.OR: lambda m, ins, x: m.A | x,
     Op.SHR: lambda m, ins, x: _shr(m, ins, x),
     Op.CSGN: lambda m, ins, x: -m.A if x < 0 else m.A,
     Op.ABS: lambda m, ins, x: abs(m.A),

@@ -6,8 +6,8 @@ at word 1 (embedding, every layer, lm_head, argmax). Each step follows
 ``reference/integer.py`` operation by operation; the tests run it in :class:`~.tiny_isa.Machine`
 against :class:`~mmfree_fpga.reference.integer.IntegerModel`.
 
-One BitLinear is a subroutine (:data:`BL_ARGS` in the base registers): the OR of |v| (its bit
-length gives the normalising shift), a statistics pass (max |v16 c|, sum of ((v16 a) >> 15)^2),
+One BitLinear is a subroutine (:data:`BL_ARGS` in the base registers): max |v| (its bit length gives
+the normalising shift), a statistics pass (max |v16 c|, sum of ((v16 a) >> 15)^2),
 the square root and the reciprocal of the quantiser, a quantise pass into ``QM``, the scale
 mantissa by division, ``MATVEC`` and the output-scale pass.
 
@@ -18,6 +18,7 @@ output (``v`` replaces the gate half), the o/down outputs at 0, the logits at 0.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from mmfree_fpga.config import FORMATS, Formats, ModelConfig
@@ -25,14 +26,14 @@ from mmfree_fpga.errors import UserError
 
 from .tiny_isa import B_BITS, Asm, Cond, Instr, Kind, Op
 
-__all__ = ["TinyLayout", "token_program", "BL_ARGS", "RESET_PC", "TOKEN_PC"]
+__all__ = ["TinyLayout", "token_program", "BL_ARGS", "RESET_PC", "TOKEN_PC", "TinyPerfModel", "TINY_PERF_MODEL"]
 
 RESET_PC, TOKEN_PC = 0, 1
 # base registers of the BitLinear subroutine
 BL_ARGS = ("src", "n", "trits", "a", "out", "rows", "c", "k")
 _B = {name: k for k, name in enumerate(BL_ARGS)}
 # registers
-(R_OR, R_SH, R_M, R_SS, R_V, R_P, R_R, R_ZS, R_M16, R_RC, R_Z, R_NUM, R_T, R_TMP, R_QT, R_S2) = range(16)
+(R_VMAX, R_SH, R_M, R_SS, R_V, R_P, R_R, R_ZS, R_M16, R_RC, R_Z, R_NUM, R_T, R_TMP, R_QT, R_S2) = range(16)
 # registers reused outside the subroutine (elementwise code; never live across a call)
 R_Y, R_FR, R_F, R_C, R_BEST, R_BI, R_ES = R_V, R_P, R_M, R_SS, R_M, R_SS, R_V
 
@@ -124,15 +125,15 @@ class _Gen:
         fmt = self.fmt
         B = _B
         self.a.label("bitlinear")
-        # 1. OR of |v|: its bit length is that of max |v|
+        # 1. max |v|: its bit length gives the normalising shift
         self.imm(Op.LD, 0)
-        self.reg(Op.ST, R_OR)
+        self.reg(Op.ST, R_VMAX)
         top = self.new_label("or")
         self.a.label(top)
         self.e(Op.LD, kind=Kind.VM, fi=1, fb=1, bsel=B["src"])
         self.e(Op.ABS)
-        self.reg(Op.OR, R_OR)
-        self.reg(Op.ST, R_OR)
+        self.reg(Op.MAX, R_VMAX)
+        self.reg(Op.ST, R_VMAX)
         self.loop(top, breg=B["n"])
         self.e(Op.BR, "bl_zero", reg=Cond.EQ)
         self.e(Op.BITLEN)
@@ -389,5 +390,39 @@ def token_program(cfg: ModelConfig, packing: str = "base3", fmt: Formats = FORMA
     return g.a.assemble(), lay
 
 
-def program_instrs(program: list[Instr]) -> int:
-    return len(program)
+class TinyPerfModel:
+    """Cycles per token of the tiny engine: its instruction-level simulator (:class:`~.tiny_isa.Machine`,
+    which counts the hardware's cycles per instruction) run on a pseudo-random image of the geometry.
+    ``lanes`` is accepted for the interface of :class:`~mmfree_fpga.config.PerfModel` (always 1)."""
+
+    def cycles_per_token(self, cfg: ModelConfig, lanes: int = 1) -> float:
+        return float(_random_image_cycles(cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers,
+                                          cfg.intermediate_size))
+
+    def ideal_cycles(self, cfg: ModelConfig, lanes: int = 1) -> float:
+        return float(cfg.ternary_weights)
+
+
+@functools.lru_cache(maxsize=None)
+def _random_image_cycles(V, d, L, I, tokens=(1, 2)):  # noqa: E741
+    """Mean cycles of the tokens (from accepting FEED_TOKEN to offering the result) on the image
+    of a random model (``reference.model.randomize``, seed 0)."""
+    from mmfree_fpga.reference.export import image_bytes, integer_weights
+    from mmfree_fpga.reference.integer import sigmoid_table
+    from mmfree_fpga.reference.model import HGRNBitForCausalLM, randomize
+
+    from .tiny_isa import Machine
+    cfg = ModelConfig(vocab_size=V, hidden_size=d, num_hidden_layers=L, intermediate_size=I)
+    model = randomize(HGRNBitForCausalLM(cfg), 0)
+    blob = image_bytes(integer_weights(cfg, {k: v.detach() for k, v in model.state_dict().items()}))
+    prog, lay = token_program(cfg)
+    m = Machine(prog, blob, lay.vm_depth, lay.qm_depth, tuple(int(t) for t in sigmoid_table()))
+    total = 0
+    for t in tokens:
+        m.token, m.cycles = t % V, 0
+        m.run(TOKEN_PC)
+        total += m.cycles + 1        # + the cycle that accepts FEED_TOKEN
+    return total / len(tokens)
+
+
+TINY_PERF_MODEL = TinyPerfModel()

@@ -27,7 +27,7 @@ from .integer import IntBitLinear, IntegerWeights, IntLayer
 from .model import lower_bound_values, weight_ternary
 from .packing import pack_trits, packed_size, unpack_trits, PACKINGS
 
-__all__ = ["integer_weights", "to_fixed_vector", "write_image", "read_image", "image_sections",
+__all__ = ["integer_weights", "to_fixed_vector", "write_image", "image_bytes", "read_image", "image_sections",
            "image_layout", "image_size", "parse_image", "Section", "IMAGE_VERSION", "SECTION_ALIGN"]
 
 IMAGE_VERSION = 1
@@ -177,8 +177,13 @@ def image_sections(w: IntegerWeights, packing: str) -> list[tuple[str, str, byte
     return out
 
 
-def write_image(w: IntegerWeights, out_dir, packing: str = "base3") -> dict:
-    """Write weights.bin + manifest.json into out_dir (complete or not at all); returns the manifest."""
+def image_bytes(w: IntegerWeights, packing: str = "base3") -> bytes:
+    """The contents of ``weights.bin`` for ``w``."""
+    return bytes(_assemble(w, packing)[0])
+
+
+def _assemble(w: IntegerWeights, packing: str):
+    """(image bytes, manifest section entries, bytes of packed trits)."""
     layout = image_layout(w.cfg, packing)
     blob = bytearray(image_size(w.cfg, packing))
     entries = []
@@ -189,6 +194,12 @@ def write_image(w: IntegerWeights, out_dir, packing: str = "base3") -> dict:
         entries.append({"name": name, "kind": kind, "offset": place.offset, "size": place.size, **extra})
         if kind == "trits":
             trit_bytes += len(data)
+    return blob, entries, trit_bytes
+
+
+def write_image(w: IntegerWeights, out_dir, packing: str = "base3") -> dict:
+    """Write weights.bin + manifest.json into out_dir (complete or not at all); returns the manifest."""
+    blob, entries, trit_bytes = _assemble(w, packing)
     cfg = w.cfg
     manifest = {
         "format": "mmfree-fpga weight image", "version": IMAGE_VERSION,

@@ -170,22 +170,27 @@ def test_board_plan(board, clock_mhz, pll_cell, params, constraint, design, chec
 
 
 def test_ulx3s_engine_holds_the_weights_in_the_bitstream(checkpoint):
-    """The ECP5 engine's RAM starts with the image and its link reports it; iCE40 loads over the UART."""
+    """The ECP5 engine's RAM starts with the image and its link reports it; the iCE40 runs the tiny
+    engine, whose weights come over the UART (SPRAM has no initial contents)."""
     from mmfree_fpga.boards.designs import design_factory, weight_image
     from mmfree_fpga.boards.top import DesignContext
+    from mmfree_fpga.hw.tiny_engine import TinyEngine
     from mmfree_fpga.protocol import crc32_image
     blob = weight_image(checkpoint, None).blob
+
+    def context(family):
+        return DesignContext(board="b", device="d", family=family, clock_hz=60e6, baud=3_000_000,
+                             checkpoint=checkpoint, image=None, resources=None, budget=None)
     factory = design_factory("engine", lanes=32)
-    designs = {}
-    for family in ("ecp5", "ice40"):
-        context = DesignContext(board="b", device="d", family=family, clock_hz=60e6, baud=3_000_000,
-                                checkpoint=checkpoint, image=None, resources=None, budget=None)
-        designs[family] = factory(context)
-    ecp5, ice40 = designs["ecp5"], designs["ice40"]
+    ecp5 = factory(context("ecp5"))
     assert factory.lanes == 32 and ecp5.link.lanes == 32 and ecp5.link.step_time_ms >= 1
     assert ecp5.engine.memory._init == blob and ecp5.link.preloaded
     assert ecp5.link.state["weights_loaded"].init == 1 and ecp5.link.state["image_crc"].init == crc32_image(blob)
-    assert ice40.engine.memory._init is None and not ice40.link.preloaded
+    ice40 = design_factory("engine")(context("ice40"))
+    assert isinstance(ice40.engine, TinyEngine) and ice40.engine.spram and ice40.engine.image is None
+    assert ice40.link.lanes == 1 and not ice40.link.preloaded and ice40.link.step_time_ms >= 1
+    with pytest.raises(UserError, match="tiny engine, which has one lane"):
+        factory(context("ice40"))
 
 
 @pytest.mark.parametrize("args, message", [
