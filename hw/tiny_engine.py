@@ -5,16 +5,17 @@ Same control interface as :class:`~.engine.Engine` (``cmd``, ``load``, ``result`
 puts the serial link in front of either. Bit-exact with ``reference/integer.py``: it runs the
 program of :mod:`.tiny_program` as :class:`~.tiny_isa.Machine` specifies it.
 
-Datapath: the 64-bit accumulator ``A``, an operand register ``X``, one adder/comparator, a
+Datapath: the 48-bit (:data:`~.tiny_isa.DATA_BITS`) accumulator ``A``, an operand register ``X``, one adder/comparator, a
 shifter that moves 1 or 8 places per cycle, a 32 x 33-bit multiplier (DSPs), a shared
 restoring divider / square root (one bit per cycle), the sigmoid-interval logic. Memories:
-the program ROM, 16 registers of 64 bits, the vector memory (32-bit words), the q memory, the
+the program ROM, 16 registers of 48 bits, the vector memory (32-bit words), the q memory, the
 sigmoid table, the base3 decoder ROM (block RAM) and the weight image (16-bit words; the four
 SPRAMs on the iCE40, written a byte at a time from ``load``).
 
 Timing: an instruction without an operand (stores, control) takes one cycle; one with an
 operand three (decode and read, operand, execute), plus the extra cycles of ``MUL`` (1),
-``SHR`` (one per step), ``BITLEN``, ``DIV`` (64), ``SQRT`` (32) and 32-bit weight reads (1).
+``SHR`` (one per step), ``BITLEN``, ``MAX``/``MIN`` (1), ``DIV`` (48), ``SQRT`` (48) and 32-bit
+weight reads (1).
 ``MATVEC`` is a unit of its own: one trit per cycle (each image byte read once, decoded by the
 ROM into five trits), the accumulator written to the vector memory at the end of each row.
 """
@@ -32,7 +33,7 @@ from mmfree_fpga.reference.integer import sigmoid_table
 from mmfree_fpga.reference.packing import BASE3_DECODE
 
 from .engine import EngineOp, cmd_layout, result_layout
-from .tiny_isa import B_BITS, FIELDS, PROG_DEPTH, WORD_BITS, Cond, Kind, Op, encode
+from .tiny_isa import B_BITS, DATA_BITS, FIELDS, PROG_DEPTH, WORD_BITS, Cond, Kind, Op, encode
 from .tiny_program import RESET_PC, TOKEN_PC, token_program
 
 __all__ = ["TinyEngine", "base3_rom", "SPRAM_WORDS"]
@@ -126,11 +127,12 @@ class TinyEngine(wiring.Component):
         m = Module()
         lay = self.layout
         fmt = FORMATS
+        N = DATA_BITS
 
         # program ROM, registers, vector / q memories, sigmoid table, base3 decoder
         m.submodules.rom = rom = Memory(shape=WORD_BITS, depth=PROG_DEPTH,
                                         init=[encode(ins) for ins in self.program])
-        m.submodules.regs = regs = Memory(shape=64, depth=16, init=[])
+        m.submodules.regs = regs = Memory(shape=N, depth=16, init=[])
         m.submodules.vmem = vmem = Memory(shape=32, depth=lay.vm_depth, init=[])
         m.submodules.qmem = qmem = Memory(shape=8, depth=lay.qm_depth, init=[])
         table = [int(t) for t in sigmoid_table(fmt)]
@@ -151,8 +153,8 @@ class TinyEngine(wiring.Component):
         self._weight_memory(m, w_addr, w_rdata, w_we, w_wdata, w_lane)
 
         # -- architectural state --
-        A = Signal(signed(64))
-        X = Signal(signed(64))
+        A = Signal(signed(N))
+        X = Signal(signed(N))
         P = Signal(B_BITS)
         i = Signal(16)
         RA = Signal(range(PROG_DEPTH))
@@ -193,7 +195,7 @@ class TinyEngine(wiring.Component):
 
         # -- ALU pieces --
         a_zero = A == 0
-        a_neg = A[63]
+        a_neg = A[N - 1]
         cond_ok = Signal()
         with m.Switch(reg):
             with m.Case(Cond.ALWAYS):
@@ -222,13 +224,13 @@ class TinyEngine(wiring.Component):
         take_x = Signal()
         rounded = Signal()
         count = Signal(7)
-        rem = Signal(36)
-        root = Signal(32)
+        rem = Signal(35)
+        root = Signal(N // 2)
 
         # -- the one adder: ADD A + X, SUB A - X (also the compare of MAX / MIN), NEG -A, INC A + 1,
         #    LDX X (loads pass through it)
-        add_a = Signal(64)
-        add_b = Signal(64)
+        add_a = Signal(N)
+        add_b = Signal(N)
         add_ci = Signal()
         add_mode = Signal(3)
         ADD, SUB, NEG, INC, LDX = range(5)
@@ -243,33 +245,30 @@ class TinyEngine(wiring.Component):
                 m.d.comb += [add_a.eq(0), add_b.eq(~A), add_ci.eq(1)]
             with m.Case(INC):
                 m.d.comb += [add_a.eq(A), add_b.eq(0), add_ci.eq(1)]
-        add_s = Signal(65)
-        m.d.comb += add_s.eq(Cat(add_a, add_a[63]) + Cat(add_b, add_b[63]) + add_ci)
-        a_lt_x = add_s[64]            # in SUB mode: A < X (signed)
+        add_s = Signal(N + 1)
+        m.d.comb += add_s.eq(Cat(add_a, add_a[N - 1]) + Cat(add_b, add_b[N - 1]) + add_ci)
+        a_lt_x = add_s[N]            # in SUB mode: A < X (signed)
 
         # -- the divider / square root step: one subtractor for both
+        # (the square root takes two cycles per root bit: a radicand bit shifted in, then the trial)
         is_div = op == Op.DIV
-        r2 = Mux(is_div, Cat(A[63], rem[:35]), Cat(A[62:64], rem[:34]))
+        r2 = Cat(A[N - 1], rem[:34])
         trial = Mux(is_div, X[:34], Cat(Const(1, 2), root))
         diff = Signal(37)
         m.d.comb += diff.eq(r2 - trial)
         ge = ~diff[36]
 
-        # -- the shifter: one of A >> 1, A >> 8, A << 1 (bit 0: the quotient bit), A << 8, A << 2
-        sh_mode = Signal(3)
-        R1, R8, L1, L8, L2 = range(5)
-        sh = Signal(64)
+        # -- the shifter: one of A >> 1, A >> 8, A << 1 (bit 0: the quotient bit)
+        sh_mode = Signal(2)
+        R1, R8, L1 = range(3)
+        sh = Signal(N)
         with m.Switch(sh_mode):
             with m.Case(R1):
                 m.d.comb += sh.eq(A >> 1)
             with m.Case(R8):
                 m.d.comb += sh.eq(A >> 8)
             with m.Case(L1):
-                m.d.comb += sh.eq(Cat(ge & is_div, A[:63]))
-            with m.Case(L8):
-                m.d.comb += sh.eq(A << 8)
-            with m.Case(L2):
-                m.d.comb += sh.eq(A << 2)
+                m.d.comb += sh.eq(Cat(ge & is_div, A[:N - 1]))
 
         # -- what A takes this cycle
         a_sel = Signal(3)
@@ -278,13 +277,13 @@ class TinyEngine(wiring.Component):
         sat_hi = Signal()             # SMALL with the saturation pattern above bit 31
         with m.Switch(a_sel):
             with m.Case(SUM):
-                m.d.sync += A.eq(add_s[:64])
+                m.d.sync += A.eq(add_s[:N])
             with m.Case(SH):
                 m.d.sync += A.eq(sh)
             with m.Case(PROD):
-                m.d.sync += A.eq(prod[:64])
+                m.d.sync += A.eq(prod[:N])
             with m.Case(SMALL):
-                m.d.sync += A.eq(Cat(small[:31], Mux(sat_hi, A[63], small[31]).replicate(33)))
+                m.d.sync += A.eq(Cat(small[:31], Mux(sat_hi, A[N - 1], small[31]).replicate(N - 31)))
 
         # sigmoid interval of A
         frac_bits = fmt.x_frac - fmt.sig_step_log2
@@ -485,7 +484,7 @@ class TinyEngine(wiring.Component):
                         m.next = "MINMAX"
                     with m.Case(Op.CSGN, Op.ABS):
                         m.d.comb += add_mode.eq(NEG)
-                        with m.If(Mux(op == Op.ABS, a_neg, X[63])):
+                        with m.If(Mux(op == Op.ABS, a_neg, X[N - 1])):
                             m.d.comb += a_sel.eq(SUM)
                         next_instr(npc)
                     with m.Case(Op.SAT):
@@ -513,19 +512,23 @@ class TinyEngine(wiring.Component):
                             m.d.comb += [a_sel.eq(SMALL), small.eq(count)]
                             next_instr(npc)
                     with m.Case(Op.DIV):
-                        # restoring division, one quotient bit per cycle (64 cycles), quotient in A
+                        # restoring division, one quotient bit per cycle (N cycles), quotient in A
                         m.d.comb += [a_sel.eq(SH), sh_mode.eq(L1)]
                         m.d.sync += [rem.eq(Mux(ge, diff, r2)), count.eq(count + 1)]
-                        with m.If(count == 63):
+                        with m.If(count == N - 1):
                             next_instr(npc)
                     with m.Case(Op.SQRT):
-                        # restoring square root, one root bit per cycle (32 cycles), then A := root
-                        m.d.sync += [rem.eq(Mux(ge, diff, r2)), root.eq(Cat(ge, root[:31])), count.eq(count + 1)]
-                        with m.If(count == 32):
+                        # restoring square root: even cycles shift a radicand bit into rem, odd
+                        # cycles also try the next root bit (N cycles), then A := root
+                        trying = count[0]
+                        m.d.sync += [rem.eq(Mux(ge & trying, diff, r2)), count.eq(count + 1)]
+                        with m.If(trying):
+                            m.d.sync += root.eq(Cat(ge, root[:-1]))
+                        with m.If(count == N):
                             m.d.comb += [a_sel.eq(SMALL), small.eq(root)]
                             next_instr(npc)
                         with m.Else():
-                            m.d.comb += [a_sel.eq(SH), sh_mode.eq(L2)]
+                            m.d.comb += [a_sel.eq(SH), sh_mode.eq(L1)]
                     with m.Default():
                         next_instr(npc)
 
@@ -551,12 +554,8 @@ class TinyEngine(wiring.Component):
                         m.d.comb += [a_sel.eq(SH), sh_mode.eq(R1)]
                         m.d.sync += rem_cnt.eq(rem_cnt - 1)
                 with m.Elif(rem_cnt < 0):
-                    with m.If(rem_cnt <= -8):
-                        m.d.comb += [a_sel.eq(SH), sh_mode.eq(L8)]
-                        m.d.sync += rem_cnt.eq(rem_cnt + 8)
-                    with m.Else():
-                        m.d.comb += [a_sel.eq(SH), sh_mode.eq(L1)]
-                        m.d.sync += rem_cnt.eq(rem_cnt + 1)
+                    m.d.comb += [a_sel.eq(SH), sh_mode.eq(L1)]
+                    m.d.sync += rem_cnt.eq(rem_cnt + 1)
                 with m.Else():
                     next_instr(pc + 1)
 

@@ -1,7 +1,7 @@
 """The instruction set of the tiny engine (:mod:`.tiny_engine`), its encoding and a simulator.
 
 The iCE40UP5K (5280 logic cells, 8 DSPs) cannot hold the pipelined vector cores of
-:mod:`.engine`. The tiny engine replaces them with one sequential 64-bit datapath run by a
+:mod:`.engine`. The tiny engine replaces them with one sequential 48-bit datapath run by a
 program in block RAM: every per-element computation of ``reference/integer.py`` (normalise,
 statistics, quantise, output scale, sigmoid, SiLU, MLGRU, GLU, argmax) is a short loop of
 instructions, and only the ternary matrix-vector product has a unit of its own. This module is
@@ -11,9 +11,11 @@ model geometry.
 
 Machine state
 -------------
-* ``A``: the 64-bit signed accumulator (two's complement, wraps); every operation reads or
-  writes it;
-* ``R[0..15]``: 64-bit registers; ``B[0..7]``: 18-bit base registers (addresses, counts);
+* ``A``: the :data:`DATA_BITS`-bit signed accumulator; every operation reads or writes it. A
+  result outside its range is a program error (:class:`ProgramFault` here; the hardware
+  wraps): :mod:`.tiny_program` keeps every value within it for every input the number formats
+  allow (its docstring has the bounds);
+* ``R[0..15]``: registers of the same width; ``B[0..7]``: 18-bit base registers (addresses, counts);
 * ``P``: an 18-bit pointer added to addresses; ``i``: the loop index (one loop level);
 * ``RA``: the return address (one call level); ``res[0..1]``: the result (token, logit);
 * memories: ``VM`` (vector memory, 32-bit signed words), ``QM`` (the int8 quantised input of
@@ -50,7 +52,7 @@ B_BITS = 18            # base registers, P, addresses
 PROG_DEPTH = 512       # instruction ROM words (9-bit targets)
 N_REGS = 16
 N_BASES = 8
-MASK64 = (1 << 64) - 1
+DATA_BITS = 48
 
 
 class Op(enum.IntEnum):
@@ -66,7 +68,7 @@ class Op(enum.IntEnum):
     ABS = 10     # A := |A|
     SAT = 11     # A := clamp(A, int32)
     BITLEN = 12  # A := bit length of A (A >= 0)
-    SQRT = 13    # A := floor(sqrt(A)) (0 <= A < 2^62)
+    SQRT = 13    # A := floor(sqrt(A)) (A >= 0)
     DIV = 14     # A := A // X (A >= 0, 0 < X < 2^33)
     SIGP = 15    # sigmoid interval of A: P := index, A := fraction (see sig_index)
     GETI = 16    # A := i
@@ -200,9 +202,11 @@ def sig_index(y: int, fmt: Formats = FORMATS) -> tuple[int, int]:
     return idx, y & ((1 << frac_bits) - 1)
 
 
-def _s64(v: int) -> int:
-    v &= MASK64
-    return v - (1 << 64) if v >> 63 else v
+def _data(v: int) -> int:
+    """v, which must fit the datapath (DATA_BITS signed)."""
+    if not -(1 << (DATA_BITS - 1)) <= v < (1 << (DATA_BITS - 1)):
+        raise ProgramFault(f"value {v} exceeds the {DATA_BITS}-bit datapath")
+    return v
 
 
 def _s32(v: int) -> int:
@@ -293,7 +297,7 @@ class Machine:
             if op in _ALU:
                 x = self.operand(ins) if op not in _UNARY else 0
                 self.cycles += op_cycles(ins, self.A, x, self.fmt)
-                self.A = _s64(_ALU[op](self, ins, x))
+                self.A = _data(_ALU[op](self, ins, x))
             else:
                 self.cycles += op_cycles(ins, self.A, 0, self.fmt, self.B)
             if op in _ALU:
@@ -360,7 +364,8 @@ _NO_OPERAND = {Op.ST, Op.STV, Op.STQ, Op.SETP, Op.SETB, Op.RES, Op.GETI, Op.GETT
 
 
 def shift_steps(s: int, rnd: bool) -> int:
-    """Cycles of the SHIFT state for a shift by s (8 or 1 places per cycle, +1 for rounding)."""
+    """Cycles of the SHIFT state for a shift by s (right 8 or 1 places per cycle, +1 for rounding;
+    left 1 place per cycle), plus the cycle that ends it."""
     n = 0
     added = False
     while s != 0:
@@ -372,7 +377,7 @@ def shift_steps(s: int, rnd: bool) -> int:
             else:
                 s -= 1
         else:
-            s += 8 if s <= -8 else 1
+            s += 1
         n += 1
     return n + 1
 
@@ -392,12 +397,12 @@ def op_cycles(ins: Instr, a: int, x: int, fmt: Formats = FORMATS, bases=None) ->
             n += 1
         return 2 + n + a.bit_length()
     if op == Op.SQRT:
-        return 34
+        return DATA_BITS + 2
     oper = 2 + (ins.kind == Kind.W32)
     if op == Op.MUL:
         return oper + 2
     if op == Op.DIV:
-        return oper + 64
+        return oper + DATA_BITS
     if op in (Op.MAX, Op.MIN):
         return oper + 2
     if op == Op.SHR:
@@ -430,8 +435,8 @@ def _bitlen(m: Machine, ins: Instr, x: int) -> int:
 
 
 def _sqrt(m: Machine, ins: Instr, x: int) -> int:
-    if not 0 <= m.A < (1 << 62):
-        raise ProgramFault("SQRT of a negative A or one of 62 bits or more (the root must fit 31 bits)")
+    if m.A < 0:
+        raise ProgramFault("SQRT of a negative A")
     return math.isqrt(m.A)
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from mmfree_fpga.config import FORMATS, Formats, ModelConfig
 from mmfree_fpga.errors import UserError
 
-from .tiny_isa import B_BITS, Asm, Cond, Instr, Kind, Op
+from .tiny_isa import B_BITS, DATA_BITS, Asm, Cond, Instr, Kind, Op
 
 __all__ = ["TinyLayout", "token_program", "BL_ARGS", "RESET_PC", "TOKEN_PC", "TinyPerfModel", "TINY_PERF_MODEL"]
 
@@ -120,6 +120,31 @@ class _Gen:
         self.sigmoid()
         self.reg(Op.MUL, R_Y)
         self.e(Op.SHR, kind=Kind.IMM, imm=self.fmt.gate_frac, flag=1)
+
+    def mul_shift_sat(self, b_base: int):
+        """A := saturate(rshift_round(A * VM[b_base + i], x_frac)) for int32 A and VM word, within the
+        datapath: with b = bh 2^s + bl (s = x_frac, 0 <= bl < 2^s) the result is
+        A bh + rshift_round(A bl, s) exactly; both products stay below 2^(31 + s).
+        Uses R_R, R_ZS, R_M16, R_RC (free outside the BitLinear subroutine)."""
+        s = self.fmt.x_frac
+        r_a, r_bh, r_bl, r_lo = R_R, R_ZS, R_M16, R_RC
+        self.reg(Op.ST, r_a)
+        self.vm(Op.LD, b_base)
+        self.imm(Op.SHR, s)
+        self.reg(Op.ST, r_bh)
+        self.imm(Op.MUL, 1 << s)
+        self.reg(Op.ST, r_bl)
+        self.vm(Op.LD, b_base)
+        self.reg(Op.SUB, r_bl)
+        self.reg(Op.ST, r_bl)
+        self.reg(Op.LD, r_a)
+        self.reg(Op.MUL, r_bl)
+        self.e(Op.SHR, kind=Kind.IMM, imm=s, flag=1)
+        self.reg(Op.ST, r_lo)
+        self.reg(Op.LD, r_a)
+        self.reg(Op.MUL, r_bh)
+        self.reg(Op.ADD, r_lo)
+        self.e(Op.SAT)
 
     def bitlinear_subroutine(self):
         fmt = self.fmt
@@ -267,6 +292,8 @@ class _Gen:
 def token_program(cfg: ModelConfig, packing: str = "base3", fmt: Formats = FORMATS):
     """(instructions, :class:`TinyLayout`) of ``cfg``'s token step for a ``packing`` image."""
     from mmfree_fpga.reference.export import image_layout
+    if fmt.x_bits + fmt.x_frac > DATA_BITS or fmt.x_bits + fmt.gate_frac + 1 > DATA_BITS:
+        raise UserError("the number formats exceed the tiny engine's datapath")
     if packing != "base3":
         raise UserError("the tiny engine decodes base3 weight images only (use --packing base3)")
     sec = {s.name: s for s in image_layout(cfg, packing)}
@@ -345,9 +372,7 @@ def token_program(cfg: ModelConfig, packing: str = "base3", fmt: Formats = FORMA
         g.vm(Op.STV, h)
         # p = saturate(rshift_round(yg silu(h), x_frac)), stored over f
         g.silu()
-        g.vm(Op.MUL, yg)
-        g.e(Op.SHR, kind=Kind.IMM, imm=fmt.x_frac, flag=1)
-        g.e(Op.SAT)
+        g.mul_shift_sat(yg)
         g.vm(Op.STV, yf)
         g.loop(top, d)
         g.call_bitlinear(sec, f"{pre}.o_proj", yf, d, W, d)
@@ -358,9 +383,7 @@ def token_program(cfg: ModelConfig, packing: str = "base3", fmt: Formats = FORMA
         g.a.label(top)
         g.vm(Op.LD, W)
         g.silu()
-        g.vm(Op.MUL, W + I)
-        g.e(Op.SHR, kind=Kind.IMM, imm=fmt.x_frac, flag=1)
-        g.e(Op.SAT)
+        g.mul_shift_sat(W + I)
         g.vm(Op.STV, W)
         g.loop(top, I)
         g.call_bitlinear(sec, f"{pre}.down_proj", W, I, W, d)
