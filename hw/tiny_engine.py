@@ -145,7 +145,7 @@ class TinyEngine(wiring.Component):
         tab_rp = tab.read_port()
         b3_rp = b3.read_port()
 
-        w_addr = Signal(range(max(2, self.w_depth)))
+        w_addr = Signal(B_BITS - 1)       # word address (SPRAM: bank above bit 14)
         w_rdata = Signal(16)
         w_we = Signal()
         w_wdata = Signal(8)
