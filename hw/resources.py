@@ -1,11 +1,13 @@
 """iCE40 resource breakdown of the board design, per submodule (Yosys only, no place and route).
 
-``python -m mmfree_fpga.hw.resources [--lanes 16] [--full] [--design linked|engine]`` writes the
-design's RTLIL, runs ``synth_ice40 -dsp`` with the hierarchy kept (YoWASP Yosys from the virtual
-environment, or ``$YOSYS``) and prints LUT4, flip-flops, carry cells, DSPs (SB_MAC16), block
-RAMs (SB_RAM40_4K) and SPRAMs per Amaranth submodule, inclusive of its children, against the
-iCE40UP5K's 5280 / 5280 / - / 8 / 30 / 4. Without ``--full`` it measures the variant the
-iCEBreaker needs: ``EngineCore(compact=True)``, base3 only, the weight store in SPRAM.
+``python -m mmfree_fpga.hw.resources [--variant tiny|compact|full] [--lanes 16] [--design linked|engine]``
+writes the design's RTLIL, runs ``synth_ice40 -dsp`` with the hierarchy kept (YoWASP Yosys from
+the virtual environment, or ``$YOSYS``) and prints LUT4, flip-flops, carry cells, DSPs (SB_MAC16),
+block RAMs (SB_RAM40_4K) and SPRAMs per Amaranth submodule, inclusive of its children, against
+the iCE40UP5K's 5280 / 5280 / - / 8 / 30 / 4. The default variant is the one the iCEBreaker
+builds: the tiny engine (``hw/tiny_engine.py``, weights in SPRAM); ``compact`` is
+``EngineCore(compact=True)`` (base3 only, SPRAM store; it does not fit the UP5K), ``full`` the
+ECP5 engine.
 
 Flattening (as the board build does) lets Yosys optimise across module boundaries, so the
 totals of a real build differ a little; this is for seeing where the resources go.
@@ -21,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-__all__ = ["UP5K", "design_for", "synth_stats", "inclusive", "main"]
+__all__ = ["UP5K", "VARIANTS", "design_for", "synth_stats", "inclusive", "main"]
 
 UP5K = {"LUT4": 5280, "FF": 5280, "CARRY": None, "DSP": 8, "EBR": 30, "SPRAM": 4}
 _CELL = {"SB_LUT4": "LUT4", "SB_CARRY": "CARRY", "SB_MAC16": "DSP", "SB_RAM40_4K": "EBR",
@@ -29,10 +31,20 @@ _CELL = {"SB_LUT4": "LUT4", "SB_CARRY": "CARRY", "SB_MAC16": "DSP", "SB_RAM40_4K
 COLUMNS = ("LUT4", "FF", "CARRY", "DSP", "EBR", "SPRAM")
 
 
-def design_for(cfg, *, lanes: int = 16, compact: bool = True, which: str = "linked"):
-    """The board design (Link + Engine, or the Engine alone) in the iCEBreaker configuration
-    (``compact``) or the full one (both packings, 14 DSPs, weight store in block RAM)."""
-    kw = dict(packings=("base3",), compact=True, mem_spram=True, mem_fifo_depth=4) if compact else {}
+VARIANTS = ("tiny", "compact", "full")
+
+
+def design_for(cfg, *, lanes: int = 16, variant: str = "tiny", which: str = "linked"):
+    """The board design (Link + Engine, or the Engine alone) as the iCEBreaker builds it
+    (``tiny``), the compact pipelined engine, or the full one (both packings, 14 DSPs, weight
+    store in block RAM)."""
+    if variant == "tiny":
+        if which == "engine":
+            from .tiny_engine import TinyEngine
+            return TinyEngine(cfg, spram=True)
+        from .linked_engine import LinkedEngine
+        return LinkedEngine(cfg, lanes=1, packing="base3", max_payload=256, tiny=True, spram=True)
+    kw = dict(packings=("base3",), compact=True, mem_spram=True, mem_fifo_depth=4) if variant == "compact" else {}
     if which == "engine":
         from .engine import Engine
         return Engine(cfg, lanes=lanes, packing="base3", **kw)
@@ -92,8 +104,9 @@ def format_table(stats: dict[str, dict[str, int]], depth: int = 4) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m mmfree_fpga.hw.resources", description=__doc__.splitlines()[0])
-    ap.add_argument("--lanes", type=int, default=16)
-    ap.add_argument("--full", action="store_true", help="the full engine instead of the compact iCE40 variant")
+    ap.add_argument("--variant", choices=VARIANTS, default="tiny",
+                    help="the tiny engine (the iCEBreaker's), the compact pipelined engine, or the full one")
+    ap.add_argument("--lanes", type=int, default=16, help="lanes of the compact or full engine")
     ap.add_argument("--design", choices=("linked", "engine"), default="linked")
     ap.add_argument("--checkpoint", default=None, help="model directory (default: the demo model)")
     ap.add_argument("--depth", type=int, default=4, help="hierarchy levels shown")
@@ -102,7 +115,7 @@ def main(argv=None) -> int:
     from mmfree_fpga.config import ModelConfig
     from mmfree_fpga.reference.checkpoint import DEMO_CHECKPOINT
     cfg = ModelConfig.from_checkpoint(args.checkpoint or DEMO_CHECKPOINT)
-    design = design_for(cfg, lanes=args.lanes, compact=not args.full, which=args.design)
+    design = design_for(cfg, lanes=args.lanes, variant=args.variant, which=args.design)
     t0 = time.monotonic()
     if args.keep:
         stats = synth_stats(design, Path(args.keep))
@@ -110,8 +123,9 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             stats = synth_stats(design, Path(tmp))
     print(format_table(stats, args.depth))
-    print(f"({'full' if args.full else 'compact'} {args.design}, d={cfg.d} L={cfg.L} I={cfg.I} V={cfg.V}, "
-          f"lanes={args.lanes}; synth_ice40 -dsp -noflatten, {time.monotonic() - t0:.0f} s)")
+    lanes = 1 if args.variant == "tiny" else args.lanes
+    print(f"({args.variant} {args.design}, d={cfg.d} L={cfg.L} I={cfg.I} V={cfg.V}, "
+          f"lanes={lanes}; synth_ice40 -dsp -noflatten, {time.monotonic() - t0:.0f} s)")
     return 0
 
 

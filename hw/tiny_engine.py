@@ -12,8 +12,9 @@ the program ROM, 16 registers of 48 bits, the vector memory (32-bit words), the 
 sigmoid table, the base3 decoder ROM (block RAM) and the weight image (16-bit words; the four
 SPRAMs on the iCE40, written a byte at a time from ``load``).
 
-Timing: an instruction without an operand (stores, control) takes one cycle; one with an
-operand three (decode and read, operand, execute), plus the extra cycles of ``MUL`` (1),
+Timing: an instruction without an operand (stores, control) takes two cycles (decode: the
+address as two registered partial sums, the branch and loop decisions; issue); one with an
+operand four (decode, issue the read, operand, execute), plus the extra cycles of ``MUL`` (1),
 ``SHR`` (one per step), ``BITLEN``, ``MAX``/``MIN`` (1), ``DIV`` (48), ``SQRT`` (48) and 32-bit
 weight reads (1).
 ``MATVEC`` is a unit of its own: one trit per cycle (each image byte read once, decoded by the
@@ -188,9 +189,11 @@ class TinyEngine(wiring.Component):
             for k in range(8):
                 with m.Case(k):
                     m.d.comb += bsel_val.eq(bases[k])
+        # (two partial sums registered while decoding, added in the next cycle)
+        addr_ib = Signal(B_BITS)
+        addr_ip = Signal(B_BITS)
         addr = Signal(B_BITS)
-        m.d.comb += addr.eq(imm + Mux(f["fi"], i << kind_size_log2, 0) + Mux(f["fp"], P, 0)
-                            + Mux(f["fb"], bsel_val, 0))
+        m.d.comb += addr.eq(addr_ib + addr_ip)
         target = imm[:9]
 
         # -- ALU pieces --
@@ -222,6 +225,8 @@ class TinyEngine(wiring.Component):
         # shifter / bit length / divider state
         rem_cnt = Signal(signed(8))
         take_x = Signal()
+        cond_r = Signal()
+        loop_more = Signal()
         rounded = Signal()
         count = Signal(7)
         rem = Signal(35)
@@ -368,7 +373,15 @@ class TinyEngine(wiring.Component):
                     m.next = "IDLE"
 
             with m.State("DECODE"):
-                # operand reads (used by OPER)
+                # the instruction's address (two partial sums), branch and loop decisions, registered
+                loop_count = Mux(f["fb"], bsel_val, imm[9:20])
+                m.d.sync += [addr_ib.eq(imm + Mux(f["fb"], bsel_val, 0)),
+                             addr_ip.eq(Mux(f["fi"], i << kind_size_log2, 0) + Mux(f["fp"], P, 0)),
+                             cond_r.eq(cond_ok), loop_more.eq(i + 1 < loop_count)]
+                m.next = "ISSUE"
+
+            with m.State("ISSUE"):
+                # operand reads (used by OPER); stores and control finish here
                 m.d.comb += [reg_rp.addr.eq(reg), vm_rp.addr.eq(addr), w_addr.eq(addr[1:]), tab_rp.addr.eq(addr)]
                 npc = pc + 1
                 with m.Switch(op):
@@ -403,15 +416,14 @@ class TinyEngine(wiring.Component):
                         m.d.comb += [a_sel.eq(SMALL), small.eq(token)]
                         next_instr(npc)
                     with m.Case(Op.LOOP):
-                        cnt = Mux(f["fb"], bsel_val, imm[9:20])
-                        with m.If(i + 1 < cnt):
+                        with m.If(loop_more):
                             m.d.sync += i.eq(i + 1)
                             next_instr(target)
                         with m.Else():
                             m.d.sync += i.eq(0)
                             next_instr(npc)
                     with m.Case(Op.BR):
-                        next_instr(Mux(cond_ok, target, npc))
+                        next_instr(Mux(cond_r, target, npc))
                     with m.Case(Op.CALL):
                         m.d.sync += RA.eq(npc)
                         next_instr(target)

@@ -356,8 +356,8 @@ class Machine:
         self.VM[out:out + rows] = acc
 
 
-# clock cycles of the hardware (hw/tiny_engine.py): DECODE, then OPER (+ a second one for a
-# 32-bit weight), then EXEC and the op's extra cycles; stores and control finish in DECODE.
+# clock cycles of the hardware (hw/tiny_engine.py): DECODE, ISSUE, then OPER (+ a second one for
+# a 32-bit weight), then EXEC and the op's extra cycles; stores and control finish in ISSUE.
 MATVEC_OVERHEAD = 6
 _NO_OPERAND = {Op.ST, Op.STV, Op.STQ, Op.SETP, Op.SETB, Op.RES, Op.GETI, Op.GETT, Op.LOOP, Op.BR, Op.CALL,
                Op.RET, Op.NOP, Op.END}
@@ -383,6 +383,11 @@ def shift_steps(s: int, rnd: bool) -> int:
 
 
 def op_cycles(ins: Instr, a: int, x: int, fmt: Formats = FORMATS, bases=None) -> int:
+    """Clock cycles of one instruction: DECODE, then what :func:`_op_cycles` counts."""
+    return 1 + _op_cycles(ins, a, x, fmt, bases)
+
+
+def _op_cycles(ins: Instr, a: int, x: int, fmt: Formats, bases) -> int:
     op = ins.op
     if op in _NO_OPERAND:
         return 1
