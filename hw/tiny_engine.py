@@ -237,8 +237,18 @@ class TinyEngine(wiring.Component):
         add_a = Signal(N)
         add_b = Signal(N)
         add_ci = Signal()
+        # (the mode is a register, set in the cycle before the adder's result is taken: the
+        # adder's operand selection then depends on no state decoding)
         add_mode = Signal(3)
         ADD, SUB, NEG, INC, LDX = range(5)
+        op_mode = Signal(3)
+        with m.Switch(op):
+            with m.Case(Op.LD):
+                m.d.comb += op_mode.eq(LDX)
+            with m.Case(Op.SUB, Op.MAX, Op.MIN):
+                m.d.comb += op_mode.eq(SUB)
+            with m.Case(Op.CSGN, Op.ABS):
+                m.d.comb += op_mode.eq(NEG)
         with m.Switch(add_mode):
             with m.Case(LDX):
                 m.d.comb += [add_a.eq(0), add_b.eq(X)]
@@ -382,6 +392,7 @@ class TinyEngine(wiring.Component):
 
             with m.State("ISSUE"):
                 # operand reads (used by OPER); stores and control finish here
+                m.d.sync += add_mode.eq(op_mode)
                 m.d.comb += [reg_rp.addr.eq(reg), vm_rp.addr.eq(addr), w_addr.eq(addr[1:]), tab_rp.addr.eq(addr)]
                 npc = pc + 1
                 with m.Switch(op):
@@ -449,6 +460,7 @@ class TinyEngine(wiring.Component):
 
             with m.State("OPER"):
                 # the operand, from the memory read issued while decoding
+                m.d.sync += add_mode.eq(op_mode)
                 with m.Switch(kind):
                     with m.Case(Kind.IMM):
                         m.d.sync += X.eq(imm)
@@ -481,21 +493,20 @@ class TinyEngine(wiring.Component):
                 npc = pc + 1
                 with m.Switch(op):
                     with m.Case(Op.LD):
-                        m.d.comb += [add_mode.eq(LDX), a_sel.eq(SUM)]
+                        m.d.comb += a_sel.eq(SUM)
                         next_instr(npc)
                     with m.Case(Op.ADD):
-                        m.d.comb += [add_mode.eq(ADD), a_sel.eq(SUM)]
+                        m.d.comb += a_sel.eq(SUM)
                         next_instr(npc)
                     with m.Case(Op.SUB):
-                        m.d.comb += [add_mode.eq(SUB), a_sel.eq(SUM)]
+                        m.d.comb += a_sel.eq(SUM)
                         next_instr(npc)
                     with m.Case(Op.MAX, Op.MIN):
                         # compare now, take X in MINMAX
-                        m.d.comb += add_mode.eq(SUB)
+                        m.d.sync += add_mode.eq(LDX)
                         m.d.sync += take_x.eq(Mux(op == Op.MAX, a_lt_x, ~a_lt_x))
                         m.next = "MINMAX"
                     with m.Case(Op.CSGN, Op.ABS):
-                        m.d.comb += add_mode.eq(NEG)
                         with m.If(Mux(op == Op.ABS, a_neg, X[N - 1])):
                             m.d.comb += a_sel.eq(SUM)
                         next_instr(npc)
@@ -511,7 +522,7 @@ class TinyEngine(wiring.Component):
                         # the product register is written at the end of this cycle
                         m.next = "MUL2"
                     with m.Case(Op.SHR):
-                        m.d.sync += rem_cnt.eq(X[:8].as_signed())
+                        m.d.sync += [rem_cnt.eq(X[:8].as_signed()), add_mode.eq(INC)]
                         m.next = "SHIFT"
                     with m.Case(Op.BITLEN):
                         with m.If(A[8:] != 0):
@@ -546,7 +557,7 @@ class TinyEngine(wiring.Component):
 
             with m.State("MINMAX"):
                 with m.If(take_x):
-                    m.d.comb += [add_mode.eq(LDX), a_sel.eq(SUM)]
+                    m.d.comb += a_sel.eq(SUM)
                 next_instr(pc + 1)
 
             with m.State("MUL2"):
@@ -557,7 +568,7 @@ class TinyEngine(wiring.Component):
                 rnd = f["flag"]
                 with m.If(rem_cnt > 0):
                     with m.If(rnd & (rem_cnt == 1) & ~rounded):
-                        m.d.comb += [add_mode.eq(INC), a_sel.eq(SUM)]
+                        m.d.comb += a_sel.eq(SUM)
                         m.d.sync += rounded.eq(1)
                     with m.Elif(rem_cnt >= Mux(rnd, 9, 8)):
                         m.d.comb += [a_sel.eq(SH), sh_mode.eq(R8)]
