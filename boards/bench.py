@@ -3,7 +3,7 @@
 :func:`board_benchmarks` runs :func:`~.build.build` (cached like any build) for every
 (board, lanes) pair and returns one row per build: the requested clock, nextpnr's final Fmax,
 whether timing is met, LUT/FF/BRAM/DSP use, the demo model's cycles per token at that lane
-count (``config.PERF_MODEL``, ``PERF_MODEL_COMPACT`` on iCE40; checked against simulation by ``mmfree-fpga bench``) and the
+count (``config.PERF_MODEL``; on iCE40 the tiny engine's ``TINY_PERF_MODEL``, its instruction-set simulator's count) and the
 tokens per second the design would reach at its Fmax (Fmax / cycles per token).
 """
 
@@ -18,8 +18,8 @@ from .designs import engine_perf_model, linked_engine, weight_image
 __all__ = ["BENCH_CLOCK_MHZ", "board_benchmarks", "BENCH_COLUMNS", "bench_row_cells"]
 
 # Clocks asked for in the bench where they differ from the board's default clock (registry):
-# the board issue's ECP5 target. Other boards build at their default clock.
-BENCH_CLOCK_MHZ = {"ulx3s-85f": 100.0}
+# the board issue's targets (ECP5 100 MHz, iCE40UP5K 40 MHz). Other boards build at their default clock.
+BENCH_CLOCK_MHZ = {"ulx3s-85f": 100.0, "icebreaker": 40.0}
 
 BENCH_COLUMNS = ["board", "lanes", "clock MHz", "Fmax MHz", "timing", "LUT", "FF", "BRAM", "DSP",
                  "cycles/token", "tokens/s at Fmax", "build s"]

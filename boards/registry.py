@@ -68,7 +68,8 @@ def _known():
             programmer=Programmer(
                 ofl_board="ice40_generic", cable="the iCEBreaker's FTDI FT2232H (USB 0403:6010)",
                 sram=False, iceprog=True,
-                note="the iCE40 boots from the board's SPI flash: programming always writes the flash")),
+                note="the iCE40 boots from the board's SPI flash: programming always writes the flash"),
+            design="engine"),
         "ulx3s-85f": Board(
             name="ulx3s-85f", platform_class=ULX3S_85F_Platform,
             description="Radiona ULX3S with LFE5U-85F (ECP5, 25 MHz oscillator)",

@@ -15,7 +15,7 @@ SPRAMs on the iCE40, written a byte at a time from ``load``).
 Timing: an instruction without an operand (stores, control) takes two cycles (decode: the
 address as two registered partial sums, the branch and loop decisions; issue); one with an
 operand four (decode, issue the read, operand, execute), plus the extra cycles of ``MUL`` (1),
-``SHR`` (one per step), ``BITLEN``, ``MAX``/``MIN`` (1), ``DIV`` (48), ``SQRT`` (48) and 32-bit
+``SHR`` (one per step), ``MAX``/``MIN`` (1), ``DIV`` (48), ``SQRT`` (48) and 32-bit
 weight reads (1).
 ``MATVEC`` is a unit of its own: one trit per cycle (each image byte read once, decoded by the
 ROM into five trits), the accumulator written to the vector memory at the end of each row.
@@ -34,6 +34,7 @@ from mmfree_fpga.reference.integer import sigmoid_table
 from mmfree_fpga.reference.packing import BASE3_DECODE
 
 from .engine import EngineOp, cmd_layout, result_layout
+from .vector_common import msb_index
 from .tiny_isa import B_BITS, DATA_BITS, FIELDS, PROG_DEPTH, WORD_BITS, Cond, Kind, Op, encode
 from .tiny_program import RESET_PC, TOKEN_PC, token_program
 
@@ -525,15 +526,10 @@ class TinyEngine(wiring.Component):
                         m.d.sync += [rem_cnt.eq(X[:8].as_signed()), add_mode.eq(INC)]
                         m.next = "SHIFT"
                     with m.Case(Op.BITLEN):
-                        with m.If(A[8:] != 0):
-                            m.d.comb += [a_sel.eq(SH), sh_mode.eq(R8)]
-                            m.d.sync += count.eq(count + 8)
-                        with m.Elif(~a_zero):
-                            m.d.comb += [a_sel.eq(SH), sh_mode.eq(R1)]
-                            m.d.sync += count.eq(count + 1)
-                        with m.Else():
-                            m.d.comb += [a_sel.eq(SMALL), small.eq(count)]
-                            next_instr(npc)
+                        # a tree of halves (no loop: A == 0 must not decide the next state)
+                        any_one, msb = msb_index(A, N - 1)
+                        m.d.comb += [a_sel.eq(SMALL), small.eq(Mux(any_one, msb + 1, 0))]
+                        next_instr(npc)
                     with m.Case(Op.DIV):
                         # restoring division, one quotient bit per cycle (N cycles), quotient in A
                         m.d.comb += [a_sel.eq(SH), sh_mode.eq(L1)]

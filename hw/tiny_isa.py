@@ -393,14 +393,8 @@ def _op_cycles(ins: Instr, a: int, x: int, fmt: Formats, bases) -> int:
         return 1
     if op == Op.MATVEC:
         return 1 + MATVEC_OVERHEAD + bases[5] * bases[1]
-    if op in (Op.ABS, Op.SAT, Op.SIGP):
+    if op in (Op.ABS, Op.SAT, Op.SIGP, Op.BITLEN):
         return 2
-    if op == Op.BITLEN:
-        n = 0
-        while a >> 8:
-            a >>= 8
-            n += 1
-        return 2 + n + a.bit_length()
     if op == Op.SQRT:
         return DATA_BITS + 2
     oper = 2 + (ins.kind == Kind.W32)

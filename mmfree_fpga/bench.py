@@ -315,17 +315,19 @@ def boards_section(quick: bool) -> Section:
     from .boards.bench import BENCH_COLUMNS, board_benchmarks, bench_row_cells
     s = Section("The engine on the boards (place and route with YoWASP Yosys + nextpnr)",
                 "mmfree-fpga bench --only boards", BENCH_COLUMNS)
-    plan = [("ulx3s-85f", (16,) if quick else (16, 32, 64)), ("icebreaker", (8,))]
+    plan = [("ulx3s-85f", (16,) if quick else (16, 32, 64)), ("icebreaker", (1,))]
     for board, lanes in plan:
         for row in board_benchmarks((board,), lanes, progress=lambda line: print(f"bench: {line}", flush=True)):
             s.rows.append(bench_row_cells(row))
     s.notes.append("Demo model. Fmax is nextpnr's final post-route figure for the engine's clock; the requested "
-                   "clocks are the board issue's targets (ECP5 100 MHz; iCE40 24 MHz, the iCEBreaker's build clock). "
-                   "cycles/token from config.PERF_MODEL (PERF_MODEL_COMPACT on iCE40), which the engine section "
-                   "checks against simulation; tokens/s at Fmax = Fmax / cycles per token.")
-    s.notes.append("ULX3S: the engine with the weight image in block RAM from the bitstream. iCEBreaker: the "
-                   "compact engine (8 DSPs, weights in SPRAM, 8 lanes); it does not fit the iCE40UP5K's 5,280 "
-                   "logic cells yet, and the row says what nextpnr reported.")
+                   "clocks are the board issue's targets (ECP5 100 MHz, iCE40 40 MHz; the boards' own build clocks "
+                   "are 60 and 24 MHz). cycles/token: config.PERF_MODEL for the ULX3S engine (the engine section "
+                   "checks it against simulation); for the iCEBreaker's tiny engine the count of its instruction-set "
+                   "simulator (hw/tiny_isa.py), which tests/test_tiny_engine.py checks cycle for cycle against the "
+                   "hardware. tokens/s at Fmax = Fmax / cycles per token.")
+    s.notes.append("ULX3S: the engine with the weight image in block RAM from the bitstream. iCEBreaker: the tiny "
+                   "engine (hw/tiny_engine.py: one sequential 48-bit datapath run by a program, one trit per cycle), "
+                   "weights uploaded over the UART into the four SPRAMs.")
     return s
 
 
