@@ -502,5 +502,5 @@ def _store(entry: Path, products: list[Path], report: dict) -> None:
 
 def _design_lanes(design) -> int | None:
     """The lanes of a design that holds the engine (``LinkedEngine``), else None."""
-    core = getattr(getattr(design, "engine", None), "core", None)
-    return getattr(core, "lanes", None)
+    engine = getattr(design, "engine", None)
+    return getattr(getattr(engine, "core", engine), "lanes", None)

@@ -526,10 +526,11 @@ class TinyEngine(wiring.Component):
                         m.d.sync += [rem_cnt.eq(X[:8].as_signed()), add_mode.eq(INC)]
                         m.next = "SHIFT"
                     with m.Case(Op.BITLEN):
-                        # a tree of halves (no loop: A == 0 must not decide the next state)
-                        any_one, msb = msb_index(A, N - 1)
-                        m.d.comb += [a_sel.eq(SMALL), small.eq(Mux(any_one, msb + 1, 0))]
-                        next_instr(npc)
+                        # bit length of A >= 0 = index of the top one of 2A + 1: a tree of halves
+                        # into count, then A := count
+                        _, msb = msb_index(Cat(Const(1, 1), A[:N - 1]), N)
+                        m.d.sync += count.eq(msb)
+                        m.next = "BITLEN2"
                     with m.Case(Op.DIV):
                         # restoring division, one quotient bit per cycle (N cycles), quotient in A
                         m.d.comb += [a_sel.eq(SH), sh_mode.eq(L1)]
@@ -554,6 +555,10 @@ class TinyEngine(wiring.Component):
             with m.State("MINMAX"):
                 with m.If(take_x):
                     m.d.comb += a_sel.eq(SUM)
+                next_instr(pc + 1)
+
+            with m.State("BITLEN2"):
+                m.d.comb += [a_sel.eq(SMALL), small.eq(count)]
                 next_instr(pc + 1)
 
             with m.State("MUL2"):

@@ -393,8 +393,10 @@ def _op_cycles(ins: Instr, a: int, x: int, fmt: Formats, bases) -> int:
         return 1
     if op == Op.MATVEC:
         return 1 + MATVEC_OVERHEAD + bases[5] * bases[1]
-    if op in (Op.ABS, Op.SAT, Op.SIGP, Op.BITLEN):
+    if op in (Op.ABS, Op.SAT, Op.SIGP):
         return 2
+    if op == Op.BITLEN:
+        return 3
     if op == Op.SQRT:
         return DATA_BITS + 2
     oper = 2 + (ins.kind == Kind.W32)
