@@ -339,6 +339,7 @@ class TinyEngine(wiring.Component):
 
         # -- load stream: image bytes at the write pointer --
         wptr = Signal(B_BITS)
+        logit_index = Signal(range(max(2, self.cfg.V)))
 
         # -- control --
         m.d.comb += [self.result.payload.token.eq(res_token), self.result.payload.logit.eq(res_logit),
@@ -359,24 +360,32 @@ class TinyEngine(wiring.Component):
 
         with m.FSM(name="ctl"):
             with m.State("IDLE"):
-                m.d.comb += [self.cmd.ready.eq(~self.result.valid), self.load.ready.eq(1),
-                             self.logit_req.ready.eq(~self.cmd.valid)]
+                m.d.comb += [self.cmd.ready.eq(1), self.load.ready.eq(1), self.logit_req.ready.eq(~self.cmd.valid)]
                 with m.If(self.load.valid):
                     m.d.comb += [w_addr.eq(wptr[1:]), w_we.eq(1), w_wdata.eq(self.load.payload), w_lane.eq(wptr[0])]
                     m.d.sync += wptr.eq(wptr + 1)
-                with m.If(self.cmd.valid & ~self.result.valid):
+                # commands and logit requests are registered first (START, LREAD): no path from
+                # the Link's logic into the program ROM's address or the vector memory's
+                with m.If(self.cmd.valid):
                     with m.Switch(self.cmd.payload.op):
                         with m.Case(EngineOp.RESET_STATE):
                             m.d.sync += for_token.eq(0)
-                            next_instr(RESET_PC)
+                            m.next = "START"
                         with m.Case(EngineOp.FEED_TOKEN):
                             m.d.sync += [for_token.eq(1), token.eq(self.cmd.payload.arg), cycles.eq(1)]
-                            next_instr(TOKEN_PC)
+                            m.next = "START"
                         with m.Case(EngineOp.LOAD_RESET):
                             m.d.sync += wptr.eq(0)
                 with m.Elif(self.logit_req.valid):
-                    m.d.comb += vm_rp.addr.eq(lay.logits + self.logit_req.payload[:16])
-                    m.next = "LOGIT"
+                    m.d.sync += logit_index.eq(self.logit_req.payload)
+                    m.next = "LREAD"
+
+            with m.State("START"):
+                next_instr(Mux(for_token, TOKEN_PC, RESET_PC))
+
+            with m.State("LREAD"):
+                m.d.comb += vm_rp.addr.eq(lay.logits + logit_index)
+                m.next = "LOGIT"
 
             with m.State("LOGIT"):
                 m.d.comb += [self.logit_resp.valid.eq(1), vm_rp.en.eq(0)]

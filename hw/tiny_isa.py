@@ -43,7 +43,7 @@ import numpy as np
 from mmfree_fpga.config import FORMATS, Formats
 from mmfree_fpga.errors import UserError
 
-__all__ = ["Op", "Kind", "Cond", "Instr", "WORD_BITS", "FIELDS", "IMM_BITS", "B_BITS", "PROG_DEPTH",
+__all__ = ["START_CYCLES", "Op", "Kind", "Cond", "Instr", "WORD_BITS", "FIELDS", "IMM_BITS", "B_BITS", "PROG_DEPTH",
            "encode", "decode", "Asm", "Machine", "sig_index"]
 
 WORD_BITS = 40
@@ -359,6 +359,8 @@ class Machine:
 # clock cycles of the hardware (hw/tiny_engine.py): DECODE, ISSUE, then OPER (+ a second one for
 # a 32-bit weight), then EXEC and the op's extra cycles; stores and control finish in ISSUE.
 MATVEC_OVERHEAD = 6
+# cycles of a FEED_TOKEN before the program's first instruction: accepting it, starting
+START_CYCLES = 2
 _NO_OPERAND = {Op.ST, Op.STV, Op.STQ, Op.SETP, Op.SETB, Op.RES, Op.GETI, Op.GETT, Op.LOOP, Op.BR, Op.CALL,
                Op.RET, Op.NOP, Op.END}
 

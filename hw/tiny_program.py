@@ -434,7 +434,7 @@ def _random_image_cycles(V, d, L, I, tokens=(1, 2)):  # noqa: E741
     from mmfree_fpga.reference.integer import sigmoid_table
     from mmfree_fpga.reference.model import HGRNBitForCausalLM, randomize
 
-    from .tiny_isa import Machine
+    from .tiny_isa import START_CYCLES, Machine
     cfg = ModelConfig(vocab_size=V, hidden_size=d, num_hidden_layers=L, intermediate_size=I)
     model = randomize(HGRNBitForCausalLM(cfg), 0)
     blob = image_bytes(integer_weights(cfg, {k: v.detach() for k, v in model.state_dict().items()}))
@@ -444,7 +444,7 @@ def _random_image_cycles(V, d, L, I, tokens=(1, 2)):  # noqa: E741
     for t in tokens:
         m.token, m.cycles = t % V, 0
         m.run(TOKEN_PC)
-        total += m.cycles + 1        # + the cycle that accepts FEED_TOKEN
+        total += m.cycles + START_CYCLES
     return total / len(tokens)
 
 

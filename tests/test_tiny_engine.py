@@ -20,7 +20,7 @@ import pytest
 from mmfree_fpga.config import ModelConfig
 from mmfree_fpga.errors import UserError
 from mmfree_fpga.host.image import WeightImage
-from mmfree_fpga.hw.tiny_isa import Instr, Kind, Machine, Op, ProgramFault, decode, encode
+from mmfree_fpga.hw.tiny_isa import START_CYCLES, Instr, Kind, Machine, Op, ProgramFault, decode, encode
 from mmfree_fpga.hw.tiny_program import RESET_PC, TOKEN_PC, TINY_PERF_MODEL, token_program
 from mmfree_fpga.reference.checkpoint import DEMO_CHECKPOINT, save_checkpoint
 from mmfree_fpga.reference.export import parse_image
@@ -52,7 +52,7 @@ def machine(image: WeightImage) -> Machine:
 
 def expected_steps(image: WeightImage, tokens, read_back=(0, 1)):
     """What the engine must answer per token: the integer model's argmax, its logit and some
-    logits, and the cycles the instruction-set simulator counts (+1: the accepting cycle)."""
+    logits, and the cycles the instruction-set simulator counts (plus accepting and starting)."""
     ref = IntegerModel(parse_image(image.blob, image.cfg, image.packing))
     m = machine(image)
     steps = []
@@ -61,7 +61,7 @@ def expected_steps(image: WeightImage, tokens, read_back=(0, 1)):
         m.token, m.cycles = tok, 0
         m.run(TOKEN_PC)
         steps.append({"token": tok, "argmax": ref.argmax(logits), "logit": int(logits.max()),
-                      "cycles": m.cycles + 1,
+                      "cycles": m.cycles + START_CYCLES,
                       "logits": {str(i): int(logits[i]) for i in (*read_back, image.cfg.V - 1)}})
     return steps
 
