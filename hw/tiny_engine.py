@@ -241,7 +241,7 @@ class TinyEngine(wiring.Component):
         # (the mode is a register, set in the cycle before the adder's result is taken: the
         # adder's operand selection then depends on no state decoding)
         add_mode = Signal(3)
-        ADD, SUB, NEG, INC, LDX = range(5)
+        ADD, SUB, CNEG, INC, LDX, LDXT = range(6)
         op_mode = Signal(3)
         with m.Switch(op):
             with m.Case(Op.LD):
@@ -249,16 +249,20 @@ class TinyEngine(wiring.Component):
             with m.Case(Op.SUB, Op.MAX, Op.MIN):
                 m.d.comb += op_mode.eq(SUB)
             with m.Case(Op.CSGN, Op.ABS):
-                m.d.comb += op_mode.eq(NEG)
+                m.d.comb += op_mode.eq(CNEG)
+        neg_from_a = Signal()         # CNEG negates when A < 0 (ABS), else when X < 0 (CSGN)
+        neg_c = Mux(neg_from_a, A[N - 1], X[N - 1])
         with m.Switch(add_mode):
             with m.Case(LDX):
                 m.d.comb += [add_a.eq(0), add_b.eq(X)]
+            with m.Case(LDXT):
+                m.d.comb += [add_a.eq(0), add_b.eq(Mux(take_x, X, A))]
             with m.Case(ADD):
                 m.d.comb += [add_a.eq(A), add_b.eq(X)]
             with m.Case(SUB):
                 m.d.comb += [add_a.eq(A), add_b.eq(~X), add_ci.eq(1)]
-            with m.Case(NEG):
-                m.d.comb += [add_a.eq(0), add_b.eq(~A), add_ci.eq(1)]
+            with m.Case(CNEG):
+                m.d.comb += [add_a.eq(0), add_b.eq(Mux(neg_c, ~A, A)), add_ci.eq(neg_c)]
             with m.Case(INC):
                 m.d.comb += [add_a.eq(A), add_b.eq(0), add_ci.eq(1)]
         add_s = Signal(N + 1)
@@ -286,21 +290,6 @@ class TinyEngine(wiring.Component):
             with m.Case(L1):
                 m.d.comb += sh.eq(Cat(ge & is_div, A[:N - 1]))
 
-        # -- what A takes this cycle
-        a_sel = Signal(3)
-        HOLD, SUM, SH, PROD, SMALL = range(5)
-        small = Signal(32)
-        sat_hi = Signal()             # SMALL with the saturation pattern above bit 31
-        with m.Switch(a_sel):
-            with m.Case(SUM):
-                m.d.sync += A.eq(add_s[:N])
-            with m.Case(SH):
-                m.d.sync += A.eq(sh)
-            with m.Case(PROD):
-                m.d.sync += A.eq(prod[:N])
-            with m.Case(SMALL):
-                m.d.sync += A.eq(Cat(small[:31], Mux(sat_hi, A[N - 1], small[31]).replicate(N - 31)))
-
         # sigmoid interval of A
         frac_bits = fmt.x_frac - fmt.sig_step_log2
         n_tab = 1 << fmt.sig_table_log2
@@ -316,6 +305,58 @@ class TinyEngine(wiring.Component):
             m.d.comb += [sig_idx.eq(n_tab - 1), sig_frac.eq(1 << frac_bits)]
         with m.Else():
             m.d.comb += [sig_idx.eq(A[frac_bits:hi_bit + 1] ^ (n_tab // 2)), sig_frac.eq(A[:frac_bits])]
+
+        # -- what A takes this cycle: a_sel_r, a register set in the cycle before (so A's update
+        #    depends on no state or data decoding), except in SHIFT; SMALL is one of the small
+        #    non-negative values chosen by small_sel (also a register), SATV A saturated to int32
+        a_sel = Signal(3)
+        a_sel_r = Signal(3)
+        HOLD, SUM, SH, PROD, SMALL, SATV = range(6)
+        small_sel = Signal(3)
+        S_I, S_TOKEN, S_SIG, S_COUNT, S_ROOT = range(5)
+        m.d.comb += a_sel.eq(a_sel_r)
+        m.d.sync += a_sel_r.eq(HOLD)
+        small = Signal(32)
+        with m.Switch(small_sel):
+            with m.Case(S_I):
+                m.d.comb += small.eq(i)
+            with m.Case(S_TOKEN):
+                m.d.comb += small.eq(token)
+            with m.Case(S_SIG):
+                m.d.comb += small.eq(sig_frac)
+            with m.Case(S_COUNT):
+                m.d.comb += small.eq(count)
+            with m.Case(S_ROOT):
+                m.d.comb += small.eq(root)
+        sat_ovf = ~A[31:].all() & A[31:].any()
+        satv = Cat(Mux(sat_ovf, (~a_neg).replicate(31), A[:31]), Mux(sat_ovf, a_neg.replicate(N - 31), A[31:]))
+        with m.Switch(a_sel):
+            with m.Case(SUM):
+                m.d.sync += A.eq(add_s[:N])
+            with m.Case(SH):
+                m.d.sync += A.eq(sh)
+            with m.Case(PROD):
+                m.d.sync += A.eq(prod[:N])
+            with m.Case(SMALL):
+                m.d.sync += A.eq(small)
+            with m.Case(SATV):
+                m.d.sync += A.eq(satv)
+        # the A source and small value an instruction's EXEC cycle takes
+        pre_sel = Signal(3)
+        pre_small = Signal(3)
+        with m.Switch(op):
+            with m.Case(Op.LD, Op.ADD, Op.SUB, Op.CSGN, Op.ABS):
+                m.d.comb += pre_sel.eq(SUM)
+            with m.Case(Op.SAT):
+                m.d.comb += pre_sel.eq(SATV)
+            with m.Case(Op.SIGP):
+                m.d.comb += [pre_sel.eq(SMALL), pre_small.eq(S_SIG)]
+            with m.Case(Op.GETI):
+                m.d.comb += [pre_sel.eq(SMALL), pre_small.eq(S_I)]
+            with m.Case(Op.GETT):
+                m.d.comb += [pre_sel.eq(SMALL), pre_small.eq(S_TOKEN)]
+            with m.Case(Op.DIV, Op.SQRT):
+                m.d.comb += pre_sel.eq(SH)
 
         # -- matrix unit state --
         row_bits = max(1, lay.vm_depth.bit_length())
@@ -430,12 +471,6 @@ class TinyEngine(wiring.Component):
                         with m.Else():
                             m.d.sync += res_token.eq(A[:32])
                         next_instr(npc)
-                    with m.Case(Op.GETI):
-                        m.d.comb += [a_sel.eq(SMALL), small.eq(i)]
-                        next_instr(npc)
-                    with m.Case(Op.GETT):
-                        m.d.comb += [a_sel.eq(SMALL), small.eq(token)]
-                        next_instr(npc)
                     with m.Case(Op.LOOP):
                         with m.If(loop_more):
                             m.d.sync += i.eq(i + 1)
@@ -462,8 +497,9 @@ class TinyEngine(wiring.Component):
                             m.next = "IDLE"
                     with m.Case(Op.NOP):
                         next_instr(npc)
-                    with m.Case(Op.ABS, Op.SAT, Op.BITLEN, Op.SQRT, Op.SIGP):
-                        m.d.sync += [count.eq(0), rem.eq(0), root.eq(0)]
+                    with m.Case(Op.ABS, Op.SAT, Op.BITLEN, Op.SQRT, Op.SIGP, Op.GETI, Op.GETT):
+                        m.d.sync += [count.eq(0), rem.eq(0), root.eq(0), a_sel_r.eq(pre_sel),
+                                     small_sel.eq(pre_small), neg_from_a.eq(1)]
                         m.next = "EXEC"
                     with m.Default():
                         m.next = "OPER"
@@ -488,49 +524,34 @@ class TinyEngine(wiring.Component):
                     with m.Case(Kind.W32):
                         m.d.sync += X.eq(w_rdata)      # low half; the high half next cycle
                         m.d.comb += w_addr.eq(addr[1:] + 1)
-                m.d.sync += [count.eq(0), rem.eq(0), root.eq(0), rounded.eq(0)]
+                m.d.sync += [count.eq(0), rem.eq(0), root.eq(0), rounded.eq(0), neg_from_a.eq(0)]
                 with m.If(kind == Kind.W32):
                     m.next = "OPER2"
                 with m.Else():
+                    m.d.sync += a_sel_r.eq(pre_sel)
                     m.next = "EXEC"
 
             with m.State("OPER2"):
                 hi = Cat(X[:16], w_rdata)
-                m.d.sync += X.eq(Mux(flag, hi, hi.as_signed()))
+                m.d.sync += [X.eq(Mux(flag, hi, hi.as_signed())), a_sel_r.eq(pre_sel)]
                 m.next = "EXEC"
 
             with m.State("EXEC"):
+                # A takes a_sel_r (set in the cycle before); multi-cycle ops set it for the next
                 npc = pc + 1
                 with m.Switch(op):
-                    with m.Case(Op.LD):
-                        m.d.comb += a_sel.eq(SUM)
-                        next_instr(npc)
-                    with m.Case(Op.ADD):
-                        m.d.comb += a_sel.eq(SUM)
-                        next_instr(npc)
-                    with m.Case(Op.SUB):
-                        m.d.comb += a_sel.eq(SUM)
-                        next_instr(npc)
                     with m.Case(Op.MAX, Op.MIN):
-                        # compare now, take X in MINMAX
-                        m.d.sync += add_mode.eq(LDX)
-                        m.d.sync += take_x.eq(Mux(op == Op.MAX, a_lt_x, ~a_lt_x))
-                        m.next = "MINMAX"
-                    with m.Case(Op.CSGN, Op.ABS):
-                        with m.If(Mux(op == Op.ABS, a_neg, X[N - 1])):
-                            m.d.comb += a_sel.eq(SUM)
-                        next_instr(npc)
-                    with m.Case(Op.SAT):
-                        with m.If(~A[31:].all() & A[31:].any()):
-                            m.d.comb += [a_sel.eq(SMALL), sat_hi.eq(1), small.eq(Mux(a_neg, 1 << 31, (1 << 31) - 1))]
-                        next_instr(npc)
+                        # compare now, take X or keep A in TAKE
+                        m.d.sync += [add_mode.eq(LDXT), take_x.eq(Mux(op == Op.MAX, a_lt_x, ~a_lt_x)),
+                                     a_sel_r.eq(SUM)]
+                        m.next = "TAKE"
                     with m.Case(Op.SIGP):
                         m.d.sync += P.eq(sig_idx)
-                        m.d.comb += [a_sel.eq(SMALL), small.eq(sig_frac)]
                         next_instr(npc)
                     with m.Case(Op.MUL):
                         # the product register is written at the end of this cycle
-                        m.next = "MUL2"
+                        m.d.sync += a_sel_r.eq(PROD)
+                        m.next = "TAKE"
                     with m.Case(Op.SHR):
                         m.d.sync += [rem_cnt.eq(X[:8].as_signed()), add_mode.eq(INC)]
                         m.next = "SHIFT"
@@ -538,40 +559,34 @@ class TinyEngine(wiring.Component):
                         # bit length of A >= 0 = index of the top one of 2A + 1: a tree of halves
                         # into count, then A := count
                         _, msb = msb_index(Cat(Const(1, 1), A[:N - 1]), N)
-                        m.d.sync += count.eq(msb)
-                        m.next = "BITLEN2"
+                        m.d.sync += [count.eq(msb), a_sel_r.eq(SMALL), small_sel.eq(S_COUNT)]
+                        m.next = "TAKE"
                     with m.Case(Op.DIV):
                         # restoring division, one quotient bit per cycle (N cycles), quotient in A
-                        m.d.comb += [a_sel.eq(SH), sh_mode.eq(L1)]
+                        m.d.comb += sh_mode.eq(L1)
                         m.d.sync += [rem.eq(Mux(ge, diff, r2)), count.eq(count + 1)]
                         with m.If(count == N - 1):
                             next_instr(npc)
+                        with m.Else():
+                            m.d.sync += a_sel_r.eq(SH)
                     with m.Case(Op.SQRT):
                         # restoring square root: even cycles shift a radicand bit into rem, odd
-                        # cycles also try the next root bit (N cycles), then A := root
+                        # cycles also try the next root bit (N cycles), then A := root in TAKE
+                        m.d.comb += sh_mode.eq(L1)
                         trying = count[0]
                         m.d.sync += [rem.eq(Mux(ge & trying, diff, r2)), count.eq(count + 1)]
                         with m.If(trying):
                             m.d.sync += root.eq(Cat(ge, root[:-1]))
-                        with m.If(count == N):
-                            m.d.comb += [a_sel.eq(SMALL), small.eq(root)]
-                            next_instr(npc)
+                        with m.If(count == N - 1):
+                            m.d.sync += [a_sel_r.eq(SMALL), small_sel.eq(S_ROOT)]
+                            m.next = "TAKE"
                         with m.Else():
-                            m.d.comb += [a_sel.eq(SH), sh_mode.eq(L1)]
+                            m.d.sync += a_sel_r.eq(SH)
                     with m.Default():
                         next_instr(npc)
 
-            with m.State("MINMAX"):
-                with m.If(take_x):
-                    m.d.comb += a_sel.eq(SUM)
-                next_instr(pc + 1)
-
-            with m.State("BITLEN2"):
-                m.d.comb += [a_sel.eq(SMALL), small.eq(count)]
-                next_instr(pc + 1)
-
-            with m.State("MUL2"):
-                m.d.comb += a_sel.eq(PROD)
+            with m.State("TAKE"):
+                # the second cycle of MAX/MIN, MUL, BITLEN, SQRT: A takes a_sel_r
                 next_instr(pc + 1)
 
             with m.State("SHIFT"):

@@ -361,8 +361,7 @@ class Machine:
 MATVEC_OVERHEAD = 6
 # cycles of a FEED_TOKEN before the program's first instruction: accepting it, starting
 START_CYCLES = 2
-_NO_OPERAND = {Op.ST, Op.STV, Op.STQ, Op.SETP, Op.SETB, Op.RES, Op.GETI, Op.GETT, Op.LOOP, Op.BR, Op.CALL,
-               Op.RET, Op.NOP, Op.END}
+_NO_OPERAND = {Op.ST, Op.STV, Op.STQ, Op.SETP, Op.SETB, Op.RES, Op.LOOP, Op.BR, Op.CALL, Op.RET, Op.NOP, Op.END}
 
 
 def shift_steps(s: int, rnd: bool) -> int:
@@ -395,7 +394,7 @@ def _op_cycles(ins: Instr, a: int, x: int, fmt: Formats, bases) -> int:
         return 1
     if op == Op.MATVEC:
         return 1 + MATVEC_OVERHEAD + bases[5] * bases[1]
-    if op in (Op.ABS, Op.SAT, Op.SIGP):
+    if op in (Op.ABS, Op.SAT, Op.SIGP, Op.GETI, Op.GETT):
         return 2
     if op == Op.BITLEN:
         return 3
