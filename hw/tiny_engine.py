@@ -271,7 +271,7 @@ class TinyEngine(wiring.Component):
 
         # -- the divider / square root step: one subtractor for both
         # (the square root takes two cycles per root bit: a radicand bit shifted in, then the trial)
-        is_div = op == Op.DIV
+        is_div = Signal()             # registered in OPER / ISSUE (not decoded from the ROM here)
         r2 = Cat(A[N - 1], rem[:34])
         trial = Mux(is_div, X[:34], Cat(Const(1, 2), root))
         diff = Signal(37)
@@ -499,7 +499,7 @@ class TinyEngine(wiring.Component):
                         next_instr(npc)
                     with m.Case(Op.ABS, Op.SAT, Op.BITLEN, Op.SQRT, Op.SIGP, Op.GETI, Op.GETT):
                         m.d.sync += [count.eq(0), rem.eq(0), root.eq(0), a_sel_r.eq(pre_sel),
-                                     small_sel.eq(pre_small), neg_from_a.eq(1)]
+                                     small_sel.eq(pre_small), neg_from_a.eq(1), is_div.eq(0)]
                         m.next = "EXEC"
                     with m.Default():
                         m.next = "OPER"
@@ -524,7 +524,8 @@ class TinyEngine(wiring.Component):
                     with m.Case(Kind.W32):
                         m.d.sync += X.eq(w_rdata)      # low half; the high half next cycle
                         m.d.comb += w_addr.eq(addr[1:] + 1)
-                m.d.sync += [count.eq(0), rem.eq(0), root.eq(0), rounded.eq(0), neg_from_a.eq(0)]
+                m.d.sync += [count.eq(0), rem.eq(0), root.eq(0), rounded.eq(0), neg_from_a.eq(0),
+                             is_div.eq(op == Op.DIV)]
                 with m.If(kind == Kind.W32):
                     m.next = "OPER2"
                 with m.Else():
