@@ -71,8 +71,8 @@ Small form
 ``Link(..., small=True)`` is the same protocol, byte for byte, in fewer logic cells for the
 iCE40UP5K (the default form, tuned for ECP5 timing, is unchanged; tests/test_hw_link.py runs
 every exchange test on both). Measured on the iCEBreaker's parameters (demo model, base3, 1 lane,
-``max_payload=256``; Yosys ``synth_ice40 -dsp``, the Link alone): 1730 -> about 1450 LUT4,
-722 -> 672 FF, 309 -> 210 carry, one block RAM more (2 EBRs).
+``max_payload=256``; Yosys ``synth_ice40 -dsp``, the Link alone): 1730 -> 1450 LUT4,
+722 -> 640 FF, 309 -> 210 carry, one block RAM more (2 EBRs).
 
 * The three CRCs are bit-serial (``data_width=1`` processors): a byte is shifted into them one
   bit per cycle by a shared feeder, and the parser, the transmitter and the chunk forwarder wait
@@ -89,6 +89,8 @@ every exchange test on both). Measured on the iCEBreaker's parameters (demo mode
 * The idle timeout and the boot id are LFSRs instead of counters (no carry chains): the
   timeout still expires exactly ``idle_timeout_cycles`` after the last byte; the boot id is the
   LFSR state reached from reset to the first byte received.
+* The image CRC is not a register of its own: it is ``load_crc`` while weights are loaded and 0
+  otherwise (a LOAD_COMMIT copies ``load_crc``, a LOAD_BEGIN drops the weights).
 
 Testbench observation points (not ports): ``idle`` (the parser waits for bytes and nothing is
 being sent) and ``state`` (name -> Signal of every register a command may change).
