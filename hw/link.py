@@ -71,8 +71,8 @@ Small form
 ``Link(..., small=True)`` is the same protocol, byte for byte, in fewer logic cells for the
 iCE40UP5K (the default form, tuned for ECP5 timing, is unchanged; tests/test_hw_link.py runs
 every exchange test on both). Measured on the iCEBreaker's parameters (demo model, base3, 1 lane,
-``max_payload=256``; Yosys ``synth_ice40 -dsp``, the Link alone): 1730 -> 1450 LUT4,
-722 -> 640 FF, 309 -> 210 carry, one block RAM more (2 EBRs).
+``max_payload=256``; Yosys ``synth_ice40 -dsp``, the Link alone): 1730 -> 1399 LUT4,
+722 -> 631 FF, 309 -> 203 carry, one block RAM more (2 EBRs).
 
 * The three CRCs are bit-serial (``data_width=1`` processors): a byte is shifted into them one
   bit per cycle by a shared feeder, and the parser, the transmitter and the chunk forwarder wait
@@ -849,7 +849,7 @@ class Link(wiring.Component):
         with m.If(~chunk_phase):
             # set up for a LOAD_CHUNK until one starts: its first byte and its length less one
             m.d.sync += [chunk_addr.eq(sp + HEADER_LEN + LOAD_CHUNK_HEADER.size),
-                         chunk_left.eq(length - (LOAD_CHUNK_HEADER.size + 1))]
+                         *([] if self.small else [chunk_left.eq(length - (LOAD_CHUNK_HEADER.size + 1))])]
         with m.Elif(chunk_step):
             m.d.sync += chunk_addr.eq(chunk_addr + 1)
         # the read address is a register (chunk_addr or rp): no decision of this cycle reaches it
@@ -1114,8 +1114,13 @@ class Link(wiring.Component):
                     m.d.comb += img_crc.valid.eq(self.eng_image.ready)
                 with m.If(self.eng_image.ready):
                     m.next = "CHUNK_ADDR"
-                    m.d.sync += [chunk_left.eq(chunk_left - 1), load_pointer.eq(load_pointer + 1)]
-                    with m.If(chunk_left == 0):
+                    m.d.sync += [*([] if self.small else [chunk_left.eq(chunk_left - 1)]),
+                                 load_pointer.eq(load_pointer + 1)]
+                    # (small form: the last data byte is the one before the trailer, which ends at
+                    # rp: the parser stands after the frame while the chunk is forwarded)
+                    chunk_last = (((chunk_addr + TRAILER_LEN + 1)[:ring_bits] == rp[:ring_bits]) if self.small
+                                  else chunk_left == 0)
+                    with m.If(chunk_last):
                         m.d.sync += chunk_phase.eq(0)
                         m.next = "SEND"
 
