@@ -66,6 +66,32 @@ the transmitter did.
 Memory: the ring is the only RAM (``ring_depth(max_payload)`` bytes: 128 for 64, 512 for 256,
 2048 for MAX_PAYLOAD; one, one and four iCE40 EBRs).
 
+Small form
+----------
+``Link(..., small=True)`` is the same protocol, byte for byte, in fewer logic cells for the
+iCE40UP5K (the default form, tuned for ECP5 timing, is unchanged; tests/test_hw_link.py runs
+every exchange test on both). Measured on the iCEBreaker's parameters (demo model, base3, 1 lane,
+``max_payload=256``; Yosys ``synth_ice40 -dsp``, the Link alone): 1730 -> 1399 LUT4,
+722 -> 631 FF, 309 -> 203 carry, one block RAM more (2 EBRs).
+
+* The three CRCs are bit-serial (``data_width=1`` processors): a byte is shifted into them one
+  bit per cycle by a shared feeder, and the parser, the transmitter and the chunk forwarder wait
+  for it (about eleven cycles a byte; a UART byte takes at least 40).
+* The response payload comes from a ROM (one block RAM; 240 of 256 entries used on the
+  iCEBreaker's parameters) that holds, for every byte of every response and of the NAK for
+  each possible argument, either a constant or the code of a register byte; one multiplexer
+  over the distinct register bytes serves all responses (the NAK's argument is picked as it is
+  sent: no 32-bit argument register, no argument multiplexer). A payload byte is ready two
+  cycles after its index changes.
+* The first payload word of LOAD_BEGIN, LOAD_CHUNK, FEED_TOKEN and READ_LOGITS (size, offset,
+  position) is compared byte by byte as it arrives with the first word of the command's
+  response, read through that multiplexer while no response is being sent; it is not stored.
+* The idle timeout and the boot id are LFSRs instead of counters (no carry chains): the
+  timeout still expires exactly ``idle_timeout_cycles`` after the last byte; the boot id is the
+  LFSR state reached from reset to the first byte received.
+* The image CRC is not a register of its own: it is ``load_crc`` while weights are loaded and 0
+  otherwise (a LOAD_COMMIT copies ``load_crc``, a LOAD_BEGIN drops the weights).
+
 Testbench observation points (not ports): ``idle`` (the parser waits for bytes and nothing is
 being sent) and ``state`` (name -> Signal of every register a command may change).
 
@@ -158,6 +184,57 @@ def _pack(layout: struct.Struct, *values):
     return Cat(*parts)
 
 
+# Maximal-length LFSR taps (XAPP052), by width: bit numbers from 1, Fibonacci form (shift left,
+# the XOR of the tapped bits enters at bit 0); tests/test_hw_link.py proves each maximal.
+LFSR_TAPS = {
+    2: (2, 1), 3: (3, 2), 4: (4, 3), 5: (5, 3), 6: (6, 5), 7: (7, 6), 8: (8, 6, 5, 4), 9: (9, 5),
+    10: (10, 7), 11: (11, 9), 12: (12, 6, 4, 1), 13: (13, 4, 3, 1), 14: (14, 5, 3, 1), 15: (15, 14),
+    16: (16, 15, 13, 4), 17: (17, 14), 18: (18, 11), 19: (19, 6, 2, 1), 20: (20, 17), 21: (21, 19),
+    22: (22, 21), 23: (23, 18), 24: (24, 23, 22, 17), 25: (25, 22), 26: (26, 6, 2, 1), 27: (27, 5, 2, 1),
+    28: (28, 25), 29: (29, 27), 30: (30, 6, 4, 1), 31: (31, 28), 32: (32, 22, 2, 1),
+}
+
+
+def lfsr_step(state: int, width: int) -> int:
+    """The LFSR of ``width`` bits one step on from ``state``."""
+    feedback = 0
+    for tap in LFSR_TAPS[width]:
+        feedback ^= (state >> (tap - 1)) & 1
+    return ((state << 1) | feedback) & ((1 << width) - 1)
+
+
+def lfsr_jump(state: int, width: int, steps: int) -> int:
+    """The LFSR of ``width`` bits ``steps`` steps on from ``state`` (the step is linear over
+    GF(2): its matrix, as the images of the unit vectors, is raised to ``steps`` by squaring)."""
+    def apply(columns, x):
+        y = 0
+        for i, column in enumerate(columns):
+            if x >> i & 1:
+                y ^= column
+        return y
+    power = [lfsr_step(1 << i, width) for i in range(width)]
+    while steps:
+        if steps & 1:
+            state = apply(power, state)
+        power = [apply(power, column) for column in power]
+        steps >>= 1
+    return state
+
+
+def lfsr_signal(m, width: int, *, restart, run, name: str):
+    """An LFSR register of ``width`` bits (state 1 after reset and ``restart``) that steps
+    while ``run``; a counter made of a shift register and a few XORs, without a carry chain."""
+    state = Signal(width, init=1, name=name)
+    feedback = 0
+    for tap in LFSR_TAPS[width]:
+        feedback ^= state[tap - 1]
+    with m.If(restart):
+        m.d.sync += state.eq(1)
+    with m.Elif(run):
+        m.d.sync += state.eq(Cat(feedback, state[:-1]))
+    return state
+
+
 def ring_depth(max_payload: int) -> int:
     """Bytes of the receive ring: the smallest power of two that holds a whole frame and one byte
     more (the Link takes a byte only while at least two places are free)."""
@@ -192,6 +269,13 @@ _STATE_RESPONSES = {
 }
 
 
+@dataclasses.dataclass(frozen=True)
+class _IfLoaded:
+    """A response field that is ``value`` (a constant or a register) while weights are loaded,
+    else 0 (IDENTITY's image size and CRC)."""
+    value: object
+
+
 class Link(wiring.Component):
     """The device side of the wire protocol for an engine of ``cfg`` / ``packing`` (module docstring).
 
@@ -219,12 +303,15 @@ class Link(wiring.Component):
         None (the RAM starts empty). With an image, IDENTIFY reports the weights loaded with the
         image's size and CRC-32 from the start, and a reset does not change that (the RAM keeps
         its contents through a reset); LOAD_BEGIN still replaces them as usual.
+    small : bool
+        The small form for the iCE40 (module docstring, "Small form"): the same bytes on the
+        wire, fewer logic cells, a slower parser; False keeps the form tuned for ECP5 timing.
     """
 
     def __init__(self, cfg: ModelConfig, *, packing: str = "base3", lanes: int = 0,
                  max_payload: int = MAX_PAYLOAD, step_time_ms: int = 0, clk_freq: float = 12e6,
                  idle_timeout_cycles: int | None = None, boot_id: int | None = None,
-                 image: bytes | None = None):
+                 image: bytes | None = None, small: bool = False):
         from mmfree_fpga.host.image import image_size
         if not MIN_DEVICE_PAYLOAD <= max_payload <= MAX_PAYLOAD:
             raise ValueError(f"max_payload must be in [{MIN_DEVICE_PAYLOAD}, {MAX_PAYLOAD}], got {max_payload}")
@@ -244,6 +331,7 @@ class Link(wiring.Component):
             raise ValueError(f"the preloaded image has {len(image)} bytes; this geometry and packing take "
                              f"{self.image_bytes}")
         self.preloaded = image is not None
+        self.small = small
         self.ring_depth = ring_depth(max_payload)
         self.logits_per_read = min(MAX_LOGITS_PER_READ, (max_payload - READ_LOGITS_HEADER.size) // 4)
         super().__init__({
@@ -258,12 +346,17 @@ class Link(wiring.Component):
         # observation points for testbenches (not ports): ``idle`` (waiting for bytes, nothing
         # to send) and every register of the device state a command may change
         self.idle = Signal()
+        image_crc_init = crc32_image(image) if image is not None else 0
         self.state = {
             "position": Signal(32), "logits_valid": Signal(),
             # preloaded weights are there from configuration on and survive a reset, like the RAM
             "weights_loaded": Signal(init=self.preloaded, reset_less=self.preloaded),
-            "image_crc": Signal(32, init=crc32_image(image) if image is not None else 0, reset_less=self.preloaded),
-            "load_open": Signal(), "load_crc": Signal(32),
+            "image_crc": Signal(32, init=image_crc_init if not small else 0,
+                                reset_less=self.preloaded and not small),
+            "load_open": Signal(),
+            # (small form: the image CRC is load_crc while weights are loaded, else 0 -- a commit
+            # copies load_crc, a LOAD_BEGIN clears the weights -- so only load_crc is a register)
+            "load_crc": Signal(32, init=image_crc_init if small else 0, reset_less=self.preloaded and small),
             "load_pointer": Signal(range(self.image_bytes + 1)),
             "running_crc": Signal(32), "cache_valid": Signal(), "cache_seq": Signal(8), "cache_crc": Signal(16),
             "cache_op": Signal(8), "boot_id": Signal(32),
@@ -271,6 +364,72 @@ class Link(wiring.Component):
             "result": Signal(data.StructLayout({"argmax": range(cfg.V), "logit": signed(32),
                                                 "cycles": unsigned(32)}).size),
         }
+
+    @staticmethod
+    def _response_rom(m, programs, nak_programs, nak_arg_sel, out_kind, j, weights_loaded, payload_byte):
+        """The small form's response payload: a ROM (one block RAM) holds, for every byte of every
+        response (and of the NAK for each argument choice), either a constant or the code of a
+        register byte; ``payload_byte`` is that byte of ``out_kind``'s response at ``j`` (of the
+        NAK: for ``nak_arg_sel``) two cycles after they are set (the ROM's read is registered).
+        One multiplexer over the distinct register bytes serves every response."""
+        sources, keys = [], {}
+
+        def entries(layout, values):
+            """(code, constant, masked) per byte: code 0 is the constant, else source code - 1;
+            masked: 0 while no weights are loaded."""
+            out = []
+            for (_, width), value in zip(struct_fields(layout), values):
+                masked = isinstance(value, _IfLoaded)
+                if masked:
+                    value = value.value
+                if isinstance(value, bytes):
+                    value = int.from_bytes(value, "little")
+                for k in range(width // 8):
+                    if isinstance(value, int):
+                        out.append((0, (value & ((1 << width) - 1)) >> 8 * k & 0xFF, masked))
+                    elif 8 * k >= len(Value.cast(value)):
+                        out.append((0, 0, masked))
+                    else:
+                        key = (id(value), k)
+                        if key not in keys:
+                            keys[key] = (len(sources) + 1, value)    # (the value kept: its id stays unique)
+                            sources.append(Value.cast(value).as_unsigned().word_select(k, 8))
+                        out.append((keys[key][0], 0, masked))
+            return out
+
+        # regions, each at a multiple of its size rounded up to a power of two: address = base | j
+        regions = [(kind, entries(layout, values)) for kind, (layout, values) in programs.items()]
+        nak_entries = [entries(layout, values) for layout, values in nak_programs]
+        nak_span = 1 << (len(nak_entries[0]) - 1).bit_length()
+        regions.append(("nak", [e for ent in nak_entries for e in ent + [(0, 0, False)] * (nak_span - len(ent))]))
+        regions.sort(key=lambda r: -len(r[1]))
+        bases, rom, code_bits = {}, [], len(sources).bit_length()
+        for name, ents in regions:
+            span = 1 << (len(ents) - 1).bit_length()
+            base = -(-len(rom) // span) * span
+            rom += [0] * (base - len(rom))
+            bases[name] = base
+            rom += [const | code << 8 | masked << (8 + code_bits) for code, const, masked in ents]
+        rom_depth = 1 << (len(rom) - 1).bit_length()
+        rom += [0] * (rom_depth - len(rom))
+        m.submodules.response_rom = memory = Memory(shape=9 + code_bits, depth=rom_depth, init=rom)
+        port = memory.read_port()
+        addr = Signal(range(rom_depth))
+        with m.Switch(out_kind):
+            for kind in programs:
+                with m.Case(kind):
+                    span = 1 << (programs[kind][0].size - 1).bit_length()
+                    m.d.comb += addr.eq(bases[kind] | j[:(span - 1).bit_length()])
+            with m.Case(_Kind.NAK):
+                m.d.comb += addr.eq(bases["nak"] | Cat(j[:(nak_span - 1).bit_length()], nak_arg_sel))
+        m.d.comb += port.addr.eq(addr)
+        const, code, masked = port.data[:8], port.data[8:8 + code_bits], port.data[8 + code_bits]
+        register_byte = Signal(8)
+        with m.Switch(code):
+            for n, source in enumerate(sources):
+                with m.Case(n + 1):
+                    m.d.comb += register_byte.eq(source)
+        m.d.comb += payload_byte.eq(Mux(masked & ~weights_loaded, 0, const | register_byte))
 
     def elaborate(self, platform):
         m = Module()
@@ -303,13 +462,20 @@ class Link(wiring.Component):
         with m.If(wr.en):
             m.d.sync += wp.eq(wp + 1)
 
-        idle_count = Signal(range(self.idle_timeout_cycles + 1))
         idle_expired = Signal()
-        m.d.comb += idle_expired.eq(idle_count == self.idle_timeout_cycles)
-        with m.If(wr.en):
-            m.d.sync += idle_count.eq(0)
-        with m.Elif(~idle_expired):
-            m.d.sync += idle_count.eq(idle_count + 1)
+        if self.small:
+            # an LFSR as the counter: expired in the state idle_timeout_cycles steps after 1
+            # (fewer states than the LFSR's period: each state is met once)
+            width = max(2, (self.idle_timeout_cycles + 1).bit_length())
+            idle_lfsr = lfsr_signal(m, width, restart=wr.en, run=~idle_expired, name="idle_lfsr")
+            m.d.comb += idle_expired.eq(idle_lfsr == lfsr_jump(1, width, self.idle_timeout_cycles))
+        else:
+            idle_count = Signal(range(self.idle_timeout_cycles + 1))
+            m.d.comb += idle_expired.eq(idle_count == self.idle_timeout_cycles)
+            with m.If(wr.en):
+                m.d.sync += idle_count.eq(0)
+            with m.Elif(~idle_expired):
+                m.d.sync += idle_count.eq(idle_count + 1)
 
         boot_id = self.state["boot_id"]
         if self.boot_id is None:
@@ -317,19 +483,53 @@ class Link(wiring.Component):
             booted = Signal()
             with m.If(wr.en):
                 m.d.sync += booted.eq(1)
-            with m.If(~booted & ~wr.en):
-                m.d.sync += boot_id.eq(boot_id + 1)
+            if self.small:
+                # (small form: a 32-bit LFSR's state instead of the count)
+                m.d.comb += boot_id.eq(lfsr_signal(m, 32, restart=0, run=~booted & ~wr.en, name="boot_lfsr"))
+            else:
+                with m.If(~booted & ~wr.en):
+                    m.d.sync += boot_id.eq(boot_id + 1)
         else:
             m.d.comb += boot_id.eq(self.boot_id & 0xFFFFFFFF)
 
         # -- CRC units ----------------------------------------------------------------------
         # one header CRC and one frame CRC serve both directions: a frame is parsed (HEADER ..
         # DECIDE) and a response sent (SEND ..) at different times
-        m.submodules.hcrc = hcrc = HEADER_CRC(data_width=8).create()
-        m.submodules.fcrc = fcrc = FRAME_CRC(data_width=8).create()
+        # (small form: bit-serial, fed by the shifter below)
+        crc_width = 1 if self.small else 8
+        m.submodules.hcrc = hcrc = HEADER_CRC(data_width=crc_width).create()
+        m.submodules.fcrc = fcrc = FRAME_CRC(data_width=crc_width).create()
         rx_hcrc = tx_hcrc = hcrc
         rx_fcrc = tx_fcrc = fcrc
-        m.submodules.img_crc = img_crc = IMAGE_CRC(data_width=8).create()
+        m.submodules.img_crc = img_crc = IMAGE_CRC(data_width=crc_width).create()
+        # The small form's CRC feeder: a byte is loaded into ``feed_bits`` with the CRCs it goes
+        # to, and shifted into them one bit per cycle, most significant first (the image CRC is
+        # reflected: its byte is loaded reversed); ``feeding`` for eight cycles. The parser
+        # takes no byte, the transmitter picks none and the chunk forwarder offers none while
+        # it runs, so every CRC has seen every byte before anything reads it.
+        feed_bits = Signal(8)
+        feed_left = Signal(range(9))
+        feed_h, feed_f, feed_i = Signal(), Signal(), Signal()
+        feeding = Signal()
+
+        def done(cond):
+            """``cond``, and (small form) the feeder idle; the default form's logic is unchanged."""
+            return cond & ~feeding if self.small else cond
+
+        def after_feeder():
+            """(small form) a block that runs once the feeder is idle; the default form: always."""
+            return m.If(~feeding) if self.small else contextlib.nullcontext()
+        if self.small:
+            m.d.comb += feeding.eq(feed_left != 0)
+            with m.If(feeding):
+                m.d.sync += [feed_bits.eq(feed_bits << 1), feed_left.eq(feed_left - 1)]
+            m.d.comb += [hcrc.data.eq(feed_bits[7]), fcrc.data.eq(feed_bits[7]), img_crc.data.eq(feed_bits[7]),
+                         hcrc.valid.eq(feeding & feed_h), fcrc.valid.eq(feeding & feed_f),
+                         img_crc.valid.eq(feeding & feed_i)]
+
+        def feed(value, *, h=0, f=0, i=0):
+            """Small form: statements that load ``value`` into the feeder for the CRCs flagged."""
+            return [feed_bits.eq(value), feed_left.eq(8), feed_h.eq(h), feed_f.eq(f), feed_i.eq(i)]
 
         # -- frame registers ------------------------------------------------------------------
         got = Signal()                   # byte holds the byte at rp
@@ -385,7 +585,7 @@ class Link(wiring.Component):
         fed = Signal()                   # tx took nb in the previous cycle: the CRCs take it now
         nb_free = Signal()               # the next byte may be chosen
         rescan_after = Signal()          # after the response: rescan from sp + 1 (bad CRC)
-        m.d.comb += [self.tx.valid.eq(nb_valid), self.tx.payload.eq(nb), nb_free.eq(~nb_valid & ~fed)]
+        m.d.comb += [self.tx.valid.eq(nb_valid), self.tx.payload.eq(nb), nb_free.eq(done(~nb_valid & ~fed))]
 
         # READ_LOGITS streaming
         read_start = Signal(range(cfg.V))       # checked: start + count <= V, count >= 1
@@ -419,6 +619,9 @@ class Link(wiring.Component):
             m.d.sync += r.eq(cond)
             return r
 
+        # start + count > V on vb-bit operands (vb: the bits of V): a higher bit set in either
+        # makes the sum exceed V anyway
+        vb = cfg.V.bit_length()
         commands = [c for c in Op if c != Op.NAK]
         req_len_ok = Signal()
         with m.Switch(op):
@@ -438,40 +641,69 @@ class Link(wiring.Component):
                     m.d.sync += op_code.eq(op_index[c])
             with m.Default():
                 m.d.sync += op_code.eq(0)
-        position_bad = flag(feed_position != position, "position")    # READ_LOGITS' position: the same bytes
         assert struct_fields(FEED_TOKEN_REQUEST)[0] == struct_fields(READ_LOGITS_REQUEST)[0]
+        # Small form: the first payload word (LOAD_BEGIN's size, LOAD_CHUNK's offset, FEED_TOKEN's
+        # and READ_LOGITS' position) is compared byte by byte as it arrives, with the first word
+        # of the command's response (image size, write pointer, position: the same values) from
+        # the response multiplexer, which is idle while a frame is parsed; it is not stored.
+        word0_differs = Signal()         # some byte of the first word differed
+        word0_ones = Signal()            # every byte of the first word was 0xFF
+        for layout in (LOAD_BEGIN_REQUEST, LOAD_CHUNK_HEADER, FEED_TOKEN_REQUEST, READ_LOGITS_REQUEST):
+            assert struct_fields(layout)[0] == (0, 32)
+        for layout in (LOAD_BEGIN_RESPONSE, LOAD_CHUNK_RESPONSE, FEED_TOKEN_RESPONSE, READ_LOGITS_HEADER):
+            assert struct_fields(layout)[0] == (0, 32)
+        if self.small:
+            position_bad = word0_differs
+            last_position = word0_ones
+            token_big = (feed_token[vb:] != 0) | (feed_token[:vb] >= cfg.V)
+            count_big = (read_count[self.logits_per_read.bit_length():] != 0) | \
+                (read_count[:self.logits_per_read.bit_length()] > self.logits_per_read)
+        else:
+            position_bad = flag(feed_position != position, "position")    # READ_LOGITS' position: the same bytes
+            last_position = None         # (a flag, made where the default form always made it)
+            token_big = feed_token >= cfg.V
+            count_big = read_count > self.logits_per_read
 
-        # start + count > V on vb-bit operands (vb: the bits of V): a higher bit set in either
-        # makes the sum exceed V anyway
-        vb = cfg.V.bit_length()
         past_vocab = ((read_start_arg[vb:] != 0) | (read_count[vb:] != 0)
                       | (read_start_arg[:vb] + read_count[:vb] > cfg.V))
 
 
+        if self.small:
+            load_left = Signal(range(self.image_bytes + 1))   # image bytes still to come in the load
+            m.d.comb += load_left.eq(self.image_bytes - load_pointer)
+            # the chunk's data (length - 5 bytes) runs past the image: one subtractor for this
+            # and the NAK's argument, a comparison as wide as LEN
+            lb = len(length)
+            overrun = (load_left[lb:] == 0) & (length > load_left[:lb] + LOAD_CHUNK_HEADER.size)
+        else:
+            overrun = load_pointer + length > self.image_bytes + LOAD_CHUNK_HEADER.size
+            load_left = self.image_bytes - load_pointer
+
         def checks_of(c):
             """(registered condition, error, arg) after the length check, in the device model's order."""
             if c == Op.LOAD_BEGIN:
-                return [(flag(begin_size != self.image_bytes, "begin_size"), Error.BAD_IMAGE_SIZE,
-                         self.image_bytes)]
+                return [(word0_differs if self.small else flag(begin_size != self.image_bytes, "begin_size"),
+                         Error.BAD_IMAGE_SIZE, self.image_bytes)]
             if c == Op.LOAD_CHUNK:
                 # load_pointer + (length - 5) > image_bytes, for length > 5 (the length check)
                 return [(~load_open, Error.NO_LOAD, 0),
-                        (flag(chunk_offset != load_pointer, "offset"), Error.BAD_OFFSET, load_pointer),
-                        (flag(load_pointer + length > self.image_bytes + LOAD_CHUNK_HEADER.size, "overrun"),
-                         Error.BAD_ARGUMENT, self.image_bytes - load_pointer)]
+                        (word0_differs if self.small else flag(chunk_offset != load_pointer, "offset"),
+                         Error.BAD_OFFSET, load_pointer),
+                        (flag(overrun, "overrun"), Error.BAD_ARGUMENT, load_left)]
             if c == Op.LOAD_COMMIT:
                 return [(~load_open, Error.NO_LOAD, 0),
                         (flag(load_pointer != self.image_bytes, "incomplete"), Error.INCOMPLETE, load_pointer),
                         (flag(img_crc.crc != load_crc, "checksum"), Error.CHECKSUM_MISMATCH, img_crc.crc)]
             if c == Op.FEED_TOKEN:
                 return [(~weights_loaded, Error.NO_WEIGHTS, 0),
-                        (flag(feed_token >= cfg.V, "token"), Error.BAD_ARGUMENT, cfg.V),
+                        (flag(token_big, "token"), Error.BAD_ARGUMENT, cfg.V),
                         (position_bad, Error.POSITION_MISMATCH, position),
-                        (flag(feed_position == 0xFFFFFFFF, "last_position"), Error.BAD_ARGUMENT, 0xFFFFFFFF)]
+                        (last_position if self.small else flag(feed_position == 0xFFFFFFFF, "last_position"),
+                         Error.BAD_ARGUMENT, 0xFFFFFFFF)]
             if c == Op.READ_LOGITS:
                 return [(~weights_loaded, Error.NO_WEIGHTS, 0),
                         (position_bad, Error.POSITION_MISMATCH, position),
-                        (flag(~logits_valid | (read_count == 0) | (read_count > self.logits_per_read)
+                        (flag(~logits_valid | (read_count == 0) | count_big
                               | past_vocab, "read_range"), Error.BAD_ARGUMENT, self.logits_per_read)]
             return []
 
@@ -518,10 +750,11 @@ class Link(wiring.Component):
                             m.d.sync += rejected.eq(0)
                 with m.Default():
                     m.d.sync += [rejected.eq(1), nak_error.eq(Error.UNKNOWN_OP), nak_arg_sel.eq(0)]
-            with m.Switch(nak_arg_sel):
-                for i, value in enumerate(arg_values):
-                    with m.Case(i):
-                        m.d.sync += nak_arg.eq(value)
+            if not self.small:    # (the small form picks the argument's bytes as it sends them)
+                with m.Switch(nak_arg_sel):
+                    for i, value in enumerate(arg_values):
+                        with m.Case(i):
+                            m.d.sync += nak_arg.eq(value)
 
         # -- response payload bytes ------------------------------------------------------------------
         status = Signal(8)
@@ -533,37 +766,61 @@ class Link(wiring.Component):
             formats_id=formats_id(FORMATS), max_payload=self.max_payload, step_time_ms=self.step_time_ms,
             status=status, image_size=Mux(weights_loaded, self.image_bytes, 0),
             image_crc=image_crc, position=position)    # image_crc is 0 while no weights are loaded
-        identity = _pack(IDENTITY, *[identity_values[f.name] for f in dataclasses.fields(Identity)])
-        nak = _pack(NAK_PAYLOAD, nak_error, op, nak_arg)
-        logits_header = _pack(READ_LOGITS_HEADER, position, read_start)
         payload_byte = Signal(8)
         payload_ready = Signal()
-        state_payloads = {
-            _Kind.RESET_STATE: _pack(POSITION, 0),
-            _Kind.LOAD_BEGIN: _pack(LOAD_BEGIN_RESPONSE, self.image_bytes, load_crc),
-            _Kind.LOAD_CHUNK: _pack(LOAD_CHUNK_RESPONSE, load_pointer),
-            _Kind.LOAD_COMMIT: _pack(LOAD_COMMIT_RESPONSE, self.image_bytes, image_crc),
-            _Kind.FEED_TOKEN: _pack(FEED_TOKEN_RESPONSE, position, last_result.argmax, last_result.logit,
-                                    last_result.cycles),
-        }
-        with m.Switch(out_kind):
-            for kind, value in state_payloads.items():
-                with m.Case(kind):
-                    m.d.comb += [payload_byte.eq(value.word_select(j[:(len(value) // 8 - 1).bit_length()], 8)),
+        if self.small:
+            m.d.comb += image_crc.eq(Mux(weights_loaded, load_crc, 0))
+            argmax = last_result.argmax
+            identity_values["image_size"] = _IfLoaded(self.image_bytes)
+            identity_values["image_crc"] = _IfLoaded(load_crc)
+            identity_fields = [identity_values[f.name] for f in dataclasses.fields(Identity)]
+            programs = {
+                _Kind.IDENTITY: (IDENTITY, identity_fields),
+                _Kind.RESET_STATE: (POSITION, [0]),
+                _Kind.LOAD_BEGIN: (LOAD_BEGIN_RESPONSE, [self.image_bytes, load_crc]),
+                _Kind.LOAD_CHUNK: (LOAD_CHUNK_RESPONSE, [load_pointer]),
+                # (a LOAD_COMMIT's response is replayed only while its weights are loaded)
+                _Kind.LOAD_COMMIT: (LOAD_COMMIT_RESPONSE, [self.image_bytes, load_crc]),
+                _Kind.FEED_TOKEN: (FEED_TOKEN_RESPONSE, [position, argmax, last_result.logit, last_result.cycles]),
+                _Kind.LOGITS: (READ_LOGITS_HEADER, [position, read_start]),
+            }
+            nak_programs = [(NAK_PAYLOAD, [nak_error, op, value]) for value in arg_values]
+            self._response_rom(m, programs, nak_programs, nak_arg_sel, out_kind, j, weights_loaded,
+                               payload_byte)
+            with m.If((out_kind == _Kind.LOGITS) & logits_data):
+                m.d.comb += [payload_byte.eq(logit_word.word_select(logit_byte, 8)), payload_ready.eq(logit_have)]
+            with m.Else():
+                m.d.comb += payload_ready.eq(1)
+        else:
+            identity = _pack(IDENTITY, *[identity_values[f.name] for f in dataclasses.fields(Identity)])
+            nak = _pack(NAK_PAYLOAD, nak_error, op, nak_arg)
+            logits_header = _pack(READ_LOGITS_HEADER, position, read_start)
+            state_payloads = {
+                _Kind.RESET_STATE: _pack(POSITION, 0),
+                _Kind.LOAD_BEGIN: _pack(LOAD_BEGIN_RESPONSE, self.image_bytes, load_crc),
+                _Kind.LOAD_CHUNK: _pack(LOAD_CHUNK_RESPONSE, load_pointer),
+                _Kind.LOAD_COMMIT: _pack(LOAD_COMMIT_RESPONSE, self.image_bytes, image_crc),
+                _Kind.FEED_TOKEN: _pack(FEED_TOKEN_RESPONSE, position, last_result.argmax, last_result.logit,
+                                        last_result.cycles),
+            }
+            with m.Switch(out_kind):
+                for kind, value in state_payloads.items():
+                    with m.Case(kind):
+                        m.d.comb += [payload_byte.eq(value.word_select(j[:(len(value) // 8 - 1).bit_length()], 8)),
+                                     payload_ready.eq(1)]
+                with m.Case(_Kind.IDENTITY):
+                    m.d.comb += [payload_byte.eq(identity.word_select(j[:(IDENTITY.size - 1).bit_length()], 8)),
                                  payload_ready.eq(1)]
-            with m.Case(_Kind.IDENTITY):
-                m.d.comb += [payload_byte.eq(identity.word_select(j[:(IDENTITY.size - 1).bit_length()], 8)),
-                             payload_ready.eq(1)]
-            with m.Case(_Kind.NAK):
-                m.d.comb += [payload_byte.eq(nak.word_select(j[:(NAK_PAYLOAD.size - 1).bit_length()], 8)),
-                             payload_ready.eq(1)]
-            with m.Case(_Kind.LOGITS):
-                with m.If(~logits_data):
-                    m.d.comb += [payload_byte.eq(logits_header.word_select(
-                        j[:(READ_LOGITS_HEADER.size - 1).bit_length()], 8)), payload_ready.eq(1)]
-                with m.Else():
-                    m.d.comb += [payload_byte.eq(logit_word.word_select(logit_byte, 8)),
-                                 payload_ready.eq(logit_have)]
+                with m.Case(_Kind.NAK):
+                    m.d.comb += [payload_byte.eq(nak.word_select(j[:(NAK_PAYLOAD.size - 1).bit_length()], 8)),
+                                 payload_ready.eq(1)]
+                with m.Case(_Kind.LOGITS):
+                    with m.If(~logits_data):
+                        m.d.comb += [payload_byte.eq(logits_header.word_select(
+                            j[:(READ_LOGITS_HEADER.size - 1).bit_length()], 8)), payload_ready.eq(1)]
+                    with m.Else():
+                        m.d.comb += [payload_byte.eq(logit_word.word_select(logit_byte, 8)),
+                                     payload_ready.eq(logit_have)]
 
         # The payload byte at j, registered (pb) before it is picked (the multiplexer and the
         # output path are in different cycles). pb_ready: pb is the byte at j and available;
@@ -573,6 +830,12 @@ class Link(wiring.Component):
         pb_last = Signal()               # j == out_last, registered with pb
         pb_stale = Signal()
         m.d.sync += [pb.eq(payload_byte), pb_ready.eq(payload_ready & ~pb_stale), pb_last.eq(j == out_last)]
+        if self.small:
+            # the response ROM adds a cycle: withheld for two
+            pb_stale_d = Signal()
+            m.d.sync += pb_stale_d.eq(pb_stale)
+            with m.If(pb_stale_d):
+                m.d.sync += pb_ready.eq(0)
 
         m.d.comb += [
             self.eng_logit_req.payload.eq(logit_index),
@@ -586,7 +849,7 @@ class Link(wiring.Component):
         with m.If(~chunk_phase):
             # set up for a LOAD_CHUNK until one starts: its first byte and its length less one
             m.d.sync += [chunk_addr.eq(sp + HEADER_LEN + LOAD_CHUNK_HEADER.size),
-                         chunk_left.eq(length - (LOAD_CHUNK_HEADER.size + 1))]
+                         *([] if self.small else [chunk_left.eq(length - (LOAD_CHUNK_HEADER.size + 1))])]
         with m.Elif(chunk_step):
             m.d.sync += chunk_addr.eq(chunk_addr + 1)
         # the read address is a register (chunk_addr or rp): no decision of this cycle reaches it
@@ -599,7 +862,8 @@ class Link(wiring.Component):
         m.d.comb += rp_next.eq(Mux(jump, sp + 1, Mux(take, rp + 1, rp)))
         read_ok = Signal()               # ring_q holds the byte at rp
         moved = take | jump
-        m.d.comb += img_crc.data.eq(byte_r)
+        if not self.small:
+            m.d.comb += img_crc.data.eq(byte_r)
         m.d.sync += [rp.eq(rp_next), byte_r.eq(ring_q),
                      read_ok.eq((rp != wp) & ~moved & ~chunk_phase),
                      got.eq(read_ok & ~moved & ~chunk_phase)]
@@ -607,11 +871,11 @@ class Link(wiring.Component):
         @contextlib.contextmanager
         def frame_byte():
             """Inside a frame: the idle timeout returns to HUNT, else the body runs on each byte."""
-            m.d.comb += [self.idle.eq(waiting), in_frame.eq(1)]
+            m.d.comb += [self.idle.eq(done(waiting)), in_frame.eq(1)]
             with m.If(timed_out):
                 rescan()
                 m.next = "HUNT"
-            with m.Elif(got):
+            with m.Elif(ready_byte):
                 take_byte()
                 yield
 
@@ -639,6 +903,11 @@ class Link(wiring.Component):
 
         waiting = Signal()     # the parser needs a byte that has not arrived
         m.d.comb += waiting.eq(~got & (rp == wp))
+        if self.small:
+            ready_byte = Signal()  # got, and the feeder is done with the previous byte
+            m.d.comb += ready_byte.eq(done(got))
+        else:
+            ready_byte = got
         # the idle timeout inside a frame, registered: while the parser waits it takes no byte
         # and stays in its state, so the next cycle drops the frame in the state that timed out
         in_frame = Signal()
@@ -648,8 +917,8 @@ class Link(wiring.Component):
         with m.FSM(name="link"):
             # ---- parsing: one byte every third cycle while bytes are in the ring ----
             with m.State("HUNT"):
-                m.d.comb += self.idle.eq(waiting & ~nb_valid)
-                with m.If(got):
+                m.d.comb += self.idle.eq(done(waiting & ~nb_valid))
+                with m.If(ready_byte):
                     take_byte()
                     with m.If(byte == SYNC):
                         m.d.comb += [rx_hcrc.start.eq(1), rx_fcrc.start.eq(1)]
@@ -661,13 +930,26 @@ class Link(wiring.Component):
             with m.State("HEADER"):
                 with frame_byte():
                     m.d.sync += [hidx.eq(hidx + 1), tidx.eq(0), arg_sel.eq(1)]
-                    m.d.comb += [rx_fcrc.data.eq(byte), rx_fcrc.valid.eq(1),
-                                 rx_hcrc.data.eq(byte), rx_hcrc.valid.eq(hidx < HEADER_LEN - 1)]
+                    if self.small:
+                        m.d.sync += feed(byte, h=hidx < HEADER_LEN - 1, f=1)
+                    else:
+                        m.d.comb += [rx_fcrc.data.eq(byte), rx_fcrc.valid.eq(1),
+                                     rx_hcrc.data.eq(byte), rx_hcrc.valid.eq(hidx < HEADER_LEN - 1)]
                     with m.Switch(hidx):
                         with m.Case(1):
                             m.d.sync += seq.eq(byte)
                         with m.Case(2):
                             m.d.sync += op.eq(byte)
+                            if self.small:
+                                # the response whose first word the request's first word is checked against
+                                m.d.sync += [j.eq(0), logits_data.eq(0)]
+                                with m.Switch(byte):
+                                    for command, kind in ((Op.LOAD_BEGIN, _Kind.LOAD_BEGIN),
+                                                          (Op.LOAD_CHUNK, _Kind.LOAD_CHUNK),
+                                                          (Op.FEED_TOKEN, _Kind.FEED_TOKEN),
+                                                          (Op.READ_LOGITS, _Kind.LOGITS)):
+                                        with m.Case(command):
+                                            m.d.sync += out_kind.eq(kind)
                         with m.Case(3):
                             m.d.sync += length[:8].eq(byte)
                         with m.Case(4):
@@ -689,10 +971,23 @@ class Link(wiring.Component):
             with m.State("PAYLOAD"):
                 with frame_byte():
                     m.d.sync += [payload_left.eq(payload_left - 1), arg_sel.eq(arg_sel << 1)]
-                    m.d.comb += [rx_fcrc.data.eq(byte), rx_fcrc.valid.eq(1)]
+                    if self.small:
+                        m.d.sync += feed(byte, f=1)
+                    else:
+                        m.d.comb += [rx_fcrc.data.eq(byte), rx_fcrc.valid.eq(1)]
                     for i in range(_ARG_BYTES):
+                        if self.small and i < 4:
+                            continue
                         with m.If(arg_sel[i]):
                             m.d.sync += args[8 * i:8 * i + 8].eq(byte)
+                    if self.small:
+                        with m.If(arg_sel[:4] != 0):
+                            m.d.sync += j.eq(j + 1)
+                        with m.If(arg_sel[0]):
+                            m.d.sync += [word0_differs.eq(byte != payload_byte), word0_ones.eq(byte == 0xFF)]
+                        with m.Elif(arg_sel[1:4] != 0):
+                            m.d.sync += [word0_differs.eq(word0_differs | (byte != payload_byte)),
+                                         word0_ones.eq(word0_ones & (byte == 0xFF))]
                     with m.If(payload_left == 0):
                         m.next = "TRAILER"
 
@@ -702,14 +997,18 @@ class Link(wiring.Component):
                     m.d.sync += [tidx.eq(tidx + 1),
                                  frame_crc.eq(Cat(byte, frame_crc[:8])),
                                  crc_cached.eq(Cat(byte, frame_crc[:8]) == cache_crc)]
-                    m.d.comb += [rx_fcrc.data.eq(byte), rx_fcrc.valid.eq(1)]
+                    if self.small:
+                        m.d.sync += feed(byte, f=1)
+                    else:
+                        m.d.comb += [rx_fcrc.data.eq(byte), rx_fcrc.valid.eq(1)]
                     with m.If(tidx == TRAILER_LEN - 1):
                         m.next = "CHECK"
 
             # ---- the frame CRC has seen every byte: its verdict is registered first ----
             with m.State("CHECK"):
-                m.d.sync += good.eq(rx_fcrc.match_detected)
-                m.next = "DECIDE"
+                with after_feeder():
+                    m.d.sync += good.eq(rx_fcrc.match_detected)
+                    m.next = "DECIDE"
 
             # ---- a frame with a valid header is complete; rx_fcrc has seen every byte ----
             with m.State("DECIDE"):
@@ -722,6 +1021,8 @@ class Link(wiring.Component):
                 with m.Elif(~good):
                     m.d.sync += [*respond(_Kind.NAK, NAK_RESPONSE, NAK_PAYLOAD.size, rescan_flag=1),
                                  nak_error.eq(Error.BAD_CRC), nak_arg.eq(0)]
+                    if self.small:
+                        m.d.sync += nak_arg_sel.eq(0)    # (argument 0 has index 0)
                     m.next = "SEND"
                 with m.Elif(crc_cached & replayable):
                     with m.Switch(cache_op):
@@ -742,7 +1043,9 @@ class Link(wiring.Component):
                                          *state_response(Op.RESET_STATE)]
                             m.next = "ENGINE_RESET"
                         with m.Case(op_index[Op.LOAD_BEGIN]):
-                            m.d.sync += [weights_loaded.eq(0), image_crc.eq(0), position.eq(0),
+                            # (small form: image_crc follows load_crc and weights_loaded)
+                            m.d.sync += [weights_loaded.eq(0), *([] if self.small else [image_crc.eq(0)]),
+                                         position.eq(0),
                                          logits_valid.eq(0), load_open.eq(1), load_crc.eq(begin_crc),
                                          load_pointer.eq(0),
                                          *state_response(Op.LOAD_BEGIN)]
@@ -752,7 +1055,8 @@ class Link(wiring.Component):
                                          *state_response(Op.LOAD_CHUNK)]
                             m.next = "CHUNK_ADDR"
                         with m.Case(op_index[Op.LOAD_COMMIT]):
-                            m.d.sync += [weights_loaded.eq(1), image_crc.eq(load_crc), load_open.eq(0),
+                            m.d.sync += [weights_loaded.eq(1), *([] if self.small else [image_crc.eq(load_crc)]),
+                                         load_open.eq(0),
                                          position.eq(0), logits_valid.eq(0),
                                          *state_response(Op.LOAD_COMMIT)]
                             m.next = "ENGINE_RESET"
@@ -797,16 +1101,26 @@ class Link(wiring.Component):
             # what the engine and the image CRC get: no path from the block RAM's slow output
             # leaves the Link or enters the CRC-32.
             with m.State("CHUNK_ADDR"):
-                m.next = "CHUNK_WAIT"
+                with after_feeder():
+                    m.next = "CHUNK_WAIT"
             with m.State("CHUNK_WAIT"):
                 m.next = "CHUNK_OUT"
             with m.State("CHUNK_OUT"):
-                m.d.comb += [self.eng_image.valid.eq(1), chunk_step.eq(self.eng_image.ready),
-                             img_crc.valid.eq(self.eng_image.ready)]
+                m.d.comb += [self.eng_image.valid.eq(1), chunk_step.eq(self.eng_image.ready)]
+                if self.small:
+                    with m.If(self.eng_image.ready):
+                        m.d.sync += feed(byte_r[::-1], i=1)
+                else:
+                    m.d.comb += img_crc.valid.eq(self.eng_image.ready)
                 with m.If(self.eng_image.ready):
                     m.next = "CHUNK_ADDR"
-                    m.d.sync += [chunk_left.eq(chunk_left - 1), load_pointer.eq(load_pointer + 1)]
-                    with m.If(chunk_left == 0):
+                    m.d.sync += [*([] if self.small else [chunk_left.eq(chunk_left - 1)]),
+                                 load_pointer.eq(load_pointer + 1)]
+                    # (small form: the last data byte is the one before the trailer, which ends at
+                    # rp: the parser stands after the frame while the chunk is forwarded)
+                    chunk_last = (((chunk_addr + TRAILER_LEN + 1)[:ring_bits] == rp[:ring_bits]) if self.small
+                                  else chunk_left == 0)
+                    with m.If(chunk_last):
                         m.d.sync += chunk_phase.eq(0)
                         m.next = "SEND"
 
@@ -876,7 +1190,11 @@ class Link(wiring.Component):
         with m.If(nb_valid & self.tx.ready):
             m.d.sync += nb_valid.eq(0)
         with m.If(fed):
-            m.d.comb += [tx_hcrc.start.eq(nb_start), tx_fcrc.start.eq(nb_start),
-                         tx_hcrc.data.eq(nb), tx_fcrc.data.eq(nb),
-                         tx_hcrc.valid.eq(nb_hcrc), tx_fcrc.valid.eq(nb_fcrc)]
+            m.d.comb += [tx_hcrc.start.eq(nb_start), tx_fcrc.start.eq(nb_start)]
+            if self.small:
+                with m.If(nb_hcrc | nb_fcrc):
+                    m.d.sync += feed(nb, h=nb_hcrc, f=nb_fcrc)
+            else:
+                m.d.comb += [tx_hcrc.data.eq(nb), tx_fcrc.data.eq(nb),
+                             tx_hcrc.valid.eq(nb_hcrc), tx_fcrc.valid.eq(nb_fcrc)]
         return m

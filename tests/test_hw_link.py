@@ -21,7 +21,8 @@ from amaranth.sim import Simulator
 from mmfree_fpga.config import FORMATS, ModelConfig
 from mmfree_fpga.host.device_model import DeviceModel
 from mmfree_fpga.host.image import WeightImage, image_size, parse_image
-from mmfree_fpga.hw.link import (EngineCommand, Link, engine_command_layout, engine_result_layout, ring_depth,
+from mmfree_fpga.hw.link import (LFSR_TAPS, EngineCommand, Link, engine_command_layout, engine_result_layout,
+                                 lfsr_jump, lfsr_step, ring_depth,
                                  struct_fields)
 from mmfree_fpga.protocol import (
     FEED_TOKEN_REQUEST, IDENTITY, LOAD_BEGIN_REQUEST, LOAD_CHUNK_HEADER, MAX_PAYLOAD, MIN_DEVICE_PAYLOAD,
@@ -229,6 +230,12 @@ class Bench:
         raise AssertionError(f"the link did not go idle within {max_cycles} cycles (hang?)")
 
 
+@pytest.fixture(params=[False, True], ids=["ecp5", "small"])
+def small(request):
+    """Both forms of the Link: the default (ECP5 timing) and the small one (iCE40 area)."""
+    return request.param
+
+
 def make_link(max_payload=MAX_PAYLOAD, **kw):
     kw.setdefault("idle_timeout_cycles", NO_TIMEOUT)
     kw.setdefault("boot_id", BOOT_ID)
@@ -331,9 +338,9 @@ def test_struct_fields_follow_the_protocol_layouts():
 # -- scripted sessions -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("max_payload", [MIN_DEVICE_PAYLOAD, MAX_PAYLOAD])
-def test_session_matches_device_model(image, max_payload):
+def test_session_matches_device_model(image, max_payload, small):
     """IDENTIFY, RESET, a whole load, feeds, logit reads and duplicates of each: identical bytes."""
-    link, model = make_link(max_payload), make_model(max_payload)
+    link, model = make_link(max_payload, small=small), make_model(max_payload)
     chunk = max_payload - LOAD_CHUNK_HEADER.size
 
     async def body(ctx, bench):
@@ -378,9 +385,33 @@ def test_session_matches_device_model(image, max_payload):
     simulate(link, body, seed=max_payload)
 
 
-def test_every_nak_case(image):
+def test_preloaded_image(image, small):
+    """Weights in the bitstream: loaded from the start (IDENTIFY's status, size and CRC-32), fed at
+    once, dropped by LOAD_BEGIN and replaced by a new load, as the device model does."""
+    link, model = make_link(MIN_DEVICE_PAYLOAD, image=image, small=small), make_model(MIN_DEVICE_PAYLOAD)
+    model.load_image(image)
+
+    async def body(ctx, bench):
+        bench.engine.image = bytearray(image)
+        bench.engine.model = IntegerModel(parse_image(image, CFG, PACKING, FORMATS))
+        s = Session(ctx, bench, model)
+        ident = Identity.unpack(await s.expect(Op.IDENTIFY))
+        assert ident.weights_loaded and ident.image_crc == crc32_image(image) and ident.image_size == len(image)
+        await s.expect(Op.FEED_TOKEN, FEED_TOKEN_REQUEST.pack(0, 4))
+        await s.expect(Op.LOAD_BEGIN, LOAD_BEGIN_REQUEST.pack(len(image), crc32_image(image)))
+        assert not Identity.unpack(await s.expect(Op.IDENTIFY)).weights_loaded
+        await s.nak(Op.FEED_TOKEN, FEED_TOKEN_REQUEST.pack(0, 1), Error.NO_WEIGHTS)
+        await s.load(image, 60)
+        ident = Identity.unpack(await s.expect(Op.IDENTIFY))
+        assert ident.weights_loaded and ident.image_crc == crc32_image(image)
+        await s.expect(Op.FEED_TOKEN, FEED_TOKEN_REQUEST.pack(0, 4))
+
+    simulate(link, body, seed=9)
+
+
+def test_every_nak_case(image, small):
     """Each NAK of the protocol, with its error code and arg, as the device model answers it."""
-    link, model = make_link(MIN_DEVICE_PAYLOAD), make_model(MIN_DEVICE_PAYLOAD)
+    link, model = make_link(MIN_DEVICE_PAYLOAD, small=small), make_model(MIN_DEVICE_PAYLOAD)
     size = len(image)
 
     async def body(ctx, bench):
@@ -437,8 +468,8 @@ def test_every_nak_case(image):
     simulate(link, body, seed=7)
 
 
-def test_last_position_cannot_advance(image):
-    link, model = make_link(), make_model()
+def test_last_position_cannot_advance(image, small):
+    link, model = make_link(small=small), make_model()
 
     async def body(ctx, bench):
         s = Session(ctx, bench, model)
@@ -453,8 +484,8 @@ def test_last_position_cannot_advance(image):
     simulate(link, body, seed=3)
 
 
-def test_garbage_false_syncs_and_resynchronisation(image):
-    link, model = make_link(), make_model()
+def test_garbage_false_syncs_and_resynchronisation(image, small):
+    link, model = make_link(small=small), make_model()
 
     async def body(ctx, bench):
         s = Session(ctx, bench, model)
@@ -484,10 +515,10 @@ def test_garbage_false_syncs_and_resynchronisation(image):
 
 
 @pytest.mark.parametrize("max_payload", [MIN_DEVICE_PAYLOAD, 256, MAX_PAYLOAD])
-def test_header_length_limit(max_payload):
+def test_header_length_limit(max_payload, small):
     """A header whose LEN exceeds max_payload is dropped at once (whatever its low byte); a
     frame of exactly max_payload bytes is taken whole (here: a BAD_LENGTH NAK)."""
-    link, model = make_link(max_payload), make_model(max_payload)
+    link, model = make_link(max_payload, small=small), make_model(max_payload)
     lengths = sorted({n for n in (max_payload + 1, max_payload + 0x80, max_payload + 0x100, 0xFF, 0x1FF,
                                   0x8000 | (max_payload & 0xFF), 0xFFFF) if max_payload < n <= 0xFFFF})
 
@@ -503,9 +534,9 @@ def test_header_length_limit(max_payload):
     simulate(link, body, seed=max_payload, backpressure=False)
 
 
-def test_idle_timeout_drops_a_partial_frame():
+def test_idle_timeout_drops_a_partial_frame(small):
     timeout = 300
-    link, model = make_link(idle_timeout_cycles=timeout), make_model()
+    link, model = make_link(idle_timeout_cycles=timeout, small=small), make_model()
 
     async def body(ctx, bench):
         # a frame cut short, then silence: dropped after the timeout; the next frame is answered
@@ -529,11 +560,11 @@ def test_idle_timeout_drops_a_partial_frame():
     simulate(link, body, seed=2, backpressure=False)
 
 
-def test_cycles_and_boot_id_counter(image):
+def test_cycles_and_boot_id_counter(image, small):
     """The engine's cycle count reaches the response; a counter boot id differs between boots."""
     ids = []
     for gap in (5, 40):
-        link = make_link(boot_id=None)
+        link = make_link(boot_id=None, small=small)
 
         async def body(ctx, bench):
             await bench.run(ctx, cycles=gap)
@@ -625,12 +656,17 @@ async def finish_load(s):
     raise AssertionError("the load did not complete")
 
 
-def test_fuzz_matches_device_model(image):
+@pytest.mark.parametrize("small, n_exchanges", [
+    (False, 1400),
+    # the small form parses and sends about four times slower (bit-serial CRCs): a shorter run
+    # here, the full one in the slow set
+    (True, 350), pytest.param(True, 1400, marks=pytest.mark.slow)], ids=["ecp5", "small", "small-long"])
+def test_fuzz_matches_device_model(image, small, n_exchanges):
     """Thousands of valid, corrupt and mutated frames: the same bytes out, no hang, and no state
     change (device registers, engine commands, image bytes) in any exchange in which the model
     executed no command."""
-    n_exchanges = int(os.environ.get("LINK_FUZZ_EXCHANGES", 1400))
-    link, model = make_link(MIN_DEVICE_PAYLOAD), make_model(MIN_DEVICE_PAYLOAD)
+    n_exchanges = int(os.environ.get("LINK_FUZZ_EXCHANGES", n_exchanges))
+    link, model = make_link(MIN_DEVICE_PAYLOAD, small=small), make_model(MIN_DEVICE_PAYLOAD)
 
     async def body(ctx, bench):
         s = Session(ctx, bench, model)
@@ -657,8 +693,9 @@ def test_fuzz_matches_device_model(image):
                 await finish_load(s)
         stats = model.stats
         print(f"fuzz: {frames} frames in {n_exchanges} exchanges, {bench.cycle} cycles, {dict(stats)}")
-        assert frames > 2400 and checked > n_exchanges // 4, (frames, checked)
-        assert stats["tokens"] > 200 and stats["replays"] > 20 and stats["bad_crc"] > 50, stats
+        scale = n_exchanges / 1400       # the coverage floors were set for 1400 exchanges
+        assert frames > 2400 * scale and checked > n_exchanges // 4, (frames, checked)
+        assert stats["tokens"] > 200 * scale and stats["replays"] > 20 * scale and stats["bad_crc"] > 50 * scale, stats
         assert all(stats[f"nak_{e.name}"] for e in Error), stats
         assert sum(op == "FEED_TOKEN" for op, _ in bench.engine.log) == stats["tokens"]
 
@@ -682,11 +719,37 @@ _TOP_PORTS = {f"{s}__{m}" for s in ("rx", "tx", "eng_cmd", "eng_image", "eng_res
 
 
 @pytest.mark.parametrize("max_payload, boot_id", [(MIN_DEVICE_PAYLOAD, None), (MAX_PAYLOAD, 1)])
-def test_verilator_lint_has_only_accepted_warnings(tmp_path, max_payload, boot_id):
+def test_verilator_lint_has_only_accepted_warnings(tmp_path, max_payload, boot_id, small):
     reason = simulator_missing("verilator")
     if reason:
         pytest.skip(reason)
-    source = write_verilog(Link(CFG, packing=PACKING, lanes=LANES, max_payload=max_payload, boot_id=boot_id),
+    source = write_verilog(Link(CFG, packing=PACKING, lanes=LANES, max_payload=max_payload, boot_id=boot_id,
+                                small=small),
                            tmp_path / "top.v")
     bad = verilator_lint(source, ACCEPTED_LINT, _TOP_PORTS)
     assert not bad, "\n".join(bad[:20])
+
+
+def _prime_factors(n: int) -> set[int]:
+    out, p = set(), 2
+    while p * p <= n:
+        while n % p == 0:
+            out.add(p)
+            n //= p
+        p += 1
+    return out | ({n} if n > 1 else set())
+
+
+@pytest.mark.parametrize("width", sorted(LFSR_TAPS))
+def test_lfsr_taps_are_maximal_length(width):
+    """The small form's counters: every LFSR in the table has period 2^width - 1 (the order of
+    its step is exactly that: the step to that power is the identity, to no proper divisor
+    of it), and lfsr_jump agrees with stepping."""
+    period = (1 << width) - 1
+    assert all(lfsr_jump(1 << i, width, period) == 1 << i for i in range(width))
+    for q in _prime_factors(period):
+        assert any(lfsr_jump(1 << i, width, period // q) != 1 << i for i in range(width)), q
+    state = 1
+    for _ in range(100):
+        state = lfsr_step(state, width)
+    assert lfsr_jump(1, width, 100) == state
