@@ -52,9 +52,11 @@ class LinkedEngine(wiring.Component):
                  max_payload: int = MAX_PAYLOAD, step_time_ms: int = 0, clk_freq: float = 12e6,
                  idle_timeout_cycles: int | None = None, boot_id: int | None = None,
                  image: bytes | None = None, tiny: bool = False, **engine_kw):
+        # the tiny engine's boards (iCE40UP5K) also take the Link's small form (bit-serial CRCs,
+        # a response ROM: fewer logic cells, same bytes on the wire)
         self.link = Link(cfg, packing=packing, lanes=lanes, max_payload=max_payload, step_time_ms=step_time_ms,
                          clk_freq=clk_freq, idle_timeout_cycles=idle_timeout_cycles, boot_id=boot_id,
-                         image=image)
+                         image=image, small=tiny)
         if tiny:
             from .tiny_engine import TinyEngine
             self.engine = TinyEngine(cfg, packing=packing, image=image, **engine_kw)

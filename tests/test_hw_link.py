@@ -230,9 +230,16 @@ class Bench:
         raise AssertionError(f"the link did not go idle within {max_cycles} cycles (hang?)")
 
 
-@pytest.fixture(params=[False, True], ids=["ecp5", "small"])
+@pytest.fixture(params=[False, pytest.param(True, marks=pytest.mark.slow)], ids=["ecp5", "small"])
 def small(request):
-    """Both forms of the Link: the default (ECP5 timing) and the small one (iCE40 area)."""
+    """Both forms of the Link: the default (ECP5 timing) and the small one (iCE40 area; the slow
+    set, except for the tests below that take the small form in the default suite too)."""
+    return request.param
+
+
+@pytest.fixture(params=[False, True], ids=["ecp5", "small"])
+def small_too(request):
+    """Both forms in the default suite (the session and the NAK cases)."""
     return request.param
 
 
@@ -338,8 +345,9 @@ def test_struct_fields_follow_the_protocol_layouts():
 # -- scripted sessions -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("max_payload", [MIN_DEVICE_PAYLOAD, MAX_PAYLOAD])
-def test_session_matches_device_model(image, max_payload, small):
+def test_session_matches_device_model(image, max_payload, small_too):
     """IDENTIFY, RESET, a whole load, feeds, logit reads and duplicates of each: identical bytes."""
+    small = small_too and max_payload == MIN_DEVICE_PAYLOAD
     link, model = make_link(max_payload, small=small), make_model(max_payload)
     chunk = max_payload - LOAD_CHUNK_HEADER.size
 
@@ -409,9 +417,9 @@ def test_preloaded_image(image, small):
     simulate(link, body, seed=9)
 
 
-def test_every_nak_case(image, small):
+def test_every_nak_case(image, small_too):
     """Each NAK of the protocol, with its error code and arg, as the device model answers it."""
-    link, model = make_link(MIN_DEVICE_PAYLOAD, small=small), make_model(MIN_DEVICE_PAYLOAD)
+    link, model = make_link(MIN_DEVICE_PAYLOAD, small=small_too), make_model(MIN_DEVICE_PAYLOAD)
     size = len(image)
 
     async def body(ctx, bench):
