@@ -225,7 +225,6 @@ class TinyEngine(wiring.Component):
 
         # shifter / bit length / divider state
         rem_cnt = Signal(signed(8))
-        take_x = Signal()
         cond_r = Signal()
         loop_more = Signal()
         rounded = Signal()
@@ -233,40 +232,32 @@ class TinyEngine(wiring.Component):
         rem = Signal(35)
         root = Signal(N // 2)
 
-        # -- the one adder: ADD A + X, SUB A - X (also the compare of MAX / MIN), NEG -A, INC A + 1,
-        #    LDX X (loads pass through it)
+        # -- the one adder: (A or 0, maybe inverted) + (X or 0, maybe inverted) + carry in, its
+        #    five control bits registered a cycle ahead, so each operand bit is one LUT:
+        #    LD 0 + X, ADD A + X, SUB A + ~X + 1 (also the compare of MAX / MIN), ABS / CSGN
+        #    (~A + 1 or A), the TAKE of MAX / MIN (X or A), the rounding increment A + 1
+        a_en, a_inv, b_en, b_inv, c_in = (Signal(name=n) for n in ("a_en", "a_inv", "b_en", "b_inv", "c_in"))
         add_a = Signal(N)
         add_b = Signal(N)
-        add_ci = Signal()
-        # (the mode is a register, set in the cycle before the adder's result is taken: the
-        # adder's operand selection then depends on no state decoding)
-        add_mode = Signal(3)
-        ADD, SUB, CNEG, INC, LDX, LDXT = range(6)
-        op_mode = Signal(3)
-        with m.Switch(op):
-            with m.Case(Op.LD):
-                m.d.comb += op_mode.eq(LDX)
-            with m.Case(Op.SUB, Op.MAX, Op.MIN):
-                m.d.comb += op_mode.eq(SUB)
-            with m.Case(Op.CSGN, Op.ABS):
-                m.d.comb += op_mode.eq(CNEG)
-        neg_from_a = Signal()         # CNEG negates when A < 0 (ABS), else when X < 0 (CSGN)
-        neg_c = Mux(neg_from_a, A[N - 1], X[N - 1])
-        with m.Switch(add_mode):
-            with m.Case(LDX):
-                m.d.comb += [add_a.eq(0), add_b.eq(X)]
-            with m.Case(LDXT):
-                m.d.comb += [add_a.eq(0), add_b.eq(Mux(take_x, X, A))]
-            with m.Case(ADD):
-                m.d.comb += [add_a.eq(A), add_b.eq(X)]
-            with m.Case(SUB):
-                m.d.comb += [add_a.eq(A), add_b.eq(~X), add_ci.eq(1)]
-            with m.Case(CNEG):
-                m.d.comb += [add_a.eq(0), add_b.eq(Mux(neg_c, ~A, A)), add_ci.eq(neg_c)]
-            with m.Case(INC):
-                m.d.comb += [add_a.eq(A), add_b.eq(0), add_ci.eq(1)]
+        m.d.comb += [add_a.eq(Mux(a_en, A[:N], 0) ^ a_inv.replicate(N)),
+                     add_b.eq(Mux(b_en, X[:N], 0) ^ b_inv.replicate(N))]
         add_s = Signal(N + 1)
-        m.d.comb += add_s.eq(Cat(add_a, add_a[N - 1]) + Cat(add_b, add_b[N - 1]) + add_ci)
+        m.d.comb += add_s.eq(Cat(add_a, add_a[N - 1]) + Cat(add_b, add_b[N - 1]) + c_in)
+        x_sign_in = Signal()          # the sign of the operand being loaded into X (CSGN)
+
+        def adder_for(instr_op):
+            """Set the adder for the EXEC cycle of the instruction (from OPER, OPER2 or ISSUE)."""
+            neg = Mux(instr_op == Op.ABS, A[N - 1], x_sign_in)
+            with m.Switch(instr_op):
+                with m.Case(Op.LD):
+                    m.d.sync += [a_en.eq(0), a_inv.eq(0), b_en.eq(1), b_inv.eq(0), c_in.eq(0)]
+                with m.Case(Op.ADD):
+                    m.d.sync += [a_en.eq(1), a_inv.eq(0), b_en.eq(1), b_inv.eq(0), c_in.eq(0)]
+                with m.Case(Op.SUB, Op.MAX, Op.MIN):
+                    m.d.sync += [a_en.eq(1), a_inv.eq(0), b_en.eq(1), b_inv.eq(1), c_in.eq(1)]
+                with m.Case(Op.CSGN, Op.ABS):
+                    m.d.sync += [a_en.eq(1), a_inv.eq(neg), b_en.eq(0), b_inv.eq(0), c_in.eq(neg)]
+
         a_lt_x = add_s[N]            # in SUB mode: A < X (signed)
 
         # -- the divider / square root step: one subtractor for both
@@ -443,7 +434,7 @@ class TinyEngine(wiring.Component):
 
             with m.State("ISSUE"):
                 # operand reads (used by OPER); stores and control finish here
-                m.d.sync += add_mode.eq(op_mode)
+                adder_for(op)
                 m.d.comb += [reg_rp.addr.eq(reg), vm_rp.addr.eq(addr), w_addr.eq(addr[1:]), tab_rp.addr.eq(addr)]
                 npc = pc + 1
                 with m.Switch(op):
@@ -499,42 +490,47 @@ class TinyEngine(wiring.Component):
                         next_instr(npc)
                     with m.Case(Op.ABS, Op.SAT, Op.BITLEN, Op.SQRT, Op.SIGP, Op.GETI, Op.GETT):
                         m.d.sync += [count.eq(0), rem.eq(0), root.eq(0), a_sel_r.eq(pre_sel),
-                                     small_sel.eq(pre_small), neg_from_a.eq(1), is_div.eq(0)]
+                                     small_sel.eq(pre_small), is_div.eq(0)]
                         m.next = "EXEC"
                     with m.Default():
                         m.next = "OPER"
 
             with m.State("OPER"):
                 # the operand, from the memory read issued while decoding
-                m.d.sync += add_mode.eq(op_mode)
+                x_in = Signal(signed(N))
                 with m.Switch(kind):
                     with m.Case(Kind.IMM):
-                        m.d.sync += X.eq(imm)
+                        m.d.comb += x_in.eq(imm)
                     with m.Case(Kind.R):
-                        m.d.sync += X.eq(reg_rp.data.as_signed())
+                        m.d.comb += x_in.eq(reg_rp.data.as_signed())
                     with m.Case(Kind.VM):
-                        m.d.sync += X.eq(vm_rp.data.as_signed())
+                        m.d.comb += x_in.eq(vm_rp.data.as_signed())
                     with m.Case(Kind.TAB):
-                        m.d.sync += X.eq(tab_rp.data)
+                        m.d.comb += x_in.eq(tab_rp.data)
                     with m.Case(Kind.W8):
                         byte = Mux(addr[0], w_rdata[8:], w_rdata[:8])
-                        m.d.sync += X.eq(Mux(flag, byte, byte.as_signed()))
+                        m.d.comb += x_in.eq(Mux(flag, byte, byte.as_signed()))
                     with m.Case(Kind.W16):
-                        m.d.sync += X.eq(Mux(flag, w_rdata, w_rdata.as_signed()))
+                        m.d.comb += x_in.eq(Mux(flag, w_rdata, w_rdata.as_signed()))
                     with m.Case(Kind.W32):
-                        m.d.sync += X.eq(w_rdata)      # low half; the high half next cycle
-                        m.d.comb += w_addr.eq(addr[1:] + 1)
-                m.d.sync += [count.eq(0), rem.eq(0), root.eq(0), rounded.eq(0), neg_from_a.eq(0),
+                        m.d.comb += [x_in.eq(w_rdata),      # low half; the high half next cycle
+                                     w_addr.eq(addr[1:] + 1)]
+                m.d.sync += [X.eq(x_in), count.eq(0), rem.eq(0), root.eq(0), rounded.eq(0),
                              is_div.eq(op == Op.DIV)]
+                m.d.comb += x_sign_in.eq(x_in[N - 1])
                 with m.If(kind == Kind.W32):
                     m.next = "OPER2"
                 with m.Else():
                     m.d.sync += a_sel_r.eq(pre_sel)
+                    adder_for(op)
                     m.next = "EXEC"
 
             with m.State("OPER2"):
                 hi = Cat(X[:16], w_rdata)
-                m.d.sync += [X.eq(Mux(flag, hi, hi.as_signed())), a_sel_r.eq(pre_sel)]
+                x_in2 = Mux(flag, hi, hi.as_signed())
+                m.d.sync += [X.eq(x_in2), a_sel_r.eq(pre_sel)]
+                m.d.comb += x_sign_in.eq(~flag & w_rdata[15])      # the sign of the 32-bit value
+                adder_for(op)
                 m.next = "EXEC"
 
             with m.State("EXEC"):
@@ -543,7 +539,8 @@ class TinyEngine(wiring.Component):
                 with m.Switch(op):
                     with m.Case(Op.MAX, Op.MIN):
                         # compare now, take X or keep A in TAKE
-                        m.d.sync += [add_mode.eq(LDXT), take_x.eq(Mux(op == Op.MAX, a_lt_x, ~a_lt_x)),
+                        take = Mux(op == Op.MAX, a_lt_x, ~a_lt_x)
+                        m.d.sync += [a_en.eq(~take), a_inv.eq(0), b_en.eq(take), b_inv.eq(0), c_in.eq(0),
                                      a_sel_r.eq(SUM)]
                         m.next = "TAKE"
                     with m.Case(Op.SIGP):
@@ -554,7 +551,8 @@ class TinyEngine(wiring.Component):
                         m.d.sync += a_sel_r.eq(PROD)
                         m.next = "TAKE"
                     with m.Case(Op.SHR):
-                        m.d.sync += [rem_cnt.eq(X[:8].as_signed()), add_mode.eq(INC)]
+                        m.d.sync += [rem_cnt.eq(X[:8].as_signed()),
+                                     a_en.eq(1), a_inv.eq(0), b_en.eq(0), b_inv.eq(0), c_in.eq(1)]
                         m.next = "SHIFT"
                     with m.Case(Op.BITLEN):
                         # bit length of A >= 0 = index of the top one of 2A + 1: a tree of halves
