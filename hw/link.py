@@ -370,7 +370,8 @@ class Link(wiring.Component):
         """The small form's response payload: a ROM (one block RAM) holds, for every byte of every
         response (and of the NAK for each argument choice), either a constant or the code of a
         register byte; ``payload_byte`` is that byte of ``out_kind``'s response at ``j`` (of the
-        NAK: for ``nak_arg_sel``) two cycles after they are set (the ROM's read is registered).
+        NAK: for ``nak_arg_sel``) three cycles after they are set (the ROM's read and the
+        multiplexer behind it are registered).
         One multiplexer over the distinct register bytes serves every response."""
         sources, keys = [], {}
 
@@ -424,12 +425,20 @@ class Link(wiring.Component):
                 m.d.comb += addr.eq(bases["nak"] | Cat(j[:(nak_span - 1).bit_length()], nak_arg_sel))
         m.d.comb += port.addr.eq(addr)
         const, code, masked = port.data[:8], port.data[8:8 + code_bits], port.data[8 + code_bits]
+        # the multiplexer's output is registered (with the constant and the mask, to stay aligned):
+        # the ROM's output, the multiplexer and pb would otherwise be one path (the iCE40's
+        # critical one, 23.6 MHz)
         register_byte = Signal(8)
+        const_r = Signal(8)
+        masked_r = Signal()
         with m.Switch(code):
             for n, source in enumerate(sources):
                 with m.Case(n + 1):
-                    m.d.comb += register_byte.eq(source)
-        m.d.comb += payload_byte.eq(Mux(masked & ~weights_loaded, 0, const | register_byte))
+                    m.d.sync += register_byte.eq(source)
+            with m.Default():
+                m.d.sync += register_byte.eq(0)
+        m.d.sync += [const_r.eq(const), masked_r.eq(masked)]
+        m.d.comb += payload_byte.eq(Mux(masked_r & ~weights_loaded, 0, const_r | register_byte))
 
     def elaborate(self, platform):
         m = Module()
@@ -831,10 +840,11 @@ class Link(wiring.Component):
         pb_stale = Signal()
         m.d.sync += [pb.eq(payload_byte), pb_ready.eq(payload_ready & ~pb_stale), pb_last.eq(j == out_last)]
         if self.small:
-            # the response ROM adds a cycle: withheld for two
+            # the response ROM and the register behind its multiplexer add two cycles: withheld for three
             pb_stale_d = Signal()
-            m.d.sync += pb_stale_d.eq(pb_stale)
-            with m.If(pb_stale_d):
+            pb_stale_d2 = Signal()
+            m.d.sync += [pb_stale_d.eq(pb_stale), pb_stale_d2.eq(pb_stale_d)]
+            with m.If(pb_stale_d | pb_stale_d2):
                 m.d.sync += pb_ready.eq(0)
 
         m.d.comb += [
