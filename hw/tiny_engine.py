@@ -243,11 +243,11 @@ class TinyEngine(wiring.Component):
                      add_b.eq(Mux(b_en, X[:N], 0) ^ b_inv.replicate(N))]
         add_s = Signal(N + 1)
         m.d.comb += add_s.eq(Cat(add_a, add_a[N - 1]) + Cat(add_b, add_b[N - 1]) + c_in)
-        x_sign_in = Signal()          # the sign of the operand being loaded into X (CSGN)
 
         def adder_for(instr_op):
-            """Set the adder for the EXEC cycle of the instruction (from OPER, OPER2 or ISSUE)."""
-            neg = Mux(instr_op == Op.ABS, A[N - 1], x_sign_in)
+            """Set the adder for the EXEC cycle of the instruction (from OPER, OPER2 or ISSUE;
+            CSGN sets it in EXEC, from X, for its TAKE cycle)."""
+            neg = A[N - 1]
             with m.Switch(instr_op):
                 with m.Case(Op.LD):
                     m.d.sync += [a_en.eq(0), a_inv.eq(0), b_en.eq(1), b_inv.eq(0), c_in.eq(0)]
@@ -255,7 +255,7 @@ class TinyEngine(wiring.Component):
                     m.d.sync += [a_en.eq(1), a_inv.eq(0), b_en.eq(1), b_inv.eq(0), c_in.eq(0)]
                 with m.Case(Op.SUB, Op.MAX, Op.MIN):
                     m.d.sync += [a_en.eq(1), a_inv.eq(0), b_en.eq(1), b_inv.eq(1), c_in.eq(1)]
-                with m.Case(Op.CSGN, Op.ABS):
+                with m.Case(Op.ABS):
                     m.d.sync += [a_en.eq(1), a_inv.eq(neg), b_en.eq(0), b_inv.eq(0), c_in.eq(neg)]
 
         a_lt_x = add_s[N]            # in SUB mode: A < X (signed)
@@ -336,7 +336,7 @@ class TinyEngine(wiring.Component):
         pre_sel = Signal(3)
         pre_small = Signal(3)
         with m.Switch(op):
-            with m.Case(Op.LD, Op.ADD, Op.SUB, Op.CSGN, Op.ABS):
+            with m.Case(Op.LD, Op.ADD, Op.SUB, Op.ABS):
                 m.d.comb += pre_sel.eq(SUM)
             with m.Case(Op.SAT):
                 m.d.comb += pre_sel.eq(SATV)
@@ -517,7 +517,6 @@ class TinyEngine(wiring.Component):
                                      w_addr.eq(addr[1:] + 1)]
                 m.d.sync += [X.eq(x_in), count.eq(0), rem.eq(0), root.eq(0), rounded.eq(0),
                              is_div.eq(op == Op.DIV)]
-                m.d.comb += x_sign_in.eq(x_in[N - 1])
                 with m.If(kind == Kind.W32):
                     m.next = "OPER2"
                 with m.Else():
@@ -529,7 +528,6 @@ class TinyEngine(wiring.Component):
                 hi = Cat(X[:16], w_rdata)
                 x_in2 = Mux(flag, hi, hi.as_signed())
                 m.d.sync += [X.eq(x_in2), a_sel_r.eq(pre_sel)]
-                m.d.comb += x_sign_in.eq(~flag & w_rdata[15])      # the sign of the 32-bit value
                 adder_for(op)
                 m.next = "EXEC"
 
@@ -546,6 +544,12 @@ class TinyEngine(wiring.Component):
                     with m.Case(Op.SIGP):
                         m.d.sync += P.eq(sig_idx)
                         next_instr(npc)
+                    with m.Case(Op.CSGN):
+                        # -A or A in TAKE, as X's sign says
+                        neg = X[N - 1]
+                        m.d.sync += [a_en.eq(1), a_inv.eq(neg), b_en.eq(0), b_inv.eq(0), c_in.eq(neg),
+                                     a_sel_r.eq(SUM)]
+                        m.next = "TAKE"
                     with m.Case(Op.MUL):
                         # the product register is written at the end of this cycle
                         m.d.sync += a_sel_r.eq(PROD)
@@ -585,7 +589,7 @@ class TinyEngine(wiring.Component):
                         next_instr(npc)
 
             with m.State("TAKE"):
-                # the second cycle of MAX/MIN, MUL, BITLEN, SQRT: A takes a_sel_r
+                # the second cycle of MAX/MIN, CSGN, MUL, BITLEN, SQRT: A takes a_sel_r
                 next_instr(pc + 1)
 
             with m.State("SHIFT"):

@@ -64,7 +64,7 @@ class Op(enum.IntEnum):
     MAX = 5      # A := max(A, X) (two EXEC cycles: compare, then take X)
     MIN = 6      # A := min(A, X)
     SHR = 8      # s = X: s > 0: A >> s (flag: rounded, (A + 2^(s-1)) >> s); s < 0: A << -s
-    CSGN = 9     # A := -A if X < 0
+    CSGN = 9     # A := -A if X < 0 (two EXEC cycles)
     ABS = 10     # A := |A|
     SAT = 11     # A := clamp(A, int32)
     BITLEN = 12  # A := bit length of A (A >= 0)
@@ -405,7 +405,7 @@ def _op_cycles(ins: Instr, a: int, x: int, fmt: Formats, bases) -> int:
         return oper + 2
     if op == Op.DIV:
         return oper + DATA_BITS
-    if op in (Op.MAX, Op.MIN):
+    if op in (Op.MAX, Op.MIN, Op.CSGN):
         return oper + 2
     if op == Op.SHR:
         return oper + 1 + shift_steps(x, bool(ins.flag) and x > 0)
