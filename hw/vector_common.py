@@ -18,12 +18,13 @@ from dataclasses import dataclass
 
 import numpy as np
 from amaranth.hdl import Cat, Const, Module, Mux, Signal, Value, signed, unsigned
+from amaranth.hdl._ast import Slice      # no public name in Amaranth 0.5; used to spot register bits
 from amaranth.lib import data
 
 from mmfree_fpga.config import FORMATS, Formats
 from mmfree_fpga.reference.integer import sigmoid_table
 
-__all__ = ["DSP_BITS", "K_EXP_BITS", "VectorWidths", "vector_widths", "Pipeline", "umul", "SHARES",
+__all__ = ["DSP_BITS", "K_EXP_BITS", "PRODUCT_REGS", "VectorWidths", "vector_widths", "Pipeline", "umul", "SHARES",
            "rshift_round_mag", "signed_from_mag", "saturate_mag",
            "saturate_signed", "greater_unsigned", "round_carry_mag", "round_carry_signed",
            "msb_index", "signed_range_shape", "stats_layout", "scale_layout",
@@ -35,6 +36,9 @@ DSP_BITS = 16
 SHARES = (1, 2)
 # reference/export.py writes (k_mant, k_exp) as two little-endian int32 values.
 K_EXP_BITS = 32
+# registers behind every unshared multiplier (``Pipeline.products``): 1 is the product register
+# itself; 2 adds one, so the first can sit by the DSP and the second by the product's users
+PRODUCT_REGS = 1
 
 
 def signed_range_shape(lo: int, hi: int):
@@ -215,17 +219,34 @@ class Pipeline:
         m.d.sync += phase.eq(~advance)
         return advance, phase, out_valid & phase
 
-    def products(self, stage: int, name: str, pairs):
-        """Registered products a * b at ``stage`` of (a, b, shape) operands of stage ``stage - 1``.
+    @staticmethod
+    def _plain(v) -> bool:
+        """Whether v is a register output as it is (a signal, a slice of one, or a constant)."""
+        v = Value.cast(v)
+        while isinstance(v, Slice):
+            v = v.value
+        return isinstance(v, (Signal, Const))
 
-        Without a phase one multiplier per product; with one (:meth:`shared_control`, share 2)
-        consecutive pairs of products share a multiplier: the first is computed while ``phase`` is
-        low into a holding register, the second while it is high."""
+    def products(self, stage: int, name: str, pairs):
+        """Registered products a * b of (a, b, shape) operands of stage ``stage - 1``.
+
+        Returns (products, stage of the products). Without a phase one multiplier per product,
+        with registers on both sides of it (on an ECP5 a MULT18X18D alone takes 3.9 ns): operands
+        that are not already register outputs (a signal or a slice of one) are registered at
+        ``stage`` first, which puts the products one stage later; then :data:`PRODUCT_REGS`
+        registers. With a phase (:meth:`shared_control`, share 2) consecutive pairs of products
+        share a multiplier: the first is computed while ``phase`` is low into a holding register,
+        the second while it is high; the products are registered at ``stage``."""
         out = []
         if self._phase is None:
+            if not all(self._plain(a) and self._plain(b) for a, b, _ in pairs):
+                pairs = [(self._operand(stage, f"{name}{k}_a", a), self._operand(stage, f"{name}{k}_b", b), shape)
+                         for k, (a, b, shape) in enumerate(pairs)]
+                stage += 1
             for k, (a, b, shape) in enumerate(pairs):
                 out.append(self.reg(stage, f"{name}{k}", a * b, shape))
-            return out
+            last = stage + PRODUCT_REGS - 1
+            return [self.at(r, last) for r in out], last
         for k in range(0, len(pairs), 2):
             if k + 1 == len(pairs):
                 a, b, shape = pairs[k]
@@ -242,7 +263,15 @@ class Pipeline:
                 self._m.d[self._domain] += hold.eq(prod)
             out.append(self.reg(stage, f"{name}{k}", hold, sh0))
             out.append(self.reg(stage, f"{name}{k + 1}", prod, sh1))
-        return out
+        return out, stage
+
+    def _operand(self, stage: int, name: str, v):
+        """v (of stage ``stage - 1``) as a register of ``stage``: a pipeline signal is delayed
+        (sharing the delay registers of ``at``), anything else registered."""
+        v = Value.cast(v)
+        if isinstance(v, Signal) and id(v) in self._stage and self.stage_of(v) == stage - 1:
+            return self.at(v, stage)
+        return self.reg(stage, name, v)
 
     def reg(self, stage: int, name: str, value, shape=None, *, base=None) -> Signal:
         value = Value.cast(value)
@@ -272,7 +301,8 @@ def umul(pipe: Pipeline, stage: int, name: str, a, a_max: int, b, b_max: int):
     """Unsigned a * b from DSP_BITS x DSP_BITS limb products.
 
     ``a`` and ``b`` are stage ``stage - 1`` values with a <= a_max, b <= b_max. The limb products
-    are registered at ``stage``, then summed pairwise, one adder level per stage.
+    are registered at ``stage`` (later when :meth:`Pipeline.products` registers operands or
+    products once more), then summed pairwise, one adder level per stage.
     Returns (product, stage of the product).
     """
     def limbs(v, vmax):
@@ -292,11 +322,13 @@ def umul(pipe: Pipeline, stage: int, name: str, a, a_max: int, b, b_max: int):
             else:
                 terms.append((pipe.reg(stage, f"{name}_p{i}{j}", al * bl, unsigned(prod_bits)),
                               ash + bsh, amax * bmax))
-    for r, (sh, mx) in zip(pipe.products(stage, f"{name}_m", big), big_meta):
-        terms.append((r, sh, mx))
     out_bits = (a_max * b_max).bit_length()
-    if not terms:
+    if not terms and not big:
         return pipe.reg(stage, name, 0, unsigned(max(1, out_bits))), stage
+    prods, pstage = pipe.products(stage, f"{name}_m", big) if big else ([], stage)
+    terms = [(pipe.at(t, pstage), sh, mx) for t, sh, mx in terms]
+    terms += [(r, sh, mx) for r, (sh, mx) in zip(prods, big_meta)]
+    stage = pstage
     level = 0
     while len(terms) > 1:
         level += 1
