@@ -24,7 +24,7 @@ from amaranth.lib import data
 from mmfree_fpga.config import FORMATS, Formats
 from mmfree_fpga.reference.integer import sigmoid_table
 
-__all__ = ["DSP_BITS", "K_EXP_BITS", "PRODUCT_REGS", "VectorWidths", "vector_widths", "Pipeline", "umul", "SHARES",
+__all__ = ["DSP_BITS", "K_EXP_BITS", "VectorWidths", "vector_widths", "Pipeline", "umul", "SHARES",
            "rshift_round_mag", "signed_from_mag", "saturate_mag",
            "saturate_signed", "greater_unsigned", "round_carry_mag", "round_carry_signed",
            "msb_index", "signed_range_shape", "stats_layout", "scale_layout",
@@ -36,9 +36,6 @@ DSP_BITS = 16
 SHARES = (1, 2)
 # reference/export.py writes (k_mant, k_exp) as two little-endian int32 values.
 K_EXP_BITS = 32
-# registers behind every unshared multiplier (``Pipeline.products``): 1 is the product register
-# itself; 2 adds one, so the first can sit by the DSP and the second by the product's users
-PRODUCT_REGS = 1
 
 
 def signed_range_shape(lo: int, hi: int):
@@ -233,10 +230,11 @@ class Pipeline:
         Returns (products, stage of the products). Without a phase one multiplier per product,
         with registers on both sides of it (on an ECP5 a MULT18X18D alone takes 3.9 ns): operands
         that are not already register outputs (a signal or a slice of one) are registered at
-        ``stage`` first, which puts the products one stage later; then :data:`PRODUCT_REGS`
-        registers. With a phase (:meth:`shared_control`, share 2) consecutive pairs of products
-        share a multiplier: the first is computed while ``phase`` is low into a holding register,
-        the second while it is high; the products are registered at ``stage``."""
+        ``stage`` first, which puts the products one stage later. With a phase
+        (:meth:`shared_control`, share 2) consecutive pairs of products share a multiplier: the
+        first is computed while ``phase`` is low into a holding register, the second while it is
+        high; the products are registered at ``stage`` (operands selected by the phase in front
+        of the multiplier: the iCE40 compact engine, where a register stage costs more)."""
         out = []
         if self._phase is None:
             if not all(self._plain(a) and self._plain(b) for a, b, _ in pairs):
@@ -245,8 +243,7 @@ class Pipeline:
                 stage += 1
             for k, (a, b, shape) in enumerate(pairs):
                 out.append(self.reg(stage, f"{name}{k}", a * b, shape))
-            last = stage + PRODUCT_REGS - 1
-            return [self.at(r, last) for r in out], last
+            return out, stage
         for k in range(0, len(pairs), 2):
             if k + 1 == len(pairs):
                 a, b, shape = pairs[k]
@@ -301,8 +298,8 @@ def umul(pipe: Pipeline, stage: int, name: str, a, a_max: int, b, b_max: int):
     """Unsigned a * b from DSP_BITS x DSP_BITS limb products.
 
     ``a`` and ``b`` are stage ``stage - 1`` values with a <= a_max, b <= b_max. The limb products
-    are registered at ``stage`` (later when :meth:`Pipeline.products` registers operands or
-    products once more), then summed pairwise, one adder level per stage.
+    are registered at ``stage`` (a stage later when :meth:`Pipeline.products` registers the
+    operands first), then summed pairwise, one adder level per stage.
     Returns (product, stage of the product).
     """
     def limbs(v, vmax):
