@@ -55,19 +55,19 @@ class BitLinearFront(wiring.Component):
 
     Throughput one element per cycle within a pass. After the last element of a MAX pass the
     input is held off for ``MAX_GAP`` = 3 cycles; after the last of a STATS pass for
-    ``stats_gap`` = 9 + recip_bits cycles (25 with the default formats), longer if ``stats``
-    still holds the previous result. Latency of ``q``: ``LATENCY`` = 7 cycles.
+    ``stats_gap`` = 10 + recip_bits cycles (26 with the default formats), longer if ``stats``
+    still holds the previous result. Latency of ``q``: ``LATENCY`` = 8 cycles.
     Multipliers, all 16x16 (norm_bits): v16 c and v16 a (signed), and one unsigned one shared
     between |p|^2 (STATS) and mag16 R (QUANT).
     """
 
-    LATENCY = 7
+    LATENCY = 8
     MAX_GAP = 3
 
     @property
     def stats_gap(self) -> int:
         """Cycles the input is held off after a STATS pass (``stats`` free): drain, finish, divide."""
-        return 9 + self._w.recip_bits
+        return 10 + self._w.recip_bits
 
     def __init__(self, fmt: Formats = FORMATS):
         self._w = w = vector_widths(fmt)
@@ -127,8 +127,9 @@ class BitLinearFront(wiring.Component):
         m.d.comb += max_done.eq(advance & at_op(2, FrontOp.MAX) & p.at(last, 2))
 
         # stage 3: the two signed products
-        z = p.reg(3, "z", v16 * p.at(c, 2))
-        pa = p.reg(3, "pa", v16 * p.at(a, 2))
+        c2, a2 = p.at(c, 2), p.at(a, 2)
+        (z, pa), s = p.products(3, "zp", [(v16, c2, (v16 * c2).shape()), (v16, a2, (v16 * a2).shape())])
+        assert s == 3
 
         # stage 4: magnitudes
         zneg = p.reg(4, "zneg", z < 0)
@@ -148,23 +149,25 @@ class BitLinearFront(wiring.Component):
         # stage 5: |z| brought to the scale of m16
         mag16 = p.reg(5, "mag16", ((zabs << (qb - 1)) >> zsh)[:qb])
 
-        # stage 6: one unsigned multiplier for |p|^2 or mag16 * R
+        # stages 6-7: one unsigned multiplier for |p|^2 or mag16 * R (operands selected at 6)
         quant5 = p.at(op, 5) == FrontOp.QUANT
         pabs5 = p.at(pabs, 5)
-        prod = p.reg(6, "prod", Mux(quant5, mag16, pabs5) * Mux(quant5, recip, pabs5),
-                     unsigned(2 * qb))
+        (prod,), s = p.products(6, "prod", [(Mux(quant5, mag16, pabs5), Mux(quant5, recip, pabs5),
+                                             unsigned(2 * qb))])
         stats_done = Signal()
-        with m.If(advance & at_op(6, FrontOp.STATS)):
-            m.d.sync += sumsq_acc.eq(Mux(p.at(frst, 6), 0, sumsq_acc) + prod)
-        m.d.comb += stats_done.eq(advance & at_op(6, FrontOp.STATS) & p.at(last, 6))
+        with m.If(advance & at_op(s, FrontOp.STATS)):
+            m.d.sync += sumsq_acc.eq(Mux(p.at(frst, s), 0, sumsq_acc) + prod)
+        m.d.comb += stats_done.eq(advance & at_op(s, FrontOp.STATS) & p.at(last, s))
 
-        # stage 7: round, sign, clip
+        # round, sign, clip
         qmag = prod[fmt.recip_frac:] + prod[fmt.recip_frac - 1]     # (prod + 2^(rf-1)) >> rf
-        neg6 = p.at(zneg, 6)
-        qv = p.reg(7, "q", Mux(neg6, Mux(qmag > -w.act_min, w.act_min, -qmag),
+        neg6 = p.at(zneg, s)
+        s += 1
+        qv = p.reg(s, "q", Mux(neg6, Mux(qmag > -w.act_min, w.act_min, -qmag),
                                Mux(qmag > w.act_max, w.act_max, qmag)), w.act)
+        assert s == self.LATENCY
         m.d.comb += [
-            q_valid.eq(at_op(7, FrontOp.QUANT)),
+            q_valid.eq(at_op(s, FrontOp.QUANT)),
             self.q.valid.eq(q_valid),
             self.q.payload.eq(qv),
         ]

@@ -63,10 +63,11 @@ class ElementwiseUnit(wiring.Component):
     o : Out(stream of value_layout)
         The result; gates (SIGMOID, FORGET) come out as Q(gate_frac) integers.
 
-    Throughput one element per cycle; latency ``LATENCY`` = 14 cycles. With ``share=2`` every
+    Throughput one element per cycle; latency ``LATENCY`` = 16 cycles. With ``share=2`` every
     stage takes two cycles and the multipliers serve two products each (4 DSPs: the table
-    interpolation, |y| sigmoid(y) limbs, two for the four 16x16 limb products): one element every
-    two cycles, latency ``2 * LATENCY`` (``latency``).
+    interpolation, |y| sigmoid(y) limbs, two for the four 16x16 limb products), their operands
+    selected in front of them by the phase rather than registered first: one element every two
+    cycles, 14 stages, latency 28 (``latency``).
 
     The sigmoid is ``reference.integer.sigmoid`` exactly: a ROM of the 2^sig_table_log2 table
     intervals holding (t0, t1 - t0), generated from ``sigmoid_table``; the interpolation
@@ -75,7 +76,10 @@ class ElementwiseUnit(wiring.Component):
     is a constant and y times it is a shift (table ends 0 and 2^gate_frac) or a constant product.
     """
 
-    LATENCY = 14
+    # pipeline stages: unshared (share 1) the multipliers' operands get a stage of registers
+    # of their own at the two multipliers that select them (Pipeline.products)
+    STAGES = {1: 16, 2: 14}
+    LATENCY = STAGES[1]
 
     def __init__(self, fmt: Formats = FORMATS, *, share: int = 1):
         if share not in SHARES:
@@ -93,8 +97,8 @@ class ElementwiseUnit(wiring.Component):
 
     @property
     def latency(self) -> int:
-        """Cycles from an accepted element to its result (``share * LATENCY``)."""
-        return self.share * self.LATENCY
+        """Cycles from an accepted element to its result (``share * STAGES[share]``)."""
+        return self.share * self.STAGES[self.share]
 
     def elaborate(self, platform):
         w = self._w
@@ -140,22 +144,24 @@ class ElementwiseUnit(wiring.Component):
         d = p.reg(3, "d", rd.data.d)
         t0 = p.reg(3, "t0", rd.data.t0)
 
-        # stage 4: interpolation product
-        dprod = p.reg(4, "dprod", d * p.at(frac, 3))
+        # stage 4: interpolation product (its operands are registers already)
+        (dprod,), s = p.products(4, "dprod", [(d, p.at(frac, 3), unsigned(len(d) + len(frac)))])
 
-        # stage 5: sigmoid(y)
+        # next stage: sigmoid(y)
         # t0 + rshift_round(d frac, fb) = (t0 2^fb + 2^(fb-1) + d frac) >> fb: one adder
-        interp = (Cat(Const(1 << (fb - 1), fb), p.at(t0, 4)) + dprod) >> fb
-        sig = p.reg(5, "sig", Mux(p.at(lo, 4), t_lo, Mux(p.at(hi, 4), t_hi, interp)), w.gate)
-        early = p.reg(6, "early", Mux(p.at(op, 5) == Op.SIGMOID, sig, p.at(early, 5)), w.x)
+        s += 1
+        interp = (Cat(Const(1 << (fb - 1), fb), p.at(t0, s - 1)) + dprod) >> fb
+        sig = p.reg(s, "sig", Mux(p.at(lo, s - 1), t_lo, Mux(p.at(hi, s - 1), t_hi, interp)), w.gate)
+        early = p.reg(s + 1, "early", Mux(p.at(op, s) == Op.SIGMOID, sig, p.at(early, s)), w.x)
 
-        # stages 6-7: |y| sigmoid(y) inside the table, or (1 - g) sigmoid(y)
+        # |y| sigmoid(y) inside the table, or (1 - g) sigmoid(y): an operand stage (unshared),
+        # the limb products, their sum
         in_max = 1 << w.sig_in_log2
-        forget5 = p.at(op, 5) == Op.FORGET
-        mul_a = Mux(forget5, p.at(g1, 5), p.at(ymag, 5)[:in_max.bit_length()])
-        p1, s = umul(p, 6, "p1", mul_a, max(in_max, w.gate_one), sig, max(table))
+        forget5 = p.at(op, s) == Op.FORGET
+        mul_a = Mux(forget5, p.at(g1, s), p.at(ymag, s)[:in_max.bit_length()])
+        p1, s = umul(p, s + 1, "p1", mul_a, max(in_max, w.gate_one), sig, max(table))
 
-        # stage 8: FORGET's gate, |silu(y)|
+        # FORGET's gate, |silu(y)|
         s += 1
         forget = (Cat(Const(1 << (gf - 1), gf), p.at(g, s - 1)) + p1) >> gf
         yneg_p, ymag_p = p.at(yneg, s - 1), p.at(ymag, s - 1)
@@ -164,24 +170,25 @@ class ElementwiseUnit(wiring.Component):
         inside = ~p.at(lo, s - 1) & ~p.at(hi, s - 1)
         smag = p.reg(s, "smag", Mux(inside, rshift_round_mag(p1, gf, yneg_p), outside), unsigned(w.x_bits))
         op_p = p.at(op, s - 1)
-        silu_out = signed_from_mag(smag, p.at(yneg, s))
         early = p.reg(s, "early", Mux(op_p == Op.FORGET, forget, p.at(early, s - 1)), w.x)
 
-        # stage 9: four 16x16 limb products
+        # four 16x16 limb products (an operand stage first where they are unshared)
         s += 1
         recur = p.at(op, s - 1) == Op.RECUR
         am, gg, gg1 = p.at(amag, s - 1), p.at(g, s - 1), p.at(g1, s - 1)
         a_lo, a_hi = am[:DSP_BITS], am[DSP_BITS:]
         s_lo, s_hi = smag[:DSP_BITS], smag[DSP_BITS:]
         prod = unsigned(2 * DSP_BITS)
-        d0, d2, d1, d3 = p.products(s, "d", [
+        s0 = s
+        (d0, d2, d1, d3), s = p.products(s, "d", [
             (Mux(recur, gg1, a_lo), s_lo, prod),
             (a_lo, Mux(recur, gg, s_hi), prod),
             (Mux(recur, gg1, a_hi), Mux(recur, s_hi, s_lo), prod),
             (a_hi, Mux(recur, gg, s_hi), prod)])
-        early = p.reg(s, "early", Mux(p.at(op, s - 1) == Op.SILU, silu_out, p.at(early, s - 1)), w.x)
+        early = p.reg(s0, "early", Mux(p.at(op, s0 - 1) == Op.SILU, signed_from_mag(smag, p.at(yneg, s0 - 1)),
+                                       p.at(early, s0 - 1)), w.x)
 
-        # stage 10: partial sums, each a carry chain of at most 2 DSP_BITS + 1 bits, and the
+        # partial sums, each a carry chain of at most 2 DSP_BITS + 1 bits, and the
         # rounding carries from the products' low bits
         s += 1
         sneg, an = p.at(yneg, s - 1), p.at(aneg, s - 1)
@@ -193,7 +200,7 @@ class ElementwiseUnit(wiring.Component):
         f_carry = p.reg(s, "f_carry", round_carry_signed(d2, gf, an))
         m_carry = p.reg(s, "m_carry", round_carry_mag(d0, xf, sneg ^ an))
 
-        # stage 11: mlgru's c and rshift_round(f h, gate_frac); the SILU_MUL product's middle
+        # mlgru's c and rshift_round(f h, gate_frac); the SILU_MUL product's middle
         s += 1
         d0_, d2_ = p.at(d0, s - 1), p.at(d2, s - 1)
         lowsum = p.reg(s, "lowsum", d0_[DSP_BITS:] + mid)
@@ -204,24 +211,24 @@ class ElementwiseUnit(wiring.Component):
         c = p.reg(s, "c", rounded(d0_, cx_hi, c_carry, p.at(yneg, s - 1)))
         fh = p.reg(s, "fh", rounded(d2_, fy_hi, f_carry, p.at(aneg, s - 1)))
 
-        # stage 12: the SILU_MUL product >> x_frac; RECUR's sum
+        # the SILU_MUL product >> x_frac; RECUR's sum
         s += 1
         upper = p.at(d3, s - 1) + lowsum[DSP_BITS:]
         floor_prod = p.reg(s, "floor_prod", Cat(p.at(d0, s - 1)[xf:DSP_BITS], lowsum[:DSP_BITS], upper))
         hsum = p.reg(s, "hsum", c + fh)
 
-        # stage 13: |rshift_round(a silu(y), x_frac)|, exact where it does not saturate
+        # |rshift_round(a silu(y), x_frac)|, exact where it does not saturate
         s += 1
         mm = p.reg(s, "mm", Cat(floor_prod[:w.x_bits] + p.at(m_carry, s - 1), floor_prod[w.x_bits:].any()))
 
-        # stage 14: the result
+        # the result
         s += 1
         op_r = p.at(op, s - 1)
         pneg_r = p.at(yneg, s - 1) ^ p.at(aneg, s - 1)
         out = p.reg(s, "out", Mux(op_r == Op.RECUR, saturate_signed(p.at(hsum, s - 1), w),
                                   Mux(op_r == Op.SILU_MUL, saturate_mag(mm, pneg_r, w), p.at(early, s - 1))),
                     w.x)
-        assert s == self.LATENCY
+        assert s == self.STAGES[self.share]
         m.d.comb += [self.o.payload.value.eq(out), self.o.payload.last.eq(p.at(last, s)),
                      out_valid.eq(p.at(valid, s)), self.o.valid.eq(offered)]
         return m

@@ -827,7 +827,16 @@ class EngineCore(wiring.Component):
         m.d.comb += packed[sub - 1].eq(q_in.payload)
         m.d.comb += qfifo.w_data.eq(packed.as_value())
         with m.If(q_in.valid & q_in.ready):
-            m.d.sync += qpack[qcnt].eq(q_in.payload)
+            if compact:
+                m.d.sync += qpack[qcnt].eq(q_in.payload)
+            else:
+                # (full builds: the element's slot as a one-hot register, so each of the
+                # lanes x act_bits enables is one gate behind the transfer, not a qcnt decoder)
+                qsel = Signal(sub, init=1)
+                m.d.sync += qsel.eq(qsel.rotate_left(1))
+                for k in range(sub - 1):        # the last element goes to the FIFO from q_in
+                    with m.If(qsel[k]):
+                        m.d.sync += qpack[k].eq(q_in.payload)
             with m.If(q_full):
                 m.d.comb += qfifo.w_en.eq(1)
                 m.d.sync += qcnt.eq(0)

@@ -71,8 +71,14 @@ class OutputScale(wiring.Component):
 
     @property
     def latency(self) -> int:
-        """Cycles from an accepted element to its result (``share * LATENCY``)."""
-        return self.share * self.LATENCY
+        """Cycles from an accepted element to its result (``share * stages``)."""
+        return self.share * self.stages
+
+    @property
+    def stages(self) -> int:
+        """Pipeline stages: ``LATENCY``, one more unshared with ``embed`` (the multipliers'
+        operands are selected, so they get a register stage of their own)."""
+        return self.LATENCY + (self.embed_mode and self.share == 1)
 
     def elaborate(self, platform):
         w = self._w
@@ -116,12 +122,13 @@ class OutputScale(wiring.Component):
             e2, q2 = p.at(emb, 2), p.at(qt, 2)
             a0, a1 = amag[:DSP_BITS], amag[DSP_BITS:]
             b0, b1 = q2[:DSP_BITS], q2[DSP_BITS:]
-            lo, hi = p.products(3, "prod_m", [(a0, b0, unsigned(2 * DSP_BITS)),
-                                              (Mux(e2, a0, a1), Mux(e2, b1, b0), unsigned(2 * DSP_BITS))])
+            (lo, hi), ps = p.products(3, "prod_m", [(a0, b0, unsigned(2 * DSP_BITS)),
+                                                    (Mux(e2, a0, a1), Mux(e2, b1, b0), unsigned(2 * DSP_BITS))])
             extra = p.reg(3, "prod_x", Mux(~e2 & b1[0], amag, 0), unsigned(len(amag)))
-            mid = p.reg(4, "prod_s", hi + extra)
-            prod = p.reg(5, "prod", p.at(lo, 4) + Cat(Const(0, DSP_BITS), mid), unsigned(w.prod_mag_max.bit_length()))
-            ps = 5
+            mid = p.reg(ps + 1, "prod_s", hi + p.at(extra, ps))
+            prod = p.reg(ps + 2, "prod", p.at(lo, ps + 1) + Cat(Const(0, DSP_BITS), mid),
+                         unsigned(w.prod_mag_max.bit_length()))
+            ps += 2
         else:
             prod, ps = umul(p, 3, "prod", amag, w.acc_mag_max, p.at(qt, 2), (1 << w.scale_bits) - 1)
 
@@ -135,7 +142,7 @@ class OutputScale(wiring.Component):
                                   p_left << p.at(shl, s - 1)))
         s += 1
         y = p.reg(s, "y", saturate_mag(mag, p.at(neg, s - 1), w), w.x)
-        assert s == self.LATENCY
+        assert s == self.stages
         m.d.comb += [self.o.payload.value.eq(y), self.o.payload.last.eq(p.at(last, s)),
                      o_valid.eq(p.at(valid, s)), self.o.valid.eq(offered)]
         return m

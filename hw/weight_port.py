@@ -204,6 +204,7 @@ class WeightMemory(wiring.Component):
         # from a register, not from a LUT RAM's read multiplexer)
         fifo_cls = SyncFIFO if spram else SyncFIFOBuffered
         m.submodules.fifo = fifo = fifo_cls(width=entry.size, depth=depth)
+        beat = stream.Signature(unsigned(width)).create(path=("beat",))     # the FIFO's output
         may_issue = Signal()
         issue = busy & may_issue
         m.d.comb += raddr.eq(addr[:abits])
@@ -234,7 +235,8 @@ class WeightMemory(wiring.Component):
             gained = Mux(credit + self.bandwidth > 2 * cost, 2 * cost, credit + self.bandwidth)
             m.d.sync += credit.eq(Mux(issue & ~unlimited, gained - cost, gained))
             due = Signal(32)
-            m.d.sync += due.eq(now + self.latency - 1)    # + 1 cycle in `word`
+            # + 1 cycle in `word`, + 1 in the output register (when there is one)
+            m.d.sync += due.eq(now + self.latency - (1 if spram else 2))
             lfsr = Signal(16, init=0xACE1)
             m.d.sync += lfsr.eq(Cat(lfsr[1:], lfsr[0] ^ lfsr[2] ^ lfsr[3] ^ lfsr[5]))
             stall = lfsr[:8] < self.stall_rate
@@ -242,9 +244,9 @@ class WeightMemory(wiring.Component):
             m.d.comb += out.eq(fifo.r_data)
             ready_time = (now - out.due)[-1] == 0          # now >= due, modulo 2^32
             m.d.comb += [
-                self.port.resp.valid.eq(fifo.r_rdy & ready_time & ~stall),
-                self.port.resp.payload.eq(out.data),
-                fifo.r_en.eq(self.port.resp.ready & ready_time & ~stall),
+                beat.valid.eq(fifo.r_rdy & ready_time & ~stall),
+                beat.payload.eq(out.data),
+                fifo.r_en.eq(beat.ready & ready_time & ~stall),
             ]
             due_r = Signal(32)
             m.d.sync += due_r.eq(due)
@@ -255,11 +257,21 @@ class WeightMemory(wiring.Component):
             out = Signal(entry)
             m.d.comb += [
                 out.eq(fifo.r_data),
-                self.port.resp.valid.eq(fifo.r_rdy),
-                self.port.resp.payload.eq(out.data),
-                fifo.r_en.eq(self.port.resp.ready),
+                beat.valid.eq(fifo.r_rdy),
+                beat.payload.eq(out.data),
+                fifo.r_en.eq(beat.ready),
                 fifo.w_en.eq(stored), fifo.w_data.eq(word),
             ]
+        resp = self.port.resp
+        if spram:
+            wiring.connect(m, beat, wiring.flipped(resp))
+        else:
+            # the beat is registered once more before it leaves: on ECP5 the FIFO's storage (LUT
+            # RAM, or a block RAM with its slow clock-to-out) was the start of the engine's
+            # longest path into the beat's destinations (32 lanes)
+            with m.If(beat.ready):
+                m.d.sync += [resp.valid.eq(beat.valid), resp.payload.eq(beat.payload)]
+            m.d.comb += beat.ready.eq(~resp.valid | resp.ready)
         return m
 
 

@@ -256,7 +256,7 @@ class PerfModel:
     """
 
     passes: int = 2
-    job_latency: int = 100
+    job_latency: int = 104
     embed_passes: int = 0
     q_split: int = 1
 
@@ -288,7 +288,7 @@ class PerfModel:
 PERF_MODEL = PerfModel()
 # the compact engine (iCE40UP5K): output scale and elementwise unit at half rate (each of their
 # 11 pipeline stages 2 cycles), the embedding through the output scale, q FIFO words of lanes/4
-PERF_MODEL_COMPACT = PerfModel(job_latency=122, embed_passes=1, q_split=4)
+PERF_MODEL_COMPACT = PerfModel(job_latency=124, embed_passes=1, q_split=4)
 
 # Published geometries (MODEL.md), for benchmarks and size checks.
 PUBLISHED = {

@@ -492,10 +492,11 @@ def test_embed_scale():
     assert got == want
 
 
-def test_output_scale_embedding_mixed():
+@pytest.mark.parametrize("share", [1, 2])
+def test_output_scale_embedding_mixed(share):
     """OutputScale(embed=True): embedding elements (embed high) mixed with accumulators, both exact."""
     rng = random.Random(11)
-    dut = OutputScale(share=2, embed=True)
+    dut = OutputScale(share=share, embed=True)
     smax = (1 << F.emb_scale_bits) - 1
     items = []
     for _ in range(150):
@@ -596,12 +597,14 @@ def _elementwise_items(n):
 
 @pytest.mark.parametrize("make, items, latency, share", [
     (OutputScale, [{"acc": k, "last": 0} for k in range(50)], OutputScale.LATENCY, 1),
+    (lambda: OutputScale(embed=True), [{"acc": k, "last": 0} for k in range(50)], OutputScale.LATENCY + 1, 1),
     (ElementwiseUnit, _elementwise_items(50), ElementwiseUnit.LATENCY, 1),
     (EmbedScale, [{"q": k - 25, "last": 0} for k in range(50)], EmbedScale.LATENCY, 1),
     (lambda: OutputScale(share=2, embed=True), [{"acc": k, "last": 0} for k in range(50)],
      2 * OutputScale.LATENCY, 2),
-    (lambda: ElementwiseUnit(share=2), _elementwise_items(50), 2 * ElementwiseUnit.LATENCY, 2),
-], ids=["OutputScale", "ElementwiseUnit", "EmbedScale", "OutputScale-shared", "ElementwiseUnit-shared"])
+    (lambda: ElementwiseUnit(share=2), _elementwise_items(50), 2 * ElementwiseUnit.STAGES[2], 2),
+], ids=["OutputScale", "OutputScale-embed", "ElementwiseUnit", "EmbedScale", "OutputScale-shared",
+        "ElementwiseUnit-shared"])
 def test_one_element_per_cycle(make, items, latency, share):
     """Full rate: one element per cycle; shared multipliers (share=2): one every two cycles."""
     dut = make()
