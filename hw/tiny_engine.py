@@ -37,11 +37,9 @@ from .engine import EngineOp, cmd_layout, result_layout
 from .vector_common import msb_index
 from .tiny_isa import B_BITS, DATA_BITS, FIELDS, PROG_DEPTH, WORD_BITS, Cond, Kind, Op, encode
 from .tiny_program import RESET_PC, TOKEN_PC, token_program
+from .weight_port import SPRAM_MAX, SPRAM_WORDS
 
-__all__ = ["TinyEngine", "base3_rom", "SPRAM_WORDS"]
-
-SPRAM_WORDS = 16384
-SPRAM_MAX = 4
+__all__ = ["TinyEngine", "base3_rom"]
 
 
 def base3_rom() -> list[int]:
@@ -613,7 +611,6 @@ class TinyEngine(wiring.Component):
             with m.State("MATVEC"):
                 cols, rows, out = bases[1], bases[5], bases[4]
                 # producer: weight byte -> (read) -> decoder ROM -> mv_next, one byte in flight
-                take_next = Signal()
                 m.d.sync += [mv_p1.eq(0), mv_p2.eq(0)]
                 with m.If(~mv_nvalid & ~mv_p1 & ~mv_p2 & ~mv_issue_done):
                     m.d.comb += w_addr.eq(mv_ba[1:])
@@ -640,12 +637,10 @@ class TinyEngine(wiring.Component):
                     with m.Else():
                         m.d.sync += mv_c.eq(c_next)
                     with m.If((mv_tn == 1) & mv_nvalid):
-                        m.d.comb += take_next.eq(1)
                         m.d.sync += [mv_tq.eq(mv_next), mv_tn.eq(5), mv_nvalid.eq(0)]
                     with m.Else():
                         m.d.sync += [mv_tq.eq(mv_tq >> 2), mv_tn.eq(mv_tn - 1)]
                 with m.Elif(~have & mv_nvalid & ~mv_issue_done):
-                    m.d.comb += take_next.eq(1)
                     m.d.sync += [mv_tq.eq(mv_next), mv_tn.eq(5), mv_nvalid.eq(0)]
                 # stage 1: accumulate; write the row's sum after its last column
                 q = qm_rp.data.as_signed()

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from mmfree_fpga.config import FORMATS, Formats, ModelConfig
 from mmfree_fpga.errors import UserError
 
-from .tiny_isa import B_BITS, DATA_BITS, Asm, Cond, Instr, Kind, Op
+from .tiny_isa import B_BITS, DATA_BITS, Asm, Cond, Kind, Op
 
 __all__ = ["TinyLayout", "token_program", "BL_ARGS", "RESET_PC", "TOKEN_PC", "TinyPerfModel", "TINY_PERF_MODEL"]
 
