@@ -141,14 +141,18 @@ def test_engine_full(images, simulator, name, packing):
 
 
 def test_board_engine_design_factory():
-    """The design factory for boards: on an iCE40 the compact engine with its weights in SPRAM."""
+    """The design factory for boards: on an iCE40 the tiny engine with its weights in SPRAM and the
+    Link's small form, elsewhere the full engine."""
     from mmfree_fpga.boards.top import DesignContext, check_design
     from mmfree_fpga.boards.designs import linked_engine
-    for family, compact in (("ice40", True), ("ecp5", False)):
+    from mmfree_fpga.hw.tiny_engine import TinyEngine
+    for family in ("ice40", "ecp5"):
         ctx = DesignContext(board="b", device="d", family=family, clock_hz=24e6, baud=3_000_000,
                             checkpoint=DEMO_CHECKPOINT, image=None, resources=None, budget=None)
         design = linked_engine()(ctx)
         check_design(design)
-        assert design.engine.core.compact is compact
-        assert (design.engine.memory._spram is True) is compact
-        assert design.engine.core.lanes == (8 if compact else 16)
+        if family == "ice40":
+            assert isinstance(design.engine, TinyEngine) and design.engine.spram and design.link.small
+            assert design.link.lanes == 1
+        else:
+            assert not design.engine.core.compact and design.engine.core.lanes == 16 and not design.link.small
