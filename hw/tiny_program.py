@@ -11,6 +11,13 @@ the normalising shift), a statistics pass (max |v16 c|, sum of ((v16 a) >> 15)^2
 the square root and the reciprocal of the quantiser, a quantise pass into ``QM``, the scale
 mantissa by division, ``MATVEC`` and the output-scale pass.
 
+Every value stays within the 48-bit datapath for every input the formats allow (Machine faults
+otherwise): products of an int32 and a 16-bit value (gates, sigmoid, norms, the quantiser's
+reciprocal, qt < 2^17 times |acc| <= 2^21) stay below 2^47; the sum of squares below 2^44 (p <
+2^15, n <= 2^14); k_mant m below 2^46, (k_mant m) << t below 2^38; the two int32 x int32 products
+(p = yg silu(h), v = silu(gate) up) are split (:meth:`_Gen.mul_shift_sat`). Left shifts of the
+output scale (t < k_exp) would leave the datapath beyond 9 places; exported models have t > k_exp.
+
 Vector memory (32-bit words): ``x`` [d], ``h`` [L d], then a work area of max(3d, 2I, V)
 words: ``f``/``i``/``g`` projections at 0 / d / 2d (``p`` replaces ``f``), ``gate_proj``'s
 output (``v`` replaces the gate half), the o/down outputs at 0, the logits at 0.
