@@ -27,6 +27,7 @@ def run(args) -> dict:
     import numpy as np
 
     from mmfree_fpga.boards.registry import resolve_board
+    from mmfree_fpga.hw.tiny_program import TINY_PERF_MODEL
     from mmfree_fpga.commands.reference import integer_stepper
     from mmfree_fpga.config import ModelConfig
     from mmfree_fpga.generation import Sampler, decode_text, generate, parse_prompt
@@ -94,8 +95,10 @@ def run(args) -> dict:
     say(f"cycles per token (counted by the engine): {mean:,.0f} mean, ideal {ideal:,.0f} "
         f"(ternary weights / lanes), ratio {mean / ideal:.3f}")
     say(f"simulated {len(cycles)} steps in {wall:.1f} s of wall time (Verilator, host driver and protocol included)")
-    say(f"projected at the iCEBreaker design clock of {clock / 1e6:.0f} MHz: {clock / mean:,.0f} tokens/s "
-        "(the 16-lane engine does not fit the iCE40UP5K yet: see README)")
+    tiny = TINY_PERF_MODEL.cycles_per_token(cfg)
+    say(f"projected at {clock / 1e6:.0f} MHz: {clock / mean:,.0f} tokens/s for this {args.lanes}-lane engine (the "
+        f"ULX3S's); the iCEBreaker runs the tiny engine: {tiny:,.0f} cycles per token, {clock / tiny:,.1f} tokens/s "
+        f"at its {clock / 1e6:.0f} MHz (README, Boards)")
     return {"tokens": hw_tokens, "reference_tokens": ref, "identical": same, "text": decode_text(hw_tokens, cfg.V),
             "cycles_per_token": cycles, "ideal_cycles_per_token": ideal,
             "projected_tokens_per_s_at_24mhz": clock / mean if mean else None}
