@@ -110,7 +110,7 @@ from .vector_common import vector_widths
 from .ram import NO_RW_CHECK, registered_read_port
 from .weight_port import ADDR_BITS, LEN_BITS, WeightMemory, weight_port_signature, write_layout
 
-__all__ = ["EngineOp", "Param", "JOBS", "cmd_layout", "result_layout", "trace_layout", "beat_bytes",
+__all__ = ["EngineOp", "Param", "JOBS", "cmd_layout", "result_layout", "control_members", "trace_layout", "beat_bytes",
            "engine_params", "check_geometry", "EngineCore", "Engine", "ideal_cycles"]
 
 JOBS = ("f_proj", "i_proj", "g_proj", "o_proj", "gate_proj", "down_proj", "lm_head")
@@ -154,6 +154,18 @@ def cmd_layout() -> data.StructLayout:
 
 def result_layout() -> data.StructLayout:
     return data.StructLayout({"token": unsigned(32), "logit": signed(32), "cycles": unsigned(32)})
+
+
+def control_members() -> dict:
+    """The control interface every engine presents (module docstring): ``cmd``, ``load``,
+    ``result``, ``logit_req``, ``logit_resp``."""
+    return {
+        "cmd": In(stream.Signature(cmd_layout())),
+        "load": In(stream.Signature(unsigned(8))),
+        "result": Out(stream.Signature(result_layout())),
+        "logit_req": In(stream.Signature(unsigned(32))),
+        "logit_resp": Out(stream.Signature(signed(32))),
+    }
 
 
 def trace_layout(max_d: int, max_I: int, max_L: int, max_V: int) -> data.StructLayout:
@@ -306,11 +318,7 @@ class EngineCore(wiring.Component):
         burst = (4 * max(self.max_d, self.max_I) + 2 * self.max_d) // self.beat_bytes + 2
         self.trit_fifo_depth = 1 << (burst - 1).bit_length()
         super().__init__({
-            "cmd": In(stream.Signature(cmd_layout())),
-            "load": In(stream.Signature(unsigned(8))),
-            "result": Out(stream.Signature(result_layout())),
-            "logit_req": In(stream.Signature(unsigned(32))),
-            "logit_resp": Out(stream.Signature(signed(32))),
+            **control_members(),
             "trace": Out(stream.Signature(self.trace_layout())),
             "wport": Out(weight_port_signature(self.beat_bytes)),
             "wwrite": Out(write_layout(self.beat_bytes)),
@@ -1069,11 +1077,7 @@ class Engine(wiring.Component):
                                    model=model, fifo_depth=mem_fifo_depth, spram=mem_spram)
         self._model = model
         members = {
-            "cmd": In(stream.Signature(cmd_layout())),
-            "load": In(stream.Signature(unsigned(8))),
-            "result": Out(stream.Signature(result_layout())),
-            "logit_req": In(stream.Signature(unsigned(32))),
-            "logit_resp": Out(stream.Signature(signed(32))),
+            **control_members(),
             "trace": Out(stream.Signature(self.core.trace_layout())),
         }
         if model:

@@ -23,17 +23,16 @@ ROM into five trits), the accumulator written to the vector memory at the end of
 
 from __future__ import annotations
 
-from amaranth.hdl import Cat, ClockSignal, Const, Instance, Module, Mux, Signal, signed, unsigned
-from amaranth.lib import stream, wiring
+from amaranth.hdl import Cat, ClockSignal, Const, Instance, Module, Mux, Signal, signed
+from amaranth.lib import wiring
 from amaranth.lib.memory import Memory
-from amaranth.lib.wiring import In, Out
 
 from mmfree_fpga.config import FORMATS, ModelConfig
 from mmfree_fpga.errors import UserError
 from mmfree_fpga.reference.integer import sigmoid_table
 from mmfree_fpga.reference.packing import BASE3_DECODE
 
-from .engine import EngineOp, cmd_layout, result_layout
+from .engine import EngineOp, control_members
 from .vector_common import msb_index
 from .tiny_isa import B_BITS, DATA_BITS, FIELDS, PROG_DEPTH, WORD_BITS, Cond, Kind, Op, encode
 from .tiny_program import RESET_PC, TOKEN_PC, token_program
@@ -81,13 +80,7 @@ class TinyEngine(wiring.Component):
                             f"{1 << B_BITS}-byte address space")
         self.image = image
         self.spram = spram
-        super().__init__({
-            "cmd": In(stream.Signature(cmd_layout())),
-            "load": In(stream.Signature(unsigned(8))),
-            "result": Out(stream.Signature(result_layout())),
-            "logit_req": In(stream.Signature(unsigned(32))),
-            "logit_resp": Out(stream.Signature(signed(32))),
-        })
+        super().__init__(control_members())
 
     # -- memories -----------------------------------------------------------------
     def _weight_memory(self, m, addr, rdata, we, wdata, wlane):

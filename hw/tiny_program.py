@@ -153,6 +153,15 @@ class _Gen:
         self.reg(Op.ADD, r_lo)
         self.e(Op.SAT)
 
+    def v16_times_c(self, keep_v16: bool = False):
+        """A := normalise(v)[i] * c[i] (z of the statistics and quantise passes); with
+        ``keep_v16`` also R_V := normalise(v)[i]."""
+        self.e(Op.LD, kind=Kind.VM, fi=1, fb=1, bsel=_B["src"])
+        self.reg(Op.SHR, R_SH)
+        if keep_v16:
+            self.reg(Op.ST, R_V)
+        self.e(Op.MUL, kind=Kind.W16, fi=1, fb=1, bsel=_B["c"])
+
     def bitlinear_subroutine(self):
         fmt = self.fmt
         B = _B
@@ -177,10 +186,7 @@ class _Gen:
         self.reg(Op.ST, R_SS)
         top = self.new_label("stats")
         self.a.label(top)
-        self.e(Op.LD, kind=Kind.VM, fi=1, fb=1, bsel=B["src"])
-        self.reg(Op.SHR, R_SH)
-        self.reg(Op.ST, R_V)
-        self.e(Op.MUL, kind=Kind.W16, fi=1, fb=1, bsel=B["c"])
+        self.v16_times_c(keep_v16=True)
         self.e(Op.ABS)
         self.reg(Op.MAX, R_M)
         self.reg(Op.ST, R_M)
@@ -212,9 +218,7 @@ class _Gen:
         self.reg(Op.ST, R_RC)
         top = self.new_label("quant")
         self.a.label(top)
-        self.e(Op.LD, kind=Kind.VM, fi=1, fb=1, bsel=B["src"])
-        self.reg(Op.SHR, R_SH)
-        self.e(Op.MUL, kind=Kind.W16, fi=1, fb=1, bsel=B["c"])
+        self.v16_times_c()
         self.reg(Op.ST, R_Z)
         self.e(Op.ABS)
         self.reg(Op.SHR, R_ZS)
