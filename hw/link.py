@@ -678,8 +678,11 @@ class Link(wiring.Component):
 
 
         if self.small:
-            load_left = Signal(range(self.image_bytes + 1))   # image bytes still to come in the load
-            m.d.comb += load_left.eq(self.image_bytes - load_pointer)
+            # image bytes still to come in the load, registered: load_pointer is fixed for the
+            # trailer's six cycles before the checks are read (on iCE40 the subtractor, the
+            # comparison and the flag were one path, the critical one at 29 MHz)
+            load_left = Signal(range(self.image_bytes + 1))
+            m.d.sync += load_left.eq(self.image_bytes - load_pointer)
             # the chunk's data (length - 5 bytes) runs past the image: one subtractor for this
             # and the NAK's argument, a comparison as wide as LEN
             lb = len(length)

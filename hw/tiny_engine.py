@@ -34,7 +34,8 @@ from mmfree_fpga.reference.packing import BASE3_DECODE
 
 from .engine import EngineOp, control_members
 from .vector_common import msb_index
-from .tiny_isa import B_BITS, DATA_BITS, FIELDS, PROG_DEPTH, WORD_BITS, Cond, Kind, Op, encode
+from .tiny_isa import (B_BITS, DATA_BITS, DIRECT_OPS, FIELDS, MEMORY_KINDS, NO_OPERAND_OPS, PROG_DEPTH, WORD_BITS, Cond,
+                       Kind, Op, encode)
 from .tiny_program import RESET_PC, TOKEN_PC, token_program
 from .weight_port import SPRAM_MAX, SPRAM_WORDS
 
@@ -159,40 +160,49 @@ class TinyEngine(wiring.Component):
         cycles = Signal(32)
         for_token = Signal()
 
-        # -- the instruction: the ROM's output (its address stays at pc until the instruction ends) --
-        word = rom_rp.data
-        f = {}
-        pos = 0
-        for name, width in FIELDS:
-            f[name] = word[pos:pos + width]
-            pos += width
+        # -- the instruction: the ROM's output while decoding (fields ``d``), then the instruction
+        #    register ``ir`` (fields ``f``): no path starts at the ROM's clock-to-out but DECODE's
+        def fields(word):
+            out, pos = {}, 0
+            for name, width in FIELDS:
+                out[name] = word[pos:pos + width]
+                pos += width
+            return out
+        ir = Signal(WORD_BITS)
+        d = fields(rom_rp.data)
+        f = fields(ir)
         op, kind, reg, imm = f["op"], f["kind"], f["reg"], f["imm"].as_signed()
         flag = f["flag"]
 
         # address of the operand / store
         kind_size_log2 = Signal(2)
-        with m.Switch(kind):
+        with m.Switch(d["kind"]):
             with m.Case(Kind.W16):
                 m.d.comb += kind_size_log2.eq(1)
             with m.Case(Kind.W32):
                 m.d.comb += kind_size_log2.eq(2)
         bsel_val = Signal(B_BITS)
-        with m.Switch(f["bsel"]):
+        with m.Switch(d["bsel"]):
             for k in range(8):
                 with m.Case(k):
                     m.d.comb += bsel_val.eq(bases[k])
-        # (two partial sums registered while decoding, added in the next cycle)
+        # (two partial sums registered while decoding, added into the register addr in ADDR)
         addr_ib = Signal(B_BITS)
         addr_ip = Signal(B_BITS)
         addr = Signal(B_BITS)
-        m.d.comb += addr.eq(addr_ib + addr_ip)
+        # the instruction addresses a memory (decoded from the ROM's output: uses_address)
+        d_uses_addr = Signal()
+        d_op = d["op"]
+        direct = Cat(d_op == o for o in (*NO_OPERAND_OPS, *DIRECT_OPS, Op.MATVEC)).any()
+        m.d.comb += d_uses_addr.eq((d_op == Op.STV) | (d_op == Op.STQ)
+                                   | (~direct & Cat(d["kind"] == k for k in MEMORY_KINDS).any()))
         target = imm[:9]
 
         # -- ALU pieces --
         a_zero = A == 0
         a_neg = A[N - 1]
         cond_ok = Signal()
-        with m.Switch(reg):
+        with m.Switch(d["reg"]):
             with m.Case(Cond.ALWAYS):
                 m.d.comb += cond_ok.eq(1)
             with m.Case(Cond.EQ):
@@ -260,7 +270,8 @@ class TinyEngine(wiring.Component):
         m.d.comb += diff.eq(r2 - trial)
         ge = ~diff[36]
 
-        # -- the shifter: one of A >> 1, A >> 8, A << 1 (bit 0: the quotient bit)
+        # -- the shifter: one of A >> 1, A >> 8, A << 1 (bit 0: the quotient bit); its mode is a
+        #    register set in the cycle before, with a_sel_r
         sh_mode = Signal(2)
         R1, R8, L1 = range(3)
         sh = Signal(N)
@@ -340,6 +351,28 @@ class TinyEngine(wiring.Component):
             with m.Case(Op.DIV, Op.SQRT):
                 m.d.comb += pre_sel.eq(SH)
 
+        # -- SHR's steps: the next step's action is registered (sh_act, with a_sel_r and sh_mode),
+        #    decided from the shift count and rounding state that the current step leaves
+        SA_DONE, SA_ROUND, SA_R8, SA_R1, SA_L1 = range(5)
+        sh_act = Signal(3)
+
+        def shift_step(base, delta, rounded_now):
+            """Register the SHIFT step for the count ``base + delta`` (``base`` signed, ``delta`` an
+            int: the comparisons are of ``base`` with constants, no adder before them) and
+            rounding state ``rounded_now``."""
+            rnd = flag
+            with m.If(base > -delta):
+                with m.If(rnd & (base == 1 - delta) & ~rounded_now):
+                    m.d.sync += [sh_act.eq(SA_ROUND), a_sel_r.eq(SUM)]
+                with m.Elif(Mux(rnd, base >= 9 - delta, base >= 8 - delta)):
+                    m.d.sync += [sh_act.eq(SA_R8), a_sel_r.eq(SH), sh_mode.eq(R8)]
+                with m.Else():
+                    m.d.sync += [sh_act.eq(SA_R1), a_sel_r.eq(SH), sh_mode.eq(R1)]
+            with m.Elif(base < -delta):
+                m.d.sync += [sh_act.eq(SA_L1), a_sel_r.eq(SH), sh_mode.eq(L1)]
+            with m.Else():
+                m.d.sync += sh_act.eq(SA_DONE)
+
         # -- matrix unit state --
         row_bits = max(1, lay.vm_depth.bit_length())
         col_bits = max(1, lay.qm_depth.bit_length())
@@ -417,10 +450,19 @@ class TinyEngine(wiring.Component):
 
             with m.State("DECODE"):
                 # the instruction's address (two partial sums), branch and loop decisions, registered
-                loop_count = Mux(f["fb"], bsel_val, imm[9:20])
-                m.d.sync += [addr_ib.eq(imm + Mux(f["fb"], bsel_val, 0)),
-                             addr_ip.eq(Mux(f["fi"], i << kind_size_log2, 0) + Mux(f["fp"], P, 0)),
+                d_imm = d["imm"].as_signed()
+                loop_count = Mux(d["fb"], bsel_val, d_imm[9:20])
+                m.d.sync += [ir.eq(rom_rp.data),
+                             addr_ib.eq(d_imm + Mux(d["fb"], bsel_val, 0)),
+                             addr_ip.eq(Mux(d["fi"], i << kind_size_log2, 0) + Mux(d["fp"], P, 0)),
                              cond_r.eq(cond_ok), loop_more.eq(i + 1 < loop_count)]
+                with m.If(d_uses_addr):
+                    m.next = "ADDR"
+                with m.Else():
+                    m.next = "ISSUE"
+
+            with m.State("ADDR"):
+                m.d.sync += addr.eq(addr_ib + addr_ip)
                 m.next = "ISSUE"
 
             with m.State("ISSUE"):
@@ -479,8 +521,8 @@ class TinyEngine(wiring.Component):
                             m.next = "IDLE"
                     with m.Case(Op.NOP):
                         next_instr(npc)
-                    with m.Case(Op.ABS, Op.SAT, Op.BITLEN, Op.SQRT, Op.SIGP, Op.GETI, Op.GETT):
-                        m.d.sync += [count.eq(0), rem.eq(0), root.eq(0), a_sel_r.eq(pre_sel),
+                    with m.Case(*DIRECT_OPS):
+                        m.d.sync += [count.eq(0), rem.eq(0), root.eq(0), a_sel_r.eq(pre_sel), sh_mode.eq(L1),
                                      small_sel.eq(pre_small), is_div.eq(0)]
                         m.next = "EXEC"
                     with m.Default():
@@ -511,14 +553,14 @@ class TinyEngine(wiring.Component):
                 with m.If(kind == Kind.W32):
                     m.next = "OPER2"
                 with m.Else():
-                    m.d.sync += a_sel_r.eq(pre_sel)
+                    m.d.sync += [a_sel_r.eq(pre_sel), sh_mode.eq(L1)]
                     adder_for(op)
                     m.next = "EXEC"
 
             with m.State("OPER2"):
                 hi = Cat(X[:16], w_rdata)
                 x_in2 = Mux(flag, hi, hi.as_signed())
-                m.d.sync += [X.eq(x_in2), a_sel_r.eq(pre_sel)]
+                m.d.sync += [X.eq(x_in2), a_sel_r.eq(pre_sel), sh_mode.eq(L1)]
                 adder_for(op)
                 m.next = "EXEC"
 
@@ -548,6 +590,7 @@ class TinyEngine(wiring.Component):
                     with m.Case(Op.SHR):
                         m.d.sync += [rem_cnt.eq(X[:8].as_signed()),
                                      a_en.eq(1), a_inv.eq(0), b_en.eq(0), b_inv.eq(0), c_in.eq(1)]
+                        shift_step(X[:8].as_signed(), 0, Const(0, 1))
                         m.next = "SHIFT"
                     with m.Case(Op.BITLEN):
                         # bit length of A >= 0 = index of the top one of 2A + 1: a tree of halves
@@ -557,7 +600,6 @@ class TinyEngine(wiring.Component):
                         m.next = "TAKE"
                     with m.Case(Op.DIV):
                         # restoring division, one quotient bit per cycle (N cycles), quotient in A
-                        m.d.comb += sh_mode.eq(L1)
                         m.d.sync += [rem.eq(Mux(ge, diff, r2)), count.eq(count + 1)]
                         with m.If(count == N - 1):
                             next_instr(npc)
@@ -566,7 +608,6 @@ class TinyEngine(wiring.Component):
                     with m.Case(Op.SQRT):
                         # restoring square root: even cycles shift a radicand bit into rem, odd
                         # cycles also try the next root bit (N cycles), then A := root in TAKE
-                        m.d.comb += sh_mode.eq(L1)
                         trying = count[0]
                         m.d.sync += [rem.eq(Mux(ge & trying, diff, r2)), count.eq(count + 1)]
                         with m.If(trying):
@@ -584,22 +625,18 @@ class TinyEngine(wiring.Component):
                 next_instr(pc + 1)
 
             with m.State("SHIFT"):
-                rnd = f["flag"]
-                with m.If(rem_cnt > 0):
-                    with m.If(rnd & (rem_cnt == 1) & ~rounded):
-                        m.d.comb += a_sel.eq(SUM)
+                # A takes this step's a_sel_r / sh_mode; the count and rounding state it leaves
+                # decide the next step
+                with m.Switch(sh_act):
+                    with m.Case(SA_ROUND):
                         m.d.sync += rounded.eq(1)
-                    with m.Elif(rem_cnt >= Mux(rnd, 9, 8)):
-                        m.d.comb += [a_sel.eq(SH), sh_mode.eq(R8)]
-                        m.d.sync += rem_cnt.eq(rem_cnt - 8)
-                    with m.Else():
-                        m.d.comb += [a_sel.eq(SH), sh_mode.eq(R1)]
-                        m.d.sync += rem_cnt.eq(rem_cnt - 1)
-                with m.Elif(rem_cnt < 0):
-                    m.d.comb += [a_sel.eq(SH), sh_mode.eq(L1)]
-                    m.d.sync += rem_cnt.eq(rem_cnt + 1)
-                with m.Else():
-                    next_instr(pc + 1)
+                        shift_step(rem_cnt, 0, Const(1, 1))
+                    for act, delta in ((SA_R8, -8), (SA_R1, -1), (SA_L1, 1)):
+                        with m.Case(act):
+                            m.d.sync += rem_cnt.eq(rem_cnt + delta)
+                            shift_step(rem_cnt, delta, rounded)
+                    with m.Case(SA_DONE):
+                        next_instr(pc + 1)
 
             with m.State("MATVEC"):
                 cols, rows, out = bases[1], bases[5], bases[4]

@@ -44,7 +44,8 @@ from mmfree_fpga.config import FORMATS, Formats
 from mmfree_fpga.errors import UserError
 
 __all__ = ["START_CYCLES", "Op", "Kind", "Cond", "Instr", "WORD_BITS", "FIELDS", "IMM_BITS", "B_BITS", "PROG_DEPTH",
-           "encode", "decode", "Asm", "Machine", "sig_index"]
+           "encode", "decode", "Asm", "Machine", "sig_index", "NO_OPERAND_OPS", "DIRECT_OPS", "MEMORY_KINDS",
+           "uses_address"]
 
 WORD_BITS = 40
 IMM_BITS = 21
@@ -356,12 +357,28 @@ class Machine:
         self.VM[out:out + rows] = acc
 
 
-# clock cycles of the hardware (hw/tiny_engine.py): DECODE, ISSUE, then OPER (+ a second one for
-# a 32-bit weight), then EXEC and the op's extra cycles; stores and control finish in ISSUE.
+# clock cycles of the hardware (hw/tiny_engine.py): DECODE, ADDR (only for an instruction that
+# addresses a memory: the operand or store address is registered before the memories see it),
+# ISSUE, then OPER (+ a second one for a 32-bit weight), then EXEC and the op's extra cycles;
+# stores and control finish in ISSUE.
 MATVEC_OVERHEAD = 6
 # cycles of a FEED_TOKEN before the program's first instruction: accepting it, starting
 START_CYCLES = 2
-_NO_OPERAND = {Op.ST, Op.STV, Op.STQ, Op.SETP, Op.SETB, Op.RES, Op.LOOP, Op.BR, Op.CALL, Op.RET, Op.NOP, Op.END}
+# ops that finish in ISSUE
+NO_OPERAND_OPS = {Op.ST, Op.STV, Op.STQ, Op.SETP, Op.SETB, Op.RES, Op.LOOP, Op.BR, Op.CALL, Op.RET, Op.NOP, Op.END}
+# ops that execute on A alone (ISSUE, then EXEC: no operand read)
+DIRECT_OPS = {Op.ABS, Op.SAT, Op.BITLEN, Op.SQRT, Op.SIGP, Op.GETI, Op.GETT}
+# operand kinds read from a memory at the computed address
+MEMORY_KINDS = {Kind.VM, Kind.TAB, Kind.W8, Kind.W16, Kind.W32}
+
+
+def uses_address(ins: Instr) -> bool:
+    """Whether the instruction reads or writes a memory at its computed address (it then takes
+    the ADDR cycle)."""
+    if ins.op in (Op.STV, Op.STQ):
+        return True
+    operand = ins.op not in NO_OPERAND_OPS and ins.op not in DIRECT_OPS and ins.op != Op.MATVEC
+    return operand and ins.kind in MEMORY_KINDS
 
 
 def shift_steps(s: int, rnd: bool) -> int:
@@ -384,13 +401,14 @@ def shift_steps(s: int, rnd: bool) -> int:
 
 
 def op_cycles(ins: Instr, a: int, x: int, fmt: Formats = FORMATS, bases=None) -> int:
-    """Clock cycles of one instruction: DECODE, then what :func:`_op_cycles` counts."""
-    return 1 + _op_cycles(ins, a, x, fmt, bases)
+    """Clock cycles of one instruction: DECODE, ADDR where it addresses a memory, then what
+    :func:`_op_cycles` counts."""
+    return 1 + uses_address(ins) + _op_cycles(ins, a, x, fmt, bases)
 
 
 def _op_cycles(ins: Instr, a: int, x: int, fmt: Formats, bases) -> int:
     op = ins.op
-    if op in _NO_OPERAND:
+    if op in NO_OPERAND_OPS:
         return 1
     if op == Op.MATVEC:
         return 1 + MATVEC_OVERHEAD + bases[5] * bases[1]
