@@ -242,8 +242,18 @@ class TinyEngine(wiring.Component):
         add_b = Signal(N)
         m.d.comb += [add_a.eq(Mux(a_en, A[:N], 0) ^ a_inv.replicate(N)),
                      add_b.eq(Mux(b_en, X[:N], 0) ^ b_inv.replicate(N))]
+        # carry select: the high half is added for both carries out of the low half, then
+        # chosen (one 49-bit carry chain was the iCE40's critical path, 29 MHz); the two high
+        # adders are kept apart (keep), or Yosys shares them into one with the carry multiplexed in
+        H = N // 2
         add_s = Signal(N + 1)
-        m.d.comb += add_s.eq(Cat(add_a, add_a[N - 1]) + Cat(add_b, add_b[N - 1]) + c_in)
+        lo = Signal(H + 1)
+        hi0 = Signal(N - H + 1, attrs={"keep": 1})
+        hi1 = Signal(N - H + 1, attrs={"keep": 1})
+        a_hi, b_hi = Cat(add_a[H:], add_a[N - 1]), Cat(add_b[H:], add_b[N - 1])
+        m.d.comb += [lo.eq(add_a[:H] + add_b[:H] + c_in),
+                     hi0.eq(a_hi + b_hi), hi1.eq(a_hi + b_hi + 1),
+                     add_s.eq(Cat(lo[:H], Mux(lo[H], hi1, hi0)))]
 
         def adder_for(instr_op):
             """Set the adder for the EXEC cycle of the instruction (from OPER, OPER2 or ISSUE;
