@@ -723,6 +723,9 @@ class Link(wiring.Component):
         # frame's CRC-16 equals the cached one, compared as its last byte is taken)
         crc_cached = Signal()
         good = Signal()                   # the frame's CRC-16 checked out (registered in CHECK)
+        replay = Signal()                 # DECIDE answers from the cache (registered in CHECK) ...
+        replay_kind = Signal(_Kind)       # ... with the cached command's response
+        replay_len = Signal(range(max(layout.size for _, layout in _STATE_RESPONSES.values()) + 1))
         replayable = flag(cache_valid & (cache_seq == seq) & ~(cache_op == _REEXECUTED[0])
                           & ~(cache_op == _REEXECUTED[1]), "replayable")
 
@@ -1019,6 +1022,14 @@ class Link(wiring.Component):
 
             # ---- the frame CRC has seen every byte: its verdict is registered first ----
             with m.State("CHECK"):
+                # (also registered here: whether DECIDE replays the cached response, and that
+                # response's kind and length, decoded from cache_op: that decoding, the priority
+                # chain and the response registers' enables were one path, the iCE40's critical one)
+                m.d.sync += replay.eq(crc_cached & replayable)
+                with m.Switch(cache_op):
+                    for command, (kind, layout) in _STATE_RESPONSES.items():
+                        with m.Case(command):
+                            m.d.sync += [replay_kind.eq(kind), replay_len.eq(layout.size)]
                 with after_feeder():
                     m.d.sync += good.eq(rx_fcrc.match_detected)
                     m.next = "DECIDE"
@@ -1037,11 +1048,8 @@ class Link(wiring.Component):
                     if self.small:
                         m.d.sync += nak_arg_sel.eq(0)    # (argument 0 has index 0)
                     m.next = "SEND"
-                with m.Elif(crc_cached & replayable):
-                    with m.Switch(cache_op):
-                        for command, (kind, layout) in _STATE_RESPONSES.items():
-                            with m.Case(command):
-                                m.d.sync += respond(kind, cache_op | RESPONSE, layout.size)
+                with m.Elif(replay):
+                    m.d.sync += respond(replay_kind, cache_op | RESPONSE, replay_len)
                     m.next = "SEND"
                 with m.Elif(rejected):
                     m.d.sync += respond(_Kind.NAK, NAK_RESPONSE, NAK_PAYLOAD.size)

@@ -190,6 +190,11 @@ class TinyEngine(wiring.Component):
         addr_ib = Signal(B_BITS)
         addr_ip = Signal(B_BITS)
         addr = Signal(B_BITS)
+        # ISSUE's control flow, decoded in DECODE into registers: the op is one that ends in
+        # ISSUE (iss_go), and which address follows (RA, the target, or pc1 = pc + 1)
+        pc1 = Signal(range(PROG_DEPTH))
+        iss_go, iss_ret, iss_call, iss_loop, iss_br = (Signal(name=n) for n in
+                                                       ("iss_go", "iss_ret", "iss_call", "iss_loop", "iss_br"))
         # the instruction addresses a memory (decoded from the ROM's output: uses_address)
         d_uses_addr = Signal()
         d_op = d["op"]
@@ -361,6 +366,10 @@ class TinyEngine(wiring.Component):
             with m.Case(Op.DIV, Op.SQRT):
                 m.d.comb += pre_sel.eq(SH)
 
+        # BITLEN's first stage: per byte of 2A + 1, whether it has a one, and its top one's index
+        bl_any = Signal(N // 8)
+        bl_idx = Signal(3 * (N // 8))
+
         # -- SHR's steps: the next step's action is registered (sh_act, with a_sel_r and sh_mode),
         #    decided from the shift count and rounding state that the current step leaves
         SA_DONE, SA_ROUND, SA_R8, SA_R1, SA_L1 = range(5)
@@ -462,6 +471,10 @@ class TinyEngine(wiring.Component):
                 # the instruction's address (two partial sums), branch and loop decisions, registered
                 d_imm = d["imm"].as_signed()
                 loop_count = Mux(d["fb"], bsel_val, d_imm[9:20])
+                m.d.sync += [pc1.eq(pc + 1),
+                             iss_go.eq(Cat(d_op == o for o in NO_OPERAND_OPS if o != Op.END).any()),
+                             iss_ret.eq(d_op == Op.RET), iss_call.eq(d_op == Op.CALL),
+                             iss_loop.eq(d_op == Op.LOOP), iss_br.eq(d_op == Op.BR)]
                 m.d.sync += [ir.eq(rom_rp.data),
                              addr_ib.eq(d_imm + Mux(d["fb"], bsel_val, 0)),
                              addr_ip.eq(Mux(d["fi"], i << kind_size_log2, 0) + Mux(d["fp"], P, 0)),
@@ -479,46 +492,35 @@ class TinyEngine(wiring.Component):
                 # operand reads (used by OPER); stores and control finish here
                 adder_for(op)
                 m.d.comb += [reg_rp.addr.eq(reg), vm_rp.addr.eq(addr), w_addr.eq(addr[1:]), tab_rp.addr.eq(addr)]
-                npc = pc + 1
+                # the next instruction of the ops that end here, from registers decoded in DECODE
+                jump = (iss_loop & loop_more) | (iss_br & cond_r) | iss_call
+                with m.If(iss_go):
+                    next_instr(Mux(iss_ret, RA, Mux(jump, target, pc1)))
                 with m.Switch(op):
                     with m.Case(Op.ST):
                         m.d.comb += [reg_wp.addr.eq(reg), reg_wp.data.eq(A), reg_wp.en.eq(1)]
-                        next_instr(npc)
                     with m.Case(Op.STV):
                         m.d.comb += [vm_wp.addr.eq(addr), vm_wp.data.eq(A[:32]), vm_wp.en.eq(1)]
-                        next_instr(npc)
                     with m.Case(Op.STQ):
                         m.d.comb += [qm_wp.addr.eq(addr), qm_wp.data.eq(A[:8]), qm_wp.en.eq(1)]
-                        next_instr(npc)
                     with m.Case(Op.SETP):
                         m.d.sync += P.eq(A[:B_BITS])
-                        next_instr(npc)
                     with m.Case(Op.SETB):
                         with m.Switch(f["bsel"]):
                             for k in range(8):
                                 with m.Case(k):
                                     m.d.sync += bases[k].eq(imm[:B_BITS])
-                        next_instr(npc)
                     with m.Case(Op.RES):
                         with m.If(reg[0]):
                             m.d.sync += res_logit.eq(A[:32])
                         with m.Else():
                             m.d.sync += res_token.eq(A[:32])
-                        next_instr(npc)
                     with m.Case(Op.LOOP):
-                        with m.If(loop_more):
-                            m.d.sync += i.eq(i + 1)
-                            next_instr(target)
-                        with m.Else():
-                            m.d.sync += i.eq(0)
-                            next_instr(npc)
-                    with m.Case(Op.BR):
-                        next_instr(Mux(cond_r, target, npc))
+                        m.d.sync += i.eq(Mux(loop_more, i + 1, 0))
                     with m.Case(Op.CALL):
-                        m.d.sync += RA.eq(npc)
-                        next_instr(target)
-                    with m.Case(Op.RET):
-                        next_instr(RA)
+                        m.d.sync += RA.eq(pc1)
+                    with m.Case(Op.BR, Op.RET, Op.NOP):
+                        pass
                     with m.Case(Op.MATVEC):
                         m.d.sync += [mv_r.eq(0), mv_c.eq(0), mv_ba.eq(bases[2]), mv_p1.eq(0), mv_p2.eq(0),
                                      mv_nvalid.eq(0), mv_tn.eq(0), mv_issue_done.eq(0), mv_s1.eq(0), mv_acc.eq(0)]
@@ -529,8 +531,6 @@ class TinyEngine(wiring.Component):
                             m.next = "RESULT"
                         with m.Else():
                             m.next = "IDLE"
-                    with m.Case(Op.NOP):
-                        next_instr(npc)
                     with m.Case(*DIRECT_OPS):
                         m.d.sync += [count.eq(0), rem.eq(0), root.eq(0), a_sel_r.eq(pre_sel), sh_mode.eq(L1),
                                      small_sel.eq(pre_small), is_div.eq(0)]
@@ -576,7 +576,7 @@ class TinyEngine(wiring.Component):
 
             with m.State("EXEC"):
                 # A takes a_sel_r (set in the cycle before); multi-cycle ops set it for the next
-                npc = pc + 1
+                npc = pc1
                 with m.Switch(op):
                     with m.Case(Op.MAX, Op.MIN):
                         # compare now, take X or keep A in TAKE
@@ -603,11 +603,14 @@ class TinyEngine(wiring.Component):
                         shift_step(X[:8].as_signed(), 0, Const(0, 1))
                         m.next = "SHIFT"
                     with m.Case(Op.BITLEN):
-                        # bit length of A >= 0 = index of the top one of 2A + 1: a tree of halves
-                        # into count, then A := count
-                        _, msb = msb_index(Cat(Const(1, 1), A[:N - 1]), N)
-                        m.d.sync += [count.eq(msb), a_sel_r.eq(SMALL), small_sel.eq(S_COUNT)]
-                        m.next = "TAKE"
+                        # bit length of A >= 0 = index of the top one of 2A + 1, in two registered
+                        # stages (one tree was the iCE40's critical path): each byte's top one here,
+                        # the top byte's in BITLEN2 into count, then A := count in TAKE
+                        v = Cat(Const(1, 1), A[:N - 1])
+                        for k in range(N // 8):
+                            any_k, idx_k = msb_index(v[8 * k:8 * k + 8], 8)
+                            m.d.sync += [bl_any[k].eq(any_k), bl_idx[3 * k:3 * k + 3].eq(idx_k)]
+                        m.next = "BITLEN2"
                     with m.Case(Op.DIV):
                         # restoring division, one quotient bit per cycle (N cycles), quotient in A
                         m.d.sync += [rem.eq(Mux(ge, diff, r2)), count.eq(count + 1)]
@@ -630,9 +633,15 @@ class TinyEngine(wiring.Component):
                     with m.Default():
                         next_instr(npc)
 
+            with m.State("BITLEN2"):
+                _, top = msb_index(bl_any, N // 8)
+                m.d.sync += [count.eq(Cat(bl_idx.word_select(top, 3), top)), a_sel_r.eq(SMALL),
+                             small_sel.eq(S_COUNT)]
+                m.next = "TAKE"
+
             with m.State("TAKE"):
-                # the second cycle of MAX/MIN, CSGN, MUL, BITLEN, SQRT: A takes a_sel_r
-                next_instr(pc + 1)
+                # the last cycle of MAX/MIN, CSGN, MUL, BITLEN, SQRT: A takes a_sel_r
+                next_instr(pc1)
 
             with m.State("SHIFT"):
                 # A takes this step's a_sel_r / sh_mode; the count and rounding state it leaves
@@ -646,7 +655,7 @@ class TinyEngine(wiring.Component):
                             m.d.sync += rem_cnt.eq(rem_cnt + delta)
                             shift_step(rem_cnt, delta, rounded)
                     with m.Case(SA_DONE):
-                        next_instr(pc + 1)
+                        next_instr(pc1)
 
             with m.State("MATVEC"):
                 cols, rows, out = bases[1], bases[5], bases[4]
@@ -693,7 +702,7 @@ class TinyEngine(wiring.Component):
                     with m.Else():
                         m.d.sync += mv_acc.eq(total)
                 with m.If(mv_issue_done & ~mv_s1):
-                    next_instr(pc + 1)
+                    next_instr(pc1)
 
             with m.State("RESULT"):
                 m.d.comb += self.result.valid.eq(1)

@@ -415,7 +415,7 @@ def _op_cycles(ins: Instr, a: int, x: int, fmt: Formats, bases) -> int:
     if op in (Op.ABS, Op.SAT, Op.SIGP, Op.GETI, Op.GETT):
         return 2
     if op == Op.BITLEN:
-        return 3
+        return 4
     if op == Op.SQRT:
         return DATA_BITS + 2
     oper = 2 + (ins.kind == Kind.W32)
