@@ -322,8 +322,12 @@ class TinyEngine(wiring.Component):
         HOLD, SUM, SH, PROD, SMALL, SATV = range(6)
         small_sel = Signal(3)
         S_I, S_TOKEN, S_SIG, S_COUNT, S_ROOT = range(5)
-        m.d.comb += a_sel.eq(a_sel_r)
-        m.d.sync += a_sel_r.eq(HOLD)
+        # (MAX / MIN: the comparison is registered into take_r, and A keeps its value in TAKE
+        #  unless it says to load X: the comparison's carry chain ends at a register)
+        minmax_r = Signal()
+        take_r = Signal()
+        m.d.comb += a_sel.eq(Mux(minmax_r & ~take_r, HOLD, a_sel_r))
+        m.d.sync += [a_sel_r.eq(HOLD), minmax_r.eq(0)]
         small = Signal(32)
         with m.Switch(small_sel):
             with m.Case(S_I):
@@ -579,9 +583,9 @@ class TinyEngine(wiring.Component):
                 npc = pc1
                 with m.Switch(op):
                     with m.Case(Op.MAX, Op.MIN):
-                        # compare now, take X or keep A in TAKE
-                        take = Mux(op == Op.MAX, a_lt_x, ~a_lt_x)
-                        m.d.sync += [a_en.eq(~take), a_inv.eq(0), b_en.eq(take), b_inv.eq(0), c_in.eq(0),
+                        # compare now; in TAKE, A := 0 + X or A kept (take_r)
+                        m.d.sync += [take_r.eq(Mux(op == Op.MAX, a_lt_x, ~a_lt_x)), minmax_r.eq(1),
+                                     a_en.eq(0), a_inv.eq(0), b_en.eq(1), b_inv.eq(0), c_in.eq(0),
                                      a_sel_r.eq(SUM)]
                         m.next = "TAKE"
                     with m.Case(Op.SIGP):
