@@ -289,6 +289,7 @@ class TinyEngine(wiring.Component):
         #    register set in the cycle before, with a_sel_r
         sh_mode = Signal(2)
         R1, R8, L1 = range(3)
+        m.d.sync += sh_mode.eq(L1)    # (DIV and SQRT's shift; SHR's steps set it where they differ)
         sh = Signal(N)
         with m.Switch(sh_mode):
             with m.Case(R1):
@@ -536,7 +537,7 @@ class TinyEngine(wiring.Component):
                         with m.Else():
                             m.next = "IDLE"
                     with m.Case(*DIRECT_OPS):
-                        m.d.sync += [count.eq(0), rem.eq(0), root.eq(0), a_sel_r.eq(pre_sel), sh_mode.eq(L1),
+                        m.d.sync += [count.eq(0), rem.eq(0), root.eq(0), a_sel_r.eq(pre_sel),
                                      small_sel.eq(pre_small), is_div.eq(0)]
                         m.next = "EXEC"
                     with m.Default():
@@ -567,14 +568,14 @@ class TinyEngine(wiring.Component):
                 with m.If(kind == Kind.W32):
                     m.next = "OPER2"
                 with m.Else():
-                    m.d.sync += [a_sel_r.eq(pre_sel), sh_mode.eq(L1)]
+                    m.d.sync += a_sel_r.eq(pre_sel)
                     adder_for(op)
                     m.next = "EXEC"
 
             with m.State("OPER2"):
                 hi = Cat(X[:16], w_rdata)
                 x_in2 = Mux(flag, hi, hi.as_signed())
-                m.d.sync += [X.eq(x_in2), a_sel_r.eq(pre_sel), sh_mode.eq(L1)]
+                m.d.sync += [X.eq(x_in2), a_sel_r.eq(pre_sel)]
                 adder_for(op)
                 m.next = "EXEC"
 
