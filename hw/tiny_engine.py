@@ -190,6 +190,7 @@ class TinyEngine(wiring.Component):
         addr_ib = Signal(B_BITS)
         addr_ip = Signal(B_BITS)
         addr = Signal(B_BITS)
+        kh = Signal(len(Kind))     # the operand kind, one-hot (decoded in DECODE)
         # ISSUE's control flow, decoded in DECODE into registers: the op is one that ends in
         # ISSUE (iss_go), and which address follows (RA, the target, or pc1 = pc + 1)
         pc1 = Signal(range(PROG_DEPTH))
@@ -416,6 +417,8 @@ class TinyEngine(wiring.Component):
         mv_s1_last = Signal()
         mv_s1_row = Signal(row_bits)
         mv_acc = Signal(signed(fmt.acc_bits))
+        mv_cols_m1 = Signal(col_bits)   # the last column and row (registered at the start)
+        mv_rows_m1 = Signal(row_bits)
 
         # -- load stream: image bytes at the write pointer --
         wptr = Signal(B_BITS)
@@ -476,7 +479,7 @@ class TinyEngine(wiring.Component):
                 # the instruction's address (two partial sums), branch and loop decisions, registered
                 d_imm = d["imm"].as_signed()
                 loop_count = Mux(d["fb"], bsel_val, d_imm[9:20])
-                m.d.sync += [pc1.eq(pc + 1),
+                m.d.sync += [pc1.eq(pc + 1), kh.eq(Const(1, len(Kind)) << d["kind"]),
                              iss_go.eq(Cat(d_op == o for o in NO_OPERAND_OPS if o != Op.END).any()),
                              iss_ret.eq(d_op == Op.RET), iss_call.eq(d_op == Op.CALL),
                              iss_loop.eq(d_op == Op.LOOP), iss_br.eq(d_op == Op.BR)]
@@ -527,7 +530,8 @@ class TinyEngine(wiring.Component):
                     with m.Case(Op.BR, Op.RET, Op.NOP):
                         pass
                     with m.Case(Op.MATVEC):
-                        m.d.sync += [mv_r.eq(0), mv_c.eq(0), mv_ba.eq(bases[2]), mv_p1.eq(0), mv_p2.eq(0),
+                        m.d.sync += [mv_cols_m1.eq(bases[1] - 1), mv_rows_m1.eq(bases[5] - 1),
+                                     mv_r.eq(0), mv_c.eq(0), mv_ba.eq(bases[2]), mv_p1.eq(0), mv_p2.eq(0),
                                      mv_nvalid.eq(0), mv_tn.eq(0), mv_issue_done.eq(0), mv_s1.eq(0), mv_acc.eq(0)]
                         m.next = "MATVEC"
                     with m.Case(Op.END):
@@ -544,28 +548,25 @@ class TinyEngine(wiring.Component):
                         m.next = "OPER"
 
             with m.State("OPER"):
-                # the operand, from the memory read issued while decoding
+                # the operand, from the memory read issued in ISSUE: each source gated by its bit of
+                # the one-hot kind register kh, then ORed (a multiplexer on the binary kind after
+                # the SPRAM's output was one of the iCE40's longest paths)
+                def term(bit, value):
+                    t = Signal(N, name=f"x_{Kind(bit).name.lower()}")
+                    m.d.comb += t.eq(Mux(kh[bit], value, 0))
+                    return t
+                byte = Mux(addr[0], w_rdata[8:], w_rdata[:8])
+                w8 = Mux(flag, byte, byte.as_signed())
+                w16 = Mux(flag, w_rdata, w_rdata.as_signed())
                 x_in = Signal(signed(N))
-                with m.Switch(kind):
-                    with m.Case(Kind.IMM):
-                        m.d.comb += x_in.eq(imm)
-                    with m.Case(Kind.R):
-                        m.d.comb += x_in.eq(reg_rp.data.as_signed())
-                    with m.Case(Kind.VM):
-                        m.d.comb += x_in.eq(vm_rp.data.as_signed())
-                    with m.Case(Kind.TAB):
-                        m.d.comb += x_in.eq(tab_rp.data)
-                    with m.Case(Kind.W8):
-                        byte = Mux(addr[0], w_rdata[8:], w_rdata[:8])
-                        m.d.comb += x_in.eq(Mux(flag, byte, byte.as_signed()))
-                    with m.Case(Kind.W16):
-                        m.d.comb += x_in.eq(Mux(flag, w_rdata, w_rdata.as_signed()))
-                    with m.Case(Kind.W32):
-                        m.d.comb += [x_in.eq(w_rdata),      # low half; the high half next cycle
-                                     w_addr.eq(addr[1:] + 1)]
+                m.d.comb += x_in.eq(term(Kind.IMM, imm) | term(Kind.R, reg_rp.data) | term(Kind.VM, vm_rp.data.as_signed())
+                                    | term(Kind.TAB, tab_rp.data) | term(Kind.W8, w8) | term(Kind.W16, w16)
+                                    | term(Kind.W32, w_rdata))     # (W32: the low half; the high half next)
+                with m.If(kh[Kind.W32]):
+                    m.d.comb += w_addr.eq(addr[1:] + 1)
                 m.d.sync += [X.eq(x_in), count.eq(0), rem.eq(0), root.eq(0), rounded.eq(0),
                              is_div.eq(op == Op.DIV)]
-                with m.If(kind == Kind.W32):
+                with m.If(kh[Kind.W32]):
                     m.next = "OPER2"
                 with m.Else():
                     m.d.sync += a_sel_r.eq(pre_sel)
@@ -663,7 +664,7 @@ class TinyEngine(wiring.Component):
                         next_instr(pc1)
 
             with m.State("MATVEC"):
-                cols, rows, out = bases[1], bases[5], bases[4]
+                out = bases[4]
                 # producer: weight byte -> (read) -> decoder ROM -> mv_next, one byte in flight
                 m.d.sync += [mv_p1.eq(0), mv_p2.eq(0)]
                 with m.If(~mv_nvalid & ~mv_p1 & ~mv_p2 & ~mv_issue_done):
@@ -679,14 +680,14 @@ class TinyEngine(wiring.Component):
                 have = mv_tn != 0
                 c_next = mv_c + 1
                 r_next = mv_r + 1
-                last_col = c_next == cols
+                last_col = mv_c == mv_cols_m1
                 with m.If(have & ~mv_issue_done):
                     m.d.comb += qm_rp.addr.eq(mv_c)
                     m.d.sync += [mv_s1.eq(1), mv_s1_trit.eq(mv_tq[:2]), mv_s1_last.eq(last_col),
                                  mv_s1_row.eq(mv_r)]
                     with m.If(last_col):
                         m.d.sync += [mv_c.eq(0), mv_r.eq(r_next)]
-                        with m.If(r_next == rows):
+                        with m.If(mv_r == mv_rows_m1):
                             m.d.sync += mv_issue_done.eq(1)
                     with m.Else():
                         m.d.sync += mv_c.eq(c_next)
