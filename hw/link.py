@@ -682,11 +682,13 @@ class Link(wiring.Component):
             # trailer's six cycles before the checks are read (on iCE40 the subtractor, the
             # comparison and the flag were one path, the critical one at 29 MHz)
             load_left = Signal(range(self.image_bytes + 1))
-            m.d.sync += load_left.eq(self.image_bytes - load_pointer)
-            # the chunk's data (length - 5 bytes) runs past the image: one subtractor for this
-            # and the NAK's argument, a comparison as wide as LEN
+            # (and that plus the chunk header's size, for the check)
+            load_left_h = Signal(range(self.image_bytes + LOAD_CHUNK_HEADER.size + 1))
+            m.d.sync += [load_left.eq(self.image_bytes - load_pointer),
+                         load_left_h.eq(self.image_bytes + LOAD_CHUNK_HEADER.size - load_pointer)]
+            # the chunk's data (length - 5 bytes) runs past the image: a comparison as wide as LEN
             lb = len(length)
-            overrun = (load_left[lb:] == 0) & (length > load_left[:lb] + LOAD_CHUNK_HEADER.size)
+            overrun = (load_left_h[lb:] == 0) & (length > load_left_h[:lb])
         else:
             overrun = load_pointer + length > self.image_bytes + LOAD_CHUNK_HEADER.size
             load_left = self.image_bytes - load_pointer

@@ -191,6 +191,8 @@ class TinyEngine(wiring.Component):
         addr_ip = Signal(B_BITS)
         addr = Signal(B_BITS)
         kh = Signal(len(Kind))     # the operand kind, one-hot (decoded in DECODE)
+        ex_go = Signal()           # the op ends in EXEC (decoded in DECODE)
+        EXEC_MORE = (Op.MAX, Op.MIN, Op.CSGN, Op.MUL, Op.SHR, Op.BITLEN, Op.DIV, Op.SQRT)
         # ISSUE's control flow, decoded in DECODE into registers: the op is one that ends in
         # ISSUE (iss_go), and which address follows (RA, the target, or pc1 = pc + 1)
         pc1 = Signal(range(PROG_DEPTH))
@@ -280,6 +282,8 @@ class TinyEngine(wiring.Component):
         # -- the divider / square root step: one subtractor for both
         # (the square root takes two cycles per root bit: a radicand bit shifted in, then the trial)
         is_div = Signal()             # registered in OPER / ISSUE (not decoded from the ROM here)
+        div_last = Signal()           # the division's last step (count == N - 1)
+        m.d.comb += div_last.eq(count == N - 1)
         r2 = Cat(A[N - 1], rem[:34])
         trial = Mux(is_div, X[:34], Cat(Const(1, 2), root))
         diff = Signal(37)
@@ -480,6 +484,7 @@ class TinyEngine(wiring.Component):
                 d_imm = d["imm"].as_signed()
                 loop_count = Mux(d["fb"], bsel_val, d_imm[9:20])
                 m.d.sync += [pc1.eq(pc + 1), kh.eq(Const(1, len(Kind)) << d["kind"]),
+                             ex_go.eq(~Cat(d_op == o for o in EXEC_MORE).any()),
                              iss_go.eq(Cat(d_op == o for o in NO_OPERAND_OPS if o != Op.END).any()),
                              iss_ret.eq(d_op == Op.RET), iss_call.eq(d_op == Op.CALL),
                              iss_loop.eq(d_op == Op.LOOP), iss_br.eq(d_op == Op.BR)]
@@ -581,8 +586,11 @@ class TinyEngine(wiring.Component):
                 m.next = "EXEC"
 
             with m.State("EXEC"):
-                # A takes a_sel_r (set in the cycle before); multi-cycle ops set it for the next
+                # A takes a_sel_r (set in the cycle before); multi-cycle ops set it for the next.
+                # The ops that end here (ex_go) were decoded in DECODE.
                 npc = pc1
+                with m.If(ex_go | (is_div & div_last)):
+                    next_instr(npc)
                 with m.Switch(op):
                     with m.Case(Op.MAX, Op.MIN):
                         # compare now; in TAKE, A := 0 + X or A kept (take_r)
@@ -592,7 +600,6 @@ class TinyEngine(wiring.Component):
                         m.next = "TAKE"
                     with m.Case(Op.SIGP):
                         m.d.sync += P.eq(sig_idx)
-                        next_instr(npc)
                     with m.Case(Op.CSGN):
                         # -A or A in TAKE, as X's sign says
                         neg = X[N - 1]
@@ -620,9 +627,7 @@ class TinyEngine(wiring.Component):
                     with m.Case(Op.DIV):
                         # restoring division, one quotient bit per cycle (N cycles), quotient in A
                         m.d.sync += [rem.eq(Mux(ge, diff, r2)), count.eq(count + 1)]
-                        with m.If(count == N - 1):
-                            next_instr(npc)
-                        with m.Else():
+                        with m.If(~div_last):
                             m.d.sync += a_sel_r.eq(SH)
                     with m.Case(Op.SQRT):
                         # restoring square root: even cycles shift a radicand bit into rem, odd
@@ -636,8 +641,6 @@ class TinyEngine(wiring.Component):
                             m.next = "TAKE"
                         with m.Else():
                             m.d.sync += a_sel_r.eq(SH)
-                    with m.Default():
-                        next_instr(npc)
 
             with m.State("BITLEN2"):
                 _, top = msb_index(bl_any, N // 8)
