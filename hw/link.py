@@ -520,16 +520,20 @@ class Link(wiring.Component):
         feed_left = Signal(range(9))
         feed_h, feed_f, feed_i = Signal(), Signal(), Signal()
         feeding = Signal()
+        settled = Signal()    # (small form) the feeder was idle in the previous cycle too
 
         def done(cond):
-            """``cond``, and (small form) the feeder idle; the default form's logic is unchanged."""
-            return cond & ~feeding if self.small else cond
+            """``cond``, and (small form) the feeder idle in this cycle and the one before (so a
+            comparison with a CRC registered in the cycle before sees its final value); the
+            default form's logic is unchanged."""
+            return cond & ~feeding & settled if self.small else cond
 
         def after_feeder():
             """(small form) a block that runs once the feeder is idle; the default form: always."""
             return m.If(~feeding) if self.small else contextlib.nullcontext()
         if self.small:
             m.d.comb += feeding.eq(feed_left != 0)
+            m.d.sync += settled.eq(~feeding)
             with m.If(feeding):
                 m.d.sync += [feed_bits.eq(feed_bits << 1), feed_left.eq(feed_left - 1)]
             m.d.comb += [hcrc.data.eq(feed_bits[7]), fcrc.data.eq(feed_bits[7]), img_crc.data.eq(feed_bits[7]),
@@ -882,6 +886,14 @@ class Link(wiring.Component):
         moved = take | jump
         if not self.small:
             m.d.comb += img_crc.data.eq(byte_r)
+        # byte != the header CRC, compared as the byte is registered (small form: the CRC is
+        # final then, done() waits a cycle after the feeder; this comparison was on the path
+        # from the byte into the parser's decisions and rp, the iCE40's critical one)
+        hcrc_differs = Signal()
+        if self.small:
+            m.d.sync += hcrc_differs.eq(ring_q != rx_hcrc.crc)
+        else:
+            m.d.comb += hcrc_differs.eq(byte != rx_hcrc.crc)
         m.d.sync += [rp.eq(rp_next), byte_r.eq(ring_q),
                      read_ok.eq((rp != wp) & ~moved & ~chunk_phase),
                      got.eq(read_ok & ~moved & ~chunk_phase)]
@@ -978,7 +990,7 @@ class Link(wiring.Component):
                                                           & (length[:8] > (self.max_payload & 0xFF))))]
                         with m.Default():
                             m.d.sync += payload_left.eq(length - 1)
-                            with m.If((byte != rx_hcrc.crc) | length_big):
+                            with m.If(hcrc_differs | length_big):
                                 rescan()
                                 m.next = "HUNT"
                             with m.Elif(length_zero):
