@@ -145,6 +145,8 @@ class TinyEngine(wiring.Component):
         w_wdata = Signal(8)
         w_lane = Signal()
         self._weight_memory(m, w_addr, w_rdata, w_we, w_wdata, w_lane)
+        w_q = Signal(16)                  # w_rdata, registered (operand reads)
+        m.d.sync += w_q.eq(w_rdata)
 
         # -- architectural state --
         A = Signal(signed(N))
@@ -550,7 +552,10 @@ class TinyEngine(wiring.Component):
                                      small_sel.eq(pre_small), is_div.eq(0)]
                         m.next = "EXEC"
                     with m.Default():
-                        m.next = "OPER"
+                        with m.If(kh[Kind.W8] | kh[Kind.W16] | kh[Kind.W32]):
+                            m.next = "OWAIT"
+                        with m.Else():
+                            m.next = "OPER"
 
             with m.State("OPER"):
                 # the operand, from the memory read issued in ISSUE: each source gated by its bit of
@@ -560,26 +565,34 @@ class TinyEngine(wiring.Component):
                     t = Signal(N, name=f"x_{Kind(bit).name.lower()}")
                     m.d.comb += t.eq(Mux(kh[bit], value, 0))
                     return t
-                byte = Mux(addr[0], w_rdata[8:], w_rdata[:8])
+                byte = Mux(addr[0], w_q[8:], w_q[:8])
                 w8 = Mux(flag, byte, byte.as_signed())
-                w16 = Mux(flag, w_rdata, w_rdata.as_signed())
+                w16 = Mux(flag, w_q, w_q.as_signed())
                 x_in = Signal(signed(N))
                 m.d.comb += x_in.eq(term(Kind.IMM, imm) | term(Kind.R, reg_rp.data) | term(Kind.VM, vm_rp.data.as_signed())
                                     | term(Kind.TAB, tab_rp.data) | term(Kind.W8, w8) | term(Kind.W16, w16)
-                                    | term(Kind.W32, w_rdata))     # (W32: the low half; the high half next)
+                                    | term(Kind.W32, w_q))     # (W32: the low half; the high half next)
                 with m.If(kh[Kind.W32]):
                     m.d.comb += w_addr.eq(addr[1:] + 1)
                 m.d.sync += [X.eq(x_in), count.eq(0), rem.eq(0), root.eq(0), rounded.eq(0),
                              is_div.eq(op == Op.DIV)]
                 with m.If(kh[Kind.W32]):
-                    m.next = "OPER2"
+                    m.next = "OWAIT2"
                 with m.Else():
                     m.d.sync += a_sel_r.eq(pre_sel)
                     adder_for(op)
                     m.next = "EXEC"
 
+            # a weight operand: the SPRAM's output is registered (w_q) before it is used (its
+            # output, far from the logic, through the sign extension into X was the iCE40's
+            # critical path): one cycle more per 16-bit read
+            with m.State("OWAIT"):
+                m.next = "OPER"
+            with m.State("OWAIT2"):
+                m.next = "OPER2"
+
             with m.State("OPER2"):
-                hi = Cat(X[:16], w_rdata)
+                hi = Cat(X[:16], w_q)
                 x_in2 = Mux(flag, hi, hi.as_signed())
                 m.d.sync += [X.eq(x_in2), a_sel_r.eq(pre_sel)]
                 adder_for(op)

@@ -359,7 +359,8 @@ class Machine:
 
 # clock cycles of the hardware (hw/tiny_engine.py): DECODE, ADDR (only for an instruction that
 # addresses a memory: the operand or store address is registered before the memories see it),
-# ISSUE, then OPER (+ a second one for a 32-bit weight), then EXEC and the op's extra cycles;
+# ISSUE, then OPER (a weight operand: after a wait for the registered SPRAM output; a 32-bit
+# weight: a second wait and OPER2), then EXEC and the op's extra cycles;
 # stores and control finish in ISSUE.
 MATVEC_OVERHEAD = 6
 # cycles of a FEED_TOKEN before the program's first instruction: accepting it, starting
@@ -418,7 +419,8 @@ def _op_cycles(ins: Instr, a: int, x: int, fmt: Formats, bases) -> int:
         return 4
     if op == Op.SQRT:
         return DATA_BITS + 2
-    oper = 2 + (ins.kind == Kind.W32)
+    # OPER (+ a wait for the registered weight read; W32: a second read and wait, OPER2)
+    oper = 2 + {Kind.W8: 1, Kind.W16: 1, Kind.W32: 3}.get(ins.kind, 0)
     if op == Op.MUL:
         return oper + 2
     if op == Op.DIV:
