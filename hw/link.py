@@ -934,8 +934,11 @@ class Link(wiring.Component):
         waiting = Signal()     # the parser needs a byte that has not arrived
         m.d.comb += waiting.eq(~got & (rp == wp))
         if self.small:
-            ready_byte = Signal()  # got, and the feeder is done with the previous byte
-            m.d.comb += ready_byte.eq(done(got))
+            # got, and the feeder done with the previous byte: registered (it went through the
+            # feeder's count and the parser's states into rp, the iCE40's critical path), so
+            # cleared after a cycle that moved the parse position
+            ready_byte = Signal()
+            m.d.sync += ready_byte.eq(got & ~feeding & ~take & ~jump)
         else:
             ready_byte = got
         # the idle timeout inside a frame, registered: while the parser waits it takes no byte
