@@ -947,7 +947,7 @@ class Link(wiring.Component):
         timed_out = Signal()
         m.d.sync += timed_out.eq(waiting & idle_expired & in_frame)
 
-        with m.FSM(name="link"):
+        with m.FSM(name="link") as link_fsm:
             # ---- parsing: one byte every third cycle while bytes are in the ring ----
             with m.State("HUNT"):
                 m.d.comb += self.idle.eq(done(waiting & ~nb_valid))
@@ -1223,6 +1223,11 @@ class Link(wiring.Component):
                     with m.Else():
                         m.d.sync += sp.eq(rp)
                     m.next = "HUNT"
+
+        if self.small:
+            # one flip-flop per state (Yosys recodes the FSM): decoding the binary state was the
+            # start of most of the Link's long paths on iCE40
+            link_fsm.state.attrs["fsm_encoding"] = "one-hot"
 
         m.d.sync += fed.eq(nb_valid & self.tx.ready)
         with m.If(nb_valid & self.tx.ready):

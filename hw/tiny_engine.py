@@ -447,7 +447,7 @@ class TinyEngine(wiring.Component):
         # default ROM address: the current pc (so a held instruction stays readable)
         m.d.comb += rom_rp.addr.eq(pc)
 
-        with m.FSM(name="ctl"):
+        with m.FSM(name="ctl") as ctl_fsm:
             with m.State("IDLE"):
                 m.d.comb += [self.cmd.ready.eq(1), self.load.ready.eq(1), self.logit_req.ready.eq(~self.cmd.valid)]
                 with m.If(self.load.valid):
@@ -730,4 +730,6 @@ class TinyEngine(wiring.Component):
                 m.d.comb += self.result.valid.eq(1)
                 with m.If(self.result.ready):
                     m.next = "IDLE"
+        # one flip-flop per state (Yosys recodes the FSM): no state decoding on the control paths
+        ctl_fsm.state.attrs["fsm_encoding"] = "one-hot"
         return m
