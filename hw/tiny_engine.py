@@ -235,10 +235,8 @@ class TinyEngine(wiring.Component):
         m.d.sync += prod.eq(A[:32].as_signed() * xm)
 
         # shifter / bit length / divider state
-        rem_cnt = Signal(signed(8))
         cond_r = Signal()
         loop_more = Signal()
-        rounded = Signal()
         count = Signal(7)
         rem = Signal(35)
         root = Signal(N // 2)
@@ -382,27 +380,17 @@ class TinyEngine(wiring.Component):
         bl_any = Signal(N // 8)
         bl_idx = Signal(3 * (N // 8))
 
-        # -- SHR's steps: the next step's action is registered (sh_act, with a_sel_r and sh_mode),
-        #    decided from the shift count and rounding state that the current step leaves
-        SA_DONE, SA_ROUND, SA_R8, SA_R1, SA_L1 = range(5)
+        # -- SHR's steps: EXEC turns the count into step counts (sh_c8 right-by-8 steps, then
+        #    sh_c1 right- or left-by-1 steps, then with rounding the increment and one more right
+        #    step); each SHIFT cycle A takes the step registered in the cycle before (sh_act, with
+        #    a_sel_r and sh_mode) and the next is decided from the counts: no comparison of the
+        #    count with constants on the path into A's select (the iCE40's critical path)
+        SA_NONE, SA_DONE, SA_ROUND, SA_R8, SA_R1 = range(5)
         sh_act = Signal(3)
-
-        def shift_step(base, delta, rounded_now):
-            """Register the SHIFT step for the count ``base + delta`` (``base`` signed, ``delta`` an
-            int: the comparisons are of ``base`` with constants, no adder before them) and
-            rounding state ``rounded_now``."""
-            rnd = flag
-            with m.If(base > -delta):
-                with m.If(rnd & (base == 1 - delta) & ~rounded_now):
-                    m.d.sync += [sh_act.eq(SA_ROUND), a_sel_r.eq(SUM)]
-                with m.Elif(Mux(rnd, base >= 9 - delta, base >= 8 - delta)):
-                    m.d.sync += [sh_act.eq(SA_R8), a_sel_r.eq(SH), sh_mode.eq(R8)]
-                with m.Else():
-                    m.d.sync += [sh_act.eq(SA_R1), a_sel_r.eq(SH), sh_mode.eq(R1)]
-            with m.Elif(base < -delta):
-                m.d.sync += [sh_act.eq(SA_L1), a_sel_r.eq(SH), sh_mode.eq(L1)]
-            with m.Else():
-                m.d.sync += sh_act.eq(SA_DONE)
+        sh_c8 = Signal(3)
+        sh_c1 = Signal(6)
+        sh_left = Signal()
+        sh_rnd = Signal()     # the rounding increment is still to come
 
         # -- matrix unit state --
         row_bits = max(1, lay.vm_depth.bit_length())
@@ -574,7 +562,7 @@ class TinyEngine(wiring.Component):
                                     | term(Kind.W32, w_q))     # (W32: the low half; the high half next)
                 with m.If(kh[Kind.W32]):
                     m.d.comb += w_addr.eq(addr[1:] + 1)
-                m.d.sync += [X.eq(x_in), count.eq(0), rem.eq(0), root.eq(0), rounded.eq(0),
+                m.d.sync += [X.eq(x_in), count.eq(0), rem.eq(0), root.eq(0),
                              is_div.eq(op == Op.DIV)]
                 with m.If(kh[Kind.W32]):
                     m.next = "OWAIT2"
@@ -624,9 +612,20 @@ class TinyEngine(wiring.Component):
                         m.d.sync += a_sel_r.eq(PROD)
                         m.next = "TAKE"
                     with m.Case(Op.SHR):
-                        m.d.sync += [rem_cnt.eq(X[:8].as_signed()),
-                                     a_en.eq(1), a_inv.eq(0), b_en.eq(0), b_inv.eq(0), c_in.eq(1)]
-                        shift_step(X[:8].as_signed(), 0, Const(0, 1))
+                        # s in [-63, 63] (tiny_isa: _shr); rounding: (s - 1) // 8 steps of 8,
+                        # (s - 1) % 8 of 1, the increment, a last step of 1; else s // 8, s % 8
+                        sc = X[:8].as_signed()
+                        sm1 = Signal(8)
+                        m.d.comb += sm1.eq(sc - 1)
+                        m.d.sync += [a_en.eq(1), a_inv.eq(0), b_en.eq(0), b_inv.eq(0), c_in.eq(1),
+                                     sh_act.eq(SA_NONE), sh_left.eq(0), sh_rnd.eq(0), sh_c8.eq(0), sh_c1.eq(0)]
+                        with m.If(sc > 0):
+                            with m.If(flag):
+                                m.d.sync += [sh_c8.eq(sm1[3:6]), sh_c1.eq(sm1[:3]), sh_rnd.eq(1)]
+                            with m.Else():
+                                m.d.sync += [sh_c8.eq(sc[3:6]), sh_c1.eq(sc[:3])]
+                        with m.Elif(sc < 0):
+                            m.d.sync += [sh_c1.eq(-sc), sh_left.eq(1)]
                         m.next = "SHIFT"
                     with m.Case(Op.BITLEN):
                         # bit length of A >= 0 = index of the top one of 2A + 1, in two registered
@@ -666,18 +665,18 @@ class TinyEngine(wiring.Component):
                 next_instr(pc1)
 
             with m.State("SHIFT"):
-                # A takes this step's a_sel_r / sh_mode; the count and rounding state it leaves
-                # decide the next step
-                with m.Switch(sh_act):
-                    with m.Case(SA_ROUND):
-                        m.d.sync += rounded.eq(1)
-                        shift_step(rem_cnt, 0, Const(1, 1))
-                    for act, delta in ((SA_R8, -8), (SA_R1, -1), (SA_L1, 1)):
-                        with m.Case(act):
-                            m.d.sync += rem_cnt.eq(rem_cnt + delta)
-                            shift_step(rem_cnt, delta, rounded)
-                    with m.Case(SA_DONE):
-                        next_instr(pc1)
+                # A takes this step (registered in the cycle before); the counts decide the next
+                with m.If(sh_act == SA_DONE):
+                    next_instr(pc1)
+                with m.Elif(sh_c8 != 0):
+                    m.d.sync += [sh_act.eq(SA_R8), sh_c8.eq(sh_c8 - 1), a_sel_r.eq(SH), sh_mode.eq(R8)]
+                with m.Elif(sh_c1 != 0):
+                    m.d.sync += [sh_act.eq(SA_R1), sh_c1.eq(sh_c1 - 1), a_sel_r.eq(SH),
+                                 sh_mode.eq(Mux(sh_left, L1, R1))]
+                with m.Elif(sh_rnd):
+                    m.d.sync += [sh_act.eq(SA_ROUND), sh_rnd.eq(0), sh_c1.eq(1), a_sel_r.eq(SUM)]
+                with m.Else():
+                    m.d.sync += sh_act.eq(SA_DONE)
 
             with m.State("MATVEC"):
                 out = bases[4]

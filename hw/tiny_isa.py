@@ -384,7 +384,7 @@ def uses_address(ins: Instr) -> bool:
 
 def shift_steps(s: int, rnd: bool) -> int:
     """Cycles of the SHIFT state for a shift by s (right 8 or 1 places per cycle, +1 for rounding;
-    left 1 place per cycle), plus the cycle that ends it."""
+    left 1 place per cycle), plus the cycle that decides the first step and the one that ends it."""
     n = 0
     added = False
     while s != 0:
@@ -398,7 +398,7 @@ def shift_steps(s: int, rnd: bool) -> int:
         else:
             s += 1
         n += 1
-    return n + 1
+    return n + 2
 
 
 def op_cycles(ins: Instr, a: int, x: int, fmt: Formats = FORMATS, bases=None) -> int:
