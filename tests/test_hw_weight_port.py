@@ -183,3 +183,23 @@ def test_dp16kd_model_matches_yosys_mapping(tmp_path):
     lutram.write_text(common[start:common.index("endmodule", start) + len("endmodule")] + "\n")
     got = _icarus_trace([netlist, lutram, write_dp16kd_model(tmp_path / "dp16kd.v")], beat_bytes, steps, tmp_path)
     _check(got, want)
+
+
+@pytest.mark.parametrize("family,depth,instances", [("ecp5", 2 * RAM_BANK_WORDS + 1, 3 * 2), ("ecp5", RAM_BANK_WORDS, 0),
+                                                     ("ice40", 2 * RAM_BANK_WORDS + 1, 0), (None, 2 * RAM_BANK_WORDS + 1, 0)])
+def test_dp16kd_store_chosen_for_banked_ecp5_stores(family, depth, instances):
+    from types import SimpleNamespace
+
+    from amaranth.back import rtlil
+    platform = SimpleNamespace(family=family) if family else None
+    text = rtlil.convert(WeightMemory(beat_bytes=4, depth=depth, init=bytes(4 * depth), fifo_depth=8),
+                         name="top", platform=platform)
+    assert text.count("cell \\DP16KD ") == instances
+    assert text.count('parameter \\REGMODE_B "OUTREG"') == instances
+
+
+def test_dp16kd_store_refuses_what_it_cannot_be():
+    with pytest.raises(ValueError, match="banked"):
+        WeightMemory(beat_bytes=4, depth=RAM_BANK_WORDS, dp16kd=True)
+    with pytest.raises(ValueError, match="banked"):
+        WeightMemory(beat_bytes=4, depth=4 * RAM_BANK_WORDS, readmemh=True, dp16kd=True)
