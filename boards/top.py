@@ -83,6 +83,17 @@ def _request_optional(platform, name, number):
         return None
 
 
+def _register_stage(m, name, source_fifo, sink):
+    """``source_fifo``'s read side into the stream ``sink`` through a register (full throughput;
+    ``sink.ready`` reaches the FIFO's ``r_en`` combinationally)."""
+    valid = Signal(name=f"{name}_valid")
+    payload = Signal(source_fifo.width, name=f"{name}_payload")
+    take = ~valid | sink.ready
+    with m.If(take):
+        m.d.sync += [valid.eq(source_fifo.r_rdy), payload.eq(source_fifo.r_data)]
+    m.d.comb += [source_fifo.r_en.eq(take), sink.valid.eq(valid), sink.payload.eq(payload)]
+
+
 class UARTBridge(wiring.Component):
     """A design between a UART receiver and transmitter, with a FIFO on each side.
 
@@ -117,13 +128,15 @@ class UARTBridge(wiring.Component):
             m.d.comb += [
                 rx_fifo.w_data.eq(rx.data.payload), rx_fifo.w_en.eq(rx.data.valid),
                 rx.data.ready.eq(rx_fifo.w_rdy),
-                design.i_stream.payload.eq(rx_fifo.r_data), design.i_stream.valid.eq(rx_fifo.r_rdy),
-                rx_fifo.r_en.eq(design.i_stream.ready),
                 tx_fifo.w_data.eq(design.o_stream.payload), tx_fifo.w_en.eq(design.o_stream.valid),
                 design.o_stream.ready.eq(tx_fifo.w_rdy),
-                tx.data.payload.eq(tx_fifo.r_data), tx.data.valid.eq(tx_fifo.r_rdy),
-                tx_fifo.r_en.eq(tx.data.ready),
             ]
+            # each FIFO's output is registered once more before it leaves: the FIFOs are block
+            # RAMs whose data comes straight from the RAM (ECP5: ~6 ns clock-to-out), and the
+            # transmitter sits by its pin, far from where the placer puts the RAM (the ULX3S
+            # 64-lane critical path, 89.5 MHz, ran from the TX FIFO's RAM into the shift register)
+            _register_stage(m, "rx_out", rx_fifo, design.i_stream)
+            _register_stage(m, "tx_out", tx_fifo, tx.data)
         else:
             wiring.connect(m, rx.data, design.i_stream)
             wiring.connect(m, design.o_stream, tx.data)

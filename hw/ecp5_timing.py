@@ -2,7 +2,8 @@
 
 ``python -m mmfree_fpga.hw.ecp5_timing [--lanes 64] [--freq 115] [--seed 1] [--keep DIR]`` builds
 the full :class:`~.engine.Engine` for the demo model (or ``--checkpoint``) with the weight image
-in block RAM, as on the ULX3S, inside a wrapper whose every port is a flip-flop (inputs from a
+in block RAM, as on the ULX3S (DP16KD instances with their output register when the store is
+banked), inside a wrapper whose every port is a flip-flop (inputs from a
 shift register fed 64 bits at a time, outputs registered and folded into 64 registered bits), so
 no I/O path is timed; the command interface is the Link's (``index`` 0, ops 0..2). Then YoWASP
 Yosys ``synth_ecp5`` (with the board flow's ``rename -hide w:*[[]*``) and ``nextpnr-ecp5 --85k
@@ -118,10 +119,15 @@ def main(argv=None) -> int:
     ap.add_argument("--keep", default=None, help="directory for the netlists and logs (default: a temporary one)")
     args = ap.parse_args(argv)
     from mmfree_fpga.boards.designs import weight_image
-    from .engine import Engine, check_geometry
+    from .engine import Engine, beat_bytes, check_geometry
+    from .weight_port import RAM_BANK_WORDS
     image = weight_image(args.checkpoint, None)
     check_geometry(image.cfg, args.lanes)
-    design = RegisteredPorts(Engine(image.cfg, lanes=args.lanes, packing=image.packing, image=image.blob))
+    # the ULX3S's store: DP16KD instances with their output register when banked (as the board
+    # build chooses on an ECP5 platform)
+    banked = -(-len(image.blob) // beat_bytes(args.lanes)) > RAM_BANK_WORDS
+    design = RegisteredPorts(Engine(image.cfg, lanes=args.lanes, packing=image.packing, image=image.blob,
+                                    mem_dp16kd=banked))
     t0 = time.monotonic()
     if args.keep:
         report = run(design, Path(args.keep), freq=args.freq, seed=args.seed)

@@ -1058,7 +1058,8 @@ class Engine(wiring.Component):
     reads ``+weights=FILE``; ``model=True`` adds the memory model, whose knobs become inputs
     ``mem_bandwidth``, ``mem_latency``, ``mem_stall_rate``, ``mem_synthetic``. ``mem_words``
     sizes the store (default: the build geometry's image). ``mem_spram`` builds the store from
-    iCE40 SPRAM (None: on an iCE40 platform when ``image`` is None); ``mem_fifo_depth`` beats of
+    iCE40 SPRAM (None: on an iCE40 platform when ``image`` is None), ``mem_dp16kd`` a banked store
+    from ECP5 DP16KD with output registers (None: on an ECP5 platform); ``mem_fifo_depth`` beats of
     response FIFO (without the model 3 suffice for a store of one block, more for a banked one).
     Other keywords (maxima, ``compact``) go to
     :class:`EngineCore`.
@@ -1067,14 +1068,15 @@ class Engine(wiring.Component):
     def __init__(self, cfg: ModelConfig, *, lanes: int = 16, packing: str = "base3", packings=PACKINGS,
                  image: bytes | None = None, readmemh: bool = False, model: bool = False,
                  mem_words: int | None = None, mem_fifo_depth: int = 64, mem_spram: bool | None = None,
-                 **maxima):
+                 mem_dp16kd: bool | None = None, **maxima):
         from mmfree_fpga.host.image import image_size
         self.core = EngineCore(cfg, lanes=lanes, packing=packing, packings=packings, **maxima)
         wb = self.core.beat_bytes
         if mem_words is None:
             mem_words = -(-image_size(cfg, packing) // wb)
         self.memory = WeightMemory(beat_bytes=wb, depth=mem_words, init=image, readmemh=readmemh,
-                                   model=model, fifo_depth=mem_fifo_depth, spram=mem_spram)
+                                   model=model, fifo_depth=mem_fifo_depth, spram=mem_spram,
+                                   dp16kd=mem_dp16kd)
         self._model = model
         members = {
             **control_members(),

@@ -15,6 +15,10 @@ Implementations (one component, :class:`WeightMemory`, three back ends):
   ``spram=True``) this store is made of ``SB_SPRAM256KA`` instances (16k x 16 bits each, at most
   four on the UP5K), which Yosys does not infer by itself: one address for reads and writes
   (writes win; the engine does not read while it loads);
+* on an ECP5 platform (or with ``dp16kd=True``) a banked block-RAM store is made of ``DP16KD``
+  instances with their output register (``REGMODE_B="OUTREG"``), which Yosys's block-RAM mapping
+  never uses: the same read latency as the generic banked store, whose first register it
+  replaces (:func:`_dp16kd_store`);
 * ``readmemh=True``: a Verilog memory (:data:`STORE_VERILOG`) that reads the image at time 0
   from the file named by the plusarg ``+weights=FILE`` (:func:`write_hex`), so one simulator
   build serves every image and no Python runs per word.
@@ -124,6 +128,10 @@ class WeightMemory(wiring.Component):
     spram : bool or None
         Build the store from iCE40 SPRAM instances (needs ``init=None``, no ``readmemh``);
         None: when elaborated for an iCE40 platform with ``init=None``.
+    dp16kd : bool or None
+        Build a banked store (``depth`` > :data:`RAM_BANK_WORDS`) from ECP5 ``DP16KD``
+        instances with their output register (no ``readmemh``, no ``spram``); None: when
+        elaborated for an ECP5 platform and the store is banked.
 
     Members
     -------
@@ -139,7 +147,7 @@ class WeightMemory(wiring.Component):
 
     def __init__(self, *, beat_bytes: int, depth: int, init: bytes | None = None,
                  readmemh: bool = False, model: bool = False, fifo_depth: int = 64,
-                 spram: bool | None = None):
+                 spram: bool | None = None, dp16kd: bool | None = None):
         self._beat_bytes = beat_bytes
         self._depth = depth
         self._init = init
@@ -147,6 +155,10 @@ class WeightMemory(wiring.Component):
         self._model = model
         self._fifo_depth = fifo_depth
         self._spram = spram
+        self._dp16kd = dp16kd
+        if dp16kd and (readmemh or spram or depth <= RAM_BANK_WORDS):
+            raise ValueError(f"a DP16KD store is a banked block-RAM store: depth > {RAM_BANK_WORDS} "
+                             "words, without readmemh or spram")
         if spram and (init is not None or readmemh):
             raise ValueError("an SPRAM store has no initial contents: use init=None without readmemh")
         if spram:
@@ -184,8 +196,12 @@ class WeightMemory(wiring.Component):
                 i_we=self.write.en, i_waddr=self.write.addr[:abits], i_wdata=self.write.data)
         else:
             init = image_words(self._init, wb) if self._init is not None else []
-            read_latency = _ram_store(m, width, self._depth, init, raddr, rdata, self.write.en,
-                                      self.write.addr[:abits], self.write.data)
+            dp16kd = self._dp16kd
+            if dp16kd is None:
+                dp16kd = self._depth > RAM_BANK_WORDS and getattr(platform, "family", None) == "ecp5"
+            store = _dp16kd_store if dp16kd else _ram_store
+            read_latency = store(m, width, self._depth, init, raddr, rdata, self.write.en,
+                                 self.write.addr[:abits], self.write.data)
 
         # -- the reader: one word per cycle while a request lasts --------------------------------
         busy = Signal()
@@ -315,6 +331,78 @@ def _ram_store(m, width, depth, init, raddr, rdata, we, waddr, wdata) -> int:
         m.d.sync += [q1.eq(rp.data), q.eq(q1)]
         m.d.comb += [rp.addr.eq(raddr[:bb]), wp.en.eq(we & (waddr[bb:] == b)), wp.addr.eq(waddr[:bb]),
                      wp.data.eq(wdata)]
+        outs.append(q)
+    with m.Switch(sel_rr):
+        for b in range(n):
+            with m.Case(b):
+                m.d.comb += rdata.eq(outs[b])
+    return 3
+
+
+DP16KD_WIDTH = 18         # DP16KD in its 1024 x 18 mode: one bank of RAM_BANK_WORDS words
+DP16KD_INIT_WORDS = 16    # words per INITVAL_xx parameter (each word in 20 bits)
+
+
+def _dp16kd_store(m, width, depth, init, raddr, rdata, we, waddr, wdata) -> int:
+    """The banked store of :func:`_ram_store` made of ECP5 ``DP16KD`` instances, 1024 x 18 bits
+    each (port A writes, port B reads), read through the block RAM's output register: its
+    clock-to-out is ~4 ns shorter than the RAM array's (which Yosys's mapping uses). The output
+    register takes the place of the first of the generic store's two registers per bank, so the
+    read latency is the same, 3. Bit, address and ``INITVAL`` conventions are those of Yosys's
+    own DP16KD mapping (share/lattice/brams_map_16kd.v): in the x18 mode the word address is on
+    AD[13:4], AD[1:0] are the byte write enables, and ``INITVAL_xx`` holds words 16 xx .. 16 xx
+    + 15, word i in bits [20 i, 20 i + 18)."""
+    bb = (RAM_BANK_WORDS - 1).bit_length()
+    n = -(-depth // RAM_BANK_WORDS)
+    slices = -(-width // DP16KD_WIDTH)
+    sel = Signal(range(n), name="bank_sel")
+    sel_r = Signal(range(n), name="bank_sel_r")
+    sel_rr = Signal(range(n), name="bank_sel_rr")
+    m.d.sync += [sel.eq(raddr[bb:]), sel_r.eq(sel), sel_rr.eq(sel_r)]
+    padded = slices * DP16KD_WIDTH
+    wdata_p = Signal(padded, name="dp16kd_wdata")
+    m.d.comb += wdata_p.eq(wdata)
+    mask = (1 << DP16KD_WIDTH) - 1
+    outs = []
+    for b in range(n):
+        words = init[b * RAM_BANK_WORDS:(b + 1) * RAM_BANK_WORDS]
+        wen = Signal(name=f"bank{b}_we")
+        m.d.comb += wen.eq(we & (waddr[bb:] == b))
+        douts = []
+        for k in range(slices):
+            dout = Signal(DP16KD_WIDTH, name=f"bank{b}_{k}_dout")
+            params = {"DATA_WIDTH_A": 18, "DATA_WIDTH_B": 18, "REGMODE_A": "NOREG", "REGMODE_B": "OUTREG",
+                      "RESETMODE": "SYNC", "ASYNC_RESET_RELEASE": "SYNC", "CSDECODE_A": "0b000",
+                      "CSDECODE_B": "0b000", "WRITEMODE_A": "NORMAL", "WRITEMODE_B": "NORMAL", "GSR": "AUTO"}
+            for j in range(RAM_BANK_WORDS // DP16KD_INIT_WORDS):
+                v = 0
+                for i in range(DP16KD_INIT_WORDS):
+                    w = j * DP16KD_INIT_WORDS + i
+                    if w < len(words):
+                        v |= ((words[w] >> (k * DP16KD_WIDTH)) & mask) << (20 * i)
+                params[f"INITVAL_{j:02X}"] = Const(v, 20 * DP16KD_INIT_WORDS)
+            ports = {"CLKA": ClockSignal("sync"), "CLKB": ClockSignal("sync"),
+                     "CEA": Const(1, 1), "OCEA": Const(1, 1), "WEA": wen, "RSTA": Const(0, 1),
+                     "CEB": Const(1, 1), "OCEB": Const(1, 1), "WEB": Const(0, 1), "RSTB": Const(0, 1)}
+            for c in range(3):
+                ports[f"CSA{c}"] = ports[f"CSB{c}"] = Const(0, 1)
+            for a in range(14):
+                if a < 2:
+                    ports[f"ADA{a}"], ports[f"ADB{a}"] = Const(1, 1), Const(0, 1)
+                elif a < 4:
+                    ports[f"ADA{a}"] = ports[f"ADB{a}"] = Const(0, 1)
+                else:
+                    ports[f"ADA{a}"], ports[f"ADB{a}"] = waddr[a - 4], raddr[a - 4]
+            for d in range(DP16KD_WIDTH):
+                ports[f"DIA{d}"] = wdata_p[k * DP16KD_WIDTH + d]
+                ports[f"DIB{d}"] = Const(0, 1)
+                ports[f"DOB{d}"] = dout[d]
+            m.submodules[f"store{b}_{k}"] = Instance(
+                "DP16KD", **{f"p_{name}": v for name, v in params.items()},
+                **{(f"o_{name}" if name.startswith("DO") else f"i_{name}"): v for name, v in ports.items()})
+            douts.append(dout)
+        q = Signal(width, name=f"bank{b}_q", reset_less=True)
+        m.d.sync += q.eq(Cat(*douts)[:width])
         outs.append(q)
     with m.Switch(sel_rr):
         for b in range(n):
