@@ -867,6 +867,11 @@ class Link(wiring.Component):
         # -- read port address ---------------------------------------------------------------------
         chunk_phase = Signal()
         chunk_step = Signal()             # an image byte is accepted: address the next one
+        # (small form) the ring address of the chunk's last data byte: rp stands after the frame
+        # while the chunk is forwarded, so this register is settled from its first byte on
+        chunk_stop = Signal(ring_bits)
+        if self.small:
+            m.d.sync += chunk_stop.eq(rp[:ring_bits] - (TRAILER_LEN + 1))
         chunk_addr = Signal(ring_bits)    # the ring address of the image byte offered
         with m.If(~chunk_phase):
             # set up for a LOAD_CHUNK until one starts: its first byte and its length less one
@@ -1156,8 +1161,7 @@ class Link(wiring.Component):
                                  load_pointer.eq(load_pointer + 1)]
                     # (small form: the last data byte is the one before the trailer, which ends at
                     # rp: the parser stands after the frame while the chunk is forwarded)
-                    chunk_last = (((chunk_addr + TRAILER_LEN + 1)[:ring_bits] == rp[:ring_bits]) if self.small
-                                  else chunk_left == 0)
+                    chunk_last = ((chunk_addr == chunk_stop) if self.small else chunk_left == 0)
                     with m.If(chunk_last):
                         m.d.sync += chunk_phase.eq(0)
                         m.next = "SEND"
