@@ -153,6 +153,7 @@ class TinyEngine(wiring.Component):
         X = Signal(signed(N))
         P = Signal(B_BITS)
         i = Signal(16)
+        i1 = Signal(17, init=1)           # i + 1, kept beside i (no adder before LOOP's comparison)
         RA = Signal(range(PROG_DEPTH))
         pc = Signal(range(PROG_DEPTH))
         bases = [Signal(B_BITS, name=f"b{k}") for k in range(8)]
@@ -481,7 +482,7 @@ class TinyEngine(wiring.Component):
                 m.d.sync += [ir.eq(rom_rp.data),
                              addr_ib.eq(d_imm + Mux(d["fb"], bsel_val, 0)),
                              addr_ip.eq(Mux(d["fi"], i << kind_size_log2, 0) + Mux(d["fp"], P, 0)),
-                             cond_r.eq(cond_ok), loop_more.eq(i + 1 < loop_count)]
+                             cond_r.eq(cond_ok), loop_more.eq(i1 < loop_count)]
                 with m.If(d_uses_addr):
                     m.next = "ADDR"
                 with m.Else():
@@ -519,7 +520,7 @@ class TinyEngine(wiring.Component):
                         with m.Else():
                             m.d.sync += res_token.eq(A[:32])
                     with m.Case(Op.LOOP):
-                        m.d.sync += i.eq(Mux(loop_more, i + 1, 0))
+                        m.d.sync += [i.eq(Mux(loop_more, i1, 0)), i1.eq(Mux(loop_more, i1 + 1, 1))]
                     with m.Case(Op.CALL):
                         m.d.sync += RA.eq(pc1)
                     with m.Case(Op.BR, Op.RET, Op.NOP):
