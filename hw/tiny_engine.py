@@ -39,7 +39,21 @@ from .tiny_isa import (B_BITS, DATA_BITS, DIRECT_OPS, FIELDS, MEMORY_KINDS, NO_O
 from .tiny_program import RESET_PC, TOKEN_PC, token_program
 from .weight_port import SPRAM_MAX, SPRAM_WORDS
 
-__all__ = ["TinyEngine", "base3_rom"]
+__all__ = ["TinyEngine", "base3_rom", "carry_select"]
+
+
+def carry_select(m, a, b, c_in, name: str):
+    """``a + b + c_in`` modulo 2^len(a) (``a`` and ``b`` the same width) as a carry-select
+    adder: the high half is added for both carries out of the low half, then chosen. On the
+    iCE40 one carry chain of 37 or 49 bits was the critical path (29 MHz). The two high adders
+    are kept apart (``keep``), or Yosys shares them into one with the carry multiplexed in."""
+    w = len(a)
+    h = w // 2
+    lo = Signal(h + 1, name=f"{name}_lo")
+    hi0 = Signal(w - h, name=f"{name}_hi0", attrs={"keep": 1})
+    hi1 = Signal(w - h, name=f"{name}_hi1", attrs={"keep": 1})
+    m.d.comb += [lo.eq(a[:h] + b[:h] + c_in), hi0.eq(a[h:] + b[h:]), hi1.eq(a[h:] + b[h:] + 1)]
+    return Cat(lo[:h], Mux(lo[h], hi1, hi0))
 
 
 def base3_rom() -> list[int]:
@@ -251,18 +265,8 @@ class TinyEngine(wiring.Component):
         add_b = Signal(N)
         m.d.comb += [add_a.eq(Mux(a_en, A[:N], 0) ^ a_inv.replicate(N)),
                      add_b.eq(Mux(b_en, X[:N], 0) ^ b_inv.replicate(N))]
-        # carry select: the high half is added for both carries out of the low half, then
-        # chosen (one 49-bit carry chain was the iCE40's critical path, 29 MHz); the two high
-        # adders are kept apart (keep), or Yosys shares them into one with the carry multiplexed in
-        H = N // 2
         add_s = Signal(N + 1)
-        lo = Signal(H + 1)
-        hi0 = Signal(N - H + 1, attrs={"keep": 1})
-        hi1 = Signal(N - H + 1, attrs={"keep": 1})
-        a_hi, b_hi = Cat(add_a[H:], add_a[N - 1]), Cat(add_b[H:], add_b[N - 1])
-        m.d.comb += [lo.eq(add_a[:H] + add_b[:H] + c_in),
-                     hi0.eq(a_hi + b_hi), hi1.eq(a_hi + b_hi + 1),
-                     add_s.eq(Cat(lo[:H], Mux(lo[H], hi1, hi0)))]
+        m.d.comb += add_s.eq(carry_select(m, Cat(add_a, add_a[N - 1]), Cat(add_b, add_b[N - 1]), c_in, "add"))
 
         def adder_for(instr_op):
             """Set the adder for the EXEC cycle of the instruction (from OPER, OPER2 or ISSUE;
@@ -288,7 +292,8 @@ class TinyEngine(wiring.Component):
         r2 = Cat(A[N - 1], rem[:34])
         trial = Mux(is_div, X[:34], Cat(Const(1, 2), root))
         diff = Signal(37)
-        m.d.comb += diff.eq(r2 - trial)
+        m.d.comb += diff.eq(carry_select(m, Cat(r2, Const(0, 2)), ~Cat(trial, Const(0, 37 - len(trial))),
+                                         Const(1, 1), "diff"))
         ge = ~diff[36]
 
         # -- the shifter: one of A >> 1, A >> 8, A << 1 (bit 0: the quotient bit); its mode is a
