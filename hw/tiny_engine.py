@@ -13,10 +13,14 @@ sigmoid table, the base3 decoder ROM (block RAM) and the weight image (16-bit wo
 SPRAMs on the iCE40, written a byte at a time from ``load``).
 
 Timing: an instruction without an operand (stores, control) takes two cycles (decode: the
-address as two registered partial sums, the branch and loop decisions; issue); one with an
-operand four (decode, issue the read, operand, execute), plus the extra cycles of ``MUL`` (1),
-``SHR`` (one per step), ``MAX``/``MIN`` (1), ``DIV`` (48), ``SQRT`` (48) and 32-bit
-weight reads (1).
+instruction register, the address as two registered partial sums, the branch and loop decisions,
+the control flow and operand kind decoded into registers; issue), plus an address cycle when it
+stores to a memory; one with an operand four (decode, issue the read, operand, execute), plus
+the address cycle for a memory operand, a wait for the registered SPRAM output for a weight (two
+and a second operand cycle for a 32-bit one) and the extra cycles of ``MUL`` (1), ``SHR`` (one per
+step, plus one), ``MAX``/``MIN`` (1), ``BITLEN`` (2), ``DIV`` (48) and ``SQRT`` (48);
+:func:`~.tiny_isa.op_cycles` counts them. Every register's next value depends on registers through
+a few levels of logic and at most one half-width carry chain (the iCE40 clock target is 40 MHz).
 ``MATVEC`` is a unit of its own: one trit per cycle (each image byte read once, decoded by the
 ROM into five trits), the accumulator written to the vector memory at the end of each row.
 """
@@ -259,7 +263,7 @@ class TinyEngine(wiring.Component):
         # -- the one adder: (A or 0, maybe inverted) + (X or 0, maybe inverted) + carry in, its
         #    five control bits registered a cycle ahead, so each operand bit is one LUT:
         #    LD 0 + X, ADD A + X, SUB A + ~X + 1 (also the compare of MAX / MIN), ABS / CSGN
-        #    (~A + 1 or A), the TAKE of MAX / MIN (X or A), the rounding increment A + 1
+        #    (~A + 1 or A), the TAKE of MAX / MIN (0 + X, or A kept), the rounding increment A + 1
         a_en, a_inv, b_en, b_inv, c_in = (Signal(name=n) for n in ("a_en", "a_inv", "b_en", "b_inv", "c_in"))
         add_a = Signal(N)
         add_b = Signal(N)

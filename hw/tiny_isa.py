@@ -296,7 +296,7 @@ class Machine:
             op = ins.op
             nxt = pc + 1
             if op in _ALU:
-                x = self.operand(ins) if op not in _UNARY else 0
+                x = self.operand(ins) if op not in DIRECT_OPS else 0
                 self.cycles += op_cycles(ins, self.A, x, self.fmt)
                 self.A = _data(_ALU[op](self, ins, x))
             else:
@@ -494,7 +494,6 @@ _ALU = {
     Op.GETI: lambda m, ins, x: m.i,
     Op.GETT: lambda m, ins, x: m.token,
 }
-_UNARY = {Op.ABS, Op.SAT, Op.BITLEN, Op.SQRT, Op.SIGP, Op.GETI, Op.GETT}
 
 _COND = {
     Cond.ALWAYS: lambda a: True, Cond.EQ: lambda a: a == 0, Cond.NE: lambda a: a != 0,
