@@ -19,8 +19,8 @@ stores to a memory; one with an operand four (decode, issue the read, operand, e
 the address cycle for a memory operand, a wait for the registered SPRAM output for a weight (two
 and a second operand cycle for a 32-bit one) and the extra cycles of ``MUL`` (1), ``SHR`` (one per
 step, plus one), ``MAX``/``MIN`` (1), ``BITLEN`` (2), ``DIV`` (48) and ``SQRT`` (48);
-:func:`~.tiny_isa.op_cycles` counts them. Every register's next value depends on registers through
-a few levels of logic and at most one half-width carry chain (the iCE40 clock target is 40 MHz).
+:func:`~.tiny_isa.op_cycles` counts them. The extra cycles and registers are for the clock: the
+iCE40 target is 40 MHz; BENCHMARKS.md has what place and route reaches and its critical path.
 ``MATVEC`` is a unit of its own: one trit per cycle (each image byte read once, decoded by the
 ROM into five trits), the accumulator written to the vector memory at the end of each row.
 """
