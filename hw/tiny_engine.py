@@ -18,7 +18,7 @@ the control flow and operand kind decoded into registers; issue), plus an addres
 stores to a memory; one with an operand four (decode, issue the read, operand, execute), plus
 the address cycle for a memory operand, a wait for the registered SPRAM output for a weight (two
 and a second operand cycle for a 32-bit one) and the extra cycles of ``MUL`` (1), ``SHR`` (one per
-step, plus one), ``MAX``/``MIN`` (1), ``BITLEN`` (2), ``DIV`` (48) and ``SQRT`` (48);
+step, plus one), ``MAX``/``MIN`` (1), ``BITLEN`` (2), ``DIV`` (96: two per quotient bit) and ``SQRT`` (72);
 :func:`~.tiny_isa.op_cycles` counts them. The extra cycles and registers are for the clock: the
 iCE40 target is 40 MHz; BENCHMARKS.md has what place and route reaches and its critical path.
 ``MATVEC`` is a unit of its own: one trit per cycle (each image byte read once, decoded by the
@@ -298,7 +298,9 @@ class TinyEngine(wiring.Component):
         diff = Signal(37)
         m.d.comb += diff.eq(carry_select(m, Cat(r2, Const(0, 2)), ~Cat(trial, Const(0, 37 - len(trial))),
                                          Const(1, 1), "diff"))
-        ge = ~diff[36]
+        diff_r = Signal(37)           # registered difference (DIV and SQRT apply it a cycle later)
+        ge_r = ~diff_r[36]
+        dv_ph = Signal()              # 1: the cycle that applies diff_r
 
         # -- the shifter: one of A >> 1, A >> 8, A << 1 (bit 0: the quotient bit); its mode is a
         #    register set in the cycle before, with a_sel_r
@@ -312,7 +314,7 @@ class TinyEngine(wiring.Component):
             with m.Case(R8):
                 m.d.comb += sh.eq(A >> 8)
             with m.Case(L1):
-                m.d.comb += sh.eq(Cat(ge & is_div, A[:N - 1]))
+                m.d.comb += sh.eq(Cat(ge_r & is_div, A[:N - 1]))
 
         # sigmoid interval of A
         frac_bits = fmt.x_frac - fmt.sig_step_log2
@@ -383,7 +385,7 @@ class TinyEngine(wiring.Component):
                 m.d.comb += [pre_sel.eq(SMALL), pre_small.eq(S_I)]
             with m.Case(Op.GETT):
                 m.d.comb += [pre_sel.eq(SMALL), pre_small.eq(S_TOKEN)]
-            with m.Case(Op.DIV, Op.SQRT):
+            with m.Case(Op.SQRT):         # (its first step shifts; DIV's first cycle holds A)
                 m.d.comb += pre_sel.eq(SH)
 
         # BITLEN's first stage: per byte of 2A + 1, whether it has a one, and its top one's index
@@ -547,7 +549,7 @@ class TinyEngine(wiring.Component):
                             m.next = "IDLE"
                     with m.Case(*DIRECT_OPS):
                         m.d.sync += [count.eq(0), rem.eq(0), root.eq(0), a_sel_r.eq(pre_sel),
-                                     small_sel.eq(pre_small), is_div.eq(0)]
+                                     small_sel.eq(pre_small), is_div.eq(0), dv_ph.eq(0)]
                         m.next = "EXEC"
                     with m.Default():
                         with m.If(kh[Kind.W8] | kh[Kind.W16] | kh[Kind.W32]):
@@ -572,7 +574,7 @@ class TinyEngine(wiring.Component):
                                     | term(Kind.W32, w_q))     # (W32: the low half; the high half next)
                 with m.If(kh[Kind.W32]):
                     m.d.comb += w_addr.eq(addr[1:] + 1)
-                m.d.sync += [X.eq(x_in), count.eq(0), rem.eq(0), root.eq(0),
+                m.d.sync += [X.eq(x_in), count.eq(0), rem.eq(0), root.eq(0), dv_ph.eq(0),
                              is_div.eq(op == Op.DIV)]
                 with m.If(kh[Kind.W32]):
                     m.next = "OWAIT2"
@@ -600,7 +602,7 @@ class TinyEngine(wiring.Component):
                 # A takes a_sel_r (set in the cycle before); multi-cycle ops set it for the next.
                 # The ops that end here (ex_go) were decoded in DECODE.
                 npc = pc1
-                with m.If(ex_go | (is_div & div_last)):
+                with m.If(ex_go | (is_div & div_last & dv_ph)):
                     next_instr(npc)
                 with m.Switch(op):
                     with m.Case(Op.MAX, Op.MIN):
@@ -647,22 +649,28 @@ class TinyEngine(wiring.Component):
                             m.d.sync += [bl_any[k].eq(any_k), bl_idx[3 * k:3 * k + 3].eq(idx_k)]
                         m.next = "BITLEN2"
                     with m.Case(Op.DIV):
-                        # restoring division, one quotient bit per cycle (N cycles), quotient in A
-                        m.d.sync += [rem.eq(Mux(ge, diff, r2)), count.eq(count + 1)]
-                        with m.If(~div_last):
-                            m.d.sync += a_sel_r.eq(SH)
-                    with m.Case(Op.SQRT):
-                        # restoring square root: even cycles shift a radicand bit into rem, odd
-                        # cycles also try the next root bit (N cycles), then A := root in TAKE
-                        trying = count[0]
-                        m.d.sync += [rem.eq(Mux(ge & trying, diff, r2)), count.eq(count + 1)]
-                        with m.If(trying):
-                            m.d.sync += root.eq(Cat(ge, root[:-1]))
-                        with m.If(count == N - 1):
-                            m.d.sync += [a_sel_r.eq(SMALL), small_sel.eq(S_ROOT)]
-                            m.next = "TAKE"
+                        # restoring division, one quotient bit per two cycles (2N), quotient in
+                        # A: the trial difference is registered (diff_r), then applied
+                        with m.If(~dv_ph):
+                            m.d.sync += [diff_r.eq(diff), dv_ph.eq(1), a_sel_r.eq(SH)]
                         with m.Else():
-                            m.d.sync += a_sel_r.eq(SH)
+                            m.d.sync += [rem.eq(Mux(ge_r, diff_r, r2)), count.eq(count + 1), dv_ph.eq(0)]
+                    with m.Case(Op.SQRT):
+                        # restoring square root: even steps shift a radicand bit into rem (one
+                        # cycle), odd steps also try the next root bit (two: the difference is
+                        # registered, then applied); N steps, then A := root in TAKE
+                        with m.If(~count[0]):
+                            m.d.sync += [rem.eq(r2), count.eq(count + 1)]
+                        with m.Elif(~dv_ph):
+                            m.d.sync += [diff_r.eq(diff), dv_ph.eq(1), a_sel_r.eq(SH)]
+                        with m.Else():
+                            m.d.sync += [rem.eq(Mux(ge_r, diff_r, r2)), root.eq(Cat(ge_r, root[:-1])),
+                                         count.eq(count + 1), dv_ph.eq(0)]
+                            with m.If(count == N - 1):
+                                m.d.sync += [a_sel_r.eq(SMALL), small_sel.eq(S_ROOT)]
+                                m.next = "TAKE"
+                            with m.Else():
+                                m.d.sync += a_sel_r.eq(SH)
 
             with m.State("BITLEN2"):
                 _, top = msb_index(bl_any, N // 8)

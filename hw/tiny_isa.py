@@ -418,13 +418,13 @@ def _op_cycles(ins: Instr, a: int, x: int, fmt: Formats, bases) -> int:
     if op == Op.BITLEN:
         return 4
     if op == Op.SQRT:
-        return DATA_BITS + 2
+        return DATA_BITS + DATA_BITS // 2 + 2     # odd steps: two cycles
     # OPER (+ a wait for the registered weight read; W32: a second read and wait, OPER2)
     oper = 2 + {Kind.W8: 1, Kind.W16: 1, Kind.W32: 3}.get(ins.kind, 0)
     if op == Op.MUL:
         return oper + 2
     if op == Op.DIV:
-        return oper + DATA_BITS
+        return oper + 2 * DATA_BITS               # two cycles per quotient bit
     if op in (Op.MAX, Op.MIN, Op.CSGN):
         return oper + 2
     if op == Op.SHR:
