@@ -732,8 +732,13 @@ class TinyEngine(wiring.Component):
                     m.d.sync += [mv_tq.eq(mv_next), mv_tn.eq(5), mv_nvalid.eq(0)]
                 # stage 1: accumulate; write the row's sum after its last column
                 q = qm_rp.data.as_signed()
-                term = Mux(mv_s1_trit == 1, q, Mux(mv_s1_trit == 3, -q, 0))
-                total = mv_acc + term
+                # acc + q, acc - q = acc + ~q + 1, or acc: one carry chain (a negation before the
+                # adder was a second one, the iCE40's critical path)
+                neg = mv_s1_trit == 3
+                q_ext = Signal(signed(fmt.acc_bits))
+                m.d.comb += q_ext.eq(Mux(mv_s1_trit[0], q, 0))
+                total = Signal(signed(fmt.acc_bits))
+                m.d.comb += total.eq(mv_acc + (q_ext ^ neg.replicate(fmt.acc_bits)).as_signed() + neg)
                 with m.If(mv_s1):
                     with m.If(mv_s1_last):
                         m.d.comb += [vm_wp.addr.eq(out + mv_s1_row), vm_wp.data.eq(total), vm_wp.en.eq(1)]
