@@ -256,7 +256,8 @@ class TinyEngine(wiring.Component):
         # shifter / bit length / divider state
         cond_r = Signal()
         loop_more = Signal()
-        count = Signal(7)
+        count = Signal(7)             # DIV / SQRT steps
+        blen = Signal(6)              # BITLEN's result
         rem = Signal(35)
         root = Signal(N // 2)
 
@@ -355,7 +356,7 @@ class TinyEngine(wiring.Component):
             with m.Case(S_SIG):
                 m.d.comb += small.eq(sig_frac)
             with m.Case(S_COUNT):
-                m.d.comb += small.eq(count)
+                m.d.comb += small.eq(blen)
             with m.Case(S_ROOT):
                 m.d.comb += small.eq(root)
         sat_ovf = ~A[31:].all() & A[31:].any()
@@ -485,7 +486,7 @@ class TinyEngine(wiring.Component):
                 # the instruction's address (two partial sums), branch and loop decisions, registered
                 d_imm = d["imm"].as_signed()
                 loop_count = Mux(d["fb"], bsel_val, d_imm[9:20])
-                m.d.sync += [pc1.eq(pc + 1), kh.eq(Const(1, len(Kind)) << d["kind"]),
+                m.d.sync += [count.eq(0), pc1.eq(pc + 1), kh.eq(Const(1, len(Kind)) << d["kind"]),
                              ex_go.eq(~Cat(d_op == o for o in EXEC_MORE).any()),
                              iss_go.eq(Cat(d_op == o for o in NO_OPERAND_OPS if o != Op.END).any()),
                              iss_ret.eq(d_op == Op.RET), iss_call.eq(d_op == Op.CALL),
@@ -548,7 +549,7 @@ class TinyEngine(wiring.Component):
                         with m.Else():
                             m.next = "IDLE"
                     with m.Case(*DIRECT_OPS):
-                        m.d.sync += [count.eq(0), rem.eq(0), root.eq(0), a_sel_r.eq(pre_sel),
+                        m.d.sync += [rem.eq(0), root.eq(0), a_sel_r.eq(pre_sel),
                                      small_sel.eq(pre_small), is_div.eq(0), dv_ph.eq(0)]
                         m.next = "EXEC"
                     with m.Default():
@@ -574,7 +575,7 @@ class TinyEngine(wiring.Component):
                                     | term(Kind.W32, w_q))     # (W32: the low half; the high half next)
                 with m.If(kh[Kind.W32]):
                     m.d.comb += w_addr.eq(addr[1:] + 1)
-                m.d.sync += [X.eq(x_in), count.eq(0), rem.eq(0), root.eq(0), dv_ph.eq(0),
+                m.d.sync += [X.eq(x_in), rem.eq(0), root.eq(0), dv_ph.eq(0),
                              is_div.eq(op == Op.DIV)]
                 with m.If(kh[Kind.W32]):
                     m.next = "OWAIT2"
@@ -674,7 +675,7 @@ class TinyEngine(wiring.Component):
 
             with m.State("BITLEN2"):
                 _, top = msb_index(bl_any, N // 8)
-                m.d.sync += [count.eq(Cat(bl_idx.word_select(top, 3), top)), a_sel_r.eq(SMALL),
+                m.d.sync += [blen.eq(Cat(bl_idx.word_select(top, 3), top)), a_sel_r.eq(SMALL),
                              small_sel.eq(S_COUNT)]
                 m.next = "TAKE"
 
