@@ -508,6 +508,11 @@ class TinyEngine(wiring.Component):
                 # operand reads (used by OPER); stores and control finish here
                 adder_for(op)
                 m.d.comb += [reg_rp.addr.eq(reg), vm_rp.addr.eq(addr), w_addr.eq(addr[1:]), tab_rp.addr.eq(addr)]
+                # the matrix unit's start state, set whatever the op (only MATVEC reads it): no
+                # op decoding in these registers' enables
+                m.d.sync += [mv_cols_m1.eq(bases[1] - 1), mv_rows_m1.eq(bases[5] - 1),
+                             mv_r.eq(0), mv_c.eq(0), mv_ba.eq(bases[2]), mv_p1.eq(0), mv_p2.eq(0),
+                             mv_nvalid.eq(0), mv_tn.eq(0), mv_issue_done.eq(0), mv_s1.eq(0), mv_acc.eq(0)]
                 # the next instruction of the ops that end here, from registers decoded in DECODE
                 jump = (iss_loop & loop_more) | (iss_br & cond_r) | iss_call
                 with m.If(iss_go):
@@ -538,9 +543,6 @@ class TinyEngine(wiring.Component):
                     with m.Case(Op.BR, Op.RET, Op.NOP):
                         pass
                     with m.Case(Op.MATVEC):
-                        m.d.sync += [mv_cols_m1.eq(bases[1] - 1), mv_rows_m1.eq(bases[5] - 1),
-                                     mv_r.eq(0), mv_c.eq(0), mv_ba.eq(bases[2]), mv_p1.eq(0), mv_p2.eq(0),
-                                     mv_nvalid.eq(0), mv_tn.eq(0), mv_issue_done.eq(0), mv_s1.eq(0), mv_acc.eq(0)]
                         m.next = "MATVEC"
                     with m.Case(Op.END):
                         with m.If(for_token):
