@@ -291,7 +291,7 @@ class TinyEngine(wiring.Component):
 
         # -- the divider / square root step: one subtractor for both
         # (the square root takes two cycles per root bit: a radicand bit shifted in, then the trial)
-        is_div = Signal()             # registered in OPER / ISSUE (not decoded from the ROM here)
+        is_div = Signal()             # the op is DIV (decoded in DECODE)
         div_last = Signal()           # the division's last step (count == N - 1)
         m.d.comb += div_last.eq(count == N - 1)
         r2 = Cat(A[N - 1], rem[:34])
@@ -486,7 +486,8 @@ class TinyEngine(wiring.Component):
                 # the instruction's address (two partial sums), branch and loop decisions, registered
                 d_imm = d["imm"].as_signed()
                 loop_count = Mux(d["fb"], bsel_val, d_imm[9:20])
-                m.d.sync += [count.eq(0), pc1.eq(pc + 1), kh.eq(Const(1, len(Kind)) << d["kind"]),
+                m.d.sync += [count.eq(0), is_div.eq(d_op == Op.DIV), pc1.eq(pc + 1),
+                             kh.eq(Const(1, len(Kind)) << d["kind"]),
                              ex_go.eq(~Cat(d_op == o for o in EXEC_MORE).any()),
                              iss_go.eq(Cat(d_op == o for o in NO_OPERAND_OPS if o != Op.END).any()),
                              iss_ret.eq(d_op == Op.RET), iss_call.eq(d_op == Op.CALL),
@@ -512,7 +513,8 @@ class TinyEngine(wiring.Component):
                 # op decoding in these registers' enables
                 m.d.sync += [mv_cols_m1.eq(bases[1] - 1), mv_rows_m1.eq(bases[5] - 1),
                              mv_r.eq(0), mv_c.eq(0), mv_ba.eq(bases[2]), mv_p1.eq(0), mv_p2.eq(0),
-                             mv_nvalid.eq(0), mv_tn.eq(0), mv_issue_done.eq(0), mv_s1.eq(0), mv_acc.eq(0)]
+                             mv_nvalid.eq(0), mv_tn.eq(0), mv_issue_done.eq(0), mv_s1.eq(0), mv_acc.eq(0),
+                             rem.eq(0), root.eq(0), dv_ph.eq(0)]     # (and DIV / SQRT's)
                 # the next instruction of the ops that end here, from registers decoded in DECODE
                 jump = (iss_loop & loop_more) | (iss_br & cond_r) | iss_call
                 with m.If(iss_go):
@@ -551,8 +553,7 @@ class TinyEngine(wiring.Component):
                         with m.Else():
                             m.next = "IDLE"
                     with m.Case(*DIRECT_OPS):
-                        m.d.sync += [rem.eq(0), root.eq(0), a_sel_r.eq(pre_sel),
-                                     small_sel.eq(pre_small), is_div.eq(0), dv_ph.eq(0)]
+                        m.d.sync += [a_sel_r.eq(pre_sel), small_sel.eq(pre_small)]
                         m.next = "EXEC"
                     with m.Default():
                         with m.If(kh[Kind.W8] | kh[Kind.W16] | kh[Kind.W32]):
@@ -577,8 +578,7 @@ class TinyEngine(wiring.Component):
                                     | term(Kind.W32, w_q))     # (W32: the low half; the high half next)
                 with m.If(kh[Kind.W32]):
                     m.d.comb += w_addr.eq(addr[1:] + 1)
-                m.d.sync += [X.eq(x_in), rem.eq(0), root.eq(0), dv_ph.eq(0),
-                             is_div.eq(op == Op.DIV)]
+                m.d.sync += X.eq(x_in)
                 with m.If(kh[Kind.W32]):
                     m.next = "OWAIT2"
                 with m.Else():
