@@ -164,6 +164,7 @@ class TinyEngine(wiring.Component):
         w_lane = Signal()
         self._weight_memory(m, w_addr, w_rdata, w_we, w_wdata, w_lane)
         w_q = Signal(16)                  # w_rdata, registered (operand reads)
+        w_addr_hi = Signal(B_BITS - 1)    # the word after the operand's (registered in ISSUE)
         m.d.sync += w_q.eq(w_rdata)
 
         # -- architectural state --
@@ -514,7 +515,8 @@ class TinyEngine(wiring.Component):
                 m.d.sync += [mv_cols_m1.eq(bases[1] - 1), mv_rows_m1.eq(bases[5] - 1),
                              mv_r.eq(0), mv_c.eq(0), mv_ba.eq(bases[2]), mv_p1.eq(0), mv_p2.eq(0),
                              mv_nvalid.eq(0), mv_tn.eq(0), mv_issue_done.eq(0), mv_s1.eq(0), mv_acc.eq(0),
-                             rem.eq(0), root.eq(0), dv_ph.eq(0)]     # (and DIV / SQRT's)
+                             rem.eq(0), root.eq(0), dv_ph.eq(0),     # (and DIV / SQRT's)
+                             w_addr_hi.eq(addr[1:] + 1)]             # (a W32 operand's high half)
                 # the next instruction of the ops that end here, from registers decoded in DECODE
                 jump = (iss_loop & loop_more) | (iss_br & cond_r) | iss_call
                 with m.If(iss_go):
@@ -577,7 +579,7 @@ class TinyEngine(wiring.Component):
                                     | term(Kind.TAB, tab_rp.data) | term(Kind.W8, w8) | term(Kind.W16, w16)
                                     | term(Kind.W32, w_q))     # (W32: the low half; the high half next)
                 with m.If(kh[Kind.W32]):
-                    m.d.comb += w_addr.eq(addr[1:] + 1)
+                    m.d.comb += w_addr.eq(w_addr_hi)
                 m.d.sync += X.eq(x_in)
                 with m.If(kh[Kind.W32]):
                     m.next = "OWAIT2"
