@@ -324,7 +324,9 @@ def boards_section(quick: bool) -> Section:
                    "are 60 and 24 MHz). cycles/token: config.PERF_MODEL for the ULX3S engine (the engine section "
                    "checks it against simulation); for the iCEBreaker's tiny engine the count of its instruction-set "
                    "simulator (hw/tiny_isa.py), which tests/test_tiny_engine.py checks cycle for cycle against the "
-                   "hardware. tokens/s at Fmax = Fmax / cycles per token.")
+                   "hardware. tokens/s at Fmax = Fmax / cycles per token. build s: the whole build; \"(cached)\": "
+                   "the bitstream came from the build cache (same plan, checkpoint and tool versions), and the "
+                   "figure is the toolchain's time when it was built.")
     s.notes.append("ULX3S: the engine with the weight image in block RAM from the bitstream. iCEBreaker: the tiny "
                    "engine (hw/tiny_engine.py: one sequential 48-bit datapath run by a program, one trit per cycle), "
                    "weights uploaded over the UART into the four SPRAMs.")
