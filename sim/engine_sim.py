@@ -34,7 +34,7 @@ SIMULATORS = ("verilator", "icarus", "amaranth")
 ENGINE_SOURCES = tuple(f"hw/{name}.py" for name in (
     "engine", "weight_port", "matvec", "trits", "bitlinear_front", "scalar_unit", "output_scale", "elementwise",
     "embed_scale", "argmax", "vector_common")) + ("mmfree_fpga/config.py", "reference/integer.py", "reference/packing.py")
-_BUILD_ROOT = Path(os.environ.get("MMFREE_SIM_BUILD", Path(tempfile.gettempdir()) / "mmfree-engine-sim"))
+_BUILD_ROOT = Path(os.environ.get("MMFREE_SIM_BUILD", Path(tempfile.gettempdir()) / "mmfree-engine-sim")).absolute()
 
 
 @dataclass(frozen=True)
