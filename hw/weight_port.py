@@ -299,6 +299,25 @@ class WeightMemory(wiring.Component):
 RAM_BANK_WORDS = 1024
 
 
+def _banks(depth: int) -> tuple[int, int]:
+    """(word-address bits within a bank, banks) of a banked store ``depth`` words deep."""
+    return (RAM_BANK_WORDS - 1).bit_length(), -(-depth // RAM_BANK_WORDS)
+
+
+def _bank_select(m, raddr, bb, outs, rdata):
+    """``rdata`` := the bank output (``outs``, registered twice after the RAM) that the read
+    address ``raddr`` named three cycles before (its bank bits delayed to match)."""
+    n = len(outs)
+    sel = Signal(range(n), name="bank_sel")
+    sel_r = Signal(range(n), name="bank_sel_r")
+    sel_rr = Signal(range(n), name="bank_sel_rr")
+    m.d.sync += [sel.eq(raddr[bb:]), sel_r.eq(sel), sel_rr.eq(sel_r)]
+    with m.Switch(sel_rr):
+        for b in range(n):
+            with m.Case(b):
+                m.d.comb += rdata.eq(outs[b])
+
+
 def _ram_store(m, width, depth, init, raddr, rdata, we, waddr, wdata) -> int:
     """A synchronous RAM (``Memory``, initialised with ``init``), in banks of
     :data:`RAM_BANK_WORDS` words when deeper than that; returns its read latency (1, or 3 when
@@ -309,12 +328,7 @@ def _ram_store(m, width, depth, init, raddr, rdata, we, waddr, wdata) -> int:
         wp = store.write_port()
         m.d.comb += [rp.addr.eq(raddr), rdata.eq(rp.data), wp.en.eq(we), wp.addr.eq(waddr), wp.data.eq(wdata)]
         return 1
-    bb = (RAM_BANK_WORDS - 1).bit_length()
-    n = -(-depth // RAM_BANK_WORDS)
-    sel = Signal(range(n), name="bank_sel")
-    sel_r = Signal(range(n), name="bank_sel_r")
-    sel_rr = Signal(range(n), name="bank_sel_rr")
-    m.d.sync += [sel.eq(raddr[bb:]), sel_r.eq(sel), sel_rr.eq(sel_r)]
+    bb, n = _banks(depth)
     outs = []
     for b in range(n):
         words = min(RAM_BANK_WORDS, depth - b * RAM_BANK_WORDS)
@@ -332,10 +346,7 @@ def _ram_store(m, width, depth, init, raddr, rdata, we, waddr, wdata) -> int:
         m.d.comb += [rp.addr.eq(raddr[:bb]), wp.en.eq(we & (waddr[bb:] == b)), wp.addr.eq(waddr[:bb]),
                      wp.data.eq(wdata)]
         outs.append(q)
-    with m.Switch(sel_rr):
-        for b in range(n):
-            with m.Case(b):
-                m.d.comb += rdata.eq(outs[b])
+    _bank_select(m, raddr, bb, outs, rdata)
     return 3
 
 
@@ -352,13 +363,8 @@ def _dp16kd_store(m, width, depth, init, raddr, rdata, we, waddr, wdata) -> int:
     own DP16KD mapping (share/lattice/brams_map_16kd.v): in the x18 mode the word address is on
     AD[13:4], AD[1:0] are the byte write enables, and ``INITVAL_xx`` holds words 16 xx .. 16 xx
     + 15, word i in bits [20 i, 20 i + 18)."""
-    bb = (RAM_BANK_WORDS - 1).bit_length()
-    n = -(-depth // RAM_BANK_WORDS)
+    bb, n = _banks(depth)
     slices = -(-width // DP16KD_WIDTH)
-    sel = Signal(range(n), name="bank_sel")
-    sel_r = Signal(range(n), name="bank_sel_r")
-    sel_rr = Signal(range(n), name="bank_sel_rr")
-    m.d.sync += [sel.eq(raddr[bb:]), sel_r.eq(sel), sel_rr.eq(sel_r)]
     padded = slices * DP16KD_WIDTH
     wdata_p = Signal(padded, name="dp16kd_wdata")
     m.d.comb += wdata_p.eq(wdata)
@@ -404,10 +410,7 @@ def _dp16kd_store(m, width, depth, init, raddr, rdata, we, waddr, wdata) -> int:
         q = Signal(width, name=f"bank{b}_q", reset_less=True)
         m.d.sync += q.eq(Cat(*douts)[:width])
         outs.append(q)
-    with m.Switch(sel_rr):
-        for b in range(n):
-            with m.Case(b):
-                m.d.comb += rdata.eq(outs[b])
+    _bank_select(m, raddr, bb, outs, rdata)
     return 3
 
 
