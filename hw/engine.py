@@ -611,9 +611,18 @@ class EngineCore(wiring.Component):
         # job pass the in-order response stream (base3 leaves a fifth of the beats spare to fill it)
         m.submodules.tritq = tritq = SyncFIFOBuffered(width=8 * wb, depth=self.trit_fifo_depth)
         m.d.comb += [tritq.w_data.eq(resp.payload.as_value()),
-                     tritq.w_en.eq(beat_in & (rtag.kind == _Tag.TRITS)),
-                     mv.weights.payload.eq(tritq.r_data), mv.weights.valid.eq(tritq.r_rdy),
-                     tritq.r_en.eq(mv.weights.ready)]
+                     tritq.w_en.eq(beat_in & (rtag.kind == _Tag.TRITS))]
+        # then a register slice (one beat; full rate while the matrix unit takes every beat): the
+        # FIFO's block RAM output went straight into the matrix unit's decoder registers, the
+        # ECP5's critical path at 64 lanes (5.8 ns clock-to-out plus the routing across the unit)
+        trits_valid = Signal()
+        trits = Signal(8 * wb, reset_less=True)
+        m.d.comb += [tritq.r_en.eq(~trits_valid | mv.weights.ready),
+                     mv.weights.payload.eq(trits), mv.weights.valid.eq(trits_valid)]
+        with m.If(tritq.r_rdy & tritq.r_en):
+            m.d.sync += [trits.eq(tritq.r_data), trits_valid.eq(1)]
+        with m.Elif(mv.weights.ready):
+            m.d.sync += trits_valid.eq(0)
         # norms and lower bounds
         aw = a_mem.write_port()
         cw = c_mem.write_port()

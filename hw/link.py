@@ -519,7 +519,7 @@ class Link(wiring.Component):
         feed_bits = Signal(8)
         feed_left = Signal(range(9))
         feed_h, feed_f, feed_i = Signal(), Signal(), Signal()
-        feeding = Signal()
+        feeding = Signal()    # (small form) a register: feed_left != 0
         settled = Signal()    # (small form) the feeder was idle in the previous cycle too
 
         def done(cond):
@@ -532,17 +532,20 @@ class Link(wiring.Component):
             """(small form) a block that runs once the feeder is idle; the default form: always."""
             return m.If(~feeding) if self.small else contextlib.nullcontext()
         if self.small:
-            m.d.comb += feeding.eq(feed_left != 0)
+            # (``feeding`` registered: its comparison with the count started the iCE40's
+            # critical path, through done() into the parse position's enable)
             m.d.sync += settled.eq(~feeding)
             with m.If(feeding):
                 m.d.sync += [feed_bits.eq(feed_bits << 1), feed_left.eq(feed_left - 1)]
+                with m.If(feed_left == 1):
+                    m.d.sync += feeding.eq(0)
             m.d.comb += [hcrc.data.eq(feed_bits[7]), fcrc.data.eq(feed_bits[7]), img_crc.data.eq(feed_bits[7]),
                          hcrc.valid.eq(feeding & feed_h), fcrc.valid.eq(feeding & feed_f),
                          img_crc.valid.eq(feeding & feed_i)]
 
         def feed(value, *, h=0, f=0, i=0):
             """Small form: statements that load ``value`` into the feeder for the CRCs flagged."""
-            return [feed_bits.eq(value), feed_left.eq(8), feed_h.eq(h), feed_f.eq(f), feed_i.eq(i)]
+            return [feed_bits.eq(value), feed_left.eq(8), feeding.eq(1), feed_h.eq(h), feed_f.eq(f), feed_i.eq(i)]
 
         # -- frame registers ------------------------------------------------------------------
         got = Signal()                   # byte holds the byte at rp
@@ -932,6 +935,14 @@ class Link(wiring.Component):
             return [cache_valid.eq(1), cache_seq.eq(seq), cache_crc.eq(frame_crc), cache_op.eq(op),
                     *respond(kind, op | RESPONSE, length_value)]
 
+        def finish_response():
+            """After a response: parse from the byte after the frame's SYNC again (a NAK for a
+            bad CRC) or from the byte after the frame."""
+            with m.If(rescan_after):
+                rescan()
+            with m.Else():
+                m.d.sync += sp.eq(rp)
+
         def state_response(command):
             kind, layout = _STATE_RESPONSES[command]
             return cache_and_respond(kind, layout.size)
@@ -1222,10 +1233,16 @@ class Link(wiring.Component):
             with m.State("SEND_END"):
                 # done once the last byte has been taken
                 with m.If(nb_free):
-                    with m.If(rescan_after):
-                        rescan()
-                    with m.Else():
-                        m.d.sync += sp.eq(rp)
+                    if self.small:
+                        # (small form: the parse position moves in the next cycle; nb_free, the
+                        # rescan and rp's enable were one path, the iCE40's critical one)
+                        m.next = "SEND_DONE"
+                    else:
+                        finish_response()
+                        m.next = "HUNT"
+            if self.small:
+                with m.State("SEND_DONE"):
+                    finish_response()
                     m.next = "HUNT"
 
         if self.small:

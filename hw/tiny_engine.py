@@ -229,10 +229,14 @@ class TinyEngine(wiring.Component):
         target = imm[:9]
 
         # -- ALU pieces --
-        a_zero = A == 0
+        # A == 0, registered every cycle: BR's condition is evaluated in ISSUE, and A holds its
+        # value from DECODE on (the zero test of A in DECODE, shared by Yosys with BITLEN's
+        # trees, was the iCE40's critical path)
+        a_zero = Signal()
+        m.d.sync += a_zero.eq(A == 0)
         a_neg = A[N - 1]
         cond_ok = Signal()
-        with m.Switch(d["reg"]):
+        with m.Switch(reg):
             with m.Case(Cond.ALWAYS):
                 m.d.comb += cond_ok.eq(1)
             with m.Case(Cond.EQ):
@@ -255,7 +259,6 @@ class TinyEngine(wiring.Component):
         m.d.sync += prod.eq(A[:32].as_signed() * xm)
 
         # shifter / bit length / divider state
-        cond_r = Signal()
         loop_more = Signal()
         count = Signal(7)             # DIV / SQRT steps
         blen = Signal(6)              # BITLEN's result
@@ -318,7 +321,10 @@ class TinyEngine(wiring.Component):
             with m.Case(L1):
                 m.d.comb += sh.eq(Cat(ge_r & is_div, A[:N - 1]))
 
-        # sigmoid interval of A
+        # sigmoid interval of A; it, and A saturated to int32, are registered every cycle: the ops
+        # that take them (SIGP, SAT) hold A in the cycle before EXEC (ISSUE), so they see their own A.
+        # (A's comparison trees were a path into A's own enable: Yosys makes a Mux that keeps A
+        # into the register's enable, the iCE40's critical path)
         frac_bits = fmt.x_frac - fmt.sig_step_log2
         n_tab = 1 << fmt.sig_table_log2
         hi_bit = frac_bits + fmt.sig_table_log2 - 1          # |y| >= 2^hi_bit is outside the table
@@ -328,11 +334,11 @@ class TinyEngine(wiring.Component):
         sig_idx = Signal(fmt.sig_table_log2)
         sig_frac = Signal(frac_bits + 1)
         with m.If(sig_lo):
-            m.d.comb += [sig_idx.eq(0), sig_frac.eq(0)]
+            m.d.sync += [sig_idx.eq(0), sig_frac.eq(0)]
         with m.Elif(sig_hi):
-            m.d.comb += [sig_idx.eq(n_tab - 1), sig_frac.eq(1 << frac_bits)]
+            m.d.sync += [sig_idx.eq(n_tab - 1), sig_frac.eq(1 << frac_bits)]
         with m.Else():
-            m.d.comb += [sig_idx.eq(A[frac_bits:hi_bit + 1] ^ (n_tab // 2)), sig_frac.eq(A[:frac_bits])]
+            m.d.sync += [sig_idx.eq(A[frac_bits:hi_bit + 1] ^ (n_tab // 2)), sig_frac.eq(A[:frac_bits])]
 
         # -- what A takes this cycle: a_sel_r, a register set in the cycle before (so A's update
         #    depends on no state or data decoding), except in SHIFT; SMALL is one of the small
@@ -342,11 +348,14 @@ class TinyEngine(wiring.Component):
         HOLD, SUM, SH, PROD, SMALL, SATV = range(6)
         small_sel = Signal(3)
         S_I, S_TOKEN, S_SIG, S_COUNT, S_ROOT = range(5)
-        # (MAX / MIN: the comparison is registered into take_r, and A keeps its value in TAKE
-        #  unless it says to load X: the comparison's carry chain ends at a register)
+        # (MAX / MIN: the comparison is registered (lt_r, every cycle, straight from the adder's
+        #  sign: no op decoding behind the carry chain), and A keeps its value in TAKE unless it
+        #  says to load X; is_min_r turns it around for MIN)
         minmax_r = Signal()
-        take_r = Signal()
-        m.d.comb += a_sel.eq(Mux(minmax_r & ~take_r, HOLD, a_sel_r))
+        is_min_r = Signal()
+        lt_r = Signal()
+        m.d.sync += lt_r.eq(a_lt_x)
+        m.d.comb += a_sel.eq(Mux(minmax_r & (lt_r == is_min_r), HOLD, a_sel_r))
         m.d.sync += [a_sel_r.eq(HOLD), minmax_r.eq(0)]
         small = Signal(32)
         with m.Switch(small_sel):
@@ -361,7 +370,9 @@ class TinyEngine(wiring.Component):
             with m.Case(S_ROOT):
                 m.d.comb += small.eq(root)
         sat_ovf = ~A[31:].all() & A[31:].any()
-        satv = Cat(Mux(sat_ovf, (~a_neg).replicate(31), A[:31]), Mux(sat_ovf, a_neg.replicate(N - 31), A[31:]))
+        satv = Signal(N)
+        m.d.sync += satv.eq(Cat(Mux(sat_ovf, (~a_neg).replicate(31), A[:31]),
+                                Mux(sat_ovf, a_neg.replicate(N - 31), A[31:])))
         with m.Switch(a_sel):
             with m.Case(SUM):
                 m.d.sync += A.eq(add_s[:N])
@@ -446,6 +457,22 @@ class TinyEngine(wiring.Component):
             m.d.sync += pc.eq(npc)
             m.next = "DECODE"
 
+        # A weight operand as OPER takes it, registered with w_q: the low 16 bits (the byte
+        # chosen by the address and extended, or the word) and the sign of the rest; zero if the
+        # operand is no weight. (The byte choice and its sign extension ahead of the operand
+        # multiplexer into X were the iCE40's critical path.)
+        w_lo = Signal(16)
+        w_sign = Signal()
+        rd_byte = Mux(addr[0], w_rdata[8:], w_rdata[:8])
+        with m.If(kh[Kind.W8]):
+            m.d.sync += [w_lo.eq(Cat(rd_byte, (~flag & rd_byte[7]).replicate(8))), w_sign.eq(~flag & rd_byte[7])]
+        with m.Elif(kh[Kind.W16]):
+            m.d.sync += [w_lo.eq(w_rdata), w_sign.eq(~flag & w_rdata[15])]
+        with m.Elif(kh[Kind.W32]):     # (the low half, unsigned; the high half follows in OPER2)
+            m.d.sync += [w_lo.eq(w_rdata), w_sign.eq(0)]
+        with m.Else():
+            m.d.sync += [w_lo.eq(0), w_sign.eq(0)]
+
         # default ROM address: the current pc (so a held instruction stays readable)
         m.d.comb += rom_rp.addr.eq(pc)
 
@@ -496,7 +523,7 @@ class TinyEngine(wiring.Component):
                 m.d.sync += [ir.eq(rom_rp.data),
                              addr_ib.eq(d_imm + Mux(d["fb"], bsel_val, 0)),
                              addr_ip.eq(Mux(d["fi"], i << kind_size_log2, 0) + Mux(d["fp"], P, 0)),
-                             cond_r.eq(cond_ok), loop_more.eq(i1 < loop_count)]
+                             loop_more.eq(i1 < loop_count)]
                 with m.If(d_uses_addr):
                     m.next = "ADDR"
                 with m.Else():
@@ -518,7 +545,7 @@ class TinyEngine(wiring.Component):
                              rem.eq(0), root.eq(0), dv_ph.eq(0),     # (and DIV / SQRT's)
                              w_addr_hi.eq(addr[1:] + 1)]             # (a W32 operand's high half)
                 # the next instruction of the ops that end here, from registers decoded in DECODE
-                jump = (iss_loop & loop_more) | (iss_br & cond_r) | iss_call
+                jump = (iss_loop & loop_more) | (iss_br & cond_ok) | iss_call
                 with m.If(iss_go):
                     next_instr(Mux(iss_ret, RA, Mux(jump, target, pc1)))
                 with m.Switch(op):
@@ -571,13 +598,9 @@ class TinyEngine(wiring.Component):
                     t = Signal(N, name=f"x_{Kind(bit).name.lower()}")
                     m.d.comb += t.eq(Mux(kh[bit], value, 0))
                     return t
-                byte = Mux(addr[0], w_q[8:], w_q[:8])
-                w8 = Mux(flag, byte, byte.as_signed())
-                w16 = Mux(flag, w_q, w_q.as_signed())
                 x_in = Signal(signed(N))
                 m.d.comb += x_in.eq(term(Kind.IMM, imm) | term(Kind.R, reg_rp.data) | term(Kind.VM, vm_rp.data.as_signed())
-                                    | term(Kind.TAB, tab_rp.data) | term(Kind.W8, w8) | term(Kind.W16, w16)
-                                    | term(Kind.W32, w_q))     # (W32: the low half; the high half next)
+                                    | term(Kind.TAB, tab_rp.data) | Cat(w_lo, w_sign.replicate(N - 16)))
                 with m.If(kh[Kind.W32]):
                     m.d.comb += w_addr.eq(w_addr_hi)
                 m.d.sync += X.eq(x_in)
@@ -611,8 +634,8 @@ class TinyEngine(wiring.Component):
                     next_instr(npc)
                 with m.Switch(op):
                     with m.Case(Op.MAX, Op.MIN):
-                        # compare now; in TAKE, A := 0 + X or A kept (take_r)
-                        m.d.sync += [take_r.eq(Mux(op == Op.MAX, a_lt_x, ~a_lt_x)), minmax_r.eq(1),
+                        # compare now (lt_r); in TAKE, A := 0 + X or A kept
+                        m.d.sync += [is_min_r.eq(op == Op.MIN), minmax_r.eq(1),
                                      a_en.eq(0), a_inv.eq(0), b_en.eq(1), b_inv.eq(0), c_in.eq(0),
                                      a_sel_r.eq(SUM)]
                         m.next = "TAKE"
