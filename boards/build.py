@@ -187,7 +187,7 @@ def _design_identity(design) -> tuple[str, str]:
 
 def prepare(board: str, *, clock_mhz: float | None = None, baud: int = DEFAULT_BAUD, checkpoint=None,
             packing: str | None = None, design: DesignFactory | None = None,
-            fifo_depth: int = DEFAULT_FIFO_DEPTH, cache_dir=None) -> PreparedBuild:
+            fifo_depth: int | None = None, cache_dir=None) -> PreparedBuild:
     """Elaborate the board top around ``design`` (default: the board's design) into a build plan
     (no tools run).
 
@@ -225,6 +225,11 @@ def prepare(board: str, *, clock_mhz: float | None = None, baud: int = DEFAULT_B
     except ValueError as e:
         raise UserError(f"--baud {baud}: {e}") from None
 
+    if design is None:
+        design = design_factory(spec.design)
+    if fifo_depth is None:
+        # the UART FIFOs' depth: the design's choice for this family, else the default
+        fifo_depth = getattr(design, "uart_fifo_depth", lambda _family: DEFAULT_FIFO_DEPTH)(family)
     resources = spec.resources
     budget = memory_budget(resources, (fifo_depth, fifo_depth)) if resources is not None else None
     image = fit = None
@@ -241,8 +246,6 @@ def prepare(board: str, *, clock_mhz: float | None = None, baud: int = DEFAULT_B
 
     context = DesignContext(board=spec.name, device=platform.device, family=family, clock_hz=clock_hz,
                             baud=baud, checkpoint=ckpt, image=image, resources=resources, budget=budget)
-    if design is None:
-        design = design_factory(spec.design)
     design_obj = design(context)
     name, description = _design_identity(design_obj)
 
@@ -414,7 +417,7 @@ def _install(files: list[Path], out: Path) -> None:
 def build(board: str, *, out=None, clock_mhz: float | None = None, baud: int = DEFAULT_BAUD,
           checkpoint=None, packing: str | None = None, design: DesignFactory | None = None,
           cache_dir=None, use_cache: bool = True, quiet: bool = False,
-          fifo_depth: int = DEFAULT_FIFO_DEPTH) -> dict:
+          fifo_depth: int | None = None) -> dict:
     """Build (or fetch from the cache) the bitstream of ``design`` on ``board``.
 
     Returns the result dict of ``mmfree-fpga build`` (see ``shared/CLI.md``): bitstream path,

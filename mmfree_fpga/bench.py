@@ -321,7 +321,7 @@ def boards_section(quick: bool) -> Section:
             s.rows.append(bench_row_cells(row))
     s.notes.append("Demo model. Fmax is nextpnr's final post-route figure for the engine's clock; the requested "
                    "clocks are the board issue's targets (ECP5 100 MHz, iCE40 40 MHz; the boards' own build clocks "
-                   "are 60 and 24 MHz). cycles/token: config.PERF_MODEL for the ULX3S engine (the engine section "
+                   "are 60 and 30 MHz). cycles/token: config.PERF_MODEL for the ULX3S engine (the engine section "
                    "checks it against simulation); for the iCEBreaker's tiny engine the count of its instruction-set "
                    "simulator (hw/tiny_isa.py), which tests/test_tiny_engine.py checks cycle for cycle against the "
                    "hardware. tokens/s at Fmax = Fmax / cycles per token. build s: the whole build; \"(cached)\": "

@@ -149,7 +149,7 @@ ENGINE = "mmfree_fpga.hw.linked_engine.LinkedEngine"
 
 
 @pytest.mark.parametrize("board, clock_mhz, pll_cell, params, constraint, design, lanes", [
-    ("icebreaker", None, "SB_PLL40_PAD", ["\\DIVF 63", "\\DIVQ 5"], ("top.pcf", "set_frequency clocking.clk 24.0"),
+    ("icebreaker", None, "SB_PLL40_PAD", ["\\DIVF 79", "\\DIVQ 5"], ("top.pcf", "set_frequency clocking.clk 30.0"),
      ENGINE, 1),
     ("icebreaker", 12, None, [], ("top.pcf", "set_io uart_0__tx__io 9"), ENGINE, 1),
     ("ulx3s-85f", None, "EHXPLLL", ["\\CLKI_DIV 5", "\\CLKFB_DIV 12"], ("top.lpf", "60000000.0 HZ"), ENGINE, 16),
@@ -209,12 +209,13 @@ def test_plan_uses_the_demo_checkpoint_by_default_and_checks_its_size(checkpoint
     monkeypatch.setattr(ck, "DEMO_CHECKPOINT", Path(checkpoint))
     p = prepare("icebreaker")
     assert p.context.checkpoint == Path(checkpoint)
-    assert 0 < p.fit["needed_bytes"] < p.fit["available_bytes"] == 145408
+    # (no UART FIFOs on the tiny engine's board: every EBR is the model's)
+    assert 0 < p.fit["needed_bytes"] < p.fit["available_bytes"] == 146432
 
 
 def test_plan_refuses_baud_the_clock_cannot_make(checkpoint):
-    with pytest.raises(UserError, match="--baud 2500000: .*divisor 10 gives 2400000 baud, -4.00 %"):
-        prepare("icebreaker", baud=2_500_000, checkpoint=checkpoint)
+    with pytest.raises(UserError, match="--baud 2800000: .*divisor 11 gives 2727273 baud, -2.60 %"):
+        prepare("icebreaker", baud=2_800_000, checkpoint=checkpoint)
 
 
 def test_plan_refuses_other_clock_without_pll(tiny_checkpoint):
@@ -297,49 +298,88 @@ def test_frame_echo_with_stalls():
     assert bytes(got) == expected
 
 
+class UARTHost(wiring.Component):
+    """A host UART (transmitter and receiver) wired to a UARTBridge around ``design``, at 12 MHz."""
+
+    def __init__(self, design, *, baud=3_000_000, fifo_depth=16):
+        self.bridge = UARTBridge(design, clock_hz=12e6, baud=baud, fifo_depth=fifo_depth)
+        self.tx = UARTTransmitter(clk_freq=12e6, baud=baud)
+        self.rx = UARTReceiver(clk_freq=12e6, baud=baud)
+        super().__init__({})
+
+    def elaborate(self, platform):
+        m = Module()
+        m.submodules.bridge, m.submodules.tx, m.submodules.rx = self.bridge, self.tx, self.rx
+        m.d.comb += [self.bridge.rx.eq(self.tx.tx), self.rx.rx.eq(self.bridge.tx)]
+        return m
+
+    def run(self, data: bytes, want: int, max_s: float) -> tuple[bytes, list]:
+        """Send ``data`` back to back; the bytes received (until ``want`` of them or ``max_s``
+        of simulated time) and the bridge's error flags seen."""
+        got, errors = bytearray(), []
+
+        async def send(ctx):
+            for b in data:
+                ctx.set(self.tx.data.payload, b)
+                ctx.set(self.tx.data.valid, 1)
+                await ctx.tick().until(self.tx.data.ready)
+                ctx.set(self.tx.data.valid, 0)
+
+        async def receive(ctx):
+            ctx.set(self.rx.data.ready, 1)
+            while len(got) < want:
+                _, _, valid, payload, error = await ctx.tick().sample(
+                    self.rx.data.valid, self.rx.data.payload, self.bridge.error)
+                if valid:
+                    got.append(payload)
+                if error:
+                    errors.append(error)
+
+        sim = Simulator(self)
+        sim.add_clock(1 / 12e6)
+        sim.add_testbench(send, background=True)
+        sim.add_testbench(receive)
+        sim.run_until(max_s)
+        return bytes(got), errors
+
+
 def test_uart_bridge_end_to_end():
     """Host UART -> bridge (RX, FIFO, FrameEcho, FIFO, TX) -> host UART, at 3 Mbaud and 12 MHz."""
-    class Host(wiring.Component):
-        def __init__(self):
-            self.bridge = UARTBridge(FrameEcho(), clock_hz=12e6, baud=3_000_000, fifo_depth=16)
-            self.tx = UARTTransmitter(clk_freq=12e6, baud=3_000_000)
-            self.rx = UARTReceiver(clk_freq=12e6, baud=3_000_000)
-            super().__init__({})
-
-        def elaborate(self, platform):
-            m = Module()
-            m.submodules.bridge, m.submodules.tx, m.submodules.rx = self.bridge, self.tx, self.rx
-            m.d.comb += [self.bridge.rx.eq(self.tx.tx), self.rx.rx.eq(self.bridge.tx)]
-            return m
-
-    host = Host()
     frames = [b"\x03abc", b"\x00", b"\x04\x00\xff\x55\xaa"]
     expected = b"".join(frame_echo_reply(f) for f in frames)
-    got, errors = bytearray(), []
+    got, errors = UARTHost(FrameEcho()).run(b"".join(frames), len(expected),
+                                            (len(expected) + 4) * 10 * 4 / 12e6 + 2e-6)
+    assert got == expected and errors == []
 
-    async def send(ctx):
-        for b in b"".join(frames):
-            ctx.set(host.tx.data.payload, b)
-            ctx.set(host.tx.data.valid, 1)
-            await ctx.tick().until(host.tx.data.ready)
-            ctx.set(host.tx.data.valid, 0)
 
-    async def receive(ctx):
-        ctx.set(host.rx.data.ready, 1)
-        while True:
-            _, _, valid, payload, error = await ctx.tick().sample(
-                host.rx.data.valid, host.rx.data.payload, host.bridge.error)
-            if valid:
-                got.append(payload)
-            if error:
-                errors.append(error)
+def test_tiny_link_through_a_uart_bridge_without_fifos(tmp_path):
+    """The iCEBreaker's bridge (no UART FIFOs: the Link's ring takes the bytes, the Link waits for
+    the transmitter) around the small-form Link and the tiny engine: frames sent back to back
+    at 3 Mbaud, a whole load chunk among them, are all answered as the device model answers."""
+    from mmfree_fpga.boards.designs import linked_engine
+    from mmfree_fpga.host.device_model import DeviceModel
+    from mmfree_fpga.host.image import WeightImage
+    from mmfree_fpga.hw.linked_engine import LinkedEngine
+    from mmfree_fpga.protocol import LOAD_BEGIN_REQUEST, LOAD_CHUNK_HEADER, Op, crc32_image, encode_frame
+    from mmfree_fpga.reference.checkpoint import save_checkpoint
 
-    sim = Simulator(host)
-    sim.add_clock(1 / 12e6)
-    sim.add_testbench(send, background=True)
-    sim.add_testbench(receive, background=True)
-    sim.run_until((len(expected) + 4) * 10 * 4 / 12e6 + 2e-6)
-    assert bytes(got) == expected and errors == []
+    assert linked_engine().uart_fifo_depth("ice40") == 0 and linked_engine().uart_fifo_depth("ecp5") > 0
+    cfg = ModelConfig(vocab_size=24, hidden_size=16, num_hidden_layers=1, intermediate_size=16)
+    blob = WeightImage.from_checkpoint(save_checkpoint(random_model(cfg, seed=3), tmp_path / "c"), "base3").blob
+    design = LinkedEngine(cfg, lanes=1, packing="base3", max_payload=256, boot_id=0x77, clk_freq=12e6,
+                          idle_timeout_cycles=1 << 20, tiny=True)
+    model = DeviceModel(cfg, "base3", lanes=1, step_time_ms=0, max_payload=256, seed=0)
+    model.boot_id = 0x77
+    frames = [encode_frame(1, Op.IDENTIFY),
+              encode_frame(2, Op.LOAD_BEGIN, LOAD_BEGIN_REQUEST.pack(1, 0)),           # a NAK
+              encode_frame(3, Op.LOAD_BEGIN, LOAD_BEGIN_REQUEST.pack(len(blob), crc32_image(blob))),
+              encode_frame(4, Op.LOAD_CHUNK, LOAD_CHUNK_HEADER.pack(0) + blob[:200]),
+              encode_frame(5, Op.IDENTIFY)]
+    expected = b"".join(model.receive(f, now=0.0) for f in frames)
+    sent = b"".join(frames)
+    got, errors = UARTHost(design, fifo_depth=0).run(sent, len(expected),
+                                                     (len(sent) + len(expected) + 40) * 10 * 4 / 12e6)
+    assert got == expected and errors == []
 
 
 # -- report parsing ---------------------------------------------------------------------------------
@@ -433,8 +473,7 @@ def test_build_refuses_a_model_too_big_for_the_board_with_numbers(tmp_path, caps
     assert rc == 2
     assert "does not fit the icebreaker (iCE40UP5K)" in err
     assert "needs at least" in err and "ternary" in err and "embeddings 32,768,000 B" in err
-    assert ("145,408 B (4 x 32 KiB SPRAM + 30 x 4 kbit EBR of 512 B = 146,432 B, less 2 EBR for the UART FIFOs)"
-            in err)
+    assert "146,432 B (4 x 32 KiB SPRAM + 30 x 4 kbit EBR of 512 B = 146,432 B)" in err
     assert not out.exists() and not js.exists()
 
 
@@ -498,9 +537,9 @@ def test_icebreaker_bitstream_meets_timing(icebreaker_builds):
     r = icebreaker_builds[0]
     assert r["cached"] is False and r["board"] == "icebreaker" and r["device"] == "iCE40UP5K"
     assert r["design"] == ENGINE
-    assert r["clock_mhz"] == 24.0 and r["pll"]["divf"] == 63
+    assert r["clock_mhz"] == 30.0 and r["pll"]["divf"] == 79
     assert r["fmax_mhz"] is not None and r["fmax_mhz"] >= r["clock_mhz"] and r["timing_met"] is True
-    assert r["clock_net"] in r["clocks"] and r["clocks"][r["clock_net"]]["target_mhz"] == 24.0
+    assert r["clock_net"] in r["clocks"] and r["clocks"][r["clock_net"]]["target_mhz"] == 30.0
     util = r["utilization"]
     assert util["lut"]["available"] == 5280 and 2000 < util["lut"]["used"] <= 5280
     assert util["spram"] == {"used": 4, "available": 4, "percent": 100.0}
