@@ -539,7 +539,7 @@ def test_icebreaker_bitstream_meets_timing(icebreaker_builds):
     assert r["design"] == ENGINE
     assert r["clock_mhz"] == 30.0 and r["pll"]["divf"] == 79
     assert r["fmax_mhz"] is not None and r["fmax_mhz"] >= r["clock_mhz"] and r["timing_met"] is True
-    assert r["clock_net"] in r["clocks"] and r["clocks"][r["clock_net"]]["target_mhz"] == 30.0
+    assert r["clock_net"] in r["clocks"] and r["clocks"][r["clock_net"]]["target_mhz"] == pytest.approx(30.0, abs=0.05)
     util = r["utilization"]
     assert util["lut"]["available"] == 5280 and 2000 < util["lut"]["used"] <= 5280
     assert util["spram"] == {"used": 4, "available": 4, "percent": 100.0}
