@@ -464,8 +464,9 @@ class TinyEngine(wiring.Component):
         w_lo = Signal(16)
         w_sign = Signal()
         rd_byte = Mux(addr[0], w_rdata[8:], w_rdata[:8])
+        byte_sign = ~flag & rd_byte[7]
         with m.If(kh[Kind.W8]):
-            m.d.sync += [w_lo.eq(Cat(rd_byte, (~flag & rd_byte[7]).replicate(8))), w_sign.eq(~flag & rd_byte[7])]
+            m.d.sync += [w_lo.eq(Cat(rd_byte, byte_sign.replicate(8))), w_sign.eq(byte_sign)]
         with m.Elif(kh[Kind.W16]):
             m.d.sync += [w_lo.eq(w_rdata), w_sign.eq(~flag & w_rdata[15])]
         with m.Elif(kh[Kind.W32]):     # (the low half, unsigned; the high half follows in OPER2)

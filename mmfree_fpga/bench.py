@@ -319,9 +319,11 @@ def boards_section(quick: bool) -> Section:
     for board, lanes in plan:
         for row in board_benchmarks((board,), lanes, progress=lambda line: print(f"bench: {line}", flush=True)):
             s.rows.append(bench_row_cells(row))
+    from mmfree_fpga.boards.registry import resolve_board
+    build_mhz = " and ".join(f"{resolve_board(b).default_clock_hz / 1e6:g}" for b in ("ulx3s-85f", "icebreaker"))
     s.notes.append("Demo model. Fmax is nextpnr's final post-route figure for the engine's clock; the requested "
                    "clocks are the board issue's targets (ECP5 100 MHz, iCE40 40 MHz; the boards' own build clocks "
-                   "are 60 and 30 MHz). cycles/token: config.PERF_MODEL for the ULX3S engine (the engine section "
+                   f"are {build_mhz} MHz). cycles/token: config.PERF_MODEL for the ULX3S engine (the engine section "
                    "checks it against simulation); for the iCEBreaker's tiny engine the count of its instruction-set "
                    "simulator (hw/tiny_isa.py), which tests/test_tiny_engine.py checks cycle for cycle against the "
                    "hardware. tokens/s at Fmax = Fmax / cycles per token. build s: the whole build; \"(cached)\": "
