@@ -104,6 +104,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import operator
 import re
 import struct
 
@@ -404,13 +406,24 @@ class Link(wiring.Component):
         nak_span = 1 << (len(nak_entries[0]) - 1).bit_length()
         regions.append(("nak", [e for ent in nak_entries for e in ent + [(0, 0, False)] * (nak_span - len(ent))]))
         regions.sort(key=lambda r: -len(r[1]))
-        bases, rom, code_bits = {}, [], len(sources).bit_length()
+        # a source's code in the ROM: its index in a group of GROUP (binary) and its group
+        # (one-hot, none for a constant), so the multiplexer behind the ROM is a GROUP-way one
+        # per group and an OR of the groups (a binary code of six bits made a multiplexer seven
+        # LUTs deep, the iCE40's critical path)
+        GROUP = 8
+        n_groups = max(1, -(-len(sources) // GROUP))
+        code_bits = (GROUP - 1).bit_length() + n_groups
+
+        def code_of(n):
+            return 0 if n == 0 else (n - 1) % GROUP | 1 << ((n - 1) // GROUP + (GROUP - 1).bit_length())
+
+        bases, rom = {}, []
         for name, ents in regions:
             span = 1 << (len(ents) - 1).bit_length()
             base = -(-len(rom) // span) * span
             rom += [0] * (base - len(rom))
             bases[name] = base
-            rom += [const | code << 8 | masked << (8 + code_bits) for code, const, masked in ents]
+            rom += [const | code_of(code) << 8 | masked << (8 + code_bits) for code, const, masked in ents]
         rom_depth = 1 << (len(rom) - 1).bit_length()
         rom += [0] * (rom_depth - len(rom))
         m.submodules.response_rom = memory = Memory(shape=9 + code_bits, depth=rom_depth, init=rom)
@@ -431,13 +444,14 @@ class Link(wiring.Component):
         register_byte = Signal(8)
         const_r = Signal(8)
         masked_r = Signal()
-        with m.Switch(code):
-            for n, source in enumerate(sources):
-                with m.Case(n + 1):
-                    m.d.sync += register_byte.eq(source)
-            with m.Default():
-                m.d.sync += register_byte.eq(0)
-        m.d.sync += [const_r.eq(const), masked_r.eq(masked)]
+        index, groups = code[:(GROUP - 1).bit_length()], code[(GROUP - 1).bit_length():]
+        picked = []
+        for g in range(n_groups):
+            members = sources[GROUP * g:GROUP * (g + 1)]
+            padded = Cat(*(Cat(v, Const(0, 8 - len(v))) for v in members), Const(0, 8 * (GROUP - len(members))))
+            picked.append(Mux(groups[g], padded.word_select(index, 8), 0))
+        m.d.sync += [register_byte.eq(functools.reduce(operator.or_, picked)),
+                     const_r.eq(const), masked_r.eq(masked)]
         m.d.comb += payload_byte.eq(Mux(masked_r & ~weights_loaded, 0, const_r | register_byte))
 
     def elaborate(self, platform):
@@ -928,8 +942,7 @@ class Link(wiring.Component):
 
         def respond(kind, out_op_value, length_value, *, rescan_flag=0):
             return [out_kind.eq(kind), out_op.eq(out_op_value), out_len.eq(length_value),
-                    out_last.eq(length_value - 1), hk.eq(0), j.eq(0), logits_data.eq(0),
-                    rescan_after.eq(rescan_flag)]
+                    out_last.eq(length_value - 1), rescan_after.eq(rescan_flag)]
 
         def cache_and_respond(kind, length_value):
             return [cache_valid.eq(1), cache_seq.eq(seq), cache_crc.eq(frame_crc), cache_op.eq(op),
@@ -1069,6 +1082,9 @@ class Link(wiring.Component):
 
             # ---- a frame with a valid header is complete; rx_fcrc has seen every byte ----
             with m.State("DECIDE"):
+                # a response's counters start at 0 whatever is decided (in the decisions' branches,
+                # j's enable was a path through all of them, one of the iCE40's longest)
+                m.d.sync += [hk.eq(0), j.eq(0), logits_data.eq(0)]
                 with m.If(op & RESPONSE):
                     with m.If(good):
                         m.d.sync += sp.eq(rp)

@@ -160,7 +160,7 @@ class TinyEngine(wiring.Component):
         w_addr = Signal(B_BITS - 1)       # word address (SPRAM: bank above bit 14)
         w_rdata = Signal(16)
         w_we = Signal()
-        w_wdata = Signal(8)
+        w_wdata = Signal(8)               # (a write's byte and lane: registers)
         w_lane = Signal()
         self._weight_memory(m, w_addr, w_rdata, w_we, w_wdata, w_lane)
         w_q = Signal(16)                  # w_rdata, registered (operand reads)
@@ -208,8 +208,10 @@ class TinyEngine(wiring.Component):
             for k in range(8):
                 with m.Case(k):
                     m.d.comb += bsel_val.eq(bases[k])
-        # (two partial sums registered while decoding, added into the register addr in ADDR)
-        addr_ib = Signal(B_BITS)
+        # (the base register chosen by the instruction, and the sum of its index and P terms,
+        # registered while decoding; the immediate, the base and that sum are added into the
+        # register addr in ADDR)
+        base_r = Signal(B_BITS)
         addr_ip = Signal(B_BITS)
         addr = Signal(B_BITS)
         kh = Signal(len(Kind))     # the operand kind, one-hot (decoded in DECODE)
@@ -220,12 +222,12 @@ class TinyEngine(wiring.Component):
         pc1 = Signal(range(PROG_DEPTH))
         iss_go, iss_ret, iss_call, iss_loop, iss_br = (Signal(name=n) for n in
                                                        ("iss_go", "iss_ret", "iss_call", "iss_loop", "iss_br"))
-        # the instruction addresses a memory (decoded from the ROM's output: uses_address)
-        d_uses_addr = Signal()
+        # the instruction takes the ADDR cycle (decoded from the ROM's output: takes_addr_cycle)
+        d_addr_cycle = Signal()
         d_op = d["op"]
         direct = Cat(d_op == o for o in (*NO_OPERAND_OPS, *DIRECT_OPS, Op.MATVEC)).any()
-        m.d.comb += d_uses_addr.eq((d_op == Op.STV) | (d_op == Op.STQ)
-                                   | (~direct & Cat(d["kind"] == k for k in MEMORY_KINDS).any()))
+        m.d.comb += d_addr_cycle.eq((d_op == Op.STV) | (d_op == Op.STQ) | (d_op == Op.LOOP)
+                                    | (~direct & Cat(d["kind"] == k for k in MEMORY_KINDS).any()))
         target = imm[:9]
 
         # -- ALU pieces --
@@ -258,8 +260,12 @@ class TinyEngine(wiring.Component):
         prod = Signal(signed(65))
         m.d.sync += prod.eq(A[:32].as_signed() * xm)
 
-        # shifter / bit length / divider state
+        # LOOP's comparison, registered in ADDR (from the program ROM's output in DECODE, through
+        # the base register multiplexer, it was the iCE40's critical path; in ISSUE, on the way
+        # to the ROM's address, it was the next)
         loop_more = Signal()
+
+        # shifter / bit length / divider state
         count = Signal(7)             # DIV / SQRT steps
         blen = Signal(6)              # BITLEN's result
         rem = Signal(35)
@@ -269,13 +275,19 @@ class TinyEngine(wiring.Component):
         #    five control bits registered a cycle ahead, so each operand bit is one LUT:
         #    LD 0 + X, ADD A + X, SUB A + ~X + 1 (also the compare of MAX / MIN), ABS / CSGN
         #    (~A + 1 or A), the TAKE of MAX / MIN (0 + X, or A kept), the rounding increment A + 1
+        #    The adder is off (its sum 0) while A takes another source (a_sel_r's bit 2, below), so
+        #    A's input is the sum ORed with that source: one LUT after the carry chain's end.
         a_en, a_inv, b_en, b_inv, c_in = (Signal(name=n) for n in ("a_en", "a_inv", "b_en", "b_inv", "c_in"))
+        a_sel_r = Signal(3)
+        HOLD, SUM, SH, PROD, SMALL, SATV = 0, 1, 4, 5, 6, 7     # bit 2: a source other than the adder
+        add_off = a_sel_r[2]
         add_a = Signal(N)
         add_b = Signal(N)
-        m.d.comb += [add_a.eq(Mux(a_en, A[:N], 0) ^ a_inv.replicate(N)),
-                     add_b.eq(Mux(b_en, X[:N], 0) ^ b_inv.replicate(N))]
+        m.d.comb += [add_a.eq(Mux(add_off, 0, Mux(a_en, A[:N], 0) ^ a_inv.replicate(N))),
+                     add_b.eq(Mux(add_off, 0, Mux(b_en, X[:N], 0) ^ b_inv.replicate(N)))]
         add_s = Signal(N + 1)
-        m.d.comb += add_s.eq(carry_select(m, Cat(add_a, add_a[N - 1]), Cat(add_b, add_b[N - 1]), c_in, "add"))
+        m.d.comb += add_s.eq(carry_select(m, Cat(add_a, add_a[N - 1]), Cat(add_b, add_b[N - 1]),
+                                          c_in & ~add_off, "add"))
 
         def adder_for(instr_op):
             """Set the adder for the EXEC cycle of the instruction (from OPER, OPER2 or ISSUE;
@@ -344,8 +356,6 @@ class TinyEngine(wiring.Component):
         #    depends on no state or data decoding), except in SHIFT; SMALL is one of the small
         #    non-negative values chosen by small_sel (also a register), SATV A saturated to int32
         a_sel = Signal(3)
-        a_sel_r = Signal(3)
-        HOLD, SUM, SH, PROD, SMALL, SATV = range(6)
         small_sel = Signal(3)
         S_I, S_TOKEN, S_SIG, S_COUNT, S_ROOT = range(5)
         # (MAX / MIN: the comparison is registered (lt_r, every cycle, straight from the adder's
@@ -373,17 +383,18 @@ class TinyEngine(wiring.Component):
         satv = Signal(N)
         m.d.sync += satv.eq(Cat(Mux(sat_ovf, (~a_neg).replicate(31), A[:31]),
                                 Mux(sat_ovf, a_neg.replicate(N - 31), A[31:])))
-        with m.Switch(a_sel):
-            with m.Case(SUM):
-                m.d.sync += A.eq(add_s[:N])
+        other = Signal(N)             # the source other than the adder (0 while the adder's)
+        with m.Switch(a_sel_r):
             with m.Case(SH):
-                m.d.sync += A.eq(sh)
+                m.d.comb += other.eq(sh)
             with m.Case(PROD):
-                m.d.sync += A.eq(prod[:N])
+                m.d.comb += other.eq(prod[:N])
             with m.Case(SMALL):
-                m.d.sync += A.eq(small)
+                m.d.comb += other.eq(small)
             with m.Case(SATV):
-                m.d.sync += A.eq(satv)
+                m.d.comb += other.eq(satv)
+        with m.If(a_sel != HOLD):
+            m.d.sync += A.eq(add_s[:N] | other)
         # the A source and small value an instruction's EXEC cycle takes
         pre_sel = Signal(3)
         pre_small = Signal(3)
@@ -474,6 +485,15 @@ class TinyEngine(wiring.Component):
         with m.Else():
             m.d.sync += [w_lo.eq(0), w_sign.eq(0)]
 
+        # an image byte is written in the cycle after IDLE took it, from registers (the FSM's
+        # decoding into the SPRAMs' write enables was one of the iCE40's longest paths); the
+        # next weight read is at least three cycles later (START, DECODE, ISSUE)
+        ld_we = Signal()
+        ld_addr = Signal(B_BITS - 1)
+        m.d.sync += ld_we.eq(0)
+        with m.If(ld_we):
+            m.d.comb += [w_addr.eq(ld_addr), w_we.eq(1)]
+
         # default ROM address: the current pc (so a held instruction stays readable)
         m.d.comb += rom_rp.addr.eq(pc)
 
@@ -481,8 +501,8 @@ class TinyEngine(wiring.Component):
             with m.State("IDLE"):
                 m.d.comb += [self.cmd.ready.eq(1), self.load.ready.eq(1), self.logit_req.ready.eq(~self.cmd.valid)]
                 with m.If(self.load.valid):
-                    m.d.comb += [w_addr.eq(wptr[1:]), w_we.eq(1), w_wdata.eq(self.load.payload), w_lane.eq(wptr[0])]
-                    m.d.sync += wptr.eq(wptr + 1)
+                    m.d.sync += [ld_we.eq(1), ld_addr.eq(wptr[1:]), w_wdata.eq(self.load.payload),
+                                 w_lane.eq(wptr[0]), wptr.eq(wptr + 1)]
                 # commands and logit requests are registered first (START, LREAD): no path from
                 # the Link's logic into the program ROM's address or the vector memory's
                 with m.If(self.cmd.valid):
@@ -514,7 +534,6 @@ class TinyEngine(wiring.Component):
             with m.State("DECODE"):
                 # the instruction's address (two partial sums), branch and loop decisions, registered
                 d_imm = d["imm"].as_signed()
-                loop_count = Mux(d["fb"], bsel_val, d_imm[9:20])
                 m.d.sync += [count.eq(0), is_div.eq(d_op == Op.DIV), pc1.eq(pc + 1),
                              kh.eq(Const(1, len(Kind)) << d["kind"]),
                              ex_go.eq(~Cat(d_op == o for o in EXEC_MORE).any()),
@@ -522,16 +541,16 @@ class TinyEngine(wiring.Component):
                              iss_ret.eq(d_op == Op.RET), iss_call.eq(d_op == Op.CALL),
                              iss_loop.eq(d_op == Op.LOOP), iss_br.eq(d_op == Op.BR)]
                 m.d.sync += [ir.eq(rom_rp.data),
-                             addr_ib.eq(d_imm + Mux(d["fb"], bsel_val, 0)),
-                             addr_ip.eq(Mux(d["fi"], i << kind_size_log2, 0) + Mux(d["fp"], P, 0)),
-                             loop_more.eq(i1 < loop_count)]
-                with m.If(d_uses_addr):
+                             base_r.eq(Mux(d["fb"], bsel_val, 0)),
+                             addr_ip.eq(Mux(d["fi"], i << kind_size_log2, 0) + Mux(d["fp"], P, 0))]
+                with m.If(d_addr_cycle):
                     m.next = "ADDR"
                 with m.Else():
                     m.next = "ISSUE"
 
             with m.State("ADDR"):
-                m.d.sync += addr.eq(addr_ib + addr_ip)
+                m.d.sync += [addr.eq(imm + base_r + addr_ip),
+                             loop_more.eq(i1 < Mux(f["fb"], base_r, imm[9:20]))]
                 m.next = "ISSUE"
 
             with m.State("ISSUE"):

@@ -45,7 +45,7 @@ from mmfree_fpga.errors import UserError
 
 __all__ = ["START_CYCLES", "Op", "Kind", "Cond", "Instr", "WORD_BITS", "FIELDS", "IMM_BITS", "B_BITS", "PROG_DEPTH",
            "encode", "decode", "Asm", "Machine", "sig_index", "NO_OPERAND_OPS", "DIRECT_OPS", "MEMORY_KINDS",
-           "uses_address"]
+           "takes_addr_cycle"]
 
 WORD_BITS = 40
 IMM_BITS = 21
@@ -358,7 +358,8 @@ class Machine:
 
 
 # clock cycles of the hardware (hw/tiny_engine.py): DECODE, ADDR (only for an instruction that
-# addresses a memory: the operand or store address is registered before the memories see it),
+# addresses a memory: the operand or store address is registered before the memories see it;
+# and for LOOP: its comparison is registered),
 # ISSUE, then OPER (a weight operand: after a wait for the registered SPRAM output; a 32-bit
 # weight: a second wait and OPER2), then EXEC and the op's extra cycles;
 # stores and control finish in ISSUE.
@@ -373,10 +374,11 @@ DIRECT_OPS = {Op.ABS, Op.SAT, Op.BITLEN, Op.SQRT, Op.SIGP, Op.GETI, Op.GETT}
 MEMORY_KINDS = {Kind.VM, Kind.TAB, Kind.W8, Kind.W16, Kind.W32}
 
 
-def uses_address(ins: Instr) -> bool:
-    """Whether the instruction reads or writes a memory at its computed address (it then takes
-    the ADDR cycle)."""
-    if ins.op in (Op.STV, Op.STQ):
+def takes_addr_cycle(ins: Instr) -> bool:
+    """Whether the instruction takes the ADDR cycle: it reads or writes a memory at its computed
+    address, or it is a LOOP (its count comparison is registered there, not on the path from
+    the program ROM to its own address)."""
+    if ins.op in (Op.STV, Op.STQ, Op.LOOP):
         return True
     operand = ins.op not in NO_OPERAND_OPS and ins.op not in DIRECT_OPS and ins.op != Op.MATVEC
     return operand and ins.kind in MEMORY_KINDS
@@ -402,9 +404,9 @@ def shift_steps(s: int, rnd: bool) -> int:
 
 
 def op_cycles(ins: Instr, a: int, x: int, fmt: Formats = FORMATS, bases=None) -> int:
-    """Clock cycles of one instruction: DECODE, ADDR where it addresses a memory, then what
+    """Clock cycles of one instruction: DECODE, ADDR where it takes it, then what
     :func:`_op_cycles` counts."""
-    return 1 + uses_address(ins) + _op_cycles(ins, a, x, fmt, bases)
+    return 1 + takes_addr_cycle(ins) + _op_cycles(ins, a, x, fmt, bases)
 
 
 def _op_cycles(ins: Instr, a: int, x: int, fmt: Formats, bases) -> int:
