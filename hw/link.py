@@ -77,12 +77,13 @@ every exchange test on both). Measured on the iCEBreaker's parameters (demo mode
 * The three CRCs are bit-serial (``data_width=1`` processors): a byte is shifted into them one
   bit per cycle by a shared feeder, and the parser, the transmitter and the chunk forwarder wait
   for it (about eleven cycles a byte; a UART byte takes at least 40).
-* The response payload comes from a ROM (one block RAM; 240 of 256 entries used on the
-  iCEBreaker's parameters) that holds, for every byte of every response and of the NAK for
-  each possible argument, either a constant or the code of a register byte; one multiplexer
-  over the distinct register bytes serves all responses (the NAK's argument is picked as it is
-  sent: no 32-bit argument register, no argument multiplexer). A payload byte is ready two
-  cycles after its index changes.
+* The response payload comes from a ROM (256 entries, 240 used on the iCEBreaker's
+  parameters; two block RAMs, as its code is wide) that holds, for every byte of every response
+  and of the NAK for each possible argument, either a constant or the code of a register byte
+  (its group of eight, one-hot, and its index in the group); one multiplexer over the distinct
+  register bytes serves all responses (the NAK's argument is picked as it is sent: no 32-bit
+  argument register, no argument multiplexer). A payload byte is ready two cycles after its
+  index changes.
 * The first payload word of LOAD_BEGIN, LOAD_CHUNK, FEED_TOKEN and READ_LOGITS (size, offset,
   position) is compared byte by byte as it arrives with the first word of the command's
   response, read through that multiplexer while no response is being sent; it is not stored.

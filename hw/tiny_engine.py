@@ -102,8 +102,10 @@ class TinyEngine(wiring.Component):
         super().__init__(control_members())
 
     # -- memories -----------------------------------------------------------------
-    def _weight_memory(self, m, addr, rdata, we, wdata, wlane):
-        """16-bit words; reads one cycle late; a write (one byte lane) wins over a read."""
+    def _weight_memory(self, m, addr, rdata, we, wdata, wlane, waddr):
+        """16-bit words; reads one cycle late; a write (one byte lane) wins over a read.
+        ``waddr``: the write's address (a register, equal to ``addr`` while ``we``): the SPRAMs'
+        write enables are decoded from it alone, not through the read address multiplexer."""
         if not self.spram:
             init = []
             if self.image is not None:
@@ -118,6 +120,7 @@ class TinyEngine(wiring.Component):
             return
         deep = -(-self.w_depth // SPRAM_WORDS)
         bank = addr[14:16] if deep > 1 else Const(0, 1)
+        wbank = waddr[14:16] if deep > 1 else Const(0, 1)
         bank_r = Signal.like(bank)
         m.d.sync += bank_r.eq(bank)
         outs = []
@@ -126,7 +129,7 @@ class TinyEngine(wiring.Component):
             m.submodules[f"spram{b}"] = Instance(
                 "SB_SPRAM256KA",
                 i_ADDRESS=addr[:14], i_DATAIN=Cat(wdata, wdata),
-                i_MASKWREN=Mux(wlane, Const(0b1100, 4), Const(0b0011, 4)), i_WREN=we & (bank == b),
+                i_MASKWREN=Mux(wlane, Const(0b1100, 4), Const(0b0011, 4)), i_WREN=we & (wbank == b),
                 i_CHIPSELECT=Const(1, 1), i_CLOCK=ClockSignal("sync"), i_STANDBY=Const(0, 1),
                 i_SLEEP=Const(0, 1), i_POWEROFF=Const(1, 1), o_DATAOUT=dout)
             outs.append(dout)
@@ -162,7 +165,8 @@ class TinyEngine(wiring.Component):
         w_we = Signal()
         w_wdata = Signal(8)               # (a write's byte and lane: registers)
         w_lane = Signal()
-        self._weight_memory(m, w_addr, w_rdata, w_we, w_wdata, w_lane)
+        ld_addr = Signal(B_BITS - 1)      # an image byte's word address (a register)
+        self._weight_memory(m, w_addr, w_rdata, w_we, w_wdata, w_lane, ld_addr)
         w_q = Signal(16)                  # w_rdata, registered (operand reads)
         w_addr_hi = Signal(B_BITS - 1)    # the word after the operand's (registered in ISSUE)
         m.d.sync += w_q.eq(w_rdata)
@@ -489,7 +493,6 @@ class TinyEngine(wiring.Component):
         # decoding into the SPRAMs' write enables was one of the iCE40's longest paths); the
         # next weight read is at least three cycles later (START, DECODE, ISSUE)
         ld_we = Signal()
-        ld_addr = Signal(B_BITS - 1)
         m.d.sync += ld_we.eq(0)
         with m.If(ld_we):
             m.d.comb += [w_addr.eq(ld_addr), w_we.eq(1)]
