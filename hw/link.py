@@ -942,8 +942,9 @@ class Link(wiring.Component):
             m.d.sync += sp.eq(sp + 1)
 
         def respond(kind, out_op_value, length_value, *, rescan_flag=0):
+            counters = [] if self.small else [hk.eq(0), j.eq(0), logits_data.eq(0)]
             return [out_kind.eq(kind), out_op.eq(out_op_value), out_len.eq(length_value),
-                    out_last.eq(length_value - 1), rescan_after.eq(rescan_flag)]
+                    out_last.eq(length_value - 1), *counters, rescan_after.eq(rescan_flag)]
 
         def cache_and_respond(kind, length_value):
             return [cache_valid.eq(1), cache_seq.eq(seq), cache_crc.eq(frame_crc), cache_op.eq(op),
@@ -1083,9 +1084,10 @@ class Link(wiring.Component):
 
             # ---- a frame with a valid header is complete; rx_fcrc has seen every byte ----
             with m.State("DECIDE"):
-                # a response's counters start at 0 whatever is decided (in the decisions' branches,
-                # j's enable was a path through all of them, one of the iCE40's longest)
-                m.d.sync += [hk.eq(0), j.eq(0), logits_data.eq(0)]
+                if self.small:
+                    # a response's counters start at 0 whatever is decided (set in the decisions'
+                    # branches, j's enable was a path through all of them, one of the iCE40's longest)
+                    m.d.sync += [hk.eq(0), j.eq(0), logits_data.eq(0)]
                 with m.If(op & RESPONSE):
                     with m.If(good):
                         m.d.sync += sp.eq(rp)
