@@ -450,6 +450,11 @@ class TinyEngine(wiring.Component):
         mv_s1_trit = Signal(2)
         mv_s1_last = Signal()
         mv_s1_row = Signal(row_bits)
+        mv_s2 = Signal()          # stage 2 valid: the signed operand (q, ~q or 0; +1 in mv_s2_neg)
+        mv_s2_op = Signal(fmt.acc_bits)
+        mv_s2_neg = Signal()
+        mv_s2_last = Signal()
+        mv_s2_row = Signal(row_bits)
         mv_acc = Signal(signed(fmt.acc_bits))
         mv_cols_m1 = Signal(col_bits)   # the last column and row (registered at the start)
         mv_rows_m1 = Signal(row_bits)
@@ -564,7 +569,7 @@ class TinyEngine(wiring.Component):
                 # op decoding in these registers' enables
                 m.d.sync += [mv_cols_m1.eq(bases[1] - 1), mv_rows_m1.eq(bases[5] - 1),
                              mv_r.eq(0), mv_c.eq(0), mv_ba.eq(bases[2]), mv_p1.eq(0), mv_p2.eq(0),
-                             mv_nvalid.eq(0), mv_tn.eq(0), mv_issue_done.eq(0), mv_s1.eq(0), mv_acc.eq(0),
+                             mv_nvalid.eq(0), mv_tn.eq(0), mv_issue_done.eq(0), mv_s1.eq(0), mv_s2.eq(0), mv_acc.eq(0),
                              rem.eq(0), root.eq(0), dv_ph.eq(0),     # (and DIV / SQRT's)
                              w_addr_hi.eq(addr[1:] + 1)]             # (a W32 operand's high half)
                 # the next instruction of the ops that end here, from registers decoded in DECODE
@@ -781,22 +786,25 @@ class TinyEngine(wiring.Component):
                         m.d.sync += [mv_tq.eq(mv_tq >> 2), mv_tn.eq(mv_tn - 1)]
                 with m.Elif(~have & mv_nvalid & ~mv_issue_done):
                     m.d.sync += [mv_tq.eq(mv_next), mv_tn.eq(5), mv_nvalid.eq(0)]
-                # stage 1: accumulate; write the row's sum after its last column
+                # stage 1: the operand of acc + q, acc - q = acc + ~q + 1, or acc, registered (from
+                # the q memory's output through the trit's choice into the accumulator's carry
+                # chain was the iCE40's critical path)
                 q = qm_rp.data.as_signed()
-                # acc + q, acc - q = acc + ~q + 1, or acc: one carry chain (a negation before the
-                # adder was a second one, the iCE40's critical path)
                 neg = mv_s1_trit == 3
                 q_ext = Signal(signed(fmt.acc_bits))
                 m.d.comb += q_ext.eq(Mux(mv_s1_trit[0], q, 0))
+                m.d.sync += [mv_s2.eq(mv_s1), mv_s2_op.eq(q_ext ^ neg.replicate(fmt.acc_bits)), mv_s2_neg.eq(neg),
+                             mv_s2_last.eq(mv_s1_last), mv_s2_row.eq(mv_s1_row)]
+                # stage 2: accumulate (one carry chain); write the row's sum after its last column
                 total = Signal(signed(fmt.acc_bits))
-                m.d.comb += total.eq(mv_acc + (q_ext ^ neg.replicate(fmt.acc_bits)).as_signed() + neg)
-                with m.If(mv_s1):
-                    with m.If(mv_s1_last):
-                        m.d.comb += [vm_wp.addr.eq(out + mv_s1_row), vm_wp.data.eq(total), vm_wp.en.eq(1)]
+                m.d.comb += total.eq(mv_acc + mv_s2_op.as_signed() + mv_s2_neg)
+                with m.If(mv_s2):
+                    with m.If(mv_s2_last):
+                        m.d.comb += [vm_wp.addr.eq(out + mv_s2_row), vm_wp.data.eq(total), vm_wp.en.eq(1)]
                         m.d.sync += mv_acc.eq(0)
                     with m.Else():
                         m.d.sync += mv_acc.eq(total)
-                with m.If(mv_issue_done & ~mv_s1):
+                with m.If(mv_issue_done & ~mv_s1 & ~mv_s2):
                     next_instr(pc1)
 
             with m.State("RESULT"):

@@ -363,7 +363,7 @@ class Machine:
 # ISSUE, then OPER (a weight operand: after a wait for the registered SPRAM output; a 32-bit
 # weight: a second wait and OPER2), then EXEC and the op's extra cycles;
 # stores and control finish in ISSUE.
-MATVEC_OVERHEAD = 6
+MATVEC_OVERHEAD = 7
 # cycles of a FEED_TOKEN before the program's first instruction: accepting it, starting
 START_CYCLES = 2
 # ops that finish in ISSUE
