@@ -904,9 +904,20 @@ class Link(wiring.Component):
         # slow output through the parser's decisions back into its address (the ECP5 critical
         # path when the parser read one byte per cycle). A byte is parsed every third cycle at
         # most; ``got``: byte_r holds the byte at rp, which was in the ring when it was read.
-        m.d.comb += rp_next.eq(Mux(jump, sp + 1, Mux(take, rp + 1, rp)))
         read_ok = Signal()               # ring_q holds the byte at rp
-        moved = take | jump
+        if self.small:
+            # (small form) the parse position moves in the cycle after the parser's decision,
+            # from registers (take_r, jump_r): the decision's logic reached rp, read_ok and got,
+            # among the iCE40's longest paths. ``moved_r``: rp moves at this clock edge; the
+            # parser takes no byte then, and the byte read before it is not the one at rp.
+            take_r, jump_r = Signal(), Signal()
+            m.d.sync += [take_r.eq(take), jump_r.eq(jump)]
+            moved_r = take_r | jump_r
+            m.d.comb += rp_next.eq(Mux(jump_r, sp, Mux(take_r, rp + 1, rp)))   # (sp has moved on by then)
+            moved = moved_r
+        else:
+            m.d.comb += rp_next.eq(Mux(jump, sp + 1, Mux(take, rp + 1, rp)))
+            moved = take | jump
         if not self.small:
             m.d.comb += img_crc.data.eq(byte_r)
         # byte != the header CRC, compared as the byte is registered (small form: the CRC is
@@ -968,8 +979,11 @@ class Link(wiring.Component):
             # got, and the feeder done with the previous byte: registered (it went through the
             # feeder's count and the parser's states into rp, the iCE40's critical path), so
             # cleared after a cycle that moved the parse position
-            ready_byte = Signal()
-            m.d.sync += ready_byte.eq(got & ~feeding & ~take & ~jump)
+            # (and not ready in the cycle after it was: the byte may have been taken; a byte that
+            # was not is ready again two cycles later)
+            ready_r = Signal()
+            m.d.sync += ready_r.eq(got & ~feeding & ~moved_r & ~ready_r)
+            ready_byte = ready_r & ~moved_r
         else:
             ready_byte = got
         # the idle timeout inside a frame, registered: while the parser waits it takes no byte

@@ -209,9 +209,15 @@ class TritGearbox(wiring.Component):
         beat = select_by_packing(select, {p: Const(n, range(n + 1)) for p, n in self.offsets.items()})
 
         end = offset + lanes_g
-        m.d.comb += self.o.valid.eq((count != 0) & ((end <= beat) | (count >= 2)))
+        # end <= beat (the group fits in the head) and end >= beat (it reaches the head's end)
+        # for the current offset, registers computed with the next offset: the offset's
+        # comparisons stay off the paths from the consumer's ready to the head's enable (with
+        # 64 lanes, Yosys shared their LUTs with the wide output shifter, the ECP5's critical path)
+        fits = Signal(init=1)
+        at_end = Signal()
+        m.d.comb += self.o.valid.eq((count != 0) & (fits | (count >= 2)))
         take = self.o.valid & self.o.ready
-        release = take & (end >= beat)
+        release = take & at_end
         m.d.comb += self.i.ready.eq(count != 3)
         accept = self.i.valid & self.i.ready
 
@@ -220,14 +226,19 @@ class TritGearbox(wiring.Component):
         for k, slot in enumerate(slots):
             with m.If(accept & (tail == k)):
                 m.d.sync += slot.eq(self.i.payload)
+        next_offset = Signal.like(offset)
+        m.d.comb += next_offset.eq(offset)
         with m.If(self.flush):
-            m.d.sync += [count.eq(0), offset.eq(0)]
+            m.d.sync += count.eq(0)
+            m.d.comb += next_offset.eq(0)
         with m.Else():
             m.d.sync += count.eq(count + accept - release)
             with m.If(take):
-                m.d.sync += offset.eq(Mux(release, end - beat, end))
+                m.d.comb += next_offset.eq(Mux(release, end - beat, end))
             with m.If(release):
                 m.d.sync += head.eq(Mux(head == 2, 0, head + 1))
+        m.d.sync += [offset.eq(next_offset), fits.eq(next_offset + lanes_g <= beat),
+                     at_end.eq(next_offset + lanes_g >= beat)]
 
         bits = TRIT_CODE.width
         raw = [slot.as_value() for slot in slots]
