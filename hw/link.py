@@ -80,7 +80,7 @@ every exchange test on both). Measured on the iCEBreaker's parameters (demo mode
 * The response payload comes from a ROM (256 entries, 240 used on the iCEBreaker's
   parameters; two block RAMs, as its code is wide) that holds, for every byte of every response
   and of the NAK for each possible argument, either a constant or the code of a register byte
-  (its group of eight, one-hot, and its index in the group); one multiplexer over the distinct
+  (its group of eight and its index in the group, both one-hot); one multiplexer over the distinct
   register bytes serves all responses (the NAK's argument is picked as it is sent: no 32-bit
   argument register, no argument multiplexer). A payload byte is ready two cycles after its
   index changes.
@@ -407,16 +407,16 @@ class Link(wiring.Component):
         nak_span = 1 << (len(nak_entries[0]) - 1).bit_length()
         regions.append(("nak", [e for ent in nak_entries for e in ent + [(0, 0, False)] * (nak_span - len(ent))]))
         regions.sort(key=lambda r: -len(r[1]))
-        # a source's code in the ROM: its index in a group of GROUP (binary) and its group
-        # (one-hot, none for a constant), so the multiplexer behind the ROM is a GROUP-way one
-        # per group and an OR of the groups (a binary code of six bits made a multiplexer seven
-        # LUTs deep, the iCE40's critical path)
+        # a source's code in the ROM: its index in a group of GROUP and its group, both one-hot
+        # (none for a constant), so the multiplexer behind the ROM is an AND-OR per group and
+        # an AND-OR of the groups, four LUTs deep (a binary code of six bits made a multiplexer
+        # seven LUTs deep, the iCE40's critical path)
         GROUP = 8
         n_groups = max(1, -(-len(sources) // GROUP))
-        code_bits = (GROUP - 1).bit_length() + n_groups
+        code_bits = GROUP + n_groups
 
         def code_of(n):
-            return 0 if n == 0 else (n - 1) % GROUP | 1 << ((n - 1) // GROUP + (GROUP - 1).bit_length())
+            return 0 if n == 0 else 1 << (n - 1) % GROUP | 1 << ((n - 1) // GROUP + GROUP)
 
         bases, rom = {}, []
         for name, ents in regions:
@@ -445,12 +445,12 @@ class Link(wiring.Component):
         register_byte = Signal(8)
         const_r = Signal(8)
         masked_r = Signal()
-        index, groups = code[:(GROUP - 1).bit_length()], code[(GROUP - 1).bit_length():]
+        index, groups = code[:GROUP], code[GROUP:]
         picked = []
         for g in range(n_groups):
             members = sources[GROUP * g:GROUP * (g + 1)]
-            padded = Cat(*(Cat(v, Const(0, 8 - len(v))) for v in members), Const(0, 8 * (GROUP - len(members))))
-            picked.append(Mux(groups[g], padded.word_select(index, 8), 0))
+            in_group = functools.reduce(operator.or_, (Mux(index[k], v, 0) for k, v in enumerate(members)))
+            picked.append(Mux(groups[g], in_group, 0))
         m.d.sync += [register_byte.eq(functools.reduce(operator.or_, picked)),
                      const_r.eq(const), masked_r.eq(masked)]
         m.d.comb += payload_byte.eq(Mux(masked_r & ~weights_loaded, 0, const_r | register_byte))

@@ -197,7 +197,7 @@ class TinyEngine(wiring.Component):
         ir = Signal(WORD_BITS)
         d = fields(rom_rp.data)
         f = fields(ir)
-        op, kind, reg, imm = f["op"], f["kind"], f["reg"], f["imm"].as_signed()
+        kind, reg, imm = f["kind"], f["reg"], f["imm"].as_signed()
         flag = f["flag"]
 
         # address of the operand / store
@@ -219,6 +219,14 @@ class TinyEngine(wiring.Component):
         addr_ip = Signal(B_BITS)
         addr = Signal(B_BITS)
         kh = Signal(len(Kind))     # the operand kind, one-hot (decoded in DECODE)
+        # the op, one-hot (decoded in DECODE): the op's cases in ISSUE, OPER and EXEC are
+        # one flip-flop each, not a comparison of five bits (one LUT level less on the iCE40's
+        # control paths)
+        op_oh = Signal(1 << dict(FIELDS)["op"])
+
+        def on(*ops):
+            """Case patterns that match op_oh for any of ``ops``."""
+            return ["-" * (len(op_oh) - 1 - o) + "1" + "-" * o for o in ops]
         ex_go = Signal()           # the op ends in EXEC (decoded in DECODE)
         EXEC_MORE = (Op.MAX, Op.MIN, Op.CSGN, Op.MUL, Op.SHR, Op.BITLEN, Op.DIV, Op.SQRT)
         # ISSUE's control flow, decoded in DECODE into registers: the op is one that ends in
@@ -293,18 +301,18 @@ class TinyEngine(wiring.Component):
         m.d.comb += add_s.eq(carry_select(m, Cat(add_a, add_a[N - 1]), Cat(add_b, add_b[N - 1]),
                                           c_in & ~add_off, "add"))
 
-        def adder_for(instr_op):
+        def adder_for():
             """Set the adder for the EXEC cycle of the instruction (from OPER, OPER2 or ISSUE;
             CSGN sets it in EXEC, from X, for its TAKE cycle)."""
             neg = A[N - 1]
-            with m.Switch(instr_op):
-                with m.Case(Op.LD):
+            with m.Switch(op_oh):
+                with m.Case(*on(Op.LD)):
                     m.d.sync += [a_en.eq(0), a_inv.eq(0), b_en.eq(1), b_inv.eq(0), c_in.eq(0)]
-                with m.Case(Op.ADD):
+                with m.Case(*on(Op.ADD)):
                     m.d.sync += [a_en.eq(1), a_inv.eq(0), b_en.eq(1), b_inv.eq(0), c_in.eq(0)]
-                with m.Case(Op.SUB, Op.MAX, Op.MIN):
+                with m.Case(*on(Op.SUB, Op.MAX, Op.MIN)):
                     m.d.sync += [a_en.eq(1), a_inv.eq(0), b_en.eq(1), b_inv.eq(1), c_in.eq(1)]
-                with m.Case(Op.ABS):
+                with m.Case(*on(Op.ABS)):
                     m.d.sync += [a_en.eq(1), a_inv.eq(neg), b_en.eq(0), b_inv.eq(0), c_in.eq(neg)]
 
         a_lt_x = add_s[N]            # in SUB mode: A < X (signed)
@@ -402,18 +410,18 @@ class TinyEngine(wiring.Component):
         # the A source and small value an instruction's EXEC cycle takes
         pre_sel = Signal(3)
         pre_small = Signal(3)
-        with m.Switch(op):
-            with m.Case(Op.LD, Op.ADD, Op.SUB, Op.ABS):
+        with m.Switch(op_oh):
+            with m.Case(*on(Op.LD, Op.ADD, Op.SUB, Op.ABS)):
                 m.d.comb += pre_sel.eq(SUM)
-            with m.Case(Op.SAT):
+            with m.Case(*on(Op.SAT)):
                 m.d.comb += pre_sel.eq(SATV)
-            with m.Case(Op.SIGP):
+            with m.Case(*on(Op.SIGP)):
                 m.d.comb += [pre_sel.eq(SMALL), pre_small.eq(S_SIG)]
-            with m.Case(Op.GETI):
+            with m.Case(*on(Op.GETI)):
                 m.d.comb += [pre_sel.eq(SMALL), pre_small.eq(S_I)]
-            with m.Case(Op.GETT):
+            with m.Case(*on(Op.GETT)):
                 m.d.comb += [pre_sel.eq(SMALL), pre_small.eq(S_TOKEN)]
-            with m.Case(Op.SQRT):         # (its first step shifts; DIV's first cycle holds A)
+            with m.Case(*on(Op.SQRT)):         # (its first step shifts; DIV's first cycle holds A)
                 m.d.comb += pre_sel.eq(SH)
 
         # BITLEN's first stage: per byte of 2A + 1, whether it has a one, and its top one's index
@@ -543,7 +551,7 @@ class TinyEngine(wiring.Component):
                 # the instruction's address (two partial sums), branch and loop decisions, registered
                 d_imm = d["imm"].as_signed()
                 m.d.sync += [count.eq(0), is_div.eq(d_op == Op.DIV), pc1.eq(pc + 1),
-                             kh.eq(Const(1, len(Kind)) << d["kind"]),
+                             kh.eq(Const(1, len(Kind)) << d["kind"]), op_oh.eq(Const(1, len(op_oh)) << d_op),
                              ex_go.eq(~Cat(d_op == o for o in EXEC_MORE).any()),
                              iss_go.eq(Cat(d_op == o for o in NO_OPERAND_OPS if o != Op.END).any()),
                              iss_ret.eq(d_op == Op.RET), iss_call.eq(d_op == Op.CALL),
@@ -563,7 +571,7 @@ class TinyEngine(wiring.Component):
 
             with m.State("ISSUE"):
                 # operand reads (used by OPER); stores and control finish here
-                adder_for(op)
+                adder_for()
                 m.d.comb += [reg_rp.addr.eq(reg), vm_rp.addr.eq(addr), w_addr.eq(addr[1:]), tab_rp.addr.eq(addr)]
                 # the matrix unit's start state, set whatever the op (only MATVEC reads it): no
                 # op decoding in these registers' enables
@@ -576,40 +584,40 @@ class TinyEngine(wiring.Component):
                 jump = (iss_loop & loop_more) | (iss_br & cond_ok) | iss_call
                 with m.If(iss_go):
                     next_instr(Mux(iss_ret, RA, Mux(jump, target, pc1)))
-                with m.Switch(op):
-                    with m.Case(Op.ST):
+                with m.Switch(op_oh):
+                    with m.Case(*on(Op.ST)):
                         m.d.comb += [reg_wp.addr.eq(reg), reg_wp.data.eq(A), reg_wp.en.eq(1)]
-                    with m.Case(Op.STV):
+                    with m.Case(*on(Op.STV)):
                         m.d.comb += [vm_wp.addr.eq(addr), vm_wp.data.eq(A[:32]), vm_wp.en.eq(1)]
-                    with m.Case(Op.STQ):
+                    with m.Case(*on(Op.STQ)):
                         m.d.comb += [qm_wp.addr.eq(addr), qm_wp.data.eq(A[:8]), qm_wp.en.eq(1)]
-                    with m.Case(Op.SETP):
+                    with m.Case(*on(Op.SETP)):
                         m.d.sync += P.eq(A[:B_BITS])
-                    with m.Case(Op.SETB):
+                    with m.Case(*on(Op.SETB)):
                         with m.Switch(f["bsel"]):
                             for k in range(8):
                                 with m.Case(k):
                                     m.d.sync += bases[k].eq(imm[:B_BITS])
-                    with m.Case(Op.RES):
+                    with m.Case(*on(Op.RES)):
                         with m.If(reg[0]):
                             m.d.sync += res_logit.eq(A[:32])
                         with m.Else():
                             m.d.sync += res_token.eq(A[:32])
-                    with m.Case(Op.LOOP):
+                    with m.Case(*on(Op.LOOP)):
                         m.d.sync += [i.eq(Mux(loop_more, i1, 0)), i1.eq(Mux(loop_more, i1 + 1, 1))]
-                    with m.Case(Op.CALL):
+                    with m.Case(*on(Op.CALL)):
                         m.d.sync += RA.eq(pc1)
-                    with m.Case(Op.BR, Op.RET, Op.NOP):
+                    with m.Case(*on(Op.BR, Op.RET, Op.NOP)):
                         pass
-                    with m.Case(Op.MATVEC):
+                    with m.Case(*on(Op.MATVEC)):
                         m.next = "MATVEC"
-                    with m.Case(Op.END):
+                    with m.Case(*on(Op.END)):
                         with m.If(for_token):
                             m.d.sync += for_token.eq(0)
                             m.next = "RESULT"
                         with m.Else():
                             m.next = "IDLE"
-                    with m.Case(*DIRECT_OPS):
+                    with m.Case(*on(*DIRECT_OPS)):
                         m.d.sync += [a_sel_r.eq(pre_sel), small_sel.eq(pre_small)]
                         m.next = "EXEC"
                     with m.Default():
@@ -636,7 +644,7 @@ class TinyEngine(wiring.Component):
                     m.next = "OWAIT2"
                 with m.Else():
                     m.d.sync += a_sel_r.eq(pre_sel)
-                    adder_for(op)
+                    adder_for()
                     m.next = "EXEC"
 
             # a weight operand: the SPRAM's output is registered (w_q) before it is used (its
@@ -651,7 +659,7 @@ class TinyEngine(wiring.Component):
                 hi = Cat(X[:16], w_q)
                 x_in2 = Mux(flag, hi, hi.as_signed())
                 m.d.sync += [X.eq(x_in2), a_sel_r.eq(pre_sel)]
-                adder_for(op)
+                adder_for()
                 m.next = "EXEC"
 
             with m.State("EXEC"):
@@ -660,26 +668,26 @@ class TinyEngine(wiring.Component):
                 npc = pc1
                 with m.If(ex_go | (is_div & div_last & dv_ph)):
                     next_instr(npc)
-                with m.Switch(op):
-                    with m.Case(Op.MAX, Op.MIN):
+                with m.Switch(op_oh):
+                    with m.Case(*on(Op.MAX, Op.MIN)):
                         # compare now (lt_r); in TAKE, A := 0 + X or A kept
-                        m.d.sync += [is_min_r.eq(op == Op.MIN), minmax_r.eq(1),
+                        m.d.sync += [is_min_r.eq(op_oh[Op.MIN]), minmax_r.eq(1),
                                      a_en.eq(0), a_inv.eq(0), b_en.eq(1), b_inv.eq(0), c_in.eq(0),
                                      a_sel_r.eq(SUM)]
                         m.next = "TAKE"
-                    with m.Case(Op.SIGP):
+                    with m.Case(*on(Op.SIGP)):
                         m.d.sync += P.eq(sig_idx)
-                    with m.Case(Op.CSGN):
+                    with m.Case(*on(Op.CSGN)):
                         # -A or A in TAKE, as X's sign says
                         neg = X[N - 1]
                         m.d.sync += [a_en.eq(1), a_inv.eq(neg), b_en.eq(0), b_inv.eq(0), c_in.eq(neg),
                                      a_sel_r.eq(SUM)]
                         m.next = "TAKE"
-                    with m.Case(Op.MUL):
+                    with m.Case(*on(Op.MUL)):
                         # the product register is written at the end of this cycle
                         m.d.sync += a_sel_r.eq(PROD)
                         m.next = "TAKE"
-                    with m.Case(Op.SHR):
+                    with m.Case(*on(Op.SHR)):
                         # s in [-63, 63] (tiny_isa: _shr); rounding: (s - 1) // 8 steps of 8,
                         # (s - 1) % 8 of 1, the increment, a last step of 1; else s // 8, s % 8
                         sc = X[:8].as_signed()
@@ -695,7 +703,7 @@ class TinyEngine(wiring.Component):
                         with m.Elif(sc < 0):
                             m.d.sync += [sh_c1.eq(-sc), sh_left.eq(1)]
                         m.next = "SHIFT"
-                    with m.Case(Op.BITLEN):
+                    with m.Case(*on(Op.BITLEN)):
                         # bit length of A >= 0 = index of the top one of 2A + 1, in two registered
                         # stages (one tree was the iCE40's critical path): each byte's top one here,
                         # the top byte's in BITLEN2 into count, then A := count in TAKE
@@ -704,14 +712,14 @@ class TinyEngine(wiring.Component):
                             any_k, idx_k = msb_index(v[8 * k:8 * k + 8], 8)
                             m.d.sync += [bl_any[k].eq(any_k), bl_idx[3 * k:3 * k + 3].eq(idx_k)]
                         m.next = "BITLEN2"
-                    with m.Case(Op.DIV):
+                    with m.Case(*on(Op.DIV)):
                         # restoring division, one quotient bit per two cycles (2N), quotient in
                         # A: the trial difference is registered (diff_r), then applied
                         with m.If(~dv_ph):
                             m.d.sync += [diff_r.eq(diff), dv_ph.eq(1), a_sel_r.eq(SH)]
                         with m.Else():
                             m.d.sync += [rem.eq(Mux(ge_r, diff_r, r2)), count.eq(count + 1), dv_ph.eq(0)]
-                    with m.Case(Op.SQRT):
+                    with m.Case(*on(Op.SQRT)):
                         # restoring square root: even steps shift a radicand bit into rem (one
                         # cycle), odd steps also try the next root bit (two: the difference is
                         # registered, then applied); N steps, then A := root in TAKE
