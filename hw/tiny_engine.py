@@ -50,13 +50,15 @@ def carry_select(m, a, b, c_in, name: str):
     """``a + b + c_in`` modulo 2^len(a) (``a`` and ``b`` the same width) as a carry-select
     adder: the high half is added for both carries out of the low half, then chosen. On the
     iCE40 one carry chain of 37 or 49 bits was the critical path (29 MHz). The two high adders
-    are kept apart (``keep``), or Yosys shares them into one with the carry multiplexed in."""
+    are kept apart (``keep``), or Yosys shares them into one with the carry multiplexed in, and
+    the second is written as ``~(~a + ~b)`` (= a + b + 1): as ``a + b + 1`` Yosys made it an
+    increment of the first, in series with it."""
     w = len(a)
     h = w // 2
     lo = Signal(h + 1, name=f"{name}_lo")
     hi0 = Signal(w - h, name=f"{name}_hi0", attrs={"keep": 1})
     hi1 = Signal(w - h, name=f"{name}_hi1", attrs={"keep": 1})
-    m.d.comb += [lo.eq(a[:h] + b[:h] + c_in), hi0.eq(a[h:] + b[h:]), hi1.eq(a[h:] + b[h:] + 1)]
+    m.d.comb += [lo.eq(a[:h] + b[:h] + c_in), hi0.eq(a[h:] + b[h:]), hi1.eq(~(~a[h:] + ~b[h:]))]
     return Cat(lo[:h], Mux(lo[h], hi1, hi0))
 
 

@@ -661,3 +661,26 @@ def test_ulx3s_engine_build_and_bench_row(tmp_path):
     assert row["cycles_per_token"] == round(cycles, 1)
     assert row["tokens_per_s_at_fmax"] == round(row["fmax_mhz"] * 1e6 / cycles, 1)
     assert len(bench_row_cells(row)) == len(BENCH_COLUMNS) and Path(row["bitstream"]).stat().st_size > 100_000
+
+
+def test_ice40_lut_mapping_is_synth_ice40s_map_luts_but_the_wire_delay():
+    """The iCE40 build stops synth_ice40 before map_luts and runs ICE40_MAP_LUTS instead: the
+    installed Yosys's map_luts commands (as its help lists them for the options the build uses),
+    but abc9's wire delay. A Yosys whose map_luts differs fails here, not silently in a build."""
+    import re
+    import subprocess
+    from mmfree_fpga.boards.build import ICE40_ABC9_WIRE_DELAY_PS, ICE40_MAP_LUTS, tool_command
+    out = subprocess.run([tool_command("yosys"), "-p", "help synth_ice40"], capture_output=True, text=True).stdout
+    section = out.split("    map_luts:\n", 1)[1].split("\n\n", 1)[0]
+    steps = []
+    for line in section.splitlines():
+        line = " ".join(line.split())
+        if "if -noabc" in line:
+            continue
+        steps.append(re.sub(r"\s*\(only if -latches error, the default\)$", "", line))
+    ours = [re.sub(rf"-W {ICE40_ABC9_WIRE_DELAY_PS}$", "-W 250", s) for s in ICE40_MAP_LUTS]
+    assert steps == ours
+    plan = prepare("icebreaker").plan
+    script = plan.files["top.ys"]
+    assert "synth_ice40 -dsp -run :map_luts -top top" in script and "-run map_cells:" in script
+    assert f"abc9 -W {ICE40_ABC9_WIRE_DELAY_PS}" in script
