@@ -332,6 +332,10 @@ def boards_section(quick: bool) -> Section:
     s.notes.append("ULX3S: the engine with the weight image in block RAM from the bitstream. iCEBreaker: the tiny "
                    "engine (hw/tiny_engine.py: one sequential 48-bit datapath run by a program, one trit per cycle), "
                    "weights uploaded over the UART into the four SPRAMs.")
+    from mmfree_fpga.boards.build import ICE40_ABC9_WIRE_DELAY_PS
+    s.notes.append(f"iCE40 synthesis maps LUTs with abc9 at a wire delay of {ICE40_ABC9_WIRE_DELAY_PS} ps per net "
+                   "(synth_ice40 uses 250; boards/build.py says why). Fmax depends on nextpnr's placement: the rows "
+                   "are nextpnr's default seed, the one every build uses.")
     return s
 
 
