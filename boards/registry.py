@@ -64,7 +64,7 @@ def _known():
         "icebreaker": Board(
             name="icebreaker", platform_class=ICEBreakerPlatform,
             description="1BitSquared iCEBreaker (iCE40UP5K, 12 MHz oscillator)",
-            default_clock_hz=30e6, pll=True, leds=(1, None, 0), reset_button=("button", 0),
+            default_clock_hz=36e6, pll=True, leds=(1, None, 0), reset_button=("button", 0),
             programmer=Programmer(
                 ofl_board="ice40_generic", cable="the iCEBreaker's FTDI FT2232H (USB 0403:6010)",
                 sram=False, iceprog=True,

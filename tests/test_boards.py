@@ -149,7 +149,7 @@ ENGINE = "mmfree_fpga.hw.linked_engine.LinkedEngine"
 
 
 @pytest.mark.parametrize("board, clock_mhz, pll_cell, params, constraint, design, lanes", [
-    ("icebreaker", None, "SB_PLL40_PAD", ["\\DIVF 79", "\\DIVQ 5"], ("top.pcf", "set_frequency clocking.clk 30.0"),
+    ("icebreaker", None, "SB_PLL40_PAD", ["\\DIVF 47", "\\DIVQ 4"], ("top.pcf", "set_frequency clocking.clk 36.0"),
      ENGINE, 1),
     ("icebreaker", 12, None, [], ("top.pcf", "set_io uart_0__tx__io 9"), ENGINE, 1),
     ("ulx3s-85f", None, "EHXPLLL", ["\\CLKI_DIV 5", "\\CLKFB_DIV 12"], ("top.lpf", "60000000.0 HZ"), ENGINE, 16),
@@ -214,8 +214,8 @@ def test_plan_uses_the_demo_checkpoint_by_default_and_checks_its_size(checkpoint
 
 
 def test_plan_refuses_baud_the_clock_cannot_make(checkpoint):
-    with pytest.raises(UserError, match="--baud 2800000: .*divisor 11 gives 2727273 baud, -2.60 %"):
-        prepare("icebreaker", baud=2_800_000, checkpoint=checkpoint)
+    with pytest.raises(UserError, match=r"--baud 2880000: .*divisor 12 gives 3000000 baud, \+4.17 %"):
+        prepare("icebreaker", baud=2_880_000, checkpoint=checkpoint)
 
 
 def test_plan_refuses_other_clock_without_pll(tiny_checkpoint):
@@ -537,9 +537,9 @@ def test_icebreaker_bitstream_meets_timing(icebreaker_builds):
     r = icebreaker_builds[0]
     assert r["cached"] is False and r["board"] == "icebreaker" and r["device"] == "iCE40UP5K"
     assert r["design"] == ENGINE
-    assert r["clock_mhz"] == 30.0 and r["pll"]["divf"] == 79
+    assert r["clock_mhz"] == 36.0 and r["pll"]["divf"] == 47
     assert r["fmax_mhz"] is not None and r["fmax_mhz"] >= r["clock_mhz"] and r["timing_met"] is True
-    assert r["clock_net"] in r["clocks"] and r["clocks"][r["clock_net"]]["target_mhz"] == pytest.approx(30.0, abs=0.05)
+    assert r["clock_net"] in r["clocks"] and r["clocks"][r["clock_net"]]["target_mhz"] == pytest.approx(36.0, abs=0.05)
     util = r["utilization"]
     assert util["lut"]["available"] == 5280 and 2000 < util["lut"]["used"] <= 5280
     assert util["spram"] == {"used": 4, "available": 4, "percent": 100.0}
