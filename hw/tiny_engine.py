@@ -13,16 +13,16 @@ sigmoid table, the base3 decoder ROM (block RAM) and the weight image (16-bit wo
 SPRAMs on the iCE40, written a byte at a time from ``load``).
 
 Timing: an instruction without an operand (stores, control) takes two cycles (decode: the
-instruction register, the address as two registered partial sums, the branch and loop decisions,
-the control flow and operand kind decoded into registers; issue), plus an address cycle when it
-stores to a memory; one with an operand four (decode, issue the read, operand, execute), plus
+instruction register, the chosen base register and the index-plus-P sum, the op, the control
+flow and the operand kind decoded into registers; issue), plus an address cycle when it stores
+to a memory (``LOOP`` takes it too: its count comparison is registered there); one with an operand four (decode, issue the read, operand, execute), plus
 the address cycle for a memory operand, a wait for the registered SPRAM output for a weight (two
 and a second operand cycle for a 32-bit one) and the extra cycles of ``MUL`` (1), ``SHR`` (one per
 step, plus one), ``MAX``/``MIN`` (1), ``BITLEN`` (2), ``DIV`` (96: two per quotient bit) and ``SQRT`` (72);
 :func:`~.tiny_isa.op_cycles` counts them. The extra cycles and registers are for the clock: the
-iCE40 target is 40 MHz; BENCHMARKS.md has what place and route reaches and its critical path.
-``MATVEC`` is a unit of its own: one trit per cycle (each image byte read once, decoded by the
-ROM into five trits), the accumulator written to the vector memory at the end of each row.
+iCE40 target is 40 MHz; BENCHMARKS.md has what place and route reaches. ``MATVEC`` is a unit
+of its own: one trit per cycle (each image byte read once, decoded by the ROM into five trits;
+the q operand registered before the accumulator), each row's sum written to the vector memory.
 """
 
 from __future__ import annotations
