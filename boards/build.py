@@ -52,7 +52,7 @@ YOSYS_AFTER_READ = "rename -hide w:*[[]*"
 # nextpnr reports on the UP5K (about 2.6 ns per LUT level, mostly routing); ABC then treats LUT
 # levels as nearly free beside the carry chains and, recovering area, lets control paths grow to
 # the depth of the longest carry path (seven or eight LUTs, the iCE40's critical paths). So the
-# build stops synth_ice40 before its map_luts step, runs that step's commands (as Yosys 0.5x
+# build stops synth_ice40 before its map_luts step, runs that step's commands (as Yosys 0.70
 # writes them: tests/test_boards.py compares them with the installed Yosys) with this wire
 # delay, and resumes at map_cells. Measured on the tiny engine: LUT-only paths at most five
 # deep instead of eight, 0.5% more LUTs.
