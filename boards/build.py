@@ -188,6 +188,7 @@ class PreparedBuild:
     fit: dict | None
     notes: list = field(default_factory=list)
     lanes: int | None = None          # the engine's lanes (None: a design without lanes)
+    seed: int | None = None           # nextpnr's placement seed (None: nextpnr's default)
 
     def bitstream(self, build_dir: Path) -> Path | None:
         """The bitstream the toolchain wrote: .bin (iCE40), .bit (ECP5), else the first one found."""
@@ -206,7 +207,7 @@ def _design_identity(design) -> tuple[str, str]:
 
 def prepare(board: str, *, clock_mhz: float | None = None, baud: int = DEFAULT_BAUD, checkpoint=None,
             packing: str | None = None, design: DesignFactory | None = None,
-            fifo_depth: int | None = None, cache_dir=None) -> PreparedBuild:
+            fifo_depth: int | None = None, cache_dir=None, seed: int | None = None) -> PreparedBuild:
     """Elaborate the board top around ``design`` (default: the board's design) into a build plan
     (no tools run).
 
@@ -218,6 +219,8 @@ def prepare(board: str, *, clock_mhz: float | None = None, baud: int = DEFAULT_B
     notes = []
     osc_hz = platform.default_clk_frequency
     requested = clock_mhz * 1e6 if clock_mhz is not None else spec.default_clock_hz
+    if seed is not None and not (isinstance(seed, int) and seed >= 0):
+        raise UserError(f"--seed must be a non-negative integer, got {seed!r}")
     if clock_mhz is not None and not clock_mhz > 0:
         raise UserError(f"--clock-mhz must be positive, got {clock_mhz}")
     if not (isinstance(baud, int) and baud > 0):
@@ -280,11 +283,12 @@ def prepare(board: str, *, clock_mhz: float | None = None, baud: int = DEFAULT_B
         # multipliers into SB_MAC16 (synth_ecp5 maps DSPs by default); LUT mapping: ICE40_MAP_LUTS
         overrides["synth_opts"] = "-dsp -run :map_luts"
         overrides["script_after_synth"] = "\n".join([*ICE40_MAP_LUTS, f"synth_ice40 -dsp -top {BUILD_NAME} -run map_cells:"])
+    nextpnr_opts = "--timing-allow-fail" + (f" --seed {seed}" if seed is not None else "")
     plan = platform.build(top, name=BUILD_NAME, do_build=False, debug_verilog=False,
-                          nextpnr_opts="--timing-allow-fail", **overrides)
+                          nextpnr_opts=nextpnr_opts, **overrides)
     return PreparedBuild(board=spec, platform=platform, plan=plan, context=context, design_name=name,
                          design_description=description, requested_clock_hz=requested, pll=pll, fit=fit,
-                         notes=notes, lanes=_design_lanes(design_obj))
+                         notes=notes, lanes=_design_lanes(design_obj), seed=seed)
 
 
 def cache_key(prepared: PreparedBuild, tools: dict) -> str:
@@ -438,18 +442,19 @@ def _install(files: list[Path], out: Path) -> None:
 def build(board: str, *, out=None, clock_mhz: float | None = None, baud: int = DEFAULT_BAUD,
           checkpoint=None, packing: str | None = None, design: DesignFactory | None = None,
           cache_dir=None, use_cache: bool = True, quiet: bool = False,
-          fifo_depth: int | None = None) -> dict:
+          fifo_depth: int | None = None, seed: int | None = None) -> dict:
     """Build (or fetch from the cache) the bitstream of ``design`` on ``board``.
 
     Returns the result dict of ``mmfree-fpga build`` (see ``shared/CLI.md``): bitstream path,
     clock, Fmax, timing verdict, utilisation, model fit, design, stages, cache status.
     ``out`` (default ``out/build/<board>``) receives the bitstream, reports, RTLIL and
-    constraints; nothing is written there unless the build succeeds.
+    constraints; nothing is written there unless the build succeeds. ``seed``: nextpnr's
+    placement seed (None: nextpnr's default); Fmax varies with it by a few percent.
     """
     t0 = time.monotonic()
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     prepared = prepare(board, clock_mhz=clock_mhz, baud=baud, checkpoint=checkpoint, packing=packing,
-                       design=design, fifo_depth=fifo_depth, cache_dir=cache if use_cache else None)
+                       design=design, fifo_depth=fifo_depth, cache_dir=cache if use_cache else None, seed=seed)
     safe_name = prepared.board.name.replace(":", "_").replace("/", "_")
     out = Path(out) if out is not None else Path("out/build") / safe_name
     tools = toolchain(prepared.platform)
@@ -492,6 +497,7 @@ def build(board: str, *, out=None, clock_mhz: float | None = None, baud: int = D
         "requested_clock_mhz": round(prepared.requested_clock_hz / 1e6, 6),
         "pll": (dict(vars(prepared.pll), f_out_mhz=prepared.pll.f_out / 1e6) if prepared.pll is not None else None),
         "baud": ctx.baud,
+        "nextpnr_seed": prepared.seed,
         **report,
         "model_fit": prepared.fit,
         "checkpoint": str(ctx.checkpoint) if ctx.checkpoint is not None else None,

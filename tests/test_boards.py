@@ -684,3 +684,16 @@ def test_ice40_lut_mapping_is_synth_ice40s_map_luts_but_the_wire_delay():
     script = plan.files["top.ys"]
     assert "synth_ice40 -dsp -run :map_luts -top top" in script and "-run map_cells:" in script
     assert f"abc9 -W {ICE40_ABC9_WIRE_DELAY_PS}" in script
+
+
+def test_seed_reaches_nextpnr_and_only_when_given(checkpoint):
+    """--seed N goes to nextpnr's command line (and so into the cache key); without it the plan
+    names no seed (nextpnr's default, the one BENCHMARKS.md's rows used)."""
+    assert "--seed" not in prepare("icebreaker", checkpoint=checkpoint).plan.files["build_top.sh"]
+    seeded = prepare("icebreaker", checkpoint=checkpoint, seed=7)
+    assert "--seed 7" in seeded.plan.files["build_top.sh"] and seeded.seed == 7
+    with pytest.raises(UserError, match="--seed must be a non-negative integer, got -1"):
+        prepare("icebreaker", checkpoint=checkpoint, seed=-1)
+    with pytest.raises(SystemExit) as e:
+        main(["build", "--board", "icebreaker", "--seed", "x"])
+    assert e.value.code != 0
