@@ -54,8 +54,8 @@ YOSYS_AFTER_READ = "rename -hide w:*[[]*"
 # the depth of the longest carry path (seven or eight LUTs, the iCE40's critical paths). So the
 # build stops synth_ice40 before its map_luts step, runs that step's commands (as Yosys 0.70
 # writes them: tests/test_boards.py compares them with the installed Yosys) with this wire
-# delay, and resumes at map_cells. Measured on the tiny engine: LUT-only paths at most five
-# deep instead of eight, 0.5% more LUTs.
+# delay, and resumes at map_cells (on the tiny engine it shortens the LUT-only paths for a few
+# more LUTs; BENCHMARKS.md has the build's Fmax and utilisation).
 ICE40_ABC9_WIRE_DELAY_PS = 1000
 ICE40_MAP_LUTS = (
     "check -latchonly -assert",

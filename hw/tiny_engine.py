@@ -38,8 +38,8 @@ from mmfree_fpga.reference.packing import BASE3_DECODE
 
 from .engine import EngineOp, control_members
 from .vector_common import msb_index
-from .tiny_isa import (B_BITS, DATA_BITS, DIRECT_OPS, FIELDS, MEMORY_KINDS, NO_OPERAND_OPS, PROG_DEPTH, WORD_BITS, Cond,
-                       Kind, Op, encode)
+from .tiny_isa import (ADDR_CYCLE_OPS, B_BITS, DATA_BITS, DIRECT_OPS, FIELDS, LOOP_COUNT_BITS, MEMORY_KINDS, NO_OPERAND_OPS,
+                       PROG_DEPTH, TARGET_BITS, WORD_BITS, Cond, Kind, Op, encode)
 from .tiny_program import RESET_PC, TOKEN_PC, token_program
 from .weight_port import SPRAM_MAX, SPRAM_WORDS
 
@@ -240,9 +240,9 @@ class TinyEngine(wiring.Component):
         d_addr_cycle = Signal()
         d_op = d["op"]
         direct = Cat(d_op == o for o in (*NO_OPERAND_OPS, *DIRECT_OPS, Op.MATVEC)).any()
-        m.d.comb += d_addr_cycle.eq((d_op == Op.STV) | (d_op == Op.STQ) | (d_op == Op.LOOP)
+        m.d.comb += d_addr_cycle.eq(Cat(d_op == o for o in ADDR_CYCLE_OPS).any()
                                     | (~direct & Cat(d["kind"] == k for k in MEMORY_KINDS).any()))
-        target = imm[:9]
+        target = imm[:TARGET_BITS]
 
         # -- ALU pieces --
         # A == 0, registered every cycle: BR's condition is evaluated in ISSUE, and A holds its
@@ -550,7 +550,7 @@ class TinyEngine(wiring.Component):
                     m.next = "IDLE"
 
             with m.State("DECODE"):
-                # the instruction's address (two partial sums), branch and loop decisions, registered
+                # the instruction, its decoded op and kind, its base register and index-plus-P sum, registered
                 d_imm = d["imm"].as_signed()
                 m.d.sync += [count.eq(0), is_div.eq(d_op == Op.DIV), pc1.eq(pc + 1),
                              kh.eq(Const(1, len(Kind)) << d["kind"]), op_oh.eq(Const(1, len(op_oh)) << d_op),
@@ -568,7 +568,7 @@ class TinyEngine(wiring.Component):
 
             with m.State("ADDR"):
                 m.d.sync += [addr.eq(imm + base_r + addr_ip),
-                             loop_more.eq(i1 < Mux(f["fb"], base_r, imm[9:20]))]
+                             loop_more.eq(i1 < Mux(f["fb"], base_r, imm[TARGET_BITS:TARGET_BITS + LOOP_COUNT_BITS]))]
                 m.next = "ISSUE"
 
             with m.State("ISSUE"):

@@ -45,12 +45,14 @@ from mmfree_fpga.errors import UserError
 
 __all__ = ["START_CYCLES", "Op", "Kind", "Cond", "Instr", "WORD_BITS", "FIELDS", "IMM_BITS", "B_BITS", "PROG_DEPTH",
            "encode", "decode", "Asm", "Machine", "sig_index", "NO_OPERAND_OPS", "DIRECT_OPS", "MEMORY_KINDS",
-           "takes_addr_cycle"]
+           "ADDR_CYCLE_OPS", "TARGET_BITS", "LOOP_COUNT_BITS", "takes_addr_cycle"]
 
 WORD_BITS = 40
 IMM_BITS = 21
 B_BITS = 18            # base registers, P, addresses
-PROG_DEPTH = 512       # instruction ROM words (9-bit targets)
+PROG_DEPTH = 512       # instruction ROM words
+TARGET_BITS = (PROG_DEPTH - 1).bit_length()     # a control target: imm[TARGET_BITS - 1:0]
+LOOP_COUNT_BITS = IMM_BITS - TARGET_BITS - 1    # a LOOP's immediate count: the bits above the target, below the sign
 N_REGS = 16
 N_BASES = 8
 DATA_BITS = 48
@@ -80,7 +82,7 @@ class Op(enum.IntEnum):
     SETP = 21    # P := A[17:0]
     SETB = 22    # B[bsel] := imm
     RES = 23     # res[reg] := A[31:0]
-    LOOP = 24    # i := i + 1; if i < count: pc := target else i := 0 (count = fb ? B[bsel] : imm[20:9])
+    LOOP = 24    # i := i + 1; if i < count: pc := target else i := 0 (count = fb ? B[bsel] : imm[19:9])
     BR = 25      # if cond(reg) holds for A: pc := target
     CALL = 26    # RA := pc + 1; pc := target
     RET = 27     # pc := RA
@@ -183,8 +185,8 @@ class Asm:
         for ins, target in self.code:
             if target is not None:
                 t = self.labels[target]
-                count = (ins.imm >> 9) if ins.op == Op.LOOP else 0
-                ins = Instr(**{**ins.__dict__, "imm": (count << 9) | t})
+                count = (ins.imm >> TARGET_BITS) if ins.op == Op.LOOP else 0
+                ins = Instr(**{**ins.__dict__, "imm": (count << TARGET_BITS) | t})
             out.append(ins)
         return out
 
@@ -323,7 +325,7 @@ class Machine:
             elif op == Op.RES:
                 self.res[ins.reg & 1] = _s32(self.A)
             elif op == Op.LOOP:
-                count = self.B[ins.bsel] if ins.fb else (ins.imm >> 9) & 0xFFF
+                count = self.B[ins.bsel] if ins.fb else (ins.imm >> TARGET_BITS) & ((1 << LOOP_COUNT_BITS) - 1)
                 self.i += 1
                 if self.i < count:
                     nxt = ins.imm & (PROG_DEPTH - 1)
@@ -372,13 +374,15 @@ NO_OPERAND_OPS = {Op.ST, Op.STV, Op.STQ, Op.SETP, Op.SETB, Op.RES, Op.LOOP, Op.B
 DIRECT_OPS = {Op.ABS, Op.SAT, Op.BITLEN, Op.SQRT, Op.SIGP, Op.GETI, Op.GETT}
 # operand kinds read from a memory at the computed address
 MEMORY_KINDS = {Kind.VM, Kind.TAB, Kind.W8, Kind.W16, Kind.W32}
+# ops that take the ADDR cycle whatever their kind: the stores to a memory, and LOOP (its count
+# comparison is registered there, not on the path from the program ROM to its own address)
+ADDR_CYCLE_OPS = {Op.STV, Op.STQ, Op.LOOP}
 
 
 def takes_addr_cycle(ins: Instr) -> bool:
     """Whether the instruction takes the ADDR cycle: it reads or writes a memory at its computed
-    address, or it is a LOOP (its count comparison is registered there, not on the path from
-    the program ROM to its own address)."""
-    if ins.op in (Op.STV, Op.STQ, Op.LOOP):
+    address, or it is a LOOP (:data:`ADDR_CYCLE_OPS`)."""
+    if ins.op in ADDR_CYCLE_OPS:
         return True
     operand = ins.op not in NO_OPERAND_OPS and ins.op not in DIRECT_OPS and ins.op != Op.MATVEC
     return operand and ins.kind in MEMORY_KINDS

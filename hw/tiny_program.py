@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from mmfree_fpga.config import FORMATS, Formats, ModelConfig
 from mmfree_fpga.errors import UserError
 
-from .tiny_isa import B_BITS, DATA_BITS, Asm, Cond, Kind, Op
+from .tiny_isa import B_BITS, DATA_BITS, LOOP_COUNT_BITS, TARGET_BITS, Asm, Cond, Kind, Op
 
 __all__ = ["TinyLayout", "token_program", "BL_ARGS", "RESET_PC", "TOKEN_PC", "TinyPerfModel", "TINY_PERF_MODEL"]
 
@@ -105,9 +105,9 @@ class _Gen:
         if breg is not None:
             self.e(Op.LOOP, top, fb=1, bsel=breg)
         else:
-            if not 0 < count < (1 << (21 - 9 - 1)):
+            if not 0 < count < (1 << LOOP_COUNT_BITS):
                 raise UserError(f"loop count {count} too large for an immediate")
-            self.e(Op.LOOP, top, imm=count << 9)
+            self.e(Op.LOOP, top, imm=count << TARGET_BITS)
 
     def sigmoid(self):
         """A := sigmoid(A) (Q(x_frac) -> Q(gate_frac)); uses R_FR and P."""
