@@ -80,7 +80,7 @@ def linked_engine(*, lanes: int | None = None, preload: bool | None = None) -> D
     def uart_fifo_depth(family: str) -> int:
         """No UART FIFOs on the tiny engine's iCE40: the Link's receive ring holds a whole frame
         (the host waits for each response) and the Link waits for the transmitter byte by byte,
-        so the FIFOs only add logic (about 160 LUTs and 2 EBR) to a device that is 90 % full."""
+        so the FIFOs would only add logic and block RAM to a device whose logic cells are nearly all used."""
         return 0 if family in TINY_FAMILIES else DEFAULT_FIFO_DEPTH
 
     factory.lanes = lanes

@@ -537,9 +537,11 @@ def test_icebreaker_bitstream_meets_timing(icebreaker_builds):
     r = icebreaker_builds[0]
     assert r["cached"] is False and r["board"] == "icebreaker" and r["device"] == "iCE40UP5K"
     assert r["design"] == ENGINE
-    assert r["clock_mhz"] == 36.0 and r["pll"]["divf"] == 47
+    want = resolve_board("icebreaker").default_clock_hz / 1e6
+    pll = r["pll"]     # the iCE40 PLL: f_out = 12 MHz * (DIVF + 1) / ((DIVR + 1) * 2^DIVQ)
+    assert r["clock_mhz"] == want == 12 * (pll["divf"] + 1) / ((pll["divr"] + 1) * 2 ** pll["divq"])
     assert r["fmax_mhz"] is not None and r["fmax_mhz"] >= r["clock_mhz"] and r["timing_met"] is True
-    assert r["clock_net"] in r["clocks"] and r["clocks"][r["clock_net"]]["target_mhz"] == pytest.approx(36.0, abs=0.05)
+    assert r["clock_net"] in r["clocks"] and r["clocks"][r["clock_net"]]["target_mhz"] == pytest.approx(want, abs=0.05)
     util = r["utilization"]
     assert util["lut"]["available"] == 5280 and 2000 < util["lut"]["used"] <= 5280
     assert util["spram"] == {"used": 4, "available": 4, "percent": 100.0}
