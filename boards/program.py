@@ -86,7 +86,7 @@ def missing_os_library(tool_path: str) -> str | None:
 
 def explain_failure(tool: str, rc: int, output: str, spec: Board) -> str:
     """One line for a failed programming run: what was looked for and what to check."""
-    cable = spec.programmer.cable if spec.programmer else f"the programmer of {spec.name}"
+    cable = spec.programmer.describe_cable() if spec.programmer else f"the programmer of {spec.name}"
     lib = _NO_LIBRARY.search(output)
     if lib:
         return (f"{tool} cannot start: the OS library {lib['lib']} is missing; install libusb and libftdi "

@@ -23,6 +23,11 @@ class Programmer:
     sram: bool                     # volatile (SRAM) loading works on the stock board
     iceprog: bool = False          # iceprog (ICEPROG) can program it too
     note: str = ""
+    usb_id: tuple[int, int] | None = None   # (vendor, product) of the USB bridge, also its serial port
+
+    def describe_cable(self) -> str:
+        """The cable for messages, with its USB id where known (``... (USB 0403:6010)``)."""
+        return self.cable + (f" (USB {self.usb_id[0]:04x}:{self.usb_id[1]:04x})" if self.usb_id else "")
 
 
 @dataclass(frozen=True)
@@ -66,16 +71,16 @@ def _known():
             description="1BitSquared iCEBreaker (iCE40UP5K, 12 MHz oscillator)",
             default_clock_hz=36e6, pll=True, leds=(1, None, 0), reset_button=("button", 0),
             programmer=Programmer(
-                ofl_board="ice40_generic", cable="the iCEBreaker's FTDI FT2232H (USB 0403:6010)",
-                sram=False, iceprog=True,
+                ofl_board="ice40_generic", cable="the iCEBreaker's FTDI FT2232H",
+                sram=False, iceprog=True, usb_id=(0x0403, 0x6010),
                 note="the iCE40 boots from the board's SPI flash: programming always writes the flash"),
             design="engine"),
         "ulx3s-85f": Board(
             name="ulx3s-85f", platform_class=ULX3S_85F_Platform,
             description="Radiona ULX3S with LFE5U-85F (ECP5, 25 MHz oscillator)",
             default_clock_hz=60e6, pll=True, leds=(0, 1, 2), reset_button=("button_fire", 0),
-            programmer=Programmer(ofl_board="ulx3s", cable="the ULX3S's FTDI FT231X on the US1 port (USB 0403:6015)",
-                                  sram=True),
+            programmer=Programmer(ofl_board="ulx3s", cable="the ULX3S's FTDI FT231X on the US1 port",
+                                  sram=True, usb_id=(0x0403, 0x6015)),
             design="engine"),
     }
 

@@ -29,13 +29,13 @@ from amaranth.lib.cdc import ResetSynchronizer
 from amaranth.lib.wiring import In, Out
 
 from mmfree_fpga.hw.uart import UARTReceiver, UARTTransmitter
+from mmfree_fpga.protocol import DEFAULT_BAUD
 
 from .budget import DeviceResources, ImageSummary, MemoryBudget
 
 __all__ = ["DesignContext", "DesignFactory", "UARTBridge", "BoardTop", "check_design", "DEFAULT_BAUD",
            "DEFAULT_FIFO_DEPTH"]
 
-DEFAULT_BAUD = 3_000_000
 # one iCE40 EBR (512 x 8) per direction; lets the host send a command while the design is busy
 DEFAULT_FIFO_DEPTH = 512
 

@@ -30,6 +30,7 @@ COMMANDS = {
     "run": "run",
     "sim": "sim",
     "generate": "generate",
+    "ports": "ports",
 }
 
 

@@ -120,7 +120,7 @@ __all__ = [
     "FEED_TOKEN_RESPONSE", "READ_LOGITS_REQUEST", "READ_LOGITS_HEADER", "NAK_PAYLOAD",
     "REQUEST_LENGTHS",
     "Frame", "BadFrame", "encode_frame", "FrameDecoder",
-    "FRAME_IDLE_TIMEOUT_S", "DEFAULT_TIMEOUT_S", "MIN_TIMEOUT_S", "MAX_TIMEOUT_S", "EARLY_RETRY_GAP_S",
+    "DEFAULT_BAUD", "FRAME_IDLE_TIMEOUT_S", "DEFAULT_TIMEOUT_S", "MIN_TIMEOUT_S", "MAX_TIMEOUT_S", "EARLY_RETRY_GAP_S",
     "CONNECT_TIMEOUT_S", "CONNECT_RETRIES", "MAX_SILENT_RETRIES", "MAX_ATTEMPTS",
     "MAX_RECOVERIES", "MAX_LOAD_ATTEMPTS", "MIN_CHUNK", "MIN_LOGITS_READ",
 ]
@@ -445,6 +445,8 @@ class FrameDecoder:
 
 
 # -- timing and retry policy (host side, and the device's idle timeout) ---------------------
+
+DEFAULT_BAUD = 3_000_000       # the serial line: the boards' UART 8N1 rate and the host's default
 
 FRAME_IDLE_TIMEOUT_S = 0.1     # a receiver drops a partial frame after this long without a byte
 DEFAULT_TIMEOUT_S = 0.5        # first response timeout of a command, before round trips are measured

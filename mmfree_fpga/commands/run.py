@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 import time
 
+from mmfree_fpga.protocol import DEFAULT_BAUD
+
 from ._common import add_generation_arguments, prompt_and_sampler, stream_printer
 
 HELP = ("stream a prompt to a device (a board's serial port or 'mmfree-fpga serve') and print the "
@@ -15,7 +17,8 @@ def add_arguments(p) -> None:
     add_generation_arguments(p)
     p.add_argument("--device", required=True, metavar="URL",
                    help="the device: a serial port (/dev/ttyUSB1) or socket://127.0.0.1:PORT from 'serve'")
-    p.add_argument("--baud", type=int, default=115200, help="serial baud rate (default 115200)")
+    p.add_argument("--baud", type=int, default=DEFAULT_BAUD, metavar="N",
+                   help=f"serial baud rate, the boards' UART rate unless built otherwise (default {DEFAULT_BAUD})")
     p.add_argument("--timeout", type=float, default=None, metavar="S",
                    help="fixed response timeout in seconds (default: adapts to the measured round trip)")
     p.add_argument("--no-load", action="store_true",
