@@ -1,5 +1,5 @@
 # Thin wrappers over the mmfree-fpga CLI. The first target that needs it creates .venv and
-# installs everything from pip (see ../shared/TOOLCHAIN.md for the pinned set).
+# installs everything from pip (the pinned set is pyproject.toml's dependencies).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin

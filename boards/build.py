@@ -445,7 +445,7 @@ def build(board: str, *, out=None, clock_mhz: float | None = None, baud: int = D
           fifo_depth: int | None = None, seed: int | None = None) -> dict:
     """Build (or fetch from the cache) the bitstream of ``design`` on ``board``.
 
-    Returns the result dict of ``mmfree-fpga build`` (see ``shared/CLI.md``): bitstream path,
+    Returns the result dict of ``mmfree-fpga build`` (the README's command line section): bitstream path,
     clock, Fmax, timing verdict, utilisation, model fit, design, stages, cache status.
     ``out`` (default ``out/build/<board>``) receives the bitstream, reports, RTLIL and
     constraints; nothing is written there unless the build succeeds. ``seed``: nextpnr's

@@ -1,6 +1,6 @@
 """Float PyTorch reference of HGRN-bit (the MatMul-free LM), CPU, faithful to mmfreelm.
 
-Parameter names equal the checkpoint's tensor names (see ``../shared/MODEL.md``), so a
+Parameter names equal the checkpoint's tensor names (mmfreelm's layout, the README's Checkpoints section), so a
 ``state_dict`` loads and saves in the mmfreelm layout. Quantisers use straight-through
 estimators so the same module trains.
 """
