@@ -4,9 +4,18 @@
 bench): it builds (or reuses) a simulation of :class:`~mmfree_fpga.hw.engine.Engine` with the
 memory model and the ``$readmemh`` store, so weights reach the simulated memory as a file read
 at time 0 (no Python per word), and one build per (lanes, maxima, packings) serves every
-geometry that fits: the geometry is set at run time with ``SET_PARAM``. cocotb drives the
-command stream (``sim/engine_tb.py``); the Amaranth simulator (``simulator="amaranth"``)
-instead uses on-chip RAM initialised from the image.
+geometry that fits: the geometry is set at run time with ``SET_PARAM``. On Verilator a plain
+C++ harness (``sim/engine_harness.cpp``) drives the command stream and runs the whole
+prompt/steps sequence without Python per cycle (more than a million cycles/s on the demo
+engine); on Icarus cocotb drives it (``sim/engine_tb.py``; ``cocotb=True`` does so on
+Verilator too). The Amaranth simulator (``simulator="amaranth"``) instead uses on-chip RAM
+initialised from the image.
+
+``waves=Waves(path, first, end)`` records a waveform of clock cycles ``first .. end - 1``
+(cycle 0 is the first reset cycle): FST from a separate ``--trace-fst`` Verilator build,
+dumping only inside the window; VCD (or FST, by the file's suffix) from Icarus, switched on
+and off with ``$dumpon``/``$dumpoff``; VCD from Amaranth's simulator, whose writer cannot
+start after time 0, so its file always starts at cycle 0 and stops at ``end``.
 
 ``trace=True`` also records the engine's ``trace`` port: every result its writer stores, as
 ``(job, layer, row, value)`` tuples per step (:attr:`EngineRun.trace`), which
@@ -18,6 +27,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -26,8 +37,9 @@ from pathlib import Path
 
 from mmfree_fpga.config import ModelConfig
 
-__all__ = ["EngineBuild", "default_build", "EngineRun", "load_image", "synthetic_image_info", "reference_tokens",
-           "run_engine", "run_amaranth", "build_dir_for", "decode_trace", "SIMULATORS"]
+__all__ = ["EngineBuild", "default_build", "EngineRun", "Waves", "load_image", "synthetic_image_info",
+           "reference_tokens", "run_engine", "run_amaranth", "build_dir_for", "build_harness", "decode_trace",
+           "SIMULATORS", "WAVE_FORMATS", "HARNESS", "HARNESS_VERILATOR_ARGS"]
 
 SIMULATORS = ("verilator", "icarus", "amaranth")
 # the gateware the engine is made of (a change to any of them means a new simulator build)
@@ -35,6 +47,14 @@ ENGINE_SOURCES = tuple(f"hw/{name}.py" for name in (
     "engine", "weight_port", "matvec", "trits", "bitlinear_front", "scalar_unit", "output_scale", "elementwise",
     "embed_scale", "argmax", "vector_common")) + ("mmfree_fpga/config.py", "reference/integer.py", "reference/packing.py")
 _BUILD_ROOT = Path(os.environ.get("MMFREE_SIM_BUILD", Path(tempfile.gettempdir()) / "mmfree-engine-sim")).absolute()
+HARNESS = Path(__file__).with_name("engine_harness.cpp")
+# Measured on the demo engine (16 lanes, 2-core machine; BENCHMARKS.md): Verilator's -O3 and g++ -O2
+# gain about 20% over Verilator's defaults (g++ -Os); g++ -O3, -march=native, -flto and the fast X
+# options change nothing measurable; --threads 2 is over 10x slower on 2 shared cores.
+HARNESS_VERILATOR_ARGS = ("-O3", "--x-assign", "fast", "--x-initial", "fast", "-CFLAGS", "-O2")
+# the waveform format each simulator writes (file suffixes accepted)
+WAVE_FORMATS = {"verilator": (".fst",), "icarus": (".vcd", ".fst"), "amaranth": (".vcd",)}
+PERIOD_NS = 10          # one clock cycle in every waveform
 
 
 @dataclass(frozen=True)
@@ -74,6 +94,15 @@ class EngineRun:
     sim_cycles: float = 0.0        # clock cycles from the first FEED_TOKEN to the last result
     sim_wall_s: float = 0.0        # wall-clock seconds of those cycles (simulator start-up excluded)
     trace: list | None = None      # per step: [(job, layer, row, value), ...] in store order
+    waves: str | None = None       # the waveform file written, if any
+
+
+@dataclass(frozen=True)
+class Waves:
+    """A waveform request: clock cycles ``first`` .. ``end - 1`` (``end`` None: to the end) to ``path``."""
+    path: Path
+    first: int = 0
+    end: int | None = None
 
 
 def load_image(checkpoint, packing: str):
@@ -125,33 +154,73 @@ def run_engine(*, cfg: ModelConfig, blob: bytes | None, packing: str, lanes: int
                steps: int, simulator: str = "verilator", build: EngineBuild | None = None,
                stall_rate: float = 0.0, cmd_stall_rate: float = 0.0, mem_bandwidth: float = 0.0,
                mem_latency: int = 1, read_logits: list[int] = (), seed: int = 1,
-               synthetic: bool = False, trace: bool = False) -> EngineRun:
+               synthetic: bool = False, trace: bool = False, waves: Waves | None = None,
+               cocotb: bool = False, progress: bool = True) -> EngineRun:
     """Feed ``prompt`` then ``steps - 1`` greedy tokens (``steps`` generated tokens in all).
 
     ``blob`` None with ``synthetic``: the memory model makes up the weights (cycle counts only).
     ``stall_rate``: probability of a stall cycle on the weight response; ``cmd_stall_rate``: of
-    an idle cycle before each command. ``mem_bandwidth`` bytes/cycle (0 = one beat per cycle).
-    ``trace``: record the ``trace`` port (module docstring).
+    an idle cycle before each command (and before taking each result), drawn from a PRNG seeded
+    with ``seed``. ``mem_bandwidth`` bytes/cycle (0 = one beat per cycle).
+    ``trace``: record the ``trace`` port (module docstring). ``waves``: write a waveform (module
+    docstring). ``cocotb``: on Verilator, drive the command stream from cocotb instead of the C++
+    harness (slower; no waves). ``progress``: a bar over the token steps of the C++ harness
+    (shown only where :mod:`mmfree_fpga.progress` allows).
     """
     from mmfree_fpga.hw.engine import beat_bytes, check_geometry
     from mmfree_fpga.host.image import image_size
     if build is None:
         build = default_build(cfg, lanes, len(blob) if blob is not None else 0)
     check_geometry(cfg, lanes, max_d=build.max_d, max_I=build.max_I, max_L=build.max_L, max_V=build.max_V)
+    from mmfree_fpga.errors import UserError
+    if simulator not in SIMULATORS:
+        raise UserError(f"unknown simulator {simulator!r}; use one of {', '.join(SIMULATORS)}")
+    if waves is not None:
+        check_waves(waves, simulator)
+        if cocotb and simulator == "verilator":
+            raise UserError("waves on Verilator come from the C++ harness: leave cocotb off")
     if simulator == "amaranth":
         return run_amaranth(cfg=cfg, blob=blob, packing=packing, lanes=lanes, prompt=prompt, steps=steps,
-                            read_logits=read_logits, trace=trace)
+                            read_logits=read_logits, trace=trace, waves=waves)
     from .runner import simulator_missing
-    from mmfree_fpga.errors import UserError
     reason = simulator_missing(simulator)
     if reason:
         raise UserError(reason)
     if blob is not None and len(blob) > build.mem_words * beat_bytes(lanes):
         raise UserError(f"the image ({len(blob)} bytes) does not fit this build's weight memory")
-    return _run_cocotb(cfg=cfg, blob=blob, packing=packing, build=build, prompt=prompt, steps=steps,
-                       simulator=simulator, stall_rate=stall_rate, cmd_stall_rate=cmd_stall_rate,
-                       mem_bandwidth=mem_bandwidth, mem_latency=mem_latency, read_logits=read_logits,
-                       seed=seed, synthetic=synthetic, trace=trace)
+    job = dict(cfg=cfg, blob=blob, packing=packing, build=build, prompt=prompt, steps=steps,
+               stall_rate=stall_rate, cmd_stall_rate=cmd_stall_rate, mem_bandwidth=mem_bandwidth,
+               mem_latency=mem_latency, read_logits=read_logits, seed=seed, synthetic=synthetic, trace=trace,
+               waves=waves)
+    if simulator == "verilator" and not cocotb:
+        return _run_harness(**job, progress=progress)
+    return _run_cocotb(**job, simulator=simulator)
+
+
+def check_waves(waves: Waves, simulator: str) -> None:
+    """UserError unless ``waves`` can be written by ``simulator`` (before any work is done)."""
+    from mmfree_fpga.errors import UserError
+    path = Path(waves.path)
+    if waves.first < 0 or (waves.end is not None and waves.end <= waves.first):
+        raise UserError(f"the waveform window must have 0 <= --waves-from < --waves-to "
+                        f"(got {waves.first} .. {waves.end})")
+    if path.is_dir():
+        raise UserError(f"--waves {path} is a directory; give a file name")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"--waves {path}: the folder {parent} does not exist or is not writable")
+    suffixes = WAVE_FORMATS[simulator]
+    if path.suffix.lower() not in suffixes:
+        raise UserError(f"--waves {path}: {simulator} writes {' or '.join(s[1:].upper() for s in suffixes)}; "
+                        f"name the file *{' or *'.join(suffixes)}")
+
+
+def _waves_tmp(waves: Waves) -> Path:
+    """A temporary file beside the waveform (renamed onto it once the run succeeded)."""
+    path = Path(waves.path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent if str(path.parent) else ".")
+    os.close(fd)
+    return Path(tmp)
 
 
 def decode_trace(words: list[int], layout) -> list[tuple[int, int, int, int]]:
@@ -186,8 +255,160 @@ def _sources(build: EngineBuild, directory: Path) -> list[Path]:
     return [top, store]
 
 
+def memory_model_inputs(*, stall_rate: float, mem_bandwidth: float, mem_latency: int, synthetic: bool) -> dict:
+    """The memory model's input ports (:class:`~mmfree_fpga.hw.weight_port.WeightMemory`) for these settings."""
+    return {"mem_bandwidth": int(round(mem_bandwidth * 256)), "mem_latency": int(mem_latency),
+            "mem_stall_rate": min(255, int(round(stall_rate * 256))), "mem_synthetic": int(bool(synthetic))}
+
+
+def _watchdog_cycles(cfg: ModelConfig, lanes: int, inputs: dict) -> int:
+    """Cycles after which the harness gives up waiting for one result: many times what the
+    slowest memory setting could need for a token (ideal cycles, the image at the set bandwidth,
+    the latency per request), so only a hung engine reaches it."""
+    from mmfree_fpga.hw.engine import beat_bytes, ideal_cycles
+    from mmfree_fpga.host.image import image_size
+    bandwidth = inputs["mem_bandwidth"] / 256 or beat_bytes(lanes)
+    per_token = (ideal_cycles(cfg, lanes) + image_size(cfg, "2bit") / bandwidth
+                 + 100 * inputs["mem_latency"] * (6 * cfg.L + 1) * 8)
+    return int(64 * per_token / (1 - inputs["mem_stall_rate"] / 256)) + 1_000_000
+
+
+def build_harness(build: EngineBuild, *, fst: bool = False, log=None) -> Path:
+    """The C++ harness (:data:`HARNESS`) compiled with Verilator around ``build``'s engine; cached
+    by the build's key, the harness source and the flags. ``fst``: the ``--trace-fst`` variant."""
+    from mmfree_fpga.errors import UserError
+    from .runner import simulator_missing
+    reason = simulator_missing("verilator")
+    if reason:
+        raise UserError(reason)
+    bdir = _BUILD_ROOT / f"harness-{build.key()}"
+    sources = _sources(build, bdir)
+    args = list(HARNESS_VERILATOR_ARGS) + (["--trace-fst"] if fst else [])
+    key = hashlib.sha256(HARNESS.read_bytes() + repr(args).encode()).hexdigest()[:12]
+    binary = bdir / f"Vengine{'-fst' if fst else ''}-{key}"
+    if binary.exists():
+        return binary
+    if log:
+        log(f"building the Verilator harness in {bdir} (once per build, about a minute)")
+    obj = Path(tempfile.mkdtemp(prefix="obj-", dir=bdir))
+    try:
+        cmd = [shutil.which("verilator"), "--cc", "--exe", "--build", "-j", str(os.cpu_count() or 2),
+               "--top-module", "engine_top", "--prefix", "Vengine", "-Wno-fatal", "-Wno-lint", "-Wno-style",
+               *args, "--Mdir", str(obj), "-o", "Vengine", *(str(p) for p in sources), str(HARNESS)]
+        env = dict(os.environ, MAKEFLAGS="CFG_CXXFLAGS_PCH_I=-include")    # see TOOLCHAIN.md
+        proc = subprocess.run(cmd, cwd=obj, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
+            raise RuntimeError("Verilator build of the engine harness failed:\n" + "\n".join(tail))
+        os.replace(obj / "Vengine", binary)     # atomic: a concurrent build of the same key is harmless
+    finally:
+        shutil.rmtree(obj, ignore_errors=True)
+    return binary
+
+
+def _run_harness(*, cfg, blob, packing, build, prompt, steps, stall_rate, cmd_stall_rate, mem_bandwidth,
+                 mem_latency, read_logits, seed, synthetic, trace, waves, progress) -> EngineRun:
+    from mmfree_fpga.hw.engine import beat_bytes
+    from mmfree_fpga.hw.weight_port import write_hex
+    from mmfree_fpga.progress import Progress
+    binary = build_harness(build, fst=waves is not None)
+    inputs = memory_model_inputs(stall_rate=stall_rate, mem_bandwidth=mem_bandwidth, mem_latency=mem_latency,
+                                 synthetic=synthetic)
+    n_feed = len(prompt) + steps - 1
+    job = [f"mem {inputs['mem_bandwidth']} {inputs['mem_latency']} {inputs['mem_stall_rate']} {inputs['mem_synthetic']}",
+           f"cmd_stall {float(cmd_stall_rate)!r} {int(seed) & (2**64 - 1)}", f"trace {int(bool(trace))}",
+           f"watchdog {_watchdog_cycles(cfg, build.lanes, inputs)}"]
+    job += [f"param {i} {v}" for i, v in _param_commands(cfg, packing, build.lanes)]
+    job += [f"prompt {len(prompt)} " + " ".join(str(int(t)) for t in prompt), f"steps {steps}",
+            f"read_logits {len(read_logits)} " + " ".join(str(int(i)) for i in read_logits)]
+    tokens, argmax_logits, cycles = list(prompt), [], []
+    logits = {t: {} for t in range(n_feed)}
+    raw = [[] for _ in range(n_feed)] if trace else None
+    done = None
+    tmp_waves = None
+    with tempfile.TemporaryDirectory(prefix="engine-run-", dir=binary.parent) as tmp:
+        argv = [str(binary)]
+        if blob is not None:
+            argv.append(f"+weights={write_hex(blob, beat_bytes(build.lanes), Path(tmp) / 'weights.hex')}")
+        if waves is not None:
+            tmp_waves = _waves_tmp(waves)
+            argv.append(str(tmp_waves))
+            job.append(f"waves {waves.first} {2**64 - 1 if waves.end is None else waves.end}")
+        job.append("run\n")
+        err_path = Path(tmp) / "stderr.txt"
+        try:
+            t0 = time.perf_counter()
+            with open(err_path, "w") as err, Progress(f"simulating ({binary.name})", quiet=not progress,
+                                                      unit="token") as bar:
+                proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
+                                        text=True, cwd=tmp)
+                try:
+                    proc.stdin.write("\n".join(job))
+                    proc.stdin.close()
+                    for line in proc.stdout:
+                        kind, *f = line.split()
+                        if kind == "trace":
+                            raw[int(f[0])].append(int(f[1], 16))
+                        elif kind == "step":
+                            t, token, logit, cyc = (int(v) for v in f)
+                            if t >= len(prompt) - 1:
+                                tokens.append(token)
+                            argmax_logits.append(logit)
+                            cycles.append(cyc)
+                            bar(t + 1, n_feed)
+                        elif kind == "logit":
+                            logits[int(f[0])][int(f[1])] = int(f[2])
+                        elif kind == "done":
+                            done = (int(f[0]), float(f[1]))
+                    rc = proc.wait()
+                finally:
+                    if proc.poll() is None:
+                        proc.kill()
+                        proc.wait()
+            elapsed = time.perf_counter() - t0
+            if rc != 0 or done is None or len(cycles) != n_feed:
+                tail = err_path.read_text().strip().splitlines()[-5:]
+                raise RuntimeError(f"the engine harness failed (exit {rc}): " + " / ".join(tail))
+            if tmp_waves is not None:
+                os.replace(tmp_waves, waves.path)
+        finally:
+            if tmp_waves is not None and tmp_waves.exists():
+                tmp_waves.unlink()
+    traces = None
+    if trace:
+        from mmfree_fpga.hw.engine import trace_layout
+        layout = trace_layout(build.max_d, build.max_I, build.max_L, build.max_V)
+        traces = [decode_trace(words, layout) for words in raw]
+    return EngineRun(tokens=tokens, argmax_logits=argmax_logits, cycles=cycles, read_logits=logits,
+                     sim_seconds=elapsed, simulator="verilator", synthetic=synthetic, sim_cycles=done[0],
+                     sim_wall_s=done[1], trace=traces, waves=str(waves.path) if waves is not None else None)
+
+
+ICARUS_WAVES_MODULE = "mmfree_waves"
+ICARUS_WAVES_VERILOG = """\
+// Waveforms of mmfree-fpga Icarus runs (sim/engine_sim.py): +waves=FILE dumps engine_top from
+// +waves_from_ns=T0 (default 0) until +waves_to_ns=T1 (default: the end).
+module mmfree_waves;
+    reg [8*1024-1:0] path;
+    reg [63:0] first, last;
+    initial begin
+        if ($value$plusargs("waves=%s", path)) begin
+            if (!$value$plusargs("waves_from_ns=%d", first)) first = 0;
+            $dumpfile(path);
+            $dumpvars(0, engine_top);
+            if (first > 0) begin
+                $dumpoff;
+                #(first) $dumpon;
+            end
+            if ($value$plusargs("waves_to_ns=%d", last)) #(last - first) $dumpoff;
+        end
+    end
+endmodule
+"""
+
+
 def _run_cocotb(*, cfg, blob, packing, build, prompt, steps, simulator, stall_rate, cmd_stall_rate,
-                mem_bandwidth, mem_latency, read_logits, seed, synthetic, trace=False) -> EngineRun:
+                mem_bandwidth, mem_latency, read_logits, seed, synthetic, trace=False, waves=None) -> EngineRun:
     from cocotb_tools.runner import get_results, get_runner
     from mmfree_fpga.hw.engine import beat_bytes
     from mmfree_fpga.hw.weight_port import write_hex
@@ -201,39 +422,62 @@ def _run_cocotb(*, cfg, blob, packing, build, prompt, steps, simulator, stall_ra
         args = ["-Wno-fatal", "-O3", "--x-assign", "fast", "--x-initial", "fast"]
         flags = "CFG_CXXFLAGS_PCH_I=-include OPT_FAST=-O1 OPT_SLOW=-O0 OPT_GLOBAL=-O1 -j2"
     else:
-        args, flags = ["-g2005"], ""
+        # the waveform module is a second root, idle unless +waves=FILE is given
+        waves_v = bdir / "waves.v"
+        if not waves_v.exists() or waves_v.read_text() != ICARUS_WAVES_VERILOG:
+            waves_v.write_text(ICARUS_WAVES_VERILOG)
+        sources = sources + [waves_v]
+        args, flags = ["-g2005", "-s", ICARUS_WAVES_MODULE], ""
     done = bdir / "build.done"
-    if done.exists():
+    stamp = hashlib.sha1(repr(args).encode() + b"".join(p.read_bytes() for p in sources)).hexdigest()
+    fresh = done.exists() and done.read_text().strip() == stamp
+    if fresh:
         # cocotb's Verilator runner reruns verilator and make on every build() (tens of seconds
-        # here); the build directory is named by a hash of the sources, so nothing is stale.
+        # here); the stamp names the sources and flags, so nothing is stale.
         runner._build_command = lambda: []
     with _env(MAKEFLAGS=flags):
         runner.build(sources=[str(s) for s in sources], hdl_toplevel="engine_top", build_dir=bdir,
-                     timescale=("1ns", "1ps"), build_args=args, always=False)
-    done.write_text("built\n")
+                     timescale=("1ns", "1ps"), build_args=args, always=not fresh)
+    done.write_text(stamp + "\n")
+    tmp_waves = None
     with tempfile.TemporaryDirectory(prefix="engine-run-", dir=bdir) as tmp:
         tmp = Path(tmp)
         plusargs = []
         if blob is not None:
             plusargs.append(f"+weights={write_hex(blob, beat_bytes(build.lanes), tmp / 'weights.hex')}")
+        if waves is not None:
+            tmp_waves = _waves_tmp(waves)
+            plusargs += [f"+waves={tmp_waves}", f"+waves_from_ns={waves.first * PERIOD_NS}"]
+            if waves.end is not None:
+                plusargs.append(f"+waves_to_ns={waves.end * PERIOD_NS}")
+            # the runner turns dumping off (vvp -none) unless its own waves are on
+            fmt = "-fst" if Path(waves.path).suffix.lower() == ".fst" else "-vcd"
+            test_command = runner._test_command
+            runner._test_command = lambda: [[fmt if a == "-none" else a for a in c] for c in test_command()]
         job = {
             "params": _param_commands(cfg, packing, build.lanes),
-            "prompt": list(prompt), "steps": steps, "stall_rate": stall_rate,
-            "cmd_stall_rate": cmd_stall_rate, "mem_bandwidth": mem_bandwidth, "mem_latency": mem_latency,
-            "read_logits": list(read_logits), "seed": seed, "synthetic": synthetic, "vocab": cfg.V,
-            "trace": trace,
+            "prompt": list(prompt), "steps": steps, "cmd_stall_rate": cmd_stall_rate,
+            "mem_inputs": memory_model_inputs(stall_rate=stall_rate, mem_bandwidth=mem_bandwidth,
+                                              mem_latency=mem_latency, synthetic=synthetic),
+            "read_logits": list(read_logits), "seed": seed, "trace": trace, "period_ns": PERIOD_NS,
         }
         (tmp / "job.json").write_text(json.dumps(job))
         out = tmp / "result.json"
-        t0 = time.perf_counter()
-        results = runner.test(test_module="mmfree_fpga.sim.engine_tb", hdl_toplevel="engine_top", build_dir=bdir,
-                              test_dir=tmp, timescale=("1ns", "1ps"), plusargs=plusargs,
-                              extra_env={"ENGINE_JOB": str(tmp / "job.json"), "ENGINE_RESULT": str(out)})
-        elapsed = time.perf_counter() - t0
-        total, failed = get_results(results)
-        if failed or total == 0 or not out.exists():
-            raise CocotbFailure(f"the engine simulation failed on {simulator}; see {tmp}")
-        res = json.loads(out.read_text())
+        try:
+            t0 = time.perf_counter()
+            results = runner.test(test_module="mmfree_fpga.sim.engine_tb", hdl_toplevel="engine_top",
+                                  build_dir=bdir, test_dir=tmp, timescale=("1ns", "1ps"), plusargs=plusargs,
+                                  extra_env={"ENGINE_JOB": str(tmp / "job.json"), "ENGINE_RESULT": str(out)})
+            elapsed = time.perf_counter() - t0
+            total, failed = get_results(results)
+            if failed or total == 0 or not out.exists():
+                raise CocotbFailure(f"the engine simulation failed on {simulator}; see {tmp}")
+            res = json.loads(out.read_text())
+            if tmp_waves is not None:
+                os.replace(tmp_waves, waves.path)
+        finally:
+            if tmp_waves is not None and tmp_waves.exists():
+                tmp_waves.unlink()
     traces = None
     if trace:
         from mmfree_fpga.hw.engine import trace_layout
@@ -242,14 +486,16 @@ def _run_cocotb(*, cfg, blob, packing, build, prompt, steps, simulator, stall_ra
     return EngineRun(tokens=res["tokens"], argmax_logits=res["argmax_logits"], cycles=res["cycles"],
                      read_logits={int(k): {int(i): v for i, v in d.items()} for k, d in res["read_logits"].items()},
                      sim_seconds=elapsed, simulator=simulator, synthetic=synthetic,
-                     sim_cycles=res["sim_cycles"], sim_wall_s=res["sim_wall_s"], trace=traces)
+                     sim_cycles=res["sim_cycles"], sim_wall_s=res["sim_wall_s"], trace=traces,
+                     waves=str(waves.path) if waves is not None else None)
 
 
 def run_amaranth(*, cfg, blob, packing, lanes, prompt, steps, read_logits=(), load_stream: bool = False,
-                 trace: bool = False, compact: bool = False) -> EngineRun:
+                 trace: bool = False, compact: bool = False, waves: Waves | None = None) -> EngineRun:
     """The same run on Amaranth's simulator, weights in on-chip RAM initialised from the image
     (``load_stream``: RAM without contents, the image sent through the ``load`` stream first).
-    ``sim_cycles``: clock cycles from the first FEED_TOKEN to the last result."""
+    ``sim_cycles``: clock cycles from the first FEED_TOKEN to the last result. ``waves``: a VCD
+    from cycle 0 (Amaranth's writer cannot start later) until ``waves.end``."""
     from amaranth.sim import Simulator
     from mmfree_fpga.hw.engine import Engine, EngineOp
     if blob is None:
@@ -319,12 +565,32 @@ def run_amaranth(*, cfg, blob, packing, lanes, prompt, steps, read_logits=(), lo
             out.read_logits[t] = got
 
     sim = Simulator(dut)
-    sim.add_clock(1e-8)
+    sim.add_clock(PERIOD_NS * 1e-9)
     sim.add_testbench(bench)
     if trace:
         sim.add_process(capture)
     t0 = time.perf_counter()
-    sim.run()
+    if waves is None:
+        sim.run()
+    else:
+        ticks = [0]
+
+        async def count(ctx):
+            async for _ in ctx.tick():
+                ticks[0] += 1
+
+        sim.add_process(count)
+        tmp = _waves_tmp(waves)
+        try:
+            with sim.write_vcd(str(tmp)):
+                while (waves.end is None or ticks[0] < waves.end) and sim.advance():
+                    pass
+            sim.run()
+            os.replace(tmp, waves.path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        out.waves = str(waves.path)
     out.sim_seconds = time.perf_counter() - t0
     out.sim_cycles = clock["end"] - (clock["start"] or 0)
     out.sim_wall_s = clock["t1"] - clock["t0"]

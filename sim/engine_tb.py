@@ -1,6 +1,6 @@
 """cocotb testbench of the engine's generated Verilog (run by ``sim/engine_sim.py``).
 
-The job (parameters, prompt, steps, memory model settings) comes as JSON in ``ENGINE_JOB``; the
+The job (parameters, prompt, steps, the memory model's input values) comes as JSON in ``ENGINE_JOB``; the
 tokens, argmax logits, cycles per token and read-back logits go to ``ENGINE_RESULT``. The
 weights are already in the simulated memory (``+weights=FILE``). Python only wakes for the
 few handshakes of each token; while the engine computes, the test waits on ``result.valid``.
@@ -24,7 +24,6 @@ from cocotb.utils import get_sim_time
 
 # EngineOp values (hw/engine.py); not imported so the test module needs no Amaranth.
 RESET_STATE, FEED_TOKEN, LOAD_RESET, SET_PARAM = range(4)
-PERIOD_NS = 10
 
 
 def _cmd_word(op: int, index: int, arg: int) -> int:
@@ -55,17 +54,16 @@ async def engine_job(dut):
     with open(os.environ["ENGINE_JOB"]) as f:
         job = json.load(f)
     rng = random.Random(job["seed"])
-    Clock(dut.clk, PERIOD_NS, unit="ns", impl="gpi").start()
+    period_ns = job["period_ns"]
+    Clock(dut.clk, period_ns, unit="ns", impl="gpi").start()
     dut.rst.value = 1
     dut.cmd__valid.value = 0
     dut.load__valid.value = 0
     dut.result__ready.value = 0
     dut.logit_req__valid.value = 0
     dut.logit_resp__ready.value = 1
-    dut.mem_bandwidth.value = int(round(job["mem_bandwidth"] * 256))
-    dut.mem_latency.value = int(job["mem_latency"])
-    dut.mem_stall_rate.value = min(255, int(round(job["stall_rate"] * 256)))
-    dut.mem_synthetic.value = int(bool(job["synthetic"]))
+    for port, value in job["mem_inputs"].items():
+        getattr(dut, port).value = value
     await ClockCycles(dut.clk, 3)
     await FallingEdge(dut.clk)
     dut.rst.value = 0
@@ -130,7 +128,7 @@ async def engine_job(dut):
             got[idx] = _signed32(int(dut.logit_resp__payload.value))
             await FallingEdge(dut.clk)
         read_logits[t] = got
-    sim_cycles = (get_sim_time("ns") - start_ns) / PERIOD_NS
+    sim_cycles = (get_sim_time("ns") - start_ns) / period_ns
     sim_wall_s = time.perf_counter() - start_wall
     with open(os.environ["ENGINE_RESULT"], "w") as f:
         json.dump({"tokens": tokens, "argmax_logits": argmax_logits, "cycles": cycles,

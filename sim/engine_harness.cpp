@@ -1,0 +1,304 @@
+// A plain C++ Verilator harness of the engine's simulation top (sim/engine_sim.py builds it around
+// the generated `engine_top` with its memory model and $readmemh weight store): the whole
+// prompt/steps sequence runs here, no Python per cycle.
+//
+// Command line: Vengine [+weights=FILE] [WAVES_FILE]; the job on stdin, the results on stdout.
+// The job is whitespace-separated `key value...` entries, in any order, ending with `run`:
+//
+//   mem BANDWIDTH_Q8 LATENCY STALL_RATE_X256 SYNTHETIC   the memory model's inputs
+//   cmd_stall RATE SEED        probability of an idle cycle before each command (and before taking
+//                              each result), drawn from a PRNG seeded with SEED
+//   trace 0|1                  report every cycle with trace__valid high
+//   waves FROM TO              (a --trace-fst build only) dump cycles FROM..TO-1 to WAVES_FILE (FST)
+//   watchdog N                 give up (exit 3) when a handshake or result waits N cycles
+//   param INDEX VALUE          one SET_PARAM (repeated; sent in the order given)
+//   prompt N ID...             the prompt
+//   steps N                    generated tokens (N - 1 of them are fed back)
+//   read_logits N INDEX...     logits read back after every step
+//   run
+//
+// Output lines (one step's lines are flushed when the step ends):
+//   step T TOKEN LOGIT CYCLES  the result of feeding token T (TOKEN: the argmax; CYCLES counted by
+//                              the engine from accepting FEED_TOKEN to offering the result)
+//   logit T INDEX VALUE        a logit read back after step T
+//   trace T HEX                a trace__payload word (what the writer stores), in store order
+//   done SIM_CYCLES WALL_S     clock cycles from the first FEED_TOKEN to the end, and their wall time
+//
+// One clock cycle: the inputs are set, the design settles with clk low, outputs are sampled (a
+// handshake happens when valid and ready are both high there), then clk rises. In a waveform,
+// cycle N is clk low at 10N ns and its rising edge at 10N+5 ns; cycle 0 is the first reset cycle.
+#include <chrono>
+#include <cinttypes>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <iostream>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "Vengine.h"
+#include "verilated.h"
+#if VM_TRACE
+#include "verilated_fst_c.h"
+#endif
+
+namespace {
+
+enum Op : uint64_t { RESET_STATE = 0, FEED_TOKEN = 1, LOAD_RESET = 2, SET_PARAM = 3 };
+const int RESET_CYCLES = 3;
+
+// 32-bit field K of a port, whatever C type Verilator gave it
+template <typename T>
+uint32_t field32(const T& v, int k) { return (uint32_t)((uint64_t)v >> (32 * k)); }
+template <std::size_t N>
+uint32_t field32(const VlWide<N>& v, int k) { return v[k]; }
+
+template <typename T>
+void put_hex(std::string& out, const T& v) {
+    char buf[24];
+    snprintf(buf, sizeof buf, "%" PRIx64, (uint64_t)v);
+    out += buf;
+}
+template <std::size_t N>
+void put_hex(std::string& out, const VlWide<N>& v) {
+    std::size_t k = N;
+    while (k > 1 && v[k - 1] == 0) k--;
+    char buf[16];
+    snprintf(buf, sizeof buf, "%x", v[k - 1]);
+    out += buf;
+    while (k-- > 1) {
+        snprintf(buf, sizeof buf, "%08x", v[k - 1]);
+        out += buf;
+    }
+}
+
+struct Job {
+    uint32_t mem_bandwidth = 0, mem_latency = 1, mem_stall_rate = 0, mem_synthetic = 0;
+    double cmd_stall = 0.0;
+    uint64_t seed = 1;
+    bool trace = false;
+    std::string waves;  // from the command line
+    uint64_t waves_from = 0, waves_to = 0;
+    uint64_t watchdog = UINT64_MAX;
+    std::vector<std::pair<uint32_t, uint32_t>> params;
+    std::vector<uint32_t> prompt, read_logits;
+    uint32_t steps = 1;
+};
+
+[[noreturn]] void fail(const std::string& what) {
+    fprintf(stderr, "engine_harness: %s\n", what.c_str());
+    exit(2);
+}
+
+std::vector<uint32_t> read_list(std::istream& in) {
+    std::size_t n;
+    if (!(in >> n)) fail("bad list length");
+    std::vector<uint32_t> v(n);
+    for (auto& x : v)
+        if (!(in >> x)) fail("bad list entry");
+    return v;
+}
+
+Job read_job(std::istream& in) {
+    Job job;
+    std::string key;
+    while (in >> key) {
+        if (key == "run") return job;
+        bool ok = true;
+        if (key == "mem") ok = bool(in >> job.mem_bandwidth >> job.mem_latency >> job.mem_stall_rate >> job.mem_synthetic);
+        else if (key == "cmd_stall") ok = bool(in >> job.cmd_stall >> job.seed);
+        else if (key == "trace") ok = bool(in >> job.trace);
+        else if (key == "waves") ok = bool(in >> job.waves_from >> job.waves_to);
+        else if (key == "watchdog") ok = bool(in >> job.watchdog);
+        else if (key == "param") {
+            uint32_t i, v;
+            ok = bool(in >> i >> v);
+            job.params.emplace_back(i, v);
+        } else if (key == "prompt") job.prompt = read_list(in);
+        else if (key == "steps") ok = bool(in >> job.steps);
+        else if (key == "read_logits") job.read_logits = read_list(in);
+        else fail("unknown job key " + key);
+        if (!ok) fail("bad value for " + key);
+    }
+    fail("the job does not end with 'run'");
+}
+
+class Bench {
+  public:
+    Bench(VerilatedContext& ctx, const Job& job) : job_(job), top_(&ctx), rng_(job.seed) {
+#if VM_TRACE
+        if (!job.waves.empty()) {
+            top_.trace(&fst_, 99);
+            fst_.open(job.waves.c_str());
+            if (!fst_.isOpen()) fail("cannot open " + job.waves);
+        }
+#else
+        if (!job.waves.empty()) fail("waves need a --trace-fst build");
+#endif
+        top_.clk = 0;
+        top_.rst = 1;
+        top_.cmd___05Fvalid = 0;
+        top_.load___05Fvalid = 0;
+        top_.result___05Fready = 0;
+        top_.logit_req___05Fvalid = 0;
+        top_.logit_resp___05Fready = 1;
+        top_.trace___05Fready = 1;
+        top_.mem_bandwidth = job.mem_bandwidth;
+        top_.mem_latency = job.mem_latency;
+        top_.mem_stall_rate = job.mem_stall_rate;
+        top_.mem_synthetic = job.mem_synthetic;
+        for (int k = 0; k < RESET_CYCLES; k++) clock();
+        top_.rst = 0;
+    }
+
+    ~Bench() {
+#if VM_TRACE
+        if (fst_.isOpen()) fst_.close();
+#endif
+        top_.final();
+    }
+
+    void run() {
+        for (auto& p : job_.params) command(SET_PARAM, p.first, p.second);
+        command(RESET_STATE);
+        std::vector<uint32_t> tokens = job_.prompt;
+        const std::size_t feeds = job_.prompt.size() + job_.steps - 1;
+        const uint64_t start_cycle = cycle_;
+        const auto start = std::chrono::steady_clock::now();
+        for (step_ = 0; step_ < feeds; step_++) {
+            command(FEED_TOKEN, 0, tokens[step_]);
+            settle_until([this] { return top_.result___05Fvalid; });
+            const uint32_t token = field32(top_.result___05Fpayload, 0);
+            const uint32_t logit = field32(top_.result___05Fpayload, 1);
+            const uint32_t cycles = field32(top_.result___05Fpayload, 2);
+            idle();
+            top_.result___05Fready = 1;
+            clock();
+            top_.result___05Fready = 0;
+            if (step_ + 1 >= job_.prompt.size()) tokens.push_back(token);
+            char line[96];
+            snprintf(line, sizeof line, "step %u %u %d %u\n", step_, token, (int32_t)logit, cycles);
+            out_ += line;
+            for (uint32_t index : job_.read_logits) {
+                top_.logit_req___05Fpayload = index;
+                top_.logit_req___05Fvalid = 1;
+                settle_until([this] { return top_.logit_req___05Fready; });
+                edge();
+                top_.logit_req___05Fvalid = 0;
+                settle_until([this] { return top_.logit_resp___05Fvalid; });
+                snprintf(line, sizeof line, "logit %u %u %d\n", step_, index, (int32_t)top_.logit_resp___05Fpayload);
+                out_ += line;
+                edge();
+            }
+            flush();
+        }
+        const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+        char line[96];
+        snprintf(line, sizeof line, "done %" PRIu64 " %.9f\n", cycle_ - start_cycle, wall);
+        out_ += line;
+        flush();
+    }
+
+  private:
+    // the design settled with clk low and the current inputs
+    void settle() {
+        top_.clk = 0;
+        top_.eval();
+    }
+
+    // settle, then clock cycles until `cond` holds on the settled design (it is left settled)
+    template <typename F>
+    void settle_until(F cond) {
+        settle();
+        for (uint64_t waited = 0; !cond(); waited++) {
+            if (waited == job_.watchdog) {
+                flush();
+                fprintf(stderr, "engine_harness: nothing happened for %" PRIu64 " cycles in step %u (cycle %" PRIu64 ")\n",
+                        waited, step_, cycle_);
+                exit(3);
+            }
+            edge();
+            settle();
+        }
+    }
+
+    void clock() {
+        settle();
+        edge();
+    }
+
+    // the rest of a clock cycle on the settled design: sample the trace port, rising edge
+    void edge() {
+        if (job_.trace && top_.trace___05Fvalid) {
+            char head[32];
+            snprintf(head, sizeof head, "trace %u ", step_);
+            out_ += head;
+            put_hex(out_, top_.trace___05Fpayload);
+            out_ += '\n';
+        }
+#if VM_TRACE
+        const bool dump = fst_.isOpen() && cycle_ >= job_.waves_from && cycle_ < job_.waves_to;
+        if (dump) fst_.dump(10 * cycle_);
+#endif
+        top_.clk = 1;
+        top_.eval();
+#if VM_TRACE
+        if (dump) fst_.dump(10 * cycle_ + 5);
+#endif
+        cycle_++;
+    }
+
+    void idle() {
+        if (job_.cmd_stall > 0)
+            while (uniform_(rng_) < job_.cmd_stall) clock();
+    }
+
+    // a command: idle cycles, then valid until the engine takes it
+    void command(uint64_t op, uint32_t index = 0, uint32_t arg = 0) {
+        idle();
+        top_.cmd___05Fpayload = op | ((uint64_t)index << 3) | ((uint64_t)arg << 11);
+        top_.cmd___05Fvalid = 1;
+        settle_until([this] { return top_.cmd___05Fready; });
+        edge();
+        top_.cmd___05Fvalid = 0;
+    }
+
+    void flush() {
+        fwrite(out_.data(), 1, out_.size(), stdout);
+        fflush(stdout);
+        out_.clear();
+    }
+
+    const Job& job_;
+    Vengine top_;
+    std::mt19937_64 rng_;
+    std::uniform_real_distribution<double> uniform_{0.0, 1.0};
+    uint64_t cycle_ = 0;
+    uint32_t step_ = 0;
+    std::string out_;
+#if VM_TRACE
+    VerilatedFstC fst_;
+#endif
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    Job job = read_job(std::cin);
+    for (int k = 1; k < argc; k++)
+        if (argv[k][0] != '+') job.waves = argv[k];
+    if (job.prompt.empty()) fail("empty prompt");
+    if (job.steps < 1) fail("steps must be at least 1");
+    VerilatedContext ctx;
+    ctx.commandArgs(argc, argv);
+#if VM_TRACE
+    ctx.traceEverOn(true);
+#endif
+    {
+        Bench bench(ctx, job);
+        bench.run();
+    }
+    return 0;
+}
