@@ -61,6 +61,32 @@ def require_loopback(host: str) -> str:
     return host
 
 
+def _check_socket_url(url: str) -> None:
+    """LinkError for a malformed ``socket://HOST:PORT`` URL (pyserial 3.5's own message for one
+    is a KeyError from a bad format string: "'debug|info|warning|error'")."""
+    from urllib.parse import parse_qs, urlsplit
+    if not url.lower().startswith("socket://"):
+        return
+    usage = "expected socket://HOST:PORT, e.g. socket://127.0.0.1:7777"
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:   # a port that is not a number or out of range
+        tail = urlsplit(url).netloc.rsplit(":", 1)[-1]
+        what = "is out of range" if tail.lstrip("+-").isdigit() else "is not a number"
+        raise LinkError(f"device URL {url!r}: port {tail} {what} (a TCP port is 1..65535); {usage}") from None
+    if not parts.hostname:
+        raise LinkError(f"device URL {url!r} names no host; {usage}")
+    if port is None or port == 0:
+        raise LinkError(f"device URL {url!r} names no port (1..65535); {usage}")
+    if parts.path not in ("", "/"):
+        raise LinkError(f"device URL {url!r} has a path {parts.path!r}; {usage}")
+    for option, values in parse_qs(parts.query, keep_blank_values=True).items():
+        if option != "logging" or values[-1] not in ("debug", "info", "warning", "error"):
+            raise LinkError(f"device URL {url!r}: unknown option {option}={values[-1]!r} (the only one is "
+                            f"logging=debug|info|warning|error); {usage}")
+
+
 class SerialTransport:
     """A pyserial port opened with ``serial_for_url``: a board's UART, a pty, socket://, loop://."""
 
@@ -78,6 +104,7 @@ class SerialTransport:
     @classmethod
     def open(cls, url: str, baudrate: int = 115200) -> "SerialTransport":
         import serial
+        _check_socket_url(url)
         try:
             port = serial.serial_for_url(url, baudrate=baudrate, timeout=0, write_timeout=10)
         except ValueError as e:

@@ -2,6 +2,10 @@
 
 Each command is a module in ``mmfree_fpga.commands`` with ``HELP``, ``add_arguments(parser)``
 and ``run(args) -> dict``; the dict is the JSON result written by ``--json-out``.
+
+Exit codes: 0 success; 2 bad input (one line on stderr: a usage error, or a UserError a command
+raised); 130 interrupted; 141 stdout closed early (``mmfree-fpga reference | head``: the status a
+process killed by SIGPIPE reports, without a traceback).
 """
 
 from __future__ import annotations
@@ -10,10 +14,12 @@ import argparse
 import importlib
 import json
 import os
+import select
 import sys
 import tempfile
 from pathlib import Path
 
+from .commands._common import check_out_file
 from .errors import UserError
 
 # command name -> module in mmfree_fpga.commands
@@ -47,8 +53,18 @@ def _write_json_atomic(path: Path, data: dict) -> None:
         raise
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors on one line (the CLI's contract), still exit code 2."""
+
+    def error(self, message):
+        head, sep, rest = message.partition(": ")
+        if head.startswith("argument ") and sep and rest.startswith("must be"):   # our validators
+            message = f"{head[len('argument '):]} {rest}"
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mmfree-fpga", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="mmfree-fpga", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module in COMMANDS.items():
         mod = importlib.import_module(f"mmfree_fpga.commands.{module}")
@@ -62,18 +78,54 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+def _one_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return " ".join(lines) or type(error).__name__
+
+
+def _stdout_gone() -> bool:
+    """Whether stdout is a pipe whose reader has closed it (so a BrokenPipeError came from it)."""
     try:
+        fd = sys.stdout.fileno()
+        poll = select.poll()
+        poll.register(fd, select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poll.poll(0))
+    except (AttributeError, OSError, ValueError):   # no real stdout (captured), or no poll()
+        return False
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's final flush does not fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)
+
+
+def main(argv=None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:   # --help (0) or a usage error (2), already printed
+        return 0 if e.code is None else e.code if isinstance(e.code, int) else 2
+    try:
+        if args.json_out:
+            check_out_file(args.json_out, "--json-out")
         result = args._run(args)
         if args.json_out and result is not None:
             _write_json_atomic(Path(args.json_out), result)
+        sys.stdout.flush()
     except UserError as e:
-        print(f"mmfree-fpga {args.command}: error: {e}", file=sys.stderr)
+        print(f"mmfree-fpga {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"mmfree-fpga {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        if not _stdout_gone():
+            raise
+        _silence_stdout()
+        return 141
     return 0
 
 

@@ -16,6 +16,22 @@ from .errors import CheckpointError
 __all__ = ["ModelConfig", "Formats", "FORMATS", "derive_intermediate_size"]
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _json_text(value) -> str:
+    """``value`` as it is written in config.json (so 'false' and false read differently)."""
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
 def derive_intermediate_size(hidden_size: int, hidden_ratio: float = 4) -> int:
     """``int(d * hidden_ratio * 2 / 3)`` rounded up to a multiple of 256, as mmfreelm does."""
     raw = int(hidden_size * hidden_ratio * 2 / 3)
@@ -65,10 +81,14 @@ class ModelConfig:
     def __post_init__(self):
         for key in ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size"):
             value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise CheckpointError(f"config key {key!r} must be a positive integer, got {value!r}")
-        if not (isinstance(self.rms_norm_eps, (int, float)) and 0 < self.rms_norm_eps < 1):
-            raise CheckpointError(f"config key 'rms_norm_eps' must be in (0, 1), got {self.rms_norm_eps!r}")
+            if not _is_int(value) or value <= 0:
+                raise CheckpointError(f"config key {key!r} must be a positive integer, got {_json_text(value)}")
+        if not (_is_number(self.rms_norm_eps) and 0 < self.rms_norm_eps < 1):
+            raise CheckpointError(f"config key 'rms_norm_eps' must be a number in (0, 1), "
+                                  f"got {_json_text(self.rms_norm_eps)}")
+        if not isinstance(self.use_lower_bound, bool):
+            raise CheckpointError(f"config key 'use_lower_bound' must be true or false, "
+                                  f"got {_json_text(self.use_lower_bound)}")
         if max(self.hidden_size, self.intermediate_size) > FORMATS.max_features:
             raise CheckpointError(
                 f"hidden_size {self.hidden_size} / intermediate_size {self.intermediate_size} exceed "
@@ -99,26 +119,51 @@ class ModelConfig:
         if not isinstance(cfg, dict):
             raise CheckpointError("config.json must hold a JSON object")
         for key, (wanted, why) in _REQUIRED_VALUES.items():
+            value = cfg.get(key)
             if key == "model_type":
-                if cfg.get(key) != wanted:
+                if value != wanted:
                     raise CheckpointError(
-                        f"config key 'model_type' is {cfg.get(key)!r}, expected 'hgrn_bit': {why}")
-            elif key in cfg and cfg[key] is not None and cfg[key] != wanted:
-                raise CheckpointError(f"config key {key!r} = {cfg[key]!r} is not supported "
+                        f"config key 'model_type' is {value!r}, expected 'hgrn_bit': {why}")
+            elif value is not None and type(value) is not type(wanted):
+                kind = {bool: "boolean", int: "integer", str: "string"}[type(wanted)]
+                raise CheckpointError(f"config key {key!r} must be the JSON {kind} {_json_text(wanted)}, "
+                                      f"got {_json_text(value)}")
+            elif value is not None and value != wanted:
+                raise CheckpointError(f"config key {key!r} = {value!r} is not supported "
                                       f"(only {wanted!r}): {why}")
-        missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers") if k not in cfg]
+        missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers") if cfg.get(k) is None]
         if missing:
             raise CheckpointError(f"config.json lacks the key(s) {', '.join(missing)}")
+        for key in ("vocab_size", "hidden_size", "num_hidden_layers"):
+            if not _is_int(cfg[key]) or cfg[key] <= 0:
+                raise CheckpointError(f"config key {key!r} must be a positive integer, got {_json_text(cfg[key])}")
+        ratio = cfg.get("hidden_ratio")
+        if ratio is None:
+            ratio = 4
+        elif not (_is_number(ratio) and ratio > 0):
+            raise CheckpointError(f"config key 'hidden_ratio' must be a positive number, got {_json_text(ratio)}")
         inter = cfg.get("intermediate_size")
         if inter is None:
-            inter = derive_intermediate_size(cfg["hidden_size"], cfg.get("hidden_ratio") or 4)
+            try:
+                inter = derive_intermediate_size(cfg["hidden_size"], ratio)
+            except OverflowError:
+                inter = math.inf
+            if inter > FORMATS.max_features:
+                raise CheckpointError(f"config keys 'hidden_size' {cfg['hidden_size']} and 'hidden_ratio' "
+                                      f"{_json_text(ratio)} give an intermediate size beyond the largest "
+                                      f"supported vector length {FORMATS.max_features}")
+            if inter <= 0:
+                raise CheckpointError(f"config key 'hidden_ratio' = {_json_text(ratio)} leaves the MLP no "
+                                      "features; give intermediate_size")
+        eps = cfg.get("rms_norm_eps", 1e-6)
+        lower = cfg.get("use_lower_bound")
         return cls(
             vocab_size=cfg["vocab_size"],
             hidden_size=cfg["hidden_size"],
             num_hidden_layers=cfg["num_hidden_layers"],
             intermediate_size=inter,
-            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            use_lower_bound=bool(cfg.get("use_lower_bound", True)),
+            rms_norm_eps=eps,
+            use_lower_bound=True if lower is None else lower,
         )
 
     def to_hf_dict(self) -> dict:
@@ -158,9 +203,13 @@ class ModelConfig:
             raise CheckpointError(f"{directory}: no config.json; a checkpoint is a directory with "
                                   "config.json and model.safetensors (or pytorch_model.bin)")
         try:
-            cfg = json.loads(path.read_text())
+            cfg = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+            raise CheckpointError(f"{path}: not valid JSON ({e}); give the checkpoint's own config.json") from None
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot be read ({e.strerror or e})") from None
+        except RecursionError:
+            raise CheckpointError(f"{path}: not a config.json (nested too deeply)") from None
         return cls.from_hf_dict(cfg)
 
     def as_dict(self) -> dict:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -25,13 +27,34 @@ def parse_prompt(prompt: str | None, prompt_ids: str | None, vocab_size: int) ->
         if vocab_size < 256:
             raise UserError(f"the model's vocabulary has {vocab_size} ids, too few for byte-level "
                             "--prompt text; use --prompt-ids")
-        ids = list((prompt if prompt is not None else "def ").encode("utf-8"))
+        ids = list(_utf8(prompt if prompt is not None else "def "))
     if not ids:
         raise UserError("the prompt is empty; give at least one token")
     bad = [i for i in ids if not 0 <= i < vocab_size]
     if bad:
         raise UserError(f"prompt id {bad[0]} is outside the vocabulary [0, {vocab_size})")
     return ids
+
+
+def _utf8(text: str) -> bytes:
+    """UTF-8 bytes of ``--prompt``; UserError for text that is not Unicode (argv bytes that were
+    not UTF-8 arrive as lone surrogates), naming the ``--prompt-ids`` that would give those bytes."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        pass
+    try:
+        raw = text.encode("utf-8", errors="surrogateescape")
+    except UnicodeEncodeError:
+        raise UserError("--prompt is not valid Unicode text; give the token ids with --prompt-ids") from None
+    try:
+        raw.decode("utf-8")
+        where = ""
+    except UnicodeDecodeError as e:
+        where = f" (byte 0x{raw[e.start]:02x} at offset {e.start})"
+    ids = ",".join(map(str, raw[:64])) + (",..." if len(raw) > 64 else "")
+    raise UserError(f"--prompt is not valid UTF-8 text{where}; give its bytes as token ids instead: "
+                    f"--prompt-ids {ids}")
 
 
 def decode_text(tokens: list[int], vocab_size: int) -> str | None:
@@ -51,10 +74,12 @@ class Sampler:
     _rng: np.random.Generator = field(init=False, repr=False)
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise UserError("--temperature must be >= 0")
-        if self.top_k < 0:
-            raise UserError("--top-k must be >= 0")
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, numbers.Real) or not math.isfinite(t) or t < 0:
+            raise UserError(f"--temperature must be a finite number >= 0, got {t!r}")
+        for name, value in (("--top-k", self.top_k), ("--seed", self.seed)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+                raise UserError(f"{name} must be an integer >= 0, got {value!r}")
         self._rng = np.random.default_rng(self.seed)
 
     @property
@@ -65,7 +90,11 @@ class Sampler:
         logits = np.asarray(logits, dtype=np.float64)
         if self.greedy:
             return int(np.argmax(logits))
-        z = logits / self.temperature
+        with np.errstate(over="ignore"):
+            z = logits / self.temperature
+        if not np.isfinite(z.max()):
+            # so small a temperature that the scaled logits overflow: its limit, greedy
+            return int(np.argmax(logits))
         if self.top_k and self.top_k < z.size:
             kth = np.partition(z, -self.top_k)[-self.top_k]
             z = np.where(z >= kth, z, -np.inf)

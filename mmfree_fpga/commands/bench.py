@@ -8,6 +8,8 @@ from pathlib import Path
 
 from mmfree_fpga.errors import UserError
 
+from ._common import check_out_file
+
 HELP = "measure the project's figures and write them to BENCHMARKS.md (and --json-out)"
 
 
@@ -36,6 +38,9 @@ def run(args) -> dict:
     if unknown:
         raise UserError(f"unknown bench section {unknown[0]!r}; known: {', '.join(SECTIONS)}")
     names = [n for n in SECTIONS if n in names and n not in skip]
+    if not names:
+        raise UserError("--only and --skip leave no bench section to run")
+    check_out_file(args.out, "--out")
     partial = bool(args.only or skip)
     done = []
     for name in names:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ._common import check_out_dir, lanes_help, non_negative_int, positive_float, positive_int
+
 HELP = "build the bitstream of the design for a board (YoWASP Yosys + nextpnr), with timing and utilisation"
 
 
@@ -11,20 +13,20 @@ def add_arguments(p) -> None:
     clocks = ", ".join(f"{name} {board.default_clock_hz / 1e6:g}" for name, board in BOARDS.items())
     p.add_argument("--board", default="icebreaker", metavar="B",
                    help=f"target board (default icebreaker): {known_boards_text()}")
-    p.add_argument("--clock-mhz", type=float, default=None, metavar="F",
+    p.add_argument("--clock-mhz", type=positive_float, default=None, metavar="F",
                    help=f"design clock in MHz, made by the board's PLL (default: {clocks})")
-    p.add_argument("--baud", type=int, default=DEFAULT_BAUD, metavar="N",
+    p.add_argument("--baud", type=positive_int, default=DEFAULT_BAUD, metavar="N",
                    help=f"UART bit rate (default {DEFAULT_BAUD})")
     from mmfree_fpga.boards.designs import DEFAULT_LANES, DESIGNS
     defaults = ", ".join(f"{name} {board.design}" for name, board in BOARDS.items())
     p.add_argument("--design", choices=tuple(DESIGNS), default=None,
                    help=f"what goes on the board (default: the board's, {defaults}): "
                         + "; ".join(f"{k}: {v}" for k, v in DESIGNS.items()))
-    p.add_argument("--lanes", type=int, default=None, metavar="N",
-                   help=f"trits per cycle of the engine's matrix unit: 8, 16, 32 or 64 (default {DEFAULT_LANES}; 8 on iCE40)")
+    p.add_argument("--lanes", type=positive_int, default=None, metavar="N",
+                   help=lanes_help(DEFAULT_LANES) + "; the iCE40 builds run the one-lane tiny engine")
     p.add_argument("--packing", choices=("2bit", "base3"), default=None,
                    help="trit packing for the model size check (default base3, or that of an exported image)")
-    p.add_argument("--seed", type=int, default=None, metavar="N",
+    p.add_argument("--seed", type=non_negative_int, default=None, metavar="N",
                    help="nextpnr's placement seed (default: nextpnr's own); Fmax varies with it by a few "
                         "percent, so a build that misses its clock narrowly may meet it with another seed")
     p.add_argument("--out", default=None, metavar="DIR", help="output directory (default out/build/BOARD)")
@@ -50,6 +52,8 @@ def run(args) -> dict:
     from mmfree_fpga.boards.build import build
     from mmfree_fpga.boards.designs import design_factory
     from mmfree_fpga.boards.registry import resolve_board
+    if args.out is not None:
+        check_out_dir(args.out)
     name = args.design or resolve_board(args.board).design
     if args.lanes is not None and name != "engine":
         raise UserError(f"--lanes applies to the engine; the design built for {args.board} is {name} "

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ._common import check_out_dir, engine_lanes, lanes_help, positive_int
+
 HELP = "compare the float model, the integer model and the hardware on the same text; writes a report"
 
 HARDWARE_CHOICES = ("sim", "image", "none")
@@ -13,7 +15,7 @@ SIM_CHOICES = ("verilator", "icarus", "amaranth")
 def add_arguments(p) -> None:
     p.add_argument("--prompt", default=None, metavar="TEXT", help="text to feed (default: held-out demo-corpus text)")
     p.add_argument("--prompt-ids", default=None, metavar="IDS", help="token ids to feed")
-    p.add_argument("--positions", type=int, default=None, metavar="N",
+    p.add_argument("--positions", type=positive_int, default=None, metavar="N",
                    help="positions of held-out text when no prompt is given (default 256; 32 with --hardware sim)")
     p.add_argument("--hardware", choices=HARDWARE_CHOICES, default=None,
                    help="'sim': simulate the engine on the exported weight image and capture every vector it "
@@ -21,7 +23,8 @@ def add_arguments(p) -> None:
                         "the integer model (no simulation); 'none': float vs integer only")
     p.add_argument("--simulator", choices=SIM_CHOICES, default="verilator",
                    help="simulator for --hardware sim (default verilator; icarus and amaranth are much slower)")
-    p.add_argument("--lanes", type=int, default=16, metavar="N", help="engine lanes for --hardware sim (default 16)")
+    p.add_argument("--lanes", type=engine_lanes, default=16, metavar="N",
+                   help="engine lanes for --hardware sim: " + lanes_help(16))
     p.add_argument("--image", default=None, metavar="DIR",
                    help="an exported weight image (mmfree-fpga export) to load the hardware with "
                         "(default: the checkpoint exported on the fly, base3)")
@@ -35,34 +38,51 @@ def _simulator_missing(name: str) -> str | None:
     return simulator_missing(name)
 
 
-def _hardware_image(args, weights, cfg, ckpt):
-    """The WeightImage the hardware is loaded with."""
+def _hardware_image(args, weights, cfg, ckpt, image=None):
+    """The WeightImage the hardware is loaded with: ``image`` (from --image) or the checkpoint
+    exported on the fly."""
     import tempfile
 
-    from mmfree_fpga.errors import UserError
     from mmfree_fpga.host.image import WeightImage
     from mmfree_fpga.reference.export import write_image
-    if args.image:
-        image = WeightImage.from_directory(args.image)
-    else:
-        with tempfile.TemporaryDirectory(prefix="mmfree-compare-") as tmp:
-            write_image(weights, Path(tmp) / "img")
-            image = WeightImage.from_directory(Path(tmp) / "img")
-    if image.cfg != cfg:
-        raise UserError(f"the image at {args.image} is for a different geometry than {ckpt}")
-    return image
+    if image is not None:
+        return image
+    with tempfile.TemporaryDirectory(prefix="mmfree-compare-") as tmp:
+        write_image(weights, Path(tmp) / "img")
+        return WeightImage.from_directory(Path(tmp) / "img")
+
+
+def _write_report_atomic(report: dict, out: Path) -> list[str]:
+    """write_report into a new directory beside ``out``, then its files into ``out``: a failure
+    leaves no half-written report."""
+    import os
+    import shutil
+    import tempfile
+
+    from mmfree_fpga.reference.compare import write_report
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-compare-", dir=out.parent))
+    try:
+        files = write_report(report, tmp)
+        out.mkdir(exist_ok=True)
+        for f in files:
+            os.replace(tmp / f, out / f)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return files
 
 
 def run(args) -> dict:
     from mmfree_fpga.errors import UserError
     from mmfree_fpga.generation import parse_prompt
-    from mmfree_fpga.host.image import parse_image
+    from mmfree_fpga.host.image import WeightImage, parse_image
+    from mmfree_fpga.hw.engine import check_geometry
     from mmfree_fpga.reference.agreement import held_out_ids
     from mmfree_fpga.reference.checkpoint import DEMO_CHECKPOINT, load_checkpoint, load_model
-    from mmfree_fpga.reference.compare import (compare_traces, float_trace, hardware_trace, integer_trace,
-                                               write_report)
+    from mmfree_fpga.reference.compare import compare_traces, float_trace, hardware_trace, integer_trace
     from mmfree_fpga.reference.export import integer_weights
 
+    out = check_out_dir(args.out)
     hardware = args.hardware
     if hardware is None:
         reason = _simulator_missing(args.simulator)
@@ -74,14 +94,27 @@ def run(args) -> dict:
         reason = _simulator_missing(args.simulator)
         if reason:
             raise UserError(f"--hardware sim: {reason}")
+    if args.image and hardware == "none":
+        raise UserError("--image is for the hardware side; leave it out with --hardware none")
     ckpt = args.checkpoint or DEMO_CHECKPOINT
     cfg, tensors = load_checkpoint(ckpt)
+    if hardware == "sim":
+        check_geometry(cfg, args.lanes)
+    image = None
+    if args.image and hardware in ("image", "sim"):
+        image = WeightImage.from_directory(args.image)
+        if image.cfg != cfg:
+            raise UserError(f"the image at {args.image} is for a different geometry than {ckpt}")
     if args.prompt is None and args.prompt_ids is None:
         if cfg.V != 256:
             raise UserError("this model is not byte-level: give --prompt-ids")
         positions = args.positions if args.positions is not None else (32 if hardware == "sim" else 256)
         ids = held_out_ids(positions)
+        if len(ids) < positions:
+            raise UserError(f"--positions {positions}: the held-out text has only {len(ids)} positions")
     else:
+        if args.positions is not None:
+            raise UserError("--positions counts held-out text; leave it out with --prompt or --prompt-ids")
         ids = parse_prompt(args.prompt, args.prompt_ids, cfg.V)
     weights = integer_weights(cfg, tensors)
     print(f"compare: {len(ids)} positions; float model ...", flush=True)
@@ -92,7 +125,7 @@ def run(args) -> dict:
     source = None
     sim_info = None
     if hardware in ("image", "sim"):
-        image = _hardware_image(args, weights, cfg, ckpt)
+        image = _hardware_image(args, weights, cfg, ckpt, image)
         if hardware == "image":
             print("compare: hardware image through the integer model ...", flush=True)
             hw = integer_trace(parse_image(image.blob, image.cfg, image.packing), ids)
@@ -118,12 +151,12 @@ def run(args) -> dict:
         report["hardware_source"] = source
     if sim_info:
         report["simulation"] = sim_info
-    files = write_report(report, args.out)
+    files = _write_report_atomic(report, out)
     print(f"compare: {report['verdict']}")
-    print(f"compare: report in {Path(args.out) / 'report.md'}")
+    print(f"compare: report in {out / 'report.md'}")
     return {"top1_agreement": report["top1_agreement"], "mean_logit_cosine": report["mean_logit_cosine"],
             "per_layer": report["per_layer"], "verdict": report["verdict"], "hardware": hardware,
             "hardware_source": source, "hardware_exact": report.get("hardware_exact"),
             "hardware_first_mismatch": report.get("hardware_first_mismatch"),
             "hardware_vectors": report.get("hardware_vectors"), "simulation": sim_info,
-            "files": [str(Path(args.out) / f) for f in files]}
+            "files": [str(out / f) for f in files]}

@@ -11,16 +11,19 @@ from __future__ import annotations
 import sys
 import time
 
+from ._common import engine_lanes, lanes_help, non_negative_float, non_negative_int
+
 HELP = "the whole pipeline on the demo model: simulated engine (Verilator) + host driver vs the reference"
 
 
 def add_arguments(p) -> None:
     p.add_argument("--prompt", default="def ", metavar="TEXT")
-    p.add_argument("--steps", type=int, default=120, metavar="N")
-    p.add_argument("--temperature", type=float, default=0.7, metavar="T")
-    p.add_argument("--top-k", type=int, default=40, metavar="K")
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--lanes", type=int, default=16, help="lanes of the simulated engine (default 16)")
+    p.add_argument("--steps", type=non_negative_int, default=120, metavar="N")
+    p.add_argument("--temperature", type=non_negative_float, default=0.7, metavar="T")
+    p.add_argument("--top-k", type=non_negative_int, default=40, metavar="K")
+    p.add_argument("--seed", type=non_negative_int, default=1)
+    p.add_argument("--lanes", type=engine_lanes, default=16, metavar="N",
+                   help="lanes of the simulated engine: " + lanes_help(16))
 
 
 def run(args) -> dict:
@@ -35,6 +38,7 @@ def run(args) -> dict:
     from mmfree_fpga.host.driver import Driver, describe
     from mmfree_fpga.host.image import WeightImage
     from mmfree_fpga.host.transport import DeviceRunner, pipe_pair
+    from mmfree_fpga.hw.engine import check_geometry
     from mmfree_fpga.progress import Progress
     from mmfree_fpga.reference.checkpoint import DEMO_CHECKPOINT
 
@@ -44,6 +48,8 @@ def run(args) -> dict:
     cfg = ModelConfig.from_checkpoint(ckpt)
     prompt = parse_prompt(args.prompt, None, cfg.V)
     make_sampler = lambda: Sampler(temperature=args.temperature, top_k=args.top_k, seed=args.seed)  # noqa: E731
+    make_sampler()
+    check_geometry(cfg, args.lanes)   # all before minutes of Verilator
     say = lambda msg: print(msg, flush=True)  # noqa: E731
 
     say(f"[1/4] the engine's Verilog for d={cfg.d} L={cfg.L} I={cfg.I} V={cfg.V}, {args.lanes} lanes, "

@@ -16,6 +16,9 @@ def add_arguments(p) -> None:
 def run(args) -> dict:
     from mmfree_fpga.reference.checkpoint import DEMO_CHECKPOINT, load_checkpoint
     from mmfree_fpga.reference.export import integer_weights, write_image
+
+    from ._common import check_out_dir
+    check_out_dir(args.out)
     cfg, tensors = load_checkpoint(args.checkpoint or DEMO_CHECKPOINT)
     manifest = write_image(integer_weights(cfg, tensors), args.out, args.packing)
     out = Path(args.out)

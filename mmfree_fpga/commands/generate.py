@@ -8,11 +8,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from ._common import check_out_dir, engine_lanes, lanes_help
+
 HELP = "write the engine's Verilog for a checkpoint's geometry (weights in on-chip RAM) and a manifest"
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--lanes", type=int, default=16, help="trits per cycle of the matrix unit: 16, 32 or 64 (default 16)")
+    p.add_argument("--lanes", type=engine_lanes, default=16, metavar="N", help=lanes_help(16))
     p.add_argument("--packing", choices=("base3", "2bit"), default="base3", help="trit packing (default base3)")
     p.add_argument("--no-init", action="store_true",
                    help="leave the weight RAM uninitialised (weights arrive through the load stream)")
@@ -20,16 +22,18 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> dict:
+    from mmfree_fpga.config import ModelConfig
     from mmfree_fpga.hw.engine import Engine, check_geometry, engine_params
     from mmfree_fpga.reference.checkpoint import DEMO_CHECKPOINT
     from mmfree_fpga.sim.engine_sim import load_image
     from mmfree_fpga.sim.runner import write_verilog
 
-    cfg, blob = load_image(args.checkpoint or DEMO_CHECKPOINT, args.packing)
-    check_geometry(cfg, args.lanes)
+    out = check_out_dir(args.out)
+    checkpoint = args.checkpoint or DEMO_CHECKPOINT
+    check_geometry(ModelConfig.from_checkpoint(checkpoint), args.lanes)   # before the export
+    cfg, blob = load_image(checkpoint, args.packing)
     engine = Engine(cfg, lanes=args.lanes, packing=args.packing, packings=(args.packing,),
                     image=None if args.no_init else blob)
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-generate-", dir=out.parent))
     try:
