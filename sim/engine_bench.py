@@ -7,13 +7,14 @@
 * ``hgrn_370m``: L=24, d=1024, I=2816, V=32000 at 64 lanes; target 1.10x the ideal.
 * :func:`large_geometries`: the 1.3B and 2.7B geometries at 64 lanes, one token each, on one
   shared build (``BUILD_64_LARGE``); no target, the ratio to the ideal is the figure.
-* :func:`sim_speed`: simulated clock cycles per wall-clock second of Verilator, Icarus and
-  Amaranth's simulator on the same workload (the demo model at 16 lanes, real weights), counted
-  from the first FEED_TOKEN to the last result (simulator start-up and builds excluded).
+* :func:`sim_speed`: simulated clock cycles per wall-clock second on the same workload (the demo
+  model at 16 lanes, real weights) of Verilator driven by the C++ harness (what ``run_engine``
+  uses), Verilator driven by the cocotb testbench, Icarus (cocotb) and Amaranth's simulator,
+  counted from the first FEED_TOKEN to the last result (simulator start-up and builds excluded).
 
 The d=512 and 370M figures use *synthetic* weights (pseudo-random bytes made by the memory
 model, labelled ``synthetic_weights: true``): the cycle count of a step does not depend on the
-weights, and these images would not fit the simulated memory. All runs use Verilator; the
+weights, and these images would not fit the simulated memory. All runs use Verilator (the C++ harness); the
 memory model delivers one beat per cycle with latency 1 unless ``mem_bandwidth`` /
 ``mem_latency`` are given.
 """
@@ -27,7 +28,7 @@ from mmfree_fpga.config import ModelConfig
 from .engine_sim import default_build, load_image, reference_tokens, run_engine
 
 __all__ = ["engine_benchmarks", "TARGETS", "GEOMETRY_370M", "block_cycles", "large_geometries", "sim_speed",
-           "BUILD_64_LARGE"]
+           "SIM_SPEED_RUNS", "BUILD_64_LARGE"]
 
 TARGETS = {"demo_ratio": 1.25, "block_d512_cycles": 60_000, "hgrn_370m_ratio": 1.10}
 GEOMETRY_370M = ModelConfig(vocab_size=32000, hidden_size=1024, num_hidden_layers=24, intermediate_size=2816)
@@ -109,25 +110,38 @@ def large_geometries(names=("1.3B", "2.7B"), tokens: int = 1, **mem) -> dict:
     return out
 
 
+SIM_SPEED_RUNS = {
+    # name: (simulator, driven by cocotb)
+    "verilator": ("verilator", False),
+    "verilator_cocotb": ("verilator", True),
+    "icarus": ("icarus", True),
+    "amaranth": ("amaranth", False),
+}
+
+
 def sim_speed(tokens: dict | None = None) -> dict:
-    """Simulator -> cycles/s on the demo model at 16 lanes (``tokens``: simulator -> token steps)."""
+    """Run name (:data:`SIM_SPEED_RUNS`) -> cycles/s on the demo model at 16 lanes (``tokens``: run
+    name -> token steps fed: the prompt ``def `` and then generated tokens)."""
     from mmfree_fpga.reference.checkpoint import DEMO_CHECKPOINT
     from .runner import simulator_missing
-    tokens = tokens or {"verilator": 4, "icarus": 1, "amaranth": 1}
+    tokens = tokens or {"verilator": 16, "verilator_cocotb": 4, "icarus": 1, "amaranth": 1}
     cfg, blob = load_image(DEMO_CHECKPOINT, "base3")
-    prompt = list(b"def ")
     out = {}
-    for sim, n in tokens.items():
+    for name, n in tokens.items():
+        sim, cocotb = SIM_SPEED_RUNS[name]
         reason = None if sim == "amaranth" else simulator_missing(sim)
         if reason:
-            out[sim] = {"missing": reason}
+            out[name] = {"missing": reason}
             continue
+        prompt = list(b"def ")[:n]
+        steps = n - len(prompt) + 1
         t0 = time.perf_counter()
-        r = run_engine(cfg=cfg, blob=blob, packing="base3", lanes=16, prompt=prompt[:n], steps=1, simulator=sim)
-        ref, _ = reference_tokens(cfg, blob, "base3", prompt[:n], 1)
-        out[sim] = {"tokens": n, "sim_cycles": r.sim_cycles, "sim_wall_s": r.sim_wall_s,
-                    "cycles_per_s": r.sim_cycles / r.sim_wall_s, "matches_integer_model": r.tokens == ref,
-                    "wall_s": time.perf_counter() - t0}
+        r = run_engine(cfg=cfg, blob=blob, packing="base3", lanes=16, prompt=prompt, steps=steps, simulator=sim,
+                       cocotb=cocotb, progress=False)
+        ref, _ = reference_tokens(cfg, blob, "base3", prompt, steps)
+        out[name] = {"tokens": n, "sim_cycles": r.sim_cycles, "sim_wall_s": r.sim_wall_s,
+                     "cycles_per_s": r.sim_cycles / r.sim_wall_s, "matches_integer_model": r.tokens == ref,
+                     "wall_s": time.perf_counter() - t0}
     return out
 
 

@@ -131,6 +131,8 @@ class Bench {
 #if VM_TRACE
         if (!job.waves.empty()) {
             top_.trace(&fst_, 99);
+            fst_.set_time_unit("1ns");
+            fst_.set_time_resolution("1ns");
             fst_.open(job.waves.c_str());
             if (!fst_.isOpen()) fail("cannot open " + job.waves);
         }

@@ -52,6 +52,9 @@ HARNESS = Path(__file__).with_name("engine_harness.cpp")
 # gain about 20% over Verilator's defaults (g++ -Os); g++ -O3, -march=native, -flto and the fast X
 # options change nothing measurable; --threads 2 is over 10x slower on 2 shared cores.
 HARNESS_VERILATOR_ARGS = ("-O3", "--x-assign", "fast", "--x-initial", "fast", "-CFLAGS", "-O2")
+# the waveform build: g++ -O1 (the last -O wins) compiles in 30 s instead of 42 and runs about 10%
+# slower outside the window (1.0 M cycles/s against 1.1 M); -O0 would be 18 s but 4x slower
+HARNESS_FST_ARGS = HARNESS_VERILATOR_ARGS + ("--trace-fst", "-CFLAGS", "-O1")
 # the waveform format each simulator writes (file suffixes accepted)
 WAVE_FORMATS = {"verilator": (".fst",), "icarus": (".vcd", ".fst"), "amaranth": (".vcd",)}
 PERIOD_NS = 10          # one clock cycle in every waveform
@@ -155,7 +158,7 @@ def run_engine(*, cfg: ModelConfig, blob: bytes | None, packing: str, lanes: int
                stall_rate: float = 0.0, cmd_stall_rate: float = 0.0, mem_bandwidth: float = 0.0,
                mem_latency: int = 1, read_logits: list[int] = (), seed: int = 1,
                synthetic: bool = False, trace: bool = False, waves: Waves | None = None,
-               cocotb: bool = False, progress: bool = True) -> EngineRun:
+               cocotb: bool = False, progress: bool = True, log=None) -> EngineRun:
     """Feed ``prompt`` then ``steps - 1`` greedy tokens (``steps`` generated tokens in all).
 
     ``blob`` None with ``synthetic``: the memory model makes up the weights (cycle counts only).
@@ -165,7 +168,8 @@ def run_engine(*, cfg: ModelConfig, blob: bytes | None, packing: str, lanes: int
     ``trace``: record the ``trace`` port (module docstring). ``waves``: write a waveform (module
     docstring). ``cocotb``: on Verilator, drive the command stream from cocotb instead of the C++
     harness (slower; no waves). ``progress``: a bar over the token steps of the C++ harness
-    (shown only where :mod:`mmfree_fpga.progress` allows).
+    (shown only where :mod:`mmfree_fpga.progress` allows). ``log``: called with a line when a
+    harness build starts.
     """
     from mmfree_fpga.hw.engine import beat_bytes, check_geometry
     from mmfree_fpga.host.image import image_size
@@ -193,7 +197,7 @@ def run_engine(*, cfg: ModelConfig, blob: bytes | None, packing: str, lanes: int
                mem_latency=mem_latency, read_logits=read_logits, seed=seed, synthetic=synthetic, trace=trace,
                waves=waves)
     if simulator == "verilator" and not cocotb:
-        return _run_harness(**job, progress=progress)
+        return _run_harness(**job, progress=progress, log=log)
     return _run_cocotb(**job, simulator=simulator)
 
 
@@ -203,7 +207,7 @@ def check_waves(waves: Waves, simulator: str) -> None:
     path = Path(waves.path)
     if waves.first < 0 or (waves.end is not None and waves.end <= waves.first):
         raise UserError(f"the waveform window must have 0 <= --waves-from < --waves-to "
-                        f"(got {waves.first} .. {waves.end})")
+                        f"(got {waves.first} .. {'the end' if waves.end is None else waves.end})")
     if path.is_dir():
         raise UserError(f"--waves {path} is a directory; give a file name")
     parent = path.parent if str(path.parent) else Path(".")
@@ -220,6 +224,9 @@ def _waves_tmp(waves: Waves) -> Path:
     path = Path(waves.path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent if str(path.parent) else ".")
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)       # mkstemp's 0600 is for secrets; a waveform is an ordinary file
     return Path(tmp)
 
 
@@ -283,7 +290,7 @@ def build_harness(build: EngineBuild, *, fst: bool = False, log=None) -> Path:
         raise UserError(reason)
     bdir = _BUILD_ROOT / f"harness-{build.key()}"
     sources = _sources(build, bdir)
-    args = list(HARNESS_VERILATOR_ARGS) + (["--trace-fst"] if fst else [])
+    args = list(HARNESS_FST_ARGS if fst else HARNESS_VERILATOR_ARGS)
     key = hashlib.sha256(HARNESS.read_bytes() + repr(args).encode()).hexdigest()[:12]
     binary = bdir / f"Vengine{'-fst' if fst else ''}-{key}"
     if binary.exists():
@@ -307,11 +314,11 @@ def build_harness(build: EngineBuild, *, fst: bool = False, log=None) -> Path:
 
 
 def _run_harness(*, cfg, blob, packing, build, prompt, steps, stall_rate, cmd_stall_rate, mem_bandwidth,
-                 mem_latency, read_logits, seed, synthetic, trace, waves, progress) -> EngineRun:
+                 mem_latency, read_logits, seed, synthetic, trace, waves, progress, log) -> EngineRun:
     from mmfree_fpga.hw.engine import beat_bytes
     from mmfree_fpga.hw.weight_port import write_hex
     from mmfree_fpga.progress import Progress
-    binary = build_harness(build, fst=waves is not None)
+    binary = build_harness(build, fst=waves is not None, log=log)
     inputs = memory_model_inputs(stall_rate=stall_rate, mem_bandwidth=mem_bandwidth, mem_latency=mem_latency,
                                  synthetic=synthetic)
     n_feed = len(prompt) + steps - 1
@@ -338,13 +345,16 @@ def _run_harness(*, cfg, blob, packing, build, prompt, steps, stall_rate, cmd_st
         err_path = Path(tmp) / "stderr.txt"
         try:
             t0 = time.perf_counter()
-            with open(err_path, "w") as err, Progress(f"simulating ({binary.name})", quiet=not progress,
-                                                      unit="token") as bar:
-                proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
-                                        text=True, cwd=tmp)
+            with open(err_path, "w") as err, \
+                    Progress(f"simulating ({binary.name})", quiet=not progress, unit="token") as bar, \
+                    subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True,
+                                     cwd=tmp) as proc:
                 try:
-                    proc.stdin.write("\n".join(job))
-                    proc.stdin.close()
+                    try:
+                        proc.stdin.write("\n".join(job))
+                        proc.stdin.close()
+                    except BrokenPipeError:     # it stopped at once: its stderr says why (below)
+                        pass
                     for line in proc.stdout:
                         kind, *f = line.split()
                         if kind == "trace":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from mmfree_fpga.errors import UserError
 
@@ -24,13 +25,21 @@ def add_arguments(p) -> None:
     p.add_argument("--mem-latency", type=int, default=1, metavar="L", help="weight memory latency in cycles (default 1)")
     p.add_argument("--synthetic", action="store_true",
                    help="pseudo-random weights made up by the memory model (cycle counts only; the tokens are meaningless)")
+    p.add_argument("--waves", default=None, metavar="FILE",
+                   help="write a waveform: FST from Verilator (a separate tracing build, made once), VCD from "
+                        "Amaranth, VCD or FST (by the suffix) from Icarus")
+    p.add_argument("--waves-from", type=int, default=None, metavar="N",
+                   help="first clock cycle in the waveform (cycle 0 is the first reset cycle; default 0). "
+                        "Amaranth's file always starts at cycle 0")
+    p.add_argument("--waves-to", type=int, default=None, metavar="M",
+                   help="the waveform stops before clock cycle M (default: the end of the run)")
 
 
 def run(args) -> dict:
     from mmfree_fpga.config import ModelConfig
     from mmfree_fpga.hw.engine import check_geometry, ideal_cycles
     from mmfree_fpga.reference.checkpoint import DEMO_CHECKPOINT
-    from mmfree_fpga.sim.engine_sim import load_image, reference_tokens, run_engine
+    from mmfree_fpga.sim.engine_sim import Waves, check_waves, load_image, reference_tokens, run_engine
 
     if args.temperature > 0:
         raise UserError("sim decodes greedily (the engine's argmax); leave --temperature at 0")
@@ -40,6 +49,13 @@ def run(args) -> dict:
         raise UserError("--stall-rate must be in [0, 1)")
     if args.mem_bandwidth < 0 or args.mem_bandwidth > 255 or args.mem_latency < 1 or args.mem_latency > 60:
         raise UserError("--mem-bandwidth must be in [0, 255] bytes/cycle and --mem-latency in [1, 60] cycles")
+    waves = None
+    if args.waves is None:
+        if args.waves_from is not None or args.waves_to is not None:
+            raise UserError("--waves-from and --waves-to need --waves FILE")
+    else:
+        waves = Waves(Path(args.waves), args.waves_from or 0, args.waves_to)
+        check_waves(waves, args.simulator)
     checkpoint = args.checkpoint or DEMO_CHECKPOINT
     if args.synthetic:
         cfg, blob = ModelConfig.from_checkpoint(checkpoint), None
@@ -51,15 +67,20 @@ def run(args) -> dict:
     prompt, _ = prompt_and_sampler(args, cfg.V)
     r = run_engine(cfg=cfg, blob=blob, packing=args.packing, lanes=args.lanes, prompt=prompt, steps=args.steps,
                    simulator=args.simulator, stall_rate=args.stall_rate, mem_bandwidth=args.mem_bandwidth,
-                   mem_latency=args.mem_latency, synthetic=args.synthetic)
+                   mem_latency=args.mem_latency, synthetic=args.synthetic, waves=waves, progress=not args.quiet,
+                   log=None if args.quiet else lambda msg: print(f"sim: {msg}", flush=True))
     ideal = ideal_cycles(cfg, args.lanes)
-    total_cycles = r.sim_cycles or sum(r.cycles)
+    if r.sim_cycles and r.sim_wall_s:
+        cycles_per_s = r.sim_cycles / r.sim_wall_s
+    else:
+        cycles_per_s = sum(r.cycles) / r.sim_seconds if r.sim_seconds else None
     result = {
         "tokens": r.tokens,
         "cycles_per_token": r.cycles,
         "ideal_cycles_per_token": ideal,
         "ratio_to_ideal": max(r.cycles) / ideal,
-        "sim_cycles_per_s": total_cycles / r.sim_seconds if r.sim_seconds else None,
+        "sim_cycles_per_s": cycles_per_s,
+        "sim_cycles": r.sim_cycles,
         "simulator": r.simulator,
         "lanes": args.lanes,
         "packing": args.packing,
@@ -68,7 +89,11 @@ def run(args) -> dict:
         "argmax_logits": r.argmax_logits,
         "mem": {"bandwidth_bytes_per_cycle": args.mem_bandwidth or None, "latency": args.mem_latency,
                 "stall_rate": args.stall_rate},
+        "waves": None,
     }
+    if waves is not None:
+        result["waves"] = {"file": str(waves.path), "format": waves.path.suffix.lower()[1:],
+                           "from_cycle": 0 if args.simulator == "amaranth" else waves.first, "to_cycle": waves.end}
     if blob is not None:
         ref, _ = reference_tokens(cfg, blob, args.packing, prompt, args.steps)
         result["matches_integer_model"] = ref == r.tokens
@@ -77,6 +102,8 @@ def run(args) -> dict:
         print(f"{kind}tokens {r.tokens}")
         print(f"cycles/token {min(r.cycles)}..{max(r.cycles)}, ideal {ideal:.0f} "
               f"({result['ratio_to_ideal']:.3f}x), {r.simulator} at {result['sim_cycles_per_s'] or 0:.0f} cycles/s")
+        if waves is not None:
+            print(f"waveform in {waves.path}")
         if "matches_integer_model" in result:
             print("matches the integer model" if result["matches_integer_model"] else "DIFFERS from the integer model",
                   file=sys.stdout)
