@@ -103,6 +103,36 @@ def test_engine_verilator_short(images, name, packing, stall):
     _check(cfg, blob, packing, prompt, 4, run)
 
 
+def test_engine_verilator_stalls_change_timing_only(images):
+    """The C++ harness's idle cycles between commands (seeded) and the memory model's stalls: the
+    same tokens; command stalls leave the engine's own cycle counts alone and lengthen the run,
+    reproducibly for one seed; memory stalls lengthen every token."""
+    _skip_if_missing("verilator")
+    cfg, blob = load_image(images["demo"], "base3")
+
+    def run(**kw):
+        return run_engine(cfg=cfg, blob=blob, packing="base3", lanes=LANES, prompt=[100, 101], steps=2,
+                          simulator="verilator", build=SHARED_BUILD, **kw)
+    plain, idle, idle_again, slow = run(), run(cmd_stall_rate=0.5, seed=3), run(cmd_stall_rate=0.5, seed=3), \
+        run(stall_rate=0.2)
+    assert plain.tokens == idle.tokens == slow.tokens == reference_tokens(cfg, blob, "base3", [100, 101], 2)[0]
+    assert idle.cycles == plain.cycles and idle.sim_cycles > plain.sim_cycles
+    assert (idle_again.cycles, idle_again.sim_cycles) == (idle.cycles, idle.sim_cycles)
+    assert all(s > p for s, p in zip(slow.cycles, plain.cycles))
+
+
+@pytest.mark.slow
+def test_engine_verilator_cocotb_short(images):
+    """The cocotb testbench on Verilator (``cocotb=True``; the C++ harness is the default)."""
+    _skip_if_missing("verilator")
+    cfg, blob = load_image(images["d48_L1_I96_V100"], "base3")
+    prompt = [5, 9, 63, 0]
+    run = run_engine(cfg=cfg, blob=blob, packing="base3", lanes=LANES, prompt=prompt, steps=2, simulator="verilator",
+                     build=SHARED_BUILD, stall_rate=0.3, cmd_stall_rate=0.3, mem_latency=5, read_logits=READ_BACK,
+                     cocotb=True)
+    _check(cfg, blob, "base3", prompt, 2, run)
+
+
 def test_engine_icarus_short(images):
     _skip_if_missing("icarus")
     cfg, blob = load_image(images["tiny"], "base3")

@@ -95,7 +95,8 @@ def test_icarus_vcd_holds_the_window(tmp_path, tiny_checkpoint):
     (["--waves", "{dir}/run.vcd"], "verilator writes FST"),
     (["--waves", "{dir}/run.fst", "--simulator", "amaranth"], "amaranth writes VCD"),
     (["--waves", "{dir}/run.fst", "--waves-from", "5", "--waves-to", "5"], "--waves-from < --waves-to"),
-    (["--waves", "{dir}/run.fst", "--waves-from", "-1"], "--waves-from < --waves-to"),
+    (["--waves", "{dir}/run.fst", "--waves-from", "-1"], "--waves-from must be >= 0"),
+    (["--waves", "{dir}/run.fst", "--waves-from", "9", "--waves-to", "3"], "--waves-from < --waves-to"),
     (["--waves", "{dir}/missing/run.fst"], "does not exist or is not writable"),
     (["--waves-to", "100"], "need --waves FILE"),
 ])

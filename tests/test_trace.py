@@ -1,5 +1,6 @@
 """The engine's trace port: what its writer stores, captured in simulation, equals the integer
-model's vectors exactly (Amaranth's simulator here; Verilator in test_compare.py)."""
+model's vectors exactly (Amaranth's simulator and Verilator's C++ harness here; the demo model on
+Verilator in test_compare.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from mmfree_fpga.config import ModelConfig
 from mmfree_fpga.host.image import parse_image
 from mmfree_fpga.reference.checkpoint import save_checkpoint
 from mmfree_fpga.reference.compare import HARDWARE_VECTORS, hardware_trace, integer_trace
-from mmfree_fpga.sim.engine_sim import decode_trace, load_image, run_amaranth
+from mmfree_fpga.sim.engine_sim import decode_trace, load_image, run_amaranth, run_engine
+from mmfree_fpga.sim.runner import simulator_missing
 
 from conftest import random_model
 
@@ -36,6 +38,21 @@ def test_trace_amaranth_equals_integer_model(tmp_path):
     hw = hardware_trace(run.trace, cfg)
     _equal(hw, itg)
     assert run.sim_cycles >= sum(run.cycles)
+
+
+def test_trace_verilator_harness_equals_integer_model(tmp_path):
+    """The C++ harness captures the trace port too, with stalls on the memory and between commands
+    (the build is the demo's default one, shared with test_engine.py)."""
+    if simulator_missing("verilator"):
+        pytest.skip(simulator_missing("verilator"))
+    ck = save_checkpoint(random_model(TINY, seed=6), tmp_path / "ckpt")
+    cfg, blob = load_image(ck, "base3")
+    ids = [7, 0, 41]
+    run = run_engine(cfg=cfg, blob=blob, packing="base3", lanes=16, prompt=ids, steps=1, simulator="verilator",
+                     stall_rate=0.3, cmd_stall_rate=0.3, mem_latency=7, trace=True)
+    per_step = cfg.L * (5 * cfg.d + 2 * cfg.I) + cfg.V
+    assert [len(s) for s in run.trace] == [per_step] * len(ids)
+    _equal(hardware_trace(run.trace, cfg), integer_trace(parse_image(blob, cfg, "base3"), ids))
 
 
 def test_hardware_trace_marks_missing_and_repeated_rows():

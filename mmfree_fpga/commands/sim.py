@@ -7,7 +7,7 @@ from pathlib import Path
 
 from mmfree_fpga.errors import UserError
 
-from ._common import add_generation_arguments, prompt_and_sampler
+from ._common import add_generation_arguments, check_out_file, non_negative_int, prompt_and_sampler
 
 HELP = "simulate the engine's Verilog on a prompt (greedy); cycles per token against the ideal"
 
@@ -28,10 +28,10 @@ def add_arguments(p) -> None:
     p.add_argument("--waves", default=None, metavar="FILE",
                    help="write a waveform: FST from Verilator (a separate tracing build, made once), VCD from "
                         "Amaranth, VCD or FST (by the suffix) from Icarus")
-    p.add_argument("--waves-from", type=int, default=None, metavar="N",
+    p.add_argument("--waves-from", type=non_negative_int, default=None, metavar="N",
                    help="first clock cycle in the waveform (cycle 0 is the first reset cycle; default 0). "
                         "Amaranth's file always starts at cycle 0")
-    p.add_argument("--waves-to", type=int, default=None, metavar="M",
+    p.add_argument("--waves-to", type=non_negative_int, default=None, metavar="M",
                    help="the waveform stops before clock cycle M (default: the end of the run)")
 
 
@@ -54,7 +54,7 @@ def run(args) -> dict:
         if args.waves_from is not None or args.waves_to is not None:
             raise UserError("--waves-from and --waves-to need --waves FILE")
     else:
-        waves = Waves(Path(args.waves), args.waves_from or 0, args.waves_to)
+        waves = Waves(check_out_file(args.waves, "--waves"), args.waves_from or 0, args.waves_to)
         check_waves(waves, args.simulator)
     checkpoint = args.checkpoint or DEMO_CHECKPOINT
     if args.synthetic:
