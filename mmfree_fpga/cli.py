@@ -33,6 +33,7 @@ COMMANDS = {
     "build": "build",
     "program": "program",
     "serve": "serve",
+    "proxy": "proxy",
     "run": "run",
     "sim": "sim",
     "generate": "generate",
@@ -104,9 +105,10 @@ def _silence_stdout() -> None:
 
 
 def main(argv=None) -> int:
+    """Run one command line; returns the exit status (usage errors too: argparse's exit is caught)."""
     try:
         args = build_parser().parse_args(argv)
-    except SystemExit as e:   # --help (0) or a usage error (2), already printed
+    except SystemExit as e:   # --help (0) or a usage error (2, its one line already printed)
         return 0 if e.code is None else e.code if isinstance(e.code, int) else 2
     try:
         if args.json_out:
