@@ -133,7 +133,9 @@ def _check_parents(path: Path, option: str, shown=None) -> None:
 def check_out_dir(path, option: str = "--out") -> Path:
     """UserError unless ``path`` is an existing writable directory or can be created as one."""
     path = Path(path)
-    if path.exists() or path.is_symlink():
+    if path.is_symlink() and not path.exists():
+        raise UserError(f"{option} {path} is a broken symbolic link")
+    if path.exists():
         if not path.is_dir():
             raise UserError(f"{option} {path} is an existing file, not a directory; "
                             "name a directory (it is created if missing)")

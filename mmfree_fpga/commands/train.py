@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from ._common import check_out_dir, non_negative_int, positive_float, positive_int
+from ._common import check_out_dir, int_in, positive_float, positive_int
 
 HELP = "train a byte-level HGRN-bit model (the demo model's recipe) and save it as a checkpoint"
 
@@ -18,7 +18,7 @@ def add_arguments(p) -> None:
     p.add_argument("--batch", type=positive_int, default=32)
     p.add_argument("--seq", type=positive_int, default=128)
     p.add_argument("--lr", type=positive_float, default=4e-3)
-    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--seed", type=int_in(0, 2 ** 64 - 1), default=0, help="torch and numpy seed (0 .. 2**64-1)")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
 
 
