@@ -7,7 +7,7 @@ import time
 
 from mmfree_fpga.protocol import DEFAULT_BAUD
 
-from ._common import add_generation_arguments, prompt_and_sampler, stream_printer
+from ._common import add_generation_arguments, positive_float, positive_int, prompt_and_sampler, stream_printer
 
 HELP = ("stream a prompt to a device (a board's serial port or 'mmfree-fpga serve') and print the "
         "generated text as it arrives; loads the weights if the device lacks them")
@@ -17,9 +17,9 @@ def add_arguments(p) -> None:
     add_generation_arguments(p)
     p.add_argument("--device", required=True, metavar="URL",
                    help="the device: a serial port (/dev/ttyUSB1) or socket://127.0.0.1:PORT from 'serve'")
-    p.add_argument("--baud", type=int, default=DEFAULT_BAUD, metavar="N",
+    p.add_argument("--baud", type=positive_int, default=DEFAULT_BAUD, metavar="N",
                    help=f"serial baud rate, the boards' UART rate unless built otherwise (default {DEFAULT_BAUD})")
-    p.add_argument("--timeout", type=float, default=None, metavar="S",
+    p.add_argument("--timeout", type=positive_float, default=None, metavar="S",
                    help="fixed response timeout in seconds (default: adapts to the measured round trip)")
     p.add_argument("--no-load", action="store_true",
                    help="fail instead of loading the weights when the device lacks them or holds others")
@@ -35,10 +35,6 @@ def run(args) -> dict:
     from mmfree_fpga.progress import Progress
     from mmfree_fpga.reference.checkpoint import DEMO_CHECKPOINT
 
-    if args.timeout is not None and not args.timeout > 0:
-        raise UserError("--timeout must be > 0 seconds")
-    if args.steps < 0:
-        raise UserError("--steps must be >= 0")
     if args.no_load and args.force_load:
         raise UserError("give either --no-load or --force-load, not both")
     checkpoint = args.checkpoint or DEMO_CHECKPOINT
