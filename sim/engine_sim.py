@@ -39,7 +39,8 @@ from mmfree_fpga.config import ModelConfig
 
 __all__ = ["EngineBuild", "default_build", "EngineRun", "Waves", "load_image", "synthetic_image_info",
            "reference_tokens", "run_engine", "run_amaranth", "build_dir_for", "build_harness", "decode_trace",
-           "SIMULATORS", "WAVE_FORMATS", "HARNESS", "HARNESS_VERILATOR_ARGS"]
+           "check_waves", "memory_model_inputs", "SIMULATORS", "WAVE_FORMATS", "HARNESS", "HARNESS_VERILATOR_ARGS",
+           "HARNESS_FST_ARGS"]
 
 SIMULATORS = ("verilator", "icarus", "amaranth")
 # the gateware the engine is made of (a change to any of them means a new simulator build)
@@ -48,9 +49,10 @@ ENGINE_SOURCES = tuple(f"hw/{name}.py" for name in (
     "embed_scale", "argmax", "vector_common")) + ("mmfree_fpga/config.py", "reference/integer.py", "reference/packing.py")
 _BUILD_ROOT = Path(os.environ.get("MMFREE_SIM_BUILD", Path(tempfile.gettempdir()) / "mmfree-engine-sim")).absolute()
 HARNESS = Path(__file__).with_name("engine_harness.cpp")
-# Measured on the demo engine (16 lanes, 2-core machine; BENCHMARKS.md): Verilator's -O3 and g++ -O2
-# gain about 20% over Verilator's defaults (g++ -Os); g++ -O3, -march=native, -flto and the fast X
-# options change nothing measurable; --threads 2 is over 10x slower on 2 shared cores.
+# Measured on the demo engine (16 lanes, 8 token steps; best of 5 interleaved runs on a loaded 2-core
+# machine): these flags 1.31 M cycles/s; Verilator's defaults (g++ -Os) 1.09 M; g++ -O1 1.19 M; g++ -O3,
+# -march=native, -flto or no fast X options all within 3% of these (noise); --threads 2: 20 k (its
+# threads spin on 2 shared cores).
 HARNESS_VERILATOR_ARGS = ("-O3", "--x-assign", "fast", "--x-initial", "fast", "-CFLAGS", "-O2")
 # the waveform build: g++ -O1 (the last -O wins) compiles in 30 s instead of 42 and runs about 10%
 # slower outside the window (1.0 M cycles/s against 1.1 M); -O0 would be 18 s but 4x slower
@@ -210,7 +212,7 @@ def check_waves(waves: Waves, simulator: str) -> None:
                         f"(got {waves.first} .. {'the end' if waves.end is None else waves.end})")
     if path.is_dir():
         raise UserError(f"--waves {path} is a directory; give a file name")
-    parent = path.parent if str(path.parent) else Path(".")
+    parent = path.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise UserError(f"--waves {path}: the folder {parent} does not exist or is not writable")
     suffixes = WAVE_FORMATS[simulator]
@@ -222,7 +224,7 @@ def check_waves(waves: Waves, simulator: str) -> None:
 def _waves_tmp(waves: Waves) -> Path:
     """A temporary file beside the waveform (renamed onto it once the run succeeded)."""
     path = Path(waves.path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent if str(path.parent) else ".")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
