@@ -5,11 +5,15 @@
 // Command line: Vengine [+weights=FILE] [WAVES_FILE]; the job on stdin, the results on stdout.
 // The job is whitespace-separated `key value...` entries, in any order, ending with `run`:
 //
+//   cmd RESET_STATE FEED_TOKEN SET_PARAM INDEX_SHIFT ARG_SHIFT
+//                              the command encoding (hw/engine.py: EngineOp values, cmd_layout offsets)
+//   result TOKEN LOGIT CYCLES  bit offsets (multiples of 32) of the result fields (result_layout)
 //   mem BANDWIDTH_Q8 LATENCY STALL_RATE_X256 SYNTHETIC   the memory model's inputs
 //   cmd_stall RATE SEED        probability of an idle cycle before each command (and before taking
 //                              each result), drawn from a PRNG seeded with SEED
 //   trace 0|1                  report every cycle with trace__valid high
-//   waves FROM TO              (a --trace-fst build only) dump cycles FROM..TO-1 to WAVES_FILE (FST)
+//   waves FROM TO PERIOD       (a --trace-fst build only) dump cycles FROM..TO-1 to WAVES_FILE (FST),
+//                              a cycle lasting PERIOD ns
 //   watchdog N                 give up (exit 3) when a handshake or result waits N cycles
 //   param INDEX VALUE          one SET_PARAM (repeated; sent in the order given)
 //   prompt N ID...             the prompt
@@ -26,7 +30,8 @@
 //
 // One clock cycle: the inputs are set, the design settles with clk low, outputs are sampled (a
 // handshake happens when valid and ready are both high there), then clk rises. In a waveform,
-// cycle N is clk low at 10N ns and its rising edge at 10N+5 ns; cycle 0 is the first reset cycle.
+// cycle N is clk low from N * PERIOD ns and rises at (N + 1/2) * PERIOD; cycle 0 is the first reset
+// cycle.
 #include <chrono>
 #include <cinttypes>
 #include <cstdint>
@@ -46,14 +51,13 @@
 
 namespace {
 
-enum Op : uint64_t { RESET_STATE = 0, FEED_TOKEN = 1, LOAD_RESET = 2, SET_PARAM = 3 };
 const int RESET_CYCLES = 3;
 
-// 32-bit field K of a port, whatever C type Verilator gave it
+// the 32-bit field at bit OFFSET (a multiple of 32) of a port, whatever C type Verilator gave it
 template <typename T>
-uint32_t field32(const T& v, int k) { return (uint32_t)((uint64_t)v >> (32 * k)); }
+uint32_t field32(const T& v, unsigned offset) { return (uint32_t)((uint64_t)v >> offset); }
 template <std::size_t N>
-uint32_t field32(const VlWide<N>& v, int k) { return v[k]; }
+uint32_t field32(const VlWide<N>& v, unsigned offset) { return v[offset / 32]; }
 
 template <typename T>
 void put_hex(std::string& out, const T& v) {
@@ -75,12 +79,15 @@ void put_hex(std::string& out, const VlWide<N>& v) {
 }
 
 struct Job {
+    uint64_t op_reset_state = 0, op_feed_token = 0, op_set_param = 0;
+    unsigned index_shift = 0, arg_shift = 0, token_bit = 0, logit_bit = 0, cycles_bit = 0;
+    bool have_cmd = false, have_result = false;
     uint32_t mem_bandwidth = 0, mem_latency = 1, mem_stall_rate = 0, mem_synthetic = 0;
     double cmd_stall = 0.0;
     uint64_t seed = 1;
     bool trace = false;
     std::string waves;  // from the command line
-    uint64_t waves_from = 0, waves_to = 0;
+    uint64_t waves_from = 0, waves_to = 0, period = 0;
     uint64_t watchdog = UINT64_MAX;
     std::vector<std::pair<uint32_t, uint32_t>> params;
     std::vector<uint32_t> prompt, read_logits;
@@ -107,10 +114,18 @@ Job read_job(std::istream& in) {
     while (in >> key) {
         if (key == "run") return job;
         bool ok = true;
-        if (key == "mem") ok = bool(in >> job.mem_bandwidth >> job.mem_latency >> job.mem_stall_rate >> job.mem_synthetic);
+        if (key == "cmd") {
+            ok = bool(in >> job.op_reset_state >> job.op_feed_token >> job.op_set_param >> job.index_shift >>
+                      job.arg_shift);
+            job.have_cmd = true;
+        } else if (key == "result") {
+            ok = bool(in >> job.token_bit >> job.logit_bit >> job.cycles_bit) && job.token_bit % 32 == 0 &&
+                 job.logit_bit % 32 == 0 && job.cycles_bit % 32 == 0;
+            job.have_result = true;
+        } else if (key == "mem") ok = bool(in >> job.mem_bandwidth >> job.mem_latency >> job.mem_stall_rate >> job.mem_synthetic);
         else if (key == "cmd_stall") ok = bool(in >> job.cmd_stall >> job.seed);
         else if (key == "trace") ok = bool(in >> job.trace);
-        else if (key == "waves") ok = bool(in >> job.waves_from >> job.waves_to);
+        else if (key == "waves") ok = bool(in >> job.waves_from >> job.waves_to >> job.period);
         else if (key == "watchdog") ok = bool(in >> job.watchdog);
         else if (key == "param") {
             uint32_t i, v;
@@ -163,18 +178,18 @@ class Bench {
     }
 
     void run() {
-        for (auto& p : job_.params) command(SET_PARAM, p.first, p.second);
-        command(RESET_STATE);
+        for (auto& p : job_.params) command(job_.op_set_param, p.first, p.second);
+        command(job_.op_reset_state);
         std::vector<uint32_t> tokens = job_.prompt;
         const std::size_t feeds = job_.prompt.size() + job_.steps - 1;
         const uint64_t start_cycle = cycle_;
         const auto start = std::chrono::steady_clock::now();
         for (step_ = 0; step_ < feeds; step_++) {
-            command(FEED_TOKEN, 0, tokens[step_]);
+            command(job_.op_feed_token, 0, tokens[step_]);
             settle_until([this] { return top_.result___05Fvalid; });
-            const uint32_t token = field32(top_.result___05Fpayload, 0);
-            const uint32_t logit = field32(top_.result___05Fpayload, 1);
-            const uint32_t cycles = field32(top_.result___05Fpayload, 2);
+            const uint32_t token = field32(top_.result___05Fpayload, job_.token_bit);
+            const uint32_t logit = field32(top_.result___05Fpayload, job_.logit_bit);
+            const uint32_t cycles = field32(top_.result___05Fpayload, job_.cycles_bit);
             idle();
             top_.result___05Fready = 1;
             clock();
@@ -242,12 +257,12 @@ class Bench {
         }
 #if VM_TRACE
         const bool dump = fst_.isOpen() && cycle_ >= job_.waves_from && cycle_ < job_.waves_to;
-        if (dump) fst_.dump(10 * cycle_);
+        if (dump) fst_.dump(job_.period * cycle_);
 #endif
         top_.clk = 1;
         top_.eval();
 #if VM_TRACE
-        if (dump) fst_.dump(10 * cycle_ + 5);
+        if (dump) fst_.dump(job_.period * cycle_ + job_.period / 2);
 #endif
         cycle_++;
     }
@@ -260,7 +275,7 @@ class Bench {
     // a command: idle cycles, then valid until the engine takes it
     void command(uint64_t op, uint32_t index = 0, uint32_t arg = 0) {
         idle();
-        top_.cmd___05Fpayload = op | ((uint64_t)index << 3) | ((uint64_t)arg << 11);
+        top_.cmd___05Fpayload = op | ((uint64_t)index << job_.index_shift) | ((uint64_t)arg << job_.arg_shift);
         top_.cmd___05Fvalid = 1;
         settle_until([this] { return top_.cmd___05Fready; });
         edge();
@@ -293,6 +308,7 @@ int main(int argc, char** argv) {
         if (argv[k][0] != '+') job.waves = argv[k];
     if (job.prompt.empty()) fail("empty prompt");
     if (job.steps < 1) fail("steps must be at least 1");
+    if (!job.have_cmd || !job.have_result) fail("the job needs the cmd and result encodings");
     VerilatedContext ctx;
     ctx.commandArgs(argc, argv);
 #if VM_TRACE

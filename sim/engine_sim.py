@@ -264,6 +264,17 @@ def _sources(build: EngineBuild, directory: Path) -> list[Path]:
     return [top, store]
 
 
+def _encoding() -> dict:
+    """What a testbench needs of hw/engine.py to talk to the engine: the op codes it sends, the
+    bit offsets of ``cmd__payload``'s index and arg and of ``result__payload``'s fields."""
+    from mmfree_fpga.hw.engine import EngineOp, cmd_layout, result_layout
+    cmd, res = cmd_layout(), result_layout()
+    return {"RESET_STATE": EngineOp.RESET_STATE.value, "FEED_TOKEN": EngineOp.FEED_TOKEN.value,
+            "SET_PARAM": EngineOp.SET_PARAM.value, "index_shift": cmd["index"].offset,
+            "arg_shift": cmd["arg"].offset, "token_bit": res["token"].offset, "logit_bit": res["logit"].offset,
+            "cycles_bit": res["cycles"].offset}
+
+
 def memory_model_inputs(*, stall_rate: float, mem_bandwidth: float, mem_latency: int, synthetic: bool) -> dict:
     """The memory model's input ports (:class:`~mmfree_fpga.hw.weight_port.WeightMemory`) for these settings."""
     return {"mem_bandwidth": int(round(mem_bandwidth * 256)), "mem_latency": int(mem_latency),
@@ -321,10 +332,13 @@ def _run_harness(*, cfg, blob, packing, build, prompt, steps, stall_rate, cmd_st
     from mmfree_fpga.hw.weight_port import write_hex
     from mmfree_fpga.progress import Progress
     binary = build_harness(build, fst=waves is not None, log=log)
+    enc = _encoding()
     inputs = memory_model_inputs(stall_rate=stall_rate, mem_bandwidth=mem_bandwidth, mem_latency=mem_latency,
                                  synthetic=synthetic)
     n_feed = len(prompt) + steps - 1
-    job = [f"mem {inputs['mem_bandwidth']} {inputs['mem_latency']} {inputs['mem_stall_rate']} {inputs['mem_synthetic']}",
+    job = [f"cmd {enc['RESET_STATE']} {enc['FEED_TOKEN']} {enc['SET_PARAM']} {enc['index_shift']} {enc['arg_shift']}",
+           f"result {enc['token_bit']} {enc['logit_bit']} {enc['cycles_bit']}",
+           f"mem {inputs['mem_bandwidth']} {inputs['mem_latency']} {inputs['mem_stall_rate']} {inputs['mem_synthetic']}",
            f"cmd_stall {float(cmd_stall_rate)!r} {int(seed) & (2**64 - 1)}", f"trace {int(bool(trace))}",
            f"watchdog {_watchdog_cycles(cfg, build.lanes, inputs)}"]
     job += [f"param {i} {v}" for i, v in _param_commands(cfg, packing, build.lanes)]
@@ -342,7 +356,7 @@ def _run_harness(*, cfg, blob, packing, build, prompt, steps, stall_rate, cmd_st
         if waves is not None:
             tmp_waves = _waves_tmp(waves)
             argv.append(str(tmp_waves))
-            job.append(f"waves {waves.first} {2**64 - 1 if waves.end is None else waves.end}")
+            job.append(f"waves {waves.first} {2**64 - 1 if waves.end is None else waves.end} {PERIOD_NS}")
         job.append("run\n")
         err_path = Path(tmp) / "stderr.txt"
         try:
@@ -472,6 +486,7 @@ def _run_cocotb(*, cfg, blob, packing, build, prompt, steps, simulator, stall_ra
             "mem_inputs": memory_model_inputs(stall_rate=stall_rate, mem_bandwidth=mem_bandwidth,
                                               mem_latency=mem_latency, synthetic=synthetic),
             "read_logits": list(read_logits), "seed": seed, "trace": trace, "period_ns": PERIOD_NS,
+            "encoding": _encoding(),
         }
         (tmp / "job.json").write_text(json.dumps(job))
         out = tmp / "result.json"

@@ -22,12 +22,12 @@ from cocotb.clock import Clock
 from cocotb.triggers import ClockCycles, FallingEdge, ReadOnly, RisingEdge
 from cocotb.utils import get_sim_time
 
-# EngineOp values (hw/engine.py); not imported so the test module needs no Amaranth.
-RESET_STATE, FEED_TOKEN, LOAD_RESET, SET_PARAM = range(4)
+# The op codes and field offsets come in the job (engine_sim._encoding, from hw/engine.py), so
+# this module needs no Amaranth.
 
 
-def _cmd_word(op: int, index: int, arg: int) -> int:
-    return op | (index << 3) | (arg << 11)
+def _field32(word: int, offset: int) -> int:
+    return (word >> offset) & 0xFFFFFFFF
 
 
 def _signed32(v: int) -> int:
@@ -54,6 +54,7 @@ async def engine_job(dut):
     with open(os.environ["ENGINE_JOB"]) as f:
         job = json.load(f)
     rng = random.Random(job["seed"])
+    enc = job["encoding"]
     period_ns = job["period_ns"]
     Clock(dut.clk, period_ns, unit="ns", impl="gpi").start()
     dut.rst.value = 1
@@ -76,7 +77,7 @@ async def engine_job(dut):
     async def command(op, index=0, arg=0):
         await idle()
         await FallingEdge(dut.clk)
-        dut.cmd__payload.value = _cmd_word(op, index, arg)
+        dut.cmd__payload.value = op | (index << enc["index_shift"]) | (arg << enc["arg_shift"])
         dut.cmd__valid.value = 1
         while not int(dut.cmd__ready.value):
             await FallingEdge(dut.clk)
@@ -88,8 +89,8 @@ async def engine_job(dut):
         cocotb.start_soon(_capture_trace(dut, trace_sink))
 
     for index, value in job["params"]:
-        await command(SET_PARAM, index, value)
-    await command(RESET_STATE)
+        await command(enc["SET_PARAM"], index, value)
+    await command(enc["RESET_STATE"])
 
     prompt, steps = job["prompt"], job["steps"]
     tokens = list(prompt)
@@ -100,7 +101,7 @@ async def engine_job(dut):
         if trace_sink is not None:
             trace_sink[0] = []
             traces.append(trace_sink[0])
-        await command(FEED_TOKEN, 0, tokens[t])
+        await command(enc["FEED_TOKEN"], 0, tokens[t])
         if not int(dut.result__valid.value):
             await RisingEdge(dut.result__valid)
         await ReadOnly()
@@ -110,11 +111,11 @@ async def engine_job(dut):
         dut.result__ready.value = 1
         await FallingEdge(dut.clk)
         dut.result__ready.value = 0
-        token = payload & 0xFFFFFFFF
+        token = _field32(payload, enc["token_bit"])
         if t >= len(prompt) - 1:
             tokens.append(token)
-        argmax_logits.append(_signed32((payload >> 32) & 0xFFFFFFFF))
-        cycles.append((payload >> 64) & 0xFFFFFFFF)
+        argmax_logits.append(_signed32(_field32(payload, enc["logit_bit"])))
+        cycles.append(_field32(payload, enc["cycles_bit"]))
         got = {}
         for idx in job["read_logits"]:
             dut.logit_req__payload.value = idx
