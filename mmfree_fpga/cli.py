@@ -1,4 +1,4 @@
-"""The ``mmfree-fpga`` command line: thin over the library (see ../shared/CLI.md).
+"""The ``mmfree-fpga`` command line: thin over the library (the README lists the commands).
 
 Each command is a module in ``mmfree_fpga.commands`` with ``HELP``, ``add_arguments(parser)``
 and ``run(args) -> dict``; the dict is the JSON result written by ``--json-out``.
@@ -21,6 +21,7 @@ from pathlib import Path
 
 from .commands._common import check_out_file
 from .errors import UserError
+from .progress import set_quiet
 
 # command name -> module in mmfree_fpga.commands
 COMMANDS = {
@@ -110,6 +111,7 @@ def main(argv=None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:   # --help (0) or a usage error (2, its one line already printed)
         return 0 if e.code is None else e.code if isinstance(e.code, int) else 2
+    set_quiet(args.quiet)
     try:
         if args.json_out:
             check_out_file(args.json_out, "--json-out")

@@ -16,6 +16,7 @@ import torch
 
 from mmfree_fpga.config import ModelConfig
 from mmfree_fpga.errors import CheckpointError
+from mmfree_fpga.progress import track
 
 from .model import HGRNBitForCausalLM
 
@@ -49,13 +50,20 @@ def _short(e: BaseException, limit: int = 120) -> str:
     return text if len(text) <= limit else text[:limit - 3].rstrip() + "..."
 
 
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """``safetensors.torch.load_file``, one tensor at a time so a large file shows progress."""
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        names = list(f.keys())
+        return {name: f.get_tensor(name) for name in track(names, f"reading {path.name}", unit="tensor")}
+
+
 def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
     st, pt = directory / "model.safetensors", directory / "pytorch_model.bin"
     if st.is_file():
         from safetensors import SafetensorError
-        from safetensors.torch import load_file
         try:
-            return load_file(str(st))
+            return _load_safetensors(st)
         except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as e:
             raise CheckpointError(f"{st} is not a readable safetensors file ({_short(e)}); it is damaged or "
                                   "truncated: copy or export the checkpoint again") from None
@@ -110,7 +118,7 @@ def load_checkpoint(directory) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
         raise CheckpointError(f"checkpoint has unexpected tensor(s) {', '.join(unexpected[:3])}{more}; "
                               "is config.json from the same model?")
     out = {}
-    for name, shape in expected.items():
+    for name, shape in track(expected.items(), "checking tensors", total=len(expected), unit="tensor"):
         t = tensors[name]
         if tuple(t.shape) != shape:
             raise CheckpointError(f"tensor {name} has shape {tuple(t.shape)}, config.json implies {shape}")

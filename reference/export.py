@@ -22,6 +22,7 @@ import torch
 
 from mmfree_fpga.config import FORMATS, Formats, ModelConfig
 from mmfree_fpga.errors import CheckpointError, UserError
+from mmfree_fpga.progress import track
 
 from .integer import IntBitLinear, IntegerWeights, IntLayer
 from .model import lower_bound_values, weight_ternary
@@ -122,7 +123,7 @@ def integer_weights(cfg: ModelConfig, tensors: dict[str, torch.Tensor], fmt: For
            else torch.zeros(cfg.L, cfg.d, dtype=torch.float64)).numpy()
     one = 1 << fmt.gate_frac
     layers = []
-    for l in range(cfg.L):
+    for l in track(range(cfg.L), "ternarising layers", unit="layer"):
         p = f"model.layers.{l}."
         an, gn, mn = vec(p + "attn_norm.weight"), vec(p + "attn.g_norm.weight"), vec(p + "mlp_norm.weight")
         bl = lambda name, a, c_pre: _bitlinear(tensors[p + name + ".weight"].detach(), a, c_pre * vec(p + name + ".norm.weight"), fmt)  # noqa: E731
