@@ -40,6 +40,7 @@ class Progress:
     def __call__(self, done: int, total: int) -> None:
         if self._bar.total != total:
             self._bar.total = total
+            self._bar.refresh()
         self._bar.update(done - self._bar.n)
 
     def close(self) -> None:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from mmfree_fpga.config import FORMATS
+from mmfree_fpga.progress import track
 
 from .integer import IntegerModel, IntegerWeights
 from .model import BitLinear, HGRNBitForCausalLM
@@ -81,7 +82,7 @@ def float_trace(model: HGRNBitForCausalLM, ids: list[int]) -> list[dict]:
     try:
         state = model.init_state()
         out = []
-        for tok in ids:
+        for tok in track(ids, "float model", unit="token"):
             captured.clear()
             logits, state = model.step(tok, state)
             for l in range(model.config.L):
@@ -97,7 +98,7 @@ def float_trace(model: HGRNBitForCausalLM, ids: list[int]) -> list[dict]:
 def integer_trace(weights: IntegerWeights, ids: list[int]) -> list[dict]:
     model = IntegerModel(weights)
     out = []
-    for tok in ids:
+    for tok in track(ids, "integer model", unit="token"):
         layers: list = []
         logits = model.step(tok, trace=layers)
         out.append({"layers": [{op: t[op] for op in OPS} for t in layers], "logits": logits})
