@@ -6,8 +6,9 @@ protocol module defines them, and computes with ``reference/integer.py``'s ``Int
 from the weight image it was loaded with, parsed from the raw bytes by geometry and packing
 alone (``host/image.py``), as an engine does; it never sees a manifest.
 
-It is a serve backend (``receive``/``poll``/``power_cycle``/``close``): the RTL engine in a
-simulator will sit behind the same methods. Rules it keeps, and the fuzz test checks:
+It is a serve backend (``receive``/``poll``/``settle``/``power_cycle``/``close``;
+``host/backends.py``): the RTL engine in a simulator sits behind the same methods. Rules it
+keeps, and the fuzz test checks:
 
 * a rejected frame (bad CRC, unknown op, wrong length, bad argument, wrong position or
   offset, missing weights) is answered with a NAK and changes no state at all;
@@ -37,10 +38,10 @@ import numpy as np
 from mmfree_fpga.config import FORMATS, ModelConfig
 from mmfree_fpga.protocol import (
     DEVICE_MAGIC, FEED_TOKEN_REQUEST, FEED_TOKEN_RESPONSE, FRAME_IDLE_TIMEOUT_S, LOAD_BEGIN_REQUEST,
-    LOAD_BEGIN_RESPONSE, LOAD_CHUNK_HEADER, LOAD_CHUNK_RESPONSE, LOAD_COMMIT_RESPONSE, MAX_LOGITS_PER_READ,
-    MAX_PAYLOAD, MIN_DEVICE_PAYLOAD, NAK_PAYLOAD, NAK_RESPONSE, POSITION, PROTOCOL_VERSION, READ_LOGITS_HEADER,
-    READ_LOGITS_REQUEST, REQUEST_LENGTHS, RESPONSE, BadFrame, Error, Frame, FrameDecoder, Identity, Op,
-    Packing, Status, crc32_image, encode_frame, formats_id,
+    LOAD_BEGIN_RESPONSE, LOAD_CHUNK_HEADER, LOAD_CHUNK_RESPONSE, LOAD_COMMIT_RESPONSE, MAX_CHUNK,
+    MAX_LOGITS_PER_READ, MAX_PAYLOAD, MIN_DEVICE_PAYLOAD, NAK_PAYLOAD, NAK_RESPONSE, POSITION, PROTOCOL_VERSION,
+    READ_LOGITS_HEADER, READ_LOGITS_REQUEST, REQUEST_LENGTHS, RESPONSE, BadFrame, Error, Frame, FrameDecoder,
+    Identity, Op, Packing, Status, crc32_image, encode_frame, formats_id,
 )
 from mmfree_fpga.reference.export import IMAGE_VERSION
 from mmfree_fpga.reference.integer import IntegerModel
@@ -186,6 +187,13 @@ class DeviceModel:
                 out += self._answer(self._decoder.abandon())
             return out
 
+    def settle(self, timeout: float | None = None) -> int:
+        """The host went away: let a partial frame time out, as FRAME_IDLE_TIMEOUT_S of silence
+        would, and discard what that produces (answers to frames behind a false start, NAKs).
+        Every other answer left with ``receive``. Returns the bytes discarded."""
+        with self._lock:
+            return len(self.poll(math.inf))     # (any time later than the timeout)
+
     def close(self) -> None:
         pass
 
@@ -232,6 +240,8 @@ class DeviceModel:
         if command == Op.LOAD_CHUNK:
             if len(payload) <= LOAD_CHUNK_HEADER.size:
                 raise Rejected(Error.BAD_LENGTH, LOAD_CHUNK_HEADER.size + 1)
+            if len(payload) > LOAD_CHUNK_HEADER.size + MAX_CHUNK:
+                raise Rejected(Error.BAD_LENGTH, LOAD_CHUNK_HEADER.size + MAX_CHUNK)
         elif len(payload) != REQUEST_LENGTHS[command]:
             raise Rejected(Error.BAD_LENGTH, REQUEST_LENGTHS[command])
         return getattr(self, f"_op_{command.name.lower()}")(payload)

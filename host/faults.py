@@ -6,13 +6,17 @@ frames: drop, duplicate, hold back (the stream keeps its order, as a serial line
 garbage before a frame (sometimes with SYNC bytes and a header that passes its CRC-8, the
 worst case for a receiver), and a device reset before a host -> device frame (``on_reset``).
 Byte-level faults then hit every byte: corrupt (flip bits), drop, duplicate. Everything is
-drawn from a seeded ``random.Random``, so a failing run can be replayed.
+drawn from a seeded ``random.Random``, so a failing run can be replayed. ``stats`` counts
+``frames``, ``frames_corrupted`` (a copy arrived with a byte changed, lost or doubled),
+``frames_dropped`` / ``_duplicated`` / ``_delayed``, ``bytes_corrupted`` / ``_dropped`` /
+``_duplicated``, ``garbage_bytes`` and ``resets``.
 
 Two ways to use it, both between two transports:
 
 * ``FaultyLink(host_side, device_side, ...)``: in-process, e.g. between two ``pipe_pair`` ends;
 * ``TcpFaultProxy(target_port, ...)``: listens on 127.0.0.1 and forwards each client to
-  127.0.0.1:target_port (loopback addresses only, by construction).
+  127.0.0.1:target_port (loopback addresses only, by construction); ``mmfree-fpga proxy``
+  runs one.
 """
 
 from __future__ import annotations
@@ -26,9 +30,9 @@ from dataclasses import dataclass, field
 
 from mmfree_fpga.protocol import HEADER_LEN, MAX_PAYLOAD, SYNC, TRAILER_LEN, crc8_header
 
-from .transport import LinkClosed, SocketTransport, require_loopback
+from .transport import LinkClosed, LinkError, SocketTransport, require_loopback
 
-__all__ = ["FaultConfig", "FaultInjector", "FaultyLink", "TcpFaultProxy"]
+__all__ = ["FaultConfig", "FaultInjector", "FaultyLink", "TcpFaultProxy", "noisy_generation"]
 
 
 @dataclass
@@ -123,10 +127,14 @@ class FaultInjector:
         if rng.random() < c.frame_delay:
             st["frames_delayed"] += 1
             delay = rng.uniform(0.0, c.max_delay_s)
-        out.append((delay, self._byte_faults(frame)))
+        copies = [self._byte_faults(frame)]
+        out.append((delay, copies[0]))
         if rng.random() < c.frame_duplicate:
             st["frames_duplicated"] += 1
-            out.append((0.0, self._byte_faults(frame)))
+            copies.append(self._byte_faults(frame))
+            out.append((0.0, copies[1]))
+        if any(copy != frame for copy in copies):
+            st["frames_corrupted"] += 1      # a copy arrives with a byte changed, lost or doubled
         return out
 
     def _garbage(self) -> bytes:
@@ -238,7 +246,9 @@ class FaultyLink:
 class TcpFaultProxy:
     """A TCP proxy on 127.0.0.1 that forwards to 127.0.0.1:target_port through a FaultyLink.
 
-    One client at a time; its url is ``socket://127.0.0.1:<port>``. Stats add up over clients.
+    One client at a time (a new client ends the previous session); its url is
+    ``socket://127.0.0.1:<port>``. When either end of a session hangs up, the proxy closes the
+    other. Stats add up over clients. ``port`` 0 picks a free port.
     """
 
     def __init__(self, target_port: int, to_device: FaultConfig, to_host: FaultConfig, *,
@@ -247,10 +257,15 @@ class TcpFaultProxy:
         self.host = require_loopback(host)
         self.target = (require_loopback(target_host), target_port)
         self.to_device, self.to_host, self.seed, self.on_reset = to_device, to_host, seed, on_reset
-        self._sock = socket.create_server((host, port))
+        try:
+            self._sock = socket.create_server((host, port))
+        except OSError as e:
+            raise LinkError(f"cannot listen on {host}:{port}: {e.strerror or e}; pick another port "
+                            "(0 picks a free one)") from None
         self.port = self._sock.getsockname()[1]
         self._stop = threading.Event()
         self._links: list[FaultyLink] = []
+        self._lock = threading.Lock()
         self._clients = 0
         self.stats: Counter = Counter()
         self._thread = threading.Thread(target=self._serve, name="fault-proxy", daemon=True)
@@ -260,32 +275,47 @@ class TcpFaultProxy:
     def url(self) -> str:
         return f"socket://{self.host}:{self.port}"
 
+    @property
+    def clients(self) -> int:
+        """Clients accepted so far."""
+        return self._clients
+
+    def _retire(self, links) -> None:
+        for link in links:
+            link.close()
+            with self._lock:
+                self._links.remove(link)
+                self.stats += link.stats
+
     def _serve(self) -> None:
         import select
         try:
             while not self._stop.is_set():
+                # a session whose client or device hung up ends on both sides at once (the device
+                # server then knows its host is gone)
+                self._retire([link for link in self._links if link.stop_event.is_set()])
                 ready, _, _ = select.select([self._sock], [], [], 0.02)
                 if not ready:
                     continue
                 conn, _ = self._sock.accept()
+                self._retire(list(self._links))      # one client at a time: the newest
                 try:
                     upstream = socket.create_connection(self.target, timeout=5)
                 except OSError:
                     conn.close()
                     continue
-                for old in self._links:
-                    old.close()
-                    self.stats += old.stats
                 self._clients += 1
-                self._links = [FaultyLink(SocketTransport(conn, "proxy-client"),
-                                          SocketTransport(upstream, "proxy-upstream"),
-                                          self.to_device, self.to_host,
-                                          seed=self.seed * 1000 + self._clients, on_reset=self.on_reset)]
+                link = FaultyLink(SocketTransport(conn, "proxy-client"), SocketTransport(upstream, "proxy-upstream"),
+                                  self.to_device, self.to_host, seed=self.seed * 1000 + self._clients,
+                                  on_reset=self.on_reset)
+                with self._lock:
+                    self._links.append(link)
         finally:
             self._sock.close()
 
     def link_stats(self) -> Counter:
-        return self.stats + sum((link.stats for link in self._links), Counter())
+        with self._lock:
+            return self.stats + sum((link.stats for link in self._links), Counter())
 
     def close(self) -> None:
         self._stop.set()
@@ -298,3 +328,55 @@ class TcpFaultProxy:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def noisy_generation(device, image, prompt: list[int], steps: int, *, rate: float, seed: int,
+                     load_rate: float | None = None, force_load: bool = False, limit_s: float = 600.0) -> dict:
+    """A host session with ``device`` (a serve backend) over a noisy line, as ``mmfree-fpga serve``
+    and ``mmfree-fpga proxy`` would give it: ``device`` behind a ``TcpDeviceServer``, a
+    ``TcpFaultProxy`` (``seed``) in front, the driver through it, with faults
+    ``FaultConfig.noisy(rate)`` in both directions. The driver connects, loads ``image``
+    (``force_load``: even if the device holds it; at ``load_rate`` if given) and generates
+    ``steps`` greedy tokens after ``prompt``. A session that outlives ``limit_s`` is cut off
+    (the proxy closes) and raises TimeoutError.
+
+    Returns ``tokens`` (prompt + generated), ``faults`` (the proxy's stats), ``driver`` (the
+    driver's stats), ``wall_s`` (the session, from connecting to the last token).
+    """
+    from .driver import Driver
+    from .transport import TcpDeviceServer
+
+    to_device, to_host = FaultConfig.noisy(rate), FaultConfig.noisy(rate)
+    cut_off = threading.Event()
+
+    def set_rate(value: float) -> None:
+        for config in (to_device, to_host):      # the live injectors read these objects
+            for name, v in vars(FaultConfig.noisy(value)).items():
+                setattr(config, name, v)
+
+    with TcpDeviceServer(device) as server, \
+            TcpFaultProxy(server.port, to_device, to_host, seed=seed) as proxy:
+
+        def watchdog():
+            cut_off.set()
+            proxy.close()
+
+        timer = threading.Timer(limit_s, watchdog)
+        timer.start()
+        t0 = time.perf_counter()
+        try:
+            with Driver.open(proxy.url) as driver:
+                driver.connect(image.cfg)
+                set_rate(rate if load_rate is None else load_rate)
+                driver.ensure_weights(image, force=force_load)
+                set_rate(rate)
+                tokens = list(prompt) + list(driver.generate(list(prompt), steps))
+        except Exception as e:
+            if cut_off.is_set():
+                raise TimeoutError(f"the noisy session did not end within {limit_s:.0f} s") from e
+            raise
+        finally:
+            timer.cancel()
+        wall = time.perf_counter() - t0
+        faults = proxy.link_stats()
+    return {"tokens": tokens, "faults": dict(faults), "driver": driver.stats.as_dict(), "wall_s": wall}

@@ -296,7 +296,10 @@ class TcpDeviceServer:
     """A device backend as a byte stream on 127.0.0.1:port, one client at a time, like a UART.
 
     The device keeps its state (weights, position) across connections, as a board keeps it
-    when the host closes the port. A second client while one is connected is closed at once.
+    when the host closes the port. When a client leaves, the backend first finishes what that
+    client left it (``settle``: a partial frame times out, answers being computed go out) and
+    those bytes are discarded, so the next client hears nothing it did not ask for. A second
+    client while one is connected is closed at once (unless the first has hung up already).
     """
 
     def __init__(self, backend, port: int = 0, host: str = "127.0.0.1", poll_s: float = 0.01):
@@ -312,26 +315,40 @@ class TcpDeviceServer:
         self._thread: threading.Thread | None = None
         self.connections = 0
         self.refused = 0
+        self.discarded = 0          # bytes the device sent after their client had left
 
     @property
     def url(self) -> str:
         return f"socket://{self.host}:{self.port}"
 
+    @staticmethod
+    def _hung_up(conn: socket.socket) -> bool:
+        """The peer closed (or reset) ``conn``; unread bytes do not count as closing."""
+        try:
+            return conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+
+    def _hang_up(self, conn: socket.socket) -> None:
+        conn.close()
+        settle = getattr(self.backend, "settle", None)
+        if settle is not None:
+            self.discarded += settle()
+
     def serve_forever(self) -> None:
         client = None
+        fileno = getattr(self.backend, "fileno", None)
         try:
             while not self._stop.is_set():
-                watch = [self._sock] + ([client] if client is not None else [])
-                ready, _, _ = select.select(watch, [], [], self.poll_s)
+                fd = fileno() if fileno is not None else None
+                watch = [self._sock] + ([client] if client is not None else []) + ([fd] if fd is not None else [])
+                try:
+                    ready, _, _ = select.select(watch, [], [], self.poll_s)
+                except (OSError, ValueError):    # the backend restarted (power_cycle) under the select
+                    continue
                 now = time.monotonic()
-                if self._sock in ready:
-                    conn, _ = self._sock.accept()
-                    if client is None:
-                        client = conn
-                        self.connections += 1
-                    else:
-                        conn.close()
-                        self.refused += 1
                 out = b""
                 if client is not None and client in ready:
                     try:
@@ -339,7 +356,7 @@ class TcpDeviceServer:
                     except OSError:
                         data = b""
                     if not data:
-                        client.close()
+                        self._hang_up(client)
                         client = None
                         continue
                     out = self.backend.receive(data, now)
@@ -349,8 +366,21 @@ class TcpDeviceServer:
                     try:
                         client.sendall(out)
                     except OSError:
-                        client.close()
+                        self._hang_up(client)
                         client = None
+                elif out:
+                    self.discarded += len(out)
+                if self._sock in ready:
+                    conn, _ = self._sock.accept()
+                    if client is not None and self._hung_up(client):
+                        self._hang_up(client)
+                        client = None
+                    if client is None:
+                        client = conn
+                        self.connections += 1
+                    else:
+                        conn.close()
+                        self.refused += 1
         finally:
             if client is not None:
                 client.close()

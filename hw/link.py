@@ -94,7 +94,8 @@ every exchange test on both). Measured on the iCEBreaker's parameters (demo mode
   otherwise (a LOAD_COMMIT copies ``load_crc``, a LOAD_BEGIN drops the weights).
 
 Testbench observation points (not ports): ``idle`` (the parser waits for bytes and nothing is
-being sent) and ``state`` (name -> Signal of every register a command may change).
+being sent), ``in_frame`` (the parser is inside a frame: the idle timeout can drop it) and
+``state`` (name -> Signal of every register a command may change).
 
 Not byte-identical to the device model, by design: the boot id (a counter or a parameter, not
 random), ``cycles`` in FEED_TOKEN (the engine's count, the model says 0), and the moment a
@@ -119,7 +120,7 @@ from mmfree_fpga.config import FORMATS, ModelConfig
 from mmfree_fpga.protocol import (
     DEVICE_MAGIC, FEED_TOKEN_REQUEST, FEED_TOKEN_RESPONSE, FRAME_CRC, FRAME_IDLE_TIMEOUT_S, HEADER_CRC,
     HEADER_LEN, IDENTITY, IMAGE_CRC, LOAD_BEGIN_REQUEST, LOAD_BEGIN_RESPONSE, LOAD_CHUNK_HEADER,
-    LOAD_CHUNK_RESPONSE, LOAD_COMMIT_RESPONSE, MAX_LOGITS_PER_READ, MAX_PAYLOAD, MIN_DEVICE_PAYLOAD,
+    LOAD_CHUNK_RESPONSE, LOAD_COMMIT_RESPONSE, MAX_CHUNK, MAX_LOGITS_PER_READ, MAX_PAYLOAD, MIN_DEVICE_PAYLOAD,
     NAK_PAYLOAD, NAK_RESPONSE, POSITION, PROTOCOL_VERSION, READ_LOGITS_HEADER, READ_LOGITS_REQUEST,
     REQUEST_LENGTHS, RESPONSE, SYNC, TRAILER_LEN, Error, Identity, Op, Packing, Status, crc32_image,
     formats_id,
@@ -347,8 +348,10 @@ class Link(wiring.Component):
             "eng_logit_resp": In(stream.Signature(signed(32))),
         })
         # observation points for testbenches (not ports): ``idle`` (waiting for bytes, nothing
-        # to send) and every register of the device state a command may change
+        # to send), ``in_frame`` (a partial frame is held: its idle timeout counts) and every
+        # register of the device state a command may change
         self.idle = Signal()
+        self.in_frame = Signal()
         image_crc_init = crc32_image(image) if image is not None else 0
         self.state = {
             "position": Signal(32), "logits_valid": Signal(),
@@ -663,6 +666,10 @@ class Link(wiring.Component):
                     else:
                         m.d.comb += req_len_ok.eq(length == REQUEST_LENGTHS[c])
         len_ok = flag(req_len_ok, "len_ok")
+        # a LOAD_CHUNK with more than MAX_CHUNK data bytes (BAD_LENGTH, arg the longest); only a
+        # device whose max_payload admits so long a frame can receive one
+        chunk_max = LOAD_CHUNK_HEADER.size + MAX_CHUNK
+        chunk_long = flag(length > chunk_max, "chunk_long") if self.max_payload > chunk_max else None
         # the opcode, registered as 1 + its index in ``commands`` (0: unknown)
         op_index = {c: i + 1 for i, c in enumerate(commands)}
         op_code = Signal(range(len(commands) + 1))
@@ -774,7 +781,9 @@ class Link(wiring.Component):
         arg_cases = []                    # (op, (cond, err, arg index) in priority order)
         for c in commands:
             expected_len = LOAD_CHUNK_HEADER.size + 1 if c == Op.LOAD_CHUNK else REQUEST_LENGTHS[c]
-            arg_cases.append((c, [(~len_ok, Error.BAD_LENGTH, arg_index(expected_len))]
+            too_long = ([(chunk_long, Error.BAD_LENGTH, arg_index(chunk_max))]
+                        if c == Op.LOAD_CHUNK and chunk_long is not None else [])
+            arg_cases.append((c, too_long + [(~len_ok, Error.BAD_LENGTH, arg_index(expected_len))]
                               + [(cond, err, arg_index(arg)) for cond, err, arg in checks[c]]))
         nak_arg_sel = Signal(range(len(arg_values)))
         with m.If(in_trailer):
@@ -988,7 +997,7 @@ class Link(wiring.Component):
             ready_byte = got
         # the idle timeout inside a frame, registered: while the parser waits it takes no byte
         # and stays in its state, so the next cycle drops the frame in the state that timed out
-        in_frame = Signal()
+        in_frame = self.in_frame
         timed_out = Signal()
         m.d.sync += timed_out.eq(waiting & idle_expired & in_frame)
 

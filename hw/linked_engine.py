@@ -11,6 +11,14 @@ control interface. Only the port adaptation lives here:
   ``logit``, ``cycles``);
 * ``Link.eng_logit_req`` / ``eng_logit_resp`` <-> ``Engine.logit_req`` / ``logit_resp``.
 
+Activity (``activity_ports=True``, for simulation: ``sim/pipe_harness.cpp`` paces its clock by
+them; board tops leave them out):
+
+* ``idle``: nothing happens until a byte arrives: the Link's parser waits for bytes with
+  nothing to send (its ``idle`` observation point) and the engine takes commands (not
+  computing, no result waiting);
+* ``in_frame``: the Link holds a partial frame, whose idle timeout counts cycles.
+
 Weights: without ``image`` the engine starts without weights (its RAM is written only through
 ``load``), as the Link reports after reset. With ``image`` (the exported weight image) the
 engine's RAM is initialised with it (block RAM contents in the bitstream, e.g. on ECP5) and the
@@ -46,12 +54,14 @@ class LinkedEngine(wiring.Component):
     -------
     i_stream : In(stream.Signature(8))    bytes from the host
     o_stream : Out(stream.Signature(8))   bytes to the host
+    idle : Out(1)                         (``activity_ports`` only) see the module docstring
+    in_frame : Out(1)                     (``activity_ports`` only) see the module docstring
     """
 
     def __init__(self, cfg: ModelConfig, *, lanes: int = 16, packing: str = "base3",
                  max_payload: int = MAX_PAYLOAD, step_time_ms: int = 0, clk_freq: float = 12e6,
                  idle_timeout_cycles: int | None = None, boot_id: int | None = None,
-                 image: bytes | None = None, tiny: bool = False, **engine_kw):
+                 image: bytes | None = None, tiny: bool = False, activity_ports: bool = False, **engine_kw):
         # the tiny engine's boards (iCE40UP5K) also take the Link's small form (bit-serial CRCs,
         # a response ROM: fewer logic cells, same bytes on the wire)
         self.link = Link(cfg, packing=packing, lanes=lanes, max_payload=max_payload, step_time_ms=step_time_ms,
@@ -62,7 +72,11 @@ class LinkedEngine(wiring.Component):
             self.engine = TinyEngine(cfg, packing=packing, image=image, **engine_kw)
         else:
             self.engine = Engine(cfg, lanes=lanes, packing=packing, image=image, **engine_kw)
-        super().__init__({"i_stream": In(stream.Signature(8)), "o_stream": Out(stream.Signature(8))})
+        members = {"i_stream": In(stream.Signature(8)), "o_stream": Out(stream.Signature(8))}
+        if activity_ports:
+            members |= {"idle": Out(1), "in_frame": Out(1)}
+        self.activity_ports = activity_ports
+        super().__init__(members)
 
     def elaborate(self, platform):
         m = Module()
@@ -90,4 +104,7 @@ class LinkedEngine(wiring.Component):
 
         wiring.connect(m, link.eng_logit_req, engine.logit_req)
         wiring.connect(m, engine.logit_resp, link.eng_logit_resp)
+
+        if self.activity_ports:
+            m.d.comb += [self.idle.eq(link.idle & engine.cmd.ready), self.in_frame.eq(link.in_frame)]
         return m

@@ -362,6 +362,77 @@ def projection_section(quick: bool) -> Section:
     return s
 
 
+def link_faults_section(quick: bool) -> Section:
+    """Both serve backends on a noisy line (issue 18): the host driver through the fault proxy,
+    same seeds, until enough frames were corrupted; tokens against reference --integer."""
+    import tempfile
+    from pathlib import Path
+
+    from .config import ModelConfig
+    from .host.backends import make_backend
+    from .host.faults import noisy_generation
+    from .host.image import WeightImage
+    from .host.testing import random_checkpoint, reference_tokens
+    from .protocol import FRAME_IDLE_TIMEOUT_S
+    from .sim.pipe import PIPE_CLOCK_HZ
+    from .sim.runner import simulator_missing
+
+    rate, steps, prompt = 0.01, 200, [1, 2, 3, 4]
+    target = 1_000 if quick else 10_000          # corrupted frames per backend
+    s = Section("Noisy serial line: both serve backends through the fault proxy",
+                "mmfree-fpga bench --only link_faults",
+                ["backend", "fault rate", "sessions", "frames", "frames corrupted", "frames dropped",
+                 "retransmissions", "tokens", "tokens identical to reference --integer", "wall s"])
+    # a small engine (16 lanes divide d and I), so that Verilator serves it quickly
+    cfg = ModelConfig(vocab_size=256, hidden_size=32, num_hidden_layers=2, intermediate_size=64)
+    load = _load()
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = random_checkpoint(Path(tmp) / "ckpt", cfg, seed=18)
+        image = WeightImage.from_checkpoint(ckpt, "base3")
+        want = reference_tokens(ckpt, prompt, steps)
+        for name in ("model", "rtl"):
+            missing = simulator_missing("verilator") if name == "rtl" else None
+            if missing:
+                s.rows.append([name, rate, "", "", "", "", "", "", f"not run: {missing}", ""])
+                continue
+            device = make_backend(name, cfg, "base3", None, lanes=16)
+            totals = dict(sessions=0, frames=0, corrupted=0, dropped=0, retransmits=0, tokens=0, same=0, wall=0.0)
+            try:
+                seed = 7
+                while totals["corrupted"] < target:
+                    r = noisy_generation(device, image, prompt, steps, rate=rate, seed=seed, force_load=True)
+                    seed += 1
+                    totals["sessions"] += 1
+                    totals["frames"] += r["faults"].get("frames", 0)
+                    totals["corrupted"] += r["faults"].get("frames_corrupted", 0)
+                    totals["dropped"] += r["faults"].get("frames_dropped", 0)
+                    totals["retransmits"] += r["driver"]["retransmits"]
+                    totals["tokens"] += steps
+                    totals["same"] += steps if r["tokens"] == want else 0
+                    totals["wall"] += r["wall_s"]
+            finally:
+                device.close()
+            s.rows.append([name, rate, totals["sessions"], totals["frames"], totals["corrupted"], totals["dropped"],
+                           totals["retransmits"], totals["tokens"],
+                           "all" if totals["same"] == totals["tokens"] else f"{totals['same']} (NOT all)",
+                           totals["wall"]])
+    s.notes.append(f"Each session: 'mmfree-fpga serve' (model or rtl backend) behind the fault proxy ('mmfree-fpga "
+                   f"proxy --rate {rate}': {rate:.0%} of the bytes corrupted and {rate:.0%} of the frames dropped, "
+                   f"duplicated, delayed and preceded by garbage, in both directions), the host driver through it: "
+                   f"connect, load the {image.size:,}-byte image, {steps} greedy tokens; sessions with seeds 7, 8, "
+                   f"... (the same for both backends) until {target:,} frames were corrupted. A frame counts as "
+                   "corrupted when a copy of it arrived with a byte changed, lost or doubled; frames dropped are "
+                   "counted apart.")
+    s.notes.append(f"The rtl backend is the board design's generated Verilog in Verilator at a nominal "
+                   f"{PIPE_CLOCK_HZ / 1e3:g} kHz clock: the harness paces the clock to that while a partial frame "
+                   f"waits, so the Link drops it after {FRAME_IDLE_TIMEOUT_S * 1e3:g} ms of wall time, as the device "
+                   "model does (issue 18: at 12 MHz the timeout took seconds of wall time and a garbled frame "
+                   "never died).")
+    s.notes.append(f"Wall time is the sessions' (connect to last token) and depends on the machine ({load} when the "
+                   "section started); retransmissions are the driver's.")
+    return s
+
+
 SECTIONS: dict[str, Callable[[bool], Section]] = {
     "agreement": agreement_section,
     "packing": packing_section,
@@ -371,4 +442,5 @@ SECTIONS: dict[str, Callable[[bool], Section]] = {
     "sim_speed": sim_speed_section,
     "boards": boards_section,
     "projection": projection_section,
+    "link_faults": link_faults_section,
 }

@@ -55,9 +55,9 @@ Commands (request payload -> response payload; all fields little-endian)::
                                                         rejected op u8, arg u32
 
 Before a command runs, the device checks, in this order (the first failure is the NAK): the
-opcode (UNKNOWN_OP), the payload length (BAD_LENGTH, arg = the length expected, for
-LOAD_CHUNK the minimum 5), then per command as listed below. Every check comes before any
-change of state.
+opcode (UNKNOWN_OP), the payload length (BAD_LENGTH, arg = the length expected; for
+LOAD_CHUNK the minimum 5 when it is shorter, the maximum 4 + MAX_CHUNK when it is longer), then
+per command as listed below. Every check comes before any change of state.
 
 * IDENTIFY: answered in any state. ``Identity`` (wire order): magic "HGRB", protocol version
   major/minor, a boot id (new after every power-up or reset), the geometry the engine was built

@@ -156,12 +156,23 @@ def test_every_rejection_is_a_nak_and_changes_nothing(image):
     rejected(P.Op.LOAD_CHUNK, P.LOAD_CHUNK_HEADER.pack(0), P.Error.BAD_LENGTH, 5)
 
     host.ok(P.Op.LOAD_BEGIN, P.LOAD_BEGIN_REQUEST.pack(image.size, image.crc32 ^ 1))
+    # more than MAX_CHUNK data bytes (a frame the payload limit still admits): a length error
+    # with the longest LOAD_CHUNK, before the load's own checks; MAX_CHUNK itself is taken
+    longest = P.LOAD_CHUNK_HEADER.size + P.MAX_CHUNK
+    assert longest < P.MAX_PAYLOAD
+    for n in (longest + 1, P.MAX_PAYLOAD):
+        rejected(P.Op.LOAD_CHUNK, P.LOAD_CHUNK_HEADER.pack(0) + image.blob[:n - P.LOAD_CHUNK_HEADER.size],
+                 P.Error.BAD_LENGTH, longest)
     rejected(P.Op.LOAD_CHUNK, P.LOAD_CHUNK_HEADER.pack(16) + b"x", P.Error.BAD_OFFSET, 0)
     rejected(P.Op.LOAD_COMMIT, b"", P.Error.INCOMPLETE, 0)
     host.ok(P.Op.LOAD_CHUNK, P.LOAD_CHUNK_HEADER.pack(0) + image.blob[:1000])
     rejected(P.Op.LOAD_CHUNK, P.LOAD_CHUNK_HEADER.pack(0) + image.blob[:10], P.Error.BAD_OFFSET, 1000)
+    assert P.LOAD_CHUNK_RESPONSE.unpack(host.ok(P.Op.LOAD_CHUNK, P.LOAD_CHUNK_HEADER.pack(1000)
+                                                + image.blob[1000:1000 + P.MAX_CHUNK])) == (1000 + P.MAX_CHUNK,)
+    rejected(P.Op.LOAD_CHUNK, P.LOAD_CHUNK_HEADER.pack(1000 + P.MAX_CHUNK) + bytes(P.MAX_CHUNK + 1),
+             P.Error.BAD_LENGTH, longest)
     tail = image.size - 100
-    for offset in range(1000, tail, 1000):
+    for offset in range(1000 + P.MAX_CHUNK, tail, 1000):
         host.ok(P.Op.LOAD_CHUNK, P.LOAD_CHUNK_HEADER.pack(offset) + image.blob[offset:min(offset + 1000, tail)])
     rejected(P.Op.LOAD_CHUNK, P.LOAD_CHUNK_HEADER.pack(tail) + bytes(200), P.Error.BAD_ARGUMENT, 100)
     host.ok(P.Op.LOAD_CHUNK, P.LOAD_CHUNK_HEADER.pack(tail) + image.blob[tail:])
@@ -242,6 +253,26 @@ def test_partial_frame_is_dropped_after_the_idle_timeout(image):
     out = dev.poll(now=12.0 + 2 * P.FRAME_IDLE_TIMEOUT_S)
     events = P.FrameDecoder().feed(out)
     assert [e.op for e in events] == [P.Op.IDENTIFY | P.RESPONSE]
+
+
+def test_settle_drops_what_a_departed_host_left_and_keeps_the_state(image):
+    """settle(): the partial frame a host left times out at once (as FRAME_IDLE_TIMEOUT_S of
+    silence would drop it) and what that produces is discarded; the weights and the position stay."""
+    dev = DeviceModel(image.cfg, "base3", seed=6)
+    dev.load_image(image.blob)
+    host = Host(dev)
+    host.feed(0, 7)
+    assert dev.settle() == 0                       # nothing left behind
+    false_start = bytes((P.SYNC, 9, P.Op.IDENTIFY, 60, 0))
+    false_start += bytes((P.crc8_header(false_start[1:]),))
+    feed = P.encode_frame(5, P.Op.FEED_TOKEN, P.FEED_TOKEN_REQUEST.pack(1, 8))
+    assert dev.receive(false_start + feed, now=host.now) == b""   # the feed hides in the false start
+    before = dev.stats["tokens"]
+    discarded = dev.settle()
+    # the rescan behind the dropped false start found the feed and ran it; its answer went nowhere
+    assert discarded == P.FRAME_OVERHEAD + P.FEED_TOKEN_RESPONSE.size and dev.stats["tokens"] == before + 1
+    assert dev._decoder.pending == 0 and dev.position == 2 and dev.weights_loaded
+    assert host.feed(2, 9)[0] == 3
 
 
 def test_device_with_a_small_buffer_says_so(image):

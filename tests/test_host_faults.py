@@ -2,6 +2,7 @@
 garbage and device resets; tokens must equal the integer reference and the run must finish."""
 
 import random
+import socket
 import time
 from contextlib import contextmanager
 
@@ -178,3 +179,71 @@ def test_200_tokens_with_faults_and_resets(image, reference):
         assert link.to_device.stats["resets"] == 5 and driver.stats.device_resets >= 2
         assert driver.stats.recoveries >= 1
     assert tokens == reference
+
+
+# -- mmfree-fpga proxy ---------------------------------------------------------------------------
+
+def _error_line(capsys, argv) -> str:
+    from mmfree_fpga.cli import main
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"mmfree-fpga {argv[0]}: error: "), err
+    return err[0]
+
+
+def test_proxy_command_between_run_and_a_served_device(image, reference, tmp_path):
+    """``mmfree-fpga proxy`` in front of a served device: the driver through it gets the reference
+    tokens; Ctrl-C stops it (exit 0) and its JSON counts the faults it made."""
+    import json
+    import queue
+    import re
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    dev = DeviceModel(image.cfg, "base3")
+    out_json = tmp_path / "proxy.json"
+    with TcpDeviceServer(dev) as server:
+        proc = subprocess.Popen([sys.executable, "-m", "mmfree_fpga.cli", "proxy", "--target", server.url,
+                                 "--rate", "0.01", "--seed", "3", "--json-out", str(out_json)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        lines: "queue.Queue[str]" = queue.Queue()
+        threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+        try:
+            url = re.search(r"proxy on (socket://127\.0\.0\.1:\d+)", lines.get(timeout=60)).group(1)
+            with Driver.open(url) as driver:
+                tokens = _generate(driver, image, 40)
+        finally:
+            proc.send_signal(signal.SIGINT)
+            try:
+                rc = proc.wait(timeout=30)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                errors = proc.stderr.read()
+                proc.stdout.close()
+                proc.stderr.close()
+    assert rc == 0, errors
+    assert tokens == reference[:len(PROMPT) + 40]
+    result = json.loads(out_json.read_text())
+    assert result["url"] == url and result["target"] == server.url and result["clients"] == 1
+    assert result["to_device"]["byte_corrupt"] == 0.01 and result["stats"]["frames"] > 100
+    assert result["stats"]["bytes_corrupted"] > 0 and driver.stats.retransmits > 0
+
+
+def test_proxy_errors_are_one_line_and_exit_2(capsys):
+    with socket.socket() as idle:
+        idle.bind(("127.0.0.1", 0))
+        port = idle.getsockname()[1]           # bound, not listening: nothing answers there
+        assert "nothing listens at 127.0.0.1" in _error_line(capsys, ["proxy", "--target", str(port)])
+    assert "not a TCP port" in _error_line(capsys, ["proxy", "--target", "70000"])
+    assert "loopback" in _error_line(capsys, ["proxy", "--target", "socket://192.0.2.1:80"])
+    assert "not a probability" in _error_line(capsys, ["proxy", "--target", "1", "--rate", "2"])
+    assert "NAME=P" in _error_line(capsys, ["proxy", "--target", "1", "--fault", "bogus=0.1"])
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        assert "cannot listen on 127.0.0.1" in _error_line(
+            capsys, ["proxy", "--target", str(busy.getsockname()[1]), "--port", str(busy.getsockname()[1])])

@@ -25,7 +25,7 @@ from mmfree_fpga.hw.link import (LFSR_TAPS, EngineCommand, Link, engine_command_
                                  lfsr_jump, lfsr_step, ring_depth,
                                  struct_fields)
 from mmfree_fpga.protocol import (
-    FEED_TOKEN_REQUEST, IDENTITY, LOAD_BEGIN_REQUEST, LOAD_CHUNK_HEADER, MAX_PAYLOAD, MIN_DEVICE_PAYLOAD,
+    FEED_TOKEN_REQUEST, IDENTITY, LOAD_BEGIN_REQUEST, LOAD_CHUNK_HEADER, MAX_CHUNK, MAX_PAYLOAD, MIN_DEVICE_PAYLOAD,
     NAK_PAYLOAD, NAK_RESPONSE, READ_LOGITS_REQUEST, RESPONSE, SYNC, Error, Frame, FrameDecoder,
     Identity, Op, crc8_header, crc32_image, encode_frame,
 )
@@ -474,6 +474,37 @@ def test_every_nak_case(image, small_too):
         assert model.stats["nak_BAD_ARGUMENT"] >= 7
 
     simulate(link, body, seed=7)
+
+
+def test_load_chunk_longer_than_max_chunk(image, small):
+    """A LOAD_CHUNK with more than MAX_CHUNK data bytes, in a frame that max_payload still admits:
+    NAK BAD_LENGTH with the longest LOAD_CHUNK as its argument, whatever the load's state, as the
+    device model answers it; nothing changes."""
+    longest = LOAD_CHUNK_HEADER.size + MAX_CHUNK
+    assert longest < MAX_PAYLOAD
+    link, model = make_link(MAX_PAYLOAD, small=small), make_model(MAX_PAYLOAD)
+
+    async def body(ctx, bench):
+        s = Session(ctx, bench, model)
+        state = list(link.state.values())
+        for n in (longest + 1, MAX_PAYLOAD):
+            await s.nak(Op.LOAD_CHUNK, LOAD_CHUNK_HEADER.pack(0) + bytes(n - LOAD_CHUNK_HEADER.size),
+                        Error.BAD_LENGTH, longest)
+        await s.expect(Op.LOAD_BEGIN, LOAD_BEGIN_REQUEST.pack(len(image), crc32_image(image)))
+        await s.expect(Op.LOAD_CHUNK, LOAD_CHUNK_HEADER.pack(0) + image[:10])
+        before = (await bench.peek(ctx, state), bench.engine.snapshot())
+        for n in (longest + 1, MAX_PAYLOAD):
+            data = (image[10:] + bytes(n))[:n - LOAD_CHUNK_HEADER.size]
+            await s.nak(Op.LOAD_CHUNK, LOAD_CHUNK_HEADER.pack(10) + data, Error.BAD_LENGTH, longest)
+        assert (await bench.peek(ctx, state), bench.engine.snapshot()) == before
+        # MAX_CHUNK data bytes is a LOAD_CHUNK's longest: checked further (here: past the image)
+        await s.nak(Op.LOAD_CHUNK, LOAD_CHUNK_HEADER.pack(10) + bytes(MAX_CHUNK), Error.BAD_ARGUMENT,
+                    len(image) - 10)
+        await s.expect(Op.LOAD_CHUNK, LOAD_CHUNK_HEADER.pack(10) + image[10:])
+        await s.expect(Op.LOAD_COMMIT)
+        assert bytes(bench.engine.image) == image
+
+    simulate(link, body, seed=13, backpressure=False)
 
 
 def test_last_position_cannot_advance(image, small):

@@ -50,3 +50,57 @@ def test_sampling_on_the_host_from_rtl_logits(served, tmp_path):
                  "--temperature", "0.9", "--top-k", "8", "--seed", "3", "--quiet", "--json-out", str(out)]) == 0
     want = reference_tokens(ckpt, [1, 2, 3], 6, Sampler(temperature=0.9, top_k=8, seed=3))
     assert json.loads(out.read_text())["tokens"] == want
+
+
+def test_serve_waves_writes_an_fst_of_the_window(tmp_path):
+    """``serve --waves``: a Verilator build with FST tracing (its own cached binary) dumps the
+    board design's signals for the cycles asked for (cycle N at N periods of the nominal clock);
+    the design answers as the plain build does."""
+    import struct
+
+    from mmfree_fpga.errors import UserError
+    from mmfree_fpga.host.backends import make_backend
+    from mmfree_fpga.protocol import IDENTITY, Identity, Op, FrameDecoder, encode_frame
+    from mmfree_fpga.sim.pipe import PIPE_CLOCK_HZ
+    fst = tmp_path / "serve.fst"
+    first, end = 20, 120        # (an IDENTIFY exchange alone takes a few hundred cycles)
+    try:
+        backend = make_backend("rtl", RTL_CONFIG, "base3", None, lanes=16, waves=fst, waves_from=first,
+                               waves_to=end)
+    except UserError as e:          # no lz4/zlib development files for Verilator's FST writer
+        pytest.skip(str(e))
+    try:
+        assert backend.binary.name.startswith("Vpipe-fst-")
+        decoder, frames = FrameDecoder(), []
+        backend.receive(encode_frame(1, Op.IDENTIFY), 0.0)
+        for _ in range(200):
+            frames += decoder.feed(backend.sim.recv(0.05))
+            if frames:
+                break
+        assert [f.op for f in frames] == [Op.IDENTIFY | 0x80] and len(frames[0].payload) == IDENTITY.size
+        assert Identity.unpack(frames[0].payload).vocab_size == RTL_CONFIG.V
+    finally:
+        backend.close()
+    head = fst.read_bytes()[:74]
+    # the FST header block (fstapi.c): type 0, length, start time, end time, ..., timescale exponent
+    block, _, start, stop = struct.unpack(">BQQQ", head[:25])
+    period = round(1e9 / PIPE_CLOCK_HZ)
+    assert block == 0 and struct.unpack("b", head[73:74])[0] == -9        # ns
+    assert (start, stop) == (period * first, period * (end - 1) + period // 2)
+
+
+def test_serve_waves_errors_are_one_line_and_exit_2(tmp_path, capsys):
+    from mmfree_fpga.cli import main
+
+    def error(argv):
+        assert main(["serve", "--port", "0"] + argv) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("mmfree-fpga serve: error: ")
+        return lines[0]
+
+    assert "needs --backend rtl" in error(["--backend", "model", "--waves", str(tmp_path / "w.fst")])
+    assert "need 0 <= from < to" in error(["--waves", str(tmp_path / "w.fst"), "--waves-from", "10",
+                                           "--waves-to", "10"])
+    assert "need --waves FILE" in error(["--waves-to", "100"])
+    assert "does not exist" in error(["--waves", str(tmp_path / "no" / "w.fst")])
+    assert not list(tmp_path.iterdir())

@@ -5,7 +5,11 @@ from __future__ import annotations
 import signal
 
 HELP = ("expose a simulated engine as a byte stream on 127.0.0.1:PORT, speaking the protocol a board "
-        "speaks over its UART (connect with 'mmfree-fpga run --device socket://127.0.0.1:PORT')")
+        "speaks over its UART (connect with 'mmfree-fpga run --device socket://127.0.0.1:PORT'); "
+        "with --waves FILE the rtl backend also writes an FST waveform of the board design")
+
+# the waveform window when --waves-to is left out
+WAVES_DEFAULT_CYCLES = 1_000_000
 
 
 def add_arguments(p) -> None:
@@ -20,6 +24,18 @@ def add_arguments(p) -> None:
                    help="trit packing the simulated engine decodes (default base3)")
     p.add_argument("--preload", action="store_true",
                    help="start with the checkpoint's weights loaded (else the first 'run' loads them)")
+    p.add_argument("--waves", default=None, metavar="FILE",
+                   help="(rtl) dump the board design's signals into this FST file (view it with GTKWave or "
+                        "Surfer); needs a Verilator build with tracing, made once per design. Only the "
+                        "cycles from --waves-from to --waves-to are dumped; the file is complete once the "
+                        "window has passed or serve stopped")
+    p.add_argument("--waves-from", type=int, default=0, metavar="CYCLE",
+                   help="first clock cycle dumped, counted from reset (default 0). The simulated clock "
+                        "runs flat out while the design works, at its nominal rate while a partial frame "
+                        "waits, and stops while the design is idle")
+    p.add_argument("--waves-to", type=int, default=None, metavar="CYCLE",
+                   help=f"first cycle not dumped (default --waves-from + {WAVES_DEFAULT_CYCLES:,}): a "
+                        "bound, so that a long session does not fill the disk")
 
 
 def _stop_on_sigterm() -> None:
@@ -41,16 +57,20 @@ def run(args) -> dict:
 
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port {args.port} is not a TCP port (0..65535)")
+    waves = _waves_options(args)
     checkpoint = args.checkpoint or DEMO_CHECKPOINT
     cfg = ModelConfig.from_checkpoint(checkpoint)
     image = WeightImage.from_checkpoint(checkpoint, args.packing) if args.preload else None
     backend = make_backend(args.backend, cfg, args.packing, image, lanes=args.lanes,
-                           log=lambda msg: print(msg, flush=True))
+                           log=lambda msg: print(msg, flush=True), **waves)
     try:
         server = TcpDeviceServer(backend, port=args.port)
         print(f"serving on {server.url}", flush=True)
         print(f"  {backend.description}; engine for vocab {cfg.V}, hidden {cfg.d}, {cfg.L} layers, "
               f"intermediate {cfg.I}; weights {'preloaded' if image else 'not loaded'}; Ctrl-C stops", flush=True)
+        if waves:
+            print(f"  waveform of cycles {waves['waves_from']:,} to {waves['waves_to']:,} into {waves['waves']}",
+                  flush=True)
         _stop_on_sigterm()
         try:
             server.serve_forever()
@@ -58,4 +78,31 @@ def run(args) -> dict:
             print("stopped", flush=True)
     finally:
         backend.close()
-    return {"url": server.url, "backend": args.backend, "connections": server.connections}
+    result = {"url": server.url, "backend": args.backend, "connections": server.connections,
+              "discarded_bytes": server.discarded}
+    if waves:
+        result.update(waves=str(waves["waves"]), waves_from=waves["waves_from"], waves_to=waves["waves_to"])
+    return result
+
+
+def _waves_options(args) -> dict:
+    """The --waves options as backend keywords ({} without --waves), checked."""
+    from pathlib import Path
+
+    from mmfree_fpga.errors import UserError
+    if args.waves is None:
+        if args.waves_to is not None or args.waves_from:
+            raise UserError("--waves-from/--waves-to need --waves FILE")
+        return {}
+    if args.backend != "rtl":
+        raise UserError("--waves traces the generated Verilog: it needs --backend rtl")
+    path = Path(args.waves)
+    if not path.parent.resolve().is_dir():
+        raise UserError(f"--waves {args.waves}: the folder {path.parent} does not exist")
+    if path.is_dir():
+        raise UserError(f"--waves {args.waves} is a folder; give a file name (e.g. serve.fst)")
+    start = args.waves_from
+    end = args.waves_to if args.waves_to is not None else start + WAVES_DEFAULT_CYCLES
+    if start < 0 or end <= start:
+        raise UserError(f"--waves-from {start} / --waves-to {end}: need 0 <= from < to (cycles)")
+    return {"waves": path.resolve(), "waves_from": start, "waves_to": end}
