@@ -323,6 +323,9 @@ def build_harness(build: EngineBuild, *, fst: bool = False, log=None) -> Path:
         os.replace(obj / "Vengine", binary)     # atomic: a concurrent build of the same key is harmless
     finally:
         shutil.rmtree(obj, ignore_errors=True)
+    for old in bdir.glob(f"Vengine{'-fst' if fst else ''}-" + "?" * len(key)):
+        if old != binary:                        # builds of an older harness or older flags
+            old.unlink(missing_ok=True)
     return binary
 
 
