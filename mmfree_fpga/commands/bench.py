@@ -19,7 +19,7 @@ def add_arguments(p) -> None:
                         "--json-out file) are kept as they are")
     p.add_argument("--skip", default=None, metavar="NAMES",
                    help="comma-separated sections not to run (kept as they are in an existing --out file), "
-                        "e.g. engine_large (about 10 + 20 minutes of Verilator)")
+                        "e.g. boards (a bitstream build per board and lane count, the longest section)")
     p.add_argument("--quick", action="store_true", help="smaller runs (for tests)")
     p.add_argument("--out", default="BENCHMARKS.md", metavar="FILE", help="Markdown report (default BENCHMARKS.md)")
 
