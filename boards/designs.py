@@ -19,7 +19,7 @@ __all__ = ["DESIGNS", "DEFAULT_LANES", "FAMILY_LANES", "engine_perf_model", "PRE
 
 DEFAULT_LANES = 16
 # The iCE40UP5K gets the tiny engine (hw/tiny_engine.py: one sequential datapath, one trit per
-# cycle), its weights in the SPRAMs; hw/resources.py prints where its logic goes.
+# cycle), its weights in the SPRAMs; boards/resources.py prints where its logic goes.
 FAMILY_LANES = {"ice40": 1}
 TINY_FAMILIES = ("ice40",)
 # Families whose block RAM takes initial contents from the bitstream, so the weight image can be

@@ -724,6 +724,6 @@ def test_msb_index_and_greater():
 ], ids=["OutputScale-compact", "ElementwiseUnit-compact", "BitLinearFront", "OutputScale", "ElementwiseUnit"])
 def test_ice40_dsp_count(make, dsps, tmp_path):
     """SB_MAC16 cells after synth_ice40 -dsp: the compact engine's vector cores use the UP5K's 8."""
-    from mmfree_fpga.hw.resources import inclusive, synth_stats
+    from mmfree_fpga.boards.resources import inclusive, synth_stats
     stats = synth_stats(make(), tmp_path)
     assert inclusive(stats)["top"]["DSP"] == dsps

@@ -1,6 +1,6 @@
 """iCE40 resource breakdown of the board design, per submodule (Yosys only, no place and route).
 
-``python -m mmfree_fpga.hw.resources [--variant tiny|compact|full] [--lanes 16] [--design linked|engine]``
+``python -m mmfree_fpga.boards.resources [--variant tiny|compact|full] [--lanes 16] [--design linked|engine]``
 writes the design's RTLIL, runs ``synth_ice40 -dsp`` with the hierarchy kept (YoWASP Yosys from
 the virtual environment, or ``$YOSYS``) and prints LUT4, flip-flops, carry cells, DSPs (SB_MAC16),
 block RAMs (SB_RAM40_4K) and SPRAMs per Amaranth submodule, inclusive of its children, against
@@ -42,13 +42,13 @@ def design_for(cfg, *, lanes: int = 16, variant: str = "tiny", which: str = "lin
         if which == "engine":
             from .tiny_engine import TinyEngine
             return TinyEngine(cfg, spram=True)
-        from .linked_engine import LinkedEngine
+        from mmfree_fpga.hw.linked_engine import LinkedEngine
         return LinkedEngine(cfg, lanes=1, packing="base3", max_payload=256, tiny=True, spram=True)
     kw = dict(packings=("base3",), compact=True, mem_spram=True, mem_fifo_depth=4) if variant == "compact" else {}
     if which == "engine":
-        from .engine import Engine
+        from mmfree_fpga.hw.engine import Engine
         return Engine(cfg, lanes=lanes, packing="base3", **kw)
-    from .linked_engine import LinkedEngine
+    from mmfree_fpga.hw.linked_engine import LinkedEngine
     return LinkedEngine(cfg, lanes=lanes, packing="base3", max_payload=256, **kw)
 
 
@@ -56,7 +56,7 @@ def synth_stats(design, workdir: Path, *, flatten: bool = False) -> dict[str, di
     """{module path: {column: count}} of the module's own cells (not its children's)."""
     from amaranth.back import rtlil
 
-    from mmfree_fpga.boards.build import YOSYS_AFTER_READ, tool_command
+    from .build import YOSYS_AFTER_READ, tool_command
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "top.il").write_text(rtlil.convert(design, name="top"))
     opts = "" if flatten else " -noflatten"
@@ -103,7 +103,7 @@ def format_table(stats: dict[str, dict[str, int]], depth: int = 4) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m mmfree_fpga.hw.resources", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m mmfree_fpga.boards.resources", description=__doc__.splitlines()[0])
     ap.add_argument("--variant", choices=VARIANTS, default="tiny",
                     help="the tiny engine (the iCEBreaker's), the compact pipelined engine, or the full one")
     ap.add_argument("--lanes", type=int, default=16, help="lanes of the compact or full engine")

@@ -1,6 +1,6 @@
 """Out-of-context ECP5 timing of the Engine alone (no Link, no board top): where its own limits are.
 
-``python -m mmfree_fpga.hw.ecp5_timing [--lanes 64] [--freq 115] [--seed 1] [--keep DIR]`` builds
+``python -m mmfree_fpga.boards.ecp5_timing [--lanes 64] [--freq 115] [--seed 1] [--keep DIR]`` builds
 the full :class:`~.engine.Engine` for the demo model (or ``--checkpoint``) with the weight image
 in block RAM, as on the ULX3S (DP16KD instances with their output register when the store is
 banked), inside a wrapper whose every port is a flip-flop (inputs from a
@@ -66,7 +66,7 @@ def run(design, workdir: Path, *, freq: float = 115.0, seed: int = 1) -> dict:
     """Synthesise and place and route ``design`` out of context in ``workdir``; nextpnr's JSON report."""
     from amaranth.back import rtlil
 
-    from mmfree_fpga.boards.build import YOSYS_AFTER_READ, tool_command
+    from .build import YOSYS_AFTER_READ, tool_command
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "top.il").write_text(rtlil.convert(design, name="top"))
     subprocess.run([tool_command("yosys"), "-q", "-l", "top.rpt", "-p",
@@ -111,16 +111,16 @@ def summary(report: dict, endpoints: int = 20) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m mmfree_fpga.hw.ecp5_timing", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m mmfree_fpga.boards.ecp5_timing", description=__doc__.splitlines()[0])
     ap.add_argument("--lanes", type=int, default=64)
     ap.add_argument("--freq", type=float, default=115.0, help="nextpnr's target, MHz")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--checkpoint", default=None, help="model directory or export (default: the demo model)")
     ap.add_argument("--keep", default=None, help="directory for the netlists and logs (default: a temporary one)")
     args = ap.parse_args(argv)
-    from mmfree_fpga.boards.designs import weight_image
-    from .engine import Engine, beat_bytes, check_geometry
-    from .weight_port import RAM_BANK_WORDS
+    from .designs import weight_image
+    from mmfree_fpga.hw.engine import Engine, beat_bytes, check_geometry
+    from mmfree_fpga.hw.weight_port import RAM_BANK_WORDS
     image = weight_image(args.checkpoint, None)
     check_geometry(image.cfg, args.lanes)
     # the ULX3S's store: DP16KD instances with their output register when banked (as the board
