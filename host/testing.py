@@ -41,6 +41,6 @@ def random_checkpoint(directory, cfg: ModelConfig = SMALL_CONFIG, seed: int = 0)
 
 def reference_tokens(checkpoint, prompt: list[int], steps: int, sampler: Sampler | None = None) -> list[int]:
     """``tokens`` of ``mmfree-fpga reference --integer`` (prompt + generated) for this prompt."""
-    from mmfree_fpga.commands.reference import integer_stepper
+    from mmfree_fpga.reference.steppers import integer_stepper
     _, step = integer_stepper(checkpoint)
     return generate(step, list(prompt), steps, sampler or Sampler()).tokens

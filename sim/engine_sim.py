@@ -19,7 +19,7 @@ start after time 0, so its file always starts at cycle 0 and stops at ``end``.
 
 ``trace=True`` also records the engine's ``trace`` port: every result its writer stores, as
 ``(job, layer, row, value)`` tuples per step (:attr:`EngineRun.trace`), which
-:func:`mmfree_fpga.reference.compare.hardware_trace` turns into per-layer vectors.
+:func:`mmfree_fpga.sim.trace.hardware_trace` turns into per-layer vectors.
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ import pytest
 from mmfree_fpga.config import ModelConfig
 from mmfree_fpga.host.image import parse_image
 from mmfree_fpga.reference.checkpoint import save_checkpoint
-from mmfree_fpga.reference.compare import HARDWARE_VECTORS, hardware_trace, integer_trace
+from mmfree_fpga.reference.compare import HARDWARE_VECTORS, integer_trace
+from mmfree_fpga.sim.trace import hardware_trace
 from mmfree_fpga.sim.engine_sim import decode_trace, load_image, run_amaranth, run_engine
 from mmfree_fpga.sim.runner import simulator_missing
 

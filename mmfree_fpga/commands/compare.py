@@ -79,7 +79,7 @@ def run(args) -> dict:
     from mmfree_fpga.hw.engine import check_geometry
     from mmfree_fpga.reference.agreement import held_out_ids
     from mmfree_fpga.reference.checkpoint import DEMO_CHECKPOINT, load_checkpoint, load_model
-    from mmfree_fpga.reference.compare import compare_traces, float_trace, hardware_trace, integer_trace
+    from mmfree_fpga.reference.compare import compare_traces, float_trace, integer_trace
     from mmfree_fpga.reference.export import integer_weights
 
     out = check_out_dir(args.out)
@@ -133,6 +133,7 @@ def run(args) -> dict:
                       "through the integer model, not simulated")
         else:
             from mmfree_fpga.sim.engine_sim import run_engine
+            from mmfree_fpga.sim.trace import hardware_trace
             print(f"compare: simulating the engine ({args.simulator}, {args.lanes} lanes, {len(ids)} tokens) ...",
                   flush=True)
             r = run_engine(cfg=cfg, blob=image.blob, packing=image.packing, lanes=args.lanes, prompt=list(ids),

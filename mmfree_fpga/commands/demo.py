@@ -31,7 +31,7 @@ def run(args) -> dict:
 
     from mmfree_fpga.boards.registry import resolve_board
     from mmfree_fpga.hw.tiny_program import TINY_PERF_MODEL
-    from mmfree_fpga.commands.reference import integer_stepper
+    from mmfree_fpga.reference.steppers import integer_stepper
     from mmfree_fpga.config import ModelConfig
     from mmfree_fpga.generation import Sampler, decode_text, generate, parse_prompt
     from mmfree_fpga.host.backends import make_backend

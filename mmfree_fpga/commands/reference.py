@@ -16,28 +16,6 @@ def add_arguments(p) -> None:
     p.add_argument("--integer", action="store_true", help="run the integer model the hardware implements")
 
 
-def float_stepper(checkpoint):
-    from mmfree_fpga.reference.checkpoint import load_model
-    model = load_model(checkpoint)
-    state = model.init_state()
-
-    def step(tok: int):
-        nonlocal state
-        logits, state = model.step(tok, state)
-        return logits.numpy().astype("float64")
-
-    return model.config, step
-
-
-def integer_stepper(checkpoint):
-    from mmfree_fpga.reference.checkpoint import DEMO_CHECKPOINT, load_checkpoint
-    from mmfree_fpga.reference.export import integer_weights
-    from mmfree_fpga.reference.integer import IntegerModel
-    cfg, tensors = load_checkpoint(checkpoint or DEMO_CHECKPOINT)
-    model = IntegerModel(integer_weights(cfg, tensors))
-    return cfg, lambda tok: model.logits_to_float(model.step(tok))
-
-
 def run(args) -> dict:
     import torch
 
@@ -46,6 +24,7 @@ def run(args) -> dict:
 
 
 def _run(args) -> dict:
+    from mmfree_fpga.reference.steppers import float_stepper, integer_stepper
     cfg, step = (integer_stepper if args.integer else float_stepper)(args.checkpoint)
     prompt, sampler = prompt_and_sampler(args, cfg.V)
     on_token = stream_printer(cfg.V)
