@@ -18,15 +18,25 @@ def _fault_names() -> list[str]:
             and f.name not in ("max_delay_s", "reset")]
 
 
+def _noisy_mix() -> str:
+    """What --rate R sets (FaultConfig.noisy), in words."""
+    import dataclasses
+
+    from mmfree_fpga.host.faults import FaultConfig
+    unit = FaultConfig.noisy(1.0)
+    return ", ".join(f"{f.name} {getattr(unit, f.name):g}R" for f in dataclasses.fields(unit)
+                     if f.name in _fault_names() and getattr(unit, f.name))
+
+
 def add_arguments(p) -> None:
+    from mmfree_fpga.host.faults import FaultConfig
     p.add_argument("--target", required=True, metavar="URL",
                    help="the device's port: socket://127.0.0.1:P (what 'serve' prints) or just P")
     p.add_argument("--port", type=int, default=0, metavar="P",
                    help="TCP port on 127.0.0.1 to listen on (default 0: a free port; the URL is printed)")
     p.add_argument("--rate", type=float, default=0.01, metavar="R",
-                   help="fault rate in both directions: R of the bytes corrupted, R of the frames dropped, "
-                        "duplicated and delayed, R of them preceded by garbage, R/10 of the bytes dropped "
-                        "and duplicated (default 0.01; 0 passes everything unchanged)")
+                   help=f"fault rate in both directions, the probabilities {_noisy_mix()} (per byte or "
+                        "per frame; default 0.01; 0 passes everything unchanged)")
     p.add_argument("--to-device-rate", type=float, default=None, metavar="R",
                    help="the rate host -> device (default --rate)")
     p.add_argument("--to-host-rate", type=float, default=None, metavar="R",
@@ -35,7 +45,7 @@ def add_arguments(p) -> None:
                    help="set one fault probability in both directions, after the rates (repeatable); NAME "
                         f"one of {', '.join(_fault_names())}")
     p.add_argument("--max-delay", type=float, default=None, metavar="S",
-                   help="longest hold-back of a delayed frame in seconds (default 0.05)")
+                   help=f"longest hold-back of a delayed frame in seconds (default {FaultConfig().max_delay_s:g})")
     p.add_argument("--seed", type=int, default=0, metavar="N",
                    help="seed of the fault draws: the same seed and traffic give the same faults (default 0)")
 
