@@ -132,7 +132,7 @@ def _from_sections(source, packing, cfg, sections, image_bytes, sha256) -> Image
 
 def _lower_bound(source, cfg: ModelConfig, packing: str) -> ImageSummary:
     """Trits and int8 embeddings alone, from config.json: enough to refuse a large model fast."""
-    from mmfree_fpga.reference.packing import packed_size
+    from mmfree_fpga.packing import packed_size
     shapes = list(cfg.bitlinear_shapes().values()) * cfg.L + [(cfg.V, cfg.d)]
     ternary = sum(packed_size(o * i, packing) for o, i in shapes)
     emb = cfg.V * cfg.d
@@ -148,7 +148,7 @@ def image_summary(checkpoint, packing: str | None = None, *, limit_bytes: int | 
     With ``limit_bytes``, a checkpoint whose trits and embeddings alone exceed it is not
     exported: the lower bound (``exact=False``) is returned at once.
     """
-    from mmfree_fpga.reference.packing import PACKINGS
+    from mmfree_fpga.packing import PACKINGS
     directory = Path(checkpoint)
     if packing is not None and packing not in PACKINGS:
         raise UserError(f"unknown packing {packing!r}; use one of {', '.join(PACKINGS)}")
@@ -168,7 +168,8 @@ def image_summary(checkpoint, packing: str | None = None, *, limit_bytes: int | 
         return _from_sections(directory, image_packing, cfg, sections, image_bytes, sha)
 
     from mmfree_fpga.reference.checkpoint import load_checkpoint
-    from mmfree_fpga.reference.export import SECTION_ALIGN, image_sections, integer_weights
+    from mmfree_fpga.image import SECTION_ALIGN
+    from mmfree_fpga.reference.export import image_sections, integer_weights
     packing = packing or "base3"
     cfg = ModelConfig.from_checkpoint(directory) if directory.is_dir() else None
     if cfg is not None and limit_bytes is not None:

@@ -43,10 +43,9 @@ from mmfree_fpga.protocol import (
     READ_LOGITS_HEADER, READ_LOGITS_REQUEST, REQUEST_LENGTHS, RESPONSE, BadFrame, Error, Frame, FrameDecoder,
     Identity, Op, Packing, Status, crc32_image, encode_frame, formats_id,
 )
-from mmfree_fpga.reference.export import IMAGE_VERSION
-from mmfree_fpga.reference.integer import IntegerModel
+from mmfree_fpga.image import IMAGE_VERSION, image_size
+from mmfree_fpga.reference.integer import IntegerModel, parse_image
 
-from .image import image_size, parse_image
 
 __all__ = ["DeviceModel", "Rejected"]
 

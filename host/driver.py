@@ -46,7 +46,7 @@ from mmfree_fpga.protocol import (
     NAK_RESPONSE, POSITION, PROTOCOL_VERSION, READ_LOGITS_HEADER, READ_LOGITS_REQUEST, RESPONSE,
     BadFrame, Error, FrameDecoder, Identity, Op, Packing, encode_frame, formats_id,
 )
-from mmfree_fpga.reference.export import IMAGE_VERSION
+from mmfree_fpga.image import IMAGE_VERSION
 
 from .image import WeightImage
 from .transport import LinkClosed, SerialTransport

@@ -1,11 +1,8 @@
-"""The weight image as an engine receives it over the link.
+"""The host's view of a weight image: the bytes, their CRC-32 and the manifest they came with.
 
-An engine never reads ``manifest.json``: the order, alignment and size of every section of
-``weights.bin`` follow from the geometry and the trit packing alone (``image_layout``), which
-is what lets the hardware address its weight memory with constants. ``parse_image`` turns the
-raw bytes back into the ``IntegerWeights`` the integer model runs, the way an engine reads
-them. ``WeightImage`` is the host's view: the bytes, their CRC-32 and the manifest they came
-with, checked against that layout.
+The layout itself (sections, order, alignment: a function of geometry and packing alone) is
+:mod:`mmfree_fpga.image`; :class:`WeightImage` checks an exported image against it before a host
+sends it to an engine.
 """
 
 from __future__ import annotations
@@ -20,9 +17,9 @@ from pathlib import Path
 from mmfree_fpga.config import FORMATS, Formats, ModelConfig
 from mmfree_fpga.errors import UserError
 from mmfree_fpga.protocol import crc32_image, formats_id
-from mmfree_fpga.reference.export import IMAGE_VERSION, Section, image_layout, image_size, parse_image
+from mmfree_fpga.image import IMAGE_VERSION, image_layout, image_size
 
-__all__ = ["Section", "image_layout", "image_size", "parse_image", "WeightImage"]
+__all__ = ["WeightImage"]
 
 
 @dataclass(frozen=True)

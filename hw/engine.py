@@ -14,7 +14,7 @@ elementwise op streamed on the outputs); only the vectors it reads and writes an
 differ, and those follow from the job type (7 cases, wired in). A microcode would buy nothing
 here: the order never changes, and the variable parts (sizes, addresses) are run-time
 *parameters*: geometry registers and a small parameter RAM of section addresses and lengths
-(:func:`engine_params`, derived from ``host.image.image_layout``). Its initial contents are the
+(:func:`engine_params`, derived from ``mmfree_fpga.image.image_layout``). Its initial contents are the
 build's geometry; ``SET_PARAM`` rewrites them, so a smaller model runs on a larger build, and
 one simulator build serves several geometries.
 
@@ -96,7 +96,7 @@ from amaranth.lib.wiring import In, Out
 
 from mmfree_fpga.config import FORMATS, ModelConfig
 from mmfree_fpga.errors import UserError
-from mmfree_fpga.reference.packing import PACKINGS, TRITS_PER_BYTE
+from mmfree_fpga.packing import PACKINGS, TRITS_PER_BYTE
 
 from .argmax import Argmax
 from .bitlinear_front import BitLinearFront, FrontOp
@@ -194,7 +194,7 @@ def check_geometry(cfg: ModelConfig, lanes: int, *, max_d=None, max_I=None, max_
 
 def engine_params(cfg: ModelConfig, packing: str, lanes: int) -> dict[int, int]:
     """Every parameter (index -> value) of a model: geometry and the image's section addresses."""
-    from mmfree_fpga.host.image import image_layout
+    from mmfree_fpga.image import image_layout
     check_geometry(cfg, lanes)
     wb = beat_bytes(lanes)
     sec = {s.name: s for s in image_layout(cfg, packing)}
@@ -1078,7 +1078,7 @@ class Engine(wiring.Component):
                  image: bytes | None = None, readmemh: bool = False, model: bool = False,
                  mem_words: int | None = None, mem_fifo_depth: int = 64, mem_spram: bool | None = None,
                  mem_dp16kd: bool | None = None, **maxima):
-        from mmfree_fpga.host.image import image_size
+        from mmfree_fpga.image import image_size
         self.core = EngineCore(cfg, lanes=lanes, packing=packing, packings=packings, **maxima)
         wb = self.core.beat_bytes
         if mem_words is None:

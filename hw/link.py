@@ -125,7 +125,7 @@ from mmfree_fpga.protocol import (
     REQUEST_LENGTHS, RESPONSE, SYNC, TRAILER_LEN, Error, Identity, Op, Packing, Status, crc32_image,
     formats_id,
 )
-from mmfree_fpga.reference.export import IMAGE_VERSION
+from mmfree_fpga.image import IMAGE_VERSION
 
 from .ram import NO_RW_CHECK, registered_read_port
 
@@ -316,7 +316,7 @@ class Link(wiring.Component):
                  max_payload: int = MAX_PAYLOAD, step_time_ms: int = 0, clk_freq: float = 12e6,
                  idle_timeout_cycles: int | None = None, boot_id: int | None = None,
                  image: bytes | None = None, small: bool = False):
-        from mmfree_fpga.host.image import image_size
+        from mmfree_fpga.image import image_size
         if not MIN_DEVICE_PAYLOAD <= max_payload <= MAX_PAYLOAD:
             raise ValueError(f"max_payload must be in [{MIN_DEVICE_PAYLOAD}, {MAX_PAYLOAD}], got {max_payload}")
         self.cfg = cfg

@@ -14,7 +14,7 @@ from amaranth.lib.wiring import In, Out
 import numpy as np
 
 from mmfree_fpga.config import FORMATS
-from mmfree_fpga.reference.packing import PACKINGS, TRITS_PER_BYTE, pack_trits
+from mmfree_fpga.packing import PACKINGS, TRITS_PER_BYTE, pack_trits
 
 from .trits import (TRIT_CODE, TritDecoder, TritGearbox, check_beats, check_packings, packing_code,
                     select_by_packing)
@@ -90,7 +90,7 @@ class TernaryMatVec(wiring.Component):
     A *command* names the matrix size and whether a new activation vector q comes with it.
     q is written into an internal buffer of ``max_cols / lanes`` words of ``lanes`` int8 and
     reused for every row (and by later commands that do not load). The weights arrive as the
-    packed trit stream of the matrix (``reference.packing``: row-major, one continuous trit
+    packed trit stream of the matrix (``mmfree_fpga.packing``: row-major, one continuous trit
     stream) cut into beats of ``weight_bytes`` bytes; each command's stream starts on a beat
     boundary and its last beat is padded with any bytes (``weight_beats`` builds it). The unit
     emits one accumulator per row, in row order.

@@ -34,7 +34,7 @@ from amaranth.lib.memory import Memory
 from mmfree_fpga.config import FORMATS, ModelConfig
 from mmfree_fpga.errors import UserError
 from mmfree_fpga.reference.integer import sigmoid_table
-from mmfree_fpga.reference.packing import BASE3_DECODE
+from mmfree_fpga.packing import BASE3_DECODE
 
 from .engine import EngineOp, control_members
 from .vector_common import msb_index
@@ -85,7 +85,7 @@ class TinyEngine(wiring.Component):
 
     def __init__(self, cfg: ModelConfig, *, packing: str = "base3", image: bytes | None = None,
                  spram: bool = False):
-        from mmfree_fpga.reference.export import image_size
+        from mmfree_fpga.image import image_size
         self.cfg = cfg
         self.packing = packing
         self.program, self.layout = token_program(cfg, packing)

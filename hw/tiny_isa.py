@@ -348,7 +348,7 @@ class Machine:
             pc = nxt
 
     def matvec(self) -> None:
-        from mmfree_fpga.reference.packing import unpack_trits_base3
+        from mmfree_fpga.packing import unpack_trits_base3
         cols, base, out, rows = self.B[1], self.B[2], self.B[4], self.B[5]
         n = rows * cols
         nbytes = -(-n // 5)

@@ -302,7 +302,7 @@ class _Gen:
 
 def token_program(cfg: ModelConfig, packing: str = "base3", fmt: Formats = FORMATS):
     """(instructions, :class:`TinyLayout`) of ``cfg``'s token step for a ``packing`` image."""
-    from mmfree_fpga.reference.export import image_layout
+    from mmfree_fpga.image import image_layout
     if fmt.x_bits + fmt.x_frac > DATA_BITS or fmt.x_bits + fmt.gate_frac + 1 > DATA_BITS:
         raise UserError("the number formats exceed the tiny engine's datapath")
     if packing != "base3":

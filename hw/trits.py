@@ -18,7 +18,7 @@ from amaranth.lib import data, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-from mmfree_fpga.reference.packing import BASE3_DECODE, PACKINGS, TRITS_PER_BYTE
+from mmfree_fpga.packing import BASE3_DECODE, PACKINGS, TRITS_PER_BYTE
 
 __all__ = ["TRIT_CODE", "trit_code", "packing_code", "beat_trits",
            "select_by_packing", "check_packings", "check_beats",

@@ -158,7 +158,7 @@ def agreement_section(quick: bool) -> Section:
 def packing_section(quick: bool) -> Section:
     from .config import ModelConfig
     from .reference.checkpoint import DEMO_CHECKPOINT
-    from .reference.packing import PACKINGS, packed_size
+    from .packing import PACKINGS, packed_size
 
     s = Section("Bits per stored weight", "mmfree-fpga bench --only packing",
                 ["model", "ternary weights", "packing", "bytes", "bits/weight"])

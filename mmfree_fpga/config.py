@@ -320,7 +320,7 @@ class PerfModel:
 
     def bytes_per_token(self, cfg: ModelConfig, packing: str) -> int:
         """Weight-memory bytes read per token: the whole image but the embedding table, plus one row."""
-        from mmfree_fpga.reference.export import image_layout
+        from mmfree_fpga.image import image_layout
         total = sum(s.size for s in image_layout(cfg, packing) if not s.name.startswith("embedding."))
         return total + cfg.d + 4
 

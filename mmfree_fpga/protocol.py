@@ -80,7 +80,7 @@ per command as listed below. Every check comes before any change of state.
   loaded, the load closes, the state is reset.
   The image is ``weights.bin`` exactly as ``mmfree-fpga export`` writes it for the engine's
   packing; its layout follows from geometry and packing alone
-  (``mmfree_fpga.host.image.image_layout``), so an engine never parses the manifest.
+  (``mmfree_fpga.image.image_layout``), so an engine never parses the manifest.
 * FEED_TOKEN: weights loaded (NO_WEIGHTS); token < vocab (BAD_ARGUMENT, arg = vocab);
   ``position`` equal to the device's position, the tokens fed since RESET_STATE
   (POSITION_MISMATCH, arg = the device's position): this makes a feed idempotent and exposes
@@ -174,7 +174,7 @@ class Error(enum.IntEnum):
 
 
 class Packing(enum.IntEnum):
-    """Trit packing of the image (``reference/packing.py``), as the engine's decoder reads it."""
+    """Trit packing of the image (``mmfree_fpga/packing.py``), as the engine's decoder reads it."""
 
     TWO_BIT = 0
     BASE3 = 1

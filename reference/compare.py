@@ -30,7 +30,7 @@ from mmfree_fpga.progress import track
 from .integer import IntegerModel, IntegerWeights
 from .model import BitLinear, HGRNBitForCausalLM
 
-__all__ = ["OPS", "OP_JOB", "HARDWARE_VECTORS", "float_trace", "integer_trace", "hardware_trace",
+__all__ = ["OPS", "OP_JOB", "HARDWARE_VECTORS", "float_trace", "integer_trace",
            "compare_traces", "write_report"]
 
 # vectors every float and integer trace has, in the order the engine produces them; value: the

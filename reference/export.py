@@ -14,7 +14,6 @@ import math
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,60 +23,12 @@ from mmfree_fpga.config import FORMATS, Formats, ModelConfig
 from mmfree_fpga.errors import CheckpointError, UserError
 from mmfree_fpga.progress import track
 
-from .integer import IntBitLinear, IntegerWeights, IntLayer
+from .integer import IntBitLinear, IntegerWeights, IntLayer, parse_image
 from .model import lower_bound_values, weight_ternary
-from .packing import pack_trits, packed_size, unpack_trits, PACKINGS
+from mmfree_fpga.image import IMAGE_VERSION, image_layout, image_size
+from mmfree_fpga.packing import PACKINGS, pack_trits
 
-__all__ = ["integer_weights", "to_fixed_vector", "write_image", "image_bytes", "read_image", "image_sections",
-           "image_layout", "image_size", "parse_image", "Section", "IMAGE_VERSION", "SECTION_ALIGN"]
-
-IMAGE_VERSION = 1
-SECTION_ALIGN = 16
-
-
-@dataclass(frozen=True)
-class Section:
-    name: str
-    kind: str
-    offset: int
-    size: int
-    shape: tuple[int, ...]
-
-
-def _bitlinear_names(cfg: ModelConfig):
-    per_layer = {key.split(".", 1)[1]: shape for key, shape in cfg.bitlinear_shapes().items()}
-    for layer in range(cfg.L):
-        for name in IntLayer.MATRICES:
-            yield f"layers.{layer}.{name}", per_layer[name]
-    yield "lm_head", (cfg.V, cfg.d)
-
-
-def image_layout(cfg: ModelConfig, packing: str) -> list[Section]:
-    """Every section of ``weights.bin``, in image order: a function of geometry and packing alone,
-    so an engine addresses its weight memory with constants and never reads the manifest."""
-    if packing not in PACKINGS:
-        raise UserError(f"unknown packing {packing!r}; use one of {', '.join(PACKINGS)}")
-    entries: list[tuple[str, str, int, tuple[int, ...]]] = []
-    for name, (out_f, in_f) in _bitlinear_names(cfg):
-        entries += [(f"{name}.trits", "trits", packed_size(out_f * in_f, packing), (out_f, in_f)),
-                    (f"{name}.a", "int16", 2 * in_f, (in_f,)),
-                    (f"{name}.c", "int16", 2 * in_f, (in_f,)),
-                    (f"{name}.k", "k", 8, (2,))]
-    entries += [(f"layers.{layer}.lower_bound", "uint16", 2 * cfg.d, (cfg.d,)) for layer in range(cfg.L)]
-    entries += [("embedding.q", "int8", cfg.V * cfg.d, (cfg.V, cfg.d)),
-                ("embedding.scale", "uint32", 4 * cfg.V, (cfg.V,))]
-    out, offset = [], 0
-    for name, kind, size, shape in entries:
-        offset += (-offset) % SECTION_ALIGN
-        out.append(Section(name, kind, offset, size, shape))
-        offset += size
-    return out
-
-
-def image_size(cfg: ModelConfig, packing: str) -> int:
-    last = image_layout(cfg, packing)[-1]
-    return last.offset + last.size
-
+__all__ = ["integer_weights", "to_fixed_vector", "write_image", "image_bytes", "read_image", "image_sections"]
 
 def to_fixed_vector(v: np.ndarray, bits: int) -> tuple[np.ndarray, int]:
     """Signed ``bits``-bit integers and exponent e with v ~= n / 2^e, largest |n| near full scale."""
@@ -229,43 +180,6 @@ def write_image(w: IntegerWeights, out_dir, packing: str = "base3") -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
-
-
-def parse_image(blob: bytes, cfg: ModelConfig, packing: str, fmt: Formats = FORMATS,
-                exponents: dict[str, tuple[int, int]] | None = None) -> IntegerWeights:
-    """IntegerWeights from raw image bytes, using only geometry and packing, as an engine reads them.
-
-    The export-time exponents e_a/e_c are manifest metadata already folded into k; without
-    ``exponents`` they come back as 0 (the integer datapath does not read them).
-    """
-    layout = {s.name: s for s in image_layout(cfg, packing)}
-    total = image_size(cfg, packing)
-    if len(blob) != total:
-        raise UserError(f"image has {len(blob)} bytes; geometry and packing {packing} imply {total}")
-    view = memoryview(blob)
-    exponents = exponents or {}
-
-    def raw(name: str):
-        s = layout[name]
-        return view[s.offset:s.offset + s.size]
-
-    def vector(name: str, dtype: str) -> np.ndarray:
-        return np.frombuffer(raw(name), dtype=dtype).astype(np.int64)
-
-    def bitlinear(name: str) -> IntBitLinear:
-        out_f, in_f = layout[f"{name}.trits"].shape
-        trits = unpack_trits(bytes(raw(f"{name}.trits")), out_f * in_f, packing).reshape(out_f, in_f)
-        k_mant, k_exp = (int(v) for v in np.frombuffer(raw(f"{name}.k"), dtype="<i4"))
-        e_a, e_c = exponents.get(name, (0, 0))
-        return IntBitLinear(trits=trits, a=vector(f"{name}.a", "<i2"), c=vector(f"{name}.c", "<i2"),
-                            k_mant=k_mant, k_exp=k_exp, e_a=e_a, e_c=e_c)
-
-    layers = [IntLayer(**{m: bitlinear(f"layers.{layer}.{m}") for m in IntLayer.MATRICES},
-                       lower_bound=vector(f"layers.{layer}.lower_bound", "<u2"))
-              for layer in range(cfg.L)]
-    emb_q = np.frombuffer(raw("embedding.q"), dtype=np.int8).reshape(cfg.V, cfg.d).copy()
-    return IntegerWeights(cfg=cfg, emb_q=emb_q, emb_scale=vector("embedding.scale", "<u4"),
-                          layers=layers, lm_head=bitlinear("lm_head"), formats=fmt)
 
 
 def read_image(directory) -> IntegerWeights:

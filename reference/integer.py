@@ -24,9 +24,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mmfree_fpga.config import FORMATS, Formats, ModelConfig
+from mmfree_fpga.errors import UserError
+from mmfree_fpga.image import LAYER_MATRICES, image_layout, image_size
+from mmfree_fpga.packing import unpack_trits
 
 __all__ = [
-    "IntBitLinear", "IntLayer", "IntegerWeights", "IntegerModel",
+    "IntBitLinear", "IntLayer", "IntegerWeights", "IntegerModel", "parse_image",
     "normalise", "quantise", "bitlinear", "sigmoid_table", "sigmoid", "silu",
     "rshift_round", "saturate", "isqrt", "scale_mantissa", "embed", "mlgru", "glu",
 ]
@@ -168,7 +171,7 @@ class IntLayer:
     down_proj: IntBitLinear
     lower_bound: np.ndarray    # int64 [d], Q15
 
-    MATRICES = ("i_proj", "f_proj", "g_proj", "o_proj", "gate_proj", "down_proj")
+    MATRICES = LAYER_MATRICES
 
 
 @dataclass
@@ -258,3 +261,40 @@ class IntegerModel:
 
     def logits_to_float(self, logits: np.ndarray) -> np.ndarray:
         return logits.astype(np.float64) / (1 << self.fmt.x_frac)
+
+
+def parse_image(blob: bytes, cfg: ModelConfig, packing: str, fmt: Formats = FORMATS,
+                exponents: dict[str, tuple[int, int]] | None = None) -> IntegerWeights:
+    """IntegerWeights from raw image bytes, using only geometry and packing, as an engine reads them.
+
+    The export-time exponents e_a/e_c are manifest metadata already folded into k; without
+    ``exponents`` they come back as 0 (the integer datapath does not read them).
+    """
+    layout = {s.name: s for s in image_layout(cfg, packing)}
+    total = image_size(cfg, packing)
+    if len(blob) != total:
+        raise UserError(f"image has {len(blob)} bytes; geometry and packing {packing} imply {total}")
+    view = memoryview(blob)
+    exponents = exponents or {}
+
+    def raw(name: str):
+        s = layout[name]
+        return view[s.offset:s.offset + s.size]
+
+    def vector(name: str, dtype: str) -> np.ndarray:
+        return np.frombuffer(raw(name), dtype=dtype).astype(np.int64)
+
+    def bitlinear(name: str) -> IntBitLinear:
+        out_f, in_f = layout[f"{name}.trits"].shape
+        trits = unpack_trits(bytes(raw(f"{name}.trits")), out_f * in_f, packing).reshape(out_f, in_f)
+        k_mant, k_exp = (int(v) for v in np.frombuffer(raw(f"{name}.k"), dtype="<i4"))
+        e_a, e_c = exponents.get(name, (0, 0))
+        return IntBitLinear(trits=trits, a=vector(f"{name}.a", "<i2"), c=vector(f"{name}.c", "<i2"),
+                            k_mant=k_mant, k_exp=k_exp, e_a=e_a, e_c=e_c)
+
+    layers = [IntLayer(**{m: bitlinear(f"layers.{layer}.{m}") for m in IntLayer.MATRICES},
+                       lower_bound=vector(f"layers.{layer}.lower_bound", "<u2"))
+              for layer in range(cfg.L)]
+    emb_q = np.frombuffer(raw("embedding.q"), dtype=np.int8).reshape(cfg.V, cfg.d).copy()
+    return IntegerWeights(cfg=cfg, emb_q=emb_q, emb_scale=vector("embedding.scale", "<u4"),
+                          layers=layers, lm_head=bitlinear("lm_head"), formats=fmt)

@@ -46,7 +46,7 @@ SIMULATORS = ("verilator", "icarus", "amaranth")
 # the gateware the engine is made of (a change to any of them means a new simulator build)
 ENGINE_SOURCES = tuple(f"hw/{name}.py" for name in (
     "engine", "weight_port", "matvec", "trits", "bitlinear_front", "scalar_unit", "output_scale", "elementwise",
-    "embed_scale", "argmax", "vector_common")) + ("mmfree_fpga/config.py", "reference/integer.py", "reference/packing.py")
+    "embed_scale", "argmax", "vector_common")) + ("mmfree_fpga/config.py", "reference/integer.py", "mmfree_fpga/packing.py")
 _BUILD_ROOT = Path(os.environ.get("MMFREE_SIM_BUILD", Path(tempfile.gettempdir()) / "mmfree-engine-sim")).absolute()
 HARNESS = Path(__file__).with_name("engine_harness.cpp")
 # Measured on the demo engine (16 lanes, 8 token steps; best of 5 interleaved runs on a loaded 2-core
@@ -118,13 +118,13 @@ def load_image(checkpoint, packing: str):
 
 
 def synthetic_image_info(cfg: ModelConfig, packing: str) -> int:
-    from mmfree_fpga.host.image import image_size
+    from mmfree_fpga.image import image_size
     return image_size(cfg, packing)
 
 
 def reference_tokens(cfg: ModelConfig, blob: bytes, packing: str, prompt: list[int], steps: int):
     """Greedy tokens and per-step logits of the integer model run from the image bytes."""
-    from mmfree_fpga.host.image import parse_image
+    from mmfree_fpga.reference.integer import parse_image
     from mmfree_fpga.reference.integer import IntegerModel
     model = IntegerModel(parse_image(blob, cfg, packing))
     tokens = list(prompt)
@@ -174,7 +174,7 @@ def run_engine(*, cfg: ModelConfig, blob: bytes | None, packing: str, lanes: int
     harness build starts.
     """
     from mmfree_fpga.hw.engine import beat_bytes, check_geometry
-    from mmfree_fpga.host.image import image_size
+    from mmfree_fpga.image import image_size
     if build is None:
         build = default_build(cfg, lanes, len(blob) if blob is not None else 0)
     check_geometry(cfg, lanes, max_d=build.max_d, max_I=build.max_I, max_L=build.max_L, max_V=build.max_V)
@@ -286,7 +286,7 @@ def _watchdog_cycles(cfg: ModelConfig, lanes: int, inputs: dict) -> int:
     slowest memory setting could need for a token (ideal cycles, the image at the set bandwidth,
     the latency per request), so only a hung engine reaches it."""
     from mmfree_fpga.hw.engine import beat_bytes, ideal_cycles
-    from mmfree_fpga.host.image import image_size
+    from mmfree_fpga.image import image_size
     bandwidth = inputs["mem_bandwidth"] / 256 or beat_bytes(lanes)
     per_token = (ideal_cycles(cfg, lanes) + image_size(cfg, "2bit") / bandwidth
                  + 100 * inputs["mem_latency"] * (6 * cfg.L + 1) * 8)

@@ -12,7 +12,7 @@ import pytest
 
 from mmfree_fpga.config import ModelConfig
 from mmfree_fpga.errors import UserError
-from mmfree_fpga.host.image import image_layout
+from mmfree_fpga.image import image_layout
 from mmfree_fpga.hw.engine import JOBS, EngineCore, Param, engine_params, ideal_cycles
 from mmfree_fpga.reference.checkpoint import DEMO_CHECKPOINT, save_checkpoint
 from mmfree_fpga.sim.engine_sim import EngineBuild, default_build, load_image, reference_tokens, run_amaranth, run_engine

@@ -9,7 +9,9 @@ import pytest
 
 from mmfree_fpga import protocol as P
 from mmfree_fpga.host.device_model import DeviceModel
-from mmfree_fpga.host.image import WeightImage, image_layout, parse_image
+from mmfree_fpga.host.image import WeightImage
+from mmfree_fpga.image import image_layout
+from mmfree_fpga.reference.integer import parse_image
 from mmfree_fpga.host.testing import SMALL_CONFIG, random_checkpoint
 from mmfree_fpga.reference.checkpoint import load_checkpoint
 from mmfree_fpga.reference.export import integer_weights, read_image, write_image

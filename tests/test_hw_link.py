@@ -20,7 +20,9 @@ from amaranth.sim import Simulator
 
 from mmfree_fpga.config import FORMATS, ModelConfig
 from mmfree_fpga.host.device_model import DeviceModel
-from mmfree_fpga.host.image import WeightImage, image_size, parse_image
+from mmfree_fpga.host.image import WeightImage
+from mmfree_fpga.image import image_size
+from mmfree_fpga.reference.integer import parse_image
 from mmfree_fpga.hw.link import (LFSR_TAPS, EngineCommand, Link, engine_command_layout, engine_result_layout,
                                  lfsr_jump, lfsr_step, ring_depth,
                                  struct_fields)

@@ -23,7 +23,7 @@ from amaranth.sim import Simulator
 from mmfree_fpga.config import FORMATS
 from mmfree_fpga.hw.matvec import PipelinedAdderTree, TernaryMatVec
 from mmfree_fpga.hw.trits import TritDecoder, TritGearbox, beat_trits, packing_code, trit_code
-from mmfree_fpga.reference.packing import BASE3_DECODE, PACKINGS, unpack_trits
+from mmfree_fpga.packing import BASE3_DECODE, PACKINGS, unpack_trits
 from mmfree_fpga.sim.matvec_tb import MatVecJob, edge_jobs, encode_jobs, random_jobs, unit_env
 from mmfree_fpga.sim.runner import verilator_lint, run_cocotb, simulator_missing, write_verilog
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mmfree_fpga.reference.packing import (BASE3_DECODE, PACKINGS, pack_trits, packed_size,
+from mmfree_fpga.packing import (BASE3_DECODE, PACKINGS, pack_trits, packed_size,
                                            unpack_trits)
 
 CASES = {

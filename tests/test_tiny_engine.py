@@ -23,7 +23,7 @@ from mmfree_fpga.host.image import WeightImage
 from mmfree_fpga.hw.tiny_isa import START_CYCLES, Instr, Kind, Machine, Op, ProgramFault, decode, encode
 from mmfree_fpga.hw.tiny_program import RESET_PC, TOKEN_PC, TINY_PERF_MODEL, token_program
 from mmfree_fpga.reference.checkpoint import DEMO_CHECKPOINT, save_checkpoint
-from mmfree_fpga.reference.export import parse_image
+from mmfree_fpga.reference.integer import parse_image
 from mmfree_fpga.reference.integer import IntegerModel, sigmoid_table
 from mmfree_fpga.sim.runner import run_cocotb, simulator_missing, write_verilog
 

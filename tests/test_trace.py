@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mmfree_fpga.config import ModelConfig
-from mmfree_fpga.host.image import parse_image
+from mmfree_fpga.reference.integer import parse_image
 from mmfree_fpga.reference.checkpoint import save_checkpoint
 from mmfree_fpga.reference.compare import HARDWARE_VECTORS, integer_trace
 from mmfree_fpga.sim.trace import hardware_trace

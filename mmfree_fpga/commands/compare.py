@@ -75,7 +75,8 @@ def _write_report_atomic(report: dict, out: Path) -> list[str]:
 def run(args) -> dict:
     from mmfree_fpga.errors import UserError
     from mmfree_fpga.generation import parse_prompt
-    from mmfree_fpga.host.image import WeightImage, parse_image
+    from mmfree_fpga.host.image import WeightImage
+    from mmfree_fpga.reference.integer import parse_image
     from mmfree_fpga.hw.engine import check_geometry
     from mmfree_fpga.reference.agreement import held_out_ids
     from mmfree_fpga.reference.checkpoint import DEMO_CHECKPOINT, load_checkpoint, load_model
