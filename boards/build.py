@@ -26,8 +26,6 @@ from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 
-from amaranth._toolchain import tool_env_var  # the env-var naming Amaranth's build scripts use
-
 from mmfree_fpga.errors import UserError
 
 from .budget import ImageSummary, check_fits, image_summary, memory_budget
@@ -114,6 +112,18 @@ def _which(name: str) -> str | None:
         return found
     local = Path(sys.executable).parent / name
     return str(local) if local.is_file() and os.access(local, os.X_OK) else None
+
+
+def tool_env_var(name: str) -> str:
+    """The environment variable that names tool ``name``, as Amaranth's build scripts read it
+    (``yosys`` -> ``YOSYS``, ``nextpnr-ecp5`` -> ``NEXTPNR_ECP5``, ``c++`` -> ``CXX``)."""
+    return name.upper().replace("-", "_").replace("+", "X")
+
+
+def toolchain_env_var(platform) -> str:
+    """The variable naming a script that sets up the platform's toolchain (Amaranth sources it
+    before the build): ``AMARANTH_ENV_`` and the toolchain's name (``AMARANTH_ENV_TRELLIS``)."""
+    return f"AMARANTH_ENV_{tool_env_var(platform.toolchain)}"
 
 
 def tool_command(name: str) -> str:
@@ -299,7 +309,7 @@ def cache_key(prepared: PreparedBuild, tools: dict) -> str:
         "plan": prepared.plan.digest().hex(),
         "image_sha256": ctx.image.sha256 if ctx.image is not None else None,
         "tools": {name: _tool_version(name, t) for name, t in tools.items() if name != "openFPGALoader"},
-        "toolchain_env": os.environ.get(prepared.platform._toolchain_env_var),
+        "toolchain_env": os.environ.get(toolchain_env_var(prepared.platform)),
         "board": prepared.board.name, "device": ctx.device, "clock_hz": ctx.clock_hz, "baud": ctx.baud,
         "design": prepared.design_name,
     }, sort_keys=True).encode())
@@ -335,7 +345,7 @@ class _StageDisplay:
 
 def _stages(prepared: PreparedBuild, tools: dict) -> list[tuple[str, list[str]]]:
     """(tool, argv) per stage, from the plan's ``build_top.json`` with tools resolved."""
-    if prepared.platform._toolchain_env_var in os.environ:
+    if toolchain_env_var(prepared.platform) in os.environ:
         # a toolchain environment script must be sourced: run Amaranth's shell script as one stage
         return [("toolchain script", ["sh", f"build_{BUILD_NAME}.sh"])]
     commands = json.loads(prepared.plan.files[f"build_{BUILD_NAME}.json"])["commands"]

@@ -83,12 +83,20 @@ class _GiveUp(Exception):
     """A command failed ``give_up`` sends in a row on a noisy link; the caller re-issues it."""
 
 
+def _member(enum, value):
+    """The member of ``enum`` with ``value``, or None for a value the protocol does not define."""
+    try:
+        return enum(value)
+    except ValueError:
+        return None
+
+
 class DeviceNak(DriverError):
     """The device rejected a command (a NAK other than BAD_CRC)."""
 
     def __init__(self, op: int, error: int, arg: int):
-        name = Error(error).name if error in Error._value2member_map_ else f"error {error}"
-        opname = Op(op).name if op in Op._value2member_map_ else f"op {op:#x}"
+        name = _member(Error, error).name if _member(Error, error) else f"error {error}"
+        opname = _member(Op, op).name if _member(Op, op) else f"op {op:#x}"
         super().__init__(f"the device rejected {opname}: {name} (arg {arg})")
         self.op, self.error, self.arg = op, error, arg
 
@@ -168,7 +176,7 @@ def describe(info: Identity) -> str:
     """One line about an engine, for humans."""
     weights = (f"weights loaded ({info.image_size} bytes, CRC-32 {info.image_crc:08x})"
                if info.weights_loaded else "no weights loaded")
-    packing = Packing(info.packing).name_in_export if info.packing in Packing._value2member_map_ else info.packing
+    packing = _member(Packing, info.packing).name_in_export if _member(Packing, info.packing) else info.packing
     return (f"protocol {info.version_major}.{info.version_minor}, vocab {info.vocab_size}, hidden "
             f"{info.hidden_size}, {info.num_layers} layers, intermediate {info.intermediate_size}, "
             f"{packing} packing, {info.lanes} lanes, {weights}, boot id {info.boot_id:08x}")
@@ -437,7 +445,7 @@ class Driver:
             raise IncompatibleDeviceError(
                 f"the engine at {self.name} reads weight image version {info.image_version}, this host "
                 f"writes version {IMAGE_VERSION}; rebuild the engine from this version")
-        if info.packing not in Packing._value2member_map_:
+        if _member(Packing, info.packing) is None:
             raise IncompatibleDeviceError(f"the engine at {self.name} uses an unknown trit packing {info.packing}")
         if cfg is not None:
             self.check_geometry(cfg, what)

@@ -701,3 +701,14 @@ def test_seed_reaches_nextpnr_and_only_when_given(checkpoint):
     with pytest.raises(UserError, match="--seed must be a non-negative integer, got -1"):
         prepare("icebreaker", checkpoint=checkpoint, seed=-1)
     assert main(["build", "--board", "icebreaker", "--seed", "x"]) == 2
+
+
+def test_tool_environment_variables_follow_amaranths_naming():
+    from amaranth_boards.icebreaker import ICEBreakerPlatform
+    from amaranth_boards.ulx3s import ULX3S_85F_Platform
+
+    from mmfree_fpga.boards.build import tool_env_var, toolchain_env_var
+    assert [tool_env_var(n) for n in ("yosys", "nextpnr-ecp5", "openFPGALoader", "c++")] == \
+        ["YOSYS", "NEXTPNR_ECP5", "OPENFPGALOADER", "CXX"]
+    assert toolchain_env_var(ULX3S_85F_Platform()) == "AMARANTH_ENV_TRELLIS"
+    assert toolchain_env_var(ICEBreakerPlatform()) == "AMARANTH_ENV_ICESTORM"
