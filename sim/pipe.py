@@ -114,8 +114,12 @@ class PipeSim:
         return None if self.ended else self.proc.stdout.fileno()
 
     def send(self, data: bytes) -> None:
-        if data:
-            self.proc.stdin.write(data)
+        if data and not self.ended:
+            try:
+                self.proc.stdin.write(data)
+            except BrokenPipeError:      # the harness is gone: a dead board hears nothing
+                self.ended = True
+                return
             self.bytes_sent += len(data)
 
     def recv(self, timeout: float = 0.0) -> bytes:
@@ -176,7 +180,7 @@ class PipeSim:
             except OSError:
                 pass
             try:
-                self.proc.wait(timeout=2)
+                self.proc.wait(timeout=5)      # (it finishes its work first: a waveform stays whole)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
