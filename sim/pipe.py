@@ -25,7 +25,7 @@ from pathlib import Path
 
 from mmfree_fpga.errors import UserError
 
-from .runner import simulator_missing, write_verilog
+from .runner import executable, simulator_missing, write_verilog
 
 __all__ = ["build_pipe_sim", "PipeSim", "HARNESS", "PIPE_CLOCK_HZ", "BOOT_PACE_S", "SETTLE_TIMEOUT_S"]
 
@@ -61,10 +61,13 @@ def build_pipe_sim(design, build_dir, log=None, *, waves: bool = False) -> Path:
     if log:
         log(f"building the Verilator simulation{' with waveform tracing' if waves else ''} in {build_dir} "
             "(once per design, 10-60 s)")
-    cmd = [shutil.which("verilator"), "--cc", "--exe", "--build", "-j", "1", "--top-module", "top",
+    verilator = executable("verilator")
+    cmd = [verilator, "--cc", "--exe", "--build", "-j", "1", "--top-module", "top",
            "-O3", "--x-assign", "fast", "--x-initial", "fast", "-Wno-fatal", "-Wno-lint", "-Wno-style",
            *options, "-CFLAGS", "-O2", "--Mdir", str(obj), "-o", "Vsim", str(verilog), str(HARNESS)]
     env = dict(os.environ, MAKEFLAGS="CFG_CXXFLAGS_PCH_I=-include")  # see TOOLCHAIN.md
+    # (its helpers lie beside it, perhaps in a virtual environment that is not on PATH)
+    env["PATH"] = os.path.dirname(verilator) + os.pathsep + env.get("PATH", "")
     proc = subprocess.run(cmd, cwd=build_dir, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         text = proc.stdout + proc.stderr
