@@ -111,7 +111,7 @@ from .ram import NO_RW_CHECK, registered_read_port
 from .weight_port import ADDR_BITS, LEN_BITS, WeightMemory, weight_port_signature, write_layout
 
 __all__ = ["EngineOp", "Param", "JOBS", "cmd_layout", "result_layout", "control_members", "trace_layout", "beat_bytes",
-           "engine_params", "check_geometry", "EngineCore", "Engine", "ideal_cycles"]
+           "engine_params", "check_geometry", "EngineCore", "Engine"]
 
 JOBS = ("f_proj", "i_proj", "g_proj", "o_proj", "gate_proj", "down_proj", "lm_head")
 JT_F, JT_I, JT_G, JT_O, JT_GATE, JT_DOWN, JT_LM = range(7)
@@ -173,11 +173,6 @@ def trace_layout(max_d: int, max_I: int, max_L: int, max_V: int) -> data.StructL
     return data.StructLayout({"job": unsigned(3), "layer": unsigned(max(1, max_L.bit_length())),
                               "row": unsigned((2 * max(max_d, max_I) + max_V).bit_length()),
                               "value": signed(32)})
-
-
-def ideal_cycles(cfg: ModelConfig, lanes: int) -> float:
-    """Ternary weights / lanes: one group of ``lanes`` trits per cycle, nothing else."""
-    return cfg.ternary_weights / lanes
 
 
 def check_geometry(cfg: ModelConfig, lanes: int, *, max_d=None, max_I=None, max_L=None, max_V=None) -> None:

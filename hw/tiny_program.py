@@ -434,7 +434,7 @@ class TinyPerfModel:
                                           cfg.intermediate_size))
 
     def ideal_cycles(self, cfg: ModelConfig, lanes: int = 1) -> float:
-        return float(cfg.ternary_weights)
+        return cfg.ideal_cycles(1)
 
 
 @functools.lru_cache(maxsize=None)

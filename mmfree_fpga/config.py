@@ -108,6 +108,11 @@ class ModelConfig:
         """Ternary weights (= ternary MACs per token): ``L (4 d^2 + 3 d I) + V d``."""
         return self.L * (4 * self.d ** 2 + 3 * self.d * self.I) + self.V * self.d
 
+    def ideal_cycles(self, lanes: int) -> float:
+        """Cycles per token of a matrix unit taking ``lanes`` trits per cycle and nothing else:
+        ``ternary_weights / lanes``, the bound every engine's cycle count is compared with."""
+        return self.ternary_weights / lanes
+
     @property
     def embedding_params(self) -> int:
         return self.V * self.d
@@ -310,7 +315,7 @@ class PerfModel:
     q_split: int = 1
 
     def ideal_cycles(self, cfg: ModelConfig, lanes: int) -> float:
-        return cfg.ternary_weights / lanes
+        return cfg.ideal_cycles(lanes)
 
     def cycles_per_token(self, cfg: ModelConfig, lanes: int) -> float:
         per_layer = (self.passes * (3 * cfg.d + cfg.I) + 4 * self.job_latency

@@ -38,10 +38,6 @@ BUILD_64_LARGE = default_build(ModelConfig(vocab_size=32000, hidden_size=2560, n
                                            intermediate_size=6912), 64)
 
 
-def _ideal(cfg: ModelConfig, lanes: int) -> float:
-    return cfg.ternary_weights / lanes
-
-
 def block_cycles(d: int = 512, I: int = 1536, lanes: int = 64, simulator: str = "verilator", **mem) -> dict:
     """Cycles of one block: the difference between an L=2 and an L=1 model (same build)."""
     out = {}
@@ -68,7 +64,7 @@ def engine_benchmarks(*, include_370m: bool = True, tokens_370m: int = 2, mem_ba
     t0 = time.perf_counter()
     r = run_engine(cfg=cfg, blob=blob, packing="base3", lanes=16, prompt=prompt, steps=4, simulator="verilator", **mem)
     ref, _ = reference_tokens(cfg, blob, "base3", prompt, 4)
-    ideal = _ideal(cfg, 16)
+    ideal = cfg.ideal_cycles(16)
     res["demo"] = {"lanes": 16, "cycles_per_token": r.cycles, "ideal_cycles_per_token": ideal,
                    "ratio_to_ideal": max(r.cycles) / ideal, "target_ratio": TARGETS["demo_ratio"],
                    "ok": max(r.cycles) <= TARGETS["demo_ratio"] * ideal, "matches_integer_model": ref == r.tokens,
@@ -85,7 +81,7 @@ def engine_benchmarks(*, include_370m: bool = True, tokens_370m: int = 2, mem_ba
         cfg = GEOMETRY_370M
         r = run_engine(cfg=cfg, blob=None, packing="base3", lanes=64, prompt=[1] * tokens_370m, steps=1,
                        simulator="verilator", build=BUILD_64, synthetic=True, **mem)
-        ideal = _ideal(cfg, 64)
+        ideal = cfg.ideal_cycles(64)
         res["hgrn_370m"] = {"lanes": 64, "cycles_per_token": r.cycles, "ideal_cycles_per_token": ideal,
                             "ratio_to_ideal": max(r.cycles) / ideal, "target_ratio": TARGETS["hgrn_370m_ratio"],
                             "ok": max(r.cycles) <= TARGETS["hgrn_370m_ratio"] * ideal, "synthetic_weights": True,
@@ -103,7 +99,7 @@ def large_geometries(names=("1.3B", "2.7B"), tokens: int = 1, **mem) -> dict:
         t0 = time.perf_counter()
         r = run_engine(cfg=cfg, blob=None, packing="base3", lanes=64, prompt=[1] * tokens, steps=1,
                        simulator="verilator", build=BUILD_64_LARGE, synthetic=True, **mem)
-        ideal = _ideal(cfg, 64)
+        ideal = cfg.ideal_cycles(64)
         out[name] = {"lanes": 64, "cycles_per_token": r.cycles, "ideal_cycles_per_token": ideal,
                      "ratio_to_ideal": max(r.cycles) / ideal, "synthetic_weights": True,
                      "sim_cycles_per_s": r.sim_cycles / r.sim_wall_s, "wall_s": time.perf_counter() - t0}

@@ -285,10 +285,10 @@ def _watchdog_cycles(cfg: ModelConfig, lanes: int, inputs: dict) -> int:
     """Cycles after which the harness gives up waiting for one result: many times what the
     slowest memory setting could need for a token (ideal cycles, the image at the set bandwidth,
     the latency per request), so only a hung engine reaches it."""
-    from mmfree_fpga.hw.engine import beat_bytes, ideal_cycles
+    from mmfree_fpga.hw.engine import beat_bytes
     from mmfree_fpga.image import image_size
     bandwidth = inputs["mem_bandwidth"] / 256 or beat_bytes(lanes)
-    per_token = (ideal_cycles(cfg, lanes) + image_size(cfg, "2bit") / bandwidth
+    per_token = (cfg.ideal_cycles(lanes) + image_size(cfg, "2bit") / bandwidth
                  + 100 * inputs["mem_latency"] * (6 * cfg.L + 1) * 8)
     return int(64 * per_token / (1 - inputs["mem_stall_rate"] / 256)) + 1_000_000
 

@@ -13,7 +13,7 @@ import pytest
 from mmfree_fpga.config import ModelConfig
 from mmfree_fpga.errors import UserError
 from mmfree_fpga.image import image_layout
-from mmfree_fpga.hw.engine import JOBS, EngineCore, Param, engine_params, ideal_cycles
+from mmfree_fpga.hw.engine import JOBS, EngineCore, Param, engine_params
 from mmfree_fpga.reference.checkpoint import DEMO_CHECKPOINT, save_checkpoint
 from mmfree_fpga.sim.engine_sim import EngineBuild, default_build, load_image, reference_tokens, run_amaranth, run_engine
 from mmfree_fpga.sim.runner import simulator_missing
@@ -150,7 +150,7 @@ def test_engine_demo_cycles_within_bound():
     cfg, blob = load_image(DEMO_CHECKPOINT, "base3")
     run = run_engine(cfg=cfg, blob=blob, packing="base3", lanes=LANES, prompt=[100, 101], steps=1,
                      simulator="verilator", build=SHARED_BUILD)
-    ideal = ideal_cycles(cfg, LANES)
+    ideal = cfg.ideal_cycles(LANES)
     assert max(run.cycles) <= DEMO_RATIO_BOUND * ideal, (run.cycles, ideal)
     assert min(run.cycles) >= ideal
 

@@ -8,7 +8,6 @@ import pytest
 
 from mmfree_fpga.cli import main
 from mmfree_fpga.config import ModelConfig
-from mmfree_fpga.hw.engine import ideal_cycles
 from mmfree_fpga.reference.checkpoint import DEMO_CHECKPOINT
 from mmfree_fpga.sim.runner import simulator_missing
 
@@ -27,7 +26,7 @@ def test_sim_command_demo_cycles(tmp_path):
     cfg = ModelConfig.from_checkpoint(DEMO_CHECKPOINT)
     assert r["matches_integer_model"] is True
     assert r["tokens"][:3] == list(b"def") and len(r["tokens"]) == 6
-    assert r["ideal_cycles_per_token"] == ideal_cycles(cfg, 16)
+    assert r["ideal_cycles_per_token"] == cfg.ideal_cycles(16)
     assert len(r["cycles_per_token"]) == 5
     assert max(r["cycles_per_token"]) <= DEMO_RATIO_BOUND * r["ideal_cycles_per_token"]
 

@@ -94,7 +94,7 @@ def run(args) -> dict:
     print("-" * 72)
     same = ref == hw_tokens
     say(f"hardware and reference tokens identical: {'yes' if same else 'NO'} ({len(ref)} tokens)")
-    ideal = cfg.ternary_weights / args.lanes
+    ideal = cfg.ideal_cycles(args.lanes)
     mean = float(np.mean(cycles)) if cycles else 0.0
     clock = resolve_board("ulx3s-85f").default_clock_hz         # the pipelined engine's board
     tiny_clock = resolve_board("icebreaker").default_clock_hz   # the tiny engine's

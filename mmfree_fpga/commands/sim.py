@@ -37,7 +37,7 @@ def add_arguments(p) -> None:
 
 def run(args) -> dict:
     from mmfree_fpga.config import ModelConfig
-    from mmfree_fpga.hw.engine import check_geometry, ideal_cycles
+    from mmfree_fpga.hw.engine import check_geometry
     from mmfree_fpga.reference.checkpoint import DEMO_CHECKPOINT
     from mmfree_fpga.sim.engine_sim import Waves, check_waves, load_image, reference_tokens, run_engine
 
@@ -69,7 +69,7 @@ def run(args) -> dict:
                    simulator=args.simulator, stall_rate=args.stall_rate, mem_bandwidth=args.mem_bandwidth,
                    mem_latency=args.mem_latency, synthetic=args.synthetic, waves=waves, progress=not args.quiet,
                    log=None if args.quiet else lambda msg: print(f"sim: {msg}", flush=True))
-    ideal = ideal_cycles(cfg, args.lanes)
+    ideal = cfg.ideal_cycles(args.lanes)
     if r.sim_cycles and r.sim_wall_s:
         cycles_per_s = r.sim_cycles / r.sim_wall_s
     else:
