@@ -7,7 +7,7 @@ from the weight image it was loaded with, parsed from the raw bytes by geometry 
 alone (``host/image.py``), as an engine does; it never sees a manifest.
 
 It is a serve backend (``receive``/``poll``/``settle``/``power_cycle``/``close``;
-``host/backends.py``): the RTL engine in a simulator sits behind the same methods. Rules it
+``sim/backends.py``): the RTL engine in a simulator sits behind the same methods. Rules it
 keeps, and the fuzz test checks:
 
 * a rejected frame (bad CRC, unknown op, wrong length, bad argument, wrong position or

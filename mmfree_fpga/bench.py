@@ -369,7 +369,7 @@ def link_faults_section(quick: bool) -> Section:
     from pathlib import Path
 
     from .config import ModelConfig
-    from .host.backends import make_backend
+    from .sim.backends import make_backend
     from .host.faults import noisy_generation
     from .host.image import WeightImage
     from .host.testing import random_checkpoint, reference_tokens

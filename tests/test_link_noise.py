@@ -38,7 +38,7 @@ def image(checkpoint):
 @pytest.fixture(scope="module")
 def backends():
     """name -> a fresh backend: a new device model, or the rtl simulation restarted (built once)."""
-    from mmfree_fpga.host.backends import make_backend
+    from mmfree_fpga.sim.backends import make_backend
     made = {}
 
     def fresh(name):
@@ -132,7 +132,7 @@ def _frames(sock, limit_s: float = 10.0):
 
 def test_noise_helper_counts_what_it_did(image):
     """noisy_generation's figures come from the proxy, the driver and the device (model)."""
-    from mmfree_fpga.host.backends import make_backend
+    from mmfree_fpga.sim.backends import make_backend
     device = make_backend("model", RTL_CONFIG, "base3", None)
     r = noisy_generation(device, image, PROMPT, 3, rate=0.0, seed=1)
     assert r["faults"]["frames"] == 2 * r["driver"]["sends"] and r["faults"].get("frames_corrupted", 0) == 0

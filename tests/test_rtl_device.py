@@ -19,7 +19,7 @@ RTL_CONFIG = ModelConfig(vocab_size=256, hidden_size=32, num_hidden_layers=2, in
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    from mmfree_fpga.host.backends import make_backend
+    from mmfree_fpga.sim.backends import make_backend
     from mmfree_fpga.host.transport import TcpDeviceServer
     ckpt = random_checkpoint(tmp_path_factory.mktemp("rtl") / "ckpt", RTL_CONFIG, seed=4)
     backend = make_backend("rtl", RTL_CONFIG, "base3", None, lanes=16)
@@ -59,7 +59,7 @@ def test_serve_waves_writes_an_fst_of_the_window(tmp_path):
     import struct
 
     from mmfree_fpga.errors import UserError
-    from mmfree_fpga.host.backends import make_backend
+    from mmfree_fpga.sim.backends import make_backend
     from mmfree_fpga.protocol import IDENTITY, Identity, Op, FrameDecoder, encode_frame
     from mmfree_fpga.sim.pipe import PIPE_CLOCK_HZ
     fst = tmp_path / "serve.fst"

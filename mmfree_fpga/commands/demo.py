@@ -34,7 +34,7 @@ def run(args) -> dict:
     from mmfree_fpga.reference.steppers import integer_stepper
     from mmfree_fpga.config import ModelConfig
     from mmfree_fpga.generation import Sampler, decode_text, generate, parse_prompt
-    from mmfree_fpga.host.backends import make_backend
+    from mmfree_fpga.sim.backends import make_backend
     from mmfree_fpga.host.driver import Driver, describe
     from mmfree_fpga.host.image import WeightImage
     from mmfree_fpga.host.transport import DeviceRunner, pipe_pair

@@ -13,7 +13,7 @@ WAVES_DEFAULT_CYCLES = 1_000_000
 
 
 def add_arguments(p) -> None:
-    from mmfree_fpga.host.backends import BACKENDS
+    from mmfree_fpga.sim.backends import BACKENDS
     p.add_argument("--port", type=int, default=0, metavar="P",
                    help="TCP port on 127.0.0.1 (default 0: a free port; the URL is printed)")
     p.add_argument("--backend", choices=sorted(BACKENDS), default="rtl",
@@ -50,7 +50,7 @@ def _stop_on_sigterm() -> None:
 def run(args) -> dict:
     from mmfree_fpga.config import ModelConfig
     from mmfree_fpga.errors import UserError
-    from mmfree_fpga.host.backends import make_backend
+    from mmfree_fpga.sim.backends import make_backend
     from mmfree_fpga.host.image import WeightImage
     from mmfree_fpga.host.transport import TcpDeviceServer
     from mmfree_fpga.reference.checkpoint import DEMO_CHECKPOINT

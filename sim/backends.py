@@ -27,7 +27,7 @@ from mmfree_fpga.config import ModelConfig
 from mmfree_fpga.errors import UserError
 
 if TYPE_CHECKING:
-    from .image import WeightImage
+    from mmfree_fpga.host.image import WeightImage
 
 __all__ = ["Backend", "BACKENDS", "make_backend"]
 
@@ -50,7 +50,7 @@ def _model_backend(cfg: ModelConfig, packing: str, image: "WeightImage | None", 
                    waves=None, **_options) -> Backend:
     if waves is not None:
         raise UserError("--waves traces the generated Verilog: it needs --backend rtl")
-    from .device_model import DeviceModel
+    from mmfree_fpga.host.device_model import DeviceModel
     device = DeviceModel(cfg, packing, seed=seed)
     if image is not None:
         device.load_image(image.blob)
@@ -76,7 +76,7 @@ class RtlBackend:
         from pathlib import Path
 
         from mmfree_fpga.hw.linked_engine import LinkedEngine
-        from mmfree_fpga.sim.pipe import PIPE_CLOCK_HZ, PipeSim, build_pipe_sim
+        from .pipe import PIPE_CLOCK_HZ, PipeSim, build_pipe_sim
         key = hashlib.sha256(json.dumps([cfg.as_dict(), packing, lanes]).encode()).hexdigest()[:12]
         build_dir = Path(build_dir) if build_dir else Path("out") / "cache" / f"rtl-{key}"
         design = LinkedEngine(cfg, lanes=lanes, packing=packing, clk_freq=PIPE_CLOCK_HZ, activity_ports=True)
