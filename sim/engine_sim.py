@@ -219,6 +219,11 @@ def check_waves(waves: Waves, simulator: str) -> None:
     if path.suffix.lower() not in suffixes:
         raise UserError(f"--waves {path}: {simulator} writes {' or '.join(s[1:].upper() for s in suffixes)}; "
                         f"name the file *{' or *'.join(suffixes)}")
+    if simulator == "verilator":
+        from .runner import fst_missing
+        reason = fst_missing()
+        if reason:
+            raise UserError(f"--waves {path}: {reason}")
 
 
 def _waves_tmp(waves: Waves) -> Path:

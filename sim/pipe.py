@@ -25,7 +25,7 @@ from pathlib import Path
 
 from mmfree_fpga.errors import UserError
 
-from .runner import executable, simulator_missing, write_verilog
+from .runner import executable, fst_missing, simulator_missing, write_verilog
 
 __all__ = ["build_pipe_sim", "PipeSim", "HARNESS", "PIPE_CLOCK_HZ", "BOOT_PACE_S", "SETTLE_TIMEOUT_S"]
 
@@ -45,7 +45,7 @@ SETTLE_TIMEOUT_S = 30.0
 def build_pipe_sim(design, build_dir, log=None, *, waves: bool = False) -> Path:
     """Compile ``design`` (i_stream/o_stream bytes, idle/in_frame activity) into a harness binary;
     ``waves``: a separate binary with Verilator's FST tracing (``PipeSim(..., waves=FILE)``)."""
-    reason = simulator_missing("verilator")
+    reason = simulator_missing("verilator") or (fst_missing() if waves else None)
     if reason:
         raise UserError(reason)
     build_dir = Path(build_dir).resolve()

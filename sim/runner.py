@@ -6,13 +6,15 @@ call :func:`run_cocotb`, so pytest parametrisation and CI come for free.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
+import subprocess
 import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["SIMULATORS", "simulator_missing", "executable", "simulator_env", "write_verilog", "run_cocotb",
+__all__ = ["SIMULATORS", "simulator_missing", "fst_missing", "executable", "simulator_env", "write_verilog", "run_cocotb",
            "CocotbFailure"]
 
 SIMULATORS = ("verilator", "icarus")
@@ -38,6 +40,21 @@ def executable(program: str) -> str | None:
         local = _VENV_BIN / program
         found = str(local) if local.is_file() and os.access(local, os.X_OK) else None
     return found
+
+
+@functools.lru_cache(maxsize=None)
+def fst_missing() -> str | None:
+    """None if Verilator's FST waveform writer can be compiled here, else the reason and what to
+    do: it needs the lz4 and zlib development headers, which pip cannot provide."""
+    compiler = shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        return "no C++ compiler (c++) found, which Verilator needs"
+    probe = subprocess.run([compiler, "-fsyntax-only", "-x", "c++", "-"], input="#include <lz4.h>\n#include <zlib.h>\n",
+                           capture_output=True, text=True)
+    if probe.returncode != 0:
+        return ("Verilator's FST waveform writer needs the lz4 and zlib development files "
+                "(Debian/Ubuntu: apt-get install liblz4-dev zlib1g-dev)")
+    return None
 
 
 def simulator_missing(name: str) -> str | None:

@@ -16,7 +16,7 @@ import pytest
 from mmfree_fpga.cli import main
 from mmfree_fpga.config import ModelConfig
 from mmfree_fpga.reference.checkpoint import save_checkpoint
-from mmfree_fpga.sim.runner import simulator_missing
+from mmfree_fpga.sim.runner import fst_missing, simulator_missing
 
 from conftest import random_model
 
@@ -48,8 +48,9 @@ def _sim(tmp_path, *args) -> dict:
 
 def test_verilator_fst_holds_exactly_the_window(tmp_path):
     """The FST header's start and end times are the window's first and last dumped instants."""
-    if simulator_missing("verilator"):
-        pytest.skip(simulator_missing("verilator"))
+    reason = simulator_missing("verilator") or fst_missing()
+    if reason:
+        pytest.skip(reason)
     out = tmp_path / "run.fst"
     first, end = 1000, 3000
     r = _sim(tmp_path, "--prompt", "d", "--steps", "1", "--waves", str(out), "--waves-from", str(first),
