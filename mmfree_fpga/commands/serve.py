@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import signal
 
+from ._common import engine_lanes, lanes_help, tcp_port
+
 HELP = ("expose a simulated engine as a byte stream on 127.0.0.1:PORT, speaking the protocol a board "
         "speaks over its UART (connect with 'mmfree-fpga run --device socket://127.0.0.1:PORT'); "
         "with --waves FILE the rtl backend also writes an FST waveform of the board design")
@@ -14,12 +16,13 @@ WAVES_DEFAULT_CYCLES = 1_000_000
 
 def add_arguments(p) -> None:
     from mmfree_fpga.sim.backends import BACKENDS
-    p.add_argument("--port", type=int, default=0, metavar="P",
+    p.add_argument("--port", type=tcp_port, default=0, metavar="P",
                    help="TCP port on 127.0.0.1 (default 0: a free port; the URL is printed)")
     p.add_argument("--backend", choices=sorted(BACKENDS), default="rtl",
                    help="what computes behind the stream: 'rtl' = the engine's generated Verilog in "
                         "Verilator (default); 'model' = the Python device model on the integer reference")
-    p.add_argument("--lanes", type=int, default=16, help="lanes of the simulated engine (rtl; default 16)")
+    p.add_argument("--lanes", type=engine_lanes, default=16, metavar="N",
+                   help="(rtl) lanes of the simulated engine: " + lanes_help(16))
     p.add_argument("--packing", choices=("2bit", "base3"), default="base3",
                    help="trit packing the simulated engine decodes (default base3)")
     p.add_argument("--preload", action="store_true",
@@ -49,14 +52,11 @@ def _stop_on_sigterm() -> None:
 
 def run(args) -> dict:
     from mmfree_fpga.config import ModelConfig
-    from mmfree_fpga.errors import UserError
     from mmfree_fpga.sim.backends import make_backend
     from mmfree_fpga.host.image import WeightImage
     from mmfree_fpga.host.transport import TcpDeviceServer
     from mmfree_fpga.reference.checkpoint import DEMO_CHECKPOINT
 
-    if not 0 <= args.port <= 65535:
-        raise UserError(f"--port {args.port} is not a TCP port (0..65535)")
     waves = _waves_options(args)
     checkpoint = args.checkpoint or DEMO_CHECKPOINT
     cfg = ModelConfig.from_checkpoint(checkpoint)

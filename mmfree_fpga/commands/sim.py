@@ -3,26 +3,26 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 from mmfree_fpga.errors import UserError
 
-from ._common import add_generation_arguments, check_out_file, non_negative_int, prompt_and_sampler
+from ._common import (add_generation_arguments, check_out_file, engine_lanes, float_in, int_in, lanes_help,
+                      non_negative_int, probability, prompt_and_sampler)
 
 HELP = "simulate the engine's Verilog on a prompt (greedy); cycles per token against the ideal"
 
 
 def add_arguments(p) -> None:
     add_generation_arguments(p)
-    p.add_argument("--lanes", type=int, default=16, help="trits per cycle of the matrix unit: 16, 32 or 64 (default 16)")
+    p.add_argument("--lanes", type=engine_lanes, default=16, metavar="N", help=lanes_help(16))
     p.add_argument("--packing", choices=("base3", "2bit"), default="base3", help="trit packing of the image (default base3)")
     p.add_argument("--simulator", choices=("verilator", "icarus", "amaranth"), default="verilator",
                    help="simulator (default verilator)")
-    p.add_argument("--stall-rate", type=float, default=0.0, metavar="P",
+    p.add_argument("--stall-rate", type=probability, default=0.0, metavar="P",
                    help="probability of a stall cycle on the weight memory's responses (default 0)")
-    p.add_argument("--mem-bandwidth", type=float, default=0.0, metavar="B",
+    p.add_argument("--mem-bandwidth", type=float_in(0.0, 255.0), default=0.0, metavar="B",
                    help="weight memory bandwidth in bytes/cycle (default 0: one beat of lanes/4 bytes per cycle)")
-    p.add_argument("--mem-latency", type=int, default=1, metavar="L", help="weight memory latency in cycles (default 1)")
+    p.add_argument("--mem-latency", type=int_in(1, 60), default=1, metavar="L", help="weight memory latency in cycles (default 1)")
     p.add_argument("--synthetic", action="store_true",
                    help="pseudo-random weights made up by the memory model (cycle counts only; the tokens are meaningless)")
     p.add_argument("--waves", default=None, metavar="FILE",
@@ -45,10 +45,6 @@ def run(args) -> dict:
         raise UserError("sim decodes greedily (the engine's argmax); leave --temperature at 0")
     if args.steps < 1:
         raise UserError("--steps must be at least 1")
-    if not 0 <= args.stall_rate < 1:
-        raise UserError("--stall-rate must be in [0, 1)")
-    if args.mem_bandwidth < 0 or args.mem_bandwidth > 255 or args.mem_latency < 1 or args.mem_latency > 60:
-        raise UserError("--mem-bandwidth must be in [0, 255] bytes/cycle and --mem-latency in [1, 60] cycles")
     waves = None
     if args.waves is None:
         if args.waves_from is not None or args.waves_to is not None:
