@@ -334,6 +334,13 @@ def build_harness(build: EngineBuild, *, fst: bool = False, log=None) -> Path:
     return binary
 
 
+def _decode_traces(build: EngineBuild, raw: list[list[int]]) -> list:
+    """Per step, the trace port's words decoded (:func:`decode_trace`) with the build's layout."""
+    from mmfree_fpga.hw.engine import trace_layout
+    layout = trace_layout(build.max_d, build.max_I, build.max_L, build.max_V)
+    return [decode_trace(words, layout) for words in raw]
+
+
 def _run_harness(*, cfg, blob, packing, build, prompt, steps, stall_rate, cmd_stall_rate, mem_bandwidth,
                  mem_latency, read_logits, seed, synthetic, trace, waves, progress, log) -> EngineRun:
     from mmfree_fpga.hw.engine import beat_bytes
@@ -408,11 +415,7 @@ def _run_harness(*, cfg, blob, packing, build, prompt, steps, stall_rate, cmd_st
         finally:
             if tmp_waves is not None and tmp_waves.exists():
                 tmp_waves.unlink()
-    traces = None
-    if trace:
-        from mmfree_fpga.hw.engine import trace_layout
-        layout = trace_layout(build.max_d, build.max_I, build.max_L, build.max_V)
-        traces = [decode_trace(words, layout) for words in raw]
+    traces = _decode_traces(build, raw) if trace else None
     return EngineRun(tokens=tokens, argmax_logits=argmax_logits, cycles=cycles, read_logits=logits,
                      sim_seconds=elapsed, simulator="verilator", synthetic=synthetic, sim_cycles=done[0],
                      sim_wall_s=done[1], trace=traces, waves=str(waves.path) if waves is not None else None)
@@ -514,11 +517,7 @@ def _run_cocotb(*, cfg, blob, packing, build, prompt, steps, simulator, stall_ra
         finally:
             if tmp_waves is not None and tmp_waves.exists():
                 tmp_waves.unlink()
-    traces = None
-    if trace:
-        from mmfree_fpga.hw.engine import trace_layout
-        layout = trace_layout(build.max_d, build.max_I, build.max_L, build.max_V)
-        traces = [decode_trace(words, layout) for words in res["trace"]]
+    traces = _decode_traces(build, res["trace"]) if trace else None
     return EngineRun(tokens=res["tokens"], argmax_logits=res["argmax_logits"], cycles=res["cycles"],
                      read_logits={int(k): {int(i): v for i, v in d.items()} for k, d in res["read_logits"].items()},
                      sim_seconds=elapsed, simulator=simulator, synthetic=synthetic,

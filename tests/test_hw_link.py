@@ -698,10 +698,10 @@ async def finish_load(s):
 
 
 @pytest.mark.parametrize("small, n_exchanges", [
-    (False, 1400),
-    # the small form parses and sends about four times slower (bit-serial CRCs): a shorter run
-    # here, the full one in the slow set
-    (True, 350), pytest.param(True, 1400, marks=pytest.mark.slow)], ids=["ecp5", "small", "small-long"])
+    # short runs in the default suite, the full ones in the slow set; the small form parses and
+    # sends about four times slower (bit-serial CRCs)
+    (False, 700), pytest.param(False, 1400, marks=pytest.mark.slow),
+    (True, 200), pytest.param(True, 1400, marks=pytest.mark.slow)], ids=["ecp5", "ecp5-long", "small", "small-long"])
 def test_fuzz_matches_device_model(image, small, n_exchanges):
     """Thousands of valid, corrupt and mutated frames: the same bytes out, no hang, and no state
     change (device registers, engine commands, image bytes) in any exchange in which the model

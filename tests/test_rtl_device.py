@@ -52,6 +52,7 @@ def test_sampling_on_the_host_from_rtl_logits(served, tmp_path):
     assert json.loads(out.read_text())["tokens"] == want
 
 
+@pytest.mark.slow
 def test_serve_waves_writes_an_fst_of_the_window(tmp_path):
     """``serve --waves``: a Verilator build with FST tracing (its own cached binary) dumps the
     board design's signals for the cycles asked for (cycle N at N periods of the nominal clock);
