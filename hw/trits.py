@@ -19,6 +19,7 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from mmfree_fpga.packing import BASE3_DECODE, PACKINGS, TRITS_PER_BYTE
+from mmfree_fpga.protocol import Packing
 
 __all__ = ["TRIT_CODE", "trit_code", "packing_code", "beat_trits",
            "select_by_packing", "check_packings", "check_beats",
@@ -34,8 +35,8 @@ def trit_code(t: int) -> int:
 
 
 def packing_code(packing: str) -> int:
-    """Value of a runtime packing select: the packing's index in ``PACKINGS``."""
-    return PACKINGS.index(packing)
+    """Value of a runtime packing select: the packing's wire code (:class:`~mmfree_fpga.protocol.Packing`)."""
+    return int(Packing.from_export_name(packing))
 
 
 def beat_trits(weight_bytes: int, packing: str) -> int:

@@ -108,6 +108,7 @@ from dataclasses import astuple, dataclass
 from amaranth.lib.crc import catalog as _crc_catalog
 
 from .config import FORMATS, Formats
+from .packing import PACKINGS
 
 __all__ = [
     "SYNC", "RESPONSE", "PROTOCOL_VERSION", "DEVICE_MAGIC", "HEADER_LEN", "TRAILER_LEN",
@@ -174,18 +175,19 @@ class Error(enum.IntEnum):
 
 
 class Packing(enum.IntEnum):
-    """Trit packing of the image (``mmfree_fpga/packing.py``), as the engine's decoder reads it."""
+    """Trit packing of the image (``mmfree_fpga/packing.py``): on the wire and in the engine's
+    packing select, a packing's code is its index in :data:`~mmfree_fpga.packing.PACKINGS`."""
 
-    TWO_BIT = 0
-    BASE3 = 1
+    TWO_BIT = PACKINGS.index("2bit")
+    BASE3 = PACKINGS.index("base3")
 
     @property
     def name_in_export(self) -> str:
-        return {Packing.TWO_BIT: "2bit", Packing.BASE3: "base3"}[self]
+        return PACKINGS[self]
 
     @classmethod
     def from_export_name(cls, name: str) -> "Packing":
-        return {"2bit": cls.TWO_BIT, "base3": cls.BASE3}[name]
+        return cls(PACKINGS.index(name))
 
 
 class Status(enum.IntFlag):
