@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .errors import CheckpointError
 
-__all__ = ["ModelConfig", "Formats", "FORMATS", "derive_intermediate_size"]
+__all__ = ["ModelConfig", "Formats", "FORMATS", "LAYER_BITLINEARS", "derive_intermediate_size"]
 
 
 def _is_int(value) -> bool:
@@ -48,6 +48,10 @@ _REQUIRED_VALUES = {
     "attn_mode": ("fused_recurrent", "only the recurrent MLGRU formulation is defined for decode"),
     "hidden_act": ("swish", "the GLU uses SiLU (swish) only"),
 }
+
+
+# The BitLinears of one layer as the checkpoint names them (module.matrix), in image order.
+LAYER_BITLINEARS = ("attn.i_proj", "attn.f_proj", "attn.g_proj", "attn.o_proj", "mlp.gate_proj", "mlp.down_proj")
 
 
 @dataclass(frozen=True)
@@ -98,10 +102,9 @@ class ModelConfig:
     def bitlinear_shapes(self) -> dict[str, tuple[int, int]]:
         """(out_features, in_features) of every BitLinear of one layer, plus lm_head."""
         d, i = self.d, self.I
-        return {
-            "attn.i_proj": (d, d), "attn.f_proj": (d, d), "attn.g_proj": (d, d),
-            "attn.o_proj": (d, d), "mlp.gate_proj": (2 * i, d), "mlp.down_proj": (d, i),
-        }
+        shapes = {"attn.i_proj": (d, d), "attn.f_proj": (d, d), "attn.g_proj": (d, d),
+                  "attn.o_proj": (d, d), "mlp.gate_proj": (2 * i, d), "mlp.down_proj": (d, i)}
+        return {name: shapes[name] for name in LAYER_BITLINEARS}
 
     @property
     def ternary_weights(self) -> int:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import ModelConfig
+from .config import LAYER_BITLINEARS, ModelConfig
 from .errors import UserError
 from .packing import PACKINGS, packed_size
 
@@ -20,8 +20,8 @@ __all__ = ["IMAGE_VERSION", "SECTION_ALIGN", "LAYER_MATRICES", "Section", "image
 
 IMAGE_VERSION = 1
 SECTION_ALIGN = 16
-# the BitLinears of one layer, in image order (the order of ModelConfig.bitlinear_shapes)
-LAYER_MATRICES = ("i_proj", "f_proj", "g_proj", "o_proj", "gate_proj", "down_proj")
+# the BitLinears of one layer by matrix name, in image order
+LAYER_MATRICES = tuple(name.split(".")[1] for name in LAYER_BITLINEARS)
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mmfree_fpga.config import FORMATS
+from mmfree_fpga.config import FORMATS, LAYER_BITLINEARS
 from mmfree_fpga.progress import track
 
 from .integer import IntegerModel, IntegerWeights
@@ -58,11 +58,9 @@ def float_trace(model: HGRNBitForCausalLM, ids: list[int]) -> list[dict]:
     lbs = model.lower_bounds().double().numpy()
     n_inter = model.config.I
     for l, layer in enumerate(model.model.layers):
-        for op in ("i_proj", "f_proj", "g_proj", "o_proj"):
-            hooks.append(getattr(layer.attn, op).register_forward_hook(
-                lambda m, i, o, l=l, op=op: captured.__setitem__((l, op), o[0, -1].double().numpy())))
-        for op in ("gate_proj", "down_proj"):
-            hooks.append(getattr(layer.mlp, op).register_forward_hook(
+        for name in LAYER_BITLINEARS:
+            module, op = name.split(".")
+            hooks.append(getattr(getattr(layer, module), op).register_forward_hook(
                 lambda m, i, o, l=l, op=op: captured.__setitem__((l, op), o[0, -1].double().numpy())))
         hooks.append(layer.attn.register_forward_hook(
             lambda m, i, o, l=l: captured.__setitem__((l, "h"), o[1][0].double().numpy())))
