@@ -27,23 +27,23 @@ the q operand registered before the accumulator), each row's sum written to the 
 
 from __future__ import annotations
 
-from amaranth.hdl import Cat, ClockSignal, Const, Instance, Module, Mux, Signal, signed
+from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed
 from amaranth.lib import wiring
 from amaranth.lib.memory import Memory
 
 from mmfree_fpga.config import FORMATS, ModelConfig
 from mmfree_fpga.errors import UserError
 from mmfree_fpga.reference.integer import sigmoid_table
-from mmfree_fpga.packing import BASE3_DECODE
 
 from .engine import EngineOp, control_members
 from .vector_common import msb_index
 from .tiny_isa import (ADDR_CYCLE_OPS, B_BITS, DATA_BITS, DIRECT_OPS, FIELDS, LOOP_COUNT_BITS, MEMORY_KINDS, NO_OPERAND_OPS,
                        PROG_DEPTH, TARGET_BITS, WORD_BITS, Cond, Kind, Op, encode)
 from .tiny_program import RESET_PC, TOKEN_PC, token_program
-from .weight_port import SPRAM_MAX, SPRAM_WORDS
+from .trits import base3_decode_table
+from .weight_port import SPRAM_MAX, SPRAM_WORDS, spram_block
 
-__all__ = ["TinyEngine", "base3_rom", "carry_select"]
+__all__ = ["TinyEngine", "carry_select"]
 
 
 def carry_select(m, a, b, c_in, name: str):
@@ -60,17 +60,6 @@ def carry_select(m, a, b, c_in, name: str):
     hi1 = Signal(w - h, name=f"{name}_hi1", attrs={"keep": 1})
     m.d.comb += [lo.eq(a[:h] + b[:h] + c_in), hi0.eq(a[h:] + b[h:]), hi1.eq(~(~a[h:] + ~b[h:]))]
     return Cat(lo[:h], Mux(lo[h], hi1, hi0))
-
-
-def base3_rom() -> list[int]:
-    """byte -> its five trits, two bits each (01 = +1, 11 = -1, 00 = 0), trit 0 in bits 1:0."""
-    out = []
-    for v in range(256):
-        word = 0
-        for k, t in enumerate(BASE3_DECODE[v]):
-            word |= (int(t) & 3) << (2 * k)
-        out.append(word)
-    return out
 
 
 class TinyEngine(wiring.Component):
@@ -128,12 +117,9 @@ class TinyEngine(wiring.Component):
         outs = []
         for b in range(deep):
             dout = Signal(16, name=f"spram{b}_out")
-            m.submodules[f"spram{b}"] = Instance(
-                "SB_SPRAM256KA",
-                i_ADDRESS=addr[:14], i_DATAIN=Cat(wdata, wdata),
-                i_MASKWREN=Mux(wlane, Const(0b1100, 4), Const(0b0011, 4)), i_WREN=we & (wbank == b),
-                i_CHIPSELECT=Const(1, 1), i_CLOCK=ClockSignal("sync"), i_STANDBY=Const(0, 1),
-                i_SLEEP=Const(0, 1), i_POWEROFF=Const(1, 1), o_DATAOUT=dout)
+            m.submodules[f"spram{b}"] = spram_block(addr[:14], Cat(wdata, wdata),
+                                                    Mux(wlane, Const(0b1100, 4), Const(0b0011, 4)),
+                                                    we & (wbank == b), dout)
             outs.append(dout)
         with m.Switch(bank_r):
             for b in range(deep):
@@ -154,7 +140,7 @@ class TinyEngine(wiring.Component):
         m.submodules.qmem = qmem = Memory(shape=8, depth=lay.qm_depth, init=[])
         table = [int(t) for t in sigmoid_table(fmt)]
         m.submodules.tab = tab = Memory(shape=16, depth=len(table), init=table)
-        m.submodules.b3 = b3 = Memory(shape=10, depth=256, init=base3_rom())
+        m.submodules.b3 = b3 = Memory(shape=10, depth=256, init=base3_decode_table())
         rom_rp = rom.read_port()
         reg_rp, reg_wp = regs.read_port(), regs.write_port()
         vm_rp, vm_wp = vmem.read_port(), vmem.write_port()

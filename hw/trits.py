@@ -21,7 +21,7 @@ from amaranth.lib.wiring import In, Out
 from mmfree_fpga.packing import BASE3_DECODE, PACKINGS, TRITS_PER_BYTE
 from mmfree_fpga.protocol import Packing
 
-__all__ = ["TRIT_CODE", "trit_code", "packing_code", "beat_trits",
+__all__ = ["TRIT_CODE", "trit_code", "base3_decode_table", "packing_code", "beat_trits",
            "select_by_packing", "check_packings", "check_beats",
            "TritDecoder", "TritGearbox"]
 
@@ -32,6 +32,13 @@ TRIT_CODE = unsigned(2)
 def trit_code(t: int) -> int:
     """The 2-bit code of trit ``t`` in {-1, 0, 1}."""
     return t & 0b11
+
+
+def base3_decode_table() -> list[int]:
+    """The base3 decode ROM: byte -> its five trits as 2-bit codes (:func:`trit_code`), trit 0 in
+    bits 1:0 (the matrix unit's decoder and the tiny engine's ROM)."""
+    bits = TRIT_CODE.width
+    return [sum(trit_code(int(t)) << (bits * k) for k, t in enumerate(row)) for row in BASE3_DECODE]
 
 
 def packing_code(packing: str) -> int:
@@ -119,7 +126,7 @@ class TritDecoder(wiring.Component):
             decoded["2bit"] = Cat(*(self.data[j] for j in range(self._weight_bytes)))
         if "base3" in self._packings:
             bits = TRIT_CODE.width
-            table = [sum(trit_code(int(t)) << (bits * k) for k, t in enumerate(row)) for row in BASE3_DECODE]
+            table = base3_decode_table()
             rom = m.submodules.base3_rom = Memory(shape=unsigned(bits * TRITS_PER_BYTE["base3"]),
                                                   depth=len(table), init=table)
             parts = []

@@ -429,6 +429,16 @@ def spram_banks(width: int, depth: int) -> tuple[int, int]:
     return wide, deep
 
 
+def spram_block(addr, din, maskwren, wren, dout) -> Instance:
+    """One iCE40 ``SB_SPRAM256KA`` (16k x 16 bits, synchronous read): ``addr`` 14 bits, ``din`` /
+    ``dout`` 16 bits, ``maskwren`` a 4-bit nibble write mask, ``wren`` the write enable; always
+    selected and powered."""
+    return Instance("SB_SPRAM256KA",
+                    i_ADDRESS=addr, i_DATAIN=din, i_MASKWREN=maskwren, i_WREN=wren,
+                    i_CHIPSELECT=Const(1, 1), i_CLOCK=ClockSignal("sync"), i_STANDBY=Const(0, 1),
+                    i_SLEEP=Const(0, 1), i_POWEROFF=Const(1, 1), o_DATAOUT=dout)
+
+
 def _spram_store(m, width, depth, raddr, rdata, we, waddr, wdata):
     """A synchronous RAM of SB_SPRAM256KA blocks: reads (one cycle latency) and writes share
     the address, writes win."""
@@ -447,11 +457,7 @@ def _spram_store(m, width, depth, raddr, rdata, we, waddr, wdata):
             dout = Signal(SPRAM_WIDTH, name=f"spram_{b}_{k}_out")
             din = Signal(SPRAM_WIDTH, name=f"spram_{b}_{k}_in")
             m.d.comb += din.eq(wdata[SPRAM_WIDTH * k:SPRAM_WIDTH * (k + 1)])
-            m.submodules[f"spram_{b}_{k}"] = Instance(
-                "SB_SPRAM256KA",
-                i_ADDRESS=addr[:14], i_DATAIN=din, i_MASKWREN=Const(0xF, 4), i_WREN=we & sel,
-                i_CHIPSELECT=Const(1, 1), i_CLOCK=ClockSignal("sync"), i_STANDBY=Const(0, 1),
-                i_SLEEP=Const(0, 1), i_POWEROFF=Const(1, 1), o_DATAOUT=dout)
+            m.submodules[f"spram_{b}_{k}"] = spram_block(addr[:14], din, Const(0xF, 4), we & sel, dout)
             words.append(dout)
         outs.append(Cat(*words)[:width])
     if deep == 1:
