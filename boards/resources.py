@@ -4,7 +4,7 @@
 writes the design's RTLIL, runs ``synth_ice40 -dsp`` with the hierarchy kept (YoWASP Yosys from
 the virtual environment, or ``$YOSYS``) and prints LUT4, flip-flops, carry cells, DSPs (SB_MAC16),
 block RAMs (SB_RAM40_4K) and SPRAMs per Amaranth submodule, inclusive of its children, against
-the iCE40UP5K's 5280 / 5280 / - / 8 / 30 / 4. The default variant is the one the iCEBreaker
+the iCE40UP5K's resources (``boards/budget.py``). The default variant is the one the iCEBreaker
 builds: the tiny engine (``hw/tiny_engine.py``, weights in SPRAM); ``compact`` is
 ``EngineCore(compact=True)`` (base3 only, SPRAM store; it does not fit the UP5K), ``full`` the
 ECP5 engine.
@@ -23,9 +23,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from .budget import DEVICES
+
 __all__ = ["UP5K", "VARIANTS", "design_for", "synth_stats", "inclusive", "main"]
 
-UP5K = {"LUT4": 5280, "FF": 5280, "CARRY": None, "DSP": 8, "EBR": 30, "SPRAM": 4}
+_UP5K = DEVICES["iCE40UP5K"]
+UP5K = {"LUT4": _UP5K.luts, "FF": _UP5K.ffs, "CARRY": None, "DSP": _UP5K.dsps, "EBR": _UP5K.bram_blocks,
+        "SPRAM": _UP5K.spram_blocks}
 _CELL = {"SB_LUT4": "LUT4", "SB_CARRY": "CARRY", "SB_MAC16": "DSP", "SB_RAM40_4K": "EBR",
          "SB_SPRAM256KA": "SPRAM"}
 COLUMNS = ("LUT4", "FF", "CARRY", "DSP", "EBR", "SPRAM")
