@@ -136,5 +136,5 @@ def test_serve_errors_are_one_line_and_exit_2(checkpoint, capsys):
         port = busy.getsockname()[1]
         assert "cannot listen on 127.0.0.1" in _error_line(
             capsys, ["serve", "--backend", "model", "--port", str(port), "--checkpoint", str(checkpoint)])
-    assert "is not a TCP port" in _error_line(capsys, ["serve", "--backend", "model", "--port", "70000", "--checkpoint", str(checkpoint)])
+    assert "--port must be in [0, 65535]" in _error_line(capsys, ["serve", "--backend", "model", "--port", "70000", "--checkpoint", str(checkpoint)])
     assert "no config.json" in _error_line(capsys, ["serve", "--checkpoint", "/nonexistent/ckpt"])
