@@ -44,7 +44,7 @@ def design_for(cfg, *, lanes: int = 16, variant: str = "tiny", which: str = "lin
     store in block RAM)."""
     if variant == "tiny":
         if which == "engine":
-            from .tiny_engine import TinyEngine
+            from mmfree_fpga.hw.tiny_engine import TinyEngine
             return TinyEngine(cfg, spram=True)
         from mmfree_fpga.hw.linked_engine import LinkedEngine
         return LinkedEngine(cfg, lanes=1, packing="base3", max_payload=256, tiny=True, spram=True)

@@ -49,9 +49,9 @@ slots (a and c, max(max_d, max_I) x 16 bits each), lower bounds (max_d x 16), lo
 all 32-bit unless noted, plus the q FIFO (2 max_in / lanes words of lanes bytes) and the trit
 FIFO (about (4 max_in + 2 max_d) / beat_bytes beats).
 
-Control interface (all ``amaranth.lib.stream``)
------------------------------------------------
-``cmd`` (:func:`cmd_layout`: ``op`` 3 bits, ``index`` 8 bits, ``arg`` 32 bits), accepted only
+Control interface (:class:`~.control.ControlSignature`, all ``amaranth.lib.stream``)
+-------------------------------------------------------------------------------------
+``cmd`` (:func:`~.control.command_layout`: ``op`` 3 bits, ``index`` 8 bits, ``arg`` 32 bits), accepted only
 while the engine is idle (not during a token, nor while a result waits):
 
 * ``RESET_STATE``: h := 0 for every layer (also the state after reset);
@@ -60,7 +60,7 @@ while the engine is idle (not during a token, nor while a result waits):
 * ``SET_PARAM(index, arg)``: parameter ``index`` := arg (:class:`Param`; see :func:`engine_params`).
 
 ``load`` (8-bit stream, always ready; not to be used during a token): image bytes, stored at the
-write pointer, which then advances. ``result`` (:func:`result_layout`): ``token`` (the argmax), ``logit`` (its Q16 value,
+write pointer, which then advances. ``result`` (:func:`~.control.result_layout`): ``token`` (the argmax), ``logit`` (its Q16 value,
 signed), ``cycles`` (clock cycles from accepting FEED_TOKEN to offering the result).
 ``logit_req`` (32-bit index) -> ``logit_resp`` (signed 32-bit Q16 logit of the last step), one
 response per request, in order.
@@ -100,6 +100,7 @@ from mmfree_fpga.packing import PACKINGS, TRITS_PER_BYTE
 
 from .argmax import Argmax
 from .bitlinear_front import BitLinearFront, FrontOp
+from .control import ControlSignature, EngineOp, result_layout
 from .elementwise import ElementwiseOp, ElementwiseUnit
 from .embed_scale import EmbedScale
 from .matvec import TernaryMatVec
@@ -110,7 +111,7 @@ from .vector_common import vector_widths
 from .ram import NO_RW_CHECK, registered_read_port
 from .weight_port import ADDR_BITS, LEN_BITS, WeightMemory, weight_port_signature, write_layout
 
-__all__ = ["EngineOp", "Param", "JOBS", "cmd_layout", "result_layout", "control_members", "trace_layout", "beat_bytes",
+__all__ = ["Param", "JOBS", "trace_layout", "beat_bytes",
            "engine_params", "check_geometry", "EngineCore", "Engine"]
 
 JOBS = ("f_proj", "i_proj", "g_proj", "o_proj", "gate_proj", "down_proj", "lm_head")
@@ -119,13 +120,6 @@ LANES_SUPPORTED = (8, 16, 32, 64)
 # Norm slots: job k's norms go to slot k mod 3, so the norms of job k+2 can be fetched right
 # behind the trits of job k (the front is done with job k-1 by then).
 NORM_SLOTS = 3
-
-
-class EngineOp(enum.Enum, shape=3):
-    RESET_STATE = 0
-    FEED_TOKEN = 1
-    LOAD_RESET = 2
-    SET_PARAM = 3
 
 
 class Param:
@@ -146,26 +140,6 @@ class Param:
 def beat_bytes(lanes: int) -> int:
     """Bytes per weight beat: one beat sustains ``lanes`` trits per cycle in either packing."""
     return -(-lanes // TRITS_PER_BYTE["2bit"])
-
-
-def cmd_layout() -> data.StructLayout:
-    return data.StructLayout({"op": EngineOp, "index": unsigned(8), "arg": unsigned(32)})
-
-
-def result_layout() -> data.StructLayout:
-    return data.StructLayout({"token": unsigned(32), "logit": signed(32), "cycles": unsigned(32)})
-
-
-def control_members() -> dict:
-    """The control interface every engine presents (module docstring): ``cmd``, ``load``,
-    ``result``, ``logit_req``, ``logit_resp``."""
-    return {
-        "cmd": In(stream.Signature(cmd_layout())),
-        "load": In(stream.Signature(unsigned(8))),
-        "result": Out(stream.Signature(result_layout())),
-        "logit_req": In(stream.Signature(unsigned(32))),
-        "logit_resp": Out(stream.Signature(signed(32))),
-    }
 
 
 def trace_layout(max_d: int, max_I: int, max_L: int, max_V: int) -> data.StructLayout:
@@ -313,7 +287,7 @@ class EngineCore(wiring.Component):
         burst = (4 * max(self.max_d, self.max_I) + 2 * self.max_d) // self.beat_bytes + 2
         self.trit_fifo_depth = 1 << (burst - 1).bit_length()
         super().__init__({
-            **control_members(),
+            **ControlSignature().members,
             "trace": Out(stream.Signature(self.trace_layout())),
             "wport": Out(weight_port_signature(self.beat_bytes)),
             "wwrite": Out(write_layout(self.beat_bytes)),
@@ -1083,7 +1057,7 @@ class Engine(wiring.Component):
                                    dp16kd=mem_dp16kd)
         self._model = model
         members = {
-            **control_members(),
+            **ControlSignature().members,
             "trace": Out(stream.Signature(self.core.trace_layout())),
         }
         if model:

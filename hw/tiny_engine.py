@@ -35,7 +35,7 @@ from mmfree_fpga.config import FORMATS, ModelConfig
 from mmfree_fpga.errors import UserError
 from mmfree_fpga.reference.integer import sigmoid_table
 
-from .engine import EngineOp, control_members
+from .control import ControlSignature, EngineOp
 from .vector_common import msb_index
 from .tiny_isa import (ADDR_CYCLE_OPS, B_BITS, DATA_BITS, DIRECT_OPS, FIELDS, LOOP_COUNT_BITS, MEMORY_KINDS, NO_OPERAND_OPS,
                        PROG_DEPTH, TARGET_BITS, WORD_BITS, Cond, Kind, Op, encode)
@@ -90,7 +90,7 @@ class TinyEngine(wiring.Component):
                             f"{1 << B_BITS}-byte address space")
         self.image = image
         self.spram = spram
-        super().__init__(control_members())
+        super().__init__(ControlSignature())
 
     # -- memories -----------------------------------------------------------------
     def _weight_memory(self, m, addr, rdata, we, wdata, wlane, waddr):

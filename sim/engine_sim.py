@@ -272,14 +272,12 @@ def _sources(build: EngineBuild, directory: Path) -> list[Path]:
 
 
 def _encoding() -> dict:
-    """What a testbench needs of hw/engine.py to talk to the engine: the op codes it sends, the
-    bit offsets of ``cmd__payload``'s index and arg and of ``result__payload``'s fields."""
-    from mmfree_fpga.hw.engine import EngineOp, cmd_layout, result_layout
-    cmd, res = cmd_layout(), result_layout()
+    """What the C++ harness needs of the control interface (:mod:`~mmfree_fpga.hw.control`): the
+    op codes it sends, the bit offsets of ``cmd__payload``'s index and arg and of
+    ``result__payload``'s fields."""
+    from mmfree_fpga.hw.control import EngineOp, field_offsets
     return {"RESET_STATE": EngineOp.RESET_STATE.value, "FEED_TOKEN": EngineOp.FEED_TOKEN.value,
-            "SET_PARAM": EngineOp.SET_PARAM.value, "index_shift": cmd["index"].offset,
-            "arg_shift": cmd["arg"].offset, "token_bit": res["token"].offset, "logit_bit": res["logit"].offset,
-            "cycles_bit": res["cycles"].offset}
+            "SET_PARAM": EngineOp.SET_PARAM.value, **field_offsets()}
 
 
 def memory_model_inputs(*, stall_rate: float, mem_bandwidth: float, mem_latency: int, synthetic: bool) -> dict:
@@ -499,7 +497,6 @@ def _run_cocotb(*, cfg, blob, packing, build, prompt, steps, simulator, stall_ra
             "mem_inputs": memory_model_inputs(stall_rate=stall_rate, mem_bandwidth=mem_bandwidth,
                                               mem_latency=mem_latency, synthetic=synthetic),
             "read_logits": list(read_logits), "seed": seed, "trace": trace, "period_ns": PERIOD_NS,
-            "encoding": _encoding(),
         }
         (tmp / "job.json").write_text(json.dumps(job))
         out = tmp / "result.json"
@@ -534,7 +531,8 @@ def run_amaranth(*, cfg, blob, packing, lanes, prompt, steps, read_logits=(), lo
     ``sim_cycles``: clock cycles from the first FEED_TOKEN to the last result. ``waves``: a VCD
     from cycle 0 (Amaranth's writer cannot start later) until ``waves.end``."""
     from amaranth.sim import Simulator
-    from mmfree_fpga.hw.engine import Engine, EngineOp
+    from mmfree_fpga.hw.control import EngineOp
+    from mmfree_fpga.hw.engine import Engine
     if blob is None:
         from mmfree_fpga.errors import UserError
         raise UserError("the Amaranth simulator needs real weights (no synthetic mode)")

@@ -22,12 +22,7 @@ from cocotb.clock import Clock
 from cocotb.triggers import ClockCycles, FallingEdge, ReadOnly, RisingEdge
 from cocotb.utils import get_sim_time
 
-# The op codes and field offsets come in the job (engine_sim._encoding, from hw/engine.py), so
-# this module needs no Amaranth.
-
-
-def _field32(word: int, offset: int) -> int:
-    return (word >> offset) & 0xFFFFFFFF
+from mmfree_fpga.hw.control import EngineOp, decode_result, encode_command
 
 
 def _signed32(v: int) -> int:
@@ -54,7 +49,6 @@ async def engine_job(dut):
     with open(os.environ["ENGINE_JOB"]) as f:
         job = json.load(f)
     rng = random.Random(job["seed"])
-    enc = job["encoding"]
     period_ns = job["period_ns"]
     Clock(dut.clk, period_ns, unit="ns", impl="gpi").start()
     dut.rst.value = 1
@@ -77,7 +71,7 @@ async def engine_job(dut):
     async def command(op, index=0, arg=0):
         await idle()
         await FallingEdge(dut.clk)
-        dut.cmd__payload.value = op | (index << enc["index_shift"]) | (arg << enc["arg_shift"])
+        dut.cmd__payload.value = encode_command(op, index=index, arg=arg)
         dut.cmd__valid.value = 1
         while not int(dut.cmd__ready.value):
             await FallingEdge(dut.clk)
@@ -89,8 +83,8 @@ async def engine_job(dut):
         cocotb.start_soon(_capture_trace(dut, trace_sink))
 
     for index, value in job["params"]:
-        await command(enc["SET_PARAM"], index, value)
-    await command(enc["RESET_STATE"])
+        await command(EngineOp.SET_PARAM, index, value)
+    await command(EngineOp.RESET_STATE)
 
     prompt, steps = job["prompt"], job["steps"]
     tokens = list(prompt)
@@ -101,7 +95,7 @@ async def engine_job(dut):
         if trace_sink is not None:
             trace_sink[0] = []
             traces.append(trace_sink[0])
-        await command(enc["FEED_TOKEN"], 0, tokens[t])
+        await command(EngineOp.FEED_TOKEN, 0, tokens[t])
         if not int(dut.result__valid.value):
             await RisingEdge(dut.result__valid)
         await ReadOnly()
@@ -111,11 +105,11 @@ async def engine_job(dut):
         dut.result__ready.value = 1
         await FallingEdge(dut.clk)
         dut.result__ready.value = 0
-        token = _field32(payload, enc["token_bit"])
+        token, logit, n_cycles = decode_result(payload)
         if t >= len(prompt) - 1:
             tokens.append(token)
-        argmax_logits.append(_signed32(_field32(payload, enc["logit_bit"])))
-        cycles.append(_field32(payload, enc["cycles_bit"]))
+        argmax_logits.append(logit)
+        cycles.append(n_cycles)
         got = {}
         for idx in job["read_logits"]:
             dut.logit_req__payload.value = idx

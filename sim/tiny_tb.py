@@ -17,7 +17,7 @@ import cocotb
 from cocotb.clock import Clock
 from cocotb.triggers import ReadOnly, RisingEdge
 
-from mmfree_fpga.hw.engine import EngineOp
+from mmfree_fpga.hw.control import EngineOp, decode_result, encode_command
 
 
 def _signed32(v: int) -> int:
@@ -50,10 +50,6 @@ async def _receive(dut, name: str) -> int:
     return value
 
 
-def _cmd(op: EngineOp, arg: int = 0) -> int:
-    return op.value | (arg << 11)          # {arg[31:0], index[7:0], op[2:0]}
-
-
 @cocotb.test()
 async def tokens_match_the_integer_model(dut):
     case = json.loads(Path(os.environ["TINY_CASE"]).read_text())
@@ -68,15 +64,14 @@ async def tokens_match_the_integer_model(dut):
         await RisingEdge(dut.clk)
     dut.rst.value = 0
 
-    await _handshake(dut, "cmd", _cmd(EngineOp.LOAD_RESET))
+    await _handshake(dut, "cmd", encode_command(EngineOp.LOAD_RESET))
     for byte in image:
         await _handshake(dut, "load", byte)
-    await _handshake(dut, "cmd", _cmd(EngineOp.RESET_STATE))
+    await _handshake(dut, "cmd", encode_command(EngineOp.RESET_STATE))
     for step in case["steps"]:
-        await _handshake(dut, "cmd", _cmd(EngineOp.FEED_TOKEN, step["token"]))
+        await _handshake(dut, "cmd", encode_command(EngineOp.FEED_TOKEN, arg=step["token"]))
         word = await _receive(dut, "result")
-        got = {"argmax": word & 0xFFFFFFFF, "logit": _signed32((word >> 32) & 0xFFFFFFFF),
-               "cycles": word >> 64}
+        got = dict(zip(("argmax", "logit", "cycles"), decode_result(word)))
         want = {key: step[key] for key in got}
         assert got == want, f"token {step['token']}: {got} != {want}"
         for index, value in step["logits"].items():

@@ -118,7 +118,7 @@ def test_engine_in_amaranth_simulation(images):
     """Image in the RAM's initial contents, two tokens: results and cycles."""
     from amaranth.sim import Simulator
 
-    from mmfree_fpga.hw.engine import EngineOp
+    from mmfree_fpga.hw.control import EngineOp
     from mmfree_fpga.hw.tiny_engine import TinyEngine
     image = images["tiny"]
     steps = expected_steps(image, [5, 17, 30])
