@@ -37,8 +37,9 @@ from mmfree_fpga.reference.integer import sigmoid_table
 
 from .control import ControlSignature, EngineOp
 from .vector_common import msb_index
-from .tiny_isa import (ADDR_CYCLE_OPS, B_BITS, DATA_BITS, DIRECT_OPS, FIELDS, LOOP_COUNT_BITS, MEMORY_KINDS, NO_OPERAND_OPS,
-                       PROG_DEPTH, TARGET_BITS, WORD_BITS, Cond, Kind, Op, encode)
+from .tiny_isa import (ADDR_CYCLE_OPS, B_BITS, DATA_BITS, DIRECT_OPS, FIELDS, LOOP_COUNT_BITS, MATVEC_COLS, MATVEC_OUT,
+                       MATVEC_ROWS, MATVEC_TRITS, MEMORY_KINDS, N_BASES, N_REGS, NO_OPERAND_OPS, PROG_DEPTH, RES_LOGIT,
+                       TARGET_BITS, W_SIZE, WORD_BITS, Cond, Kind, Op, encode, sig_frac_bits)
 from .tiny_program import RESET_PC, TOKEN_PC, token_program
 from .trits import base3_decode_table
 from .weight_port import SPRAM_MAX, SPRAM_WORDS, spram_block
@@ -135,7 +136,7 @@ class TinyEngine(wiring.Component):
         # program ROM, registers, vector / q memories, sigmoid table, base3 decoder
         m.submodules.rom = rom = Memory(shape=WORD_BITS, depth=PROG_DEPTH,
                                         init=[encode(ins) for ins in self.program])
-        m.submodules.regs = regs = Memory(shape=N, depth=16, init=[])
+        m.submodules.regs = regs = Memory(shape=N, depth=N_REGS, init=[])
         m.submodules.vmem = vmem = Memory(shape=32, depth=lay.vm_depth, init=[])
         m.submodules.qmem = qmem = Memory(shape=8, depth=lay.qm_depth, init=[])
         table = [int(t) for t in sigmoid_table(fmt)]
@@ -167,7 +168,7 @@ class TinyEngine(wiring.Component):
         i1 = Signal(17, init=1)           # i + 1, kept beside i (no adder before LOOP's comparison)
         RA = Signal(range(PROG_DEPTH))
         pc = Signal(range(PROG_DEPTH))
-        bases = [Signal(B_BITS, name=f"b{k}") for k in range(8)]
+        bases = [Signal(B_BITS, name=f"b{k}") for k in range(N_BASES)]
         token = Signal(32)
         res_token = Signal(32)
         res_logit = Signal(signed(32))
@@ -191,13 +192,13 @@ class TinyEngine(wiring.Component):
         # address of the operand / store
         kind_size_log2 = Signal(2)
         with m.Switch(d["kind"]):
-            with m.Case(Kind.W16):
-                m.d.comb += kind_size_log2.eq(1)
-            with m.Case(Kind.W32):
-                m.d.comb += kind_size_log2.eq(2)
+            for k, size in W_SIZE.items():
+                if size > 1:
+                    with m.Case(k):
+                        m.d.comb += kind_size_log2.eq(size.bit_length() - 1)
         bsel_val = Signal(B_BITS)
         with m.Switch(d["bsel"]):
-            for k in range(8):
+            for k in range(N_BASES):
                 with m.Case(k):
                     m.d.comb += bsel_val.eq(bases[k])
         # (the base register chosen by the instruction, and the sum of its index and P terms,
@@ -337,7 +338,7 @@ class TinyEngine(wiring.Component):
         # that take them (SIGP, SAT) hold A in the cycle before EXEC (ISSUE), so they see their own A.
         # (A's comparison trees were a path into A's own enable: Yosys makes a Mux that keeps A
         # into the register's enable, the iCE40's critical path)
-        frac_bits = fmt.x_frac - fmt.sig_step_log2
+        frac_bits = sig_frac_bits(fmt)
         n_tab = 1 << fmt.sig_table_log2
         hi_bit = frac_bits + fmt.sig_table_log2 - 1          # |y| >= 2^hi_bit is outside the table
         upper = A[hi_bit:]
@@ -563,8 +564,8 @@ class TinyEngine(wiring.Component):
                 m.d.comb += [reg_rp.addr.eq(reg), vm_rp.addr.eq(addr), w_addr.eq(addr[1:]), tab_rp.addr.eq(addr)]
                 # the matrix unit's start state, set whatever the op (only MATVEC reads it): no
                 # op decoding in these registers' enables
-                m.d.sync += [mv_cols_m1.eq(bases[1] - 1), mv_rows_m1.eq(bases[5] - 1),
-                             mv_r.eq(0), mv_c.eq(0), mv_ba.eq(bases[2]), mv_p1.eq(0), mv_p2.eq(0),
+                m.d.sync += [mv_cols_m1.eq(bases[MATVEC_COLS] - 1), mv_rows_m1.eq(bases[MATVEC_ROWS] - 1),
+                             mv_r.eq(0), mv_c.eq(0), mv_ba.eq(bases[MATVEC_TRITS]), mv_p1.eq(0), mv_p2.eq(0),
                              mv_nvalid.eq(0), mv_tn.eq(0), mv_issue_done.eq(0), mv_s1.eq(0), mv_s2.eq(0), mv_acc.eq(0),
                              rem.eq(0), root.eq(0), dv_ph.eq(0),     # (and DIV / SQRT's)
                              w_addr_hi.eq(addr[1:] + 1)]             # (a W32 operand's high half)
@@ -583,11 +584,11 @@ class TinyEngine(wiring.Component):
                         m.d.sync += P.eq(A[:B_BITS])
                     with m.Case(*on(Op.SETB)):
                         with m.Switch(f["bsel"]):
-                            for k in range(8):
+                            for k in range(N_BASES):
                                 with m.Case(k):
                                     m.d.sync += bases[k].eq(imm[:B_BITS])
                     with m.Case(*on(Op.RES)):
-                        with m.If(reg[0]):
+                        with m.If(reg[0] == RES_LOGIT):
                             m.d.sync += res_logit.eq(A[:32])
                         with m.Else():
                             m.d.sync += res_token.eq(A[:32])
@@ -749,7 +750,7 @@ class TinyEngine(wiring.Component):
                     m.d.sync += sh_act.eq(SA_DONE)
 
             with m.State("MATVEC"):
-                out = bases[4]
+                out = bases[MATVEC_OUT]
                 # producer: weight byte -> (read) -> decoder ROM -> mv_next, one byte in flight
                 m.d.sync += [mv_p1.eq(0), mv_p2.eq(0)]
                 with m.If(~mv_nvalid & ~mv_p1 & ~mv_p2 & ~mv_issue_done):

@@ -15,21 +15,24 @@ Machine state
   result outside its range is a program error (:class:`ProgramFault` here; the hardware
   wraps): :mod:`.tiny_program` keeps every value within it for every input the number formats
   allow (its docstring has the bounds);
-* ``R[0..15]``: registers of the same width; ``B[0..7]``: 18-bit base registers (addresses, counts);
-* ``P``: an 18-bit pointer added to addresses; ``i``: the loop index (one loop level);
-* ``RA``: the return address (one call level); ``res[0..1]``: the result (token, logit);
+* ``R[0..N_REGS-1]``: :data:`N_REGS` registers of the same width; ``B[0..N_BASES-1]``:
+  :data:`N_BASES` :data:`B_BITS`-bit base registers (addresses, counts);
+* ``P``: a :data:`B_BITS`-bit pointer added to addresses; ``i``: the loop index (one loop level);
+* ``RA``: the return address (one call level); ``res[RES_TOKEN]``, ``res[RES_LOGIT]``: the
+  result (token, logit);
 * memories: ``VM`` (vector memory, 32-bit signed words), ``QM`` (the int8 quantised input of
   the next matrix), ``W`` (the weight image, bytes, read as 8/16/32-bit little-endian
   values), ``TAB`` (the sigmoid table, read only).
 
-Instruction word (:data:`WORD_BITS` bits, from bit 0): ``op`` 5, ``reg`` 4, ``kind`` 3,
-``fi`` 1, ``fp`` 1, ``fb`` 1, ``bsel`` 3, ``flag`` 1, ``imm`` 21 (signed).
+Instruction word (:data:`WORD_BITS` bits): the fields of :data:`FIELDS` from bit 0 (``reg``
+wide enough to name one of :data:`N_REGS` registers, ``bsel`` one of :data:`N_BASES`, ``imm``
+:data:`IMM_BITS` bits, signed).
 
 The operand ``X`` of an instruction is selected by ``kind`` (:class:`Kind`): the immediate, a
 register ``R[reg]``, or a memory word at the address ``imm + (fi ? i * size) + (fp ? P) +
 (fb ? B[bsel])`` (``size`` = bytes of a ``W`` value, 1 otherwise). ``flag`` reads ``W``
 values unsigned, makes ``MUL`` treat ``X`` as unsigned, and makes ``SHR`` round.
-Control instructions take a 9-bit target from ``imm[8:0]``.
+Control instructions take a :data:`TARGET_BITS`-bit target from the low bits of ``imm``.
 """
 
 from __future__ import annotations
@@ -44,18 +47,24 @@ from mmfree_fpga.config import FORMATS, Formats
 from mmfree_fpga.errors import UserError
 
 __all__ = ["START_CYCLES", "Op", "Kind", "Cond", "Instr", "WORD_BITS", "FIELDS", "IMM_BITS", "B_BITS", "PROG_DEPTH",
-           "encode", "decode", "Asm", "Machine", "sig_index", "NO_OPERAND_OPS", "DIRECT_OPS", "MEMORY_KINDS",
-           "ADDR_CYCLE_OPS", "TARGET_BITS", "LOOP_COUNT_BITS", "takes_addr_cycle"]
+           "N_REGS", "N_BASES", "DATA_BITS", "W_SIZE", "DIV_X_BITS", "RES_TOKEN", "RES_LOGIT",
+           "MATVEC_COLS", "MATVEC_TRITS", "MATVEC_OUT", "MATVEC_ROWS", "MATVEC_OVERHEAD",
+           "encode", "decode", "Asm", "Machine", "sig_index", "sig_frac_bits", "NO_OPERAND_OPS", "DIRECT_OPS",
+           "MEMORY_KINDS", "ADDR_CYCLE_OPS", "TARGET_BITS", "LOOP_COUNT_BITS", "takes_addr_cycle", "op_cycles"]
 
-WORD_BITS = 40
 IMM_BITS = 21
 B_BITS = 18            # base registers, P, addresses
 PROG_DEPTH = 512       # instruction ROM words
 TARGET_BITS = (PROG_DEPTH - 1).bit_length()     # a control target: imm[TARGET_BITS - 1:0]
 LOOP_COUNT_BITS = IMM_BITS - TARGET_BITS - 1    # a LOOP's immediate count: the bits above the target, below the sign
-N_REGS = 16
-N_BASES = 8
-DATA_BITS = 48
+N_REGS = 16            # the registers R
+N_BASES = 8            # the base registers B
+DATA_BITS = 48         # A, R and X
+DIV_X_BITS = 33        # DIV's divisor: 0 < X < 2^DIV_X_BITS
+RES_TOKEN, RES_LOGIT = 0, 1                     # RES's reg: which result A sets
+# the base registers MATVEC reads: columns, the trits' byte address in W, the output's VM
+# address, rows
+MATVEC_COLS, MATVEC_TRITS, MATVEC_OUT, MATVEC_ROWS = 1, 2, 4, 5
 
 
 class Op(enum.IntEnum):
@@ -72,7 +81,7 @@ class Op(enum.IntEnum):
     SAT = 11     # A := clamp(A, int32)
     BITLEN = 12  # A := bit length of A (A >= 0)
     SQRT = 13    # A := floor(sqrt(A)) (A >= 0)
-    DIV = 14     # A := A // X (A >= 0, 0 < X < 2^33)
+    DIV = 14     # A := A // X (A >= 0, 0 < X < 2^DIV_X_BITS)
     SIGP = 15    # sigmoid interval of A: P := index, A := fraction (see sig_index)
     GETI = 16    # A := i
     GETT = 17    # A := the token of FEED_TOKEN
@@ -81,12 +90,13 @@ class Op(enum.IntEnum):
     STQ = 20     # QM[addr] := A[7:0]
     SETP = 21    # P := A[17:0]
     SETB = 22    # B[bsel] := imm
-    RES = 23     # res[reg] := A[31:0]
+    RES = 23     # res[reg] := A[31:0] (reg: RES_TOKEN or RES_LOGIT)
     LOOP = 24    # i := i + 1; if i < count: pc := target else i := 0 (count = fb ? B[bsel] : imm[19:9])
     BR = 25      # if cond(reg) holds for A: pc := target
     CALL = 26    # RA := pc + 1; pc := target
     RET = 27     # pc := RA
-    MATVEC = 28  # VM[B4 + r] := sum_c T[r][c] QM[c], r < B5, c < B1, T base3 at W[B2]
+    MATVEC = 28  # VM[B[OUT] + r] := sum_c T[r][c] QM[c], r < B[ROWS], c < B[COLS], T base3 at W[B[TRITS]]
+                 # (B[...]: the base registers MATVEC_*)
     END = 29     # stop (the result is offered when the program ran for FEED_TOKEN)
 
 
@@ -112,10 +122,11 @@ class Cond(enum.IntEnum):
 
 W_SIZE = {Kind.W8: 1, Kind.W16: 2, Kind.W32: 4}
 
-# (name, width) from bit 0
-FIELDS = (("op", 5), ("reg", 4), ("kind", 3), ("fi", 1), ("fp", 1), ("fb", 1), ("bsel", 3), ("flag", 1),
-          ("imm", IMM_BITS))
-assert sum(w for _, w in FIELDS) == WORD_BITS
+# (name, width) from bit 0; ``reg`` also holds BR's Cond and RES's index
+FIELDS = (("op", int(max(Op)).bit_length()), ("reg", (N_REGS - 1).bit_length()),
+          ("kind", int(max(Kind)).bit_length()), ("fi", 1), ("fp", 1), ("fb", 1),
+          ("bsel", (N_BASES - 1).bit_length()), ("flag", 1), ("imm", IMM_BITS))
+WORD_BITS = sum(w for _, w in FIELDS)
 
 
 @dataclass(frozen=True)
@@ -191,11 +202,16 @@ class Asm:
         return out
 
 
+def sig_frac_bits(fmt: Formats = FORMATS) -> int:
+    """Bits of the fraction within one sigmoid table interval (what SIGP leaves in A)."""
+    return fmt.x_frac - fmt.sig_step_log2
+
+
 def sig_index(y: int, fmt: Formats = FORMATS) -> tuple[int, int]:
     """(table index, fraction) of the sigmoid of the Q(x_frac) value ``y``: below the table the
     first entry with fraction 0, above it the last interval with the full fraction (so the
     interpolation gives the last entry), exactly ``reference.integer.sigmoid``."""
-    frac_bits = fmt.x_frac - fmt.sig_step_log2
+    frac_bits = sig_frac_bits(fmt)
     n = 1 << fmt.sig_table_log2
     idx = (y >> frac_bits) + n // 2
     if idx < 0:
@@ -241,7 +257,7 @@ class Machine:
     P: int = 0
     i: int = 0
     RA: int = 0
-    res: list = field(default_factory=lambda: [0, 0])
+    res: list = field(default_factory=lambda: [0, 0])     # [RES_TOKEN], [RES_LOGIT]
     token: int = 0
     steps: int = 0
     cycles: int = 0
@@ -323,7 +339,7 @@ class Machine:
             elif op == Op.SETB:
                 self.B[ins.bsel] = ins.imm & ((1 << B_BITS) - 1)
             elif op == Op.RES:
-                self.res[ins.reg & 1] = _s32(self.A)
+                self.res[ins.reg & 1] = _s32(self.A)     # RES_TOKEN or RES_LOGIT
             elif op == Op.LOOP:
                 count = self.B[ins.bsel] if ins.fb else (ins.imm >> TARGET_BITS) & ((1 << LOOP_COUNT_BITS) - 1)
                 self.i += 1
@@ -349,7 +365,7 @@ class Machine:
 
     def matvec(self) -> None:
         from mmfree_fpga.packing import unpack_trits_base3
-        cols, base, out, rows = self.B[1], self.B[2], self.B[4], self.B[5]
+        cols, base, out, rows = (self.B[k] for k in (MATVEC_COLS, MATVEC_TRITS, MATVEC_OUT, MATVEC_ROWS))
         n = rows * cols
         nbytes = -(-n // 5)
         trits = unpack_trits_base3(self.W[base:base + nbytes].tobytes(), n).reshape(rows, cols).astype(np.int64)
@@ -418,7 +434,7 @@ def _op_cycles(ins: Instr, a: int, x: int, fmt: Formats, bases) -> int:
     if op in NO_OPERAND_OPS:
         return 1
     if op == Op.MATVEC:
-        return 1 + MATVEC_OVERHEAD + bases[5] * bases[1]
+        return 1 + MATVEC_OVERHEAD + bases[MATVEC_ROWS] * bases[MATVEC_COLS]
     if op in (Op.ABS, Op.SAT, Op.SIGP, Op.GETI, Op.GETT):
         return 2
     if op == Op.BITLEN:
@@ -469,7 +485,7 @@ def _sqrt(m: Machine, ins: Instr, x: int) -> int:
 
 
 def _div(m: Machine, ins: Instr, x: int) -> int:
-    if m.A < 0 or not 0 < x < (1 << 33):
+    if m.A < 0 or not 0 < x < (1 << DIV_X_BITS):
         raise ProgramFault(f"DIV {m.A} // {x}")
     return m.A // x
 

@@ -31,16 +31,20 @@ from dataclasses import dataclass
 from mmfree_fpga.config import FORMATS, Formats, ModelConfig
 from mmfree_fpga.errors import UserError
 
-from .tiny_isa import B_BITS, DATA_BITS, LOOP_COUNT_BITS, TARGET_BITS, Asm, Cond, Kind, Op
+from .tiny_isa import (B_BITS, DATA_BITS, IMM_BITS, LOOP_COUNT_BITS, MATVEC_COLS, MATVEC_OUT, MATVEC_ROWS,
+                       MATVEC_TRITS, N_BASES, N_REGS, RES_LOGIT, RES_TOKEN, TARGET_BITS, Asm, Cond, Kind, Op,
+                       sig_frac_bits)
 
 __all__ = ["TinyLayout", "token_program", "BL_ARGS", "RESET_PC", "TOKEN_PC", "TinyPerfModel", "TINY_PERF_MODEL"]
 
 RESET_PC, TOKEN_PC = 0, 1
-# base registers of the BitLinear subroutine
-BL_ARGS = ("src", "n", "trits", "a", "out", "rows", "c", "k")
+# base registers of the BitLinear subroutine: MATVEC's own where it reads them, the rest in order
+_MATVEC_ARGS = {MATVEC_COLS: "n", MATVEC_TRITS: "trits", MATVEC_OUT: "out", MATVEC_ROWS: "rows"}
+_OTHER_ARGS = iter(("src", "a", "c", "k"))
+BL_ARGS = tuple(_MATVEC_ARGS.get(k) or next(_OTHER_ARGS) for k in range(N_BASES))
 _B = {name: k for k, name in enumerate(BL_ARGS)}
 # registers
-(R_VMAX, R_SH, R_M, R_SS, R_V, R_P, R_R, R_ZS, R_M16, R_RC, R_Z, R_NUM, R_T, R_TMP, R_QT, R_S2) = range(16)
+(R_VMAX, R_SH, R_M, R_SS, R_V, R_P, R_R, R_ZS, R_M16, R_RC, R_Z, R_NUM, R_T, R_TMP, R_QT, R_S2) = range(N_REGS)
 # registers reused outside the subroutine (elementwise code; never live across a call)
 R_Y, R_FR, R_F, R_C, R_BEST, R_BI, R_ES = R_V, R_P, R_M, R_SS, R_M, R_SS, R_V
 
@@ -112,7 +116,7 @@ class _Gen:
     def sigmoid(self):
         """A := sigmoid(A) (Q(x_frac) -> Q(gate_frac)); uses R_FR and P."""
         fmt = self.fmt
-        frac_bits = fmt.x_frac - fmt.sig_step_log2
+        frac_bits = sig_frac_bits(fmt)
         self.e(Op.SIGP)
         self.reg(Op.ST, R_FR)
         self.e(Op.LD, kind=Kind.TAB, fp=1, imm=1)
@@ -284,7 +288,7 @@ class _Gen:
         args = {"src": src, "n": n, "trits": sec[f"{name}.trits"].offset, "a": sec[f"{name}.a"].offset,
                 "out": out, "rows": rows, "c": sec[f"{name}.c"].offset, "k": sec[f"{name}.k"].offset}
         for key, value in args.items():
-            if not 0 <= value < (1 << min(B_BITS, 20)):
+            if not 0 <= value < (1 << min(B_BITS, IMM_BITS - 1)):
                 raise UserError(f"{name}: {key} = {value} does not fit the tiny engine's base registers")
             self.e(Op.SETB, bsel=_B[key], imm=value)
         self.e(Op.CALL, "bitlinear")
@@ -417,9 +421,9 @@ def token_program(cfg: ModelConfig, packing: str = "base3", fmt: Formats = FORMA
     g.a.label("argmax_next")
     g.loop("argmax", V)
     g.reg(Op.LD, R_BI)
-    g.e(Op.RES, reg=0)
+    g.e(Op.RES, reg=RES_TOKEN)
     g.reg(Op.LD, R_BEST)
-    g.e(Op.RES, reg=1)
+    g.e(Op.RES, reg=RES_LOGIT)
     g.e(Op.END)
     return g.a.assemble(), lay
 
