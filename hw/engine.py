@@ -110,31 +110,15 @@ from .trits import packing_code
 from .vector_common import vector_widths
 from .ram import NO_RW_CHECK, registered_read_port
 from .weight_port import ADDR_BITS, LEN_BITS, WeightMemory, weight_port_signature, write_layout
+from .engine_common import (COMPACT, FULL, JOBS, JT_DOWN, JT_F, JT_GATE, JT_I, JT_G, JT_LM, JT_O, NORM_SLOTS,
+                            JobCounter, Param, Tag, attach_read_port, geometry_layout, magnitude)
+from .engine_fetch import Fetcher, ResponseRouter
+from .engine_output import OperandStage, Writer
 
 __all__ = ["Param", "JOBS", "trace_layout", "beat_bytes",
            "engine_params", "check_geometry", "EngineCore", "Engine"]
 
-JOBS = ("f_proj", "i_proj", "g_proj", "o_proj", "gate_proj", "down_proj", "lm_head")
-JT_F, JT_I, JT_G, JT_O, JT_GATE, JT_DOWN, JT_LM = range(7)
 LANES_SUPPORTED = (8, 16, 32, 64)
-# Norm slots: job k's norms go to slot k mod 3, so the norms of job k+2 can be fetched right
-# behind the trits of job k (the front is done with job k-1 by then).
-NORM_SLOTS = 3
-
-
-class Param:
-    """Parameter indices. Per job type ``jt`` (index in JOBS) at ``JOB_STRIDE * jt``: word offsets
-    (layer 0 for layer matrices, the layer stride added per layer) and lengths in beats."""
-    JOB_STRIDE = 8
-    TRITS_OFF, TRITS_BEATS, A_OFF, C_OFF, NORM_BEATS, K_OFF = range(6)
-    LB_OFF = 56            # words, layer 0
-    LB_BEATS = 57
-    EMB_Q_OFF = 58         # words
-    EMB_ROW_BEATS = 59
-    EMB_SCALE_OFF = 60     # bytes
-    RAM_SIZE = 64
-    # registers
-    D, I, V, L, PACKING, LAYER_STRIDE, LB_STRIDE = range(64, 71)
 
 
 def beat_bytes(lanes: int) -> int:
@@ -206,35 +190,6 @@ def engine_params(cfg: ModelConfig, packing: str, lanes: int) -> dict[int, int]:
         p[Param.LAYER_STRIDE] = 0
         p[Param.LB_STRIDE] = 0
     return p
-
-
-class _Job:
-    """A job counter: global index k, job type jt, layer l."""
-
-    def __init__(self, name: str, max_L: int, strides=()):
-        self.k = Signal(range(6 * max_L + 2), name=f"{name}_k")
-        self.jt = Signal(3, name=f"{name}_jt")
-        self.l = Signal(range(max_L + 1), name=f"{name}_l")
-        self.slot = Signal(range(NORM_SLOTS), name=f"{name}_slot")     # k mod NORM_SLOTS
-        # l * stride for each (name, stride), kept as running sums (no multiplier)
-        self._strides = tuple(strides)
-        self.base = {n: Signal(ADDR_BITS, name=f"{name}_{n}_base") for n, _ in self._strides}
-
-    def reset(self):
-        return ([self.k.eq(0), self.jt.eq(0), self.l.eq(0), self.slot.eq(0)]
-                + [b.eq(0) for b in self.base.values()])
-
-    def step(self, n_layers):
-        last_layer = self.l == n_layers - 1
-        return [self.k.eq(self.k + 1), self.slot.eq(Mux(self.slot == NORM_SLOTS - 1, 0, self.slot + 1)),
-                self.jt.eq(Mux(self.jt == JT_DOWN, Mux(last_layer, JT_LM, JT_F), self.jt + 1)),
-                self.l.eq(Mux(self.jt == JT_DOWN, self.l + 1, self.l))] + [
-                self.base[n].eq(Mux(self.jt == JT_DOWN, self.base[n] + stride, self.base[n]))
-                for n, stride in self._strides]
-
-
-class _Tag:
-    TRITS, A, C, K, LB, EMBS, EMBR = range(7)
 
 
 class EngineCore(wiring.Component):
@@ -317,15 +272,25 @@ class EngineCore(wiring.Component):
         m.submodules.ew = ew = ElementwiseUnit(FORMATS, share=share)
         # the embedding: its own EmbedScale, or (compact) through the output scale, which is
         # idle from FEED_TOKEN until the embedding is in x
-        emb_i = stream.Signature(data.StructLayout({"q": signed(w.act_bits), "last": 1})).create()
+        variant = COMPACT if compact else FULL
+        m.submodules.fetcher = fetcher = Fetcher(beat_bytes=wb, max_d=max_d, max_I=max_I, max_L=max_L,
+                                                 max_V=max_V, variant=variant)
+        m.submodules.router = router = ResponseRouter(w, beat_bytes=wb, max_d=max_d, max_I=max_I, max_L=max_L,
+                                                      max_V=max_V, trit_fifo_depth=self.trit_fifo_depth,
+                                                      variant=variant)
+        emb_i = router.emb
         emb_o = stream.Signature(data.StructLayout({"value": x_shape, "last": 1})).create()
-        emb_scale = Signal(32)
+        emb_scale = router.emb_scale
         if not compact:
             m.submodules.embed = emb = EmbedScale(FORMATS)
             wiring.connect(m, emb_i, emb.i)
             wiring.connect(m, emb.o, wiring.flipped(emb_o))
             m.d.comb += emb.scale.eq(emb_scale)
         m.submodules.argmax = amax = Argmax(max_V, FORMATS)
+        m.submodules.operands = opnd = OperandStage(w, beat_bytes=wb, max_d=max_d, max_I=max_I, max_L=max_L,
+                                                    max_V=max_V, variant=variant)
+        m.submodules.writer = writer = Writer(w, max_d=max_d, max_I=max_I, max_L=max_L, max_V=max_V,
+                                              trace_layout=self.trace_layout())
 
         # -- parameters ------------------------------------------------------------------------
         pinit = [self.params.get(k, 0) for k in range(Param.RAM_SIZE)]
@@ -333,15 +298,10 @@ class EngineCore(wiring.Component):
         # ns to the register behind it. iCE40 has no LUT RAM: compact builds keep a block RAM)
         pattrs = NO_RW_CHECK if self.compact else {**NO_RW_CHECK, "ram_style": "distributed"}
         m.submodules.pram = pram = Memory(shape=unsigned(32), depth=Param.RAM_SIZE, init=pinit, attrs=pattrs)
-        if self.compact:
-            # one read port (one copy of the RAM: 2 iCE40 EBRs fewer): the fetcher reads a
-            # request's length (p1) first and keeps it in a register, then its address (p0)
-            p_rd = registered_read_port(m, pram)
-            p0 = SimpleNamespace(addr=Signal(6, name="p0_addr"), data=p_rd.data)
-            p1 = SimpleNamespace(addr=Signal(6, name="p1_addr"), data=Signal(32, name="p1_data"))
-        else:
-            p0 = registered_read_port(m, pram)
-            p1 = registered_read_port(m, pram)
+        # the fetcher's reads (compact: one read port, one copy of the RAM: 2 iCE40 EBRs fewer)
+        attach_read_port(m, pram, fetcher.p0)
+        if variant.param_read_ports == 2:
+            attach_read_port(m, pram, fetcher.p1)
         pw = pram.write_port()
         P = self.params
         g_d = Signal(range(max_d + 1), init=P[Param.D])
@@ -353,6 +313,11 @@ class EngineCore(wiring.Component):
         g_lbstride = Signal(ADDR_BITS, init=P[Param.LB_STRIDE])
         n_jobs = Signal(range(6 * max_L + 2))
         m.d.comb += n_jobs.eq(6 * g_L + 1)
+        geom = Signal(geometry_layout(max_d, max_I, max_L, max_V))
+        m.d.comb += [geom.d.eq(g_d), geom.I.eq(g_I), geom.V.eq(g_V), geom.L.eq(g_L), geom.n_jobs.eq(n_jobs),
+                     geom.packing.eq(g_packing), geom.layer_stride.eq(g_lstride), geom.lb_stride.eq(g_lbstride)]
+        for unit in (fetcher, router, opnd, writer):
+            m.d.comb += unit.geom.eq(geom)
 
         def rows_of(jt):
             return Mux(jt == JT_GATE, 2 * g_I, Mux(jt == JT_LM, g_V, g_d))
@@ -383,9 +348,7 @@ class EngineCore(wiring.Component):
         # -- control ------------------------------------------------------------------------------
         running = Signal()
         start = Signal()
-        token = Signal(32)
         cycles = Signal(32)
-        fresh = Signal(max_L, init=(1 << max_L) - 1)   # h[l] is zero
         res_valid = Signal()
         res = Signal(result_layout())
         m.d.comb += [self.result.valid.eq(res_valid), self.result.payload.eq(res)]
@@ -400,9 +363,9 @@ class EngineCore(wiring.Component):
         with m.If(self.cmd.valid & self.cmd.ready):
             with m.Switch(cmd.op):
                 with m.Case(EngineOp.RESET_STATE):
-                    m.d.sync += fresh.eq((1 << max_L) - 1)
+                    m.d.comb += writer.reset_state.eq(1)
                 with m.Case(EngineOp.FEED_TOKEN):
-                    m.d.sync += [token.eq(cmd.arg), running.eq(1), cycles.eq(1)]
+                    m.d.sync += [running.eq(1), cycles.eq(1)]
                     m.d.comb += start.eq(1)
                 with m.Case(EngineOp.SET_PARAM):
                     m.d.comb += pw.en.eq(cmd.index < Param.RAM_SIZE)
@@ -433,262 +396,29 @@ class EngineCore(wiring.Component):
             m.d.sync += [wptr.eq(0), lword.eq(0)]
 
         # -- job counters and progress -------------------------------------------------------------
-        nj = _Job("nj", max_L, (("layer", g_lstride), ("lb", g_lbstride)))      # fetcher: next norms
-        tj = _Job("tj", max_L, (("layer", g_lstride),))                         # fetcher: next trits
-        fj = _Job("fj", max_L)      # front
-        mj = _Job("mj", max_L)      # matrix issuer
-        oj = _Job("oj", max_L)      # operand stage
-        wj = _Job("wj", max_L)      # writer
-        norm_arrived = Signal(range(6 * max_L + 2))
-        emb_done = Signal()
+        fj = JobCounter("fj", max_L)      # front
+        mj = JobCounter("mj", max_L)      # matrix issuer
+        norm_arrived = router.norms_arrived
+        emb_done = writer.emb_done
         front_done = fj.k
-        out_done = wj.k
+        out_done = writer.done
+        m.d.comb += [unit.start.eq(start) for unit in (fetcher, router, opnd, writer)]
         with m.If(start):
-            m.d.sync += nj.reset() + tj.reset() + fj.reset() + mj.reset() + oj.reset() + wj.reset()
-            m.d.sync += [norm_arrived.eq(0), emb_done.eq(0)]
+            m.d.sync += fj.reset() + mj.reset()
 
-        # -- fetcher -----------------------------------------------------------------------------------
-        # (``single``: count == 1, so the router knows a tag's first beat is its last without a
-        # comparator behind the tag FIFO's output)
-        tags = data.StructLayout({"kind": unsigned(3), "slot": unsigned(2), "count": unsigned(LEN_BITS),
-                                  "boff": unsigned(4), "single": unsigned(1)})
-        m.submodules.tagq = tagq = SyncFIFOBuffered(width=tags.size, depth=8)
-        req = self.wport.req
-        tag = Signal(tags)
-        m.d.comb += [tagq.w_data.eq(tag), tagq.w_en.eq(req.valid & req.ready)]
-        # A request takes several phases, so that no path runs from the parameter RAM's output
-        # (slow on ECP5 block RAM) through an adder into the weight memory: 0 the parameter RAM
-        # reads (compact: p1's word; 1 p1 latched, p0's word read, one read port); then its data
-        # is registered (p0d, p1d); then address and length are computed into registers; then the
-        # request is offered until taken. The layer and embedding-row offsets are registers
-        # (running sums, shift and add): no multiplier on this path.
-        ph_calc = 3 if self.compact else 2
-        ph_issue = ph_calc + 1
-        ph = Signal(range(ph_issue + 1))
-        if self.compact:
-            m.d.comb += p_rd.addr.eq(Mux(ph == 0, p1.addr, p0.addr))
-        k_beats = -(-8 // wb)
-        p0d = Signal.like(p0.data)
-        p1d = Signal.like(p1.data)
-        m.d.sync += [p0d.eq(p0.data), p1d.eq(p1.data)]
-        njt_base = nj.jt * Param.JOB_STRIDE
-        tjt_base = tj.jt * Param.JOB_STRIDE
-        n_layer_base = Mux(nj.jt == JT_LM, 0, nj.base["layer"])
-        t_layer_base = Mux(tj.jt == JT_LM, 0, tj.base["layer"])
-        tok_bits = max(1, (max_V - 1).bit_length())
-        emb_scale_byte = p0d + 4 * token[:tok_bits]
-        # the embedding row's word offset token * d / beat_bytes, by shift and add (one token bit
-        # per cycle from FEED_TOKEN on, done before the fetcher asks for the row): no multiplier
-        emb_row = Signal(ADDR_BITS)
-        emb_mtok = Signal(tok_bits)
-        emb_mcnt = Signal(range(tok_bits + 1))
-        with m.If(start):
-            m.d.sync += [emb_row.eq(0), emb_mtok.eq(cmd.arg[:tok_bits]), emb_mcnt.eq(tok_bits)]
-        with m.Elif(emb_mcnt != 0):
-            m.d.sync += [emb_row.eq((emb_row << 1) + Mux(emb_mtok[-1], g_d >> lb_log, 0)),
-                         emb_mtok.eq(emb_mtok << 1), emb_mcnt.eq(emb_mcnt - 1)]
-        req_addr = Signal(ADDR_BITS)
-        req_len = Signal(LEN_BITS)
-        req_tag = Signal(tags)
+        # -- weight traffic ----------------------------------------------------------------------------
+        m.d.comb += [fetcher.token.eq(cmd.arg), fetcher.front_done.eq(front_done), fetcher.writer_done.eq(out_done)]
+        wiring.connect(m, fetcher.req, wiring.flipped(self.wport.req))
+        wiring.connect(m, wiring.flipped(self.wport.resp), router.resp)
+        wiring.connect(m, fetcher.tags, router.tags)
+        wiring.connect(m, router.trits, mv.weights)
+        wiring.connect(m, router.a, a_mem.write_port())
+        wiring.connect(m, router.c, c_mem.write_port())
+        wiring.connect(m, router.lb, lb_mem.write_port())
+        kbuf = router.k
 
-        def request(addr, length, kind, slot=0, boff_=0, nxt=None, then=()):
-            if self.compact:
-                with m.If(ph == 1):
-                    m.d.sync += p1.data.eq(p_rd.data)
-            with m.If(ph == ph_calc):
-                m.d.sync += [ph.eq(ph_issue), req_addr.eq(addr), req_len.eq(length), req_tag.kind.eq(kind),
-                             req_tag.slot.eq(slot), req_tag.count.eq(length), req_tag.boff.eq(boff_),
-                             req_tag.single.eq(length == 1)]
-            with m.Elif(ph == ph_issue):
-                m.d.comb += [req.valid.eq(tagq.w_rdy), req.payload.addr.eq(req_addr),
-                             req.payload.length.eq(req_len), tag.eq(req_tag)]
-                with m.If(req.valid & req.ready):
-                    m.d.sync += ph.eq(0)
-                    m.d.sync += list(then)
-                    m.next = nxt
-            with m.Else():
-                m.d.sync += ph.eq(ph + 1)
-
-        norm_ok = (front_done + NORM_SLOTS - 1 >= nj.k) & ((nj.jt != JT_F) | (out_done + 5 >= nj.k))
-        with m.FSM(name="fetch"):
-            with m.State("IDLE"):
-                with m.If(start):
-                    m.d.sync += ph.eq(0)
-                    m.next = "EMBS"
-            with m.State("EMBS"):
-                m.d.comb += p0.addr.eq(Param.EMB_SCALE_OFF)
-                request(emb_scale_byte >> lb_log, -(-4 // wb), _Tag.EMBS, boff_=emb_scale_byte[:lb_log] if lb_log else 0,
-                        nxt="EMBR")
-            with m.State("EMBR"):
-                m.d.comb += [p0.addr.eq(Param.EMB_Q_OFF), p1.addr.eq(Param.EMB_ROW_BEATS)]
-                with m.If(emb_mcnt == 0):
-                    request(p0d + emb_row, p1d, _Tag.EMBR, nxt="SEL")
-            with m.State("SEL"):
-                with m.If((nj.k < n_jobs) & (nj.k <= tj.k + 1)):
-                    with m.If(norm_ok):
-                        m.d.sync += ph.eq(0)
-                        with m.If(nj.jt == JT_F):
-                            m.next = "LB"
-                        with m.Else():
-                            m.next = "NA"
-                with m.Elif(tj.k < n_jobs):
-                    m.d.sync += ph.eq(0)
-                    m.next = "TRITS"
-                with m.Else():
-                    m.next = "IDLE"
-            with m.State("LB"):
-                m.d.comb += [p0.addr.eq(Param.LB_OFF), p1.addr.eq(Param.LB_BEATS)]
-                request(p0d + nj.base["lb"], p1d, _Tag.LB, nxt="NA")
-            with m.State("NA"):
-                m.d.comb += [p0.addr.eq(njt_base + Param.A_OFF), p1.addr.eq(njt_base + Param.NORM_BEATS)]
-                request(p0d + n_layer_base, p1d, _Tag.A, slot=nj.slot, nxt="NC")
-            with m.State("NC"):
-                m.d.comb += [p0.addr.eq(njt_base + Param.C_OFF), p1.addr.eq(njt_base + Param.NORM_BEATS)]
-                request(p0d + n_layer_base, p1d, _Tag.C, slot=nj.slot, nxt="NK")
-            with m.State("NK"):
-                m.d.comb += p0.addr.eq(njt_base + Param.K_OFF)
-                request(p0d + n_layer_base, k_beats, _Tag.K, slot=nj.slot, nxt="SEL", then=nj.step(g_L))
-            with m.State("TRITS"):
-                m.d.comb += [p0.addr.eq(tjt_base + Param.TRITS_OFF), p1.addr.eq(tjt_base + Param.TRITS_BEATS)]
-                request(p0d + t_layer_base, p1d, _Tag.TRITS, nxt="SEL", then=tj.step(g_L))
-
-        # -- router: response beats to their destinations ----------------------------------------------
-        rtag = Signal(tags)
-        m.d.comb += rtag.eq(tagq.r_data)
-        resp = self.wport.resp
-        bidx = Signal(LEN_BITS)
-        dest_ready = Signal()
-        beat_in = resp.valid & tagq.r_rdy
-        xfer = beat_in & dest_ready
-        m.d.comb += resp.ready.eq(tagq.r_rdy & dest_ready)
-        # Whether this beat is its tag's last, from registers: on a tag's first beat the tag's
-        # ``single``, on later ones ``last_r``, set a beat ahead from a down-counter (the xfer
-        # logic fans out to every destination's enables; no adder or comparator in front of it).
-        started = Signal()
-        left = Signal(LEN_BITS)
-        last_r = Signal()
-        left_now = Mux(started, left, rtag.count)
-        last_beat = Mux(started, last_r, rtag.single)
-        with m.If(xfer):
-            with m.If(last_beat):
-                m.d.comb += tagq.r_en.eq(1)
-                m.d.sync += [bidx.eq(0), started.eq(0)]
-            with m.Else():
-                m.d.sync += [bidx.eq(bidx + 1), started.eq(1), left.eq(left_now - 1), last_r.eq(left_now == 2)]
-
-        # trits, through a FIFO deep enough to keep the matrix unit busy while the norms of a later
-        # job pass the in-order response stream (base3 leaves a fifth of the beats spare to fill it)
-        m.submodules.tritq = tritq = SyncFIFOBuffered(width=8 * wb, depth=self.trit_fifo_depth)
-        m.d.comb += [tritq.w_data.eq(resp.payload.as_value()),
-                     tritq.w_en.eq(beat_in & (rtag.kind == _Tag.TRITS))]
-        # then a register slice (one beat; full rate while the matrix unit takes every beat): the
-        # FIFO's block RAM output went straight into the matrix unit's decoder registers, the
-        # ECP5's critical path at 64 lanes (5.8 ns clock-to-out plus the routing across the unit)
-        trits_valid = Signal()
-        trits = Signal(8 * wb, reset_less=True)
-        m.d.comb += [tritq.r_en.eq(~trits_valid | mv.weights.ready),
-                     mv.weights.payload.eq(trits), mv.weights.valid.eq(trits_valid)]
-        with m.If(tritq.r_rdy & tritq.r_en):
-            m.d.sync += [trits.eq(tritq.r_data), trits_valid.eq(1)]
-        with m.Elif(mv.weights.ready):
-            m.d.sync += trits_valid.eq(0)
-        # norms and lower bounds
-        aw = a_mem.write_port()
-        cw = c_mem.write_port()
-        lbw = lb_mem.write_port()
-        n_we = [xfer & (rtag.kind == _Tag.A), xfer & (rtag.kind == _Tag.C), xfer & (rtag.kind == _Tag.LB)]
-        n_addr, n_lbaddr, n_data = rtag.slot * nw + bidx, bidx, resp.payload.as_value()
-        if not compact:
-            # (full builds: norm beats are registered before their RAMs, as k beats are: the
-            # transfer logic drives registers, not block RAM enables and addresses; they land a
-            # cycle later, still before their job's k, which norm_arrived waits for)
-            regs = ([Signal(name=f"n_we{k}") for k in range(3)],
-                    Signal(range(NORM_SLOTS * nw), name="n_addr"), Signal(range(max_d // hw_), name="n_lbaddr"),
-                    Signal(8 * wb, name="n_data", reset_less=True))
-            m.d.sync += [r.eq(v) for r, v in zip(regs[0], n_we)]
-            m.d.sync += [regs[1].eq(n_addr), regs[2].eq(n_lbaddr), regs[3].eq(n_data)]
-            n_we, n_addr, n_lbaddr, n_data = regs
-        m.d.comb += [
-            aw.addr.eq(n_addr), aw.data.eq(n_data), aw.en.eq(n_we[0]),
-            cw.addr.eq(n_addr), cw.data.eq(n_data), cw.en.eq(n_we[1]),
-            lbw.addr.eq(n_lbaddr), lbw.data.eq(n_data), lbw.en.eq(n_we[2]),
-        ]
-        # k constants, one per slot
-        kbuf = [Signal(64, name=f"kbuf{s}") for s in range(NORM_SLOTS)]
-        k_we, k_slot, k_bidx, k_last, k_data = (xfer & (rtag.kind == _Tag.K), rtag.slot, bidx, last_beat,
-                                                resp.payload.as_value())
-        if not compact:
-            # (full builds: a k beat is registered first, so the transfer logic does not fan out to
-            # the 3 x 64 enables of the k buffers; norm_arrived counts a cycle later)
-            regs = (Signal(name="k_we"), Signal.like(k_slot, name="k_slot"), Signal.like(k_bidx, name="k_bidx"),
-                    Signal(name="k_last"), Signal(8 * wb, name="k_data", reset_less=True))
-            m.d.sync += [r.eq(v) for r, v in zip(regs, (k_we, k_slot, k_bidx, k_last, k_data))]
-            k_we, k_slot, k_bidx, k_last, k_data = regs
-        for s in range(NORM_SLOTS):
-            with m.If(k_we & (k_slot == s)):
-                if wb >= 8:
-                    m.d.sync += kbuf[s].eq(k_data[:64])
-                else:
-                    for b in range(8 // wb):
-                        with m.If(k_bidx == b):
-                            m.d.sync += kbuf[s][8 * wb * b:8 * wb * (b + 1)].eq(k_data)
-        with m.If(k_we & k_last):
-            m.d.sync += norm_arrived.eq(norm_arrived + 1)
-        # embedding scale (full builds, beats of 4 bytes or more: from the registered beat, a
-        # cycle later, which is still before the first embedding element can reach EmbedScale:
-        # the row's first beat comes a cycle after the scale's at the earliest, then goes
-        # through dbuf)
-        e_we, e_sel, e_data = xfer & (rtag.kind == _Tag.EMBS), rtag.boff[2:], resp.payload.as_value()
-        if not compact and wb >= 4:
-            regs = (Signal(name="e_we"), Signal.like(e_sel, name="e_sel"))
-            m.d.sync += [regs[0].eq(e_we), regs[1].eq(e_sel)]
-            (e_we, e_sel), e_data = regs, n_data
-        with m.If(e_we):
-            if wb >= 4:
-                m.d.sync += emb_scale.eq(e_data.word_select(e_sel, 32) if wb > 4 else e_data[:32])
-            else:       # beats narrower than the 32-bit scale: 4 / wb beats, low bytes first
-                for b in range(4 // wb):
-                    with m.If(bidx == b):
-                        m.d.sync += emb_scale[8 * wb * b:8 * wb * (b + 1)].eq(resp.payload.as_value())
-        # embedding row: one byte per cycle into EmbedScale
-        dbuf = Signal(data.ArrayLayout(signed(8), wb))
-        dcnt = Signal(range(wb + 1))
-        dpos = Signal(range(wb))
-        eidx = Signal(range(max_d + 1))
-        emb_take = emb_i.valid & emb_i.ready
-        m.d.comb += [emb_i.valid.eq(dcnt != 0), emb_i.payload.q.eq(dbuf[dpos]),
-                     emb_i.payload.last.eq(eidx == g_d - 1)]
-        with m.If(emb_take):
-            m.d.sync += [dpos.eq(dpos + 1), dcnt.eq(dcnt - 1), eidx.eq(eidx + 1)]
-        embr_ready = (dcnt == 0) | ((dcnt == 1) & emb_i.ready)
-        with m.If(xfer & (rtag.kind == _Tag.EMBR)):
-            m.d.sync += [dbuf.eq(resp.payload), dcnt.eq(wb), dpos.eq(0)]
-        with m.If(start):
-            m.d.sync += eidx.eq(0)
-        with m.Switch(rtag.kind):
-            with m.Case(_Tag.TRITS):
-                m.d.comb += dest_ready.eq(tritq.w_rdy)
-            with m.Case(_Tag.EMBR):
-                m.d.comb += dest_ready.eq(embr_ready)
-            with m.Default():
-                m.d.comb += dest_ready.eq(1)
-
-        # -- OR of magnitudes of the vectors the front reads --------------------------------------------
-        or_x = Signal(32)
-        or_u = Signal(32)
-
-        def mag(v):
-            return Mux(v < 0, -v, v)[:32]
-
-        # embedding -> x
-        xw = x_mem.write_port()
-        je = Signal(range(max_d + 1))
-        m.d.comb += emb_o.ready.eq(1)
-        with m.If(emb_o.valid):
-            m.d.comb += [xw.en.eq(1), xw.addr.eq(je), xw.data.eq(emb_o.payload.value)]
-            m.d.sync += [je.eq(je + 1), or_x.eq(Mux(je == 0, 0, or_x) | mag(emb_o.payload.value))]
-            with m.If(emb_o.payload.last):
-                m.d.sync += [emb_done.eq(1), je.eq(0)]
+        or_x, or_u = writer.or_x, writer.or_u
+        wiring.connect(m, emb_o, writer.emb)
 
         # -- front -----------------------------------------------------------------------------------
         # x has two readers, the front and (for o_proj and down_proj) the residual add of the
@@ -696,8 +426,7 @@ class EngineCore(wiring.Component):
         # job, every front job up to it reads u, and later ones wait for its outputs. The compact
         # build gives them one read port (one copy of x: 2 iCE40 EBRs fewer).
         xr_f = registered_read_port(m, x_mem)
-        xr_o = xr_f if compact else registered_read_port(m, x_mem)
-        x_res = Signal()        # the operand stage owns the shared port
+        x_res = opnd.x_owner    # the operand stage owns the shared port
         ur_f = registered_read_port(m, u_mem)
         ar = registered_read_port(m, a_mem)
         cr = registered_read_port(m, c_mem)
@@ -881,135 +610,29 @@ class EngineCore(wiring.Component):
                 m.d.comb += [osc.i.payload.acc.eq(emb_i.payload.q), osc.i.payload.last.eq(emb_i.payload.last),
                              osc.i.valid.eq(emb_i.valid)]
 
-        # -- operand stage ----------------------------------------------------------------------------
-        lbr = registered_read_port(m, lb_mem)
-        gr = registered_read_port(m, g_mem)
-        hr = registered_read_port(m, h_mem)
-        jo = Signal(range(2 * max_in + max_V + 1))
-        jw = Signal(range(2 * max_in + max_V + 1))     # the writer's element index
-        ov = Signal()
-        o_y = Signal(x_shape)
-        o_last = Signal()
-        o_jt = Signal(3)
-        o_up = Signal()
-        o_fresh = Signal()
-        o_sel = Signal(range(hw_))
-        # (full builds: the elementwise unit's input registered after the block RAM reads, as the
-        # front's; see f_reg)
-        o_reg = not compact
-        ovb = Signal() if o_reg else ov
-        o_adv = ~ovb | ew.i.ready
-        # ... from the operand stage's first o/down element until the last one has left it (it may
-        # wait in front of the elementwise unit with its x operand on the port's output)
-        m.d.comb += x_res.eq((oj.jt == JT_O) | (oj.jt == JT_DOWN) | (ov & ((o_jt == JT_O) | (o_jt == JT_DOWN))))
+        # -- operand stage and writer ----------------------------------------------------------------
+        m.d.comb += [opnd.i.payload.eq(osc.o.payload), opnd.i.valid.eq(osc.o.valid & ~embedding),
+                     osc.o.ready.eq(opnd.i.ready | embedding)]
+        wiring.connect(m, opnd.o, ew.i)
+        m.d.comb += [opnd.writer_done.eq(writer.done), opnd.writer_row.eq(writer.row), opnd.fresh.eq(writer.fresh)]
+        attach_read_port(m, lb_mem, opnd.lb)
+        attach_read_port(m, g_mem, opnd.g)
+        attach_read_port(m, h_mem, opnd.h)
         if compact:
-            m.d.comb += [xr_f.addr.eq(Mux(x_res, jo, j)), xr_f.en.eq(Mux(x_res, o_adv, f_adv))]
+            m.d.comb += [xr_f.addr.eq(Mux(x_res, opnd.x.addr, j)), xr_f.en.eq(Mux(x_res, opnd.x.en, f_adv)),
+                         opnd.x.data.eq(xr_f.data)]
         else:
-            m.d.comb += [xr_f.addr.eq(j), xr_f.en.eq(f_adv), xr_o.addr.eq(jo), xr_o.en.eq(o_adv)]
-        upper = (oj.jt == JT_GATE) & (jo >= g_I)
-        # Reads after writes through memory: i_proj's element reads f, g_proj's reads h[l] (both
-        # written by the job before), and the GLU's upper rows read the gate of row - I (written
-        # by this job). With short rows (d / lanes) and few rows (I) an element can reach this
-        # stage before the writer has stored its operand; full builds then hold it. The hold is a
-        # register, computed a cycle ahead from the writer's progress for the element after the
-        # current one (conservative: both counters only grow), and set for the cycle after a job
-        # change; compact builds (whose pipelines are unchanged) take elements as before.
-        o_hold = Signal()
-        o_in = osc.o.valid & ~embedding & ~o_hold
-        m.d.comb += osc.o.ready.eq((o_adv & ~o_hold) | embedding)
-        if not compact:
-            nxt = jo + 1
-            writer_behind = wj.k < oj.k
-            gate_up = (oj.jt == JT_GATE) & (nxt >= g_I)
-            m.d.sync += o_hold.eq((o_adv & o_in & osc.o.payload.last)
-                                  | (((oj.jt == JT_I) | (oj.jt == JT_G)) & writer_behind)
-                                  | (gate_up & (writer_behind | (nxt >= jw + g_I))))
-        m.d.comb += [
-            lbr.addr.eq(jo // hw_), gr.addr.eq(Mux(upper, jo - g_I, jo)),
-            hr.addr.eq(oj.l * max_d + jo),
-            lbr.en.eq(o_adv), gr.en.eq(o_adv), hr.en.eq(o_adv),
-        ]
-        with m.If(o_adv):
-            m.d.sync += [ov.eq(o_in), o_y.eq(osc.o.payload.value), o_last.eq(osc.o.payload.last),
-                         o_jt.eq(oj.jt), o_up.eq(upper), o_fresh.eq(fresh.bit_select(oj.l, 1)),
-                         o_sel.eq(jo % hw_)]
-            with m.If(o_in):
-                with m.If(osc.o.payload.last):
-                    m.d.sync += [jo.eq(0)] + oj.step(g_L)
-                with m.Else():
-                    m.d.sync += jo.eq(jo + 1)
-        o_vals = [o_y, o_last, o_jt, o_up, o_fresh, o_sel, lbr.data, gr.data, hr.data, xr_o.data]
-        if o_reg:
-            # stage B: the RAM words as read, then the operand multiplexers in front of the
-            # elementwise unit's input register
-            regs = [Signal.like(v) for v in o_vals]
-            with m.If(o_adv):
-                m.d.sync += [ovb.eq(ov)] + [r.eq(v) for r, v in zip(regs, o_vals)]
-            o_vals = regs
-        ob_y, ob_last, ob_jt, ob_up, ob_fresh, ob_sel, ob_lb, ob_g, ob_h, ob_x = o_vals
-        ew_in = ew.i.payload
-        m.d.comb += [ew.i.valid.eq(ovb), ew_in.last.eq(ob_last), ew_in.y.eq(ob_y), ew_in.a.eq(0), ew_in.g.eq(0)]
-        with m.Switch(ob_jt):
-            with m.Case(JT_F):
-                m.d.comb += [ew_in.op.eq(ElementwiseOp.FORGET), ew_in.g.eq(ob_lb[ob_sel])]
-            with m.Case(JT_I):
-                m.d.comb += [ew_in.op.eq(ElementwiseOp.RECUR), ew_in.g.eq(ob_g[:16]),
-                             ew_in.a.eq(Mux(ob_fresh, 0, ob_h))]
-            with m.Case(JT_G):
-                m.d.comb += [ew_in.op.eq(ElementwiseOp.SILU_MUL), ew_in.y.eq(ob_h), ew_in.a.eq(ob_y)]
-            with m.Case(JT_O, JT_DOWN):
-                m.d.comb += [ew_in.op.eq(ElementwiseOp.ADD), ew_in.a.eq(ob_x)]
-            with m.Case(JT_GATE):
-                with m.If(ob_up):
-                    m.d.comb += [ew_in.op.eq(ElementwiseOp.SILU_MUL), ew_in.y.eq(ob_g), ew_in.a.eq(ob_y)]
-                with m.Else():
-                    m.d.comb += ew_in.op.eq(ElementwiseOp.ADD)
-            with m.Default():
-                m.d.comb += ew_in.op.eq(ElementwiseOp.ADD)
-
-        # -- writer ----------------------------------------------------------------------------------------
-        uw = u_mem.write_port()
-        gw = g_mem.write_port()
-        hw = h_mem.write_port()
-        lw = lg_mem.write_port()
-        val = ew.o.payload.value
-        wv = ew.o.valid
-        w_up = (wj.jt == JT_GATE) & (jw >= g_I)
-        m.d.comb += [ew.o.ready.eq(1),
-                     uw.data.eq(val), gw.data.eq(val), hw.data.eq(val), lw.data.eq(val),
-                     uw.addr.eq(Mux(w_up, jw - g_I, jw)), gw.addr.eq(jw), hw.addr.eq(wj.l * max_d + jw),
-                     lw.addr.eq(jw)]
-        m.d.comb += [amax.i.payload.value.eq(val), amax.i.payload.last.eq(ew.o.payload.last),
-                     amax.i.valid.eq(wv & (wj.jt == JT_LM)), amax.o.ready.eq(1)]
-        m.d.comb += [self.trace.valid.eq(wv), self.trace.payload.job.eq(wj.jt),
-                     self.trace.payload.layer.eq(wj.l), self.trace.payload.row.eq(jw),
-                     self.trace.payload.value.eq(val)]
-        with m.If(wv):
-            with m.If(ew.o.payload.last):
-                m.d.sync += [jw.eq(0)] + wj.step(g_L)
-            with m.Else():
-                m.d.sync += jw.eq(jw + 1)
-            with m.Switch(wj.jt):
-                with m.Case(JT_F):
-                    m.d.comb += gw.en.eq(1)
-                with m.Case(JT_I):
-                    m.d.comb += hw.en.eq(1)
-                    with m.If(ew.o.payload.last):
-                        m.d.sync += fresh.bit_select(wj.l, 1).eq(0)
-                with m.Case(JT_G):
-                    m.d.comb += uw.en.eq(1)
-                    m.d.sync += or_u.eq(Mux(jw == 0, 0, or_u) | mag(val))
-                with m.Case(JT_O, JT_DOWN):
-                    m.d.comb += [xw.en.eq(1), xw.addr.eq(jw), xw.data.eq(val)]
-                    m.d.sync += or_x.eq(Mux(jw == 0, 0, or_x) | mag(val))
-                with m.Case(JT_GATE):
-                    with m.If(w_up):
-                        m.d.comb += uw.en.eq(1)
-                        m.d.sync += or_u.eq(Mux(jw == g_I, 0, or_u) | mag(val))
-                    with m.Else():
-                        m.d.comb += gw.en.eq(1)
-                with m.Case(JT_LM):
-                    m.d.comb += lw.en.eq(1)
+            m.d.comb += [xr_f.addr.eq(j), xr_f.en.eq(f_adv)]
+            attach_read_port(m, x_mem, opnd.x)
+        wiring.connect(m, ew.o, writer.i)
+        wiring.connect(m, writer.x, x_mem.write_port())
+        wiring.connect(m, writer.u, u_mem.write_port())
+        wiring.connect(m, writer.g, g_mem.write_port())
+        wiring.connect(m, writer.h, h_mem.write_port())
+        wiring.connect(m, writer.logits, lg_mem.write_port())
+        m.d.comb += [amax.i.payload.eq(writer.argmax.payload), amax.i.valid.eq(writer.argmax.valid),
+                     amax.o.ready.eq(1)]
+        wiring.connect(m, writer.trace, wiring.flipped(self.trace))
 
         # -- the result --------------------------------------------------------------------------------------
         with m.If(amax.o.valid):
