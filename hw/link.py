@@ -36,23 +36,19 @@ rx : In(stream.Signature(8))
     Bytes from the host (the UART receiver).
 tx : Out(stream.Signature(8))
     Bytes to the host (the UART transmitter).
-eng_cmd : Out(stream.Signature(engine_command_layout()))
-    ``op`` (:class:`EngineCommand`) and ``token`` (u32, FEED_TOKEN only). RESET_STATE: zero the
-    recurrent state (sent by RESET_STATE and by a successful LOAD_COMMIT). LOAD_RESET: the
-    weight write pointer := 0, the weights are invalid (sent by LOAD_BEGIN). FEED_TOKEN: run
-    one step; exactly one ``eng_result`` must follow. The link sends one command and (for
-    FEED_TOKEN) waits for its result before anything else; the engine may hold ``ready`` low
-    while busy.
-eng_image : Out(stream.Signature(8))
-    Image bytes in order, to be stored at the engine's write pointer (which then advances).
-    Only bytes of LOAD_CHUNK frames whose CRC-16 and checks passed; never past the image size.
-eng_result : In(stream.Signature(engine_result_layout()))
-    ``argmax`` (u32), ``logit`` (s32, Q16), ``cycles`` (u32, 0 if not counted): one per
-    FEED_TOKEN, copied into its response.
-eng_logit_req : Out(stream.Signature(32))
-    Index of a logit of the last step (READ_LOGITS), ascending within one read.
-eng_logit_resp : In(stream.Signature(signed(32)))
-    The logit (Q16), one per request, in order. The link has at most one request outstanding.
+engine : In(:class:`~.control.ControlSignature`)
+    The engine-control interface, flipped: the Link drives ``cmd``, ``load`` and ``logit_req``
+    and takes ``result`` and ``logit_resp`` (hw/control.py has the payloads).
+
+    * ``cmd``: ``op`` RESET_STATE (sent by RESET_STATE and by a successful LOAD_COMMIT),
+      LOAD_RESET (sent by LOAD_BEGIN) or FEED_TOKEN (``arg``: the token); ``index`` is 0. The
+      Link sends one command and, for FEED_TOKEN, waits for its result before anything else;
+      the engine may hold ``ready`` low while busy.
+    * ``load``: image bytes in order, only of LOAD_CHUNK frames whose CRC-16 and checks passed,
+      never past the image size.
+    * ``result``: one per FEED_TOKEN (``token``, ``logit``, ``cycles``), copied into its response.
+    * ``logit_req`` / ``logit_resp``: READ_LOGITS asks for each logit in ascending order, at
+      most one request outstanding; one response per request.
 
 Throughput: one byte per three cycles in parsing, in forwarding image bytes and in
 transmitting (every path from the ring's output, into the CRCs or out of the Link, is cut by a
@@ -127,24 +123,10 @@ from mmfree_fpga.protocol import (
 )
 from mmfree_fpga.image import IMAGE_VERSION
 
+from .control import ControlSignature, EngineOp
 from .ram import NO_RW_CHECK, registered_read_port
 
-__all__ = ["EngineCommand", "engine_command_layout", "engine_result_layout", "Link", "ring_depth",
-           "struct_fields"]
-
-
-class EngineCommand(enum.Enum, shape=2):
-    RESET_STATE = 0
-    FEED_TOKEN = 1
-    LOAD_RESET = 2
-
-
-def engine_command_layout() -> data.StructLayout:
-    return data.StructLayout({"op": EngineCommand, "token": unsigned(32)})
-
-
-def engine_result_layout() -> data.StructLayout:
-    return data.StructLayout({"argmax": unsigned(32), "logit": signed(32), "cycles": unsigned(32)})
+__all__ = ["Link", "ring_depth", "struct_fields"]
 
 
 def struct_fields(layout: struct.Struct) -> list[tuple[int, int]]:
@@ -341,11 +323,7 @@ class Link(wiring.Component):
         super().__init__({
             "rx": In(stream.Signature(8)),
             "tx": Out(stream.Signature(8)),
-            "eng_cmd": Out(stream.Signature(engine_command_layout())),
-            "eng_image": Out(stream.Signature(8)),
-            "eng_result": In(stream.Signature(engine_result_layout())),
-            "eng_logit_req": Out(stream.Signature(32)),
-            "eng_logit_resp": In(stream.Signature(signed(32))),
+            "engine": In(ControlSignature()),
         })
         # observation points for testbenches (not ports): ``idle`` (waiting for bytes, nothing
         # to send), ``in_frame`` (a partial frame is held: its idle timeout counts) and every
@@ -887,8 +865,8 @@ class Link(wiring.Component):
                 m.d.sync += pb_ready.eq(0)
 
         m.d.comb += [
-            self.eng_logit_req.payload.eq(logit_index),
-            self.eng_image.payload.eq(byte_r),
+            self.engine.logit_req.payload.eq(logit_index),
+            self.engine.load.payload.eq(byte_r),
         ]
 
         # -- read port address ---------------------------------------------------------------------
@@ -1210,26 +1188,26 @@ class Link(wiring.Component):
 
             # ---- engine commands ----
             with m.State("ENGINE_RESET"):
-                m.d.comb += [self.eng_cmd.valid.eq(1), self.eng_cmd.payload.op.eq(EngineCommand.RESET_STATE)]
-                with m.If(self.eng_cmd.ready):
+                m.d.comb += [self.engine.cmd.valid.eq(1), self.engine.cmd.payload.op.eq(EngineOp.RESET_STATE), self.engine.cmd.payload.index.eq(0)]
+                with m.If(self.engine.cmd.ready):
                     m.next = "SEND"
             with m.State("ENGINE_LOAD_RESET"):
                 # LOAD_BEGIN's restart of the image CRC (here, not in DECIDE: a shorter path)
-                m.d.comb += [self.eng_cmd.valid.eq(1), self.eng_cmd.payload.op.eq(EngineCommand.LOAD_RESET),
+                m.d.comb += [self.engine.cmd.valid.eq(1), self.engine.cmd.payload.op.eq(EngineOp.LOAD_RESET), self.engine.cmd.payload.index.eq(0),
                              img_crc.start.eq(1)]
-                with m.If(self.eng_cmd.ready):
+                with m.If(self.engine.cmd.ready):
                     m.next = "SEND"
             with m.State("ENGINE_FEED"):
-                m.d.comb += [self.eng_cmd.valid.eq(1), self.eng_cmd.payload.op.eq(EngineCommand.FEED_TOKEN),
-                             self.eng_cmd.payload.token.eq(feed_token)]
-                with m.If(self.eng_cmd.ready):
+                m.d.comb += [self.engine.cmd.valid.eq(1), self.engine.cmd.payload.op.eq(EngineOp.FEED_TOKEN), self.engine.cmd.payload.index.eq(0),
+                             self.engine.cmd.payload.arg.eq(feed_token)]
+                with m.If(self.engine.cmd.ready):
                     m.next = "ENGINE_RESULT"
             with m.State("ENGINE_RESULT"):
-                m.d.comb += self.eng_result.ready.eq(1)
-                with m.If(self.eng_result.valid):
-                    result = self.eng_result.payload
+                m.d.comb += self.engine.result.ready.eq(1)
+                with m.If(self.engine.result.valid):
+                    result = self.engine.result.payload
                     m.d.sync += [position.eq(position + 1), logits_valid.eq(1),
-                                 last_result.argmax.eq(result.argmax), last_result.logit.eq(result.logit),
+                                 last_result.argmax.eq(result.token), last_result.logit.eq(result.logit),
                                  last_result.cycles.eq(result.cycles)]
                     m.next = "SEND"
 
@@ -1244,13 +1222,13 @@ class Link(wiring.Component):
             with m.State("CHUNK_WAIT"):
                 m.next = "CHUNK_OUT"
             with m.State("CHUNK_OUT"):
-                m.d.comb += [self.eng_image.valid.eq(1), chunk_step.eq(self.eng_image.ready)]
+                m.d.comb += [self.engine.load.valid.eq(1), chunk_step.eq(self.engine.load.ready)]
                 if self.small:
-                    with m.If(self.eng_image.ready):
+                    with m.If(self.engine.load.ready):
                         m.d.sync += feed(byte_r[::-1], i=1)
                 else:
-                    m.d.comb += img_crc.valid.eq(self.eng_image.ready)
-                with m.If(self.eng_image.ready):
+                    m.d.comb += img_crc.valid.eq(self.engine.load.ready)
+                with m.If(self.engine.load.ready):
                     m.next = "CHUNK_ADDR"
                     m.d.sync += [*([] if self.small else [chunk_left.eq(chunk_left - 1)]),
                                  load_pointer.eq(load_pointer + 1)]
@@ -1298,13 +1276,13 @@ class Link(wiring.Component):
                         m.next = "SEND_TRAILER"
                 with m.If(~payload_ready):
                     # fetch the next logit from the engine
-                    m.d.comb += [self.eng_logit_req.valid.eq(~logit_asked),
-                                 self.eng_logit_resp.ready.eq(logit_asked)]
-                    with m.If(self.eng_logit_req.valid & self.eng_logit_req.ready):
+                    m.d.comb += [self.engine.logit_req.valid.eq(~logit_asked),
+                                 self.engine.logit_resp.ready.eq(logit_asked)]
+                    with m.If(self.engine.logit_req.valid & self.engine.logit_req.ready):
                         m.d.sync += logit_asked.eq(1)
-                    with m.If(self.eng_logit_resp.valid & self.eng_logit_resp.ready):
+                    with m.If(self.engine.logit_resp.valid & self.engine.logit_resp.ready):
                         m.d.comb += pb_stale.eq(1)
-                        m.d.sync += [logit_word.eq(self.eng_logit_resp.payload), logit_have.eq(1),
+                        m.d.sync += [logit_word.eq(self.engine.logit_resp.payload), logit_have.eq(1),
                                      logit_asked.eq(0)]
             with m.State("SEND_TRAILER"):
                 with m.If(nb_free):

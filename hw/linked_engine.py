@@ -1,15 +1,10 @@
 """The board design: the serial :class:`~.link.Link` in front of the compute :class:`~.engine.Engine`.
 
 :class:`LinkedEngine` is a design as ``boards/top.py`` expects one (``i_stream``/``o_stream``
-byte streams): the UART bytes go through the Link, which drives the engine through its public
-control interface. Only the port adaptation lives here:
-
-* ``Link.eng_cmd`` (``op`` :class:`~.link.EngineCommand`, ``token``) -> ``Engine.cmd``
-  (``op`` :class:`~.engine.EngineOp` of the same name, ``arg`` = token, ``index`` 0);
-* ``Link.eng_image`` -> ``Engine.load``;
-* ``Engine.result`` (``token``, ``logit``, ``cycles``) -> ``Link.eng_result`` (``argmax``,
-  ``logit``, ``cycles``);
-* ``Link.eng_logit_req`` / ``eng_logit_resp`` <-> ``Engine.logit_req`` / ``logit_resp``.
+byte streams): the UART bytes go through the Link, and the Link's ``engine`` member (the flipped
+:class:`~.control.ControlSignature`) is connected, member for member, to the same five members
+of the engine (``cmd``, ``load``, ``result``, ``logit_req``, ``logit_resp``): one contract, no
+field renaming.
 
 Activity (``activity_ports=True``, for simulation: ``sim/pipe_harness.cpp`` paces its clock by
 them; board tops leave them out):
@@ -35,8 +30,9 @@ from amaranth.lib.wiring import In, Out
 from mmfree_fpga.config import ModelConfig
 from mmfree_fpga.protocol import MAX_PAYLOAD
 
-from .engine import Engine, EngineOp
-from .link import EngineCommand, Link
+from .control import ControlSignature
+from .engine import Engine
+from .link import Link
 
 __all__ = ["LinkedEngine"]
 
@@ -85,25 +81,9 @@ class LinkedEngine(wiring.Component):
         wiring.connect(m, wiring.flipped(self.i_stream), link.rx)
         wiring.connect(m, link.tx, wiring.flipped(self.o_stream))
 
-        cmd = link.eng_cmd
-        m.d.comb += [engine.cmd.valid.eq(cmd.valid), cmd.ready.eq(engine.cmd.ready),
-                     engine.cmd.payload.arg.eq(cmd.payload.token)]
-        with m.Switch(cmd.payload.op):
-            for op in EngineCommand:
-                with m.Case(op):
-                    m.d.comb += engine.cmd.payload.op.eq(EngineOp[op.name])
-
-        m.d.comb += [engine.load.valid.eq(link.eng_image.valid), engine.load.payload.eq(link.eng_image.payload),
-                     link.eng_image.ready.eq(engine.load.ready)]
-
-        result = engine.result
-        m.d.comb += [link.eng_result.valid.eq(result.valid), result.ready.eq(link.eng_result.ready),
-                     link.eng_result.payload.argmax.eq(result.payload.token),
-                     link.eng_result.payload.logit.eq(result.payload.logit),
-                     link.eng_result.payload.cycles.eq(result.payload.cycles)]
-
-        wiring.connect(m, link.eng_logit_req, engine.logit_req)
-        wiring.connect(m, engine.logit_resp, link.eng_logit_resp)
+        # the engine presents the control members at its top level, among others of its own
+        for name in ControlSignature().members:
+            wiring.connect(m, getattr(link.engine, name), getattr(engine, name))
 
         if self.activity_ports:
             m.d.comb += [self.idle.eq(link.idle & engine.cmd.ready), self.in_frame.eq(link.in_frame)]

@@ -1,7 +1,7 @@
 """hw/link.py: the wire protocol in gateware, compared byte for byte with host/device_model.py.
 
 Every test drives the same bytes into the Link (Amaranth simulator, with a fake engine that
-runs reference/integer.py's IntegerModel on what eng_image delivered) and into a DeviceModel of
+runs reference/integer.py's IntegerModel on what the engine's ``load`` delivered) and into a DeviceModel of
 the same geometry, and compares the responses. The harness adds random backpressure and gaps on
 every stream, so the handshakes are exercised too.
 """
@@ -23,9 +23,8 @@ from mmfree_fpga.host.device_model import DeviceModel
 from mmfree_fpga.host.image import WeightImage
 from mmfree_fpga.image import image_size
 from mmfree_fpga.reference.integer import parse_image
-from mmfree_fpga.hw.link import (LFSR_TAPS, EngineCommand, Link, engine_command_layout, engine_result_layout,
-                                 lfsr_jump, lfsr_step, ring_depth,
-                                 struct_fields)
+from mmfree_fpga.hw.control import EngineOp, command_layout, result_layout
+from mmfree_fpga.hw.link import LFSR_TAPS, Link, lfsr_jump, lfsr_step, ring_depth, struct_fields
 from mmfree_fpga.protocol import (
     FEED_TOKEN_REQUEST, IDENTITY, LOAD_BEGIN_REQUEST, LOAD_CHUNK_HEADER, MAX_CHUNK, MAX_PAYLOAD, MIN_DEVICE_PAYLOAD,
     NAK_PAYLOAD, NAK_RESPONSE, READ_LOGITS_REQUEST, RESPONSE, SYNC, Error, Frame, FrameDecoder,
@@ -54,7 +53,7 @@ def image(tmp_path_factory):
 
 
 class FakeEngine:
-    """The engine side of the Link's ports: IntegerModel on the bytes eng_image delivered."""
+    """The engine side of the Link's ``engine`` member: IntegerModel on the bytes ``load`` delivered."""
 
     def __init__(self, cfg: ModelConfig, packing: str, cycles: int = 0):
         self.cfg, self.packing, self.cycles = cfg, packing, cycles
@@ -64,18 +63,19 @@ class FakeEngine:
         self.logits = None
         self.log: list[tuple] = []
 
-    def command(self, op: int, token: int):
-        self.log.append((EngineCommand(op).name, token))
-        if op == EngineCommand.LOAD_RESET.value:
+    def command(self, op: EngineOp, token: int):
+        self.log.append((op.name, token))
+        if op == EngineOp.LOAD_RESET:
             self.image.clear()
             self.model, self.logits = None, None
-        elif op == EngineCommand.RESET_STATE.value:
+        elif op == EngineOp.RESET_STATE:
             self.logits = None
             if len(self.image) == self.size:
                 if self.model is None:
                     self.model = IntegerModel(parse_image(bytes(self.image), self.cfg, self.packing, FORMATS))
                 self.model.reset()
         else:
+            assert op == EngineOp.FEED_TOKEN, op
             assert self.model is not None, "FEED_TOKEN reached an engine without a complete image"
             assert token < self.cfg.V
             self.logits = self.model.step(token)
@@ -95,24 +95,6 @@ class FakeEngine:
         return (len(self.log), len(self.image))
 
 
-def struct_layout_offsets(layout):
-    """name -> (offset, width) of a data.StructLayout's fields."""
-    return {name: (f.offset, f.width) for name, f in layout}
-
-
-def field_of(word: int, field) -> int:
-    offset, width = field
-    return (word >> offset) & ((1 << width) - 1)
-
-
-def pack_struct(fields, values) -> int:
-    word = 0
-    for name, value in values:
-        offset, width = fields[name]
-        word |= (value & ((1 << width) - 1)) << offset
-    return word
-
-
 class Bench:
     """Drives the Link cycle by cycle from one testbench coroutine."""
 
@@ -125,13 +107,13 @@ class Bench:
         self.result = None            # (countdown, payload) of the FEED result being offered
         self.logit_queue = deque()    # (countdown, value)
         self.driven = {}
-        L = link
+        L, E = link, link.engine
         # one packed sample per cycle (each sampled value costs a simulator evaluation)
         fields = [("rx_ready", L.rx.ready), ("tx_valid", L.tx.valid), ("tx_payload", L.tx.payload),
-                  ("cmd_valid", L.eng_cmd.valid), ("cmd", L.eng_cmd.payload.as_value()),
-                  ("img_valid", L.eng_image.valid), ("img_payload", L.eng_image.payload),
-                  ("res_ready", L.eng_result.ready), ("req_valid", L.eng_logit_req.valid),
-                  ("req_index", L.eng_logit_req.payload), ("resp_ready", L.eng_logit_resp.ready),
+                  ("cmd_valid", E.cmd.valid), ("cmd", E.cmd.payload.as_value()),
+                  ("img_valid", E.load.valid), ("img_payload", E.load.payload),
+                  ("res_ready", E.result.ready), ("req_valid", E.logit_req.valid),
+                  ("req_index", E.logit_req.payload), ("resp_ready", E.logit_resp.ready),
                   ("idle", L.idle)]
         self.packed = Cat(*[v for _, v in fields])
         self.unpack = []
@@ -140,14 +122,10 @@ class Bench:
             self.unpack.append((name, offset, (1 << len(v)) - 1))
             offset += len(v)
         self.ports = dict(rx_valid=L.rx.valid, rx_payload=L.rx.payload, tx_ready=L.tx.ready,
-                          cmd_ready=L.eng_cmd.ready, img_ready=L.eng_image.ready,
-                          res_valid=L.eng_result.valid, res_payload=L.eng_result.payload.as_value(),
-                          req_ready=L.eng_logit_req.ready, resp_valid=L.eng_logit_resp.valid,
-                          resp_payload=L.eng_logit_resp.payload)
-        cmd_fields = struct_layout_offsets(engine_command_layout())
-        self.cmd_op = cmd_fields["op"]
-        self.cmd_token = cmd_fields["token"]
-        self.res_fields = struct_layout_offsets(engine_result_layout())
+                          cmd_ready=E.cmd.ready, img_ready=E.load.ready,
+                          res_valid=E.result.valid, res_payload=E.result.payload.as_value(),
+                          req_ready=E.logit_req.ready, resp_valid=E.logit_resp.valid,
+                          resp_payload=E.logit_resp.payload)
 
     def _chance(self, p):
         return not self.bp or self.rng.random() < p
@@ -188,8 +166,9 @@ class Bench:
             offering = self.result is not None and self.result[0] == 0
             self._set(ctx, P["res_valid"], offering)
             if offering:
-                self._set(ctx, P["res_payload"], pack_struct(self.res_fields, zip(("argmax", "logit", "cycles"),
-                                                                                    self.result[1])))
+                token, logit, cycles = self.result[1]
+                self._set(ctx, P["res_payload"], result_layout().const(
+                    {"token": token, "logit": logit, "cycles": cycles}).as_value().value)
             req_ready = self._chance(0.7)
             self._set(ctx, P["req_ready"], req_ready)
             if self.logit_queue and self.logit_queue[0][0] > 0:
@@ -207,8 +186,9 @@ class Bench:
             if v["tx_valid"] and tx_ready:
                 out.append(v["tx_payload"])
             if v["cmd_valid"] and cmd_ready:
-                cmd = v["cmd"]
-                res = eng.command(field_of(cmd, self.cmd_op), field_of(cmd, self.cmd_token))
+                cmd = command_layout().from_bits(v["cmd"])
+                assert cmd.index == 0, cmd
+                res = eng.command(cmd.op, cmd.arg)
                 if res is not None:
                     assert self.result is None
                     self.result = (rng.randrange(0, 12) if self.bp else 0, res)
@@ -755,8 +735,9 @@ ACCEPTED_LINT = {
     "CASEINCOMPLETE": "Amaranth's `casez` lists only the defined states/cases, after a default",
     "DECLFILENAME": "Amaranth writes every module into the one file named after the top",
 }
-_TOP_PORTS = {f"{s}__{m}" for s in ("rx", "tx", "eng_cmd", "eng_image", "eng_result", "eng_logit_req",
-                                     "eng_logit_resp") for m in ("payload", "valid", "ready")}
+_TOP_PORTS = {f"{s}__{m}" for s in ("rx", "tx", "engine__cmd", "engine__load", "engine__result",
+                                     "engine__logit_req", "engine__logit_resp")
+              for m in ("payload", "valid", "ready")}
 
 
 @pytest.mark.parametrize("max_payload, boot_id", [(MIN_DEVICE_PAYLOAD, None), (MAX_PAYLOAD, 1)])
