@@ -128,7 +128,8 @@ class BitLinearFront(wiring.Component):
 
         # stage 3: the two signed products
         c2, a2 = p.at(c, 2), p.at(a, 2)
-        (z, pa), s = p.products(3, "zp", [(v16, c2, (v16 * c2).shape()), (v16, a2, (v16 * a2).shape())])
+        (z, pa), s = p.products(3, "zp", [(v16, c2, (v16 * c2).shape()), (v16, a2, (v16 * a2).shape())],
+                                  registered=True)
         assert s == 3
 
         # stage 4: magnitudes
@@ -153,7 +154,7 @@ class BitLinearFront(wiring.Component):
         quant5 = p.at(op, 5) == FrontOp.QUANT
         pabs5 = p.at(pabs, 5)
         (prod,), s = p.products(6, "prod", [(Mux(quant5, mag16, pabs5), Mux(quant5, recip, pabs5),
-                                             unsigned(2 * qb))])
+                                             unsigned(2 * qb))], registered=False)
         stats_done = Signal()
         with m.If(advance & at_op(s, FrontOp.STATS)):
             m.d.sync += sumsq_acc.eq(Mux(p.at(frst, s), 0, sumsq_acc) + prod)

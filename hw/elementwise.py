@@ -145,7 +145,7 @@ class ElementwiseUnit(wiring.Component):
         t0 = p.reg(3, "t0", rd.data.t0)
 
         # stage 4: interpolation product (its operands are registers already)
-        (dprod,), s = p.products(4, "dprod", [(d, p.at(frac, 3), unsigned(len(d) + len(frac)))])
+        (dprod,), s = p.products(4, "dprod", [(d, p.at(frac, 3), unsigned(len(d) + len(frac)))], registered=True)
 
         # next stage: sigmoid(y)
         # t0 + rshift_round(d frac, fb) = (t0 2^fb + 2^(fb-1) + d frac) >> fb: one adder
@@ -159,7 +159,7 @@ class ElementwiseUnit(wiring.Component):
         in_max = 1 << w.sig_in_log2
         forget5 = p.at(op, s) == Op.FORGET
         mul_a = Mux(forget5, p.at(g1, s), p.at(ymag, s)[:in_max.bit_length()])
-        p1, s = umul(p, s + 1, "p1", mul_a, max(in_max, w.gate_one), sig, max(table))
+        p1, s = umul(p, s + 1, "p1", mul_a, max(in_max, w.gate_one), sig, max(table), registered=False)
 
         # FORGET's gate, |silu(y)|
         s += 1
@@ -184,7 +184,7 @@ class ElementwiseUnit(wiring.Component):
             (Mux(recur, gg1, a_lo), s_lo, prod),
             (a_lo, Mux(recur, gg, s_hi), prod),
             (Mux(recur, gg1, a_hi), Mux(recur, s_hi, s_lo), prod),
-            (a_hi, Mux(recur, gg, s_hi), prod)])
+            (a_hi, Mux(recur, gg, s_hi), prod)], registered=False)
         early = p.reg(s0, "early", Mux(p.at(op, s0 - 1) == Op.SILU, signed_from_mag(smag, p.at(yneg, s0 - 1)),
                                        p.at(early, s0 - 1)), w.x)
 

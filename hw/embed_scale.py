@@ -61,7 +61,8 @@ class EmbedScale(wiring.Component):
 
         neg = p.reg(2, "neg", q < 0)
         qmag = p.reg(2, "qmag", Mux(q < 0, -q, q), unsigned(w.act_bits))
-        prod, s = umul(p, 3, "prod", qmag, -w.act_min, p.at(scale, 2), (1 << w.emb_scale_bits) - 1)
+        prod, s = umul(p, 3, "prod", qmag, -w.act_min, p.at(scale, 2), (1 << w.emb_scale_bits) - 1,
+                       registered=True)
         s += 1
         xmag = p.reg(s, "xmag", rshift_round_mag(prod, w.emb_shift, p.at(neg, s - 1)), unsigned(w.x_bits))
         s += 1

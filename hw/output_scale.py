@@ -123,14 +123,16 @@ class OutputScale(wiring.Component):
             a0, a1 = amag[:DSP_BITS], amag[DSP_BITS:]
             b0, b1 = q2[:DSP_BITS], q2[DSP_BITS:]
             (lo, hi), ps = p.products(3, "prod_m", [(a0, b0, unsigned(2 * DSP_BITS)),
-                                                    (Mux(e2, a0, a1), Mux(e2, b1, b0), unsigned(2 * DSP_BITS))])
+                                                    (Mux(e2, a0, a1), Mux(e2, b1, b0), unsigned(2 * DSP_BITS))],
+                                      registered=False)
             extra = p.reg(3, "prod_x", Mux(~e2 & b1[0], amag, 0), unsigned(len(amag)))
             mid = p.reg(ps + 1, "prod_s", hi + p.at(extra, ps))
             prod = p.reg(ps + 2, "prod", p.at(lo, ps + 1) + Cat(Const(0, DSP_BITS), mid),
                          unsigned(w.prod_mag_max.bit_length()))
             ps += 2
         else:
-            prod, ps = umul(p, 3, "prod", amag, w.acc_mag_max, p.at(qt, 2), (1 << w.scale_bits) - 1)
+            prod, ps = umul(p, 3, "prod", amag, w.acc_mag_max, p.at(qt, 2), (1 << w.scale_bits) - 1,
+                           registered=True)
 
         s = ps + 1
         t_right = p.reg(s, "t_right", prod + p.at(half, ps), unsigned(w.prod_mag_max.bit_length() + 1))

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from amaranth.hdl import Cat, Const, Module, Mux, Signal, Value, signed, unsigned
-from amaranth.hdl._ast import Slice      # no public name in Amaranth 0.5; used to spot register bits
 from amaranth.lib import data
 
 from mmfree_fpga.config import FORMATS, Formats
@@ -216,20 +215,13 @@ class Pipeline:
         m.d.sync += phase.eq(~advance)
         return advance, phase, out_valid & phase
 
-    @staticmethod
-    def _plain(v) -> bool:
-        """Whether v is a register output as it is (a signal, a slice of one, or a constant)."""
-        v = Value.cast(v)
-        while isinstance(v, Slice):
-            v = v.value
-        return isinstance(v, (Signal, Const))
-
-    def products(self, stage: int, name: str, pairs):
+    def products(self, stage: int, name: str, pairs, *, registered: bool):
         """Registered products a * b of (a, b, shape) operands of stage ``stage - 1``.
 
         Returns (products, stage of the products). Without a phase one multiplier per product,
-        with registers on both sides of it (on an ECP5 a MULT18X18D alone takes 3.9 ns): operands
-        that are not already register outputs (a signal or a slice of one) are registered at
+        with registers on both sides of it (a DSP block's multiplier alone is about as slow as a
+        whole pipeline stage may be): ``registered`` says the operands are register outputs
+        already (signals, slices of them or constants); otherwise they are registered at
         ``stage`` first, which puts the products one stage later. With a phase
         (:meth:`shared_control`, share 2) consecutive pairs of products share a multiplier: the
         first is computed while ``phase`` is low into a holding register, the second while it is
@@ -237,7 +229,7 @@ class Pipeline:
         of the multiplier: the iCE40 compact engine, where a register stage costs more)."""
         out = []
         if self._phase is None:
-            if not all(self._plain(a) and self._plain(b) for a, b, _ in pairs):
+            if not registered:
                 pairs = [(self._operand(stage, f"{name}{k}_a", a), self._operand(stage, f"{name}{k}_b", b), shape)
                          for k, (a, b, shape) in enumerate(pairs)]
                 stage += 1
@@ -294,12 +286,13 @@ class Pipeline:
         return cur
 
 
-def umul(pipe: Pipeline, stage: int, name: str, a, a_max: int, b, b_max: int):
+def umul(pipe: Pipeline, stage: int, name: str, a, a_max: int, b, b_max: int, *, registered: bool):
     """Unsigned a * b from DSP_BITS x DSP_BITS limb products.
 
-    ``a`` and ``b`` are stage ``stage - 1`` values with a <= a_max, b <= b_max. The limb products
-    are registered at ``stage`` (a stage later when :meth:`Pipeline.products` registers the
-    operands first), then summed pairwise, one adder level per stage.
+    ``a`` and ``b`` are stage ``stage - 1`` values with a <= a_max, b <= b_max; ``registered``:
+    both are register outputs (:meth:`Pipeline.products`). The limb products are registered at
+    ``stage`` (a stage later when the operands are registered first), then summed pairwise, one
+    adder level per stage.
     Returns (product, stage of the product).
     """
     def limbs(v, vmax):
@@ -322,7 +315,7 @@ def umul(pipe: Pipeline, stage: int, name: str, a, a_max: int, b, b_max: int):
     out_bits = (a_max * b_max).bit_length()
     if not terms and not big:
         return pipe.reg(stage, name, 0, unsigned(max(1, out_bits))), stage
-    prods, pstage = pipe.products(stage, f"{name}_m", big) if big else ([], stage)
+    prods, pstage = pipe.products(stage, f"{name}_m", big, registered=registered) if big else ([], stage)
     terms = [(pipe.at(t, pstage), sh, mx) for t, sh, mx in terms]
     terms += [(r, sh, mx) for r, (sh, mx) in zip(prods, big_meta)]
     stage = pstage
