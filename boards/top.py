@@ -62,8 +62,6 @@ def check_design(design) -> None:
     """TypeError unless ``design`` has the i_stream/o_stream byte-stream members."""
     sig = getattr(design, "signature", None)
     if not isinstance(sig, wiring.Signature):
-        if isinstance(design, Elaboratable):
-            design._MustUse__silence = True
         raise TypeError(f"the design factory returned {design!r}, not a wiring.Component")
     for name, flow in (("i_stream", In), ("o_stream", Out)):
         member = sig.members[name] if name in sig.members else None
@@ -71,7 +69,6 @@ def check_design(design) -> None:
               and isinstance(member.signature, stream.Signature)
               and Shape.cast(member.signature.members["payload"].shape) == Shape.cast(8))
         if not ok:
-            design._MustUse__silence = True  # rejected, so not an unused elaboratable
             raise TypeError(f"design {type(design).__name__} needs a member "
                             f"{name}: {flow.name}(stream.Signature(8)); its signature is {sig!r}")
 

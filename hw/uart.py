@@ -48,15 +48,6 @@ def uart_divisor(clk_freq: float, baud: float, max_error: float = MAX_BAUD_ERROR
     return divisor
 
 
-def _checked_divisor(core, clk_freq, baud, max_error) -> int:
-    try:
-        return uart_divisor(clk_freq, baud, max_error)
-    except ValueError:
-        # a core whose construction failed is not an unused elaboratable: no warning for it
-        core._MustUse__silence = True
-        raise
-
-
 class UARTTransmitter(wiring.Component):
     """8N1 serial transmitter.
 
@@ -74,7 +65,7 @@ class UARTTransmitter(wiring.Component):
     """
 
     def __init__(self, *, clk_freq: float, baud: float, max_error: float = MAX_BAUD_ERROR):
-        self.divisor = _checked_divisor(self, clk_freq, baud, max_error)
+        self.divisor = uart_divisor(clk_freq, baud, max_error)
         super().__init__({
             "data": In(stream.Signature(unsigned(8))),
             "tx": Out(1, init=1),
@@ -141,7 +132,7 @@ class UARTReceiver(wiring.Component):
     """
 
     def __init__(self, *, clk_freq: float, baud: float, max_error: float = MAX_BAUD_ERROR):
-        self.divisor = _checked_divisor(self, clk_freq, baud, max_error)
+        self.divisor = uart_divisor(clk_freq, baud, max_error)
         super().__init__({
             "rx": In(1, init=1),
             "data": Out(stream.Signature(unsigned(8))),

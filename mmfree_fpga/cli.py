@@ -17,6 +17,7 @@ import os
 import select
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 from .commands._common import check_out_file
@@ -112,6 +113,10 @@ def main(argv=None) -> int:
     except SystemExit as e:   # --help (0) or a usage error (2, its one line already printed)
         return 0 if e.code is None else e.code if isinstance(e.code, int) else 2
     set_quiet(args.quiet)
+    # A command that fails (a rejected design, a baud rate the clock cannot make) leaves
+    # gateware objects it built but never elaborated; the error says what went wrong, Amaranth's
+    # UnusedElaboratable warning about those objects would only add noise.
+    warnings.filterwarnings("ignore", message=r".* created but never used$")
     try:
         if args.json_out:
             check_out_file(args.json_out, "--json-out")

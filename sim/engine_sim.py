@@ -468,14 +468,13 @@ def _run_cocotb(*, cfg, blob, packing, build, prompt, steps, simulator, stall_ra
     done = bdir / "build.done"
     stamp = hashlib.sha1(repr(args).encode() + b"".join(p.read_bytes() for p in sources)).hexdigest()
     fresh = done.exists() and done.read_text().strip() == stamp
-    if fresh:
-        # cocotb's Verilator runner reruns verilator and make on every build() (tens of seconds
-        # here); the stamp names the sources and flags, so nothing is stale.
-        runner._build_command = lambda: []
-    with simulator_env(MAKEFLAGS=flags):
-        runner.build(sources=[str(s) for s in sources], hdl_toplevel="engine_top", build_dir=bdir,
-                     timescale=("1ns", "1ps"), build_args=args, always=not fresh)
-    done.write_text(stamp + "\n")
+    if not fresh:
+        # (cocotb's Verilator runner reruns verilator and make on every build(), tens of seconds
+        # here: build() is called only when the stamp -- sources and flags -- changed)
+        with simulator_env(MAKEFLAGS=flags):
+            runner.build(sources=[str(s) for s in sources], hdl_toplevel="engine_top", build_dir=bdir,
+                         timescale=("1ns", "1ps"), build_args=args, always=True)
+        done.write_text(stamp + "\n")
     tmp_waves = None
     with tempfile.TemporaryDirectory(prefix="engine-run-", dir=bdir) as tmp:
         tmp = Path(tmp)
