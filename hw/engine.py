@@ -88,9 +88,8 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed, unsigned
-from amaranth.lib import data, enum, stream, wiring
-from amaranth.lib.fifo import SyncFIFOBuffered
+from amaranth.hdl import Const, Module, Mux, Signal, signed, unsigned
+from amaranth.lib import data, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
@@ -99,21 +98,19 @@ from mmfree_fpga.errors import UserError
 from mmfree_fpga.packing import PACKINGS, TRITS_PER_BYTE
 
 from .argmax import Argmax
-from .bitlinear_front import BitLinearFront, FrontOp
+from .bitlinear_front import BitLinearFront
 from .control import ControlSignature, EngineOp, result_layout
-from .elementwise import ElementwiseOp, ElementwiseUnit
-from .embed_scale import EmbedScale
+from .elementwise import ElementwiseUnit
+from .engine_common import COMPACT, FULL, JOBS, JT_LM, NORM_SLOTS, Param, attach_read_port, geometry_layout
+from .engine_fetch import Fetcher, ResponseRouter
+from .engine_front import FrontSequencer, MatrixIssuer, QPacker
+from .engine_output import OperandStage, ScaleStage, SharedScaleStage, Writer
 from .matvec import TernaryMatVec
-from .output_scale import OutputScale
+from .ram import NO_RW_CHECK, registered_read_port
 from .scalar_unit import ScalarUnit
 from .trits import packing_code
 from .vector_common import vector_widths
-from .ram import NO_RW_CHECK, registered_read_port
-from .weight_port import ADDR_BITS, LEN_BITS, WeightMemory, weight_port_signature, write_layout
-from .engine_common import (COMPACT, FULL, JOBS, JT_DOWN, JT_F, JT_GATE, JT_I, JT_G, JT_LM, JT_O, NORM_SLOTS,
-                            JobCounter, Param, Tag, attach_read_port, geometry_layout, magnitude)
-from .engine_fetch import Fetcher, ResponseRouter
-from .engine_output import OperandStage, Writer
+from .weight_port import ADDR_BITS, WeightMemory, weight_port_signature, write_layout
 
 __all__ = ["Param", "JOBS", "trace_layout", "beat_bytes",
            "engine_params", "check_geometry", "EngineCore", "Engine"]
@@ -223,6 +220,7 @@ class EngineCore(wiring.Component):
                  max_d=None, max_I=None, max_L=None, max_V=None, compact: bool = False):
         self.cfg = cfg
         self.compact = compact
+        self.variant = COMPACT if compact else FULL
         self.lanes = lanes
         self.packing = packing
         self.packings = tuple(p for p in PACKINGS if p in packings)
@@ -254,98 +252,165 @@ class EngineCore(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         w = vector_widths(FORMATS)
-        lanes, wb = self.lanes, self.beat_bytes
-        hw_ = wb // 2                                     # int16 per beat
+        v = self.variant
         max_d, max_I, max_L, max_V = self.max_d, self.max_I, self.max_L, self.max_V
         max_in = max(max_d, max_I)
-        nw = max_in // hw_                                # norm words per slot
-        x_shape = w.x
+        maxima = dict(max_d=max_d, max_I=max_I, max_L=max_L, max_V=max_V)
+        wb = self.beat_bytes
 
-        # -- cores --------------------------------------------------------------------------
+        # -- cores and units ------------------------------------------------------------------------
         m.submodules.front = front = BitLinearFront(FORMATS)
         m.submodules.scalar = scalar = ScalarUnit(FORMATS)
-        m.submodules.matvec = mv = TernaryMatVec(lanes=lanes, packings=self.packings,
+        m.submodules.matvec = mv = TernaryMatVec(lanes=self.lanes, packings=self.packings,
                                                  max_rows=max(2 * max_I, max_V, max_d), max_cols=max_in)
-        compact = self.compact
-        share = 2 if compact else 1
-        m.submodules.oscale = osc = OutputScale(FORMATS, share=share, embed=compact)
-        m.submodules.ew = ew = ElementwiseUnit(FORMATS, share=share)
-        # the embedding: its own EmbedScale, or (compact) through the output scale, which is
-        # idle from FEED_TOKEN until the embedding is in x
-        variant = COMPACT if compact else FULL
-        m.submodules.fetcher = fetcher = Fetcher(beat_bytes=wb, max_d=max_d, max_I=max_I, max_L=max_L,
-                                                 max_V=max_V, variant=variant)
-        m.submodules.router = router = ResponseRouter(w, beat_bytes=wb, max_d=max_d, max_I=max_I, max_L=max_L,
-                                                      max_V=max_V, trit_fifo_depth=self.trit_fifo_depth,
-                                                      variant=variant)
-        emb_i = router.emb
-        emb_o = stream.Signature(data.StructLayout({"value": x_shape, "last": 1})).create()
-        emb_scale = router.emb_scale
-        if not compact:
-            m.submodules.embed = emb = EmbedScale(FORMATS)
-            wiring.connect(m, emb_i, emb.i)
-            wiring.connect(m, emb.o, wiring.flipped(emb_o))
-            m.d.comb += emb.scale.eq(emb_scale)
+        m.submodules.ew = ew = ElementwiseUnit(FORMATS, share=v.share)
         m.submodules.argmax = amax = Argmax(max_V, FORMATS)
-        m.submodules.operands = opnd = OperandStage(w, beat_bytes=wb, max_d=max_d, max_I=max_I, max_L=max_L,
-                                                    max_V=max_V, variant=variant)
-        m.submodules.writer = writer = Writer(w, max_d=max_d, max_I=max_I, max_L=max_L, max_V=max_V,
-                                              trace_layout=self.trace_layout())
+        u = SimpleNamespace(
+            fetcher=Fetcher(beat_bytes=wb, variant=v, **maxima),
+            router=ResponseRouter(w, beat_bytes=wb, trit_fifo_depth=self.trit_fifo_depth, variant=v, **maxima),
+            front_seq=FrontSequencer(w, beat_bytes=wb, variant=v, **maxima),
+            qpack=QPacker(act_bits=w.act_bits, lanes=self.lanes, max_in=max_in, variant=v),
+            issuer=MatrixIssuer(mv.cmd_layout, **maxima),
+            scale=(SharedScaleStage if v.embed_via_output_scale else ScaleStage)(w, acc_layout=mv.out_layout),
+            operands=OperandStage(w, beat_bytes=wb, variant=v, **maxima),
+            writer=Writer(w, trace_layout=self.trace_layout(), **maxima),
+        )
+        for name, unit in vars(u).items():
+            m.submodules[name] = unit
 
-        # -- parameters ------------------------------------------------------------------------
+        pram, geom, regs = self._parameters(m, u)
+        mem = self._memories(m, w)
+        ctl = self._control(m, u, pram, regs)
+        start, running = ctl.start, ctl.running
+        self._loading(m)
+        for unit in (u.fetcher, u.router, u.front_seq, u.issuer, u.operands, u.writer):
+            m.d.comb += [unit.geom.eq(geom), unit.start.eq(start)]
+        m.d.comb += [u.front_seq.running.eq(running), u.issuer.running.eq(running)]
+
+        # weight traffic
+        m.d.comb += [u.fetcher.token.eq(self.cmd.payload.arg), u.fetcher.front_done.eq(u.front_seq.done),
+                     u.fetcher.writer_done.eq(u.writer.done)]
+        wiring.connect(m, u.fetcher.req, wiring.flipped(self.wport.req))
+        wiring.connect(m, u.fetcher.tags, u.router.tags)
+        wiring.connect(m, wiring.flipped(self.wport.resp), u.router.resp)
+        wiring.connect(m, u.router.trits, mv.weights)
+        wiring.connect(m, u.router.a, mem.a.write_port())
+        wiring.connect(m, u.router.c, mem.c.write_port())
+        wiring.connect(m, u.router.lb, mem.lb.write_port())
+        # the embedding
+        wiring.connect(m, u.router.emb, u.scale.emb)
+        wiring.connect(m, u.scale.emb_o, u.writer.emb)
+        m.d.comb += [u.scale.emb_scale.eq(u.router.emb_scale), u.scale.emb_done.eq(u.writer.emb_done)]
+        # the front
+        m.d.comb += [u.front_seq.norms_arrived.eq(u.router.norms_arrived), u.front_seq.k.eq(u.router.k),
+                     u.front_seq.emb_done.eq(u.writer.emb_done), u.front_seq.writer_done.eq(u.writer.done),
+                     u.front_seq.or_x.eq(u.writer.or_x), u.front_seq.or_u.eq(u.writer.or_u)]
+        attach_read_port(m, mem.u, u.front_seq.u)
+        attach_read_port(m, mem.a, u.front_seq.a)
+        attach_read_port(m, mem.c, u.front_seq.c)
+        wiring.connect(m, u.front_seq.o, front.i)
+        wiring.connect(m, front.stats, scalar.i)
+        m.d.comb += [scalar.k_mant.eq(u.front_seq.k_cur[:32]), scalar.k_exp.eq(u.front_seq.k_cur[32:64].as_signed()),
+                     u.front_seq.stats_taken.eq(scalar.i.valid & scalar.i.ready)]
+        # the matrix
+        wiring.connect(m, front.q, u.qpack.q)
+        wiring.connect(m, u.qpack.act, mv.act)
+        wiring.connect(m, u.issuer.cmd, mv.cmd)
+        # the output path
+        wiring.connect(m, mv.out, u.scale.acc)
+        wiring.connect(m, scalar.o, u.scale.scale)
+        wiring.connect(m, u.scale.o, u.operands.i)
+        m.d.comb += [u.operands.writer_done.eq(u.writer.done), u.operands.writer_row.eq(u.writer.row),
+                     u.operands.fresh.eq(u.writer.fresh)]
+        attach_read_port(m, mem.lb, u.operands.lb)
+        attach_read_port(m, mem.g, u.operands.g)
+        attach_read_port(m, mem.h, u.operands.h)
+        self._x_readers(m, mem.x, u.front_seq.x, u.operands.x, u.operands.x_owner)
+        wiring.connect(m, u.operands.o, ew.i)
+        wiring.connect(m, ew.o, u.writer.i)
+        for name in ("x", "u", "g", "h", "logits"):
+            wiring.connect(m, getattr(u.writer, name), getattr(mem, name).write_port())
+        wiring.connect(m, u.writer.trace, wiring.flipped(self.trace))
+        m.d.comb += [amax.i.payload.eq(u.writer.argmax.payload), amax.i.valid.eq(u.writer.argmax.valid),
+                     amax.o.ready.eq(1)]
+        self._result(m, ctl, amax.o)
+        self._logit_port(m, mem.logits)
+        return m
+
+    def _parameters(self, m, u):
+        """The parameter RAM (read by the fetcher) and the geometry registers; returns the RAM,
+        the geometry (geometry_layout) and the registers by parameter index."""
         pinit = [self.params.get(k, 0) for k in range(Param.RAM_SIZE)]
-        # (full builds: in LUT RAM, whose read is fast; on ECP5 a block RAM's output took about 10
-        # ns to the register behind it. iCE40 has no LUT RAM: compact builds keep a block RAM)
-        pattrs = NO_RW_CHECK if self.compact else {**NO_RW_CHECK, "ram_style": "distributed"}
+        # LUT RAM where the variant has it (its read is fast); iCE40 has none
+        pattrs = {**NO_RW_CHECK, "ram_style": "distributed"} if self.variant.param_ram_distributed else NO_RW_CHECK
         m.submodules.pram = pram = Memory(shape=unsigned(32), depth=Param.RAM_SIZE, init=pinit, attrs=pattrs)
-        # the fetcher's reads (compact: one read port, one copy of the RAM: 2 iCE40 EBRs fewer)
-        attach_read_port(m, pram, fetcher.p0)
-        if variant.param_read_ports == 2:
-            attach_read_port(m, pram, fetcher.p1)
-        pw = pram.write_port()
+        attach_read_port(m, pram, u.fetcher.p0)
+        if self.variant.param_read_ports == 2:
+            attach_read_port(m, pram, u.fetcher.p1)
         P = self.params
-        g_d = Signal(range(max_d + 1), init=P[Param.D])
-        g_I = Signal(range(max_I + 1), init=P[Param.I])
-        g_V = Signal(range(max_V + 1), init=P[Param.V])
-        g_L = Signal(range(max_L + 1), init=P[Param.L])
-        g_packing = Signal(1, init=P[Param.PACKING])
-        g_lstride = Signal(ADDR_BITS, init=P[Param.LAYER_STRIDE])
-        g_lbstride = Signal(ADDR_BITS, init=P[Param.LB_STRIDE])
-        n_jobs = Signal(range(6 * max_L + 2))
-        m.d.comb += n_jobs.eq(6 * g_L + 1)
-        geom = Signal(geometry_layout(max_d, max_I, max_L, max_V))
-        m.d.comb += [geom.d.eq(g_d), geom.I.eq(g_I), geom.V.eq(g_V), geom.L.eq(g_L), geom.n_jobs.eq(n_jobs),
-                     geom.packing.eq(g_packing), geom.layer_stride.eq(g_lstride), geom.lb_stride.eq(g_lbstride)]
-        for unit in (fetcher, router, opnd, writer):
-            m.d.comb += unit.geom.eq(geom)
+        geom = Signal(geometry_layout(self.max_d, self.max_I, self.max_L, self.max_V))
+        regs = {
+            Param.D: Signal(range(self.max_d + 1), init=P[Param.D], name="g_d"),
+            Param.I: Signal(range(self.max_I + 1), init=P[Param.I], name="g_I"),
+            Param.V: Signal(range(self.max_V + 1), init=P[Param.V], name="g_V"),
+            Param.L: Signal(range(self.max_L + 1), init=P[Param.L], name="g_L"),
+            Param.PACKING: Signal(1, init=P[Param.PACKING], name="g_packing"),
+            Param.LAYER_STRIDE: Signal(ADDR_BITS, init=P[Param.LAYER_STRIDE], name="g_lstride"),
+            Param.LB_STRIDE: Signal(ADDR_BITS, init=P[Param.LB_STRIDE], name="g_lbstride"),
+        }
+        r = regs
+        n_jobs = Signal.like(geom.n_jobs, name="n_jobs")
+        m.d.comb += n_jobs.eq(6 * r[Param.L] + 1)
+        m.d.comb += [geom.d.eq(r[Param.D]), geom.I.eq(r[Param.I]), geom.V.eq(r[Param.V]), geom.L.eq(r[Param.L]),
+                     geom.n_jobs.eq(n_jobs), geom.packing.eq(r[Param.PACKING]),
+                     geom.layer_stride.eq(r[Param.LAYER_STRIDE]), geom.lb_stride.eq(r[Param.LB_STRIDE])]
+        return pram, geom, regs
 
-        def rows_of(jt):
-            return Mux(jt == JT_GATE, 2 * g_I, Mux(jt == JT_LM, g_V, g_d))
+    def _memories(self, m, w):
+        """The on-chip vector memories (module docstring).
 
-        def cols_of(jt):
-            return Mux(jt == JT_DOWN, g_I, g_d)
+        No memory is read at an address written in the same cycle (the front and the operand
+        stage read what the writer finished earlier, or elements ahead of it; norms go to a slot
+        the front is not reading; parameters, logits and weights are written only while idle),
+        so Yosys may leave out its read/write collision logic (NO_RW_CHECK), which otherwise puts
+        an address comparator and a multiplexer behind each block RAM's output."""
+        max_d, max_L = self.max_d, self.max_L
+        max_in = max(max_d, self.max_I)
+        hw_ = self.beat_bytes // 2                        # int16 per beat
+        mems = SimpleNamespace()
 
-        # -- memories --------------------------------------------------------------------------
-        # No memory is read at an address written in the same cycle (the front and the operand
-        # stage read what the writer finished earlier, or elements ahead of it; norms go to a slot
-        # the front is not reading; parameters, logits and weights are written only while idle),
-        # so Yosys may leave out its read/write collision logic (NO_RW_CHECK), which otherwise
-        # puts an address comparator and a multiplexer behind each block RAM's slow output.
-        def mem(name, shape, depth):
+        def mem(name, sub, shape, depth):
             mm = Memory(shape=shape, depth=depth, init=[], attrs=NO_RW_CHECK)
-            m.submodules[name] = mm
-            return mm
+            m.submodules[sub] = mm
+            setattr(mems, name, mm)
         norm_word = data.ArrayLayout(signed(w.norm_bits), hw_)
-        a_mem = mem("a_mem", norm_word, NORM_SLOTS * nw)
-        c_mem = mem("c_mem", norm_word, NORM_SLOTS * nw)
-        lb_mem = mem("lb_mem", data.ArrayLayout(unsigned(16), hw_), max_d // hw_)
-        x_mem = mem("x_mem", x_shape, max_d)
-        u_mem = mem("u_mem", x_shape, max_in)      # p (o_proj input) and v (down_proj input)
-        g_mem = mem("g_mem", x_shape, max_in)      # f (forget gate) and the GLU gate
-        h_mem = mem("h_mem", x_shape, max_L * max_d)
-        lg_mem = mem("logit_mem", x_shape, max_V)
+        mem("a", "a_mem", norm_word, NORM_SLOTS * (max_in // hw_))
+        mem("c", "c_mem", norm_word, NORM_SLOTS * (max_in // hw_))
+        mem("lb", "lb_mem", data.ArrayLayout(unsigned(16), hw_), max_d // hw_)
+        mem("x", "x_mem", w.x, max_d)
+        mem("u", "u_mem", w.x, max_in)      # p (o_proj input) and v (down_proj input)
+        mem("g", "g_mem", w.x, max_in)      # f (forget gate) and the GLU gate
+        mem("h", "h_mem", w.x, max_L * max_d)
+        mem("logits", "logit_mem", w.x, self.max_V)
+        return mems
 
-        # -- control ------------------------------------------------------------------------------
+    def _x_readers(self, m, x_mem, front_x, operands_x, operands_own):
+        """x has two readers, the front and (for o_proj and down_proj) the residual add of the
+        operand stage. They are never busy at once: while the operand stage is at an o or down
+        job, every front job up to it reads u, and later ones wait for its outputs. With
+        ``x_read_ports == 1`` they share one port (one copy of x: 2 iCE40 EBRs fewer)."""
+        if self.variant.x_read_ports == 2:
+            attach_read_port(m, x_mem, front_x)
+            attach_read_port(m, x_mem, operands_x)
+        else:
+            xr = registered_read_port(m, x_mem)
+            m.d.comb += [xr.addr.eq(Mux(operands_own, operands_x.addr, front_x.addr)),
+                         xr.en.eq(Mux(operands_own, operands_x.en, front_x.en)),
+                         front_x.data.eq(xr.data), operands_x.data.eq(xr.data)]
+
+    def _control(self, m, u, pram, regs):
+        """Commands (module docstring); returns ``start`` (FEED_TOKEN accepted), ``running``,
+        ``cycles`` and the result register ``res`` with its ``res_valid``."""
         running = Signal()
         start = Signal()
         cycles = Signal(32)
@@ -356,26 +421,28 @@ class EngineCore(wiring.Component):
             m.d.sync += res_valid.eq(0)
         with m.If(running):
             m.d.sync += cycles.eq(cycles + 1)
-
+        pw = pram.write_port()
         cmd = self.cmd.payload
         m.d.comb += self.cmd.ready.eq(~running & ~res_valid)
         m.d.comb += [pw.addr.eq(cmd.index[:6]), pw.data.eq(cmd.arg)]
         with m.If(self.cmd.valid & self.cmd.ready):
             with m.Switch(cmd.op):
                 with m.Case(EngineOp.RESET_STATE):
-                    m.d.comb += writer.reset_state.eq(1)
+                    m.d.comb += u.writer.reset_state.eq(1)
                 with m.Case(EngineOp.FEED_TOKEN):
                     m.d.sync += [running.eq(1), cycles.eq(1)]
                     m.d.comb += start.eq(1)
                 with m.Case(EngineOp.SET_PARAM):
                     m.d.comb += pw.en.eq(cmd.index < Param.RAM_SIZE)
-                    for idx, reg in ((Param.D, g_d), (Param.I, g_I), (Param.V, g_V), (Param.L, g_L),
-                                     (Param.PACKING, g_packing), (Param.LAYER_STRIDE, g_lstride),
-                                     (Param.LB_STRIDE, g_lbstride)):
+                    for idx, reg in regs.items():
                         with m.If(cmd.index == idx):
                             m.d.sync += reg.eq(cmd.arg)
+        return SimpleNamespace(start=start, running=running, cycles=cycles, res=res, res_valid=res_valid)
 
-        # -- image loading -----------------------------------------------------------------------
+    def _loading(self, m):
+        """Image bytes from ``load`` into words for the weight memory (``wwrite``)."""
+        wb = self.beat_bytes
+        cmd = self.cmd.payload
         wptr = Signal(ADDR_BITS + 4)
         lword = Signal(8 * wb)
         lb_log = (wb - 1).bit_length()
@@ -385,9 +452,8 @@ class EngineCore(wiring.Component):
         byte_mask = Signal(8 * wb)
         m.d.comb += byte_mask.eq(Const(0xFF, 8 * wb) << (boff * 8))
         m.d.comb += merged.eq((lword & ~byte_mask) | ((self.load.payload << (boff * 8))[:8 * wb]))
-        # The word write is registered: the load stream's valid comes from the Link's state machine
-        # at the other end of the chip, and the write enable fans out to every block RAM of the
-        # weight store (the ECP5 critical path when it was combinational).
+        # registered: the load stream's valid comes from the Link's state machine at the other
+        # end of the chip, and the write enable fans out to every block RAM of the weight store
         m.d.sync += self.wwrite.en.eq(self.load.valid)
         with m.If(self.load.valid):
             m.d.sync += [wptr.eq(wptr + 1), lword.eq(Mux(boff == wb - 1, 0, merged)),
@@ -395,252 +461,15 @@ class EngineCore(wiring.Component):
         with m.If(self.cmd.valid & self.cmd.ready & (cmd.op == EngineOp.LOAD_RESET)):
             m.d.sync += [wptr.eq(0), lword.eq(0)]
 
-        # -- job counters and progress -------------------------------------------------------------
-        fj = JobCounter("fj", max_L)      # front
-        mj = JobCounter("mj", max_L)      # matrix issuer
-        norm_arrived = router.norms_arrived
-        emb_done = writer.emb_done
-        front_done = fj.k
-        out_done = writer.done
-        m.d.comb += [unit.start.eq(start) for unit in (fetcher, router, opnd, writer)]
-        with m.If(start):
-            m.d.sync += fj.reset() + mj.reset()
+    def _result(self, m, ctl, amax_o):
+        """The argmax becomes the result; the token is done."""
+        with m.If(amax_o.valid):
+            m.d.sync += [ctl.res.token.eq(amax_o.payload.index), ctl.res.logit.eq(amax_o.payload.value),
+                         ctl.res.cycles.eq(ctl.cycles), ctl.res_valid.eq(1), ctl.running.eq(0)]
 
-        # -- weight traffic ----------------------------------------------------------------------------
-        m.d.comb += [fetcher.token.eq(cmd.arg), fetcher.front_done.eq(front_done), fetcher.writer_done.eq(out_done)]
-        wiring.connect(m, fetcher.req, wiring.flipped(self.wport.req))
-        wiring.connect(m, wiring.flipped(self.wport.resp), router.resp)
-        wiring.connect(m, fetcher.tags, router.tags)
-        wiring.connect(m, router.trits, mv.weights)
-        wiring.connect(m, router.a, a_mem.write_port())
-        wiring.connect(m, router.c, c_mem.write_port())
-        wiring.connect(m, router.lb, lb_mem.write_port())
-        kbuf = router.k
-
-        or_x, or_u = writer.or_x, writer.or_u
-        wiring.connect(m, emb_o, writer.emb)
-
-        # -- front -----------------------------------------------------------------------------------
-        # x has two readers, the front and (for o_proj and down_proj) the residual add of the
-        # operand stage. They are never busy at once: while the operand stage is at an o or down
-        # job, every front job up to it reads u, and later ones wait for its outputs. The compact
-        # build gives them one read port (one copy of x: 2 iCE40 EBRs fewer).
-        xr_f = registered_read_port(m, x_mem)
-        x_res = opnd.x_owner    # the operand stage owns the shared port
-        ur_f = registered_read_port(m, u_mem)
-        ar = registered_read_port(m, a_mem)
-        cr = registered_read_port(m, c_mem)
-        fv = Signal()               # stage A: the element whose memory words are being read
-        f_op = Signal(FrontOp)
-        f_last = Signal()
-        f_max = Signal()
-        f_src = Signal()
-        f_sel = Signal(range(hw_))
-        j = Signal(range(max_in + 1))
-        # Full builds register the element (stage B: the front's input) after the block RAM reads:
-        # on ECP5 a block RAM's clock-to-out (about 6 ns) leaves no room for the word select and
-        # the source multiplexer in the same cycle. Compact builds (iCE40, 40 MHz) feed the front
-        # from stage A directly.
-        f_reg = not compact
-        fvb = Signal() if f_reg else fv
-        f_adv = ~fvb | front.i.ready
-        f_state_max = Signal()
-        f_state_stats = Signal()
-        f_state_quant = Signal()
-        f_n = Mux(f_state_max, 1, cols_of(fj.jt))
-        f_issue = f_state_max | f_state_stats | f_state_quant
-        f_is_last = j == f_n - 1
-        src_u = (fj.jt == JT_O) | (fj.jt == JT_DOWN)
-        slot = fj.slot
-        m.d.comb += [
-            ur_f.addr.eq(j),
-            ar.addr.eq(slot * nw + j // hw_), cr.addr.eq(slot * nw + j // hw_),
-            ur_f.en.eq(f_adv), ar.en.eq(f_adv), cr.en.eq(f_adv),
-        ]
-        with m.If(f_adv):
-            m.d.sync += [fv.eq(f_issue), f_last.eq(f_is_last), f_max.eq(f_state_max), f_src.eq(src_u),
-                         f_sel.eq(j % hw_),
-                         f_op.eq(Mux(f_state_max, FrontOp.MAX, Mux(f_state_stats, FrontOp.STATS, FrontOp.QUANT)))]
-            with m.If(f_issue):
-                m.d.sync += j.eq(Mux(f_is_last, 0, j + 1))
-        or_in = Mux(f_src, or_u, or_x)
-        max_elem = Mux(or_in[31], w.x_min, or_in[:31])
-        f_src_vals = [f_op, f_last, f_max, f_src, f_sel, xr_f.data, ur_f.data, ar.data, cr.data]
-        if f_reg:
-            # stage B holds the RAM words as read (no logic between a block RAM and a register);
-            # the word select and the source multiplexer sit in front of the front's own input
-            # register
-            regs = [Signal.like(v, name=f"{v.name}_b" if hasattr(v, "name") else None) for v in f_src_vals]
-            with m.If(f_adv):
-                m.d.sync += [fvb.eq(fv)] + [r.eq(v) for r, v in zip(regs, f_src_vals)]
-            f_src_vals = regs
-        fb_op, fb_last, fb_max, fb_src, fb_sel, fb_x, fb_u, fb_a, fb_c = f_src_vals
-        m.d.comb += [
-            front.i.valid.eq(fvb),
-            front.i.payload.op.eq(fb_op),
-            front.i.payload.last.eq(fb_last),
-            front.i.payload.v.eq(Mux(fb_max, max_elem, Mux(fb_src, fb_u, fb_x))),
-            front.i.payload.a.eq(fb_a[fb_sel]),
-            front.i.payload.c.eq(fb_c[fb_sel]),
-        ]
-        stats_taken = Signal()
-        kcur = Mux(slot == 2, kbuf[2], Mux(slot == 1, kbuf[1], kbuf[0]))
-        m.d.comb += [scalar.i.payload.eq(front.stats.payload), scalar.i.valid.eq(front.stats.valid),
-                     front.stats.ready.eq(scalar.i.ready),
-                     scalar.k_mant.eq(kcur[:32]), scalar.k_exp.eq(kcur[32:64].as_signed())]
-        with m.If(scalar.i.valid & scalar.i.ready):
-            m.d.sync += stats_taken.eq(1)
-        input_ready = Mux((fj.jt == JT_I) | (fj.jt == JT_G), 1, (out_done == fj.k) & emb_done)
-        with m.FSM(name="front_seq"):
-            with m.State("WAIT"):
-                with m.If(running & (fj.k < n_jobs) & (norm_arrived > fj.k) & input_ready):
-                    m.next = "MAX"
-            with m.State("MAX"):
-                m.d.comb += f_state_max.eq(f_adv)
-                with m.If(f_adv):
-                    m.next = "STATS"
-            with m.State("STATS"):
-                m.d.comb += f_state_stats.eq(f_adv)
-                with m.If(f_adv & f_is_last):
-                    m.next = "QUANT"
-            with m.State("QUANT"):
-                m.d.comb += f_state_quant.eq(f_adv)
-                with m.If(f_adv & f_is_last):
-                    m.next = "FIN"
-            with m.State("FIN"):
-                with m.If(stats_taken):
-                    m.d.sync += fj.step(g_L) + [stats_taken.eq(0)]
-                    m.next = "WAIT"
-
-        # q packer and FIFO into the matrix unit. The FIFO holds words of `sub` q values; compact
-        # builds use quarter-width words (2 iCE40 EBRs instead of 8 for 16 lanes) that are put
-        # back together in front of the matrix unit, whose first row then takes a word per
-        # `q_split` cycles at most (dependent jobs are paced by the front's one q per cycle anyway)
-        q_split = 4 if compact and lanes % 4 == 0 else 1
-        sub = lanes // q_split
-        q_words = 2 * max_in // lanes + 2
-        m.submodules.qfifo = qfifo = SyncFIFOBuffered(width=sub * w.act_bits, depth=q_words * q_split)
-        qpack = Signal(data.ArrayLayout(signed(w.act_bits), sub))
-        qcnt = Signal(range(sub))
-        # q into the packer. Full builds put a small FIFO between the front and the packer, so the
-        # front's pipeline enable (which fans out to all its registers, and on to the reads that
-        # feed it) waits only for that FIFO's registered level, and keep "the word is full" in a
-        # register; compact builds take q straight from the front.
-        if compact:
-            q_in = front.q
-            q_full = qcnt == sub - 1
-        else:
-            m.submodules.qskid = qskid = SyncFIFOBuffered(width=w.act_bits, depth=3)
-            q_in = stream.Signature(signed(w.act_bits)).create()
-            m.d.comb += [qskid.w_data.eq(front.q.payload), qskid.w_en.eq(front.q.valid),
-                         front.q.ready.eq(qskid.w_rdy),
-                         q_in.payload.eq(qskid.r_data), q_in.valid.eq(qskid.r_rdy), qskid.r_en.eq(q_in.ready)]
-            q_full = Signal()
-        m.d.comb += q_in.ready.eq(~q_full | qfifo.w_rdy)
-        packed = Signal(data.ArrayLayout(signed(w.act_bits), sub))
-        m.d.comb += packed.eq(qpack)
-        m.d.comb += packed[sub - 1].eq(q_in.payload)
-        m.d.comb += qfifo.w_data.eq(packed.as_value())
-        with m.If(q_in.valid & q_in.ready):
-            if compact:
-                m.d.sync += qpack[qcnt].eq(q_in.payload)
-            else:
-                # (full builds: the element's slot as a one-hot register, so each of the
-                # lanes x act_bits enables is one gate behind the transfer, not a qcnt decoder)
-                qsel = Signal(sub, init=1)
-                m.d.sync += qsel.eq(qsel.rotate_left(1))
-                for k in range(sub - 1):        # the last element goes to the FIFO from q_in
-                    with m.If(qsel[k]):
-                        m.d.sync += qpack[k].eq(q_in.payload)
-            with m.If(q_full):
-                m.d.comb += qfifo.w_en.eq(1)
-                m.d.sync += qcnt.eq(0)
-                if not compact:
-                    m.d.sync += q_full.eq(0)
-            with m.Else():
-                m.d.sync += qcnt.eq(qcnt + 1)
-                if not compact:
-                    m.d.sync += q_full.eq(qcnt == sub - 2)
-        if q_split == 1:
-            m.d.comb += [mv.act.valid.eq(qfifo.r_rdy), mv.act.payload.eq(qfifo.r_data),
-                         qfifo.r_en.eq(mv.act.ready)]
-        else:
-            ubuf = Signal(data.ArrayLayout(unsigned(sub * w.act_bits), q_split - 1))
-            ucnt = Signal(range(q_split))
-            whole = ucnt == q_split - 1
-            m.d.comb += [mv.act.valid.eq(whole & qfifo.r_rdy), mv.act.payload.eq(Cat(ubuf, qfifo.r_data)),
-                         qfifo.r_en.eq(Mux(whole, mv.act.ready, 1))]
-            with m.If(qfifo.r_rdy & qfifo.r_en):
-                with m.If(whole):
-                    m.d.sync += ucnt.eq(0)
-                with m.Else():
-                    m.d.sync += [ubuf[ucnt].eq(qfifo.r_data), ucnt.eq(ucnt + 1)]
-
-        # -- matrix commands ---------------------------------------------------------------------------
-        m.d.comb += [mv.cmd.valid.eq(running & (mj.k < n_jobs)),
-                     mv.cmd.payload.rows.eq(rows_of(mj.jt)), mv.cmd.payload.cols.eq(cols_of(mj.jt)),
-                     mv.cmd.payload.load.eq(1)]
-        if len(self.packings) > 1:
-            m.d.comb += mv.cmd.payload.packing.eq(g_packing)
-        with m.If(mv.cmd.valid & mv.cmd.ready):
-            m.d.sync += mj.step(g_L)
-
-        # -- output scale -------------------------------------------------------------------------------
-        m.submodules.scales = sfifo = SyncFIFOBuffered(width=len(scalar.o.payload.as_value()), depth=4)
-        m.d.comb += [sfifo.w_data.eq(scalar.o.payload), sfifo.w_en.eq(scalar.o.valid),
-                     scalar.o.ready.eq(sfifo.w_rdy)]
-        # (compact) embedding: from FEED_TOKEN until the embedding is in x, the output scale takes
-        # the embedding row; no accumulator can come before then (f_proj waits for x)
-        embedding = Signal()
-        if compact:
-            m.d.comb += embedding.eq(~emb_done)
-        m.d.comb += [
-            osc.i.payload.eq(mv.out.payload),
-            osc.i.valid.eq(mv.out.valid & sfifo.r_rdy),
-            mv.out.ready.eq(osc.i.ready & sfifo.r_rdy & ~embedding),
-            osc.scale.eq(sfifo.r_data),
-            sfifo.r_en.eq(mv.out.valid & osc.i.ready & mv.out.payload.last & ~embedding),
-        ]
-        if compact:
-            m.d.comb += [osc.embed.eq(embedding), osc.emb_scale.eq(emb_scale),
-                         emb_i.ready.eq(embedding & osc.i.ready),
-                         emb_o.valid.eq(embedding & osc.o.valid), emb_o.payload.value.eq(osc.o.payload.value),
-                         emb_o.payload.last.eq(osc.o.payload.last)]
-            with m.If(embedding):
-                m.d.comb += [osc.i.payload.acc.eq(emb_i.payload.q), osc.i.payload.last.eq(emb_i.payload.last),
-                             osc.i.valid.eq(emb_i.valid)]
-
-        # -- operand stage and writer ----------------------------------------------------------------
-        m.d.comb += [opnd.i.payload.eq(osc.o.payload), opnd.i.valid.eq(osc.o.valid & ~embedding),
-                     osc.o.ready.eq(opnd.i.ready | embedding)]
-        wiring.connect(m, opnd.o, ew.i)
-        m.d.comb += [opnd.writer_done.eq(writer.done), opnd.writer_row.eq(writer.row), opnd.fresh.eq(writer.fresh)]
-        attach_read_port(m, lb_mem, opnd.lb)
-        attach_read_port(m, g_mem, opnd.g)
-        attach_read_port(m, h_mem, opnd.h)
-        if compact:
-            m.d.comb += [xr_f.addr.eq(Mux(x_res, opnd.x.addr, j)), xr_f.en.eq(Mux(x_res, opnd.x.en, f_adv)),
-                         opnd.x.data.eq(xr_f.data)]
-        else:
-            m.d.comb += [xr_f.addr.eq(j), xr_f.en.eq(f_adv)]
-            attach_read_port(m, x_mem, opnd.x)
-        wiring.connect(m, ew.o, writer.i)
-        wiring.connect(m, writer.x, x_mem.write_port())
-        wiring.connect(m, writer.u, u_mem.write_port())
-        wiring.connect(m, writer.g, g_mem.write_port())
-        wiring.connect(m, writer.h, h_mem.write_port())
-        wiring.connect(m, writer.logits, lg_mem.write_port())
-        m.d.comb += [amax.i.payload.eq(writer.argmax.payload), amax.i.valid.eq(writer.argmax.valid),
-                     amax.o.ready.eq(1)]
-        wiring.connect(m, writer.trace, wiring.flipped(self.trace))
-
-        # -- the result --------------------------------------------------------------------------------------
-        with m.If(amax.o.valid):
-            m.d.sync += [res.token.eq(amax.o.payload.index), res.logit.eq(amax.o.payload.value),
-                         res.cycles.eq(cycles), res_valid.eq(1), running.eq(0)]
-
-        # -- logit read port -----------------------------------------------------------------------------------
-        lr = registered_read_port(m, lg_mem)
+    def _logit_port(self, m, logit_mem):
+        """``logit_req`` -> ``logit_resp``: one logit of the last step per request."""
+        lr = registered_read_port(m, logit_mem)
         lvalid = Signal()
         m.d.comb += [self.logit_req.ready.eq(~lvalid), lr.addr.eq(self.logit_req.payload),
                      lr.en.eq(self.logit_req.valid & self.logit_req.ready),
@@ -649,7 +478,6 @@ class EngineCore(wiring.Component):
             m.d.sync += lvalid.eq(1)
         with m.Elif(self.logit_resp.ready):
             m.d.sync += lvalid.eq(0)
-        return m
 
 
 class Engine(wiring.Component):

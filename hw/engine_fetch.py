@@ -270,7 +270,6 @@ class ResponseRouter(wiring.Component):
 
     def elaborate(self, platform):
         m = Module()
-        wb = self._wb
         rtag = self.tags.payload
         resp = self.resp
         bidx = Signal(LEN_BITS)
