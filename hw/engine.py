@@ -18,26 +18,35 @@ here: the order never changes, and the variable parts (sizes, addresses) are run
 build's geometry; ``SET_PARAM`` rewrites them, so a smaller model runs on a larger build, and
 one simulator build serves several geometries.
 
-Four units walk the job list concurrently, each with its own job counter:
+The units walk the job list concurrently, each with its own job counter
+(:class:`~.engine_common.JobCounter`); each is a component of its own, joined by
+``amaranth.lib.stream`` interfaces where data flows and by documented progress signals (jobs
+done, norms arrived) where one unit paces another:
 
-* the *fetcher* issues weight-port requests: the embedding row and scale, then per job its norm
-  vectors ``a`` and ``c`` and constant ``k`` (plus the lower bounds for ``f_proj``) into one of
-  three norm slots, and its trits. Norms are fetched one job ahead of the trits
-  (``N0 N1 T0 N2 T1 ...``), so the statistics of job k+1 run while matrix k streams. Responses
-  come in request order, so trits pass through a FIFO (``trit_fifo_depth`` beats) that fills
-  from the spare beats (base3 uses 4 beats in 5) and keeps the matrix unit busy while the next
-  norms go by;
-* the *front* feeds :class:`~.bitlinear_front.BitLinearFront`: one MAX element (the OR of the
-  input vector's magnitudes, tracked as the vector was written, has the bit length of its
-  maximum), a STATS pass and a QUANT pass; q is packed ``lanes`` wide into a FIFO that the
-  matrix unit loads from with its first row;
-* the *matrix issuer* gives :class:`~.matvec.TernaryMatVec` one command per job;
-* the *output path*: accumulators -> :class:`~.output_scale.OutputScale` (scale from
-  :class:`~.scalar_unit.ScalarUnit` through a FIFO) -> an operand stage that reads the op's
-  second operand from on-chip memory -> :class:`~.elementwise.ElementwiseUnit` -> a writer.
+* :class:`~.engine_fetch.Fetcher` issues weight-port requests: the embedding row and scale,
+  then per job its norm vectors ``a`` and ``c`` and constant ``k`` (plus the lower bounds for
+  ``f_proj``) into one of three norm slots, and its trits. Norms are fetched one job ahead of
+  the trits (``N0 N1 T0 N2 T1 ...``), so the statistics of job k+1 run while matrix k streams;
+* :class:`~.engine_fetch.ResponseRouter` sends the in-order response beats to the embedding,
+  the norm slots and a trit FIFO (``trit_fifo_depth`` beats) that fills from the spare beats
+  (base3 uses 4 beats in 5) and keeps the matrix unit busy while the next norms go by;
+* :class:`~.engine_front.FrontSequencer` feeds :class:`~.bitlinear_front.BitLinearFront`: one
+  MAX element (the OR of the input vector's magnitudes, tracked as the vector was written, has
+  the bit length of its maximum), a STATS pass and a QUANT pass; :class:`~.engine_front.QPacker`
+  packs q ``lanes`` wide into a FIFO that the matrix unit loads from with its first row;
+* :class:`~.engine_front.MatrixIssuer` gives :class:`~.matvec.TernaryMatVec` one command per job;
+* the output path (:mod:`.engine_output`): accumulators -> :class:`~.engine_output.ScaleStage`
+  (:class:`~.output_scale.OutputScale`, scale from :class:`~.scalar_unit.ScalarUnit` through a
+  FIFO) -> :class:`~.engine_output.OperandStage`, which reads the op's second operand from
+  on-chip memory -> :class:`~.elementwise.ElementwiseUnit` -> :class:`~.engine_output.Writer`.
   ``f``: FORGET with the lower bound -> f; ``i``: RECUR with f and h[l] -> h[l];
   ``g``: SILU_MUL with h[l] -> p; ``o`` and ``down``: ADD to x; ``gate``: rows < I stored,
   rows >= I SILU_MUL with the stored gate -> v; ``lm_head``: -> logits and the argmax.
+
+:class:`EngineCore` owns the on-chip memories (the units see read and write ports), the
+parameter RAM and geometry registers, the command interface and the image loader. What differs
+between the full build and the compact one is a :class:`~.engine_common.Variant`
+(:data:`~.engine_common.FULL`, :data:`~.engine_common.COMPACT`) that the units take.
 
 A front job waits only for its input vector (``f``, ``o``, ``gate``, ``down``, ``lm_head``
 wait until the output path finished the job before; ``i`` and ``g`` read the same x as ``f``)
@@ -203,10 +212,11 @@ class EngineCore(wiring.Component):
     max_d, max_I, max_L, max_V : int
         Synthesis maxima of the geometry (memory sizes).
     compact : bool
-        The small-FPGA variant (iCE40UP5K: 8 DSPs): the output scale and the elementwise unit
-        share each multiplier between two products (one output element every two cycles,
-        which a matrix of ``cols / lanes >= 2`` cycles per row never notices) and the embedding
-        goes through the output scale (no EmbedScale): 8 DSPs in all instead of 14.
+        The small-FPGA variant (:data:`~.engine_common.COMPACT`; ``variant`` is the one in use):
+        the output scale and the elementwise unit share each multiplier between two products
+        (one output element every two cycles, which a matrix of ``cols / lanes >= 2`` cycles per
+        row never notices) and the embedding goes through the output scale (no EmbedScale):
+        8 DSPs in all instead of 14.
 
     Members
     -------
