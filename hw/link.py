@@ -114,8 +114,8 @@ from amaranth.lib.wiring import In, Out
 
 from mmfree_fpga.config import FORMATS, ModelConfig
 from mmfree_fpga.protocol import (
-    DEVICE_MAGIC, FEED_TOKEN_REQUEST, FEED_TOKEN_RESPONSE, FRAME_CRC, FRAME_IDLE_TIMEOUT_S, HEADER_CRC,
-    HEADER_LEN, IDENTITY, IMAGE_CRC, LOAD_BEGIN_REQUEST, LOAD_BEGIN_RESPONSE, LOAD_CHUNK_HEADER,
+    DEVICE_MAGIC, FEED_TOKEN_REQUEST, FEED_TOKEN_RESPONSE, FRAME_IDLE_TIMEOUT_S,
+    HEADER_LEN, IDENTITY, LOAD_BEGIN_REQUEST, LOAD_BEGIN_RESPONSE, LOAD_CHUNK_HEADER,
     LOAD_CHUNK_RESPONSE, LOAD_COMMIT_RESPONSE, MAX_CHUNK, MAX_LOGITS_PER_READ, MAX_PAYLOAD, MIN_DEVICE_PAYLOAD,
     NAK_PAYLOAD, NAK_RESPONSE, POSITION, PROTOCOL_VERSION, READ_LOGITS_HEADER, READ_LOGITS_REQUEST,
     REQUEST_LENGTHS, RESPONSE, SYNC, TRAILER_LEN, Error, Identity, Op, Packing, Status, crc32_image,
@@ -124,9 +124,11 @@ from mmfree_fpga.protocol import (
 from mmfree_fpga.image import IMAGE_VERSION
 
 from .control import ControlSignature, EngineOp
-from .ram import NO_RW_CHECK, registered_read_port
+from .link_crc import make_crcs
+from .link_ring import ReceiveRing
+from .link_timers import LFSR_TAPS, lfsr_jump, lfsr_signal, lfsr_step, make_boot_id, make_idle_timer
 
-__all__ = ["Link", "ring_depth", "struct_fields"]
+__all__ = ["Link", "ring_depth", "struct_fields", "LFSR_TAPS", "lfsr_step", "lfsr_jump", "lfsr_signal"]
 
 
 def struct_fields(layout: struct.Struct) -> list[tuple[int, int]]:
@@ -168,57 +170,6 @@ def _pack(layout: struct.Struct, *values):
         value = Value.cast(value).as_unsigned()
         parts.append(value[:width] if len(value) >= width else Cat(value, Const(0, width - len(value))))
     return Cat(*parts)
-
-
-# Maximal-length LFSR taps (XAPP052), by width: bit numbers from 1, Fibonacci form (shift left,
-# the XOR of the tapped bits enters at bit 0); tests/test_hw_link.py proves each maximal.
-LFSR_TAPS = {
-    2: (2, 1), 3: (3, 2), 4: (4, 3), 5: (5, 3), 6: (6, 5), 7: (7, 6), 8: (8, 6, 5, 4), 9: (9, 5),
-    10: (10, 7), 11: (11, 9), 12: (12, 6, 4, 1), 13: (13, 4, 3, 1), 14: (14, 5, 3, 1), 15: (15, 14),
-    16: (16, 15, 13, 4), 17: (17, 14), 18: (18, 11), 19: (19, 6, 2, 1), 20: (20, 17), 21: (21, 19),
-    22: (22, 21), 23: (23, 18), 24: (24, 23, 22, 17), 25: (25, 22), 26: (26, 6, 2, 1), 27: (27, 5, 2, 1),
-    28: (28, 25), 29: (29, 27), 30: (30, 6, 4, 1), 31: (31, 28), 32: (32, 22, 2, 1),
-}
-
-
-def lfsr_step(state: int, width: int) -> int:
-    """The LFSR of ``width`` bits one step on from ``state``."""
-    feedback = 0
-    for tap in LFSR_TAPS[width]:
-        feedback ^= (state >> (tap - 1)) & 1
-    return ((state << 1) | feedback) & ((1 << width) - 1)
-
-
-def lfsr_jump(state: int, width: int, steps: int) -> int:
-    """The LFSR of ``width`` bits ``steps`` steps on from ``state`` (the step is linear over
-    GF(2): its matrix, as the images of the unit vectors, is raised to ``steps`` by squaring)."""
-    def apply(columns, x):
-        y = 0
-        for i, column in enumerate(columns):
-            if x >> i & 1:
-                y ^= column
-        return y
-    power = [lfsr_step(1 << i, width) for i in range(width)]
-    while steps:
-        if steps & 1:
-            state = apply(power, state)
-        power = [apply(power, column) for column in power]
-        steps >>= 1
-    return state
-
-
-def lfsr_signal(m, width: int, *, restart, run, name: str):
-    """An LFSR register of ``width`` bits (state 1 after reset and ``restart``) that steps
-    while ``run``; a counter made of a shift register and a few XORs, without a carry chain."""
-    state = Signal(width, init=1, name=name)
-    feedback = 0
-    for tap in LFSR_TAPS[width]:
-        feedback ^= state[tap - 1]
-    with m.If(restart):
-        m.d.sync += state.eq(1)
-    with m.Elif(run):
-        m.d.sync += state.eq(Cat(feedback, state[:-1]))
-    return state
 
 
 def ring_depth(max_payload: int) -> int:
@@ -443,105 +394,37 @@ class Link(wiring.Component):
         ptr_shape = unsigned(ring_bits + 1)
         index_shape = range(HEADER_LEN + self.max_payload + TRAILER_LEN + 1)   # a byte within a frame
 
-        # -- receive ring -----------------------------------------------------------------
-        # The ring is never read where it is being written in the same cycle (the parser reads
-        # at rp only while rp != wp, and ignores a read made when they met; a chunk's bytes lie
-        # behind wp), so it needs no read-during-write logic (NO_RW_CHECK, hw/ram.py): with it,
-        # Yosys put a multiplexer after the block RAM's slow output (the Link's ECP5 critical path).
-        m.submodules.ring = ring = Memory(shape=8, depth=self.ring_depth, init=[], attrs=NO_RW_CHECK)
-        wr = ring.write_port()
-        rd = registered_read_port(m, ring)
-        ring_q = rd.data                 # the byte at the address of the previous cycle
-        wp = Signal(ptr_shape)       # next byte written
+        # -- receive ring, idle timer, boot id, CRCs -------------------------------------------
+        m.submodules.ring = ring = ReceiveRing(self.ring_depth)
+        wiring.connect(m, wiring.flipped(self.rx), ring.rx)
+        ring_q = ring.data               # the byte at the address of the previous cycle
+        wp = ring.wp                     # next byte written
         sp = Signal(ptr_shape)       # start of the frame candidate (the SYNC) or the scan point
         rp = Signal(ptr_shape)       # next byte parsed
-        # rx.ready is a register: set while at least two places are free, so a byte taken in
-        # the cycle it is computed still leaves room for one in the next
-        rx_ready = Signal(init=1)
-        m.d.sync += rx_ready.eq(wp - sp < self.ring_depth - 1)
-        m.d.comb += [
-            self.rx.ready.eq(rx_ready),
-            wr.addr.eq(wp[:ring_bits]), wr.data.eq(self.rx.payload),
-            wr.en.eq(self.rx.valid & self.rx.ready),
-        ]
-        with m.If(wr.en):
-            m.d.sync += wp.eq(wp + 1)
+        m.d.comb += ring.keep.eq(sp)
 
-        idle_expired = Signal()
-        if self.small:
-            # an LFSR as the counter: expired in the state idle_timeout_cycles steps after 1
-            # (fewer states than the LFSR's period: each state is met once)
-            width = max(2, (self.idle_timeout_cycles + 1).bit_length())
-            idle_lfsr = lfsr_signal(m, width, restart=wr.en, run=~idle_expired, name="idle_lfsr")
-            m.d.comb += idle_expired.eq(idle_lfsr == lfsr_jump(1, width, self.idle_timeout_cycles))
-        else:
-            idle_count = Signal(range(self.idle_timeout_cycles + 1))
-            m.d.comb += idle_expired.eq(idle_count == self.idle_timeout_cycles)
-            with m.If(wr.en):
-                m.d.sync += idle_count.eq(0)
-            with m.Elif(~idle_expired):
-                m.d.sync += idle_count.eq(idle_count + 1)
-
+        m.submodules.idle_timer = idle_timer = make_idle_timer(self.idle_timeout_cycles, small=self.small)
+        m.submodules.boot_id = boot = make_boot_id(self.boot_id, small=self.small)
+        m.d.comb += [idle_timer.restart.eq(ring.wrote), boot.byte.eq(ring.wrote)]
+        idle_expired = idle_timer.expired
         boot_id = self.state["boot_id"]
-        if self.boot_id is None:
-            # counts cycles from reset and stops at the first byte received
-            booted = Signal()
-            with m.If(wr.en):
-                m.d.sync += booted.eq(1)
-            if self.small:
-                # (small form: a 32-bit LFSR's state instead of the count)
-                m.d.comb += boot_id.eq(lfsr_signal(m, 32, restart=0, run=~booted & ~wr.en, name="boot_lfsr"))
-            else:
-                with m.If(~booted & ~wr.en):
-                    m.d.sync += boot_id.eq(boot_id + 1)
-        else:
-            m.d.comb += boot_id.eq(self.boot_id & 0xFFFFFFFF)
+        m.d.comb += boot_id.eq(boot.boot_id)
 
-        # -- CRC units ----------------------------------------------------------------------
         # one header CRC and one frame CRC serve both directions: a frame is parsed (HEADER ..
-        # DECIDE) and a response sent (SEND ..) at different times
-        # (small form: bit-serial, fed by the shifter below)
-        crc_width = 1 if self.small else 8
-        m.submodules.hcrc = hcrc = HEADER_CRC(data_width=crc_width).create()
-        m.submodules.fcrc = fcrc = FRAME_CRC(data_width=crc_width).create()
-        rx_hcrc = tx_hcrc = hcrc
-        rx_fcrc = tx_fcrc = fcrc
-        m.submodules.img_crc = img_crc = IMAGE_CRC(data_width=crc_width).create()
-        # The small form's CRC feeder: a byte is loaded into ``feed_bits`` with the CRCs it goes
-        # to, and shifted into them one bit per cycle, most significant first (the image CRC is
-        # reflected: its byte is loaded reversed); ``feeding`` for eight cycles. The parser
-        # takes no byte, the transmitter picks none and the chunk forwarder offers none while
-        # it runs, so every CRC has seen every byte before anything reads it.
-        feed_bits = Signal(8)
-        feed_left = Signal(range(9))
-        feed_h, feed_f, feed_i = Signal(), Signal(), Signal()
-        feeding = Signal()    # (small form) a register: feed_left != 0
-        settled = Signal()    # (small form) the feeder was idle in the previous cycle too
+        # DECIDE) and a response sent (SEND ..) at different times. In the small form the
+        # parser takes no byte, the transmitter picks none and the chunk forwarder offers none
+        # while the CRCs are busy, so every CRC has seen every byte before anything reads it.
+        m.submodules.crcs = crcs = make_crcs(small=self.small)
+        feeding, settled = crcs.busy, crcs.settled
 
         def done(cond):
-            """``cond``, and (small form) the feeder idle in this cycle and the one before (so a
-            comparison with a CRC registered in the cycle before sees its final value); the
-            default form's logic is unchanged."""
+            """``cond``, and the CRCs not busy in this cycle and the one before (so a comparison
+            with a CRC registered in the cycle before sees its final value)."""
             return cond & ~feeding & settled if self.small else cond
 
         def after_feeder():
-            """(small form) a block that runs once the feeder is idle; the default form: always."""
+            """A block that runs once the CRCs are not busy."""
             return m.If(~feeding) if self.small else contextlib.nullcontext()
-        if self.small:
-            # (``feeding`` registered: its comparison with the count started the iCE40's
-            # critical path, through done() into the parse position's enable)
-            m.d.sync += settled.eq(~feeding)
-            with m.If(feeding):
-                m.d.sync += [feed_bits.eq(feed_bits << 1), feed_left.eq(feed_left - 1)]
-                with m.If(feed_left == 1):
-                    m.d.sync += feeding.eq(0)
-            m.d.comb += [hcrc.data.eq(feed_bits[7]), fcrc.data.eq(feed_bits[7]), img_crc.data.eq(feed_bits[7]),
-                         hcrc.valid.eq(feeding & feed_h), fcrc.valid.eq(feeding & feed_f),
-                         img_crc.valid.eq(feeding & feed_i)]
-
-        def feed(value, *, h=0, f=0, i=0):
-            """Small form: statements that load ``value`` into the feeder for the CRCs flagged."""
-            return [feed_bits.eq(value), feed_left.eq(8), feeding.eq(1), feed_h.eq(h), feed_f.eq(f), feed_i.eq(i)]
 
         # -- frame registers ------------------------------------------------------------------
         got = Signal()                   # byte holds the byte at rp
@@ -573,7 +456,7 @@ class Link(wiring.Component):
                                                        st["cache_op"])
         last_result = data.View(data.StructLayout({"argmax": range(cfg.V), "logit": signed(32),
                                                    "cycles": unsigned(32)}), st["result"])
-        m.d.comb += st["running_crc"].eq(img_crc.crc)
+        m.d.comb += st["running_crc"].eq(crcs.image_crc)
 
         # -- response registers ------------------------------------------------------------------
         out_op = Signal(8)
@@ -714,7 +597,7 @@ class Link(wiring.Component):
             if c == Op.LOAD_COMMIT:
                 return [(~load_open, Error.NO_LOAD, 0),
                         (flag(load_pointer != self.image_bytes, "incomplete"), Error.INCOMPLETE, load_pointer),
-                        (flag(img_crc.crc != load_crc, "checksum"), Error.CHECKSUM_MISMATCH, img_crc.crc)]
+                        (flag(crcs.image_crc != load_crc, "checksum"), Error.CHECKSUM_MISMATCH, crcs.image_crc)]
             if c == Op.FEED_TOKEN:
                 return [(~weights_loaded, Error.NO_WEIGHTS, 0),
                         (flag(token_big, "token"), Error.BAD_ARGUMENT, cfg.V),
@@ -885,7 +768,7 @@ class Link(wiring.Component):
         with m.Elif(chunk_step):
             m.d.sync += chunk_addr.eq(chunk_addr + 1)
         # the read address is a register (chunk_addr or rp): no decision of this cycle reaches it
-        m.d.comb += rd.addr.eq(Mux(chunk_phase, chunk_addr, rp[:ring_bits]))
+        m.d.comb += ring.addr.eq(Mux(chunk_phase, chunk_addr, rp[:ring_bits]))
         # The read port is addressed with the parse position rp (a register) and its output is
         # registered (byte_r) before the parser looks at it: no path runs from the block RAM's
         # slow output through the parser's decisions back into its address (the ECP5 critical
@@ -905,16 +788,17 @@ class Link(wiring.Component):
         else:
             m.d.comb += rp_next.eq(Mux(jump, sp + 1, Mux(take, rp + 1, rp)))
             moved = take | jump
-        if not self.small:
-            m.d.comb += img_crc.data.eq(byte_r)
+        # the CRCs' byte: the ring's registered output (the parser's and the chunk's bytes)
+        # unless the transmitter's byte goes in (below)
+        m.d.comb += crcs.data.eq(byte_r)
         # byte != the header CRC, compared as the byte is registered (small form: the CRC is
         # final then, done() waits a cycle after the feeder; this comparison was on the path
         # from the byte into the parser's decisions and rp, the iCE40's critical one)
         hcrc_differs = Signal()
         if self.small:
-            m.d.sync += hcrc_differs.eq(ring_q != rx_hcrc.crc)
+            m.d.sync += hcrc_differs.eq(ring_q != crcs.header_crc)
         else:
-            m.d.comb += hcrc_differs.eq(byte != rx_hcrc.crc)
+            m.d.comb += hcrc_differs.eq(byte != crcs.header_crc)
         m.d.sync += [rp.eq(rp_next), byte_r.eq(ring_q),
                      read_ok.eq((rp != wp) & ~moved & ~chunk_phase),
                      got.eq(read_ok & ~moved & ~chunk_phase)]
@@ -986,7 +870,7 @@ class Link(wiring.Component):
                 with m.If(ready_byte):
                     take_byte()
                     with m.If(byte == SYNC):
-                        m.d.comb += [rx_hcrc.start.eq(1), rx_fcrc.start.eq(1)]
+                        m.d.comb += crcs.start.eq(1)
                         m.d.sync += hidx.eq(1)
                         m.next = "HEADER"
                     with m.Else():
@@ -995,11 +879,7 @@ class Link(wiring.Component):
             with m.State("HEADER"):
                 with frame_byte():
                     m.d.sync += [hidx.eq(hidx + 1), tidx.eq(0), arg_sel.eq(1)]
-                    if self.small:
-                        m.d.sync += feed(byte, h=hidx < HEADER_LEN - 1, f=1)
-                    else:
-                        m.d.comb += [rx_fcrc.data.eq(byte), rx_fcrc.valid.eq(1),
-                                     rx_hcrc.data.eq(byte), rx_hcrc.valid.eq(hidx < HEADER_LEN - 1)]
+                    m.d.comb += [crcs.frame.eq(1), crcs.header.eq(hidx < HEADER_LEN - 1)]
                     with m.Switch(hidx):
                         with m.Case(1):
                             m.d.sync += seq.eq(byte)
@@ -1036,10 +916,7 @@ class Link(wiring.Component):
             with m.State("PAYLOAD"):
                 with frame_byte():
                     m.d.sync += [payload_left.eq(payload_left - 1), arg_sel.eq(arg_sel << 1)]
-                    if self.small:
-                        m.d.sync += feed(byte, f=1)
-                    else:
-                        m.d.comb += [rx_fcrc.data.eq(byte), rx_fcrc.valid.eq(1)]
+                    m.d.comb += crcs.frame.eq(1)
                     for i in range(_ARG_BYTES):
                         if self.small and i < 4:
                             continue
@@ -1062,10 +939,7 @@ class Link(wiring.Component):
                     m.d.sync += [tidx.eq(tidx + 1),
                                  frame_crc.eq(Cat(byte, frame_crc[:8])),
                                  crc_cached.eq(Cat(byte, frame_crc[:8]) == cache_crc)]
-                    if self.small:
-                        m.d.sync += feed(byte, f=1)
-                    else:
-                        m.d.comb += [rx_fcrc.data.eq(byte), rx_fcrc.valid.eq(1)]
+                    m.d.comb += crcs.frame.eq(1)
                     with m.If(tidx == TRAILER_LEN - 1):
                         m.next = "CHECK"
 
@@ -1080,10 +954,10 @@ class Link(wiring.Component):
                         with m.Case(command):
                             m.d.sync += [replay_kind.eq(kind), replay_len.eq(layout.size)]
                 with after_feeder():
-                    m.d.sync += good.eq(rx_fcrc.match_detected)
+                    m.d.sync += good.eq(crcs.frame_match)
                     m.next = "VERDICT" if self.small else "DECIDE"
 
-            # ---- a frame with a valid header is complete; rx_fcrc has seen every byte ----
+            # ---- a frame with a valid header is complete; the frame CRC has seen every byte ----
             # DECIDE's branches in priority order (the frame is a response; its CRC failed; it
             # repeats the cached command; a check failed), then one per command
             def on_response():
@@ -1194,7 +1068,7 @@ class Link(wiring.Component):
             with m.State("ENGINE_LOAD_RESET"):
                 # LOAD_BEGIN's restart of the image CRC (here, not in DECIDE: a shorter path)
                 m.d.comb += [self.engine.cmd.valid.eq(1), self.engine.cmd.payload.op.eq(EngineOp.LOAD_RESET), self.engine.cmd.payload.index.eq(0),
-                             img_crc.start.eq(1)]
+                             crcs.image_start.eq(1)]
                 with m.If(self.engine.cmd.ready):
                     m.next = "SEND"
             with m.State("ENGINE_FEED"):
@@ -1223,11 +1097,7 @@ class Link(wiring.Component):
                 m.next = "CHUNK_OUT"
             with m.State("CHUNK_OUT"):
                 m.d.comb += [self.engine.load.valid.eq(1), chunk_step.eq(self.engine.load.ready)]
-                if self.small:
-                    with m.If(self.engine.load.ready):
-                        m.d.sync += feed(byte_r[::-1], i=1)
-                else:
-                    m.d.comb += img_crc.valid.eq(self.engine.load.ready)
+                m.d.comb += crcs.image.eq(self.engine.load.ready)
                 with m.If(self.engine.load.ready):
                     m.next = "CHUNK_ADDR"
                     m.d.sync += [*([] if self.small else [chunk_left.eq(chunk_left - 1)]),
@@ -1259,7 +1129,7 @@ class Link(wiring.Component):
                         with m.Case(4):
                             m.d.sync += nb.eq(out_len[8:])
                         with m.Default():
-                            m.d.sync += [nb.eq(tx_hcrc.crc), hk.eq(0)]
+                            m.d.sync += [nb.eq(crcs.header_crc), hk.eq(0)]
                             m.next = "SEND_PAYLOAD"
             with m.State("SEND_PAYLOAD"):
                 with m.If(nb_free & pb_ready):
@@ -1288,9 +1158,9 @@ class Link(wiring.Component):
                 with m.If(nb_free):
                     m.d.sync += [nb_valid.eq(1), nb_start.eq(0), nb_hcrc.eq(0), nb_fcrc.eq(0), hk.eq(1)]
                     with m.If(hk == 0):
-                        m.d.sync += nb.eq(tx_fcrc.crc[8:])
+                        m.d.sync += nb.eq(crcs.frame_crc[8:])
                     with m.Else():
-                        m.d.sync += nb.eq(tx_fcrc.crc[:8])
+                        m.d.sync += nb.eq(crcs.frame_crc[:8])
                         m.next = "SEND_END"
             with m.State("SEND_END"):
                 # done once the last byte has been taken
@@ -1316,11 +1186,6 @@ class Link(wiring.Component):
         with m.If(nb_valid & self.tx.ready):
             m.d.sync += nb_valid.eq(0)
         with m.If(fed):
-            m.d.comb += [tx_hcrc.start.eq(nb_start), tx_fcrc.start.eq(nb_start)]
-            if self.small:
-                with m.If(nb_hcrc | nb_fcrc):
-                    m.d.sync += feed(nb, h=nb_hcrc, f=nb_fcrc)
-            else:
-                m.d.comb += [tx_hcrc.data.eq(nb), tx_fcrc.data.eq(nb),
-                             tx_hcrc.valid.eq(nb_hcrc), tx_fcrc.valid.eq(nb_fcrc)]
+            m.d.comb += [crcs.start.eq(nb_start), crcs.data.eq(nb), crcs.header.eq(nb_hcrc),
+                         crcs.frame.eq(nb_fcrc)]
         return m
