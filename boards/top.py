@@ -130,15 +130,14 @@ class UARTBridge(wiring.Component):
             ]
             # each FIFO's output is registered once more before it leaves: the FIFOs are block
             # RAMs whose data comes straight from the RAM (ECP5: ~6 ns clock-to-out), and the
-            # transmitter sits by its pin, far from where the placer puts the RAM (the ULX3S
-            # 64-lane critical path, 89.5 MHz, ran from the TX FIFO's RAM into the shift register)
+            # transmitter sits by its pin, far from where the placer puts the RAM
             _register_stage(m, "rx_out", rx_fifo, design.i_stream)
             _register_stage(m, "tx_out", tx_fifo, tx.data)
         else:
             wiring.connect(m, rx.data, design.i_stream)
             wiring.connect(m, design.o_stream, tx.data)
         # registered: the LEDs sit far from the UART, and the handshakes are already late in the
-        # cycle (the ULX3S critical path when these were combinational)
+        # cycle
         m.d.sync += [
             self.activity.eq((rx.data.valid & rx.data.ready) | (tx.data.valid & tx.data.ready)),
             self.error.eq(rx.framing_error | rx.overrun),

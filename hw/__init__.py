@@ -17,8 +17,8 @@ Argmax              IntegerModel.argmax (first index of the maximum)        0   
 
 DSPs: multipliers of 16x16 or smaller, one iCE40 SB_MAC16 or ECP5 MULT18X18D each; lat.: cycles
 from an accepted input to its output; rate: elements per cycle sustained. Every pipeline stage
-holds at most one carry chain of about 35 bits; each core alone placed and routed (nextpnr) at
-40-47 MHz on an iCE40UP5K and 106-160 MHz on an ECP5-85F when this was written.
+holds at most one carry chain of about 35 bits, so each core meets the boards' clock targets
+(BENCHMARKS.md has the measured Fmax of the builds).
 
 Why several fixed cores and one programmable one: the BitLinear front end, the scalar unit and
 the output scaling are needed for every matrix, with different data at the same time (the

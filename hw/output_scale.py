@@ -110,7 +110,7 @@ class OutputScale(wiring.Component):
         rnd = p.reg(3, "rnd", Mux(sh > 0, sh - 1, 0), range(w.shift_max))
         shl = p.reg(3, "shl", Mux(sh > 0, 0, -sh), range(-w.shift_min + 1))
         # 2^rnd, or 2^rnd - 1 for negative products: a decoder and a thermometer code (no carry
-        # chain: on an iCE40 the 40-bit subtraction was the longest path of the unit)
+        # chain: a 40-bit subtraction would be the longest path of the unit on an iCE40)
         one = Cat(*[rnd == i for i in range(w.shift_max)])
         below = Cat(*[rnd > i for i in range(w.shift_max)])
         half = p.reg(4, "half", Mux(p.at(neg, 3), below, one), unsigned(w.shift_max))

@@ -219,8 +219,8 @@ class TritGearbox(wiring.Component):
         end = offset + lanes_g
         # end <= beat (the group fits in the head) and end >= beat (it reaches the head's end)
         # for the current offset, registers computed with the next offset: the offset's
-        # comparisons stay off the paths from the consumer's ready to the head's enable (with
-        # 64 lanes, Yosys shared their LUTs with the wide output shifter, the ECP5's critical path)
+        # comparisons stay off the paths from the consumer's ready to the head's enable (Yosys
+        # would otherwise share their LUTs with the wide output shifter, a long path at 64 lanes)
         fits = Signal(init=1)
         at_end = Signal()
         m.d.comb += self.o.valid.eq((count != 0) & (fits | (count >= 2)))

@@ -282,9 +282,9 @@ class WeightMemory(wiring.Component):
         if spram:
             wiring.connect(m, beat, wiring.flipped(resp))
         else:
-            # the beat is registered once more before it leaves: on ECP5 the FIFO's storage (LUT
-            # RAM, or a block RAM with its slow clock-to-out) was the start of the engine's
-            # longest path into the beat's destinations (32 lanes)
+            # the beat is registered once more before it leaves: the FIFO's storage (LUT RAM, or
+            # a block RAM with its slow clock-to-out) would otherwise start a long path into the
+            # beat's destinations, which are spread over the engine
             with m.If(beat.ready):
                 m.d.sync += [resp.valid.eq(beat.valid), resp.payload.eq(beat.payload)]
             m.d.comb += beat.ready.eq(~resp.valid | resp.ready)
@@ -294,7 +294,7 @@ class WeightMemory(wiring.Component):
 # Words per bank of a block-RAM store. A deep store is split into banks of this many words, each
 # bank's read data registered before the multiplexer that picks the addressed bank: on ECP5 the
 # block RAM's clock-to-out (about 6 ns without its output register, which Yosys does not use) plus
-# a multiplexer over many RAMs spread across the die was the engine's longest path. 1024 words
+# a multiplexer over many RAMs spread across the die would not fit one 100 MHz cycle. 1024 words
 # is one DP16KD deep in its 18-bit mode (Yosys's choice for a wide store).
 RAM_BANK_WORDS = 1024
 
@@ -338,8 +338,8 @@ def _ram_store(m, width, depth, init, raddr, rdata, we, waddr, wdata) -> int:
         rp = registered_read_port(m, bank)
         wp = bank.write_port()
         # two registers: the first has the RAM as its only source and the second as its only
-        # sink, so the placer can put it beside the RAM (one register, pulled towards the
-        # multiplexer, left 5 ns of routing behind the RAM's 6 ns clock-to-out on ECP5)
+        # sink, so the placer can put it beside the RAM (a single register is pulled towards the
+        # multiplexer, leaving long routing behind the RAM's slow clock-to-out)
         q1 = Signal(width, name=f"bank{b}_q1", reset_less=True)
         q = Signal(width, name=f"bank{b}_q", reset_less=True)
         m.d.sync += [q1.eq(rp.data), q.eq(q1)]

@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import tempfile
 import time
@@ -55,7 +54,7 @@ HARNESS = Path(__file__).with_name("engine_harness.cpp")
 # machine): these flags 1.31 M cycles/s; Verilator's defaults (g++ -Os) 1.09 M; g++ -O1 1.19 M; g++ -O3,
 # -march=native, -flto or no fast X options all within 3% of these (noise); --threads 2: 20 k (its
 # threads spin on 2 shared cores).
-HARNESS_VERILATOR_ARGS = VERILATOR_FAST + ("-CFLAGS", "-O2")
+HARNESS_VERILATOR_ARGS = ("-CFLAGS", "-O2")      # (build_verilator_exe adds VERILATOR_FAST)
 # the waveform build: g++ -O1 (the last -O wins) compiles in 30 s instead of 42 and runs about 10%
 # slower outside the window (1.0 M cycles/s against 1.1 M); -O0 would be 18 s but 4x slower
 HARNESS_FST_ARGS = HARNESS_VERILATOR_ARGS + ("--trace-fst", "-CFLAGS", "-O1")
@@ -176,7 +175,6 @@ def run_engine(*, cfg: ModelConfig, blob: bytes | None, packing: str, lanes: int
     harness build starts.
     """
     from mmfree_fpga.hw.engine import beat_bytes, check_geometry
-    from mmfree_fpga.image import image_size
     if build is None:
         build = default_build(cfg, lanes, len(blob) if blob is not None else 0)
     check_geometry(cfg, lanes, max_d=build.max_d, max_I=build.max_I, max_L=build.max_L, max_V=build.max_V)
@@ -302,7 +300,7 @@ def build_harness(build: EngineBuild, *, fst: bool = False, log=None) -> Path:
     """The C++ harness (:data:`HARNESS`) compiled with Verilator around ``build``'s engine; cached
     by the build's key, the harness source and the flags. ``fst``: the ``--trace-fst`` variant."""
     from mmfree_fpga.errors import UserError
-    from .runner import executable, simulator_missing
+    from .runner import build_verilator_exe, simulator_missing
     reason = simulator_missing("verilator")
     if reason:
         raise UserError(reason)
@@ -315,19 +313,8 @@ def build_harness(build: EngineBuild, *, fst: bool = False, log=None) -> Path:
         return binary
     if log:
         log(f"building the Verilator harness in {bdir} (once per build, about a minute)")
-    obj = Path(tempfile.mkdtemp(prefix="obj-", dir=bdir))
-    try:
-        cmd = [executable("verilator"), "--cc", "--exe", "--build", "-j", str(os.cpu_count() or 2),
-               "--top-module", "engine_top", "--prefix", "Vengine", "-Wno-fatal", "-Wno-lint", "-Wno-style",
-               *args, "--Mdir", str(obj), "-o", "Vengine", *(str(p) for p in sources), str(HARNESS)]
-        env = dict(os.environ, MAKEFLAGS=VERILATOR_MAKEFLAGS)
-        proc = subprocess.run(cmd, cwd=obj, env=env, capture_output=True, text=True)
-        if proc.returncode != 0:
-            tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
-            raise RuntimeError("Verilator build of the engine harness failed:\n" + "\n".join(tail))
-        os.replace(obj / "Vengine", binary)     # atomic: a concurrent build of the same key is harmless
-    finally:
-        shutil.rmtree(obj, ignore_errors=True)
+    build_verilator_exe(sources=[*sources, HARNESS], top="engine_top", prefix="Vengine", binary=binary,
+                        options=args, jobs=os.cpu_count() or 2, log_reason="Verilator build of the engine harness")
     for old in bdir.glob(f"Vengine{'-fst' if fst else ''}-" + "?" * len(key)):
         if old != binary:                        # builds of an older harness or older flags
             old.unlink(missing_ok=True)

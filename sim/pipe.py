@@ -18,14 +18,13 @@ from __future__ import annotations
 import hashlib
 import os
 import select
-import shutil
 import subprocess
 import time
 from pathlib import Path
 
 from mmfree_fpga.errors import UserError
 
-from .runner import VERILATOR_FAST, VERILATOR_MAKEFLAGS, executable, fst_missing, simulator_missing, write_verilog
+from .runner import build_verilator_exe, fst_missing, simulator_missing, write_verilog
 
 __all__ = ["build_pipe_sim", "PipeSim", "HARNESS", "PIPE_CLOCK_HZ", "BOOT_PACE_S", "SETTLE_TIMEOUT_S"]
 
@@ -56,28 +55,11 @@ def build_pipe_sim(design, build_dir, log=None, *, waves: bool = False) -> Path:
     binary = build_dir / f"Vpipe{'-fst' if waves else ''}-{key}"
     if binary.exists():
         return binary
-    obj = build_dir / ("obj-fst" if waves else "obj")
-    shutil.rmtree(obj, ignore_errors=True)
     if log:
         log(f"building the Verilator simulation{' with waveform tracing' if waves else ''} in {build_dir} "
             "(once per design, 10-60 s)")
-    verilator = executable("verilator")
-    cmd = [verilator, "--cc", "--exe", "--build", "-j", "1", "--top-module", "top",
-           *VERILATOR_FAST, "-Wno-fatal", "-Wno-lint", "-Wno-style",
-           *options, "-CFLAGS", "-O2", "--Mdir", str(obj), "-o", "Vsim", str(verilog), str(HARNESS)]
-    env = dict(os.environ, MAKEFLAGS=VERILATOR_MAKEFLAGS)
-    # (its helpers lie beside it, perhaps in a virtual environment that is not on PATH)
-    env["PATH"] = os.path.dirname(verilator) + os.pathsep + env.get("PATH", "")
-    proc = subprocess.run(cmd, cwd=build_dir, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        text = proc.stdout + proc.stderr
-        if waves and ("lz4.h" in text or "-llz4" in text or "zlib.h" in text):
-            raise UserError("Verilator's FST waveform writer needs the lz4 and zlib development files "
-                            "(Debian/Ubuntu: apt-get install liblz4-dev zlib1g-dev)")
-        tail = text.strip().splitlines()[-15:]
-        raise RuntimeError("Verilator build failed:\n" + "\n".join(tail))
-    os.replace(obj / "Vsim", binary)
-    return binary
+    return build_verilator_exe(sources=[verilog, HARNESS], top="top", binary=binary,
+                               options=[*options, "-CFLAGS", "-O2"], log_reason="Verilator build")
 
 
 class PipeSim:

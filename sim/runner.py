@@ -11,10 +11,11 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["SIMULATORS", "VERILATOR_FAST", "VERILATOR_MAKEFLAGS", "simulator_missing", "fst_missing", "executable", "simulator_env", "write_verilog", "run_cocotb",
+__all__ = ["SIMULATORS", "VERILATOR_FAST", "VERILATOR_MAKEFLAGS", "simulator_missing", "fst_missing", "executable", "simulator_env", "write_verilog", "build_verilator_exe", "run_cocotb",
            "CocotbFailure"]
 
 SIMULATORS = ("verilator", "icarus")
@@ -69,6 +70,39 @@ def simulator_missing(name: str) -> str | None:
     if executable(_EXECUTABLE[name]) is None:
         return f"{_EXECUTABLE[name]} not found: {_INSTALL_HINT[name]}"
     return None
+
+
+def build_verilator_exe(*, sources, top: str, binary, options=(), jobs: int = 1, prefix: str = "Vtop",
+                        log_reason: str = "Verilator build") -> Path:
+    """Compile Verilog ``sources`` and a C++ harness (among ``sources``) into the executable
+    ``binary`` with ``verilator --cc --exe --build`` and :data:`VERILATOR_FAST`; ``options``
+    are added Verilator options. Builds in a fresh folder beside ``binary`` and moves the result
+    into place atomically (a concurrent build of the same binary is harmless). RuntimeError with
+    the tail of Verilator's output if the build fails, UserError-worthy text (FST headers
+    missing) included."""
+    binary = Path(binary)
+    binary.parent.mkdir(parents=True, exist_ok=True)
+    verilator = executable("verilator")
+    obj = Path(tempfile.mkdtemp(prefix="obj-", dir=binary.parent))
+    try:
+        cmd = [verilator, "--cc", "--exe", "--build", "-j", str(jobs), "--top-module", top, "--prefix", prefix,
+               *VERILATOR_FAST, "-Wno-fatal", "-Wno-lint", "-Wno-style", *options,
+               "--Mdir", str(obj), "-o", "Vexe", *(str(s) for s in sources)]
+        # (Verilator's helper scripts lie beside it, perhaps in a virtual environment not on PATH)
+        env = dict(os.environ, MAKEFLAGS=VERILATOR_MAKEFLAGS)
+        env["PATH"] = os.path.dirname(verilator) + os.pathsep + env.get("PATH", "")
+        proc = subprocess.run(cmd, cwd=obj, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            text = proc.stdout + proc.stderr
+            if "lz4.h" in text or "-llz4" in text or "zlib.h" in text:
+                raise RuntimeError("Verilator's FST waveform writer needs the lz4 and zlib development files "
+                                   "(Debian/Ubuntu: apt-get install liblz4-dev zlib1g-dev)")
+            tail = text.strip().splitlines()[-15:]
+            raise RuntimeError(f"{log_reason} failed:\n" + "\n".join(tail))
+        os.replace(obj / "Vexe", binary)
+    finally:
+        shutil.rmtree(obj, ignore_errors=True)
+    return binary
 
 
 def write_verilog(component, path, name: str = "top", ports=None) -> Path:
