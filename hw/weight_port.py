@@ -121,10 +121,11 @@ class WeightMemory(wiring.Component):
         Use the Verilog store that reads ``+weights=FILE`` (simulation of generated Verilog).
     model : bool
         Add the bandwidth/latency/stall/synthetic model (the run-time inputs below).
-    fifo_depth : int
+    fifo_depth : int or None
         Beats the response FIFO holds: with the model, the largest latency at full rate;
         without it, 3 sustain one beat per cycle from a store of one block (more from a banked
-        store, whose reads take 3 cycles: :data:`RAM_BANK_WORDS`).
+        store, whose reads take 3 cycles: :data:`RAM_BANK_WORDS`). None: 64 with the model,
+        else :data:`STORE_FIFO_DEPTH`.
     spram : bool or None
         Build the store from iCE40 SPRAM instances (needs ``init=None``, no ``readmemh``);
         None: when elaborated for an iCE40 platform with ``init=None``.
@@ -146,14 +147,14 @@ class WeightMemory(wiring.Component):
     """
 
     def __init__(self, *, beat_bytes: int, depth: int, init: bytes | None = None,
-                 readmemh: bool = False, model: bool = False, fifo_depth: int = 64,
+                 readmemh: bool = False, model: bool = False, fifo_depth: int | None = None,
                  spram: bool | None = None, dp16kd: bool | None = None):
         self._beat_bytes = beat_bytes
         self._depth = depth
         self._init = init
         self._readmemh = readmemh
         self._model = model
-        self._fifo_depth = fifo_depth
+        self._fifo_depth = fifo_depth if fifo_depth is not None else 64 if model else STORE_FIFO_DEPTH
         self._spram = spram
         self._dp16kd = dp16kd
         if dp16kd and (readmemh or spram or depth <= RAM_BANK_WORDS):
@@ -290,6 +291,12 @@ class WeightMemory(wiring.Component):
             m.d.comb += beat.ready.eq(~resp.valid | resp.ready)
         return m
 
+
+# Response FIFO of a store without the model: its reads take at most four cycles (a banked
+# store's three and the word register), so 16 beats keep one beat per cycle flowing with room to
+# spare; and 16 words are one column of LUT RAM on ECP5 (TRELLIS_DPR16X4), whose registered read
+# data leaves fast, where a deeper FIFO becomes a block RAM with its slow clock-to-out.
+STORE_FIFO_DEPTH = 16
 
 # Words per bank of a block-RAM store. A deep store is split into banks of this many words, each
 # bank's read data registered before the multiplexer that picks the addressed bank: on ECP5 the
