@@ -271,7 +271,7 @@ class TinyALU(wiring.Component):
     def _sequence(self, m, s):
         """EXEC, the op's first cycle after ``start``, and the cycles some ops add (TAKE, SHIFT,
         BITLEN2)."""
-        with m.FSM(name="alu") as fsm:
+        with m.FSM(name="alu"):
             with m.State("IDLE"):
                 with m.If(self.start):
                     m.next = "EXEC"
@@ -292,8 +292,6 @@ class TinyALU(wiring.Component):
                 m.next = "IDLE"
             with m.State("SHIFT"):
                 self._shift(m, s)
-        # one flip-flop per state (Yosys recodes the FSM): no state decoding on the control paths
-        # fsm.state.attrs["fsm_encoding"] = "one-hot"
 
     def _exec(self, m, s):
         N, X, A = DATA_BITS, s.X, s.A
