@@ -66,9 +66,7 @@ Small form
 ----------
 ``Link(..., small=True)`` is the same protocol, byte for byte, in fewer logic cells for the
 iCE40UP5K (the default form, tuned for ECP5 timing, is unchanged; tests/test_hw_link.py runs
-every exchange test on both). Measured on the iCEBreaker's parameters (demo model, base3, 1 lane,
-``max_payload=256``; Yosys ``synth_ice40 -dsp``, the Link alone): 1730 -> 1399 LUT4,
-722 -> 631 FF, 309 -> 203 carry, one block RAM more (2 EBRs).
+every exchange test on both). It takes one block RAM more (the response ROM).
 
 * The three CRCs are bit-serial (``data_width=1`` processors): a byte is shifted into them one
   bit per cycle by a shared feeder, and the parser, the transmitter and the chunk forwarder wait
@@ -106,6 +104,7 @@ import functools
 import operator
 import re
 import struct
+import types
 
 from amaranth.hdl import Cat, Const, Module, Mux, Signal, Value, signed, unsigned
 from amaranth.lib import data, enum, stream, wiring
@@ -341,8 +340,7 @@ class Link(wiring.Component):
         regions.sort(key=lambda r: -len(r[1]))
         # a source's code in the ROM: its index in a group of GROUP and its group, both one-hot
         # (none for a constant), so the multiplexer behind the ROM is an AND-OR per group and
-        # an AND-OR of the groups, four LUTs deep (a binary code of six bits made a multiplexer
-        # seven LUTs deep, the iCE40's critical path)
+        # an AND-OR of the groups, four LUTs deep (a binary code would make it deeper)
         GROUP = 8
         n_groups = max(1, -(-len(sources) // GROUP))
         code_bits = GROUP + n_groups
@@ -372,8 +370,7 @@ class Link(wiring.Component):
         m.d.comb += port.addr.eq(addr)
         const, code, masked = port.data[:8], port.data[8:8 + code_bits], port.data[8 + code_bits]
         # the multiplexer's output is registered (with the constant and the mask, to stay aligned):
-        # the ROM's output, the multiplexer and pb would otherwise be one path (the iCE40's
-        # critical one, 23.6 MHz)
+        # the ROM's output, the multiplexer and pb would otherwise be one long path
         register_byte = Signal(8)
         const_r = Signal(8)
         masked_r = Signal()
@@ -389,126 +386,146 @@ class Link(wiring.Component):
 
     def elaborate(self, platform):
         m = Module()
-        cfg = self.cfg
-        ring_bits = (self.ring_depth - 1).bit_length()
-        ptr_shape = unsigned(ring_bits + 1)
-        index_shape = range(HEADER_LEN + self.max_payload + TRAILER_LEN + 1)   # a byte within a frame
+        b = types.SimpleNamespace()
+        b.cfg = self.cfg
+        b.ring_bits = (self.ring_depth - 1).bit_length()
+        b.ptr_shape = unsigned(b.ring_bits + 1)
+        b.index_shape = range(HEADER_LEN + self.max_payload + TRAILER_LEN + 1)   # a byte within a frame
 
+        self._receive(m, b)
+        self._registers(m, b)
+        self._checks(m, b)
+        self._first_failure(m, b)
+        self._payload(m, b)
+        self._parser_datapath(m, b)
+        self._fsm(m, b)
+        return m
+
+    def _receive(self, m, b):
+        """The receive ring, the idle timer, the boot id and the CRCs."""
         # -- receive ring, idle timer, boot id, CRCs -------------------------------------------
-        m.submodules.ring = ring = ReceiveRing(self.ring_depth)
-        wiring.connect(m, wiring.flipped(self.rx), ring.rx)
-        ring_q = ring.data               # the byte at the address of the previous cycle
-        wp = ring.wp                     # next byte written
-        sp = Signal(ptr_shape)       # start of the frame candidate (the SYNC) or the scan point
-        rp = Signal(ptr_shape)       # next byte parsed
-        m.d.comb += ring.keep.eq(sp)
+        m.submodules.ring = b.ring = ReceiveRing(self.ring_depth)
+        wiring.connect(m, wiring.flipped(self.rx), b.ring.incoming)
+        b.ring_q = b.ring.data               # the byte at the address of the previous cycle
+        b.wp = b.ring.wp                     # next byte written
+        b.sp = Signal(b.ptr_shape)       # start of the frame candidate (the SYNC) or the scan point
+        b.rp = Signal(b.ptr_shape)       # next byte parsed
+        m.d.comb += b.ring.keep.eq(b.sp)
 
         m.submodules.idle_timer = idle_timer = make_idle_timer(self.idle_timeout_cycles, small=self.small)
         m.submodules.boot_id = boot = make_boot_id(self.boot_id, small=self.small)
-        m.d.comb += [idle_timer.restart.eq(ring.wrote), boot.byte.eq(ring.wrote)]
-        idle_expired = idle_timer.expired
-        boot_id = self.state["boot_id"]
-        m.d.comb += boot_id.eq(boot.boot_id)
+        m.d.comb += [idle_timer.restart.eq(b.ring.wrote), boot.byte.eq(b.ring.wrote)]
+        b.idle_expired = idle_timer.expired
+        b.boot_id = self.state["boot_id"]
+        m.d.comb += b.boot_id.eq(boot.boot_id)
 
         # one header CRC and one frame CRC serve both directions: a frame is parsed (HEADER ..
         # DECIDE) and a response sent (SEND ..) at different times. In the small form the
         # parser takes no byte, the transmitter picks none and the chunk forwarder offers none
         # while the CRCs are busy, so every CRC has seen every byte before anything reads it.
-        m.submodules.crcs = crcs = make_crcs(small=self.small)
-        feeding, settled = crcs.busy, crcs.settled
+        m.submodules.crcs = b.crcs = make_crcs(small=self.small)
+        b.feeding, settled = b.crcs.busy, b.crcs.settled
 
         def done(cond):
             """``cond``, and the CRCs not busy in this cycle and the one before (so a comparison
             with a CRC registered in the cycle before sees its final value)."""
-            return cond & ~feeding & settled if self.small else cond
+            return cond & ~b.feeding & settled if self.small else cond
+        b.done = done
 
         def after_feeder():
             """A block that runs once the CRCs are not busy."""
-            return m.If(~feeding) if self.small else contextlib.nullcontext()
+            return m.If(~b.feeding) if self.small else contextlib.nullcontext()
+        b.after_feeder = after_feeder
 
+
+    def _registers(self, m, b):
+        """The frame, device-state and response registers and the decoded request fields."""
         # -- frame registers ------------------------------------------------------------------
-        got = Signal()                   # byte holds the byte at rp
-        take = Signal()
-        jump = Signal()
-        rp_next = Signal(ptr_shape)
-        byte = Signal(8)
-        byte_r = Signal(8)               # the ring's output, registered
-        m.d.comb += byte.eq(byte_r)
-        hidx = Signal(range(HEADER_LEN))
-        seq = Signal(8)
-        op = Signal(8)
-        length = Signal(max(8, self.max_payload.bit_length()))   # LEN, if not too long
-        length_big = Signal()            # LEN > max_payload
-        length_zero = Signal()           # registered: LEN == 0
-        m.d.sync += length_zero.eq(length == 0)
-        payload_left = Signal(index_shape)   # payload bytes still to come, less one
-        args = Signal(8 * _ARG_BYTES)
-        arg_sel = Signal(_ARG_BYTES)     # one-hot: the byte of args the next payload byte goes to
-        frame_crc = Signal(16)
-        tidx = Signal(range(TRAILER_LEN))
+        b.got = Signal()                   # byte holds the byte at rp
+        b.take = Signal()
+        b.jump = Signal()
+        b.rp_next = Signal(b.ptr_shape)
+        b.byte = Signal(8)
+        b.byte_r = Signal(8)               # the ring's output, registered
+        m.d.comb += b.byte.eq(b.byte_r)
+        b.hidx = Signal(range(HEADER_LEN))
+        b.seq = Signal(8)
+        b.op = Signal(8)
+        b.length = Signal(max(8, self.max_payload.bit_length()))   # LEN, if not too long
+        b.length_big = Signal()            # LEN > max_payload
+        b.length_zero = Signal()           # registered: LEN == 0
+        m.d.sync += b.length_zero.eq(b.length == 0)
+        b.payload_left = Signal(b.index_shape)   # payload bytes still to come, less one
+        b.args = Signal(8 * _ARG_BYTES)
+        b.arg_sel = Signal(_ARG_BYTES)     # one-hot: the byte of args the next payload byte goes to
+        b.frame_crc = Signal(16)
+        b.tidx = Signal(range(TRAILER_LEN))
 
         # -- device state ------------------------------------------------------------------------
         st = self.state
-        position, logits_valid, weights_loaded = st["position"], st["logits_valid"], st["weights_loaded"]
-        image_crc, load_open, load_crc, load_pointer = (st["image_crc"], st["load_open"], st["load_crc"],
+        b.position, b.logits_valid, b.weights_loaded = st["position"], st["logits_valid"], st["weights_loaded"]
+        b.image_crc, b.load_open, b.load_crc, b.load_pointer = (st["image_crc"], st["load_open"], st["load_crc"],
                                                         st["load_pointer"])
-        cache_valid, cache_seq, cache_crc, cache_op = (st["cache_valid"], st["cache_seq"], st["cache_crc"],
+        b.cache_valid, b.cache_seq, b.cache_crc, b.cache_op = (st["cache_valid"], st["cache_seq"], st["cache_crc"],
                                                        st["cache_op"])
-        last_result = data.View(data.StructLayout({"argmax": range(cfg.V), "logit": signed(32),
+        b.last_result = data.View(data.StructLayout({"argmax": range(b.cfg.V), "logit": signed(32),
                                                    "cycles": unsigned(32)}), st["result"])
-        m.d.comb += st["running_crc"].eq(crcs.image_crc)
+        m.d.comb += st["running_crc"].eq(b.crcs.image_crc)
 
         # -- response registers ------------------------------------------------------------------
-        out_op = Signal(8)
-        out_len = Signal(index_shape)
-        out_last = Signal(index_shape)   # out_len - 1 (every response has a payload)
-        out_kind = Signal(_Kind)
-        nak_error = Signal(8)
-        nak_arg = Signal(32)
-        hk = Signal(range(HEADER_LEN))   # next header (or trailer) byte of the response
-        j = Signal(range(self.max_payload))   # next payload byte of the response
-        logits_data = Signal()           # j >= READ_LOGITS_HEADER.size
+        b.out_op = Signal(8)
+        b.out_len = Signal(b.index_shape)
+        b.out_last = Signal(b.index_shape)   # out_len - 1 (every response has a payload)
+        b.out_kind = Signal(_Kind)
+        b.nak_error = Signal(8)
+        b.nak_arg = Signal(32)
+        b.hk = Signal(range(HEADER_LEN))   # next header (or trailer) byte of the response
+        b.j = Signal(range(self.max_payload))   # next payload byte of the response
+        b.logits_data = Signal()           # j >= READ_LOGITS_HEADER.size
         # The response's next byte is chosen into ``nb``, the output register; in the cycle
         # after tx takes it, the CRCs take it (``fed``), and only then is the next byte chosen:
         # the payload multiplexer, the handshake and the CRC logic are in different cycles.
         # One byte per three cycles at most.
-        nb = Signal(8)
-        nb_valid = Signal()
-        nb_start = Signal()              # the SYNC: (re)starts both CRCs
-        nb_hcrc = Signal()               # the byte enters the header CRC
-        nb_fcrc = Signal()               # the byte enters the frame CRC
-        fed = Signal()                   # tx took nb in the previous cycle: the CRCs take it now
-        nb_free = Signal()               # the next byte may be chosen
-        rescan_after = Signal()          # after the response: rescan from sp + 1 (bad CRC)
-        m.d.comb += [self.tx.valid.eq(nb_valid), self.tx.payload.eq(nb), nb_free.eq(done(~nb_valid & ~fed))]
+        b.nb = Signal(8)
+        b.nb_valid = Signal()
+        b.nb_start = Signal()              # the SYNC: (re)starts both CRCs
+        b.nb_hcrc = Signal()               # the byte enters the header CRC
+        b.nb_fcrc = Signal()               # the byte enters the frame CRC
+        b.fed = Signal()                   # tx took nb in the previous cycle: the CRCs take it now
+        b.nb_free = Signal()               # the next byte may be chosen
+        b.rescan_after = Signal()          # after the response: rescan from sp + 1 (bad CRC)
+        m.d.comb += [self.tx.valid.eq(b.nb_valid), self.tx.payload.eq(b.nb), b.nb_free.eq(b.done(~b.nb_valid & ~b.fed))]
 
         # READ_LOGITS streaming
-        read_start = Signal(range(cfg.V))       # checked: start + count <= V, count >= 1
-        logit_index = Signal(range(cfg.V + 1))
-        logit_word = Signal(32)
-        logit_have = Signal()
-        logit_asked = Signal()
-        logit_byte = Signal(2)
+        b.read_start = Signal(range(b.cfg.V))       # checked: start + count <= V, count >= 1
+        b.logit_index = Signal(range(b.cfg.V + 1))
+        b.logit_word = Signal(32)
+        b.logit_have = Signal()
+        b.logit_asked = Signal()
+        b.logit_byte = Signal(2)
 
-        chunk_left = Signal(index_shape)  # image bytes of the current chunk still to forward, less one
+        b.chunk_left = Signal(b.index_shape)  # image bytes of the current chunk still to forward, less one
 
         # -- decoded request fields --------------------------------------------------------
-        begin_size = _field(args, LOAD_BEGIN_REQUEST, 0)
-        begin_crc = _field(args, LOAD_BEGIN_REQUEST, 1)
-        chunk_offset = _field(args, LOAD_CHUNK_HEADER, 0)
-        feed_position = _field(args, FEED_TOKEN_REQUEST, 0)
-        feed_token = _field(args, FEED_TOKEN_REQUEST, 1)
-        read_start_arg = _field(args, READ_LOGITS_REQUEST, 1)
-        read_count = _field(args, READ_LOGITS_REQUEST, 2)
+        b.begin_size = _field(b.args, LOAD_BEGIN_REQUEST, 0)
+        b.begin_crc = _field(b.args, LOAD_BEGIN_REQUEST, 1)
+        b.chunk_offset = _field(b.args, LOAD_CHUNK_HEADER, 0)
+        b.feed_position = _field(b.args, FEED_TOKEN_REQUEST, 0)
+        b.feed_token = _field(b.args, FEED_TOKEN_REQUEST, 1)
+        b.read_start_arg = _field(b.args, READ_LOGITS_REQUEST, 1)
+        b.read_count = _field(b.args, READ_LOGITS_REQUEST, 2)
 
+
+    def _checks(self, m, b):
+        """The request checks, in the device model's order: the first failure is the NAK."""
         # -- checks, in the device model's order: the first failure is the NAK ---------------
         # Everything a check reads (op, length, the payload fields, the device state) is fixed
         # from the last payload byte on, while the trailer arrives (at least six cycles: one
         # byte per three cycles). The checks are computed in two registered stages during that
         # time: each comparison into a flag (and the opcode into op_code), then the first failing
         # check into the NAK's error code and the choice of its argument. DECIDE only reads
-        # registers (the ECP5 critical path ran from ``length`` through these adders and
-        # comparators and the priority chain into DECIDE).
+        # registers: no path runs from ``length`` through these adders and comparators and the
+        # priority chain into DECIDE.
         def flag(cond, name):
             r = Signal(name=f"chk_{name}")
             m.d.sync += r.eq(cond)
@@ -516,676 +533,714 @@ class Link(wiring.Component):
 
         # start + count > V on vb-bit operands (vb: the bits of V): a higher bit set in either
         # makes the sum exceed V anyway
-        vb = cfg.V.bit_length()
+        vb = b.cfg.V.bit_length()
         commands = [c for c in Op if c != Op.NAK]
         req_len_ok = Signal()
-        with m.Switch(op):
+        with m.Switch(b.op):
             for c in commands:
                 with m.Case(c):
                     if c == Op.LOAD_CHUNK:
-                        m.d.comb += req_len_ok.eq(length > LOAD_CHUNK_HEADER.size)
+                        m.d.comb += req_len_ok.eq(b.length > LOAD_CHUNK_HEADER.size)
                     else:
-                        m.d.comb += req_len_ok.eq(length == REQUEST_LENGTHS[c])
+                        m.d.comb += req_len_ok.eq(b.length == REQUEST_LENGTHS[c])
         len_ok = flag(req_len_ok, "len_ok")
         # a LOAD_CHUNK with more than MAX_CHUNK data bytes (BAD_LENGTH, arg the longest); only a
         # device whose max_payload admits so long a frame can receive one
         chunk_max = LOAD_CHUNK_HEADER.size + MAX_CHUNK
-        chunk_long = flag(length > chunk_max, "chunk_long") if self.max_payload > chunk_max else None
+        chunk_long = flag(b.length > chunk_max, "chunk_long") if self.max_payload > chunk_max else None
         # the opcode, registered as 1 + its index in ``commands`` (0: unknown)
-        op_index = {c: i + 1 for i, c in enumerate(commands)}
-        op_code = Signal(range(len(commands) + 1))
-        with m.Switch(op):
+        b.op_index = {c: i + 1 for i, c in enumerate(commands)}
+        b.op_code = Signal(range(len(commands) + 1))
+        with m.Switch(b.op):
             for c in commands:
                 with m.Case(c):
-                    m.d.sync += op_code.eq(op_index[c])
+                    m.d.sync += b.op_code.eq(b.op_index[c])
             with m.Default():
-                m.d.sync += op_code.eq(0)
+                m.d.sync += b.op_code.eq(0)
         assert struct_fields(FEED_TOKEN_REQUEST)[0] == struct_fields(READ_LOGITS_REQUEST)[0]
         # Small form: the first payload word (LOAD_BEGIN's size, LOAD_CHUNK's offset, FEED_TOKEN's
         # and READ_LOGITS' position) is compared byte by byte as it arrives, with the first word
         # of the command's response (image size, write pointer, position: the same values) from
         # the response multiplexer, which is idle while a frame is parsed; it is not stored.
-        word0_differs = Signal()         # some byte of the first word differed
-        word0_ones = Signal()            # every byte of the first word was 0xFF
+        b.word0_differs = Signal()         # some byte of the first word differed
+        b.word0_ones = Signal()            # every byte of the first word was 0xFF
         for layout in (LOAD_BEGIN_REQUEST, LOAD_CHUNK_HEADER, FEED_TOKEN_REQUEST, READ_LOGITS_REQUEST):
             assert struct_fields(layout)[0] == (0, 32)
         for layout in (LOAD_BEGIN_RESPONSE, LOAD_CHUNK_RESPONSE, FEED_TOKEN_RESPONSE, READ_LOGITS_HEADER):
             assert struct_fields(layout)[0] == (0, 32)
         if self.small:
-            position_bad = word0_differs
-            last_position = word0_ones
-            token_big = (feed_token[vb:] != 0) | (feed_token[:vb] >= cfg.V)
-            count_big = (read_count[self.logits_per_read.bit_length():] != 0) | \
-                (read_count[:self.logits_per_read.bit_length()] > self.logits_per_read)
+            position_bad = b.word0_differs
+            last_position = b.word0_ones
+            token_big = (b.feed_token[vb:] != 0) | (b.feed_token[:vb] >= b.cfg.V)
+            count_big = (b.read_count[self.logits_per_read.bit_length():] != 0) |\
+                (b.read_count[:self.logits_per_read.bit_length()] > self.logits_per_read)
         else:
-            position_bad = flag(feed_position != position, "position")    # READ_LOGITS' position: the same bytes
+            position_bad = flag(b.feed_position != b.position, "position")    # READ_LOGITS' position: the same bytes
             last_position = None         # (a flag, made where the default form always made it)
-            token_big = feed_token >= cfg.V
-            count_big = read_count > self.logits_per_read
+            token_big = b.feed_token >= b.cfg.V
+            count_big = b.read_count > self.logits_per_read
 
-        past_vocab = ((read_start_arg[vb:] != 0) | (read_count[vb:] != 0)
-                      | (read_start_arg[:vb] + read_count[:vb] > cfg.V))
+        past_vocab = ((b.read_start_arg[vb:] != 0) | (b.read_count[vb:] != 0)
+                      | (b.read_start_arg[:vb] + b.read_count[:vb] > b.cfg.V))
 
 
         if self.small:
             # image bytes still to come in the load, registered: load_pointer is fixed for the
-            # trailer's six cycles before the checks are read (on iCE40 the subtractor, the
-            # comparison and the flag were one path, the critical one at 29 MHz)
+            # trailer's six cycles before the checks are read (the subtractor, the comparison
+            # and the flag are not one path)
             load_left = Signal(range(self.image_bytes + 1))
             # (and that plus the chunk header's size, for the check)
             load_left_h = Signal(range(self.image_bytes + LOAD_CHUNK_HEADER.size + 1))
-            m.d.sync += [load_left.eq(self.image_bytes - load_pointer),
-                         load_left_h.eq(self.image_bytes + LOAD_CHUNK_HEADER.size - load_pointer)]
+            m.d.sync += [load_left.eq(self.image_bytes - b.load_pointer),
+                         load_left_h.eq(self.image_bytes + LOAD_CHUNK_HEADER.size - b.load_pointer)]
             # the chunk's data (length - 5 bytes) runs past the image: a comparison as wide as LEN
-            lb = len(length)
-            overrun = (load_left_h[lb:] == 0) & (length > load_left_h[:lb])
+            lb = len(b.length)
+            overrun = (load_left_h[lb:] == 0) & (b.length > load_left_h[:lb])
         else:
-            overrun = load_pointer + length > self.image_bytes + LOAD_CHUNK_HEADER.size
-            load_left = self.image_bytes - load_pointer
+            overrun = b.load_pointer + b.length > self.image_bytes + LOAD_CHUNK_HEADER.size
+            load_left = self.image_bytes - b.load_pointer
 
         def checks_of(c):
             """(registered condition, error, arg) after the length check, in the device model's order."""
             if c == Op.LOAD_BEGIN:
-                return [(word0_differs if self.small else flag(begin_size != self.image_bytes, "begin_size"),
+                return [(b.word0_differs if self.small else flag(b.begin_size != self.image_bytes, "begin_size"),
                          Error.BAD_IMAGE_SIZE, self.image_bytes)]
             if c == Op.LOAD_CHUNK:
                 # load_pointer + (length - 5) > image_bytes, for length > 5 (the length check)
-                return [(~load_open, Error.NO_LOAD, 0),
-                        (word0_differs if self.small else flag(chunk_offset != load_pointer, "offset"),
-                         Error.BAD_OFFSET, load_pointer),
+                return [(~b.load_open, Error.NO_LOAD, 0),
+                        (b.word0_differs if self.small else flag(b.chunk_offset != b.load_pointer, "offset"),
+                         Error.BAD_OFFSET, b.load_pointer),
                         (flag(overrun, "overrun"), Error.BAD_ARGUMENT, load_left)]
             if c == Op.LOAD_COMMIT:
-                return [(~load_open, Error.NO_LOAD, 0),
-                        (flag(load_pointer != self.image_bytes, "incomplete"), Error.INCOMPLETE, load_pointer),
-                        (flag(crcs.image_crc != load_crc, "checksum"), Error.CHECKSUM_MISMATCH, crcs.image_crc)]
+                return [(~b.load_open, Error.NO_LOAD, 0),
+                        (flag(b.load_pointer != self.image_bytes, "incomplete"), Error.INCOMPLETE, b.load_pointer),
+                        (flag(b.crcs.image_crc != b.load_crc, "checksum"), Error.CHECKSUM_MISMATCH, b.crcs.image_crc)]
             if c == Op.FEED_TOKEN:
-                return [(~weights_loaded, Error.NO_WEIGHTS, 0),
-                        (flag(token_big, "token"), Error.BAD_ARGUMENT, cfg.V),
-                        (position_bad, Error.POSITION_MISMATCH, position),
-                        (last_position if self.small else flag(feed_position == 0xFFFFFFFF, "last_position"),
+                return [(~b.weights_loaded, Error.NO_WEIGHTS, 0),
+                        (flag(token_big, "token"), Error.BAD_ARGUMENT, b.cfg.V),
+                        (position_bad, Error.POSITION_MISMATCH, b.position),
+                        (last_position if self.small else flag(b.feed_position == 0xFFFFFFFF, "last_position"),
                          Error.BAD_ARGUMENT, 0xFFFFFFFF)]
             if c == Op.READ_LOGITS:
-                return [(~weights_loaded, Error.NO_WEIGHTS, 0),
-                        (position_bad, Error.POSITION_MISMATCH, position),
-                        (flag(~logits_valid | (read_count == 0) | count_big
+                return [(~b.weights_loaded, Error.NO_WEIGHTS, 0),
+                        (position_bad, Error.POSITION_MISMATCH, b.position),
+                        (flag(~b.logits_valid | (b.read_count == 0) | count_big
                               | past_vocab, "read_range"), Error.BAD_ARGUMENT, self.logits_per_read)]
             return []
 
+        b.checks = {c: checks_of(c) for c in commands}
+        b.commands, b.flag, b.len_ok, b.chunk_long, b.chunk_max = commands, flag, len_ok, chunk_long, chunk_max
+
+    def _first_failure(self, m, b):
+        """The cached command's replay flags, and the first failing check of the request
+        (``rejected``, ``nak_error``, ``nak_arg_sel``; the default form also ``nak_arg``),
+        registered while the trailer arrives."""
         # a duplicate of the last executed command is answered from the state (crc_cached: the
         # frame's CRC-16 equals the cached one, compared as its last byte is taken)
-        crc_cached = Signal()
-        good = Signal()                   # the frame's CRC-16 checked out (registered in CHECK)
-        replay = Signal()                 # DECIDE answers from the cache (registered in CHECK) ...
-        replay_kind = Signal(_Kind)       # ... with the cached command's response
-        replay_len = Signal(range(max(layout.size for _, layout in _STATE_RESPONSES.values()) + 1))
-        replayable = flag(cache_valid & (cache_seq == seq) & ~(cache_op == _REEXECUTED[0])
-                          & ~(cache_op == _REEXECUTED[1]), "replayable")
+        b.crc_cached = Signal()
+        b.good = Signal()                   # the frame's CRC-16 checked out (registered in CHECK)
+        b.replay = Signal()                 # DECIDE answers from the cache (registered in CHECK) ...
+        b.replay_kind = Signal(_Kind)       # ... with the cached command's response
+        b.replay_len = Signal(range(max(layout.size for _, layout in _STATE_RESPONSES.values()) + 1))
+        b.replayable = b.flag(b.cache_valid & (b.cache_seq == b.seq) & ~(b.cache_op == _REEXECUTED[0])
+                          & ~(b.cache_op == _REEXECUTED[1]), "replayable")
 
         # The second stage: the first failing check's error code (0: none) and which value is
         # its argument (nak_arg_sel); the third: that value. Both go straight into the NAK
         # payload registers (only SEND reads those, and a response is sent before the next
-        # frame). (Choosing the argument when it is sent instead saves the 32-bit nak_arg on
-        # iCE40, but lengthens the payload multiplexer: the ECP5 Fmax fell by about 8%.)
-        in_trailer = Signal()
-        rejected = Signal()               # some check failed: nak_error / nak_arg hold the first
-        checks = {c: checks_of(c) for c in commands}
-        arg_values = []                   # the distinct arguments (ints: constants; or values)
+        # frame). (The small form picks the argument's bytes as they are sent instead: no
+        # 32-bit nak_arg, but a longer payload multiplexer.)
+        b.in_trailer = Signal()
+        b.rejected = Signal()               # some check failed: nak_error / nak_arg hold the first
+        b.arg_values = []                   # the distinct arguments (ints: constants; or values)
 
         def arg_index(arg):
-            for i, known in enumerate(arg_values):
+            for i, known in enumerate(b.arg_values):
                 if (isinstance(arg, int) and isinstance(known, int) and arg == known) or arg is known:
                     return i
-            arg_values.append(arg)
-            return len(arg_values) - 1
+            b.arg_values.append(arg)
+            return len(b.arg_values) - 1
 
         arg_index(0)
         arg_cases = []                    # (op, (cond, err, arg index) in priority order)
-        for c in commands:
+        for c in b.commands:
             expected_len = LOAD_CHUNK_HEADER.size + 1 if c == Op.LOAD_CHUNK else REQUEST_LENGTHS[c]
-            too_long = ([(chunk_long, Error.BAD_LENGTH, arg_index(chunk_max))]
-                        if c == Op.LOAD_CHUNK and chunk_long is not None else [])
-            arg_cases.append((c, too_long + [(~len_ok, Error.BAD_LENGTH, arg_index(expected_len))]
-                              + [(cond, err, arg_index(arg)) for cond, err, arg in checks[c]]))
-        nak_arg_sel = Signal(range(len(arg_values)))
-        with m.If(in_trailer):
-            with m.Switch(op_code):
+            too_long = ([(b.chunk_long, Error.BAD_LENGTH, arg_index(b.chunk_max))]
+                        if c == Op.LOAD_CHUNK and b.chunk_long is not None else [])
+            arg_cases.append((c, too_long + [(~b.len_ok, Error.BAD_LENGTH, arg_index(expected_len))]
+                              + [(cond, err, arg_index(arg)) for cond, err, arg in b.checks[c]]))
+        b.nak_arg_sel = Signal(range(len(b.arg_values)))
+        with m.If(b.in_trailer):
+            with m.Switch(b.op_code):
                 for c, cases in arg_cases:
-                    with m.Case(op_index[c]):
-                        m.d.sync += rejected.eq(1)
+                    with m.Case(b.op_index[c]):
+                        m.d.sync += b.rejected.eq(1)
                         for n, (cond, err, index) in enumerate(cases):
                             with (m.If if n == 0 else m.Elif)(cond):
-                                m.d.sync += [nak_error.eq(err), nak_arg_sel.eq(index)]
+                                m.d.sync += [b.nak_error.eq(err), b.nak_arg_sel.eq(index)]
                         with m.Else():
-                            m.d.sync += rejected.eq(0)
+                            m.d.sync += b.rejected.eq(0)
                 with m.Default():
-                    m.d.sync += [rejected.eq(1), nak_error.eq(Error.UNKNOWN_OP), nak_arg_sel.eq(0)]
+                    m.d.sync += [b.rejected.eq(1), b.nak_error.eq(Error.UNKNOWN_OP), b.nak_arg_sel.eq(0)]
             if not self.small:    # (the small form picks the argument's bytes as it sends them)
-                with m.Switch(nak_arg_sel):
-                    for i, value in enumerate(arg_values):
+                with m.Switch(b.nak_arg_sel):
+                    for i, value in enumerate(b.arg_values):
                         with m.Case(i):
-                            m.d.sync += nak_arg.eq(value)
+                            m.d.sync += b.nak_arg.eq(value)
 
+    def _payload(self, m, b):
+        """The response payload bytes (``payload_byte``) and their prefetch register ``pb``."""
         # -- response payload bytes ------------------------------------------------------------------
         status = Signal(8)
-        m.d.comb += status.eq(Mux(weights_loaded, Status.WEIGHTS_LOADED, 0) | Mux(load_open, Status.LOADING, 0))
+        m.d.comb += status.eq(Mux(b.weights_loaded, Status.WEIGHTS_LOADED, 0) | Mux(b.load_open, Status.LOADING, 0))
         identity_values = dict(
             magic=DEVICE_MAGIC, version_major=PROTOCOL_VERSION[0], version_minor=PROTOCOL_VERSION[1],
-            boot_id=boot_id, vocab_size=cfg.V, hidden_size=cfg.d, num_layers=cfg.L, intermediate_size=cfg.I,
+            boot_id=b.boot_id, vocab_size=b.cfg.V, hidden_size=b.cfg.d, num_layers=b.cfg.L, intermediate_size=b.cfg.I,
             lanes=self.lanes, packing=int(self.packing_code), image_version=IMAGE_VERSION,
             formats_id=formats_id(FORMATS), max_payload=self.max_payload, step_time_ms=self.step_time_ms,
-            status=status, image_size=Mux(weights_loaded, self.image_bytes, 0),
-            image_crc=image_crc, position=position)    # image_crc is 0 while no weights are loaded
-        payload_byte = Signal(8)
-        payload_ready = Signal()
+            status=status, image_size=Mux(b.weights_loaded, self.image_bytes, 0),
+            image_crc=b.image_crc, position=b.position)    # image_crc is 0 while no weights are loaded
+        b.payload_byte = Signal(8)
+        b.payload_ready = Signal()
         if self.small:
-            m.d.comb += image_crc.eq(Mux(weights_loaded, load_crc, 0))
-            argmax = last_result.argmax
+            m.d.comb += b.image_crc.eq(Mux(b.weights_loaded, b.load_crc, 0))
+            argmax = b.last_result.argmax
             identity_values["image_size"] = _IfLoaded(self.image_bytes)
-            identity_values["image_crc"] = _IfLoaded(load_crc)
+            identity_values["image_crc"] = _IfLoaded(b.load_crc)
             identity_fields = [identity_values[f.name] for f in dataclasses.fields(Identity)]
             programs = {
                 _Kind.IDENTITY: (IDENTITY, identity_fields),
                 _Kind.RESET_STATE: (POSITION, [0]),
-                _Kind.LOAD_BEGIN: (LOAD_BEGIN_RESPONSE, [self.image_bytes, load_crc]),
-                _Kind.LOAD_CHUNK: (LOAD_CHUNK_RESPONSE, [load_pointer]),
+                _Kind.LOAD_BEGIN: (LOAD_BEGIN_RESPONSE, [self.image_bytes, b.load_crc]),
+                _Kind.LOAD_CHUNK: (LOAD_CHUNK_RESPONSE, [b.load_pointer]),
                 # (a LOAD_COMMIT's response is replayed only while its weights are loaded)
-                _Kind.LOAD_COMMIT: (LOAD_COMMIT_RESPONSE, [self.image_bytes, load_crc]),
-                _Kind.FEED_TOKEN: (FEED_TOKEN_RESPONSE, [position, argmax, last_result.logit, last_result.cycles]),
-                _Kind.LOGITS: (READ_LOGITS_HEADER, [position, read_start]),
+                _Kind.LOAD_COMMIT: (LOAD_COMMIT_RESPONSE, [self.image_bytes, b.load_crc]),
+                _Kind.FEED_TOKEN: (FEED_TOKEN_RESPONSE, [b.position, argmax, b.last_result.logit, b.last_result.cycles]),
+                _Kind.LOGITS: (READ_LOGITS_HEADER, [b.position, b.read_start]),
             }
-            nak_programs = [(NAK_PAYLOAD, [nak_error, op, value]) for value in arg_values]
-            self._response_rom(m, programs, nak_programs, nak_arg_sel, out_kind, j, weights_loaded,
-                               payload_byte)
-            with m.If((out_kind == _Kind.LOGITS) & logits_data):
-                m.d.comb += [payload_byte.eq(logit_word.word_select(logit_byte, 8)), payload_ready.eq(logit_have)]
+            nak_programs = [(NAK_PAYLOAD, [b.nak_error, b.op, value]) for value in b.arg_values]
+            self._response_rom(m, programs, nak_programs, b.nak_arg_sel, b.out_kind, b.j, b.weights_loaded,
+                               b.payload_byte)
+            with m.If((b.out_kind == _Kind.LOGITS) & b.logits_data):
+                m.d.comb += [b.payload_byte.eq(b.logit_word.word_select(b.logit_byte, 8)), b.payload_ready.eq(b.logit_have)]
             with m.Else():
-                m.d.comb += payload_ready.eq(1)
+                m.d.comb += b.payload_ready.eq(1)
         else:
             identity = _pack(IDENTITY, *[identity_values[f.name] for f in dataclasses.fields(Identity)])
-            nak = _pack(NAK_PAYLOAD, nak_error, op, nak_arg)
-            logits_header = _pack(READ_LOGITS_HEADER, position, read_start)
+            nak = _pack(NAK_PAYLOAD, b.nak_error, b.op, b.nak_arg)
+            logits_header = _pack(READ_LOGITS_HEADER, b.position, b.read_start)
             state_payloads = {
                 _Kind.RESET_STATE: _pack(POSITION, 0),
-                _Kind.LOAD_BEGIN: _pack(LOAD_BEGIN_RESPONSE, self.image_bytes, load_crc),
-                _Kind.LOAD_CHUNK: _pack(LOAD_CHUNK_RESPONSE, load_pointer),
-                _Kind.LOAD_COMMIT: _pack(LOAD_COMMIT_RESPONSE, self.image_bytes, image_crc),
-                _Kind.FEED_TOKEN: _pack(FEED_TOKEN_RESPONSE, position, last_result.argmax, last_result.logit,
-                                        last_result.cycles),
+                _Kind.LOAD_BEGIN: _pack(LOAD_BEGIN_RESPONSE, self.image_bytes, b.load_crc),
+                _Kind.LOAD_CHUNK: _pack(LOAD_CHUNK_RESPONSE, b.load_pointer),
+                _Kind.LOAD_COMMIT: _pack(LOAD_COMMIT_RESPONSE, self.image_bytes, b.image_crc),
+                _Kind.FEED_TOKEN: _pack(FEED_TOKEN_RESPONSE, b.position, b.last_result.argmax, b.last_result.logit,
+                                        b.last_result.cycles),
             }
-            with m.Switch(out_kind):
+            with m.Switch(b.out_kind):
                 for kind, value in state_payloads.items():
                     with m.Case(kind):
-                        m.d.comb += [payload_byte.eq(value.word_select(j[:(len(value) // 8 - 1).bit_length()], 8)),
-                                     payload_ready.eq(1)]
+                        m.d.comb += [b.payload_byte.eq(value.word_select(b.j[:(len(value) // 8 - 1).bit_length()], 8)),
+                                     b.payload_ready.eq(1)]
                 with m.Case(_Kind.IDENTITY):
-                    m.d.comb += [payload_byte.eq(identity.word_select(j[:(IDENTITY.size - 1).bit_length()], 8)),
-                                 payload_ready.eq(1)]
+                    m.d.comb += [b.payload_byte.eq(identity.word_select(b.j[:(IDENTITY.size - 1).bit_length()], 8)),
+                                 b.payload_ready.eq(1)]
                 with m.Case(_Kind.NAK):
-                    m.d.comb += [payload_byte.eq(nak.word_select(j[:(NAK_PAYLOAD.size - 1).bit_length()], 8)),
-                                 payload_ready.eq(1)]
+                    m.d.comb += [b.payload_byte.eq(nak.word_select(b.j[:(NAK_PAYLOAD.size - 1).bit_length()], 8)),
+                                 b.payload_ready.eq(1)]
                 with m.Case(_Kind.LOGITS):
-                    with m.If(~logits_data):
-                        m.d.comb += [payload_byte.eq(logits_header.word_select(
-                            j[:(READ_LOGITS_HEADER.size - 1).bit_length()], 8)), payload_ready.eq(1)]
+                    with m.If(~b.logits_data):
+                        m.d.comb += [b.payload_byte.eq(logits_header.word_select(
+                            b.j[:(READ_LOGITS_HEADER.size - 1).bit_length()], 8)), b.payload_ready.eq(1)]
                     with m.Else():
-                        m.d.comb += [payload_byte.eq(logit_word.word_select(logit_byte, 8)),
-                                     payload_ready.eq(logit_have)]
+                        m.d.comb += [b.payload_byte.eq(b.logit_word.word_select(b.logit_byte, 8)),
+                                     b.payload_ready.eq(b.logit_have)]
 
         # The payload byte at j, registered (pb) before it is picked (the multiplexer and the
         # output path are in different cycles). pb_ready: pb is the byte at j and available;
         # it is withheld for a cycle after anything it depends on changed (pb_stale).
-        pb = Signal(8)
-        pb_ready = Signal()
-        pb_last = Signal()               # j == out_last, registered with pb
-        pb_stale = Signal()
-        m.d.sync += [pb.eq(payload_byte), pb_ready.eq(payload_ready & ~pb_stale), pb_last.eq(j == out_last)]
+        b.pb = Signal(8)
+        b.pb_ready = Signal()
+        b.pb_last = Signal()               # j == out_last, registered with pb
+        b.pb_stale = Signal()
+        m.d.sync += [b.pb.eq(b.payload_byte), b.pb_ready.eq(b.payload_ready & ~b.pb_stale), b.pb_last.eq(b.j == b.out_last)]
         if self.small:
             # the response ROM and the register behind its multiplexer add two cycles: withheld for three
             pb_stale_d = Signal()
             pb_stale_d2 = Signal()
-            m.d.sync += [pb_stale_d.eq(pb_stale), pb_stale_d2.eq(pb_stale_d)]
+            m.d.sync += [pb_stale_d.eq(b.pb_stale), pb_stale_d2.eq(pb_stale_d)]
             with m.If(pb_stale_d | pb_stale_d2):
-                m.d.sync += pb_ready.eq(0)
+                m.d.sync += b.pb_ready.eq(0)
 
         m.d.comb += [
-            self.engine.logit_req.payload.eq(logit_index),
-            self.engine.load.payload.eq(byte_r),
+            self.engine.logit_req.payload.eq(b.logit_index),
+            self.engine.load.payload.eq(b.byte_r),
         ]
 
+
+    def _parser_datapath(self, m, b):
+        """The ring's read address, the parse position and the parser's helpers."""
         # -- read port address ---------------------------------------------------------------------
-        chunk_phase = Signal()
-        chunk_step = Signal()             # an image byte is accepted: address the next one
+        b.chunk_phase = Signal()
+        b.chunk_step = Signal()             # an image byte is accepted: address the next one
         # (small form) the ring address of the chunk's last data byte: rp stands after the frame
         # while the chunk is forwarded, so this register is settled from its first byte on
-        chunk_stop = Signal(ring_bits)
+        b.chunk_stop = Signal(b.ring_bits)
         if self.small:
-            m.d.sync += chunk_stop.eq(rp[:ring_bits] - (TRAILER_LEN + 1))
-        chunk_addr = Signal(ring_bits)    # the ring address of the image byte offered
-        with m.If(~chunk_phase):
+            m.d.sync += b.chunk_stop.eq(b.rp[:b.ring_bits] - (TRAILER_LEN + 1))
+        b.chunk_addr = Signal(b.ring_bits)    # the ring address of the image byte offered
+        with m.If(~b.chunk_phase):
             # set up for a LOAD_CHUNK until one starts: its first byte and its length less one
-            m.d.sync += [chunk_addr.eq(sp + HEADER_LEN + LOAD_CHUNK_HEADER.size),
-                         *([] if self.small else [chunk_left.eq(length - (LOAD_CHUNK_HEADER.size + 1))])]
-        with m.Elif(chunk_step):
-            m.d.sync += chunk_addr.eq(chunk_addr + 1)
+            m.d.sync += [b.chunk_addr.eq(b.sp + HEADER_LEN + LOAD_CHUNK_HEADER.size),
+                         *([] if self.small else [b.chunk_left.eq(b.length - (LOAD_CHUNK_HEADER.size + 1))])]
+        with m.Elif(b.chunk_step):
+            m.d.sync += b.chunk_addr.eq(b.chunk_addr + 1)
         # the read address is a register (chunk_addr or rp): no decision of this cycle reaches it
-        m.d.comb += ring.addr.eq(Mux(chunk_phase, chunk_addr, rp[:ring_bits]))
+        m.d.comb += b.ring.addr.eq(Mux(b.chunk_phase, b.chunk_addr, b.rp[:b.ring_bits]))
         # The read port is addressed with the parse position rp (a register) and its output is
         # registered (byte_r) before the parser looks at it: no path runs from the block RAM's
-        # slow output through the parser's decisions back into its address (the ECP5 critical
-        # path when the parser read one byte per cycle). A byte is parsed every third cycle at
+        # slow output through the parser's decisions back into its address. A byte is parsed every third cycle at
         # most; ``got``: byte_r holds the byte at rp, which was in the ring when it was read.
         read_ok = Signal()               # ring_q holds the byte at rp
         if self.small:
             # (small form) the parse position moves in the cycle after the parser's decision,
-            # from registers (take_r, jump_r): the decision's logic reached rp, read_ok and got,
-            # among the iCE40's longest paths. ``moved_r``: rp moves at this clock edge; the
+            # from registers (take_r, jump_r), so the decision's logic does not reach rp, read_ok
+            # and got. ``moved_r``: rp moves at this clock edge; the
             # parser takes no byte then, and the byte read before it is not the one at rp.
             take_r, jump_r = Signal(), Signal()
-            m.d.sync += [take_r.eq(take), jump_r.eq(jump)]
+            m.d.sync += [take_r.eq(b.take), jump_r.eq(b.jump)]
             moved_r = take_r | jump_r
-            m.d.comb += rp_next.eq(Mux(jump_r, sp, Mux(take_r, rp + 1, rp)))   # (sp has moved on by then)
+            m.d.comb += b.rp_next.eq(Mux(jump_r, b.sp, Mux(take_r, b.rp + 1, b.rp)))   # (sp has moved on by then)
             moved = moved_r
         else:
-            m.d.comb += rp_next.eq(Mux(jump, sp + 1, Mux(take, rp + 1, rp)))
-            moved = take | jump
+            m.d.comb += b.rp_next.eq(Mux(b.jump, b.sp + 1, Mux(b.take, b.rp + 1, b.rp)))
+            moved = b.take | b.jump
         # the CRCs' byte: the ring's registered output (the parser's and the chunk's bytes)
         # unless the transmitter's byte goes in (below)
-        m.d.comb += crcs.data.eq(byte_r)
+        m.d.comb += b.crcs.data.eq(b.byte_r)
         # byte != the header CRC, compared as the byte is registered (small form: the CRC is
-        # final then, done() waits a cycle after the feeder; this comparison was on the path
-        # from the byte into the parser's decisions and rp, the iCE40's critical one)
-        hcrc_differs = Signal()
+        # final then, done() waits a cycle after the CRCs; registered, the comparison is not on
+        # the path from the byte into the parser's decisions and rp)
+        b.hcrc_differs = Signal()
         if self.small:
-            m.d.sync += hcrc_differs.eq(ring_q != crcs.header_crc)
+            m.d.sync += b.hcrc_differs.eq(b.ring_q != b.crcs.header_crc)
         else:
-            m.d.comb += hcrc_differs.eq(byte != crcs.header_crc)
-        m.d.sync += [rp.eq(rp_next), byte_r.eq(ring_q),
-                     read_ok.eq((rp != wp) & ~moved & ~chunk_phase),
-                     got.eq(read_ok & ~moved & ~chunk_phase)]
+            m.d.comb += b.hcrc_differs.eq(b.byte != b.crcs.header_crc)
+        m.d.sync += [b.rp.eq(b.rp_next), b.byte_r.eq(b.ring_q),
+                     read_ok.eq((b.rp != b.wp) & ~moved & ~b.chunk_phase),
+                     b.got.eq(read_ok & ~moved & ~b.chunk_phase)]
 
         @contextlib.contextmanager
         def frame_byte():
             """Inside a frame: the idle timeout returns to HUNT, else the body runs on each byte."""
-            m.d.comb += [self.idle.eq(done(waiting)), in_frame.eq(1)]
+            m.d.comb += [self.idle.eq(b.done(b.waiting)), in_frame.eq(1)]
             with m.If(timed_out):
-                rescan()
+                b.rescan()
                 m.next = "HUNT"
-            with m.Elif(ready_byte):
-                take_byte()
+            with m.Elif(b.ready_byte):
+                b.take_byte()
                 yield
+        b.frame_byte = frame_byte
 
         def take_byte():
             """Consume the byte at rp (its value is ``byte`` this cycle)."""
-            m.d.comb += take.eq(1)
+            m.d.comb += b.take.eq(1)
+        b.take_byte = take_byte
 
         def rescan():
             """Drop the SYNC at sp and parse again from the byte after it."""
-            m.d.comb += jump.eq(1)
-            m.d.sync += sp.eq(sp + 1)
+            m.d.comb += b.jump.eq(1)
+            m.d.sync += b.sp.eq(b.sp + 1)
+        b.rescan = rescan
 
         def respond(kind, out_op_value, length_value, *, rescan_flag=0):
-            counters = [] if self.small else [hk.eq(0), j.eq(0), logits_data.eq(0)]
-            return [out_kind.eq(kind), out_op.eq(out_op_value), out_len.eq(length_value),
-                    out_last.eq(length_value - 1), *counters, rescan_after.eq(rescan_flag)]
+            counters = [] if self.small else [b.hk.eq(0), b.j.eq(0), b.logits_data.eq(0)]
+            return [b.out_kind.eq(kind), b.out_op.eq(out_op_value), b.out_len.eq(length_value),
+                    b.out_last.eq(length_value - 1), *counters, b.rescan_after.eq(rescan_flag)]
+        b.respond = respond
 
         def cache_and_respond(kind, length_value):
-            return [cache_valid.eq(1), cache_seq.eq(seq), cache_crc.eq(frame_crc), cache_op.eq(op),
-                    *respond(kind, op | RESPONSE, length_value)]
+            return [b.cache_valid.eq(1), b.cache_seq.eq(b.seq), b.cache_crc.eq(b.frame_crc), b.cache_op.eq(b.op),
+                    *b.respond(kind, b.op | RESPONSE, length_value)]
+        b.cache_and_respond = cache_and_respond
 
         def finish_response():
             """After a response: parse from the byte after the frame's SYNC again (a NAK for a
             bad CRC) or from the byte after the frame."""
-            with m.If(rescan_after):
-                rescan()
+            with m.If(b.rescan_after):
+                b.rescan()
             with m.Else():
-                m.d.sync += sp.eq(rp)
+                m.d.sync += b.sp.eq(b.rp)
+        b.finish_response = finish_response
 
         def state_response(command):
             kind, layout = _STATE_RESPONSES[command]
-            return cache_and_respond(kind, layout.size)
+            return b.cache_and_respond(kind, layout.size)
+        b.state_response = state_response
 
-        waiting = Signal()     # the parser needs a byte that has not arrived
-        m.d.comb += waiting.eq(~got & (rp == wp))
+        b.waiting = Signal()     # the parser needs a byte that has not arrived
+        m.d.comb += b.waiting.eq(~b.got & (b.rp == b.wp))
         if self.small:
-            # got, and the feeder done with the previous byte: registered (it went through the
-            # feeder's count and the parser's states into rp, the iCE40's critical path), so
+            # got, and the CRCs done with the previous byte: registered (so no path runs through
+            # the CRCs' count and the parser's states into rp), so
             # cleared after a cycle that moved the parse position
             # (and not ready in the cycle after it was: the byte may have been taken; a byte that
             # was not is ready again two cycles later)
             ready_r = Signal()
-            m.d.sync += ready_r.eq(got & ~feeding & ~moved_r & ~ready_r)
-            ready_byte = ready_r & ~moved_r
+            m.d.sync += ready_r.eq(b.got & ~b.feeding & ~moved_r & ~ready_r)
+            b.ready_byte = ready_r & ~moved_r
         else:
-            ready_byte = got
+            b.ready_byte = b.got
         # the idle timeout inside a frame, registered: while the parser waits it takes no byte
         # and stays in its state, so the next cycle drops the frame in the state that timed out
         in_frame = self.in_frame
         timed_out = Signal()
-        m.d.sync += timed_out.eq(waiting & idle_expired & in_frame)
+        m.d.sync += timed_out.eq(b.waiting & b.idle_expired & in_frame)
 
-        with m.FSM(name="link") as link_fsm:
-            # ---- parsing: one byte every third cycle while bytes are in the ring ----
-            with m.State("HUNT"):
-                m.d.comb += self.idle.eq(done(waiting & ~nb_valid))
-                with m.If(ready_byte):
-                    take_byte()
-                    with m.If(byte == SYNC):
-                        m.d.comb += crcs.start.eq(1)
-                        m.d.sync += hidx.eq(1)
-                        m.next = "HEADER"
-                    with m.Else():
-                        m.d.sync += sp.eq(rp + 1)
 
-            with m.State("HEADER"):
-                with frame_byte():
-                    m.d.sync += [hidx.eq(hidx + 1), tidx.eq(0), arg_sel.eq(1)]
-                    m.d.comb += [crcs.frame.eq(1), crcs.header.eq(hidx < HEADER_LEN - 1)]
-                    with m.Switch(hidx):
-                        with m.Case(1):
-                            m.d.sync += seq.eq(byte)
-                        with m.Case(2):
-                            m.d.sync += op.eq(byte)
-                            if self.small:
-                                # the response whose first word the request's first word is checked against
-                                m.d.sync += [j.eq(0), logits_data.eq(0)]
-                                with m.Switch(byte):
-                                    for command, kind in ((Op.LOAD_BEGIN, _Kind.LOAD_BEGIN),
-                                                          (Op.LOAD_CHUNK, _Kind.LOAD_CHUNK),
-                                                          (Op.FEED_TOKEN, _Kind.FEED_TOKEN),
-                                                          (Op.READ_LOGITS, _Kind.LOGITS)):
-                                        with m.Case(command):
-                                            m.d.sync += out_kind.eq(kind)
-                        with m.Case(3):
-                            m.d.sync += length[:8].eq(byte)
-                        with m.Case(4):
-                            # LEN > max_payload, from its high byte and the low byte kept
-                            m.d.sync += [length[8:].eq(byte),
-                                         length_big.eq((byte > self.max_payload >> 8)
-                                                       | ((byte == self.max_payload >> 8)
-                                                          & (length[:8] > (self.max_payload & 0xFF))))]
-                        with m.Default():
-                            m.d.sync += payload_left.eq(length - 1)
-                            with m.If(hcrc_differs | length_big):
-                                rescan()
-                                m.next = "HUNT"
-                            with m.Elif(length_zero):
-                                m.next = "TRAILER"
-                            with m.Else():
-                                m.next = "PAYLOAD"
-
-            with m.State("PAYLOAD"):
-                with frame_byte():
-                    m.d.sync += [payload_left.eq(payload_left - 1), arg_sel.eq(arg_sel << 1)]
-                    m.d.comb += crcs.frame.eq(1)
-                    for i in range(_ARG_BYTES):
-                        if self.small and i < 4:
-                            continue
-                        with m.If(arg_sel[i]):
-                            m.d.sync += args[8 * i:8 * i + 8].eq(byte)
-                    if self.small:
-                        with m.If(arg_sel[:4] != 0):
-                            m.d.sync += j.eq(j + 1)
-                        with m.If(arg_sel[0]):
-                            m.d.sync += [word0_differs.eq(byte != payload_byte), word0_ones.eq(byte == 0xFF)]
-                        with m.Elif(arg_sel[1:4] != 0):
-                            m.d.sync += [word0_differs.eq(word0_differs | (byte != payload_byte)),
-                                         word0_ones.eq(word0_ones & (byte == 0xFF))]
-                    with m.If(payload_left == 0):
-                        m.next = "TRAILER"
-
-            with m.State("TRAILER"):
-                m.d.comb += in_trailer.eq(1)
-                with frame_byte():
-                    m.d.sync += [tidx.eq(tidx + 1),
-                                 frame_crc.eq(Cat(byte, frame_crc[:8])),
-                                 crc_cached.eq(Cat(byte, frame_crc[:8]) == cache_crc)]
-                    m.d.comb += crcs.frame.eq(1)
-                    with m.If(tidx == TRAILER_LEN - 1):
-                        m.next = "CHECK"
-
-            # ---- the frame CRC has seen every byte: its verdict is registered first ----
-            with m.State("CHECK"):
-                # (also registered here: whether DECIDE replays the cached response, and that
-                # response's kind and length, decoded from cache_op: that decoding, the priority
-                # chain and the response registers' enables were one path, the iCE40's critical one)
-                m.d.sync += replay.eq(crc_cached & replayable)
-                with m.Switch(cache_op):
-                    for command, (kind, layout) in _STATE_RESPONSES.items():
-                        with m.Case(command):
-                            m.d.sync += [replay_kind.eq(kind), replay_len.eq(layout.size)]
-                with after_feeder():
-                    m.d.sync += good.eq(crcs.frame_match)
-                    m.next = "VERDICT" if self.small else "DECIDE"
-
-            # ---- a frame with a valid header is complete; the frame CRC has seen every byte ----
-            # DECIDE's branches in priority order (the frame is a response; its CRC failed; it
-            # repeats the cached command; a check failed), then one per command
-            def on_response():
-                with m.If(good):
-                    m.d.sync += sp.eq(rp)
+    def _parse_states(self, m, b):
+        """Parsing states: HUNT, HEADER, PAYLOAD, TRAILER, CHECK."""
+        # ---- parsing: one byte every third cycle while bytes are in the ring ----
+        with m.State("HUNT"):
+            m.d.comb += self.idle.eq(b.done(b.waiting & ~b.nb_valid))
+            with m.If(b.ready_byte):
+                b.take_byte()
+                with m.If(b.byte == SYNC):
+                    m.d.comb += b.crcs.start.eq(1)
+                    m.d.sync += b.hidx.eq(1)
+                    m.next = "HEADER"
                 with m.Else():
-                    rescan()
+                    m.d.sync += b.sp.eq(b.rp + 1)
+
+        with m.State("HEADER"):
+            with b.frame_byte():
+                m.d.sync += [b.hidx.eq(b.hidx + 1), b.tidx.eq(0), b.arg_sel.eq(1)]
+                m.d.comb += [b.crcs.frame.eq(1), b.crcs.header.eq(b.hidx < HEADER_LEN - 1)]
+                with m.Switch(b.hidx):
+                    with m.Case(1):
+                        m.d.sync += b.seq.eq(b.byte)
+                    with m.Case(2):
+                        m.d.sync += b.op.eq(b.byte)
+                        if self.small:
+                            # the response whose first word the request's first word is checked against
+                            m.d.sync += [b.j.eq(0), b.logits_data.eq(0)]
+                            with m.Switch(b.byte):
+                                for command, kind in ((Op.LOAD_BEGIN, _Kind.LOAD_BEGIN),
+                                                      (Op.LOAD_CHUNK, _Kind.LOAD_CHUNK),
+                                                      (Op.FEED_TOKEN, _Kind.FEED_TOKEN),
+                                                      (Op.READ_LOGITS, _Kind.LOGITS)):
+                                    with m.Case(command):
+                                        m.d.sync += b.out_kind.eq(kind)
+                    with m.Case(3):
+                        m.d.sync += b.length[:8].eq(b.byte)
+                    with m.Case(4):
+                        # LEN > max_payload, from its high byte and the low byte kept
+                        m.d.sync += [b.length[8:].eq(b.byte),
+                                     b.length_big.eq((b.byte > self.max_payload >> 8)
+                                                   | ((b.byte == self.max_payload >> 8)
+                                                      & (b.length[:8] > (self.max_payload & 0xFF))))]
+                    with m.Default():
+                        m.d.sync += b.payload_left.eq(b.length - 1)
+                        with m.If(b.hcrc_differs | b.length_big):
+                            b.rescan()
+                            m.next = "HUNT"
+                        with m.Elif(b.length_zero):
+                            m.next = "TRAILER"
+                        with m.Else():
+                            m.next = "PAYLOAD"
+
+        with m.State("PAYLOAD"):
+            with b.frame_byte():
+                m.d.sync += [b.payload_left.eq(b.payload_left - 1), b.arg_sel.eq(b.arg_sel << 1)]
+                m.d.comb += b.crcs.frame.eq(1)
+                for i in range(_ARG_BYTES):
+                    if self.small and i < 4:
+                        continue
+                    with m.If(b.arg_sel[i]):
+                        m.d.sync += b.args[8 * i:8 * i + 8].eq(b.byte)
+                if self.small:
+                    with m.If(b.arg_sel[:4] != 0):
+                        m.d.sync += b.j.eq(b.j + 1)
+                    with m.If(b.arg_sel[0]):
+                        m.d.sync += [b.word0_differs.eq(b.byte != b.payload_byte), b.word0_ones.eq(b.byte == 0xFF)]
+                    with m.Elif(b.arg_sel[1:4] != 0):
+                        m.d.sync += [b.word0_differs.eq(b.word0_differs | (b.byte != b.payload_byte)),
+                                     b.word0_ones.eq(b.word0_ones & (b.byte == 0xFF))]
+                with m.If(b.payload_left == 0):
+                    m.next = "TRAILER"
+
+        with m.State("TRAILER"):
+            m.d.comb += b.in_trailer.eq(1)
+            with b.frame_byte():
+                m.d.sync += [b.tidx.eq(b.tidx + 1),
+                             b.frame_crc.eq(Cat(b.byte, b.frame_crc[:8])),
+                             b.crc_cached.eq(Cat(b.byte, b.frame_crc[:8]) == b.cache_crc)]
+                m.d.comb += b.crcs.frame.eq(1)
+                with m.If(b.tidx == TRAILER_LEN - 1):
+                    m.next = "CHECK"
+
+        # ---- the frame CRC has seen every byte: its verdict is registered first ----
+        with m.State("CHECK"):
+            # (also registered here: whether DECIDE replays the cached response, and that
+            # response's kind and length, decoded from cache_op, so that decoding, the priority
+            # chain and the response registers' enables are not one path)
+            m.d.sync += b.replay.eq(b.crc_cached & b.replayable)
+            with m.Switch(b.cache_op):
+                for command, (kind, layout) in _STATE_RESPONSES.items():
+                    with m.Case(command):
+                        m.d.sync += [b.replay_kind.eq(kind), b.replay_len.eq(layout.size)]
+            with b.after_feeder():
+                m.d.sync += b.good.eq(b.crcs.frame_match)
+                m.next = "VERDICT" if self.small else "DECIDE"
+
+
+    def _decide_states(self, m, b):
+        """The decision on a complete frame (VERDICT in the small form, DECIDE)."""
+        # ---- a frame with a valid header is complete; the frame CRC has seen every byte ----
+        # DECIDE's branches in priority order (the frame is a response; its CRC failed; it
+        # repeats the cached command; a check failed), then one per command
+        def on_response():
+            with m.If(b.good):
+                m.d.sync += b.sp.eq(b.rp)
+            with m.Else():
+                b.rescan()
+            m.next = "HUNT"
+
+        def on_bad_crc():
+            m.d.sync += [*b.respond(_Kind.NAK, NAK_RESPONSE, NAK_PAYLOAD.size, rescan_flag=1),
+                         b.nak_error.eq(Error.BAD_CRC), b.nak_arg.eq(0)]
+            if self.small:
+                m.d.sync += b.nak_arg_sel.eq(0)    # (argument 0 has index 0)
+            m.next = "SEND"
+
+        def on_replay():
+            m.d.sync += b.respond(b.replay_kind, b.cache_op | RESPONSE, b.replay_len)
+            m.next = "SEND"
+
+        def on_rejected():
+            m.d.sync += b.respond(_Kind.NAK, NAK_RESPONSE, NAK_PAYLOAD.size)
+            m.next = "SEND"
+
+        def on_identify():
+            m.d.sync += b.cache_and_respond(_Kind.IDENTITY, IDENTITY.size)
+            m.next = "SEND"
+
+        def on_reset_state():
+            m.d.sync += [b.position.eq(0), b.logits_valid.eq(0),
+                         *b.state_response(Op.RESET_STATE)]
+            m.next = "ENGINE_RESET"
+
+        def on_load_begin():
+            # (small form: image_crc follows load_crc and weights_loaded)
+            m.d.sync += [b.weights_loaded.eq(0), *([] if self.small else [b.image_crc.eq(0)]),
+                         b.position.eq(0),
+                         b.logits_valid.eq(0), b.load_open.eq(1), b.load_crc.eq(b.begin_crc),
+                         b.load_pointer.eq(0),
+                         *b.state_response(Op.LOAD_BEGIN)]
+            m.next = "ENGINE_LOAD_RESET"
+
+        def on_load_chunk():
+            m.d.sync += [b.chunk_phase.eq(1),
+                         *b.state_response(Op.LOAD_CHUNK)]
+            m.next = "CHUNK_ADDR"
+
+        def on_load_commit():
+            m.d.sync += [b.weights_loaded.eq(1), *([] if self.small else [b.image_crc.eq(b.load_crc)]),
+                         b.load_open.eq(0),
+                         b.position.eq(0), b.logits_valid.eq(0),
+                         *b.state_response(Op.LOAD_COMMIT)]
+            m.next = "ENGINE_RESET"
+
+        def on_feed_token():
+            m.d.sync += b.state_response(Op.FEED_TOKEN)
+            m.next = "ENGINE_FEED"
+
+        def on_read_logits():
+            m.d.sync += [b.read_start.eq(b.read_start_arg), b.logit_index.eq(b.read_start_arg),
+                         b.logit_have.eq(0), b.logit_asked.eq(0), b.logit_byte.eq(0),
+                         *b.cache_and_respond(_Kind.LOGITS,
+                                            READ_LOGITS_HEADER.size + 4 * b.read_count)]
+            m.next = "SEND"
+
+        checks = [(b.op & RESPONSE, on_response), (~b.good, on_bad_crc), (b.replay, on_replay),
+                  (b.rejected, on_rejected)]
+        commands_taken = [(Op.IDENTIFY, on_identify), (Op.RESET_STATE, on_reset_state),
+                          (Op.LOAD_BEGIN, on_load_begin), (Op.LOAD_CHUNK, on_load_chunk),
+                          (Op.LOAD_COMMIT, on_load_commit), (Op.FEED_TOKEN, on_feed_token),
+                          (Op.READ_LOGITS, on_read_logits)]
+        if self.small:
+            # (small form) the decision, one-hot in registers set in VERDICT: each branch is
+            # one flip-flop in DECIDE (its priority chain does not reach the registers' enables)
+            verdict = [Signal(name=f"verdict_{body.__name__[3:]}") for _, body in checks + commands_taken]
+            with m.State("VERDICT"):
+                earlier = Const(0)
+                for flag, (cond, _) in zip(verdict, checks):
+                    m.d.sync += flag.eq(cond.any() & ~earlier)
+                    earlier = earlier | cond.any()
+                for flag, (command, _) in zip(verdict[len(checks):], commands_taken):
+                    m.d.sync += flag.eq(~earlier & (b.op_code == b.op_index[command]))
+                m.next = "DECIDE"
+        with m.State("DECIDE"):
+            if self.small:
+                # a response's counters start at 0 whatever is decided (set in the decisions'
+                # branches, j's enable would be a path through all of them)
+                m.d.sync += [b.hk.eq(0), b.j.eq(0), b.logits_data.eq(0)]
+                for flag, (_, body) in zip(verdict, checks + commands_taken):
+                    with m.If(flag):
+                        body()
+            else:
+                for n, (cond, body) in enumerate(checks):
+                    with (m.If if n == 0 else m.Elif)(cond):
+                        body()
+                with m.Else():
+                    with m.Switch(b.op_code):
+                        for command, body in commands_taken:
+                            with m.Case(b.op_index[command]):
+                                body()
+
+
+    def _engine_states(self, m, b):
+        """Engine commands: ENGINE_RESET, ENGINE_LOAD_RESET, ENGINE_FEED, ENGINE_RESULT."""
+        # ---- engine commands ----
+        with m.State("ENGINE_RESET"):
+            m.d.comb += [self.engine.cmd.valid.eq(1), self.engine.cmd.payload.op.eq(EngineOp.RESET_STATE), self.engine.cmd.payload.index.eq(0)]
+            with m.If(self.engine.cmd.ready):
+                m.next = "SEND"
+        with m.State("ENGINE_LOAD_RESET"):
+            # LOAD_BEGIN's restart of the image CRC (here, not in DECIDE: a shorter path)
+            m.d.comb += [self.engine.cmd.valid.eq(1), self.engine.cmd.payload.op.eq(EngineOp.LOAD_RESET), self.engine.cmd.payload.index.eq(0),
+                         b.crcs.image_start.eq(1)]
+            with m.If(self.engine.cmd.ready):
+                m.next = "SEND"
+        with m.State("ENGINE_FEED"):
+            m.d.comb += [self.engine.cmd.valid.eq(1), self.engine.cmd.payload.op.eq(EngineOp.FEED_TOKEN), self.engine.cmd.payload.index.eq(0),
+                         self.engine.cmd.payload.arg.eq(b.feed_token)]
+            with m.If(self.engine.cmd.ready):
+                m.next = "ENGINE_RESULT"
+        with m.State("ENGINE_RESULT"):
+            m.d.comb += self.engine.result.ready.eq(1)
+            with m.If(self.engine.result.valid):
+                result = self.engine.result.payload
+                m.d.sync += [b.position.eq(b.position + 1), b.logits_valid.eq(1),
+                             b.last_result.argmax.eq(result.token), b.last_result.logit.eq(result.logit),
+                             b.last_result.cycles.eq(result.cycles)]
+                m.next = "SEND"
+
+
+    def _chunk_states(self, m, b):
+        """LOAD_CHUNK: the checked frame's data from the ring to the engine."""
+        # ---- LOAD_CHUNK: the checked frame's data from the ring to the engine ----
+        # One byte per three cycles: the ring is read at chunk_addr (CHUNK_ADDR), its output
+        # registered (ring_q, CHUNK_WAIT) and registered again (byte_r, CHUNK_OUT), which is
+        # what the engine and the image CRC get: no path from the block RAM's slow output
+        # leaves the Link or enters the CRC-32.
+        with m.State("CHUNK_ADDR"):
+            with b.after_feeder():
+                m.next = "CHUNK_WAIT"
+        with m.State("CHUNK_WAIT"):
+            m.next = "CHUNK_OUT"
+        with m.State("CHUNK_OUT"):
+            m.d.comb += [self.engine.load.valid.eq(1), b.chunk_step.eq(self.engine.load.ready)]
+            m.d.comb += b.crcs.image.eq(self.engine.load.ready)
+            with m.If(self.engine.load.ready):
+                m.next = "CHUNK_ADDR"
+                m.d.sync += [*([] if self.small else [b.chunk_left.eq(b.chunk_left - 1)]),
+                             b.load_pointer.eq(b.load_pointer + 1)]
+                # (small form: the last data byte is the one before the trailer, which ends at
+                # rp: the parser stands after the frame while the chunk is forwarded)
+                chunk_last = ((b.chunk_addr == b.chunk_stop) if self.small else b.chunk_left == 0)
+                with m.If(chunk_last):
+                    m.d.sync += b.chunk_phase.eq(0)
+                    m.next = "SEND"
+
+
+    def _send_states(self, m, b):
+        """Transmitting the response frame: SEND .. SEND_END (SEND_DONE)."""
+        # ---- transmit the response frame ----
+        # Each state picks the next byte into ``nb`` while it is empty; the output register
+        # takes it from there (below), which also runs it through the CRCs. A CRC byte is
+        # picked after every byte before it has been taken.
+        with m.State("SEND"):
+            with m.If(b.nb_free):
+                m.d.sync += [b.nb_valid.eq(1), b.hk.eq(b.hk + 1), b.nb_start.eq(b.hk == 0),
+                             b.nb_hcrc.eq((b.hk >= 1) & (b.hk < HEADER_LEN - 1)), b.nb_fcrc.eq(b.hk >= 1)]
+                with m.Switch(b.hk):
+                    with m.Case(0):
+                        m.d.sync += b.nb.eq(SYNC)
+                    with m.Case(1):
+                        m.d.sync += b.nb.eq(b.seq)       # the frame's SEQ (no byte is parsed now)
+                    with m.Case(2):
+                        m.d.sync += b.nb.eq(b.out_op)
+                    with m.Case(3):
+                        m.d.sync += b.nb.eq(b.out_len[:8])
+                    with m.Case(4):
+                        m.d.sync += b.nb.eq(b.out_len[8:])
+                    with m.Default():
+                        m.d.sync += [b.nb.eq(b.crcs.header_crc), b.hk.eq(0)]
+                        m.next = "SEND_PAYLOAD"
+        with m.State("SEND_PAYLOAD"):
+            with m.If(b.nb_free & b.pb_ready):
+                m.d.comb += b.pb_stale.eq(1)
+                m.d.sync += [b.nb.eq(b.pb), b.nb_valid.eq(1), b.nb_start.eq(0), b.nb_hcrc.eq(0),
+                             b.nb_fcrc.eq(1), b.j.eq(b.j + 1)]
+                with m.If(b.j == READ_LOGITS_HEADER.size - 1):
+                    m.d.sync += b.logits_data.eq(1)
+                with m.If((b.out_kind == _Kind.LOGITS) & b.logits_data):
+                    m.d.sync += b.logit_byte.eq(b.logit_byte + 1)
+                    with m.If(b.logit_byte == 3):
+                        m.d.sync += [b.logit_have.eq(0), b.logit_index.eq(b.logit_index + 1)]
+                with m.If(b.pb_last):
+                    m.next = "SEND_TRAILER"
+            with m.If(~b.payload_ready):
+                # fetch the next logit from the engine
+                m.d.comb += [self.engine.logit_req.valid.eq(~b.logit_asked),
+                             self.engine.logit_resp.ready.eq(b.logit_asked)]
+                with m.If(self.engine.logit_req.valid & self.engine.logit_req.ready):
+                    m.d.sync += b.logit_asked.eq(1)
+                with m.If(self.engine.logit_resp.valid & self.engine.logit_resp.ready):
+                    m.d.comb += b.pb_stale.eq(1)
+                    m.d.sync += [b.logit_word.eq(self.engine.logit_resp.payload), b.logit_have.eq(1),
+                                 b.logit_asked.eq(0)]
+        with m.State("SEND_TRAILER"):
+            with m.If(b.nb_free):
+                m.d.sync += [b.nb_valid.eq(1), b.nb_start.eq(0), b.nb_hcrc.eq(0), b.nb_fcrc.eq(0), b.hk.eq(1)]
+                with m.If(b.hk == 0):
+                    m.d.sync += b.nb.eq(b.crcs.frame_crc[8:])
+                with m.Else():
+                    m.d.sync += b.nb.eq(b.crcs.frame_crc[:8])
+                    m.next = "SEND_END"
+        with m.State("SEND_END"):
+            # done once the last byte has been taken
+            with m.If(b.nb_free):
+                if self.small:
+                    # (small form: the parse position moves in the next cycle, so nb_free, the
+                    # rescan and rp's enable are not one path)
+                    m.next = "SEND_DONE"
+                else:
+                    b.finish_response()
+                    m.next = "HUNT"
+        if self.small:
+            with m.State("SEND_DONE"):
+                b.finish_response()
                 m.next = "HUNT"
 
-            def on_bad_crc():
-                m.d.sync += [*respond(_Kind.NAK, NAK_RESPONSE, NAK_PAYLOAD.size, rescan_flag=1),
-                             nak_error.eq(Error.BAD_CRC), nak_arg.eq(0)]
-                if self.small:
-                    m.d.sync += nak_arg_sel.eq(0)    # (argument 0 has index 0)
-                m.next = "SEND"
 
-            def on_replay():
-                m.d.sync += respond(replay_kind, cache_op | RESPONSE, replay_len)
-                m.next = "SEND"
-
-            def on_rejected():
-                m.d.sync += respond(_Kind.NAK, NAK_RESPONSE, NAK_PAYLOAD.size)
-                m.next = "SEND"
-
-            def on_identify():
-                m.d.sync += cache_and_respond(_Kind.IDENTITY, IDENTITY.size)
-                m.next = "SEND"
-
-            def on_reset_state():
-                m.d.sync += [position.eq(0), logits_valid.eq(0),
-                             *state_response(Op.RESET_STATE)]
-                m.next = "ENGINE_RESET"
-
-            def on_load_begin():
-                # (small form: image_crc follows load_crc and weights_loaded)
-                m.d.sync += [weights_loaded.eq(0), *([] if self.small else [image_crc.eq(0)]),
-                             position.eq(0),
-                             logits_valid.eq(0), load_open.eq(1), load_crc.eq(begin_crc),
-                             load_pointer.eq(0),
-                             *state_response(Op.LOAD_BEGIN)]
-                m.next = "ENGINE_LOAD_RESET"
-
-            def on_load_chunk():
-                m.d.sync += [chunk_phase.eq(1),
-                             *state_response(Op.LOAD_CHUNK)]
-                m.next = "CHUNK_ADDR"
-
-            def on_load_commit():
-                m.d.sync += [weights_loaded.eq(1), *([] if self.small else [image_crc.eq(load_crc)]),
-                             load_open.eq(0),
-                             position.eq(0), logits_valid.eq(0),
-                             *state_response(Op.LOAD_COMMIT)]
-                m.next = "ENGINE_RESET"
-
-            def on_feed_token():
-                m.d.sync += state_response(Op.FEED_TOKEN)
-                m.next = "ENGINE_FEED"
-
-            def on_read_logits():
-                m.d.sync += [read_start.eq(read_start_arg), logit_index.eq(read_start_arg),
-                             logit_have.eq(0), logit_asked.eq(0), logit_byte.eq(0),
-                             *cache_and_respond(_Kind.LOGITS,
-                                                READ_LOGITS_HEADER.size + 4 * read_count)]
-                m.next = "SEND"
-
-            checks = [(op & RESPONSE, on_response), (~good, on_bad_crc), (replay, on_replay),
-                      (rejected, on_rejected)]
-            commands_taken = [(Op.IDENTIFY, on_identify), (Op.RESET_STATE, on_reset_state),
-                              (Op.LOAD_BEGIN, on_load_begin), (Op.LOAD_CHUNK, on_load_chunk),
-                              (Op.LOAD_COMMIT, on_load_commit), (Op.FEED_TOKEN, on_feed_token),
-                              (Op.READ_LOGITS, on_read_logits)]
-            if self.small:
-                # (small form) the decision, one-hot in registers set in VERDICT: each branch is
-                # one flip-flop in DECIDE (its priority chain, through the registers' enables,
-                # was among the iCE40's longest paths)
-                verdict = [Signal(name=f"verdict_{body.__name__[3:]}") for _, body in checks + commands_taken]
-                with m.State("VERDICT"):
-                    earlier = Const(0)
-                    for flag, (cond, _) in zip(verdict, checks):
-                        m.d.sync += flag.eq(cond.any() & ~earlier)
-                        earlier = earlier | cond.any()
-                    for flag, (command, _) in zip(verdict[len(checks):], commands_taken):
-                        m.d.sync += flag.eq(~earlier & (op_code == op_index[command]))
-                    m.next = "DECIDE"
-            with m.State("DECIDE"):
-                if self.small:
-                    # a response's counters start at 0 whatever is decided (set in the decisions'
-                    # branches, j's enable was a path through all of them, one of the iCE40's longest)
-                    m.d.sync += [hk.eq(0), j.eq(0), logits_data.eq(0)]
-                    for flag, (_, body) in zip(verdict, checks + commands_taken):
-                        with m.If(flag):
-                            body()
-                else:
-                    for n, (cond, body) in enumerate(checks):
-                        with (m.If if n == 0 else m.Elif)(cond):
-                            body()
-                    with m.Else():
-                        with m.Switch(op_code):
-                            for command, body in commands_taken:
-                                with m.Case(op_index[command]):
-                                    body()
-
-            # ---- engine commands ----
-            with m.State("ENGINE_RESET"):
-                m.d.comb += [self.engine.cmd.valid.eq(1), self.engine.cmd.payload.op.eq(EngineOp.RESET_STATE), self.engine.cmd.payload.index.eq(0)]
-                with m.If(self.engine.cmd.ready):
-                    m.next = "SEND"
-            with m.State("ENGINE_LOAD_RESET"):
-                # LOAD_BEGIN's restart of the image CRC (here, not in DECIDE: a shorter path)
-                m.d.comb += [self.engine.cmd.valid.eq(1), self.engine.cmd.payload.op.eq(EngineOp.LOAD_RESET), self.engine.cmd.payload.index.eq(0),
-                             crcs.image_start.eq(1)]
-                with m.If(self.engine.cmd.ready):
-                    m.next = "SEND"
-            with m.State("ENGINE_FEED"):
-                m.d.comb += [self.engine.cmd.valid.eq(1), self.engine.cmd.payload.op.eq(EngineOp.FEED_TOKEN), self.engine.cmd.payload.index.eq(0),
-                             self.engine.cmd.payload.arg.eq(feed_token)]
-                with m.If(self.engine.cmd.ready):
-                    m.next = "ENGINE_RESULT"
-            with m.State("ENGINE_RESULT"):
-                m.d.comb += self.engine.result.ready.eq(1)
-                with m.If(self.engine.result.valid):
-                    result = self.engine.result.payload
-                    m.d.sync += [position.eq(position + 1), logits_valid.eq(1),
-                                 last_result.argmax.eq(result.token), last_result.logit.eq(result.logit),
-                                 last_result.cycles.eq(result.cycles)]
-                    m.next = "SEND"
-
-            # ---- LOAD_CHUNK: the checked frame's data from the ring to the engine ----
-            # One byte per three cycles: the ring is read at chunk_addr (CHUNK_ADDR), its output
-            # registered (ring_q, CHUNK_WAIT) and registered again (byte_r, CHUNK_OUT), which is
-            # what the engine and the image CRC get: no path from the block RAM's slow output
-            # leaves the Link or enters the CRC-32.
-            with m.State("CHUNK_ADDR"):
-                with after_feeder():
-                    m.next = "CHUNK_WAIT"
-            with m.State("CHUNK_WAIT"):
-                m.next = "CHUNK_OUT"
-            with m.State("CHUNK_OUT"):
-                m.d.comb += [self.engine.load.valid.eq(1), chunk_step.eq(self.engine.load.ready)]
-                m.d.comb += crcs.image.eq(self.engine.load.ready)
-                with m.If(self.engine.load.ready):
-                    m.next = "CHUNK_ADDR"
-                    m.d.sync += [*([] if self.small else [chunk_left.eq(chunk_left - 1)]),
-                                 load_pointer.eq(load_pointer + 1)]
-                    # (small form: the last data byte is the one before the trailer, which ends at
-                    # rp: the parser stands after the frame while the chunk is forwarded)
-                    chunk_last = ((chunk_addr == chunk_stop) if self.small else chunk_left == 0)
-                    with m.If(chunk_last):
-                        m.d.sync += chunk_phase.eq(0)
-                        m.next = "SEND"
-
-            # ---- transmit the response frame ----
-            # Each state picks the next byte into ``nb`` while it is empty; the output register
-            # takes it from there (below), which also runs it through the CRCs. A CRC byte is
-            # picked after every byte before it has been taken.
-            with m.State("SEND"):
-                with m.If(nb_free):
-                    m.d.sync += [nb_valid.eq(1), hk.eq(hk + 1), nb_start.eq(hk == 0),
-                                 nb_hcrc.eq((hk >= 1) & (hk < HEADER_LEN - 1)), nb_fcrc.eq(hk >= 1)]
-                    with m.Switch(hk):
-                        with m.Case(0):
-                            m.d.sync += nb.eq(SYNC)
-                        with m.Case(1):
-                            m.d.sync += nb.eq(seq)       # the frame's SEQ (no byte is parsed now)
-                        with m.Case(2):
-                            m.d.sync += nb.eq(out_op)
-                        with m.Case(3):
-                            m.d.sync += nb.eq(out_len[:8])
-                        with m.Case(4):
-                            m.d.sync += nb.eq(out_len[8:])
-                        with m.Default():
-                            m.d.sync += [nb.eq(crcs.header_crc), hk.eq(0)]
-                            m.next = "SEND_PAYLOAD"
-            with m.State("SEND_PAYLOAD"):
-                with m.If(nb_free & pb_ready):
-                    m.d.comb += pb_stale.eq(1)
-                    m.d.sync += [nb.eq(pb), nb_valid.eq(1), nb_start.eq(0), nb_hcrc.eq(0),
-                                 nb_fcrc.eq(1), j.eq(j + 1)]
-                    with m.If(j == READ_LOGITS_HEADER.size - 1):
-                        m.d.sync += logits_data.eq(1)
-                    with m.If((out_kind == _Kind.LOGITS) & logits_data):
-                        m.d.sync += logit_byte.eq(logit_byte + 1)
-                        with m.If(logit_byte == 3):
-                            m.d.sync += [logit_have.eq(0), logit_index.eq(logit_index + 1)]
-                    with m.If(pb_last):
-                        m.next = "SEND_TRAILER"
-                with m.If(~payload_ready):
-                    # fetch the next logit from the engine
-                    m.d.comb += [self.engine.logit_req.valid.eq(~logit_asked),
-                                 self.engine.logit_resp.ready.eq(logit_asked)]
-                    with m.If(self.engine.logit_req.valid & self.engine.logit_req.ready):
-                        m.d.sync += logit_asked.eq(1)
-                    with m.If(self.engine.logit_resp.valid & self.engine.logit_resp.ready):
-                        m.d.comb += pb_stale.eq(1)
-                        m.d.sync += [logit_word.eq(self.engine.logit_resp.payload), logit_have.eq(1),
-                                     logit_asked.eq(0)]
-            with m.State("SEND_TRAILER"):
-                with m.If(nb_free):
-                    m.d.sync += [nb_valid.eq(1), nb_start.eq(0), nb_hcrc.eq(0), nb_fcrc.eq(0), hk.eq(1)]
-                    with m.If(hk == 0):
-                        m.d.sync += nb.eq(crcs.frame_crc[8:])
-                    with m.Else():
-                        m.d.sync += nb.eq(crcs.frame_crc[:8])
-                        m.next = "SEND_END"
-            with m.State("SEND_END"):
-                # done once the last byte has been taken
-                with m.If(nb_free):
-                    if self.small:
-                        # (small form: the parse position moves in the next cycle; nb_free, the
-                        # rescan and rp's enable were one path, the iCE40's critical one)
-                        m.next = "SEND_DONE"
-                    else:
-                        finish_response()
-                        m.next = "HUNT"
-            if self.small:
-                with m.State("SEND_DONE"):
-                    finish_response()
-                    m.next = "HUNT"
-
+    def _fsm(self, m, b):
+        """The Link's state machine: parse, check, execute, forward a chunk, respond."""
+        with m.FSM(name="link") as link_fsm:
+            self._parse_states(m, b)
+            self._decide_states(m, b)
+            self._engine_states(m, b)
+            self._chunk_states(m, b)
+            self._send_states(m, b)
         if self.small:
             # one flip-flop per state (Yosys recodes the FSM): decoding the binary state was the
             # start of most of the Link's long paths on iCE40
             link_fsm.state.attrs["fsm_encoding"] = "one-hot"
 
-        m.d.sync += fed.eq(nb_valid & self.tx.ready)
-        with m.If(nb_valid & self.tx.ready):
-            m.d.sync += nb_valid.eq(0)
-        with m.If(fed):
-            m.d.comb += [crcs.start.eq(nb_start), crcs.data.eq(nb), crcs.header.eq(nb_hcrc),
-                         crcs.frame.eq(nb_fcrc)]
-        return m
+        m.d.sync += b.fed.eq(b.nb_valid & self.tx.ready)
+        with m.If(b.nb_valid & self.tx.ready):
+            m.d.sync += b.nb_valid.eq(0)
+        with m.If(b.fed):
+            m.d.comb += [b.crcs.start.eq(b.nb_start), b.crcs.data.eq(b.nb), b.crcs.header.eq(b.nb_hcrc),
+                         b.crcs.frame.eq(b.nb_fcrc)]

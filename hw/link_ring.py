@@ -6,7 +6,7 @@ full ring and an empty one differ.
 
 Members
 -------
-rx : In(stream.Signature(8))
+incoming : In(stream.Signature(8))
     Bytes from the host. ``ready`` is a register: set while at least two places are free
     (behind ``keep``), so a byte taken in the cycle it is computed still leaves room for one
     in the next.
@@ -16,7 +16,7 @@ keep : In(ring_bits + 1)
 wp : Out(ring_bits + 1)
     Where the next byte goes; a byte at ``p`` has arrived while ``p != wp`` (from ``keep`` on).
 wrote : Out(1)
-    A byte is taken from ``rx`` in this cycle (``wp`` moves at the clock edge).
+    A byte is taken from ``incoming`` in this cycle (``wp`` moves at the clock edge).
 addr : In(ring_bits)
     The read address (drive it from a register: it starts the block RAM's read).
 data : Out(8)
@@ -46,23 +46,23 @@ class ReceiveRing(wiring.Component):
         self.depth = depth
         self.bits = (depth - 1).bit_length()
         super().__init__({
-            "rx": In(stream.Signature(8)),
+            "incoming": In(stream.Signature(8)),
             "keep": In(self.bits + 1), "wp": Out(self.bits + 1), "wrote": Out(1),
             "addr": In(self.bits), "data": Out(8),
         })
 
     def elaborate(self, platform):
         m = Module()
-        m.submodules.ring = ring = Memory(shape=8, depth=self.depth, init=[], attrs=NO_RW_CHECK)
+        m.submodules.store = ring = Memory(shape=8, depth=self.depth, init=[], attrs=NO_RW_CHECK)
         wr = ring.write_port()
         rd = registered_read_port(m, ring)
         wp = Signal(self.bits + 1)
         rx_ready = Signal(init=1)
         m.d.sync += rx_ready.eq(wp - self.keep < self.depth - 1)
         m.d.comb += [
-            self.rx.ready.eq(rx_ready),
-            wr.addr.eq(wp[:self.bits]), wr.data.eq(self.rx.payload),
-            wr.en.eq(self.rx.valid & rx_ready), self.wrote.eq(wr.en), self.wp.eq(wp),
+            self.incoming.ready.eq(rx_ready),
+            wr.addr.eq(wp[:self.bits]), wr.data.eq(self.incoming.payload),
+            wr.en.eq(self.incoming.valid & rx_ready), self.wrote.eq(wr.en), self.wp.eq(wp),
             rd.addr.eq(self.addr), self.data.eq(rd.data),
         ]
         with m.If(wr.en):
