@@ -67,7 +67,7 @@ from pathlib import Path
 __all__ = ["LiteDRAMConfig", "DramCore", "CORES", "generate_core", "litedram_available",
            "MIN_STEP_CYCLES", "GENERATOR_VERSION"]
 
-GENERATOR_VERSION = 2          # bump when the generated module changes for the same settings
+GENERATOR_VERSION = 3          # bump when the generated module changes for the same settings
 MIN_STEP_CYCLES = 16           # cycles after each init command (covers tRP, tRFC, tMRD at <= 200 MHz)
 _PHYS = ("GENSDRPHY",)
 _VERSIONED = ("litedram", "litex", "migen")
@@ -305,7 +305,7 @@ def _build(config: LiteDRAMConfig, name: str):
             top.comb += phase.odt.eq(odt)
         if hasattr(phase, "reset_n"):
             top.comb += phase.reset_n.eq(reset_n)
-    init_cycles = sum(s[4] + 1 for s in steps) + 1
+    init_cycles = sum(s[4] for s in steps) + 1          # each step: its cycle, then wait - 1 more
 
     # -- the native user port, closed until the init sequence has run --------------------------
     dw, aw = port.data_width, port.address_width
