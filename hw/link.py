@@ -87,6 +87,17 @@ every exchange test on both). It takes one block RAM more (the response ROM).
 * The image CRC is not a register of its own: it is ``load_crc`` while weights are loaded and 0
   otherwise (a LOAD_COMMIT copies ``load_crc``, a LOAD_BEGIN drops the weights).
 
+Structure
+---------
+* :class:`~.link_ring.ReceiveRing`: the ring buffer (rx stream in, a registered read port out);
+* :mod:`~.link_timers`: the idle timer (``CountingIdleTimer`` / ``LfsrIdleTimer``) and the boot
+  id (``CountingBootId`` / ``LfsrBootId`` / ``FixedBootId``);
+* :mod:`~.link_crc`: the header, frame and image CRCs (``ByteCrcs`` / ``SerialCrcs``);
+* :class:`Link` itself: the request checks (``_checks``, ``_first_failure``), the response
+  payload (``_payload``: a multiplexer, or in the small form the response ROM), the parse
+  position (``_parser_datapath``) and one state machine (``_fsm``) whose states are grouped by
+  phase: parse, decide, engine command, chunk forwarding, send.
+
 Testbench observation points (not ports): ``idle`` (the parser waits for bytes and nothing is
 being sent), ``in_frame`` (the parser is inside a frame: the idle timeout can drop it) and
 ``state`` (name -> Signal of every register a command may change).
@@ -385,6 +396,7 @@ class Link(wiring.Component):
         m.d.comb += payload_byte.eq(Mux(masked_r & ~weights_loaded, 0, const_r | register_byte))
 
     def elaborate(self, platform):
+        # ``b``: the signals and helpers the parts below share, each made by one of them
         m = Module()
         b = types.SimpleNamespace()
         b.cfg = self.cfg
@@ -436,7 +448,6 @@ class Link(wiring.Component):
             """A block that runs once the CRCs are not busy."""
             return m.If(~b.feeding) if self.small else contextlib.nullcontext()
         b.after_feeder = after_feeder
-
 
     def _registers(self, m, b):
         """The frame, device-state and response registers and the decoded request fields."""
@@ -514,7 +525,6 @@ class Link(wiring.Component):
         b.feed_token = _field(b.args, FEED_TOKEN_REQUEST, 1)
         b.read_start_arg = _field(b.args, READ_LOGITS_REQUEST, 1)
         b.read_count = _field(b.args, READ_LOGITS_REQUEST, 2)
-
 
     def _checks(self, m, b):
         """The request checks, in the device model's order: the first failure is the NAK."""
@@ -777,7 +787,6 @@ class Link(wiring.Component):
             self.engine.load.payload.eq(b.byte_r),
         ]
 
-
     def _parser_datapath(self, m, b):
         """The ring's read address, the parse position and the parser's helpers."""
         # -- read port address ---------------------------------------------------------------------
@@ -897,7 +906,6 @@ class Link(wiring.Component):
         timed_out = Signal()
         m.d.sync += timed_out.eq(b.waiting & b.idle_expired & in_frame)
 
-
     def _parse_states(self, m, b):
         """Parsing states: HUNT, HEADER, PAYLOAD, TRAILER, CHECK."""
         # ---- parsing: one byte every third cycle while bytes are in the ring ----
@@ -992,7 +1000,6 @@ class Link(wiring.Component):
             with b.after_feeder():
                 m.d.sync += b.good.eq(b.crcs.frame_match)
                 m.next = "VERDICT" if self.small else "DECIDE"
-
 
     def _decide_states(self, m, b):
         """The decision on a complete frame (VERDICT in the small form, DECIDE)."""
@@ -1098,7 +1105,6 @@ class Link(wiring.Component):
                             with m.Case(b.op_index[command]):
                                 body()
 
-
     def _engine_states(self, m, b):
         """Engine commands: ENGINE_RESET, ENGINE_LOAD_RESET, ENGINE_FEED, ENGINE_RESULT."""
         # ---- engine commands ----
@@ -1126,7 +1132,6 @@ class Link(wiring.Component):
                              b.last_result.cycles.eq(result.cycles)]
                 m.next = "SEND"
 
-
     def _chunk_states(self, m, b):
         """LOAD_CHUNK: the checked frame's data from the ring to the engine."""
         # ---- LOAD_CHUNK: the checked frame's data from the ring to the engine ----
@@ -1152,7 +1157,6 @@ class Link(wiring.Component):
                 with m.If(chunk_last):
                     m.d.sync += b.chunk_phase.eq(0)
                     m.next = "SEND"
-
 
     def _send_states(self, m, b):
         """Transmitting the response frame: SEND .. SEND_END (SEND_DONE)."""
@@ -1223,7 +1227,6 @@ class Link(wiring.Component):
             with m.State("SEND_DONE"):
                 b.finish_response()
                 m.next = "HUNT"
-
 
     def _fsm(self, m, b):
         """The Link's state machine: parse, check, execute, forward a chunk, respond."""
