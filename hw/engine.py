@@ -499,14 +499,15 @@ class Engine(wiring.Component):
     sizes the store (default: the build geometry's image). ``mem_spram`` builds the store from
     iCE40 SPRAM (None: on an iCE40 platform when ``image`` is None), ``mem_dp16kd`` a banked store
     from ECP5 DP16KD with output registers (None: on an ECP5 platform); ``mem_fifo_depth`` beats of
-    response FIFO (without the model 3 suffice for a store of one block, more for a banked one).
+    response FIFO (None: :class:`~.weight_port.WeightMemory`'s choice, 64 with the model and
+    ``STORE_FIFO_DEPTH`` without it).
     Other keywords (maxima, ``compact``) go to
     :class:`EngineCore`.
     """
 
     def __init__(self, cfg: ModelConfig, *, lanes: int = 16, packing: str = "base3", packings=PACKINGS,
                  image: bytes | None = None, readmemh: bool = False, model: bool = False,
-                 mem_words: int | None = None, mem_fifo_depth: int = 64, mem_spram: bool | None = None,
+                 mem_words: int | None = None, mem_fifo_depth: int | None = None, mem_spram: bool | None = None,
                  mem_dp16kd: bool | None = None, **maxima):
         from mmfree_fpga.image import image_size
         self.core = EngineCore(cfg, lanes=lanes, packing=packing, packings=packings, **maxima)
