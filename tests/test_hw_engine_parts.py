@@ -6,7 +6,6 @@ from __future__ import annotations
 import random
 
 import pytest
-from amaranth.sim import Simulator
 
 from mmfree_fpga.config import FORMATS
 from mmfree_fpga.hw.engine_common import COMPACT, FULL, JOBS, Tag
@@ -14,55 +13,9 @@ from mmfree_fpga.hw.engine_fetch import ResponseRouter
 from mmfree_fpga.hw.engine_front import MatrixIssuer, QPacker
 from mmfree_fpga.hw.matvec import TernaryMatVec
 from mmfree_fpga.hw.vector_common import vector_widths
+from stream_bench import as_int, receive, send, simulate
 
-CLOCK = 1e-8
 W = vector_widths(FORMATS)
-
-
-def simulate(dut, *benches, background=(), max_cycles: int):
-    """Run testbenches to completion; fail if they have not finished after max_cycles."""
-    sim = Simulator(dut)
-    sim.add_clock(CLOCK)
-    for bench in benches:
-        sim.add_testbench(bench)
-    for bench in background:
-        sim.add_testbench(bench, background=True)
-
-    async def watchdog(ctx):
-        await ctx.delay(max_cycles * CLOCK)
-        raise AssertionError(f"testbenches still running after {max_cycles} cycles")
-    sim.add_testbench(watchdog, background=True)
-    sim.run()
-
-
-async def send(ctx, port, items, rng, idle=0.3):
-    """Offer items (integers) on a stream, idling before each with probability ``idle``."""
-    payload = port.payload.as_value() if hasattr(port.payload, "as_value") else port.payload
-    for item in items:
-        while rng.random() < idle:
-            await ctx.tick()
-        ctx.set(payload, item)
-        ctx.set(port.valid, 1)
-        await ctx.tick().until(port.ready)
-        ctx.set(port.valid, 0)
-
-
-async def receive(ctx, port, n, rng, stall=0.3):
-    """n payloads (as integers) from a stream under random back-pressure, checking that a
-    payload offered stays offered unchanged until taken."""
-    out, pending = [], None
-    while len(out) < n:
-        ready = rng.random() >= stall
-        ctx.set(port.ready, ready)
-        _, _, valid, payload = await ctx.tick().sample(port.valid, port.payload)
-        raw = payload.as_value().value if hasattr(payload, "as_value") else payload
-        if pending is not None:
-            assert valid and raw == pending, "an offered payload was withdrawn or changed"
-        pending = raw if (valid and not ready) else None
-        if valid and ready:
-            out.append(raw)
-    ctx.set(port.ready, 0)
-    return out
 
 
 def pack(values, bits):
@@ -84,7 +37,7 @@ def test_qpacker_packs_lanes_wide_in_order(variant, lanes):
         await send(ctx, dut.q, qs, rng)
 
     async def sink(ctx):
-        got.extend(await receive(ctx, dut.act, len(qs) // lanes, rng, stall=0.5))
+        got.extend(await receive(ctx, dut.act, len(qs) // lanes, rng, stall=0.5, convert=as_int))
     simulate(dut, source, sink, max_cycles=4000)
     assert got == [pack(qs[k:k + lanes], W.act_bits) for k in range(0, len(qs), lanes)]
 
@@ -108,7 +61,7 @@ def test_matrix_issuer_one_command_per_job():
             ctx.set(dut.running, 1)
             await ctx.tick()
             ctx.set(dut.start, 0)
-            got = await receive(ctx, dut.cmd, len(jobs), rng)
+            got = await receive(ctx, dut.cmd, len(jobs), rng, convert=as_int)
             layout = mv.cmd_layout
             got = [layout.from_bits(g) for g in got]
             assert [(int(c.rows), int(c.cols), int(c.load), int(c.packing)) for c in got] == \
@@ -159,10 +112,10 @@ def test_response_router_routes_by_tag(variant, beat_bytes):
         await send(ctx, dut.resp, [b for _, _, bs in requests for b in bs], rng)
 
     async def trits(ctx):
-        assert await receive(ctx, dut.trits, len(trit_beats), rng) == trit_beats
+        assert await receive(ctx, dut.trits, len(trit_beats), rng, convert=as_int) == trit_beats
 
     async def embedding(ctx):
-        got = await receive(ctx, dut.emb, d, rng)
+        got = await receive(ctx, dut.emb, d, rng, convert=as_int)
         q_bits = W.act_bits
         elems = [(g & ((1 << q_bits) - 1), g >> q_bits) for g in got]
         signed_q = [q - (1 << q_bits) if q >> (q_bits - 1) else q for q, _ in elems]

@@ -25,55 +25,12 @@ from mmfree_fpga.hw.scalar_unit import ScalarUnit
 from mmfree_fpga.hw.vector_common import vector_widths
 from mmfree_fpga.reference import integer as ref
 from mmfree_fpga.sim.vector_tb import ref_elementwise
+from stream_bench import CLOCK, receive, send, simulate
 
 W = vector_widths(F)
-CLOCK = 1e-8
 
 
-# -- stream harness ------------------------------------------------------------------
-
-def simulate(dut, *benches, max_cycles: int):
-    """Run testbenches to completion; fail if they have not finished after max_cycles."""
-    sim = Simulator(dut)
-    sim.add_clock(CLOCK)
-    for bench in benches:
-        sim.add_testbench(bench)
-
-    async def watchdog(ctx):
-        await ctx.delay(max_cycles * CLOCK)
-        raise AssertionError(f"testbenches still running after {max_cycles} cycles")
-    sim.add_testbench(watchdog, background=True)
-    sim.run()
-
-
-async def send(ctx, port, items, rng, idle=0.3):
-    """Drive items into a stream, idling before each with probability ``idle``."""
-    for item in items:
-        while rng.random() < idle:
-            await ctx.tick()
-        ctx.set(port.payload, item)
-        ctx.set(port.valid, 1)
-        await ctx.tick().until(port.ready)
-        ctx.set(port.valid, 0)
-
-
-async def receive(ctx, port, n, rng, stall=0.3, convert=None):
-    """Take n items from a stream with random back-pressure; checks the stream rules."""
-    out = []
-    pending = None
-    while len(out) < n:
-        ready = rng.random() >= stall
-        ctx.set(port.ready, ready)
-        _, _, valid, payload = await ctx.tick().sample(port.valid, port.payload)
-        raw = payload.as_value().value if hasattr(payload, "as_value") else payload
-        if pending is not None:
-            assert valid, "valid dropped while the payload was not yet taken"
-            assert raw == pending, "payload changed while valid and not ready"
-        pending = raw if (valid and not ready) else None
-        if valid and ready:
-            out.append(convert(payload) if convert else payload)
-    ctx.set(port.ready, 0)
-    return out
+# -- stream harness: tests/stream_bench.py ------------------------------------------------
 
 
 def value_last(v):
