@@ -1,8 +1,10 @@
-"""Co-simulation of the weight port served from DRAM: a generated LiteDRAM core (its ``sim``
-variant: LiteDRAM's controller with LiteDRAM's SDRAM model) and :class:`~mmfree_fpga.hw.
-dram_port.DramWeightPort` in one Verilator build, driven by the cocotb test below.
+"""Co-simulation with the weights in DRAM: a generated LiteDRAM core (its ``sim`` variant:
+LiteDRAM's controller with LiteDRAM's SDRAM model) in one Verilator build with
+:class:`~mmfree_fpga.hw.dram_port.DramWeightPort` alone (:class:`DramSimTop`, driven by the
+cocotb test below) or with the whole engine (:class:`DramEngineSimTop`, driven by the engine's
+C++ harness through :func:`mmfree_fpga.sim.engine_sim.run_engine` with ``memory="sdram"``).
 
-:class:`DramSimTop` joins the two (the core as an ``Instance``, run on the design clock);
+:class:`DramSimTop` joins the core (an ``Instance``, run on the design clock) and the adapter;
 :func:`build_sources` writes its Verilog beside the core's. The cocotb test
 (``test_module="mmfree_fpga.sim.dram_sim"``) waits for the core's init sequence, writes a random
 image through ``write``, reads it back through random requests with random stalls on both the
@@ -19,14 +21,26 @@ import os
 import random
 from pathlib import Path
 
-from amaranth.hdl import ClockSignal, Instance, Module, ResetSignal
+from amaranth.hdl import ClockSignal, Instance, Module, Mux, ResetSignal, Signal
 from amaranth.lib import stream, wiring
 from amaranth.lib.wiring import In, Out
 
+from ..hw.control import ControlSignature
+from ..hw.dram_engine import DramEngine
 from ..hw.dram_port import DramWeightPort, dram_write_layout
 from ..hw.weight_port import weight_port_signature
 
-__all__ = ["DramSimTop", "build_sources"]
+__all__ = ["DramSimTop", "build_sources", "DramEngineSimTop", "COUNTER_BITS"]
+
+COUNTER_BITS = 48           # the weight-traffic counters of DramEngineSimTop
+
+
+def _core_ports(core, native, init_done) -> dict:
+    """The Instance ports of a generated core, its user port on ``native`` (the master's side)."""
+    ports = {"i_clk": ClockSignal(), "i_rst": ResetSignal(), "o_init_done": init_done}
+    for name, (direction, _width) in core.user_port_signals().items():
+        ports[("i_" if direction == "in" else "o_") + "user_port_" + name] = getattr(native, name)
+    return ports
 
 
 class DramSimTop(wiring.Component):
@@ -54,11 +68,7 @@ class DramSimTop(wiring.Component):
             fifo_depth=self._fifo_depth)
         wiring.connect(m, wiring.flipped(self.port), adapter.port)
         wiring.connect(m, wiring.flipped(self.write), adapter.write)
-        native = adapter.native
-        ports = {"i_clk": ClockSignal(), "i_rst": ResetSignal(), "o_init_done": self.init_done}
-        for name, (direction, _width) in core.user_port_signals().items():
-            ports[("i_" if direction == "in" else "o_") + "user_port_" + name] = getattr(native, name)
-        m.submodules.dram = Instance(core.name, **ports)
+        m.submodules.dram = Instance(core.name, **_core_ports(core, adapter.native, self.init_done))
         return m
 
 
@@ -68,6 +78,59 @@ def build_sources(core, folder, *, beat_bytes: int, fifo_depth: int = 32) -> lis
     top = write_verilog(DramSimTop(core, beat_bytes=beat_bytes, fifo_depth=fifo_depth),
                         Path(folder) / "dram_top.v", name="dram_top")
     return [top, Path(core.verilog)]
+
+
+class DramEngineSimTop(wiring.Component):
+    """The engine with its weights in a generated LiteDRAM core of the ``sim`` variant
+    (``core``: a :class:`~mmfree_fpga.boards.litedram.DramCore` or its fields), with counters of
+    the weight traffic between engine and adapter. ``engine_args`` go to
+    :class:`~mmfree_fpga.hw.dram_engine.DramEngine` (cfg, lanes, packing, packings, maxima,
+    fifo_depth).
+
+    Members: the control interface (``cmd``, ``load``, ``result``, ``logit_req``,
+    ``logit_resp``) and ``trace`` as :class:`~mmfree_fpga.hw.engine.Engine` has them;
+    ``init_done`` (Out): the core's init sequence has run; and three counters from reset
+    (Out, :data:`COUNTER_BITS` bits):
+
+    * ``weight_beats``: weight beats the engine took;
+    * ``weight_cycles``: cycles in which beats were owed to the engine (requested, not yet
+      taken): the cycles spent streaming weights;
+    * ``weight_wait_cycles``: those of them with the engine's ``resp.ready`` low (it would not
+      have taken a beat): time the memory was not the limit.
+    """
+
+    def __init__(self, core, **engine_args):
+        self._core = core
+        self.engine = DramEngine(native_data_width=core.data_width, native_address_width=core.address_width,
+                                 probe=True, **engine_args)
+        super().__init__({
+            **ControlSignature().members,
+            "trace": Out(stream.Signature(self.engine.core.trace_layout())),
+            "init_done": Out(1),
+            "weight_beats": Out(COUNTER_BITS),
+            "weight_cycles": Out(COUNTER_BITS),
+            "weight_wait_cycles": Out(COUNTER_BITS),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        m.submodules.engine = engine = self.engine
+        for name in ("cmd", "load", "logit_req"):
+            wiring.connect(m, wiring.flipped(getattr(self, name)), getattr(engine, name))
+        for name in ("result", "logit_resp", "trace"):
+            wiring.connect(m, getattr(engine, name), wiring.flipped(getattr(self, name)))
+        m.d.comb += engine.init_done.eq(self.init_done)
+        m.submodules.dram = Instance(self._core.name, **_core_ports(self._core, engine.native, self.init_done))
+
+        probe = engine.probe
+        owed = Signal(len(probe.req_length) + 8)
+        m.d.sync += owed.eq(owed + Mux(probe.req_taken, probe.req_length, 0) - probe.beat_taken)
+        m.d.sync += self.weight_beats.eq(self.weight_beats + probe.beat_taken)
+        with m.If(owed != 0):
+            m.d.sync += self.weight_cycles.eq(self.weight_cycles + 1)
+            with m.If(~probe.beat_ready):
+                m.d.sync += self.weight_wait_cycles.eq(self.weight_wait_cycles + 1)
+        return m
 
 
 # -- the cocotb test (runs inside the simulator) ------------------------------------------------------

@@ -2,6 +2,11 @@
 // the generated `engine_top` with its memory model and $readmemh weight store): the whole
 // prompt/steps sequence runs here, no Python per cycle.
 //
+// Compiled with -DMMFREE_DRAM, it drives the DRAM top instead (sim/dram_sim.py DramEngineSimTop:
+// the engine with a generated LiteDRAM core and LiteDRAM's SDRAM model): no memory-model inputs;
+// it waits for init_done after reset, the image goes in through `load`, and the top's counters of
+// the weight traffic are reported at the end.
+//
 // Command line: Vengine [+weights=FILE] [WAVES_FILE]; the job on stdin, the results on stdout.
 // The job is whitespace-separated `key value...` entries, in any order, ending with `run`:
 //
@@ -19,6 +24,8 @@
 //   prompt N ID...             the prompt
 //   steps N                    generated tokens (N - 1 of them are fed back)
 //   read_logits N INDEX...     logits read back after every step
+//   load LOAD_RESET FILE       before the parameters: LOAD_RESET (its op code), then FILE's bytes
+//                              through `load` (with the idle cycles of cmd_stall before each byte)
 //   run
 //
 // Output lines (one step's lines are flushed when the step ends):
@@ -27,6 +34,10 @@
 //   logit T INDEX VALUE        a logit read back after step T
 //   trace T HEX                a trace__payload word (what the writer stores), in store order
 //   done SIM_CYCLES WALL_S     clock cycles from the first FEED_TOKEN to the end, and their wall time
+//   loaded BYTES CYCLES        (with `load`) the image sent, in CYCLES clock cycles from LOAD_RESET
+//   init CYCLES                (DRAM) cycles from the end of reset to init_done
+//   dram BEATS CYCLES WAIT     (DRAM, before `done`) the top's weight_beats, weight_cycles and
+//                              weight_wait_cycles counters
 //
 // One clock cycle: the inputs are set, the design settles with clk low, outputs are sampled (a
 // handshake happens when valid and ready are both high there), then clk rises. In a waveform,
@@ -37,7 +48,9 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <fstream>
 #include <iostream>
+#include <iterator>
 #include <memory>
 #include <random>
 #include <string>
@@ -92,6 +105,9 @@ struct Job {
     std::vector<std::pair<uint32_t, uint32_t>> params;
     std::vector<uint32_t> prompt, read_logits;
     uint32_t steps = 1;
+    bool load = false;
+    uint64_t op_load_reset = 0;
+    std::string load_file;
 };
 
 [[noreturn]] void fail(const std::string& what) {
@@ -134,6 +150,7 @@ Job read_job(std::istream& in) {
         } else if (key == "prompt") job.prompt = read_list(in);
         else if (key == "steps") ok = bool(in >> job.steps);
         else if (key == "read_logits") job.read_logits = read_list(in);
+        else if (key == "load") ok = job.load = bool(in >> job.op_load_reset >> job.load_file);
         else fail("unknown job key " + key);
         if (!ok) fail("bad value for " + key);
     }
@@ -162,10 +179,12 @@ class Bench {
         top_.logit_req___05Fvalid = 0;
         top_.logit_resp___05Fready = 1;
         top_.trace___05Fready = 1;
+#ifndef MMFREE_DRAM
         top_.mem_bandwidth = job.mem_bandwidth;
         top_.mem_latency = job.mem_latency;
         top_.mem_stall_rate = job.mem_stall_rate;
         top_.mem_synthetic = job.mem_synthetic;
+#endif
         for (int k = 0; k < RESET_CYCLES; k++) clock();
         top_.rst = 0;
     }
@@ -178,6 +197,14 @@ class Bench {
     }
 
     void run() {
+#ifdef MMFREE_DRAM
+        const uint64_t reset_end = cycle_;
+        settle_until([this] { return top_.init_done; });
+        char head[64];
+        snprintf(head, sizeof head, "init %" PRIu64 "\n", cycle_ - reset_end);
+        out_ += head;
+#endif
+        if (job_.load) load_image();
         for (auto& p : job_.params) command(job_.op_set_param, p.first, p.second);
         command(job_.op_reset_state);
         std::vector<uint32_t> tokens = job_.prompt;
@@ -213,6 +240,11 @@ class Bench {
         }
         const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
         char line[96];
+#ifdef MMFREE_DRAM
+        snprintf(line, sizeof line, "dram %" PRIu64 " %" PRIu64 " %" PRIu64 "\n", (uint64_t)top_.weight_beats,
+                 (uint64_t)top_.weight_cycles, (uint64_t)top_.weight_wait_cycles);
+        out_ += line;
+#endif
         snprintf(line, sizeof line, "done %" PRIu64 " %.9f\n", cycle_ - start_cycle, wall);
         out_ += line;
         flush();
@@ -270,6 +302,27 @@ class Bench {
     void idle() {
         if (job_.cmd_stall > 0)
             while (uniform_(rng_) < job_.cmd_stall) clock();
+    }
+
+    // LOAD_RESET, then the image file's bytes through `load`, each held until the engine takes it
+    void load_image() {
+        std::ifstream file(job_.load_file, std::ios::binary);
+        if (!file) fail("cannot read " + job_.load_file);
+        const std::vector<char> bytes((std::istreambuf_iterator<char>(file)), std::istreambuf_iterator<char>());
+        const uint64_t begin = cycle_;
+        command(job_.op_load_reset);
+        for (char byte : bytes) {
+            idle();
+            top_.load___05Fpayload = (uint8_t)byte;
+            top_.load___05Fvalid = 1;
+            settle_until([this] { return top_.load___05Fready; });
+            edge();
+            top_.load___05Fvalid = 0;
+        }
+        char line[96];
+        snprintf(line, sizeof line, "loaded %zu %" PRIu64 "\n", bytes.size(), cycle_ - begin);
+        out_ += line;
+        flush();
     }
 
     // a command: idle cycles, then valid until the engine takes it

@@ -20,6 +20,13 @@ start after time 0, so its file always starts at cycle 0 and stops at ``end``.
 ``trace=True`` also records the engine's ``trace`` port: every result its writer stores, as
 ``(job, layer, row, value)`` tuples per step (:attr:`EngineRun.trace`), which
 :func:`mmfree_fpga.sim.trace.hardware_trace` turns into per-layer vectors.
+
+``memory="sdram"`` runs the engine with its weights in DRAM instead (Verilator's C++ harness
+only): :class:`~mmfree_fpga.sim.dram_sim.DramEngineSimTop`, the engine with a LiteDRAM core
+generated for the ULX3S's SDRAM in its ``sim`` variant (LiteDRAM's controller and SDRAM model,
+``boards/litedram.py``, cached under the build root). The harness waits for the core's init
+sequence, writes the image through the engine's ``load`` stream, then runs the tokens;
+:attr:`EngineRun.dram` has the load and the weight traffic (:func:`dram_figures`).
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ import os
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .runner import VERILATOR_FAST, VERILATOR_MAKEFLAGS
@@ -40,10 +47,16 @@ from mmfree_fpga.config import ModelConfig
 
 __all__ = ["EngineBuild", "default_build", "EngineRun", "Waves", "load_image", "synthetic_image_info",
            "reference_tokens", "run_engine", "run_amaranth", "build_dir_for", "build_harness", "decode_trace",
-           "check_waves", "memory_model_inputs", "SIMULATORS", "WAVE_FORMATS", "HARNESS", "HARNESS_VERILATOR_ARGS",
+           "check_waves", "memory_model_inputs", "dram_config", "dram_core", "dram_figures", "SIMULATORS", "MEMORIES", "WAVE_FORMATS", "HARNESS", "HARNESS_VERILATOR_ARGS",
            "HARNESS_FST_ARGS"]
 
 SIMULATORS = ("verilator", "icarus", "amaranth")
+MEMORIES = ("bram", "sdram")        # where the weights are: the $readmemh store, or DRAM behind LiteDRAM
+# what a DRAM build adds to ENGINE_SOURCES
+DRAM_SOURCES = ("hw/dram_engine.py", "hw/dram_port.py", "hw/control.py", "sim/dram_sim.py", "boards/litedram.py")
+# the smallest maxima of a DRAM build: a 1.3 MB model, larger than the ULX3S's block RAM, and the
+# demo share one simulator build
+DRAM_BUILD_FLOOR = ModelConfig(vocab_size=2048, hidden_size=256, num_hidden_layers=4, intermediate_size=768)
 # the gateware the engine is made of (a change to any of them means a new simulator build)
 ENGINE_SOURCES = tuple(f"hw/{name}.py" for name in (
     "engine", "weight_port", "matvec", "trits", "bitlinear_front", "scalar_unit", "output_scale", "elementwise",
@@ -74,6 +87,8 @@ class EngineBuild:
     mem_words: int
     packings: tuple = ("2bit", "base3")
     compact: bool = False           # EngineCore(compact=True): the iCE40 variant
+    # MEMORIES: "bram" (mem_words of $readmemh store) or "sdram" (a LiteDRAM core; mem_words unused)
+    memory: str = field(default="bram", repr=False)
 
     def key(self) -> str:
         """Names the build directory: these parameters and the gateware sources."""
@@ -81,6 +96,10 @@ class EngineBuild:
         root = Path(__file__).resolve().parent.parent
         for name in ENGINE_SOURCES:
             h.update((root / name).read_bytes())
+        if self.memory != "bram":
+            h.update(self.memory.encode() + dram_config(self.memory).key().encode())
+            for name in DRAM_SOURCES:
+                h.update((root / name).read_bytes())
         return h.hexdigest()[:12]
 
     def base_cfg(self) -> ModelConfig:
@@ -101,6 +120,8 @@ class EngineRun:
     sim_wall_s: float = 0.0        # wall-clock seconds of those cycles (simulator start-up excluded)
     trace: list | None = None      # per step: [(job, layer, row, value), ...] in store order
     waves: str | None = None       # the waveform file written, if any
+    memory: str = "bram"
+    dram: dict | None = None       # memory="sdram": dram_figures()
 
 
 @dataclass(frozen=True)
@@ -138,13 +159,46 @@ def reference_tokens(cfg: ModelConfig, blob: bytes, packing: str, prompt: list[i
     return tokens, logits
 
 
-def default_build(cfg: ModelConfig, lanes: int, image_bytes: int = 0) -> EngineBuild:
+def default_build(cfg: ModelConfig, lanes: int, image_bytes: int = 0, memory: str = "bram") -> EngineBuild:
     """The build a geometry runs on unless told otherwise: maxima rounded up to at least the
-    demo model's, so the demo and smaller models share one simulator build per lane count."""
+    demo model's (with a DRAM memory, to :data:`DRAM_BUILD_FLOOR`'s), so the demo and smaller
+    models share one simulator build per lane count and memory (a DRAM build serves every image
+    size)."""
     from mmfree_fpga.hw.engine import beat_bytes
     words = -(-image_bytes // beat_bytes(lanes))
-    return EngineBuild(lanes=lanes, max_d=max(128, cfg.d), max_I=max(256, cfg.I), max_L=max(2, cfg.L),
-                       max_V=max(256, cfg.V), mem_words=max(32768, 1 << max(0, words - 1).bit_length()))
+    floor = DRAM_BUILD_FLOOR if memory != "bram" else ModelConfig(vocab_size=256, hidden_size=128,
+                                                                   num_hidden_layers=2, intermediate_size=256)
+    mem_words = 0 if memory != "bram" else max(32768, 1 << max(0, words - 1).bit_length())
+    return EngineBuild(lanes=lanes, max_d=max(floor.d, cfg.d), max_I=max(floor.I, cfg.I), max_L=max(floor.L, cfg.L),
+                       max_V=max(floor.V, cfg.V), mem_words=mem_words, memory=memory)
+
+
+def dram_config(memory: str):
+    """The LiteDRAM core settings (``boards.litedram.LiteDRAMConfig``, ``sim`` variant) of a
+    DRAM ``memory``: "sdram" is the ULX3S's IS42S16160 controller."""
+    from mmfree_fpga.boards.litedram import CORES
+    if memory == "sdram":
+        return replace(CORES["ulx3s-85f"], sim=True)
+    raise ValueError(f"no DRAM core for memory {memory!r}; use one of {', '.join(MEMORIES[1:])}")
+
+
+def dram_core(memory: str):
+    """The generated core (``boards.litedram.DramCore``) of a DRAM ``memory``, cached under the
+    simulation build root."""
+    from mmfree_fpga.boards.litedram import generate_core
+    return generate_core(dram_config(memory), cache_dir=_BUILD_ROOT)
+
+
+def dram_figures(*, init_cycles: int, load_bytes: int, load_cycles: int, weight_beats: int, weight_cycles: int,
+                 weight_wait_cycles: int, beat_bytes: int, native_bytes: int) -> dict:
+    """The DRAM run's figures: the counters of :class:`~mmfree_fpga.sim.dram_sim.DramEngineSimTop`
+    and ``efficiency``, the weight bytes delivered over what the native port could have delivered
+    at its peak (``native_bytes`` per cycle) in the cycles spent streaming weights."""
+    delivered = weight_beats * beat_bytes
+    return {"init_cycles": init_cycles, "load_bytes": load_bytes, "load_cycles": load_cycles,
+            "weight_bytes": delivered, "weight_cycles": weight_cycles, "weight_wait_cycles": weight_wait_cycles,
+            "peak_bytes_per_cycle": native_bytes,
+            "efficiency": delivered / (native_bytes * weight_cycles) if weight_cycles else None}
 
 
 def build_dir_for(build: EngineBuild, simulator: str) -> Path:
@@ -161,7 +215,7 @@ def run_engine(*, cfg: ModelConfig, blob: bytes | None, packing: str, lanes: int
                stall_rate: float = 0.0, cmd_stall_rate: float = 0.0, mem_bandwidth: float = 0.0,
                mem_latency: int = 1, read_logits: list[int] = (), seed: int = 1,
                synthetic: bool = False, trace: bool = False, waves: Waves | None = None,
-               cocotb: bool = False, progress: bool = True, log=None) -> EngineRun:
+               cocotb: bool = False, memory: str = "bram", progress: bool = True, log=None) -> EngineRun:
     """Feed ``prompt`` then ``steps - 1`` greedy tokens (``steps`` generated tokens in all).
 
     ``blob`` None with ``synthetic``: the memory model makes up the weights (cycle counts only).
@@ -172,15 +226,28 @@ def run_engine(*, cfg: ModelConfig, blob: bytes | None, packing: str, lanes: int
     docstring). ``cocotb``: on Verilator, drive the command stream from cocotb instead of the C++
     harness (slower; no waves). ``progress``: a bar over the token steps of the C++ harness
     (shown only where :mod:`mmfree_fpga.progress` allows). ``log``: called with a line when a
-    harness build starts.
+    harness build starts. ``memory``: :data:`MEMORIES` ("sdram": the weights in DRAM, module
+    docstring; Verilator's C++ harness, real weights, no memory-model settings).
     """
     from mmfree_fpga.hw.engine import beat_bytes, check_geometry
-    if build is None:
-        build = default_build(cfg, lanes, len(blob) if blob is not None else 0)
-    check_geometry(cfg, lanes, max_d=build.max_d, max_I=build.max_I, max_L=build.max_L, max_V=build.max_V)
     from mmfree_fpga.errors import UserError
+    if memory not in MEMORIES:
+        raise UserError(f"unknown memory {memory!r}; use one of {', '.join(MEMORIES)}")
+    if build is None:
+        build = default_build(cfg, lanes, len(blob) if blob is not None else 0, memory)
+    if build.memory != memory:
+        raise ValueError(f"the build is for memory {build.memory!r}, the run for {memory!r}")
+    check_geometry(cfg, lanes, max_d=build.max_d, max_I=build.max_I, max_L=build.max_L, max_V=build.max_V)
     if simulator not in SIMULATORS:
         raise UserError(f"unknown simulator {simulator!r}; use one of {', '.join(SIMULATORS)}")
+    if memory != "bram":
+        if simulator != "verilator" or cocotb:
+            raise UserError(f"--memory {memory} runs on Verilator's C++ harness only (--simulator verilator)")
+        if blob is None or synthetic:
+            raise UserError(f"--memory {memory} needs real weights (no --synthetic): they go through the load stream")
+        if stall_rate or mem_bandwidth or mem_latency != 1:
+            raise UserError(f"the memory model's settings (stall rate, bandwidth, latency) are for --memory bram; "
+                            f"with --memory {memory} the DRAM model sets them")
     if waves is not None:
         check_waves(waves, simulator)
         if cocotb and simulator == "verilator":
@@ -192,8 +259,11 @@ def run_engine(*, cfg: ModelConfig, blob: bytes | None, packing: str, lanes: int
     reason = simulator_missing(simulator)
     if reason:
         raise UserError(reason)
-    if blob is not None and len(blob) > build.mem_words * beat_bytes(lanes):
+    if memory == "bram" and blob is not None and len(blob) > build.mem_words * beat_bytes(lanes):
         raise UserError(f"the image ({len(blob)} bytes) does not fit this build's weight memory")
+    if memory != "bram" and len(blob) > dram_core(memory).size_bytes:
+        raise UserError(f"the image ({len(blob)} bytes) does not fit the {memory} "
+                        f"({dram_core(memory).size_bytes} bytes)")
     job = dict(cfg=cfg, blob=blob, packing=packing, build=build, prompt=prompt, steps=steps,
                stall_rate=stall_rate, cmd_stall_rate=cmd_stall_rate, mem_bandwidth=mem_bandwidth,
                mem_latency=mem_latency, read_logits=read_logits, seed=seed, synthetic=synthetic, trace=trace,
@@ -258,6 +328,16 @@ def _sources(build: EngineBuild, directory: Path) -> list[Path]:
     from .runner import write_verilog
     directory.mkdir(parents=True, exist_ok=True)
     top = directory / "engine_top.v"
+    if build.memory != "bram":
+        from .dram_sim import DramEngineSimTop
+        core = dram_core(build.memory)
+        if not top.exists():
+            sim_top = DramEngineSimTop(core, cfg=build.base_cfg(), lanes=build.lanes, packings=build.packings,
+                                       packing="base3" if "base3" in build.packings else "2bit",
+                                       compact=build.compact)
+            tmp = write_verilog(sim_top, directory / "engine_top.v.tmp", name="engine_top")
+            os.replace(tmp, top)
+        return [top, Path(core.verilog)]
     store = directory / "weight_store.v"
     if not top.exists():
         engine = Engine(build.base_cfg(), lanes=build.lanes, packings=build.packings, readmemh=True, model=True,
@@ -275,7 +355,7 @@ def _encoding() -> dict:
     ``result__payload``'s fields."""
     from mmfree_fpga.hw.control import EngineOp, field_offsets
     return {"RESET_STATE": EngineOp.RESET_STATE.value, "FEED_TOKEN": EngineOp.FEED_TOKEN.value,
-            "SET_PARAM": EngineOp.SET_PARAM.value, **field_offsets()}
+            "SET_PARAM": EngineOp.SET_PARAM.value, "LOAD_RESET": EngineOp.LOAD_RESET.value, **field_offsets()}
 
 
 def memory_model_inputs(*, stall_rate: float, mem_bandwidth: float, mem_latency: int, synthetic: bool) -> dict:
@@ -307,6 +387,8 @@ def build_harness(build: EngineBuild, *, fst: bool = False, log=None) -> Path:
     bdir = _BUILD_ROOT / f"harness-{build.key()}"
     sources = _sources(build, bdir)
     args = list(HARNESS_FST_ARGS if fst else HARNESS_VERILATOR_ARGS)
+    if build.memory != "bram":
+        args += ["-CFLAGS", "-DMMFREE_DRAM"]
     key = hashlib.sha256(HARNESS.read_bytes() + repr(args).encode()).hexdigest()[:12]
     binary = bdir / f"Vengine{'-fst' if fst else ''}-{key}"
     if binary.exists():
@@ -330,6 +412,7 @@ def _decode_traces(build: EngineBuild, raw: list[list[int]]) -> list:
 
 def _run_harness(*, cfg, blob, packing, build, prompt, steps, stall_rate, cmd_stall_rate, mem_bandwidth,
                  mem_latency, read_logits, seed, synthetic, trace, waves, progress, log) -> EngineRun:
+    dram = build.memory != "bram"
     from mmfree_fpga.hw.engine import beat_bytes
     from mmfree_fpga.hw.weight_port import write_hex
     from mmfree_fpga.progress import Progress
@@ -337,12 +420,16 @@ def _run_harness(*, cfg, blob, packing, build, prompt, steps, stall_rate, cmd_st
     enc = _encoding()
     inputs = memory_model_inputs(stall_rate=stall_rate, mem_bandwidth=mem_bandwidth, mem_latency=mem_latency,
                                  synthetic=synthetic)
+    if dram:
+        # (only for the watchdog) the native port's peak and a DRAM read round trip
+        native_bytes = dram_core(build.memory).data_width // 8
+        watch = dict(inputs, mem_bandwidth=256 * native_bytes, mem_latency=32)
     n_feed = len(prompt) + steps - 1
     job = [f"cmd {enc['RESET_STATE']} {enc['FEED_TOKEN']} {enc['SET_PARAM']} {enc['index_shift']} {enc['arg_shift']}",
            f"result {enc['token_bit']} {enc['logit_bit']} {enc['cycles_bit']}",
            f"mem {inputs['mem_bandwidth']} {inputs['mem_latency']} {inputs['mem_stall_rate']} {inputs['mem_synthetic']}",
            f"cmd_stall {float(cmd_stall_rate)!r} {int(seed) & (2**64 - 1)}", f"trace {int(bool(trace))}",
-           f"watchdog {_watchdog_cycles(cfg, build.lanes, inputs)}"]
+           f"watchdog {_watchdog_cycles(cfg, build.lanes, watch if dram else inputs)}"]
     job += [f"param {i} {v}" for i, v in _param_commands(cfg, packing, build.lanes)]
     job += [f"prompt {len(prompt)} " + " ".join(str(int(t)) for t in prompt), f"steps {steps}",
             f"read_logits {len(read_logits)} " + " ".join(str(int(i)) for i in read_logits)]
@@ -350,10 +437,15 @@ def _run_harness(*, cfg, blob, packing, build, prompt, steps, stall_rate, cmd_st
     logits = {t: {} for t in range(n_feed)}
     raw = [[] for _ in range(n_feed)] if trace else None
     done = None
+    counts = {}
     tmp_waves = None
     with tempfile.TemporaryDirectory(prefix="engine-run-", dir=binary.parent) as tmp:
         argv = [str(binary)]
-        if blob is not None:
+        if dram:
+            image = Path(tmp) / "weights.bin"
+            image.write_bytes(blob)
+            job.append(f"load {enc['LOAD_RESET']} {image}")
+        elif blob is not None:
             argv.append(f"+weights={write_hex(blob, beat_bytes(build.lanes), Path(tmp) / 'weights.hex')}")
         if waves is not None:
             tmp_waves = _waves_tmp(waves)
@@ -388,6 +480,13 @@ def _run_harness(*, cfg, blob, packing, build, prompt, steps, stall_rate, cmd_st
                             logits[int(f[0])][int(f[1])] = int(f[2])
                         elif kind == "done":
                             done = (int(f[0]), float(f[1]))
+                        elif kind == "init":
+                            counts["init_cycles"] = int(f[0])
+                        elif kind == "loaded":
+                            counts["load_bytes"], counts["load_cycles"] = int(f[0]), int(f[1])
+                        elif kind == "dram":
+                            counts.update(zip(("weight_beats", "weight_cycles", "weight_wait_cycles"),
+                                              (int(v) for v in f)))
                     rc = proc.wait()
                 finally:
                     if proc.poll() is None:
@@ -403,9 +502,13 @@ def _run_harness(*, cfg, blob, packing, build, prompt, steps, stall_rate, cmd_st
             if tmp_waves is not None and tmp_waves.exists():
                 tmp_waves.unlink()
     traces = _decode_traces(build, raw) if trace else None
+    figures = None
+    if dram:
+        figures = dram_figures(**counts, beat_bytes=beat_bytes(build.lanes), native_bytes=native_bytes)
     return EngineRun(tokens=tokens, argmax_logits=argmax_logits, cycles=cycles, read_logits=logits,
                      sim_seconds=elapsed, simulator="verilator", synthetic=synthetic, sim_cycles=done[0],
-                     sim_wall_s=done[1], trace=traces, waves=str(waves.path) if waves is not None else None)
+                     sim_wall_s=done[1], trace=traces, waves=str(waves.path) if waves is not None else None,
+                     memory=build.memory, dram=figures)
 
 
 ICARUS_WAVES_MODULE = "mmfree_waves"

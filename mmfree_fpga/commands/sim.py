@@ -18,6 +18,10 @@ def add_arguments(p) -> None:
     p.add_argument("--packing", choices=("base3", "2bit"), default="base3", help="trit packing of the image (default base3)")
     p.add_argument("--simulator", choices=("verilator", "icarus", "amaranth"), default="verilator",
                    help="simulator (default verilator)")
+    p.add_argument("--memory", choices=("bram", "sdram"), default="bram",
+                   help="where the weights are: bram, an on-chip store with the memory model below (default); "
+                        "sdram, the ULX3S's SDRAM behind a generated LiteDRAM controller with LiteDRAM's SDRAM "
+                        "model (Verilator only; the image is written through the engine's load stream first)")
     p.add_argument("--stall-rate", type=probability, default=0.0, metavar="P",
                    help="probability of a stall cycle on the weight memory's responses (default 0)")
     p.add_argument("--mem-bandwidth", type=float_in(0.0, 255.0), default=0.0, metavar="B",
@@ -52,6 +56,19 @@ def run(args) -> dict:
     else:
         waves = Waves(check_out_file(args.waves, "--waves"), args.waves_from or 0, args.waves_to)
         check_waves(waves, args.simulator)
+    if args.memory != "bram":
+        from mmfree_fpga.boards.litedram import litedram_available
+        if args.simulator != "verilator":
+            raise UserError(f"--memory {args.memory} runs on Verilator only; use --simulator verilator")
+        if args.synthetic:
+            raise UserError(f"--memory {args.memory} needs real weights (they are loaded into the DRAM); "
+                            "drop --synthetic")
+        if args.stall_rate or args.mem_bandwidth or args.mem_latency != 1:
+            raise UserError("--stall-rate, --mem-bandwidth and --mem-latency set the block-RAM memory model; "
+                            f"with --memory {args.memory} LiteDRAM's SDRAM model sets the timing")
+        if not litedram_available():
+            raise UserError("--memory sdram needs LiteDRAM: pip install litedram==2024.12 litex==2024.12 "
+                            "migen==0.10.0 (the project's dependencies; 'make install' installs them)")
     checkpoint = args.checkpoint or DEMO_CHECKPOINT
     if args.synthetic:
         cfg, blob = ModelConfig.from_checkpoint(checkpoint), None
@@ -63,7 +80,8 @@ def run(args) -> dict:
     prompt, _ = prompt_and_sampler(args, cfg.V)
     r = run_engine(cfg=cfg, blob=blob, packing=args.packing, lanes=args.lanes, prompt=prompt, steps=args.steps,
                    simulator=args.simulator, stall_rate=args.stall_rate, mem_bandwidth=args.mem_bandwidth,
-                   mem_latency=args.mem_latency, synthetic=args.synthetic, waves=waves, progress=not args.quiet,
+                   mem_latency=args.mem_latency, synthetic=args.synthetic, waves=waves, memory=args.memory,
+                   progress=not args.quiet,
                    log=None if args.quiet else lambda msg: print(f"sim: {msg}", flush=True))
     ideal = cfg.ideal_cycles(args.lanes)
     if r.sim_cycles and r.sim_wall_s:
@@ -83,8 +101,11 @@ def run(args) -> dict:
         "geometry": cfg.as_dict(),
         "synthetic_weights": bool(args.synthetic),
         "argmax_logits": r.argmax_logits,
-        "mem": {"bandwidth_bytes_per_cycle": args.mem_bandwidth or None, "latency": args.mem_latency,
-                "stall_rate": args.stall_rate},
+        "memory": args.memory,
+        "mem": None if args.memory != "bram" else {"bandwidth_bytes_per_cycle": args.mem_bandwidth or None,
+                                                    "latency": args.mem_latency, "stall_rate": args.stall_rate},
+        "dram_efficiency": r.dram["efficiency"] if r.dram else None,
+        "dram": r.dram,
         "waves": None,
     }
     if waves is not None:
@@ -98,6 +119,12 @@ def run(args) -> dict:
         print(f"{kind}tokens {r.tokens}")
         print(f"cycles/token {min(r.cycles)}..{max(r.cycles)}, ideal {ideal:.0f} "
               f"({result['ratio_to_ideal']:.3f}x), {r.simulator} at {result['sim_cycles_per_s'] or 0:.0f} cycles/s")
+        if r.dram:
+            d = r.dram
+            print(f"{args.memory}: weights at {d['efficiency']:.3f} of the native port's {d['peak_bytes_per_cycle']} "
+                  f"bytes/cycle while streaming ({d['weight_bytes']} bytes in {d['weight_cycles']} cycles); "
+                  f"image of {d['load_bytes']} bytes loaded in {d['load_cycles']} cycles after an init "
+                  f"sequence of {d['init_cycles']}")
         if waves is not None:
             print(f"waveform in {waves.path}")
         if "matches_integer_model" in result:
