@@ -110,76 +110,29 @@ partial frame times out (cycles here, ``poll(now)`` there).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import functools
-import operator
-import re
-import struct
 import types
 
-from amaranth.hdl import Cat, Const, Module, Mux, Signal, Value, signed, unsigned
-from amaranth.lib import data, enum, stream, wiring
-from amaranth.lib.memory import Memory
+from amaranth.hdl import Cat, Const, Module, Mux, Signal, unsigned
+from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from mmfree_fpga.config import FORMATS, ModelConfig
+from mmfree_fpga.config import ModelConfig
 from mmfree_fpga.protocol import (
-    DEVICE_MAGIC, FEED_TOKEN_REQUEST, FEED_TOKEN_RESPONSE, FRAME_IDLE_TIMEOUT_S,
-    HEADER_LEN, IDENTITY, LOAD_BEGIN_REQUEST, LOAD_BEGIN_RESPONSE, LOAD_CHUNK_HEADER,
-    LOAD_CHUNK_RESPONSE, LOAD_COMMIT_RESPONSE, MAX_CHUNK, MAX_LOGITS_PER_READ, MAX_PAYLOAD, MIN_DEVICE_PAYLOAD,
-    NAK_PAYLOAD, NAK_RESPONSE, POSITION, PROTOCOL_VERSION, READ_LOGITS_HEADER, READ_LOGITS_REQUEST,
-    REQUEST_LENGTHS, RESPONSE, SYNC, TRAILER_LEN, Error, Identity, Op, Packing, Status, crc32_image,
-    formats_id,
+    FEED_TOKEN_REQUEST, FEED_TOKEN_RESPONSE, FRAME_IDLE_TIMEOUT_S, HEADER_LEN, IDENTITY, LOAD_BEGIN_REQUEST,
+    LOAD_BEGIN_RESPONSE, LOAD_CHUNK_HEADER, LOAD_CHUNK_RESPONSE, LOAD_COMMIT_RESPONSE, MAX_LOGITS_PER_READ,
+    MAX_PAYLOAD, MIN_DEVICE_PAYLOAD, NAK_PAYLOAD, NAK_RESPONSE, POSITION, READ_LOGITS_HEADER, READ_LOGITS_REQUEST,
+    RESPONSE, SYNC, TRAILER_LEN, Op, Packing, crc32_image,
 )
-from mmfree_fpga.image import IMAGE_VERSION
 
 from .control import ControlSignature, EngineOp
+from .link_check import ARG_BYTES, OP_INDEX, RequestCheck, SmallRequestCheck
 from .link_crc import make_crcs
+from .link_fields import field, struct_fields
+from .link_respond import MuxPayload, PayloadKind, RomPayload, result_layout
 from .link_ring import ReceiveRing
 from .link_timers import LFSR_TAPS, lfsr_jump, lfsr_signal, lfsr_step, make_boot_id, make_idle_timer
 
 __all__ = ["Link", "ring_depth", "struct_fields", "LFSR_TAPS", "lfsr_step", "lfsr_jump", "lfsr_signal"]
-
-
-def struct_fields(layout: struct.Struct) -> list[tuple[int, int]]:
-    """(bit offset, bit width) of each field of a little-endian ``struct`` layout, in order."""
-    fmt = layout.format
-    if fmt[0] != "<":
-        raise ValueError(f"{fmt!r}: the wire layouts are little-endian, without padding")
-    out, offset = [], 0
-    for count, code in re.findall(r"(\d*)([a-zA-Z])", fmt[1:]):
-        n = int(count or 1)
-        if code == "s":
-            fields = [(offset, 8 * n)]
-        else:
-            fields = [(offset + 8 * struct.calcsize("<" + code) * i, 8 * struct.calcsize("<" + code))
-                      for i in range(n)]
-        out += fields
-        offset = fields[-1][0] + fields[-1][1]
-    assert offset == 8 * layout.size, fmt
-    return out
-
-
-def _field(value, layout: struct.Struct, index: int):
-    offset, width = struct_fields(layout)[index]
-    return value[offset:offset + width]
-
-
-def _pack(layout: struct.Struct, *values):
-    """The wire bytes (byte i = bits 8i..8i+7) of ``values`` in ``layout``; ints and bytes are constants."""
-    fields = struct_fields(layout)
-    if len(values) != len(fields):
-        raise ValueError(f"{layout.format} has {len(fields)} fields, got {len(values)} values")
-    parts = []
-    for (_, width), value in zip(fields, values):
-        if isinstance(value, bytes):
-            value = int.from_bytes(value, "little")
-        if isinstance(value, int):
-            parts.append(Const(value & ((1 << width) - 1), width))
-            continue
-        value = Value.cast(value).as_unsigned()
-        parts.append(value[:width] if len(value) >= width else Cat(value, Const(0, width - len(value))))
-    return Cat(*parts)
 
 
 def ring_depth(max_payload: int) -> int:
@@ -189,38 +142,16 @@ def ring_depth(max_payload: int) -> int:
     return 1 << frame.bit_length()
 
 
-# Commands whose duplicate is executed again (they change no state) instead of replayed.
-_REEXECUTED = (Op.IDENTIFY, Op.READ_LOGITS)
-_ARG_BYTES = max(max(REQUEST_LENGTHS.values()), LOAD_CHUNK_HEADER.size)
-
-
-class _Kind(enum.Enum, shape=3):
-    """Where a response's payload bytes come from."""
-    IDENTITY = 0
-    NAK = 1
-    LOGITS = 2
-    RESET_STATE = 3     # the other kinds: the response of the command of that name, from the state
-    LOAD_BEGIN = 4
-    LOAD_CHUNK = 5
-    LOAD_COMMIT = 6
-    FEED_TOKEN = 7
 
 
 # The commands answered from the state after they ran: (payload kind, response layout).
 _STATE_RESPONSES = {
-    Op.RESET_STATE: (_Kind.RESET_STATE, POSITION),
-    Op.LOAD_BEGIN: (_Kind.LOAD_BEGIN, LOAD_BEGIN_RESPONSE),
-    Op.LOAD_CHUNK: (_Kind.LOAD_CHUNK, LOAD_CHUNK_RESPONSE),
-    Op.LOAD_COMMIT: (_Kind.LOAD_COMMIT, LOAD_COMMIT_RESPONSE),
-    Op.FEED_TOKEN: (_Kind.FEED_TOKEN, FEED_TOKEN_RESPONSE),
+    Op.RESET_STATE: (PayloadKind.RESET_STATE, POSITION),
+    Op.LOAD_BEGIN: (PayloadKind.LOAD_BEGIN, LOAD_BEGIN_RESPONSE),
+    Op.LOAD_CHUNK: (PayloadKind.LOAD_CHUNK, LOAD_CHUNK_RESPONSE),
+    Op.LOAD_COMMIT: (PayloadKind.LOAD_COMMIT, LOAD_COMMIT_RESPONSE),
+    Op.FEED_TOKEN: (PayloadKind.FEED_TOKEN, FEED_TOKEN_RESPONSE),
 }
-
-
-@dataclasses.dataclass(frozen=True)
-class _IfLoaded:
-    """A response field that is ``value`` (a constant or a register) while weights are loaded,
-    else 0 (IDENTITY's image size and CRC)."""
-    value: object
 
 
 class Link(wiring.Component):
@@ -306,94 +237,8 @@ class Link(wiring.Component):
             "running_crc": Signal(32), "cache_valid": Signal(), "cache_seq": Signal(8), "cache_crc": Signal(16),
             "cache_op": Signal(8), "boot_id": Signal(32),
             # the last FEED_TOKEN's result: argmax (< vocab, so range(vocab) bits), logit, cycles
-            "result": Signal(data.StructLayout({"argmax": range(cfg.V), "logit": signed(32),
-                                                "cycles": unsigned(32)}).size),
+            "result": Signal(result_layout(cfg.V).size),
         }
-
-    @staticmethod
-    def _response_rom(m, programs, nak_programs, nak_arg_sel, out_kind, j, weights_loaded, payload_byte):
-        """The small form's response payload: a ROM (one block RAM) holds, for every byte of every
-        response (and of the NAK for each argument choice), either a constant or the code of a
-        register byte; ``payload_byte`` is that byte of ``out_kind``'s response at ``j`` (of the
-        NAK: for ``nak_arg_sel``) three cycles after they are set (the ROM's read and the
-        multiplexer behind it are registered).
-        One multiplexer over the distinct register bytes serves every response."""
-        sources, keys = [], {}
-
-        def entries(layout, values):
-            """(code, constant, masked) per byte: code 0 is the constant, else source code - 1;
-            masked: 0 while no weights are loaded."""
-            out = []
-            for (_, width), value in zip(struct_fields(layout), values):
-                masked = isinstance(value, _IfLoaded)
-                if masked:
-                    value = value.value
-                if isinstance(value, bytes):
-                    value = int.from_bytes(value, "little")
-                for k in range(width // 8):
-                    if isinstance(value, int):
-                        out.append((0, (value & ((1 << width) - 1)) >> 8 * k & 0xFF, masked))
-                    elif 8 * k >= len(Value.cast(value)):
-                        out.append((0, 0, masked))
-                    else:
-                        key = (id(value), k)
-                        if key not in keys:
-                            keys[key] = (len(sources) + 1, value)    # (the value kept: its id stays unique)
-                            sources.append(Value.cast(value).as_unsigned().word_select(k, 8))
-                        out.append((keys[key][0], 0, masked))
-            return out
-
-        # regions, each at a multiple of its size rounded up to a power of two: address = base | j
-        regions = [(kind, entries(layout, values)) for kind, (layout, values) in programs.items()]
-        nak_entries = [entries(layout, values) for layout, values in nak_programs]
-        nak_span = 1 << (len(nak_entries[0]) - 1).bit_length()
-        regions.append(("nak", [e for ent in nak_entries for e in ent + [(0, 0, False)] * (nak_span - len(ent))]))
-        regions.sort(key=lambda r: -len(r[1]))
-        # a source's code in the ROM: its index in a group of GROUP and its group, both one-hot
-        # (none for a constant), so the multiplexer behind the ROM is an AND-OR per group and
-        # an AND-OR of the groups, four LUTs deep (a binary code would make it deeper)
-        GROUP = 8
-        n_groups = max(1, -(-len(sources) // GROUP))
-        code_bits = GROUP + n_groups
-
-        def code_of(n):
-            return 0 if n == 0 else 1 << (n - 1) % GROUP | 1 << ((n - 1) // GROUP + GROUP)
-
-        bases, rom = {}, []
-        for name, ents in regions:
-            span = 1 << (len(ents) - 1).bit_length()
-            base = -(-len(rom) // span) * span
-            rom += [0] * (base - len(rom))
-            bases[name] = base
-            rom += [const | code_of(code) << 8 | masked << (8 + code_bits) for code, const, masked in ents]
-        rom_depth = 1 << (len(rom) - 1).bit_length()
-        rom += [0] * (rom_depth - len(rom))
-        m.submodules.response_rom = memory = Memory(shape=9 + code_bits, depth=rom_depth, init=rom)
-        port = memory.read_port()
-        addr = Signal(range(rom_depth))
-        with m.Switch(out_kind):
-            for kind in programs:
-                with m.Case(kind):
-                    span = 1 << (programs[kind][0].size - 1).bit_length()
-                    m.d.comb += addr.eq(bases[kind] | j[:(span - 1).bit_length()])
-            with m.Case(_Kind.NAK):
-                m.d.comb += addr.eq(bases["nak"] | Cat(j[:(nak_span - 1).bit_length()], nak_arg_sel))
-        m.d.comb += port.addr.eq(addr)
-        const, code, masked = port.data[:8], port.data[8:8 + code_bits], port.data[8 + code_bits]
-        # the multiplexer's output is registered (with the constant and the mask, to stay aligned):
-        # the ROM's output, the multiplexer and pb would otherwise be one long path
-        register_byte = Signal(8)
-        const_r = Signal(8)
-        masked_r = Signal()
-        index, groups = code[:GROUP], code[GROUP:]
-        picked = []
-        for g in range(n_groups):
-            members = sources[GROUP * g:GROUP * (g + 1)]
-            in_group = functools.reduce(operator.or_, (Mux(index[k], v, 0) for k, v in enumerate(members)))
-            picked.append(Mux(groups[g], in_group, 0))
-        m.d.sync += [register_byte.eq(functools.reduce(operator.or_, picked)),
-                     const_r.eq(const), masked_r.eq(masked)]
-        m.d.comb += payload_byte.eq(Mux(masked_r & ~weights_loaded, 0, const_r | register_byte))
 
     def elaborate(self, platform):
         # ``b``: the signals and helpers the parts below share, each made by one of them
@@ -407,7 +252,6 @@ class Link(wiring.Component):
         self._receive(m, b)
         self._registers(m, b)
         self._checks(m, b)
-        self._first_failure(m, b)
         self._payload(m, b)
         self._parser_datapath(m, b)
         self._fsm(m, b)
@@ -467,8 +311,8 @@ class Link(wiring.Component):
         b.length_zero = Signal()           # registered: LEN == 0
         m.d.sync += b.length_zero.eq(b.length == 0)
         b.payload_left = Signal(b.index_shape)   # payload bytes still to come, less one
-        b.args = Signal(8 * _ARG_BYTES)
-        b.arg_sel = Signal(_ARG_BYTES)     # one-hot: the byte of args the next payload byte goes to
+        b.args = Signal(8 * ARG_BYTES)
+        b.arg_sel = Signal(ARG_BYTES)     # one-hot: the byte of args the next payload byte goes to
         b.frame_crc = Signal(16)
         b.tidx = Signal(range(TRAILER_LEN))
 
@@ -479,17 +323,14 @@ class Link(wiring.Component):
                                                         st["load_pointer"])
         b.cache_valid, b.cache_seq, b.cache_crc, b.cache_op = (st["cache_valid"], st["cache_seq"], st["cache_crc"],
                                                        st["cache_op"])
-        b.last_result = data.View(data.StructLayout({"argmax": range(b.cfg.V), "logit": signed(32),
-                                                   "cycles": unsigned(32)}), st["result"])
+        b.last_result = data.View(result_layout(b.cfg.V), st["result"])
         m.d.comb += st["running_crc"].eq(b.crcs.image_crc)
 
         # -- response registers ------------------------------------------------------------------
         b.out_op = Signal(8)
         b.out_len = Signal(b.index_shape)
         b.out_last = Signal(b.index_shape)   # out_len - 1 (every response has a payload)
-        b.out_kind = Signal(_Kind)
-        b.nak_error = Signal(8)
-        b.nak_arg = Signal(32)
+        b.out_kind = Signal(PayloadKind)
         b.hk = Signal(range(HEADER_LEN))   # next header (or trailer) byte of the response
         b.j = Signal(range(self.max_payload))   # next payload byte of the response
         b.logits_data = Signal()           # j >= READ_LOGITS_HEADER.size
@@ -514,273 +355,79 @@ class Link(wiring.Component):
         b.logit_have = Signal()
         b.logit_asked = Signal()
         b.logit_byte = Signal(2)
+        b.pb_stale = Signal()              # the response payload's prefetch is withheld (it changes)
 
         b.chunk_left = Signal(b.index_shape)  # image bytes of the current chunk still to forward, less one
 
         # -- decoded request fields --------------------------------------------------------
-        b.begin_size = _field(b.args, LOAD_BEGIN_REQUEST, 0)
-        b.begin_crc = _field(b.args, LOAD_BEGIN_REQUEST, 1)
-        b.chunk_offset = _field(b.args, LOAD_CHUNK_HEADER, 0)
-        b.feed_position = _field(b.args, FEED_TOKEN_REQUEST, 0)
-        b.feed_token = _field(b.args, FEED_TOKEN_REQUEST, 1)
-        b.read_start_arg = _field(b.args, READ_LOGITS_REQUEST, 1)
-        b.read_count = _field(b.args, READ_LOGITS_REQUEST, 2)
-
-    def _checks(self, m, b):
-        """The request checks, in the device model's order: the first failure is the NAK."""
-        # -- checks, in the device model's order: the first failure is the NAK ---------------
-        # Everything a check reads (op, length, the payload fields, the device state) is fixed
-        # from the last payload byte on, while the trailer arrives (at least six cycles: one
-        # byte per three cycles). The checks are computed in two registered stages during that
-        # time: each comparison into a flag (and the opcode into op_code), then the first failing
-        # check into the NAK's error code and the choice of its argument. DECIDE only reads
-        # registers: no path runs from ``length`` through these adders and comparators and the
-        # priority chain into DECIDE.
-        def flag(cond, name):
-            r = Signal(name=f"chk_{name}")
-            m.d.sync += r.eq(cond)
-            return r
-
-        # start + count > V on vb-bit operands (vb: the bits of V): a higher bit set in either
-        # makes the sum exceed V anyway
-        vb = b.cfg.V.bit_length()
-        commands = [c for c in Op if c != Op.NAK]
-        req_len_ok = Signal()
-        with m.Switch(b.op):
-            for c in commands:
-                with m.Case(c):
-                    if c == Op.LOAD_CHUNK:
-                        m.d.comb += req_len_ok.eq(b.length > LOAD_CHUNK_HEADER.size)
-                    else:
-                        m.d.comb += req_len_ok.eq(b.length == REQUEST_LENGTHS[c])
-        len_ok = flag(req_len_ok, "len_ok")
-        # a LOAD_CHUNK with more than MAX_CHUNK data bytes (BAD_LENGTH, arg the longest); only a
-        # device whose max_payload admits so long a frame can receive one
-        chunk_max = LOAD_CHUNK_HEADER.size + MAX_CHUNK
-        chunk_long = flag(b.length > chunk_max, "chunk_long") if self.max_payload > chunk_max else None
-        # the opcode, registered as 1 + its index in ``commands`` (0: unknown)
-        b.op_index = {c: i + 1 for i, c in enumerate(commands)}
-        b.op_code = Signal(range(len(commands) + 1))
-        with m.Switch(b.op):
-            for c in commands:
-                with m.Case(c):
-                    m.d.sync += b.op_code.eq(b.op_index[c])
-            with m.Default():
-                m.d.sync += b.op_code.eq(0)
-        assert struct_fields(FEED_TOKEN_REQUEST)[0] == struct_fields(READ_LOGITS_REQUEST)[0]
-        # Small form: the first payload word (LOAD_BEGIN's size, LOAD_CHUNK's offset, FEED_TOKEN's
-        # and READ_LOGITS' position) is compared byte by byte as it arrives, with the first word
-        # of the command's response (image size, write pointer, position: the same values) from
-        # the response multiplexer, which is idle while a frame is parsed; it is not stored.
+        b.begin_crc = field(b.args, LOAD_BEGIN_REQUEST, 1)
+        b.feed_token = field(b.args, FEED_TOKEN_REQUEST, 1)
+        b.read_start_arg = field(b.args, READ_LOGITS_REQUEST, 1)
+        b.read_count = field(b.args, READ_LOGITS_REQUEST, 2)
+        # (small form) the request's first payload word compared, byte by byte as it arrives,
+        # with the first word of the command's response (the check's word0_differs / word0_ones)
         b.word0_differs = Signal()         # some byte of the first word differed
         b.word0_ones = Signal()            # every byte of the first word was 0xFF
-        for layout in (LOAD_BEGIN_REQUEST, LOAD_CHUNK_HEADER, FEED_TOKEN_REQUEST, READ_LOGITS_REQUEST):
-            assert struct_fields(layout)[0] == (0, 32)
-        for layout in (LOAD_BEGIN_RESPONSE, LOAD_CHUNK_RESPONSE, FEED_TOKEN_RESPONSE, READ_LOGITS_HEADER):
-            assert struct_fields(layout)[0] == (0, 32)
+
+    def _checks(self, m, b):
+        """The request check (:mod:`~.link_check`), fed while the trailer arrives; the cached
+        command's replay flags, registered in CHECK."""
+        check_class = SmallRequestCheck if self.small else RequestCheck
+        m.submodules.check = b.check = check = check_class(
+            vocab_size=b.cfg.V, image_bytes=self.image_bytes, max_payload=self.max_payload)
+        b.in_trailer = Signal()
+        m.d.comb += [check.op.eq(b.op), check.length.eq(b.length), check.seq.eq(b.seq), check.args.eq(b.args),
+                     check.in_trailer.eq(b.in_trailer),
+                     check.position.eq(b.position), check.load_pointer.eq(b.load_pointer),
+                     check.load_open.eq(b.load_open), check.load_crc.eq(b.load_crc),
+                     check.running_crc.eq(b.crcs.image_crc), check.weights_loaded.eq(b.weights_loaded),
+                     check.logits_valid.eq(b.logits_valid), check.cache_valid.eq(b.cache_valid),
+                     check.cache_seq.eq(b.cache_seq), check.cache_op.eq(b.cache_op)]
+        b.op_code, b.replayable, b.rejected = check.op_code, check.replayable, check.rejected
+        b.nak_error, b.nak_arg_sel = check.nak_error, check.nak_arg_sel
+        # the NAK's arguments, as the Link's own signals (the small form's response ROM reads
+        # each distinct register once)
+        own = {"position": b.position, "load_pointer": b.load_pointer, "running_crc": b.crcs.image_crc}
         if self.small:
-            position_bad = b.word0_differs
-            last_position = b.word0_ones
-            token_big = (b.feed_token[vb:] != 0) | (b.feed_token[:vb] >= b.cfg.V)
-            count_big = (b.read_count[self.logits_per_read.bit_length():] != 0) |\
-                (b.read_count[:self.logits_per_read.bit_length()] > self.logits_per_read)
+            m.d.comb += [check.word0_differs.eq(b.word0_differs), check.word0_ones.eq(b.word0_ones)]
+            own["load_left"] = check.load_left
         else:
-            position_bad = flag(b.feed_position != b.position, "position")    # READ_LOGITS' position: the same bytes
-            last_position = None         # (a flag, made where the default form always made it)
-            token_big = b.feed_token >= b.cfg.V
-            count_big = b.read_count > self.logits_per_read
+            b.nak_arg = check.nak_arg
+        b.arg_values = [arg if isinstance(arg, int) else own.get(arg) for arg in check.arguments]
 
-        past_vocab = ((b.read_start_arg[vb:] != 0) | (b.read_count[vb:] != 0)
-                      | (b.read_start_arg[:vb] + b.read_count[:vb] > b.cfg.V))
-
-
-        if self.small:
-            # image bytes still to come in the load, registered: load_pointer is fixed for the
-            # trailer's six cycles before the checks are read (the subtractor, the comparison
-            # and the flag are not one path)
-            load_left = Signal(range(self.image_bytes + 1))
-            # (and that plus the chunk header's size, for the check)
-            load_left_h = Signal(range(self.image_bytes + LOAD_CHUNK_HEADER.size + 1))
-            m.d.sync += [load_left.eq(self.image_bytes - b.load_pointer),
-                         load_left_h.eq(self.image_bytes + LOAD_CHUNK_HEADER.size - b.load_pointer)]
-            # the chunk's data (length - 5 bytes) runs past the image: a comparison as wide as LEN
-            lb = len(b.length)
-            overrun = (load_left_h[lb:] == 0) & (b.length > load_left_h[:lb])
-        else:
-            overrun = b.load_pointer + b.length > self.image_bytes + LOAD_CHUNK_HEADER.size
-            load_left = self.image_bytes - b.load_pointer
-
-        def checks_of(c):
-            """(registered condition, error, arg) after the length check, in the device model's order."""
-            if c == Op.LOAD_BEGIN:
-                return [(b.word0_differs if self.small else flag(b.begin_size != self.image_bytes, "begin_size"),
-                         Error.BAD_IMAGE_SIZE, self.image_bytes)]
-            if c == Op.LOAD_CHUNK:
-                # load_pointer + (length - 5) > image_bytes, for length > 5 (the length check)
-                return [(~b.load_open, Error.NO_LOAD, 0),
-                        (b.word0_differs if self.small else flag(b.chunk_offset != b.load_pointer, "offset"),
-                         Error.BAD_OFFSET, b.load_pointer),
-                        (flag(overrun, "overrun"), Error.BAD_ARGUMENT, load_left)]
-            if c == Op.LOAD_COMMIT:
-                return [(~b.load_open, Error.NO_LOAD, 0),
-                        (flag(b.load_pointer != self.image_bytes, "incomplete"), Error.INCOMPLETE, b.load_pointer),
-                        (flag(b.crcs.image_crc != b.load_crc, "checksum"), Error.CHECKSUM_MISMATCH, b.crcs.image_crc)]
-            if c == Op.FEED_TOKEN:
-                return [(~b.weights_loaded, Error.NO_WEIGHTS, 0),
-                        (flag(token_big, "token"), Error.BAD_ARGUMENT, b.cfg.V),
-                        (position_bad, Error.POSITION_MISMATCH, b.position),
-                        (last_position if self.small else flag(b.feed_position == 0xFFFFFFFF, "last_position"),
-                         Error.BAD_ARGUMENT, 0xFFFFFFFF)]
-            if c == Op.READ_LOGITS:
-                return [(~b.weights_loaded, Error.NO_WEIGHTS, 0),
-                        (position_bad, Error.POSITION_MISMATCH, b.position),
-                        (flag(~b.logits_valid | (b.read_count == 0) | count_big
-                              | past_vocab, "read_range"), Error.BAD_ARGUMENT, self.logits_per_read)]
-            return []
-
-        b.checks = {c: checks_of(c) for c in commands}
-        b.commands, b.flag, b.len_ok, b.chunk_long, b.chunk_max = commands, flag, len_ok, chunk_long, chunk_max
-
-    def _first_failure(self, m, b):
-        """The cached command's replay flags, and the first failing check of the request
-        (``rejected``, ``nak_error``, ``nak_arg_sel``; the default form also ``nak_arg``),
-        registered while the trailer arrives."""
         # a duplicate of the last executed command is answered from the state (crc_cached: the
         # frame's CRC-16 equals the cached one, compared as its last byte is taken)
         b.crc_cached = Signal()
         b.good = Signal()                   # the frame's CRC-16 checked out (registered in CHECK)
         b.replay = Signal()                 # DECIDE answers from the cache (registered in CHECK) ...
-        b.replay_kind = Signal(_Kind)       # ... with the cached command's response
+        b.replay_kind = Signal(PayloadKind)       # ... with the cached command's response
         b.replay_len = Signal(range(max(layout.size for _, layout in _STATE_RESPONSES.values()) + 1))
-        b.replayable = b.flag(b.cache_valid & (b.cache_seq == b.seq) & ~(b.cache_op == _REEXECUTED[0])
-                          & ~(b.cache_op == _REEXECUTED[1]), "replayable")
-
-        # The second stage: the first failing check's error code (0: none) and which value is
-        # its argument (nak_arg_sel); the third: that value. Both go straight into the NAK
-        # payload registers (only SEND reads those, and a response is sent before the next
-        # frame). (The small form picks the argument's bytes as they are sent instead: no
-        # 32-bit nak_arg, but a longer payload multiplexer.)
-        b.in_trailer = Signal()
-        b.rejected = Signal()               # some check failed: nak_error / nak_arg hold the first
-        b.arg_values = []                   # the distinct arguments (ints: constants; or values)
-
-        def arg_index(arg):
-            for i, known in enumerate(b.arg_values):
-                if (isinstance(arg, int) and isinstance(known, int) and arg == known) or arg is known:
-                    return i
-            b.arg_values.append(arg)
-            return len(b.arg_values) - 1
-
-        arg_index(0)
-        arg_cases = []                    # (op, (cond, err, arg index) in priority order)
-        for c in b.commands:
-            expected_len = LOAD_CHUNK_HEADER.size + 1 if c == Op.LOAD_CHUNK else REQUEST_LENGTHS[c]
-            too_long = ([(b.chunk_long, Error.BAD_LENGTH, arg_index(b.chunk_max))]
-                        if c == Op.LOAD_CHUNK and b.chunk_long is not None else [])
-            arg_cases.append((c, too_long + [(~b.len_ok, Error.BAD_LENGTH, arg_index(expected_len))]
-                              + [(cond, err, arg_index(arg)) for cond, err, arg in b.checks[c]]))
-        b.nak_arg_sel = Signal(range(len(b.arg_values)))
-        with m.If(b.in_trailer):
-            with m.Switch(b.op_code):
-                for c, cases in arg_cases:
-                    with m.Case(b.op_index[c]):
-                        m.d.sync += b.rejected.eq(1)
-                        for n, (cond, err, index) in enumerate(cases):
-                            with (m.If if n == 0 else m.Elif)(cond):
-                                m.d.sync += [b.nak_error.eq(err), b.nak_arg_sel.eq(index)]
-                        with m.Else():
-                            m.d.sync += b.rejected.eq(0)
-                with m.Default():
-                    m.d.sync += [b.rejected.eq(1), b.nak_error.eq(Error.UNKNOWN_OP), b.nak_arg_sel.eq(0)]
-            if not self.small:    # (the small form picks the argument's bytes as it sends them)
-                with m.Switch(b.nak_arg_sel):
-                    for i, value in enumerate(b.arg_values):
-                        with m.Case(i):
-                            m.d.sync += b.nak_arg.eq(value)
 
     def _payload(self, m, b):
-        """The response payload bytes (``payload_byte``) and their prefetch register ``pb``."""
-        # -- response payload bytes ------------------------------------------------------------------
-        status = Signal(8)
-        m.d.comb += status.eq(Mux(b.weights_loaded, Status.WEIGHTS_LOADED, 0) | Mux(b.load_open, Status.LOADING, 0))
-        identity_values = dict(
-            magic=DEVICE_MAGIC, version_major=PROTOCOL_VERSION[0], version_minor=PROTOCOL_VERSION[1],
-            boot_id=b.boot_id, vocab_size=b.cfg.V, hidden_size=b.cfg.d, num_layers=b.cfg.L, intermediate_size=b.cfg.I,
-            lanes=self.lanes, packing=int(self.packing_code), image_version=IMAGE_VERSION,
-            formats_id=formats_id(FORMATS), max_payload=self.max_payload, step_time_ms=self.step_time_ms,
-            status=status, image_size=Mux(b.weights_loaded, self.image_bytes, 0),
-            image_crc=b.image_crc, position=b.position)    # image_crc is 0 while no weights are loaded
-        b.payload_byte = Signal(8)
-        b.payload_ready = Signal()
+        """The response payload (:mod:`~.link_respond`): ``payload_byte`` and its prefetch
+        register ``pb``."""
+        payload_class = RomPayload if self.small else MuxPayload
+        m.submodules.payload = payload = payload_class(
+            cfg=b.cfg, packing=self.packing, lanes=self.lanes, max_payload=self.max_payload,
+            step_time_ms=self.step_time_ms, image_bytes=self.image_bytes, arguments=b.check.arguments)
+        m.d.comb += [payload.kind.eq(b.out_kind), payload.index.eq(b.j), payload.logits_data.eq(b.logits_data),
+                     payload.logit_word.eq(b.logit_word), payload.logit_byte.eq(b.logit_byte),
+                     payload.logit_have.eq(b.logit_have),
+                     payload.boot_id.eq(b.boot_id), payload.position.eq(b.position),
+                     payload.load_pointer.eq(b.load_pointer), payload.load_crc.eq(b.load_crc),
+                     payload.weights_loaded.eq(b.weights_loaded), payload.load_open.eq(b.load_open),
+                     payload.result.eq(b.last_result), payload.read_start.eq(b.read_start),
+                     payload.nak_error.eq(b.nak_error), payload.op.eq(b.op),
+                     payload.last.eq(b.out_last), payload.stale.eq(b.pb_stale)]
         if self.small:
-            m.d.comb += b.image_crc.eq(Mux(b.weights_loaded, b.load_crc, 0))
-            argmax = b.last_result.argmax
-            identity_values["image_size"] = _IfLoaded(self.image_bytes)
-            identity_values["image_crc"] = _IfLoaded(b.load_crc)
-            identity_fields = [identity_values[f.name] for f in dataclasses.fields(Identity)]
-            programs = {
-                _Kind.IDENTITY: (IDENTITY, identity_fields),
-                _Kind.RESET_STATE: (POSITION, [0]),
-                _Kind.LOAD_BEGIN: (LOAD_BEGIN_RESPONSE, [self.image_bytes, b.load_crc]),
-                _Kind.LOAD_CHUNK: (LOAD_CHUNK_RESPONSE, [b.load_pointer]),
-                # (a LOAD_COMMIT's response is replayed only while its weights are loaded)
-                _Kind.LOAD_COMMIT: (LOAD_COMMIT_RESPONSE, [self.image_bytes, b.load_crc]),
-                _Kind.FEED_TOKEN: (FEED_TOKEN_RESPONSE, [b.position, argmax, b.last_result.logit, b.last_result.cycles]),
-                _Kind.LOGITS: (READ_LOGITS_HEADER, [b.position, b.read_start]),
-            }
-            nak_programs = [(NAK_PAYLOAD, [b.nak_error, b.op, value]) for value in b.arg_values]
-            self._response_rom(m, programs, nak_programs, b.nak_arg_sel, b.out_kind, b.j, b.weights_loaded,
-                               b.payload_byte)
-            with m.If((b.out_kind == _Kind.LOGITS) & b.logits_data):
-                m.d.comb += [b.payload_byte.eq(b.logit_word.word_select(b.logit_byte, 8)), b.payload_ready.eq(b.logit_have)]
-            with m.Else():
-                m.d.comb += b.payload_ready.eq(1)
+            # the image CRC is load_crc while weights are loaded
+            m.d.comb += [b.image_crc.eq(Mux(b.weights_loaded, b.load_crc, 0)),
+                         payload.nak_arg_sel.eq(b.nak_arg_sel), payload.running_crc.eq(b.crcs.image_crc),
+                         payload.load_left.eq(b.check.load_left)]
         else:
-            identity = _pack(IDENTITY, *[identity_values[f.name] for f in dataclasses.fields(Identity)])
-            nak = _pack(NAK_PAYLOAD, b.nak_error, b.op, b.nak_arg)
-            logits_header = _pack(READ_LOGITS_HEADER, b.position, b.read_start)
-            state_payloads = {
-                _Kind.RESET_STATE: _pack(POSITION, 0),
-                _Kind.LOAD_BEGIN: _pack(LOAD_BEGIN_RESPONSE, self.image_bytes, b.load_crc),
-                _Kind.LOAD_CHUNK: _pack(LOAD_CHUNK_RESPONSE, b.load_pointer),
-                _Kind.LOAD_COMMIT: _pack(LOAD_COMMIT_RESPONSE, self.image_bytes, b.image_crc),
-                _Kind.FEED_TOKEN: _pack(FEED_TOKEN_RESPONSE, b.position, b.last_result.argmax, b.last_result.logit,
-                                        b.last_result.cycles),
-            }
-            with m.Switch(b.out_kind):
-                for kind, value in state_payloads.items():
-                    with m.Case(kind):
-                        m.d.comb += [b.payload_byte.eq(value.word_select(b.j[:(len(value) // 8 - 1).bit_length()], 8)),
-                                     b.payload_ready.eq(1)]
-                with m.Case(_Kind.IDENTITY):
-                    m.d.comb += [b.payload_byte.eq(identity.word_select(b.j[:(IDENTITY.size - 1).bit_length()], 8)),
-                                 b.payload_ready.eq(1)]
-                with m.Case(_Kind.NAK):
-                    m.d.comb += [b.payload_byte.eq(nak.word_select(b.j[:(NAK_PAYLOAD.size - 1).bit_length()], 8)),
-                                 b.payload_ready.eq(1)]
-                with m.Case(_Kind.LOGITS):
-                    with m.If(~b.logits_data):
-                        m.d.comb += [b.payload_byte.eq(logits_header.word_select(
-                            b.j[:(READ_LOGITS_HEADER.size - 1).bit_length()], 8)), b.payload_ready.eq(1)]
-                    with m.Else():
-                        m.d.comb += [b.payload_byte.eq(b.logit_word.word_select(b.logit_byte, 8)),
-                                     b.payload_ready.eq(b.logit_have)]
-
-        # The payload byte at j, registered (pb) before it is picked (the multiplexer and the
-        # output path are in different cycles). pb_ready: pb is the byte at j and available;
-        # it is withheld for a cycle after anything it depends on changed (pb_stale).
-        b.pb = Signal(8)
-        b.pb_ready = Signal()
-        b.pb_last = Signal()               # j == out_last, registered with pb
-        b.pb_stale = Signal()
-        m.d.sync += [b.pb.eq(b.payload_byte), b.pb_ready.eq(b.payload_ready & ~b.pb_stale), b.pb_last.eq(b.j == b.out_last)]
-        if self.small:
-            # the response ROM and the register behind its multiplexer add two cycles: withheld for three
-            pb_stale_d = Signal()
-            pb_stale_d2 = Signal()
-            m.d.sync += [pb_stale_d.eq(b.pb_stale), pb_stale_d2.eq(pb_stale_d)]
-            with m.If(pb_stale_d | pb_stale_d2):
-                m.d.sync += b.pb_ready.eq(0)
+            m.d.comb += [payload.image_crc.eq(b.image_crc), payload.nak_arg.eq(b.nak_arg)]
+        b.payload_byte, b.payload_ready = payload.data, payload.data_ready
+        b.pb, b.pb_ready, b.pb_last = payload.pb, payload.pb_ready, payload.pb_last
 
         m.d.comb += [
             self.engine.logit_req.payload.eq(b.logit_index),
@@ -933,10 +580,10 @@ class Link(wiring.Component):
                             # the response whose first word the request's first word is checked against
                             m.d.sync += [b.j.eq(0), b.logits_data.eq(0)]
                             with m.Switch(b.byte):
-                                for command, kind in ((Op.LOAD_BEGIN, _Kind.LOAD_BEGIN),
-                                                      (Op.LOAD_CHUNK, _Kind.LOAD_CHUNK),
-                                                      (Op.FEED_TOKEN, _Kind.FEED_TOKEN),
-                                                      (Op.READ_LOGITS, _Kind.LOGITS)):
+                                for command, kind in ((Op.LOAD_BEGIN, PayloadKind.LOAD_BEGIN),
+                                                      (Op.LOAD_CHUNK, PayloadKind.LOAD_CHUNK),
+                                                      (Op.FEED_TOKEN, PayloadKind.FEED_TOKEN),
+                                                      (Op.READ_LOGITS, PayloadKind.LOGITS)):
                                     with m.Case(command):
                                         m.d.sync += b.out_kind.eq(kind)
                     with m.Case(3):
@@ -961,7 +608,7 @@ class Link(wiring.Component):
             with b.frame_byte():
                 m.d.sync += [b.payload_left.eq(b.payload_left - 1), b.arg_sel.eq(b.arg_sel << 1)]
                 m.d.comb += b.crcs.frame.eq(1)
-                for i in range(_ARG_BYTES):
+                for i in range(ARG_BYTES):
                     if self.small and i < 4:
                         continue
                     with m.If(b.arg_sel[i]):
@@ -1014,10 +661,8 @@ class Link(wiring.Component):
             m.next = "HUNT"
 
         def on_bad_crc():
-            m.d.sync += [*b.respond(_Kind.NAK, NAK_RESPONSE, NAK_PAYLOAD.size, rescan_flag=1),
-                         b.nak_error.eq(Error.BAD_CRC), b.nak_arg.eq(0)]
-            if self.small:
-                m.d.sync += b.nak_arg_sel.eq(0)    # (argument 0 has index 0)
+            m.d.sync += b.respond(PayloadKind.NAK, NAK_RESPONSE, NAK_PAYLOAD.size, rescan_flag=1)
+            m.d.comb += b.check.crc_failed.eq(1)
             m.next = "SEND"
 
         def on_replay():
@@ -1025,11 +670,11 @@ class Link(wiring.Component):
             m.next = "SEND"
 
         def on_rejected():
-            m.d.sync += b.respond(_Kind.NAK, NAK_RESPONSE, NAK_PAYLOAD.size)
+            m.d.sync += b.respond(PayloadKind.NAK, NAK_RESPONSE, NAK_PAYLOAD.size)
             m.next = "SEND"
 
         def on_identify():
-            m.d.sync += b.cache_and_respond(_Kind.IDENTITY, IDENTITY.size)
+            m.d.sync += b.cache_and_respond(PayloadKind.IDENTITY, IDENTITY.size)
             m.next = "SEND"
 
         def on_reset_state():
@@ -1065,7 +710,7 @@ class Link(wiring.Component):
         def on_read_logits():
             m.d.sync += [b.read_start.eq(b.read_start_arg), b.logit_index.eq(b.read_start_arg),
                          b.logit_have.eq(0), b.logit_asked.eq(0), b.logit_byte.eq(0),
-                         *b.cache_and_respond(_Kind.LOGITS,
+                         *b.cache_and_respond(PayloadKind.LOGITS,
                                             READ_LOGITS_HEADER.size + 4 * b.read_count)]
             m.next = "SEND"
 
@@ -1085,7 +730,7 @@ class Link(wiring.Component):
                     m.d.sync += flag.eq(cond.any() & ~earlier)
                     earlier = earlier | cond.any()
                 for flag, (command, _) in zip(verdict[len(checks):], commands_taken):
-                    m.d.sync += flag.eq(~earlier & (b.op_code == b.op_index[command]))
+                    m.d.sync += flag.eq(~earlier & (b.op_code == OP_INDEX[command]))
                 m.next = "DECIDE"
         with m.State("DECIDE"):
             if self.small:
@@ -1102,7 +747,7 @@ class Link(wiring.Component):
                 with m.Else():
                     with m.Switch(b.op_code):
                         for command, body in commands_taken:
-                            with m.Case(b.op_index[command]):
+                            with m.Case(OP_INDEX[command]):
                                 body()
 
     def _engine_states(self, m, b):
@@ -1189,7 +834,7 @@ class Link(wiring.Component):
                              b.nb_fcrc.eq(1), b.j.eq(b.j + 1)]
                 with m.If(b.j == READ_LOGITS_HEADER.size - 1):
                     m.d.sync += b.logits_data.eq(1)
-                with m.If((b.out_kind == _Kind.LOGITS) & b.logits_data):
+                with m.If((b.out_kind == PayloadKind.LOGITS) & b.logits_data):
                     m.d.sync += b.logit_byte.eq(b.logit_byte + 1)
                     with m.If(b.logit_byte == 3):
                         m.d.sync += [b.logit_have.eq(0), b.logit_index.eq(b.logit_index + 1)]

@@ -1,18 +1,30 @@
-"""The Link's parts on their own (hw/link_timers.py, hw/link_crc.py, hw/link_ring.py): both forms
+"""The Link's parts on their own (hw/link_timers.py, hw/link_crc.py, hw/link_ring.py, hw/link_check.py,
+hw/link_respond.py): both forms
 of each behave alike, cycle for cycle where the Link relies on it."""
 
 from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 from amaranth.sim import Simulator
+
+from mmfree_fpga.config import FORMATS, ModelConfig
+from mmfree_fpga.host.device_model import DeviceModel, Rejected, _Load
+from mmfree_fpga.hw.link_check import ARG_BYTES, RequestCheck, SmallRequestCheck
+from mmfree_fpga.hw.link_respond import MuxPayload, PayloadKind, RomPayload
+from mmfree_fpga.image import IMAGE_VERSION, image_size
 
 from mmfree_fpga.hw.link_crc import ByteCrcs, SerialCrcs
 from mmfree_fpga.hw.link_ring import ReceiveRing
 from mmfree_fpga.hw.link_timers import (CountingBootId, CountingIdleTimer, FixedBootId, LfsrBootId, LfsrIdleTimer,
                                         lfsr_jump, lfsr_step)
-from mmfree_fpga.protocol import crc8_header, crc16_frame, crc32_image
+from mmfree_fpga.protocol import (
+    DEVICE_MAGIC, FEED_TOKEN_RESPONSE, LOAD_BEGIN_RESPONSE, LOAD_CHUNK_HEADER, LOAD_CHUNK_RESPONSE, LOAD_COMMIT_RESPONSE,
+    MAX_CHUNK, MAX_PAYLOAD, MIN_DEVICE_PAYLOAD, NAK_PAYLOAD, POSITION, PROTOCOL_VERSION, READ_LOGITS_HEADER,
+    REQUEST_LENGTHS, Error, Identity, Op, Packing, Status, crc8_header, crc16_frame, crc32_image, formats_id,
+)
 
 
 def run(dut, body, clock=True):
@@ -164,5 +176,238 @@ def test_receive_ring_keeps_unread_bytes():
         ctx.set(dut.keep, 4)                 # the first four bytes are read: room for four more
         await ctx.tick().repeat(2)
         assert ctx.get(dut.incoming.ready)
+
+    run(dut, body)
+
+
+# -- the request check (hw/link_check.py) against the device model's checks ---------------------
+
+class _Stepper:
+    """A stand-in for the device model's IntegerModel: the checks only ask whether one is there."""
+
+    def __init__(self, vocab):
+        self.vocab = vocab
+
+    def step(self, token):
+        return np.zeros(self.vocab, dtype=np.int64)
+
+    def reset(self):
+        pass
+
+
+def _check_cases(rng, image_bytes, max_payload, vocab, per_read, n):
+    """Random requests and device states, biased towards the edges each check compares against."""
+    ops = [int(op) for op in Op] + [0x00, 0x09, 0x3F, 0x7E]
+    for _ in range(n):
+        op = rng.choice(ops)
+        state = dict(
+            weights_loaded=rng.random() < 0.7, load_open=rng.random() < 0.6, logits_valid=rng.random() < 0.7,
+            position=rng.choice([0, 1, 5, 0xFFFFFFFF, rng.randrange(1 << 32)]),
+            load_pointer=rng.choice([0, image_bytes, rng.randrange(image_bytes + 1)]),
+            load_crc=rng.randrange(1 << 32))
+        state["running_crc"] = rng.choice([state["load_crc"], rng.randrange(1 << 32)])
+        # the length: mostly the command's own (so the later checks are reached)
+        if op in REQUEST_LENGTHS and rng.random() < 0.8:
+            length = REQUEST_LENGTHS[op]
+        elif op == Op.LOAD_CHUNK and rng.random() < 0.8:
+            left = image_bytes - state["load_pointer"]
+            length = LOAD_CHUNK_HEADER.size + rng.choice([1, left, left + 1, MAX_CHUNK, MAX_CHUNK + 1,
+                                                          rng.randrange(1, MAX_CHUNK + 2)])
+        else:
+            length = rng.randrange(0, 12)
+        length = max(0, min(length, max_payload))
+        # the first word: mostly the value the command compares it with
+        word0 = rng.choice([{Op.LOAD_BEGIN: image_bytes, Op.LOAD_CHUNK: state["load_pointer"]}.get(op, state["position"]),
+                            0xFFFFFFFF, rng.randrange(1 << 32)])
+        token = rng.choice([0, vocab - 1, vocab, rng.randrange(1 << 32)])
+        start = rng.choice([0, vocab - 1, vocab, rng.randrange(1 << 32)])
+        count = rng.choice([0, 1, per_read, per_read + 1, vocab, rng.randrange(1 << 16)])
+        args = bytearray(word0.to_bytes(4, "little"))
+        if op == Op.READ_LOGITS:
+            args += start.to_bytes(4, "little") + count.to_bytes(2, "little")
+        else:
+            args += token.to_bytes(4, "little")
+        payload = bytes(args[:length]) + bytes(rng.randrange(256) for _ in range(length - len(args)))
+        cache = dict(cache_valid=rng.random() < 0.5, cache_seq=rng.choice([3, rng.randrange(256)]),
+                     cache_op=rng.choice([int(c) for c in Op]))
+        yield op, length, payload, state, cache, rng.choice([3, rng.randrange(256)])
+
+
+def _model_verdict(cfg, max_payload, op, payload, state):
+    """(error, arg) of the device model's first failing check, or None: it would execute."""
+    model = DeviceModel(cfg, "base3", max_payload=max_payload, seed=1)
+    model._model = _Stepper(cfg.V) if state["weights_loaded"] else None
+    model._position = state["position"]
+    model._logits = np.zeros(cfg.V, dtype=np.int64) if state["logits_valid"] else None
+    model._load = (_Load(size=model.image_bytes, crc=state["load_crc"], data=bytearray(model.image_bytes),
+                         pointer=state["load_pointer"], running_crc=state["running_crc"])
+                   if state["load_open"] else None)
+    model._install = lambda blob, crc: None
+    try:
+        model._execute(op, payload)
+    except Rejected as r:
+        return int(r.error), r.arg & 0xFFFFFFFF
+    return None
+
+
+@pytest.mark.parametrize("max_payload", [MIN_DEVICE_PAYLOAD, MAX_PAYLOAD])
+@pytest.mark.parametrize("form", [RequestCheck, SmallRequestCheck])
+def test_request_check_follows_the_device_model(form, max_payload):
+    """For random requests and device states, the check rejects exactly what the device model's
+    ``_execute`` rejects, with its first failure's error and argument (the small form's argument
+    is the value ``arguments[nak_arg_sel]`` names); ``replayable`` and ``crc_failed`` too."""
+    cfg = ModelConfig(vocab_size=24, hidden_size=8, num_hidden_layers=1, intermediate_size=8)
+    image_bytes = image_size(cfg, "base3")
+    dut = form(vocab_size=cfg.V, image_bytes=image_bytes, max_payload=max_payload)
+    small = form is SmallRequestCheck
+    expected_word0 = {Op.LOAD_BEGIN: lambda s: image_bytes, Op.LOAD_CHUNK: lambda s: s["load_pointer"],
+                      Op.FEED_TOKEN: lambda s: s["position"], Op.READ_LOGITS: lambda s: s["position"]}
+    cases = list(_check_cases(random.Random(max_payload), image_bytes, max_payload, cfg.V, dut.logits_per_read, 400))
+    seen = set()
+
+    async def body(ctx):
+        for op, length, payload, state, cache, seq in cases:
+            ctx.set(dut.op, op)
+            ctx.set(dut.length, length)
+            ctx.set(dut.seq, seq)
+            args = payload[:ARG_BYTES]
+            ctx.set(dut.args, int.from_bytes(args + bytes(ARG_BYTES - len(args)), "little"))
+            for name, value in {**state, **cache}.items():
+                ctx.set(getattr(dut, name), value)
+            if small:     # the parser's comparison of the first payload word
+                word0 = int.from_bytes(payload[:4].ljust(4, b"\0"), "little")
+                ctx.set(dut.word0_differs, op in expected_word0 and word0 != expected_word0[op](state))
+                ctx.set(dut.word0_ones, word0 == 0xFFFFFFFF)
+            await ctx.tick().repeat(2)
+            ctx.set(dut.in_trailer, 1)
+            await ctx.tick().repeat(3)
+            ctx.set(dut.in_trailer, 0)
+            await ctx.tick()
+            want = _model_verdict(cfg, max_payload, op, payload, state)
+            got = None
+            if ctx.get(dut.rejected):
+                arg = dut.arguments[ctx.get(dut.nak_arg_sel)]
+                if not small:
+                    value = ctx.get(dut.nak_arg)
+                elif isinstance(arg, int):
+                    value = arg
+                else:
+                    value = ctx.get(getattr(dut, arg))
+                got = (ctx.get(dut.nak_error), value)
+            assert got == want, (Op(op).name if op in set(Op) else hex(op), length, payload.hex(), state)
+            seen.add(want[0] if want else None)
+            assert ctx.get(dut.replayable) == (cache["cache_valid"] and cache["cache_seq"] == seq
+                                               and cache["cache_op"] not in (Op.IDENTIFY, Op.READ_LOGITS))
+            ctx.set(dut.crc_failed, 1)
+            await ctx.tick()
+            ctx.set(dut.crc_failed, 0)
+            assert ctx.get(dut.nak_error) == Error.BAD_CRC
+            assert (ctx.get(dut.nak_arg) if not small else dut.arguments[ctx.get(dut.nak_arg_sel)]) == 0
+
+    run(dut, body)
+    # every check was reached at least once (BAD_CRC is the frame CRC's, not a check)
+    assert seen >= {None} | {int(e) for e in Error if e != Error.BAD_CRC}, seen
+
+
+# -- the response payload (hw/link_respond.py) against the protocol's encodings ----------------
+
+@pytest.mark.parametrize("form", [MuxPayload, RomPayload])
+def test_response_payload_bytes_are_the_protocols(form):
+    """Every kind of response, for a few device states: the payload's bytes, read at each index
+    (and through the prefetch register ``pb``), are the protocol's encoding of that response;
+    READ_LOGITS' data bytes come from ``logit_word`` once ``logit_have``."""
+    cfg = ModelConfig(vocab_size=24, hidden_size=8, num_hidden_layers=1, intermediate_size=8)
+    image_bytes = image_size(cfg, "base3")
+    check = RequestCheck(vocab_size=cfg.V, image_bytes=image_bytes, max_payload=MIN_DEVICE_PAYLOAD)
+    dut = form(cfg=cfg, packing="base3", lanes=16, max_payload=MIN_DEVICE_PAYLOAD, step_time_ms=7,
+               image_bytes=image_bytes, arguments=check.arguments)
+    small = form is RomPayload
+    rng = random.Random(7)
+
+    def responses(s):
+        loaded = s["weights_loaded"]
+        identity = Identity(
+            magic=DEVICE_MAGIC, version_major=PROTOCOL_VERSION[0], version_minor=PROTOCOL_VERSION[1],
+            boot_id=s["boot_id"], vocab_size=cfg.V, hidden_size=cfg.d, num_layers=cfg.L,
+            intermediate_size=cfg.I, lanes=16, packing=int(Packing.from_export_name("base3")),
+            image_version=IMAGE_VERSION, formats_id=formats_id(FORMATS), max_payload=MIN_DEVICE_PAYLOAD,
+            step_time_ms=7, status=int((Status.WEIGHTS_LOADED if loaded else 0) | (Status.LOADING if s["load_open"] else 0)),
+            image_size=image_bytes if loaded else 0, image_crc=s["image_crc"] if loaded else 0,
+            position=s["position"])
+        out = {
+            PayloadKind.IDENTITY: identity.pack(),
+            PayloadKind.RESET_STATE: POSITION.pack(0),
+            PayloadKind.LOAD_BEGIN: LOAD_BEGIN_RESPONSE.pack(image_bytes, s["load_crc"]),
+            PayloadKind.LOAD_CHUNK: LOAD_CHUNK_RESPONSE.pack(s["load_pointer"]),
+            PayloadKind.FEED_TOKEN: FEED_TOKEN_RESPONSE.pack(s["position"], s["argmax"], s["logit"], s["cycles"]),
+            PayloadKind.LOGITS: READ_LOGITS_HEADER.pack(s["position"], s["read_start"]) + s["logits"],
+        }
+        if loaded:     # (a LOAD_COMMIT's response is sent, and replayed, only while its weights are loaded)
+            out[PayloadKind.LOAD_COMMIT] = LOAD_COMMIT_RESPONSE.pack(image_bytes, s["image_crc"])
+        return out
+
+    async def read(ctx, kind, n, logits=b""):
+        """The payload's n bytes at indices 0.., each read from pb once pb_ready."""
+        out = bytearray()
+        ctx.set(dut.kind, kind)
+        ctx.set(dut.last, n - 1)
+        for j in range(n):
+            header = READ_LOGITS_HEADER.size
+            data = kind == PayloadKind.LOGITS and j >= header
+            ctx.set(dut.index, j)
+            ctx.set(dut.logits_data, data)
+            if data:
+                ctx.set(dut.logit_word, int.from_bytes(logits[4 * ((j - header) // 4):][:4], "little"))
+                ctx.set(dut.logit_byte, (j - header) % 4)
+                ctx.set(dut.logit_have, 0)
+                await ctx.tick().repeat(4)
+                assert not ctx.get(dut.pb_ready)     # withheld until the logit has arrived
+                ctx.set(dut.logit_have, 1)
+            ctx.set(dut.stale, 1)                    # index (and the logit) changed
+            await ctx.tick()
+            ctx.set(dut.stale, 0)
+            for _ in range(10):
+                if ctx.get(dut.pb_ready):
+                    break
+                await ctx.tick()
+            assert ctx.get(dut.pb_ready) and ctx.get(dut.pb_last) == (j == n - 1)
+            out.append(ctx.get(dut.pb))
+        return bytes(out)
+
+    async def body(ctx):
+        for trial in range(4):
+            loaded = trial % 2 == 1
+            load_crc = rng.randrange(1 << 32)
+            s = dict(weights_loaded=loaded, load_open=trial >= 2, boot_id=rng.randrange(1 << 32),
+                     position=rng.choice([0, 0xFFFFFFFF, rng.randrange(1 << 32)]),
+                     load_pointer=rng.randrange(image_bytes + 1), load_crc=load_crc,
+                     image_crc=load_crc if small else rng.randrange(1 << 32),   # (small: the image CRC is load_crc)
+                     argmax=rng.randrange(cfg.V), logit=rng.randrange(-(1 << 31), 1 << 31),
+                     cycles=rng.randrange(1 << 32), read_start=rng.randrange(cfg.V),
+                     logits=bytes(rng.randrange(256) for _ in range(8)))
+            for name in ("weights_loaded", "load_open", "boot_id", "position", "load_pointer", "load_crc",
+                         "read_start"):
+                ctx.set(getattr(dut, name), s[name])
+            if not small:
+                ctx.set(dut.image_crc, s["image_crc"] if loaded else 0)
+            ctx.set(dut.result, {"argmax": s["argmax"], "logit": s["logit"], "cycles": s["cycles"]})
+            for kind, want in responses(s).items():
+                assert await read(ctx, kind, len(want), s["logits"]) == want, kind
+            # the NAK, for each argument choice
+            running, load_left = rng.randrange(1 << 32), rng.randrange(image_bytes + 1)
+            values = {"position": s["position"], "load_pointer": s["load_pointer"], "running_crc": running,
+                      "load_left": load_left}
+            for sel, arg in enumerate(dut.arguments):
+                error, op = rng.choice(list(Error)), rng.randrange(256)
+                value = arg if isinstance(arg, int) else values[arg]
+                ctx.set(dut.nak_error, error)
+                ctx.set(dut.op, op)
+                if small:
+                    ctx.set(dut.nak_arg_sel, sel)
+                    ctx.set(dut.running_crc, running)
+                    ctx.set(dut.load_left, load_left)
+                else:
+                    ctx.set(dut.nak_arg, value)
+                assert await read(ctx, PayloadKind.NAK, NAK_PAYLOAD.size) == NAK_PAYLOAD.pack(error, op, value)
 
     run(dut, body)

@@ -1,0 +1,316 @@
+"""The Link's response payload: the bytes of every response's payload, from constants and the
+device state, and the prefetch register the transmitter takes them from.
+
+Two forms: :class:`MuxPayload` (the default form) is one multiplexer over every response's
+packed payload; :class:`RomPayload` (the small form) reads a ROM that holds, for every byte of
+every response (and of the NAK for each possible argument), either a constant or the code of a
+register byte, and one multiplexer over the distinct register bytes serves all responses.
+
+Members (both forms)
+--------------------
+kind : In(PayloadKind)
+    The response whose payload is sent.
+index : In(range(max_payload))
+    The payload byte wanted (``j``).
+logits_data : In(1)
+    READ_LOGITS: ``index`` is past the header; the byte is ``logit_word``'s byte ``logit_byte``,
+    ready once ``logit_have``.
+logit_word : In(32), logit_byte : In(2), logit_have : In(1)
+    The logit being sent, its byte and whether it has arrived.
+boot_id : In(32), position : In(32), load_pointer : In(range(image_bytes + 1)), load_crc : In(32),
+weights_loaded : In(1), load_open : In(1), result : In(RESULT_LAYOUT), read_start : In(range(V))
+    The device state the responses report (``load_crc``: LOAD_BEGIN's expected image CRC;
+    ``result``: the last FEED_TOKEN's; ``read_start``: READ_LOGITS' first index).
+nak_error : In(8), op : In(8)
+    The NAK's error and the request's opcode.
+data : Out(8), data_ready : Out(1)
+    The payload byte of ``kind`` at ``index`` and whether it is available (logits): in the
+    default form combinationally, in the small form two cycles after ``kind`` / ``index``
+    change (the ROM's read and the register behind its multiplexer).
+last : In(range(max_payload + 1))
+    The index of the payload's last byte.
+stale : In(1)
+    Something ``data`` depends on changes at this clock edge (the transmitter took ``pb`` and
+    moves ``index`` on, or a logit arrived).
+pb : Out(8), pb_ready : Out(1), pb_last : Out(1)
+    ``data``, registered; ``pb_ready``: ``pb`` is the byte at ``index`` and available (low for
+    one cycle after ``stale``, three in the small form); ``pb_last``: ``index == last``,
+    registered with ``pb``.
+
+Default form only: ``image_crc : In(32)`` (the loaded image's CRC, 0 while none is loaded) and
+``nak_arg : In(32)`` (the NAK's argument). Small form only: ``nak_arg_sel :
+In(range(len(arguments)))`` (the NAK's argument as an index into ``arguments``) and the values
+the arguments name (``running_crc : In(32)``, ``load_left : In(range(image_bytes + 1))``; ``position``
+and ``load_pointer`` above); the image CRC reported is ``load_crc`` while weights are loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import operator
+
+from amaranth.hdl import Cat, Module, Mux, Signal, Value, signed, unsigned
+from amaranth.lib import data, enum, wiring
+from amaranth.lib.memory import Memory
+from amaranth.lib.wiring import In, Out
+
+from mmfree_fpga.config import FORMATS
+from mmfree_fpga.image import IMAGE_VERSION
+from mmfree_fpga.protocol import (
+    DEVICE_MAGIC, FEED_TOKEN_RESPONSE, IDENTITY, LOAD_BEGIN_RESPONSE, LOAD_CHUNK_RESPONSE, LOAD_COMMIT_RESPONSE,
+    NAK_PAYLOAD, POSITION, PROTOCOL_VERSION, READ_LOGITS_HEADER, Identity, Packing, Status, formats_id,
+)
+
+from .link_fields import pack, struct_fields
+
+__all__ = ["PayloadKind", "result_layout", "MuxPayload", "RomPayload"]
+
+
+class PayloadKind(enum.Enum, shape=3):
+    """Where a response's payload bytes come from."""
+    IDENTITY = 0
+    NAK = 1
+    LOGITS = 2
+    RESET_STATE = 3     # the other kinds: the response of the command of that name, from the state
+    LOAD_BEGIN = 4
+    LOAD_CHUNK = 5
+    LOAD_COMMIT = 6
+    FEED_TOKEN = 7
+
+
+def result_layout(vocab_size: int) -> data.StructLayout:
+    """The last FEED_TOKEN's result: argmax (< V), logit, cycles."""
+    return data.StructLayout({"argmax": range(vocab_size), "logit": signed(32), "cycles": unsigned(32)})
+
+
+@dataclasses.dataclass(frozen=True)
+class _IfLoaded:
+    """A response field that is ``value`` (a constant or a register) while weights are loaded,
+    else 0 (IDENTITY's image size and CRC)."""
+    value: object
+
+
+class _ResponsePayload(wiring.Component):
+    """Both forms' members and prefetch register (module docstring).
+
+    Parameters
+    ----------
+    cfg : ModelConfig
+        The engine's geometry (IDENTIFY).
+    packing : str
+        The image's trit packing (IDENTIFY).
+    lanes, max_payload, step_time_ms : int
+        Reported in IDENTIFY; ``max_payload`` also sizes ``index``.
+    image_bytes : int
+        The image size.
+    arguments : list of (int or str)
+        The NAK's arguments (:attr:`~.link_check.RequestCheck.arguments`).
+    """
+
+    stale_cycles = 1
+
+    def __init__(self, *, cfg, packing: str, lanes: int, max_payload: int, step_time_ms: int, image_bytes: int,
+                 arguments):
+        self.cfg = cfg
+        self.packing_code = Packing.from_export_name(packing)
+        self.lanes = lanes
+        self.max_payload = max_payload
+        self.step_time_ms = step_time_ms
+        self.image_bytes = image_bytes
+        self.arguments = list(arguments)
+        super().__init__({
+            "kind": In(PayloadKind), "index": In(range(max_payload)), "logits_data": In(1),
+            "logit_word": In(32), "logit_byte": In(2), "logit_have": In(1),
+            "boot_id": In(32), "position": In(32), "load_pointer": In(range(image_bytes + 1)), "load_crc": In(32),
+            "weights_loaded": In(1), "load_open": In(1), "result": In(result_layout(cfg.V)),
+            "read_start": In(range(cfg.V)), "nak_error": In(8), "op": In(8),
+            "data": Out(8), "data_ready": Out(1),
+            "last": In(range(max_payload + 1)), "stale": In(1),
+            "pb": Out(8), "pb_ready": Out(1), "pb_last": Out(1),
+            **self._form_members(),
+        })
+
+    def _identity_values(self, m):
+        status = Signal(8)
+        m.d.comb += status.eq(Mux(self.weights_loaded, Status.WEIGHTS_LOADED, 0)
+                              | Mux(self.load_open, Status.LOADING, 0))
+        cfg = self.cfg
+        return dict(
+            magic=DEVICE_MAGIC, version_major=PROTOCOL_VERSION[0], version_minor=PROTOCOL_VERSION[1],
+            boot_id=self.boot_id, vocab_size=cfg.V, hidden_size=cfg.d, num_layers=cfg.L, intermediate_size=cfg.I,
+            lanes=self.lanes, packing=int(self.packing_code), image_version=IMAGE_VERSION,
+            formats_id=formats_id(FORMATS), max_payload=self.max_payload, step_time_ms=self.step_time_ms,
+            status=status, position=self.position, **self._image_fields())
+
+    def elaborate(self, platform):
+        m = Module()
+        self._payload(m)
+        # The payload byte at index, registered (pb) before it is picked (the multiplexer and
+        # the output path are in different cycles); withheld after anything it depends on changed.
+        m.d.sync += [self.pb.eq(self.data), self.pb_ready.eq(self.data_ready & ~self.stale),
+                     self.pb_last.eq(self.index == self.last)]
+        stale = self.stale
+        for _ in range(self.stale_cycles - 1):
+            stale_d = Signal()
+            m.d.sync += stale_d.eq(stale)
+            with m.If(stale_d):
+                m.d.sync += self.pb_ready.eq(0)
+            stale = stale_d
+        return m
+
+
+class MuxPayload(_ResponsePayload):
+    """The default form's payload: one multiplexer over every response's packed payload
+    (module docstring); ``data`` follows ``kind`` and ``index`` in the same cycle."""
+
+    def _form_members(self):
+        return {"image_crc": In(32), "nak_arg": In(32)}
+
+    def _image_fields(self):
+        return dict(image_size=Mux(self.weights_loaded, self.image_bytes, 0), image_crc=self.image_crc)
+
+    def _payload(self, m):
+        values = self._identity_values(m)
+        identity = pack(IDENTITY, *[values[f.name] for f in dataclasses.fields(Identity)])
+        nak = pack(NAK_PAYLOAD, self.nak_error, self.op, self.nak_arg)
+        logits_header = pack(READ_LOGITS_HEADER, self.position, self.read_start)
+        r = self.result
+        payloads = {
+            PayloadKind.RESET_STATE: pack(POSITION, 0),
+            PayloadKind.LOAD_BEGIN: pack(LOAD_BEGIN_RESPONSE, self.image_bytes, self.load_crc),
+            PayloadKind.LOAD_CHUNK: pack(LOAD_CHUNK_RESPONSE, self.load_pointer),
+            PayloadKind.LOAD_COMMIT: pack(LOAD_COMMIT_RESPONSE, self.image_bytes, self.image_crc),
+            PayloadKind.FEED_TOKEN: pack(FEED_TOKEN_RESPONSE, self.position, r.argmax, r.logit, r.cycles),
+            PayloadKind.IDENTITY: identity,
+            PayloadKind.NAK: nak,
+        }
+        j = self.index
+        with m.Switch(self.kind):
+            for kind, value in payloads.items():
+                with m.Case(kind):
+                    m.d.comb += [self.data.eq(value.word_select(j[:(len(value) // 8 - 1).bit_length()], 8)),
+                                 self.data_ready.eq(1)]
+            with m.Case(PayloadKind.LOGITS):
+                with m.If(~self.logits_data):
+                    m.d.comb += [self.data.eq(logits_header.word_select(
+                        j[:(READ_LOGITS_HEADER.size - 1).bit_length()], 8)), self.data_ready.eq(1)]
+                with m.Else():
+                    m.d.comb += [self.data.eq(self.logit_word.word_select(self.logit_byte, 8)),
+                                 self.data_ready.eq(self.logit_have)]
+
+
+class RomPayload(_ResponsePayload):
+    """The small form's payload: the response ROM (module docstring). A ROM entry holds a constant
+    or a register byte's code: its index in a group of eight and its group, both one-hot, so
+    the multiplexer behind the ROM is an AND-OR per group and an AND-OR of the groups, four
+    LUTs deep. ``data`` is ready two cycles after ``kind`` / ``index`` change."""
+
+    stale_cycles = 3    # (the ROM and the register behind its multiplexer add two cycles)
+    GROUP = 8
+
+    def _form_members(self):
+        return {"nak_arg_sel": In(range(len(self.arguments))), "running_crc": In(32),
+                "load_left": In(range(self.image_bytes + 1))}
+
+    def _image_fields(self):
+        return dict(image_size=_IfLoaded(self.image_bytes), image_crc=_IfLoaded(self.load_crc))
+
+    def _programs(self, m):
+        values = self._identity_values(m)
+        r = self.result
+        programs = {
+            PayloadKind.IDENTITY: (IDENTITY, [values[f.name] for f in dataclasses.fields(Identity)]),
+            PayloadKind.RESET_STATE: (POSITION, [0]),
+            PayloadKind.LOAD_BEGIN: (LOAD_BEGIN_RESPONSE, [self.image_bytes, self.load_crc]),
+            PayloadKind.LOAD_CHUNK: (LOAD_CHUNK_RESPONSE, [self.load_pointer]),
+            # (a LOAD_COMMIT's response is replayed only while its weights are loaded)
+            PayloadKind.LOAD_COMMIT: (LOAD_COMMIT_RESPONSE, [self.image_bytes, self.load_crc]),
+            PayloadKind.FEED_TOKEN: (FEED_TOKEN_RESPONSE, [self.position, r.argmax, r.logit, r.cycles]),
+            PayloadKind.LOGITS: (READ_LOGITS_HEADER, [self.position, self.read_start]),
+        }
+        arguments = [arg if isinstance(arg, int) else getattr(self, arg) for arg in self.arguments]
+        nak_programs = [(NAK_PAYLOAD, [self.nak_error, self.op, value]) for value in arguments]
+        return programs, nak_programs
+
+    def _payload(self, m):
+        programs, nak_programs = self._programs(m)
+        sources, keys = [], {}
+
+        def entries(layout, values):
+            """(code, constant, masked) per byte: code 0 is the constant, else source code - 1;
+            masked: 0 while no weights are loaded."""
+            out = []
+            for (_, width), value in zip(struct_fields(layout), values):
+                masked = isinstance(value, _IfLoaded)
+                if masked:
+                    value = value.value
+                if isinstance(value, bytes):
+                    value = int.from_bytes(value, "little")
+                for k in range(width // 8):
+                    if isinstance(value, int):
+                        out.append((0, (value & ((1 << width) - 1)) >> 8 * k & 0xFF, masked))
+                    elif 8 * k >= len(Value.cast(value)):
+                        out.append((0, 0, masked))
+                    else:
+                        key = (id(value), k)
+                        if key not in keys:
+                            keys[key] = (len(sources) + 1, value)    # (the value kept: its id stays unique)
+                            sources.append(Value.cast(value).as_unsigned().word_select(k, 8))
+                        out.append((keys[key][0], 0, masked))
+            return out
+
+        # regions, each at a multiple of its size rounded up to a power of two: address = base | j
+        regions = [(kind, entries(layout, values)) for kind, (layout, values) in programs.items()]
+        nak_entries = [entries(layout, values) for layout, values in nak_programs]
+        nak_span = 1 << (len(nak_entries[0]) - 1).bit_length()
+        regions.append(("nak", [e for ent in nak_entries for e in ent + [(0, 0, False)] * (nak_span - len(ent))]))
+        regions.sort(key=lambda r: -len(r[1]))
+        group = self.GROUP
+        n_groups = max(1, -(-len(sources) // group))
+        code_bits = group + n_groups
+
+        def code_of(n):
+            return 0 if n == 0 else 1 << (n - 1) % group | 1 << ((n - 1) // group + group)
+
+        bases, rom = {}, []
+        for name, ents in regions:
+            span = 1 << (len(ents) - 1).bit_length()
+            base = -(-len(rom) // span) * span
+            rom += [0] * (base - len(rom))
+            bases[name] = base
+            rom += [const | code_of(code) << 8 | masked << (8 + code_bits) for code, const, masked in ents]
+        rom_depth = 1 << (len(rom) - 1).bit_length()
+        rom += [0] * (rom_depth - len(rom))
+        m.submodules.response_rom = memory = Memory(shape=9 + code_bits, depth=rom_depth, init=rom)
+        port = memory.read_port()
+        addr = Signal(range(rom_depth))
+        j = self.index
+        with m.Switch(self.kind):
+            for kind in programs:
+                with m.Case(kind):
+                    span = 1 << (programs[kind][0].size - 1).bit_length()
+                    m.d.comb += addr.eq(bases[kind] | j[:(span - 1).bit_length()])
+            with m.Case(PayloadKind.NAK):
+                m.d.comb += addr.eq(bases["nak"] | Cat(j[:(nak_span - 1).bit_length()], self.nak_arg_sel))
+        m.d.comb += port.addr.eq(addr)
+        const, code, masked = port.data[:8], port.data[8:8 + code_bits], port.data[8 + code_bits]
+        # the multiplexer's output is registered (with the constant and the mask, to stay aligned):
+        # the ROM's output, the multiplexer and pb would otherwise be one long path
+        register_byte = Signal(8)
+        const_r = Signal(8)
+        masked_r = Signal()
+        index, groups = code[:group], code[group:]
+        picked = []
+        for g in range(n_groups):
+            members = sources[group * g:group * (g + 1)]
+            in_group = functools.reduce(operator.or_, (Mux(index[k], v, 0) for k, v in enumerate(members)))
+            picked.append(Mux(groups[g], in_group, 0))
+        m.d.sync += [register_byte.eq(functools.reduce(operator.or_, picked)),
+                     const_r.eq(const), masked_r.eq(masked)]
+        rom_byte = Mux(masked_r & ~self.weights_loaded, 0, const_r | register_byte)
+        with m.If((self.kind == PayloadKind.LOGITS) & self.logits_data):
+            m.d.comb += [self.data.eq(self.logit_word.word_select(self.logit_byte, 8)),
+                         self.data_ready.eq(self.logit_have)]
+        with m.Else():
+            m.d.comb += [self.data.eq(rom_byte), self.data_ready.eq(1)]
