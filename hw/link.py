@@ -89,14 +89,26 @@ every exchange test on both). It takes one block RAM more (the response ROM).
 
 Structure
 ---------
+Each part is a component of its own file, in one class per form where the forms differ:
+
 * :class:`~.link_ring.ReceiveRing`: the ring buffer (rx stream in, a registered read port out);
 * :mod:`~.link_timers`: the idle timer (``CountingIdleTimer`` / ``LfsrIdleTimer``) and the boot
   id (``CountingBootId`` / ``LfsrBootId`` / ``FixedBootId``);
 * :mod:`~.link_crc`: the header, frame and image CRCs (``ByteCrcs`` / ``SerialCrcs``);
-* :class:`Link` itself: the request checks (``_checks``, ``_first_failure``), the response
-  payload (``_payload``: a multiplexer, or in the small form the response ROM), the parse
-  position (``_parser_datapath``) and one state machine (``_fsm``) whose states are grouped by
-  phase: parse, decide, engine command, chunk forwarding, send.
+* :mod:`~.link_check`: the request check, the device model's checks in its order, registered
+  while the trailer arrives (``RequestCheck`` / ``SmallRequestCheck``);
+* :mod:`~.link_respond`: the response payload and its prefetch register (``MuxPayload`` /
+  ``RomPayload``, the response ROM);
+* :mod:`~.link_chunk`: the ring addresses of a LOAD_CHUNK's data (``CountedChunk`` /
+  ``BoundedChunk``);
+* :mod:`~.link_form`: the form as a strategy object (``DefaultForm`` / ``SmallForm``): which of
+  the classes above it is built from and the few places where the parser and the state
+  machine differ.
+
+:class:`Link` itself wires them (``_receive``, ``_registers``, ``_checks``, ``_payload``) and
+holds the parse position (``_parser_datapath``) and one state machine (``_fsm``) whose states
+are grouped by phase: parse, decide, engine command, chunk forwarding, send (the response's
+header and trailer bytes and the output register that feeds tx and the CRCs).
 
 Testbench observation points (not ports): ``idle`` (the parser waits for bytes and nothing is
 being sent), ``in_frame`` (the parser is inside a frame: the idle timeout can drop it) and
@@ -110,27 +122,28 @@ partial frame times out (cycles here, ``poll(now)`` there).
 from __future__ import annotations
 
 import contextlib
+import functools
 import types
 
-from amaranth.hdl import Cat, Const, Module, Mux, Signal, unsigned
+from amaranth.hdl import Cat, Module, Mux, Signal, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from mmfree_fpga.config import ModelConfig
 from mmfree_fpga.protocol import (
     FEED_TOKEN_REQUEST, FEED_TOKEN_RESPONSE, FRAME_IDLE_TIMEOUT_S, HEADER_LEN, IDENTITY, LOAD_BEGIN_REQUEST,
-    LOAD_BEGIN_RESPONSE, LOAD_CHUNK_HEADER, LOAD_CHUNK_RESPONSE, LOAD_COMMIT_RESPONSE, MAX_LOGITS_PER_READ,
+    LOAD_BEGIN_RESPONSE, LOAD_CHUNK_RESPONSE, LOAD_COMMIT_RESPONSE, MAX_LOGITS_PER_READ,
     MAX_PAYLOAD, MIN_DEVICE_PAYLOAD, NAK_PAYLOAD, NAK_RESPONSE, POSITION, READ_LOGITS_HEADER, READ_LOGITS_REQUEST,
     RESPONSE, SYNC, TRAILER_LEN, Op, Packing, crc32_image,
 )
 
 from .control import ControlSignature, EngineOp
-from .link_check import ARG_BYTES, OP_INDEX, RequestCheck, SmallRequestCheck
-from .link_crc import make_crcs
+from .link_check import ARG_BYTES
 from .link_fields import field, struct_fields
-from .link_respond import MuxPayload, PayloadKind, RomPayload, result_layout
+from .link_form import DefaultForm, SmallForm
+from .link_respond import PayloadKind, result_layout
 from .link_ring import ReceiveRing
-from .link_timers import LFSR_TAPS, lfsr_jump, lfsr_signal, lfsr_step, make_boot_id, make_idle_timer
+from .link_timers import LFSR_TAPS, lfsr_jump, lfsr_signal, lfsr_step
 
 __all__ = ["Link", "ring_depth", "struct_fields", "LFSR_TAPS", "lfsr_step", "lfsr_jump", "lfsr_signal"]
 
@@ -210,6 +223,7 @@ class Link(wiring.Component):
                              f"{self.image_bytes}")
         self.preloaded = image is not None
         self.small = small
+        self.form = SmallForm() if small else DefaultForm()
         self.ring_depth = ring_depth(max_payload)
         self.logits_per_read = min(MAX_LOGITS_PER_READ, (max_payload - READ_LOGITS_HEADER.size) // 4)
         super().__init__({
@@ -223,16 +237,13 @@ class Link(wiring.Component):
         self.idle = Signal()
         self.in_frame = Signal()
         image_crc_init = crc32_image(image) if image is not None else 0
+        image_crc, load_crc = self.form.state_crcs(image_crc_init, self.preloaded)
         self.state = {
+            "image_crc": image_crc, "load_crc": load_crc,
             "position": Signal(32), "logits_valid": Signal(),
             # preloaded weights are there from configuration on and survive a reset, like the RAM
             "weights_loaded": Signal(init=self.preloaded, reset_less=self.preloaded),
-            "image_crc": Signal(32, init=image_crc_init if not small else 0,
-                                reset_less=self.preloaded and not small),
             "load_open": Signal(),
-            # (small form: the image CRC is load_crc while weights are loaded, else 0 -- a commit
-            # copies load_crc, a LOAD_BEGIN clears the weights -- so only load_crc is a register)
-            "load_crc": Signal(32, init=image_crc_init if small else 0, reset_less=self.preloaded and small),
             "load_pointer": Signal(range(self.image_bytes + 1)),
             "running_crc": Signal(32), "cache_valid": Signal(), "cache_seq": Signal(8), "cache_crc": Signal(16),
             "cache_op": Signal(8), "boot_id": Signal(32),
@@ -268,8 +279,8 @@ class Link(wiring.Component):
         b.rp = Signal(b.ptr_shape)       # next byte parsed
         m.d.comb += b.ring.keep.eq(b.sp)
 
-        m.submodules.idle_timer = idle_timer = make_idle_timer(self.idle_timeout_cycles, small=self.small)
-        m.submodules.boot_id = boot = make_boot_id(self.boot_id, small=self.small)
+        m.submodules.idle_timer = idle_timer = self.form.IdleTimer(self.idle_timeout_cycles)
+        m.submodules.boot_id = boot = self.form.boot_id(self.boot_id)
         m.d.comb += [idle_timer.restart.eq(b.ring.wrote), boot.byte.eq(b.ring.wrote)]
         b.idle_expired = idle_timer.expired
         b.boot_id = self.state["boot_id"]
@@ -279,19 +290,12 @@ class Link(wiring.Component):
         # DECIDE) and a response sent (SEND ..) at different times. In the small form the
         # parser takes no byte, the transmitter picks none and the chunk forwarder offers none
         # while the CRCs are busy, so every CRC has seen every byte before anything reads it.
-        m.submodules.crcs = b.crcs = make_crcs(small=self.small)
-        b.feeding, settled = b.crcs.busy, b.crcs.settled
-
-        def done(cond):
-            """``cond``, and the CRCs not busy in this cycle and the one before (so a comparison
-            with a CRC registered in the cycle before sees its final value)."""
-            return cond & ~b.feeding & settled if self.small else cond
-        b.done = done
-
-        def after_feeder():
-            """A block that runs once the CRCs are not busy."""
-            return m.If(~b.feeding) if self.small else contextlib.nullcontext()
-        b.after_feeder = after_feeder
+        m.submodules.crcs = b.crcs = self.form.Crcs()
+        b.feeding = b.crcs.busy
+        # done(cond): cond, and (small form) the CRCs done with every byte given them;
+        # after_feeder(): a block that runs once the CRCs are not busy
+        b.done = functools.partial(self.form.done, b)
+        b.after_feeder = functools.partial(self.form.after_feeder, m, b)
 
     def _registers(self, m, b):
         """The frame, device-state and response registers and the decoded request fields."""
@@ -357,8 +361,6 @@ class Link(wiring.Component):
         b.logit_byte = Signal(2)
         b.pb_stale = Signal()              # the response payload's prefetch is withheld (it changes)
 
-        b.chunk_left = Signal(b.index_shape)  # image bytes of the current chunk still to forward, less one
-
         # -- decoded request fields --------------------------------------------------------
         b.begin_crc = field(b.args, LOAD_BEGIN_REQUEST, 1)
         b.feed_token = field(b.args, FEED_TOKEN_REQUEST, 1)
@@ -372,8 +374,7 @@ class Link(wiring.Component):
     def _checks(self, m, b):
         """The request check (:mod:`~.link_check`), fed while the trailer arrives; the cached
         command's replay flags, registered in CHECK."""
-        check_class = SmallRequestCheck if self.small else RequestCheck
-        m.submodules.check = b.check = check = check_class(
+        m.submodules.check = b.check = check = self.form.Check(
             vocab_size=b.cfg.V, image_bytes=self.image_bytes, max_payload=self.max_payload)
         b.in_trailer = Signal()
         m.d.comb += [check.op.eq(b.op), check.length.eq(b.length), check.seq.eq(b.seq), check.args.eq(b.args),
@@ -387,12 +388,8 @@ class Link(wiring.Component):
         b.nak_error, b.nak_arg_sel = check.nak_error, check.nak_arg_sel
         # the NAK's arguments, as the Link's own signals (the small form's response ROM reads
         # each distinct register once)
-        own = {"position": b.position, "load_pointer": b.load_pointer, "running_crc": b.crcs.image_crc}
-        if self.small:
-            m.d.comb += [check.word0_differs.eq(b.word0_differs), check.word0_ones.eq(b.word0_ones)]
-            own["load_left"] = check.load_left
-        else:
-            b.nak_arg = check.nak_arg
+        own = {"position": b.position, "load_pointer": b.load_pointer, "running_crc": b.crcs.image_crc,
+               **self.form.connect_check(m, b, check)}
         b.arg_values = [arg if isinstance(arg, int) else own.get(arg) for arg in check.arguments]
 
         # a duplicate of the last executed command is answered from the state (crc_cached: the
@@ -406,8 +403,7 @@ class Link(wiring.Component):
     def _payload(self, m, b):
         """The response payload (:mod:`~.link_respond`): ``payload_byte`` and its prefetch
         register ``pb``."""
-        payload_class = RomPayload if self.small else MuxPayload
-        m.submodules.payload = payload = payload_class(
+        m.submodules.payload = payload = self.form.Payload(
             cfg=b.cfg, packing=self.packing, lanes=self.lanes, max_payload=self.max_payload,
             step_time_ms=self.step_time_ms, image_bytes=self.image_bytes, arguments=b.check.arguments)
         m.d.comb += [payload.kind.eq(b.out_kind), payload.index.eq(b.j), payload.logits_data.eq(b.logits_data),
@@ -419,13 +415,7 @@ class Link(wiring.Component):
                      payload.result.eq(b.last_result), payload.read_start.eq(b.read_start),
                      payload.nak_error.eq(b.nak_error), payload.op.eq(b.op),
                      payload.last.eq(b.out_last), payload.stale.eq(b.pb_stale)]
-        if self.small:
-            # the image CRC is load_crc while weights are loaded
-            m.d.comb += [b.image_crc.eq(Mux(b.weights_loaded, b.load_crc, 0)),
-                         payload.nak_arg_sel.eq(b.nak_arg_sel), payload.running_crc.eq(b.crcs.image_crc),
-                         payload.load_left.eq(b.check.load_left)]
-        else:
-            m.d.comb += [payload.image_crc.eq(b.image_crc), payload.nak_arg.eq(b.nak_arg)]
+        self.form.connect_payload(m, b, payload)
         b.payload_byte, b.payload_ready = payload.data, payload.data_ready
         b.pb, b.pb_ready, b.pb_last = payload.pb, payload.pb_ready, payload.pb_last
 
@@ -437,40 +427,19 @@ class Link(wiring.Component):
     def _parser_datapath(self, m, b):
         """The ring's read address, the parse position and the parser's helpers."""
         # -- read port address ---------------------------------------------------------------------
-        b.chunk_phase = Signal()
-        b.chunk_step = Signal()             # an image byte is accepted: address the next one
-        # (small form) the ring address of the chunk's last data byte: rp stands after the frame
-        # while the chunk is forwarded, so this register is settled from its first byte on
-        b.chunk_stop = Signal(b.ring_bits)
-        if self.small:
-            m.d.sync += b.chunk_stop.eq(b.rp[:b.ring_bits] - (TRAILER_LEN + 1))
-        b.chunk_addr = Signal(b.ring_bits)    # the ring address of the image byte offered
-        with m.If(~b.chunk_phase):
-            # set up for a LOAD_CHUNK until one starts: its first byte and its length less one
-            m.d.sync += [b.chunk_addr.eq(b.sp + HEADER_LEN + LOAD_CHUNK_HEADER.size),
-                         *([] if self.small else [b.chunk_left.eq(b.length - (LOAD_CHUNK_HEADER.size + 1))])]
-        with m.Elif(b.chunk_step):
-            m.d.sync += b.chunk_addr.eq(b.chunk_addr + 1)
-        # the read address is a register (chunk_addr or rp): no decision of this cycle reaches it
-        m.d.comb += b.ring.addr.eq(Mux(b.chunk_phase, b.chunk_addr, b.rp[:b.ring_bits]))
+        # the chunk forwarder (:mod:`~.link_chunk`): the ring addresses of a LOAD_CHUNK's data
+        m.submodules.chunk = b.chunk = chunk = self.form.Chunk(ring_depth=self.ring_depth, max_payload=self.max_payload)
+        m.d.comb += chunk.frame_start.eq(b.sp)
+        self.form.connect_chunk(m, b, chunk)
+        b.chunk_phase = chunk.active
+        # the read address is a register (the chunk's or rp): no decision of this cycle reaches it
+        m.d.comb += b.ring.addr.eq(Mux(chunk.active, chunk.addr, b.rp[:b.ring_bits]))
         # The read port is addressed with the parse position rp (a register) and its output is
         # registered (byte_r) before the parser looks at it: no path runs from the block RAM's
         # slow output through the parser's decisions back into its address. A byte is parsed every third cycle at
         # most; ``got``: byte_r holds the byte at rp, which was in the ring when it was read.
         read_ok = Signal()               # ring_q holds the byte at rp
-        if self.small:
-            # (small form) the parse position moves in the cycle after the parser's decision,
-            # from registers (take_r, jump_r), so the decision's logic does not reach rp, read_ok
-            # and got. ``moved_r``: rp moves at this clock edge; the
-            # parser takes no byte then, and the byte read before it is not the one at rp.
-            take_r, jump_r = Signal(), Signal()
-            m.d.sync += [take_r.eq(b.take), jump_r.eq(b.jump)]
-            moved_r = take_r | jump_r
-            m.d.comb += b.rp_next.eq(Mux(jump_r, b.sp, Mux(take_r, b.rp + 1, b.rp)))   # (sp has moved on by then)
-            moved = moved_r
-        else:
-            m.d.comb += b.rp_next.eq(Mux(b.jump, b.sp + 1, Mux(b.take, b.rp + 1, b.rp)))
-            moved = b.take | b.jump
+        moved = self.form.parse_position(m, b)    # rp moves at this clock edge
         # the CRCs' byte: the ring's registered output (the parser's and the chunk's bytes)
         # unless the transmitter's byte goes in (below)
         m.d.comb += b.crcs.data.eq(b.byte_r)
@@ -478,10 +447,7 @@ class Link(wiring.Component):
         # final then, done() waits a cycle after the CRCs; registered, the comparison is not on
         # the path from the byte into the parser's decisions and rp)
         b.hcrc_differs = Signal()
-        if self.small:
-            m.d.sync += b.hcrc_differs.eq(b.ring_q != b.crcs.header_crc)
-        else:
-            m.d.comb += b.hcrc_differs.eq(b.byte != b.crcs.header_crc)
+        self.form.header_compare(m, b)
         m.d.sync += [b.rp.eq(b.rp_next), b.byte_r.eq(b.ring_q),
                      read_ok.eq((b.rp != b.wp) & ~moved & ~b.chunk_phase),
                      b.got.eq(read_ok & ~moved & ~b.chunk_phase)]
@@ -510,7 +476,7 @@ class Link(wiring.Component):
         b.rescan = rescan
 
         def respond(kind, out_op_value, length_value, *, rescan_flag=0):
-            counters = [] if self.small else [b.hk.eq(0), b.j.eq(0), b.logits_data.eq(0)]
+            counters = self.form.respond_counters(b)
             return [b.out_kind.eq(kind), b.out_op.eq(out_op_value), b.out_len.eq(length_value),
                     b.out_last.eq(length_value - 1), *counters, b.rescan_after.eq(rescan_flag)]
         b.respond = respond
@@ -536,17 +502,7 @@ class Link(wiring.Component):
 
         b.waiting = Signal()     # the parser needs a byte that has not arrived
         m.d.comb += b.waiting.eq(~b.got & (b.rp == b.wp))
-        if self.small:
-            # got, and the CRCs done with the previous byte: registered (so no path runs through
-            # the CRCs' count and the parser's states into rp), so
-            # cleared after a cycle that moved the parse position
-            # (and not ready in the cycle after it was: the byte may have been taken; a byte that
-            # was not is ready again two cycles later)
-            ready_r = Signal()
-            m.d.sync += ready_r.eq(b.got & ~b.feeding & ~moved_r & ~ready_r)
-            b.ready_byte = ready_r & ~moved_r
-        else:
-            b.ready_byte = b.got
+        b.ready_byte = self.form.ready_byte(m, b, moved)
         # the idle timeout inside a frame, registered: while the parser waits it takes no byte
         # and stays in its state, so the next cycle drops the frame in the state that timed out
         in_frame = self.in_frame
@@ -576,16 +532,7 @@ class Link(wiring.Component):
                         m.d.sync += b.seq.eq(b.byte)
                     with m.Case(2):
                         m.d.sync += b.op.eq(b.byte)
-                        if self.small:
-                            # the response whose first word the request's first word is checked against
-                            m.d.sync += [b.j.eq(0), b.logits_data.eq(0)]
-                            with m.Switch(b.byte):
-                                for command, kind in ((Op.LOAD_BEGIN, PayloadKind.LOAD_BEGIN),
-                                                      (Op.LOAD_CHUNK, PayloadKind.LOAD_CHUNK),
-                                                      (Op.FEED_TOKEN, PayloadKind.FEED_TOKEN),
-                                                      (Op.READ_LOGITS, PayloadKind.LOGITS)):
-                                    with m.Case(command):
-                                        m.d.sync += b.out_kind.eq(kind)
+                        self.form.on_op_byte(m, b)
                     with m.Case(3):
                         m.d.sync += b.length[:8].eq(b.byte)
                     with m.Case(4):
@@ -608,19 +555,10 @@ class Link(wiring.Component):
             with b.frame_byte():
                 m.d.sync += [b.payload_left.eq(b.payload_left - 1), b.arg_sel.eq(b.arg_sel << 1)]
                 m.d.comb += b.crcs.frame.eq(1)
-                for i in range(ARG_BYTES):
-                    if self.small and i < 4:
-                        continue
+                for i in range(self.form.stored_arg_bytes, ARG_BYTES):
                     with m.If(b.arg_sel[i]):
                         m.d.sync += b.args[8 * i:8 * i + 8].eq(b.byte)
-                if self.small:
-                    with m.If(b.arg_sel[:4] != 0):
-                        m.d.sync += b.j.eq(b.j + 1)
-                    with m.If(b.arg_sel[0]):
-                        m.d.sync += [b.word0_differs.eq(b.byte != b.payload_byte), b.word0_ones.eq(b.byte == 0xFF)]
-                    with m.Elif(b.arg_sel[1:4] != 0):
-                        m.d.sync += [b.word0_differs.eq(b.word0_differs | (b.byte != b.payload_byte)),
-                                     b.word0_ones.eq(b.word0_ones & (b.byte == 0xFF))]
+                self.form.on_payload_byte(m, b)
                 with m.If(b.payload_left == 0):
                     m.next = "TRAILER"
 
@@ -646,7 +584,7 @@ class Link(wiring.Component):
                         m.d.sync += [b.replay_kind.eq(kind), b.replay_len.eq(layout.size)]
             with b.after_feeder():
                 m.d.sync += b.good.eq(b.crcs.frame_match)
-                m.next = "VERDICT" if self.small else "DECIDE"
+                m.next = self.form.after_check
 
     def _decide_states(self, m, b):
         """The decision on a complete frame (VERDICT in the small form, DECIDE)."""
@@ -684,7 +622,7 @@ class Link(wiring.Component):
 
         def on_load_begin():
             # (small form: image_crc follows load_crc and weights_loaded)
-            m.d.sync += [b.weights_loaded.eq(0), *([] if self.small else [b.image_crc.eq(0)]),
+            m.d.sync += [b.weights_loaded.eq(0), *self.form.image_crc_cleared(b),
                          b.position.eq(0),
                          b.logits_valid.eq(0), b.load_open.eq(1), b.load_crc.eq(b.begin_crc),
                          b.load_pointer.eq(0),
@@ -692,12 +630,12 @@ class Link(wiring.Component):
             m.next = "ENGINE_LOAD_RESET"
 
         def on_load_chunk():
-            m.d.sync += [b.chunk_phase.eq(1),
-                         *b.state_response(Op.LOAD_CHUNK)]
+            m.d.sync += b.state_response(Op.LOAD_CHUNK)
+            m.d.comb += b.chunk.begin.eq(1)
             m.next = "CHUNK_ADDR"
 
         def on_load_commit():
-            m.d.sync += [b.weights_loaded.eq(1), *([] if self.small else [b.image_crc.eq(b.load_crc)]),
+            m.d.sync += [b.weights_loaded.eq(1), *self.form.image_crc_committed(b),
                          b.load_open.eq(0),
                          b.position.eq(0), b.logits_valid.eq(0),
                          *b.state_response(Op.LOAD_COMMIT)]
@@ -720,35 +658,7 @@ class Link(wiring.Component):
                           (Op.LOAD_BEGIN, on_load_begin), (Op.LOAD_CHUNK, on_load_chunk),
                           (Op.LOAD_COMMIT, on_load_commit), (Op.FEED_TOKEN, on_feed_token),
                           (Op.READ_LOGITS, on_read_logits)]
-        if self.small:
-            # (small form) the decision, one-hot in registers set in VERDICT: each branch is
-            # one flip-flop in DECIDE (its priority chain does not reach the registers' enables)
-            verdict = [Signal(name=f"verdict_{body.__name__[3:]}") for _, body in checks + commands_taken]
-            with m.State("VERDICT"):
-                earlier = Const(0)
-                for flag, (cond, _) in zip(verdict, checks):
-                    m.d.sync += flag.eq(cond.any() & ~earlier)
-                    earlier = earlier | cond.any()
-                for flag, (command, _) in zip(verdict[len(checks):], commands_taken):
-                    m.d.sync += flag.eq(~earlier & (b.op_code == OP_INDEX[command]))
-                m.next = "DECIDE"
-        with m.State("DECIDE"):
-            if self.small:
-                # a response's counters start at 0 whatever is decided (set in the decisions'
-                # branches, j's enable would be a path through all of them)
-                m.d.sync += [b.hk.eq(0), b.j.eq(0), b.logits_data.eq(0)]
-                for flag, (_, body) in zip(verdict, checks + commands_taken):
-                    with m.If(flag):
-                        body()
-            else:
-                for n, (cond, body) in enumerate(checks):
-                    with (m.If if n == 0 else m.Elif)(cond):
-                        body()
-                with m.Else():
-                    with m.Switch(b.op_code):
-                        for command, body in commands_taken:
-                            with m.Case(OP_INDEX[command]):
-                                body()
+        self.form.decide(m, b, checks, commands_taken)
 
     def _engine_states(self, m, b):
         """Engine commands: ENGINE_RESET, ENGINE_LOAD_RESET, ENGINE_FEED, ENGINE_RESULT."""
@@ -790,17 +700,12 @@ class Link(wiring.Component):
         with m.State("CHUNK_WAIT"):
             m.next = "CHUNK_OUT"
         with m.State("CHUNK_OUT"):
-            m.d.comb += [self.engine.load.valid.eq(1), b.chunk_step.eq(self.engine.load.ready)]
-            m.d.comb += b.crcs.image.eq(self.engine.load.ready)
+            m.d.comb += [self.engine.load.valid.eq(1), b.chunk.step.eq(self.engine.load.ready),
+                         b.crcs.image.eq(self.engine.load.ready)]
             with m.If(self.engine.load.ready):
                 m.next = "CHUNK_ADDR"
-                m.d.sync += [*([] if self.small else [b.chunk_left.eq(b.chunk_left - 1)]),
-                             b.load_pointer.eq(b.load_pointer + 1)]
-                # (small form: the last data byte is the one before the trailer, which ends at
-                # rp: the parser stands after the frame while the chunk is forwarded)
-                chunk_last = ((b.chunk_addr == b.chunk_stop) if self.small else b.chunk_left == 0)
-                with m.If(chunk_last):
-                    m.d.sync += b.chunk_phase.eq(0)
+                m.d.sync += b.load_pointer.eq(b.load_pointer + 1)
+                with m.If(b.chunk.last):
                     m.next = "SEND"
 
     def _send_states(self, m, b):
@@ -858,20 +763,7 @@ class Link(wiring.Component):
                 with m.Else():
                     m.d.sync += b.nb.eq(b.crcs.frame_crc[:8])
                     m.next = "SEND_END"
-        with m.State("SEND_END"):
-            # done once the last byte has been taken
-            with m.If(b.nb_free):
-                if self.small:
-                    # (small form: the parse position moves in the next cycle, so nb_free, the
-                    # rescan and rp's enable are not one path)
-                    m.next = "SEND_DONE"
-                else:
-                    b.finish_response()
-                    m.next = "HUNT"
-        if self.small:
-            with m.State("SEND_DONE"):
-                b.finish_response()
-                m.next = "HUNT"
+        self.form.send_end(m, b)
 
     def _fsm(self, m, b):
         """The Link's state machine: parse, check, execute, forward a chunk, respond."""
@@ -881,10 +773,7 @@ class Link(wiring.Component):
             self._engine_states(m, b)
             self._chunk_states(m, b)
             self._send_states(m, b)
-        if self.small:
-            # one flip-flop per state (Yosys recodes the FSM): decoding the binary state was the
-            # start of most of the Link's long paths on iCE40
-            link_fsm.state.attrs["fsm_encoding"] = "one-hot"
+        self.form.fsm_attrs(link_fsm)
 
         m.d.sync += b.fed.eq(b.nb_valid & self.tx.ready)
         with m.If(b.nb_valid & self.tx.ready):

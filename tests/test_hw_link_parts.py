@@ -1,6 +1,6 @@
-"""The Link's parts on their own (hw/link_timers.py, hw/link_crc.py, hw/link_ring.py, hw/link_check.py,
-hw/link_respond.py): both forms
-of each behave alike, cycle for cycle where the Link relies on it."""
+"""The Link's parts on their own (hw/link_timers.py, hw/link_crc.py, hw/link_ring.py,
+hw/link_check.py, hw/link_respond.py, hw/link_chunk.py): both forms of each behave alike, cycle
+for cycle where the Link relies on it, and as the protocol and the device model say."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from amaranth.sim import Simulator
 
 from mmfree_fpga.config import FORMATS, ModelConfig
 from mmfree_fpga.host.device_model import DeviceModel, Rejected, _Load
+from mmfree_fpga.hw.link_chunk import BoundedChunk, CountedChunk
 from mmfree_fpga.hw.link_check import ARG_BYTES, RequestCheck, SmallRequestCheck
 from mmfree_fpga.hw.link_respond import MuxPayload, PayloadKind, RomPayload
 from mmfree_fpga.image import IMAGE_VERSION, image_size
@@ -21,9 +22,9 @@ from mmfree_fpga.hw.link_ring import ReceiveRing
 from mmfree_fpga.hw.link_timers import (CountingBootId, CountingIdleTimer, FixedBootId, LfsrBootId, LfsrIdleTimer,
                                         lfsr_jump, lfsr_step)
 from mmfree_fpga.protocol import (
-    DEVICE_MAGIC, FEED_TOKEN_RESPONSE, LOAD_BEGIN_RESPONSE, LOAD_CHUNK_HEADER, LOAD_CHUNK_RESPONSE, LOAD_COMMIT_RESPONSE,
+    DEVICE_MAGIC, FEED_TOKEN_RESPONSE, HEADER_LEN, LOAD_BEGIN_RESPONSE, LOAD_CHUNK_HEADER, LOAD_CHUNK_RESPONSE, LOAD_COMMIT_RESPONSE,
     MAX_CHUNK, MAX_PAYLOAD, MIN_DEVICE_PAYLOAD, NAK_PAYLOAD, POSITION, PROTOCOL_VERSION, READ_LOGITS_HEADER,
-    REQUEST_LENGTHS, Error, Identity, Op, Packing, Status, crc8_header, crc16_frame, crc32_image, formats_id,
+    REQUEST_LENGTHS, TRAILER_LEN, Error, Identity, Op, Packing, Status, crc8_header, crc16_frame, crc32_image, formats_id,
 )
 
 
@@ -411,3 +412,49 @@ def test_response_payload_bytes_are_the_protocols(form):
                 assert await read(ctx, PayloadKind.NAK, NAK_PAYLOAD.size) == NAK_PAYLOAD.pack(error, op, value)
 
     run(dut, body)
+
+
+# -- the chunk forwarder (hw/link_chunk.py) ------------------------------------------------------
+
+@pytest.mark.parametrize("form", [CountedChunk, BoundedChunk])
+@pytest.mark.parametrize("data_bytes", [1, 2, 9])
+def test_chunk_forwarder_addresses_the_data_bytes(form, data_bytes):
+    """From ``begin`` on, ``addr`` walks the chunk's data bytes in the ring (wrapping around),
+    one per ``step``, whatever the pauses between steps; ``last`` marks the final one, after
+    which ``active`` falls and ``addr`` follows the next frame again."""
+    depth = 16
+    dut = form(ring_depth=depth, max_payload=64)
+    length = LOAD_CHUNK_HEADER.size + data_bytes
+    rng = random.Random(data_bytes)
+
+    async def body(ctx):
+        for sp in (3, 12, 31):       # (sp has one bit more than an address: the ring wraps)
+            ctx.set(dut.frame_start, sp)
+            if form is CountedChunk:
+                ctx.set(dut.length, length)
+            else:                    # the parse position after the frame's trailer
+                ctx.set(dut.frame_end, (sp + HEADER_LEN + length + TRAILER_LEN) % (2 * depth))
+            await ctx.tick().repeat(2)
+            assert not ctx.get(dut.active)
+            ctx.set(dut.begin, 1)
+            await ctx.tick()
+            ctx.set(dut.begin, 0)
+            await ctx.tick()          # (the small form's bound is settled one cycle after the frame)
+            addresses = []
+            while True:
+                assert ctx.get(dut.active)
+                for _ in range(rng.randrange(3)):
+                    await ctx.tick()
+                addresses.append(ctx.get(dut.addr))
+                last = ctx.get(dut.last)
+                ctx.set(dut.step, 1)
+                await ctx.tick()
+                ctx.set(dut.step, 0)
+                if last:
+                    break
+                assert len(addresses) <= data_bytes
+            assert addresses == [(sp + HEADER_LEN + LOAD_CHUNK_HEADER.size + k) % depth for k in range(data_bytes)]
+            assert not ctx.get(dut.active)
+
+    run(dut, body)
+
