@@ -19,6 +19,14 @@ Weights: without ``image`` the engine starts without weights (its RAM is written
 engine's RAM is initialised with it (block RAM contents in the bitstream, e.g. on ECP5) and the
 Link reports those weights loaded from the start, so a host that holds the same image need not
 upload it; LOAD_BEGIN/CHUNK/COMMIT still overwrite them.
+
+Memory (``memory``): ``"bram"`` (default) is :class:`~.engine.Engine`, its weights in on-chip
+RAM. ``"sdram"`` is :class:`~.dram_engine.DramEngine`, its weights in DRAM behind a LiteDRAM
+core that is not part of this design: the top instantiates the core (``boards/litedram.py``),
+connects its native user port to ``native`` and its ``init_done`` to ``init_done``, and runs
+this design on the core's clock. The Link's ``load`` writes the image into the DRAM (the
+engine's ``load`` has backpressure; the Link waits on it), and commands wait for ``init_done``.
+A DRAM starts without weights: ``image`` is refused.
 """
 
 from __future__ import annotations
@@ -34,7 +42,9 @@ from .control import ControlSignature
 from .engine import Engine
 from .link import Link
 
-__all__ = ["LinkedEngine"]
+__all__ = ["LinkedEngine", "MEMORIES"]
+
+MEMORIES = ("bram", "sdram")        # where the engine's weights are (module docstring)
 
 
 class LinkedEngine(wiring.Component):
@@ -44,7 +54,9 @@ class LinkedEngine(wiring.Component):
     go to the :class:`~.link.Link`; ``image`` (bytes of the weight image, or None) to both;
     other keywords (maxima, ``mem_words``, ...) to the :class:`~.engine.Engine`, or with ``tiny``
     (``spram``) to the :class:`~.tiny_engine.TinyEngine` (iCE40UP5K; ``lanes`` is then only
-    reported by the Link).
+    reported by the Link), or with ``memory="sdram"`` (``native_data_width`` and
+    ``native_address_width`` of the core, required; maxima, ``fifo_depth``) to the
+    :class:`~.dram_engine.DramEngine`.
 
     Members
     -------
@@ -52,12 +64,24 @@ class LinkedEngine(wiring.Component):
     o_stream : Out(stream.Signature(8))   bytes to the host
     idle : Out(1)                         (``activity_ports`` only) see the module docstring
     in_frame : Out(1)                     (``activity_ports`` only) see the module docstring
+    native : Out(native_port_signature(native_data_width, native_address_width))
+                                          (``memory="sdram"`` only) to the LiteDRAM core's
+                                          native user port, as :class:`~.dram_engine.DramEngine`'s
+    init_done : In(1)                     (``memory="sdram"`` only) the core's ``init_done``
     """
 
     def __init__(self, cfg: ModelConfig, *, lanes: int = 16, packing: str = "base3",
                  max_payload: int = MAX_PAYLOAD, step_time_ms: int = 0, clk_freq: float = 12e6,
                  idle_timeout_cycles: int | None = None, boot_id: int | None = None,
-                 image: bytes | None = None, tiny: bool = False, activity_ports: bool = False, **engine_kw):
+                 image: bytes | None = None, tiny: bool = False, activity_ports: bool = False,
+                 memory: str = "bram", **engine_kw):
+        if memory not in MEMORIES:
+            raise ValueError(f"unknown memory {memory!r}; use one of {', '.join(MEMORIES)}")
+        if memory != "bram" and tiny:
+            raise ValueError(f"the tiny engine keeps its weights on chip: memory={memory!r} needs tiny=False")
+        if memory != "bram" and image is not None:
+            raise ValueError(f"memory={memory!r}: a DRAM starts empty, the image comes through the Link's "
+                             "load (leave out image)")
         # the tiny engine's boards (iCE40UP5K) also take the Link's small form (bit-serial CRCs,
         # a response ROM: fewer logic cells, same bytes on the wire)
         self.link = Link(cfg, packing=packing, lanes=lanes, max_payload=max_payload, step_time_ms=step_time_ms,
@@ -66,12 +90,18 @@ class LinkedEngine(wiring.Component):
         if tiny:
             from .tiny_engine import TinyEngine
             self.engine = TinyEngine(cfg, packing=packing, image=image, **engine_kw)
+        elif memory == "sdram":
+            from .dram_engine import DramEngine
+            self.engine = DramEngine(cfg, lanes=lanes, packing=packing, **engine_kw)
         else:
             self.engine = Engine(cfg, lanes=lanes, packing=packing, image=image, **engine_kw)
         members = {"i_stream": In(stream.Signature(8)), "o_stream": Out(stream.Signature(8))}
         if activity_ports:
             members |= {"idle": Out(1), "in_frame": Out(1)}
+        if memory != "bram":
+            members |= {"native": self.engine.signature.members["native"], "init_done": In(1)}
         self.activity_ports = activity_ports
+        self.memory = memory
         super().__init__(members)
 
     def elaborate(self, platform):
@@ -84,6 +114,10 @@ class LinkedEngine(wiring.Component):
         # the engine presents the control members at its top level, among others of its own
         for name in ControlSignature().members:
             wiring.connect(m, getattr(link.engine, name), getattr(engine, name))
+
+        if self.memory != "bram":
+            wiring.connect(m, engine.native, wiring.flipped(self.native))
+            m.d.comb += engine.init_done.eq(self.init_done)
 
         if self.activity_ports:
             m.d.comb += [self.idle.eq(link.idle & engine.cmd.ready), self.in_frame.eq(link.in_frame)]
