@@ -97,8 +97,9 @@ Each part is a component of its own file, in one class per form where the forms 
 * :mod:`~.link_crc`: the header, frame and image CRCs (``ByteCrcs`` / ``SerialCrcs``);
 * :mod:`~.link_check`: the request check, the device model's checks in its order, registered
   while the trailer arrives (``RequestCheck`` / ``SmallRequestCheck``);
-* :mod:`~.link_respond`: the response payload and its prefetch register (``MuxPayload`` /
-  ``RomPayload``, the response ROM);
+* :mod:`~.link_respond`: the responder: the response payload and its prefetch register
+  (``MuxPayload`` / ``RomPayload``, the response ROM) and ``ResponseSender`` (the header, payload
+  and trailer bytes into tx and the CRCs, and the logits fetched from the engine);
 * :mod:`~.link_chunk`: the ring addresses of a LOAD_CHUNK's data (``CountedChunk`` /
   ``BoundedChunk``);
 * :mod:`~.link_form`: the form as a strategy object (``DefaultForm`` / ``SmallForm``): which of
@@ -107,8 +108,8 @@ Each part is a component of its own file, in one class per form where the forms 
 
 :class:`Link` itself wires them (``_receive``, ``_registers``, ``_checks``, ``_payload``) and
 holds the parse position (``_parser_datapath``) and one state machine (``_fsm``) whose states
-are grouped by phase: parse, decide, engine command, chunk forwarding, send (the response's
-header and trailer bytes and the output register that feeds tx and the CRCs).
+are grouped by phase: parse, decide, engine command, chunk forwarding, send (the sender's
+phases: header, payload, trailer).
 
 Testbench observation points (not ports): ``idle`` (the parser waits for bytes and nothing is
 being sent), ``in_frame`` (the parser is inside a frame: the idle timeout can drop it) and
@@ -141,7 +142,7 @@ from .control import ControlSignature, EngineOp
 from .link_check import ARG_BYTES
 from .link_fields import field, struct_fields
 from .link_form import DefaultForm, SmallForm
-from .link_respond import PayloadKind, result_layout
+from .link_respond import PayloadKind, ResponseSender, result_layout
 from .link_ring import ReceiveRing
 from .link_timers import LFSR_TAPS, lfsr_jump, lfsr_signal, lfsr_step
 
@@ -335,31 +336,19 @@ class Link(wiring.Component):
         b.out_len = Signal(b.index_shape)
         b.out_last = Signal(b.index_shape)   # out_len - 1 (every response has a payload)
         b.out_kind = Signal(PayloadKind)
-        b.hk = Signal(range(HEADER_LEN))   # next header (or trailer) byte of the response
-        b.j = Signal(range(self.max_payload))   # next payload byte of the response
-        b.logits_data = Signal()           # j >= READ_LOGITS_HEADER.size
-        # The response's next byte is chosen into ``nb``, the output register; in the cycle
-        # after tx takes it, the CRCs take it (``fed``), and only then is the next byte chosen:
-        # the payload multiplexer, the handshake and the CRC logic are in different cycles.
-        # One byte per three cycles at most.
-        b.nb = Signal(8)
-        b.nb_valid = Signal()
-        b.nb_start = Signal()              # the SYNC: (re)starts both CRCs
-        b.nb_hcrc = Signal()               # the byte enters the header CRC
-        b.nb_fcrc = Signal()               # the byte enters the frame CRC
-        b.fed = Signal()                   # tx took nb in the previous cycle: the CRCs take it now
-        b.nb_free = Signal()               # the next byte may be chosen
         b.rescan_after = Signal()          # after the response: rescan from sp + 1 (bad CRC)
-        m.d.comb += [self.tx.valid.eq(b.nb_valid), self.tx.payload.eq(b.nb), b.nb_free.eq(b.done(~b.nb_valid & ~b.fed))]
+        b.read_start = Signal(range(b.cfg.V))       # READ_LOGITS: checked: start + count <= V, count >= 1
 
-        # READ_LOGITS streaming
-        b.read_start = Signal(range(b.cfg.V))       # checked: start + count <= V, count >= 1
-        b.logit_index = Signal(range(b.cfg.V + 1))
-        b.logit_word = Signal(32)
-        b.logit_have = Signal()
-        b.logit_asked = Signal()
-        b.logit_byte = Signal(2)
-        b.pb_stale = Signal()              # the response payload's prefetch is withheld (it changes)
+        # the response frame's bytes into tx and the CRCs (:class:`~.link_respond.ResponseSender`)
+        m.submodules.sender = b.sender = sender = ResponseSender(vocab_size=b.cfg.V, max_payload=self.max_payload)
+        wiring.connect(m, sender.tx, wiring.flipped(self.tx))
+        wiring.connect(m, sender.logit_req, wiring.flipped(self.engine.logit_req))
+        wiring.connect(m, wiring.flipped(self.engine.logit_resp), sender.logit_resp)
+        m.d.comb += [sender.seq.eq(b.seq),       # the frame's SEQ (no byte is parsed while it is sent)
+                     sender.op.eq(b.out_op), sender.length.eq(b.out_len),
+                     sender.header_crc.eq(b.crcs.header_crc), sender.frame_crc.eq(b.crcs.frame_crc),
+                     sender.may_pick.eq(b.done(1)), sender.logits.eq(b.out_kind == PayloadKind.LOGITS)]
+        b.j, b.nb_free = sender.index, sender.free
 
         # -- decoded request fields --------------------------------------------------------
         b.begin_crc = field(b.args, LOAD_BEGIN_REQUEST, 1)
@@ -406,23 +395,21 @@ class Link(wiring.Component):
         m.submodules.payload = payload = self.form.Payload(
             cfg=b.cfg, packing=self.packing, lanes=self.lanes, max_payload=self.max_payload,
             step_time_ms=self.step_time_ms, image_bytes=self.image_bytes, arguments=b.check.arguments)
-        m.d.comb += [payload.kind.eq(b.out_kind), payload.index.eq(b.j), payload.logits_data.eq(b.logits_data),
-                     payload.logit_word.eq(b.logit_word), payload.logit_byte.eq(b.logit_byte),
-                     payload.logit_have.eq(b.logit_have),
+        sender = b.sender
+        m.d.comb += [payload.kind.eq(b.out_kind), payload.index.eq(sender.index),
+                     payload.logits_data.eq(sender.logits_data), payload.logit_word.eq(sender.logit_word),
+                     payload.logit_byte.eq(sender.logit_byte), payload.logit_have.eq(sender.logit_have),
                      payload.boot_id.eq(b.boot_id), payload.position.eq(b.position),
                      payload.load_pointer.eq(b.load_pointer), payload.load_crc.eq(b.load_crc),
                      payload.weights_loaded.eq(b.weights_loaded), payload.load_open.eq(b.load_open),
                      payload.result.eq(b.last_result), payload.read_start.eq(b.read_start),
                      payload.nak_error.eq(b.nak_error), payload.op.eq(b.op),
-                     payload.last.eq(b.out_last), payload.stale.eq(b.pb_stale)]
+                     payload.last.eq(b.out_last), payload.stale.eq(sender.stale),
+                     sender.pb.eq(payload.pb), sender.pb_ready.eq(payload.pb_ready), sender.pb_last.eq(payload.pb_last),
+                     sender.payload_ready.eq(payload.data_ready)]
         self.form.connect_payload(m, b, payload)
-        b.payload_byte, b.payload_ready = payload.data, payload.data_ready
-        b.pb, b.pb_ready, b.pb_last = payload.pb, payload.pb_ready, payload.pb_last
-
-        m.d.comb += [
-            self.engine.logit_req.payload.eq(b.logit_index),
-            self.engine.load.payload.eq(b.byte_r),
-        ]
+        b.payload_byte = payload.data
+        m.d.comb += self.engine.load.payload.eq(b.byte_r)
 
     def _parser_datapath(self, m, b):
         """The ring's read address, the parse position and the parser's helpers."""
@@ -476,9 +463,9 @@ class Link(wiring.Component):
         b.rescan = rescan
 
         def respond(kind, out_op_value, length_value, *, rescan_flag=0):
-            counters = self.form.respond_counters(b)
+            self.form.restart_response(m, b)
             return [b.out_kind.eq(kind), b.out_op.eq(out_op_value), b.out_len.eq(length_value),
-                    b.out_last.eq(length_value - 1), *counters, b.rescan_after.eq(rescan_flag)]
+                    b.out_last.eq(length_value - 1), b.rescan_after.eq(rescan_flag)]
         b.respond = respond
 
         def cache_and_respond(kind, length_value):
@@ -513,7 +500,7 @@ class Link(wiring.Component):
         """Parsing states: HUNT, HEADER, PAYLOAD, TRAILER, CHECK."""
         # ---- parsing: one byte every third cycle while bytes are in the ring ----
         with m.State("HUNT"):
-            m.d.comb += self.idle.eq(b.done(b.waiting & ~b.nb_valid))
+            m.d.comb += self.idle.eq(b.done(b.waiting & ~b.sender.pending))
             with m.If(b.ready_byte):
                 b.take_byte()
                 with m.If(b.byte == SYNC):
@@ -646,8 +633,8 @@ class Link(wiring.Component):
             m.next = "ENGINE_FEED"
 
         def on_read_logits():
-            m.d.sync += [b.read_start.eq(b.read_start_arg), b.logit_index.eq(b.read_start_arg),
-                         b.logit_have.eq(0), b.logit_asked.eq(0), b.logit_byte.eq(0),
+            m.d.comb += [b.sender.logits_begin.eq(1), b.sender.logits_from.eq(b.read_start_arg)]
+            m.d.sync += [b.read_start.eq(b.read_start_arg),
                          *b.cache_and_respond(PayloadKind.LOGITS,
                                             READ_LOGITS_HEADER.size + 4 * b.read_count)]
             m.next = "SEND"
@@ -709,60 +696,15 @@ class Link(wiring.Component):
                     m.next = "SEND"
 
     def _send_states(self, m, b):
-        """Transmitting the response frame: SEND .. SEND_END (SEND_DONE)."""
-        # ---- transmit the response frame ----
-        # Each state picks the next byte into ``nb`` while it is empty; the output register
-        # takes it from there (below), which also runs it through the CRCs. A CRC byte is
-        # picked after every byte before it has been taken.
-        with m.State("SEND"):
-            with m.If(b.nb_free):
-                m.d.sync += [b.nb_valid.eq(1), b.hk.eq(b.hk + 1), b.nb_start.eq(b.hk == 0),
-                             b.nb_hcrc.eq((b.hk >= 1) & (b.hk < HEADER_LEN - 1)), b.nb_fcrc.eq(b.hk >= 1)]
-                with m.Switch(b.hk):
-                    with m.Case(0):
-                        m.d.sync += b.nb.eq(SYNC)
-                    with m.Case(1):
-                        m.d.sync += b.nb.eq(b.seq)       # the frame's SEQ (no byte is parsed now)
-                    with m.Case(2):
-                        m.d.sync += b.nb.eq(b.out_op)
-                    with m.Case(3):
-                        m.d.sync += b.nb.eq(b.out_len[:8])
-                    with m.Case(4):
-                        m.d.sync += b.nb.eq(b.out_len[8:])
-                    with m.Default():
-                        m.d.sync += [b.nb.eq(b.crcs.header_crc), b.hk.eq(0)]
-                        m.next = "SEND_PAYLOAD"
-        with m.State("SEND_PAYLOAD"):
-            with m.If(b.nb_free & b.pb_ready):
-                m.d.comb += b.pb_stale.eq(1)
-                m.d.sync += [b.nb.eq(b.pb), b.nb_valid.eq(1), b.nb_start.eq(0), b.nb_hcrc.eq(0),
-                             b.nb_fcrc.eq(1), b.j.eq(b.j + 1)]
-                with m.If(b.j == READ_LOGITS_HEADER.size - 1):
-                    m.d.sync += b.logits_data.eq(1)
-                with m.If((b.out_kind == PayloadKind.LOGITS) & b.logits_data):
-                    m.d.sync += b.logit_byte.eq(b.logit_byte + 1)
-                    with m.If(b.logit_byte == 3):
-                        m.d.sync += [b.logit_have.eq(0), b.logit_index.eq(b.logit_index + 1)]
-                with m.If(b.pb_last):
-                    m.next = "SEND_TRAILER"
-            with m.If(~b.payload_ready):
-                # fetch the next logit from the engine
-                m.d.comb += [self.engine.logit_req.valid.eq(~b.logit_asked),
-                             self.engine.logit_resp.ready.eq(b.logit_asked)]
-                with m.If(self.engine.logit_req.valid & self.engine.logit_req.ready):
-                    m.d.sync += b.logit_asked.eq(1)
-                with m.If(self.engine.logit_resp.valid & self.engine.logit_resp.ready):
-                    m.d.comb += b.pb_stale.eq(1)
-                    m.d.sync += [b.logit_word.eq(self.engine.logit_resp.payload), b.logit_have.eq(1),
-                                 b.logit_asked.eq(0)]
-        with m.State("SEND_TRAILER"):
-            with m.If(b.nb_free):
-                m.d.sync += [b.nb_valid.eq(1), b.nb_start.eq(0), b.nb_hcrc.eq(0), b.nb_fcrc.eq(0), b.hk.eq(1)]
-                with m.If(b.hk == 0):
-                    m.d.sync += b.nb.eq(b.crcs.frame_crc[8:])
-                with m.Else():
-                    m.d.sync += b.nb.eq(b.crcs.frame_crc[:8])
-                    m.next = "SEND_END"
+        """Sending the response frame (:class:`~.link_respond.ResponseSender` chooses the bytes):
+        SEND (the header), SEND_PAYLOAD, SEND_TRAILER, then SEND_END (SEND_DONE)."""
+        for state, phase, done, after in (("SEND", "send_header", "header_done", "SEND_PAYLOAD"),
+                                          ("SEND_PAYLOAD", "send_payload", "payload_done", "SEND_TRAILER"),
+                                          ("SEND_TRAILER", "send_trailer", "trailer_done", "SEND_END")):
+            with m.State(state):
+                m.d.comb += getattr(b.sender, phase).eq(1)
+                with m.If(getattr(b.sender, done)):
+                    m.next = after
         self.form.send_end(m, b)
 
     def _fsm(self, m, b):
@@ -775,9 +717,8 @@ class Link(wiring.Component):
             self._send_states(m, b)
         self.form.fsm_attrs(link_fsm)
 
-        m.d.sync += b.fed.eq(b.nb_valid & self.tx.ready)
-        with m.If(b.nb_valid & self.tx.ready):
-            m.d.sync += b.nb_valid.eq(0)
-        with m.If(b.fed):
-            m.d.comb += [b.crcs.start.eq(b.nb_start), b.crcs.data.eq(b.nb), b.crcs.header.eq(b.nb_hcrc),
-                         b.crcs.frame.eq(b.nb_fcrc)]
+        # the CRCs take the byte tx took in the previous cycle (the parser takes none then)
+        sender = b.sender
+        with m.If(sender.crc_feed):
+            m.d.comb += [b.crcs.start.eq(sender.crc_start), b.crcs.data.eq(sender.crc_data),
+                         b.crcs.header.eq(sender.crc_header), b.crcs.frame.eq(sender.crc_frame)]

@@ -12,7 +12,7 @@ bytes on the wire. :class:`~.link.Link` asks its form for
 * the request's first word, compared as it arrives (``on_op_byte``, ``on_payload_byte``,
   ``stored_arg_bytes``);
 * the decision and the response: ``after_check`` (the state after CHECK), ``decide`` (the
-  DECIDE state, and VERDICT before it), ``respond_counters``, ``image_crc_cleared`` /
+  DECIDE state, and VERDICT before it), ``restart_response``, ``image_crc_cleared`` /
   ``image_crc_committed``, ``send_end``, ``fsm_attrs``;
 * the wiring of the form-specific members of its parts: ``connect_check``, ``connect_payload``,
   ``connect_chunk``.
@@ -87,8 +87,9 @@ class DefaultForm(LinkForm):
         pass
 
     # -- the decision and the response -----------------------------------------------------------
-    def respond_counters(self, b):
-        return [b.hk.eq(0), b.j.eq(0), b.logits_data.eq(0)]
+    def restart_response(self, m, b):
+        """A response is decided: its counters start again (here, where it is decided)."""
+        m.d.comb += b.sender.restart.eq(1)
 
     def image_crc_cleared(self, b):
         return [b.image_crc.eq(0)]
@@ -181,7 +182,7 @@ class SmallForm(LinkForm):
 
     def on_op_byte(self, m, b):
         """The response whose first word the request's first word is checked against."""
-        m.d.sync += [b.j.eq(0), b.logits_data.eq(0)]
+        m.d.comb += b.sender.restart_payload.eq(1)
         with m.Switch(b.byte):
             for command, kind in ((Op.LOAD_BEGIN, PayloadKind.LOAD_BEGIN), (Op.LOAD_CHUNK, PayloadKind.LOAD_CHUNK),
                                   (Op.FEED_TOKEN, PayloadKind.FEED_TOKEN), (Op.READ_LOGITS, PayloadKind.LOGITS)):
@@ -190,8 +191,7 @@ class SmallForm(LinkForm):
 
     def on_payload_byte(self, m, b):
         """The first payload word, compared byte by byte with that response's first word."""
-        with m.If(b.arg_sel[:4] != 0):
-            m.d.sync += b.j.eq(b.j + 1)
+        m.d.comb += b.sender.advance.eq(b.arg_sel[:4] != 0)
         with m.If(b.arg_sel[0]):
             m.d.sync += [b.word0_differs.eq(b.byte != b.payload_byte), b.word0_ones.eq(b.byte == 0xFF)]
         with m.Elif(b.arg_sel[1:4] != 0):
@@ -199,8 +199,8 @@ class SmallForm(LinkForm):
                          b.word0_ones.eq(b.word0_ones & (b.byte == 0xFF))]
 
     # -- the decision and the response -----------------------------------------------------------
-    def respond_counters(self, b):
-        return []       # (set in DECIDE whatever is decided)
+    def restart_response(self, m, b):
+        pass            # (in DECIDE whatever is decided)
 
     def image_crc_cleared(self, b):
         return []       # (image_crc follows load_crc and weights_loaded)
@@ -223,7 +223,7 @@ class SmallForm(LinkForm):
         with m.State("DECIDE"):
             # a response's counters start at 0 whatever is decided (set in the decisions'
             # branches, j's enable would be a path through all of them)
-            m.d.sync += [b.hk.eq(0), b.j.eq(0), b.logits_data.eq(0)]
+            m.d.comb += b.sender.restart.eq(1)
             for flag, (_, body) in zip(verdict, checks + commands):
                 with m.If(flag):
                     body()

@@ -1,13 +1,16 @@
-"""The Link's response payload: the bytes of every response's payload, from constants and the
-device state, and the prefetch register the transmitter takes them from.
+"""The Link's responder: :class:`ResponseSender` puts a response frame's bytes (header, payload,
+trailer) into the tx stream and the CRCs; the payload part makes the bytes of every response's
+payload from constants and the device state, with the prefetch register the sender takes them
+from.
 
-Two forms: :class:`MuxPayload` (the default form) is one multiplexer over every response's
-packed payload; :class:`RomPayload` (the small form) reads a ROM that holds, for every byte of
-every response (and of the NAK for each possible argument), either a constant or the code of a
-register byte, and one multiplexer over the distinct register bytes serves all responses.
+The payload part has two forms: :class:`MuxPayload` (the default form) is one multiplexer over
+every response's packed payload; :class:`RomPayload` (the small form) reads a ROM that holds,
+for every byte of every response (and of the NAK for each possible argument), either a constant
+or the code of a register byte, and one multiplexer over the distinct register bytes serves all
+responses.
 
-Members (both forms)
---------------------
+Members of the payload part (both forms)
+----------------------------------------
 kind : In(PayloadKind)
     The response whose payload is sent.
 index : In(range(max_payload))
@@ -51,20 +54,21 @@ import functools
 import operator
 
 from amaranth.hdl import Cat, Module, Mux, Signal, Value, signed, unsigned
-from amaranth.lib import data, enum, wiring
+from amaranth.lib import data, enum, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from mmfree_fpga.config import FORMATS
 from mmfree_fpga.image import IMAGE_VERSION
 from mmfree_fpga.protocol import (
-    DEVICE_MAGIC, FEED_TOKEN_RESPONSE, IDENTITY, LOAD_BEGIN_RESPONSE, LOAD_CHUNK_RESPONSE, LOAD_COMMIT_RESPONSE,
-    NAK_PAYLOAD, POSITION, PROTOCOL_VERSION, READ_LOGITS_HEADER, Identity, Packing, Status, formats_id,
+    DEVICE_MAGIC, FEED_TOKEN_RESPONSE, HEADER_LEN, IDENTITY, LOAD_BEGIN_RESPONSE, LOAD_CHUNK_RESPONSE, LOAD_COMMIT_RESPONSE,
+    NAK_PAYLOAD, POSITION, PROTOCOL_VERSION, READ_LOGITS_HEADER, SYNC, TRAILER_LEN, Identity, Packing, Status,
+    formats_id,
 )
 
 from .link_fields import pack, struct_fields
 
-__all__ = ["PayloadKind", "result_layout", "MuxPayload", "RomPayload"]
+__all__ = ["PayloadKind", "result_layout", "MuxPayload", "RomPayload", "ResponseSender"]
 
 
 class PayloadKind(enum.Enum, shape=3):
@@ -314,3 +318,162 @@ class RomPayload(_ResponsePayload):
                          self.data_ready.eq(self.logit_have)]
         with m.Else():
             m.d.comb += [self.data.eq(rom_byte), self.data_ready.eq(1)]
+
+
+class ResponseSender(wiring.Component):
+    """A response frame's bytes, one at a time, into ``tx`` and then into the CRCs: the header
+    (SYNC, SEQ, OP, LEN, the header CRC), the payload (from a payload part's prefetch register,
+    fetching READ_LOGITS' logits from the engine on the way) and the trailer (the frame CRC).
+
+    The Link's state machine sequences the three phases (``send_header``, ``send_payload``,
+    ``send_trailer``, each held until its ``..._done``); this part chooses each byte into its
+    output register once that is free. In the cycle after ``tx`` takes a byte the CRCs take it
+    (``crc_*``), and only then is the next byte chosen: the payload multiplexer, the handshake
+    and the CRC logic are in different cycles (one byte per three cycles at most).
+
+    Parameters: ``vocab_size`` (logit indices) and ``max_payload`` (the longest payload).
+
+    Members
+    -------
+    tx : Out(stream.Signature(8))
+        The response's bytes.
+    seq : In(8), op : In(8), length : In(range(HEADER_LEN + max_payload + TRAILER_LEN + 1))
+        The response's SEQ, OP and LEN (fixed while it is sent).
+    header_crc : In(8), frame_crc : In(16)
+        The CRCs of the bytes given to them (final while ``may_pick`` is high).
+    may_pick : In(1)
+        The CRCs are done with the last byte (always 1 with byte-wide CRCs).
+    free : Out(1)
+        The next byte may be chosen: the output register is empty, its last byte has been
+        through the CRCs, and ``may_pick``.
+    pending : Out(1)
+        A byte waits in the output register.
+    send_header : In(1), header_done : Out(1)
+        Send the next header byte once ``free``; ``header_done``: the last one (the header CRC)
+        is chosen in this cycle.
+    send_payload : In(1), payload_done : Out(1)
+        Send the payload byte ``pb`` once ``free`` and ``pb_ready``, and move ``index`` on;
+        ``payload_done``: it is the last (``pb_last``). While ``payload_ready`` is low, the
+        logit is fetched (at most one request outstanding).
+    send_trailer : In(1), trailer_done : Out(1)
+        Send the trailer's next byte once ``free``; ``trailer_done``: its last.
+    restart : In(1)
+        A response begins: header, payload and trailer from their first bytes.
+    restart_payload : In(1), advance : In(1)
+        ``index`` to 0 / one on (the small form's parser reads the payload part at ``index``).
+    logits : In(1)
+        The response is READ_LOGITS': its payload after the header is ``logit_word``'s bytes.
+    logits_begin : In(1), logits_from : In(range(vocab_size))
+        A READ_LOGITS begins: its first logit is ``logits_from``.
+    pb : In(8), pb_ready : In(1), pb_last : In(1), payload_ready : In(1)
+        The payload part's prefetch register and whether the byte at ``index`` is available.
+    index : Out(range(max_payload)), logits_data : Out(1), stale : Out(1)
+        The payload byte wanted, whether it is past READ_LOGITS' header, and that something
+        the payload byte depends on changes at this clock edge.
+    logit_word : Out(32), logit_byte : Out(2), logit_have : Out(1)
+        The logit being sent, its byte and whether it has arrived.
+    logit_req : Out(stream.Signature(unsigned(32))), logit_resp : In(stream.Signature(signed(32)))
+        The engine's logits, asked for in ascending order from ``logits_from``.
+    crc_feed : Out(1), crc_data : Out(8), crc_start : Out(1), crc_header : Out(1), crc_frame : Out(1)
+        The byte ``tx`` took in the previous cycle, for the CRCs (``crc_start``: it is the SYNC,
+        which restarts them; ``crc_header`` / ``crc_frame``: it enters that CRC).
+    """
+
+    def __init__(self, *, vocab_size: int, max_payload: int):
+        self.vocab_size = vocab_size
+        self.max_payload = max_payload
+        super().__init__({
+            "tx": Out(stream.Signature(8)),
+            "seq": In(8), "op": In(8), "length": In(range(HEADER_LEN + max_payload + TRAILER_LEN + 1)),
+            "header_crc": In(8), "frame_crc": In(16), "may_pick": In(1), "free": Out(1), "pending": Out(1),
+            "send_header": In(1), "header_done": Out(1), "send_payload": In(1), "payload_done": Out(1),
+            "send_trailer": In(1), "trailer_done": Out(1),
+            "restart": In(1), "restart_payload": In(1), "advance": In(1),
+            "logits": In(1), "logits_begin": In(1), "logits_from": In(range(vocab_size)),
+            "pb": In(8), "pb_ready": In(1), "pb_last": In(1), "payload_ready": In(1),
+            "index": Out(range(max_payload)), "logits_data": Out(1), "stale": Out(1),
+            "logit_word": Out(32), "logit_byte": Out(2), "logit_have": Out(1),
+            "logit_req": Out(stream.Signature(unsigned(32))), "logit_resp": In(stream.Signature(signed(32))),
+            "crc_feed": Out(1), "crc_data": Out(8), "crc_start": Out(1), "crc_header": Out(1), "crc_frame": Out(1),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        hk = Signal(range(HEADER_LEN))      # next header (or trailer) byte
+        j = self.index
+        nb, nb_valid = Signal(8), Signal()   # the output register
+        nb_start, nb_hcrc, nb_fcrc = Signal(), Signal(), Signal()   # its byte restarts / enters the CRCs
+        fed = self.crc_feed                  # tx took nb in the previous cycle: the CRCs take it now
+        logit_index = Signal(range(self.vocab_size + 1))
+        logit_asked = Signal()
+        m.d.comb += [self.tx.valid.eq(nb_valid), self.tx.payload.eq(nb), self.pending.eq(nb_valid),
+                     self.free.eq(~nb_valid & ~fed & self.may_pick),
+                     self.crc_data.eq(nb), self.crc_start.eq(nb_start), self.crc_header.eq(nb_hcrc),
+                     self.crc_frame.eq(nb_fcrc), self.logit_req.payload.eq(logit_index)]
+
+        # (the phases and the restarts exclude each other: one multiplexer per register)
+        with m.If(self.send_header):
+            with m.If(self.free):
+                m.d.sync += [nb_valid.eq(1), hk.eq(hk + 1), nb_start.eq(hk == 0),
+                             nb_hcrc.eq((hk >= 1) & (hk < HEADER_LEN - 1)), nb_fcrc.eq(hk >= 1)]
+                with m.Switch(hk):
+                    with m.Case(0):
+                        m.d.sync += nb.eq(SYNC)
+                    with m.Case(1):
+                        m.d.sync += nb.eq(self.seq)
+                    with m.Case(2):
+                        m.d.sync += nb.eq(self.op)
+                    with m.Case(3):
+                        m.d.sync += nb.eq(self.length[:8])
+                    with m.Case(4):
+                        m.d.sync += nb.eq(self.length[8:])
+                    with m.Default():
+                        m.d.sync += [nb.eq(self.header_crc), hk.eq(0)]
+                        m.d.comb += self.header_done.eq(1)
+
+        with m.Elif(self.send_payload):
+            with m.If(self.free & self.pb_ready):
+                m.d.comb += self.stale.eq(1)
+                m.d.sync += [nb.eq(self.pb), nb_valid.eq(1), nb_start.eq(0), nb_hcrc.eq(0), nb_fcrc.eq(1),
+                             j.eq(j + 1)]
+                with m.If(j == READ_LOGITS_HEADER.size - 1):
+                    m.d.sync += self.logits_data.eq(1)
+                with m.If(self.logits & self.logits_data):
+                    m.d.sync += self.logit_byte.eq(self.logit_byte + 1)
+                    with m.If(self.logit_byte == 3):
+                        m.d.sync += [self.logit_have.eq(0), logit_index.eq(logit_index + 1)]
+                with m.If(self.pb_last):
+                    m.d.comb += self.payload_done.eq(1)
+            with m.If(~self.payload_ready):
+                # fetch the next logit from the engine
+                m.d.comb += [self.logit_req.valid.eq(~logit_asked), self.logit_resp.ready.eq(logit_asked)]
+                with m.If(self.logit_req.valid & self.logit_req.ready):
+                    m.d.sync += logit_asked.eq(1)
+                with m.If(self.logit_resp.valid & self.logit_resp.ready):
+                    m.d.comb += self.stale.eq(1)
+                    m.d.sync += [self.logit_word.eq(self.logit_resp.payload), self.logit_have.eq(1),
+                                 logit_asked.eq(0)]
+
+        with m.Elif(self.send_trailer):
+            with m.If(self.free):
+                m.d.sync += [nb_valid.eq(1), nb_start.eq(0), nb_hcrc.eq(0), nb_fcrc.eq(0), hk.eq(1)]
+                with m.If(hk == 0):
+                    m.d.sync += nb.eq(self.frame_crc[8:])
+                with m.Else():
+                    m.d.sync += nb.eq(self.frame_crc[:8])
+                    m.d.comb += self.trailer_done.eq(1)
+
+        with m.Elif(self.restart):
+            m.d.sync += [hk.eq(0), j.eq(0), self.logits_data.eq(0)]
+        with m.Elif(self.restart_payload):
+            m.d.sync += [j.eq(0), self.logits_data.eq(0)]
+        with m.Elif(self.advance):
+            m.d.sync += j.eq(j + 1)
+        with m.If(self.logits_begin):
+            m.d.sync += [logit_index.eq(self.logits_from), self.logit_have.eq(0), logit_asked.eq(0),
+                         self.logit_byte.eq(0)]
+
+        m.d.sync += fed.eq(nb_valid & self.tx.ready)
+        with m.If(nb_valid & self.tx.ready):
+            m.d.sync += nb_valid.eq(0)
+        return m
