@@ -11,7 +11,8 @@ them; board tops leave them out):
 
 * ``idle``: nothing happens until a byte arrives: the Link's parser waits for bytes with
   nothing to send (its ``idle`` observation point) and the engine takes commands (not
-  computing, no result waiting);
+  computing, no result waiting; with ``memory="sdram"``: the DRAM is initialised and no loaded
+  beat waits to be written);
 * ``in_frame``: the Link holds a partial frame, whose idle timeout counts cycles.
 
 Weights: without ``image`` the engine starts without weights (its RAM is written only through
@@ -120,5 +121,12 @@ class LinkedEngine(wiring.Component):
             m.d.comb += engine.init_done.eq(self.init_done)
 
         if self.activity_ports:
-            m.d.comb += [self.idle.eq(link.idle & engine.cmd.ready), self.in_frame.eq(link.in_frame)]
+            if self.memory == "bram":
+                engine_idle = engine.cmd.ready
+            else:
+                # the DramEngine's core takes commands, the controller is initialised and no
+                # loaded beat waits for it (a partly assembled beat waits for bytes, as the Link
+                # does; its own cmd.ready stays low until a command writes it out)
+                engine_idle = engine.core.cmd.ready & self.init_done & ~engine.adapter.write.valid
+            m.d.comb += [self.idle.eq(link.idle & engine_idle), self.in_frame.eq(link.in_frame)]
         return m

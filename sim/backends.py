@@ -16,7 +16,10 @@ A backend is the engine as its UART sees it, an object with
 
 ``model`` is the Python device model (``host/device_model.py``); ``rtl`` is the generated
 Verilog of the board design in Verilator, behind the same interface: the server, the driver and
-the tests do not change.
+the tests do not change. The ``rtl`` backend's ``memory`` (:data:`MEMORIES`) says where the
+engine's weights are: ``"bram"`` on-chip RAM, ``"sdram"`` a simulated SDRAM behind a generated
+LiteDRAM core (the ULX3S's IS42S16160 controller with LiteDRAM's SDRAM model); the model
+backend has no memory type and refuses ``"sdram"``.
 """
 
 from __future__ import annotations
@@ -29,7 +32,26 @@ from mmfree_fpga.errors import UserError
 if TYPE_CHECKING:
     from mmfree_fpga.host.image import WeightImage
 
-__all__ = ["Backend", "BACKENDS", "make_backend"]
+__all__ = ["Backend", "BACKENDS", "MEMORIES", "make_backend"]
+
+MEMORIES = ("bram", "sdram")        # the rtl backend's weight memories (module docstring)
+# the fraction of the native port's peak that sequential weight reads sustain at least (the
+# co-simulation of the generated SDR core measures 0.96): the DRAM step-time bound divides by it
+DRAM_EFFICIENCY_BOUND = 0.9
+
+
+def dram_step_time_ms(cfg: ModelConfig, packing: str, lanes: int, native_bytes: int) -> int:
+    """An upper bound of one token's time, in ms of the pipe harness's nominal clock, for the
+    engine with its weights in DRAM (``native_bytes`` per cycle at the port's peak): the compute
+    cycles plus every weight byte at :data:`DRAM_EFFICIENCY_BOUND` of the peak (the two overlap).
+    The Link reports it (IDENTIFY's ``step_time_ms``); the host waits that long for a token
+    before it retransmits. A model the size of the ULX3S's block RAM and more takes seconds per
+    token in Verilator, so the bound matters here (the block-RAM engine reports 0: unknown)."""
+    from mmfree_fpga.config import PERF_MODEL
+    from .pipe import PIPE_CLOCK_HZ
+    cycles = (PERF_MODEL.cycles_per_token(cfg, lanes)
+              + PERF_MODEL.bytes_per_token(cfg, packing) / (native_bytes * DRAM_EFFICIENCY_BOUND))
+    return max(1, int(-(-cycles * 1000 // PIPE_CLOCK_HZ)))
 
 
 class Backend(Protocol):
@@ -47,9 +69,12 @@ class Backend(Protocol):
 
 
 def _model_backend(cfg: ModelConfig, packing: str, image: "WeightImage | None", seed: int | None,
-                   waves=None, **_options) -> Backend:
+                   waves=None, memory: str = "bram", **_options) -> Backend:
     if waves is not None:
         raise UserError("--waves traces the generated Verilog: it needs --backend rtl")
+    if memory != "bram":
+        raise UserError(f"--memory {memory} simulates the engine's DRAM in the generated Verilog: it needs "
+                        "--backend rtl (the model backend has no memory type)")
     from mmfree_fpga.host.device_model import DeviceModel
     device = DeviceModel(cfg, packing, seed=seed)
     if image is not None:
@@ -67,25 +92,53 @@ class RtlBackend:
     waits, so the timeout takes that long in wall time). ``waves``: a Verilator build with FST
     tracing (a separate binary, built when first asked for) dumps cycles [``waves_from``,
     ``waves_to``) into that file; it is complete once the window has passed or the backend
-    closed. ``power_cycle`` starts a fresh simulation, and a fresh trace."""
+    closed. ``power_cycle`` starts a fresh simulation, and a fresh trace.
+
+    ``memory="sdram"``: the engine is :class:`~mmfree_fpga.hw.dram_engine.DramEngine` and the
+    Verilator build holds a generated LiteDRAM core in its ``sim`` variant
+    (:class:`~mmfree_fpga.sim.dram_sim.DramLinkedSimTop`; the core is generated once and cached
+    with the engine simulations' builds). The image the host uploads goes through the Link's
+    ``load`` into the simulated SDRAM; the engine takes commands once the core's init sequence
+    has run (the first bytes wait for it). UserError if the model's image does not fit the
+    SDRAM. A power cycle empties the SDRAM."""
 
     def __init__(self, cfg: ModelConfig, packing: str = "base3", lanes: int = 16, build_dir=None, log=None,
-                 waves=None, waves_from: int = 0, waves_to: int | None = None):
+                 waves=None, waves_from: int = 0, waves_to: int | None = None, memory: str = "bram"):
         import hashlib
         import json
         from pathlib import Path
 
         from mmfree_fpga.hw.linked_engine import LinkedEngine
         from .pipe import PIPE_CLOCK_HZ, PipeSim, build_pipe_sim
-        key = hashlib.sha256(json.dumps([cfg.as_dict(), packing, lanes]).encode()).hexdigest()[:12]
+        if memory not in MEMORIES:
+            raise UserError(f"unknown memory {memory!r}; use one of {', '.join(MEMORIES)}")
+        settings = [cfg.as_dict(), packing, lanes]
+        sources = []
+        if memory == "bram":
+            design = LinkedEngine(cfg, lanes=lanes, packing=packing, clk_freq=PIPE_CLOCK_HZ, activity_ports=True)
+        else:
+            from mmfree_fpga.image import image_size
+            from .dram_sim import DramLinkedSimTop
+            from .engine_sim import dram_core
+            core = dram_core(memory)
+            size = image_size(cfg, packing)
+            if size > core.size_bytes:
+                raise UserError(f"the weight image ({size:,} bytes) does not fit the simulated {memory} "
+                                f"({core.size_bytes:,} bytes)")
+            design = DramLinkedSimTop(core, cfg, lanes=lanes, packing=packing, clk_freq=PIPE_CLOCK_HZ,
+                                      step_time_ms=dram_step_time_ms(cfg, packing, lanes, core.data_width // 8))
+            sources = [core.verilog]
+            settings += [memory, core.name]
+        key = hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:12]
         build_dir = Path(build_dir) if build_dir else Path("out") / "cache" / f"rtl-{key}"
-        design = LinkedEngine(cfg, lanes=lanes, packing=packing, clk_freq=PIPE_CLOCK_HZ, activity_ports=True)
-        self.binary = build_pipe_sim(design, build_dir, log=log, waves=waves is not None)
+        self.binary = build_pipe_sim(design, build_dir, log=log, waves=waves is not None, sources=sources)
         self._start = lambda: PipeSim(self.binary, clock_hz=PIPE_CLOCK_HZ, waves=waves, waves_from=waves_from,
                                       waves_to=waves_to)
         self.sim = self._start()
         self.lanes = lanes
-        self.description = (f"the engine's generated Verilog in Verilator ({lanes} lanes, {packing}), "
+        self.memory = memory
+        where = "" if memory == "bram" else ", weights in a simulated SDRAM behind LiteDRAM"
+        self.description = (f"the engine's generated Verilog in Verilator ({lanes} lanes, {packing}{where}), "
                             f"d={cfg.d} L={cfg.L} I={cfg.I} V={cfg.V}")
 
     def receive(self, data: bytes, now: float) -> bytes:
@@ -111,11 +164,12 @@ class RtlBackend:
 
 def _rtl_backend(cfg: ModelConfig, packing: str, image: "WeightImage | None", seed: int | None,
                  lanes: int = 16, log=None, waves=None, waves_from: int = 0, waves_to: int | None = None,
-                 **_options) -> Backend:
+                 memory: str = "bram", **_options) -> Backend:
     if image is not None:
         raise UserError("the rtl backend starts without weights, like a board: the first 'run' loads them "
                         "(leave out --preload)")
-    return RtlBackend(cfg, packing, lanes=lanes, log=log, waves=waves, waves_from=waves_from, waves_to=waves_to)
+    return RtlBackend(cfg, packing, lanes=lanes, log=log, waves=waves, waves_from=waves_from, waves_to=waves_to,
+                      memory=memory)
 
 
 # name -> factory(cfg, packing, image or None, seed) -> Backend

@@ -1,8 +1,10 @@
 """Co-simulation with the weights in DRAM: a generated LiteDRAM core (its ``sim`` variant:
 LiteDRAM's controller with LiteDRAM's SDRAM model) in one Verilator build with
 :class:`~mmfree_fpga.hw.dram_port.DramWeightPort` alone (:class:`DramSimTop`, driven by the
-cocotb test below) or with the whole engine (:class:`DramEngineSimTop`, driven by the engine's
-C++ harness through :func:`mmfree_fpga.sim.engine_sim.run_engine` with ``memory="sdram"``).
+cocotb test below), with the whole engine (:class:`DramEngineSimTop`, driven by the engine's
+C++ harness through :func:`mmfree_fpga.sim.engine_sim.run_engine` with ``memory="sdram"``), or
+with the board design (:class:`DramLinkedSimTop`: the Link and the engine, driven by the pipe
+harness behind ``mmfree-fpga serve --memory sdram``, ``sim/pipe.py``).
 
 :class:`DramSimTop` joins the core (an ``Instance``, run on the design clock) and the adapter;
 :func:`build_sources` writes its Verilog beside the core's. The cocotb test
@@ -30,7 +32,7 @@ from ..hw.dram_engine import DramEngine
 from ..hw.dram_port import DramWeightPort, dram_write_layout
 from ..hw.weight_port import weight_port_signature
 
-__all__ = ["DramSimTop", "build_sources", "DramEngineSimTop", "COUNTER_BITS"]
+__all__ = ["DramSimTop", "build_sources", "DramEngineSimTop", "DramLinkedSimTop", "COUNTER_BITS"]
 
 COUNTER_BITS = 48           # the weight-traffic counters of DramEngineSimTop
 
@@ -130,6 +132,39 @@ class DramEngineSimTop(wiring.Component):
             m.d.sync += self.weight_cycles.eq(self.weight_cycles + 1)
             with m.If(~probe.beat_ready):
                 m.d.sync += self.weight_wait_cycles.eq(self.weight_wait_cycles + 1)
+        return m
+
+
+class DramLinkedSimTop(wiring.Component):
+    """The board design with its weights in DRAM: :class:`~mmfree_fpga.hw.linked_engine.LinkedEngine`
+    (``memory="sdram"``, ``activity_ports=True``) and a generated LiteDRAM core of the ``sim``
+    variant (``core``: a :class:`~mmfree_fpga.boards.litedram.DramCore` or its fields) as an
+    ``Instance`` on the same clock. ``cfg`` and ``linked_args`` go to the LinkedEngine (lanes,
+    packing, clk_freq, ...); the core's widths are added.
+
+    Members, as :class:`~mmfree_fpga.sim.pipe.build_pipe_sim` expects them: ``i_stream``
+    (In(stream.Signature(8)), bytes from the host), ``o_stream`` (Out, bytes to the host),
+    ``idle`` and ``in_frame`` (Out(1), the LinkedEngine's activity ports: the engine counts as
+    busy until the core's init sequence has run).
+    """
+
+    def __init__(self, core, cfg, **linked_args):
+        from ..hw.linked_engine import LinkedEngine
+        self._core = core
+        self.linked = LinkedEngine(cfg, memory="sdram", activity_ports=True, native_data_width=core.data_width,
+                                   native_address_width=core.address_width, **linked_args)
+        super().__init__({"i_stream": In(stream.Signature(8)), "o_stream": Out(stream.Signature(8)),
+                          "idle": Out(1), "in_frame": Out(1)})
+
+    def elaborate(self, platform):
+        m = Module()
+        m.submodules.linked = linked = self.linked
+        wiring.connect(m, wiring.flipped(self.i_stream), linked.i_stream)
+        wiring.connect(m, linked.o_stream, wiring.flipped(self.o_stream))
+        m.d.comb += [self.idle.eq(linked.idle), self.in_frame.eq(linked.in_frame)]
+        init_done = Signal()
+        m.d.comb += linked.init_done.eq(init_done)
+        m.submodules.dram = Instance(self._core.name, **_core_ports(self._core, linked.native, init_done))
         return m
 
 

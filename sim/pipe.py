@@ -41,9 +41,11 @@ BOOT_PACE_S = 10.0
 SETTLE_TIMEOUT_S = 30.0
 
 
-def build_pipe_sim(design, build_dir, log=None, *, waves: bool = False) -> Path:
+def build_pipe_sim(design, build_dir, log=None, *, waves: bool = False, sources=()) -> Path:
     """Compile ``design`` (i_stream/o_stream bytes, idle/in_frame activity) into a harness binary;
-    ``waves``: a separate binary with Verilator's FST tracing (``PipeSim(..., waves=FILE)``)."""
+    ``waves``: a separate binary with Verilator's FST tracing (``PipeSim(..., waves=FILE)``).
+    ``sources``: further Verilog files the design instantiates (a generated LiteDRAM core); their
+    contents are part of the build's cache key."""
     reason = simulator_missing("verilator") or (fst_missing() if waves else None)
     if reason:
         raise UserError(reason)
@@ -51,14 +53,18 @@ def build_pipe_sim(design, build_dir, log=None, *, waves: bool = False) -> Path:
     build_dir.mkdir(parents=True, exist_ok=True)
     verilog = write_verilog(design, build_dir / "top.v", name="top")
     options = ["--trace-fst", "--trace-structs"] if waves else []
-    key = hashlib.sha256(verilog.read_bytes() + HARNESS.read_bytes() + repr(options).encode()).hexdigest()[:16]
+    sources = [Path(source).resolve() for source in sources]
+    digest = hashlib.sha256(verilog.read_bytes() + HARNESS.read_bytes() + repr(options).encode())
+    for source in sources:
+        digest.update(source.read_bytes())
+    key = digest.hexdigest()[:16]
     binary = build_dir / f"Vpipe{'-fst' if waves else ''}-{key}"
     if binary.exists():
         return binary
     if log:
         log(f"building the Verilator simulation{' with waveform tracing' if waves else ''} in {build_dir} "
             "(once per design, 10-60 s)")
-    return build_verilator_exe(sources=[verilog, HARNESS], top="top", binary=binary,
+    return build_verilator_exe(sources=[verilog, *sources, HARNESS], top="top", binary=binary,
                                options=[*options, "-CFLAGS", "-O2"], log_reason="Verilator build")
 
 

@@ -15,7 +15,7 @@ WAVES_DEFAULT_CYCLES = 1_000_000
 
 
 def add_arguments(p) -> None:
-    from mmfree_fpga.sim.backends import BACKENDS
+    from mmfree_fpga.sim.backends import BACKENDS, MEMORIES
     p.add_argument("--port", type=tcp_port, default=0, metavar="P",
                    help="TCP port on 127.0.0.1 (default 0: a free port; the URL is printed)")
     p.add_argument("--backend", choices=sorted(BACKENDS), default="rtl",
@@ -25,6 +25,11 @@ def add_arguments(p) -> None:
                    help="(rtl) lanes of the simulated engine: " + lanes_help(16))
     p.add_argument("--packing", choices=("2bit", "base3"), default="base3",
                    help="trit packing the simulated engine decodes (default base3)")
+    p.add_argument("--memory", choices=MEMORIES, default="bram",
+                   help="(rtl) where the simulated engine's weights are: 'bram' = on-chip RAM (default); "
+                        "'sdram' = a simulated SDRAM behind the generated LiteDRAM core (the ULX3S's "
+                        "IS42S16160 controller with LiteDRAM's SDRAM model): the uploaded image is "
+                        "written into it and every token streams its weights from it")
     p.add_argument("--preload", action="store_true",
                    help="start with the checkpoint's weights loaded (else the first 'run' loads them)")
     p.add_argument("--waves", default=None, metavar="FILE",
@@ -57,12 +62,17 @@ def run(args) -> dict:
     from mmfree_fpga.host.transport import TcpDeviceServer
     from mmfree_fpga.reference.checkpoint import DEMO_CHECKPOINT
 
+    from mmfree_fpga.errors import UserError
     waves = _waves_options(args)
+    if args.memory != "bram" and args.backend != "rtl":
+        raise UserError(f"--memory {args.memory} simulates the engine's DRAM in the generated Verilog: it needs "
+                        f"--backend rtl (the {args.backend} backend has no memory type)")
     checkpoint = args.checkpoint or DEMO_CHECKPOINT
     cfg = ModelConfig.from_checkpoint(checkpoint)
     image = WeightImage.from_checkpoint(checkpoint, args.packing) if args.preload else None
+    memory = {"memory": args.memory} if args.backend == "rtl" else {}
     backend = make_backend(args.backend, cfg, args.packing, image, lanes=args.lanes,
-                           log=lambda msg: print(msg, flush=True), **waves)
+                           log=lambda msg: print(msg, flush=True), **memory, **waves)
     try:
         server = TcpDeviceServer(backend, port=args.port)
         print(f"serving on {server.url}", flush=True)
@@ -78,7 +88,7 @@ def run(args) -> dict:
             print("stopped", flush=True)
     finally:
         backend.close()
-    result = {"url": server.url, "backend": args.backend, "connections": server.connections,
+    result = {"url": server.url, "backend": args.backend, **memory, "connections": server.connections,
               "discarded_bytes": server.discarded}
     if waves:
         result.update(waves=str(waves["waves"]), waves_from=waves["waves_from"], waves_to=waves["waves_to"])

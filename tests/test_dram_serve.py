@@ -1,0 +1,124 @@
+"""``mmfree-fpga serve --memory sdram``: the board design with its weights in a simulated SDRAM
+(LinkedEngine with a DramEngine and the generated LiteDRAM core with LiteDRAM's SDRAM model, in
+Verilator's pipe harness), driven by the host driver over TCP: the driver uploads the image
+(LOAD_BEGIN/CHUNK/COMMIT, through the Link's load stream into the DRAM) and streams tokens
+equal to ``reference --integer``.
+
+The demo model runs in the default suite (one Verilator build, about 45 s); a random model of
+1.36 MB, larger than the ULX3S's block RAM, is ``slow``.
+"""
+
+import json
+import queue
+import re
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from mmfree_fpga.cli import main
+from mmfree_fpga.config import ModelConfig
+from mmfree_fpga.host.testing import reference_tokens
+from mmfree_fpga.reference.checkpoint import DEMO_CHECKPOINT
+
+from conftest import random_model
+from test_host_cli import _error_line, _Reader
+
+# more than the ULX3S's block RAM (issue 20): V=2048, d=256, L=4, I=768, 1.36 MB in base3
+LARGE = ModelConfig(vocab_size=2048, hidden_size=256, num_hidden_layers=4, intermediate_size=768)
+
+
+def _needs_dram_cosim():
+    from mmfree_fpga.boards.litedram import litedram_available
+    from mmfree_fpga.sim.runner import simulator_missing
+    if simulator_missing("verilator"):
+        pytest.skip(simulator_missing("verilator"))
+    if not litedram_available():
+        pytest.skip("LiteDRAM is not installed")
+
+
+def test_memory_sdram_needs_the_rtl_backend(capsys):
+    from mmfree_fpga.errors import UserError
+    from mmfree_fpga.sim.backends import make_backend
+    err = _error_line(capsys, ["serve", "--backend", "model", "--memory", "sdram", "--port", "0"])
+    assert "--memory sdram" in err and "needs --backend rtl" in err
+    with pytest.raises(UserError, match="needs --backend rtl"):
+        make_backend("model", ModelConfig.from_checkpoint(DEMO_CHECKPOINT), memory="sdram")
+
+
+def test_serve_memory_sdram_runs_the_demo_bit_exact(tmp_path, capsys):
+    """The CLI end to end: ``serve --memory sdram`` in a child process, ``run`` uploads the demo
+    image into the simulated SDRAM and generates; a second ``run`` finds the same image there
+    (no upload) and continues bit-exact."""
+    _needs_dram_cosim()
+    proc = subprocess.Popen([sys.executable, "-m", "mmfree_fpga.cli", "serve", "--port", "0", "--memory", "sdram",
+                             "--checkpoint", str(DEMO_CHECKPOINT)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    child_out, child_err = _Reader(proc.stdout), _Reader(proc.stderr)
+    try:
+        url = None
+        while url is None:
+            try:
+                line = child_out.line(timeout=600)          # (the first time: a Verilator build)
+            except queue.Empty:
+                raise AssertionError(f"serve printed no URL; stderr: {''.join(child_err.text)!r}") from None
+            found = re.search(r"socket://127\.0\.0\.1:\d+", line)
+            url = found.group(0) if found else None
+        assert "simulated SDRAM" in child_out.line(timeout=10)
+
+        out = tmp_path / "run.json"
+        prompt = "def"
+        want = reference_tokens(DEMO_CHECKPOINT, list(prompt.encode()), 6)
+        assert main(["run", "--device", url, "--checkpoint", str(DEMO_CHECKPOINT), "--prompt", prompt,
+                     "--steps", "6", "--quiet", "--json-out", str(out)]) == 0
+        first = json.loads(out.read_text())
+        assert first["loaded_weights"] is True and first["tokens"] == want
+
+        assert main(["run", "--device", url, "--checkpoint", str(DEMO_CHECKPOINT), "--prompt", prompt,
+                     "--steps", "3", "--quiet", "--json-out", str(out)]) == 0
+        again = json.loads(out.read_text())
+        assert again["loaded_weights"] is False and again["tokens"] == want[:len(prompt) + 3]
+        capsys.readouterr()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            rc = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise
+        finally:
+            rest, errors = child_out.rest(), child_err.rest()
+            proc.stdout.close()
+            proc.stderr.close()
+    assert rc == 0, errors
+    assert "stopped" in rest
+
+
+@pytest.mark.slow
+def test_driver_loads_a_model_larger_than_block_ram_into_the_sdram(tmp_path):
+    """A random-weight model of 1.36 MB (more than the ULX3S's 420 KB of block RAM): the driver
+    uploads it through ``serve`` into the simulated SDRAM, the tokens are bit-exact."""
+    from mmfree_fpga.host.transport import TcpDeviceServer
+    from mmfree_fpga.image import image_size
+    from mmfree_fpga.reference.checkpoint import save_checkpoint
+    from mmfree_fpga.sim.backends import make_backend
+    _needs_dram_cosim()
+    assert image_size(LARGE, "base3") > 1_300_000
+    ckpt = save_checkpoint(random_model(LARGE, seed=5), tmp_path / "ckpt")
+    backend = make_backend("rtl", LARGE, "base3", None, lanes=16, memory="sdram")
+    server = TcpDeviceServer(backend).start()
+    try:
+        prompt = [5, 1000, 2047, 77]
+        out = tmp_path / "run.json"
+        assert main(["run", "--device", server.url, "--checkpoint", str(ckpt),
+                     "--prompt-ids", ",".join(map(str, prompt)), "--steps", "3", "--quiet",
+                     "--json-out", str(out)]) == 0
+        r = json.loads(out.read_text())
+        assert r["loaded_weights"] is True
+        assert r["tokens"] == reference_tokens(ckpt, prompt, 3)
+    finally:
+        server.stop()
+        backend.close()
