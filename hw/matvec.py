@@ -376,7 +376,15 @@ class TernaryMatVec(wiring.Component):
         with m.Elif(pop & ~reserve):
             m.d.sync += credits.eq(credits + 1)
 
-        # -- datapath: trits + q -> products -> adder tree -> accumulator ----------------------
+        self._datapath(m, issue=issue, first_col=first_col, last_col=last_col, last_row=last_row,
+                       group_in=gearbox.o.payload, q_in=act_read.data, tree=tree, results=results)
+        return m
+
+    def _datapath(self, m, *, issue, first_col, last_col, last_row, group_in, q_in, tree, results):
+        """Trits + q -> products -> adder tree -> accumulator -> the result FIFO: a group issued
+        in one cycle (``group_in``, its q word ``q_in`` read in the same cycle) reaches the
+        accumulator ``3 + tree.latency`` cycles later."""
+        lanes = self._lanes
         flags = data.StructLayout({"valid": 1, "first": 1, "last": 1, "end": 1})
         stage = Signal(flags)
         m.d.sync += [
@@ -390,7 +398,7 @@ class TernaryMatVec(wiring.Component):
         group = Signal(data.ArrayLayout(TRIT_CODE, lanes), reset_less=True)
         group_q = Signal(data.ArrayLayout(TRIT_CODE, lanes), reset_less=True)
         q_word = Signal(self.act_layout, reset_less=True)
-        m.d.sync += [group.eq(gearbox.o.payload), group_q.eq(group), q_word.eq(act_read.data)]
+        m.d.sync += [group.eq(group_in), group_q.eq(group), q_word.eq(q_in)]
 
         product = Signal(data.ArrayLayout(signed(FORMATS.act_bits + 1), lanes), reset_less=True)
         for i in range(lanes):
@@ -419,4 +427,3 @@ class TernaryMatVec(wiring.Component):
             self.out.valid.eq(results.r_rdy),
             results.r_en.eq(self.out.ready),
         ]
-        return m
