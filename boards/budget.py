@@ -3,7 +3,9 @@
 The engine keeps the weight image (``weights.bin`` as ``mmfree-fpga export`` writes it) and
 the recurrent state in on-chip RAM, so a model fits a board when the image plus the state fit
 the device's block RAM (and SPRAM on iCE40 UltraPlus) left after the board top's own FIFOs.
-:func:`check_fits` refuses a model before synthesis, with needed and available bytes.
+:func:`check_fits` refuses a model before synthesis, with needed and available bytes. With
+``--memory dram`` (a board with a DRAM, :mod:`.dram`) the weight image goes to the DRAM and only
+the recurrent state stays on chip: :func:`check_fits_dram` checks both.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from mmfree_fpga.config import FORMATS, ModelConfig
 from mmfree_fpga.errors import UserError
 
 __all__ = ["DeviceResources", "DEVICES", "device_resources", "ImageSummary", "image_summary",
-           "check_fits", "MemoryBudget", "memory_budget"]
+           "check_fits", "check_fits_dram", "MemoryBudget", "memory_budget"]
 
 
 @dataclass(frozen=True)
@@ -110,10 +112,17 @@ class ImageSummary:
 
     def text(self) -> str:
         at_least = "" if self.exact else "at least "
-        vectors = f", vectors {self.vector_bytes:,} B" if self.exact else ", vectors not counted"
-        return (f"{at_least}{self.needed_bytes:,} B (weight image {self.image_bytes:,} B: ternary "
-                f"{self.ternary_bytes:,} B {self.packing}, embeddings {self.embedding_bytes:,} B{vectors}; "
+        return (f"{at_least}{self.needed_bytes:,} B (weight image {self.image_bytes:,} B: {self._parts()}; "
                 f"recurrent state {self.state_bytes:,} B)")
+
+    def image_text(self) -> str:
+        """The weight image alone: ``[at least ]N B (ternary ..., embeddings ..., vectors ...)``."""
+        at_least = "" if self.exact else "at least "
+        return f"{at_least}{self.image_bytes:,} B ({self._parts()})"
+
+    def _parts(self) -> str:
+        vectors = f", vectors {self.vector_bytes:,} B" if self.exact else ", vectors not counted"
+        return f"ternary {self.ternary_bytes:,} B {self.packing}, embeddings {self.embedding_bytes:,} B{vectors}"
 
 
 def _state_bytes(cfg: ModelConfig) -> int:
@@ -209,14 +218,46 @@ def memory_budget(device: DeviceResources, fifo_depths=()) -> MemoryBudget:
     return MemoryBudget(device, blocks)
 
 
-def check_fits(summary: ImageSummary, budget: MemoryBudget, board: str) -> dict:
-    """UserError with needed and available bytes if the model does not fit; else a summary dict."""
+def check_fits(summary: ImageSummary, budget: MemoryBudget, board: str, dram=None) -> dict:
+    """UserError with needed and available bytes if the model does not fit; else a summary dict.
+
+    ``dram`` (a :class:`~.dram.DramBudget`, for a board that can hold the weights in DRAM): the
+    refusal also says whether the weight image fits the DRAM (``--memory dram``), with its size.
+    """
     available = budget.available_bytes
     if summary.needed_bytes > available:
+        if dram is not None and summary.image_bytes <= dram.size_bytes:
+            other = (f"; its weight image fits the board's {dram.text()}: build with --memory dram")
+        elif dram is not None:
+            other = f"; nor does its weight image fit the board's {dram.text()}"
+        else:
+            other = ""
         raise UserError(
             f"the model does not fit the {board} ({budget.device.device}): it needs {summary.text()} "
-            f"of on-chip RAM, the board has {budget.text()}; use a smaller model"
+            f"of on-chip RAM, the board has {budget.text()}{other}; use a smaller model"
             + (" or --packing base3" if summary.packing == "2bit" else "")
             + " or a larger board")
-    return {"needed_bytes": summary.needed_bytes, "available_bytes": available,
+    return {"memory": "bram", "needed_bytes": summary.needed_bytes, "available_bytes": available,
             "percent": round(100 * summary.needed_bytes / available, 1), "image": summary.as_dict()}
+
+
+def check_fits_dram(summary: ImageSummary, dram, budget: MemoryBudget | None, board: str) -> dict:
+    """The weight image against the board's DRAM (``dram``, a :class:`~.dram.DramBudget`), the
+    recurrent state against the on-chip RAM (``budget``; None: not checked). UserError with the
+    sizes if either does not fit; else a summary dict (``needed_bytes``/``available_bytes``: the
+    image and the DRAM; ``on_chip_bytes``/``on_chip_available_bytes``: the state and the RAM)."""
+    if summary.image_bytes > dram.size_bytes:
+        raise UserError(
+            f"the model does not fit the {board}'s DRAM: its weight image is {summary.image_text()}, "
+            f"the board has {dram.text()}; use a smaller model"
+            + (" or --packing base3" if summary.packing == "2bit" else "")
+            + " or a board with more DRAM")
+    if budget is not None and summary.state_bytes > budget.available_bytes:
+        raise UserError(
+            f"the model's recurrent state ({summary.state_bytes:,} B) does not fit the {board}'s on-chip RAM "
+            f"({budget.text()}), even with the weights in DRAM; use a smaller model")
+    return {"memory": "dram", "needed_bytes": summary.image_bytes, "available_bytes": dram.size_bytes,
+            "percent": round(100 * summary.image_bytes / dram.size_bytes, 1), "dram": dram.text(),
+            "on_chip_bytes": summary.state_bytes,
+            "on_chip_available_bytes": budget.available_bytes if budget is not None else None,
+            "image": summary.as_dict()}

@@ -28,17 +28,19 @@ from pathlib import Path
 
 from mmfree_fpga.errors import UserError
 
-from .budget import ImageSummary, check_fits, image_summary, memory_budget
+from .budget import ImageSummary, check_fits, check_fits_dram, image_summary, memory_budget
 from .clocks import PLL_FAMILIES, SyncDomain
 from .designs import design_factory
-from .registry import Board, resolve_board
+from .registry import Board, dram_boards, resolve_board
 from .reports import design_clock, parse_nextpnr_log, parse_yosys_log, utilization
 from .top import DEFAULT_BAUD, DEFAULT_FIFO_DEPTH, BoardTop, DesignContext, DesignFactory
 
 __all__ = ["prepare", "build", "PreparedBuild", "toolchain", "default_cache_dir",
-           "BUILD_NAME"]
+           "BUILD_NAME", "MEMORIES", "check_memory"]
 
 BUILD_NAME = "top"
+# where the engine's weights live: on-chip block RAM, or the board's DRAM (boards/dram.py)
+MEMORIES = ("bram", "dram")
 # Yosys commands run right after reading the design. Amaranth names the elements of an ArrayLayout
 # signal `name[k]` (e.g. `product[5]` beside `product` in hw/matvec.py). With such wires in the
 # flattened board design, Yosys 0.70's synth_ecp5 stops in abc9 (abc_ops_reintegrate): "Assert
@@ -199,6 +201,8 @@ class PreparedBuild:
     notes: list = field(default_factory=list)
     lanes: int | None = None          # the engine's lanes (None: a design without lanes)
     seed: int | None = None           # nextpnr's placement seed (None: nextpnr's default)
+    memory: str = "bram"              # where the weights are (MEMORIES)
+    dram: object | None = None        # with memory "dram": the generated core (litedram.DramCore)
 
     def bitstream(self, build_dir: Path) -> Path | None:
         """The bitstream the toolchain wrote: .bin (iCE40), .bit (ECP5), else the first one found."""
@@ -215,20 +219,37 @@ def _design_identity(design) -> tuple[str, str]:
     return f"{cls.__module__}.{cls.__qualname__}", (doc[0] if doc else "")
 
 
+def check_memory(spec: Board, memory: str) -> None:
+    """UserError unless ``memory`` is one of :data:`MEMORIES` that ``spec`` can hold the weights in."""
+    if memory not in MEMORIES:
+        raise UserError(f"unknown memory {memory!r}; use one of {', '.join(MEMORIES)}")
+    if memory == "dram" and spec.dram is None:
+        raise UserError(f"--memory dram: board {spec.name} has no DRAM support in this flow (boards with DRAM: "
+                        f"{', '.join(dram_boards())}); drop --memory dram to keep the weights in on-chip RAM")
+
+
 def prepare(board: str, *, clock_mhz: float | None = None, baud: int = DEFAULT_BAUD, checkpoint=None,
             packing: str | None = None, design: DesignFactory | None = None,
-            fifo_depth: int | None = None, cache_dir=None, seed: int | None = None) -> PreparedBuild:
+            fifo_depth: int | None = None, cache_dir=None, seed: int | None = None,
+            memory: str = "bram") -> PreparedBuild:
     """Elaborate the board top around ``design`` (default: the board's design) into a build plan
     (no tools run).
 
+    ``memory``: ``"bram"`` (the weights in on-chip RAM) or ``"dram"`` (in the board's DRAM,
+    ``Board.dram``): the model's size is checked against that memory, the board's LiteDRAM
+    core is generated for the design clock (default ``Board.dram_clock_hz``) and the design
+    factory finds it in ``DesignContext.dram`` (:mod:`.dram`).
+
     Raises UserError for an unknown board, an unreachable clock, a baud rate the clock cannot
-    make, or a model too big for the board.
+    make, a model too big for the board, or ``memory="dram"`` on a board without DRAM support.
     """
     spec = resolve_board(board)
+    check_memory(spec, memory)
     platform = spec.platform()
     notes = []
     osc_hz = platform.default_clk_frequency
-    requested = clock_mhz * 1e6 if clock_mhz is not None else spec.default_clock_hz
+    default_hz = spec.dram_clock_hz if memory == "dram" and spec.dram_clock_hz else spec.default_clock_hz
+    requested = clock_mhz * 1e6 if clock_mhz is not None else default_hz
     if seed is not None and not (isinstance(seed, int) and seed >= 0):
         raise UserError(f"--seed must be a non-negative integer, got {seed!r}")
     if clock_mhz is not None and not clock_mhz > 0:
@@ -264,21 +285,40 @@ def prepare(board: str, *, clock_mhz: float | None = None, baud: int = DEFAULT_B
         fifo_depth = getattr(design, "uart_fifo_depth", lambda _family: DEFAULT_FIFO_DEPTH)(family)
     resources = spec.resources
     budget = memory_budget(resources, (fifo_depth, fifo_depth)) if resources is not None else None
+    dram = None
+    if spec.dram is not None:
+        from .dram import dram_budget
+        dram = dram_budget(spec)
     image = fit = None
     ckpt = None
-    if checkpoint is not None or budget is not None:
+    if checkpoint is not None or budget is not None or memory == "dram":
         from mmfree_fpga.reference.checkpoint import DEMO_CHECKPOINT
         ckpt = Path(checkpoint) if checkpoint is not None else DEMO_CHECKPOINT
-        image = _image_summary(ckpt, packing, budget.available_bytes if budget else None,
-                               Path(cache_dir) if cache_dir is not None else None)
-        if budget is not None:
-            fit = check_fits(image, budget, spec.name)
+        limit = dram.size_bytes if memory == "dram" else budget.available_bytes if budget else None
+        image = _image_summary(ckpt, packing, limit, Path(cache_dir) if cache_dir is not None else None)
+        if memory == "dram":
+            fit = check_fits_dram(image, dram, budget, spec.name)
+        elif budget is not None:
+            fit = check_fits(image, budget, spec.name, dram)
         else:
             notes.append(f"no memory budget is known for device {platform.device}: model size not checked")
 
+    core = None
+    if memory == "dram":
+        from .dram import board_core
+        try:
+            core = board_core(spec, clock_hz, cache_dir)
+        except ValueError as e:
+            raise UserError(f"--memory dram on {spec.name}: {e}") from None
     context = DesignContext(board=spec.name, device=platform.device, family=family, clock_hz=clock_hz,
-                            baud=baud, checkpoint=ckpt, image=image, resources=resources, budget=budget)
+                            baud=baud, checkpoint=ckpt, image=image, resources=resources, budget=budget,
+                            memory=memory, dram=core)
     design_obj = design(context)
+    if memory == "dram":
+        from .dram import DramBoardDesign
+        if not isinstance(design_obj, DramBoardDesign):
+            raise UserError(f"--memory dram: the design {type(design_obj).__name__} keeps no weights in DRAM; "
+                            "--memory dram applies to the engine (--design engine)")
     name, description = _design_identity(design_obj)
 
     sync_domain = None
@@ -298,7 +338,7 @@ def prepare(board: str, *, clock_mhz: float | None = None, baud: int = DEFAULT_B
                           nextpnr_opts=nextpnr_opts, **overrides)
     return PreparedBuild(board=spec, platform=platform, plan=plan, context=context, design_name=name,
                          design_description=description, requested_clock_hz=requested, pll=pll, fit=fit,
-                         notes=notes, lanes=_design_lanes(design_obj), seed=seed)
+                         notes=notes, lanes=_design_lanes(design_obj), seed=seed, memory=memory, dram=core)
 
 
 def cache_key(prepared: PreparedBuild, tools: dict) -> str:
@@ -452,19 +492,22 @@ def _install(files: list[Path], out: Path) -> None:
 def build(board: str, *, out=None, clock_mhz: float | None = None, baud: int = DEFAULT_BAUD,
           checkpoint=None, packing: str | None = None, design: DesignFactory | None = None,
           cache_dir=None, use_cache: bool = True, quiet: bool = False,
-          fifo_depth: int | None = None, seed: int | None = None) -> dict:
+          fifo_depth: int | None = None, seed: int | None = None, memory: str = "bram") -> dict:
     """Build (or fetch from the cache) the bitstream of ``design`` on ``board``.
 
     Returns the result dict of ``mmfree-fpga build`` (the README's command line section): bitstream path,
     clock, Fmax, timing verdict, utilisation, model fit, design, stages, cache status.
     ``out`` (default ``out/build/<board>``) receives the bitstream, reports, RTLIL and
     constraints; nothing is written there unless the build succeeds. ``seed``: nextpnr's
-    placement seed (None: nextpnr's default); Fmax varies with it by a few percent.
+    placement seed (None: nextpnr's default); Fmax varies with it by a few percent. ``memory``:
+    ``"bram"`` or ``"dram"`` (see :func:`prepare`); with ``"dram"`` the result's ``dram`` names
+    the generated controller core.
     """
     t0 = time.monotonic()
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     prepared = prepare(board, clock_mhz=clock_mhz, baud=baud, checkpoint=checkpoint, packing=packing,
-                       design=design, fifo_depth=fifo_depth, cache_dir=cache if use_cache else None, seed=seed)
+                       design=design, fifo_depth=fifo_depth, cache_dir=cache if use_cache else None, seed=seed,
+                       memory=memory)
     safe_name = prepared.board.name.replace(":", "_").replace("/", "_")
     out = Path(out) if out is not None else Path("out/build") / safe_name
     tools = toolchain(prepared.platform)
@@ -508,6 +551,8 @@ def build(board: str, *, out=None, clock_mhz: float | None = None, baud: int = D
         "pll": (dict(vars(prepared.pll), f_out_mhz=prepared.pll.f_out / 1e6) if prepared.pll is not None else None),
         "baud": ctx.baud,
         "nextpnr_seed": prepared.seed,
+        "memory": prepared.memory,
+        "dram": _dram_report(prepared.dram),
         **report,
         "model_fit": prepared.fit,
         "checkpoint": str(ctx.checkpoint) if ctx.checkpoint is not None else None,
@@ -538,6 +583,15 @@ def _store(entry: Path, products: list[Path], report: dict) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _dram_report(core) -> dict | None:
+    """What the build report says of the generated DRAM controller core (None: no DRAM)."""
+    if core is None:
+        return None
+    return {"core": core.name, "module": core.config["module"], "phy": core.phy["phytype"],
+            "memtype": core.phy["memtype"], "size_bytes": core.size_bytes, "data_width": core.data_width,
+            "clk_mhz": core.clk_freq / 1e6, "init_cycles": core.init_cycles, "versions": core.versions}
 
 
 def _design_lanes(design) -> int | None:

@@ -57,11 +57,19 @@ def linked_engine(*, lanes: int | None = None, preload: bool | None = None) -> D
     ``preload`` puts the weight image into the engine's RAM through the bitstream (default: on
     families in :data:`PRELOAD_FAMILIES`); the link then reports the weights loaded from
     configuration on, and the host uploads nothing when it holds the same image.
+
+    With ``context.memory == "dram"`` the weights are in the board's DRAM instead: the design is
+    a :class:`~.dram.DramBoardDesign`, the engine's LiteDRAM core (``context.dram``) beside a
+    ``LinkedEngine(memory="sdram")``; the host uploads the image over the UART (a DRAM starts
+    empty: nothing is preloaded). Only the geometry and packing of the model are needed
+    (``context.image``), not its weights.
     """
     from mmfree_fpga.hw.engine import check_geometry
     from mmfree_fpga.hw.linked_engine import LinkedEngine
 
     def factory(context: DesignContext):
+        if context.memory == "dram":
+            return _dram_engine(context, lanes, preload)
         packing = context.image.packing if context.image is not None else None
         image = weight_image(context.checkpoint, packing)
         tiny = context.family in TINY_FAMILIES
@@ -86,6 +94,43 @@ def linked_engine(*, lanes: int | None = None, preload: bool | None = None) -> D
     factory.lanes = lanes
     factory.uart_fifo_depth = uart_fifo_depth
     return factory
+
+
+# a fraction of the native port's peak that sequential weight reads sustain (tests/test_dram.py
+# measures them above it); the step-time bound divides by it
+DRAM_EFFICIENCY_BOUND = 0.9
+
+
+def _dram_engine(context: DesignContext, lanes: int | None, preload: bool | None):
+    """The engine with its weights in the board's DRAM (see :func:`linked_engine`)."""
+    from mmfree_fpga.config import ModelConfig
+    from mmfree_fpga.hw.engine import check_geometry
+    from mmfree_fpga.hw.linked_engine import LinkedEngine
+
+    from .dram import MEMORY_KINDS, DramBoardDesign
+    core = context.dram
+    if core is None or context.image is None:
+        raise ValueError("a DRAM design needs the board's core (context.dram) and the model's sizes (context.image)")
+    if context.family in TINY_FAMILIES:
+        raise UserError(f"the {context.family} build runs the tiny engine, which keeps its weights on chip")
+    if preload:
+        raise UserError("a DRAM starts empty: the weight image cannot be part of the bitstream (preload)")
+    kind = MEMORY_KINDS.get(core.phy["memtype"], (None, None))[1]
+    if kind is None:
+        raise UserError(f"no engine for {core.phy['memtype']} memory yet (SDR SDRAM only)")
+    cfg = ModelConfig(**context.image.geometry)
+    packing = context.image.packing
+    n = lanes or FAMILY_LANES.get(context.family, DEFAULT_LANES)
+    check_geometry(cfg, n)
+    # an upper bound of a token's time: the compute cycles plus every weight byte at the native
+    # port's rate (the two overlap in the engine)
+    perf = engine_perf_model(context.family)
+    native_bytes = core.data_width // 8
+    cycles = perf.cycles_per_token(cfg, n) + perf.bytes_per_token(cfg, packing) / (native_bytes * DRAM_EFFICIENCY_BOUND)
+    step_ms = max(1, int(-(-cycles * 1000 // context.clock_hz)))
+    engine = LinkedEngine(cfg, lanes=n, packing=packing, clk_freq=context.clock_hz, step_time_ms=step_ms,
+                          memory=kind, native_data_width=core.data_width, native_address_width=core.address_width)
+    return DramBoardDesign(engine, core)
 
 
 DESIGNS = {"engine": "the engine with its serial link (hw/linked_engine.py)",

@@ -11,7 +11,7 @@ from mmfree_fpga.errors import UserError
 
 from .budget import device_resources
 
-__all__ = ["Board", "Programmer", "BOARDS", "resolve_board", "known_boards_text"]
+__all__ = ["Board", "Programmer", "BOARDS", "resolve_board", "known_boards_text", "dram_boards"]
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,8 @@ class Board:
     programmer: Programmer | None = None
     generic: bool = False
     design: str = "echo"                 # what `mmfree-fpga build` puts on it (boards.designs.DESIGNS)
+    dram: str | None = None              # its DRAM for --memory dram: a key of boards.litedram.CORES
+    dram_clock_hz: float | None = None   # the design clock with --memory dram (the controller's tested clock)
 
     def platform(self) -> Platform:
         return self.platform_class()
@@ -81,11 +83,16 @@ def _known():
             default_clock_hz=60e6, pll=True, leds=(0, 1, 2), reset_button=("button_fire", 0),
             programmer=Programmer(ofl_board="ulx3s", cable="the ULX3S's FTDI FT231X on the US1 port",
                                   sram=True, usb_id=(0x0403, 0x6015)),
-            design="engine"),
+            design="engine", dram="ulx3s-85f", dram_clock_hz=50e6),
     }
 
 
 BOARDS: dict[str, Board] = _known()
+
+
+def dram_boards() -> list[str]:
+    """The known boards that ``--memory dram`` builds for."""
+    return [name for name, board in BOARDS.items() if board.dram is not None]
 
 
 def known_boards_text() -> str:

@@ -7,7 +7,8 @@ A *design* is what a *design factory* returns: ``factory(context: DesignContext)
     i_stream: In(stream.Signature(8))    bytes from the host (UART RX)
     o_stream: Out(stream.Signature(8))   bytes to the host (UART TX)
 
-The factory gets the board, device, clock, baud rate, checkpoint and memory budget in the
+The factory gets the board, device, clock, baud rate, checkpoint, memory budget and where the
+weights go (on-chip RAM, or the board's DRAM with its generated controller core) in the
 :class:`DesignContext`, so a design can size itself to the board. Structure of the top::
 
     pin rx -> io.Buffer -> UARTBridge: UARTReceiver -> FIFO -> design.i_stream
@@ -53,6 +54,8 @@ class DesignContext:
     image: ImageSummary | None       # sizes of the weight image the engine will hold
     resources: DeviceResources | None
     budget: MemoryBudget | None      # on-chip RAM left for the design
+    memory: str = "bram"             # where the weights go: "bram" (on chip) or "dram" (the board's DRAM)
+    dram: object | None = None       # with memory "dram": the board's LiteDRAM core (litedram.DramCore)
 
 
 DesignFactory = Callable[[DesignContext], wiring.Component]

@@ -24,6 +24,12 @@ def add_arguments(p) -> None:
                         + "; ".join(f"{k}: {v}" for k, v in DESIGNS.items()))
     p.add_argument("--lanes", type=positive_int, default=None, metavar="N",
                    help=lanes_help(DEFAULT_LANES) + "; the iCE40 builds run the one-lane tiny engine")
+    from mmfree_fpga.boards.build import MEMORIES
+    from mmfree_fpga.boards.registry import dram_boards
+    p.add_argument("--memory", choices=MEMORIES, default="bram",
+                   help="where the engine keeps the weights: bram (default; on-chip RAM, the model must fit it) "
+                        f"or dram (the board's DRAM through a LiteDRAM controller, weights uploaded over the "
+                        f"UART; boards: {', '.join(dram_boards())}; default clock: the controller's tested one)")
     p.add_argument("--packing", choices=("2bit", "base3"), default=None,
                    help="trit packing for the model size check (default base3, or that of an exported image)")
     p.add_argument("--seed", type=non_negative_int, default=None, metavar="N",
@@ -49,18 +55,23 @@ def run(args) -> dict:
 
     from mmfree_fpga.errors import UserError
 
-    from mmfree_fpga.boards.build import build
+    from mmfree_fpga.boards.build import build, check_memory
     from mmfree_fpga.boards.designs import design_factory
     from mmfree_fpga.boards.registry import resolve_board
     if args.out is not None:
         check_out_dir(args.out)
-    name = args.design or resolve_board(args.board).design
+    board = resolve_board(args.board)
+    check_memory(board, args.memory)
+    name = args.design or board.design
     if args.lanes is not None and name != "engine":
         raise UserError(f"--lanes applies to the engine; the design built for {args.board} is {name} "
                         "(add --design engine)")
+    if args.memory != "bram" and name != "engine":
+        raise UserError(f"--memory {args.memory} applies to the engine; the design built for {args.board} is "
+                        f"{name} (add --design engine)")
     r = build(args.board, out=args.out, clock_mhz=args.clock_mhz, baud=args.baud, checkpoint=args.checkpoint,
               packing=args.packing, design=design_factory(name, lanes=args.lanes), use_cache=not args.no_cache,
-              quiet=args.quiet, seed=args.seed)
+              quiet=args.quiet, seed=args.seed, memory=args.memory)
     how = f"from the cache in {r['build_seconds']:.1f} s" if r["cached"] else f"in {r['build_seconds']:.1f} s"
     print(f"built {r['bitstream']} for {r['board']} ({r['device']}) {how}")
     lanes = f", {r['lanes']} lanes" if r["lanes"] else ""
@@ -79,9 +90,17 @@ def run(args) -> dict:
                   "narrowly, another --seed)", file=sys.stderr)
     print(f"utilisation: {_utilisation_text(r['utilization'])}")
     fit = r["model_fit"]
-    if fit:
+    if fit and fit.get("memory") == "dram":
+        print(f"model: weight image {fit['needed_bytes']:,} of {fit['available_bytes']:,} bytes of DRAM "
+              f"({fit['percent']:g}%; {fit['dram']}), {fit['image']['packing']}; uploaded over the UART; "
+              f"recurrent state {fit['on_chip_bytes']:,} B on chip")
+    elif fit:
         print(f"model: {fit['needed_bytes']:,} of {fit['available_bytes']:,} bytes of on-chip RAM "
               f"({fit['percent']:g}%), {fit['image']['packing']} weight image")
+    if r.get("dram"):
+        d = r["dram"]
+        print(f"DRAM controller: LiteDRAM {d['versions'].get('litedram', '?')} ({d['module']}, {d['phy']}, "
+              f"{d['data_width']}-bit native port) at {d['clk_mhz']:g} MHz")
     for note in r["notes"]:
         print(f"note: {note}")
     return r

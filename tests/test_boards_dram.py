@@ -1,0 +1,311 @@
+"""``build --memory dram``: the ULX3S with the engine's weights in its SDRAM (boards/dram.py).
+
+The plan-level tests elaborate the board top (no Yosys, no nextpnr): the generated LiteDRAM core's
+Verilog and its Instance on the SDRAM pins, the SDRAM clock, the design clock; the size checks
+against block RAM and DRAM with the numbers, before any tool runs; the errors. The bitstream build
+itself is slow.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from conftest import random_model
+
+from mmfree_fpga.boards.budget import DeviceResources, ImageSummary, check_fits, check_fits_dram, memory_budget
+from mmfree_fpga.boards.build import prepare
+from mmfree_fpga.boards.dram import DramBoardDesign, dram_budget
+from mmfree_fpga.boards.litedram import CORES, generate_core, litedram_available
+from mmfree_fpga.boards.registry import BOARDS
+from mmfree_fpga.cli import main
+from mmfree_fpga.config import PUBLISHED, ModelConfig
+from mmfree_fpga.errors import UserError
+from mmfree_fpga.image import image_layout, image_size
+
+pytestmark = pytest.mark.skipif(not litedram_available(), reason="LiteDRAM is not installed")
+
+ULX3S = BOARDS["ulx3s-85f"]
+SDRAM_BYTES = 32 * 2 ** 20
+SMALL = ModelConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2, intermediate_size=256)
+# larger than the ULX3S's block RAM (about 420 KB), far smaller than its SDRAM: 1.3 MB of image
+MEDIUM = ModelConfig(vocab_size=2048, hidden_size=256, num_hidden_layers=4, intermediate_size=768)
+# about 27 MB of image: the largest kind of model the ULX3S's 32 MB hold
+NEAR_FULL = ModelConfig(vocab_size=32000, hidden_size=512, num_hidden_layers=12, intermediate_size=1408)
+ROW = {"370M": PUBLISHED["370M"], "medium": MEDIUM, "near_full": NEAR_FULL}
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MMFREE_FPGA_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from mmfree_fpga.reference.checkpoint import save_checkpoint
+    return save_checkpoint(random_model(SMALL), tmp_path_factory.mktemp("ckpt") / "small")
+
+
+def fake_image(directory: Path, cfg: ModelConfig, packing: str = "base3") -> Path:
+    """An export's manifest.json for ``cfg`` (sizes from the image layout; no weights.bin): what
+    the size check reads, without the weights of a large model."""
+    directory.mkdir(parents=True)
+    manifest = {"geometry": cfg.as_dict(), "packing": packing, "bytes": image_size(cfg, packing),
+                "sha256": "0" * 64,
+                "sections": [{"name": s.name, "kind": s.kind, "size": s.size} for s in image_layout(cfg, packing)]}
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    return directory
+
+
+def summary(cfg: ModelConfig, packing: str = "base3") -> ImageSummary:
+    """The exact size summary of ``cfg``'s image, from the layout alone."""
+    layout = image_layout(cfg, packing)
+    ternary = sum(s.size for s in layout if s.kind == "trits")
+    embedding = sum(s.size for s in layout if s.name.startswith("embedding."))
+    return ImageSummary(source="fake", packing=packing, geometry=cfg.as_dict(), image_bytes=image_size(cfg, packing),
+                        ternary_bytes=ternary, embedding_bytes=embedding,
+                        vector_bytes=sum(s.size for s in layout) - ternary - embedding,
+                        state_bytes=cfg.L * cfg.d * 4, sha256="0" * 64)
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    return err
+
+
+def module_text(rtlil: str, name: str) -> str:
+    start = rtlil.index(f"module \\{name}\n")
+    return rtlil[start:rtlil.index("\nend\n", start)]
+
+
+# -- the board's DRAM and its core -----------------------------------------------------------------
+
+def test_ulx3s_dram_is_the_32_mb_of_its_generated_core(tmp_path):
+    budget = dram_budget(ULX3S)
+    assert (budget.kind, budget.module, budget.size_bytes) == ("SDRAM", "IS42S16160", SDRAM_BYTES)
+    assert budget.text() == "33,554,432 B of SDRAM (IS42S16160, 32 MiB)"
+    core = generate_core(CORES[ULX3S.dram], tmp_path)
+    assert core.size_bytes == budget.size_bytes
+    with pytest.raises(ValueError, match="no DRAM"):
+        dram_budget(BOARDS["icebreaker"])
+
+
+# -- the plan --------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def dram_plan(checkpoint, tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MMFREE_FPGA_CACHE", str(tmp_path_factory.mktemp("cache")))
+        return prepare("ulx3s-85f", checkpoint=checkpoint, memory="dram")
+
+
+def test_plan_holds_the_core_verilog_and_its_instance_on_the_sdram_pins(dram_plan):
+    p = dram_plan
+    core = p.dram
+    assert core is not None and core.config["sim"] is False and core.config["module"] == "IS42S16160"
+    # the core's Verilog travels with the plan, and Yosys reads it before the design
+    assert p.plan.files[f"{core.name}.v"] == Path(core.verilog).read_text()
+    script = p.plan.files["top.ys"]
+    assert script.index(f"{core.name}.v") < script.index("read_rtlil top.il")
+    rtlil = p.plan.files["top.il"]
+    cell = rtlil[rtlil.index(f"cell \\{core.name} "):]
+    cell = cell[:cell.index("\n  end\n")]
+    for port, pin, width in [("sdram_a", "a", 13), ("sdram_ba", "ba", 2), ("sdram_dq", "dq", 16),
+                             ("sdram_dm", "dqm", 2)]:
+        assert f"connect \\{port} \\sdram_0__{pin}__io [{width - 1}:0]" in cell
+    for port, pin in [("sdram_cs_n", "cs"), ("sdram_ras_n", "ras"), ("sdram_cas_n", "cas"), ("sdram_we_n", "we"),
+                      ("sdram_cke", "clk_en")]:
+        # the raw (active-low) pads: the core drives cs_n etc. with their own polarity
+        assert f"connect \\{port} \\sdram_0__{pin}__io [0]" in cell
+    assert re.search(r"connect \\init_done \\\S*init_done", cell)
+    for name in ("cmd_valid", "cmd_ready", "cmd_addr", "rdata_valid", "rdata_data", "wdata_ready"):
+        assert re.search(rf"connect \\user_port_{name} \\\S*native__{name}", cell), name
+    assert "connect \\clk " in cell and "connect \\rst " in cell
+    assert p.design_name == "mmfree_fpga.boards.dram.DramBoardDesign" and p.lanes == 16 and p.memory == "dram"
+
+
+def test_plan_pins_and_the_sdram_clock(dram_plan):
+    p = dram_plan
+    lpf = p.plan.files["top.lpf"]
+    for pin, site in [("clk", "F19"), ("clk_en", "F20"), ("cs", "P20"), ("dq", None), ("a", None)]:
+        assert f'"sdram_0__{pin}__io' in lpf
+        if site:
+            assert f'LOCATE COMP "sdram_0__{pin}__io" SITE "{site}";' in lpf
+    assert 'LOCATE COMP "sdram_0__dq__io[15]" SITE "J17";' in lpf
+    # the SDRAM clock: an output DDR register on the clock pin, low in the first half of each cycle
+    # and high in the second (the design clock inverted)
+    rtlil = p.plan.files["top.il"]
+    outer = module_text(rtlil, "top.bridge.design")
+    assert re.search(r"assign \\o \[0\] 1'0\n\s*assign \\o \[1\] 1'1", outer)
+    ddr = module_text(rtlil, "top.bridge.design.sdram_clk")
+    assert "cell \\ODDRX1F " in ddr and "\\sdram_0__clk__io" in ddr
+
+
+def test_plan_runs_the_design_at_the_controllers_clock(dram_plan):
+    p = dram_plan
+    assert p.context.clock_hz == 50e6 == p.dram.clk_freq == ULX3S.dram_clock_hz
+    assert p.pll is not None and p.pll.f_out == 50e6
+    assert "50000000.0 HZ" in p.plan.files["top.lpf"]
+
+
+def test_design_is_the_engine_with_its_weights_in_dram(checkpoint, cache):
+    from mmfree_fpga.boards.designs import linked_engine
+    from mmfree_fpga.hw.dram_engine import DramEngine
+    seen = []
+    factory = linked_engine()
+
+    def spy(context):
+        design = factory(context)
+        seen.append((context, design))
+        return design
+
+    p = prepare("ulx3s-85f", checkpoint=checkpoint, memory="dram", clock_mhz=75, design=spy)
+    ((context, design),) = seen
+    assert context.memory == "dram" and context.dram is p.dram
+    # another clock: the core is generated for it
+    assert p.dram.clk_freq == context.clock_hz == 75e6
+    assert isinstance(design, DramBoardDesign) and design.dram_core is p.dram
+    linked = design.design
+    assert isinstance(linked.engine, DramEngine) and linked.memory == "sdram"
+    from mmfree_fpga.hw.link import FRAME_IDLE_TIMEOUT_S
+    assert not linked.link.preloaded and linked.link.step_time_ms >= 1
+    assert linked.link.idle_timeout_cycles == round(FRAME_IDLE_TIMEOUT_S * 75e6)
+    from mmfree_fpga.hw.dram_port import native_port_signature
+    assert (p.dram.data_width, p.dram.address_width) == (16, 24)
+    assert linked.signature.members["native"].signature == native_port_signature(16, 24)
+    # the default (bram) design of the same board preloads the image instead
+    bram = prepare("ulx3s-85f", checkpoint=checkpoint)
+    assert bram.memory == "bram" and bram.dram is None and bram.context.clock_hz == 60e6
+    assert not any(name.startswith("mmfree_litedram_") for name in bram.plan.files)
+
+
+# -- the size checks -------------------------------------------------------------------------------
+
+def test_a_published_370m_image_fits_neither_memory_of_the_ulx3s():
+    s = summary(PUBLISHED["370M"])
+    budget = memory_budget(ULX3S.resources, (512, 512))
+    dram = dram_budget(ULX3S)
+    with pytest.raises(UserError) as bram_error:
+        check_fits(s, budget, "ulx3s-85f", dram)
+    message = str(bram_error.value)
+    assert f"it needs {s.needed_bytes:,} B (weight image {s.image_bytes:,} B" in message
+    assert "the board has 421,888 B (208 x 18 kbit EBR of 2048 B = 425,984 B, less 2 EBR for the UART FIFOs)" in message
+    assert f"nor does its weight image fit the board's 33,554,432 B of SDRAM (IS42S16160, 32 MiB)" in message
+    with pytest.raises(UserError) as dram_error:
+        check_fits_dram(s, dram, budget, "ulx3s-85f")
+    message = str(dram_error.value)
+    assert message.startswith(f"the model does not fit the ulx3s-85f's DRAM: its weight image is {s.image_bytes:,} B "
+                              f"(ternary {s.ternary_bytes:,} B base3, embeddings {s.embedding_bytes:,} B, "
+                              f"vectors {s.vector_bytes:,} B), the board has 33,554,432 B of SDRAM")
+    assert s.image_bytes > 3 * SDRAM_BYTES
+    assert "the board has 33,554,432 B of SDRAM (IS42S16160, 32 MiB)" in message
+    assert "a board with more DRAM" in message
+
+
+@pytest.mark.parametrize("name", ["medium", "near_full"])
+def test_an_image_beyond_block_ram_fits_the_sdram(name):
+    cfg = ROW[name]
+    s = summary(cfg)
+    budget = memory_budget(ULX3S.resources, (512, 512))
+    dram = dram_budget(ULX3S)
+    assert budget.available_bytes < s.image_bytes <= dram.size_bytes
+    with pytest.raises(UserError, match=r"its weight image fits the board's 33,554,432 B of SDRAM "
+                                        r"\(IS42S16160, 32 MiB\): build with --memory dram"):
+        check_fits(s, budget, "ulx3s-85f", dram)
+    fit = check_fits_dram(s, dram, budget, "ulx3s-85f")
+    assert fit["memory"] == "dram"
+    assert (fit["needed_bytes"], fit["available_bytes"]) == (s.image_bytes, SDRAM_BYTES)
+    assert fit["percent"] == round(100 * s.image_bytes / SDRAM_BYTES, 1)
+    assert (fit["on_chip_bytes"], fit["on_chip_available_bytes"]) == (cfg.L * cfg.d * 4, 421_888)
+
+
+def test_state_beyond_block_ram_is_refused_even_with_dram():
+    s = summary(MEDIUM)
+    tiny = memory_budget(DeviceResources("x", "ecp5", luts=1, ffs=1, dsps=0, bram_blocks=1, bram_kbit=18))
+    with pytest.raises(UserError, match=r"recurrent state \(4,096 B\) does not fit .* even with the weights in DRAM"):
+        check_fits_dram(s, dram_budget(ULX3S), tiny, "x")
+
+
+def test_build_refuses_370m_on_both_memories_with_the_sizes(tmp_path, capsys, cache):
+    big = tmp_path / "large"
+    big.mkdir()
+    (big / "config.json").write_text(json.dumps(PUBLISHED["370M"].to_hf_dict()))
+    for memory in ("bram", "dram"):
+        out = tmp_path / f"out-{memory}"
+        rc = main(["build", "--board", "ulx3s-85f", "--memory", memory, "--checkpoint", str(big),
+                   "--out", str(out), "--quiet"])
+        err = one_line_error(capsys)
+        assert rc == 2 and "embeddings 32,768,000 B" in err and "33,554,432 B of SDRAM" in err, err
+        assert ("of on-chip RAM" in err) == (memory == "bram")
+        assert not out.exists()
+    # refused before any tool ran (and before the core was generated)
+    assert not (cache / "bitstreams").exists() and not (cache / "litedram").exists()
+
+
+def test_build_with_dram_accepts_an_image_beyond_block_ram(tmp_path, capsys, cache):
+    image = fake_image(tmp_path / "medium", MEDIUM)
+    rc = main(["build", "--board", "ulx3s-85f", "--checkpoint", str(image), "--out", str(tmp_path / "o"), "--quiet"])
+    err = one_line_error(capsys)
+    assert rc == 2 and "does not fit the ulx3s-85f" in err and "build with --memory dram" in err
+    p = prepare("ulx3s-85f", checkpoint=image, memory="dram")
+    s = summary(MEDIUM)
+    assert p.fit["needed_bytes"] == s.image_bytes and p.fit["available_bytes"] == SDRAM_BYTES
+    assert p.lanes == 16 and p.dram.size_bytes == SDRAM_BYTES
+
+
+# -- errors ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args, message", [
+    (["--board", "icebreaker", "--memory", "dram"],
+     "--memory dram: board icebreaker has no DRAM support in this flow (boards with DRAM: ulx3s-85f)"),
+    (["--board", "icestick:ICEStickPlatform", "--memory", "dram"],
+     "has no DRAM support in this flow (boards with DRAM: ulx3s-85f)"),
+    (["--board", "ulx3s-85f", "--memory", "dram", "--design", "echo"],
+     "--memory dram applies to the engine; the design built for ulx3s-85f is echo"),
+    (["--board", "ulx3s-85f", "--memory", "ddr3"], "argument --memory: invalid choice: 'ddr3'"),
+])
+def test_build_memory_errors(args, message, tmp_path, capsys, cache):
+    out = tmp_path / "o"
+    rc = main(["build", *args, "--out", str(out), "--quiet"])
+    err = one_line_error(capsys)
+    assert rc == 2 and message in err, err
+    assert not out.exists() and not cache.exists()
+
+
+def test_prepare_memory_errors(checkpoint, cache):
+    with pytest.raises(UserError, match="unknown memory 'sdram'; use one of bram, dram"):
+        prepare("ulx3s-85f", checkpoint=checkpoint, memory="sdram")
+    from mmfree_fpga.boards.placeholder import frame_echo
+    with pytest.raises(UserError, match="FrameEcho keeps no weights in DRAM"):
+        prepare("ulx3s-85f", checkpoint=checkpoint, memory="dram", design=frame_echo)
+
+
+def test_dram_design_needs_the_native_port(tmp_path):
+    from mmfree_fpga.boards.placeholder import FrameEcho
+    core = generate_core(CORES["ulx3s-85f"], tmp_path)
+    with pytest.raises(TypeError, match="has no member 'native'"):
+        DramBoardDesign(FrameEcho(), core)
+
+
+# -- the bitstream -------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_ulx3s_dram_bitstream(tmp_path, capsys, cache):
+    """The demo model's engine with its weights in the SDRAM: Yosys + nextpnr + ecppack at 50 MHz."""
+    out, js = tmp_path / "out", tmp_path / "build.json"
+    rc = main(["build", "--board", "ulx3s-85f", "--memory", "dram", "--quiet", "--out", str(out),
+               "--json-out", str(js)])
+    text = capsys.readouterr().out
+    assert rc == 0
+    r = json.loads(js.read_text())
+    assert Path(r["bitstream"]).is_file() and r["memory"] == "dram"
+    assert r["clock_mhz"] == 50 and r["dram"]["clk_mhz"] == 50 and r["dram"]["module"] == "IS42S16160"
+    assert r["timing_met"], r["fmax_mhz"]
+    assert r["model_fit"]["memory"] == "dram" and r["model_fit"]["available_bytes"] == SDRAM_BYTES
+    assert "bytes of DRAM" in text and "DRAM controller: LiteDRAM" in text
+    # the core's I/O registers went into the I/O cells (nextpnr's IOLOGIC)
+    assert r["nextpnr_cells"].get("IOLOGIC", {}).get("used", 0) >= 16 + 13
