@@ -288,7 +288,12 @@ def prepare(board: str, *, clock_mhz: float | None = None, baud: int = DEFAULT_B
     dram = None
     if spec.dram is not None:
         from .dram import dram_budget
-        dram = dram_budget(spec)
+        from .litedram import litedram_available
+        if litedram_available():
+            dram = dram_budget(spec)
+        elif memory == "dram":
+            raise UserError("--memory dram needs LiteDRAM: pip install litedram==2024.12 litex==2024.12 "
+                            "migen==0.10.0 (the project's dependencies; make install)")
     image = fit = None
     ckpt = None
     if checkpoint is not None or budget is not None or memory == "dram":

@@ -306,6 +306,10 @@ def test_ulx3s_dram_bitstream(tmp_path, capsys, cache):
     assert r["clock_mhz"] == 50 and r["dram"]["clk_mhz"] == 50 and r["dram"]["module"] == "IS42S16160"
     assert r["timing_met"], r["fmax_mhz"]
     assert r["model_fit"]["memory"] == "dram" and r["model_fit"]["available_bytes"] == SDRAM_BYTES
-    assert "bytes of DRAM" in text and "DRAM controller: LiteDRAM" in text
+    fit = r["model_fit"]
+    assert (f"weight image of {fit['needed_bytes']:,} B in DRAM ({fit['percent']:g}% of 33,554,432 B of SDRAM "
+            "(IS42S16160, 32 MiB)), uploaded over the UART") in text
+    assert (f"DRAM controller: LiteDRAM {r['dram']['versions']['litedram']} (IS42S16160, GENSDRPHY, 16-bit "
+            "native port) at 50 MHz") in text
     # the core's I/O registers went into the I/O cells (nextpnr's IOLOGIC)
     assert r["nextpnr_cells"].get("IOLOGIC", {}).get("used", 0) >= 16 + 13

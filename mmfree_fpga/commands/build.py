@@ -91,9 +91,9 @@ def run(args) -> dict:
     print(f"utilisation: {_utilisation_text(r['utilization'])}")
     fit = r["model_fit"]
     if fit and fit.get("memory") == "dram":
-        print(f"model: weight image {fit['needed_bytes']:,} of {fit['available_bytes']:,} bytes of DRAM "
-              f"({fit['percent']:g}%; {fit['dram']}), {fit['image']['packing']}; uploaded over the UART; "
-              f"recurrent state {fit['on_chip_bytes']:,} B on chip")
+        print(f"model: {fit['image']['packing']} weight image of {fit['needed_bytes']:,} B in DRAM "
+              f"({fit['percent']:g}% of {fit['dram']}), uploaded over the UART; recurrent state "
+              f"{fit['on_chip_bytes']:,} B on chip")
     elif fit:
         print(f"model: {fit['needed_bytes']:,} of {fit['available_bytes']:,} bytes of on-chip RAM "
               f"({fit['percent']:g}%), {fit['image']['packing']} weight image")
