@@ -227,7 +227,7 @@ def check_fits(summary: ImageSummary, budget: MemoryBudget, board: str, dram=Non
     available = budget.available_bytes
     if summary.needed_bytes > available:
         if dram is not None and summary.image_bytes <= dram.size_bytes:
-            other = (f"; its weight image fits the board's {dram.text()}: build with --memory dram")
+            other = f"; its weight image fits the board's {dram.text()}: build with --memory dram"
         elif dram is not None:
             other = f"; nor does its weight image fit the board's {dram.text()}"
         else:

@@ -194,7 +194,7 @@ def test_a_published_370m_image_fits_neither_memory_of_the_ulx3s():
     message = str(bram_error.value)
     assert f"it needs {s.needed_bytes:,} B (weight image {s.image_bytes:,} B" in message
     assert "the board has 421,888 B (208 x 18 kbit EBR of 2048 B = 425,984 B, less 2 EBR for the UART FIFOs)" in message
-    assert f"nor does its weight image fit the board's 33,554,432 B of SDRAM (IS42S16160, 32 MiB)" in message
+    assert "nor does its weight image fit the board's 33,554,432 B of SDRAM (IS42S16160, 32 MiB)" in message
     with pytest.raises(UserError) as dram_error:
         check_fits_dram(s, dram, budget, "ulx3s-85f")
     message = str(dram_error.value)
