@@ -29,9 +29,10 @@ from mmfree_fpga.config import ModelConfig
 from mmfree_fpga.hw.control import EngineOp
 from mmfree_fpga.hw.dram_engine import DramEngine
 from mmfree_fpga.reference.checkpoint import DEMO_CHECKPOINT, save_checkpoint
-from mmfree_fpga.sim.engine_sim import DRAM_BUILD_FLOOR, default_build, load_image, reference_tokens, run_engine
+from mmfree_fpga.sim.engine_sim import DRAM_BUILD_FLOOR, default_build, load_image, run_engine
 
 from conftest import random_model
+from test_engine import _check as check_tokens
 
 TINY = ModelConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, intermediate_size=64)
 READ_BACK = (0, 1, 37)
@@ -163,11 +164,8 @@ def test_loader_writes_the_load_stream_to_dram():
 # -- co-simulation with LiteDRAM's controller and SDRAM model ---------------------------------------
 
 def _check(cfg, blob, packing, prompt, steps, run):
-    tokens, logits = reference_tokens(cfg, blob, packing, prompt, steps)
-    assert run.tokens == tokens
-    assert run.argmax_logits == [int(lg.max()) for lg in logits]
-    for t, got in run.read_logits.items():
-        assert got == {i: int(logits[t][i]) for i in got}, f"read-back logits of step {t}"
+    """test_engine's bit-exact check (tokens, argmax logits, read-back logits), and the DRAM figures."""
+    check_tokens(cfg, blob, packing, prompt, steps, run)
     assert run.memory == "sdram"
     d = run.dram
     assert d["load_bytes"] == len(blob) and d["load_cycles"] >= len(blob)

@@ -9,11 +9,6 @@ The demo model runs in the default suite (one Verilator build, about 45 s); a ra
 """
 
 import json
-import queue
-import re
-import signal
-import subprocess
-import sys
 
 import pytest
 
@@ -23,7 +18,7 @@ from mmfree_fpga.host.testing import reference_tokens
 from mmfree_fpga.reference.checkpoint import DEMO_CHECKPOINT
 
 from conftest import random_model
-from test_host_cli import _error_line, _Reader
+from test_host_cli import _error_line, serve_child
 
 # more than the ULX3S's block RAM (issue 20): V=2048, d=256, L=4, I=768, 1.36 MB in base3
 LARGE = ModelConfig(vocab_size=2048, hidden_size=256, num_hidden_layers=4, intermediate_size=768)
@@ -52,20 +47,8 @@ def test_serve_memory_sdram_runs_the_demo_bit_exact(tmp_path, capsys):
     image into the simulated SDRAM and generates; a second ``run`` finds the same image there
     (no upload) and continues bit-exact."""
     _needs_dram_cosim()
-    proc = subprocess.Popen([sys.executable, "-m", "mmfree_fpga.cli", "serve", "--port", "0", "--memory", "sdram",
-                             "--checkpoint", str(DEMO_CHECKPOINT)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    child_out, child_err = _Reader(proc.stdout), _Reader(proc.stderr)
-    try:
-        url = None
-        while url is None:
-            try:
-                line = child_out.line(timeout=600)          # (the first time: a Verilator build)
-            except queue.Empty:
-                raise AssertionError(f"serve printed no URL; stderr: {''.join(child_err.text)!r}") from None
-            found = re.search(r"socket://127\.0\.0\.1:\d+", line)
-            url = found.group(0) if found else None
+    # (the first time: a Verilator build)
+    with serve_child(["--memory", "sdram", "--checkpoint", str(DEMO_CHECKPOINT)], url_timeout=600) as (url, child_out):
         assert "simulated SDRAM" in child_out.line(timeout=10)
 
         out = tmp_path / "run.json"
@@ -81,20 +64,6 @@ def test_serve_memory_sdram_runs_the_demo_bit_exact(tmp_path, capsys):
         again = json.loads(out.read_text())
         assert again["loaded_weights"] is False and again["tokens"] == want[:len(prompt) + 3]
         capsys.readouterr()
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            rc = proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            raise
-        finally:
-            rest, errors = child_out.rest(), child_err.rest()
-            proc.stdout.close()
-            proc.stderr.close()
-    assert rc == 0, errors
-    assert "stopped" in rest
 
 
 @pytest.mark.slow

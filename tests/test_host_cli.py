@@ -1,6 +1,7 @@
 """``mmfree-fpga serve`` and ``mmfree-fpga run``: the served device over socket://, the tokens of
 ``reference --integer``, Ctrl-C, and one clear line with exit code 2 for every user error."""
 
+import contextlib
 import json
 import queue
 import re
@@ -50,6 +51,43 @@ class _Reader:
         return "".join(self.text)
 
 
+@contextlib.contextmanager
+def serve_child(args, *, url_timeout: float = 180):
+    """``mmfree-fpga serve --port 0 ARGS`` in a child process: yields (url, stdout reader); on
+    leaving, Ctrl-C, and the child must exit 0 saying it stopped."""
+    # The child gets Ctrl-C's default disposition even when the suite runs as a background job
+    # (a shell starts those with SIGINT ignored, and an ignored signal stays ignored across exec).
+    proc = subprocess.Popen([sys.executable, "-m", "mmfree_fpga.cli", "serve", "--port", "0", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    child_out, child_err = _Reader(proc.stdout), _Reader(proc.stderr)
+    try:
+        url = None
+        while url is None:
+            try:
+                line = child_out.line(timeout=url_timeout)
+            except queue.Empty:
+                raise AssertionError(f"serve printed no URL within {url_timeout} s; "
+                                     f"stderr: {''.join(child_err.text)!r}") from None
+            found = re.search(r"socket://127\.0\.0\.1:\d+", line)
+            url = found.group(0) if found else None
+        yield url, child_out
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            rc = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise
+        finally:
+            rest, errors = child_out.rest(), child_err.rest()
+            proc.stdout.close()
+            proc.stderr.close()
+    assert rc == 0, errors
+    assert "stopped" in rest
+
+
 def _error_line(capsys, argv) -> str:
     assert main(argv) == 2
     out, err = capsys.readouterr()
@@ -59,20 +97,7 @@ def _error_line(capsys, argv) -> str:
 
 
 def test_serve_then_run_gives_the_integer_reference_and_ctrl_c_exits_0(checkpoint, tmp_path, capsys):
-    # The child gets Ctrl-C's default disposition even when the suite runs as a background job
-    # (a shell starts those with SIGINT ignored, and an ignored signal stays ignored across exec).
-    proc = subprocess.Popen([sys.executable, "-m", "mmfree_fpga.cli", "serve", "--port", "0",
-                             "--backend", "model", "--checkpoint", str(checkpoint)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    child_out, child_err = _Reader(proc.stdout), _Reader(proc.stderr)
-    try:
-        try:
-            line = child_out.line(timeout=180)
-        except queue.Empty:
-            raise AssertionError(f"serve printed no URL within 180 s; stderr: {''.join(child_err.text)!r}") from None
-        url = re.search(r"socket://127\.0\.0\.1:\d+", line).group(0)
-
+    with serve_child(["--backend", "model", "--checkpoint", str(checkpoint)]) as (url, _):
         out_json = tmp_path / "run.json"
         assert main(["run", "--device", url, "--checkpoint", str(checkpoint), "--prompt", "def ",
                      "--steps", "24", "--json-out", str(out_json)]) == 0
@@ -98,20 +123,6 @@ def test_serve_then_run_gives_the_integer_reference_and_ctrl_c_exits_0(checkpoin
         err = _error_line(capsys, ["run", "--device", url, "--checkpoint", str(other), "--prompt-ids", "1,2",
                                    "--steps", "2", "--json-out", str(tmp_path / "never.json")])
         assert "built for vocab 256, hidden 32" in err and not (tmp_path / "never.json").exists()
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            rc = proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            raise
-        finally:
-            rest, errors = child_out.rest(), child_err.rest()
-            proc.stdout.close()
-            proc.stderr.close()
-    assert rc == 0, errors
-    assert "stopped" in rest
 
 
 def test_run_errors_are_one_line_and_exit_2(checkpoint, capsys):
