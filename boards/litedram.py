@@ -18,8 +18,13 @@ settings):
   core: the board top drives it from the core's clock (LiteX's ULX3S target uses the system
   clock shifted by 180 degrees);
 * ``sim=True``: LiteDRAM's SDRAM model (``litedram.phy.model.SDRAMPHYModel``) in place of PHY and
-  chips, built with the board PHY's own settings (CAS latency, read latency), so the controller
-  is the one the board runs; the memory array is a Verilog memory (Verilator).
+  chips, built with the board PHY's own settings (CAS latency, read latency, DFI phases), so the
+  controller is the one the board runs; the memory array is a Verilog memory (Verilator).
+
+PHYs: ``GENSDRPHY`` (SDR, 1:1; both variants) and ``ECP5DDRPHY`` (DDR3, 1:2 with BL8: a 16-bit
+chip gives one 128-bit native word per read command, and with tCCD of two system cycles at most
+8 bytes per cycle, :attr:`DramCore.peak_bytes_per_cycle`; the ``sim`` variant only: the board
+variant needs the PHY's ``sys2x`` clock and ``ECP5DDRPHYInit`` and read levelling, not generated).
 
 The generated module's ports (``N`` = ``data_width``, ``A`` = ``address_width``, all in the
 ``clk`` domain; the native port is LiteDRAM's, seen from the user):
@@ -50,8 +55,10 @@ The init sequence is LiteDRAM's own (``litedram.init.get_sdram_phy_init_sequence
 precharge all, mode registers, auto refreshes), which LiteX SoCs run from the CPU's BIOS through
 the DFI injector's CSRs; here a small state machine replays it on the injector's external DFI
 port (``ext_dfi``), each step's delay taken as clock cycles (at least :data:`MIN_STEP_CYCLES`),
-then hands the DFI to the controller and raises ``init_done``. DDR3 needs read levelling after
-that sequence (``ECP5DDRPHY``), which this generator does not do yet: only SDR memories.
+then hands the DFI to the controller and raises ``init_done``. For DDR3 the sequence is LiteDRAM's
+DDR3 one (reset and CKE release, MR2/MR3/MR1/MR0, ZQ calibration); the read levelling a board
+needs after it (the ``ECP5DDRPHY``'s per-byte bitslip and delay CSRs) is not done: SDRAMPHYModel
+needs none.
 """
 
 from __future__ import annotations
@@ -69,7 +76,8 @@ __all__ = ["LiteDRAMConfig", "DramCore", "CORES", "generate_core", "litedram_ava
 
 GENERATOR_VERSION = 3          # bump when the generated module changes for the same settings
 MIN_STEP_CYCLES = 16           # cycles after each init command (covers tRP, tRFC, tMRD at <= 200 MHz)
-_PHYS = ("GENSDRPHY",)
+# the PHYs generated, with the memory type each drives and its clock ratio (DFI phases per cycle)
+_PHYS = {"GENSDRPHY": ("SDR", 1), "ECP5DDRPHY": ("DDR3", 2)}
 _VERSIONED = ("litedram", "litex", "migen")
 
 
@@ -114,9 +122,13 @@ class LiteDRAMConfig:
 
 
 # Named settings for the boards that have a DRAM; ``dataclasses.replace(CORES[b], sim=True)``
-# is the co-simulation variant of the same controller.
+# is the co-simulation variant of the same controller. The ECPIX-5's DDR3 (MT41K256M16, 512 MiB,
+# 16 bits) runs at LiteX's ecpix5 target's default system clock, 75 MHz (sys2x 150 MHz, DDR3-300);
+# only its sim variant is generated so far.
 CORES = {
     "ulx3s-85f": LiteDRAMConfig(module="IS42S16160", chips_bytes=2, device="LFE5U-85F-6BG381C"),
+    "ecpix5-85f": LiteDRAMConfig(module="MT41K256M16", chips_bytes=2, phy="ECP5DDRPHY", clk_freq=75e6,
+                                 device="LFE5UM5G-85F-8BG554I"),
 }
 
 
@@ -145,6 +157,15 @@ class DramCore:
     config: dict
     versions: dict = field(default_factory=dict)
 
+    @property
+    def peak_bytes_per_cycle(self) -> int:
+        """Bytes per ``clk`` cycle the memory's data bus carries at most: ``databits / 8`` per
+        transfer, one transfer per DFI phase (SDR) or two (DDR). Less than the native port's
+        ``data_width / 8`` where a command's burst takes several cycles (``ECP5DDRPHY``: BL8 on
+        16 bits is one 128-bit word per two cycles, 8 bytes per cycle)."""
+        per_phase = 1 if self.phy["memtype"] == "SDR" else 2
+        return self.phy["databits"] // 8 * self.phy["nphases"] * per_phase
+
     def user_port_signals(self) -> dict:
         """``{short name: (direction, width)}`` of the native port (``cmd_valid``, ...)."""
         prefix = "user_port_"
@@ -169,11 +190,15 @@ def _check(config: LiteDRAMConfig):
                        if isinstance(c, type) and issubclass(c, modules.SDRModule) and c is not modules.SDRModule)
         raise ValueError(f"unknown LiteDRAM module {config.module!r}: name a class of litedram.modules "
                          f"(SDR ones: {', '.join(known)})")
-    if cls.memtype != "SDR":
-        raise ValueError(f"{config.module} is {cls.memtype}: only SDR memories are generated so far "
-                         "(DDR3 needs the ECP5DDRPHY and read levelling)")
     if config.phy not in _PHYS:
         raise ValueError(f"unknown PHY {config.phy!r}: use one of {', '.join(_PHYS)}")
+    memtype = _PHYS[config.phy][0]
+    if cls.memtype != memtype:
+        raise ValueError(f"{config.module} is {cls.memtype}: the {config.phy} drives only {memtype} memories "
+                         f"(PHYs: {', '.join(f'{p} {t}' for p, (t, _) in _PHYS.items())})")
+    if memtype != "SDR" and not config.sim:
+        raise ValueError(f"the {config.phy} board variant is not generated yet (it needs the PHY's sys2x clocking "
+                         "and read levelling); only its sim variant (sim=True)")
     if config.chips_bytes < 1:
         raise ValueError("chips_bytes must be at least 1")
     if config.data_width is not None and (config.data_width < 8 or config.data_width & (config.data_width - 1)):
@@ -224,14 +249,15 @@ def _build(config: LiteDRAMConfig, name: str):
     from litedram import modules
     from litedram.core import LiteDRAMCore
     from litedram.core.controller import ControllerSettings
-    from litedram.phy import GENSDRPHY
+    from litedram.phy import ECP5DDRPHY, GENSDRPHY
     from litedram.phy.model import SDRAMPHYModel
     from litex.build.generic_platform import Pins, Subsignal
     from litex.build.lattice import LatticePlatform
     from litex.gen.fhdl.verilog import convert
 
     module_cls = getattr(modules, config.module)
-    sdram_module = module_cls(config.clk_freq, "1:1")
+    memtype, nphases = _PHYS[config.phy]
+    sdram_module = module_cls(config.clk_freq, f"1:{nphases}")
     geom = sdram_module.geom_settings
     databits = 8 * config.chips_bytes
 
@@ -250,9 +276,13 @@ def _build(config: LiteDRAMConfig, name: str):
 
     if config.sim:
         # the board PHY's settings, from a PHY built on stand-in pads and then dropped
-        pads = Record([("a", geom.addressbits), ("ba", geom.bankbits), ("ras_n", 1), ("cas_n", 1),
-                       ("we_n", 1), ("cs_n", 1), ("dm", config.chips_bytes), ("dq", databits), ("cke", 1)])
-        settings = GENSDRPHY(pads, sys_clk_freq=config.clk_freq).settings
+        pins = [("a", geom.addressbits), ("ba", geom.bankbits), ("ras_n", 1), ("cas_n", 1),
+                ("we_n", 1), ("cs_n", 1), ("dm", config.chips_bytes), ("dq", databits), ("cke", 1)]
+        if memtype == "SDR":
+            settings = GENSDRPHY(Record(pins), sys_clk_freq=config.clk_freq).settings
+        else:
+            pins += [("dqs_p", config.chips_bytes), ("clk_p", 1), ("odt", 1), ("reset_n", 1)]
+            settings = ECP5DDRPHY(Record(pins), sys_clk_freq=config.clk_freq).settings
         phy = SDRAMPHYModel(sdram_module, settings, clk_freq=config.clk_freq)
     else:
         pads = platform.request("sdram")
