@@ -21,10 +21,11 @@ start after time 0, so its file always starts at cycle 0 and stops at ``end``.
 ``(job, layer, row, value)`` tuples per step (:attr:`EngineRun.trace`), which
 :func:`mmfree_fpga.sim.trace.hardware_trace` turns into per-layer vectors.
 
-``memory="sdram"`` runs the engine with its weights in DRAM instead (Verilator's C++ harness
-only): :class:`~mmfree_fpga.sim.dram_sim.DramEngineSimTop`, the engine with a LiteDRAM core
-generated for the ULX3S's SDRAM in its ``sim`` variant (LiteDRAM's controller and SDRAM model,
-``boards/litedram.py``, cached under the build root). The harness waits for the core's init
+``memory="sdram"`` or ``"ddr3"`` runs the engine with its weights in DRAM instead (Verilator's
+C++ harness only): :class:`~mmfree_fpga.sim.dram_sim.DramEngineSimTop`, the engine with a
+LiteDRAM core in its ``sim`` variant (LiteDRAM's controller and SDRAM model with the board PHY's
+settings, ``boards/litedram.py``, cached under the build root): "sdram" the ULX3S's SDR SDRAM
+(IS42S16160, GENSDRPHY, 50 MHz), "ddr3" the ECPIX-5's DDR3 (MT41K256M16, ECP5DDRPHY, 75 MHz). The harness waits for the core's init
 sequence, writes the image through the engine's ``load`` stream, then runs the tokens;
 :attr:`EngineRun.dram` has the load and the weight traffic (:func:`dram_figures`).
 """
@@ -47,11 +48,12 @@ from mmfree_fpga.config import ModelConfig
 
 __all__ = ["EngineBuild", "default_build", "EngineRun", "Waves", "load_image", "synthetic_image_info",
            "reference_tokens", "run_engine", "run_amaranth", "build_dir_for", "build_harness", "decode_trace",
-           "check_waves", "memory_model_inputs", "dram_config", "dram_core", "dram_figures", "SIMULATORS", "MEMORIES", "WAVE_FORMATS", "HARNESS", "HARNESS_VERILATOR_ARGS",
+           "check_waves", "memory_model_inputs", "dram_config", "dram_core", "dram_figures", "SIMULATORS", "MEMORIES", "DRAM_BOARDS", "WAVE_FORMATS", "HARNESS", "HARNESS_VERILATOR_ARGS",
            "HARNESS_FST_ARGS"]
 
 SIMULATORS = ("verilator", "icarus", "amaranth")
-MEMORIES = ("bram", "sdram")        # where the weights are: the $readmemh store, or DRAM behind LiteDRAM
+MEMORIES = ("bram", "sdram", "ddr3")   # where the weights are: the $readmemh store, or DRAM behind LiteDRAM
+DRAM_BOARDS = {"sdram": "ulx3s-85f", "ddr3": "ecpix5-85f"}   # the board whose core each DRAM memory models
 # what a DRAM build adds to ENGINE_SOURCES
 DRAM_SOURCES = ("hw/dram_engine.py", "hw/dram_port.py", "hw/control.py", "sim/dram_sim.py", "boards/litedram.py")
 # the smallest maxima of a DRAM build: a 1.3 MB model, larger than the ULX3S's block RAM, and the
@@ -175,10 +177,11 @@ def default_build(cfg: ModelConfig, lanes: int, image_bytes: int = 0, memory: st
 
 def dram_config(memory: str):
     """The LiteDRAM core settings (``boards.litedram.LiteDRAMConfig``, ``sim`` variant) of a
-    DRAM ``memory``: "sdram" is the ULX3S's IS42S16160 controller."""
+    DRAM ``memory``: "sdram" is the ULX3S's IS42S16160 controller, "ddr3" the ECPIX-5's
+    MT41K256M16 controller (:data:`DRAM_BOARDS`)."""
     from mmfree_fpga.boards.litedram import CORES
-    if memory == "sdram":
-        return replace(CORES["ulx3s-85f"], sim=True)
+    if memory in DRAM_BOARDS:
+        return replace(CORES[DRAM_BOARDS[memory]], sim=True)
     raise ValueError(f"no DRAM core for memory {memory!r}; use one of {', '.join(MEMORIES[1:])}")
 
 
@@ -192,13 +195,28 @@ def dram_core(memory: str):
 def dram_figures(*, init_cycles: int, load_bytes: int, load_cycles: int, weight_beats: int, weight_cycles: int,
                  weight_wait_cycles: int, beat_bytes: int, native_bytes: int) -> dict:
     """The DRAM run's figures: the counters of :class:`~mmfree_fpga.sim.dram_sim.DramEngineSimTop`
-    and ``efficiency``, the weight bytes delivered over what the native port could have delivered
-    at its peak (``native_bytes`` per cycle) in the cycles spent streaming weights."""
+    and ``efficiency``, the weight bytes delivered over what could have been delivered in the
+    cycles spent streaming weights. ``native_bytes``: the memory's peak bytes per cycle
+    (``DramCore.peak_bytes_per_cycle``).
+
+    * The memory slower than the engine's beats (``native_bytes <= beat_bytes``: the SDR SDRAM):
+      against the memory's peak over every cycle with beats owed.
+    * The memory faster (the DDR3's 8 bytes per cycle, 16 lanes taking 4): the engine is the
+      limit, so against one beat per cycle over the cycles with beats owed *and* the engine
+      ready for one (``weight_cycles - weight_wait_cycles``): the cycles the engine waited for
+      weights. ``memory_utilisation`` is the delivered bytes against the memory's peak over
+      every cycle with beats owed, whichever the case.
+    """
     delivered = weight_beats * beat_bytes
+    if native_bytes <= beat_bytes:
+        port_bytes, counted = native_bytes, weight_cycles
+    else:
+        port_bytes, counted = beat_bytes, weight_cycles - weight_wait_cycles
     return {"init_cycles": init_cycles, "load_bytes": load_bytes, "load_cycles": load_cycles,
             "weight_bytes": delivered, "weight_cycles": weight_cycles, "weight_wait_cycles": weight_wait_cycles,
-            "peak_bytes_per_cycle": native_bytes,
-            "efficiency": delivered / (native_bytes * weight_cycles) if weight_cycles else None}
+            "peak_bytes_per_cycle": native_bytes, "port_bytes_per_cycle": port_bytes,
+            "memory_utilisation": delivered / (native_bytes * weight_cycles) if weight_cycles else None,
+            "efficiency": delivered / (port_bytes * counted) if counted else None}
 
 
 def build_dir_for(build: EngineBuild, simulator: str) -> Path:
@@ -226,7 +244,7 @@ def run_engine(*, cfg: ModelConfig, blob: bytes | None, packing: str, lanes: int
     docstring). ``cocotb``: on Verilator, drive the command stream from cocotb instead of the C++
     harness (slower; no waves). ``progress``: a bar over the token steps of the C++ harness
     (shown only where :mod:`mmfree_fpga.progress` allows). ``log``: called with a line when a
-    harness build starts. ``memory``: :data:`MEMORIES` ("sdram": the weights in DRAM, module
+    harness build starts. ``memory``: :data:`MEMORIES` ("sdram", "ddr3": the weights in DRAM, module
     docstring; Verilator's C++ harness, real weights, no memory-model settings).
     """
     from mmfree_fpga.hw.engine import beat_bytes, check_geometry
@@ -422,7 +440,7 @@ def _run_harness(*, cfg, blob, packing, build, prompt, steps, stall_rate, cmd_st
                                  synthetic=synthetic)
     if dram:
         # (only for the watchdog) the native port's peak and a DRAM read round trip
-        native_bytes = dram_core(build.memory).data_width // 8
+        native_bytes = dram_core(build.memory).peak_bytes_per_cycle
         watch = dict(inputs, mem_bandwidth=256 * native_bytes, mem_latency=32)
     n_feed = len(prompt) + steps - 1
     job = [f"cmd {enc['RESET_STATE']} {enc['FEED_TOKEN']} {enc['SET_PARAM']} {enc['index_shift']} {enc['arg_shift']}",

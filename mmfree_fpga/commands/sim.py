@@ -18,10 +18,11 @@ def add_arguments(p) -> None:
     p.add_argument("--packing", choices=("base3", "2bit"), default="base3", help="trit packing of the image (default base3)")
     p.add_argument("--simulator", choices=("verilator", "icarus", "amaranth"), default="verilator",
                    help="simulator (default verilator)")
-    p.add_argument("--memory", choices=("bram", "sdram"), default="bram",
+    p.add_argument("--memory", choices=("bram", "sdram", "ddr3"), default="bram",
                    help="where the weights are: bram, an on-chip store with the memory model below (default); "
-                        "sdram, the ULX3S's SDRAM behind a generated LiteDRAM controller with LiteDRAM's SDRAM "
-                        "model (Verilator only; the image is written through the engine's load stream first)")
+                        "sdram, the ULX3S's SDRAM (IS42S16160, 50 MHz) or ddr3, the ECPIX-5's DDR3 (MT41K256M16, "
+                        "ECP5DDRPHY settings, 75 MHz), each behind a generated LiteDRAM controller with LiteDRAM's "
+                        "SDRAM model (Verilator only; the image is written through the engine's load stream first)")
     p.add_argument("--stall-rate", type=probability, default=0.0, metavar="P",
                    help="probability of a stall cycle on the weight memory's responses (default 0)")
     p.add_argument("--mem-bandwidth", type=float_in(0.0, 255.0), default=0.0, metavar="B",
@@ -67,7 +68,7 @@ def run(args) -> dict:
             raise UserError("--stall-rate, --mem-bandwidth and --mem-latency set the block-RAM memory model; "
                             f"with --memory {args.memory} LiteDRAM's SDRAM model sets the timing")
         if not litedram_available():
-            raise UserError("--memory sdram needs LiteDRAM: pip install litedram==2024.12 litex==2024.12 "
+            raise UserError(f"--memory {args.memory} needs LiteDRAM: pip install litedram==2024.12 litex==2024.12 "
                             "migen==0.10.0 (the project's dependencies; 'make install' installs them)")
     checkpoint = args.checkpoint or DEMO_CHECKPOINT
     if args.synthetic:
@@ -121,8 +122,9 @@ def run(args) -> dict:
               f"({result['ratio_to_ideal']:.3f}x), {r.simulator} at {result['sim_cycles_per_s'] or 0:.0f} cycles/s")
         if r.dram:
             d = r.dram
-            print(f"{args.memory}: weights at {d['efficiency']:.3f} of the native port's {d['peak_bytes_per_cycle']} "
-                  f"bytes/cycle while streaming ({d['weight_bytes']} bytes in {d['weight_cycles']} cycles); "
+            print(f"{args.memory}: weights at {d['efficiency']:.3f} of {d['port_bytes_per_cycle']} bytes/cycle while "
+                  f"streaming ({d['weight_bytes']} bytes in {d['weight_cycles']} cycles, "
+                  f"{d['memory_utilisation']:.3f} of the memory's peak {d['peak_bytes_per_cycle']} bytes/cycle); "
                   f"image of {d['load_bytes']} bytes loaded in {d['load_cycles']} cycles after an init "
                   f"sequence of {d['init_cycles']}")
         if waves is not None:
