@@ -125,7 +125,7 @@ def _dram_engine(context: DesignContext, lanes: int | None, preload: bool | None
     # an upper bound of a token's time: the compute cycles plus every weight byte at the native
     # port's rate (the two overlap in the engine)
     perf = engine_perf_model(context.family)
-    native_bytes = core.data_width // 8
+    native_bytes = core.peak_bytes_per_cycle
     cycles = perf.cycles_per_token(cfg, n) + perf.bytes_per_token(cfg, packing) / (native_bytes * DRAM_EFFICIENCY_BOUND)
     step_ms = max(1, int(-(-cycles * 1000 // context.clock_hz)))
     engine = LinkedEngine(cfg, lanes=n, packing=packing, clk_freq=context.clock_hz, step_time_ms=step_ms,

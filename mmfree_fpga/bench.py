@@ -436,15 +436,18 @@ def dram_section(quick: bool) -> Section:
 
 def dram_projection_section(quick: bool) -> Section:
     """tokens/s of the published geometries per DRAM board, bandwidth- and compute-bound, next to the anchors."""
-    from .boards.litedram import CORES
+    import dataclasses
+
+    from .boards.litedram import CORES, generate_core
     from .config import PERF_MODEL, PUBLISHED
     from .image import image_size
-    sdr = CORES["ulx3s-85f"]
-    # (board, memory, bytes, engine clock, peak bytes per engine cycle, built here?)
-    boards = [("ulx3s-85f", f"{sdr.module} SDR SDRAM, {8 * sdr.chips_bytes}-bit", 32 << 20, sdr.clk_freq,
-               sdr.chips_bytes, "co-simulated (dram section)"),
-              ("ECPIX-5 85F", "MT41K256M16 DDR3, 16-bit, LiteDRAM ECP5DDRPHY 1:2 (8 bytes per system clock)",
-               512 << 20, 75e6, 8, "projection only: no DDR3 core yet")]
+    status = {"ulx3s-85f": "co-simulated (dram section); bitstream: build --memory dram",
+              "ecpix5-85f": "co-simulated (sim --memory ddr3); no bitstream yet (DDR3 PHY clocking, read levelling)"}
+    boards = []
+    for board, config in CORES.items():
+        core = generate_core(dataclasses.replace(config, sim=True))     # (cached) its size and PHY settings
+        memory = f"{config.module} {core.phy['memtype']}, {core.phy['databits']}-bit ({config.phy})"
+        boards.append((board, memory, core.size_bytes, core.clk_freq, core.peak_bytes_per_cycle, status[board]))
     s = Section("Weights in DRAM: tokens/s of the published models per board (performance model)",
                 "mmfree-fpga bench --only dram_projection",
                 ["model", "image bytes", "weight bytes/token", "board", "memory", "clock MHz", "peak GB/s",
@@ -466,10 +469,11 @@ def dram_projection_section(quick: bool) -> Section:
     for anchor, rate in ANCHORS:
         s.notes.append(f"Anchor: {anchor}: {rate} tokens/s (issue 20).")
     s.notes.append(f"Bandwidth bound = peak bytes/s x {efficiency:.3f} (the lowest DRAM efficiency measured in the dram "
-                   "section's co-simulations of the SDR controller; assumed the same for DDR3) / weight bytes per token (the image but "
+                   "section's co-simulations of the SDR controller, applied to both memories) / weight bytes per token (the image but "
                    "the embedding table, plus one embedding row: config.PERF_MODEL.bytes_per_token); compute bound "
                    "= clock / config.PERF_MODEL cycles per token at 64 lanes. The ULX3S engine runs on the "
-                   "controller's clock; the ECPIX-5 at LiteX's ecpix5 default system clock.")
+                   "controller's clock; the ECPIX-5 at its controller's clock (LiteX's ecpix5 default system clock). Peak = "
+                   "the memory bus's bytes per controller cycle (boards/litedram.py DramCore.peak_bytes_per_cycle).")
     return s
 
 

@@ -126,7 +126,7 @@ class RtlBackend:
                 raise UserError(f"the weight image ({size:,} bytes) does not fit the simulated {memory} "
                                 f"({core.size_bytes:,} bytes)")
             design = DramLinkedSimTop(core, cfg, lanes=lanes, packing=packing, clk_freq=PIPE_CLOCK_HZ,
-                                      step_time_ms=dram_step_time_ms(cfg, packing, lanes, core.data_width // 8))
+                                      step_time_ms=dram_step_time_ms(cfg, packing, lanes, core.peak_bytes_per_cycle))
             sources = [core.verilog]
             settings += [memory, core.name]
         key = hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:12]
