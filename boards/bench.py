@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from mmfree_fpga.errors import UserError
+from mmfree_fpga.errors import DesignError, UserError
 
 from .designs import engine_perf_model, linked_engine, weight_image
 
@@ -59,7 +59,7 @@ def board_benchmarks(boards=("ulx3s-85f",), lanes_list=(16, 32, 64), progress: C
             try:
                 r = build(board, out=out, clock_mhz=mhz, checkpoint=checkpoint, design=linked_engine(lanes=lanes),
                           cache_dir=cache_dir, use_cache=use_cache, quiet=True)
-            except UserError as e:
+            except (UserError, DesignError) as e:
                 rows.append({**row, "error": str(e)})
                 continue
             util = r["utilization"]

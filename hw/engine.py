@@ -103,7 +103,7 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from mmfree_fpga.config import FORMATS, ModelConfig
-from mmfree_fpga.errors import UserError
+from mmfree_fpga.errors import DesignError
 from mmfree_fpga.packing import PACKINGS, TRITS_PER_BYTE
 
 from .argmax import Argmax
@@ -140,15 +140,15 @@ def trace_layout(max_d: int, max_I: int, max_L: int, max_V: int) -> data.StructL
 
 
 def check_geometry(cfg: ModelConfig, lanes: int, *, max_d=None, max_I=None, max_L=None, max_V=None) -> None:
-    """UserError unless ``cfg`` runs on an engine of these lanes and maxima."""
+    """DesignError unless ``cfg`` runs on an engine of these lanes and maxima."""
     if lanes not in LANES_SUPPORTED:
-        raise UserError(f"lanes must be one of {LANES_SUPPORTED}, got {lanes}")
+        raise DesignError(f"lanes must be one of {LANES_SUPPORTED}, got {lanes}")
     if cfg.d % lanes or cfg.I % lanes or cfg.d < 16:
-        raise UserError(f"hidden size {cfg.d} and intermediate size {cfg.I} must be multiples of "
+        raise DesignError(f"hidden size {cfg.d} and intermediate size {cfg.I} must be multiples of "
                         f"lanes={lanes} (and d >= 16)")
     for name, v, mx in (("d", cfg.d, max_d), ("I", cfg.I, max_I), ("L", cfg.L, max_L), ("V", cfg.V, max_V)):
         if mx is not None and v > mx:
-            raise UserError(f"{name}={v} exceeds this engine build's maximum {mx}; generate a larger build")
+            raise DesignError(f"{name}={v} exceeds this engine build's maximum {mx}; generate a larger build")
 
 
 def engine_params(cfg: ModelConfig, packing: str, lanes: int) -> dict[int, int]:
@@ -235,14 +235,14 @@ class EngineCore(wiring.Component):
         self.packing = packing
         self.packings = tuple(p for p in PACKINGS if p in packings)
         if packing not in self.packings:
-            raise UserError(f"packing {packing} is not among the build's packings {self.packings}")
+            raise DesignError(f"packing {packing} is not among the build's packings {self.packings}")
         self.max_d = max_d or cfg.d
         self.max_I = max_I or cfg.I
         self.max_L = max_L or cfg.L
         self.max_V = max_V or cfg.V
         check_geometry(cfg, lanes, max_d=self.max_d, max_I=self.max_I, max_L=self.max_L, max_V=self.max_V)
         if self.max_d % lanes or self.max_I % lanes:
-            raise UserError("max_d and max_I must be multiples of lanes")
+            raise DesignError("max_d and max_I must be multiples of lanes")
         self.beat_bytes = beat_bytes(lanes)
         self.params = engine_params(cfg, packing, lanes)
         # the largest burst of non-trit beats between two trit requests: norms of down_proj (or

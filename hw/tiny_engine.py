@@ -37,7 +37,7 @@ from amaranth.lib import wiring
 from amaranth.lib.memory import Memory
 
 from mmfree_fpga.config import FORMATS, ModelConfig
-from mmfree_fpga.errors import UserError
+from mmfree_fpga.errors import DesignError
 from mmfree_fpga.reference.integer import sigmoid_table
 
 from .control import ControlSignature, EngineOp
@@ -75,7 +75,7 @@ class TinyEngine(wiring.Component):
         self.image_bytes = image_size(cfg, packing)
         self.w_depth = -(-self.image_bytes // 2)
         if self.image_bytes >= 1 << B_BITS:
-            raise UserError(f"the weight image ({self.image_bytes} bytes) exceeds the tiny engine's "
+            raise DesignError(f"the weight image ({self.image_bytes} bytes) exceeds the tiny engine's "
                             f"{1 << B_BITS}-byte address space")
         self.image = image
         self.spram = spram

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mmfree_fpga.config import FORMATS, Formats
-from mmfree_fpga.errors import UserError
+from mmfree_fpga.errors import DesignError
 
 __all__ = ["START_CYCLES", "Op", "Kind", "Cond", "Instr", "WORD_BITS", "FIELDS", "IMM_BITS", "B_BITS", "PROG_DEPTH",
            "N_REGS", "N_BASES", "DATA_BITS", "W_SIZE", "DIV_X_BITS", "RES_TOKEN", "RES_LOGIT",
@@ -144,7 +144,7 @@ class Instr:
     def __post_init__(self):
         lo, hi = -(1 << (IMM_BITS - 1)), (1 << (IMM_BITS - 1))
         if not lo <= self.imm < hi:
-            raise UserError(f"immediate {self.imm} of {self.op.name} does not fit {IMM_BITS} bits")
+            raise DesignError(f"immediate {self.imm} of {self.op.name} does not fit {IMM_BITS} bits")
 
 
 def encode(ins: Instr) -> int:
@@ -190,7 +190,7 @@ class Asm:
 
     def assemble(self) -> list[Instr]:
         if len(self.code) > PROG_DEPTH:
-            raise UserError(f"the tiny engine's program has {len(self.code)} instructions, its ROM "
+            raise DesignError(f"the tiny engine's program has {len(self.code)} instructions, its ROM "
                             f"{PROG_DEPTH}: the model has too many layers for this engine")
         out = []
         for ins, target in self.code:

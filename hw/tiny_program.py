@@ -29,7 +29,7 @@ import functools
 from dataclasses import dataclass
 
 from mmfree_fpga.config import FORMATS, Formats, ModelConfig
-from mmfree_fpga.errors import UserError
+from mmfree_fpga.errors import DesignError
 
 from .tiny_isa import (B_BITS, DATA_BITS, IMM_BITS, LOOP_COUNT_BITS, MATVEC_COLS, MATVEC_OUT, MATVEC_ROWS,
                        MATVEC_TRITS, N_BASES, N_REGS, RES_LOGIT, RES_TOKEN, TARGET_BITS, Asm, Cond, Kind, Op,
@@ -110,7 +110,7 @@ class _Gen:
             self.e(Op.LOOP, top, fb=1, bsel=breg)
         else:
             if not 0 < count < (1 << LOOP_COUNT_BITS):
-                raise UserError(f"loop count {count} too large for an immediate")
+                raise DesignError(f"loop count {count} too large for an immediate")
             self.e(Op.LOOP, top, imm=count << TARGET_BITS)
 
     def sigmoid(self):
@@ -289,7 +289,7 @@ class _Gen:
                 "out": out, "rows": rows, "c": sec[f"{name}.c"].offset, "k": sec[f"{name}.k"].offset}
         for key, value in args.items():
             if not 0 <= value < (1 << min(B_BITS, IMM_BITS - 1)):
-                raise UserError(f"{name}: {key} = {value} does not fit the tiny engine's base registers")
+                raise DesignError(f"{name}: {key} = {value} does not fit the tiny engine's base registers")
             self.e(Op.SETB, bsel=_B[key], imm=value)
         self.e(Op.CALL, "bitlinear")
 
@@ -308,9 +308,9 @@ def token_program(cfg: ModelConfig, packing: str = "base3", fmt: Formats = FORMA
     """(instructions, :class:`TinyLayout`) of ``cfg``'s token step for a ``packing`` image."""
     from mmfree_fpga.image import image_layout
     if fmt.x_bits + fmt.x_frac > DATA_BITS or fmt.x_bits + fmt.gate_frac + 1 > DATA_BITS:
-        raise UserError("the number formats exceed the tiny engine's datapath")
+        raise DesignError("the number formats exceed the tiny engine's datapath")
     if packing != "base3":
-        raise UserError("the tiny engine decodes base3 weight images only (use --packing base3)")
+        raise DesignError("the tiny engine decodes base3 weight images only (use --packing base3)")
     sec = {s.name: s for s in image_layout(cfg, packing)}
     lay = TinyLayout(d=cfg.d, I=cfg.I, L=cfg.L, V=cfg.V)
     d, I, L, V = cfg.d, cfg.I, cfg.L, cfg.V

@@ -14,7 +14,7 @@ from amaranth.lib import stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-from mmfree_fpga.errors import UserError
+from mmfree_fpga.errors import DesignError
 
 from .tiny_isa import B_BITS
 from .weight_port import SPRAM_MAX, SPRAM_WORDS, spram_block
@@ -100,7 +100,7 @@ class SpramWeights(WeightStore):
 
     def __init__(self, depth: int):
         if depth > SPRAM_WORDS * SPRAM_MAX:
-            raise UserError(f"the weight image ({2 * depth} bytes) does not fit the iCE40UP5K's "
+            raise DesignError(f"the weight image ({2 * depth} bytes) does not fit the iCE40UP5K's "
                             f"{SPRAM_MAX} SPRAMs ({2 * SPRAM_WORDS * SPRAM_MAX} bytes)")
         super().__init__(depth)
 

@@ -21,7 +21,7 @@ import warnings
 from pathlib import Path
 
 from .commands._common import check_out_file
-from .errors import UserError
+from .errors import DesignError, UserError
 from .progress import set_quiet
 
 # command name -> module in mmfree_fpga.commands
@@ -124,7 +124,7 @@ def main(argv=None) -> int:
         if args.json_out and result is not None:
             _write_json_atomic(Path(args.json_out), result)
         sys.stdout.flush()
-    except UserError as e:
+    except (UserError, DesignError) as e:
         print(f"mmfree-fpga {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

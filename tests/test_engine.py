@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from mmfree_fpga.config import ModelConfig
-from mmfree_fpga.errors import UserError
+from mmfree_fpga.errors import DesignError
 from mmfree_fpga.image import image_layout
 from mmfree_fpga.hw.engine import JOBS, EngineCore, Param, engine_params
 from mmfree_fpga.reference.checkpoint import DEMO_CHECKPOINT, save_checkpoint
@@ -69,9 +69,9 @@ def test_params_follow_the_image_layout():
     assert p[Param.JOB_STRIDE * JOBS.index("lm_head") + Param.K_OFF] * wb == layout["lm_head.k"].offset
     assert (p[Param.JOB_STRIDE * JOBS.index("f_proj") + Param.A_OFF] + p[Param.LAYER_STRIDE]) * wb \
         == layout["layers.1.f_proj.a"].offset
-    with pytest.raises(UserError):
+    with pytest.raises(DesignError):
         EngineCore(cfg, lanes=16, max_d=64)
-    with pytest.raises(UserError):
+    with pytest.raises(DesignError):
         engine_params(ModelConfig(vocab_size=10, hidden_size=40, num_hidden_layers=1, intermediate_size=64), "base3", 16)
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from mmfree_fpga.config import ModelConfig
-from mmfree_fpga.errors import UserError
+from mmfree_fpga.errors import DesignError
 from mmfree_fpga.host.image import WeightImage
 from mmfree_fpga.hw.tiny_isa import START_CYCLES, Instr, Kind, Machine, Op, ProgramFault, decode, encode
 from mmfree_fpga.hw.tiny_program import RESET_PC, TOKEN_PC, TINY_PERF_MODEL, token_program
@@ -104,7 +104,7 @@ def test_machine_faults_on_values_outside_the_datapath():
 
 def test_program_too_large_for_the_rom():
     big = ModelConfig(vocab_size=64, hidden_size=32, num_hidden_layers=8, intermediate_size=64)
-    with pytest.raises(UserError, match="ROM"):
+    with pytest.raises(DesignError, match="ROM"):
         token_program(big)
 
 
