@@ -18,8 +18,8 @@ A backend is the engine as its UART sees it, an object with
 Verilog of the board design in Verilator, behind the same interface: the server, the driver and
 the tests do not change. The ``rtl`` backend's ``memory`` (:data:`MEMORIES`) says where the
 engine's weights are: ``"bram"`` on-chip RAM, ``"sdram"`` a simulated SDRAM behind a generated
-LiteDRAM core (the ULX3S's IS42S16160 controller with LiteDRAM's SDRAM model); the model
-backend has no memory type and refuses ``"sdram"``.
+LiteDRAM core (the ULX3S's IS42S16160 controller with LiteDRAM's SDRAM model), ``"ddr3"`` the
+ECPIX-5's DDR3 the same way; the model backend has no memory type and refuses both.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Backend", "BACKENDS", "MEMORIES", "make_backend"]
 
-MEMORIES = ("bram", "sdram")        # the rtl backend's weight memories (module docstring)
+MEMORIES = ("bram", "sdram", "ddr3")        # the rtl backend's weight memories (module docstring)
 # the fraction of the native port's peak that sequential weight reads sustain at least (the
 # co-simulation of the generated SDR core measures 0.96): the DRAM step-time bound divides by it
 DRAM_EFFICIENCY_BOUND = 0.9
@@ -94,7 +94,8 @@ class RtlBackend:
     ``waves_to``) into that file; it is complete once the window has passed or the backend
     closed. ``power_cycle`` starts a fresh simulation, and a fresh trace.
 
-    ``memory="sdram"``: the engine is :class:`~mmfree_fpga.hw.dram_engine.DramEngine` and the
+    ``memory="sdram"`` or ``"ddr3"`` (the ULX3S's or the ECPIX-5's memory,
+    ``sim.engine_sim.DRAM_BOARDS``): the engine is :class:`~mmfree_fpga.hw.dram_engine.DramEngine` and the
     Verilator build holds a generated LiteDRAM core in its ``sim`` variant
     (:class:`~mmfree_fpga.sim.dram_sim.DramLinkedSimTop`; the core is generated once and cached
     with the engine simulations' builds). The image the host uploads goes through the Link's
@@ -137,7 +138,7 @@ class RtlBackend:
         self.sim = self._start()
         self.lanes = lanes
         self.memory = memory
-        where = "" if memory == "bram" else ", weights in a simulated SDRAM behind LiteDRAM"
+        where = "" if memory == "bram" else f", weights in a simulated {memory.upper()} behind LiteDRAM"
         self.description = (f"the engine's generated Verilog in Verilator ({lanes} lanes, {packing}{where}), "
                             f"d={cfg.d} L={cfg.L} I={cfg.I} V={cfg.V}")
 

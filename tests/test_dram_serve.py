@@ -91,3 +91,26 @@ def test_driver_loads_a_model_larger_than_block_ram_into_the_sdram(tmp_path):
     finally:
         server.stop()
         backend.close()
+
+
+@pytest.mark.slow
+def test_serve_memory_ddr3_runs_the_demo_bit_exact(tmp_path):
+    """The same through the ECPIX-5's DDR3 (LiteDRAM controller with the ECP5DDRPHY's settings and
+    LiteDRAM's DDR3 model): the driver uploads the demo image, the tokens are bit-exact."""
+    from mmfree_fpga.host.transport import TcpDeviceServer
+    from mmfree_fpga.sim.backends import make_backend
+    _needs_dram_cosim()
+    cfg = ModelConfig.from_checkpoint(DEMO_CHECKPOINT)
+    backend = make_backend("rtl", cfg, "base3", None, lanes=16, memory="ddr3")
+    assert "simulated DDR3" in backend.description
+    server = TcpDeviceServer(backend).start()
+    try:
+        out = tmp_path / "run.json"
+        assert main(["run", "--device", server.url, "--checkpoint", str(DEMO_CHECKPOINT), "--prompt", "def",
+                     "--steps", "4", "--quiet", "--json-out", str(out)]) == 0
+        r = json.loads(out.read_text())
+        assert r["loaded_weights"] is True
+        assert r["tokens"] == reference_tokens(DEMO_CHECKPOINT, list(b"def"), 4)
+    finally:
+        server.stop()
+        backend.close()

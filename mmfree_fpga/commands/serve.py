@@ -29,7 +29,8 @@ def add_arguments(p) -> None:
                    help="(rtl) where the simulated engine's weights are: 'bram' = on-chip RAM (default); "
                         "'sdram' = a simulated SDRAM behind the generated LiteDRAM core (the ULX3S's "
                         "IS42S16160 controller with LiteDRAM's SDRAM model): the uploaded image is "
-                        "written into it and every token streams its weights from it")
+                        "written into it and every token streams its weights from it; 'ddr3' = the "
+                        "ECPIX-5's DDR3 (MT41K256M16 behind LiteDRAM's ECP5DDRPHY settings) the same way")
     p.add_argument("--preload", action="store_true",
                    help="start with the checkpoint's weights loaded (else the first 'run' loads them)")
     p.add_argument("--waves", default=None, metavar="FILE",
