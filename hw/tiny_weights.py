@@ -9,6 +9,8 @@ iCE40UP5K's ``SB_SPRAM256KA`` blocks, 16 Ki words each, no initial contents).
 
 from __future__ import annotations
 
+import abc
+
 from amaranth.hdl import Cat, Const, Module, Mux, Signal
 from amaranth.lib import stream, wiring
 from amaranth.lib.memory import Memory
@@ -24,7 +26,7 @@ __all__ = ["WeightStore", "BlockRamWeights", "SpramWeights", "weight_store", "WO
 WORD_ADDR_BITS = B_BITS - 1      # a 16-bit word's address (byte address >> 1)
 
 
-class WeightStore(wiring.Component):
+class WeightStore(wiring.Component, metaclass=abc.ABCMeta):
     """The weight image as ``depth`` 16-bit words (byte ``2k`` in bits 7:0 of word ``k``).
 
     Members
@@ -67,10 +69,10 @@ class WeightStore(wiring.Component):
         self.memory(m, addr, we, waddr, wbyte, wlane)
         return m
 
+    @abc.abstractmethod
     def memory(self, m: Module, addr, we, waddr, wbyte, wlane):
         """Add the memory: read ``addr`` into ``rdata`` a cycle later; while ``we`` write
         ``wbyte`` into lane ``wlane`` of word ``addr`` (= ``waddr``, a register)."""
-        raise NotImplementedError
 
 
 class BlockRamWeights(WeightStore):
