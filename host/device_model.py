@@ -18,6 +18,11 @@ keeps, and the fuzz test checks:
 * ``power_cycle()`` is a reset: state, weights, load progress and the reply cache are lost,
   the boot id changes and the receiver starts over.
 
+``minor`` makes it a device of an older minor version (0: no LOAD_STATUS, no VERIFY_IMAGE;
+they get UNKNOWN_OP, as a 1.0 device answers), ``readback=False`` one that cannot read its
+weight memory back (VERIFY_IMAGE gets UNKNOWN_OP). ``corrupt_stored_image`` damages a byte of
+the stored image (what VERIFY_IMAGE reads back), as a faulty memory would, for tests.
+
 ``stats`` counts what happened (``commands``, ``tokens``, ``replays``, ``naks`` and
 ``nak_<ERROR>``, ``bad_crc``, ``ignored``, ``idle_drops``, ``power_cycles``, ``bytes_in``,
 ``bytes_out``); tests of the gateware link compare against these names.
@@ -38,7 +43,8 @@ import numpy as np
 from mmfree_fpga.config import FORMATS, ModelConfig
 from mmfree_fpga.protocol import (
     DEVICE_MAGIC, FEED_TOKEN_REQUEST, FEED_TOKEN_RESPONSE, FRAME_IDLE_TIMEOUT_S, LOAD_BEGIN_REQUEST,
-    LOAD_BEGIN_RESPONSE, LOAD_CHUNK_HEADER, LOAD_CHUNK_RESPONSE, LOAD_COMMIT_RESPONSE, MAX_CHUNK,
+    LOAD_BEGIN_RESPONSE, LOAD_CHUNK_HEADER, LOAD_CHUNK_RESPONSE, LOAD_COMMIT_RESPONSE, LOAD_STATUS_RESPONSE,
+    MAX_CHUNK, MINOR_LOAD_STATUS, VERIFY_IMAGE_RESPONSE,
     MAX_LOGITS_PER_READ, MAX_PAYLOAD, MIN_DEVICE_PAYLOAD, NAK_PAYLOAD, NAK_RESPONSE, POSITION, PROTOCOL_VERSION,
     READ_LOGITS_HEADER, READ_LOGITS_REQUEST, REQUEST_LENGTHS, RESPONSE, BadFrame, Error, Frame, FrameDecoder,
     Identity, Op, Packing, Status, crc32_image, encode_frame, formats_id,
@@ -81,9 +87,14 @@ class DeviceModel:
     """
 
     def __init__(self, cfg: ModelConfig, packing: str = "base3", *, lanes: int = 0,
-                 step_time_ms: int | None = None, max_payload: int = MAX_PAYLOAD, seed: int | None = None):
+                 step_time_ms: int | None = None, max_payload: int = MAX_PAYLOAD, seed: int | None = None,
+                 minor: int = PROTOCOL_VERSION[1], readback: bool = True):
         if not MIN_DEVICE_PAYLOAD <= max_payload <= MAX_PAYLOAD:
             raise ValueError(f"max_payload must be in [{MIN_DEVICE_PAYLOAD}, {MAX_PAYLOAD}]")
+        if not 0 <= minor <= PROTOCOL_VERSION[1]:
+            raise ValueError(f"minor must be in [0, {PROTOCOL_VERSION[1]}], got {minor}")
+        self.minor = minor
+        self.readback = readback and minor >= MINOR_LOAD_STATUS
         self.cfg = cfg
         self.packing = packing
         self.packing_code = Packing.from_export_name(packing)
@@ -112,6 +123,7 @@ class DeviceModel:
             self._decoder = FrameDecoder(self.max_payload)
             self._last_rx = 0.0
             self._model: IntegerModel | None = None
+            self._stored: bytearray | None = None     # the weight memory's bytes (VERIFY_IMAGE)
             self._image_crc = 0
             self._load: _Load | None = None
             self._position = 0
@@ -131,7 +143,7 @@ class DeviceModel:
         status = (Status.WEIGHTS_LOADED if self._model is not None else 0) | \
                  (Status.LOADING if self._load is not None else 0)
         return Identity(
-            magic=DEVICE_MAGIC, version_major=PROTOCOL_VERSION[0], version_minor=PROTOCOL_VERSION[1],
+            magic=DEVICE_MAGIC, version_major=PROTOCOL_VERSION[0], version_minor=self.minor,
             boot_id=self.boot_id, vocab_size=self.cfg.V, hidden_size=self.cfg.d, num_layers=self.cfg.L,
             intermediate_size=self.cfg.I, lanes=self.lanes, packing=self.packing_code,
             image_version=IMAGE_VERSION, formats_id=self.formats_id, max_payload=self.max_payload,
@@ -145,6 +157,7 @@ class DeviceModel:
             h = hashlib.sha256()
             load = self._load
             h.update(repr((self.boot_id, self._position, self._image_crc, self._model is not None,
+                           None if self._stored is None else crc32_image(self._stored),
                            None if load is None else (load.size, load.crc, load.pointer, load.running_crc),
                            None if self._cache is None else self._cache[:2])).encode())
             if load is not None:
@@ -163,8 +176,19 @@ class DeviceModel:
                 raise ValueError(f"image has {len(blob)} bytes, this engine takes {self.image_bytes}")
             self._install(bytes(blob), crc32_image(blob))
 
+    def corrupt_stored_image(self, offset: int, xor: int = 0x01) -> None:
+        """Flip bits ``xor`` of byte ``offset`` of the stored image, as a faulty weight memory would
+        (what VERIFY_IMAGE reads back changes; IDENTIFY still reports the CRC committed)."""
+        with self._lock:
+            if self._stored is None:
+                raise ValueError("no weights are loaded")
+            if not 0 <= offset < len(self._stored) or not 0 < xor <= 0xFF:
+                raise ValueError(f"offset must be in [0, {len(self._stored)}) and xor in [1, 255]")
+            self._stored[offset] ^= xor
+
     def _install(self, blob: bytes, crc: int) -> None:
         self._model = IntegerModel(parse_image(blob, self.cfg, self.packing, FORMATS))
+        self._stored = bytearray(blob)
         self._image_crc = crc
         self._load = None
         self._position = 0
@@ -234,7 +258,8 @@ class DeviceModel:
             command = Op(op)
         except ValueError:
             raise Rejected(Error.UNKNOWN_OP) from None
-        if command == Op.NAK:
+        if command == Op.NAK or (command in (Op.LOAD_STATUS, Op.VERIFY_IMAGE) and self.minor < MINOR_LOAD_STATUS) \
+                or (command == Op.VERIFY_IMAGE and not self.readback):
             raise Rejected(Error.UNKNOWN_OP)
         if command == Op.LOAD_CHUNK:
             if len(payload) <= LOAD_CHUNK_HEADER.size:
@@ -260,6 +285,7 @@ class DeviceModel:
         if size != self.image_bytes:
             raise Rejected(Error.BAD_IMAGE_SIZE, self.image_bytes)
         self._model = None
+        self._stored = None
         self._image_crc = 0
         self._position = 0
         self._logits = None
@@ -320,3 +346,14 @@ class DeviceModel:
             raise Rejected(Error.BAD_ARGUMENT, per_read)
         values = self._logits[start:start + count].astype("<i4").tobytes()
         return READ_LOGITS_HEADER.pack(position, start) + values
+
+    def _op_load_status(self, payload: bytes) -> bytes:
+        load = self._load
+        if load is None:
+            return LOAD_STATUS_RESPONSE.pack(0, 0, 0, 0)
+        return LOAD_STATUS_RESPONSE.pack(load.size, load.crc, load.pointer, load.running_crc)
+
+    def _op_verify_image(self, payload: bytes) -> bytes:
+        if self._model is None:
+            raise Rejected(Error.NO_WEIGHTS)
+        return VERIFY_IMAGE_RESPONSE.pack(len(self._stored), crc32_image(self._stored))

@@ -13,6 +13,12 @@ code serves all three. What it does about an unreliable link:
   is given up and the bytes behind its false start are rescanned;
 * weights go in chunks, logits come in pieces, whose size halves on a noisy link (down to
   MIN_CHUNK / MIN_LOGITS_READ) and grows back when clean; the image ends with a CRC-32 check;
+* an upload that was cut off (the host process killed, the link lost; the device kept power)
+  resumes where the device's write pointer stands, when LOAD_STATUS shows a load of the same
+  image (size and CRC-32) whose bytes so far are the image's (their running CRC-32 equals the
+  host's CRC of the image up to the pointer); otherwise, and with a device of protocol 1.0, the
+  load starts from byte 0. On request the device reads the committed image back from its
+  weight memory (VERIFY_IMAGE) and the host compares the CRC-32;
 * a device that lost its state (reset, power cycle, reprogrammed) is noticed by the position
   every FEED_TOKEN/READ_LOGITS carries (POSITION_MISMATCH) or by NO_WEIGHTS. The driver then
   identifies it (a new boot id), reloads the weights if they are gone or differ, resets the
@@ -40,19 +46,21 @@ from mmfree_fpga.generation import Sampler
 from mmfree_fpga.protocol import (
     CONNECT_RETRIES, CONNECT_TIMEOUT_S, DEFAULT_TIMEOUT_S, DEVICE_MAGIC, EARLY_RETRY_GAP_S,
     FEED_TOKEN_REQUEST, FEED_TOKEN_RESPONSE, FRAME_OVERHEAD, IDENTITY, LOAD_BEGIN_REQUEST,
-    LOAD_BEGIN_RESPONSE, LOAD_CHUNK_HEADER, LOAD_CHUNK_RESPONSE, LOAD_COMMIT_RESPONSE, MAX_ATTEMPTS,
+    LOAD_BEGIN_RESPONSE, LOAD_CHUNK_HEADER, LOAD_CHUNK_RESPONSE, LOAD_COMMIT_RESPONSE, LOAD_STATUS_RESPONSE,
+    MAX_ATTEMPTS, MINOR_LOAD_STATUS, VERIFY_IMAGE_RESPONSE, VERIFY_MIN_BYTES_PER_S,
     MAX_CHUNK, MAX_LOAD_ATTEMPTS, MAX_LOGITS_PER_READ, MAX_PAYLOAD, MAX_RECOVERIES, MAX_SILENT_RETRIES,
     MAX_TIMEOUT_S, MIN_CHUNK, MIN_DEVICE_PAYLOAD, MIN_LOGITS_READ, MIN_TIMEOUT_S, NAK_PAYLOAD,
     NAK_RESPONSE, POSITION, PROTOCOL_VERSION, READ_LOGITS_HEADER, READ_LOGITS_REQUEST, RESPONSE,
-    BadFrame, Error, FrameDecoder, Identity, Op, Packing, encode_frame, formats_id,
+    BadFrame, Error, FrameDecoder, Identity, Op, Packing, crc32_image, encode_frame, formats_id,
 )
 from mmfree_fpga.image import IMAGE_VERSION
 
 from .image import WeightImage
 from .transport import LinkClosed, SerialTransport
 
-__all__ = ["Driver", "FeedResult", "DriverStats", "DriverError", "NoDeviceError", "WrongDeviceError",
-           "IncompatibleDeviceError", "DeviceNak", "RecoveryError", "NoisyLinkError", "describe"]
+__all__ = ["Driver", "FeedResult", "LoadStatus", "DriverStats", "DriverError", "NoDeviceError",
+           "WrongDeviceError", "IncompatibleDeviceError", "DeviceNak", "RecoveryError", "NoisyLinkError",
+           "VerifyError", "describe"]
 
 
 class DriverError(UserError):
@@ -77,6 +85,10 @@ class RecoveryError(DriverError):
 
 class NoisyLinkError(DriverError):
     """Bytes arrive but no valid answer does, MAX_ATTEMPTS times in a row."""
+
+
+class VerifyError(DriverError):
+    """The image the device read back from its weight memory is not the one loaded."""
 
 
 class _GiveUp(Exception):
@@ -109,6 +121,19 @@ class FeedResult:
     cycles: int          # engine cycles of the step (0: not counted)
 
 
+@dataclass(frozen=True)
+class LoadStatus:
+    """LOAD_STATUS: the device's open load (all 0 when none is open)."""
+    size: int            # of the image being loaded
+    crc32: int           # its CRC-32, as LOAD_BEGIN gave it
+    pointer: int         # bytes received so far
+    running_crc32: int   # CRC-32 of those bytes
+
+    @property
+    def open(self) -> bool:
+        return self.size != 0
+
+
 @dataclass
 class DriverStats:
     commands: int = 0
@@ -125,6 +150,9 @@ class DriverStats:
     recoveries: int = 0
     device_resets: int = 0
     loads: int = 0
+    resumed_loads: int = 0
+    resumed_bytes: int = 0     # image bytes a resumed load did not send again
+    image_bytes_sent: int = 0  # image bytes sent in LOAD_CHUNKs that the device took
     replayed_tokens: int = 0
 
     def as_dict(self) -> dict:
@@ -251,6 +279,9 @@ class Driver:
         return self._link_rtt.timeout() + self._compute_allowance(op)
 
     def _compute_allowance(self, op: Op) -> float:
+        if op == Op.VERIFY_IMAGE:        # one read of the whole image, at the slowest rate allowed
+            size = self.info.image_size if self.info is not None else 0
+            return 1.0 + 2 * size / VERIFY_MIN_BYTES_PER_S
         step = (self.info.step_time_ms / 1000.0) if self.info is not None else 0.0
         return 2 * step if op in (Op.FEED_TOKEN, Op.LOAD_COMMIT) else 0.0
 
@@ -472,8 +503,9 @@ class Driver:
         return info.weights_loaded and info.image_crc == image.crc32 and info.image_size == image.size
 
     def ensure_weights(self, image: WeightImage, *, force: bool = False, allow_load: bool = True,
-                       progress: Callable[[int, int], None] | None = None) -> bool:
-        """Make the engine hold ``image``; True if it had to be loaded."""
+                       progress: Callable[[int, int], None] | None = None, verify: bool = False) -> bool:
+        """Make the engine hold ``image``; True if it had to be loaded. ``verify``: then have the
+        device read it back from its weight memory and compare (:meth:`verify_weights`)."""
         info = self.info or self.identify()
         self.check_geometry(image.cfg, image.source or "the image")
         if Packing.from_export_name(image.packing) != info.packing:
@@ -483,37 +515,85 @@ class Driver:
         if image.formats_id != info.formats_id or image.image_version != info.image_version:
             raise IncompatibleDeviceError(f"the image {image.source} was written for other formats or another "
                                           "image version than the engine's; re-export it")
+        if verify:
+            self._check_verify_supported()
         if self.holds(image) and not force:
             self.image = image
-            return False
-        if not allow_load:
+            loaded = False
+        elif not allow_load:
             held = (f"other weights (CRC-32 {info.image_crc:08x}, this image {image.crc32:08x})"
                     if info.weights_loaded else "no weights")
             raise IncompatibleDeviceError(f"the engine at {self.name} holds {held}; load this image into it "
                                           "(in 'mmfree-fpga run': leave out --no-load)")
-        self.load_weights(image, progress)
-        return True
+        else:
+            self.load_weights(image, progress, resume=not force)
+            loaded = True
+        if verify:
+            self.verify_weights(image)
+        return loaded
 
-    def load_weights(self, image: WeightImage, progress: Callable[[int, int], None] | None = None) -> None:
-        """LOAD_BEGIN, in-order LOAD_CHUNKs, LOAD_COMMIT; restarts if the device loses the load."""
+    def load_status(self) -> LoadStatus | None:
+        """LOAD_STATUS: the device's open load; None from a device of protocol 1.0."""
+        info = self.info or self.identify()
+        if info.version_minor < MINOR_LOAD_STATUS:
+            return None
+        try:
+            answer = self._exchange(Op.LOAD_STATUS)
+        except DeviceNak as e:
+            if e.error == Error.UNKNOWN_OP:
+                return None
+            raise
+        return LoadStatus(*_unpack(LOAD_STATUS_RESPONSE, answer, Op.LOAD_STATUS))
+
+    def _resume_point(self, image: WeightImage) -> int | None:
+        """Where the device's open load of ``image`` stands, if its bytes so far are the image's."""
+        status = self.load_status()
+        if status is None or not status.open:
+            return None
+        if (status.size, status.crc32) != (image.size, image.crc32) or not 0 < status.pointer <= image.size:
+            self.log(f"the device holds a partial load of another image ({status.pointer:,} of {status.size:,} "
+                     f"bytes, CRC-32 {status.crc32:08x}); loading from byte 0")
+            return None
+        if crc32_image(image.blob[:status.pointer]) != status.running_crc32:
+            self.log(f"the {status.pointer:,} bytes the device received of this image do not check out "
+                     "(CRC-32); loading from byte 0")
+            return None
+        return status.pointer
+
+    def load_weights(self, image: WeightImage, progress: Callable[[int, int], None] | None = None, *,
+                     resume: bool = True) -> None:
+        """LOAD_BEGIN, in-order LOAD_CHUNKs, LOAD_COMMIT; restarts if the device loses the load.
+
+        ``resume``: continue a load of the same image that the device holds open (an upload cut
+        off earlier) from its write pointer instead of from 0, if LOAD_STATUS shows that its
+        bytes so far are the image's (module docstring)."""
         info = self.info or self.identify()
         max_chunk = min(MAX_CHUNK, info.max_payload - LOAD_CHUNK_HEADER.size)
         blob, size, crc = image.blob, image.size, image.crc32
         self.stats.loads += 1
         last: DeviceNak | None = None
         for attempt in range(MAX_LOAD_ATTEMPTS):
-            try:
-                begin = self._exchange(Op.LOAD_BEGIN, LOAD_BEGIN_REQUEST.pack(size, crc))
-            except DeviceNak as e:
-                if e.error == Error.BAD_IMAGE_SIZE:
-                    raise IncompatibleDeviceError(f"the engine at {self.name} takes images of {e.arg} bytes, "
-                                                  f"this one has {size}; export for the engine's geometry") from None
-                raise
-            if _unpack(LOAD_BEGIN_RESPONSE, begin, Op.LOAD_BEGIN) != (size, crc):
-                raise WrongDeviceError(f"the device at {self.name} acknowledged LOAD_BEGIN for another image")
+            start = self._resume_point(image) if resume else None
+            if start is None:
+                try:
+                    begin = self._exchange(Op.LOAD_BEGIN, LOAD_BEGIN_REQUEST.pack(size, crc))
+                except DeviceNak as e:
+                    if e.error == Error.BAD_IMAGE_SIZE:
+                        raise IncompatibleDeviceError(f"the engine at {self.name} takes images of {e.arg} bytes, "
+                                                      f"this one has {size}; export for the engine's geometry") from None
+                    raise
+                if _unpack(LOAD_BEGIN_RESPONSE, begin, Op.LOAD_BEGIN) != (size, crc):
+                    raise WrongDeviceError(f"the device at {self.name} acknowledged LOAD_BEGIN for another image")
+                start = 0
+            else:
+                self.stats.resumed_loads += 1
+                self.stats.resumed_bytes += start
+                self.log(f"resuming the interrupted upload at byte {start:,} of {size:,}")
             self.history.clear()
             self._predicted.clear()
-            offset = rewinds = 0
+            offset, rewinds = start, 0
+            if progress is not None:
+                progress(offset, size)
             try:
                 while offset < size:
                     n = min(self.chunk.size, max_chunk, size - offset)
@@ -537,6 +617,7 @@ class Driver:
                     if not 0 <= next_offset <= size:
                         raise WrongDeviceError(f"the device at {self.name} reports load offset {next_offset} "
                                                f"outside the {size}-byte image")
+                    self.stats.image_bytes_sent += max(0, next_offset - offset) if n else 0
                     offset = next_offset
                     if n:
                         self.chunk.done(self.last_failures)
@@ -555,6 +636,37 @@ class Driver:
             self.identify()
             return
         raise DriverError(f"loading the weights into {self.name} failed {MAX_LOAD_ATTEMPTS} times (last: {last})")
+
+    def _check_verify_supported(self) -> None:
+        info = self.info or self.identify()
+        if info.version_minor < MINOR_LOAD_STATUS:
+            raise IncompatibleDeviceError(
+                f"the engine at {self.name} speaks protocol {info.version_major}.{info.version_minor}, which cannot "
+                f"read its weights back (VERIFY_IMAGE came with {info.version_major}.{MINOR_LOAD_STATUS}); "
+                "leave out --verify or rebuild the engine from this version")
+
+    def verify_weights(self, image: WeightImage) -> None:
+        """VERIFY_IMAGE: the device reads its weight memory back; VerifyError unless the CRC-32 of
+        what it read is ``image``'s."""
+        self._check_verify_supported()
+        try:
+            answer = self._exchange(Op.VERIFY_IMAGE)
+        except DeviceNak as e:
+            if e.error == Error.UNKNOWN_OP:
+                raise IncompatibleDeviceError(
+                    f"the engine at {self.name} cannot read its weight memory back (no VERIFY_IMAGE in this "
+                    "build, e.g. the iCE40 tiny engine); leave out --verify") from None
+            if e.error == Error.NO_WEIGHTS:
+                raise DriverError(f"the engine at {self.name} holds no weights to verify (was it reset?); "
+                                  "run again to load them") from None
+            raise
+        size, crc = _unpack(VERIFY_IMAGE_RESPONSE, answer, Op.VERIFY_IMAGE)
+        if (size, crc) != (image.size, image.crc32):
+            raise VerifyError(
+                f"read-back verification failed: the engine at {self.name} read {size:,} bytes with CRC-32 "
+                f"{crc:08x} from its weight memory, the image has {image.size:,} bytes with CRC-32 "
+                f"{image.crc32:08x}; the memory does not hold what was loaded (a faulty memory or memory "
+                "settings): load again with --force-load, or check the board's memory")
 
     # -- state and tokens -----------------------------------------------------------------
     def reset_state(self) -> None:

@@ -37,7 +37,11 @@ response without executing again, so a lost response never makes a command run t
 token fed twice). NAKs are never cached and a rejected frame changes no state at all. (A
 device may run a duplicate of IDENTIFY or READ_LOGITS again instead of caching its answer:
 they change nothing, so the bytes come out the same; only the answers of commands that change
-state, at most 16 bytes, need storing.)
+state, at most 16 bytes, need storing. LOAD_STATUS and VERIFY_IMAGE change nothing either.)
+
+Versions: a host accepts a device of its major version and any minor. Minor 1 added LOAD_STATUS
+and VERIFY_IMAGE; a 1.0 device answers both with UNKNOWN_OP, and a host talking to it loads an
+image from byte 0 and cannot verify it.
 
 Commands (request payload -> response payload; all fields little-endian)::
 
@@ -51,6 +55,10 @@ Commands (request payload -> response payload; all fields little-endian)::
                                                         logit i32, cycles u32
     0x07  READ_LOGITS  position u32, start u32,         position u32, start u32,
                        count u16                        logits i32[count]
+    0x08  LOAD_STATUS  -                                size u32, crc32 u32, pointer u32,
+          (1.1)                                         running_crc32 u32
+    0x09  VERIFY_IMAGE -                                size u32, crc32 u32
+          (1.1)
     0x7f  (NAK)        never sent by the host           sent as op 0xff: error u8,
                                                         rejected op u8, arg u32
 
@@ -92,6 +100,18 @@ per command as listed below. Every check comes before any change of state.
   (POSITION_MISMATCH, arg = the device's position); then a token fed since RESET_STATE,
   1 <= count <= min(MAX_LOGITS_PER_READ, (max payload - 8) / 4) and start + count <= vocab
   (BAD_ARGUMENT, arg = that largest count). Returns logits[start:start+count] of the last step.
+* LOAD_STATUS (minor 1): answered in any state, changes nothing. While a load is open: its size
+  and target CRC-32 (LOAD_BEGIN's), the write pointer and the CRC-32 of the bytes received so
+  far (``crc32_image(image[:pointer])`` when they are the image's); with no load open, four
+  zeros. A host that lost a load midway (its process killed, the link gone; the device kept
+  power) resumes it with LOAD_CHUNK at the pointer, skipping LOAD_BEGIN, when size and target
+  CRC are its image's and the running CRC equals its own CRC of image[:pointer]; otherwise it
+  starts over with LOAD_BEGIN.
+* VERIFY_IMAGE (minor 1, optional): weights loaded (NO_WEIGHTS). The device reads the stored
+  image back from its weight memory (block RAM, DRAM) and answers its size and the CRC-32 of
+  the bytes read; the host compares that with its image's CRC. Changes nothing; it takes about
+  one memory read of the image (at least VERIFY_MIN_BYTES_PER_S). A device whose engine cannot
+  read its weight memory back answers UNKNOWN_OP.
 * A frame with the RESPONSE bit, a frame failing HCRC and garbage get no answer; a frame whose
   CRC-16 fails gets NAK BAD_CRC (arg 0); an unknown op (or NAK) gets UNKNOWN_OP.
 """
@@ -118,19 +138,20 @@ __all__ = [
     "table_crc", "formats_id",
     "Identity", "IDENTITY", "POSITION", "LOAD_BEGIN_REQUEST", "LOAD_BEGIN_RESPONSE",
     "LOAD_CHUNK_HEADER", "LOAD_CHUNK_RESPONSE", "LOAD_COMMIT_RESPONSE", "FEED_TOKEN_REQUEST",
-    "FEED_TOKEN_RESPONSE", "READ_LOGITS_REQUEST", "READ_LOGITS_HEADER", "NAK_PAYLOAD",
-    "REQUEST_LENGTHS",
+    "FEED_TOKEN_RESPONSE", "READ_LOGITS_REQUEST", "READ_LOGITS_HEADER", "LOAD_STATUS_RESPONSE",
+    "VERIFY_IMAGE_RESPONSE", "NAK_PAYLOAD", "REQUEST_LENGTHS", "MINOR_LOAD_STATUS",
     "Frame", "BadFrame", "encode_frame", "FrameDecoder",
     "DEFAULT_BAUD", "FRAME_IDLE_TIMEOUT_S", "DEFAULT_TIMEOUT_S", "MIN_TIMEOUT_S", "MAX_TIMEOUT_S", "EARLY_RETRY_GAP_S",
     "CONNECT_TIMEOUT_S", "CONNECT_RETRIES", "MAX_SILENT_RETRIES", "MAX_ATTEMPTS",
-    "MAX_RECOVERIES", "MAX_LOAD_ATTEMPTS", "MIN_CHUNK", "MIN_LOGITS_READ",
+    "MAX_RECOVERIES", "MAX_LOAD_ATTEMPTS", "MIN_CHUNK", "MIN_LOGITS_READ", "VERIFY_MIN_BYTES_PER_S",
 ]
 
 # -- framing ---------------------------------------------------------------------------
 
 SYNC = 0xA5
 RESPONSE = 0x80
-PROTOCOL_VERSION = (1, 0)          # (major, minor): a host accepts any minor of its major
+PROTOCOL_VERSION = (1, 1)          # (major, minor): a host accepts any minor of its major
+MINOR_LOAD_STATUS = 1              # the first minor with LOAD_STATUS and VERIFY_IMAGE
 DEVICE_MAGIC = b"HGRB"
 HEADER_LEN = 6                     # SYNC SEQ OP LEN(2) HCRC
 TRAILER_LEN = 2                    # CRC-16
@@ -152,6 +173,8 @@ class Op(enum.IntEnum):
     LOAD_COMMIT = 0x05
     FEED_TOKEN = 0x06
     READ_LOGITS = 0x07
+    LOAD_STATUS = 0x08        # (minor 1)
+    VERIFY_IMAGE = 0x09       # (minor 1, optional)
     NAK = 0x7F
 
 
@@ -277,12 +300,15 @@ FEED_TOKEN_REQUEST = struct.Struct("<II")           # position, token
 FEED_TOKEN_RESPONSE = struct.Struct("<IIiI")        # position, argmax, logit, cycles
 READ_LOGITS_REQUEST = struct.Struct("<IIH")         # position, start, count
 READ_LOGITS_HEADER = struct.Struct("<II")           # position, start, then int32 logits
+LOAD_STATUS_RESPONSE = struct.Struct("<IIII")       # size, crc32, pointer, running crc32 (0s: no load)
+VERIFY_IMAGE_RESPONSE = struct.Struct("<II")        # size, crc32 of the image read back
 NAK_PAYLOAD = struct.Struct("<BBI")                 # error, rejected op, arg
 
 # exact request payload lengths; LOAD_CHUNK is header + 1..MAX_CHUNK bytes of data
 REQUEST_LENGTHS = {
     Op.IDENTIFY: 0, Op.RESET_STATE: 0, Op.LOAD_BEGIN: LOAD_BEGIN_REQUEST.size,
     Op.LOAD_COMMIT: 0, Op.FEED_TOKEN: FEED_TOKEN_REQUEST.size, Op.READ_LOGITS: READ_LOGITS_REQUEST.size,
+    Op.LOAD_STATUS: 0, Op.VERIFY_IMAGE: 0,
 }
 
 IDENTITY = struct.Struct("<4sBBIIIHIHBBIHIBIII")
@@ -463,3 +489,4 @@ MAX_RECOVERIES = 8             # device resets recovered in a row without a succ
 MAX_LOAD_ATTEMPTS = 4          # whole-image load attempts (LOAD_BEGIN .. LOAD_COMMIT)
 MIN_CHUNK = 32                 # the host halves its LOAD_CHUNK size on a noisy link down to this
 MIN_LOGITS_READ = 8            # ... and its READ_LOGITS count down to this
+VERIFY_MIN_BYTES_PER_S = 1e6   # VERIFY_IMAGE reads back at least this fast: the host's timeout

@@ -158,7 +158,7 @@ class _Patched(DeviceModel):
 
 @pytest.mark.parametrize("changes,error,match", [
     ({"magic": b"XXXX"}, WrongDeviceError, "not an mmfree-fpga engine"),
-    ({"version_major": 2}, IncompatibleDeviceError, "speaks protocol 2.0"),
+    ({"version_major": 2, "version_minor": 0}, IncompatibleDeviceError, "speaks protocol 2.0"),
     ({"formats_id": 1}, IncompatibleDeviceError, "fixed-point formats"),
     ({"image_version": 99}, IncompatibleDeviceError, "image version 99"),
     ({"max_payload": 10}, WrongDeviceError, "payload"),

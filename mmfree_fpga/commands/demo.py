@@ -24,6 +24,9 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=non_negative_int, default=1)
     p.add_argument("--lanes", type=engine_lanes, default=16, metavar="N",
                    help="lanes of the simulated engine: " + lanes_help(16))
+    p.add_argument("--verify", action="store_true",
+                   help="after the upload, have the simulated engine read its weight memory back and compare "
+                        "the CRC-32 with the image's")
 
 
 def run(args) -> dict:
@@ -66,9 +69,12 @@ def run(args) -> dict:
         image = WeightImage.from_checkpoint(ckpt, "base3")
         progress = Progress("      loading weights", quiet=False)
         t0 = time.perf_counter()
-        driver.ensure_weights(image, progress=progress)
-        progress.close()
-        say(f"      {image.size} bytes of weights sent over the serial protocol in {time.perf_counter() - t0:.1f} s")
+        try:
+            driver.ensure_weights(image, progress=progress, verify=args.verify)
+        finally:
+            progress.close()
+        say(f"      {image.size} bytes of weights sent over the serial protocol in {time.perf_counter() - t0:.1f} s"
+            + ("; read back and verified (CRC-32)" if args.verify else ""))
         say(f"[3/4] streaming {args.steps} tokens from the simulated hardware (temperature {args.temperature}, "
             f"top-k {args.top_k}, seed {args.seed}):")
         print("-" * 72)

@@ -23,7 +23,11 @@ def add_arguments(p) -> None:
                    help="fixed response timeout in seconds (default: adapts to the measured round trip)")
     p.add_argument("--no-load", action="store_true",
                    help="fail instead of loading the weights when the device lacks them or holds others")
-    p.add_argument("--force-load", action="store_true", help="load the weights even if the device holds them")
+    p.add_argument("--force-load", action="store_true",
+                   help="load the weights from byte 0 even if the device holds them (or part of them)")
+    p.add_argument("--verify", action="store_true",
+                   help="after loading (or finding the weights loaded) have the device read its weight memory "
+                        "back and compare the CRC-32 with the image's; a mismatch is an error")
 
 
 def run(args) -> dict:
@@ -50,16 +54,22 @@ def run(args) -> dict:
         if not args.quiet:
             print(f"device {args.device}: {describe(info)}", flush=True)
         image = WeightImage.from_checkpoint(checkpoint, driver.packing)
-        progress = Progress("loading weights", quiet=args.quiet)
+        progress = Progress("loading weights", quiet=args.quiet, unit="B", unit_scale=True)
         t_load = time.perf_counter()
         try:
             loaded = driver.ensure_weights(image, force=args.force_load, allow_load=not args.no_load,
-                                           progress=progress)
+                                           progress=progress, verify=args.verify)
         finally:
             progress.close()
         load_s = time.perf_counter() - t_load
+        resumed = driver.stats.resumed_bytes
         if loaded and not args.quiet:
-            print(f"loaded {image.size} bytes of weights (CRC-32 {image.crc32:08x}) in {load_s:.2f} s", flush=True)
+            sent = image.size - resumed
+            how = f" (resumed at byte {resumed:,}: {sent:,} bytes sent)" if resumed else ""
+            print(f"loaded {image.size:,} bytes of weights (CRC-32 {image.crc32:08x}) in {load_s:.2f} s{how}",
+                  flush=True)
+        if args.verify and not args.quiet:
+            print(f"verified: the device read back {image.size:,} bytes with the image's CRC-32", flush=True)
 
         on_token = stream_printer(cfg.V)
         if cfg.V == 256:
@@ -79,6 +89,7 @@ def run(args) -> dict:
         driver.close()
     return {
         "tokens": tokens, "text": decode_text(tokens, cfg.V), "tokens_per_s": rate, "seconds": seconds,
-        "device": args.device, "loaded_weights": loaded, "load_seconds": load_s,
+        "device": args.device, "loaded_weights": loaded, "load_seconds": load_s, "resumed_from": resumed,
+        "verified": bool(args.verify),
         "image_crc32": f"{image.crc32:08x}", "link": driver.stats.as_dict(),
     }
