@@ -40,6 +40,7 @@ COMMANDS = {
     "sim": "sim",
     "generate": "generate",
     "ports": "ports",
+    "sweep": "sweep",
 }
 
 
