@@ -41,6 +41,7 @@ COMMANDS = {
     "generate": "generate",
     "ports": "ports",
     "sweep": "sweep",
+    "plan": "plan",
 }
 
 
