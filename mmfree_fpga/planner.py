@@ -488,7 +488,8 @@ def sweep_section(quick: bool):
         written = write_outputs(result, os.path.join(tmp, "out"))
     for r in result.rows:
         s.rows.append([r["kind"], r["lanes"], r["packing"], r["clock_mhz"], r["cycles_per_token"], r["tokens_per_s"],
-                       r["matches_integer_model"], r["seconds"], r["error"] or ""])
+                       "" if r["matches_integer_model"] is None else r["matches_integer_model"], r["seconds"],
+                       r["error"] or ""])
     s.notes.append(f"{result.measurements} measurements run as tasks on a {result.cluster} (a fresh cache, so "
                    f"every point ran; {result.failed} failed). Seconds: a measurement's own wall time on its worker, "
                    "including a Verilator build where the lane count had none cached.")
