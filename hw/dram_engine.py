@@ -34,7 +34,7 @@ from mmfree_fpga.packing import PACKINGS
 from .control import ControlSignature, EngineOp
 from .dram_port import DramWeightPort, dram_write_layout, native_port_signature
 from .engine import EngineCore
-from .weight_port import ADDR_BITS
+from .weight_port import ADDR_BITS, ReadbackSignature, WeightReader
 
 __all__ = ["DramEngine"]
 
@@ -55,6 +55,10 @@ class DramEngine(wiring.Component):
         reads in flight; one word per cycle needs it to cover the controller's read round trip.
     probe : bool
         Add the observational ``probe`` member (for counters in a simulation top).
+    readback : bool
+        Add the ``readback`` member: a :class:`~.weight_port.WeightReader` between the core and
+        the adapter reads the image back from DRAM while the engine is idle, the core
+        initialised and the loader drained; commands wait while it runs.
 
     Members
     -------
@@ -67,6 +71,8 @@ class DramEngine(wiring.Component):
         To the LiteDRAM core's native user port (``user_port_<name>`` for member ``<name>``).
     init_done : In(1)
         The core's ``init_done``: its init sequence has run.
+    readback : Out(ReadbackSignature()), only with ``readback=True``
+        The stored image read back (:class:`~.weight_port.ReadbackSignature`).
     probe : Out(...), only with ``probe=True``
         The weight port between engine and adapter, as wires: ``req_taken`` (a request is
         accepted this cycle), ``req_length`` (its length in beats), ``beat_taken`` (a response
@@ -83,9 +89,10 @@ class DramEngine(wiring.Component):
 
     def __init__(self, cfg: ModelConfig, *, lanes: int = 16, packing: str = "base3", packings=PACKINGS,
                  native_data_width: int, native_address_width: int, fifo_depth: int = 32,
-                 probe: bool = False, **maxima):
+                 probe: bool = False, readback: bool = False, **maxima):
         self.core = EngineCore(cfg, lanes=lanes, packing=packing, packings=packings, **maxima)
         wb = self.core.beat_bytes
+        self.reader = WeightReader(beat_bytes=wb) if readback else None
         self.adapter = DramWeightPort(beat_bytes=wb, data_width=native_data_width,
                                       address_width=native_address_width, fifo_depth=fifo_depth)
         self._probe = probe
@@ -99,6 +106,8 @@ class DramEngine(wiring.Component):
             members["probe"] = Out(wiring.Signature({
                 "req_taken": Out(1), "req_length": Out(len(self.core.wport.req.payload.length)),
                 "beat_taken": Out(1), "beat_ready": Out(1)}))
+        if readback:
+            members["readback"] = Out(ReadbackSignature())
         super().__init__(members)
 
     @property
@@ -109,7 +118,15 @@ class DramEngine(wiring.Component):
         m = Module()
         m.submodules.core = core = self.core
         m.submodules.adapter = adapter = self.adapter
-        wiring.connect(m, core.wport, adapter.port)
+        if self.reader is None:
+            wiring.connect(m, core.wport, adapter.port)
+            busy = 0
+        else:
+            m.submodules.reader = reader = self.reader
+            wiring.connect(m, core.wport, reader.engine)
+            wiring.connect(m, reader.memory, adapter.port)
+            wiring.connect(m, reader.readback, wiring.flipped(self.readback))
+            busy = reader.busy
         wiring.connect(m, adapter.native, wiring.flipped(self.native))
         # the core's own loader (core.load, core.wwrite) is left unconnected: ours writes DRAM
         wiring.connect(m, core.result, wiring.flipped(self.result))
@@ -119,8 +136,10 @@ class DramEngine(wiring.Component):
 
         drained = self._loader(m, adapter.write)
         open_ = self.init_done & drained
-        m.d.comb += [core.cmd.payload.eq(self.cmd.payload), core.cmd.valid.eq(self.cmd.valid & open_),
-                     self.cmd.ready.eq(core.cmd.ready & open_)]
+        m.d.comb += [core.cmd.payload.eq(self.cmd.payload), core.cmd.valid.eq(self.cmd.valid & open_ & ~busy),
+                     self.cmd.ready.eq(core.cmd.ready & open_ & ~busy)]
+        if self.reader is not None:
+            m.d.comb += reader.idle.eq(core.cmd.ready & open_)
 
         if self._probe:
             req, resp = core.wport.req, core.wport.resp

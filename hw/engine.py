@@ -119,7 +119,7 @@ from .ram import NO_RW_CHECK, registered_read_port
 from .scalar_unit import ScalarUnit
 from .trits import packing_code
 from .vector_common import vector_widths
-from .weight_port import ADDR_BITS, WeightMemory, weight_port_signature, write_layout
+from .weight_port import ADDR_BITS, ReadbackSignature, WeightMemory, WeightReader, weight_port_signature, write_layout
 
 __all__ = ["Param", "JOBS", "trace_layout", "beat_bytes",
            "engine_params", "check_geometry", "EngineCore", "Engine"]
@@ -503,14 +503,20 @@ class Engine(wiring.Component):
     ``STORE_FIFO_DEPTH`` without it).
     Other keywords (maxima, ``compact``) go to
     :class:`EngineCore`.
+
+    ``readback=True`` adds the member ``readback : Out(ReadbackSignature())``
+    (:class:`~.weight_port.ReadbackSignature`): a :class:`~.weight_port.WeightReader` between
+    the core and the memory reads the stored image back while the engine is idle (between
+    commands: its ``cmd.ready``); commands wait while it runs.
     """
 
     def __init__(self, cfg: ModelConfig, *, lanes: int = 16, packing: str = "base3", packings=PACKINGS,
                  image: bytes | None = None, readmemh: bool = False, model: bool = False,
                  mem_words: int | None = None, mem_fifo_depth: int | None = None, mem_spram: bool | None = None,
-                 mem_dp16kd: bool | None = None, **maxima):
+                 mem_dp16kd: bool | None = None, readback: bool = False, **maxima):
         from mmfree_fpga.image import image_size
         self.core = EngineCore(cfg, lanes=lanes, packing=packing, packings=packings, **maxima)
+        self.reader = WeightReader(beat_bytes=self.core.beat_bytes) if readback else None
         wb = self.core.beat_bytes
         if mem_words is None:
             mem_words = -(-image_size(cfg, packing) // wb)
@@ -525,15 +531,26 @@ class Engine(wiring.Component):
         if model:
             members.update({"mem_bandwidth": In(16), "mem_latency": In(16), "mem_stall_rate": In(8),
                             "mem_synthetic": In(1)})
+        if readback:
+            members["readback"] = Out(ReadbackSignature())
         super().__init__(members)
 
     def elaborate(self, platform):
         m = Module()
         m.submodules.core = core = self.core
         m.submodules.memory = memory = self.memory
-        wiring.connect(m, core.wport, memory.port)
+        if self.reader is None:
+            wiring.connect(m, core.wport, memory.port)
+            wiring.connect(m, wiring.flipped(self.cmd), core.cmd)
+        else:
+            m.submodules.reader = reader = self.reader
+            wiring.connect(m, core.wport, reader.engine)
+            wiring.connect(m, reader.memory, memory.port)
+            wiring.connect(m, reader.readback, wiring.flipped(self.readback))
+            m.d.comb += [reader.idle.eq(core.cmd.ready),
+                         core.cmd.payload.eq(self.cmd.payload), core.cmd.valid.eq(self.cmd.valid & ~reader.busy),
+                         self.cmd.ready.eq(core.cmd.ready & ~reader.busy)]
         m.d.comb += memory.write.eq(core.wwrite)
-        wiring.connect(m, wiring.flipped(self.cmd), core.cmd)
         wiring.connect(m, wiring.flipped(self.load), core.load)
         wiring.connect(m, core.result, wiring.flipped(self.result))
         wiring.connect(m, wiring.flipped(self.logit_req), core.logit_req)

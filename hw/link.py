@@ -39,6 +39,10 @@ tx : Out(stream.Signature(8))
 engine : In(:class:`~.control.ControlSignature`)
     The engine-control interface, flipped: the Link drives ``cmd``, ``load`` and ``logit_req``
     and takes ``result`` and ``logit_resp`` (hw/control.py has the payloads).
+readback : In(:class:`~.weight_port.ReadbackSignature`), only with ``readback=True``
+    VERIFY_IMAGE: the Link asks the engine (``start``, the image size) for its stored image,
+    between commands, and runs the bytes (``data``) through the image CRC, which its response
+    reports. Without it VERIFY_IMAGE is an unknown op (UNKNOWN_OP).
 
     * ``cmd``: ``op`` RESET_STATE (sent by RESET_STATE and by a successful LOAD_COMMIT),
       LOAD_RESET (sent by LOAD_BEGIN) or FEED_TOKEN (``arg``: the token); ``index`` is 0. The
@@ -49,6 +53,11 @@ engine : In(:class:`~.control.ControlSignature`)
     * ``result``: one per FEED_TOKEN (``token``, ``logit``, ``cycles``), copied into its response.
     * ``logit_req`` / ``logit_resp``: READ_LOGITS asks for each logit in ascending order, at
       most one request outstanding; one response per request.
+
+Loads: LOAD_STATUS reports the open load (size, expected CRC, write pointer, the image CRC
+register), zeros when none is open, so a host can resume an upload at the pointer. The image
+CRC register is free once the weights are loaded (a load is then closed): VERIFY_IMAGE, which
+needs weights, restarts it and runs the read-back through it.
 
 Throughput: one byte per three cycles in parsing, in forwarding image bytes and in
 transmitting (every path from the ring's output, into the CRCs or out of the Link, is cut by a
@@ -133,18 +142,19 @@ from amaranth.lib.wiring import In, Out
 from mmfree_fpga.config import ModelConfig
 from mmfree_fpga.protocol import (
     FEED_TOKEN_REQUEST, FEED_TOKEN_RESPONSE, FRAME_IDLE_TIMEOUT_S, HEADER_LEN, IDENTITY, LOAD_BEGIN_REQUEST,
-    LOAD_BEGIN_RESPONSE, LOAD_CHUNK_RESPONSE, LOAD_COMMIT_RESPONSE, MAX_LOGITS_PER_READ,
+    LOAD_BEGIN_RESPONSE, LOAD_CHUNK_RESPONSE, LOAD_COMMIT_RESPONSE, LOAD_STATUS_RESPONSE, MAX_LOGITS_PER_READ,
     MAX_PAYLOAD, MIN_DEVICE_PAYLOAD, NAK_PAYLOAD, NAK_RESPONSE, POSITION, READ_LOGITS_HEADER, READ_LOGITS_REQUEST,
-    RESPONSE, SYNC, TRAILER_LEN, Op, Packing, crc32_image,
+    RESPONSE, SYNC, TRAILER_LEN, VERIFY_IMAGE_RESPONSE, Op, Packing, crc32_image,
 )
 
 from .control import ControlSignature, EngineOp
-from .link_check import ARG_BYTES
+from .link_check import ARG_BYTES, COMMANDS
 from .link_fields import field, struct_fields
 from .link_form import DefaultForm, SmallForm
 from .link_respond import PayloadKind, ResponseSender, result_layout
 from .link_ring import ReceiveRing
 from .link_timers import LFSR_TAPS, lfsr_jump, lfsr_signal, lfsr_step
+from .weight_port import ReadbackSignature
 
 __all__ = ["Link", "ring_depth", "struct_fields", "LFSR_TAPS", "lfsr_step", "lfsr_jump", "lfsr_signal"]
 
@@ -198,13 +208,20 @@ class Link(wiring.Component):
     small : bool
         The small form for the iCE40 (module docstring, "Small form"): the same bytes on the
         wire, fewer logic cells, a slower parser; False keeps the form tuned for ECP5 timing.
+    readback : bool
+        The engine can read its weights back: the ``readback`` member and VERIFY_IMAGE (the
+        default form only).
     """
 
     def __init__(self, cfg: ModelConfig, *, packing: str = "base3", lanes: int = 0,
                  max_payload: int = MAX_PAYLOAD, step_time_ms: int = 0, clk_freq: float = 12e6,
                  idle_timeout_cycles: int | None = None, boot_id: int | None = None,
-                 image: bytes | None = None, small: bool = False):
+                 image: bytes | None = None, small: bool = False, readback: bool = False):
         from mmfree_fpga.image import image_size
+        if small and readback:
+            raise ValueError("the Link's small form has no VERIFY_IMAGE: readback needs small=False")
+        self.reads_back = readback
+        self.commands = [c for c in COMMANDS if readback or c != Op.VERIFY_IMAGE]
         if not MIN_DEVICE_PAYLOAD <= max_payload <= MAX_PAYLOAD:
             raise ValueError(f"max_payload must be in [{MIN_DEVICE_PAYLOAD}, {MAX_PAYLOAD}], got {max_payload}")
         self.cfg = cfg
@@ -227,11 +244,14 @@ class Link(wiring.Component):
         self.form = SmallForm() if small else DefaultForm()
         self.ring_depth = ring_depth(max_payload)
         self.logits_per_read = min(MAX_LOGITS_PER_READ, (max_payload - READ_LOGITS_HEADER.size) // 4)
-        super().__init__({
+        members = {
             "rx": In(stream.Signature(8)),
             "tx": Out(stream.Signature(8)),
             "engine": In(ControlSignature()),
-        })
+        }
+        if readback:
+            members["readback"] = In(ReadbackSignature())
+        super().__init__(members)
         # observation points for testbenches (not ports): ``idle`` (waiting for bytes, nothing
         # to send), ``in_frame`` (a partial frame is held: its idle timeout counts) and every
         # register of the device state a command may change
@@ -364,7 +384,7 @@ class Link(wiring.Component):
         """The request check (:mod:`~.link_check`), fed while the trailer arrives; the cached
         command's replay flags, registered in CHECK."""
         m.submodules.check = b.check = check = self.form.Check(
-            vocab_size=b.cfg.V, image_bytes=self.image_bytes, max_payload=self.max_payload)
+            vocab_size=b.cfg.V, image_bytes=self.image_bytes, max_payload=self.max_payload, commands=self.commands)
         b.in_trailer = Signal()
         m.d.comb += [check.op.eq(b.op), check.length.eq(b.length), check.seq.eq(b.seq), check.args.eq(b.args),
                      check.in_trailer.eq(b.in_trailer),
@@ -394,7 +414,8 @@ class Link(wiring.Component):
         register ``pb``."""
         m.submodules.payload = payload = self.form.Payload(
             cfg=b.cfg, packing=self.packing, lanes=self.lanes, max_payload=self.max_payload,
-            step_time_ms=self.step_time_ms, image_bytes=self.image_bytes, arguments=b.check.arguments)
+            step_time_ms=self.step_time_ms, image_bytes=self.image_bytes, arguments=b.check.arguments,
+            readback=self.reads_back)
         sender = b.sender
         m.d.comb += [payload.kind.eq(b.out_kind), payload.index.eq(sender.index),
                      payload.logits_data.eq(sender.logits_data), payload.logit_word.eq(sender.logit_word),
@@ -403,6 +424,7 @@ class Link(wiring.Component):
                      payload.load_pointer.eq(b.load_pointer), payload.load_crc.eq(b.load_crc),
                      payload.weights_loaded.eq(b.weights_loaded), payload.load_open.eq(b.load_open),
                      payload.result.eq(b.last_result), payload.read_start.eq(b.read_start),
+                     payload.running_crc.eq(b.crcs.image_crc),
                      payload.nak_error.eq(b.nak_error), payload.op.eq(b.op),
                      payload.last.eq(b.out_last), payload.stale.eq(sender.stale),
                      sender.pb.eq(payload.pb), sender.pb_ready.eq(payload.pb_ready), sender.pb_last.eq(payload.pb_last),
@@ -632,6 +654,14 @@ class Link(wiring.Component):
             m.d.sync += b.state_response(Op.FEED_TOKEN)
             m.next = "ENGINE_FEED"
 
+        def on_load_status():
+            m.d.sync += b.cache_and_respond(PayloadKind.LOAD_STATUS, LOAD_STATUS_RESPONSE.size)
+            m.next = "SEND"
+
+        def on_verify_image():
+            m.d.sync += b.cache_and_respond(PayloadKind.VERIFY_IMAGE, VERIFY_IMAGE_RESPONSE.size)
+            m.next = "VERIFY_START"
+
         def on_read_logits():
             m.d.comb += [b.sender.logits_begin.eq(1), b.sender.logits_from.eq(b.read_start_arg)]
             m.d.sync += [b.read_start.eq(b.read_start_arg),
@@ -644,7 +674,9 @@ class Link(wiring.Component):
         commands_taken = [(Op.IDENTIFY, on_identify), (Op.RESET_STATE, on_reset_state),
                           (Op.LOAD_BEGIN, on_load_begin), (Op.LOAD_CHUNK, on_load_chunk),
                           (Op.LOAD_COMMIT, on_load_commit), (Op.FEED_TOKEN, on_feed_token),
-                          (Op.READ_LOGITS, on_read_logits)]
+                          (Op.READ_LOGITS, on_read_logits), (Op.LOAD_STATUS, on_load_status)]
+        if self.reads_back:
+            commands_taken.append((Op.VERIFY_IMAGE, on_verify_image))
         self.form.decide(m, b, checks, commands_taken)
 
     def _engine_states(self, m, b):
@@ -695,6 +727,20 @@ class Link(wiring.Component):
                 with m.If(b.chunk.last):
                     m.next = "SEND"
 
+    def _verify_states(self, m, b):
+        """VERIFY_IMAGE: the engine's stored image, read back, through the image CRC."""
+        rb = self.readback
+        with m.State("VERIFY_START"):
+            m.d.comb += [rb.start.valid.eq(1), rb.start.payload.eq(self.image_bytes), b.crcs.image_start.eq(1)]
+            with m.If(rb.start.ready):
+                m.next = "VERIFY_READ"
+        with m.State("VERIFY_READ"):
+            # (nothing else feeds the CRCs now: no frame is parsed, no response byte sent)
+            m.d.comb += [rb.data.ready.eq(1), b.crcs.data.eq(rb.data.payload.byte),
+                         b.crcs.image.eq(rb.data.valid)]
+            with m.If(rb.data.valid & rb.data.payload.last):
+                m.next = "SEND"
+
     def _send_states(self, m, b):
         """Sending the response frame (:class:`~.link_respond.ResponseSender` chooses the bytes):
         SEND (the header), SEND_PAYLOAD, SEND_TRAILER, then SEND_END (SEND_DONE)."""
@@ -714,6 +760,8 @@ class Link(wiring.Component):
             self._decide_states(m, b)
             self._engine_states(m, b)
             self._chunk_states(m, b)
+            if self.reads_back:
+                self._verify_states(m, b)
             self._send_states(m, b)
         self.form.fsm_attrs(link_fsm)
 

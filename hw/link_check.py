@@ -34,7 +34,7 @@ op_code : Out(range(len(COMMANDS) + 1))
     The opcode as ``OP_INDEX[command]`` (0: not a command), registered.
 replayable : Out(1)
     ``seq`` is the cached command's and that command is answered from the state on a
-    duplicate (not IDENTIFY or READ_LOGITS), registered.
+    duplicate (not one of :data:`REEXECUTED`), registered.
 rejected : Out(1), nak_error : Out(8), nak_arg_sel : Out(range(len(arguments)))
     Some check failed; the first one's error code and the index of its argument in
     ``arguments``. Registered from ``in_trailer`` on (one cycle after the flags).
@@ -52,7 +52,7 @@ the member whose value it is (``"position"``, ``"load_pointer"``, ``"running_crc
 
 from __future__ import annotations
 
-from amaranth.hdl import Module, Signal
+from amaranth.hdl import Cat, Module, Signal
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
@@ -71,7 +71,7 @@ OP_INDEX = {c: i + 1 for i, c in enumerate(COMMANDS)}
 # Request payload bytes the checks and the commands read.
 ARG_BYTES = max(max(REQUEST_LENGTHS.values()), LOAD_CHUNK_HEADER.size)
 # Commands whose duplicate is executed again (they change no state) instead of replayed.
-REEXECUTED = (Op.IDENTIFY, Op.READ_LOGITS)
+REEXECUTED = (Op.IDENTIFY, Op.READ_LOGITS, Op.LOAD_STATUS, Op.VERIFY_IMAGE)
 
 for _layout in (LOAD_BEGIN_REQUEST, LOAD_CHUNK_HEADER, FEED_TOKEN_REQUEST, READ_LOGITS_REQUEST,
                 LOAD_BEGIN_RESPONSE, LOAD_CHUNK_RESPONSE, READ_LOGITS_HEADER):
@@ -91,9 +91,14 @@ class RequestCheck(wiring.Component):
     max_payload : int
         The largest payload the Link accepts (LEN's width; the READ_LOGITS count limit; whether
         a LOAD_CHUNK can be longer than MAX_CHUNK).
+    commands : sequence of Op
+        The commands the Link executes (of :data:`COMMANDS`); any other opcode is UNKNOWN_OP.
     """
 
-    def __init__(self, *, vocab_size: int, image_bytes: int, max_payload: int):
+    def __init__(self, *, vocab_size: int, image_bytes: int, max_payload: int, commands=COMMANDS):
+        if not set(commands) <= set(COMMANDS):
+            raise ValueError(f"commands must be among {[c.name for c in COMMANDS]}")
+        self.commands = [c for c in COMMANDS if c in commands]
         self.vocab_size = vocab_size
         self.image_bytes = image_bytes
         self.max_payload = max_payload
@@ -144,6 +149,8 @@ class RequestCheck(wiring.Component):
             return [(f.get("no_weights"), Error.NO_WEIGHTS, 0),
                     (f.get("position"), Error.POSITION_MISMATCH, "position"),
                     (f.get("read_range"), Error.BAD_ARGUMENT, self.logits_per_read)]
+        if c == Op.VERIFY_IMAGE:
+            return [(f.get("no_weights"), Error.NO_WEIGHTS, 0)]
         return []
 
     def _length_checks(self, c, flags):
@@ -159,7 +166,7 @@ class RequestCheck(wiring.Component):
                 self.arguments.append(arg)
             return self.arguments.index(arg)
         index(0)
-        for c in COMMANDS:
+        for c in self.commands:
             for _, _, arg in self._length_checks(c, None) + self._checks_of(c, None):
                 index(arg)
 
@@ -192,7 +199,7 @@ class RequestCheck(wiring.Component):
 
         req_len_ok = Signal()
         with m.Switch(self.op):
-            for c in COMMANDS:
+            for c in self.commands:
                 with m.Case(c):
                     if c == Op.LOAD_CHUNK:
                         m.d.comb += req_len_ok.eq(self.length > LOAD_CHUNK_HEADER.size)
@@ -202,7 +209,7 @@ class RequestCheck(wiring.Component):
         if self.max_payload > self.chunk_max:
             flags["chunk_long"] = flag(self.length > self.chunk_max, "chunk_long")
         with m.Switch(self.op):
-            for c in COMMANDS:
+            for c in self.commands:
                 with m.Case(c):
                     m.d.sync += self.op_code.eq(OP_INDEX[c])
             with m.Default():
@@ -222,8 +229,8 @@ class RequestCheck(wiring.Component):
             checksum=flag(self.running_crc != self.load_crc, "checksum"),
             token=flag(self._token_big(field(self.args, FEED_TOKEN_REQUEST, 1)), "token"),
             read_range=flag(~self.logits_valid | (count == 0) | self._count_big(count) | past_vocab, "read_range"))
-        m.d.sync += self.replayable.eq(self.cache_valid & (self.cache_seq == self.seq)
-                                       & ~(self.cache_op == REEXECUTED[0]) & ~(self.cache_op == REEXECUTED[1]))
+        reexecuted = Cat(*(self.cache_op == c for c in REEXECUTED)).any()
+        m.d.sync += self.replayable.eq(self.cache_valid & (self.cache_seq == self.seq) & ~reexecuted)
         return flags
 
     # -- the second stage: the first failure ------------------------------------------------------
@@ -247,7 +254,7 @@ class RequestCheck(wiring.Component):
         flags = self._flags(m)
         with m.If(self.in_trailer):
             with m.Switch(self.op_code):
-                for c in COMMANDS:
+                for c in self.commands:
                     with m.Case(OP_INDEX[c]):
                         m.d.sync += self.rejected.eq(1)
                         cases = self._length_checks(c, flags) + self._checks_of(c, flags)

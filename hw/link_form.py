@@ -250,8 +250,7 @@ class SmallForm(LinkForm):
 
     def connect_payload(self, m, b, payload):
         m.d.comb += [b.image_crc.eq(Mux(b.weights_loaded, b.load_crc, 0)),
-                     payload.nak_arg_sel.eq(b.nak_arg_sel), payload.running_crc.eq(b.crcs.image_crc),
-                     payload.load_left.eq(b.check.load_left)]
+                     payload.nak_arg_sel.eq(b.nak_arg_sel), payload.load_left.eq(b.check.load_left)]
 
     def connect_chunk(self, m, b, chunk):
         m.d.comb += chunk.frame_end.eq(b.rp)

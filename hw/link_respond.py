@@ -21,9 +21,13 @@ logits_data : In(1)
 logit_word : In(32), logit_byte : In(2), logit_have : In(1)
     The logit being sent, its byte and whether it has arrived.
 boot_id : In(32), position : In(32), load_pointer : In(range(image_bytes + 1)), load_crc : In(32),
-weights_loaded : In(1), load_open : In(1), result : In(RESULT_LAYOUT), read_start : In(range(V))
+weights_loaded : In(1), load_open : In(1), result : In(RESULT_LAYOUT), read_start : In(range(V)),
+running_crc : In(32)
     The device state the responses report (``load_crc``: LOAD_BEGIN's expected image CRC;
-    ``result``: the last FEED_TOKEN's; ``read_start``: READ_LOGITS' first index).
+    ``result``: the last FEED_TOKEN's; ``read_start``: READ_LOGITS' first index;
+    ``running_crc``: the image CRC register, the CRC-32 of the bytes loaded so far or, after
+    VERIFY_IMAGE's read-back, of the bytes read back). LOAD_STATUS reports the load's fields
+    while ``load_open``, else zeros.
 nak_error : In(8), op : In(8)
     The NAK's error and the request's opcode.
 data : Out(8), data_ready : Out(1)
@@ -43,8 +47,9 @@ pb : Out(8), pb_ready : Out(1), pb_last : Out(1)
 Default form only: ``image_crc : In(32)`` (the loaded image's CRC, 0 while none is loaded) and
 ``nak_arg : In(32)`` (the NAK's argument). Small form only: ``nak_arg_sel :
 In(range(len(arguments)))`` (the NAK's argument as an index into ``arguments``) and the values
-the arguments name (``running_crc : In(32)``, ``load_left : In(range(image_bytes + 1))``; ``position``
+the arguments name (``load_left : In(range(image_bytes + 1))``; ``running_crc``, ``position``
 and ``load_pointer`` above); the image CRC reported is ``load_crc`` while weights are loaded.
+The small form has no VERIFY_IMAGE response (``readback`` must be False).
 """
 
 from __future__ import annotations
@@ -62,8 +67,8 @@ from mmfree_fpga.config import FORMATS
 from mmfree_fpga.image import IMAGE_VERSION
 from mmfree_fpga.protocol import (
     DEVICE_MAGIC, FEED_TOKEN_RESPONSE, HEADER_LEN, IDENTITY, LOAD_BEGIN_RESPONSE, LOAD_CHUNK_RESPONSE, LOAD_COMMIT_RESPONSE,
-    NAK_PAYLOAD, POSITION, PROTOCOL_VERSION, READ_LOGITS_HEADER, SYNC, TRAILER_LEN, Identity, Packing, Status,
-    formats_id,
+    LOAD_STATUS_RESPONSE, NAK_PAYLOAD, POSITION, PROTOCOL_VERSION, READ_LOGITS_HEADER, SYNC, TRAILER_LEN,
+    VERIFY_IMAGE_RESPONSE, Identity, Packing, Status, formats_id,
 )
 
 from .link_fields import pack, struct_fields
@@ -71,7 +76,7 @@ from .link_fields import pack, struct_fields
 __all__ = ["PayloadKind", "result_layout", "MuxPayload", "RomPayload", "ResponseSender"]
 
 
-class PayloadKind(enum.Enum, shape=3):
+class PayloadKind(enum.Enum, shape=4):
     """Where a response's payload bytes come from."""
     IDENTITY = 0
     NAK = 1
@@ -81,6 +86,8 @@ class PayloadKind(enum.Enum, shape=3):
     LOAD_CHUNK = 5
     LOAD_COMMIT = 6
     FEED_TOKEN = 7
+    LOAD_STATUS = 8
+    VERIFY_IMAGE = 9
 
 
 def result_layout(vocab_size: int) -> data.StructLayout:
@@ -91,7 +98,7 @@ def result_layout(vocab_size: int) -> data.StructLayout:
 @dataclasses.dataclass(frozen=True)
 class _IfLoaded:
     """A response field that is ``value`` (a constant or a register) while weights are loaded,
-    else 0 (IDENTITY's image size and CRC)."""
+    else 0 (IDENTITY's image size and CRC); in LOAD_STATUS: while a load is open, else 0."""
     value: object
 
 
@@ -110,12 +117,15 @@ class _ResponsePayload(wiring.Component):
         The image size.
     arguments : list of (int or str)
         The NAK's arguments (:attr:`~.link_check.RequestCheck.arguments`).
+    readback : bool
+        The VERIFY_IMAGE response is among the payloads.
     """
 
     stale_cycles = 1
 
     def __init__(self, *, cfg, packing: str, lanes: int, max_payload: int, step_time_ms: int, image_bytes: int,
-                 arguments):
+                 arguments, readback: bool = False):
+        self.readback = readback
         self.cfg = cfg
         self.packing_code = Packing.from_export_name(packing)
         self.lanes = lanes
@@ -128,7 +138,7 @@ class _ResponsePayload(wiring.Component):
             "logit_word": In(32), "logit_byte": In(2), "logit_have": In(1),
             "boot_id": In(32), "position": In(32), "load_pointer": In(range(image_bytes + 1)), "load_crc": In(32),
             "weights_loaded": In(1), "load_open": In(1), "result": In(result_layout(cfg.V)),
-            "read_start": In(range(cfg.V)), "nak_error": In(8), "op": In(8),
+            "read_start": In(range(cfg.V)), "nak_error": In(8), "op": In(8), "running_crc": In(32),
             "data": Out(8), "data_ready": Out(1),
             "last": In(range(max_payload + 1)), "stale": In(1),
             "pb": Out(8), "pb_ready": Out(1), "pb_last": Out(1),
@@ -188,7 +198,11 @@ class MuxPayload(_ResponsePayload):
             PayloadKind.FEED_TOKEN: pack(FEED_TOKEN_RESPONSE, self.position, r.argmax, r.logit, r.cycles),
             PayloadKind.IDENTITY: identity,
             PayloadKind.NAK: nak,
+            PayloadKind.LOAD_STATUS: pack(LOAD_STATUS_RESPONSE, *[Mux(self.load_open, v, 0) for v in (
+                self.image_bytes, self.load_crc, self.load_pointer, self.running_crc)]),
         }
+        if self.readback:
+            payloads[PayloadKind.VERIFY_IMAGE] = pack(VERIFY_IMAGE_RESPONSE, self.image_bytes, self.running_crc)
         j = self.index
         with m.Switch(self.kind):
             for kind, value in payloads.items():
@@ -214,8 +228,9 @@ class RomPayload(_ResponsePayload):
     GROUP = 8
 
     def _form_members(self):
-        return {"nak_arg_sel": In(range(len(self.arguments))), "running_crc": In(32),
-                "load_left": In(range(self.image_bytes + 1))}
+        if self.readback:
+            raise ValueError("the small form's response ROM has no VERIFY_IMAGE response (readback=False)")
+        return {"nak_arg_sel": In(range(len(self.arguments))), "load_left": In(range(self.image_bytes + 1))}
 
     def _image_fields(self):
         return dict(image_size=_IfLoaded(self.image_bytes), image_crc=_IfLoaded(self.load_crc))
@@ -232,6 +247,9 @@ class RomPayload(_ResponsePayload):
             PayloadKind.LOAD_COMMIT: (LOAD_COMMIT_RESPONSE, [self.image_bytes, self.load_crc]),
             PayloadKind.FEED_TOKEN: (FEED_TOKEN_RESPONSE, [self.position, r.argmax, r.logit, r.cycles]),
             PayloadKind.LOGITS: (READ_LOGITS_HEADER, [self.position, self.read_start]),
+            # (masked while no load is open)
+            PayloadKind.LOAD_STATUS: (LOAD_STATUS_RESPONSE, [_IfLoaded(v) for v in (
+                self.image_bytes, self.load_crc, self.load_pointer, self.running_crc)]),
         }
         arguments = [arg if isinstance(arg, int) else getattr(self, arg) for arg in self.arguments]
         nak_programs = [(NAK_PAYLOAD, [self.nak_error, self.op, value]) for value in arguments]
@@ -312,7 +330,9 @@ class RomPayload(_ResponsePayload):
             picked.append(Mux(groups[g], in_group, 0))
         m.d.sync += [register_byte.eq(functools.reduce(operator.or_, picked)),
                      const_r.eq(const), masked_r.eq(masked)]
-        rom_byte = Mux(masked_r & ~self.weights_loaded, 0, const_r | register_byte)
+        # a masked byte is 0 while no weights are loaded (LOAD_STATUS: while no load is open)
+        absent = Mux(self.kind == PayloadKind.LOAD_STATUS, ~self.load_open, ~self.weights_loaded)
+        rom_byte = Mux(masked_r & absent, 0, const_r | register_byte)
         with m.If((self.kind == PayloadKind.LOGITS) & self.logits_data):
             m.d.comb += [self.data.eq(self.logit_word.word_select(self.logit_byte, 8)),
                          self.data_ready.eq(self.logit_have)]

@@ -28,6 +28,12 @@ connects its native user port to ``native`` and its ``init_done`` to ``init_done
 this design on the core's clock. The Link's ``load`` writes the image into the DRAM (the
 engine's ``load`` has backpressure; the Link waits on it), and commands wait for ``init_done``.
 A DRAM starts without weights: ``image`` is refused.
+
+Read-back (``readback``, the default except with ``tiny``): the engine's ``readback`` member
+(a :class:`~.weight_port.WeightReader` in front of its weight memory or its DRAM adapter) is
+connected to the Link's, which then answers VERIFY_IMAGE with the CRC-32 of the image read
+back. The tiny engine has none (its Link's small form answers VERIFY_IMAGE with UNKNOWN_OP):
+on the iCE40UP5K the logic cells are nearly all taken.
 """
 
 from __future__ import annotations
@@ -57,7 +63,8 @@ class LinkedEngine(wiring.Component):
     (``spram``) to the :class:`~.tiny_engine.TinyEngine` (iCE40UP5K; ``lanes`` is then only
     reported by the Link), or with ``memory="sdram"`` (``native_data_width`` and
     ``native_address_width`` of the core, required; maxima, ``fifo_depth``) to the
-    :class:`~.dram_engine.DramEngine`.
+    :class:`~.dram_engine.DramEngine`. ``readback`` (None: ``not tiny``) gives the Link
+    VERIFY_IMAGE and the engine its reader (module docstring).
 
     Members
     -------
@@ -75,7 +82,7 @@ class LinkedEngine(wiring.Component):
                  max_payload: int = MAX_PAYLOAD, step_time_ms: int = 0, clk_freq: float = 12e6,
                  idle_timeout_cycles: int | None = None, boot_id: int | None = None,
                  image: bytes | None = None, tiny: bool = False, activity_ports: bool = False,
-                 memory: str = "bram", **engine_kw):
+                 memory: str = "bram", readback: bool | None = None, **engine_kw):
         if memory not in MEMORIES:
             raise ValueError(f"unknown memory {memory!r}; use one of {', '.join(MEMORIES)}")
         if memory != "bram" and tiny:
@@ -83,19 +90,23 @@ class LinkedEngine(wiring.Component):
         if memory != "bram" and image is not None:
             raise ValueError(f"memory={memory!r}: a DRAM starts empty, the image comes through the Link's "
                              "load (leave out image)")
+        readback = not tiny if readback is None else readback
+        if tiny and readback:
+            raise ValueError("the tiny engine cannot read its weights back: readback needs tiny=False")
+        self.reads_back = readback
         # the tiny engine's boards (iCE40UP5K) also take the Link's small form (bit-serial CRCs,
         # a response ROM: fewer logic cells, same bytes on the wire)
         self.link = Link(cfg, packing=packing, lanes=lanes, max_payload=max_payload, step_time_ms=step_time_ms,
                          clk_freq=clk_freq, idle_timeout_cycles=idle_timeout_cycles, boot_id=boot_id,
-                         image=image, small=tiny)
+                         image=image, small=tiny, readback=readback)
         if tiny:
             from .tiny_engine import TinyEngine
             self.engine = TinyEngine(cfg, packing=packing, image=image, **engine_kw)
         elif memory == "sdram":
             from .dram_engine import DramEngine
-            self.engine = DramEngine(cfg, lanes=lanes, packing=packing, **engine_kw)
+            self.engine = DramEngine(cfg, lanes=lanes, packing=packing, readback=readback, **engine_kw)
         else:
-            self.engine = Engine(cfg, lanes=lanes, packing=packing, image=image, **engine_kw)
+            self.engine = Engine(cfg, lanes=lanes, packing=packing, image=image, readback=readback, **engine_kw)
         members = {"i_stream": In(stream.Signature(8)), "o_stream": Out(stream.Signature(8))}
         if activity_ports:
             members |= {"idle": Out(1), "in_frame": Out(1)}
@@ -115,6 +126,8 @@ class LinkedEngine(wiring.Component):
         # the engine presents the control members at its top level, among others of its own
         for name in ControlSignature().members:
             wiring.connect(m, getattr(link.engine, name), getattr(engine, name))
+        if self.reads_back:
+            wiring.connect(m, link.readback, engine.readback)
 
         if self.memory != "bram":
             wiring.connect(m, engine.native, wiring.flipped(self.native))
@@ -122,7 +135,7 @@ class LinkedEngine(wiring.Component):
 
         if self.activity_ports:
             if self.memory == "bram":
-                engine_idle = engine.cmd.ready
+                engine_idle = engine.cmd.ready      # (low while a read-back runs)
             else:
                 # the DramEngine's core takes commands, the controller is initialised and no
                 # loaded beat waits for it (a partly assembled beat waits for bytes, as the Link

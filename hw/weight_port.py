@@ -30,6 +30,11 @@ the response (``stall_rate``/256 of the cycles, from an LFSR). ``synthetic`` mak
 hash of its address instead of the store's contents: pseudo-random trits for geometries too large
 to hold (cycle counts only; the tokens are meaningless). These are run-time inputs, so one build
 covers every setting.
+
+Read-back: :class:`WeightReader` sits between the engine and its memory (any of the above, or
+a DRAM behind its adapter) and, while the engine is idle, takes the port over to read the image
+back from word 0 as a byte stream (:class:`ReadbackSignature`): the Link's VERIFY_IMAGE runs
+those bytes through its image CRC.
 """
 
 from __future__ import annotations
@@ -45,7 +50,8 @@ from amaranth.lib.wiring import In, Out
 from .ram import NO_RW_CHECK, registered_read_port
 
 __all__ = ["ADDR_BITS", "LEN_BITS", "weight_request_layout", "weight_port_signature", "write_layout",
-           "WeightMemory", "spram_banks", "image_words", "write_hex", "STORE_VERILOG", "STORE_MODULE"]
+           "WeightMemory", "spram_banks", "image_words", "write_hex", "STORE_VERILOG", "STORE_MODULE",
+           "readback_layout", "ReadbackSignature", "WeightReader"]
 
 ADDR_BITS = 28      # word address
 LEN_BITS = 24       # beats per request
@@ -144,6 +150,10 @@ class WeightMemory(wiring.Component):
     bandwidth, latency, stall_rate, synthetic : In(...)
         Only with ``model``: Q8 bytes/cycle (0: unlimited), cycles, stall probability x256,
         hash data instead of stored data.
+
+    Testbench observation point (not a port): ``memories``, once elaborated, the ``Memory``
+    components of a generic RAM store in bank order (word ``w`` is entry ``w % RAM_BANK_WORDS``
+    of bank ``w // RAM_BANK_WORDS``); empty for SPRAM, DP16KD and readmemh stores.
     """
 
     def __init__(self, *, beat_bytes: int, depth: int, init: bytes | None = None,
@@ -157,6 +167,7 @@ class WeightMemory(wiring.Component):
         self._fifo_depth = fifo_depth if fifo_depth is not None else 64 if model else STORE_FIFO_DEPTH
         self._spram = spram
         self._dp16kd = dp16kd
+        self.memories: list[Memory] = []
         if dp16kd and (readmemh or spram or depth <= RAM_BANK_WORDS):
             raise ValueError(f"a DP16KD store is a banked block-RAM store: depth > {RAM_BANK_WORDS} "
                              "words, without readmemh or spram")
@@ -200,9 +211,13 @@ class WeightMemory(wiring.Component):
             dp16kd = self._dp16kd
             if dp16kd is None:
                 dp16kd = self._depth > RAM_BANK_WORDS and getattr(platform, "family", None) == "ecp5"
-            store = _dp16kd_store if dp16kd else _ram_store
-            read_latency = store(m, width, self._depth, init, raddr, rdata, self.write.en,
-                                 self.write.addr[:abits], self.write.data)
+            self.memories = []
+            if dp16kd:
+                read_latency = _dp16kd_store(m, width, self._depth, init, raddr, rdata, self.write.en,
+                                             self.write.addr[:abits], self.write.data)
+            else:
+                read_latency = _ram_store(m, width, self._depth, init, raddr, rdata, self.write.en,
+                                          self.write.addr[:abits], self.write.data, self.memories)
 
         # -- the reader: one word per cycle while a request lasts --------------------------------
         busy = Signal()
@@ -325,12 +340,13 @@ def _bank_select(m, raddr, bb, outs, rdata):
                 m.d.comb += rdata.eq(outs[b])
 
 
-def _ram_store(m, width, depth, init, raddr, rdata, we, waddr, wdata) -> int:
+def _ram_store(m, width, depth, init, raddr, rdata, we, waddr, wdata, memories) -> int:
     """A synchronous RAM (``Memory``, initialised with ``init``), in banks of
-    :data:`RAM_BANK_WORDS` words when deeper than that; returns its read latency (1, or 3 when
-    banked: bank outputs registered twice, then selected)."""
+    :data:`RAM_BANK_WORDS` words when deeper than that (each appended to ``memories``); returns
+    its read latency (1, or 3 when banked: bank outputs registered twice, then selected)."""
     if depth <= RAM_BANK_WORDS:
         m.submodules.store = store = Memory(shape=unsigned(width), depth=depth, init=init, attrs=NO_RW_CHECK)
+        memories.append(store)
         rp = registered_read_port(m, store)
         wp = store.write_port()
         m.d.comb += [rp.addr.eq(raddr), rdata.eq(rp.data), wp.en.eq(we), wp.addr.eq(waddr), wp.data.eq(wdata)]
@@ -342,6 +358,7 @@ def _ram_store(m, width, depth, init, raddr, rdata, we, waddr, wdata) -> int:
         bank = Memory(shape=unsigned(width), depth=words,
                       init=init[b * RAM_BANK_WORDS:b * RAM_BANK_WORDS + words], attrs=NO_RW_CHECK)
         m.submodules[f"store{b}"] = bank
+        memories.append(bank)
         rp = registered_read_port(m, bank)
         wp = bank.write_port()
         # two registers: the first has the RAM as its only source and the second as its only
@@ -487,3 +504,122 @@ def _hash_word(addr, beat_bytes: int):
         parts.append(Mux(b >= 243, b - 128, b)[:8])
     return Cat(*parts)
 
+
+
+def readback_layout() -> data.StructLayout:
+    """A read-back byte: ``byte`` and ``last`` (the last byte asked for)."""
+    return data.StructLayout({"byte": unsigned(8), "last": unsigned(1)})
+
+
+class ReadbackSignature(wiring.Signature):
+    """Reading the stored image back, as the engine presents it (the Link holds the flipped side).
+
+    Members
+    -------
+    start : In(stream.Signature(unsigned(32)))
+        Read this many bytes (at least 1) from image byte 0; taken only while the engine is idle.
+    data : Out(stream.Signature(readback_layout()))
+        The bytes in order, ``last`` on the final one; one per cycle at most.
+    """
+
+    def __init__(self):
+        super().__init__({
+            "start": In(stream.Signature(unsigned(32))),
+            "data": Out(stream.Signature(readback_layout())),
+        })
+
+
+class WeightReader(wiring.Component):
+    """The weight port shared by the engine and a read-back of the image (module docstring).
+
+    While no read-back runs, ``engine`` and ``memory`` are connected through (every member, one
+    multiplexer level selected by a register). A ``start`` taken while ``idle`` takes the port
+    over: it requests the image's words from 0 in requests of at most :attr:`BURST` beats and
+    sends the bytes of each beat, lowest first, on ``data`` until the count asked for (the rest
+    of the last beat is dropped); then the engine has the port again.
+
+    Parameters: ``beat_bytes`` (bytes per beat of the port).
+
+    Members
+    -------
+    engine : In(weight_port_signature(beat_bytes))
+        The engine's side of the port (it makes the requests); stalled during a read-back.
+    memory : Out(weight_port_signature(beat_bytes))
+        To the memory.
+    readback : Out(ReadbackSignature())
+        The read-back (``start`` in, ``data`` out).
+    idle : In(1)
+        The engine has no request outstanding and makes none (it is between commands): a
+        ``start`` is taken only then.
+    busy : Out(1)
+        A read-back is running.
+
+    Throughput: ``beat_bytes`` bytes per ``beat_bytes + 1`` cycles while the memory keeps up.
+    """
+
+    BURST = 1 << 12        # beats per request (LEN_BITS allows more; this keeps the counts short)
+
+    def __init__(self, *, beat_bytes: int):
+        self.beat_bytes = beat_bytes
+        super().__init__({
+            "engine": In(weight_port_signature(beat_bytes)),
+            "memory": Out(weight_port_signature(beat_bytes)),
+            "readback": Out(ReadbackSignature()),
+            "idle": In(1),
+            "busy": Out(1),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        wb = self.beat_bytes
+        lb = (wb - 1).bit_length()
+        eng, mem, rb = self.engine, self.memory, self.readback
+        active = self.busy
+        req_addr = Signal(ADDR_BITS)            # next word to request
+        req_left = Signal(32 - lb + 1)          # words still to request
+        bytes_left = Signal(32)                 # bytes still to send, the one offered included
+        beat = Signal(8 * wb)                   # the beat being sent, shifted: its next byte lowest
+        have = Signal()                         # beat holds bytes to send
+        k = Signal(range(wb)) if wb > 1 else Const(0, 1)     # that byte's index in the beat
+
+        # the engine's port, passed through unless a read-back runs
+        with m.If(active):
+            m.d.comb += [eng.req.ready.eq(0), eng.resp.valid.eq(0),
+                         mem.resp.ready.eq(~have)]
+        with m.Else():
+            m.d.comb += [mem.req.valid.eq(eng.req.valid), mem.req.payload.eq(eng.req.payload),
+                         eng.req.ready.eq(mem.req.ready),
+                         eng.resp.valid.eq(mem.resp.valid), mem.resp.ready.eq(eng.resp.ready)]
+        m.d.comb += eng.resp.payload.eq(mem.resp.payload)
+
+        # start
+        n = rb.start.payload
+        m.d.comb += rb.start.ready.eq(~active & self.idle)
+        with m.If(rb.start.valid & rb.start.ready & (n != 0)):
+            m.d.sync += [active.eq(1), req_addr.eq(0), req_left.eq((n + (wb - 1)) >> lb),
+                         bytes_left.eq(n), have.eq(0)]
+
+        # requests, in bursts
+        burst = Mux(req_left > self.BURST, self.BURST, req_left)
+        with m.If(active & (req_left != 0)):
+            m.d.comb += [mem.req.valid.eq(1), mem.req.payload.addr.eq(req_addr),
+                         mem.req.payload.length.eq(burst)]
+            with m.If(mem.req.ready):
+                m.d.sync += [req_addr.eq(req_addr + burst), req_left.eq(req_left - burst)]
+
+        # beats -> bytes
+        with m.If(active & mem.resp.valid & ~have):
+            m.d.sync += [beat.eq(mem.resp.payload), have.eq(1)]
+            if wb > 1:
+                m.d.sync += k.eq(0)
+        last = bytes_left == 1
+        m.d.comb += [rb.data.valid.eq(have), rb.data.payload.byte.eq(beat[:8]), rb.data.payload.last.eq(last)]
+        with m.If(rb.data.valid & rb.data.ready):
+            m.d.sync += [beat.eq(beat >> 8), bytes_left.eq(bytes_left - 1)]
+            if wb > 1:
+                m.d.sync += k.eq(k + 1)
+            with m.If(last):
+                m.d.sync += [have.eq(0), active.eq(0)]
+            with m.Elif(k == wb - 1):
+                m.d.sync += have.eq(0)
+        return m

@@ -2,8 +2,10 @@
 
 Amaranth simulator, compared with the device model: the design contract and a short session
 (IDENTIFY, RESET, NAKs, LOAD_BEGIN), then a whole image loaded through the link into the engine
-and tokens fed, every response byte compared (the engine is bit-exact with the integer model;
-only the cycle count differs, the model reports 0).
+(LOAD_STATUS on the way, VERIFY_IMAGE after it) and tokens fed, every response byte compared
+(the engine is bit-exact with the integer model; only the cycle count differs, the model
+reports 0); and VERIFY_IMAGE reading the engine's block RAM back after a word of it was
+overwritten by the testbench: the CRC-32 differs, as the device model's with the same bytes.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ from mmfree_fpga.host.device_model import DeviceModel
 from mmfree_fpga.host.image import WeightImage
 from mmfree_fpga.hw.linked_engine import LinkedEngine
 from mmfree_fpga.protocol import (
-    FEED_TOKEN_REQUEST, FEED_TOKEN_RESPONSE, LOAD_BEGIN_REQUEST, LOAD_CHUNK_HEADER, READ_LOGITS_REQUEST,
-    RESPONSE, FrameDecoder, Identity, Op, crc32_image, encode_frame,
+    FEED_TOKEN_REQUEST, FEED_TOKEN_RESPONSE, LOAD_BEGIN_REQUEST, LOAD_CHUNK_HEADER, LOAD_STATUS_RESPONSE,
+    READ_LOGITS_REQUEST, RESPONSE, VERIFY_IMAGE_RESPONSE, FrameDecoder, Identity, Op, crc32_image, encode_frame,
 )
 
 CFG = ModelConfig(vocab_size=24, hidden_size=16, num_hidden_layers=1, intermediate_size=16)
@@ -34,8 +36,9 @@ def make():
     return design, model
 
 
-def run(design, script):
-    """Run ``script(exchange)``; ``exchange(data)`` returns the bytes the design answered."""
+def run(design, script, with_ctx=False):
+    """Run ``script(exchange)`` (``script(exchange, ctx)`` with ``with_ctx``); ``exchange(data)``
+    returns the bytes the design answered."""
     sim = Simulator(design)
     sim.add_clock(1e-6)
     done = []
@@ -61,7 +64,7 @@ def run(design, script):
                     return bytes(out)
             raise AssertionError("no answer (hang?)")
 
-        await script(exchange)
+        await (script(exchange, ctx) if with_ctx else script(exchange))
         done.append(True)
 
     sim.add_process(driver)
@@ -117,10 +120,17 @@ def test_load_and_feed_through_the_link(tmp_path):
         await command(Op.LOAD_BEGIN, LOAD_BEGIN_REQUEST.pack(len(blob), crc32_image(blob)))
         for off in range(0, len(blob), 252):
             await command(Op.LOAD_CHUNK, LOAD_CHUNK_HEADER.pack(off) + blob[off:off + 252])
+            if off == 504:
+                status = LOAD_STATUS_RESPONSE.unpack(await command(Op.LOAD_STATUS))
+                assert status == (len(blob), crc32_image(blob), 756, crc32_image(blob[:756]))
         await command(Op.LOAD_COMMIT)
         for pos, token in enumerate([3, 7, 7]):
             await command(Op.FEED_TOKEN, FEED_TOKEN_REQUEST.pack(pos, token))
+        # the engine's memory read back between tokens; the tokens go on as before
+        assert VERIFY_IMAGE_RESPONSE.unpack(await command(Op.VERIFY_IMAGE)) == (len(blob), crc32_image(blob))
         await command(Op.READ_LOGITS, READ_LOGITS_REQUEST.pack(3, 0, CFG.V))
+        await command(Op.FEED_TOKEN, FEED_TOKEN_REQUEST.pack(3, 1))
+        await command(Op.READ_LOGITS, READ_LOGITS_REQUEST.pack(4, 0, CFG.V))
 
     run(design, script)
 
@@ -161,3 +171,35 @@ def test_weights_in_the_bitstream(tmp_path):
 
     run(design, script)
     assert len(tokens) == 2
+
+
+def test_verify_image_detects_a_corrupted_memory_word(tmp_path):
+    """VERIFY_IMAGE through the Link and the engine's WeightReader: the block RAM read back (CRC-32
+    of the image); then the testbench overwrites one word of the RAM (as a faulty memory would)
+    and the read-back's CRC-32 is that of the image with that word changed."""
+    from conftest import random_model
+
+    from mmfree_fpga.hw.weight_port import image_words
+    from mmfree_fpga.reference.checkpoint import save_checkpoint
+    blob = WeightImage.from_checkpoint(save_checkpoint(random_model(CFG, seed=4), tmp_path / "c"), PACKING).blob
+    design = LinkedEngine(CFG, lanes=LANES, packing=PACKING, max_payload=256, boot_id=BOOT_ID,
+                          idle_timeout_cycles=1 << 20, image=blob)
+    memory = design.engine.memory
+    wb = design.engine.core.beat_bytes
+    word = len(blob) // wb // 2
+    bad = bytearray(blob)
+    bad[word * wb:(word + 1) * wb] = bytes(b ^ 0x81 for b in blob[word * wb:(word + 1) * wb])
+    dec = FrameDecoder()
+    crcs = []
+
+    async def script(exchange, ctx):
+        for seq in (1, 2):
+            (resp,) = dec.feed(await exchange(encode_frame(seq, Op.VERIFY_IMAGE)))
+            assert resp.op == Op.VERIFY_IMAGE | RESPONSE
+            crcs.append(VERIFY_IMAGE_RESPONSE.unpack(resp.payload))
+            if seq == 1:
+                (store,) = memory.memories           # (one RAM: the image is below a bank)
+                ctx.set(store.data[word], image_words(bytes(bad), wb)[word])
+
+    run(design, script, with_ctx=True)
+    assert crcs == [(len(blob), crc32_image(blob)), (len(blob), crc32_image(bytes(bad)))]

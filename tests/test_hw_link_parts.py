@@ -14,7 +14,7 @@ from amaranth.sim import Simulator
 from mmfree_fpga.config import FORMATS, ModelConfig
 from mmfree_fpga.host.device_model import DeviceModel, Rejected, _Load
 from mmfree_fpga.hw.link_chunk import BoundedChunk, CountedChunk
-from mmfree_fpga.hw.link_check import ARG_BYTES, RequestCheck, SmallRequestCheck
+from mmfree_fpga.hw.link_check import ARG_BYTES, REEXECUTED, RequestCheck, SmallRequestCheck
 from mmfree_fpga.hw.link_respond import MuxPayload, PayloadKind, ResponseSender, RomPayload
 from mmfree_fpga.image import IMAGE_VERSION, image_size
 
@@ -24,8 +24,8 @@ from mmfree_fpga.hw.link_timers import (CountingBootId, CountingIdleTimer, Fixed
                                         lfsr_jump, lfsr_step)
 from mmfree_fpga.protocol import (
     DEVICE_MAGIC, FEED_TOKEN_RESPONSE, HEADER_LEN, LOAD_BEGIN_RESPONSE, LOAD_CHUNK_HEADER, LOAD_CHUNK_RESPONSE, LOAD_COMMIT_RESPONSE,
-    MAX_CHUNK, MAX_PAYLOAD, MIN_DEVICE_PAYLOAD, NAK_PAYLOAD, POSITION, PROTOCOL_VERSION, READ_LOGITS_HEADER,
-    REQUEST_LENGTHS, TRAILER_LEN, Error, Identity, Op, Packing, Status, crc8_header, crc16_frame, crc32_image,
+    LOAD_STATUS_RESPONSE, MAX_CHUNK, MAX_PAYLOAD, MIN_DEVICE_PAYLOAD, NAK_PAYLOAD, POSITION, PROTOCOL_VERSION,
+    READ_LOGITS_HEADER, REQUEST_LENGTHS, TRAILER_LEN, VERIFY_IMAGE_RESPONSE, Error, Identity, Op, Packing, Status, crc8_header, crc16_frame, crc32_image,
     encode_frame, formats_id,
 )
 
@@ -200,7 +200,7 @@ class _Stepper:
 
 def _check_cases(rng, image_bytes, max_payload, vocab, per_read, n):
     """Random requests and device states, biased towards the edges each check compares against."""
-    ops = [int(op) for op in Op] + [0x00, 0x09, 0x3F, 0x7E]
+    ops = [int(op) for op in Op] + [0x00, 0x0A, 0x3F, 0x7E]
     for _ in range(n):
         op = rng.choice(ops)
         state = dict(
@@ -240,6 +240,7 @@ def _model_verdict(cfg, max_payload, op, payload, state):
     """(error, arg) of the device model's first failing check, or None: it would execute."""
     model = DeviceModel(cfg, "base3", max_payload=max_payload, seed=1)
     model._model = _Stepper(cfg.V) if state["weights_loaded"] else None
+    model._stored = bytearray(model.image_bytes) if state["weights_loaded"] else None
     model._position = state["position"]
     model._logits = np.zeros(cfg.V, dtype=np.int64) if state["logits_valid"] else None
     model._load = (_Load(size=model.image_bytes, crc=state["load_crc"], data=bytearray(model.image_bytes),
@@ -300,7 +301,7 @@ def test_request_check_follows_the_device_model(form, max_payload):
             assert got == want, (Op(op).name if op in set(Op) else hex(op), length, payload.hex(), state)
             seen.add(want[0] if want else None)
             assert ctx.get(dut.replayable) == (cache["cache_valid"] and cache["cache_seq"] == seq
-                                               and cache["cache_op"] not in (Op.IDENTIFY, Op.READ_LOGITS))
+                                               and cache["cache_op"] not in REEXECUTED)
             ctx.set(dut.crc_failed, 1)
             await ctx.tick()
             ctx.set(dut.crc_failed, 0)
@@ -322,9 +323,9 @@ def test_response_payload_bytes_are_the_protocols(form):
     cfg = ModelConfig(vocab_size=24, hidden_size=8, num_hidden_layers=1, intermediate_size=8)
     image_bytes = image_size(cfg, "base3")
     check = RequestCheck(vocab_size=cfg.V, image_bytes=image_bytes, max_payload=MIN_DEVICE_PAYLOAD)
-    dut = form(cfg=cfg, packing="base3", lanes=16, max_payload=MIN_DEVICE_PAYLOAD, step_time_ms=7,
-               image_bytes=image_bytes, arguments=check.arguments)
     small = form is RomPayload
+    dut = form(cfg=cfg, packing="base3", lanes=16, max_payload=MIN_DEVICE_PAYLOAD, step_time_ms=7,
+               image_bytes=image_bytes, arguments=check.arguments, readback=not small)
     rng = random.Random(7)
 
     def responses(s):
@@ -344,7 +345,11 @@ def test_response_payload_bytes_are_the_protocols(form):
             PayloadKind.LOAD_CHUNK: LOAD_CHUNK_RESPONSE.pack(s["load_pointer"]),
             PayloadKind.FEED_TOKEN: FEED_TOKEN_RESPONSE.pack(s["position"], s["argmax"], s["logit"], s["cycles"]),
             PayloadKind.LOGITS: READ_LOGITS_HEADER.pack(s["position"], s["read_start"]) + s["logits"],
+            PayloadKind.LOAD_STATUS: LOAD_STATUS_RESPONSE.pack(
+                *((image_bytes, s["load_crc"], s["load_pointer"], s["running_crc"]) if s["load_open"] else (0,) * 4)),
         }
+        if not small:     # (the small form has no read-back)
+            out[PayloadKind.VERIFY_IMAGE] = VERIFY_IMAGE_RESPONSE.pack(image_bytes, s["running_crc"])
         if loaded:     # (a LOAD_COMMIT's response is sent, and replayed, only while its weights are loaded)
             out[PayloadKind.LOAD_COMMIT] = LOAD_COMMIT_RESPONSE.pack(image_bytes, s["image_crc"])
         return out
@@ -387,9 +392,9 @@ def test_response_payload_bytes_are_the_protocols(form):
                      image_crc=load_crc if small else rng.randrange(1 << 32),   # (small: the image CRC is load_crc)
                      argmax=rng.randrange(cfg.V), logit=rng.randrange(-(1 << 31), 1 << 31),
                      cycles=rng.randrange(1 << 32), read_start=rng.randrange(cfg.V),
-                     logits=bytes(rng.randrange(256) for _ in range(8)))
+                     logits=bytes(rng.randrange(256) for _ in range(8)), running_crc=rng.randrange(1 << 32))
             for name in ("weights_loaded", "load_open", "boot_id", "position", "load_pointer", "load_crc",
-                         "read_start"):
+                         "read_start", "running_crc"):
                 ctx.set(getattr(dut, name), s[name])
             if not small:
                 ctx.set(dut.image_crc, s["image_crc"] if loaded else 0)
