@@ -43,9 +43,10 @@ def test_memory_sdram_needs_the_rtl_backend(capsys):
 
 
 def test_serve_memory_sdram_runs_the_demo_bit_exact(tmp_path, capsys):
-    """The CLI end to end: ``serve --memory sdram`` in a child process, ``run`` uploads the demo
-    image into the simulated SDRAM and generates; a second ``run`` finds the same image there
-    (no upload) and continues bit-exact."""
+    """The CLI end to end: ``serve --memory sdram`` in a child process, ``run --verify`` uploads
+    the demo image into the simulated SDRAM, has the engine read it back from there (VERIFY_IMAGE
+    through the DramEngine's reader and the LiteDRAM core) and generates; a second ``run`` finds
+    the same image there (no upload) and continues bit-exact."""
     _needs_dram_cosim()
     # (the first time: a Verilator build)
     with serve_child(["--memory", "sdram", "--checkpoint", str(DEMO_CHECKPOINT)], url_timeout=600) as (url, child_out):
@@ -55,9 +56,9 @@ def test_serve_memory_sdram_runs_the_demo_bit_exact(tmp_path, capsys):
         prompt = "def"
         want = reference_tokens(DEMO_CHECKPOINT, list(prompt.encode()), 6)
         assert main(["run", "--device", url, "--checkpoint", str(DEMO_CHECKPOINT), "--prompt", prompt,
-                     "--steps", "6", "--quiet", "--json-out", str(out)]) == 0
+                     "--steps", "6", "--verify", "--quiet", "--json-out", str(out)]) == 0
         first = json.loads(out.read_text())
-        assert first["loaded_weights"] is True and first["tokens"] == want
+        assert first["loaded_weights"] is True and first["verified"] is True and first["tokens"] == want
 
         assert main(["run", "--device", url, "--checkpoint", str(DEMO_CHECKPOINT), "--prompt", prompt,
                      "--steps", "3", "--quiet", "--json-out", str(out)]) == 0
@@ -83,10 +84,10 @@ def test_driver_loads_a_model_larger_than_block_ram_into_the_sdram(tmp_path):
         prompt = [5, 1000, 2047, 77]
         out = tmp_path / "run.json"
         assert main(["run", "--device", server.url, "--checkpoint", str(ckpt),
-                     "--prompt-ids", ",".join(map(str, prompt)), "--steps", "3", "--quiet",
+                     "--prompt-ids", ",".join(map(str, prompt)), "--steps", "3", "--verify", "--quiet",
                      "--json-out", str(out)]) == 0
         r = json.loads(out.read_text())
-        assert r["loaded_weights"] is True
+        assert r["loaded_weights"] is True and r["verified"] is True
         assert r["tokens"] == reference_tokens(ckpt, prompt, 3)
     finally:
         server.stop()
@@ -107,9 +108,9 @@ def test_serve_memory_ddr3_runs_the_demo_bit_exact(tmp_path):
     try:
         out = tmp_path / "run.json"
         assert main(["run", "--device", server.url, "--checkpoint", str(DEMO_CHECKPOINT), "--prompt", "def",
-                     "--steps", "4", "--quiet", "--json-out", str(out)]) == 0
+                     "--steps", "4", "--verify", "--quiet", "--json-out", str(out)]) == 0
         r = json.loads(out.read_text())
-        assert r["loaded_weights"] is True
+        assert r["loaded_weights"] is True and r["verified"] is True
         assert r["tokens"] == reference_tokens(DEMO_CHECKPOINT, list(b"def"), 4)
     finally:
         server.stop()

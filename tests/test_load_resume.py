@@ -226,3 +226,47 @@ def test_run_verify_on_an_engine_without_read_back_is_one_line(checkpoint, image
         err = _error_line(capsys, ["run", "--device", server.url, "--checkpoint", str(checkpoint),
                                    "--steps", "3", "--verify"])
         assert "cannot read its weight memory back" in err and "leave out --verify" in err
+
+
+# -- the RTL Link behind serve --backend rtl (Verilator; the block-RAM engine, the demo image) ------
+
+@pytest.fixture(scope="module")
+def rtl_demo_url():
+    from mmfree_fpga.config import ModelConfig
+    from mmfree_fpga.reference.checkpoint import DEMO_CHECKPOINT
+    from mmfree_fpga.sim.backends import make_backend
+    from mmfree_fpga.sim.runner import simulator_missing
+    if simulator_missing("verilator"):
+        pytest.skip(simulator_missing("verilator"))
+    backend = make_backend("rtl", ModelConfig.from_checkpoint(DEMO_CHECKPOINT), "base3", None, lanes=16)
+    server = TcpDeviceServer(backend).start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+        backend.close()
+
+
+def test_rtl_link_resumes_an_interrupted_upload_and_verifies(rtl_demo_url, tmp_path):
+    """A host uploads the demo image into the generated Verilog and is cut off after 20 chunks;
+    ``run --verify`` (a new host) resumes at the device's pointer (LOAD_STATUS of the RTL Link),
+    the engine reads its block RAM back (VERIFY_IMAGE) and the tokens are the integer model's."""
+    import json
+
+    from mmfree_fpga.reference.checkpoint import DEMO_CHECKPOINT
+    image = WeightImage.from_checkpoint(DEMO_CHECKPOINT, "base3")
+    with Driver.open(rtl_demo_url) as driver:
+        driver.connect(image.cfg)
+        with pytest.raises(Interrupted):
+            driver.ensure_weights(image, progress=interrupt_after(20))
+        taken = driver.stats.image_bytes_sent
+        status = driver.load_status()
+    assert status.open and (status.size, status.crc32) == (image.size, image.crc32)
+    assert status.pointer == taken and status.running_crc32 == P.crc32_image(image.blob[:taken]) and taken > 0
+    out = tmp_path / "run.json"
+    assert main(["run", "--device", rtl_demo_url, "--prompt", "def", "--steps", "4", "--verify", "--quiet",
+                 "--json-out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["loaded_weights"] is True and r["resumed_from"] == taken and r["verified"] is True
+    assert r["link"]["image_bytes_sent"] == image.size - taken
+    assert r["tokens"] == reference_tokens(DEMO_CHECKPOINT, list(b"def"), 4)
