@@ -490,7 +490,7 @@ def sweep_section(quick: bool):
         s.rows.append([r["kind"], r["lanes"], r["packing"], r["clock_mhz"], r["cycles_per_token"], r["tokens_per_s"],
                        "" if r["matches_integer_model"] is None else r["matches_integer_model"], r["seconds"],
                        r["error"] or ""])
-    s.notes.append(f"{result.measurements} measurements run as tasks on a {result.cluster} (a fresh cache, so "
+    s.notes.append(f"{result.measurements} measurements run as tasks on {result.cluster} (a fresh cache, so "
                    f"every point ran; {result.failed} failed). Seconds: a measurement's own wall time on its worker, "
                    "including a Verilator build where the lane count had none cached.")
     s.notes.append("tokens/s = the design clock / cycles per token (sim: the largest of the prompt's and the "

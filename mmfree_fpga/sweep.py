@@ -381,11 +381,11 @@ def _client(scheduler: str | None, workers: int | None, n_tasks: int):
             client = Client(scheduler, timeout="10s")
         except (OSError, TimeoutError) as e:
             raise ValueError(f"no Dask scheduler answers at {scheduler} ({_one_line(e)})") from None
-        return client, None, f"scheduler {scheduler}"
+        return client, None, f"the Dask scheduler at {scheduler}"
     n = workers or max(1, min(os.cpu_count() or 1, n_tasks))
     cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
                            silence_logs=logging.ERROR)
-    return Client(cluster), cluster, f"LocalCluster of {n} worker process{'es' if n > 1 else ''}"
+    return Client(cluster), cluster, f"a LocalCluster of {n} worker process{'es' if n > 1 else ''}"
 
 
 def run_sweep(spec: SweepSpec, model: SweepModel, *, cache_dir=None, scheduler: str | None = None,

@@ -43,7 +43,7 @@ def test_sweep_on_a_local_cluster_then_a_rerun_runs_nothing(checkpoint, tmp_path
     r = json.loads((tmp_path / "result.json").read_text())
     # 2 kinds x 2 lanes x 2 packings x 2 clocks; a measurement serves both clocks
     assert (r["points"], r["measurements"], r["run"], r["cached"], r["failed"]) == (16, 8, 8, 0, 0)
-    assert r["cluster"] == "LocalCluster of 2 worker processes"
+    assert r["cluster"] == "a LocalCluster of 2 worker processes"
     for row in r["rows"]:
         assert row["error"] is None
         assert row["tokens_per_s"] == pytest.approx(row["clock_mhz"] * 1e6 / row["cycles_per_token"])
@@ -85,7 +85,7 @@ def test_sweep_on_an_existing_scheduler(tmp_path):
     model = resolve_model("370M", spec.packings)
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
         result = run_sweep(spec, model, cache_dir=tmp_path, scheduler=cluster.scheduler_address)
-    assert result.cluster == f"scheduler {cluster.scheduler_address}" and result.run == 3
+    assert result.cluster == f"the Dask scheduler at {cluster.scheduler_address}" and result.run == 3
     assert [row["cycles_per_token"] for row in result.rows] == \
         [PERF_MODEL.cycles_per_token(model.cfg, n) for n in (16, 32, 64)]
 

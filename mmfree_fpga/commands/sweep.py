@@ -131,7 +131,7 @@ def run(args) -> dict:
     written = write_outputs(result, args.out)
     if not args.quiet:
         print(markdown_table(result.rows), end="")
-        ran = f"{result.run} run on a {result.cluster}" if result.run else "none run"
+        ran = f"{result.run} run on {result.cluster}" if result.run else "none run"
         print(f"{len(result.rows)} points, {result.measurements} measurements: {result.cached} cached, {ran}, "
               f"{result.failed} failed")
         print("Pareto front: " + (", ".join(written["pareto"]) if written["pareto"] else "none"))
