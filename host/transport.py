@@ -22,6 +22,7 @@ import select
 import socket
 import threading
 import time
+from collections import deque
 from typing import Protocol
 
 from mmfree_fpga.errors import UserError
@@ -300,10 +301,19 @@ class TcpDeviceServer:
     client left it (``settle``: a partial frame times out, answers being computed go out) and
     those bytes are discarded, so the next client hears nothing it did not ask for. A second
     client while one is connected is closed at once (unless the first has hung up already).
+
+    ``baud``: pace both directions as a UART of that rate, 8N1, would carry them (10 bit times a
+    byte): bytes reach the backend, and its answers the client, only once the line has had time
+    to carry them, one direction independent of the other. Bytes a client sent before it left
+    still reach the backend, as bytes on a wire do. None: as fast as the socket goes.
     """
 
-    def __init__(self, backend, port: int = 0, host: str = "127.0.0.1", poll_s: float = 0.01):
+    def __init__(self, backend, port: int = 0, host: str = "127.0.0.1", poll_s: float = 0.01,
+                 baud: int | None = None):
+        if baud is not None and baud <= 0:
+            raise ValueError(f"baud must be positive, got {baud}")
         self.backend, self.poll_s = backend, poll_s
+        self.byte_s = 10.0 / baud if baud else 0.0
         require_loopback(host)
         try:
             self._sock = socket.create_server((host, port))
@@ -333,24 +343,45 @@ class TcpDeviceServer:
 
     def _hang_up(self, conn: socket.socket) -> None:
         conn.close()
+        now = time.monotonic()
+        while self._inbox:               # (bytes already on the line arrive)
+            _, data = self._inbox.popleft()
+            self.discarded += len(self.backend.receive(data, now))
+        self.discarded += sum(len(data) for _, data in self._outbox)
+        self._outbox.clear()
+        self._in_free = self._out_free = 0.0
         settle = getattr(self.backend, "settle", None)
         if settle is not None:
             self.discarded += settle()
 
+    def _on_line(self, queue: deque, data: bytes, now: float, free: float) -> float:
+        """Queue ``data`` behind what the line carries already; returns when the line is free."""
+        due = max(now, free) + len(data) * self.byte_s
+        queue.append((due, data))
+        return due
+
     def serve_forever(self) -> None:
         client = None
         fileno = getattr(self.backend, "fileno", None)
+        self._inbox: deque = deque()     # (due, bytes) from the client, on the paced line
+        self._outbox: deque = deque()    # (due, bytes) for the client
+        self._in_free = self._out_free = 0.0
         try:
             while not self._stop.is_set():
                 fd = fileno() if fileno is not None else None
                 watch = [self._sock] + ([client] if client is not None else []) + ([fd] if fd is not None else [])
+                wait = self.poll_s
+                for queue in (self._inbox, self._outbox):
+                    if queue:
+                        wait = max(0.0, min(wait, queue[0][0] - time.monotonic()))
                 try:
-                    ready, _, _ = select.select(watch, [], [], self.poll_s)
+                    ready, _, _ = select.select(watch, [], [], wait)
                 except (OSError, ValueError):    # the backend restarted (power_cycle) under the select
                     continue
                 now = time.monotonic()
                 out = b""
-                if client is not None and client in ready:
+                heard = client is not None and client in ready
+                if heard:
                     try:
                         data = client.recv(65536)
                     except OSError:
@@ -359,9 +390,19 @@ class TcpDeviceServer:
                         self._hang_up(client)
                         client = None
                         continue
-                    out = self.backend.receive(data, now)
-                else:
-                    out = self.backend.poll(now)
+                    if self.byte_s:
+                        self._in_free = self._on_line(self._inbox, data, now, self._in_free)
+                    else:
+                        out = self.backend.receive(data, now)
+                while self._inbox and self._inbox[0][0] <= now:
+                    out += self.backend.receive(self._inbox.popleft()[1], now)
+                if not heard:
+                    out += self.backend.poll(now)
+                if self.byte_s and out and client is not None:
+                    self._out_free = self._on_line(self._outbox, out, now, self._out_free)
+                    out = b""
+                while self._outbox and self._outbox[0][0] <= now:
+                    out += self._outbox.popleft()[1]
                 if out and client is not None:
                     try:
                         client.sendall(out)

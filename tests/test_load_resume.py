@@ -270,3 +270,21 @@ def test_rtl_link_resumes_an_interrupted_upload_and_verifies(rtl_demo_url, tmp_p
     assert r["loaded_weights"] is True and r["resumed_from"] == taken and r["verified"] is True
     assert r["link"]["image_bytes_sent"] == image.size - taken
     assert r["tokens"] == reference_tokens(DEMO_CHECKPOINT, list(b"def"), 4)
+
+
+def test_serve_baud_paces_the_line_like_a_uart(image):
+    """``TcpDeviceServer(baud=)`` (``serve --baud``): an upload takes at least the time the bytes
+    take on a line of that rate, 8N1, each direction; the image arrives intact."""
+    import time
+    baud = 1_000_000
+    dev = DeviceModel(image.cfg, "base3")
+    with TcpDeviceServer(dev, baud=baud) as server, Driver.open(server.url) as driver:
+        driver.connect(image.cfg)
+        t0 = time.perf_counter()
+        driver.ensure_weights(image)
+        seconds = time.perf_counter() - t0
+        sent = driver.stats.bytes_sent
+    assert dev.identity().image_crc == image.crc32
+    assert seconds >= 0.95 * sent * 10 / baud, (seconds, sent)
+    with pytest.raises(ValueError, match="baud"):
+        TcpDeviceServer(dev, baud=0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import signal
 
-from ._common import engine_lanes, lanes_help, tcp_port
+from ._common import engine_lanes, lanes_help, positive_int, tcp_port
 
 HELP = ("expose a simulated engine as a byte stream on 127.0.0.1:PORT, speaking the protocol a board "
         "speaks over its UART (connect with 'mmfree-fpga run --device socket://127.0.0.1:PORT'); "
@@ -31,6 +31,10 @@ def add_arguments(p) -> None:
                         "IS42S16160 controller with LiteDRAM's SDRAM model): the uploaded image is "
                         "written into it and every token streams its weights from it; 'ddr3' = the "
                         "ECPIX-5's DDR3 (MT41K256M16 behind LiteDRAM's ECP5DDRPHY settings) the same way")
+    p.add_argument("--baud", type=positive_int, default=None, metavar="N",
+                   help="carry the bytes no faster than a UART of N baud, 8N1, would, each direction on "
+                        "its own (e.g. 3000000, the boards' rate, to time an upload as a board would take "
+                        "it); default: as fast as the socket and the simulation go")
     p.add_argument("--preload", action="store_true",
                    help="start with the checkpoint's weights loaded (else the first 'run' loads them)")
     p.add_argument("--waves", default=None, metavar="FILE",
@@ -75,10 +79,12 @@ def run(args) -> dict:
     backend = make_backend(args.backend, cfg, args.packing, image, lanes=args.lanes,
                            log=lambda msg: print(msg, flush=True), **memory, **waves)
     try:
-        server = TcpDeviceServer(backend, port=args.port)
+        server = TcpDeviceServer(backend, port=args.port, baud=args.baud)
         print(f"serving on {server.url}", flush=True)
         print(f"  {backend.description}; engine for vocab {cfg.V}, hidden {cfg.d}, {cfg.L} layers, "
               f"intermediate {cfg.I}; weights {'preloaded' if image else 'not loaded'}; Ctrl-C stops", flush=True)
+        if args.baud:
+            print(f"  the line carries {args.baud:,} baud, 8N1 ({args.baud // 10:,} bytes/s each way)", flush=True)
         if waves:
             print(f"  waveform of cycles {waves['waves_from']:,} to {waves['waves_to']:,} into {waves['waves']}",
                   flush=True)
@@ -90,7 +96,7 @@ def run(args) -> dict:
     finally:
         backend.close()
     result = {"url": server.url, "backend": args.backend, **memory, "connections": server.connections,
-              "discarded_bytes": server.discarded}
+              "discarded_bytes": server.discarded, "baud": args.baud}
     if waves:
         result.update(waves=str(waves["waves"]), waves_from=waves["waves_from"], waves_to=waves["waves_to"])
     return result
