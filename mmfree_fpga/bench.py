@@ -548,6 +548,16 @@ def link_faults_section(quick: bool) -> Section:
     return s
 
 
+def plan_section(quick: bool) -> Section:
+    from .planner import plan_section as section
+    return section(quick)
+
+
+def sweep_section(quick: bool) -> Section:
+    from .planner import sweep_section as section
+    return section(quick)
+
+
 SECTIONS: dict[str, Callable[[bool], Section]] = {
     "agreement": agreement_section,
     "packing": packing_section,
@@ -560,4 +570,6 @@ SECTIONS: dict[str, Callable[[bool], Section]] = {
     "dram": dram_section,
     "dram_projection": dram_projection_section,
     "link_faults": link_faults_section,
+    "plan": plan_section,
+    "sweep": sweep_section,
 }
