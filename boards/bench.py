@@ -1,4 +1,5 @@
-"""Board benchmarks: the engine built for each board and lane count, with its timing and size.
+"""Board benchmarks: the engine built for each board and lane count, with its timing and size; and
+the engine with its weights in each board's DRAM (:func:`dram_build_rows`).
 
 :func:`board_benchmarks` runs :func:`~.build.build` (cached like any build) for every
 (board, lanes) pair and returns one row per build: the requested clock, nextpnr's final Fmax,
@@ -15,7 +16,8 @@ from mmfree_fpga.errors import DesignError, UserError
 
 from .designs import engine_perf_model, linked_engine, weight_image
 
-__all__ = ["BENCH_CLOCK_MHZ", "board_benchmarks", "BENCH_COLUMNS", "bench_row_cells"]
+__all__ = ["BENCH_CLOCK_MHZ", "board_benchmarks", "BENCH_COLUMNS", "bench_row_cells", "DRAM_BUILD_BOARDS",
+           "dram_build_rows", "DRAM_BUILD_COLUMNS", "dram_build_row_cells"]
 
 # Clocks asked for in the bench where they differ from the board's default clock (registry):
 # the board issue's targets (ECP5 100 MHz, iCE40UP5K 40 MHz). Other boards build at their default clock.
@@ -94,3 +96,89 @@ def bench_row_cells(row: dict) -> list:
             "met" if row["timing_met"] else "NOT met", use("lut"), use("ff"), use("bram"), use("dsp"),
             row["cycles_per_token"], row["tokens_per_s_at_fmax"],
             f"{row['tool_seconds']:g} (cached)" if row.get("cached") else row["build_seconds"]]
+
+
+# the boards whose DRAM builds the bench reports (build --memory dram), each at its controller's clock
+DRAM_BUILD_BOARDS = ("ulx3s-85f", "ecpix5-85f")
+
+DRAM_BUILD_COLUMNS = ["board", "memory", "PHY", "clock MHz", "Fmax MHz", "timing", "LUT", "FF", "BRAM", "DSP",
+                      "IOLOGIC", "build s"]
+
+
+def dram_build_rows(boards=DRAM_BUILD_BOARDS, lanes: int = 16, progress: Callable[[str], None] | None = None,
+                    *, checkpoint=None, cache_dir=None, use_cache: bool = True, out_dir=None) -> list[dict]:
+    """Build the engine with its weights in each board's DRAM (``build --memory dram``, the demo
+    model unless ``checkpoint``, at the board's controller clock ``Board.dram_clock_hz``); one
+    row per board, from the real build (cached like any build).
+
+    Row keys: ``board``, ``memory`` (the DRAM's text, e.g. "33,554,432 B of SDRAM (IS42S16160, 32
+    MiB)"), ``module``, ``phy``, ``memtype``, ``read_leveling``, ``lanes``, ``clock_mhz`` (the
+    design and controller clock), ``fmax_mhz`` (nextpnr's final figure for it), ``timing_met``,
+    ``lut``/``ff``/``bram``/``dsp``/``iologic`` (``{"used", "available", "percent"}``; IOLOGIC:
+    the I/O cells' registers, where the PHY's DDR registers go), ``dram_cells`` (the DDR PHY's
+    other hard blocks nextpnr placed: DQSBUFM, DDRDLL, ECLKSYNCB, CLKDIVF, ...),
+    ``build_seconds``, ``tool_seconds``, ``cached``, ``bitstream``, ``error`` (None, or why the
+    build failed; the figures are then missing).
+    """
+    from pathlib import Path
+
+    from .build import build
+    from .dram import dram_budget
+    from .registry import resolve_board
+
+    rows = []
+    for board in boards:
+        spec = resolve_board(board)
+        if progress is not None:
+            progress(f"building the engine with its weights in DRAM for {board}"
+                     + (f", {spec.dram_clock_hz / 1e6:g} MHz" if spec.dram_clock_hz else ""))
+        row = {"board": board, "lanes": lanes, "requested_clock_mhz": (spec.dram_clock_hz or 0) / 1e6 or None}
+        try:
+            row["memory"] = dram_budget(spec).text()
+        except ValueError as e:
+            rows.append({**row, "error": str(e)})
+            continue
+        out = Path(out_dir) / f"{board.replace(':', '_')}-dram" if out_dir is not None else None
+        try:
+            r = build(board, out=out, checkpoint=checkpoint, design=linked_engine(lanes=lanes), cache_dir=cache_dir,
+                      use_cache=use_cache, quiet=True, memory="dram")
+        except (UserError, DesignError) as e:
+            rows.append({**row, "error": str(e)})
+            continue
+        util = r["utilization"]
+        dram = r["dram"]
+        rows.append({
+            **row,
+            "module": dram["module"], "phy": dram["phy"], "memtype": dram["memtype"],
+            "read_leveling": dram.get("read_leveling"),
+            "clock_mhz": r["clock_mhz"],
+            "fmax_mhz": r["fmax_mhz"],
+            "timing_met": r["timing_met"],
+            "lut": _use(util, "lut"), "ff": _use(util, "ff"), "bram": _use(util, "bram"), "dsp": _use(util, "dsp"),
+            "iologic": _use(util, "IOLOGIC"),
+            "dram_cells": {cell: r["nextpnr_cells"][cell]["used"] for cell in _DDR_CELLS if cell in r["nextpnr_cells"]},
+            "build_seconds": r["build_seconds"],
+            "cached": r["cached"],
+            "tool_seconds": round(sum(st["seconds"] for st in r["stages"]), 1),
+            "bitstream": r["bitstream"],
+            "error": None,
+        })
+    return rows
+
+
+# the ECP5's DDR hard blocks, as nextpnr counts them
+_DDR_CELLS = ("DQSBUFM", "DDRDLL", "ECLKSYNCB", "CLKDIVF", "TRELLIS_ECLKBUF", "EHXPLLL")
+
+
+def dram_build_row_cells(row: dict) -> list:
+    """A :func:`dram_build_rows` row as the cells of :data:`DRAM_BUILD_COLUMNS`."""
+    def use(key):
+        u = row.get(key)
+        return "-" if not u else f"{u['used']}/{u['available']} ({u['percent']:g}%)"
+
+    if row.get("error"):
+        return [row["board"], row.get("memory", "-"), "-", row.get("requested_clock_mhz") or "-", "-", row["error"],
+                "-", "-", "-", "-", "-", "-"]
+    return [row["board"], row["memory"], row["phy"], row["clock_mhz"], row["fmax_mhz"],
+            "met" if row["timing_met"] else "NOT met", use("lut"), use("ff"), use("bram"), use("dsp"),
+            use("iologic"), f"{row['tool_seconds']:g} (cached)" if row.get("cached") else row["build_seconds"]]

@@ -29,7 +29,7 @@ from pathlib import Path
 from mmfree_fpga.errors import UserError
 
 from .budget import ImageSummary, check_fits, check_fits_dram, image_summary, memory_budget
-from .clocks import PLL_FAMILIES, SyncDomain
+from .clocks import DDR_INIT_HZ, PLL_FAMILIES, Ecp5DdrClocking, SyncDomain, ecp5_pll
 from .designs import design_factory
 from .registry import Board, dram_boards, resolve_board
 from .reports import design_clock, parse_nextpnr_log, parse_yosys_log, utilization
@@ -259,7 +259,16 @@ def prepare(board: str, *, clock_mhz: float | None = None, baud: int = DEFAULT_B
 
     pll = None
     family = spec.family
-    if abs(requested - osc_hz) > 1e-6 * osc_hz:
+    ddr = memory == "dram" and _ddr_board(spec)
+    if ddr:
+        # the DDR PHY's edge clock from the PLL, the design clock its half (clocks.Ecp5DdrClocking)
+        try:
+            pll = ecp5_pll(osc_hz, 2 * requested, secondary_hz=DDR_INIT_HZ)
+        except ValueError as e:
+            raise UserError(f"--clock-mhz {requested / 1e6:g} on {spec.name} with its DDR3 (the PLL makes twice "
+                            f"the design clock for the PHY): {e}") from None
+        clock_hz = pll.f_out / 2
+    elif abs(requested - osc_hz) > 1e-6 * osc_hz:
         if not spec.pll or family not in PLL_FAMILIES:
             raise UserError(f"board {spec.name} runs the design at its oscillator, "
                             f"{osc_hz / 1e6:g} MHz, in this flow (no PLL support for it); "
@@ -268,8 +277,9 @@ def prepare(board: str, *, clock_mhz: float | None = None, baud: int = DEFAULT_B
             pll = PLL_FAMILIES[family](osc_hz, requested)
         except ValueError as e:
             raise UserError(f"--clock-mhz {requested / 1e6:g} on {spec.name}: {e}") from None
-    clock_hz = pll.f_out if pll is not None else osc_hz
-    if pll is not None and pll.f_out != requested:
+    if not ddr:
+        clock_hz = pll.f_out if pll is not None else osc_hz
+    if pll is not None and not ddr and pll.f_out != requested:
         notes.append(f"the PLL makes {pll.f_out / 1e6:.4f} MHz for the requested {requested / 1e6:g} MHz")
 
     from mmfree_fpga.hw.uart import uart_divisor
@@ -329,10 +339,14 @@ def prepare(board: str, *, clock_mhz: float | None = None, baud: int = DEFAULT_B
     sync_domain = None
     if not spec.generic:
         reset_port = platform.request(*spec.reset_button, dir="-") if spec.reset_button else None
-        sync_domain = SyncDomain(family=family, clk_port=platform.request(platform.default_clk, dir="-"),
-                                 clock_hz=clock_hz, pll=pll, reset_port=reset_port)
+        clk_port = platform.request(platform.default_clk, dir="-")
+        if ddr:
+            sync_domain = Ecp5DdrClocking(clk_port=clk_port, pll=pll, reset_port=reset_port)
+        else:
+            sync_domain = SyncDomain(family=family, clk_port=clk_port, clock_hz=clock_hz, pll=pll,
+                                     reset_port=reset_port)
     top = BoardTop(design_obj, clock_hz=clock_hz, baud=baud, sync_domain=sync_domain, leds=spec.leds,
-                   fifo_depth=fifo_depth)
+                   status_leds=spec.status_leds, fifo_depth=fifo_depth)
     overrides = {"script_after_read": YOSYS_AFTER_READ} if family in ("ice40", "ecp5") else {}
     if family == "ice40":
         # multipliers into SB_MAC16 (synth_ecp5 maps DSPs by default); LUT mapping: ICE40_MAP_LUTS
@@ -344,6 +358,13 @@ def prepare(board: str, *, clock_mhz: float | None = None, baud: int = DEFAULT_B
     return PreparedBuild(board=spec, platform=platform, plan=plan, context=context, design_name=name,
                          design_description=description, requested_clock_hz=requested, pll=pll, fit=fit,
                          notes=notes, lanes=_design_lanes(design_obj), seed=seed, memory=memory, dram=core)
+
+
+def _ddr_board(spec: Board) -> bool:
+    """Whether ``spec``'s DRAM core has a DDR PHY (its clocking and read levelling, boards/dram.py)."""
+    from .dram import is_ddr_phy
+    from .litedram import CORES
+    return spec.dram is not None and is_ddr_phy(CORES[spec.dram].phy)
 
 
 def cache_key(prepared: PreparedBuild, tools: dict) -> str:
@@ -594,9 +615,11 @@ def _dram_report(core) -> dict | None:
     """What the build report says of the generated DRAM controller core (None: no DRAM)."""
     if core is None:
         return None
+    from .dram import is_ddr_phy
     return {"core": core.name, "module": core.config["module"], "phy": core.phy["phytype"],
             "memtype": core.phy["memtype"], "size_bytes": core.size_bytes, "data_width": core.data_width,
-            "clk_mhz": core.clk_freq / 1e6, "init_cycles": core.init_cycles, "versions": core.versions}
+            "clk_mhz": core.clk_freq / 1e6, "init_cycles": core.init_cycles, "versions": core.versions,
+            "read_leveling": "hardware (hw/dram_calibration.py)" if is_ddr_phy(core.phy["phytype"]) else None}
 
 
 def _design_lanes(design) -> int | None:

@@ -72,12 +72,13 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 __all__ = ["LiteDRAMConfig", "DramCore", "CORES", "generate_core", "litedram_available",
-           "MIN_STEP_CYCLES", "GENERATOR_VERSION"]
+           "MIN_STEP_CYCLES", "GENERATOR_VERSION", "PHY_RATES"]
 
 GENERATOR_VERSION = 3          # bump when the generated module changes for the same settings
 MIN_STEP_CYCLES = 16           # cycles after each init command (covers tRP, tRFC, tMRD at <= 200 MHz)
 # the PHYs generated, with the memory type each drives and its clock ratio (DFI phases per cycle)
 _PHYS = {"GENSDRPHY": ("SDR", 1), "ECP5DDRPHY": ("DDR3", 2)}
+PHY_RATES = {phy: f"1:{nphases}" for phy, (_, nphases) in _PHYS.items()}   # LiteDRAM's rate argument
 _VERSIONED = ("litedram", "litex", "migen")
 
 
@@ -196,9 +197,6 @@ def _check(config: LiteDRAMConfig):
     if cls.memtype != memtype:
         raise ValueError(f"{config.module} is {cls.memtype}: the {config.phy} drives only {memtype} memories "
                          f"(PHYs: {', '.join(f'{p} {t}' for p, (t, _) in _PHYS.items())})")
-    if memtype != "SDR" and not config.sim:
-        raise ValueError(f"the {config.phy} board variant is not generated yet (it needs the PHY's sys2x clocking "
-                         "and read levelling); only its sim variant (sim=True)")
     if config.chips_bytes < 1:
         raise ValueError("chips_bytes must be at least 1")
     if config.data_width is not None and (config.data_width < 8 or config.data_width & (config.data_width - 1)):
@@ -240,6 +238,49 @@ class _BidirTristate:
                                    i_I=dr.o[bit] if nbits > 1 else dr.o, o_O=dr.i[bit] if nbits > 1 else dr.i,
                                    i_T=~dr.oe)
         return m
+
+
+# the ECP5DDRPHY board variant's ports beyond the SDR core's (module docstring)
+_DDR3_DIRECTIONS = {"clk2x": "in", "init_clk": "in", "init_rst": "in", "eclk_stop": "out", "eclk_reset": "out",
+                    "dly_sel": "in", "rdly_dq_rst": "in", "rdly_dq_inc": "in", "rdly_dq_bitslip_rst": "in",
+                    "rdly_dq_bitslip": "in", "burstdet_clr": "in", "burstdet_seen": "out",
+                    "ddram_dq": "inout", "ddram_dqs_p": "inout"}
+
+
+def _ecp5ddrphy_board(top, platform, geom, config):
+    """LiteDRAM's ECP5DDRPHY on the DDR3 pins, with its sys2x and init clocks and its read-levelling
+    controls as ports: (phy, the ports added)."""
+    from migen import ClockDomain, Signal
+    from litedram.phy import ECP5DDRPHY
+    from litex.build.generic_platform import Pins, Subsignal
+
+    lanes = config.chips_bytes
+    platform.add_extension([("ddram", 0,
+        Subsignal("a", Pins(geom.addressbits)), Subsignal("ba", Pins(geom.bankbits)),
+        Subsignal("ras_n", Pins(1)), Subsignal("cas_n", Pins(1)), Subsignal("we_n", Pins(1)),
+        Subsignal("dm", Pins(lanes)), Subsignal("dq", Pins(8 * lanes)), Subsignal("dqs_p", Pins(lanes)),
+        Subsignal("clk_p", Pins(1)), Subsignal("cke", Pins(1)), Subsignal("odt", Pins(1)))])
+    pads = platform.request("ddram")
+    top.clock_domains.cd_sys2x = cd_sys2x = ClockDomain("sys2x", reset_less=True)
+    top.clock_domains.cd_init = cd_init = ClockDomain("init")
+    cd_sys2x.clk.name_override = "clk2x"
+    cd_init.clk.name_override = "init_clk"
+    cd_init.rst.name_override = "init_rst"
+    phy = ECP5DDRPHY(pads, sys_clk_freq=config.clk_freq)
+    ports = {name: Signal(lanes if name in ("dly_sel", "burstdet_seen") else 1, name_override=name)
+             for name in ("eclk_stop", "eclk_reset", "dly_sel", "rdly_dq_rst", "rdly_dq_inc",
+                          "rdly_dq_bitslip_rst", "rdly_dq_bitslip", "burstdet_clr", "burstdet_seen")}
+    # the PHY's CSRs, driven from ports (no CSR bank: their storage and strobes are plain signals)
+    top.comb += [
+        ports["eclk_stop"].eq(phy.init.stop), ports["eclk_reset"].eq(phy.init.reset),
+        phy._dly_sel.storage.eq(ports["dly_sel"]),
+        phy._rdly_dq_rst.re.eq(ports["rdly_dq_rst"]), phy._rdly_dq_inc.re.eq(ports["rdly_dq_inc"]),
+        phy._rdly_dq_bitslip_rst.re.eq(ports["rdly_dq_bitslip_rst"]),
+        phy._rdly_dq_bitslip.re.eq(ports["rdly_dq_bitslip"]),
+        phy._burstdet_clr.re.eq(ports["burstdet_clr"]),
+        ports["burstdet_seen"].eq(phy._burstdet_seen.status),
+    ]
+    return phy, {cd_sys2x.clk, cd_init.clk, cd_init.rst, *ports.values(), *pads.flatten()}
 
 
 def _build(config: LiteDRAMConfig, name: str):
@@ -284,10 +325,13 @@ def _build(config: LiteDRAMConfig, name: str):
             pins += [("dqs_p", config.chips_bytes), ("clk_p", 1), ("odt", 1), ("reset_n", 1)]
             settings = ECP5DDRPHY(Record(pins), sys_clk_freq=config.clk_freq).settings
         phy = SDRAMPHYModel(sdram_module, settings, clk_freq=config.clk_freq)
-    else:
+    elif memtype == "SDR":
         pads = platform.request("sdram")
         phy = GENSDRPHY(pads, sys_clk_freq=config.clk_freq)
         ios |= set(pads.flatten())
+    else:
+        phy, extra = _ecp5ddrphy_board(top, platform, geom, config)
+        ios |= extra
     top.submodules.phy = phy
     controller = ControllerSettings(cmd_buffer_depth=config.cmd_buffer_depth)
     top.submodules.core = core = LiteDRAMCore(phy, geom, sdram_module.timing_settings, config.clk_freq,
@@ -365,7 +409,7 @@ def _build(config: LiteDRAMConfig, name: str):
     overrides[Tristate] = _BidirTristate
     out = convert(top, ios=ios, name=name, platform=platform, special_overrides=overrides,
                   attr_translate=platform.toolchain.attr_translate)
-    directions = {"clk": "in", "rst": "in", "init_done": "out", "sdram_dq": "inout"}
+    directions = {"clk": "in", "rst": "in", "init_done": "out", "sdram_dq": "inout", **_DDR3_DIRECTIONS}
     directions.update({f"user_port_{sig}": d for sig, _, d in user_ports})
     ports = {}
     for sig in ios:
@@ -374,6 +418,8 @@ def _build(config: LiteDRAMConfig, name: str):
     ports = dict(sorted(ports.items()))
     phy_fields = {k: getattr(phy.settings, k) for k in ("phytype", "memtype", "nphases", "cl", "read_latency",
                                                         "write_latency", "databits", "dfi_databits")}
+    if memtype != "SDR" and not config.sim:
+        phy_fields.update(bitslips=phy.settings.bitslips, delays=phy.settings.delays)
     size = (1 << (geom.bankbits + geom.rowbits + geom.colbits)) * databits // 8
     return str(out), dict(data_width=dw, address_width=aw, size_bytes=size, clk_freq=config.clk_freq,
                           ports=ports, init_cycles=init_cycles, phy=phy_fields)

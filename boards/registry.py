@@ -39,13 +39,14 @@ class Board:
     description: str
     default_clock_hz: float | None       # the design clock when --clock-mhz is not given
     pll: bool = False                    # the top may put a PLL between oscillator and design
-    leds: tuple = (0, 1, 2)              # platform "led" numbers: heartbeat, activity, error
+    leds: tuple = (0, 1, 2)              # LEDs (BoardTop): heartbeat, activity, error
     reset_button: tuple | None = None    # (resource name, number), pressed = reset
     programmer: Programmer | None = None
     generic: bool = False
     design: str = "echo"                 # what `mmfree-fpga build` puts on it (boards.designs.DESIGNS)
     dram: str | None = None              # its DRAM for --memory dram: a key of boards.litedram.CORES
     dram_clock_hz: float | None = None   # the design clock with --memory dram (the controller's tested clock)
+    status_leds: tuple = ()              # (design member, LED) pairs (BoardTop), e.g. the DRAM's calibration
 
     def platform(self) -> Platform:
         return self.platform_class()
@@ -65,6 +66,7 @@ class Board:
 
 
 def _known():
+    from amaranth_boards.ecpix5 import ECPIX585Platform
     from amaranth_boards.icebreaker import ICEBreakerPlatform
     from amaranth_boards.ulx3s import ULX3S_85F_Platform
     return {
@@ -84,6 +86,20 @@ def _known():
             programmer=Programmer(ofl_board="ulx3s", cable="the ULX3S's FTDI FT231X on the US1 port",
                                   sram=True, usb_id=(0x0403, 0x6015)),
             design="engine", dram="ulx3s-85f", dram_clock_hz=50e6),
+        # The UART is the FT2232H's second channel (amaranth-boards' uart 0). No reset button:
+        # amaranth-boards names only AB1 (GSRN) as "rst" while LiteX's ECPIX-5 target resets from
+        # N5; which one the button drives is not settled here, so the design resets at configuration
+        # and PLL lock only. LEDs: RGB LED 0 green = heartbeat, 1 blue = UART activity, 2 red =
+        # UART error, 3 green = DRAM calibrated, 3 red = DRAM calibration failed (--memory dram).
+        "ecpix5-85f": Board(
+            name="ecpix5-85f", platform_class=ECPIX585Platform,
+            description="LambdaConcept ECPIX-5 with LFE5UM5G-85F (ECP5, 100 MHz oscillator, 512 MiB DDR3)",
+            default_clock_hz=75e6, pll=True,
+            leds=(("rgb_led", 0, "g"), ("rgb_led", 1, "b"), ("rgb_led", 2, "r")), reset_button=None,
+            programmer=Programmer(ofl_board="ecpix5", cable="the ECPIX-5's FTDI FT2232H on its micro-USB port",
+                                  sram=True, usb_id=(0x0403, 0x6010)),
+            design="engine", dram="ecpix5-85f", dram_clock_hz=75e6,
+            status_leds=(("dram_ready", ("rgb_led", 3, "g")), ("dram_error", ("rgb_led", 3, "r")))),
     }
 
 

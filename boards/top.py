@@ -14,7 +14,8 @@ weights go (on-chip RAM, or the board's DRAM with its generated controller core)
     pin rx -> io.Buffer -> UARTBridge: UARTReceiver -> FIFO -> design.i_stream
     pin tx <- io.Buffer <- UARTBridge: UARTTransmitter <- FIFO <- design.o_stream
     oscillator -> PLL (SyncDomain) -> sync domain, reset until lock + por delay, reset button
-    LEDs: heartbeat (~1 Hz), UART activity, sticky error (framing error or RX overrun)
+    LEDs: heartbeat (~1 Hz), UART activity, sticky error (framing error or RX overrun), and
+          status outputs of the design (e.g. a DRAM design's calibration result)
 """
 
 from __future__ import annotations
@@ -151,23 +152,31 @@ class UARTBridge(wiring.Component):
 class BoardTop(Elaboratable):
     """Pins, clocking and LEDs around a :class:`UARTBridge` (see the module docstring).
 
+    An LED is named by a platform ``led`` number, or by ``(resource, number, subsignal)`` for
+    LEDs of other resources (``("rgb_led", 0, "g")``: the green part of RGB LED 0).
+
     Parameters
     ----------
     design : the component from the design factory
     clock_hz : frequency of the sync domain (drives the UART divider)
     baud : UART bit rate
-    sync_domain : a :class:`SyncDomain` (PLL / reset), or None to let the platform create the
-        sync domain from its default clock (generic boards)
-    leds : platform LED numbers for (heartbeat, activity, error); None or missing ones are skipped
+    sync_domain : the clocking (a :class:`SyncDomain`: PLL / reset; or an
+        :class:`~.clocks.Ecp5DdrClocking`, whose extra domains (``domains()``) are defined
+        here too and which takes what it needs from the design (``attach(m, design)``)), or
+        None to let the platform create the sync domain from its default clock (generic boards)
+    leds : LEDs for (heartbeat, activity, error); None or missing ones are skipped
+    status_leds : ``(member, LED)`` pairs: the design's 1-bit output ``member`` lights the LED
+        (members the design does not have are skipped)
     fifo_depth : bytes of FIFO on each side of the design (0: none)
     """
 
     def __init__(self, design, *, clock_hz: float, baud: int = DEFAULT_BAUD, sync_domain=None,
-                 leds=(0, 1, 2), fifo_depth: int = DEFAULT_FIFO_DEPTH):
+                 leds=(0, 1, 2), status_leds=(), fifo_depth: int = DEFAULT_FIFO_DEPTH):
         self.bridge = UARTBridge(design, clock_hz=clock_hz, baud=baud, fifo_depth=fifo_depth)
         self.clock_hz = clock_hz
         self.sync_domain = sync_domain
         self.leds = leds
+        self.status_leds = status_leds
 
     def elaborate(self, platform):
         m = Module()
@@ -177,6 +186,13 @@ class BoardTop(Elaboratable):
             m.d.comb += ClockSignal("sync").eq(clocking.clk)
             m.submodules.reset_sync = ResetSynchronizer(clocking.rst, domain="sync")
             platform.add_clock_constraint(clocking.clk, self.clock_hz)
+            for name, (clk, rst) in getattr(clocking, "domains", dict)().items():
+                m.domains += ClockDomain(name, reset_less=rst is None)
+                m.d.comb += ClockSignal(name).eq(clk)
+                if rst is not None:
+                    m.submodules[f"reset_sync_{name}"] = ResetSynchronizer(rst, domain=name)
+            if hasattr(clocking, "attach"):
+                clocking.attach(m, self.bridge.design)
 
         m.submodules.bridge = bridge = self.bridge
         uart = platform.request("uart", 0, dir="-")
@@ -200,10 +216,24 @@ class BoardTop(Elaboratable):
             m.d.sync += error.eq(1)
 
         heartbeat_led, activity_led, error_led = self.leds
-        for number, value in ((heartbeat_led, heartbeat[-1]), (activity_led, activity != 0),
-                              (error_led, error)):
-            port = _request_optional(platform, "led", number) if number is not None else None
+        lights = [(heartbeat_led, heartbeat[-1]), (activity_led, activity != 0), (error_led, error)]
+        members = self.bridge.design.signature.members
+        lights += [(spec, getattr(self.bridge.design, member)) for member, spec in self.status_leds
+                   if member in members]
+        requested = {}
+        for spec, value in lights:
+            if spec is None:
+                continue
+            if isinstance(spec, int):
+                name, port = f"led{spec}", _request_optional(platform, "led", spec)
+            else:
+                resource, number, subsignal = spec
+                name = f"{resource}{number}_{subsignal}"
+                if (resource, number) not in requested:
+                    requested[resource, number] = _request_optional(platform, resource, number)
+                group = requested[resource, number]
+                port = getattr(group, subsignal) if group is not None else None
             if port is not None:
-                m.submodules[f"led{number}"] = led = io.Buffer("o", port)
+                m.submodules[name] = led = io.Buffer("o", port)
                 m.d.comb += led.o.eq(value)
         return m

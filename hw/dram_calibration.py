@@ -135,10 +135,11 @@ class DramCalibration(wiring.Component):
     phy : Out(read_leveling_signature(lanes))
         To the PHY's read-levelling controls.
     ready : Out(1)
-        Calibrated: the user port is open (stays high).
+        Calibrated: the user port is open (stays high; a register, so the pass-through's
+        multiplexers hang off one flip-flop).
     error : Out(1)
         Calibration failed: a lane without any passing setting, a failed final check, or a test
-        that did not finish (stays high; ``ready`` stays low).
+        that did not finish (stays high, from the cycle after the failure; ``ready`` stays low).
     settings : Out(data.ArrayLayout(lane_settings_layout(bitslips, delays), lanes))
         Per lane, the chosen setting (valid once ``ready`` or ``error``).
     windows : Out(data.ArrayLayout(bitslips * delays, lanes))
@@ -335,6 +336,7 @@ class DramCalibration(wiring.Component):
                 m.d.comb += ok.eq(passing & phy.burstdet_seen if self._burstdet else passing)
                 with m.If(verifying):
                     with m.If(ok == all_lanes):
+                        m.d.sync += self.ready.eq(1)
                         m.next = "READY"
                     with m.Else():
                         m.next = "ERROR"
@@ -364,10 +366,10 @@ class DramCalibration(wiring.Component):
                        inc_dly=Array(self.settings[lane].delay for lane in range(lanes))[apply_lane])
 
             with m.State("READY"):
-                m.d.comb += self.ready.eq(1)
+                pass
 
             with m.State("ERROR"):
-                m.d.comb += self.error.eq(1)
+                m.d.sync += self.error.eq(1)
         return m
 
     def _record(self, m, lane, ok, bs, dly, run_start, run_len, best_bs, best_start, best_len):

@@ -60,9 +60,13 @@ def one_line_error(capsys):
 # -- registry -------------------------------------------------------------------------------
 
 def test_known_boards():
-    assert set(BOARDS) == {"icebreaker", "ulx3s-85f"}
+    assert set(BOARDS) == {"icebreaker", "ulx3s-85f", "ecpix5-85f"}
     assert resolve_board("icebreaker").device == "iCE40UP5K"
     assert resolve_board("ulx3s-85f").device == "LFE5U-85F"
+    ecpix5 = resolve_board("ecpix5-85f")
+    assert ecpix5.device == "LFE5UM5G-85F" and ecpix5.family == "ecp5" and ecpix5.dram == "ecpix5-85f"
+    assert ecpix5.platform().default_clk_frequency == 100e6 and ecpix5.dram_clock_hz == 75e6
+    assert ecpix5.programmer.ofl_board == "ecpix5" and ecpix5.programmer.usb_id == (0x0403, 0x6010)
     assert resolve_board("icebreaker").resources.spram_bytes == 4 * 32 * 1024
 
 

@@ -1,9 +1,10 @@
-"""``build --memory dram``: the ULX3S with the engine's weights in its SDRAM (boards/dram.py).
+"""``build --memory dram``: the ULX3S with the engine's weights in its SDRAM, the ECPIX-5 with them in
+its DDR3 (boards/dram.py).
 
 The plan-level tests elaborate the board top (no Yosys, no nextpnr): the generated LiteDRAM core's
-Verilog and its Instance on the SDRAM pins, the SDRAM clock, the design clock; the size checks
-against block RAM and DRAM with the numbers, before any tool runs; the errors. The bitstream build
-itself is slow.
+Verilog and its Instance on the DRAM pins, the SDRAM clock or the DDR3 PHY's clocking (PLL, ECLKSYNCB,
+CLKDIVF) and read levelling, the design clock; the size checks against block RAM and DRAM with the
+numbers, before any tool runs; the errors. The bitstream builds themselves are slow.
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ from mmfree_fpga.image import image_layout, image_size
 pytestmark = pytest.mark.skipif(not litedram_available(), reason="LiteDRAM is not installed")
 
 ULX3S = BOARDS["ulx3s-85f"]
+ECPIX5 = BOARDS["ecpix5-85f"]
 SDRAM_BYTES = 32 * 2 ** 20
+DDR3_BYTES = 512 * 2 ** 20
 SMALL = ModelConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2, intermediate_size=256)
 # larger than the ULX3S's block RAM (about 420 KB), far smaller than its SDRAM: 1.3 MB of image
 MEDIUM = ModelConfig(vocab_size=2048, hidden_size=256, num_hidden_layers=4, intermediate_size=768)
@@ -261,9 +264,9 @@ def test_build_with_dram_accepts_an_image_beyond_block_ram(tmp_path, capsys, cac
 
 @pytest.mark.parametrize("args, message", [
     (["--board", "icebreaker", "--memory", "dram"],
-     "--memory dram: board icebreaker has no DRAM support in this flow (boards with DRAM: ulx3s-85f)"),
+     "--memory dram: board icebreaker has no DRAM support in this flow (boards with DRAM: ulx3s-85f, ecpix5-85f)"),
     (["--board", "icestick:ICEStickPlatform", "--memory", "dram"],
-     "has no DRAM support in this flow (boards with DRAM: ulx3s-85f)"),
+     "has no DRAM support in this flow (boards with DRAM: ulx3s-85f, ecpix5-85f)"),
     (["--board", "ulx3s-85f", "--memory", "dram", "--design", "echo"],
      "--memory dram applies to the engine; the design built for ulx3s-85f is echo"),
     (["--board", "ulx3s-85f", "--memory", "ddr3"], "argument --memory: invalid choice: 'ddr3'"),
@@ -289,6 +292,192 @@ def test_dram_design_needs_the_native_port(tmp_path):
     core = generate_core(CORES["ulx3s-85f"], tmp_path)
     with pytest.raises(TypeError, match="has no member 'native'"):
         DramBoardDesign(FrameEcho(), core)
+
+
+# -- the ECPIX-5's DDR3 -------------------------------------------------------------------------------
+
+def test_ecpix5_dram_is_the_512_mib_of_its_generated_ddr3_core(tmp_path):
+    """The board variant of the ECP5DDRPHY core: the PHY's I/O primitives on the DDR3 pins, its
+    clocks and start-up sequencer's outputs, and its read-levelling CSRs as ports."""
+    budget = dram_budget(ECPIX5)
+    assert (budget.kind, budget.module, budget.size_bytes) == ("DDR3", "MT41K256M16", DDR3_BYTES)
+    assert budget.text() == "536,870,912 B of DDR3 (MT41K256M16, 512 MiB)"
+    core = generate_core(CORES[ECPIX5.dram], tmp_path)
+    assert core.config["sim"] is False and core.size_bytes == DDR3_BYTES and core.clk_freq == 75e6
+    assert (core.data_width, core.address_width) == (128, 25)
+    assert (core.phy["phytype"], core.phy["bitslips"], core.phy["delays"]) == ("ECP5DDRPHY", 4, 8)
+    ports = core.ports
+    for name, direction, width in [("ddram_a", "out", 15), ("ddram_ba", "out", 3), ("ddram_dq", "inout", 16),
+                                   ("ddram_dqs_p", "inout", 2), ("ddram_dm", "out", 2), ("ddram_clk_p", "out", 1),
+                                   ("ddram_odt", "out", 1), ("ddram_cke", "out", 1),
+                                   ("clk2x", "in", 1), ("init_clk", "in", 1), ("init_rst", "in", 1),
+                                   ("eclk_stop", "out", 1), ("eclk_reset", "out", 1),
+                                   ("dly_sel", "in", 2), ("rdly_dq_rst", "in", 1), ("rdly_dq_inc", "in", 1),
+                                   ("rdly_dq_bitslip_rst", "in", 1), ("rdly_dq_bitslip", "in", 1),
+                                   ("burstdet_clr", "in", 1), ("burstdet_seen", "out", 2)]:
+        assert ports[name] == [direction, width], name
+    # the ECPIX-5 wires neither CS# nor RESET# to the FPGA
+    assert "ddram_cs_n" not in ports and "ddram_reset_n" not in ports
+    text = Path(core.verilog).read_text()
+    for primitive, count in [("DDRDLLA", 1), ("DQSBUFM", 2), ("IDDRX2DQA", 16), ("TSHX2DQA", 16),
+                             ("ODDRX2DQA", 18), ("ODDRX2DQSB", 2)]:
+        assert len(re.findall(rf"^{primitive} ", text, flags=re.M)) == count, primitive
+
+
+@pytest.fixture(scope="module")
+def ddr3_plan(checkpoint, tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MMFREE_FPGA_CACHE", str(tmp_path_factory.mktemp("cache")))
+        return prepare("ecpix5-85f", checkpoint=checkpoint, memory="dram")
+
+
+def test_ecpix5_plan_clocks_the_phy_from_the_pll_through_eclksyncb_and_clkdivf(ddr3_plan):
+    p = ddr3_plan
+    assert p.context.clock_hz == 75e6 == p.dram.clk_freq == ECPIX5.dram_clock_hz
+    # the PLL makes the PHY's edge clock (twice the design clock) and the 25 MHz init clock
+    assert p.pll.f_out == 150e6 and p.pll.f_secondary == 25e6 and p.pll.f_vco == 750e6
+    rtlil = p.plan.files["top.il"]
+    clocking = module_text(rtlil, "top.clocking")
+    assert "cell \\EHXPLLL " in clocking and "parameter \\CLKOS_DIV 30" in clocking
+    assert "cell \\ECLKSYNCB " in clocking and "cell \\CLKDIVF " in clocking
+    assert 'parameter \\DIV "2.0"' in clocking
+    # the PHY's start-up sequencer stops the edge clock and resets the divider
+    assert re.search(r"connect \\STOP \\eclk_stop", clocking) and re.search(r"connect \\RST \\eclk_reset", clocking)
+    lpf = p.plan.files["top.lpf"]
+    for line in ['FREQUENCY NET "clocking.clk" 75000000.0 HZ;', 'FREQUENCY NET "clocking.clk2x" 150000000.0 HZ;',
+                 'FREQUENCY NET "clocking.init_clk" 25000000.0 HZ;', 'FREQUENCY PORT "clk100_0__io" 100000000.0 HZ;']:
+        assert line in lpf
+
+
+def test_ecpix5_plan_puts_the_ddr3_core_on_its_pins_behind_the_calibration(ddr3_plan):
+    p = ddr3_plan
+    core = p.dram
+    assert p.plan.files[f"{core.name}.v"] == Path(core.verilog).read_text()
+    rtlil = p.plan.files["top.il"]
+    cell = rtlil[rtlil.index(f"cell \\{core.name} "):]
+    cell = cell[:cell.index("\n  end\n")]
+    for port, pin, width in [("ddram_a", "a__io", 15), ("ddram_ba", "ba__io", 3), ("ddram_dq", "dq__io", 16),
+                             ("ddram_dm", "dm__io", 2), ("ddram_dqs_p", "dqs__p", 2)]:
+        assert f"connect \\{port} \\ddr3_0__{pin} [{width - 1}:0]" in cell, port
+    for port, pin in [("ddram_ras_n", "ras__io"), ("ddram_cas_n", "cas__io"), ("ddram_we_n", "we__io"),
+                      ("ddram_cke", "clk_en__io"), ("ddram_odt", "odt__io"), ("ddram_clk_p", "clk__p")]:
+        assert f"connect \\{port} \\ddr3_0__{pin} [0]" in cell, port
+    # the native port and the PHY's controls come from the calibration (and the command slice), not
+    # from the engine's own native port (as on the SDR board)
+    for name in ("cmd_valid", "cmd_addr", "cmd_ready", "rdata_valid", "wdata_data"):
+        assert re.search(rf"connect \\user_port_{name} \\(native|user)__{name}\$", cell), name
+        assert not re.search(rf"connect \\user_port_{name} \\\S*design__native", cell), name
+    for name in ("dly_sel", "rdly_dq_rst", "rdly_dq_inc", "rdly_dq_bitslip_rst", "rdly_dq_bitslip", "burstdet_clr",
+                 "burstdet_seen"):
+        assert re.search(rf"connect \\{name} \\phy__{name}", cell), name
+    assert re.search(r"connect \\init_done \\init_done", cell)
+    assert "connect \\eclk_stop \\eclk_stop" in cell and "connect \\eclk_reset \\eclk_reset" in cell
+    for port, net in [("clk2x", "sync2x_clk"), ("init_clk", "dram_init_clk"), ("init_rst", "dram_init_rst")]:
+        assert re.search(rf"connect \\{port} \\{net}", cell), port
+    lpf = p.plan.files["top.lpf"]
+    for pin, site in [("dqs__p[0]", "V4"), ("dqs__p[1]", "V1"), ("clk__p", "H3"), ("dq__io[0]", "T4"),
+                      ("a__io[14]", "H1"), ("clk_en__io", "P1")]:
+        assert f'LOCATE COMP "ddr3_0__{pin}" SITE "{site}";' in lpf
+    assert 'IOBUF PORT "ddr3_0__dqs__p[0]" IO_TYPE=SSTL15D_I' in lpf
+    # a differential pin is placed by its P pad alone
+    for n_site in ("U5", "U2", "J3"):
+        assert f'SITE "{n_site}"' not in lpf
+    # the UART through the FT2232H, the status LEDs of the calibration
+    for pin, site in [("uart_0__rx__io", "R26"), ("uart_0__tx__io", "R24"), ("rgb_led_3__g__io", "R23"),
+                      ("rgb_led_3__r__io", "P21"), ("rgb_led_0__g__io", "R21")]:
+        assert f'LOCATE COMP "{pin}" SITE "{site}";' in lpf
+
+
+def test_ecpix5_design_is_the_engine_with_its_weights_in_ddr3_behind_the_calibration(checkpoint, cache):
+    from mmfree_fpga.boards.designs import linked_engine
+    from mmfree_fpga.hw.dram_calibration import DramCalibration
+    from mmfree_fpga.hw.dram_engine import DramEngine
+    seen = []
+    factory = linked_engine()
+
+    def spy(context):
+        seen.append(factory(context))
+        return seen[-1]
+
+    p = prepare("ecpix5-85f", checkpoint=checkpoint, memory="dram", design=spy)
+    (design,) = seen
+    assert p.design_name == "mmfree_fpga.boards.dram.DramBoardDesign" and p.lanes == 16 and p.memory == "dram"
+    assert p.fit["memory"] == "dram" and p.fit["available_bytes"] == DDR3_BYTES
+    assert isinstance(design, DramBoardDesign) and design.ddr and design.dram_core is p.dram
+    assert isinstance(design.design.engine, DramEngine) and design.design.memory == "sdram"
+    cal = design.calibration
+    assert isinstance(cal, DramCalibration)
+    assert set(design.signature.members) == {"i_stream", "o_stream", "eclk_stop", "eclk_reset", "dram_ready",
+                                             "dram_error"}
+    # the calibration's pattern sits in the last words of the 512 MiB, away from the weight image
+    assert cal.settings.shape().length == 2 and len(cal.pattern) == 8
+    # a DDR3 board's status LEDs show the calibration's outcome
+    assert dict(ECPIX5.status_leds) == {"dram_ready": ("rgb_led", 3, "g"), "dram_error": ("rgb_led", 3, "r")}
+    rtlil = p.plan.files["top.il"]
+    for led in ("rgb_led3_g", "rgb_led3_r"):
+        assert f"top.{led}" in rtlil
+
+
+def test_ecpix5_bram_build_plan(checkpoint, cache):
+    """The ECPIX-5 without --memory dram: the engine with its weights in block RAM, 75 MHz from the
+    PLL, no DRAM core."""
+    p = prepare("ecpix5-85f", checkpoint=checkpoint)
+    assert p.memory == "bram" and p.dram is None and p.context.clock_hz == 75e6 and p.pll.f_out == 75e6
+    assert not any(name.startswith("mmfree_litedram_") for name in p.plan.files)
+    assert "ECLKSYNCB" not in p.plan.files["top.il"]
+
+
+def test_a_published_370m_image_fits_the_ecpix5_ddr3_with_the_sizes():
+    s = summary(PUBLISHED["370M"])
+    budget = memory_budget(ECPIX5.resources, (512, 512))
+    dram = dram_budget(ECPIX5)
+    fit = check_fits_dram(s, dram, budget, "ecpix5-85f")
+    assert (fit["needed_bytes"], fit["available_bytes"]) == (s.image_bytes, DDR3_BYTES)
+    assert fit["dram"] == "536,870,912 B of DDR3 (MT41K256M16, 512 MiB)"
+    assert fit["percent"] == round(100 * s.image_bytes / DDR3_BYTES, 1) == 19.0
+    assert fit["on_chip_bytes"] == 24 * 1024 * 4
+    # not in block RAM: the refusal names the DDR3 it fits
+    with pytest.raises(UserError, match=r"its weight image fits the board's 536,870,912 B of DDR3 "
+                                        r"\(MT41K256M16, 512 MiB\): build with --memory dram"):
+        check_fits(s, budget, "ecpix5-85f", dram)
+
+
+def test_native_command_slice_keeps_order_and_registers_the_handshake():
+    """The DDR3 design's command register slice: every command once, in order, at one per cycle
+    when the core keeps up; ``user.cmd_ready`` does not follow ``native.cmd_ready`` within a cycle."""
+    import random
+
+    from amaranth.sim import Simulator
+
+    from mmfree_fpga.boards.dram import NativeCommandSlice
+    dut = NativeCommandSlice(16, 8)
+    rng = random.Random(3)
+    sent, got = [], []
+
+    async def bench(ctx):
+        pending = [(rng.getrandbits(1), rng.getrandbits(8)) for _ in range(300)]
+        for cycle in range(900):
+            stall = cycle < 600 and rng.random() < 0.4
+            ctx.set(dut.native.cmd_ready, 0)
+            before = ctx.get(dut.user.cmd_ready)
+            ctx.set(dut.native.cmd_ready, not stall)
+            assert ctx.get(dut.user.cmd_ready) == before
+            offer = bool(pending) and (cycle >= 600 or rng.random() < 0.8)
+            ctx.set(dut.user.cmd_valid, offer)
+            if offer:
+                ctx.set(dut.user.cmd_we, pending[0][0])
+                ctx.set(dut.user.cmd_addr, pending[0][1])
+            if offer and ctx.get(dut.user.cmd_ready):
+                sent.append(pending.pop(0))
+            if ctx.get(dut.native.cmd_valid) and not stall:
+                got.append((ctx.get(dut.native.cmd_we), ctx.get(dut.native.cmd_addr)))
+            await ctx.tick()
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-8)
+    sim.add_testbench(bench)
+    sim.run()
+    assert len(sent) == 300 and got == sent
 
 
 # -- the bitstream -------------------------------------------------------------------------------------
