@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .errors import CheckpointError
 
-__all__ = ["ModelConfig", "Formats", "FORMATS", "LAYER_BITLINEARS", "derive_intermediate_size"]
+__all__ = ["ModelConfig", "Formats", "FORMATS", "FORMAT_SETS", "LAYER_BITLINEARS", "derive_intermediate_size"]
 
 
 def _is_int(value) -> bool:
@@ -239,7 +239,20 @@ class Formats:
       per vector, chosen at export so the largest entry uses the full width;
     * the vector entering a BitLinear is first normalised to ``norm_bits`` bits (one shift per
       token), so every per-element product is ``norm_bits x norm_bits``;
-    * the per-token output scale of a BitLinear is a ``scale_bits``-bit mantissa and a shift.
+    * the per-token output scale of a BitLinear is a ``scale_bits``-bit mantissa and a shift;
+    * embedding rows: signed ``emb_bits``-bit mantissas (|q| <= 2^(emb_bits-1) - 1) with an unsigned
+      ``emb_scale_bits``-bit per-row scale in Q``emb_scale_frac``;
+    * ``quant_exact``: the activation quantiser rounds exactly (round half up of 127 |z| / m) instead
+      of through the ``quant_bits`` / ``recip_frac`` reciprocal;
+    * ``norm_eps``: each BitLinear adds the float model's inner RMSNorm eps to its sum of squares
+      (an export-time constant ``eps_mant * 2^eps_exp`` per BitLinear; needs ``norm_bits >= 16`` and
+      ``x_frac >= 12``).
+
+    The image stores a and c as int16 when ``norm_bits <= 16`` (else int32), lower bounds as
+    uint16 when ``gate_frac <= 16`` (else uint32), embedding mantissas as int8 when
+    ``emb_bits <= 8`` (else int32), and each BitLinear's ``k`` section as 2 int32 (4 with
+    ``norm_eps``); see :func:`mmfree_fpga.image.image_layout`. :data:`FORMAT_SETS` names the sets
+    the toolkit builds.
     """
 
     act_bits: int = 8
@@ -265,6 +278,26 @@ class Formats:
     emb_scale_bits: int = 32
     # largest supported vector (in_features/out_features of any matrix except lm_head rows)
     max_features: int = 16384
+    # embedding mantissa bits (signed); int8 in the image up to 8, else int32
+    emb_bits: int = 8
+    # exactly rounded quantiser (else the quant_bits / recip_frac reciprocal)
+    quant_exact: bool = False
+    # the inner RMSNorm eps term in every BitLinear's sum of squares
+    norm_eps: bool = False
+
+    def __post_init__(self):
+        for name, value in self.__dict__.items():
+            if isinstance(getattr(type(self), name, None), bool):
+                if not isinstance(value, bool):
+                    raise TypeError(f"Formats.{name} must be a bool, got {value!r}")
+            elif not _is_int(value):
+                raise TypeError(f"Formats.{name} must be an int, got {value!r}")
+        if not 2 <= self.emb_bits <= 32:
+            raise ValueError(f"Formats.emb_bits must be in 2..32, got {self.emb_bits}")
+        if self.norm_bits > 32 or self.gate_frac > 32 or self.emb_scale_bits > 32:
+            raise ValueError("Formats: norm_bits, gate_frac and emb_scale_bits are stored in at most 32 bits")
+        if self.norm_eps and (self.norm_bits < 16 or self.x_frac < 12):
+            raise ValueError("Formats.norm_eps needs norm_bits >= 16 and x_frac >= 12")
 
     @property
     def acc_bits(self) -> int:
@@ -291,6 +324,18 @@ class Formats:
 
 
 FORMATS = Formats()
+
+# The format sets the toolkit builds, by name. "narrow": today's engine (and the iCE40 tiny
+# engine's); "wide": Q24 activations, 24-bit norms and constants, the exact quantiser, the inner
+# RMSNorm eps and 24-bit embeddings (issue 21: float32's distance to float64 at the published
+# geometries). quant_bits / recip_frac stay: in the wide set they size the hardware's reciprocal
+# candidate, which it corrects to the exact result.
+FORMAT_SETS = {
+    "narrow": FORMATS,
+    "wide": Formats(x_bits=40, x_frac=24, norm_bits=24, sumsq_shift=23, gate_frac=23, sig_table_log2=11,
+                    const_bits=24, scale_bits=25, emb_bits=24, emb_scale_frac=48, quant_exact=True,
+                    norm_eps=True),
+}
 
 
 @dataclass(frozen=True)

@@ -3,18 +3,19 @@ agreement with the float reference."""
 
 import dataclasses
 import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
 import torch
 
 from conftest import random_model
-from mmfree_fpga.config import FORMATS, ModelConfig
+from mmfree_fpga.config import FORMAT_SETS, FORMATS, ModelConfig
 from mmfree_fpga.reference import integer as im
 from mmfree_fpga.reference.agreement import agreement, held_out_ids
 from mmfree_fpga.reference.checkpoint import DEMO_CHECKPOINT, load_checkpoint, load_model
 from mmfree_fpga.reference.export import integer_weights, to_fixed_vector
-from mmfree_fpga.reference.model import weight_ternary
+from mmfree_fpga.reference.model import HGRNBitForCausalLM, randomize, weight_ternary
 from mmfree_fpga.reference.train import int8_embeddings
 
 F = FORMATS
@@ -183,3 +184,111 @@ def test_quantise_is_exact_with_a_wide_reciprocal():
         narrow = im.quantise(z, m, dataclasses.replace(F, quant_bits=qb, recip_frac=qb + 8))
         assert (wide[~tie] == exact[~tie]).all()
         assert (narrow[~tie] != exact[~tie]).sum() > 5
+
+
+# -- the wide format set (issue 21) ------------------------------------------------------
+
+WIDE = FORMAT_SETS["wide"]
+
+
+def test_exact_quantiser_against_fractions():
+    """quant_exact: q = round half up of 127 |z| / m (sign restored), checked with Fractions, for
+    z up to 60 bits (past int64's 254 |z| + m) and with ties forced."""
+    g = np.random.default_rng(7)
+    for bits in (3, 16, 24, 47, 60):
+        z = g.integers(-(1 << bits), 1 << bits, size=3000, dtype=np.int64)
+        m = int(np.abs(z).max())
+        z[:20] = [((2 * k + 1) * m) // 254 if ((2 * k + 1) * m) % 254 == 0 else z[k] for k in range(20)]
+        q = im.quantise(z, m, WIDE)
+        want = [int(np.sign(v)) * math.floor(Fraction(127 * abs(int(v)), m) + Fraction(1, 2)) for v in z]
+        assert q.tolist() == want
+        assert int(np.abs(q).max()) == 127
+    # an exact tie rounds away from zero: 127 * 3 / 6 = 63.5 -> 64
+    assert im.quantise(np.array([3, -3, 6]), 6, WIDE).tolist() == [64, -64, 127]
+
+
+def test_mul_shift_is_exact_past_int64():
+    g = np.random.default_rng(2)
+    a = g.integers(-(1 << 39), 1 << 39, size=500)
+    b = g.integers(-(1 << 39), 1 << 39, size=500)
+    got = im.mul_shift(a, b, 24)
+    assert [int(v) for v in got] == [(int(x) * int(y) + (1 << 23)) >> 24 for x, y in zip(a, b)]
+    small = g.integers(-(1 << 20), 1 << 20, size=50)
+    assert im.mul_shift(small, small, 5).dtype == np.int64
+
+
+def test_wire_logits():
+    logits = np.array([3 << 24, -(5 << 23), (1 << 8) - 1, 1 << 7, -(1 << 7), 1 << 39, -(1 << 39)])
+    assert im.wire_logits(logits, WIDE).tolist() == [3 << 16, -(5 << 15), 1, 1, 0, (1 << 31) - 1, -(1 << 31)]
+    assert im.wire_logits(logits[:3], F).tolist() == logits[:3].tolist()
+
+
+def _eps_case(kind, scale, seed, fmt=WIDE, n=384, eps=1e-6):
+    """(E of the integer model, eps * n * ms_outer in S's units computed in float)."""
+    from mmfree_fpga.reference.export import _bitlinear
+    g = np.random.default_rng(seed)
+    a = g.uniform(0.5, 1.5, n) if kind != "const" else np.ones(n)
+    bl = _bitlinear(torch.randn(32, n) * 0.02, a, a * g.uniform(0.5, 1.5, n), fmt, kind, eps)
+    v = np.round(g.normal(0, scale, n) * 2.0 ** fmt.x_frac).astype(np.int64)
+    sh = im.norm_shift(v, fmt)
+    units = 2.0 ** (2 * (fmt.x_frac - sh + bl.e_a - fmt.sumsq_shift))  # S per (float value)^2
+    yg = None
+    if kind == "input":
+        outer = float(np.sum((v / 2.0 ** fmt.x_frac) ** 2))
+    elif kind == "gsum":
+        yg = np.round(g.normal(0, 1, n) * 2.0 ** fmt.x_frac).astype(np.int64)
+        outer = float(np.sum((yg / 2.0 ** fmt.x_frac) ** 2))
+    else:
+        outer = float(n)
+    return im.eps_term(bl, im.normalise(v, fmt), sh, fmt, yg), eps * outer * units
+
+
+@pytest.mark.parametrize("kind", ["input", "gsum", "const"])
+def test_eps_term_against_float(kind):
+    """E = eps * n * ms_outer in S's units (ms_outer: the mean square of the outer norm's input; for
+    down_proj, no outer norm, 1), within 1e-3 (or one unit of S, where E is below 1000 units and
+    so far below S), for inputs from 2^-10 to 2^10."""
+    for seed, scale in enumerate((2.0 ** -10, 0.01, 1.0, 37.0, 2.0 ** 10)):
+        e, want = _eps_case(kind, scale, seed)
+        assert e > 0 and abs(e - want) < max(1e-3 * want, 1), (kind, scale, e, want)
+    assert _eps_case(kind, 1.0, 0, fmt=F)[0] == 0   # the narrow set has no eps term
+
+
+def test_bitlinear_eps_matches_the_float_formula():
+    """With norm_eps a BitLinear whose input is tiny (mean square ~ eps) follows the float formula
+    with the inner eps; without it, it is off by the factor sqrt(1 + eps / ms)."""
+    from mmfree_fpga.reference.export import _bitlinear
+    from mmfree_fpga.reference.model import activation_quant
+    g = np.random.default_rng(4)
+    n, eps = 512, 1e-6
+    w = torch.randn(64, n) * 0.05
+    c = g.uniform(0.5, 1.5, n)
+    v = g.normal(0, 1e-3, n)             # down_proj-like input: mean square 1e-6 = eps
+    t, beta = weight_ternary(w.double())
+    q, s = activation_quant(torch.tensor(v * c) / torch.tensor(v).pow(2).add(0).mean().add(eps).sqrt())
+    want = ((t @ q) * beta / s).numpy()
+    vi = np.round(v * 2.0 ** WIDE.x_frac).astype(np.int64)
+    y = im.bitlinear(vi, _bitlinear(w, np.ones(n), c, WIDE, "const", eps), WIDE) / 2.0 ** WIDE.x_frac
+    assert np.abs(y - want).max() < 1e-4 * np.abs(want).max()
+    no_eps = dataclasses.replace(WIDE, norm_eps=False)
+    y0 = im.bitlinear(vi, _bitlinear(w, np.ones(n), c, no_eps, "const", eps), no_eps) / 2.0 ** WIDE.x_frac
+    assert np.abs(y0 - want).max() > 0.1 * np.abs(want).max()
+
+
+def test_wide_formats_closer_to_float64():
+    """A small random model (std 0.02 weights and embeddings): the wide integer model's logits are
+    closer to float64 than the narrow one's (mean and min cosine over 16 positions)."""
+    cfg = ModelConfig(vocab_size=256, hidden_size=128, num_hidden_layers=2, intermediate_size=384)
+    model = randomize(HGRNBitForCausalLM(cfg), seed=11, embedding_std=0.02)
+    ids = np.random.default_rng(11).integers(0, 256, 16).tolist()
+    with torch.no_grad():
+        f64 = model.double()(torch.tensor([ids]))[0][0].numpy()
+    tensors = model.float().state_dict()
+    cos = {}
+    for name, fmt in FORMAT_SETS.items():
+        m = im.IntegerModel(integer_weights(cfg, tensors, fmt))
+        li = np.stack([m.logits_to_float(m.step(t)) for t in ids])
+        c = (li * f64).sum(1) / (np.linalg.norm(li, axis=1) * np.linalg.norm(f64, axis=1))
+        cos[name] = (c.mean(), c.min())
+    assert cos["wide"][0] > cos["narrow"][0] and cos["wide"][1] > cos["narrow"][1], cos
+    assert 1 - cos["wide"][0] < 0.25 * (1 - cos["narrow"][0]), cos
