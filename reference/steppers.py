@@ -10,7 +10,7 @@ from typing import Callable
 
 import numpy as np
 
-from mmfree_fpga.config import ModelConfig
+from mmfree_fpga.config import FORMATS, Formats, ModelConfig
 
 from .checkpoint import DEMO_CHECKPOINT, load_checkpoint, load_model
 
@@ -34,10 +34,11 @@ def float_stepper(checkpoint=None) -> tuple[ModelConfig, Stepper]:
     return model.config, step
 
 
-def integer_stepper(checkpoint=None) -> tuple[ModelConfig, Stepper]:
-    """The integer model of the hardware (``reference --integer``), logits as floats."""
+def integer_stepper(checkpoint=None, fmt: Formats = FORMATS) -> tuple[ModelConfig, Stepper]:
+    """The integer model of the hardware in the number formats ``fmt`` (``reference --integer``),
+    logits as floats (the full-width logits / 2^x_frac)."""
     from .export import integer_weights
     from .integer import IntegerModel
     cfg, tensors = load_checkpoint(checkpoint or DEMO_CHECKPOINT)
-    model = IntegerModel(integer_weights(cfg, tensors))
+    model = IntegerModel(integer_weights(cfg, tensors, fmt))
     return cfg, lambda tok: model.logits_to_float(model.step(tok))

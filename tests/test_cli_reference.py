@@ -44,3 +44,23 @@ def test_prompt_ids_and_sampling_reproducible(tmp_path, small_checkpoint):
 def test_bad_arguments(small_checkpoint, capsys, args, message):
     assert main(["reference", "--checkpoint", str(small_checkpoint)] + args) == 2
     assert message in capsys.readouterr().err
+
+
+def test_reference_integer_formats(tmp_path, small_checkpoint, capsys):
+    """--formats picks the integer model's number formats; the JSON names them."""
+    from mmfree_fpga.config import FORMAT_SETS
+    from mmfree_fpga.reference.checkpoint import load_checkpoint
+    from mmfree_fpga.reference.export import integer_weights
+    from mmfree_fpga.reference.integer import IntegerModel
+    out = tmp_path / "r.json"
+    assert main(["reference", "--checkpoint", str(small_checkpoint), "--prompt", "ab", "--steps", "3",
+                 "--integer", "--formats", "wide", "--json-out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["model"] == "integer" and r["formats"] == "wide"
+    cfg, tensors = load_checkpoint(small_checkpoint)
+    m = IntegerModel(integer_weights(cfg, tensors, FORMAT_SETS["wide"]))
+    want = [m.logits_to_float(m.step(t)) for t in r["tokens"][:-1]]
+    np.testing.assert_array_equal(np.array(r["logits"]), np.array(want))
+    capsys.readouterr()
+    assert main(["reference", "--checkpoint", str(small_checkpoint), "--formats", "wide"]) == 2
+    assert "add --integer" in capsys.readouterr().err

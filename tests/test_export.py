@@ -114,3 +114,15 @@ def test_export_bad_checkpoint_leaves_nothing(tmp_path, capsys):
     assert main(["export", "--checkpoint", str(tmp_path / "nope"), "--out", str(out)]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_export_cli_formats(tmp_path):
+    out, js = tmp_path / "exp", tmp_path / "r.json"
+    assert main(["export", "--formats", "wide", "--out", str(out), "--json-out", str(js), "--quiet"]) == 0
+    r = json.loads(js.read_text())
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert r["formats"] == "wide" and manifest["formats"] == FORMAT_SETS["wide"].as_dict()
+    cfg, _ = load_checkpoint(DEMO_CHECKPOINT)
+    assert r["bytes"] == image_size(cfg, "base3", FORMAT_SETS["wide"])
+    assert manifest["embedding_bytes"] == 4 * cfg.V * cfg.d + 4 * cfg.V
+    assert read_image(out).formats == FORMAT_SETS["wide"]

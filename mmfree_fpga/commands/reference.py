@@ -7,6 +7,7 @@ import sys
 from mmfree_fpga.generation import generate
 
 from ._common import add_generation_arguments, generation_result, prompt_and_sampler, stream_printer
+from .export import add_formats_argument, formats_of
 
 HELP = "run the float reference (or --integer: the exact integer model of the hardware) on a prompt"
 
@@ -14,6 +15,7 @@ HELP = "run the float reference (or --integer: the exact integer model of the ha
 def add_arguments(p) -> None:
     add_generation_arguments(p)
     p.add_argument("--integer", action="store_true", help="run the integer model the hardware implements")
+    add_formats_argument(p, "the integer model (with --integer)")
 
 
 def run(args) -> dict:
@@ -24,8 +26,15 @@ def run(args) -> dict:
 
 
 def _run(args) -> dict:
+    from mmfree_fpga.errors import UserError
     from mmfree_fpga.reference.steppers import float_stepper, integer_stepper
-    cfg, step = (integer_stepper if args.integer else float_stepper)(args.checkpoint)
+    if args.formats is not None and not args.integer:
+        raise UserError("--formats sets the integer model's number formats; add --integer")
+    name, fmt = formats_of(args)
+    if args.integer:
+        cfg, step = integer_stepper(args.checkpoint, fmt)
+    else:
+        cfg, step = float_stepper(args.checkpoint)
     prompt, sampler = prompt_and_sampler(args, cfg.V)
     on_token = stream_printer(cfg.V)
     if cfg.V == 256:
@@ -34,4 +43,6 @@ def _run(args) -> dict:
     sys.stdout.write("\n")
     result = generation_result(gen, cfg.V)
     result["model"] = "integer" if args.integer else "float"
+    if args.integer:
+        result["formats"] = name
     return result
