@@ -1,9 +1,11 @@
 """Where do the float model, the integer model and the hardware differ? Per token, layer and op.
 
 Traces are lists (one entry per token fed) of ``{"layers": [ {op: vector} per layer ],
-"logits": vector}``. Integer and hardware traces hold the raw integers (Q16, gates Q15);
-float traces hold floats. Hardware is compared with the integer model exactly, the float
-model with the integer model by magnitude.
+"logits": vector}``. Integer and hardware traces hold the raw integers (Q``x_frac``, gates
+Q``gate_frac`` of the number formats); float traces hold floats. Hardware is compared with the
+integer model exactly, the float model with the integer model by magnitude. The logits of the
+float32 and float64 models and the integer model give the three-way fidelity figures
+(:func:`~mmfree_fpga.reference.agreement.three_way`).
 
 The hardware trace (:func:`hardware_trace`) holds what the engine's writer stores, captured
 from the simulation through the engine's ``trace`` port: per layer ``forget`` (f after the
@@ -24,13 +26,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mmfree_fpga.config import FORMATS, LAYER_BITLINEARS
+from mmfree_fpga.config import FORMATS, LAYER_BITLINEARS, Formats
 from mmfree_fpga.progress import track
 
 from .integer import IntegerModel, IntegerWeights
 from .model import BitLinear, HGRNBitForCausalLM
 
-__all__ = ["OPS", "OP_JOB", "HARDWARE_VECTORS", "float_trace", "integer_trace",
+__all__ = ["OPS", "OP_JOB", "HARDWARE_VECTORS", "op_fracs", "float_trace", "float64_logits", "integer_trace",
            "compare_traces", "write_report"]
 
 # vectors every float and integer trace has, in the order the engine produces them; value: the
@@ -45,6 +47,20 @@ OP_JOB = {"f_proj": "f_proj", "forget": "f_proj", "i_proj": "i_proj", "h": "i_pr
           "gate": "gate_proj", "down_in": "gate_proj", "down_proj": "down_proj", "x": "down_proj"}
 # what the engine's writer stores (see hardware_trace), in store order; plus the logits
 HARDWARE_VECTORS = ("forget", "h", "o_in", "x_attn", "gate", "down_in", "x")
+
+
+def op_fracs(fmt: Formats = FORMATS) -> dict[str, int]:
+    """:data:`OPS` for the number formats ``fmt``: each vector's fractional bits."""
+    return {op: fmt.gate_frac if op == "forget" else fmt.x_frac for op in OPS}
+
+
+@torch.no_grad()
+def float64_logits(model: HGRNBitForCausalLM, ids: list[int]) -> np.ndarray:
+    """The logits [positions, V] of ``model`` run in float64 (on a float64 copy; ``model`` is left as
+    it is) over ``ids`` from the zero state."""
+    import copy
+    m64 = copy.deepcopy(model).double()
+    return m64(torch.tensor([ids]))[0][0].numpy()
 
 
 @torch.no_grad()
@@ -107,11 +123,18 @@ def _cos(a, b):
     return float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
 
 
-def compare_traces(ids: list[int], flt: list[dict], itg: list[dict], hw: list[dict] | None = None) -> dict:
+def compare_traces(ids: list[int], flt: list[dict], itg: list[dict], hw: list[dict] | None = None,
+                   fmt: Formats = FORMATS, float64: np.ndarray | None = None) -> dict:
+    """The report: per token (top-1 of each model, logit cosine integer vs float), per layer and
+    vector (float vs integer error; hardware vs integer mismatches), the first hardware mismatch,
+    and with ``float64`` (the float64 model's logits, [positions, V]) the three-way ``fidelity``
+    figures. ``fmt``: the integer (and hardware) traces' number formats."""
+    from .agreement import three_way
     n_layers = len(itg[0]["layers"])
+    fracs = op_fracs(fmt)
     per_token = []
     for t in range(len(ids)):
-        lf, li = flt[t]["logits"], itg[t]["logits"] / 2 ** FORMATS.x_frac
+        lf, li = flt[t]["logits"], itg[t]["logits"] / 2 ** fmt.x_frac
         row = {"token": int(ids[t]), "float_top1": int(np.argmax(lf)), "integer_top1": int(np.argmax(li)),
                "logit_cosine": _cos(lf, li)}
         if hw is not None:
@@ -122,7 +145,7 @@ def compare_traces(ids: list[int], flt: list[dict], itg: list[dict], hw: list[di
     errors = {}
     hw_ops = [op for op in OPS if hw is not None and op in hw[0]["layers"][0]]
     for l in range(n_layers):
-        for op, frac in OPS.items():
+        for op, frac in fracs.items():
             rel, quant_err = [], []
             for t in range(len(ids)):
                 f = flt[t]["layers"][l][op]
@@ -146,6 +169,9 @@ def compare_traces(ids: list[int], flt: list[dict], itg: list[dict], hw: list[di
     report = {"positions": len(ids), "top1_agreement": top1,
               "mean_logit_cosine": float(np.mean([r["logit_cosine"] for r in per_token])),
               "per_token": per_token, "per_layer": per_layer}
+    if float64 is not None:
+        report["fidelity"] = three_way(np.stack([t["logits"] / 2 ** fmt.x_frac for t in itg]),
+                                       np.stack([t["logits"] for t in flt]), float64)
     if hw is not None:
         first = None
         for t in range(len(ids)):
@@ -187,6 +213,10 @@ def _verdict(r: dict) -> str:
             parts.append(f"HARDWARE DIFFERS from the integer model, first at {where}")
     parts.append(f"integer vs float: top-1 agreement {r['top1_agreement']:.4f}, mean logit cosine "
                  f"{r['mean_logit_cosine']:.5f} over {r['positions']} positions")
+    if "fidelity" in r:
+        a, b = r["fidelity"]["integer_vs_float64"], r["fidelity"]["float32_vs_float64"]
+        parts.append(f"mean logit cosine to float64: integer {a['mean_logit_cosine']:.5f}, "
+                     f"float32 {b['mean_logit_cosine']:.5f}")
     return "; ".join(parts)
 
 
@@ -243,6 +273,14 @@ def write_report(report: dict, out_dir) -> list[str]:
                f"{sim['sim_seconds']} s; the engine's returned argmax logits "
                + ("match" if sim["result_matches_stored_logits"] else "DO NOT match")
                + " the largest logits it stored.", ""]
+    if report.get("formats"):
+        md += [f"Number formats of the integer model: {report['formats']}.", ""]
+    if "fidelity" in report:
+        md += ["| comparison | top-1 agreement | mean logit cosine | min logit cosine |", "|---|---|---|---|"]
+        for key, f in report["fidelity"].items():
+            md.append(f"| {key.replace('_', ' ')} | {f['top1_agreement']:.4f} | {f['mean_logit_cosine']:.6f} | "
+                      f"{f['min_logit_cosine']:.6f} |")
+        md += [""]
     if has_hw:
         md += ["Vectors the engine stores (compared exactly): " + ", ".join(report["hardware_vectors"]) + ".", ""]
     md += ["| layer | vector | job | rel. L2 error (int vs float), mean | max |" +

@@ -111,3 +111,53 @@ def test_compare_without_simulator(tmp_path, monkeypatch, capsys):
     assert main(["compare", "--positions", "2", "--hardware", "sim", "--out", str(tmp_path / "rep2")]) != 0
     err = capsys.readouterr().err
     assert "--hardware sim: verilator not found" in err and "Traceback" not in err
+
+
+def test_compare_three_way_figures(tmp_path):
+    """fidelity: integer vs float64, float32 vs float64, integer vs float32, each against the same
+    figures computed here from the three models' logits."""
+    import numpy as np
+    import torch
+
+    from mmfree_fpga.reference.agreement import logit_agreement
+    from mmfree_fpga.reference.integer import IntegerModel
+    js = tmp_path / "r.json"
+    assert main(["compare", "--positions", "24", "--hardware", "none", "--out", str(tmp_path / "rep"),
+                 "--json-out", str(js)]) == 0
+    r = json.loads(js.read_text())
+    f = r["fidelity"]
+    assert list(f) == ["integer_vs_float64", "float32_vs_float64", "integer_vs_float32"]
+    assert r["formats"] == "narrow"
+    ids = held_out_ids(24)
+    cfg, tensors = load_checkpoint(DEMO_CHECKPOINT)
+    m = IntegerModel(integer_weights(cfg, tensors))
+    li = np.stack([m.logits_to_float(m.step(t)) for t in ids])
+    with torch.no_grad():
+        f64 = load_model(DEMO_CHECKPOINT).double()(torch.tensor([ids]))[0][0].numpy()
+    want = logit_agreement(li, f64)
+    for key in ("positions", "top1_agreement", "mean_logit_cosine", "min_logit_cosine"):
+        assert f["integer_vs_float64"][key] == pytest.approx(want[key], abs=1e-9)
+    assert f["integer_vs_float32"]["top1_agreement"] == r["top1_agreement"]
+    assert f["integer_vs_float32"]["mean_logit_cosine"] == pytest.approx(r["mean_logit_cosine"], abs=1e-12)
+    assert f["float32_vs_float64"]["min_logit_cosine"] > 0.9999
+    assert "integer vs float64" in (tmp_path / "rep" / "report.md").read_text()
+
+
+def test_compare_wide_formats(tmp_path, capsys):
+    """--formats wide: the image exported with the wide set runs through the integer model equal to
+    the wide integer model; the formats of an --image decide; the simulated engine is refused."""
+    img = tmp_path / "wide"
+    assert main(["export", "--formats", "wide", "--out", str(img), "--quiet"]) == 0
+    js = tmp_path / "r.json"
+    assert main(["compare", "--prompt", "def f(x):", "--image", str(img), "--hardware", "image",
+                 "--out", str(tmp_path / "rep"), "--json-out", str(js)]) == 0
+    r = json.loads(js.read_text())
+    assert r["formats"] == "wide" and r["hardware_exact"] is True and "wide formats" in r["hardware_source"]
+    assert r["fidelity"]["integer_vs_float32"]["min_logit_cosine"] > 0.999
+    capsys.readouterr()
+    assert main(["compare", "--prompt", "ab", "--image", str(img), "--formats", "narrow",
+                 "--out", str(tmp_path / "rep2")]) == 2
+    assert "other number formats (wide) than --formats narrow" in capsys.readouterr().err
+    assert main(["compare", "--prompt", "ab", "--formats", "wide", "--hardware", "sim",
+                 "--out", str(tmp_path / "rep3")]) == 2
+    assert "use --hardware image" in capsys.readouterr().err
