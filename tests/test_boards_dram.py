@@ -502,3 +502,45 @@ def test_ulx3s_dram_bitstream(tmp_path, capsys, cache):
             "native port) at 50 MHz") in text
     # the core's I/O registers went into the I/O cells (nextpnr's IOLOGIC)
     assert r["nextpnr_cells"].get("IOLOGIC", {}).get("used", 0) >= 16 + 13
+
+
+@pytest.mark.slow
+def test_ecpix5_ddr3_bitstream(tmp_path, capsys, cache):
+    """The demo model's engine with its weights in the ECPIX-5's DDR3: Yosys + nextpnr + ecppack at the
+    controller's 75 MHz (the PHY's edge clock 150 MHz); the bench's row from the same (cached) build;
+    a 370M-geometry image accepted with its sizes before any tool runs."""
+    from mmfree_fpga.boards.bench import dram_build_rows
+    out, js = tmp_path / "out", tmp_path / "build.json"
+    rc = main(["build", "--board", "ecpix5-85f", "--memory", "dram", "--quiet", "--out", str(out),
+               "--json-out", str(js)])
+    text = capsys.readouterr().out
+    assert rc == 0
+    r = json.loads(js.read_text())
+    assert Path(r["bitstream"]).is_file() and r["memory"] == "dram" and r["device"] == "LFE5UM5G-85F"
+    assert r["clock_mhz"] == 75 and r["dram"]["clk_mhz"] == 75 and r["pll"]["f_out_mhz"] == 150
+    assert (r["dram"]["module"], r["dram"]["phy"], r["dram"]["memtype"]) == ("MT41K256M16", "ECP5DDRPHY", "DDR3")
+    assert r["dram"]["read_leveling"].startswith("hardware")
+    assert r["timing_met"], r["fmax_mhz"]
+    fit = r["model_fit"]
+    assert fit["memory"] == "dram" and fit["available_bytes"] == DDR3_BYTES
+    assert (f"weight image of {fit['needed_bytes']:,} B in DRAM ({fit['percent']:g}% of 536,870,912 B of DDR3 "
+            "(MT41K256M16, 512 MiB)), uploaded over the UART") in text
+    assert (f"DRAM controller: LiteDRAM {r['dram']['versions']['litedram']} (MT41K256M16, ECP5DDRPHY, 128-bit "
+            "native port) at 75 MHz") in text
+    cells = {name: c["used"] for name, c in r["nextpnr_cells"].items()}
+    # the PHY's hard blocks: a DQS buffer per byte lane, the DLL, the edge clock's sync and divider
+    assert (cells["DQSBUFM"], cells["DDRDLL"], cells["ECLKSYNCB"], cells["CLKDIVF"]) == (2, 1, 1, 1)
+    # every DDR3 pin's DDR registers in its I/O cell: dq 16, dqs 2, dm 2, a 15, ba 3, ras/cas/we/cke/odt/clk 6
+    assert cells["IOLOGIC"] >= 44
+
+    rows = dram_build_rows(boards=("ecpix5-85f",), out_dir=tmp_path / "rows")
+    (row,) = rows
+    assert row["cached"] and row["error"] is None
+    assert (row["fmax_mhz"], row["timing_met"], row["clock_mhz"]) == (r["fmax_mhz"], True, 75)
+    assert row["lut"]["used"] == r["utilization"]["lut"]["used"] and row["iologic"]["used"] == cells["IOLOGIC"]
+    assert row["dram_cells"]["DQSBUFM"] == 2 and row["memory"] == "536,870,912 B of DDR3 (MT41K256M16, 512 MiB)"
+
+    image = fake_image(tmp_path / "370m", PUBLISHED["370M"])
+    p = prepare("ecpix5-85f", checkpoint=image, memory="dram")
+    s = summary(PUBLISHED["370M"])
+    assert (p.fit["needed_bytes"], p.fit["available_bytes"], p.fit["percent"]) == (s.image_bytes, DDR3_BYTES, 19.0)
