@@ -8,7 +8,8 @@ from amaranth.lib.wiring import In, Out
 
 from mmfree_fpga.config import FORMATS, Formats
 
-from .vector_common import Pipeline, greater_unsigned, msb_index, stats_layout, vector_widths
+from .vector_common import (DSP_BITS, Pipeline, greater_unsigned, msb_index, stats_layout, umul, umul_latency,
+                            vector_widths)
 
 __all__ = ["FrontOp", "BitLinearFront", "front_input_layout"]
 
@@ -53,31 +54,64 @@ class BitLinearFront(wiring.Component):
     stats : Out(stream of stats_layout)
         ``m`` and ``sumsq`` of each STATS pass.
 
+    With ``quant_exact`` the QUANT pass gives the exactly rounded q = sign(z)
+    floor((254 |z| + m) / (2 m)): the reciprocal's q is a candidate c within one of it, and one
+    product c m decides the correction: c + 1 when 254 |z| >= (2 c + 1) m, c - 1 when
+    254 |z| < (2 c - 1) m. With ``norm_eps`` the STATS pass also sums
+    G = sum((|v16| >> (norm_bits - 16))^2), which goes out on ``stats`` with the normalise shift
+    ``sh`` (the eps term of :class:`ScalarUnit`).
+
     Throughput one element per cycle within a pass. After the last element of a MAX pass the
     input is held off for ``MAX_GAP`` = 3 cycles; after the last of a STATS pass for
-    ``stats_gap`` = 10 + recip_bits cycles (26 with the default formats), longer if ``stats``
-    still holds the previous result. Latency of ``q``: ``LATENCY`` = 8 cycles.
-    Multipliers, all 16x16 (norm_bits): v16 c and v16 a (signed), and one unsigned one shared
-    between |p|^2 (STATS) and mag16 R (QUANT).
+    ``stats_gap`` cycles (10 + recip_bits = 26 with the narrow formats), longer if ``stats``
+    still holds the previous result. Latency of ``q``: ``latency`` cycles (``LATENCY`` = 8 with
+    the narrow formats).
+    Multipliers with the narrow formats, all 16x16 (norm_bits): v16 c and v16 a (signed), and
+    one unsigned one shared between |p|^2 (STATS) and mag16 R (QUANT). Wider norms: the products
+    of the magnitudes from DSP_BITS limbs (:func:`~.vector_common.umul`), |p|^2 and mag16 R
+    apart; the exact quantiser's c m and the eps term's square add theirs.
     """
 
     LATENCY = 8
     MAX_GAP = 3
 
-    @property
-    def stats_gap(self) -> int:
-        """Cycles the input is held off after a STATS pass (``stats`` free): drain, finish, divide."""
-        return 10 + self._w.recip_bits
-
     def __init__(self, fmt: Formats = FORMATS):
         self._w = w = vector_widths(fmt)
-        if w.p_mag_max.bit_length() > w.quant_mag_bits or w.recip_bits > w.quant_mag_bits:
-            raise ValueError("the shared unsigned multiplier is sized for quant_mag_bits operands")
+        # norm_bits signed products on single DSPs; one multiplier shared by |p|^2 and mag16 R
+        self._narrow_products = w.norm_bits <= DSP_BITS
+        self._shared_square = w.p_mag_max.bit_length() <= w.quant_mag_bits and w.recip_bits <= w.quant_mag_bits
+        self._exact = w.quant_exact
+        self._eps = w.norm_eps
+        if self._eps and w.norm_bits < 16:
+            raise ValueError("the eps term needs norm_bits >= 16")
+        if w.quant_mag_bits > DSP_BITS or w.recip_bits > DSP_BITS + 1:
+            raise ValueError("mag16 R is one multiplier: quant_bits <= DSP_BITS and a reciprocal of DSP_BITS + 1 bits")
+        # stages: the magnitudes (sm), the products summed (s), the result
+        sm = 4 if self._narrow_products else 5 + umul_latency(w.v16_mag_max, w.v16_mag_max, registered=True)
+        if self._shared_square:
+            s = sm + 3
+        else:
+            s = sm + 2 + max(umul_latency(w.p_mag_max, w.p_mag_max, registered=True), 0)
+        self._mag_stage, self._sum_stage = sm, s
+        if self._exact:
+            self._latency = s + 1 + umul_latency(w.act_max, (1 << w.m_bits) - 1, registered=True) + 1 + 3
+        else:
+            self._latency = s + 1
         super().__init__({
             "i": In(stream.Signature(front_input_layout(w))),
             "q": Out(stream.Signature(w.act)),
             "stats": Out(stream.Signature(stats_layout(w))),
         })
+
+    @property
+    def latency(self) -> int:
+        """Cycles from a QUANT element to its q (``LATENCY`` with the narrow formats)."""
+        return self._latency
+
+    @property
+    def stats_gap(self) -> int:
+        """Cycles the input is held off after a STATS pass (``stats`` free): drain, finish, divide."""
+        return self._sum_stage + 3 + self._w.recip_bits
 
     def elaborate(self, platform):
         w = self._w
@@ -97,7 +131,9 @@ class BitLinearFront(wiring.Component):
         recip = Signal(w.recip_bits)
         or_acc = Signal(w.x_bits)
         m_acc = Signal(w.m_bits)
+        m_q = Signal(w.m_bits)                   # the QUANT pass's m (the exact quantiser)
         sumsq_acc = Signal(w.sumsq_bits)
+        g_acc = Signal(w.eps_g_bits)
         first = Signal(init=1)
         with m.If(accept):
             m.d.sync += first.eq(self.i.payload.last)
@@ -126,47 +162,84 @@ class BitLinearFront(wiring.Component):
             m.d.sync += or_acc.eq(Mux(p.at(frst, 2), 0, or_acc) | vabs)
         m.d.comb += max_done.eq(advance & at_op(2, FrontOp.MAX) & p.at(last, 2))
 
-        # stage 3: the two signed products
+        # stage 3 on: the two signed products, then magnitudes (stage ``sm``)
         c2, a2 = p.at(c, 2), p.at(a, 2)
-        (z, pa), s = p.products(3, "zp", [(v16, c2, (v16 * c2).shape()), (v16, a2, (v16 * a2).shape())],
-                                  registered=True)
-        assert s == 3
-
-        # stage 4: magnitudes
-        zneg = p.reg(4, "zneg", z < 0)
-        zabs = p.reg(4, "zabs", Mux(z < 0, -z, z), unsigned(w.m_bits))
-        pv = pa >> fmt.sumsq_shift
-        pabs = p.reg(4, "pabs", Mux(pv < 0, -pv, pv), unsigned(w.p_mag_max.bit_length()))
-        # m = max|z| in two steps, so no comparator drives m_acc directly: stage 5 holds a
-        # candidate and whether it replaces m_acc; stage 4's element is compared with the
+        if self._narrow_products:
+            (z, pa), s = p.products(3, "zp", [(v16, c2, (v16 * c2).shape()), (v16, a2, (v16 * a2).shape())],
+                                    registered=True)
+            sm = s + 1
+            zneg = p.reg(sm, "zneg", z < 0)
+            zabs = p.reg(sm, "zabs", Mux(z < 0, -z, z), unsigned(w.m_bits))
+            pv = pa >> fmt.sumsq_shift
+            pabs = p.reg(sm, "pabs", Mux(pv < 0, -pv, pv), unsigned(w.p_mag_max.bit_length()))
+        else:
+            # sign and magnitude, the magnitudes' product from DSP_BITS limbs
+            vneg = p.reg(3, "vneg", v16 < 0)
+            vmag = p.reg(3, "vmag", Mux(v16 < 0, -v16, v16), unsigned(w.norm_bits))
+            cneg = p.reg(3, "cneg", c2 < 0)
+            cmag = p.reg(3, "cmag", Mux(c2 < 0, -c2, c2), unsigned(w.norm_bits))
+            aneg = p.reg(3, "aneg", a2 < 0)
+            amag = p.reg(3, "amag", Mux(a2 < 0, -a2, a2), unsigned(w.norm_bits))
+            zprod, s = umul(p, 4, "z", vmag, w.v16_mag_max, cmag, w.v16_mag_max, registered=True)
+            paprod, _ = umul(p, 4, "pa", vmag, w.v16_mag_max, amag, w.v16_mag_max, registered=True)
+            sm = s + 1
+            zneg = p.reg(sm, "zneg", p.at(vneg, s) ^ p.at(cneg, s))
+            zabs = p.reg(sm, "zabs", zprod, unsigned(w.m_bits))
+            # |floor(+-P / 2^k)|: P >> k, or ceil(P / 2^k) when negative
+            k = fmt.sumsq_shift
+            pabs = p.reg(sm, "pabs", (paprod + Mux(p.at(vneg, s) ^ p.at(aneg, s), (1 << k) - 1, 0)) >> k,
+                         unsigned(w.p_mag_max.bit_length()))
+        assert sm == self._mag_stage
+        # m = max|z| in two steps, so no comparator drives m_acc directly: stage sm + 1 holds a
+        # candidate and whether it replaces m_acc; stage sm's element is compared with the
         # maximum including that candidate (two comparators, one picked by `take`).
         take = Signal()
-        cand = p.at(zabs, 5)
+        cand = p.at(zabs, sm + 1)
         beats = Mux(take, greater_unsigned(zabs, cand), greater_unsigned(zabs, m_acc))
-        m.d.comb += take.eq(p.reg(5, "take", at_op(4, FrontOp.STATS) & (p.at(frst, 4) | beats)))
+        m.d.comb += take.eq(p.reg(sm + 1, "take", at_op(sm, FrontOp.STATS) & (p.at(frst, sm) | beats)))
         with m.If(take):
             m.d.sync += m_acc.eq(cand)      # repeats harmlessly while the pipeline is stalled
 
-        # stage 5: |z| brought to the scale of m16
-        mag16 = p.reg(5, "mag16", ((zabs << (qb - 1)) >> zsh)[:qb])
+        # |z| brought to the scale of m16
+        mag16 = p.reg(sm + 1, "mag16", ((zabs << (qb - 1)) >> zsh)[:qb])
 
-        # stages 6-7: one unsigned multiplier for |p|^2 or mag16 * R (operands selected at 6)
-        quant5 = p.at(op, 5) == FrontOp.QUANT
-        pabs5 = p.at(pabs, 5)
-        (prod,), s = p.products(6, "prod", [(Mux(quant5, mag16, pabs5), Mux(quant5, recip, pabs5),
-                                             unsigned(2 * qb))], registered=False)
+        pabs5 = p.at(pabs, sm + 1)
+        if self._shared_square:
+            # one unsigned multiplier for |p|^2 or mag16 * R (operands selected at sm + 2)
+            quant5 = p.at(op, sm + 1) == FrontOp.QUANT
+            (prod,), s = p.products(sm + 2, "prod", [(Mux(quant5, mag16, pabs5), Mux(quant5, recip, pabs5),
+                                                      unsigned(2 * qb))], registered=False)
+            psq = qprod = prod
+        else:
+            psq, s1 = umul(p, sm + 2, "psq", pabs5, w.p_mag_max, pabs5, w.p_mag_max, registered=True)
+            (qprod,), s2 = p.products(sm + 2, "qprod", [(mag16, recip, unsigned(qb + w.recip_bits))],
+                                      registered=True)
+            s = max(s1, s2)
+            psq, qprod = p.at(psq, s), p.at(qprod, s)
+        assert s == self._sum_stage
         stats_done = Signal()
         with m.If(advance & at_op(s, FrontOp.STATS)):
-            m.d.sync += sumsq_acc.eq(Mux(p.at(frst, s), 0, sumsq_acc) + prod)
+            m.d.sync += sumsq_acc.eq(Mux(p.at(frst, s), 0, sumsq_acc) + psq)
         m.d.comb += stats_done.eq(advance & at_op(s, FrontOp.STATS) & p.at(last, s))
+        if self._eps:
+            # the eps term's sum of (|v16| >> (norm_bits - 16))^2
+            gmag = p.reg(3, "gmag", Mux(v16 < 0, -v16, v16)[w.norm_bits - 16:], unsigned(16))
+            gsq, gs = umul(p, 4, "gsq", gmag, 1 << 15, gmag, 1 << 15, registered=True)
+            assert gs <= s
+            with m.If(advance & at_op(s, FrontOp.STATS)):
+                m.d.sync += g_acc.eq(Mux(p.at(frst, s), 0, g_acc) + p.at(gsq, s))
 
-        # round, sign, clip
-        qmag = prod[fmt.recip_frac:] + prod[fmt.recip_frac - 1]     # (prod + 2^(rf-1)) >> rf
-        neg6 = p.at(zneg, s)
-        s += 1
-        qv = p.reg(s, "q", Mux(neg6, Mux(qmag > -w.act_min, w.act_min, -qmag),
-                               Mux(qmag > w.act_max, w.act_max, qmag)), w.act)
-        assert s == self.LATENCY
+        # round (the candidate of the exact quantiser), sign, clip
+        qmag = qprod[fmt.recip_frac:] + qprod[fmt.recip_frac - 1]     # (prod + 2^(rf-1)) >> rf
+        if self._exact:
+            s = self._exact_quantiser(m, p, s, qmag, zabs, zneg, m_q)
+            qv = self._q_exact
+        else:
+            neg6 = p.at(zneg, s)
+            s += 1
+            qv = p.reg(s, "q", Mux(neg6, Mux(qmag > -w.act_min, w.act_min, -qmag),
+                                   Mux(qmag > w.act_max, w.act_max, qmag)), w.act)
+        assert s == self.latency
         m.d.comb += [
             q_valid.eq(at_op(s, FrontOp.QUANT)),
             self.q.valid.eq(q_valid),
@@ -209,6 +282,10 @@ class BitLinearFront(wiring.Component):
                         self.stats.valid.eq(1),
                         mmsb.eq(msb_index(m_acc, w.m_bits)[1]),
                     ]
+                    if self._eps:
+                        # normalise's shift: v16 = v >> sh with sh = bit_length(max|v|) - (norm_bits - 1)
+                        m.d.sync += [self.stats.payload.g.eq(g_acc),
+                                     self.stats.payload.sh.eq(shamt + 2 - w.norm_bits)]
                     m.next = "NORM_M"
             with m.State("NORM_M"):
                 sh = mmsb
@@ -225,8 +302,31 @@ class BitLinearFront(wiring.Component):
                 diff = rem2 - m16                   # its sign is the comparison: one adder
                 fits = ~diff[-1]
                 with m.If(cnt == 0):
-                    m.d.sync += recip.eq(quo)
+                    m.d.sync += [recip.eq(quo), m_q.eq(m_acc)]
                     m.next = "IDLE"
                 with m.Else():
                     m.d.sync += [cnt.eq(cnt - 1), drem.eq(Mux(fits, diff, rem2)), quo.eq(Cat(fits, quo))]
         return m
+
+    def _exact_quantiser(self, m, p, s, qmag, zabs, zneg, m_q):
+        """q = sign(z) floor((254 |z| + m) / (2 m)) from the candidate ``qmag`` (of stage ``s``);
+        sets ``_q_exact`` and returns its stage."""
+        w = self._w
+        qmax = w.act_max
+        s += 1
+        cq = p.reg(s, "cq", Mux(qmag > qmax, qmax, qmag), unsigned(qmax.bit_length()))
+        za = p.at(zabs, s - 1)
+        z2 = p.reg(s, "z2", (za << qmax.bit_length() + 1) - (za << 1))     # 2 qmax |z|
+        cm, s = umul(p, s + 1, "cm", cq, qmax, m_q, (1 << w.m_bits) - 1, registered=True)
+        # (2 c + 1) m and (2 c - 1) m (the latter only for c > 0)
+        s += 1
+        hi = p.reg(s, "hi", (cm << 1) + m_q)
+        lo = p.reg(s, "lo", Mux(p.at(cq, s - 1) == 0, 0, (cm << 1) - m_q), unsigned(len(cm) + 1))
+        s += 1
+        z2s = p.at(z2, s - 1)
+        up = p.reg(s, "up", ~greater_unsigned(hi, z2s) & m_q.any())     # (m = 0: z = 0, q = 0)
+        down = p.reg(s, "down", (p.at(cq, s - 1) != 0) & greater_unsigned(lo, z2s))
+        s += 1
+        qm = p.at(cq, s - 1) + p.at(up, s - 1) - p.at(down, s - 1)
+        self._q_exact = p.reg(s, "q", Mux(p.at(zneg, s - 1), -qm, qm), w.act)
+        return s

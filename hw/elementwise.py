@@ -9,11 +9,11 @@ from amaranth.lib.wiring import In, Out
 
 from mmfree_fpga.config import FORMATS, Formats
 
-from .vector_common import (DSP_BITS, SHARES, Pipeline, round_carry_mag, round_carry_signed, rshift_round_mag,
-                            saturate_mag, saturate_signed, signed_from_mag, umul, value_layout,
-                            vector_widths)
+from .vector_common import (DSP_BITS, SHARES, Pipeline, const_product, round_carry_mag, round_carry_signed,
+                            rshift_round_mag, saturate_mag, saturate_signed, signed_from_mag, umul, umul_latency,
+                            value_layout, vector_widths)
 
-__all__ = ["ElementwiseOp", "ElementwiseUnit", "elementwise_input_layout"]
+__all__ = ["ElementwiseOp", "ElementwiseUnit", "elementwise_input_layout", "shared_products_fit"]
 
 
 class ElementwiseOp(enum.Enum, shape=3):
@@ -29,13 +29,21 @@ class ElementwiseOp(enum.Enum, shape=3):
 
 
 def _const_product_mag(mag, t: int, k: int, neg):
-    """|rshift_round(+-mag * t, k)| for a constant t: a shift when t is 0 or 2^j with j >= k."""
+    """|rshift_round(+-mag * t, k)| for a constant t: a shift when t is 0 or 2^j with j >= k,
+    else shifted copies of mag added and subtracted (:func:`~.vector_common.const_product`)."""
     if t == 0:
         return Const(0, 1)
     j = t.bit_length() - 1
     if t == 1 << j and j >= k:
         return mag << (j - k)       # the rounding term 2^(k-1) - neg never reaches bit k
-    return rshift_round_mag(mag * t, k, neg)
+    return rshift_round_mag(const_product(mag, t), k, neg)
+
+
+def shared_products_fit(w) -> bool:
+    """The narrow product structure (shared 16x16 limbs, and ``share=2``) takes these widths:
+    gates of DSP_BITS, x of 2 DSP_BITS, x_frac and gate_frac of at most DSP_BITS."""
+    return (w.gate_one.bit_length() <= DSP_BITS and (-w.x_min).bit_length() <= 2 * DSP_BITS
+            and w.fmt.x_frac <= DSP_BITS and w.gate_frac <= DSP_BITS)
 
 
 def elementwise_input_layout(w) -> data.StructLayout:
@@ -63,11 +71,18 @@ class ElementwiseUnit(wiring.Component):
     o : Out(stream of value_layout)
         The result; gates (SIGMOID, FORGET) come out as Q(gate_frac) integers.
 
-    Throughput one element per cycle; latency ``LATENCY`` = 16 cycles. With ``share=2`` every
+    Throughput one element per cycle; latency ``LATENCY`` = 16 cycles with the narrow formats
+    (``latency``: this unit's). With ``share=2`` every
     stage takes two cycles and the multipliers serve two products each (4 DSPs: the table
     interpolation, |y| sigmoid(y) limbs, two for the four 16x16 limb products), their operands
     selected in front of them by the phase rather than registered first: one element every two
     cycles, 14 stages, latency 28 (``latency``).
+
+    Formats wider than that sharing allows (x of more than 2 DSP_BITS, gates or x_frac of more
+    than DSP_BITS: the "wide" set) take the general product structure instead, unshared only:
+    |a| times |silu(y)| (SILU_MUL) or the gate g (RECUR's f h), and |silu(y)| (1 - g), each
+    from DSP_BITS x DSP_BITS limb products summed one adder level per stage (:func:`umul`), then
+    the roundings, the signs and RECUR's sum a stage each.
 
     The sigmoid is ``reference.integer.sigmoid`` exactly: a ROM of the 2^sig_table_log2 table
     intervals holding (t0, t1 - t0), generated from ``sigmoid_table``; the interpolation
@@ -86,10 +101,11 @@ class ElementwiseUnit(wiring.Component):
             raise ValueError(f"share must be one of {SHARES}, got {share}")
         self.share = share
         self._w = w = vector_widths(fmt)
-        if (w.gate_one.bit_length() > DSP_BITS or (-w.x_min).bit_length() > 2 * DSP_BITS
-                or not 0 < fmt.x_frac <= DSP_BITS or not 0 < fmt.gate_frac <= DSP_BITS):
-            raise ValueError("the shared 32x32 multiplier needs gates of DSP_BITS, x of 2 DSP_BITS "
-                             "and x_frac, gate_frac <= DSP_BITS")
+        if not (0 < fmt.x_frac and 0 < fmt.gate_frac):
+            raise ValueError("x_frac and gate_frac must be positive")
+        self._narrow = shared_products_fit(w)
+        if not self._narrow and share != 1:
+            raise ValueError("formats wider than the shared 32x32 multiplier allows need share=1")
         super().__init__({
             "i": In(stream.Signature(elementwise_input_layout(w))),
             "o": Out(stream.Signature(value_layout(w))),
@@ -97,8 +113,31 @@ class ElementwiseUnit(wiring.Component):
 
     @property
     def latency(self) -> int:
-        """Cycles from an accepted element to its result (``share * STAGES[share]``)."""
-        return self.share * self.STAGES[self.share]
+        """Cycles from an accepted element to its result (``share * stages``)."""
+        return self.share * self.stages
+
+    def _dprod_wide(self) -> bool:
+        """The table interpolation's operands exceed one DSP (then :func:`umul`)."""
+        w = self._w
+        return max(1, w.sig_diff_max.bit_length()) > DSP_BITS or w.sig_frac_bits > DSP_BITS
+
+    @property
+    def stages(self) -> int:
+        """Pipeline stages (``STAGES[share]`` with the narrow formats)."""
+        w = self._w
+        reg = self.share == 2            # shared multipliers take no operand stage
+        s = 4
+        if self._dprod_wide():
+            s += umul_latency(w.sig_diff_max, (1 << w.sig_frac_bits) - 1, registered=True)
+        s += 1                                                       # the sigmoid
+        s += 1 + umul_latency(max(1 << w.sig_in_log2, w.gate_one), max(w.sig_table), registered=reg)
+        s += 1                                                       # |silu(y)|, FORGET's gate
+        if self._narrow:
+            return s + 6 + (self.share == 1)
+        x_top, g_top = (1 << w.x_bits) - 1, (1 << w.gate_bits) - 1
+        s += max(1 + umul_latency(-w.x_min, x_top, registered=False),
+                 1 + umul_latency(x_top, g_top, registered=True))
+        return s + 4
 
     def elaborate(self, platform):
         w = self._w
@@ -145,7 +184,11 @@ class ElementwiseUnit(wiring.Component):
         t0 = p.reg(3, "t0", rd.data.t0)
 
         # stage 4: interpolation product (its operands are registers already)
-        (dprod,), s = p.products(4, "dprod", [(d, p.at(frac, 3), unsigned(len(d) + len(frac)))], registered=True)
+        if self._dprod_wide():
+            dprod, s = umul(p, 4, "dprod", d, w.sig_diff_max, p.at(frac, 3), (1 << fb) - 1, registered=True)
+        else:
+            (dprod,), s = p.products(4, "dprod", [(d, p.at(frac, 3), unsigned(len(d) + len(frac)))],
+                                     registered=True)
 
         # next stage: sigmoid(y)
         # t0 + rshift_round(d frac, fb) = (t0 2^fb + 2^(fb-1) + d frac) >> fb: one adder
@@ -172,6 +215,21 @@ class ElementwiseUnit(wiring.Component):
         op_p = p.at(op, s - 1)
         early = p.reg(s, "early", Mux(op_p == Op.FORGET, forget, p.at(early, s - 1)), w.x)
 
+        if self._narrow:
+            s, out = self._narrow_products(p, s, smag, early, op, yneg, amag, aneg, g, g1)
+        else:
+            s, out = self._wide_products(p, s, smag, early, op, yneg, amag, aneg, g, g1)
+        assert s == self.stages
+        m.d.comb += [self.o.payload.value.eq(out), self.o.payload.last.eq(p.at(last, s)),
+                     out_valid.eq(p.at(valid, s)), self.o.valid.eq(offered)]
+        return m
+
+    def _narrow_products(self, p, s, smag, early, op, yneg, amag, aneg, g, g1):
+        """The shared 16x16 limb products and what follows them (the narrow formats); returns
+        (stage, result) with ``smag`` and ``early`` at stage ``s``."""
+        w = self._w
+        gf = w.gate_frac
+        Op = ElementwiseOp
         # four 16x16 limb products (an operand stage first where they are unshared)
         s += 1
         recur = p.at(op, s - 1) == Op.RECUR
@@ -228,7 +286,43 @@ class ElementwiseUnit(wiring.Component):
         out = p.reg(s, "out", Mux(op_r == Op.RECUR, saturate_signed(p.at(hsum, s - 1), w),
                                   Mux(op_r == Op.SILU_MUL, saturate_mag(mm, pneg_r, w), p.at(early, s - 1))),
                     w.x)
-        assert s == self.STAGES[self.share]
-        m.d.comb += [self.o.payload.value.eq(out), self.o.payload.last.eq(p.at(last, s)),
-                     out_valid.eq(p.at(valid, s)), self.o.valid.eq(offered)]
-        return m
+        return s, out
+
+    def _wide_products(self, p, s, smag, early, op, yneg, amag, aneg, g, g1):
+        """The general products (module docstring) after |silu(y)| at stage ``s``; returns
+        (stage, result)."""
+        w = self._w
+        gf, xf = w.gate_frac, w.fmt.x_frac
+        Op = ElementwiseOp
+        s += 1
+        early = p.reg(s, "early", Mux(p.at(op, s - 1) == Op.SILU, signed_from_mag(smag, p.at(yneg, s - 1)),
+                                      p.at(early, s - 1)), w.x)
+        recur = p.at(op, s - 1) == Op.RECUR
+        x_top, g_top = (1 << w.x_bits) - 1, (1 << w.gate_bits) - 1
+        # SILU_MUL: |a| |silu(y)|; RECUR: g |a| (f h) -- one product, its second operand selected
+        pm, sm = umul(p, s, "pm", p.at(amag, s - 1), -w.x_min, Mux(recur, p.at(g, s - 1), smag), x_top,
+                      registered=False)
+        # RECUR: |silu(y)| (1 - g) (mlgru's c)
+        pc, sc = umul(p, s, "pc", smag, x_top, p.at(g1, s - 1), g_top, registered=True)
+        s = max(sm, sc)
+        pm, pc = p.at(pm, s), p.at(pc, s)
+        sneg, an = p.at(yneg, s), p.at(aneg, s)
+        # the roundings
+        s += 1
+        cmag = p.reg(s, "cmag", rshift_round_mag(pc, gf, sneg))
+        fmag = p.reg(s, "fmag", rshift_round_mag(pm, gf, an))
+        mmag = p.reg(s, "mmag", rshift_round_mag(pm, xf, sneg ^ an))
+        # the signs; SILU_MUL saturated
+        s += 1
+        c = p.reg(s, "c", signed_from_mag(cmag, p.at(yneg, s - 1)))
+        fh = p.reg(s, "fh", signed_from_mag(fmag, p.at(aneg, s - 1)))
+        msat = p.reg(s, "msat", saturate_mag(mmag, p.at(yneg, s - 1) ^ p.at(aneg, s - 1), w), w.x)
+        # RECUR's sum
+        s += 1
+        hsum = p.reg(s, "hsum", c + fh)
+        # the result
+        s += 1
+        op_r = p.at(op, s - 1)
+        out = p.reg(s, "out", Mux(op_r == Op.RECUR, saturate_signed(hsum, w),
+                                  Mux(op_r == Op.SILU_MUL, p.at(msat, s - 1), p.at(early, s - 1))), w.x)
+        return s, out

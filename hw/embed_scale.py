@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from amaranth.hdl import Module, Mux, unsigned
+from amaranth.hdl import Module, Mux, signed, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from mmfree_fpga.config import FORMATS, Formats
 
-from .vector_common import Pipeline, rshift_round_mag, signed_from_mag, umul, value_layout, vector_widths
+from .vector_common import (Pipeline, rshift_round_mag, signed_from_mag, umul, umul_latency, value_layout,
+                            vector_widths)
 
 __all__ = ["EmbedScale"]
 
@@ -18,8 +19,9 @@ class EmbedScale(wiring.Component):
 
     Members
     -------
-    i : In(stream of {q: signed(act_bits), last})
-        The token's int8 embedding row, element by element, ``last`` on its final element.
+    i : In(stream of {q: signed(emb_bits), last})
+        The token's embedding row (int8, or ``emb_bits`` wide values), element by element,
+        ``last`` on its final element.
     scale : In(unsigned(emb_scale_bits))
         The row's scale (Q(emb_scale_frac)); sampled with each accepted element.
     o : Out(stream of value_layout)
@@ -27,22 +29,31 @@ class EmbedScale(wiring.Component):
         x_bits after the shift (checked when the core is built), so like the reference there is
         no saturation.
 
-    Throughput one element per cycle; latency ``LATENCY`` = 6 cycles. Multipliers: |row|
-    (8 bits) x scale (32 bits) as two 8x16 limb products.
+    Throughput one element per cycle; latency ``latency`` cycles (``LATENCY`` = 6 with int8
+    rows). Multipliers: |row| x scale (32 bits) as DSP_BITS limb products (two 8x16 for int8).
     """
 
     LATENCY = 6
 
+    @property
+    def latency(self) -> int:
+        """Cycles from an accepted element to its result (``LATENCY`` with int8 rows)."""
+        return self._latency
+
     def __init__(self, fmt: Formats = FORMATS):
         self._w = w = vector_widths(fmt)
+        bits = getattr(fmt, "emb_bits", 8)
+        self._q_bits = q_bits = 8 if bits <= 8 else bits
+        self._q_mag = q_mag = 1 << (q_bits - 1)
         smax = (1 << w.emb_scale_bits) - 1
         k = w.emb_shift
         def mag(v, neg):
             return (v + (1 << (k - 1)) - neg) >> k if k > 0 else v << -k
-        if mag(-w.act_min * smax, 1) > -w.x_min or mag(w.act_max * smax, 0) > w.x_max:
+        if mag(q_mag * smax, 1) > -w.x_min or mag((q_mag - 1) * smax, 0) > w.x_max:
             raise ValueError("embedding values can leave the x range: the reference does not saturate them")
+        self._latency = 5 + umul_latency(q_mag, smax, registered=True)
         super().__init__({
-            "i": In(stream.Signature(data.StructLayout({"q": w.act, "last": unsigned(1)}))),
+            "i": In(stream.Signature(data.StructLayout({"q": signed(q_bits), "last": unsigned(1)}))),
             "scale": In(unsigned(w.emb_scale_bits)),
             "o": Out(stream.Signature(value_layout(w))),
         })
@@ -60,14 +71,14 @@ class EmbedScale(wiring.Component):
         scale = p.reg(1, "scale", self.scale)
 
         neg = p.reg(2, "neg", q < 0)
-        qmag = p.reg(2, "qmag", Mux(q < 0, -q, q), unsigned(w.act_bits))
-        prod, s = umul(p, 3, "prod", qmag, -w.act_min, p.at(scale, 2), (1 << w.emb_scale_bits) - 1,
+        qmag = p.reg(2, "qmag", Mux(q < 0, -q, q), unsigned(self._q_bits))
+        prod, s = umul(p, 3, "prod", qmag, self._q_mag, p.at(scale, 2), (1 << w.emb_scale_bits) - 1,
                        registered=True)
         s += 1
         xmag = p.reg(s, "xmag", rshift_round_mag(prod, w.emb_shift, p.at(neg, s - 1)), unsigned(w.x_bits))
         s += 1
         x = p.reg(s, "x", signed_from_mag(xmag, p.at(neg, s - 1)), w.x)
-        assert s == self.LATENCY
+        assert s == self.latency
         m.d.comb += [self.o.payload.value.eq(x), self.o.payload.last.eq(p.at(last, s)),
                      self.o.valid.eq(p.at(valid, s))]
         return m

@@ -54,9 +54,18 @@ and for its norms. So per dependent BitLinear the exposed overhead is about two 
 input plus pipeline latencies; everything else overlaps with the matrices.
 
 On-chip memories: x (max_d), h (max_L x max_d), f/gate and p/v (max(max_d, max_I)), three norm
-slots (a and c, max(max_d, max_I) x 16 bits each), lower bounds (max_d x 16), logits (max_V),
-all 32-bit unless noted, plus the q FIFO (2 max_in / lanes words of lanes bytes) and the trit
-FIFO (about (4 max_in + 2 max_d) / beat_bytes beats).
+slots (a and c, max(max_d, max_I) x norm_bits each), lower bounds (max_d x gate_bits), logits
+(max_V), all x_bits wide unless noted, plus the q FIFO (2 max_in / lanes words of lanes bytes)
+and the trit FIFO (about (4 max_in + 2 max_d) / beat_bytes beats with the narrow formats' 2-byte
+norm elements).
+
+Number formats: ``EngineCore(formats=...)`` (a :class:`~mmfree_fpga.config.Formats`, one of
+``FORMAT_SETS``) sets every width and the arithmetic of the units, bit-exact with the integer
+model of those formats, and the image's element sizes the engine reads (``image_layout`` of the
+same formats). The "wide" set adds the exact quantiser (:class:`~.bitlinear_front.BitLinearFront`)
+and the inner RMSNorm eps term (its constant from the 16-byte k section; G of the input
+BitLinears from the front's statistics pass, o_proj's from the g_proj outputs as the operand
+stage passes them; :class:`~.scalar_unit.ScalarUnit` adds E before the square root).
 
 Control interface (:class:`~.control.ControlSignature`, all ``amaranth.lib.stream``)
 -------------------------------------------------------------------------------------
@@ -69,10 +78,11 @@ while the engine is idle (not during a token, nor while a result waits):
 * ``SET_PARAM(index, arg)``: parameter ``index`` := arg (:class:`Param`; see :func:`engine_params`).
 
 ``load`` (8-bit stream, always ready; not to be used during a token): image bytes, stored at the
-write pointer, which then advances. ``result`` (:func:`~.control.result_layout`): ``token`` (the argmax), ``logit`` (its Q16 value,
-signed), ``cycles`` (clock cycles from accepting FEED_TOKEN to offering the result).
-``logit_req`` (32-bit index) -> ``logit_resp`` (signed 32-bit Q16 logit of the last step), one
-response per request, in order.
+write pointer, which then advances. ``result`` (:func:`~.control.result_layout`): ``token`` (the argmax,
+taken on the full-width logits), ``logit`` (its value as Q16 int32 whatever x_frac is:
+:func:`wire_logit`, ``reference.integer.wire_logits``), ``cycles`` (clock cycles from accepting
+FEED_TOKEN to offering the result). ``logit_req`` (32-bit index) -> ``logit_resp`` (that logit of
+the last step as Q16 int32), one response per request, in order.
 
 In the generated Verilog (ports named ``<member>__valid/ready/payload``): ``cmd__payload`` is
 ``{arg[31:0], index[7:0], op[2:0]}`` (op in bits 2:0, index 10:3, arg 42:11); ``result__payload``
@@ -102,21 +112,24 @@ from amaranth.lib import data, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-from mmfree_fpga.config import FORMATS, ModelConfig
+from mmfree_fpga.config import FORMATS, Formats, ModelConfig
 from mmfree_fpga.errors import DesignError
+from mmfree_fpga.image import image_layout, image_size
 from mmfree_fpga.packing import PACKINGS, TRITS_PER_BYTE
 
 from .argmax import Argmax
 from .bitlinear_front import BitLinearFront
 from .control import ControlSignature, EngineOp, result_layout
-from .elementwise import ElementwiseUnit
-from .engine_common import COMPACT, FULL, JOBS, JT_LM, NORM_SLOTS, Param, attach_read_port, geometry_layout
+from .elementwise import ElementwiseUnit, shared_products_fit
+from .engine_common import (COMPACT, FULL, JOBS, JT_DOWN, JT_LM, JT_O, NORM_SLOTS, Param, attach_read_port,
+                            geometry_layout, image_elements)
 from .engine_fetch import Fetcher, ResponseRouter
 from .engine_front import FrontSequencer, MatrixIssuer, QPacker
 from .engine_output import OperandStage, ScaleStage, SharedScaleStage, Writer
 from .matvec import TernaryMatVec
+from .output_scale import embed_path_fits
 from .ram import NO_RW_CHECK, registered_read_port
-from .scalar_unit import ScalarUnit
+from .scalar_unit import EpsKind, ScalarUnit
 from .trits import packing_code
 from .vector_common import vector_widths
 from .weight_port import ADDR_BITS, ReadbackSignature, WeightMemory, WeightReader, weight_port_signature, write_layout
@@ -132,11 +145,28 @@ def beat_bytes(lanes: int) -> int:
     return -(-lanes // TRITS_PER_BYTE["2bit"])
 
 
-def trace_layout(max_d: int, max_I: int, max_L: int, max_V: int) -> data.StructLayout:
-    """What the ``trace`` port carries for each stored result (module docstring)."""
+def trace_layout(max_d: int, max_I: int, max_L: int, max_V: int, fmt: Formats = FORMATS) -> data.StructLayout:
+    """What the ``trace`` port carries for each stored result (module docstring); ``value`` is
+    signed ``fmt.x_bits``."""
     return data.StructLayout({"job": unsigned(3), "layer": unsigned(max(1, max_L.bit_length())),
                               "row": unsigned((2 * max(max_d, max_I) + max_V).bit_length()),
-                              "value": signed(32)})
+                              "value": signed(fmt.x_bits)})
+
+
+def wire_logit(value, fmt: Formats):
+    """A Q(x_frac) logit as the external interface carries it: Q16 in 32 bits,
+    ``clip(rshift_round(value, x_frac - 16), int32)`` (``reference.integer.wire_logits``)."""
+    from amaranth.hdl import Value
+    value = Value.cast(value)
+    k = fmt.x_frac - 16
+    if k == 0 and len(value) <= 32:
+        return value
+    if k > 0:
+        shifted = (value + (1 << (k - 1))) >> k
+    else:
+        shifted = value << -k
+    lo, hi = -(1 << 31), (1 << 31) - 1
+    return Mux(shifted > hi, hi, Mux(shifted < lo, lo, shifted))[:32].as_signed()
 
 
 def check_geometry(cfg: ModelConfig, lanes: int, *, max_d=None, max_I=None, max_L=None, max_V=None) -> None:
@@ -151,12 +181,13 @@ def check_geometry(cfg: ModelConfig, lanes: int, *, max_d=None, max_I=None, max_
             raise DesignError(f"{name}={v} exceeds this engine build's maximum {mx}; generate a larger build")
 
 
-def engine_params(cfg: ModelConfig, packing: str, lanes: int) -> dict[int, int]:
-    """Every parameter (index -> value) of a model: geometry and the image's section addresses."""
-    from mmfree_fpga.image import image_layout
+def engine_params(cfg: ModelConfig, packing: str, lanes: int, fmt: Formats = FORMATS) -> dict[int, int]:
+    """Every parameter (index -> value) of a model: geometry and the image's section addresses
+    (the image of ``fmt``)."""
     check_geometry(cfg, lanes)
     wb = beat_bytes(lanes)
-    sec = {s.name: s for s in image_layout(cfg, packing)}
+    el = image_elements(fmt)
+    sec = {s.name: s for s in image_layout(cfg, packing, fmt)}
 
     def words(name):
         off = sec[name].offset
@@ -175,13 +206,13 @@ def engine_params(cfg: ModelConfig, packing: str, lanes: int) -> dict[int, int]:
         p[base + Param.TRITS_BEATS] = beats(f"{prefix}.trits")
         p[base + Param.A_OFF] = words(f"{prefix}.a")
         p[base + Param.C_OFF] = words(f"{prefix}.c")
-        assert (2 * in_f) % wb == 0
-        p[base + Param.NORM_BEATS] = 2 * in_f // wb
+        assert (el.norm * in_f) % wb == 0
+        p[base + Param.NORM_BEATS] = el.norm * in_f // wb
         p[base + Param.K_OFF] = words(f"{prefix}.k")
     p[Param.LB_OFF] = words("layers.0.lower_bound")
     p[Param.LB_BEATS] = beats("layers.0.lower_bound")
     p[Param.EMB_Q_OFF] = words("embedding.q")
-    p[Param.EMB_ROW_BEATS] = cfg.d // wb
+    p[Param.EMB_ROW_BEATS] = el.emb * cfg.d // wb
     p[Param.EMB_SCALE_OFF] = sec["embedding.scale"].offset
     p[Param.D], p[Param.I], p[Param.V], p[Param.L] = cfg.d, cfg.I, cfg.V, cfg.L
     p[Param.PACKING] = packing_code(packing)
@@ -211,6 +242,11 @@ class EngineCore(wiring.Component):
         The initial trit packing; ``packings`` the packings decoded (both by default).
     max_d, max_I, max_L, max_V : int
         Synthesis maxima of the geometry (memory sizes).
+    formats : Formats
+        The number formats (``mmfree_fpga.config.FORMAT_SETS``): the arithmetic, bit-exact with
+        the integer model of the same formats, and the image's element sizes. Formats wider than
+        the narrow set need full builds (not ``compact``) and weight beats of 4 bytes or more
+        (16 lanes or more) where the image has 4-byte elements.
     compact : bool
         The small-FPGA variant (:data:`~.engine_common.COMPACT`; ``variant`` is the one in use):
         the output scale and the elementwise unit share each multiplier between two products
@@ -227,8 +263,12 @@ class EngineCore(wiring.Component):
     """
 
     def __init__(self, cfg: ModelConfig, *, lanes: int = 16, packing: str = "base3", packings=PACKINGS,
-                 max_d=None, max_I=None, max_L=None, max_V=None, compact: bool = False):
+                 max_d=None, max_I=None, max_L=None, max_V=None, compact: bool = False,
+                 formats: Formats = FORMATS):
+        if not isinstance(formats, Formats):
+            raise TypeError(f"formats must be a Formats, not {formats!r}")
         self.cfg = cfg
+        self.formats = formats
         self.compact = compact
         self.variant = COMPACT if compact else FULL
         self.lanes = lanes
@@ -244,10 +284,21 @@ class EngineCore(wiring.Component):
         if self.max_d % lanes or self.max_I % lanes:
             raise DesignError("max_d and max_I must be multiples of lanes")
         self.beat_bytes = beat_bytes(lanes)
-        self.params = engine_params(cfg, packing, lanes)
+        self.elements = image_elements(formats)
+        for kind in ("norm", "lb", "emb"):
+            self.elements.per_beat(self.beat_bytes, kind)
+        try:
+            w = vector_widths(formats)
+        except ValueError as e:
+            raise DesignError(f"these formats do not fit the engine: {e}") from None
+        if compact and not (shared_products_fit(w) and embed_path_fits(w)):
+            raise DesignError("the compact engine's shared multipliers take the narrow formats only")
+        self.params = engine_params(cfg, packing, lanes, formats)
         # the largest burst of non-trit beats between two trit requests: norms of down_proj (or
-        # of a d-input matrix with the lower bounds), and the k constant
-        burst = (4 * max(self.max_d, self.max_I) + 2 * self.max_d) // self.beat_bytes + 2
+        # of a d-input matrix with the lower bounds), and the k constants
+        el = self.elements
+        burst = ((2 * el.norm * max(self.max_d, self.max_I) + el.lb * self.max_d) // self.beat_bytes
+                 + -(-el.k // self.beat_bytes))
         self.trit_fifo_depth = 1 << (burst - 1).bit_length()
         super().__init__({
             **ControlSignature().members,
@@ -257,11 +308,12 @@ class EngineCore(wiring.Component):
         })
 
     def trace_layout(self) -> data.StructLayout:
-        return trace_layout(self.max_d, self.max_I, self.max_L, self.max_V)
+        return trace_layout(self.max_d, self.max_I, self.max_L, self.max_V, self.formats)
 
     def elaborate(self, platform):
         m = Module()
-        w = vector_widths(FORMATS)
+        fmt = self.formats
+        w = vector_widths(fmt)
         v = self.variant
         max_d, max_I, max_L, max_V = self.max_d, self.max_I, self.max_L, self.max_V
         max_in = max(max_d, max_I)
@@ -269,14 +321,14 @@ class EngineCore(wiring.Component):
         wb = self.beat_bytes
 
         # -- cores and units ------------------------------------------------------------------------
-        m.submodules.front = front = BitLinearFront(FORMATS)
-        m.submodules.scalar = scalar = ScalarUnit(FORMATS)
+        m.submodules.front = front = BitLinearFront(fmt)
+        m.submodules.scalar = scalar = ScalarUnit(fmt)
         m.submodules.matvec = mv = TernaryMatVec(lanes=self.lanes, packings=self.packings,
                                                  max_rows=max(2 * max_I, max_V, max_d), max_cols=max_in)
-        m.submodules.ew = ew = ElementwiseUnit(FORMATS, share=v.share)
-        m.submodules.argmax = amax = Argmax(max_V, FORMATS)
+        m.submodules.ew = ew = ElementwiseUnit(fmt, share=v.share)
+        m.submodules.argmax = amax = Argmax(max_V, fmt)
         u = SimpleNamespace(
-            fetcher=Fetcher(beat_bytes=wb, variant=v, **maxima),
+            fetcher=Fetcher(beat_bytes=wb, variant=v, elements=self.elements, **maxima),
             router=ResponseRouter(w, beat_bytes=wb, trit_fifo_depth=self.trit_fifo_depth, variant=v, **maxima),
             front_seq=FrontSequencer(w, beat_bytes=wb, variant=v, **maxima),
             qpack=QPacker(act_bits=w.act_bits, lanes=self.lanes, max_in=max_in, variant=v),
@@ -322,6 +374,15 @@ class EngineCore(wiring.Component):
         wiring.connect(m, front.stats, scalar.i)
         m.d.comb += [scalar.k_mant.eq(u.front_seq.k_cur[:32]), scalar.k_exp.eq(u.front_seq.k_cur[32:64].as_signed()),
                      u.front_seq.stats_taken.eq(scalar.i.valid & scalar.i.ready)]
+        if w.norm_eps:
+            # the eps term: its constant (the k section's last two words), its kind by job type,
+            # and o_proj's sum over the g_proj outputs from the operand stage
+            jt = u.front_seq.jt
+            m.d.comb += [scalar.eps_mant.eq(u.front_seq.k_cur[64:96]),
+                         scalar.eps_exp.eq(u.front_seq.k_cur[96:128].as_signed()),
+                         scalar.eps_kind.eq(Mux(jt == JT_O, EpsKind.GSUM,
+                                                Mux(jt == JT_DOWN, EpsKind.CONST, EpsKind.INPUT))),
+                         scalar.gsum.eq(u.operands.gsum)]
         # the matrix
         wiring.connect(m, front.q, u.qpack.q)
         wiring.connect(m, u.qpack.act, mv.act)
@@ -386,7 +447,8 @@ class EngineCore(wiring.Component):
         an address comparator and a multiplexer behind each block RAM's output."""
         max_d, max_L = self.max_d, self.max_L
         max_in = max(max_d, self.max_I)
-        hw_ = self.beat_bytes // 2                        # int16 per beat
+        hw_ = self.elements.per_beat(self.beat_bytes, "norm")        # norm values per beat
+        lb_ = self.elements.per_beat(self.beat_bytes, "lb")
         mems = SimpleNamespace()
 
         def mem(name, sub, shape, depth):
@@ -396,7 +458,7 @@ class EngineCore(wiring.Component):
         norm_word = data.ArrayLayout(signed(w.norm_bits), hw_)
         mem("a", "a_mem", norm_word, NORM_SLOTS * (max_in // hw_))
         mem("c", "c_mem", norm_word, NORM_SLOTS * (max_in // hw_))
-        mem("lb", "lb_mem", data.ArrayLayout(unsigned(16), hw_), max_d // hw_)
+        mem("lb", "lb_mem", data.ArrayLayout(unsigned(w.gate_bits), lb_), max_d // lb_)
         mem("x", "x_mem", w.x, max_d)
         mem("u", "u_mem", w.x, max_in)      # p (o_proj input) and v (down_proj input)
         mem("g", "g_mem", w.x, max_in)      # f (forget gate) and the GLU gate
@@ -474,7 +536,8 @@ class EngineCore(wiring.Component):
     def _result(self, m, ctl, amax_o):
         """The argmax becomes the result; the token is done."""
         with m.If(amax_o.valid):
-            m.d.sync += [ctl.res.token.eq(amax_o.payload.index), ctl.res.logit.eq(amax_o.payload.value),
+            m.d.sync += [ctl.res.token.eq(amax_o.payload.index),
+                         ctl.res.logit.eq(wire_logit(amax_o.payload.value, self.formats)),
                          ctl.res.cycles.eq(ctl.cycles), ctl.res_valid.eq(1), ctl.running.eq(0)]
 
     def _logit_port(self, m, logit_mem):
@@ -483,7 +546,8 @@ class EngineCore(wiring.Component):
         lvalid = Signal()
         m.d.comb += [self.logit_req.ready.eq(~lvalid), lr.addr.eq(self.logit_req.payload),
                      lr.en.eq(self.logit_req.valid & self.logit_req.ready),
-                     self.logit_resp.valid.eq(lvalid), self.logit_resp.payload.eq(lr.data)]
+                     self.logit_resp.valid.eq(lvalid),
+                     self.logit_resp.payload.eq(wire_logit(lr.data, self.formats))]
         with m.If(self.logit_req.valid & self.logit_req.ready):
             m.d.sync += lvalid.eq(1)
         with m.Elif(self.logit_resp.ready):
@@ -501,7 +565,7 @@ class Engine(wiring.Component):
     from ECP5 DP16KD with output registers (None: on an ECP5 platform); ``mem_fifo_depth`` beats of
     response FIFO (None: :class:`~.weight_port.WeightMemory`'s choice, 64 with the model and
     ``STORE_FIFO_DEPTH`` without it).
-    Other keywords (maxima, ``compact``) go to
+    Other keywords (maxima, ``compact``, ``formats``) go to
     :class:`EngineCore`.
 
     ``readback=True`` adds the member ``readback : Out(ReadbackSignature())``
@@ -513,13 +577,12 @@ class Engine(wiring.Component):
     def __init__(self, cfg: ModelConfig, *, lanes: int = 16, packing: str = "base3", packings=PACKINGS,
                  image: bytes | None = None, readmemh: bool = False, model: bool = False,
                  mem_words: int | None = None, mem_fifo_depth: int | None = None, mem_spram: bool | None = None,
-                 mem_dp16kd: bool | None = None, readback: bool = False, **maxima):
-        from mmfree_fpga.image import image_size
-        self.core = EngineCore(cfg, lanes=lanes, packing=packing, packings=packings, **maxima)
+                 mem_dp16kd: bool | None = None, readback: bool = False, formats: Formats = FORMATS, **maxima):
+        self.core = EngineCore(cfg, lanes=lanes, packing=packing, packings=packings, formats=formats, **maxima)
         self.reader = WeightReader(beat_bytes=self.core.beat_bytes) if readback else None
         wb = self.core.beat_bytes
         if mem_words is None:
-            mem_words = -(-image_size(cfg, packing) // wb)
+            mem_words = -(-image_size(cfg, packing, formats) // wb)
         self.memory = WeightMemory(beat_bytes=wb, depth=mem_words, init=image, readmemh=readmemh,
                                    model=model, fifo_depth=mem_fifo_depth, spram=mem_spram,
                                    dp16kd=mem_dp16kd)

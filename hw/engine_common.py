@@ -10,17 +10,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from amaranth.hdl import Mux, Signal, unsigned
+from amaranth.hdl import Mux, Signal, Value, unsigned
 from amaranth.lib import data
 from amaranth.lib.memory import ReadPort, WritePort
 from amaranth.utils import ceil_log2
+
+from mmfree_fpga.errors import DesignError
 
 from .ram import registered_read_port
 from .weight_port import ADDR_BITS
 
 __all__ = ["JOBS", "JT_F", "JT_I", "JT_G", "JT_O", "JT_GATE", "JT_DOWN", "JT_LM", "NORM_SLOTS",
            "Param", "Tag", "JobCounter", "geometry_layout", "job_count_shape", "Variant", "FULL",
-           "COMPACT", "read_port_signature", "write_port_signature", "attach_read_port", "magnitude"]
+           "COMPACT", "read_port_signature", "write_port_signature", "attach_read_port", "magnitude",
+           "ImageElements", "image_elements"]
 
 JOBS = ("f_proj", "i_proj", "g_proj", "o_proj", "gate_proj", "down_proj", "lm_head")
 JT_F, JT_I, JT_G, JT_O, JT_GATE, JT_DOWN, JT_LM = range(7)
@@ -158,5 +161,35 @@ def attach_read_port(m, memory, port):
 
 
 def magnitude(v):
-    """``|v|`` as 32 bits."""
-    return Mux(v < 0, -v, v)[:32]
+    """``|v|`` as an unsigned value of v's width (|x_min| = 2^(width-1) fits)."""
+    v = Value.cast(v)
+    return Mux(v < 0, -v, v)[:len(v)]
+
+
+@dataclass(frozen=True)
+class ImageElements:
+    """Bytes per element of the image sections a format set changes (``mmfree_fpga.image``):
+    ``norm`` (a, c), ``lb`` (lower bounds), ``emb`` (embedding values), ``k`` (a BitLinear's
+    constants: k, plus the eps term's with ``norm_eps``)."""
+    norm: int
+    lb: int
+    emb: int
+    k: int
+
+    def per_beat(self, beat_bytes: int, kind: str) -> int:
+        """Elements of section ``kind`` in one weight beat (DesignError if a beat holds none)."""
+        size = getattr(self, kind)
+        if beat_bytes % size:
+            raise DesignError(f"weight beats of {beat_bytes} bytes do not hold whole {size}-byte "
+                              f"{kind} elements of these formats; use more lanes")
+        return beat_bytes // size
+
+
+def image_elements(fmt) -> ImageElements:
+    """The element sizes of ``fmt``'s image (:func:`mmfree_fpga.image.element_kinds`, ``k_words``)."""
+    from mmfree_fpga.image import KIND_DTYPES, element_kinds, k_words
+    kinds = element_kinds(fmt)
+
+    def size(kind):
+        return int(KIND_DTYPES[kinds[kind]][-1])
+    return ImageElements(norm=size("norm"), lb=size("lower_bound"), emb=size("embedding.q"), k=4 * k_words(fmt))

@@ -12,16 +12,29 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from amaranth.hdl import Module, Mux, Signal, signed, unsigned
+from amaranth.hdl import Cat, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 
-from .engine_common import (JT_F, JT_LM, NORM_SLOTS, JobCounter, Param, Tag, Variant, geometry_layout,
-                            job_count_shape, read_port_signature, write_port_signature)
+from .engine_common import (JT_F, JT_LM, NORM_SLOTS, ImageElements, JobCounter, Param, Tag, Variant, geometry_layout,
+                            image_elements, job_count_shape, read_port_signature, write_port_signature)
 from .weight_port import ADDR_BITS, LEN_BITS, weight_request_layout
 
-__all__ = ["tag_layout", "Fetcher", "ResponseRouter"]
+__all__ = ["tag_layout", "emb_bits", "Fetcher", "ResponseRouter"]
+
+
+def emb_bits(w) -> int:
+    """Bits of an embedding value (the ``emb`` stream's ``q``): int8 rows, or ``emb_bits``."""
+    bits = getattr(w.fmt, "emb_bits", 8)
+    return 8 if bits <= 8 else bits
+
+
+def _elements_of(beat, stride: int, bits: int):
+    """The low ``bits`` of each ``stride``-bit element of ``beat``, packed (a memory word)."""
+    if stride == bits:
+        return beat
+    return Cat(*(beat[k:k + bits] for k in range(0, len(beat), stride)))
 
 
 def tag_layout() -> data.StructLayout:
@@ -40,6 +53,9 @@ class Fetcher(wiring.Component):
     beat_bytes : int
     max_d, max_I, max_L, max_V : int
         Synthesis maxima.
+    elements : ImageElements
+        The image's element sizes (:func:`~.engine_common.image_elements`): the embedding row's
+        and the k section's lengths.
     variant : Variant
         ``param_read_ports``: 2 (members ``p0`` and ``p1``: a request's address and length are
         read at once) or 1 (``p0`` only: its length is read first and kept in a register).
@@ -67,10 +83,12 @@ class Fetcher(wiring.Component):
     are registers (running sums, shift and add): no multiplier.
     """
 
-    def __init__(self, *, beat_bytes: int, max_d: int, max_I: int, max_L: int, max_V: int, variant: Variant):
+    def __init__(self, *, beat_bytes: int, max_d: int, max_I: int, max_L: int, max_V: int, variant: Variant,
+                 elements: ImageElements = ImageElements(norm=2, lb=2, emb=1, k=8)):
         self._wb = beat_bytes
         self._max = (max_d, max_I, max_L, max_V)
         self._ports = variant.param_read_ports
+        self._elements = elements
         members = {
             "geom": In(geometry_layout(max_d, max_I, max_L, max_V)),
             "start": In(1),
@@ -111,8 +129,9 @@ class Fetcher(wiring.Component):
         tj = JobCounter("tj", max_L, (("layer", geom.layer_stride),))                           # next trits
         with m.If(self.start):
             m.d.sync += nj.reset() + tj.reset()
-        # the embedding row's word offset token * d / beat_bytes, by shift and add (one token bit
-        # per cycle from FEED_TOKEN on, done before the fetcher asks for the row): no multiplier
+        # the embedding row's word offset token * d * emb / beat_bytes, by shift and add (one
+        # token bit per cycle from FEED_TOKEN on, done before the fetcher asks for the row): no
+        # multiplier
         tok_bits = max(1, (max_V - 1).bit_length())
         token = Signal(32)
         emb_row = Signal(ADDR_BITS)
@@ -122,7 +141,8 @@ class Fetcher(wiring.Component):
             m.d.sync += [token.eq(self.token), emb_row.eq(0), emb_mtok.eq(self.token[:tok_bits]),
                          emb_mcnt.eq(tok_bits)]
         with m.Elif(emb_mcnt != 0):
-            m.d.sync += [emb_row.eq((emb_row << 1) + Mux(emb_mtok[-1], geom.d >> lb_log, 0)),
+            row_words = (geom.d << (self._elements.emb - 1).bit_length()) >> lb_log
+            m.d.sync += [emb_row.eq((emb_row << 1) + Mux(emb_mtok[-1], row_words, 0)),
                          emb_mtok.eq(emb_mtok << 1), emb_mcnt.eq(emb_mcnt - 1)]
         req_addr = Signal(ADDR_BITS)
         req_len = Signal(LEN_BITS)
@@ -157,7 +177,7 @@ class Fetcher(wiring.Component):
         n_layer_base = Mux(nj.jt == JT_LM, 0, nj.base["layer"])
         t_layer_base = Mux(tj.jt == JT_LM, 0, tj.base["layer"])
         emb_scale_byte = p0d + 4 * token[:max(1, (self._max[3] - 1).bit_length())]
-        k_beats = -(-8 // wb)
+        k_beats = -(-self._elements.k // wb)
         norm_ok = ((self.front_done + NORM_SLOTS - 1 >= nj.k)
                    & ((nj.jt != JT_F) | (self.writer_done + 5 >= nj.k)))
         with m.FSM(name="fetch"):
@@ -208,6 +228,7 @@ class ResponseRouter(wiring.Component):
 
     Parameters
     ----------
+    w : VectorWidths
     beat_bytes : int
     max_d, max_I, max_L, max_V : int
         Synthesis maxima (norm slots hold ``max(max_d, max_I)`` values).
@@ -231,28 +252,35 @@ class ResponseRouter(wiring.Component):
     trits : Out(stream of ArrayLayout(unsigned(8), beat_bytes))
         Trit beats, through the trit FIFO and a one-beat register slice (full rate).
     a, c, lb : In(write port)
-        The norm slots (slot s at ``s * max_in / (beat_bytes / 2)``) and the lower bounds.
-    k : Out(ArrayLayout(unsigned(64), NORM_SLOTS))
-        Each slot's constant k (mantissa in bits 31:0, exponent 63:32).
+        The norm slots (slot s at ``s * max_in`` values) and the lower bounds: a beat's elements
+        (int16 or int32, uint16 or uint32: :func:`~.engine_common.image_elements`) per word,
+        each as norm_bits (gate_bits) of its element.
+    k : Out(ArrayLayout(unsigned(8 k_bytes), NORM_SLOTS))
+        Each slot's constants: k (mantissa in bits 31:0, exponent 63:32) and with ``norm_eps``
+        the eps term's (mantissa 95:64, exponent 127:96).
     norms_arrived : Out(job index)
         Jobs whose norms (k last) are all stored.
     emb_scale : Out(32)
         The token's embedding scale.
-    emb : Out(stream of {q: signed(act_bits), last})
-        The embedding row, one element per cycle (``last`` on element d - 1).
+    emb : Out(stream of {q: signed(emb_bits), last})
+        The embedding row, one element per cycle (``last`` on element d - 1); int8 or int32
+        elements in the image.
     """
 
     def __init__(self, w, *, beat_bytes: int, max_d: int, max_I: int, max_L: int, max_V: int,
                  trit_fifo_depth: int, variant: Variant):
         wb = beat_bytes
-        hw_ = wb // 2
+        el = self._elements = image_elements(w.fmt)
+        hw_ = el.per_beat(wb, "norm")
         max_in = max(max_d, max_I)
+        self._w = w
         self._wb = wb
         self._max = (max_d, max_I, max_L, max_V)
         self._depth = trit_fifo_depth
         self._registered = variant.register_beats
         beat = data.ArrayLayout(unsigned(8), wb)
         norm_word = data.ArrayLayout(signed(w.norm_bits), hw_)
+        lb_per = el.per_beat(wb, "lb")
         super().__init__({
             "geom": In(geometry_layout(max_d, max_I, max_L, max_V)),
             "start": In(1),
@@ -261,11 +289,11 @@ class ResponseRouter(wiring.Component):
             "trits": Out(stream.Signature(beat)),
             "a": In(write_port_signature(norm_word, NORM_SLOTS * (max_in // hw_))),
             "c": In(write_port_signature(norm_word, NORM_SLOTS * (max_in // hw_))),
-            "lb": In(write_port_signature(data.ArrayLayout(unsigned(16), hw_), max_d // hw_)),
-            "k": Out(data.ArrayLayout(unsigned(64), NORM_SLOTS)),
+            "lb": In(write_port_signature(data.ArrayLayout(unsigned(w.gate_bits), lb_per), max_d // lb_per)),
+            "k": Out(data.ArrayLayout(unsigned(8 * el.k), NORM_SLOTS)),
             "norms_arrived": Out(job_count_shape(max_L)),
             "emb_scale": Out(32),
-            "emb": Out(stream.Signature(data.StructLayout({"q": signed(w.act_bits), "last": 1}))),
+            "emb": Out(stream.Signature(data.StructLayout({"q": signed(emb_bits(w)), "last": 1}))),
         })
 
     def elaborate(self, platform):
@@ -326,22 +354,26 @@ class ResponseRouter(wiring.Component):
         """Norm and lower-bound beats into their RAMs; returns the (registered) beat data."""
         max_d, max_I = self._max[:2]
         wb, rtag = self._wb, self.tags.payload
-        hw_ = wb // 2
+        hw_ = self._elements.per_beat(wb, "norm")
         nw = max(max_d, max_I) // hw_
         n_we = [xfer & (rtag.kind == Tag.A), xfer & (rtag.kind == Tag.C), xfer & (rtag.kind == Tag.LB)]
         n_addr, n_lbaddr, n_data = rtag.slot * nw + bidx, bidx, self.resp.payload.as_value()
+        el, w = self._elements, self._w
         if self._registered:
             # the transfer logic drives registers, not block RAM enables and addresses
             regs = ([Signal(name=f"n_we{k}") for k in range(3)],
-                    Signal(range(NORM_SLOTS * nw), name="n_addr"), Signal(range(max_d // hw_), name="n_lbaddr"),
+                    Signal(range(NORM_SLOTS * nw), name="n_addr"),
+                    Signal(range(max_d // self._elements.per_beat(wb, "lb")), name="n_lbaddr"),
                     Signal(8 * wb, name="n_data", reset_less=True))
             m.d.sync += [r.eq(v) for r, v in zip(regs[0], n_we)]
             m.d.sync += [regs[1].eq(n_addr), regs[2].eq(n_lbaddr), regs[3].eq(n_data)]
             n_we, n_addr, n_lbaddr, n_data = regs
+        norm_data = _elements_of(n_data, 8 * el.norm, w.norm_bits)
         m.d.comb += [
-            self.a.addr.eq(n_addr), self.a.data.eq(n_data), self.a.en.eq(n_we[0]),
-            self.c.addr.eq(n_addr), self.c.data.eq(n_data), self.c.en.eq(n_we[1]),
-            self.lb.addr.eq(n_lbaddr), self.lb.data.eq(n_data), self.lb.en.eq(n_we[2]),
+            self.a.addr.eq(n_addr), self.a.data.eq(norm_data), self.a.en.eq(n_we[0]),
+            self.c.addr.eq(n_addr), self.c.data.eq(norm_data), self.c.en.eq(n_we[1]),
+            self.lb.addr.eq(n_lbaddr), self.lb.data.eq(_elements_of(n_data, 8 * el.lb, w.gate_bits)),
+            self.lb.en.eq(n_we[2]),
         ]
         return n_data
 
@@ -358,12 +390,13 @@ class ResponseRouter(wiring.Component):
             k_we, k_slot, k_bidx, k_last, k_data = regs
         with m.If(self.start):
             m.d.sync += self.norms_arrived.eq(0)
+        kb = self._elements.k
         for s in range(NORM_SLOTS):
             with m.If(k_we & (k_slot == s)):
-                if wb >= 8:
-                    m.d.sync += self.k[s].eq(k_data[:64])
+                if wb >= kb:
+                    m.d.sync += self.k[s].eq(k_data[:8 * kb])
                 else:
-                    for b in range(8 // wb):
+                    for b in range(kb // wb):
                         with m.If(k_bidx == b):
                             m.d.sync += self.k[s][8 * wb * b:8 * wb * (b + 1)].eq(k_data)
         with m.If(k_we & k_last):
@@ -391,9 +424,11 @@ class ResponseRouter(wiring.Component):
         """The embedding row's beats (written on ``we``), one byte per cycle out of ``emb``;
         returns whether a beat can be taken."""
         wb, max_d = self._wb, self._max[0]
-        dbuf = Signal(data.ArrayLayout(signed(8), wb))
-        dcnt = Signal(range(wb + 1))
-        dpos = Signal(range(wb))
+        eb = self._elements.emb
+        per = self._elements.per_beat(wb, "emb")
+        dbuf = Signal(data.ArrayLayout(signed(8 * eb), per))
+        dcnt = Signal(range(per + 1))
+        dpos = Signal(range(per))
         eidx = Signal(range(max_d + 1))
         emb = self.emb
         m.d.comb += [emb.valid.eq(dcnt != 0), emb.payload.q.eq(dbuf[dpos]),
@@ -401,7 +436,7 @@ class ResponseRouter(wiring.Component):
         with m.If(emb.valid & emb.ready):
             m.d.sync += [dpos.eq(dpos + 1), dcnt.eq(dcnt - 1), eidx.eq(eidx + 1)]
         with m.If(we):
-            m.d.sync += [dbuf.eq(self.resp.payload), dcnt.eq(wb), dpos.eq(0)]
+            m.d.sync += [dbuf.eq(self.resp.payload.as_value()), dcnt.eq(per), dpos.eq(0)]
         with m.If(self.start):
             m.d.sync += eidx.eq(0)
         return (dcnt == 0) | ((dcnt == 1) & emb.ready)

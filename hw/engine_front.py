@@ -14,7 +14,7 @@ from amaranth.lib.wiring import In, Out
 
 from .bitlinear_front import FrontOp, front_input_layout
 from .engine_common import (JT_DOWN, JT_G, JT_GATE, JT_I, JT_LM, JT_O, NORM_SLOTS, JobCounter, Variant,
-                            geometry_layout, job_count_shape, read_port_signature)
+                            geometry_layout, image_elements, job_count_shape, read_port_signature)
 
 __all__ = ["rows_of", "cols_of", "FrontSequencer", "QPacker", "MatrixIssuer"]
 
@@ -42,7 +42,8 @@ class FrontSequencer(wiring.Component):
     ----------
     w : VectorWidths
     beat_bytes : int
-        Norm words hold ``beat_bytes / 2`` values.
+        Norm words hold a beat's values (``beat_bytes / 2`` int16, or ``beat_bytes / 4`` int32
+        with norms wider than 16 bits: :func:`~.engine_common.image_elements`).
     max_d, max_I, max_L, max_V : int
         Synthesis maxima.
     variant : Variant
@@ -58,12 +59,13 @@ class FrontSequencer(wiring.Component):
         Jobs whose norms are stored (job k's in slot k mod 3).
     emb_done : In(1)
         The embedding is in x. ``writer_done`` : In(job index): jobs the writer has finished.
-    or_x, or_u : In(32)
+    or_x, or_u : In(x_bits)
         The OR of the magnitudes of x and u.
-    k : In(ArrayLayout(unsigned(64), NORM_SLOTS))
-        Each norm slot's constant; ``k_cur`` : Out(64) the current job's (for the scalar unit).
+    k : In(ArrayLayout(unsigned(8 k_bytes), NORM_SLOTS))
+        Each norm slot's constants (the image's k section: 8 bytes, 16 with ``norm_eps``);
+        ``k_cur`` : Out(8 k_bytes) the current job's (for the scalar unit).
     x, u, a, c : In(read port)
-        The input vectors and the norm slots (slot s at ``s * max_in / (beat_bytes / 2)``).
+        The input vectors and the norm slots (slot s at ``s * max_in`` values).
     o : Out(stream of front_input_layout(w))
         The front's input. Latency from a memory read to ``o``: one cycle, two with
         ``register_stage_inputs``.
@@ -71,11 +73,14 @@ class FrontSequencer(wiring.Component):
         The scalar unit took the job's statistics (the job is done).
     done : Out(job index)
         Jobs finished.
+    jt : Out(3)
+        The current job's type (index in ``JOBS``; with ``k_cur``, for the scalar unit).
     """
 
     def __init__(self, w, *, beat_bytes: int, max_d: int, max_I: int, max_L: int, max_V: int, variant: Variant):
         self._w = w
-        self._hw = beat_bytes // 2
+        self._hw = image_elements(w.fmt).per_beat(beat_bytes, "norm")
+        k_bits = 8 * image_elements(w.fmt).k
         self._max = (max_d, max_I, max_L, max_V)
         self._registered = variant.register_stage_inputs
         max_in = max(max_d, max_I)
@@ -87,10 +92,10 @@ class FrontSequencer(wiring.Component):
             "norms_arrived": In(job_count_shape(max_L)),
             "emb_done": In(1),
             "writer_done": In(job_count_shape(max_L)),
-            "or_x": In(32),
-            "or_u": In(32),
-            "k": In(data.ArrayLayout(unsigned(64), NORM_SLOTS)),
-            "k_cur": Out(64),
+            "or_x": In(w.x_bits),
+            "or_u": In(w.x_bits),
+            "k": In(data.ArrayLayout(unsigned(k_bits), NORM_SLOTS)),
+            "k_cur": Out(k_bits),
             "x": In(read_port_signature(w.x, max_d)),
             "u": In(read_port_signature(w.x, max_in)),
             "a": In(read_port_signature(norm_word, NORM_SLOTS * (max_in // self._hw))),
@@ -98,6 +103,7 @@ class FrontSequencer(wiring.Component):
             "o": Out(stream.Signature(front_input_layout(w))),
             "stats_taken": In(1),
             "done": Out(job_count_shape(max_L)),
+            "jt": Out(3),
         })
 
     def elaborate(self, platform):
@@ -106,7 +112,7 @@ class FrontSequencer(wiring.Component):
         hw_, geom = self._hw, self.geom
         nw = max(max_d, max_I) // hw_
         fj = JobCounter("fj", max_L)
-        m.d.comb += self.done.eq(fj.k)
+        m.d.comb += [self.done.eq(fj.k), self.jt.eq(fj.jt)]
         with m.If(self.start):
             m.d.sync += fj.reset()
         fv = Signal()               # stage A: the element whose memory words are being read
@@ -137,7 +143,8 @@ class FrontSequencer(wiring.Component):
             with m.If(f_issue):
                 m.d.sync += j.eq(Mux(f_is_last, 0, j + 1))
         or_in = Mux(f_src, self.or_u, self.or_x)
-        max_elem = Mux(or_in[31], self._w.x_min, or_in[:31])
+        xb = self._w.x_bits
+        max_elem = Mux(or_in[xb - 1], self._w.x_min, or_in[:xb - 1])
         f_vals = [f_op, f_last, f_max, f_src, f_sel, self.x.data, self.u.data, self.a.data, self.c.data]
         if self._registered:
             # stage B holds the RAM words as read (no logic between a block RAM and a register);

@@ -11,20 +11,19 @@ argmax.
 
 from __future__ import annotations
 
-from amaranth.hdl import Module, Mux, Signal, signed
+from amaranth.hdl import Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 
-from mmfree_fpga.config import FORMATS
-
 from .elementwise import ElementwiseOp, elementwise_input_layout
 from .engine_common import (JT_DOWN, JT_F, JT_G, JT_GATE, JT_I, JT_LM, JT_O, JobCounter, Variant,
-                            geometry_layout, job_count_shape, magnitude, read_port_signature,
+                            geometry_layout, image_elements, job_count_shape, magnitude, read_port_signature,
                             write_port_signature)
+from .engine_fetch import emb_bits
 from .embed_scale import EmbedScale
 from .output_scale import OutputScale
-from .vector_common import scale_layout, value_layout
+from .vector_common import GSUM_BITS, Pipeline, scale_layout, umul, value_layout
 
 __all__ = ["ScaleStage", "SharedScaleStage", "OperandStage", "Writer", "row_shape"]
 
@@ -41,7 +40,8 @@ class OperandStage(wiring.Component):
     ----------
     w : VectorWidths
     beat_bytes : int
-        Bytes per weight beat (lower bounds are stored ``beat_bytes / 2`` per word).
+        Bytes per weight beat (lower bounds are stored a beat's worth per word: ``beat_bytes / 2``
+        uint16 or ``beat_bytes / 4`` uint32, :func:`~.engine_common.image_elements`).
     max_d, max_I, max_L, max_V : int
         Synthesis maxima.
     variant : Variant
@@ -65,15 +65,20 @@ class OperandStage(wiring.Component):
     fresh : In(max_L)
         Per layer: h[l] is zero (RECUR adds 0 instead of reading h).
     lb, g, h, x : In(read port)
-        Lower bounds (``beat_bytes / 2`` per word), f / the GLU gate, h (layer-major), x.
+        Lower bounds (a beat's per word), f / the GLU gate, h (layer-major), x.
     x_owner : Out(1)
         The operand stage is between the first and the last element of an o or down job (so a
         read port of x shared with the front belongs to it).
+    gsum : Out(unsigned(eps_gsum_bits))
+        With ``norm_eps`` only: o_proj's eps sum G = sum(min(|yg| >> (x_frac - 12), 2^20 - 1)^2)
+        over the g_proj outputs yg of the last g job, complete a few cycles (the square's
+        pipeline) after its last element passed this stage, long before the o job's statistics
+        (the front waits for the writer to finish the g job).
     """
 
     def __init__(self, w, *, beat_bytes: int, max_d: int, max_I: int, max_L: int, max_V: int, variant: Variant):
         self._w = w
-        self._hw = beat_bytes // 2
+        self._hw = image_elements(w.fmt).per_beat(beat_bytes, "lb")
         self._max = (max_d, max_I, max_L, max_V)
         self._variant = variant
         max_in = max(max_d, max_I)
@@ -85,11 +90,12 @@ class OperandStage(wiring.Component):
             "writer_done": In(job_count_shape(max_L)),
             "writer_row": In(row_shape(max_in, max_V)),
             "fresh": In(max_L),
-            "lb": In(read_port_signature(data.ArrayLayout(16, self._hw), max_d // self._hw)),
+            "lb": In(read_port_signature(data.ArrayLayout(w.gate_bits, self._hw), max_d // self._hw)),
             "g": In(read_port_signature(w.x, max_in)),
             "h": In(read_port_signature(w.x, max_L * max_d)),
             "x": In(read_port_signature(w.x, max_d)),
             "x_owner": Out(1),
+            **({"gsum": Out(unsigned(w.eps_gsum_bits))} if w.norm_eps else {}),
         })
 
     def elaborate(self, platform):
@@ -136,6 +142,8 @@ class OperandStage(wiring.Component):
             self.h.addr.eq(oj.l * max_d + jo), self.x.addr.eq(jo),
             self.lb.en.eq(o_adv), self.g.en.eq(o_adv), self.h.en.eq(o_adv), self.x.en.eq(o_adv),
         ]
+        if self._w.norm_eps:
+            self._gsum(m, o_adv & o_in & (oj.jt == JT_G), jo == 0, self.i.payload.value)
         with m.If(o_adv):
             m.d.sync += [ov.eq(o_in), o_y.eq(self.i.payload.value), o_last.eq(self.i.payload.last),
                          o_jt.eq(oj.jt), o_up.eq(upper), o_fresh.eq(self.fresh.bit_select(oj.l, 1)),
@@ -157,6 +165,21 @@ class OperandStage(wiring.Component):
         self._operands(m, ovb, *o_vals)
         return m
 
+    def _gsum(self, m, take, first, y):
+        """o_proj's G from the g job's outputs ``y`` (each taken when ``take``; ``first`` on
+        the job's first): a free-running pipeline (clamp, limb products, sum, accumulate)."""
+        w = self._w
+        p = Pipeline(m, Const(1), name="gsum_pipe")
+        top = (1 << GSUM_BITS) - 1
+        k = w.fmt.x_frac - 12
+        valid = p.reg(1, "valid", take)
+        frst = p.reg(1, "first", first)
+        ymag = p.reg(1, "ymag", magnitude(y)[k:], unsigned(max(1, w.x_bits - k)))
+        gmag = p.reg(2, "gmag", Mux(ymag > top, top, ymag), unsigned(GSUM_BITS))
+        sq, s = umul(p, 3, "gsq", gmag, top, gmag, top, registered=True)
+        with m.If(p.at(valid, s)):
+            m.d.sync += self.gsum.eq(Mux(p.at(frst, s), 0, self.gsum) + sq)
+
     def _operands(self, m, valid, y, last, jt, up, fresh, sel, lb, g, h, x):
         """The elementwise op and its operands for an element of job type ``jt``."""
         ew_in = self.o.payload
@@ -165,7 +188,7 @@ class OperandStage(wiring.Component):
             with m.Case(JT_F):
                 m.d.comb += [ew_in.op.eq(ElementwiseOp.FORGET), ew_in.g.eq(lb[sel])]
             with m.Case(JT_I):
-                m.d.comb += [ew_in.op.eq(ElementwiseOp.RECUR), ew_in.g.eq(g[:16]),
+                m.d.comb += [ew_in.op.eq(ElementwiseOp.RECUR), ew_in.g.eq(g[:self._w.gate_bits]),
                              ew_in.a.eq(Mux(fresh, 0, h))]
             with m.Case(JT_G):
                 m.d.comb += [ew_in.op.eq(ElementwiseOp.SILU_MUL), ew_in.y.eq(h), ew_in.a.eq(y)]
@@ -216,7 +239,7 @@ class Writer(wiring.Component):
         The embedding is in x.
     fresh : Out(max_L)
         Per layer: h[l] is zero (after RESET_STATE, until i_proj of that layer is stored).
-    or_x, or_u : Out(32)
+    or_x, or_u : Out(x_bits)
         The OR of the magnitudes of x and of u (p or v) as last stored: its bit length is the
         maximum's.
     """
@@ -242,8 +265,8 @@ class Writer(wiring.Component):
             "row": Out(row_shape(max_in, max_V)),
             "emb_done": Out(1),
             "fresh": Out(max_L, init=(1 << max_L) - 1),
-            "or_x": Out(32),
-            "or_u": Out(32),
+            "or_x": Out(w.x_bits),
+            "or_u": Out(w.x_bits),
         })
 
     def elaborate(self, platform):
@@ -333,7 +356,7 @@ class ScaleStage(wiring.Component):
     o : Out(stream of value_layout(w))
         Scaled outputs (OutputScale's latency).
     emb : In(stream of {q, last})
-        The embedding row; ``emb_scale`` : In(32) its scale.
+        The embedding row (``q`` of :func:`~.engine_fetch.emb_bits`); ``emb_scale`` : In(32) its scale.
     emb_o : Out(stream of {value, last})
         The scaled embedding row (its ``ready`` must be high).
     emb_done : In(1)
@@ -349,18 +372,18 @@ class ScaleStage(wiring.Component):
             "acc": In(stream.Signature(acc_layout)),
             "scale": In(stream.Signature(scale_layout(w))),
             "o": Out(stream.Signature(value_layout(w))),
-            "emb": In(stream.Signature(data.StructLayout({"q": signed(w.act_bits), "last": 1}))),
+            "emb": In(stream.Signature(data.StructLayout({"q": signed(emb_bits(w)), "last": 1}))),
             "emb_scale": In(32),
             "emb_o": Out(stream.Signature(data.StructLayout({"value": w.x, "last": 1}))),
             "emb_done": In(1),
         })
 
     def _output_scale(self):
-        return OutputScale(FORMATS, share=self.share)
+        return OutputScale(self._w.fmt, share=self.share)
 
     def _embedding(self, m, osc):
         """The embedding's own path; returns the signal that gives the output scale to it."""
-        m.submodules.embed = emb = EmbedScale(FORMATS)
+        m.submodules.embed = emb = EmbedScale(self._w.fmt)
         wiring.connect(m, wiring.flipped(self.emb), emb.i)
         wiring.connect(m, emb.o, wiring.flipped(self.emb_o))
         m.d.comb += emb.scale.eq(self.emb_scale)
@@ -399,7 +422,7 @@ class SharedScaleStage(ScaleStage):
     share = 2
 
     def _output_scale(self):
-        return OutputScale(FORMATS, share=self.share, embed=True)
+        return OutputScale(self._w.fmt, share=self.share, embed=True)
 
     def _embedding(self, m, osc):
         embedding = Signal()

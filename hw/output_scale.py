@@ -11,7 +11,14 @@ from mmfree_fpga.config import FORMATS, Formats
 from .vector_common import (DSP_BITS, SHARES, Pipeline, acc_layout, saturate_mag, scale_layout, umul,
                             value_layout, vector_widths)
 
-__all__ = ["OutputScale"]
+__all__ = ["OutputScale", "embed_path_fits"]
+
+
+def embed_path_fits(w) -> bool:
+    """``OutputScale(embed=True)`` takes these widths (its two limb products serve both kinds)."""
+    return not (w.scale_bits > DSP_BITS + 1 or w.emb_scale_bits > 2 * DSP_BITS or w.act_bits > DSP_BITS
+                or getattr(w.fmt, "emb_bits", 8) > 8
+                or w.acc_mag_max.bit_length() > 2 * DSP_BITS or not 0 < w.emb_shift <= w.shift_max)
 
 
 class OutputScale(wiring.Component):
@@ -62,10 +69,9 @@ class OutputScale(wiring.Component):
             "o": Out(stream.Signature(value_layout(w))),
         }
         if embed:
-            if (w.scale_bits > DSP_BITS + 1 or w.emb_scale_bits > 2 * DSP_BITS or w.act_bits > DSP_BITS
-                    or w.acc_mag_max.bit_length() > 2 * DSP_BITS or not 0 < w.emb_shift <= w.shift_max):
+            if not embed_path_fits(w):
                 raise ValueError("the embedding path needs scale_bits <= DSP_BITS + 1, a 2 DSP_BITS "
-                                 "embedding scale, act_bits <= DSP_BITS and a positive embedding shift")
+                                 "embedding scale, int8 embeddings and a positive embedding shift")
             members.update({"embed": In(1), "emb_scale": In(unsigned(w.emb_scale_bits))})
         super().__init__(members)
 

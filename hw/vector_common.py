@@ -23,7 +23,8 @@ from amaranth.lib import data
 from mmfree_fpga.config import FORMATS, Formats
 from mmfree_fpga.reference.integer import sigmoid_table
 
-__all__ = ["DSP_BITS", "K_EXP_BITS", "VectorWidths", "vector_widths", "Pipeline", "umul", "SHARES",
+__all__ = ["DSP_BITS", "K_EXP_BITS", "GSUM_BITS", "VectorWidths", "vector_widths", "Pipeline", "umul", "umul_latency",
+           "const_product", "SHARES",
            "rshift_round_mag", "signed_from_mag", "saturate_mag",
            "saturate_signed", "greater_unsigned", "round_carry_mag", "round_carry_signed",
            "msb_index", "signed_range_shape", "stats_layout", "scale_layout",
@@ -35,6 +36,11 @@ DSP_BITS = 16
 SHARES = (1, 2)
 # reference/export.py writes (k_mant, k_exp) as two little-endian int32 values.
 K_EXP_BITS = 32
+# the scalar unit's sum sumsq + E (norm_eps) has room for E up to 2^(2 SE_MARGIN_BITS) times the
+# largest sumsq (VectorWidths.se_bits)
+SE_MARGIN_BITS = 17
+# o_proj's eps term squares min(|yg| >> (x_frac - 12), 2^GSUM_BITS - 1) (reference/integer.py)
+GSUM_BITS = 20
 
 
 def signed_range_shape(lo: int, hi: int):
@@ -86,6 +92,13 @@ class VectorWidths:
     sig_diff_max: int
     emb_scale_bits: int
     emb_shift: int            # emb_scale_frac - x_frac
+    quant_exact: bool         # the exactly rounded quantiser
+    norm_eps: bool            # the inner RMSNorm eps term
+    eps_g_bits: int           # G of an "input" BitLinear: max_features (|v16| >> (norm_bits - 16))^2
+    eps_gsum_bits: int        # G of o_proj: max_features min(|yg| >> (x_frac - 12), 2^20 - 1)^2
+    sh_min: int               # normalise's shift sh (v16 = v >> sh)
+    sh_max: int
+    se_bits: int              # the scalar unit's sumsq + E (norm_eps): exact below 2^se_bits
 
     @property
     def x(self):
@@ -152,6 +165,11 @@ def vector_widths(fmt: Formats = FORMATS) -> VectorWidths:
         sig_table=tuple(int(t) for t in table),
         sig_diff_max=int(np.diff(table).max()),
         emb_scale_bits=fmt.emb_scale_bits, emb_shift=fmt.emb_scale_frac - fmt.x_frac,
+        quant_exact=bool(getattr(fmt, "quant_exact", False)), norm_eps=bool(getattr(fmt, "norm_eps", False)),
+        eps_g_bits=(fmt.max_features << 30).bit_length(),
+        eps_gsum_bits=(fmt.max_features * ((1 << GSUM_BITS) - 1) ** 2).bit_length(),
+        sh_min=2 - fmt.norm_bits, sh_max=fmt.x_bits + 1 - fmt.norm_bits,
+        se_bits=2 * (math.isqrt(sumsq_max).bit_length() + SE_MARGIN_BITS),
     )
 
 
@@ -167,8 +185,12 @@ def value_layout(w: VectorWidths) -> data.StructLayout:
 
 
 def stats_layout(w: VectorWidths) -> data.StructLayout:
-    """What one BitLinear's statistics pass yields: m = max|v16 c| and sum(((v16 a) >> s)^2)."""
-    return data.StructLayout({"m": unsigned(w.m_bits), "sumsq": unsigned(w.sumsq_bits)})
+    """What one BitLinear's statistics pass yields: m = max|v16 c| and sum(((v16 a) >> s)^2);
+    with ``norm_eps`` also ``g`` = sum((|v16| >> (norm_bits - 16))^2) and normalise's shift ``sh``."""
+    fields = {"m": unsigned(w.m_bits), "sumsq": unsigned(w.sumsq_bits)}
+    if w.norm_eps:
+        fields.update({"g": unsigned(w.eps_g_bits), "sh": signed_range_shape(w.sh_min, w.sh_max)})
+    return data.StructLayout(fields)
 
 
 def scale_layout(w: VectorWidths) -> data.StructLayout:
@@ -286,32 +308,54 @@ class Pipeline:
         return cur
 
 
+def _limb_plan(a_max: int, b_max: int):
+    """umul's limb products: (i, j, shift, product max, multiplier?) for every pair of
+    DSP_BITS limbs of a <= a_max and b <= b_max whose product can be non-zero; a pair with a
+    1-bit limb is an AND, not a multiplier."""
+    def limbs(vmax):
+        n = max(1, -(-vmax.bit_length() // DSP_BITS))
+        return [(DSP_BITS * k, min((1 << DSP_BITS) - 1, vmax >> (DSP_BITS * k))) for k in range(n)]
+    plan = []
+    for i, (ash, amax) in enumerate(limbs(a_max)):
+        for j, (bsh, bmax) in enumerate(limbs(b_max)):
+            if amax and bmax:
+                plan.append((i, j, ash + bsh, amax * bmax, amax > 1 and bmax > 1))
+    return plan
+
+
+def umul_latency(a_max: int, b_max: int, *, registered: bool) -> int:
+    """Stages :func:`umul` adds in a pipeline without a shared phase: ``umul(p, s, ...)``
+    returns its product at stage ``s + umul_latency(...)``."""
+    plan = _limb_plan(a_max, b_max)
+    if not plan:
+        return 0
+    stage = 0 if registered or not any(big for *_, big in plan) else 1
+    levels = (len(plan) - 1).bit_length()
+    return stage + levels + (min(sh for _, _, sh, _, _ in plan) != 0)
+
+
 def umul(pipe: Pipeline, stage: int, name: str, a, a_max: int, b, b_max: int, *, registered: bool):
     """Unsigned a * b from DSP_BITS x DSP_BITS limb products.
 
     ``a`` and ``b`` are stage ``stage - 1`` values with a <= a_max, b <= b_max; ``registered``:
     both are register outputs (:meth:`Pipeline.products`). The limb products are registered at
     ``stage`` (a stage later when the operands are registered first), then summed pairwise, one
-    adder level per stage.
+    adder level per stage (:func:`umul_latency` stages in all).
     Returns (product, stage of the product).
     """
-    def limbs(v, vmax):
-        n = max(1, -(-vmax.bit_length() // DSP_BITS))
-        return [(Value.cast(v)[DSP_BITS * k:DSP_BITS * (k + 1)], DSP_BITS * k,
-                 min((1 << DSP_BITS) - 1, vmax >> (DSP_BITS * k))) for k in range(n)]
+    a, b = Value.cast(a), Value.cast(b)
     terms = []
     big, big_meta = [], []
-    for i, (al, ash, amax) in enumerate(limbs(a, a_max)):
-        for j, (bl, bsh, bmax) in enumerate(limbs(b, b_max)):
-            if amax == 0 or bmax == 0:
-                continue
-            prod_bits = (amax * bmax).bit_length()
-            if amax > 1 and bmax > 1:       # a multiplier (products with a 1-bit limb are ANDs)
-                big.append((al[:amax.bit_length()], bl[:bmax.bit_length()], unsigned(prod_bits)))
-                big_meta.append((ash + bsh, amax * bmax))
-            else:
-                terms.append((pipe.reg(stage, f"{name}_p{i}{j}", al * bl, unsigned(prod_bits)),
-                              ash + bsh, amax * bmax))
+    for i, j, sh, pmax, is_big in _limb_plan(a_max, b_max):
+        amax = min((1 << DSP_BITS) - 1, a_max >> (DSP_BITS * i))
+        bmax = min((1 << DSP_BITS) - 1, b_max >> (DSP_BITS * j))
+        al = a[DSP_BITS * i:DSP_BITS * (i + 1)][:amax.bit_length()]
+        bl = b[DSP_BITS * j:DSP_BITS * (j + 1)][:bmax.bit_length()]
+        if is_big:
+            big.append((al, bl, unsigned(pmax.bit_length())))
+            big_meta.append((sh, pmax))
+        else:
+            terms.append((pipe.reg(stage, f"{name}_p{i}{j}", al * bl, unsigned(pmax.bit_length())), sh, pmax))
     out_bits = (a_max * b_max).bit_length()
     if not terms and not big:
         return pipe.reg(stage, name, 0, unsigned(max(1, out_bits))), stage
@@ -342,6 +386,27 @@ def umul(pipe: Pipeline, stage: int, name: str, a, a_max: int, b, b_max: int, *,
         value = pipe.reg(stage + level + 1, name, value << shift, unsigned(out_bits))
         level += 1
     return value, stage + level
+
+
+def const_product(v, t: int):
+    """v * t for a constant t >= 0 as a sum of shifted copies of v, added or subtracted by the
+    non-adjacent form of t (at most half its digits non-zero): no multiplier is inferred."""
+    v = Value.cast(v)
+    digits, k = [], 0
+    while t:
+        if t & 1:
+            digit = 2 - (t & 3)          # +1 or -1
+            digits.append((k, digit))
+            t -= digit
+        t >>= 1
+        k += 1
+    if not digits:
+        return Const(0, 1)
+    total = None
+    for k, digit in sorted(digits, key=lambda d: -d[1]):     # the +1 digits first
+        term = v << k
+        total = term if total is None else (total + term if digit > 0 else total - term)
+    return total
 
 
 def msb_index(v: Value, width: int):

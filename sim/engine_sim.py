@@ -44,9 +44,9 @@ from pathlib import Path
 from .runner import VERILATOR_FAST, VERILATOR_MAKEFLAGS
 
 
-from mmfree_fpga.config import ModelConfig
+from mmfree_fpga.config import FORMAT_SETS, FORMATS, ModelConfig
 
-__all__ = ["EngineBuild", "default_build", "EngineRun", "Waves", "load_image", "synthetic_image_info",
+__all__ = ["EngineBuild", "default_build", "format_set", "EngineRun", "Waves", "load_image", "synthetic_image_info",
            "reference_tokens", "run_engine", "run_amaranth", "build_dir_for", "build_harness", "decode_trace",
            "check_waves", "memory_model_inputs", "dram_config", "dram_core", "dram_figures", "SIMULATORS", "MEMORIES", "DRAM_BOARDS", "WAVE_FORMATS", "HARNESS", "HARNESS_VERILATOR_ARGS",
            "HARNESS_FST_ARGS"]
@@ -61,8 +61,10 @@ DRAM_SOURCES = ("hw/dram_engine.py", "hw/dram_port.py", "hw/control.py", "sim/dr
 DRAM_BUILD_FLOOR = ModelConfig(vocab_size=2048, hidden_size=256, num_hidden_layers=4, intermediate_size=768)
 # the gateware the engine is made of (a change to any of them means a new simulator build)
 ENGINE_SOURCES = tuple(f"hw/{name}.py" for name in (
-    "engine", "weight_port", "matvec", "trits", "bitlinear_front", "scalar_unit", "output_scale", "elementwise",
-    "embed_scale", "argmax", "vector_common")) + ("mmfree_fpga/config.py", "reference/integer.py", "mmfree_fpga/packing.py")
+    "engine", "engine_common", "engine_fetch", "engine_front", "engine_output", "control", "ram", "weight_port",
+    "matvec", "trits", "bitlinear_front", "scalar_unit", "output_scale", "elementwise", "embed_scale", "argmax",
+    "vector_common")) + ("mmfree_fpga/config.py", "mmfree_fpga/image.py", "reference/integer.py",
+                         "mmfree_fpga/packing.py")
 _BUILD_ROOT = Path(os.environ.get("MMFREE_SIM_BUILD", Path(tempfile.gettempdir()) / "mmfree-engine-sim")).absolute()
 HARNESS = Path(__file__).with_name("engine_harness.cpp")
 # Measured on the demo engine (16 lanes, 8 token steps; best of 5 interleaved runs on a loaded 2-core
@@ -91,6 +93,12 @@ class EngineBuild:
     compact: bool = False           # EngineCore(compact=True): the iCE40 variant
     # MEMORIES: "bram" (mem_words of $readmemh store) or "sdram" (a LiteDRAM core; mem_words unused)
     memory: str = field(default="bram", repr=False)
+    # the number formats, a name in FORMAT_SETS
+    formats: str = "narrow"
+
+    @property
+    def fmt(self):
+        return format_set(self.formats)
 
     def key(self) -> str:
         """Names the build directory: these parameters and the gateware sources."""
@@ -134,11 +142,26 @@ class Waves:
     end: int | None = None
 
 
-def load_image(checkpoint, packing: str):
-    """(cfg, image bytes) of a checkpoint exported with ``packing``."""
-    from mmfree_fpga.host.image import WeightImage
-    image = WeightImage.from_checkpoint(checkpoint, packing)
-    return image.cfg, image.blob
+def format_set(name: str):
+    """The :class:`~mmfree_fpga.config.Formats` of a name in ``FORMAT_SETS`` (UserError otherwise)."""
+    from mmfree_fpga.errors import UserError
+    if name not in FORMAT_SETS:
+        raise UserError(f"unknown number formats {name!r}; use one of {', '.join(FORMAT_SETS)}")
+    return FORMAT_SETS[name]
+
+
+def load_image(checkpoint, packing: str, formats: str = "narrow"):
+    """(cfg, image bytes) of a checkpoint exported with ``packing`` in the number formats
+    ``formats`` (a name in ``FORMAT_SETS``; the default set as ``mmfree-fpga export`` writes it)."""
+    fmt = format_set(formats)
+    if fmt == FORMATS:
+        from mmfree_fpga.host.image import WeightImage
+        image = WeightImage.from_checkpoint(checkpoint, packing)
+        return image.cfg, image.blob
+    from mmfree_fpga.reference.checkpoint import DEMO_CHECKPOINT, load_checkpoint
+    from mmfree_fpga.reference.export import image_bytes, integer_weights
+    cfg, tensors = load_checkpoint(checkpoint or DEMO_CHECKPOINT)
+    return cfg, image_bytes(integer_weights(cfg, tensors, fmt), packing)
 
 
 def synthetic_image_info(cfg: ModelConfig, packing: str) -> int:
@@ -146,11 +169,14 @@ def synthetic_image_info(cfg: ModelConfig, packing: str) -> int:
     return image_size(cfg, packing)
 
 
-def reference_tokens(cfg: ModelConfig, blob: bytes, packing: str, prompt: list[int], steps: int):
-    """Greedy tokens and per-step logits of the integer model run from the image bytes."""
+def reference_tokens(cfg: ModelConfig, blob: bytes, packing: str, prompt: list[int], steps: int,
+                     formats: str = "narrow"):
+    """Greedy tokens and per-step logits (Q(x_frac), full width: ``wire_logits`` gives what the
+    engine's interface carries) of the integer model in the formats ``formats``, run from the
+    image bytes."""
     from mmfree_fpga.reference.integer import parse_image
     from mmfree_fpga.reference.integer import IntegerModel
-    model = IntegerModel(parse_image(blob, cfg, packing))
+    model = IntegerModel(parse_image(blob, cfg, packing, format_set(formats)))
     tokens = list(prompt)
     logits = []
     for t in range(len(prompt) + steps - 1):
@@ -161,18 +187,20 @@ def reference_tokens(cfg: ModelConfig, blob: bytes, packing: str, prompt: list[i
     return tokens, logits
 
 
-def default_build(cfg: ModelConfig, lanes: int, image_bytes: int = 0, memory: str = "bram") -> EngineBuild:
+def default_build(cfg: ModelConfig, lanes: int, image_bytes: int = 0, memory: str = "bram",
+                  formats: str = "narrow") -> EngineBuild:
     """The build a geometry runs on unless told otherwise: maxima rounded up to at least the
     demo model's (with a DRAM memory, to :data:`DRAM_BUILD_FLOOR`'s), so the demo and smaller
-    models share one simulator build per lane count and memory (a DRAM build serves every image
-    size)."""
+    models share one simulator build per lane count, memory and number formats (a DRAM build
+    serves every image size)."""
     from mmfree_fpga.hw.engine import beat_bytes
     words = -(-image_bytes // beat_bytes(lanes))
     floor = DRAM_BUILD_FLOOR if memory != "bram" else ModelConfig(vocab_size=256, hidden_size=128,
                                                                    num_hidden_layers=2, intermediate_size=256)
     mem_words = 0 if memory != "bram" else max(32768, 1 << max(0, words - 1).bit_length())
+    format_set(formats)
     return EngineBuild(lanes=lanes, max_d=max(floor.d, cfg.d), max_I=max(floor.I, cfg.I), max_L=max(floor.L, cfg.L),
-                       max_V=max(floor.V, cfg.V), mem_words=mem_words, memory=memory)
+                       max_V=max(floor.V, cfg.V), mem_words=mem_words, memory=memory, formats=formats)
 
 
 def dram_config(memory: str):
@@ -223,9 +251,9 @@ def build_dir_for(build: EngineBuild, simulator: str) -> Path:
     return _BUILD_ROOT / f"{simulator}-{build.key()}"
 
 
-def _param_commands(cfg: ModelConfig, packing: str, lanes: int) -> list[tuple[int, int]]:
+def _param_commands(cfg: ModelConfig, packing: str, lanes: int, fmt=FORMATS) -> list[tuple[int, int]]:
     from mmfree_fpga.hw.engine import engine_params
-    return sorted(engine_params(cfg, packing, lanes).items())
+    return sorted(engine_params(cfg, packing, lanes, fmt).items())
 
 
 def run_engine(*, cfg: ModelConfig, blob: bytes | None, packing: str, lanes: int, prompt: list[int],
@@ -233,7 +261,8 @@ def run_engine(*, cfg: ModelConfig, blob: bytes | None, packing: str, lanes: int
                stall_rate: float = 0.0, cmd_stall_rate: float = 0.0, mem_bandwidth: float = 0.0,
                mem_latency: int = 1, read_logits: list[int] = (), seed: int = 1,
                synthetic: bool = False, trace: bool = False, waves: Waves | None = None,
-               cocotb: bool = False, memory: str = "bram", progress: bool = True, log=None) -> EngineRun:
+               cocotb: bool = False, memory: str = "bram", progress: bool = True, log=None,
+               formats: str | None = None) -> EngineRun:
     """Feed ``prompt`` then ``steps - 1`` greedy tokens (``steps`` generated tokens in all).
 
     ``blob`` None with ``synthetic``: the memory model makes up the weights (cycle counts only).
@@ -245,20 +274,34 @@ def run_engine(*, cfg: ModelConfig, blob: bytes | None, packing: str, lanes: int
     harness (slower; no waves). ``progress``: a bar over the token steps of the C++ harness
     (shown only where :mod:`mmfree_fpga.progress` allows). ``log``: called with a line when a
     harness build starts. ``memory``: :data:`MEMORIES` ("sdram", "ddr3": the weights in DRAM, module
-    docstring; Verilator's C++ harness, real weights, no memory-model settings).
+    docstring; Verilator's C++ harness, real weights, no memory-model settings). ``formats``: the
+    number formats (a name in ``FORMAT_SETS``; None: the build's, "narrow" without a build); the
+    image must be in them. ``argmax_logits`` and ``read_logits`` are what the interface carries
+    (Q16 int32, ``reference.integer.wire_logits``).
     """
     from mmfree_fpga.hw.engine import beat_bytes, check_geometry
     from mmfree_fpga.errors import UserError
     if memory not in MEMORIES:
         raise UserError(f"unknown memory {memory!r}; use one of {', '.join(MEMORIES)}")
     if build is None:
-        build = default_build(cfg, lanes, len(blob) if blob is not None else 0, memory)
+        build = default_build(cfg, lanes, len(blob) if blob is not None else 0, memory, formats or "narrow")
     if build.memory != memory:
         raise ValueError(f"the build is for memory {build.memory!r}, the run for {memory!r}")
+    if formats is not None and build.formats != formats:
+        raise ValueError(f"the build is for the {build.formats!r} formats, the run for {formats!r}")
+    formats = build.formats
+    fmt = build.fmt
     check_geometry(cfg, lanes, max_d=build.max_d, max_I=build.max_I, max_L=build.max_L, max_V=build.max_V)
     if simulator not in SIMULATORS:
         raise UserError(f"unknown simulator {simulator!r}; use one of {', '.join(SIMULATORS)}")
+    if blob is not None:
+        from mmfree_fpga.image import image_size
+        if len(blob) != image_size(cfg, packing, fmt):
+            raise UserError(f"the image ({len(blob)} bytes) is not one of this geometry and packing in the "
+                            f"{formats!r} number formats ({image_size(cfg, packing, fmt)} bytes)")
     if memory != "bram":
+        if formats != "narrow":
+            raise UserError(f"--memory {memory} runs the narrow formats only (the DRAM engine is built for them)")
         if simulator != "verilator" or cocotb:
             raise UserError(f"--memory {memory} runs on Verilator's C++ harness only (--simulator verilator)")
         if blob is None or synthetic:
@@ -272,7 +315,7 @@ def run_engine(*, cfg: ModelConfig, blob: bytes | None, packing: str, lanes: int
             raise UserError("waves on Verilator come from the C++ harness: leave cocotb off")
     if simulator == "amaranth":
         return run_amaranth(cfg=cfg, blob=blob, packing=packing, lanes=lanes, prompt=prompt, steps=steps,
-                            read_logits=read_logits, trace=trace, waves=waves)
+                            read_logits=read_logits, trace=trace, waves=waves, formats=formats)
     from .runner import simulator_missing
     reason = simulator_missing(simulator)
     if reason:
@@ -326,8 +369,10 @@ def _waves_tmp(waves: Waves) -> Path:
 
 
 def decode_trace(words: list[int], layout) -> list[tuple[int, int, int, int]]:
-    """Raw ``trace__payload`` integers -> (job, layer, row, value) with the widths of ``layout``."""
+    """Raw ``trace__payload`` integers -> (job, layer, row, value) with the widths of ``layout``
+    (``value`` signed, x_bits wide)."""
     widths = [layout[name].shape.width for name in ("job", "layer", "row", "value")]
+    vbits = widths[3]
     out = []
     for w in words:
         fields = []
@@ -335,7 +380,7 @@ def decode_trace(words: list[int], layout) -> list[tuple[int, int, int, int]]:
             fields.append(w & ((1 << width) - 1))
             w >>= width
         v = fields[3]
-        out.append((fields[0], fields[1], fields[2], v - (1 << 32) if v & (1 << 31) else v))
+        out.append((fields[0], fields[1], fields[2], v - (1 << vbits) if v >> (vbits - 1) else v))
     return out
 
 
@@ -360,7 +405,7 @@ def _sources(build: EngineBuild, directory: Path) -> list[Path]:
     if not top.exists():
         engine = Engine(build.base_cfg(), lanes=build.lanes, packings=build.packings, readmemh=True, model=True,
                         mem_words=build.mem_words, packing="base3" if "base3" in build.packings else "2bit",
-                        compact=build.compact)
+                        compact=build.compact, formats=build.fmt)
         tmp = write_verilog(engine, directory / "engine_top.v.tmp", name="engine_top")
         store.write_text(STORE_VERILOG)
         os.replace(tmp, top)
@@ -382,14 +427,14 @@ def memory_model_inputs(*, stall_rate: float, mem_bandwidth: float, mem_latency:
             "mem_stall_rate": min(255, int(round(stall_rate * 256))), "mem_synthetic": int(bool(synthetic))}
 
 
-def _watchdog_cycles(cfg: ModelConfig, lanes: int, inputs: dict) -> int:
+def _watchdog_cycles(cfg: ModelConfig, lanes: int, inputs: dict, fmt=FORMATS) -> int:
     """Cycles after which the harness gives up waiting for one result: many times what the
     slowest memory setting could need for a token (ideal cycles, the image at the set bandwidth,
     the latency per request), so only a hung engine reaches it."""
     from mmfree_fpga.hw.engine import beat_bytes
     from mmfree_fpga.image import image_size
     bandwidth = inputs["mem_bandwidth"] / 256 or beat_bytes(lanes)
-    per_token = (cfg.ideal_cycles(lanes) + image_size(cfg, "2bit") / bandwidth
+    per_token = (cfg.ideal_cycles(lanes) + image_size(cfg, "2bit", fmt) / bandwidth
                  + 100 * inputs["mem_latency"] * (6 * cfg.L + 1) * 8)
     return int(64 * per_token / (1 - inputs["mem_stall_rate"] / 256)) + 1_000_000
 
@@ -424,7 +469,7 @@ def build_harness(build: EngineBuild, *, fst: bool = False, log=None) -> Path:
 def _decode_traces(build: EngineBuild, raw: list[list[int]]) -> list:
     """Per step, the trace port's words decoded (:func:`decode_trace`) with the build's layout."""
     from mmfree_fpga.hw.engine import trace_layout
-    layout = trace_layout(build.max_d, build.max_I, build.max_L, build.max_V)
+    layout = trace_layout(build.max_d, build.max_I, build.max_L, build.max_V, build.fmt)
     return [decode_trace(words, layout) for words in raw]
 
 
@@ -447,8 +492,8 @@ def _run_harness(*, cfg, blob, packing, build, prompt, steps, stall_rate, cmd_st
            f"result {enc['token_bit']} {enc['logit_bit']} {enc['cycles_bit']}",
            f"mem {inputs['mem_bandwidth']} {inputs['mem_latency']} {inputs['mem_stall_rate']} {inputs['mem_synthetic']}",
            f"cmd_stall {float(cmd_stall_rate)!r} {int(seed) & (2**64 - 1)}", f"trace {int(bool(trace))}",
-           f"watchdog {_watchdog_cycles(cfg, build.lanes, watch if dram else inputs)}"]
-    job += [f"param {i} {v}" for i, v in _param_commands(cfg, packing, build.lanes)]
+           f"watchdog {_watchdog_cycles(cfg, build.lanes, watch if dram else inputs, build.fmt)}"]
+    job += [f"param {i} {v}" for i, v in _param_commands(cfg, packing, build.lanes, build.fmt)]
     job += [f"prompt {len(prompt)} " + " ".join(str(int(t)) for t in prompt), f"steps {steps}",
             f"read_logits {len(read_logits)} " + " ".join(str(int(i)) for i in read_logits)]
     tokens, argmax_logits, cycles = list(prompt), [], []
@@ -599,7 +644,7 @@ def _run_cocotb(*, cfg, blob, packing, build, prompt, steps, simulator, stall_ra
             test_command = runner._test_command
             runner._test_command = lambda: [[fmt if a == "-none" else a for a in c] for c in test_command()]
         job = {
-            "params": _param_commands(cfg, packing, build.lanes),
+            "params": _param_commands(cfg, packing, build.lanes, build.fmt),
             "prompt": list(prompt), "steps": steps, "cmd_stall_rate": cmd_stall_rate,
             "mem_inputs": memory_model_inputs(stall_rate=stall_rate, mem_bandwidth=mem_bandwidth,
                                               mem_latency=mem_latency, synthetic=synthetic),
@@ -632,9 +677,11 @@ def _run_cocotb(*, cfg, blob, packing, build, prompt, steps, simulator, stall_ra
 
 
 def run_amaranth(*, cfg, blob, packing, lanes, prompt, steps, read_logits=(), load_stream: bool = False,
-                 trace: bool = False, compact: bool = False, waves: Waves | None = None) -> EngineRun:
+                 trace: bool = False, compact: bool = False, waves: Waves | None = None,
+                 formats: str = "narrow") -> EngineRun:
     """The same run on Amaranth's simulator, weights in on-chip RAM initialised from the image
-    (``load_stream``: RAM without contents, the image sent through the ``load`` stream first).
+    (``load_stream``: RAM without contents, the image sent through the ``load`` stream first),
+    in the number formats ``formats`` (a name in ``FORMAT_SETS``).
     ``sim_cycles``: clock cycles from the first FEED_TOKEN to the last result. ``waves``: a VCD
     from cycle 0 (Amaranth's writer cannot start later) until ``waves.end``."""
     from amaranth.sim import Simulator
@@ -644,7 +691,7 @@ def run_amaranth(*, cfg, blob, packing, lanes, prompt, steps, read_logits=(), lo
         from mmfree_fpga.errors import UserError
         raise UserError("the Amaranth simulator needs real weights (no synthetic mode)")
     dut = Engine(cfg, lanes=lanes, packing=packing, image=None if load_stream else blob,
-                 compact=compact)
+                 compact=compact, formats=format_set(formats))
     out = EngineRun(tokens=list(prompt), argmax_logits=[], cycles=[], simulator="amaranth",
                     trace=[] if trace else None)
     clock = {"cycle": 0, "start": None, "end": 0, "t0": 0.0, "t1": 0.0}

@@ -51,7 +51,7 @@ def edge_values(lo, hi, rng, n):
 # -- OutputScale -----------------------------------------------------------------------
 
 def ref_output_scale(acc, qt, shift):
-    return int(ref.saturate(ref.rshift_round(acc * qt, shift)))
+    return min(F.x_max, max(F.x_min, int(ref.rshift_round(acc * qt, shift))))
 
 
 OSC_VARIANTS = {"full": {}, "shared": {"share": 2}, "shared_embed": {"share": 2, "embed": True}}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+from mmfree_fpga.config import FORMAT_SETS
 from mmfree_fpga.errors import UserError
 
 from ._common import (add_generation_arguments, check_out_file, engine_lanes, float_in, int_in, lanes_help,
@@ -18,6 +19,11 @@ def add_arguments(p) -> None:
     p.add_argument("--packing", choices=("base3", "2bit"), default="base3", help="trit packing of the image (default base3)")
     p.add_argument("--simulator", choices=("verilator", "icarus", "amaranth"), default="verilator",
                    help="simulator (default verilator)")
+    p.add_argument("--formats", choices=tuple(FORMAT_SETS), default="narrow",
+                   help="the number formats the engine is built with and the checkpoint exported in: narrow "
+                        "(Q16 activations, 16-bit norms; default) or wide (Q24 in 40 bits, 24-bit norms and "
+                        "embeddings, the exact quantiser, the inner RMSNorm eps); the logits the interface "
+                        "reports are Q16 either way")
     p.add_argument("--memory", choices=("bram", "sdram", "ddr3"), default="bram",
                    help="where the weights are: bram, an on-chip store with the memory model below (default); "
                         "sdram, the ULX3S's SDRAM (IS42S16160, 50 MHz) or ddr3, the ECPIX-5's DDR3 (MT41K256M16, "
@@ -64,6 +70,8 @@ def run(args) -> dict:
         if args.synthetic:
             raise UserError(f"--memory {args.memory} needs real weights (they are loaded into the DRAM); "
                             "drop --synthetic")
+        if args.formats != "narrow":
+            raise UserError(f"--memory {args.memory} runs the narrow formats only; drop --formats {args.formats}")
         if args.stall_rate or args.mem_bandwidth or args.mem_latency != 1:
             raise UserError("--stall-rate, --mem-bandwidth and --mem-latency set the block-RAM memory model; "
                             f"with --memory {args.memory} LiteDRAM's SDRAM model sets the timing")
@@ -76,13 +84,13 @@ def run(args) -> dict:
         if args.simulator == "amaranth":
             raise UserError("--synthetic needs --simulator verilator or icarus")
     else:
-        cfg, blob = load_image(checkpoint, args.packing)
+        cfg, blob = load_image(checkpoint, args.packing, args.formats)
     check_geometry(cfg, args.lanes)
     prompt, _ = prompt_and_sampler(args, cfg.V)
     r = run_engine(cfg=cfg, blob=blob, packing=args.packing, lanes=args.lanes, prompt=prompt, steps=args.steps,
                    simulator=args.simulator, stall_rate=args.stall_rate, mem_bandwidth=args.mem_bandwidth,
                    mem_latency=args.mem_latency, synthetic=args.synthetic, waves=waves, memory=args.memory,
-                   progress=not args.quiet,
+                   formats=args.formats, progress=not args.quiet,
                    log=None if args.quiet else lambda msg: print(f"sim: {msg}", flush=True))
     ideal = cfg.ideal_cycles(args.lanes)
     if r.sim_cycles and r.sim_wall_s:
@@ -99,6 +107,7 @@ def run(args) -> dict:
         "simulator": r.simulator,
         "lanes": args.lanes,
         "packing": args.packing,
+        "formats": args.formats,
         "geometry": cfg.as_dict(),
         "synthetic_weights": bool(args.synthetic),
         "argmax_logits": r.argmax_logits,
@@ -113,7 +122,7 @@ def run(args) -> dict:
         result["waves"] = {"file": str(waves.path), "format": waves.path.suffix.lower()[1:],
                            "from_cycle": 0 if args.simulator == "amaranth" else waves.first, "to_cycle": waves.end}
     if blob is not None:
-        ref, _ = reference_tokens(cfg, blob, args.packing, prompt, args.steps)
+        ref, _ = reference_tokens(cfg, blob, args.packing, prompt, args.steps, args.formats)
         result["matches_integer_model"] = ref == r.tokens
     if not args.quiet:
         kind = "synthetic weights: " if args.synthetic else ""
