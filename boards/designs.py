@@ -117,7 +117,7 @@ def _dram_engine(context: DesignContext, lanes: int | None, preload: bool | None
         raise UserError("a DRAM starts empty: the weight image cannot be part of the bitstream (preload)")
     kind = MEMORY_KINDS.get(core.phy["memtype"], (None, None))[1]
     if kind is None:
-        raise UserError(f"no engine for {core.phy['memtype']} memory yet (SDR SDRAM only)")
+        raise UserError(f"no engine for {core.phy['memtype']} memory yet (SDR SDRAM and DDR3 only)")
     cfg = ModelConfig(**context.image.geometry)
     packing = context.image.packing
     n = lanes or FAMILY_LANES.get(context.family, DEFAULT_LANES)

@@ -16,15 +16,31 @@ settings):
   (``sdram_a``, ``sdram_ba``, ``sdram_dq`` (inout), ``sdram_dm``, ``sdram_ras_n``, ``sdram_cas_n``,
   ``sdram_we_n``, ``sdram_cs_n``, ``sdram_cke``). The SDRAM clock pin is *not* driven by the
   core: the board top drives it from the core's clock (LiteX's ULX3S target uses the system
-  clock shifted by 180 degrees);
+  clock shifted by 180 degrees). For DDR3 (``ECP5DDRPHY``) the pins are ``ddram_a``, ``ddram_ba``,
+  ``ddram_ras_n``, ``ddram_cas_n``, ``ddram_we_n``, ``ddram_cke``, ``ddram_odt``, ``ddram_dm``,
+  ``ddram_dq`` and ``ddram_dqs_p`` (inout), ``ddram_clk_p`` (the ECPIX-5's wiring: no CS#, no
+  RESET# at the FPGA; a differential pin by its P pad), driven through the PHY's own DDR I/O
+  primitives (``ODDRX2F``, ``IDDRX2DQA``, ``DQSBUFM``, ...), and the core has more ports (below);
 * ``sim=True``: LiteDRAM's SDRAM model (``litedram.phy.model.SDRAMPHYModel``) in place of PHY and
   chips, built with the board PHY's own settings (CAS latency, read latency, DFI phases), so the
   controller is the one the board runs; the memory array is a Verilog memory (Verilator).
 
 PHYs: ``GENSDRPHY`` (SDR, 1:1; both variants) and ``ECP5DDRPHY`` (DDR3, 1:2 with BL8: a 16-bit
 chip gives one 128-bit native word per read command, and with tCCD of two system cycles at most
-8 bytes per cycle, :attr:`DramCore.peak_bytes_per_cycle`; the ``sim`` variant only: the board
-variant needs the PHY's ``sys2x`` clock and ``ECP5DDRPHYInit`` and read levelling, not generated).
+8 bytes per cycle, :attr:`DramCore.peak_bytes_per_cycle`; both variants).
+
+The ``ECP5DDRPHY`` board variant's ports beyond those below: ``clk2x`` (in: the PHY's edge clock,
+twice ``clk``, from an ``ECLKSYNCB``; ``clk`` must be it divided by two by a ``CLKDIVF``),
+``init_clk``/``init_rst`` (in: the clock and reset of the PHY's start-up sequencer,
+``ECP5DDRPHYInit``, which waits for its ``DDRDLLA`` to lock and then sequences the edge clock),
+``eclk_stop``/``eclk_reset`` (out, ``init_clk`` domain: that sequencer's requests to stop the
+``ECLKSYNCB`` and to reset the ``CLKDIVF``; the board's clocking obeys them,
+``boards/clocks.py``), and the PHY's read-levelling CSRs as ports (``clk`` domain): ``dly_sel``
+(in, one bit per byte lane: the lanes the pulses act on), the pulses ``rdly_dq_rst``,
+``rdly_dq_inc``, ``rdly_dq_bitslip_rst``, ``rdly_dq_bitslip``, ``burstdet_clr`` (in) and
+``burstdet_seen`` (out, per lane), for a calibration outside the core
+(``hw/dram_calibration.py``). ``core.json``'s ``phy`` then also holds ``bitslips`` and
+``delays``.
 
 The generated module's ports (``N`` = ``data_width``, ``A`` = ``address_width``, all in the
 ``clk`` domain; the native port is LiteDRAM's, seen from the user):
@@ -57,8 +73,8 @@ the DFI injector's CSRs; here a small state machine replays it on the injector's
 port (``ext_dfi``), each step's delay taken as clock cycles (at least :data:`MIN_STEP_CYCLES`),
 then hands the DFI to the controller and raises ``init_done``. For DDR3 the sequence is LiteDRAM's
 DDR3 one (reset and CKE release, MR2/MR3/MR1/MR0, ZQ calibration); the read levelling a board
-needs after it (the ``ECP5DDRPHY``'s per-byte bitslip and delay CSRs) is not done: SDRAMPHYModel
-needs none.
+needs after it is not part of the core (the board variant offers the PHY's controls as ports;
+SDRAMPHYModel needs none).
 """
 
 from __future__ import annotations
@@ -124,8 +140,7 @@ class LiteDRAMConfig:
 
 # Named settings for the boards that have a DRAM; ``dataclasses.replace(CORES[b], sim=True)``
 # is the co-simulation variant of the same controller. The ECPIX-5's DDR3 (MT41K256M16, 512 MiB,
-# 16 bits) runs at LiteX's ecpix5 target's default system clock, 75 MHz (sys2x 150 MHz, DDR3-300);
-# only its sim variant is generated so far.
+# 16 bits) runs at LiteX's ecpix5 target's default system clock, 75 MHz (sys2x 150 MHz, DDR3-300).
 CORES = {
     "ulx3s-85f": LiteDRAMConfig(module="IS42S16160", chips_bytes=2, device="LFE5U-85F-6BG381C"),
     "ecpix5-85f": LiteDRAMConfig(module="MT41K256M16", chips_bytes=2, phy="ECP5DDRPHY", clk_freq=75e6,
@@ -429,8 +444,8 @@ def generate_core(config: LiteDRAMConfig, cache_dir=None) -> DramCore:
     """The core for ``config``, generated into ``<cache_dir>/litedram/<key>/`` unless it is there.
 
     ``cache_dir`` defaults to the builds' cache (``$MMFREE_FPGA_CACHE`` or ``out/cache``).
-    ValueError for settings LiteDRAM cannot build (unknown module or PHY, DDR memories) and when
-    LiteDRAM is not installed.
+    ValueError for settings LiteDRAM cannot build (unknown module or PHY, a module the PHY does not
+    drive) and when LiteDRAM is not installed.
     """
     if not litedram_available():
         raise ValueError("LiteDRAM is not installed: pip install litedram==2024.12 litex==2024.12 migen==0.10.0 "
