@@ -30,7 +30,8 @@ from .model import lower_bound_values, weight_ternary
 from mmfree_fpga.image import IMAGE_VERSION, KIND_DTYPES, element_kinds, image_layout, image_size
 from mmfree_fpga.packing import PACKINGS, pack_trits
 
-__all__ = ["integer_weights", "to_fixed_vector", "const_mantissa", "eps_scale", "write_image", "image_bytes",
+__all__ = ["integer_weights", "integer_layer", "integer_lm_head", "integer_embeddings", "lower_bound_fractions",
+           "to_fixed_vector", "const_mantissa", "eps_scale", "write_image", "image_bytes",
            "read_image", "read_formats", "image_sections"]
 
 
@@ -94,6 +95,66 @@ def _bitlinear(w: torch.Tensor, a: np.ndarray, c: np.ndarray, fmt: Formats, eps_
                         eps_mant=eps_mant, eps_exp=eps_exp, eps_kind=eps_kind)
 
 
+def _vec(tensors: dict[str, torch.Tensor], name: str) -> np.ndarray:
+    return tensors[name].detach().to(torch.float64).numpy()
+
+
+def lower_bound_fractions(cfg: ModelConfig, lower_bounds: torch.Tensor) -> np.ndarray:
+    """The forget gates' lower bounds of every layer as float64 values [L, d] (zeros without
+    ``use_lower_bound``), from the checkpoint's ``model.lower_bounds``."""
+    if not cfg.use_lower_bound:
+        return np.zeros((cfg.L, cfg.d))
+    return lower_bound_values(lower_bounds.detach().to(torch.float64)).numpy()
+
+
+def integer_layer(cfg: ModelConfig, tensors: dict[str, torch.Tensor], layer: int, lower_bound: np.ndarray,
+                  fmt: Formats = FORMATS) -> IntLayer:
+    """One layer in fixed point from the checkpoint tensors of that layer (``model.layers.{layer}.*``)
+    and its lower bounds (float64 [d], :func:`lower_bound_fractions`)."""
+    # float64 copies for the norm vectors; trits and beta come from the tensors in their own
+    # dtype, as the float reference computes them (a float64 W / beta can land on the other side
+    # of 0.5: one lm_head trit of the demo model does)
+    p = f"model.layers.{layer}."
+    vec = lambda name: _vec(tensors, p + name)  # noqa: E731
+    an, gn, mn = vec("attn_norm.weight"), vec("attn.g_norm.weight"), vec("mlp_norm.weight")
+    bl = lambda name, a, c_pre: _bitlinear(  # noqa: E731
+        tensors[p + name + ".weight"].detach(), a, c_pre * vec(name + ".norm.weight"), fmt,
+        EPS_KIND_OF[name.split(".")[1]], cfg.rms_norm_eps)
+    one = 1 << fmt.gate_frac
+    lb = np.round(np.asarray(lower_bound, dtype=np.float64) * one).astype(np.int64)
+    return IntLayer(
+        i_proj=bl("attn.i_proj", an, an), f_proj=bl("attn.f_proj", an, an),
+        g_proj=bl("attn.g_proj", an, an), o_proj=bl("attn.o_proj", gn, gn),
+        gate_proj=bl("mlp.gate_proj", mn, mn),
+        down_proj=bl("mlp.down_proj", np.ones(cfg.I), np.ones(cfg.I)),
+        lower_bound=np.clip(lb, 0, one - 1))
+
+
+def integer_lm_head(cfg: ModelConfig, tensors: dict[str, torch.Tensor], fmt: Formats = FORMATS) -> IntBitLinear:
+    """lm_head in fixed point, with the final norm folded in (``model.norm.weight``, ``lm_head.*``)."""
+    fn = _vec(tensors, "model.norm.weight")
+    return _bitlinear(tensors["lm_head.weight"].detach(), fn, fn * _vec(tensors, "lm_head.norm.weight"), fmt,
+                      EPS_KIND_OF["lm_head"], cfg.rms_norm_eps)
+
+
+def integer_embeddings(emb, fmt: Formats = FORMATS) -> tuple[np.ndarray, np.ndarray]:
+    """(mantissas [rows, d], scales [rows]) of embedding rows: per row, signed ``emb_bits``-bit
+    mantissas (int8 up to 8 bits, else int32) with the largest |value| at full scale, and one
+    unsigned Q``emb_scale_frac`` step; CheckpointError if a step exceeds ``emb_scale_bits``."""
+    emb = np.asarray(emb.detach().to(torch.float64).numpy() if isinstance(emb, torch.Tensor) else emb,
+                     dtype=np.float64)
+    rowmax = np.abs(emb).max(axis=1)
+    qmax = (1 << (fmt.emb_bits - 1)) - 1
+    step = np.where(rowmax > 0, rowmax / float(qmax), 1.0)
+    emb_q = np.clip(np.round(emb / step[:, None]), -qmax, qmax).astype(np.int8 if fmt.emb_bits <= 8 else np.int32)
+    emb_scale = np.round(step * 2.0 ** fmt.emb_scale_frac)
+    if emb_scale.max(initial=0) >= 2.0 ** fmt.emb_scale_bits:
+        raise CheckpointError(
+            f"embedding values up to {rowmax.max():.4g} exceed the embedding format "
+            f"(Q{fmt.emb_scale_frac} scale in {fmt.emb_scale_bits} bits); the checkpoint is not supported")
+    return emb_q, emb_scale.astype(np.int64)
+
+
 def integer_weights(cfg: ModelConfig, tensors: dict[str, torch.Tensor], fmt: Formats = FORMATS) -> IntegerWeights:
     """Fold norms into per-channel vectors and scales, ternarise, convert to fixed point.
 
@@ -103,45 +164,14 @@ def integer_weights(cfg: ModelConfig, tensors: dict[str, torch.Tensor], fmt: For
     With ``fmt.norm_eps`` every BitLinear also gets its inner RMSNorm's eps as a constant of its
     eps kind (:data:`~mmfree_fpga.reference.integer.EPS_KIND_OF`); the outer norms' own eps is
     dropped (eps * eps terms). Embedding rows get ``emb_bits``-bit mantissas.
+    :func:`integer_layer`, :func:`integer_lm_head` and :func:`integer_embeddings` convert the parts.
     """
-    # float64 copies for the norm vectors; trits and beta come from the tensors in their own
-    # dtype, as the float reference computes them (a float64 W / beta can land on the other side
-    # of 0.5: one lm_head trit of the demo model does)
-    t = {k: v.detach().to(torch.float64) for k, v in tensors.items()}
-    vec = lambda name: t[name].numpy()  # noqa: E731
-    lbs = (lower_bound_values(t["model.lower_bounds"]) if cfg.use_lower_bound
-           else torch.zeros(cfg.L, cfg.d, dtype=torch.float64)).numpy()
-    one = 1 << fmt.gate_frac
-    layers = []
-    for l in track(range(cfg.L), "ternarising layers", unit="layer"):
-        p = f"model.layers.{l}."
-        an, gn, mn = vec(p + "attn_norm.weight"), vec(p + "attn.g_norm.weight"), vec(p + "mlp_norm.weight")
-        bl = lambda name, a, c_pre: _bitlinear(  # noqa: E731
-            tensors[p + name + ".weight"].detach(), a, c_pre * vec(p + name + ".norm.weight"), fmt,
-            EPS_KIND_OF[name.split(".")[1]], cfg.rms_norm_eps)
-        lb = np.round(lbs[l] * one).astype(np.int64)
-        layers.append(IntLayer(
-            i_proj=bl("attn.i_proj", an, an), f_proj=bl("attn.f_proj", an, an),
-            g_proj=bl("attn.g_proj", an, an), o_proj=bl("attn.o_proj", gn, gn),
-            gate_proj=bl("mlp.gate_proj", mn, mn),
-            down_proj=bl("mlp.down_proj", np.ones(cfg.I), np.ones(cfg.I)),
-            lower_bound=np.clip(lb, 0, one - 1)))
-    fn = vec("model.norm.weight")
-    lm_head = _bitlinear(tensors["lm_head.weight"].detach(), fn, fn * vec("lm_head.norm.weight"), fmt,
-                         EPS_KIND_OF["lm_head"], cfg.rms_norm_eps)
-
-    emb = vec("model.embeddings.weight")
-    rowmax = np.abs(emb).max(axis=1)
-    qmax = (1 << (fmt.emb_bits - 1)) - 1
-    step = np.where(rowmax > 0, rowmax / float(qmax), 1.0)
-    emb_q = np.clip(np.round(emb / step[:, None]), -qmax, qmax).astype(np.int8 if fmt.emb_bits <= 8 else np.int32)
-    emb_scale = np.round(step * 2.0 ** fmt.emb_scale_frac)
-    if emb_scale.max() >= 2.0 ** fmt.emb_scale_bits:
-        raise CheckpointError(
-            f"embedding values up to {rowmax.max():.4g} exceed the embedding format "
-            f"(Q{fmt.emb_scale_frac} scale in {fmt.emb_scale_bits} bits); the checkpoint is not supported")
-    return IntegerWeights(cfg=cfg, emb_q=emb_q, emb_scale=emb_scale.astype(np.int64),
-                          layers=layers, lm_head=lm_head, formats=fmt)
+    lbs = lower_bound_fractions(cfg, tensors["model.lower_bounds"])
+    layers = [integer_layer(cfg, tensors, l, lbs[l], fmt)
+              for l in track(range(cfg.L), "ternarising layers", unit="layer")]
+    lm_head = integer_lm_head(cfg, tensors, fmt)
+    emb_q, emb_scale = integer_embeddings(tensors["model.embeddings.weight"], fmt)
+    return IntegerWeights(cfg=cfg, emb_q=emb_q, emb_scale=emb_scale, layers=layers, lm_head=lm_head, formats=fmt)
 
 
 def _bitlinears(w: IntegerWeights):

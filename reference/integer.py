@@ -37,7 +37,8 @@ from mmfree_fpga.packing import unpack_trits
 __all__ = [
     "IntBitLinear", "IntLayer", "IntegerWeights", "IntegerModel", "parse_image",
     "normalise", "quantise", "bitlinear", "sigmoid_table", "sigmoid", "silu",
-    "rshift_round", "saturate", "isqrt", "scale_mantissa", "embed", "mlgru", "glu",
+    "rshift_round", "saturate", "isqrt", "scale_mantissa", "embed", "embed_row", "mlgru", "glu", "block",
+    "bitlinear_rows", "recurrence", "glu_mix", "block_positions",
     "norm_shift", "shift", "mul_shift", "eps_term", "wire_logits", "EPS_KINDS", "EPS_KIND_OF",
 ]
 
@@ -159,10 +160,8 @@ def eps_term(layer: "IntBitLinear", v16: np.ndarray, sh: int, fmt: Formats = F,
     raise ValueError(f"unknown eps kind {kind!r}; expected one of {', '.join(EPS_KINDS)}")
 
 
-def bitlinear(v: np.ndarray, layer: "IntBitLinear", fmt: Formats = F, trace: dict | None = None,
-              yg: np.ndarray | None = None) -> np.ndarray:
-    """One BitLinear on a Q``x_frac`` vector -> Q``x_frac`` vector (see the module docstring).
-    ``yg``: the g_proj output of the same layer and token, for o_proj's eps term (``norm_eps``)."""
+def _bitlinear_front(v: np.ndarray, layer: "IntBitLinear", fmt: Formats, yg: np.ndarray | None):
+    """Steps 1, 2 and 4 of the recipe: (q, m, r, S, E); q is None where the output is zero (m or r 0)."""
     sh = norm_shift(v, fmt)
     v16 = normalise(v, fmt)
     z = v16 * layer.c
@@ -171,15 +170,44 @@ def bitlinear(v: np.ndarray, layer: "IntBitLinear", fmt: Formats = F, trace: dic
     s = int(np.dot(p, p))
     e = eps_term(layer, v16, sh, fmt, yg)
     r = isqrt(s + e)
-    if m == 0 or r == 0:
-        return np.zeros(layer.trits.shape[0], dtype=np.int64)
-    q = quantise(z, m, fmt)
-    acc = matvec(layer.trits_f32, q)
+    q = quantise(z, m, fmt) if m and r else None
+    return q, m, r, s, e
+
+
+def _bitlinear_back(acc: np.ndarray, m: int, r: int, layer: "IntBitLinear", fmt: Formats):
+    """Steps 5 and 6: (y, Qt, t)."""
     qt, t = scale_mantissa(layer.k_mant * m, r, fmt)
-    y = saturate(rshift_round(acc * qt, t - layer.k_exp), fmt)
+    return saturate(rshift_round(acc * qt, t - layer.k_exp), fmt), qt, t
+
+
+def bitlinear(v: np.ndarray, layer: "IntBitLinear", fmt: Formats = F, trace: dict | None = None,
+              yg: np.ndarray | None = None) -> np.ndarray:
+    """One BitLinear on a Q``x_frac`` vector -> Q``x_frac`` vector (see the module docstring).
+    ``yg``: the g_proj output of the same layer and token, for o_proj's eps term (``norm_eps``)."""
+    q, m, r, s, e = _bitlinear_front(v, layer, fmt, yg)
+    if q is None:
+        return np.zeros(layer.trits.shape[0], dtype=np.int64)
+    acc = matvec(layer.trits_f32, q)
+    y, qt, t = _bitlinear_back(acc, m, r, layer, fmt)
     if trace is not None:
         trace.update(q=q, acc=acc, m=m, r=r, qt=qt, t=t, sumsq=s, eps=e)
     return y
+
+
+def bitlinear_rows(vs: list[np.ndarray], layer: "IntBitLinear", fmt: Formats = F,
+                   ygs: list[np.ndarray] | None = None) -> list[np.ndarray]:
+    """``[bitlinear(v, layer, fmt, yg=yg) for v, yg in zip(vs, ygs)]`` with one matrix product for
+    all the inputs (exact like :func:`matvec`: every partial sum is an integer below 2^24)."""
+    ygs = [None] * len(vs) if ygs is None else ygs
+    fronts = [_bitlinear_front(v, layer, fmt, yg) for v, yg in zip(vs, ygs, strict=True)]
+    out = [np.zeros(layer.trits.shape[0], dtype=np.int64) for _ in vs]
+    live = [i for i, f in enumerate(fronts) if f[0] is not None]
+    if live:
+        q = np.stack([fronts[i][0] for i in live], axis=1).astype(np.float32)
+        acc = (layer.trits_f32 @ q).astype(np.int64)
+        for j, i in enumerate(live):
+            out[i] = _bitlinear_back(acc[:, j], fronts[i][1], fronts[i][2], layer, fmt)[0]
+    return out
 
 
 def matvec(trits: np.ndarray, q: np.ndarray) -> np.ndarray:
@@ -277,24 +305,39 @@ class IntegerWeights:
 
 # -- the datapath, function by function ----------------------------------------------
 
+def embed_row(q: np.ndarray, scale: int, fmt: Formats = F) -> np.ndarray:
+    """One embedding row in Q(x_frac): ``rshift_round(q * scale, emb_scale_frac - x_frac)``."""
+    return rshift_round(np.asarray(q).astype(np.int64) * int(scale), fmt.emb_scale_frac - fmt.x_frac)
+
+
 def embed(w: IntegerWeights, token: int) -> np.ndarray:
-    fmt = w.formats
-    row = w.emb_q[token].astype(np.int64)
-    return rshift_round(row * int(w.emb_scale[token]), fmt.emb_scale_frac - fmt.x_frac)
+    return embed_row(w.emb_q[token], int(w.emb_scale[token]), w.formats)
+
+
+def recurrence(yi: np.ndarray, yf: np.ndarray, yg: np.ndarray, h: np.ndarray, lower_bound: np.ndarray,
+               fmt: Formats = F):
+    """The token mixer between its BitLinears: returns (forget gate f after the lower bound, new h,
+    o_proj's input p = yg * silu(h))."""
+    one = 1 << fmt.gate_frac
+    f = sigmoid(yf, fmt)
+    f = lower_bound + mul_shift(one - lower_bound, f, fmt.gate_frac)
+    c = mul_shift(silu(yi, fmt), one - f, fmt.gate_frac)
+    h = saturate(mul_shift(f, h, fmt.gate_frac) + c, fmt)
+    p = saturate(mul_shift(yg, silu(h, fmt), fmt.x_frac), fmt)
+    return f, h, p
+
+
+def glu_mix(gu: np.ndarray, cfg: ModelConfig, fmt: Formats = F) -> np.ndarray:
+    """The channel mixer between its BitLinears: v = silu(gate) * up from gate_proj's output."""
+    return saturate(mul_shift(silu(gu[:cfg.I], fmt), gu[cfg.I:], fmt.x_frac), fmt)
 
 
 def mlgru(x: np.ndarray, h: np.ndarray, layer: IntLayer, fmt: Formats = F, trace=None):
     """Token mixer: returns (o_proj output, new h)."""
-    one = 1 << fmt.gate_frac
     yi = bitlinear(x, layer.i_proj, fmt)
     yf = bitlinear(x, layer.f_proj, fmt)
     yg = bitlinear(x, layer.g_proj, fmt)
-    f = sigmoid(yf, fmt)
-    lb = layer.lower_bound
-    f = lb + mul_shift(one - lb, f, fmt.gate_frac)
-    c = mul_shift(silu(yi, fmt), one - f, fmt.gate_frac)
-    h = saturate(mul_shift(f, h, fmt.gate_frac) + c, fmt)
-    p = saturate(mul_shift(yg, silu(h, fmt), fmt.x_frac), fmt)
+    f, h, p = recurrence(yi, yf, yg, h, layer.lower_bound, fmt)
     o = bitlinear(p, layer.o_proj, fmt, yg=yg)
     if trace is not None:
         trace.update(i_proj=yi, f_proj=yf, g_proj=yg, forget=f, h=h, o_in=p, o_proj=o)
@@ -304,12 +347,42 @@ def mlgru(x: np.ndarray, h: np.ndarray, layer: IntLayer, fmt: Formats = F, trace
 def glu(x: np.ndarray, layer: IntLayer, cfg: ModelConfig, fmt: Formats = F, trace=None):
     """Channel mixer: returns down_proj output."""
     gu = bitlinear(x, layer.gate_proj, fmt)
-    gate, up = gu[:cfg.I], gu[cfg.I:]
-    v = saturate(mul_shift(silu(gate, fmt), up, fmt.x_frac), fmt)
+    v = glu_mix(gu, cfg, fmt)
     out = bitlinear(v, layer.down_proj, fmt)
     if trace is not None:
         trace.update(gate_proj=gu, gate=gu[:cfg.I], down_in=v, down_proj=out)
     return out
+
+
+def block(x: np.ndarray, h: np.ndarray, layer: IntLayer, cfg: ModelConfig, fmt: Formats = F, trace=None):
+    """One layer for one token: returns (x after the layer, new h). ``trace``: a dict that gets the
+    layer's vectors (see :meth:`IntegerModel.step`)."""
+    o, h = mlgru(x, h, layer, fmt, trace)
+    x = saturate(x + o, fmt)
+    if trace is not None:
+        trace["x_attn"] = x.copy()
+    x = saturate(x + glu(x, layer, cfg, fmt, trace), fmt)
+    if trace is not None:
+        trace["x"] = x.copy()
+    return x, h
+
+
+def block_positions(xs: list[np.ndarray], layer: IntLayer, cfg: ModelConfig, fmt: Formats = F) -> list[np.ndarray]:
+    """One layer for a run of tokens from the zero state h: ``xs`` are the layer's inputs at every
+    position; returns its outputs, equal to :func:`block` token by token, with each BitLinear's
+    matrix product taken once for all positions (:func:`bitlinear_rows`; only the recurrence runs
+    position by position). For layer-major runs of long models."""
+    yi = bitlinear_rows(xs, layer.i_proj, fmt)
+    yf = bitlinear_rows(xs, layer.f_proj, fmt)
+    yg = bitlinear_rows(xs, layer.g_proj, fmt)
+    h = np.zeros(cfg.d, dtype=np.int64)
+    ps = []
+    for t in range(len(xs)):
+        _, h, p = recurrence(yi[t], yf[t], yg[t], h, layer.lower_bound, fmt)
+        ps.append(p)
+    xa = [saturate(x + o, fmt) for x, o in zip(xs, bitlinear_rows(ps, layer.o_proj, fmt, yg))]
+    vs = [glu_mix(gu, cfg, fmt) for gu in bitlinear_rows(xa, layer.gate_proj, fmt)]
+    return [saturate(x + d, fmt) for x, d in zip(xa, bitlinear_rows(vs, layer.down_proj, fmt))]
 
 
 class IntegerModel:
@@ -336,13 +409,8 @@ class IntegerModel:
         x = embed(self.w, token)
         for l, layer in enumerate(self.w.layers):
             t = {} if trace is not None else None
-            o, self.h[l] = mlgru(x, self.h[l], layer, fmt, t)
-            x = saturate(x + o, fmt)
+            x, self.h[l] = block(x, self.h[l], layer, cfg, fmt, t)
             if trace is not None:
-                t["x_attn"] = x.copy()
-            x = saturate(x + glu(x, layer, cfg, fmt, t), fmt)
-            if trace is not None:
-                t["x"] = x.copy()
                 trace.append(t)
         return bitlinear(x, self.w.lm_head, fmt)
 

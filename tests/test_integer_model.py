@@ -292,3 +292,22 @@ def test_wide_formats_closer_to_float64():
         cos[name] = (c.mean(), c.min())
     assert cos["wide"][0] > cos["narrow"][0] and cos["wide"][1] > cos["narrow"][1], cos
     assert 1 - cos["wide"][0] < 0.25 * (1 - cos["narrow"][0]), cos
+
+
+@pytest.mark.parametrize("formats", ["narrow", "wide"])
+def test_block_positions_equals_token_by_token(formats):
+    """The layer-major path (one matrix product per BitLinear for all positions) equals block()."""
+    fmt = FORMAT_SETS[formats]
+    cfg = ModelConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2, intermediate_size=192)
+    w = integer_weights(cfg, random_model(cfg, seed=4).state_dict(), fmt)
+    xs = [im.embed(w, t) for t in (5, 17, 200, 5, 0)]
+    xs[3] = np.zeros(cfg.d, dtype=np.int64)            # a zero input: the BitLinears' zero path
+    for layer in w.layers:
+        h = np.zeros(cfg.d, dtype=np.int64)
+        want = []
+        for x in xs:
+            y, h = im.block(x, h, layer, cfg, fmt)
+            want.append(y)
+        got = im.block_positions(xs, layer, cfg, fmt)
+        assert all((a == b).all() for a, b in zip(got, want))
+        xs = got

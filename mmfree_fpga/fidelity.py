@@ -1,0 +1,286 @@
+"""Fidelity of the integer model to the float model, for every number format set (issue 21).
+
+Three models per text: the integer model (one per set of ``FORMAT_SETS``), the float model in
+float32 (what users run) and the same weights in float64 (the reference). Each pair is compared as
+top-1 agreement (argmax, first index of the largest) and the mean and minimum cosine of the logit
+rows (:func:`mmfree_fpga.reference.agreement.three_way`).
+
+* The demo model on held-out text (:func:`demo_fidelity`), plus its cross-entropy in bits per
+  byte under each model.
+* Random-weight checkpoints of the published geometries (:func:`geometry_fidelity`): weights
+  drawn per layer from a seeded generator in mmfreelm's layout (:func:`random_layer_tensors`),
+  rounded to bfloat16 as a bf16 checkpoint stores them. The models run layer-major: every position
+  through layer l, each model keeping its own per-layer state, then the layer is freed, so only one
+  layer's weights (in float32, float64 and each set's fixed point) are in memory at a time; the
+  2.7B geometry in float64 would not fit a 24 GB machine otherwise.
+
+:func:`fidelity_section` is the bench section (``mmfree-fpga bench --only fidelity``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .config import FORMAT_SETS, PUBLISHED, Formats, ModelConfig
+
+__all__ = ["DEMO_OFFSETS", "RANDOM_SEED", "random_layer_tensors", "random_global_tensors",
+           "random_checkpoint_tensors", "random_ids", "layer_major_logits", "geometry_fidelity",
+           "demo_fidelity", "bits_per_byte", "fidelity_section"]
+
+# the held-out demo texts: byte offsets into the demo corpus's held-out files (as the agreement section)
+DEMO_OFFSETS = (100_000, 300_000, 600_000, 900_000)
+# the seed of the random-weight checkpoints (issue 21)
+RANDOM_SEED = 21
+# mmfreelm's initializer_range: the std of every matrix and of the embeddings
+WEIGHT_STD = 0.02
+
+
+def _bf16(a: np.ndarray):
+    """float32 tensor holding ``a`` rounded to bfloat16 (round to nearest even), as a bf16
+    checkpoint stores it and ``load_checkpoint`` reads it back."""
+    import torch
+    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(torch.bfloat16).to(torch.float32)
+
+
+def _rng(seed: int, *stream: int) -> np.random.Generator:
+    return np.random.default_rng([seed, *stream])
+
+
+def random_layer_tensors(cfg: ModelConfig, seed: int, layer: int) -> dict:
+    """The checkpoint tensors of one layer (``model.layers.{layer}.*``, mmfreelm's names), drawn from
+    a generator seeded by (seed, 0, layer): matrices N(0, 0.02^2) like mmfreelm's init, norm weights
+    uniform in [0.5, 1.5]; every value rounded to bfloat16 (float32 tensors)."""
+    from .reference.checkpoint import expected_shapes
+    g = _rng(seed, 0, layer)
+    prefix = f"model.layers.{layer}."
+    out = {}
+    for name, shape in expected_shapes(cfg).items():
+        if not name.startswith(prefix):
+            continue
+        if name.endswith("norm.weight"):
+            out[name] = _bf16(g.uniform(0.5, 1.5, shape))
+        else:
+            out[name] = _bf16(g.standard_normal(shape, dtype=np.float32) * np.float32(WEIGHT_STD))
+    return out
+
+
+def random_global_tensors(cfg: ModelConfig, seed: int, part: str) -> dict:
+    """The tensors outside the layers, by ``part``: "embeddings" (``model.embeddings.weight``,
+    N(0, 0.02^2), stream 1), "lower_bounds" (``model.lower_bounds``, N(0, 1), stream 2), "head"
+    (``model.norm.weight`` and ``lm_head.norm.weight`` uniform in [0.5, 1.5], ``lm_head.weight``
+    N(0, 0.02^2), stream 3); bfloat16 values in float32 tensors."""
+    if part == "embeddings":
+        g = _rng(seed, 1)
+        return {"model.embeddings.weight": _bf16(g.standard_normal((cfg.V, cfg.d), dtype=np.float32)
+                                                 * np.float32(WEIGHT_STD))}
+    if part == "lower_bounds":
+        return {"model.lower_bounds": _bf16(_rng(seed, 2).standard_normal((cfg.L, cfg.d), dtype=np.float32))}
+    if part == "head":
+        g = _rng(seed, 3)
+        return {"model.norm.weight": _bf16(g.uniform(0.5, 1.5, cfg.d)),
+                "lm_head.norm.weight": _bf16(g.uniform(0.5, 1.5, cfg.d)),
+                "lm_head.weight": _bf16(g.standard_normal((cfg.V, cfg.d), dtype=np.float32) * np.float32(WEIGHT_STD))}
+    raise ValueError(f"unknown part {part!r}; expected 'embeddings', 'lower_bounds' or 'head'")
+
+
+def random_checkpoint_tensors(cfg: ModelConfig, seed: int) -> dict:
+    """The whole random checkpoint (every layer and part above), for models small enough to hold."""
+    out = {}
+    for part in ("embeddings", "lower_bounds", "head"):
+        out.update(random_global_tensors(cfg, seed, part))
+    for layer in range(cfg.L):
+        out.update(random_layer_tensors(cfg, seed, layer))
+    return out
+
+
+def random_ids(cfg: ModelConfig, seed: int, positions: int) -> list[int]:
+    """``positions`` token ids drawn uniformly from the vocabulary (stream 4 of ``seed``)."""
+    return _rng(seed, 4).integers(0, cfg.V, positions).tolist()
+
+
+def _float_modules(make, state: dict, dtype):
+    """A reference module built without initialising its weights, holding ``state`` in ``dtype``."""
+    import torch
+    with torch.device("meta"):
+        module = make()
+    module.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
+    return module.eval()
+
+
+def layer_major_logits(cfg: ModelConfig, ids: list[int], layer_tensors, global_tensors,
+                       formats: dict[str, Formats] | None = None) -> dict[str, np.ndarray]:
+    """The logits [positions, V] of every model over ``ids`` from the zero state, run layer-major.
+
+    ``layer_tensors(l)``: the checkpoint tensors of layer l; ``global_tensors(part)``: those of
+    "embeddings", "lower_bounds" and "head" (as :func:`random_global_tensors`). Returns
+    ``{"float64": ..., "float32": ..., "integer <set>": ...}`` for each set of ``formats`` (default
+    every set of ``FORMAT_SETS``); integer logits as floats (full width / 2^x_frac). The float
+    models are the reference model's own modules (the float32 one computes as
+    ``HGRNBitForCausalLM`` does on the whole prompt); the integer ones compute as
+    :class:`~mmfree_fpga.reference.integer.IntegerModel` does token by token, each layer's matrix
+    products taken once for all positions (:func:`~mmfree_fpga.reference.integer.block_positions`).
+    """
+    import torch
+
+    from .progress import track
+    from .reference import integer as im
+    from .reference.export import integer_embeddings, integer_layer, integer_lm_head, lower_bound_fractions
+    from .reference.model import BitLinear, HGRNBitBlock, RMSNorm, lower_bound_values
+
+    formats = FORMAT_SETS if formats is None else formats
+    emb = global_tensors("embeddings")["model.embeddings.weight"][ids]
+    raw_lb = global_tensors("lower_bounds")["model.lower_bounds"]
+    lb_float = {dt: (lower_bound_values(raw_lb.to(dt)) if cfg.use_lower_bound
+                     else torch.zeros(cfg.L, cfg.d, dtype=dt)) for dt in (torch.float32, torch.float64)}
+    lb_int = lower_bound_fractions(cfg, raw_lb)
+    xf = {dt: emb.to(dt)[None] for dt in (torch.float32, torch.float64)}
+    xi = {}
+    for name, fmt in formats.items():
+        q, scale = integer_embeddings(emb, fmt)
+        xi[name] = [im.embed_row(q[t], int(scale[t]), fmt) for t in range(len(ids))]
+    del emb
+    with torch.no_grad():
+        for l in track(range(cfg.L), "layers (layer-major)", unit="layer"):
+            tensors = layer_tensors(l)
+            prefix = f"model.layers.{l}."
+            state = {k[len(prefix):]: v for k, v in tensors.items()}
+            for dt in (torch.float32, torch.float64):
+                block = _float_modules(lambda: HGRNBitBlock(cfg), state, dt)
+                xf[dt], _ = block(xf[dt], torch.zeros(1, cfg.d, dtype=dt), lb_float[dt][l])
+                del block
+            for name, fmt in formats.items():
+                layer = integer_layer(cfg, tensors, l, lb_int[l], fmt)
+                xi[name] = im.block_positions(xi[name], layer, cfg, fmt)
+                del layer
+            del tensors, state
+        head = global_tensors("head")
+        out = {}
+        for dt, key in ((torch.float64, "float64"), (torch.float32, "float32")):
+            norm = _float_modules(lambda: RMSNorm(cfg.d, cfg.rms_norm_eps), {"weight": head["model.norm.weight"]}, dt)
+            lm_head = _float_modules(lambda: BitLinear(cfg.d, cfg.V, cfg.rms_norm_eps),
+                                     {"weight": head["lm_head.weight"], "norm.weight": head["lm_head.norm.weight"]},
+                                     dt)
+            out[key] = lm_head(norm(xf[dt]))[0].double().numpy()
+            del norm, lm_head
+        for name, fmt in formats.items():
+            lm = integer_lm_head(cfg, head, fmt)
+            out[f"integer {name}"] = np.stack(im.bitlinear_rows(xi[name], lm, fmt)) / float(1 << fmt.x_frac)
+            del lm
+    return out
+
+
+def _three_way_sets(logits: dict[str, np.ndarray], formats) -> dict[str, dict]:
+    """Per format set: the three-way figures of its integer model."""
+    from .reference.agreement import three_way
+    return {name: three_way(logits[f"integer {name}"], logits["float32"], logits["float64"]) for name in formats}
+
+
+def geometry_fidelity(cfg: ModelConfig, positions: int = 17, seed: int = RANDOM_SEED,
+                      formats: dict[str, Formats] | None = None) -> dict:
+    """A random-weight checkpoint of geometry ``cfg`` (:func:`random_layer_tensors`, seed ``seed``)
+    over ``positions`` random token ids, run layer-major: ``{"positions", "seed", "sets": {set name:
+    three-way figures}}``."""
+    formats = FORMAT_SETS if formats is None else formats
+    ids = random_ids(cfg, seed, positions)
+    logits = layer_major_logits(cfg, ids, lambda l: random_layer_tensors(cfg, seed, l),
+                                lambda part: random_global_tensors(cfg, seed, part), formats)
+    return {"positions": positions, "seed": seed, "sets": _three_way_sets(logits, formats)}
+
+
+def bits_per_byte(logits: np.ndarray, ids: list[int]) -> float:
+    """Cross-entropy of the next byte in bits: row t of ``logits`` predicts ``ids[t + 1]``
+    (positions - 1 predictions), softmax in float64."""
+    z = np.asarray(logits, dtype=np.float64)[:-1]
+    z = z - z.max(axis=1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    return float(-logp[np.arange(len(z)), np.asarray(ids[1:])].mean() / math.log(2))
+
+
+def demo_fidelity(offset: int = DEMO_OFFSETS[0], positions: int = 2048,
+                  formats: dict[str, Formats] | None = None) -> dict:
+    """The demo model on ``positions`` held-out bytes from ``offset``: ``{"positions", "offset",
+    "sets": {set name: three-way figures}, "bits_per_byte": {"float64", "float32", "integer <set>"}}``
+    (float models over the whole text at once, the integer model token by token)."""
+    import copy
+
+    import torch
+
+    from .reference.agreement import held_out_ids
+    from .reference.checkpoint import DEMO_CHECKPOINT, load_checkpoint, load_model
+    from .reference.export import integer_weights
+    from .reference.integer import IntegerModel
+
+    formats = FORMAT_SETS if formats is None else formats
+    ids = held_out_ids(positions, offset)
+    model = load_model(DEMO_CHECKPOINT)
+    with torch.no_grad():
+        logits = {"float32": model(torch.tensor([ids]))[0][0].double().numpy(),
+                  "float64": copy.deepcopy(model).double()(torch.tensor([ids]))[0][0].numpy()}
+    cfg, tensors = load_checkpoint(DEMO_CHECKPOINT)
+    for name, fmt in formats.items():
+        m = IntegerModel(integer_weights(cfg, tensors, fmt))
+        logits[f"integer {name}"] = np.stack([m.logits_to_float(m.step(t)) for t in ids])
+    return {"positions": len(ids), "offset": offset, "sets": _three_way_sets(logits, formats),
+            "bits_per_byte": {key: bits_per_byte(v, ids) for key, v in logits.items()}}
+
+
+def _row(model: str, positions: int, name: str, f: dict, bpb: dict | None) -> list:
+    cos = lambda v: f"{v:.6f}"  # noqa: E731 - cosines near 1 need more digits than the table's default
+    row = [model, positions, name]
+    for key in ("integer_vs_float64", "float32_vs_float64", "integer_vs_float32"):
+        row += [f[key]["top1_agreement"], cos(f[key]["mean_logit_cosine"]), cos(f[key]["min_logit_cosine"])]
+    row += ([bpb[f"integer {name}"], bpb["float32"], bpb["float64"]] if bpb else ["", "", ""])
+    return row
+
+
+def fidelity_section(quick: bool):
+    """The bench section: the demo model on the four held-out texts of :data:`DEMO_OFFSETS` (2,048
+    positions each) and random-weight checkpoints of the 370M, 1.3B and 2.7B geometries
+    (``config.PUBLISHED``, 17 random positions each), every format set of ``FORMAT_SETS``.
+    ``quick``: the demo on one text (512 positions) and one small geometry (d=256, L=4, 8 positions)."""
+    from .bench import Section
+
+    s = Section("Fidelity: integer model vs float32 and float64, every format set", "mmfree-fpga bench --only fidelity",
+                ["model", "positions", "formats",
+                 "int vs f64 top-1", "int vs f64 mean cos", "int vs f64 min cos",
+                 "f32 vs f64 top-1", "f32 vs f64 mean cos", "f32 vs f64 min cos",
+                 "int vs f32 top-1", "int vs f32 mean cos", "int vs f32 min cos",
+                 "bits/byte int", "bits/byte f32", "bits/byte f64"])
+    offsets, demo_positions = ((DEMO_OFFSETS[0],), 512) if quick else (DEMO_OFFSETS, 2048)
+    ce_gap: dict[str, float] = {}
+    for off in offsets:
+        r = demo_fidelity(off, demo_positions)
+        for name, f in r["sets"].items():
+            s.rows.append(_row(f"demo, held-out bytes {off:,}..", r["positions"], name, f, r["bits_per_byte"]))
+            bpb = r["bits_per_byte"]
+            gap = abs(bpb[f"integer {name}"] / bpb["float32"] - 1)
+            ce_gap[name] = max(ce_gap.get(name, 0.0), gap)
+    if quick:
+        geometries = {"d=256 L=4 I=768": ModelConfig(vocab_size=32000, hidden_size=256, num_hidden_layers=4,
+                                                     intermediate_size=768)}
+        positions = 8
+    else:
+        geometries, positions = PUBLISHED, 17
+    gaps = []
+    for label, cfg in geometries.items():
+        r = geometry_fidelity(cfg, positions)
+        for name, f in r["sets"].items():
+            s.rows.append(_row(f"{label} random weights (bf16, seed {r['seed']})", r["positions"], name, f, None))
+            i, b = f["integer_vs_float64"], f["float32_vs_float64"]
+            gaps.append(f"{label} {name}: mean {b['mean_logit_cosine'] - i['mean_logit_cosine']:+.4f}, "
+                        f"min {b['min_logit_cosine'] - i['min_logit_cosine']:+.4f}")
+    s.notes.append("Three models per text: the integer model of each format set (mmfree_fpga.config.FORMAT_SETS), "
+                   "the float model in float32 and the same weights in float64; top-1 is argmax agreement, cosines "
+                   "are of the logit rows. Random-weight checkpoints: every matrix and the embeddings N(0, 0.02^2) "
+                   "as mmfreelm initialises them, norm weights uniform in [0.5, 1.5], lower bounds N(0, 1), all "
+                   "rounded to bfloat16 as a bf16 checkpoint stores them (mmfree_fpga.fidelity.random_layer_tensors); "
+                   "random token ids; run layer-major (all positions through one layer, each model with its own "
+                   "state, then the layer is freed) so that the 2.7B geometry in float64 fits in memory.")
+    s.notes.append("Float32's distance to float64 minus the integer model's (positive: the integer model is "
+                   "further from float64; issue 21 asks for at most 0.002 mean and 0.005 min): " + "; ".join(gaps))
+    s.notes.append("Demo cross-entropy (bits per byte of held-out text): the integer model's largest relative "
+                   "difference to float32's over the texts: "
+                   + ", ".join(f"{name} {100 * g:.3f}%" for name, g in ce_gap.items()) + ".")
+    return s
