@@ -182,6 +182,11 @@ class ElementwiseUnit(wiring.Component):
         # stage 3: the table row, registered (a block RAM's clock-to-out is slow)
         d = p.reg(3, "d", rd.data.d)
         t0 = p.reg(3, "t0", rd.data.t0)
+        if not self._narrow:
+            # |silu(y)| outside the table: constant products of |y| (an adder or two each, not
+            # shifts as with the narrow table ends), registered early, off the smag stage's path
+            early_outside = p.reg(3, "outside", Mux(hi, _const_product_mag(ymag, t_hi, gf, yneg),
+                                                    _const_product_mag(ymag, t_lo, gf, yneg)), unsigned(w.x_bits))
 
         # stage 4: interpolation product (its operands are registers already)
         if self._dprod_wide():
@@ -208,8 +213,11 @@ class ElementwiseUnit(wiring.Component):
         s += 1
         forget = (Cat(Const(1 << (gf - 1), gf), p.at(g, s - 1)) + p1) >> gf
         yneg_p, ymag_p = p.at(yneg, s - 1), p.at(ymag, s - 1)
-        outside = Mux(p.at(hi, s - 1), _const_product_mag(ymag_p, t_hi, gf, yneg_p),
-                      _const_product_mag(ymag_p, t_lo, gf, yneg_p))
+        if self._narrow:
+            outside = Mux(p.at(hi, s - 1), _const_product_mag(ymag_p, t_hi, gf, yneg_p),
+                          _const_product_mag(ymag_p, t_lo, gf, yneg_p))
+        else:
+            outside = p.at(early_outside, s - 1)
         inside = ~p.at(lo, s - 1) & ~p.at(hi, s - 1)
         smag = p.reg(s, "smag", Mux(inside, rshift_round_mag(p1, gf, yneg_p), outside), unsigned(w.x_bits))
         op_p = p.at(op, s - 1)

@@ -541,15 +541,25 @@ class EngineCore(wiring.Component):
                          ctl.res.cycles.eq(ctl.cycles), ctl.res_valid.eq(1), ctl.running.eq(0)]
 
     def _logit_port(self, m, logit_mem):
-        """``logit_req`` -> ``logit_resp``: one logit of the last step per request."""
+        """``logit_req`` -> ``logit_resp``: one logit of the last step per request (formats with
+        x_frac above 16: rounded to Q16 into a register, a cycle later)."""
         lr = registered_read_port(m, logit_mem)
         lvalid = Signal()
-        m.d.comb += [self.logit_req.ready.eq(~lvalid), lr.addr.eq(self.logit_req.payload),
-                     lr.en.eq(self.logit_req.valid & self.logit_req.ready),
-                     self.logit_resp.valid.eq(lvalid),
-                     self.logit_resp.payload.eq(wire_logit(lr.data, self.formats))]
-        with m.If(self.logit_req.valid & self.logit_req.ready):
-            m.d.sync += lvalid.eq(1)
+        m.d.comb += [lr.addr.eq(self.logit_req.payload), lr.en.eq(self.logit_req.valid & self.logit_req.ready),
+                     self.logit_resp.valid.eq(lvalid)]
+        if self.formats.x_frac == 16 and self.formats.x_bits <= 32:
+            m.d.comb += [self.logit_req.ready.eq(~lvalid), self.logit_resp.payload.eq(lr.data)]
+            with m.If(self.logit_req.valid & self.logit_req.ready):
+                m.d.sync += lvalid.eq(1)
+            with m.Elif(self.logit_resp.ready):
+                m.d.sync += lvalid.eq(0)
+            return
+        pending = Signal()
+        resp = Signal(signed(32))
+        m.d.comb += [self.logit_req.ready.eq(~lvalid & ~pending), self.logit_resp.payload.eq(resp)]
+        m.d.sync += pending.eq(self.logit_req.valid & self.logit_req.ready)
+        with m.If(pending):
+            m.d.sync += [resp.eq(wire_logit(lr.data, self.formats)), lvalid.eq(1)]
         with m.Elif(self.logit_resp.ready):
             m.d.sync += lvalid.eq(0)
 

@@ -54,8 +54,8 @@ class ScalarUnit(wiring.Component):
     Latency at most ``max_latency`` = max(ceil(sumsq_bits / 2), const_bits) + scale_bits +
     r_bits + 3 cycles (66 with the default formats) from acceptance to ``o.valid``.
     With ``norm_eps`` the two products (k_mant m and eps_mant G', one bit of each mantissa per
-    cycle) come first, then two cycles shift E and add it to sumsq, then the square root of
-    the sum, ``se_bits`` wide (r of se_bits / 2 bits): latency at most const_bits + 2 +
+    cycle) come first, then three cycles shift E and add it to sumsq, then the square root of
+    the sum, ``se_bits`` wide (r of se_bits / 2 bits): latency at most const_bits + 3 +
     se_bits / 2 + scale_bits + se_bits / 2 + 3. Exact while sumsq + E < 2^se_bits (2^96 with the
     wide formats: E beyond 2^35 times the largest sumsq, an input whose largest |v| is a few
     LSBs with an extreme eps constant); a larger sum is taken as 2^se_bits - 1.
@@ -89,7 +89,7 @@ class ScalarUnit(wiring.Component):
     def max_latency(self) -> int:
         w = self._w
         if w.norm_eps:
-            return w.const_bits + 2 + self.sqrt_steps + w.scale_bits + self.r_bits + 3
+            return w.const_bits + 3 + self.sqrt_steps + w.scale_bits + self.r_bits + 3
         return max(self.sqrt_steps, w.const_bits) + w.scale_bits + w.r_bits + 3
 
     @property
@@ -156,8 +156,11 @@ class ScalarUnit(wiring.Component):
                         m.next = "SHIFT"
                 with m.State("SHIFT"):
                     m.d.sync += e.shift
-                    m.next = "ADD"
-                with m.State("ADD"):
+                    m.next = "ADD_LO"
+                with m.State("ADD_LO"):
+                    m.d.sync += e.add_lo
+                    m.next = "ADD_HI"
+                with m.State("ADD_HI"):
                     m.d.sync += [nsr.eq(e.sum), cnt.eq(0)]
                     m.next = "RUN"
 
@@ -221,7 +224,8 @@ class ScalarUnit(wiring.Component):
 
     def _eps_signals(self, m):
         """The eps term's registers and statements: ``accept`` (latch the operands), ``shift``
-        (E's shift, registered), ``sum`` (sumsq + E, saturated)."""
+        (E's shift, registered), ``add_lo`` (the sum's low half, registered), ``sum`` (sumsq + E,
+        saturated)."""
         w = self._w
         se = w.se_bits
         g_bits = max(w.eps_g_bits, w.eps_gsum_bits)
@@ -248,7 +252,12 @@ class ScalarUnit(wiring.Component):
         s1 = (-e.exp - 1).as_unsigned()
         right = Mux(s1 >= en_bits, 0, e.en >> s1[:(en_bits).bit_length()])
         e.shift = [e.t1.eq(Mux(neg, right, wide[:se])), e.rnd.eq(neg), e.ovf.eq(~neg & wide[se:].any())]
-        total = Signal(se + 1)
-        m.d.comb += total.eq(e.s + Mux(e.rnd, e.t1 >> 1, e.t1) + (e.rnd & e.t1[0]))
-        e.sum = Mux(e.ovf | total[se], (1 << se) - 1, total[:se])
+        # sumsq + E in two halves (two shorter carry chains); E = t1, or ceil(t1 / 2) after a right shift
+        half = se // 2
+        addend = Mux(e.rnd, e.t1 >> 1, e.t1)
+        lo = Signal(half + 1)
+        e.add_lo = lo.eq(e.s[:half] + addend[:half] + (e.rnd & e.t1[0]))
+        hi = Signal(se - half + 1)
+        m.d.comb += hi.eq(e.s[half:] + addend[half:] + lo[half])
+        e.sum = Mux(e.ovf | hi[-1], (1 << se) - 1, Cat(lo[:half], hi[:-1]))
         return e

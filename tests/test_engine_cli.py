@@ -60,3 +60,28 @@ def test_generate_command(tmp_path):
     assert "module engine(" in text
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["top"] == "engine" and set(manifest["files"]) == {"engine.v", "manifest.json"}
+
+
+def test_sim_command_wide_formats(tmp_path):
+    """``sim --formats wide``: the demo exported in the wide set on the wide engine, the tokens of
+    the wide integer model; the JSON names the formats."""
+    if simulator_missing("verilator"):
+        pytest.skip(simulator_missing("verilator"))
+    out = tmp_path / "sim.json"
+    assert main(["sim", "--formats", "wide", "--prompt", "de", "--steps", "2", "--quiet",
+                 "--json-out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["formats"] == "wide" and r["matches_integer_model"] is True
+    assert r["tokens"][:2] == list(b"de") and len(r["tokens"]) == 4
+    assert main(["sim", "--formats", "wide", "--memory", "sdram", "--steps", "1"]) == 2
+
+
+def test_generate_command_wide_formats(tmp_path):
+    js = tmp_path / "gen.json"
+    assert main(["generate", "--formats", "wide", "--lanes", "16", "--no-init", "--out", str(tmp_path / "gen"),
+                 "--quiet", "--json-out", str(js)]) == 0
+    r = json.loads(js.read_text())
+    assert r["formats"] == "wide"
+    manifest = json.loads((tmp_path / "gen" / "manifest.json").read_text())
+    assert manifest["number_formats"]["x_bits"] == 40 and manifest["number_formats"]["norm_eps"] is True
+    assert main(["generate", "--formats", "wide", "--lanes", "8", "--out", str(tmp_path / "gen8"), "--quiet"]) == 2

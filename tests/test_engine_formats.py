@@ -401,9 +401,35 @@ def test_wide_engine_verilator_demo():
 def test_wide_engine_icarus_tiny(tiny_checkpoint):
     _skip_if_missing("icarus")
     cfg, blob = load_image(tiny_checkpoint, "base3", "wide")
-    build = EngineBuild(lanes=LANES, max_d=32, max_I=64, max_L=2, max_V=64, mem_words=4096, formats="wide")
+    build = EngineBuild(lanes=LANES, max_d=32, max_I=64, max_L=2, max_V=64, mem_words=8192, formats="wide")
     prompt = [5, 9, 63]
     run = run_engine(cfg=cfg, blob=blob, packing="base3", lanes=LANES, prompt=prompt, steps=2,
                      simulator="icarus", build=build, stall_rate=0.3, cmd_stall_rate=0.3, mem_latency=5,
                      read_logits=READ_BACK)
     _check(cfg, blob, "base3", prompt, 2, run, "wide")
+
+
+def test_scalar_unit_eps_latency():
+    """The longest case takes ``max_latency`` cycles: r of se_bits / 2 bits (the sum saturated),
+    num of one bit."""
+    dut = ScalarUnit(WIDE)
+    seen = {}
+
+    async def bench(ctx):
+        ctx.set(dut.o.ready, 1)
+        ctx.set(dut.i.payload, {"m": 1, "sumsq": (1 << W.sumsq_bits) - 1, "g": 1, "sh": 0})
+        for port, value in (("k_mant", 1), ("eps_mant", 1), ("eps_exp", 200), ("eps_kind", EpsKind.INPUT)):
+            ctx.set(getattr(dut, port), value)
+        ctx.set(dut.i.valid, 1)
+        await ctx.tick().until(dut.i.ready)
+        ctx.set(dut.i.valid, 0)
+        cycles = 0
+        while True:
+            cycles += 1
+            _, _, valid = await ctx.tick().sample(dut.o.valid)
+            if valid:
+                break
+        seen["latency"] = cycles - 1
+
+    simulate(dut, bench, max_cycles=500)
+    assert seen["latency"] == dut.max_latency
