@@ -112,5 +112,6 @@ def run(args) -> dict:
         f"ULX3S's build clock); the iCEBreaker runs the tiny engine: {tiny:,.0f} cycles per token, "
         f"{tiny_clock / tiny:,.1f} tokens/s at its {tiny_clock / 1e6:.0f} MHz (README, Boards)")
     return {"tokens": hw_tokens, "reference_tokens": ref, "identical": same, "text": decode_text(hw_tokens, cfg.V),
+            "verified": bool(args.verify),
             "cycles_per_token": cycles, "ideal_cycles_per_token": ideal,
             "projected_clock_hz": clock, "projected_tokens_per_s": clock / mean if mean else None}
