@@ -298,7 +298,7 @@ class EngineCore(wiring.Component):
         # of a d-input matrix with the lower bounds), and the k constants
         el = self.elements
         burst = ((2 * el.norm * max(self.max_d, self.max_I) + el.lb * self.max_d) // self.beat_bytes
-                 + -(-el.k // self.beat_bytes))
+                 + 2 + (el.k - 8) // self.beat_bytes)
         self.trit_fifo_depth = 1 << (burst - 1).bit_length()
         super().__init__({
             **ControlSignature().members,

@@ -141,7 +141,7 @@ class Fetcher(wiring.Component):
             m.d.sync += [token.eq(self.token), emb_row.eq(0), emb_mtok.eq(self.token[:tok_bits]),
                          emb_mcnt.eq(tok_bits)]
         with m.Elif(emb_mcnt != 0):
-            row_words = (geom.d << (self._elements.emb - 1).bit_length()) >> lb_log
+            row_words = geom.d.shift_left((self._elements.emb - 1).bit_length()) >> lb_log
             m.d.sync += [emb_row.eq((emb_row << 1) + Mux(emb_mtok[-1], row_words, 0)),
                          emb_mtok.eq(emb_mtok << 1), emb_mcnt.eq(emb_mcnt - 1)]
         req_addr = Signal(ADDR_BITS)

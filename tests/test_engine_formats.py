@@ -381,6 +381,18 @@ def test_wide_engine_amaranth_tiny(tiny_checkpoint, load_stream):
         assert [v for j, _, _, v in hw if JOBS[j] == "lm_head"] == [int(x) for x in logits]
 
 
+def test_wide_engine_amaranth_64_lanes(tmp_path):
+    """16-byte beats: several int32 norms, lower bounds and embedding values per beat, the k
+    section in one beat."""
+    cfg = ModelConfig(vocab_size=100, hidden_size=64, num_hidden_layers=1, intermediate_size=128)
+    ck = save_checkpoint(random_model(cfg, seed=9), tmp_path / "ckpt")
+    cfg, blob = load_image(ck, "base3", "wide")
+    prompt, steps = [3, 60, 7], 2
+    run = run_amaranth(cfg=cfg, blob=blob, packing="base3", lanes=64, prompt=prompt, steps=steps,
+                       read_logits=READ_BACK, formats="wide")
+    _check(cfg, blob, "base3", prompt, steps, run, "wide")
+
+
 def _skip_if_missing(simulator):
     reason = simulator_missing(simulator)
     if reason:
