@@ -434,6 +434,27 @@ def dram_section(quick: bool) -> Section:
     return s
 
 
+def dram_builds_section(quick: bool) -> Section:
+    """Fmax and utilisation of the DRAM board builds (``build --board B --memory dram``, demo model)."""
+    from .boards.bench import DRAM_BUILD_COLUMNS, dram_build_row_cells, dram_build_rows
+    s = Section("Weights in DRAM: the board builds (ULX3S SDRAM, ECPIX-5 DDR3)",
+                "mmfree-fpga bench --only dram_builds (mmfree-fpga build --board B --memory dram)",
+                DRAM_BUILD_COLUMNS)
+    rows = dram_build_rows(progress=lambda text: print(f"  {text}", flush=True))
+    s.rows = [dram_build_row_cells(r) for r in rows]
+    s.notes.append("Demo model, 16 lanes, at each board's DRAM controller clock (the design runs on it). ULX3S: "
+                   "LiteDRAM's GENSDRPHY on the IS42S16160 (SDRAM clock from an ODDRX1F, the design clock inverted). "
+                   "ECPIX-5: LiteDRAM's ECP5DDRPHY on the MT41K256M16 (sys2x 150 MHz edge clock through ECLKSYNCB + "
+                   "CLKDIVF), read levelling by hw/dram_calibration.py (bitslip x delay sweep per byte lane, the "
+                   "middle of the widest passing window) before the engine gets the memory. Neither has run on a "
+                   "real board yet: met timing and a placed design, not a measured token.")
+    for r in rows:
+        if r.get("dram_cells"):
+            s.notes.append(f"{r['board']}: DDR hard blocks placed: "
+                           + ", ".join(f"{k} {v}" for k, v in sorted(r["dram_cells"].items())))
+    return s
+
+
 def dram_projection_section(quick: bool) -> Section:
     """tokens/s of the published geometries per DRAM board, bandwidth- and compute-bound, next to the anchors."""
     import dataclasses
@@ -442,7 +463,8 @@ def dram_projection_section(quick: bool) -> Section:
     from .config import PERF_MODEL, PUBLISHED
     from .image import image_size
     status = {"ulx3s-85f": "co-simulated (dram section); bitstream: build --memory dram",
-              "ecpix5-85f": "co-simulated (sim --memory ddr3); no bitstream yet (DDR3 PHY clocking, read levelling)"}
+              "ecpix5-85f": "co-simulated (sim --memory ddr3); bitstream: build --memory dram (read levelling in "
+                            "hardware, not yet run on a board)"}
     boards = []
     for board, config in CORES.items():
         core = generate_core(dataclasses.replace(config, sim=True))     # (cached) its size and PHY settings
@@ -568,6 +590,7 @@ SECTIONS: dict[str, Callable[[bool], Section]] = {
     "boards": boards_section,
     "projection": projection_section,
     "dram": dram_section,
+    "dram_builds": dram_builds_section,
     "dram_projection": dram_projection_section,
     "link_faults": link_faults_section,
     "plan": plan_section,
