@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -518,7 +519,8 @@ def _install(files: list[Path], out: Path) -> None:
 def build(board: str, *, out=None, clock_mhz: float | None = None, baud: int = DEFAULT_BAUD,
           checkpoint=None, packing: str | None = None, design: DesignFactory | None = None,
           cache_dir=None, use_cache: bool = True, quiet: bool = False,
-          fifo_depth: int | None = None, seed: int | None = None, memory: str = "bram") -> dict:
+          fifo_depth: int | None = None, seed: int | None = None, memory: str = "bram",
+          announce: Callable[["PreparedBuild"], None] | None = None) -> dict:
     """Build (or fetch from the cache) the bitstream of ``design`` on ``board``.
 
     Returns the result dict of ``mmfree-fpga build`` (the README's command line section): bitstream path,
@@ -527,13 +529,16 @@ def build(board: str, *, out=None, clock_mhz: float | None = None, baud: int = D
     constraints; nothing is written there unless the build succeeds. ``seed``: nextpnr's
     placement seed (None: nextpnr's default); Fmax varies with it by a few percent. ``memory``:
     ``"bram"`` or ``"dram"`` (see :func:`prepare`); with ``"dram"`` the result's ``dram`` names
-    the generated controller core.
+    the generated controller core. ``announce`` is called with the :class:`PreparedBuild` once the
+    design is elaborated and the model's fit checked, before any tool runs.
     """
     t0 = time.monotonic()
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     prepared = prepare(board, clock_mhz=clock_mhz, baud=baud, checkpoint=checkpoint, packing=packing,
                        design=design, fifo_depth=fifo_depth, cache_dir=cache if use_cache else None, seed=seed,
                        memory=memory)
+    if announce is not None:
+        announce(prepared)
     safe_name = prepared.board.name.replace(":", "_").replace("/", "_")
     out = Path(out) if out is not None else Path("out/build") / safe_name
     tools = toolchain(prepared.platform)

@@ -50,6 +50,16 @@ def _utilisation_text(util: dict) -> str:
     return ", ".join(parts)
 
 
+def _model_text(fit: dict) -> str:
+    """The model's fit in one line (printed before the tools run, and again in the summary)."""
+    if fit.get("memory") == "dram":
+        return (f"model: {fit['image']['packing']} weight image of {fit['needed_bytes']:,} B in DRAM "
+                f"({fit['percent']:g}% of {fit['dram']}), uploaded over the UART; recurrent state "
+                f"{fit['on_chip_bytes']:,} B on chip")
+    return (f"model: {fit['needed_bytes']:,} of {fit['available_bytes']:,} bytes of on-chip RAM "
+            f"({fit['percent']:g}%), {fit['image']['packing']} weight image")
+
+
 def run(args) -> dict:
     import sys
 
@@ -69,9 +79,14 @@ def run(args) -> dict:
     if args.memory != "bram" and name != "engine":
         raise UserError(f"--memory {args.memory} applies to the engine; the design built for {args.board} is "
                         f"{name} (add --design engine)")
+    def announce(prepared) -> None:
+        if prepared.fit and not args.quiet:
+            print(f"build: {_model_text(prepared.fit)}", file=sys.stderr, flush=True)
+
     r = build(args.board, out=args.out, clock_mhz=args.clock_mhz, baud=args.baud, checkpoint=args.checkpoint,
               packing=args.packing, design=design_factory(name, lanes=args.lanes), use_cache=not args.no_cache,
-              quiet=args.quiet, seed=args.seed, memory=args.memory)
+              quiet=args.quiet, seed=args.seed, memory=args.memory,
+              announce=announce)
     how = f"from the cache in {r['build_seconds']:.1f} s" if r["cached"] else f"in {r['build_seconds']:.1f} s"
     print(f"built {r['bitstream']} for {r['board']} ({r['device']}) {how}")
     lanes = f", {r['lanes']} lanes" if r["lanes"] else ""
@@ -89,14 +104,8 @@ def run(args) -> dict:
                   f"design's Fmax ({r['fmax_mhz']:g} MHz); rebuild with a lower --clock-mhz (or, if it missed "
                   "narrowly, another --seed)", file=sys.stderr)
     print(f"utilisation: {_utilisation_text(r['utilization'])}")
-    fit = r["model_fit"]
-    if fit and fit.get("memory") == "dram":
-        print(f"model: {fit['image']['packing']} weight image of {fit['needed_bytes']:,} B in DRAM "
-              f"({fit['percent']:g}% of {fit['dram']}), uploaded over the UART; recurrent state "
-              f"{fit['on_chip_bytes']:,} B on chip")
-    elif fit:
-        print(f"model: {fit['needed_bytes']:,} of {fit['available_bytes']:,} bytes of on-chip RAM "
-              f"({fit['percent']:g}%), {fit['image']['packing']} weight image")
+    if r["model_fit"]:
+        print(_model_text(r["model_fit"]))
     if r.get("dram"):
         d = r["dram"]
         print(f"DRAM controller: LiteDRAM {d['versions'].get('litedram', '?')} ({d['module']}, {d['phy']}, "
