@@ -570,6 +570,11 @@ def link_faults_section(quick: bool) -> Section:
     return s
 
 
+def fidelity_section(quick: bool) -> Section:
+    from .fidelity import fidelity_section as section
+    return section(quick)
+
+
 def plan_section(quick: bool) -> Section:
     from .planner import plan_section as section
     return section(quick)
@@ -582,6 +587,7 @@ def sweep_section(quick: bool) -> Section:
 
 SECTIONS: dict[str, Callable[[bool], Section]] = {
     "agreement": agreement_section,
+    "fidelity": fidelity_section,
     "packing": packing_section,
     "reference_speed": reference_speed_section,
     "engine": engine_section,
