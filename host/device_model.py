@@ -23,6 +23,16 @@ they get UNKNOWN_OP, as a 1.0 device answers), ``readback=False`` one that canno
 weight memory back (VERIFY_IMAGE gets UNKNOWN_OP). ``corrupt_stored_image`` damages a byte of
 the stored image (what VERIFY_IMAGE reads back), as a faulty memory would, for tests.
 
+``slots``: the state slots of protocol 1.2's slice ops (``SliceOp``: a layer slice, residual in
+and out, a recurrent state per slot; ``mmfree_fpga/protocol.py``). 0 (the default) is an engine
+without them, as the gateware Link is today: the slice ops get UNKNOWN_OP. A slice computes with
+the integer model's own functions (``embed_row``, ``block``, ``bitlinear``), so a token through
+a chain of slices is bit for bit ``IntegerModel.step``. ``capacity``: the largest image the
+weight memory holds (default: the whole model's). ``cycle_model``: a
+:class:`~mmfree_fpga.config.PerfModel`; then every feed reports the cycles that model gives an
+engine of ``lanes`` lanes for the slice it runs (``planner.stage_cycles``; the whole model:
+``PerfModel.cycles_per_token``), not 0. They are the performance model's figures, not a counter.
+
 ``stats`` counts what happened (``commands``, ``tokens``, ``replays``, ``naks`` and
 ``nak_<ERROR>``, ``bad_crc``, ``ignored``, ``idle_drops``, ``power_cycles``, ``bytes_in``,
 ``bytes_out``); tests of the gateware link compare against these names.
@@ -40,7 +50,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mmfree_fpga.config import FORMATS, ModelConfig
+from mmfree_fpga.config import FORMATS, ModelConfig, PerfModel
+from mmfree_fpga.image_slice import Slice, slice_image_size, slice_layout, whole_slice
 from mmfree_fpga.protocol import (
     DEVICE_MAGIC, FEED_TOKEN_REQUEST, FEED_TOKEN_RESPONSE, FRAME_IDLE_TIMEOUT_S, LOAD_BEGIN_REQUEST,
     LOAD_BEGIN_RESPONSE, LOAD_CHUNK_HEADER, LOAD_CHUNK_RESPONSE, LOAD_COMMIT_RESPONSE, LOAD_STATUS_RESPONSE,
@@ -48,12 +59,16 @@ from mmfree_fpga.protocol import (
     MAX_LOGITS_PER_READ, MAX_PAYLOAD, MIN_DEVICE_PAYLOAD, NAK_PAYLOAD, NAK_RESPONSE, POSITION, PROTOCOL_VERSION,
     READ_LOGITS_HEADER, READ_LOGITS_REQUEST, REQUEST_LENGTHS, RESPONSE, BadFrame, Error, Frame, FrameDecoder,
     Identity, Op, Packing, Status, crc32_image, encode_frame, formats_id,
+    FEED_SLOT_REQUEST, FEED_SLOT_RESPONSE, LOAD_SLICE_REQUEST, LOAD_SLICE_RESPONSE, MAX_RESIDUAL_PER_WRITE,
+    MAX_SLOTS, MINOR_SLICES, READ_OUTPUT_HEADER, READ_OUTPUT_REQUEST, RESET_SLOT_REQUEST, RESET_SLOT_RESPONSE,
+    SLICE_REQUEST_LENGTHS, WRITE_RESIDUAL_HEADER, WRITE_RESIDUAL_RESPONSE, SliceInfo, SliceOp,
+    residual_element_bytes,
 )
-from mmfree_fpga.image import IMAGE_VERSION, image_size
-from mmfree_fpga.reference.integer import IntegerModel, parse_image
+from mmfree_fpga.image import IMAGE_VERSION, image_layout, image_size
+from mmfree_fpga.reference.integer import IntegerModel, bitlinear, block, embed_row, parse_image
 
 
-__all__ = ["DeviceModel", "Rejected"]
+__all__ = ["DeviceModel", "Rejected", "SliceModel", "parse_slice"]
 
 
 class Rejected(Exception):
@@ -71,6 +86,92 @@ class _Load:
     data: bytearray
     pointer: int = 0
     running_crc: int = 0
+    slice: Slice | None = None     # LOAD_SLICE's; None: LOAD_BEGIN's whole image
+
+
+@dataclass
+class _Input:
+    """The input buffer: a residual being written for (slot, position)."""
+    slot: int
+    position: int
+    values: np.ndarray
+    pointer: int = 0
+
+
+@dataclass
+class _Output:
+    """The output buffer: the last feed's logits (``logits``) or residual, for (slot, position)."""
+    slot: int
+    position: int
+    values: np.ndarray
+    logits: bool
+
+
+class SliceModel:
+    """A slice's weights and the recurrent state of every slot; computes like ``IntegerModel``.
+
+    ``layers``: the IntLayers of the slice (in order), ``lm_head`` (None without the head),
+    ``emb_q``/``emb_scale`` (None without the embedding). ``run(slot, token=, x=)`` feeds one
+    token (or a residual, int64 [d]) through the slice on ``slot``'s state and returns the
+    logits (with the head) or the residual after the last layer (int64 [d])."""
+
+    def __init__(self, cfg: ModelConfig, sl: Slice, layers, lm_head, emb_q, emb_scale, slots: int,
+                 fmt=FORMATS):
+        self.cfg, self.slice, self.fmt = cfg, sl, fmt
+        self.layers, self.lm_head, self.emb_q, self.emb_scale = list(layers), lm_head, emb_q, emb_scale
+        self.slots = slots
+        self.states = [self._zero() for _ in range(slots)]
+
+    def _zero(self) -> list[np.ndarray]:
+        return [np.zeros(self.cfg.d, dtype=np.int64) for _ in self.layers]
+
+    @property
+    def h(self) -> list[np.ndarray]:
+        """Every slot's state, slot by slot (for fingerprints)."""
+        return [v for state in self.states for v in state]
+
+    def reset(self, slot: int = 0) -> None:
+        self.states[slot] = self._zero()
+
+    def run(self, slot: int, token: int | None = None, x: np.ndarray | None = None) -> np.ndarray:
+        if token is not None:
+            x = embed_row(self.emb_q[token], int(self.emb_scale[token]), self.fmt)
+        state = self.states[slot]
+        for i, layer in enumerate(self.layers):
+            x, state[i] = block(x, state[i], layer, self.cfg, self.fmt)
+        return bitlinear(x, self.lm_head, self.fmt) if self.lm_head is not None else x
+
+    def step(self, token: int) -> np.ndarray:
+        """``IntegerModel.step`` on slot 0 (a slice holding the embedding and the head)."""
+        return self.run(0, token=token)
+
+
+def parse_slice(blob: bytes, cfg: ModelConfig, packing: str, sl: Slice, slots: int = 1,
+                fmt=FORMATS) -> SliceModel:
+    """A :class:`SliceModel` from a slice image (``mmfree_fpga.image_slice``), read as an engine
+    reads it, by geometry, packing, formats and the slice alone: its sections go where a model of
+    the slice's layers has them and ``parse_image`` reads that (the absent parts as zeros)."""
+    from dataclasses import replace
+    layout = slice_layout(cfg, packing, sl, fmt)
+    if len(blob) != layout[-1].offset + layout[-1].size:
+        raise ValueError(f"slice image has {len(blob)} bytes, {sl.text()} takes {layout[-1].offset + layout[-1].size}")
+    if sl.is_whole(cfg):
+        w = parse_image(bytes(blob), cfg, packing, fmt)
+        return SliceModel(cfg, sl, w.layers, w.lm_head, w.emb_q, w.emb_scale, slots, fmt)
+    sub = replace(cfg, num_hidden_layers=max(sl.layers, 1),
+                  vocab_size=cfg.V if (sl.embedding or sl.head) else 1)
+    where = {s.name: s for s in image_layout(sub, packing, fmt)}
+    full = bytearray(image_size(sub, packing, fmt))
+    for s in layout:
+        name = s.name
+        if name.startswith("layers."):
+            _, layer, rest = name.split(".", 2)
+            name = f"layers.{int(layer) - sl.first}.{rest}"
+        dst = where[name]
+        full[dst.offset:dst.offset + s.size] = blob[s.offset:s.offset + s.size]
+    w = parse_image(bytes(full), sub, packing, fmt)
+    return SliceModel(cfg, sl, w.layers[:sl.layers], w.lm_head if sl.head else None,
+                      w.emb_q if sl.embedding else None, w.emb_scale if sl.embedding else None, slots, fmt)
 
 
 def _estimate_step_ms(cfg: ModelConfig) -> int:
@@ -88,12 +189,23 @@ class DeviceModel:
 
     def __init__(self, cfg: ModelConfig, packing: str = "base3", *, lanes: int = 0,
                  step_time_ms: int | None = None, max_payload: int = MAX_PAYLOAD, seed: int | None = None,
-                 minor: int = PROTOCOL_VERSION[1], readback: bool = True):
+                 minor: int = PROTOCOL_VERSION[1], readback: bool = True, slots: int = 0,
+                 capacity: int | None = None, cycle_model: PerfModel | None = None):
         if not MIN_DEVICE_PAYLOAD <= max_payload <= MAX_PAYLOAD:
             raise ValueError(f"max_payload must be in [{MIN_DEVICE_PAYLOAD}, {MAX_PAYLOAD}]")
         if not 0 <= minor <= PROTOCOL_VERSION[1]:
             raise ValueError(f"minor must be in [0, {PROTOCOL_VERSION[1]}], got {minor}")
+        if not (isinstance(slots, int) and 0 <= slots <= MAX_SLOTS):
+            raise ValueError(f"slots must be an integer in [0, {MAX_SLOTS}], got {slots!r}")
+        if slots and minor < MINOR_SLICES:
+            raise ValueError(f"state slots need protocol minor {MINOR_SLICES}, got minor {minor}")
+        if cycle_model is not None:
+            from mmfree_fpga.hw.engine import LANES_SUPPORTED
+            if lanes not in LANES_SUPPORTED:
+                raise ValueError(f"a cycle model needs the engine's lanes (one of {LANES_SUPPORTED}), got {lanes}")
         self.minor = minor
+        self.slots = slots
+        self.cycle_model = cycle_model
         self.readback = readback and minor >= MINOR_LOAD_STATUS
         self.cfg = cfg
         self.packing = packing
@@ -102,6 +214,10 @@ class DeviceModel:
         self.max_payload = max_payload
         self.step_time_ms = _estimate_step_ms(cfg) if step_time_ms is None else step_time_ms
         self.image_bytes = image_size(cfg, packing)
+        self.capacity = self.image_bytes if capacity is None else capacity
+        if not 0 < self.capacity < 1 << 32:
+            raise ValueError(f"capacity must be in [1, 2^32), got {capacity}")
+        self.element_bytes = residual_element_bytes(FORMATS)
         self.formats_id = formats_id(FORMATS)
         self.stats: Counter = Counter()
         self._rng = random.Random(seed)
@@ -112,7 +228,9 @@ class DeviceModel:
 
     @property
     def description(self) -> str:
-        return f"Python device model (integer reference), packing {self.packing}"
+        slots = f", {self.slots} state slots (layer slices)" if self.slots else ""
+        cycles = f", cycles of the performance model at {self.lanes} lanes" if self.cycle_model is not None else ""
+        return f"Python device model (integer reference), packing {self.packing}{slots}{cycles}"
 
     # -- the engine's state ------------------------------------------------------------
     def power_cycle(self) -> None:
@@ -122,18 +240,42 @@ class DeviceModel:
             self.boot_id = boot if boot != self.boot_id else (boot + 1) & 0xFFFFFFFF
             self._decoder = FrameDecoder(self.max_payload)
             self._last_rx = 0.0
-            self._model: IntegerModel | None = None
+            self._model: SliceModel | None = None
+            self._slice: Slice | None = None          # the loaded weights' (whole: LOAD_BEGIN's)
             self._stored: bytearray | None = None     # the weight memory's bytes (VERIFY_IMAGE)
             self._image_crc = 0
             self._load: _Load | None = None
-            self._position = 0
-            self._logits: np.ndarray | None = None
+            self._positions = [0] * max(self.slots, 1)
+            self._input: _Input | None = None
+            self._output: _Output | None = None
             self._cache: tuple[int, int, bytes] | None = None
             self.stats["power_cycles"] += 1
+
+    # slot 0 is the legacy state (FEED_TOKEN, READ_LOGITS, RESET_STATE, IDENTIFY's position)
+    @property
+    def _position(self) -> int:
+        return self._positions[0]
+
+    @_position.setter
+    def _position(self, value: int) -> None:
+        self._positions[0] = value
+
+    @property
+    def _logits(self) -> np.ndarray | None:
+        """Slot 0's logits from its last feed, if the output buffer holds them."""
+        out = self._output
+        return out.values if out is not None and out.slot == 0 and out.logits else None
+
+    @_logits.setter
+    def _logits(self, values: np.ndarray | None) -> None:
+        self._output = None if values is None else _Output(0, self._position, values, True)
 
     @property
     def position(self) -> int:
         return self._position
+
+    def slot_position(self, slot: int) -> int:
+        return self._positions[slot]
 
     @property
     def weights_loaded(self) -> bool:
@@ -148,7 +290,8 @@ class DeviceModel:
             intermediate_size=self.cfg.I, lanes=self.lanes, packing=self.packing_code,
             image_version=IMAGE_VERSION, formats_id=self.formats_id, max_payload=self.max_payload,
             step_time_ms=self.step_time_ms, status=int(status),
-            image_size=self.image_bytes if self._model is not None else 0,
+            image_size=(len(self._stored) if self._stored is not None else self.image_bytes)
+            if self._model is not None else 0,
             image_crc=self._image_crc if self._model is not None else 0, position=self._position)
 
     def fingerprint(self) -> str:
@@ -156,24 +299,34 @@ class DeviceModel:
         with self._lock:
             h = hashlib.sha256()
             load = self._load
-            h.update(repr((self.boot_id, self._position, self._image_crc, self._model is not None,
+            inp, out = self._input, self._output
+            h.update(repr((self.boot_id, self._positions, self._image_crc, self._model is not None, self._slice,
                            None if self._stored is None else crc32_image(self._stored),
-                           None if load is None else (load.size, load.crc, load.pointer, load.running_crc),
+                           None if load is None else (load.size, load.crc, load.pointer, load.running_crc, load.slice),
+                           None if inp is None else (inp.slot, inp.position, inp.pointer),
+                           None if out is None else (out.slot, out.position, out.logits),
                            None if self._cache is None else self._cache[:2])).encode())
             if load is not None:
                 h.update(load.data)
             if self._model is not None:
-                for v in self._model.h:
+                for v in getattr(self._model, "h", ()):
                     h.update(v.tobytes())
-            if self._logits is not None:
-                h.update(self._logits.tobytes())
+            if inp is not None:
+                h.update(inp.values.tobytes())
+            if out is not None:
+                h.update(out.values.tobytes())
             return h.hexdigest()
 
-    def load_image(self, blob: bytes) -> None:
-        """Load an image directly, as if LOAD_BEGIN/CHUNK/COMMIT had carried it (serve --preload)."""
+    def load_image(self, blob: bytes, sl: Slice | None = None) -> None:
+        """Load an image directly, as if LOAD_BEGIN (or LOAD_SLICE for ``sl``)/CHUNK/COMMIT had
+        carried it (serve --preload): ``blob`` is the whole image, or ``sl``'s slice image."""
         with self._lock:
-            if len(blob) != self.image_bytes:
-                raise ValueError(f"image has {len(blob)} bytes, this engine takes {self.image_bytes}")
+            want = self.image_bytes if sl is None else slice_image_size(self.cfg, self.packing, sl)
+            if len(blob) != want:
+                raise ValueError(f"image has {len(blob)} bytes, this engine takes {want}")
+            if sl is not None and not self.slots:
+                raise ValueError("a device without state slots holds whole images only")
+            self._load = _Load(size=len(blob), crc=crc32_image(blob), data=bytearray(blob), slice=sl)
             self._install(bytes(blob), crc32_image(blob))
 
     def corrupt_stored_image(self, offset: int, xor: int = 0x01) -> None:
@@ -187,12 +340,38 @@ class DeviceModel:
             self._stored[offset] ^= xor
 
     def _install(self, blob: bytes, crc: int) -> None:
-        self._model = IntegerModel(parse_image(blob, self.cfg, self.packing, FORMATS))
+        """Commit ``blob``: the whole image, or the open load's slice."""
+        sl = self._load.slice if self._load is not None else None
+        sl = whole_slice(self.cfg) if sl is None else sl
+        self._model = parse_slice(blob, self.cfg, self.packing, sl, max(self.slots, 1), FORMATS)
+        self._slice = sl
         self._stored = bytearray(blob)
         self._image_crc = crc
         self._load = None
-        self._position = 0
-        self._logits = None
+        self._reset_all()
+
+    def _reset_all(self) -> None:
+        self._positions = [0] * max(self.slots, 1)
+        self._input = None
+        self._output = None
+        if self._model is not None:
+            for slot in range(max(self.slots, 1)):
+                self._model.reset(slot) if isinstance(self._model, SliceModel) else self._model.reset()
+
+    def slice_info(self) -> SliceInfo:
+        sl, load = self._slice if self._model is not None else None, self._load
+        lsl = None if load is None else (load.slice or whole_slice(self.cfg))
+        return SliceInfo(slots=max(self.slots, 1), parts=sl.parts if sl else 0, first_layer=sl.first if sl else 0,
+                         end_layer=sl.end if sl else 0, load_parts=lsl.parts if lsl else 0,
+                         load_first_layer=lsl.first if lsl else 0, load_end_layer=lsl.end if lsl else 0,
+                         capacity=self.capacity, element_bytes=self.element_bytes)
+
+    def _cycles(self) -> int:
+        if self.cycle_model is None or self._slice is None:
+            return 0
+        from mmfree_fpga.planner import stage_cycles
+        sl = self._slice
+        return int(round(stage_cycles(self.cfg, self.lanes, sl.layers, sl.embedding, sl.head, self.cycle_model)))
 
     # -- the byte stream -----------------------------------------------------------------
     def receive(self, data: bytes, now: float | None = None) -> bytes:
@@ -257,7 +436,7 @@ class DeviceModel:
         try:
             command = Op(op)
         except ValueError:
-            raise Rejected(Error.UNKNOWN_OP) from None
+            return self._execute_slice_op(op, payload)
         if command == Op.NAK or (command in (Op.LOAD_STATUS, Op.VERIFY_IMAGE) and self.minor < MINOR_LOAD_STATUS) \
                 or (command == Op.VERIFY_IMAGE and not self.readback):
             raise Rejected(Error.UNKNOWN_OP)
@@ -274,23 +453,38 @@ class DeviceModel:
         return self.identity().pack()
 
     def _op_reset_state(self, payload: bytes) -> bytes:
-        self._position = 0
-        self._logits = None
-        if self._model is not None:
-            self._model.reset()
+        self._reset_slot(0)
         return POSITION.pack(0)
+
+    def _reset_slot(self, slot: int) -> None:
+        self._positions[slot] = 0
+        if self._input is not None and self._input.slot == slot:
+            self._input = None
+        if self._output is not None and self._output.slot == slot:
+            self._output = None
+        if self._model is not None:
+            self._model.reset(slot) if isinstance(self._model, SliceModel) else self._model.reset()
+
+    def _needs_whole(self) -> None:
+        """FEED_TOKEN and READ_LOGITS: slot 0 of a device holding the embedding and the head."""
+        sl = self._slice
+        if sl is not None and not (sl.embedding and sl.head):
+            raise Rejected(Error.NO_WEIGHTS, sl.parts)
 
     def _op_load_begin(self, payload: bytes) -> bytes:
         size, crc = LOAD_BEGIN_REQUEST.unpack(payload)
         if size != self.image_bytes:
             raise Rejected(Error.BAD_IMAGE_SIZE, self.image_bytes)
+        self._begin_load(_Load(size=size, crc=crc, data=bytearray(size)))
+        return LOAD_BEGIN_RESPONSE.pack(size, crc)
+
+    def _begin_load(self, load: _Load) -> None:
         self._model = None
+        self._slice = None
         self._stored = None
         self._image_crc = 0
-        self._position = 0
-        self._logits = None
-        self._load = _Load(size=size, crc=crc, data=bytearray(size))
-        return LOAD_BEGIN_RESPONSE.pack(size, crc)
+        self._reset_all()
+        self._load = load
 
     def _op_load_chunk(self, payload: bytes) -> bytes:
         (offset,) = LOAD_CHUNK_HEADER.unpack_from(payload)
@@ -322,6 +516,7 @@ class DeviceModel:
         position, token = FEED_TOKEN_REQUEST.unpack(payload)
         if self._model is None:
             raise Rejected(Error.NO_WEIGHTS)
+        self._needs_whole()
         if token >= self.cfg.V:
             raise Rejected(Error.BAD_ARGUMENT, self.cfg.V)
         if position != self._position:
@@ -330,15 +525,16 @@ class DeviceModel:
             raise Rejected(Error.BAD_ARGUMENT, position)
         logits = self._model.step(token)
         best = IntegerModel.argmax(logits)
-        self._logits = logits
         self._position += 1
+        self._logits = logits
         self.stats["tokens"] += 1
-        return FEED_TOKEN_RESPONSE.pack(self._position, best, int(logits[best]), 0)
+        return FEED_TOKEN_RESPONSE.pack(self._position, best, int(logits[best]), self._cycles())
 
     def _op_read_logits(self, payload: bytes) -> bytes:
         position, start, count = READ_LOGITS_REQUEST.unpack(payload)
         if self._model is None:
             raise Rejected(Error.NO_WEIGHTS)
+        self._needs_whole()
         if position != self._position:
             raise Rejected(Error.POSITION_MISMATCH, self._position)
         per_read = min(MAX_LOGITS_PER_READ, (self.max_payload - READ_LOGITS_HEADER.size) // 4)
@@ -357,3 +553,128 @@ class DeviceModel:
         if self._model is None:
             raise Rejected(Error.NO_WEIGHTS)
         return VERIFY_IMAGE_RESPONSE.pack(len(self._stored), crc32_image(self._stored))
+
+    # -- the slice ops (protocol 1.2, with state slots) ------------------------------------------
+    def _execute_slice_op(self, op: int, payload: bytes) -> bytes:
+        try:
+            command = SliceOp(op)
+        except ValueError:
+            raise Rejected(Error.UNKNOWN_OP) from None
+        if not self.slots:
+            raise Rejected(Error.UNKNOWN_OP)
+        if command == SliceOp.WRITE_RESIDUAL:
+            head, e = WRITE_RESIDUAL_HEADER.size, self.element_bytes
+            most = min(MAX_RESIDUAL_PER_WRITE, (self.max_payload - head) // e)
+            n = len(payload) - head
+            if n < e:
+                raise Rejected(Error.BAD_LENGTH, head + e)
+            if n > most * e:
+                raise Rejected(Error.BAD_LENGTH, head + most * e)
+            if n % e:
+                raise Rejected(Error.BAD_LENGTH, head + n // e * e)
+        elif len(payload) != SLICE_REQUEST_LENGTHS[command]:
+            raise Rejected(Error.BAD_LENGTH, SLICE_REQUEST_LENGTHS[command])
+        return getattr(self, f"_op_{command.name.lower()}")(payload)
+
+    def _check_slot(self, slot: int) -> None:
+        if slot >= self.slots:
+            raise Rejected(Error.BAD_ARGUMENT, self.slots)
+
+    def _check_position(self, slot: int, position: int) -> None:
+        if position != self._positions[slot]:
+            raise Rejected(Error.POSITION_MISMATCH, self._positions[slot])
+
+    def _op_slice_info(self, payload: bytes) -> bytes:
+        return self.slice_info().pack()
+
+    def _op_load_slice(self, payload: bytes) -> bytes:
+        size, crc, first, end, parts = LOAD_SLICE_REQUEST.unpack(payload)
+        try:
+            sl = Slice.from_parts(first, end, parts)
+            sl.check(self.cfg)
+        except ValueError:
+            raise Rejected(Error.BAD_ARGUMENT, self.cfg.L) from None
+        want = slice_image_size(self.cfg, self.packing, sl)
+        if size != want:
+            raise Rejected(Error.BAD_IMAGE_SIZE, want)
+        if size > self.capacity:
+            raise Rejected(Error.BAD_IMAGE_SIZE, self.capacity)
+        self._begin_load(_Load(size=size, crc=crc, data=bytearray(size), slice=sl))
+        return LOAD_SLICE_RESPONSE.pack(size, crc, first, end, parts)
+
+    def _op_reset_slot(self, payload: bytes) -> bytes:
+        (slot,) = RESET_SLOT_REQUEST.unpack(payload)
+        self._check_slot(slot)
+        self._reset_slot(slot)
+        return RESET_SLOT_RESPONSE.pack(slot, 0)
+
+    def _op_write_residual(self, payload: bytes) -> bytes:
+        slot, position, start = WRITE_RESIDUAL_HEADER.unpack_from(payload)
+        dtype = "<i4" if self.element_bytes == 4 else "<i8"
+        values = np.frombuffer(payload, dtype=dtype, offset=WRITE_RESIDUAL_HEADER.size).astype(np.int64)
+        if self._model is None:
+            raise Rejected(Error.NO_WEIGHTS)
+        sl = self._slice or whole_slice(self.cfg)
+        if sl.embedding:
+            raise Rejected(Error.NO_WEIGHTS, sl.parts)
+        self._check_slot(slot)
+        self._check_position(slot, position)
+        buf = self._input
+        ours = buf is not None and (buf.slot, buf.position) == (slot, position)
+        if start != 0 and not (ours and start == buf.pointer):
+            raise Rejected(Error.BAD_OFFSET, buf.pointer if ours else 0)
+        if start + len(values) > self.cfg.d:
+            raise Rejected(Error.BAD_ARGUMENT, self.cfg.d - start)
+        bad = np.flatnonzero((values < FORMATS.x_min) | (values > FORMATS.x_max))
+        if bad.size:
+            raise Rejected(Error.BAD_ARGUMENT, int(bad[0]))
+        if start == 0:
+            buf = self._input = _Input(slot, position, np.zeros(self.cfg.d, dtype=np.int64))
+        buf.values[start:start + len(values)] = values
+        buf.pointer = start + len(values)
+        return WRITE_RESIDUAL_RESPONSE.pack(slot, position, buf.pointer)
+
+    def _op_feed_slot(self, payload: bytes) -> bytes:
+        slot, position, token = FEED_SLOT_REQUEST.unpack(payload)
+        if self._model is None:
+            raise Rejected(Error.NO_WEIGHTS)
+        self._check_slot(slot)
+        self._check_position(slot, position)
+        if position == 0xFFFFFFFF:
+            raise Rejected(Error.BAD_ARGUMENT, position)
+        sl = self._slice or whole_slice(self.cfg)
+        if sl.embedding:
+            if token >= self.cfg.V:
+                raise Rejected(Error.BAD_ARGUMENT, self.cfg.V)
+            out = self._model.run(slot, token=token)
+        else:
+            if token != 0:
+                raise Rejected(Error.BAD_ARGUMENT, 0)
+            buf = self._input
+            ours = buf is not None and (buf.slot, buf.position) == (slot, position)
+            if not ours or buf.pointer != self.cfg.d:
+                raise Rejected(Error.INCOMPLETE, buf.pointer if ours else 0)
+            out = self._model.run(slot, x=buf.values.copy())
+            self._input = None
+        self._positions[slot] += 1
+        self._output = _Output(slot, self._positions[slot], out, sl.head)
+        self.stats["tokens"] += 1
+        self.stats["slice_feeds"] += 1
+        best = IntegerModel.argmax(out) if sl.head else 0
+        logit = int(out[best]) if sl.head else 0
+        return FEED_SLOT_RESPONSE.pack(self._positions[slot], best, logit, self._cycles())
+
+    def _op_read_output(self, payload: bytes) -> bytes:
+        slot, position, start, count = READ_OUTPUT_REQUEST.unpack(payload)
+        if self._model is None:
+            raise Rejected(Error.NO_WEIGHTS)
+        self._check_slot(slot)
+        self._check_position(slot, position)
+        out = self._output
+        e = 4 if out is not None and out.logits else self.element_bytes
+        per_read = min(MAX_LOGITS_PER_READ, (self.max_payload - READ_OUTPUT_HEADER.size) // e)
+        if out is None or (out.slot, out.position) != (slot, position) or not 1 <= count <= per_read \
+                or start + count > len(out.values):
+            raise Rejected(Error.BAD_ARGUMENT, per_read)
+        dtype = "<i4" if e == 4 else "<i8"
+        return READ_OUTPUT_HEADER.pack(slot, position, start) + out.values[start:start + count].astype(dtype).tobytes()

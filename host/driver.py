@@ -52,7 +52,12 @@ from mmfree_fpga.protocol import (
     MAX_TIMEOUT_S, MIN_CHUNK, MIN_DEVICE_PAYLOAD, MIN_LOGITS_READ, MIN_TIMEOUT_S, NAK_PAYLOAD,
     NAK_RESPONSE, POSITION, PROTOCOL_VERSION, READ_LOGITS_HEADER, READ_LOGITS_REQUEST, RESPONSE,
     BadFrame, Error, FrameDecoder, Identity, Op, Packing, crc32_image, encode_frame, formats_id,
+    FEED_SLOT_REQUEST, FEED_SLOT_RESPONSE, LOAD_SLICE_REQUEST, LOAD_SLICE_RESPONSE, MAX_RESIDUAL_PER_WRITE,
+    MINOR_SLICES, READ_OUTPUT_HEADER, READ_OUTPUT_REQUEST, RESET_SLOT_REQUEST, RESET_SLOT_RESPONSE,
+    SLICE_INFO_RESPONSE, WRITE_RESIDUAL_HEADER, WRITE_RESIDUAL_RESPONSE, SliceInfo, SliceOp, op_name,
+    residual_element_bytes,
 )
+from mmfree_fpga.image_slice import Slice
 from mmfree_fpga.image import IMAGE_VERSION
 
 from .image import WeightImage
@@ -60,7 +65,7 @@ from .transport import LinkClosed, SerialTransport
 
 __all__ = ["Driver", "FeedResult", "LoadStatus", "DriverStats", "DriverError", "NoDeviceError",
            "WrongDeviceError", "IncompatibleDeviceError", "DeviceNak", "RecoveryError", "NoisyLinkError",
-           "VerifyError", "describe"]
+           "VerifyError", "NoSlicesError", "describe"]
 
 
 class DriverError(UserError):
@@ -91,6 +96,10 @@ class VerifyError(DriverError):
     """The image the device read back from its weight memory is not the one loaded."""
 
 
+class NoSlicesError(IncompatibleDeviceError):
+    """The engine cannot hold a layer slice (no protocol 1.2 slice ops in its build)."""
+
+
 class _GiveUp(Exception):
     """A command failed ``give_up`` sends in a row on a noisy link; the caller re-issues it."""
 
@@ -108,8 +117,7 @@ class DeviceNak(DriverError):
 
     def __init__(self, op: int, error: int, arg: int):
         name = _member(Error, error).name if _member(Error, error) else f"error {error}"
-        opname = _member(Op, op).name if _member(Op, op) else f"op {op:#x}"
-        super().__init__(f"the device rejected {opname}: {name} (arg {arg})")
+        super().__init__(f"the device rejected {op_name(op)}: {name} (arg {arg})")
         self.op, self.error, self.arg = op, error, arg
 
 
@@ -283,7 +291,7 @@ class Driver:
             size = self.info.image_size if self.info is not None else 0
             return 1.0 + 2 * size / VERIFY_MIN_BYTES_PER_S
         step = (self.info.step_time_ms / 1000.0) if self.info is not None else 0.0
-        return 2 * step if op in (Op.FEED_TOKEN, Op.LOAD_COMMIT) else 0.0
+        return 2 * step if op in (Op.FEED_TOKEN, Op.LOAD_COMMIT, SliceOp.FEED_SLOT) else 0.0
 
     def _cap(self, op: Op) -> float:
         """The longest response timeout: MAX_TIMEOUT_S, more for a device that computes slowly."""
@@ -293,7 +301,7 @@ class Driver:
         rate = getattr(self.transport, "bytes_per_s", None)
         if not rate:
             return 0.0
-        answer = FRAME_OVERHEAD + (MAX_PAYLOAD if op == Op.READ_LOGITS else IDENTITY.size)
+        answer = FRAME_OVERHEAD + (MAX_PAYLOAD if op in (Op.READ_LOGITS, SliceOp.READ_OUTPUT) else IDENTITY.size)
         return 1.5 * (frame_len + answer) / rate
 
     def _exchange(self, op: Op, payload: bytes = b"", *, tries: int | None = None,
@@ -499,8 +507,14 @@ class Driver:
 
     # -- weights ----------------------------------------------------------------------------
     def holds(self, image: WeightImage) -> bool:
+        """The engine holds ``image`` (and, for a slice image, as that slice)."""
         info = self.info or self.identify()
-        return info.weights_loaded and info.image_crc == image.crc32 and info.image_size == image.size
+        if not (info.weights_loaded and info.image_crc == image.crc32 and info.image_size == image.size):
+            return False
+        if image.slice is None:
+            return True
+        held = self.held_slice()
+        return held == image.slice
 
     def ensure_weights(self, image: WeightImage, *, force: bool = False, allow_load: bool = True,
                        progress: Callable[[int, int], None] | None = None, verify: bool = False) -> bool:
@@ -550,6 +564,11 @@ class Driver:
         status = self.load_status()
         if status is None or not status.open:
             return None
+        if image.slice is not None:
+            sl = self.slice_info()
+            if sl is None or (sl.load_first_layer, sl.load_end_layer, sl.load_parts) != \
+                    (image.slice.first, image.slice.end, image.slice.parts):
+                return None
         if (status.size, status.crc32) != (image.size, image.crc32) or not 0 < status.pointer <= image.size:
             self.log(f"the device holds a partial load of another image ({status.pointer:,} of {status.size:,} "
                      f"bytes, CRC-32 {status.crc32:08x}); loading from byte 0")
@@ -575,15 +594,19 @@ class Driver:
         for attempt in range(MAX_LOAD_ATTEMPTS):
             start = self._resume_point(image) if resume else None
             if start is None:
-                try:
-                    begin = self._exchange(Op.LOAD_BEGIN, LOAD_BEGIN_REQUEST.pack(size, crc))
-                except DeviceNak as e:
-                    if e.error == Error.BAD_IMAGE_SIZE:
-                        raise IncompatibleDeviceError(f"the engine at {self.name} takes images of {e.arg} bytes, "
-                                                      f"this one has {size}; export for the engine's geometry") from None
-                    raise
-                if _unpack(LOAD_BEGIN_RESPONSE, begin, Op.LOAD_BEGIN) != (size, crc):
-                    raise WrongDeviceError(f"the device at {self.name} acknowledged LOAD_BEGIN for another image")
+                if image.slice is not None:
+                    self._begin_slice(image)
+                else:
+                    try:
+                        begin = self._exchange(Op.LOAD_BEGIN, LOAD_BEGIN_REQUEST.pack(size, crc))
+                    except DeviceNak as e:
+                        if e.error == Error.BAD_IMAGE_SIZE:
+                            raise IncompatibleDeviceError(
+                                f"the engine at {self.name} takes images of {e.arg} bytes, this one has {size}; "
+                                "export for the engine's geometry") from None
+                        raise
+                    if _unpack(LOAD_BEGIN_RESPONSE, begin, Op.LOAD_BEGIN) != (size, crc):
+                        raise WrongDeviceError(f"the device at {self.name} acknowledged LOAD_BEGIN for another image")
                 start = 0
             else:
                 self.stats.resumed_loads += 1
@@ -636,6 +659,140 @@ class Driver:
             self.identify()
             return
         raise DriverError(f"loading the weights into {self.name} failed {MAX_LOAD_ATTEMPTS} times (last: {last})")
+
+    def _begin_slice(self, image: WeightImage) -> None:
+        """LOAD_SLICE for ``image`` (a slice image)."""
+        sl, size, crc = image.slice, image.size, image.crc32
+        info = self.require_slices()
+        if size > info.capacity:
+            raise IncompatibleDeviceError(
+                f"the engine at {self.name} holds images of at most {info.capacity:,} bytes; the slice "
+                f"{sl.text()} has {size:,}; use more devices")
+        request = LOAD_SLICE_REQUEST.pack(size, crc, sl.first, sl.end, sl.parts)
+        try:
+            answer = self._exchange(SliceOp.LOAD_SLICE, request)
+        except DeviceNak as e:
+            if e.error == Error.UNKNOWN_OP:
+                raise self._no_slices() from None
+            if e.error in (Error.BAD_IMAGE_SIZE, Error.BAD_ARGUMENT):
+                raise IncompatibleDeviceError(
+                    f"the engine at {self.name} refused the slice {sl.text()} of {size:,} bytes "
+                    f"({Error(e.error).name}, arg {e.arg}); is it built for this model?") from None
+            raise
+        if _unpack(LOAD_SLICE_RESPONSE, answer, SliceOp.LOAD_SLICE) != LOAD_SLICE_REQUEST.unpack(request):
+            raise WrongDeviceError(f"the device at {self.name} acknowledged LOAD_SLICE for another slice")
+
+    # -- layer slices and state slots (protocol 1.2's optional slice ops) ------------------------
+    def _no_slices(self) -> NoSlicesError:
+        info = self.info or self.identify()
+        if info.version_minor < MINOR_SLICES:
+            why = (f"it speaks protocol {info.version_major}.{info.version_minor}; layer slices came with "
+                   f"{info.version_major}.{MINOR_SLICES}")
+        else:
+            why = "its build has no state slots (it answers the slice ops UNKNOWN_OP, as the gateware does for now)"
+        return NoSlicesError(f"the engine at {self.name} cannot hold a layer slice ({why}); a run over several "
+                             "devices needs engines with the slice ops, e.g. 'mmfree-fpga serve --backend model'")
+
+    def slice_info(self) -> SliceInfo | None:
+        """SLICE_INFO; None from a device without the slice ops (protocol < 1.2 or no state slots)."""
+        info = self.info or self.identify()
+        if info.version_minor < MINOR_SLICES:
+            return None
+        try:
+            answer = self._exchange(SliceOp.SLICE_INFO)
+        except DeviceNak as e:
+            if e.error == Error.UNKNOWN_OP:
+                return None
+            raise
+        result = SliceInfo(*_unpack(SLICE_INFO_RESPONSE, answer, SliceOp.SLICE_INFO))
+        if result.slots < 1:
+            raise WrongDeviceError(f"the engine at {self.name} announces {result.slots} state slots")
+        return result
+
+    def require_slices(self) -> SliceInfo:
+        """SLICE_INFO, or :class:`NoSlicesError` (one line) for an engine without the slice ops."""
+        result = self.slice_info()
+        if result is None:
+            raise self._no_slices()
+        if result.element_bytes != residual_element_bytes(FORMATS):
+            raise IncompatibleDeviceError(
+                f"the engine at {self.name} sends {result.element_bytes}-byte residual values, this host's formats "
+                f"{residual_element_bytes(FORMATS)}; rebuild the engine from this version")
+        return result
+
+    def held_slice(self) -> Slice | None:
+        """The slice of the weights the engine holds (None: none, or no slice ops)."""
+        info = self.slice_info()
+        if info is None or not info.parts and info.first_layer == info.end_layer:
+            return None
+        try:
+            return Slice.from_parts(info.first_layer, info.end_layer, info.parts)
+        except ValueError:
+            raise WrongDeviceError(f"the engine at {self.name} announces an impossible slice (layers "
+                                   f"{info.first_layer}..{info.end_layer}, parts {info.parts:#x})") from None
+
+    def reset_slot(self, slot: int) -> None:
+        """RESET_SLOT: slot ``slot``'s state to position 0."""
+        answer = self._exchange(SliceOp.RESET_SLOT, RESET_SLOT_REQUEST.pack(slot))
+        if _unpack(RESET_SLOT_RESPONSE, answer, SliceOp.RESET_SLOT) != (slot, 0):
+            raise WrongDeviceError(f"the device at {self.name} answered RESET_SLOT {slot} with something else")
+
+    def _element_dtype(self) -> tuple[int, str]:
+        e = residual_element_bytes(FORMATS)
+        return e, "<i4" if e == 4 else "<i8"
+
+    def write_residual(self, slot: int, position: int, values: np.ndarray) -> None:
+        """WRITE_RESIDUAL in pieces: the input residual of ``slot``'s feed at ``position``."""
+        info = self.info or self.identify()
+        e, dtype = self._element_dtype()
+        per = min(MAX_RESIDUAL_PER_WRITE, (info.max_payload - WRITE_RESIDUAL_HEADER.size) // e)
+        data = np.asarray(values).astype(dtype)
+        start, restarts = 0, 0
+        while start < len(data):
+            n = min(per, len(data) - start)
+            payload = WRITE_RESIDUAL_HEADER.pack(slot, position, start) + data[start:start + n].tobytes()
+            try:
+                answer = self._exchange(SliceOp.WRITE_RESIDUAL, payload)
+            except DeviceNak as e_:
+                # a piece whose answer was lost, then re-sent as a new command: start over
+                if e_.error != Error.BAD_OFFSET or restarts >= MAX_RECOVERIES:
+                    raise
+                start, restarts = 0, restarts + 1
+                continue
+            got = _unpack(WRITE_RESIDUAL_RESPONSE, answer, SliceOp.WRITE_RESIDUAL)
+            if got != (slot, position, start + n):
+                raise WrongDeviceError(f"the device at {self.name} answered WRITE_RESIDUAL with {got}, expected "
+                                       f"{(slot, position, start + n)}")
+            start += n
+
+    def feed_slot(self, slot: int, position: int, token: int = 0) -> FeedResult:
+        """FEED_SLOT: one step of ``slot`` at ``position`` from ``token`` (a slice with the embedding)
+        or from the residual written for it; the device then holds the output."""
+        answer = self._exchange(SliceOp.FEED_SLOT, FEED_SLOT_REQUEST.pack(slot, position, token))
+        result = FeedResult(*_unpack(FEED_SLOT_RESPONSE, answer, SliceOp.FEED_SLOT))
+        if result.position != position + 1:
+            raise WrongDeviceError(f"the device at {self.name} answered a feed of slot {slot} at position "
+                                   f"{position} with position {result.position}")
+        return result
+
+    def read_output(self, slot: int, position: int, count: int, logits: bool) -> np.ndarray:
+        """READ_OUTPUT in pieces: ``count`` values of ``slot``'s output at ``position`` (the logits,
+        int32 Q16, with ``logits``; else the residual), as int64."""
+        info = self.info or self.identify()
+        e, dtype = (4, "<i4") if logits else self._element_dtype()
+        per = min(MAX_LOGITS_PER_READ, (info.max_payload - READ_OUTPUT_HEADER.size) // e)
+        out = np.empty(count, dtype=np.int64)
+        start = 0
+        while start < count:
+            n = min(per, count - start)
+            answer = self._exchange(SliceOp.READ_OUTPUT, READ_OUTPUT_REQUEST.pack(slot, position, start, n))
+            if len(answer) != READ_OUTPUT_HEADER.size + e * n or \
+                    READ_OUTPUT_HEADER.unpack_from(answer) != (slot, position, start):
+                raise WrongDeviceError(f"the device at {self.name} answered READ_OUTPUT of slot {slot} at position "
+                                       f"{position} from {start} with something else")
+            out[start:start + n] = np.frombuffer(answer, dtype=dtype, offset=READ_OUTPUT_HEADER.size)
+            start += n
+        return out
 
     def _check_verify_supported(self) -> None:
         info = self.info or self.identify()

@@ -18,13 +18,16 @@ from mmfree_fpga.config import FORMATS, Formats, ModelConfig
 from mmfree_fpga.errors import UserError
 from mmfree_fpga.protocol import crc32_image, formats_id
 from mmfree_fpga.image import IMAGE_VERSION, image_layout, image_size
+from mmfree_fpga.image_slice import Slice, cut_image
 
 __all__ = ["WeightImage"]
 
 
 @dataclass(frozen=True)
 class WeightImage:
-    """``weights.bin`` with what a host checks before sending it to an engine."""
+    """``weights.bin`` with what a host checks before sending it to an engine. ``slice``: None for
+    the whole image, else the :class:`~mmfree_fpga.image_slice.Slice` whose slice image ``blob``
+    is (:meth:`cut`; loaded with LOAD_SLICE). ``cfg`` is the whole model's either way."""
 
     blob: bytes
     cfg: ModelConfig
@@ -32,6 +35,19 @@ class WeightImage:
     formats_id: int
     image_version: int
     source: str = ""
+    slice: Slice | None = None
+
+    def cut(self, sl: Slice) -> "WeightImage":
+        """The slice image of ``sl`` (of a whole image)."""
+        if self.slice is not None:
+            raise ValueError("cut() takes a whole image, not a slice image")
+        try:
+            blob = cut_image(self.blob, self.cfg, self.packing, sl)
+        except ValueError as e:
+            raise UserError(f"{self.source or 'image'}: cannot cut {sl.text()} from it ({e})") from None
+        return WeightImage(blob=blob, cfg=self.cfg, packing=self.packing, formats_id=self.formats_id,
+                           image_version=self.image_version, source=f"{self.source or 'image'} ({sl.text()})",
+                           slice=sl)
 
     @property
     def size(self) -> int:

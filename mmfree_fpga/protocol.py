@@ -41,7 +41,11 @@ state, at most 16 bytes, need storing. LOAD_STATUS and VERIFY_IMAGE change nothi
 
 Versions: a host accepts a device of its major version and any minor. Minor 1 added LOAD_STATUS
 and VERIFY_IMAGE; a 1.0 device answers both with UNKNOWN_OP, and a host talking to it loads an
-image from byte 0 and cannot verify it.
+image from byte 0 and cannot verify it. Minor 2 added the slice ops (:class:`SliceOp`, below) that
+let several devices run one model as a pipeline, each holding a contiguous slice of its layers;
+they are optional: a device without state slots (every 1.0/1.1 device, and a 1.2 engine built
+without them) answers them UNKNOWN_OP and runs whole models only. Nothing else changed: a 1.1 host
+talks to a 1.2 device as to a 1.1 device.
 
 Commands (request payload -> response payload; all fields little-endian)::
 
@@ -59,6 +63,19 @@ Commands (request payload -> response payload; all fields little-endian)::
           (1.1)                                         running_crc32 u32
     0x09  VERIFY_IMAGE -                                size u32, crc32 u32
           (1.1)
+    0x0a  SLICE_INFO   -                                SliceInfo (SLICE_INFO_RESPONSE, 16 bytes)
+          (1.2)
+    0x0b  LOAD_SLICE   size u32, crc32 u32, first u16,  size u32, crc32 u32, first u16,
+          (1.2)        end u16, parts u8                end u16, parts u8
+    0x0c  RESET_SLOT   slot u8                          slot u8, position u32 (= 0)
+          (1.2)
+    0x0d  WRITE_       slot u8, position u32, start     slot u8, position u32, next u16
+          RESIDUAL     u16, values[1..n]
+          (1.2)
+    0x0e  FEED_SLOT    slot u8, position u32, token u32 position u32, argmax u32, logit i32,
+          (1.2)                                         cycles u32 (as FEED_TOKEN's)
+    0x0f  READ_OUTPUT  slot u8, position u32, start     slot u8, position u32, start u32,
+          (1.2)        u32, count u16                   values[count]
     0x7f  (NAK)        never sent by the host           sent as op 0xff: error u8,
                                                         rejected op u8, arg u32
 
@@ -140,6 +157,10 @@ __all__ = [
     "LOAD_CHUNK_HEADER", "LOAD_CHUNK_RESPONSE", "LOAD_COMMIT_RESPONSE", "FEED_TOKEN_REQUEST",
     "FEED_TOKEN_RESPONSE", "READ_LOGITS_REQUEST", "READ_LOGITS_HEADER", "LOAD_STATUS_RESPONSE",
     "VERIFY_IMAGE_RESPONSE", "NAK_PAYLOAD", "REQUEST_LENGTHS", "MINOR_LOAD_STATUS",
+    "MINOR_SLICES", "SliceOp", "SliceInfo", "SLICE_INFO_RESPONSE", "LOAD_SLICE_REQUEST", "LOAD_SLICE_RESPONSE",
+    "RESET_SLOT_REQUEST", "RESET_SLOT_RESPONSE", "WRITE_RESIDUAL_HEADER", "WRITE_RESIDUAL_RESPONSE",
+    "FEED_SLOT_REQUEST", "FEED_SLOT_RESPONSE", "READ_OUTPUT_REQUEST", "READ_OUTPUT_HEADER",
+    "SLICE_REQUEST_LENGTHS", "MAX_RESIDUAL_PER_WRITE", "MAX_SLOTS", "residual_element_bytes", "op_name",
     "Frame", "BadFrame", "encode_frame", "FrameDecoder",
     "DEFAULT_BAUD", "FRAME_IDLE_TIMEOUT_S", "DEFAULT_TIMEOUT_S", "MIN_TIMEOUT_S", "MAX_TIMEOUT_S", "EARLY_RETRY_GAP_S",
     "CONNECT_TIMEOUT_S", "CONNECT_RETRIES", "MAX_SILENT_RETRIES", "MAX_ATTEMPTS",
@@ -150,8 +171,9 @@ __all__ = [
 
 SYNC = 0xA5
 RESPONSE = 0x80
-PROTOCOL_VERSION = (1, 1)          # (major, minor): a host accepts any minor of its major
+PROTOCOL_VERSION = (1, 2)          # (major, minor): a host accepts any minor of its major
 MINOR_LOAD_STATUS = 1              # the first minor with LOAD_STATUS and VERIFY_IMAGE
+MINOR_SLICES = 2                   # the first minor with the (optional) slice ops
 DEVICE_MAGIC = b"HGRB"
 HEADER_LEN = 6                     # SYNC SEQ OP LEN(2) HCRC
 TRAILER_LEN = 2                    # CRC-16
@@ -160,6 +182,8 @@ FRAME_OVERHEAD = HEADER_LEN + TRAILER_LEN
 MAX_CHUNK = 1024                   # LOAD_CHUNK data bytes
 MAX_LOGITS_PER_READ = 256          # READ_LOGITS count
 MAX_PAYLOAD = max(4 + MAX_CHUNK, 8 + 4 * MAX_LOGITS_PER_READ)   # 1032
+MAX_RESIDUAL_PER_WRITE = 256       # WRITE_RESIDUAL values (fewer where the payload limits them)
+MAX_SLOTS = 255                    # state slots a device may announce (a byte)
 MIN_DEVICE_PAYLOAD = 64            # a device may announce a smaller buffer, not below this
 
 
@@ -179,6 +203,29 @@ class Op(enum.IntEnum):
 
 
 NAK_RESPONSE = Op.NAK | RESPONSE
+
+
+class SliceOp(enum.IntEnum):
+    """The slice ops of minor 2 (module docstring: layer slices and state slots). Optional, so
+    they are not in :class:`Op`, the set every device executes; a device without state slots
+    answers them UNKNOWN_OP."""
+
+    SLICE_INFO = 0x0A
+    LOAD_SLICE = 0x0B
+    RESET_SLOT = 0x0C
+    WRITE_RESIDUAL = 0x0D
+    FEED_SLOT = 0x0E
+    READ_OUTPUT = 0x0F
+
+
+def op_name(op: int) -> str:
+    """The name of an opcode of :class:`Op` or :class:`SliceOp`, else 'op 0x..'."""
+    for enum_ in (Op, SliceOp):
+        try:
+            return enum_(op).name
+        except ValueError:
+            pass
+    return f"op {op:#x}"
 
 
 class Error(enum.IntEnum):
@@ -282,6 +329,12 @@ def crc32_image(data, crc: int = 0) -> int:
     return zlib.crc32(data, crc)
 
 
+def residual_element_bytes(fmt: Formats = FORMATS) -> int:
+    """Bytes of one residual value on the wire (WRITE_RESIDUAL, READ_OUTPUT without the head):
+    4 (int32) when x_bits <= 32, else 8 (int64)."""
+    return 4 if fmt.x_bits <= 32 else 8
+
+
 def formats_id(fmt: Formats = FORMATS) -> int:
     """CRC-32 of the canonical JSON of the fixed-point formats: the engine reports it in IDENTIFY."""
     text = json.dumps(fmt.as_dict(), sort_keys=True, separators=(",", ":"))
@@ -304,11 +357,29 @@ LOAD_STATUS_RESPONSE = struct.Struct("<IIII")       # size, crc32, pointer, runn
 VERIFY_IMAGE_RESPONSE = struct.Struct("<II")        # size, crc32 of the image read back
 NAK_PAYLOAD = struct.Struct("<BBI")                 # error, rejected op, arg
 
+SLICE_INFO_RESPONSE = struct.Struct("<BBHHBHHIB")   # SliceInfo, wire order
+LOAD_SLICE_REQUEST = struct.Struct("<IIHHB")        # size, crc32, first layer, end layer, parts
+LOAD_SLICE_RESPONSE = LOAD_SLICE_REQUEST            # the same fields, echoed
+RESET_SLOT_REQUEST = struct.Struct("<B")            # slot
+RESET_SLOT_RESPONSE = struct.Struct("<BI")          # slot, position (0)
+WRITE_RESIDUAL_HEADER = struct.Struct("<BIH")       # slot, position, start; then the values
+WRITE_RESIDUAL_RESPONSE = struct.Struct("<BIH")     # slot, position, next (the write pointer)
+FEED_SLOT_REQUEST = struct.Struct("<BII")           # slot, position, token
+FEED_SLOT_RESPONSE = FEED_TOKEN_RESPONSE            # position, argmax, logit, cycles (16 bytes)
+READ_OUTPUT_REQUEST = struct.Struct("<BIIH")        # slot, position, start, count
+READ_OUTPUT_HEADER = struct.Struct("<BII")          # slot, position, start; then the values
+
 # exact request payload lengths; LOAD_CHUNK is header + 1..MAX_CHUNK bytes of data
 REQUEST_LENGTHS = {
     Op.IDENTIFY: 0, Op.RESET_STATE: 0, Op.LOAD_BEGIN: LOAD_BEGIN_REQUEST.size,
     Op.LOAD_COMMIT: 0, Op.FEED_TOKEN: FEED_TOKEN_REQUEST.size, Op.READ_LOGITS: READ_LOGITS_REQUEST.size,
     Op.LOAD_STATUS: 0, Op.VERIFY_IMAGE: 0,
+}
+
+# the slice ops' exact request lengths; WRITE_RESIDUAL is its header + whole values
+SLICE_REQUEST_LENGTHS = {
+    SliceOp.SLICE_INFO: 0, SliceOp.LOAD_SLICE: LOAD_SLICE_REQUEST.size, SliceOp.RESET_SLOT: RESET_SLOT_REQUEST.size,
+    SliceOp.FEED_SLOT: FEED_SLOT_REQUEST.size, SliceOp.READ_OUTPUT: READ_OUTPUT_REQUEST.size,
 }
 
 IDENTITY = struct.Struct("<4sBBIIIHIHBBIHIBIII")
@@ -351,6 +422,28 @@ class Identity:
     @property
     def geometry(self) -> tuple[int, int, int, int]:
         return (self.vocab_size, self.hidden_size, self.num_layers, self.intermediate_size)
+
+
+@dataclass(frozen=True)
+class SliceInfo:
+    """The SLICE_INFO response, field by field in wire order."""
+
+    slots: int               # state slots (>= 1)
+    parts: int               # of the loaded weights' slice: bit 0 embedding, bit 1 head (0: none loaded)
+    first_layer: int
+    end_layer: int
+    load_parts: int          # the open load's slice (all 0: no load open)
+    load_first_layer: int
+    load_end_layer: int
+    capacity: int            # the largest image the weight memory holds, bytes
+    element_bytes: int       # of a residual value on the wire
+
+    def pack(self) -> bytes:
+        return SLICE_INFO_RESPONSE.pack(*astuple(self))
+
+    @classmethod
+    def unpack(cls, payload: bytes) -> "SliceInfo":
+        return cls(*SLICE_INFO_RESPONSE.unpack(payload))
 
 
 # -- frames ------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from mmfree_fpga.errors import UserError
 if TYPE_CHECKING:
     from mmfree_fpga.host.image import WeightImage
 
-__all__ = ["Backend", "BACKENDS", "MEMORIES", "make_backend"]
+__all__ = ["Backend", "BACKENDS", "MEMORIES", "MODEL_SLOTS", "make_backend"]
 
 MEMORIES = ("bram", "sdram", "ddr3")        # the rtl backend's weight memories (module docstring)
 # the fraction of the native port's peak that sequential weight reads sustain at least (the
@@ -68,15 +68,27 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
+MODEL_SLOTS = 4      # the model backend's state slots (protocol 1.2's slice ops) unless told otherwise
+
+
 def _model_backend(cfg: ModelConfig, packing: str, image: "WeightImage | None", seed: int | None,
-                   waves=None, memory: str = "bram", **_options) -> Backend:
+                   waves=None, memory: str = "bram", slots: int | None = None, cycle_model: bool = False,
+                   lanes: int = 16, **_options) -> Backend:
+    """The device model with ``slots`` state slots (default :data:`MODEL_SLOTS`: it runs layer
+    slices; 0: a device without the slice ops). ``cycle_model``: each feed reports the
+    performance model's cycles of an engine of ``lanes`` lanes for the slice it runs."""
     if waves is not None:
         raise UserError("--waves traces the generated Verilog: it needs --backend rtl")
     if memory != "bram":
         raise UserError(f"--memory {memory} simulates the engine's DRAM in the generated Verilog: it needs "
                         "--backend rtl (the model backend has no memory type)")
     from mmfree_fpga.host.device_model import DeviceModel
-    device = DeviceModel(cfg, packing, seed=seed)
+    from mmfree_fpga.config import PERF_MODEL
+    if cycle_model:
+        device = DeviceModel(cfg, packing, seed=seed, slots=MODEL_SLOTS if slots is None else slots,
+                             lanes=lanes, cycle_model=PERF_MODEL)
+    else:
+        device = DeviceModel(cfg, packing, seed=seed, slots=MODEL_SLOTS if slots is None else slots)
     if image is not None:
         device.load_image(image.blob)
     return device
@@ -165,7 +177,12 @@ class RtlBackend:
 
 def _rtl_backend(cfg: ModelConfig, packing: str, image: "WeightImage | None", seed: int | None,
                  lanes: int = 16, log=None, waves=None, waves_from: int = 0, waves_to: int | None = None,
-                 memory: str = "bram", **_options) -> Backend:
+                 memory: str = "bram", slots: int | None = None, cycle_model: bool = False, **_options) -> Backend:
+    if slots is not None:
+        raise UserError("--slots sets the device model's state slots: the gateware has none yet (its Link answers "
+                        "the slice ops UNKNOWN_OP); use --backend model")
+    if cycle_model:
+        raise UserError("--cycle-model is the device model's: the rtl backend counts the engine's own cycles")
     if image is not None:
         raise UserError("the rtl backend starts without weights, like a board: the first 'run' loads them "
                         "(leave out --preload)")

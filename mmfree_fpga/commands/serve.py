@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import signal
 
-from ._common import engine_lanes, lanes_help, positive_int, tcp_port
+from ._common import engine_lanes, int_in, lanes_help, positive_int, tcp_port
 
 HELP = ("expose a simulated engine as a byte stream on 127.0.0.1:PORT, speaking the protocol a board "
         "speaks over its UART (connect with 'mmfree-fpga run --device socket://127.0.0.1:PORT'); "
@@ -22,7 +22,7 @@ def add_arguments(p) -> None:
                    help="what computes behind the stream: 'rtl' = the engine's generated Verilog in "
                         "Verilator (default); 'model' = the Python device model on the integer reference")
     p.add_argument("--lanes", type=engine_lanes, default=16, metavar="N",
-                   help="(rtl) lanes of the simulated engine: " + lanes_help(16))
+                   help="(rtl, and model with --cycle-model) lanes of the simulated engine: " + lanes_help(16))
     p.add_argument("--packing", choices=("2bit", "base3"), default="base3",
                    help="trit packing the simulated engine decodes (default base3)")
     p.add_argument("--memory", choices=MEMORIES, default="bram",
@@ -35,6 +35,13 @@ def add_arguments(p) -> None:
                    help="carry the bytes no faster than a UART of N baud, 8N1, would, each direction on "
                         "its own (e.g. 3000000, the boards' rate, to time an upload as a board would take "
                         "it); default: as fast as the socket and the simulation go")
+    p.add_argument("--slots", type=int_in(0, 255), default=None, metavar="N",
+                   help="(model) state slots for runs over several devices (protocol 1.2's slice ops: the device "
+                        "holds a slice of the layers, takes and gives residuals, N sequences in flight); 0: a "
+                        "device without them, like the gateware today (default 4)")
+    p.add_argument("--cycle-model", action="store_true",
+                   help="(model) report each token's cycles from the performance model of a --lanes engine for "
+                        "the slice it runs (default: 0, not counted); the figures are the model's, not a counter")
     p.add_argument("--preload", action="store_true",
                    help="start with the checkpoint's weights loaded (else the first 'run' loads them)")
     p.add_argument("--waves", default=None, metavar="FILE",
@@ -65,19 +72,21 @@ def run(args) -> dict:
     from mmfree_fpga.sim.backends import make_backend
     from mmfree_fpga.host.image import WeightImage
     from mmfree_fpga.host.transport import TcpDeviceServer
-    from mmfree_fpga.reference.checkpoint import DEMO_CHECKPOINT
 
     from mmfree_fpga.errors import UserError
     waves = _waves_options(args)
     if args.memory != "bram" and args.backend != "rtl":
         raise UserError(f"--memory {args.memory} simulates the engine's DRAM in the generated Verilog: it needs "
                         f"--backend rtl (the {args.backend} backend has no memory type)")
+    if args.checkpoint is None:      # (imported only here: it brings torch, which serving does not need)
+        from mmfree_fpga.reference.checkpoint import DEMO_CHECKPOINT
     checkpoint = args.checkpoint or DEMO_CHECKPOINT
     cfg = ModelConfig.from_checkpoint(checkpoint)
     image = WeightImage.from_checkpoint(checkpoint, args.packing) if args.preload else None
     memory = {"memory": args.memory} if args.backend == "rtl" else {}
     backend = make_backend(args.backend, cfg, args.packing, image, lanes=args.lanes,
-                           log=lambda msg: print(msg, flush=True), **memory, **waves)
+                           log=lambda msg: print(msg, flush=True), slots=args.slots, cycle_model=args.cycle_model,
+                           **memory, **waves)
     try:
         server = TcpDeviceServer(backend, port=args.port, baud=args.baud)
         print(f"serving on {server.url}", flush=True)
@@ -96,7 +105,7 @@ def run(args) -> dict:
     finally:
         backend.close()
     result = {"url": server.url, "backend": args.backend, **memory, "connections": server.connections,
-              "discarded_bytes": server.discarded, "baud": args.baud}
+              "discarded_bytes": server.discarded, "baud": args.baud, "slots": getattr(backend, "slots", None)}
     if waves:
         result.update(waves=str(waves["waves"]), waves_from=waves["waves_from"], waves_to=waves["waves_to"])
     return result
