@@ -10,7 +10,8 @@ through one synchronous :class:`~mmfree_fpga.host.driver.Driver` per device:
   image, nothing is loaded; if they chain but some hold other weights, those are loaded with the
   same split; otherwise the planner (:func:`mmfree_fpga.planner.plan`, the devices' announced
   capacity as their memory, compute cycles of the performance model at their lanes) chooses
-  the split and every device gets its slice image (uploads run in parallel, one thread each).
+  the split and every device that does not hold its slice image gets it (the uploads run in
+  parallel, one thread each).
 * :meth:`Pipeline.run` streams the prompts. A token of a sequence goes to device 0 (FEED_SLOT
   with the token), the host reads the residual it leaves (READ_OUTPUT) and writes it into
   device 1 (WRITE_RESIDUAL, FEED_SLOT), and so on; the last device answers the greedy token (and,
@@ -241,7 +242,7 @@ class Pipeline:
         for s, sl in zip(stages, slices):
             s.slice = sl
             s.image = self.whole_image(s.driver.packing).cut(sl)
-        todo = [s for s in stages if force or planned or not s.driver.holds(s.image)]
+        todo = [s for s in stages if force or not s.driver.holds(s.image)]
         if todo and not allow_load:
             s = todo[0]
             raise DriverError(f"{s.name} holds other weights than this model's slice; leave out --no-load "

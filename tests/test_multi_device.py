@@ -19,7 +19,8 @@ import pytest
 
 from mmfree_fpga import protocol as P
 from mmfree_fpga.cli import main
-from mmfree_fpga.config import FORMATS, ModelConfig
+from mmfree_fpga.config import PERF_MODEL, ModelConfig
+from mmfree_fpga.planner import stage_cycles
 from mmfree_fpga.generation import Sampler
 from mmfree_fpga.host.device_model import DeviceModel, parse_slice
 from mmfree_fpga.host.image import WeightImage
@@ -353,7 +354,7 @@ def demo_devices():
 
 @pytest.fixture(scope="module")
 def four_devices(checkpoint4):
-    with serve_many(checkpoint4, 3) as (urls, _):
+    with serve_many(checkpoint4, 3, "--cycle-model", "--lanes", "16") as (urls, _):
         yield urls
 
 
@@ -389,7 +390,15 @@ def test_four_layer_checkpoint_over_two_and_three_devices_and_prompts_in_flight(
         ids = ";".join(",".join(map(str, p)) for p in prompts)
         result, _ = _run(capsys, tmp_path, base + ["--prompt-ids", ids])
         assert result["tokens"] == want and result["in_flight"] == 4
-        assert all(d["feeds"] == sum(len(w) - 1 for w in want) for d in result["devices"])
+        feeds = sum(len(w) - 1 for w in want)
+        assert all(d["feeds"] == feeds for d in result["devices"]) and result["tokens_through_chain"] == feeds
+        # the devices' cycles: the performance model's per slice; in flight, the makespan beats one device
+        for d in result["devices"]:
+            assert d["cycles"] == feeds * round(stage_cycles(FOUR_LAYERS, 16, d["end_layer"] - d["first_layer"],
+                                                             d["embedding"], d["head"]))
+        assert sum(result["device_cycles"]) >= result["pipeline_cycles"] >= max(result["device_cycles"])
+        one_device = 1e6 / PERF_MODEL.cycles_per_token(FOUR_LAYERS, 16)
+        assert result["tokens_per_mcycle"] > (1.8 if n == 3 else 1.4) * one_device, result["tokens_per_mcycle"]
     # sampling reads the last device's logits: as reference --integer samples them, prompt by prompt
     sampled = [reference_tokens(checkpoint4, p, 8, Sampler(temperature=0.8, top_k=20, seed=4)) for p in prompts[:2]]
     result, _ = _run(capsys, tmp_path, base + ["--prompt-ids", "5,6,7;200", "--steps", "8", "--temperature", "0.8",
