@@ -450,3 +450,80 @@ def test_devices_without_slices_and_bad_device_lists_are_one_line_errors(four_de
         assert result["tokens"] == [reference_tokens(checkpoint4, p, 4) for p in ([5, 6, 7], [200])]
     assert main(["run", "--device", "socket://127.0.0.1:1,", "--steps", "2"]) == 2
     assert "an empty URL" in capsys.readouterr().err
+
+
+# -- in-process devices: recovery of a reset device, resumed slice uploads -------------------------------
+
+def test_a_device_reset_mid_run_is_reloaded_and_replayed(image4, checkpoint4):
+    """A power cycle of the middle device, then of the first, mid-run: each is reloaded with its
+    slice and every slot replayed (outputs checked); the tokens stay the integer model's."""
+    from mmfree_fpga.host.transport import TcpDeviceServer
+    devices = [DeviceModel(FOUR_LAYERS, "base3", seed=i, slots=4) for i in range(3)]
+    with contextlib.ExitStack() as stack:
+        urls = [stack.enter_context(TcpDeviceServer(d)).url for d in devices]
+        prompts = [[5, 6, 7], [200, 3]]
+        with Pipeline(urls, FOUR_LAYERS, checkpoint4) as pipe:
+            assert pipe.prepare() is True
+            seen = []
+
+            def on_token(i, token):
+                seen.append(token)
+                if len(seen) in (4, 11):
+                    devices[1 if len(seen) == 4 else 0].power_cycle()
+
+            result = pipe.run(prompts, 10, on_token=on_token)
+            assert result.tokens == [reference_tokens(checkpoint4, p, 10) for p in prompts]
+            for k in (0, 1):
+                stats = pipe.stages[k].driver.stats
+                assert stats.recoveries == 1 and stats.replayed_tokens > 0 and stats.loads == 2, (k, stats)
+            assert pipe.stages[2].driver.stats.recoveries == 0
+
+
+def test_an_interrupted_slice_upload_resumes_only_for_the_same_slice(image4):
+    from mmfree_fpga.host.driver import Driver
+    from mmfree_fpga.host.transport import DeviceRunner, pipe_pair
+
+    @contextlib.contextmanager
+    def piped(device):
+        host_end, device_end = pipe_pair()
+        runner = DeviceRunner(device, device_end).start()
+        driver = Driver(host_end)
+        try:
+            driver.connect(FOUR_LAYERS)
+            yield driver
+        finally:
+            driver.close()
+            runner.stop()
+            device_end.close()
+
+    class Cut(Exception):
+        pass
+
+    def cut_after(chunks):
+        seen = []
+
+        def progress(done, total):
+            seen.append(done)
+            if len(seen) > chunks:
+                raise Cut()
+        return progress
+
+    a = image4.cut(Slice(0, 2, True, False))
+    b = image4.cut(Slice(2, 4, False, True))
+    device = DeviceModel(FOUR_LAYERS, "base3", seed=1, slots=2)
+    with piped(device) as driver:
+        driver.chunk.size = driver.chunk.maximum = 512
+        with pytest.raises(Cut):
+            driver.load_weights(a, cut_after(3))
+    pointer = device._load.pointer
+    assert pointer == 3 * 512 and device._load.slice == a.slice
+    with piped(device) as driver:
+        driver.load_weights(a)
+        assert driver.stats.resumed_bytes == pointer and driver.holds(a) and not driver.holds(b)
+        assert driver.held_slice() == a.slice
+    with piped(device) as driver:
+        with pytest.raises(Cut):
+            driver.load_weights(b, cut_after(1))
+    with piped(device) as driver:            # the open load is b's: a starts over from byte 0
+        driver.load_weights(a)
+        assert driver.stats.resumed_loads == 0 and driver.stats.image_bytes_sent == a.size and driver.holds(a)
