@@ -450,7 +450,7 @@ def dram_builds_section(quick: bool) -> Section:
                    "real board yet: met timing and a placed design, not a measured token.")
     for r in rows:
         if r.get("dram_cells"):
-            s.notes.append(f"{r['board']}: DDR hard blocks placed: "
+            s.notes.append(f"{r['board']}: clock and DDR hard blocks placed: "
                            + ", ".join(f"{k} {v}" for k, v in sorted(r["dram_cells"].items())))
     return s
 
