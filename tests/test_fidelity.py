@@ -46,6 +46,13 @@ def test_layer_major_equals_the_whole_models():
         want64 = copy.deepcopy(model).double()(torch.tensor([ids]))[0][0].numpy()
     np.testing.assert_array_equal(got["float32"], want32)
     np.testing.assert_array_equal(got["float64"], want64)
+    state = model.init_state()
+    with torch.no_grad():
+        steps = []
+        for x in ids:
+            logits, state = model.step(x, state)
+            steps.append(logits.double().numpy())
+    np.testing.assert_array_equal(got["float32 stepwise"], np.stack(steps))
     for name, fmt in FORMAT_SETS.items():
         m = IntegerModel(integer_weights(SMALL, t, fmt))
         np.testing.assert_array_equal(got[f"integer {name}"], np.stack([m.logits_to_float(m.step(x)) for x in ids]))

@@ -265,7 +265,7 @@ def test_bitlinear_eps_matches_the_float_formula():
     c = g.uniform(0.5, 1.5, n)
     v = g.normal(0, 1e-3, n)             # down_proj-like input: mean square 1e-6 = eps
     t, beta = weight_ternary(w.double())
-    q, s = activation_quant(torch.tensor(v * c) / torch.tensor(v).pow(2).add(0).mean().add(eps).sqrt())
+    q, s = activation_quant(torch.tensor(v * c) / torch.tensor(v).pow(2).mean().add(eps).sqrt())
     want = ((t @ q) * beta / s).numpy()
     vi = np.round(v * 2.0 ** WIDE.x_frac).astype(np.int64)
     y = im.bitlinear(vi, _bitlinear(w, np.ones(n), c, WIDE, "const", eps), WIDE) / 2.0 ** WIDE.x_frac
