@@ -19,6 +19,10 @@ code serves all three. What it does about an unreliable link:
   host's CRC of the image up to the pointer); otherwise, and with a device of protocol 1.0, the
   load starts from byte 0. On request the device reads the committed image back from its
   weight memory (VERIFY_IMAGE) and the host compares the CRC-32;
+* with protocol 1.2's slice ops (optional) a driver also loads a slice image (LOAD_SLICE; a
+  ``WeightImage`` with ``slice``), names state slots and moves residuals in and out in pieces
+  (``reset_slot``, ``write_residual``, ``feed_slot``, ``read_output``); a device without them
+  gives one line (``NoSlicesError``). ``host/pipeline.py`` runs several devices with these;
 * a device that lost its state (reset, power cycle, reprogrammed) is noticed by the position
   every FEED_TOKEN/READ_LOGITS carries (POSITION_MISMATCH) or by NO_WEIGHTS. The driver then
   identifies it (a new boot id), reloads the weights if they are gone or differ, resets the
@@ -689,7 +693,7 @@ class Driver:
             why = (f"it speaks protocol {info.version_major}.{info.version_minor}; layer slices came with "
                    f"{info.version_major}.{MINOR_SLICES}")
         else:
-            why = "its build has no state slots (it answers the slice ops UNKNOWN_OP, as the gateware does for now)"
+            why = "its build has no state slots: it answers the slice ops UNKNOWN_OP, as the gateware does for now"
         return NoSlicesError(f"the engine at {self.name} cannot hold a layer slice ({why}); a run over several "
                              "devices needs engines with the slice ops, e.g. 'mmfree-fpga serve --backend model'")
 

@@ -222,7 +222,7 @@ class Pipeline:
                 d.connect(self.cfg, what=model or "the model")
                 info = d.require_slices()
             except DriverError as e:
-                raise type(e)(f"device {i} ({url}): {e}") from None
+                raise type(e)(f"device {i}: {e}" if url in str(e) else f"device {i} ({url}): {e}") from None
             stages.append(StageInfo(index=i, url=url, driver=d, info=info))
         self.stages = stages
         held = [s.driver.held_slice() for s in stages]

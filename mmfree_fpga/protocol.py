@@ -37,7 +37,8 @@ response without executing again, so a lost response never makes a command run t
 token fed twice). NAKs are never cached and a rejected frame changes no state at all. (A
 device may run a duplicate of IDENTIFY or READ_LOGITS again instead of caching its answer:
 they change nothing, so the bytes come out the same; only the answers of commands that change
-state, at most 16 bytes, need storing. LOAD_STATUS and VERIFY_IMAGE change nothing either.)
+state, at most 16 bytes, need storing. LOAD_STATUS, VERIFY_IMAGE, SLICE_INFO and READ_OUTPUT
+change nothing either.)
 
 Versions: a host accepts a device of its major version and any minor. Minor 1 added LOAD_STATUS
 and VERIFY_IMAGE; a 1.0 device answers both with UNKNOWN_OP, and a host talking to it loads an

@@ -19,7 +19,7 @@ import pytest
 
 from mmfree_fpga import protocol as P
 from mmfree_fpga.cli import main
-from mmfree_fpga.config import PERF_MODEL, ModelConfig
+from mmfree_fpga.config import FORMAT_SETS, PERF_MODEL, ModelConfig
 from mmfree_fpga.planner import stage_cycles
 from mmfree_fpga.generation import Sampler
 from mmfree_fpga.host.device_model import DeviceModel, parse_slice
@@ -527,3 +527,17 @@ def test_an_interrupted_slice_upload_resumes_only_for_the_same_slice(image4):
     with piped(device) as driver:            # the open load is b's: a starts over from byte 0
         driver.load_weights(a)
         assert driver.stats.resumed_loads == 0 and driver.stats.image_bytes_sent == a.size and driver.holds(a)
+
+
+def test_the_slice_ops_keep_the_protocol_tables():
+    """Codes apart from Op's, fixed request lengths, answers that a reply cache of 16 bytes holds."""
+    assert not {int(o) for o in S} & {int(o) for o in Op}
+    assert set(P.SLICE_REQUEST_LENGTHS) == set(S) - {S.WRITE_RESIDUAL}
+    assert max(P.SLICE_REQUEST_LENGTHS.values()) <= P.MIN_DEVICE_PAYLOAD
+    for changes_state in (P.LOAD_SLICE_RESPONSE, P.RESET_SLOT_RESPONSE, P.WRITE_RESIDUAL_RESPONSE,
+                          P.FEED_SLOT_RESPONSE):
+        assert changes_state.size <= 16
+    assert P.WRITE_RESIDUAL_HEADER.size + 4 * P.MAX_RESIDUAL_PER_WRITE <= P.MAX_PAYLOAD
+    assert P.SLICE_INFO_RESPONSE.size == 16 and P.PROTOCOL_VERSION == (1, P.MINOR_SLICES)
+    assert P.residual_element_bytes(FORMAT_SETS["narrow"]) == 4 and P.residual_element_bytes(FORMAT_SETS["wide"]) == 8
+    assert P.op_name(0x0E) == "FEED_SLOT" and P.op_name(0x06) == "FEED_TOKEN" and P.op_name(0x55) == "op 0x55"
