@@ -35,7 +35,8 @@ engine of ``lanes`` lanes for the slice it runs (``planner.stage_cycles``; the w
 
 ``stats`` counts what happened (``commands``, ``tokens``, ``replays``, ``naks`` and
 ``nak_<ERROR>``, ``bad_crc``, ``ignored``, ``idle_drops``, ``power_cycles``, ``bytes_in``,
-``bytes_out``); tests of the gateware link compare against these names.
+``bytes_out``; ``slice_feeds``: FEED_SLOTs, also counted in ``tokens``); tests of the gateware
+link compare against these names.
 """
 
 from __future__ import annotations

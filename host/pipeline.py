@@ -215,7 +215,9 @@ class Pipeline:
                 progress: Callable[[int, int], None] | None = None, lanes: int | None = None,
                 model: str = "") -> bool:
         """Connect, settle the split, load what is missing (module docstring). True if the split
-        was planned (and every slice loaded) here."""
+        was planned here (``force``, or the devices' slices did not chain), False if it is the one
+        the devices held. ``lanes``: the planner's engine lanes (default: the devices' fewest
+        announced, else 16)."""
         stages = []
         for i, (url, d) in enumerate(zip(self.urls, self._drivers)):
             try:
@@ -292,6 +294,8 @@ class Pipeline:
         allow, at most the prompts). ``deadline_s``: PipelineError if the run takes longer."""
         if not self.stages:
             raise ValueError("prepare() first")
+        if steps < 0:
+            raise UserError("--steps must be >= 0")
         if not prompts or any(not p for p in prompts):
             raise UserError("every prompt needs at least one token")
         for p in prompts:

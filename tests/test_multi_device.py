@@ -21,6 +21,7 @@ from mmfree_fpga import protocol as P
 from mmfree_fpga.cli import main
 from mmfree_fpga.config import FORMAT_SETS, PERF_MODEL, ModelConfig
 from mmfree_fpga.planner import stage_cycles
+from mmfree_fpga.errors import UserError
 from mmfree_fpga.generation import Sampler
 from mmfree_fpga.host.device_model import DeviceModel, parse_slice
 from mmfree_fpga.host.image import WeightImage
@@ -541,3 +542,18 @@ def test_the_slice_ops_keep_the_protocol_tables():
     assert P.SLICE_INFO_RESPONSE.size == 16 and P.PROTOCOL_VERSION == (1, P.MINOR_SLICES)
     assert P.residual_element_bytes(FORMAT_SETS["narrow"]) == 4 and P.residual_element_bytes(FORMAT_SETS["wide"]) == 8
     assert P.op_name(0x0E) == "FEED_SLOT" and P.op_name(0x06) == "FEED_TOKEN" and P.op_name(0x55) == "op 0x55"
+
+
+def test_more_prompts_than_sequences_in_flight_reuse_the_slots(checkpoint4):
+    from mmfree_fpga.host.transport import TcpDeviceServer
+    devices = [DeviceModel(FOUR_LAYERS, "base3", seed=i, slots=2) for i in range(2)]
+    prompts = [[5, 6, 7], [200], [1, 2, 3, 4, 5], [9, 9], [31]]
+    with contextlib.ExitStack() as stack:
+        urls = [stack.enter_context(TcpDeviceServer(d)).url for d in devices]
+        with Pipeline(urls, FOUR_LAYERS, checkpoint4) as pipe:
+            pipe.prepare()
+            result = pipe.run(prompts, 6)
+            assert result.in_flight == 2 and result.tokens == [reference_tokens(checkpoint4, p, 6) for p in prompts]
+            assert result.makespan_cycles == 0 and result.generated == 30      # the devices count no cycles
+            with pytest.raises(UserError):
+                pipe.run([[5], [FOUR_LAYERS.V]], 2)
