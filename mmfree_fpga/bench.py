@@ -575,6 +575,11 @@ def fidelity_section(quick: bool) -> Section:
     return section(quick)
 
 
+def pipeline_section(quick: bool) -> Section:
+    from .host.pipeline import pipeline_section as section
+    return section(quick)
+
+
 def plan_section(quick: bool) -> Section:
     from .planner import plan_section as section
     return section(quick)
@@ -600,5 +605,6 @@ SECTIONS: dict[str, Callable[[bool], Section]] = {
     "dram_projection": dram_projection_section,
     "link_faults": link_faults_section,
     "plan": plan_section,
+    "pipeline": pipeline_section,
     "sweep": sweep_section,
 }

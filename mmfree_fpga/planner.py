@@ -24,8 +24,8 @@ device 0) over the DRAM's peak bytes per cycle times ``dram_efficiency`` (the dr
 measured 0.959 for the SDR SDRAM; the default 0.95 is below it); the stage's cycles are the
 larger of the two.
 
-The residual hand-over between devices (an assumption until the protocol carries it): the host
-relays ``d`` int32 values (``x_bits`` wide) from device k to device k+1 over the two devices'
+The residual hand-over between devices (protocol 1.2's WRITE_RESIDUAL / READ_OUTPUT, relayed by
+``host/pipeline.py``; the figure here is the line time only): the host relays ``d`` int32 values (``x_bits`` wide) from device k to device k+1 over the two devices'
 serial links at ``baud``, 10 bits per byte (UART 8N1), store-and-forward (received whole, then
 sent), framing overhead not counted: ``2 * d * 4 * 10 / baud`` seconds per hop. One sequence:
 tokens/s = 1 / (the stages' times + the hops'). N sequences in flight (one per device): each
@@ -463,8 +463,8 @@ def plan_section(quick: bool):
     s.notes.append("Hand-over: the host relays d int32 values (4 KB for the 370M) between neighbours over the "
                    "two devices' 3 Mbaud UARTs (8N1, store-and-forward, no framing counted): 27 ms per hop. One "
                    "sequence pays every stage and hop in turn; with N in flight the slowest stage (or one "
-                   "residual's 13.7 ms on a link) sets the rate. The layer hand-over itself is issue 22 item 1 "
-                   "(not in the engine or protocol yet).")
+                   "residual's 13.7 ms on a link) sets the rate. Protocol 1.2 and the host (run --device A,B,...) "
+                   "carry the hand-over; the Python device model runs it, the gateware engine does not yet.")
     return s
 
 
