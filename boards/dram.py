@@ -190,7 +190,8 @@ class DramBoardDesign(wiring.Component):
                                           (:class:`~.clocks.Ecp5DdrClocking`)
     dram_ready : Out(1)                   (DDR3) read levelling done, the engine may use the DRAM
     dram_error : Out(1)                   (DDR3) read levelling failed (stays high; the engine
-                                          never gets the DRAM)
+                                          never gets the DRAM; the Link's IDENTIFY reports
+                                          ``Status.MEMORY_ERROR``)
 
     Elaboration requests the platform's ``sdram`` resource 0 (an amaranth-boards
     ``SDRAMResource``) or, for DDR3, its ``ddr3`` resource 0, and adds the core's Verilog to the
@@ -281,7 +282,7 @@ class DramBoardDesign(wiring.Component):
         wiring.connect(m, self.design.native, cal.user)
         wiring.connect(m, cal.native, cmd_slice.user)
         m.d.comb += [self.design.init_done.eq(cal.ready), self.dram_ready.eq(cal.ready),
-                     self.dram_error.eq(cal.error)]
+                     self.dram_error.eq(cal.error), self.design.memory_error.eq(cal.error)]
         ports.update({"i_clk2x": ClockSignal("sync2x"), "i_init_clk": ClockSignal("dram_init"),
                       "i_init_rst": ResetSignal("dram_init"), "o_eclk_stop": self.eclk_stop,
                       "o_eclk_reset": self.eclk_reset, "o_init_done": cal.init_done})

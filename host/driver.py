@@ -58,7 +58,7 @@ from mmfree_fpga.protocol import (
     BadFrame, Error, FrameDecoder, Identity, Op, Packing, crc32_image, encode_frame, formats_id,
     FEED_SLOT_REQUEST, FEED_SLOT_RESPONSE, LOAD_SLICE_REQUEST, LOAD_SLICE_RESPONSE, MAX_RESIDUAL_PER_WRITE,
     MINOR_SLICES, READ_OUTPUT_HEADER, READ_OUTPUT_REQUEST, RESET_SLOT_REQUEST, RESET_SLOT_RESPONSE,
-    SLICE_INFO_RESPONSE, WRITE_RESIDUAL_HEADER, WRITE_RESIDUAL_RESPONSE, SliceInfo, SliceOp, op_name,
+    SLICE_INFO_RESPONSE, WRITE_RESIDUAL_HEADER, WRITE_RESIDUAL_RESPONSE, SliceInfo, SliceOp, Status, op_name,
     residual_element_bytes,
 )
 from mmfree_fpga.image_slice import Slice
@@ -69,7 +69,7 @@ from .transport import LinkClosed, SerialTransport
 
 __all__ = ["Driver", "FeedResult", "LoadStatus", "DriverStats", "DriverError", "NoDeviceError",
            "WrongDeviceError", "IncompatibleDeviceError", "DeviceNak", "RecoveryError", "NoisyLinkError",
-           "VerifyError", "NoSlicesError", "describe"]
+           "VerifyError", "MemoryFailedError", "NoSlicesError", "describe"]
 
 
 class DriverError(UserError):
@@ -94,6 +94,10 @@ class RecoveryError(DriverError):
 
 class NoisyLinkError(DriverError):
     """Bytes arrive but no valid answer does, MAX_ATTEMPTS times in a row."""
+
+
+class MemoryFailedError(DriverError):
+    """The device reports that its weight memory failed to start (``Status.MEMORY_ERROR``)."""
 
 
 class VerifyError(DriverError):
@@ -480,6 +484,11 @@ class Driver:
     def connect(self, cfg: ModelConfig | None = None, what: str = "the model") -> Identity:
         """Identify the engine and check it can run this host's formats (and ``cfg``'s geometry)."""
         info = self.identify(connecting=True)
+        if info.status & Status.MEMORY_ERROR:
+            raise MemoryFailedError(
+                f"the engine at {self.name} reports that its weight memory failed to start (the DRAM's read "
+                "levelling found no working setting, or its final check failed); power-cycle the board, and if "
+                "it persists check the DRAM's clock and the build (the board's DRAM status LED shows it too)")
         if info.formats_id != formats_id(FORMATS):
             raise IncompatibleDeviceError(
                 f"the engine at {self.name} computes with other fixed-point formats (id {info.formats_id:08x}) "

@@ -39,6 +39,9 @@ tx : Out(stream.Signature(8))
 engine : In(:class:`~.control.ControlSignature`)
     The engine-control interface, flipped: the Link drives ``cmd``, ``load`` and ``logit_req``
     and takes ``result`` and ``logit_resp`` (hw/control.py has the payloads).
+memory_error : In(1)
+    The engine's weight memory failed to start (a DRAM's read levelling found no window): IDENTIFY
+    reports ``Status.MEMORY_ERROR`` (0 when left unconnected).
 readback : In(:class:`~.weight_port.ReadbackSignature`), only with ``readback=True``
     VERIFY_IMAGE: the Link asks the engine (``start``, the image size) for its stored image,
     between commands, and runs the bytes (``data``) through the image CRC, which its response
@@ -139,7 +142,7 @@ from amaranth.hdl import Cat, Module, Mux, Signal, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from mmfree_fpga.config import ModelConfig
+from mmfree_fpga.config import FORMATS, Formats, ModelConfig
 from mmfree_fpga.protocol import (
     FEED_TOKEN_REQUEST, FEED_TOKEN_RESPONSE, FRAME_IDLE_TIMEOUT_S, HEADER_LEN, IDENTITY, LOAD_BEGIN_REQUEST,
     LOAD_BEGIN_RESPONSE, LOAD_CHUNK_RESPONSE, LOAD_COMMIT_RESPONSE, LOAD_STATUS_RESPONSE, MAX_LOGITS_PER_READ,
@@ -211,12 +214,15 @@ class Link(wiring.Component):
     readback : bool
         The engine can read its weights back: the ``readback`` member and VERIFY_IMAGE (the
         default form only).
+    formats : Formats
+        The engine's number formats: IDENTIFY's formats id and the image size.
     """
 
     def __init__(self, cfg: ModelConfig, *, packing: str = "base3", lanes: int = 0,
                  max_payload: int = MAX_PAYLOAD, step_time_ms: int = 0, clk_freq: float = 12e6,
                  idle_timeout_cycles: int | None = None, boot_id: int | None = None,
-                 image: bytes | None = None, small: bool = False, readback: bool = False):
+                 image: bytes | None = None, small: bool = False, readback: bool = False,
+                 formats: Formats = FORMATS):
         from mmfree_fpga.image import image_size
         if small and readback:
             raise ValueError("the Link's small form has no VERIFY_IMAGE: readback needs small=False")
@@ -230,7 +236,8 @@ class Link(wiring.Component):
         self.lanes = lanes
         self.max_payload = max_payload
         self.step_time_ms = step_time_ms
-        self.image_bytes = image_size(cfg, packing)
+        self.formats = formats
+        self.image_bytes = image_size(cfg, packing, formats)
         self.idle_timeout_cycles = (max(1, round(FRAME_IDLE_TIMEOUT_S * clk_freq))
                                     if idle_timeout_cycles is None else idle_timeout_cycles)
         if self.idle_timeout_cycles < 1:
@@ -248,6 +255,7 @@ class Link(wiring.Component):
             "rx": In(stream.Signature(8)),
             "tx": Out(stream.Signature(8)),
             "engine": In(ControlSignature()),
+            "memory_error": In(1),
         }
         if readback:
             members["readback"] = In(ReadbackSignature())
@@ -415,7 +423,7 @@ class Link(wiring.Component):
         m.submodules.payload = payload = self.form.Payload(
             cfg=b.cfg, packing=self.packing, lanes=self.lanes, max_payload=self.max_payload,
             step_time_ms=self.step_time_ms, image_bytes=self.image_bytes, arguments=b.check.arguments,
-            readback=self.reads_back)
+            readback=self.reads_back, formats=self.formats)
         sender = b.sender
         m.d.comb += [payload.kind.eq(b.out_kind), payload.index.eq(sender.index),
                      payload.logits_data.eq(sender.logits_data), payload.logit_word.eq(sender.logit_word),
@@ -423,6 +431,7 @@ class Link(wiring.Component):
                      payload.boot_id.eq(b.boot_id), payload.position.eq(b.position),
                      payload.load_pointer.eq(b.load_pointer), payload.load_crc.eq(b.load_crc),
                      payload.weights_loaded.eq(b.weights_loaded), payload.load_open.eq(b.load_open),
+                     payload.memory_error.eq(self.memory_error),
                      payload.result.eq(b.last_result), payload.read_start.eq(b.read_start),
                      payload.running_crc.eq(b.crcs.image_crc),
                      payload.nak_error.eq(b.nak_error), payload.op.eq(b.op),

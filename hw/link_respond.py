@@ -63,7 +63,7 @@ from amaranth.lib import data, enum, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-from mmfree_fpga.config import FORMATS
+from mmfree_fpga.config import FORMATS, Formats
 from mmfree_fpga.image import IMAGE_VERSION
 from mmfree_fpga.protocol import (
     DEVICE_MAGIC, FEED_TOKEN_RESPONSE, HEADER_LEN, IDENTITY, LOAD_BEGIN_RESPONSE, LOAD_CHUNK_RESPONSE, LOAD_COMMIT_RESPONSE,
@@ -119,13 +119,16 @@ class _ResponsePayload(wiring.Component):
         The NAK's arguments (:attr:`~.link_check.RequestCheck.arguments`).
     readback : bool
         The VERIFY_IMAGE response is among the payloads.
+    formats : Formats
+        The engine's number formats (IDENTIFY's formats id).
     """
 
     stale_cycles = 1
 
     def __init__(self, *, cfg, packing: str, lanes: int, max_payload: int, step_time_ms: int, image_bytes: int,
-                 arguments, readback: bool = False):
+                 arguments, readback: bool = False, formats: Formats = FORMATS):
         self.readback = readback
+        self.formats = formats
         self.cfg = cfg
         self.packing_code = Packing.from_export_name(packing)
         self.lanes = lanes
@@ -137,7 +140,7 @@ class _ResponsePayload(wiring.Component):
             "kind": In(PayloadKind), "index": In(range(max_payload)), "logits_data": In(1),
             "logit_word": In(32), "logit_byte": In(2), "logit_have": In(1),
             "boot_id": In(32), "position": In(32), "load_pointer": In(range(image_bytes + 1)), "load_crc": In(32),
-            "weights_loaded": In(1), "load_open": In(1), "result": In(result_layout(cfg.V)),
+            "weights_loaded": In(1), "load_open": In(1), "memory_error": In(1), "result": In(result_layout(cfg.V)),
             "read_start": In(range(cfg.V)), "nak_error": In(8), "op": In(8), "running_crc": In(32),
             "data": Out(8), "data_ready": Out(1),
             "last": In(range(max_payload + 1)), "stale": In(1),
@@ -148,13 +151,14 @@ class _ResponsePayload(wiring.Component):
     def _identity_values(self, m):
         status = Signal(8)
         m.d.comb += status.eq(Mux(self.weights_loaded, Status.WEIGHTS_LOADED, 0)
-                              | Mux(self.load_open, Status.LOADING, 0))
+                              | Mux(self.load_open, Status.LOADING, 0)
+                              | Mux(self.memory_error, Status.MEMORY_ERROR, 0))
         cfg = self.cfg
         return dict(
             magic=DEVICE_MAGIC, version_major=PROTOCOL_VERSION[0], version_minor=PROTOCOL_VERSION[1],
             boot_id=self.boot_id, vocab_size=cfg.V, hidden_size=cfg.d, num_layers=cfg.L, intermediate_size=cfg.I,
             lanes=self.lanes, packing=int(self.packing_code), image_version=IMAGE_VERSION,
-            formats_id=formats_id(FORMATS), max_payload=self.max_payload, step_time_ms=self.step_time_ms,
+            formats_id=formats_id(self.formats), max_payload=self.max_payload, step_time_ms=self.step_time_ms,
             status=status, position=self.position, **self._image_fields())
 
     def elaborate(self, platform):

@@ -76,6 +76,8 @@ class LinkedEngine(wiring.Component):
                                           (``memory="sdram"`` only) to the LiteDRAM core's
                                           native user port, as :class:`~.dram_engine.DramEngine`'s
     init_done : In(1)                     (``memory="sdram"`` only) the core's ``init_done``
+    memory_error : In(1)                  (``memory="sdram"`` only) the DRAM failed to start (its
+                                          read levelling): IDENTIFY's ``Status.MEMORY_ERROR``
     """
 
     def __init__(self, cfg: ModelConfig, *, lanes: int = 16, packing: str = "base3",
@@ -111,7 +113,8 @@ class LinkedEngine(wiring.Component):
         if activity_ports:
             members |= {"idle": Out(1), "in_frame": Out(1)}
         if memory != "bram":
-            members |= {"native": self.engine.signature.members["native"], "init_done": In(1)}
+            members |= {"native": self.engine.signature.members["native"], "init_done": In(1),
+                        "memory_error": In(1)}
         self.activity_ports = activity_ports
         self.memory = memory
         super().__init__(members)
@@ -131,7 +134,7 @@ class LinkedEngine(wiring.Component):
 
         if self.memory != "bram":
             wiring.connect(m, engine.native, wiring.flipped(self.native))
-            m.d.comb += engine.init_done.eq(self.init_done)
+            m.d.comb += [engine.init_done.eq(self.init_done), link.memory_error.eq(self.memory_error)]
 
         if self.activity_ports:
             if self.memory == "bram":

@@ -264,6 +264,7 @@ class Packing(enum.IntEnum):
 class Status(enum.IntFlag):
     WEIGHTS_LOADED = 0x01
     LOADING = 0x02
+    MEMORY_ERROR = 0x04       # the weight memory failed to start (a DRAM's calibration): nothing runs
 
 
 # -- CRCs --------------------------------------------------------------------------------

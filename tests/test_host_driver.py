@@ -15,7 +15,7 @@ from mmfree_fpga.config import ModelConfig
 from mmfree_fpga.generation import Sampler
 from mmfree_fpga.host.device_model import DeviceModel
 from mmfree_fpga.host.driver import (
-    Driver, DriverError, IncompatibleDeviceError, NoDeviceError, WrongDeviceError, describe,
+    Driver, DriverError, IncompatibleDeviceError, MemoryFailedError, NoDeviceError, WrongDeviceError, describe,
 )
 from mmfree_fpga.host.image import WeightImage
 from mmfree_fpga.host.testing import SMALL_CONFIG, random_checkpoint, reference_tokens
@@ -162,6 +162,7 @@ class _Patched(DeviceModel):
     ({"formats_id": 1}, IncompatibleDeviceError, "fixed-point formats"),
     ({"image_version": 99}, IncompatibleDeviceError, "image version 99"),
     ({"max_payload": 10}, WrongDeviceError, "payload"),
+    ({"status": P.Status.MEMORY_ERROR}, MemoryFailedError, "weight memory failed to start"),
 ])
 def test_identify_checks(image, changes, error, match):
     with piped(_Patched(image.cfg, **changes)) as driver:

@@ -29,7 +29,7 @@ from mmfree_fpga.protocol import (
     FEED_TOKEN_REQUEST, IDENTITY, LOAD_BEGIN_REQUEST, LOAD_CHUNK_HEADER, LOAD_STATUS_RESPONSE, MAX_CHUNK,
     MAX_PAYLOAD, MIN_DEVICE_PAYLOAD, VERIFY_IMAGE_RESPONSE,
     NAK_PAYLOAD, NAK_RESPONSE, READ_LOGITS_REQUEST, RESPONSE, SYNC, Error, Frame, FrameDecoder,
-    Identity, Op, crc8_header, crc32_image, encode_frame,
+    Identity, Op, Status, crc8_header, crc32_image, encode_frame,
 )
 from mmfree_fpga.reference.integer import IntegerModel
 from mmfree_fpga.sim.runner import verilator_lint, simulator_missing, write_verilog
@@ -449,6 +449,23 @@ def test_preloaded_image(image, small):
         await s.expect(Op.FEED_TOKEN, FEED_TOKEN_REQUEST.pack(0, 4))
 
     simulate(link, body, seed=9)
+
+
+def test_memory_error_shows_in_identify(small):
+    """``memory_error`` (a DRAM that failed its read levelling) sets IDENTIFY's MEMORY_ERROR bit
+    while it is high, in both forms; the rest of the identity is unchanged."""
+    link = make_link(MIN_DEVICE_PAYLOAD, small=small)
+
+    async def body(ctx, bench):
+        statuses = []
+        for seq, error in ((1, 0), (2, 1), (3, 0)):
+            ctx.set(link.memory_error, error)
+            frames = decode(await bench.run(ctx, encode_frame(seq, Op.IDENTIFY)))
+            assert len(frames) == 1 and frames[0].op == Op.IDENTIFY | RESPONSE
+            statuses.append(Identity.unpack(frames[0].payload).status)
+        assert statuses == [0, Status.MEMORY_ERROR, 0]
+
+    simulate(link, body, seed=5)
 
 
 def test_verify_image_reads_back_and_sees_a_corrupted_memory(image):
