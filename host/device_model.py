@@ -51,7 +51,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mmfree_fpga.config import FORMATS, ModelConfig, PerfModel
+from mmfree_fpga.config import FORMATS, Formats, ModelConfig, PerfModel
 from mmfree_fpga.image_slice import Slice, slice_image_size, slice_layout, whole_slice
 from mmfree_fpga.protocol import (
     DEVICE_MAGIC, FEED_TOKEN_REQUEST, FEED_TOKEN_RESPONSE, FRAME_IDLE_TIMEOUT_S, LOAD_BEGIN_REQUEST,
@@ -66,7 +66,7 @@ from mmfree_fpga.protocol import (
     residual_element_bytes,
 )
 from mmfree_fpga.image import IMAGE_VERSION, image_layout, image_size
-from mmfree_fpga.reference.integer import IntegerModel, bitlinear, block, embed_row, parse_image
+from mmfree_fpga.reference.integer import IntegerModel, bitlinear, block, embed_row, parse_image, wire_logits
 
 
 __all__ = ["DeviceModel", "Rejected", "SliceModel", "parse_slice"]
@@ -186,12 +186,15 @@ class DeviceModel:
     ``receive(data, now)`` takes bytes from the host and returns the bytes to send back;
     ``poll(now)`` lets the receiver drop a partial frame after FRAME_IDLE_TIMEOUT_S of silence.
     Thread-safe: a fault injector may call ``power_cycle`` while a server thread feeds bytes.
+    ``formats``: the number formats it computes in (IDENTIFY's formats id, the image layout); its
+    logits go on the wire as Q16 int32 (``wire_logits``), as an engine's do.
     """
 
     def __init__(self, cfg: ModelConfig, packing: str = "base3", *, lanes: int = 0,
                  step_time_ms: int | None = None, max_payload: int = MAX_PAYLOAD, seed: int | None = None,
                  minor: int = PROTOCOL_VERSION[1], readback: bool = True, slots: int = 0,
-                 capacity: int | None = None, cycle_model: PerfModel | None = None):
+                 capacity: int | None = None, cycle_model: PerfModel | None = None,
+                 formats: Formats = FORMATS):
         if not MIN_DEVICE_PAYLOAD <= max_payload <= MAX_PAYLOAD:
             raise ValueError(f"max_payload must be in [{MIN_DEVICE_PAYLOAD}, {MAX_PAYLOAD}]")
         if not 0 <= minor <= PROTOCOL_VERSION[1]:
@@ -214,12 +217,13 @@ class DeviceModel:
         self.lanes = lanes
         self.max_payload = max_payload
         self.step_time_ms = _estimate_step_ms(cfg) if step_time_ms is None else step_time_ms
-        self.image_bytes = image_size(cfg, packing)
+        self.formats = formats
+        self.image_bytes = image_size(cfg, packing, formats)
         self.capacity = self.image_bytes if capacity is None else capacity
         if not 0 < self.capacity < 1 << 32:
             raise ValueError(f"capacity must be in [1, 2^32), got {capacity}")
-        self.element_bytes = residual_element_bytes(FORMATS)
-        self.formats_id = formats_id(FORMATS)
+        self.element_bytes = residual_element_bytes(formats)
+        self.formats_id = formats_id(formats)
         self.stats: Counter = Counter()
         self._rng = random.Random(seed)
         self._lock = threading.RLock()
@@ -322,7 +326,7 @@ class DeviceModel:
         """Load an image directly, as if LOAD_BEGIN (or LOAD_SLICE for ``sl``)/CHUNK/COMMIT had
         carried it (serve --preload): ``blob`` is the whole image, or ``sl``'s slice image."""
         with self._lock:
-            want = self.image_bytes if sl is None else slice_image_size(self.cfg, self.packing, sl)
+            want = self.image_bytes if sl is None else slice_image_size(self.cfg, self.packing, sl, self.formats)
             if len(blob) != want:
                 raise ValueError(f"image has {len(blob)} bytes, this engine takes {want}")
             if sl is not None and not self.slots:
@@ -344,7 +348,7 @@ class DeviceModel:
         """Commit ``blob``: the whole image, or the open load's slice."""
         sl = self._load.slice if self._load is not None else None
         sl = whole_slice(self.cfg) if sl is None else sl
-        self._model = parse_slice(blob, self.cfg, self.packing, sl, max(self.slots, 1), FORMATS)
+        self._model = parse_slice(blob, self.cfg, self.packing, sl, max(self.slots, 1), self.formats)
         self._slice = sl
         self._stored = bytearray(blob)
         self._image_crc = crc
@@ -529,7 +533,8 @@ class DeviceModel:
         self._position += 1
         self._logits = logits
         self.stats["tokens"] += 1
-        return FEED_TOKEN_RESPONSE.pack(self._position, best, int(logits[best]), self._cycles())
+        return FEED_TOKEN_RESPONSE.pack(self._position, best, int(wire_logits(logits[best:best + 1], self.formats)[0]),
+                                        self._cycles())
 
     def _op_read_logits(self, payload: bytes) -> bytes:
         position, start, count = READ_LOGITS_REQUEST.unpack(payload)
@@ -541,7 +546,7 @@ class DeviceModel:
         per_read = min(MAX_LOGITS_PER_READ, (self.max_payload - READ_LOGITS_HEADER.size) // 4)
         if self._logits is None or not 1 <= count <= per_read or start + count > self.cfg.V:
             raise Rejected(Error.BAD_ARGUMENT, per_read)
-        values = self._logits[start:start + count].astype("<i4").tobytes()
+        values = wire_logits(self._logits[start:start + count], self.formats).astype("<i4").tobytes()
         return READ_LOGITS_HEADER.pack(position, start) + values
 
     def _op_load_status(self, payload: bytes) -> bytes:
@@ -595,7 +600,7 @@ class DeviceModel:
             sl.check(self.cfg)
         except ValueError:
             raise Rejected(Error.BAD_ARGUMENT, self.cfg.L) from None
-        want = slice_image_size(self.cfg, self.packing, sl)
+        want = slice_image_size(self.cfg, self.packing, sl, self.formats)
         if size != want:
             raise Rejected(Error.BAD_IMAGE_SIZE, want)
         if size > self.capacity:
@@ -626,7 +631,7 @@ class DeviceModel:
             raise Rejected(Error.BAD_OFFSET, buf.pointer if ours else 0)
         if start + len(values) > self.cfg.d:
             raise Rejected(Error.BAD_ARGUMENT, self.cfg.d - start)
-        bad = np.flatnonzero((values < FORMATS.x_min) | (values > FORMATS.x_max))
+        bad = np.flatnonzero((values < self.formats.x_min) | (values > self.formats.x_max))
         if bad.size:
             raise Rejected(Error.BAD_ARGUMENT, int(bad[0]))
         if start == 0:
@@ -662,7 +667,7 @@ class DeviceModel:
         self.stats["tokens"] += 1
         self.stats["slice_feeds"] += 1
         best = IntegerModel.argmax(out) if sl.head else 0
-        logit = int(out[best]) if sl.head else 0
+        logit = int(wire_logits(out[best:best + 1], self.formats)[0]) if sl.head else 0
         return FEED_SLOT_RESPONSE.pack(self._positions[slot], best, logit, self._cycles())
 
     def _op_read_output(self, payload: bytes) -> bytes:
@@ -677,5 +682,8 @@ class DeviceModel:
         if out is None or (out.slot, out.position) != (slot, position) or not 1 <= count <= per_read \
                 or start + count > len(out.values):
             raise Rejected(Error.BAD_ARGUMENT, per_read)
+        values = out.values[start:start + count]
+        if out.logits:
+            return READ_OUTPUT_HEADER.pack(slot, position, start) + wire_logits(values, self.formats).astype("<i4").tobytes()
         dtype = "<i4" if e == 4 else "<i8"
-        return READ_OUTPUT_HEADER.pack(slot, position, start) + out.values[start:start + count].astype(dtype).tobytes()
+        return READ_OUTPUT_HEADER.pack(slot, position, start) + values.astype(dtype).tobytes()

@@ -44,7 +44,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from mmfree_fpga.config import FORMATS, ModelConfig
+from mmfree_fpga.config import FORMAT_SETS, Formats, ModelConfig
 from mmfree_fpga.errors import UserError
 from mmfree_fpga.generation import Sampler
 from mmfree_fpga.protocol import (
@@ -58,7 +58,8 @@ from mmfree_fpga.protocol import (
     BadFrame, Error, FrameDecoder, Identity, Op, Packing, crc32_image, encode_frame, formats_id,
     FEED_SLOT_REQUEST, FEED_SLOT_RESPONSE, LOAD_SLICE_REQUEST, LOAD_SLICE_RESPONSE, MAX_RESIDUAL_PER_WRITE,
     MINOR_SLICES, READ_OUTPUT_HEADER, READ_OUTPUT_REQUEST, RESET_SLOT_REQUEST, RESET_SLOT_RESPONSE,
-    SLICE_INFO_RESPONSE, WRITE_RESIDUAL_HEADER, WRITE_RESIDUAL_RESPONSE, SliceInfo, SliceOp, Status, op_name,
+    SLICE_INFO_RESPONSE, WIRE_LOGIT_FRAC, WRITE_RESIDUAL_HEADER, WRITE_RESIDUAL_RESPONSE, SliceInfo, SliceOp,
+    Status, op_name,
     residual_element_bytes,
 )
 from mmfree_fpga.image_slice import Slice
@@ -489,10 +490,12 @@ class Driver:
                 f"the engine at {self.name} reports that its weight memory failed to start (the DRAM's read "
                 "levelling found no working setting, or its final check failed); power-cycle the board, and if "
                 "it persists check the DRAM's clock and the build (the board's DRAM status LED shows it too)")
-        if info.formats_id != formats_id(FORMATS):
+        known = {formats_id(fmt): name for name, fmt in FORMAT_SETS.items()}
+        if info.formats_id not in known:
             raise IncompatibleDeviceError(
-                f"the engine at {self.name} computes with other fixed-point formats (id {info.formats_id:08x}) "
-                f"than this host's (id {formats_id(FORMATS):08x}); rebuild the engine from this version")
+                f"the engine at {self.name} computes with fixed-point formats this host does not know (id "
+                f"{info.formats_id:08x}; this version's sets: "
+                + ", ".join(f"{name} {fid:08x}" for fid, name in known.items()) + "); rebuild the engine from this version")
         if info.image_version != IMAGE_VERSION:
             raise IncompatibleDeviceError(
                 f"the engine at {self.name} reads weight image version {info.image_version}, this host "
@@ -511,6 +514,17 @@ class Driver:
                 f"{info.num_layers} layers, intermediate {info.intermediate_size}, but {what} has vocab {cfg.V}, "
                 f"hidden {cfg.d}, {cfg.L} layers, intermediate {cfg.I}; use the checkpoint the engine was "
                 "built for, or build the engine for this one")
+
+    @property
+    def formats(self) -> Formats:
+        """The number formats the engine computes in (one of ``config.FORMAT_SETS``, by IDENTIFY's
+        formats id): the image it takes is exported in them."""
+        info = self.info or self.identify()
+        for fmt in FORMAT_SETS.values():
+            if formats_id(fmt) == info.formats_id:
+                return fmt
+        raise IncompatibleDeviceError(f"the engine at {self.name} computes with unknown formats "
+                                      f"(id {info.formats_id:08x}); rebuild the engine from this version")
 
     @property
     def packing(self) -> str:
@@ -727,10 +741,10 @@ class Driver:
         result = self.slice_info()
         if result is None:
             raise self._no_slices()
-        if result.element_bytes != residual_element_bytes(FORMATS):
+        if result.element_bytes != residual_element_bytes(self.formats):
             raise IncompatibleDeviceError(
-                f"the engine at {self.name} sends {result.element_bytes}-byte residual values, this host's formats "
-                f"{residual_element_bytes(FORMATS)}; rebuild the engine from this version")
+                f"the engine at {self.name} sends {result.element_bytes}-byte residual values, its formats "
+                f"{residual_element_bytes(self.formats)}; rebuild the engine from this version")
         return result
 
     def held_slice(self) -> Slice | None:
@@ -751,7 +765,7 @@ class Driver:
             raise WrongDeviceError(f"the device at {self.name} answered RESET_SLOT {slot} with something else")
 
     def _element_dtype(self) -> tuple[int, str]:
-        e = residual_element_bytes(FORMATS)
+        e = residual_element_bytes(self.formats)
         return e, "<i4" if e == 4 else "<i8"
 
     def write_residual(self, slot: int, position: int, values: np.ndarray) -> None:
@@ -963,7 +977,8 @@ class Driver:
             if sampler.greedy:
                 token = last.token
             else:
-                token = sampler(self.logits().astype(np.float64) / (1 << FORMATS.x_frac))
+                # the wire's logits are Q16 whatever the engine's formats (reference.integer.wire_logits)
+                token = sampler(self.logits().astype(np.float64) / (1 << WIRE_LOGIT_FRAC))
             yield token
             if step < steps - 1:
                 last = self.feed(token)

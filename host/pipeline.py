@@ -53,11 +53,11 @@ from typing import Callable
 
 import numpy as np
 
-from mmfree_fpga.config import FORMATS, ModelConfig
+from mmfree_fpga.config import FORMATS, Formats, ModelConfig
 from mmfree_fpga.errors import UserError
 from mmfree_fpga.generation import Sampler
 from mmfree_fpga.image_slice import Slice, chain_error
-from mmfree_fpga.protocol import MAX_RECOVERIES, Error, SliceInfo
+from mmfree_fpga.protocol import MAX_RECOVERIES, WIRE_LOGIT_FRAC, Error, SliceInfo, formats_id
 
 from .driver import DeviceNak, Driver, DriverError, FeedResult, RecoveryError
 from .image import WeightImage
@@ -205,10 +205,11 @@ class Pipeline:
     def __exit__(self, *exc):
         self.close()
 
-    def whole_image(self, packing: str) -> WeightImage:
-        if packing not in self._images:
-            self._images[packing] = WeightImage.from_checkpoint(self.checkpoint, packing)
-        return self._images[packing]
+    def whole_image(self, packing: str, fmt: Formats = FORMATS) -> WeightImage:
+        key = (packing, formats_id(fmt))
+        if key not in self._images:
+            self._images[key] = WeightImage.from_checkpoint(self.checkpoint, packing, fmt)
+        return self._images[key]
 
     # -- the split and the weights -----------------------------------------------------------
     def prepare(self, *, force: bool = False, allow_load: bool = True, verify: bool = False,
@@ -243,7 +244,7 @@ class Pipeline:
             slices = held
         for s, sl in zip(stages, slices):
             s.slice = sl
-            s.image = self.whole_image(s.driver.packing).cut(sl)
+            s.image = self.whole_image(s.driver.packing, s.driver.formats).cut(sl)
         todo = [s for s in stages if force or not s.driver.holds(s.image)]
         if todo and not allow_load:
             s = todo[0]
@@ -381,7 +382,7 @@ class Pipeline:
                     if samplers[i].greedy:
                         token = result.token
                     else:
-                        token = samplers[i](logits.astype(np.float64) / (1 << FORMATS.x_frac))
+                        token = samplers[i](logits.astype(np.float64) / (1 << WIRE_LOGIT_FRAC))
                     tokens[i].append(token)
                     generated[i] += 1
                     if on_token is not None:

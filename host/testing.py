@@ -39,8 +39,10 @@ def random_checkpoint(directory, cfg: ModelConfig = SMALL_CONFIG, seed: int = 0)
     return save_checkpoint(model, directory)
 
 
-def reference_tokens(checkpoint, prompt: list[int], steps: int, sampler: Sampler | None = None) -> list[int]:
-    """``tokens`` of ``mmfree-fpga reference --integer`` (prompt + generated) for this prompt."""
+def reference_tokens(checkpoint, prompt: list[int], steps: int, sampler: Sampler | None = None,
+                     formats: str = "narrow") -> list[int]:
+    """``tokens`` of ``mmfree-fpga reference --integer [--formats F]`` (prompt + generated) for this prompt."""
+    from mmfree_fpga.config import FORMAT_SETS
     from mmfree_fpga.reference.steppers import integer_stepper
-    _, step = integer_stepper(checkpoint)
+    _, step = integer_stepper(checkpoint, FORMAT_SETS[formats])
     return generate(step, list(prompt), steps, sampler or Sampler()).tokens

@@ -42,7 +42,7 @@ from amaranth.hdl import Module
 from amaranth.lib import stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from mmfree_fpga.config import ModelConfig
+from mmfree_fpga.config import FORMATS, Formats, ModelConfig
 from mmfree_fpga.protocol import MAX_PAYLOAD
 
 from .control import ControlSignature
@@ -63,7 +63,8 @@ class LinkedEngine(wiring.Component):
     (``spram``) to the :class:`~.tiny_engine.TinyEngine` (iCE40UP5K; ``lanes`` is then only
     reported by the Link), or with ``memory="sdram"`` (``native_data_width`` and
     ``native_address_width`` of the core, required; maxima, ``fifo_depth``) to the
-    :class:`~.dram_engine.DramEngine`. ``readback`` (None: ``not tiny``) gives the Link
+    :class:`~.dram_engine.DramEngine`. ``formats``: the engine's number formats (and IDENTIFY's
+    formats id; the tiny engine takes the narrow set only). ``readback`` (None: ``not tiny``) gives the Link
     VERIFY_IMAGE and the engine its reader (module docstring).
 
     Members
@@ -84,7 +85,7 @@ class LinkedEngine(wiring.Component):
                  max_payload: int = MAX_PAYLOAD, step_time_ms: int = 0, clk_freq: float = 12e6,
                  idle_timeout_cycles: int | None = None, boot_id: int | None = None,
                  image: bytes | None = None, tiny: bool = False, activity_ports: bool = False,
-                 memory: str = "bram", readback: bool | None = None, **engine_kw):
+                 memory: str = "bram", readback: bool | None = None, formats: Formats = FORMATS, **engine_kw):
         if memory not in MEMORIES:
             raise ValueError(f"unknown memory {memory!r}; use one of {', '.join(MEMORIES)}")
         if memory != "bram" and tiny:
@@ -92,6 +93,8 @@ class LinkedEngine(wiring.Component):
         if memory != "bram" and image is not None:
             raise ValueError(f"memory={memory!r}: a DRAM starts empty, the image comes through the Link's "
                              "load (leave out image)")
+        if tiny and formats != FORMATS:
+            raise ValueError("the tiny engine computes in the narrow formats only")
         readback = not tiny if readback is None else readback
         if tiny and readback:
             raise ValueError("the tiny engine cannot read its weights back: readback needs tiny=False")
@@ -100,15 +103,17 @@ class LinkedEngine(wiring.Component):
         # a response ROM: fewer logic cells, same bytes on the wire)
         self.link = Link(cfg, packing=packing, lanes=lanes, max_payload=max_payload, step_time_ms=step_time_ms,
                          clk_freq=clk_freq, idle_timeout_cycles=idle_timeout_cycles, boot_id=boot_id,
-                         image=image, small=tiny, readback=readback)
+                         image=image, small=tiny, readback=readback, formats=formats)
         if tiny:
             from .tiny_engine import TinyEngine
             self.engine = TinyEngine(cfg, packing=packing, image=image, **engine_kw)
         elif memory == "sdram":
             from .dram_engine import DramEngine
-            self.engine = DramEngine(cfg, lanes=lanes, packing=packing, readback=readback, **engine_kw)
+            self.engine = DramEngine(cfg, lanes=lanes, packing=packing, readback=readback, formats=formats,
+                                     **engine_kw)
         else:
-            self.engine = Engine(cfg, lanes=lanes, packing=packing, image=image, readback=readback, **engine_kw)
+            self.engine = Engine(cfg, lanes=lanes, packing=packing, image=image, readback=readback, formats=formats,
+                                 **engine_kw)
         members = {"i_stream": In(stream.Signature(8)), "o_stream": Out(stream.Signature(8))}
         if activity_ports:
             members |= {"idle": Out(1), "in_frame": Out(1)}

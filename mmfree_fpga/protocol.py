@@ -150,7 +150,7 @@ from .packing import PACKINGS
 
 __all__ = [
     "SYNC", "RESPONSE", "PROTOCOL_VERSION", "DEVICE_MAGIC", "HEADER_LEN", "TRAILER_LEN",
-    "FRAME_OVERHEAD", "MAX_CHUNK", "MAX_LOGITS_PER_READ", "MAX_PAYLOAD", "MIN_DEVICE_PAYLOAD",
+    "FRAME_OVERHEAD", "MAX_CHUNK", "MAX_LOGITS_PER_READ", "WIRE_LOGIT_FRAC", "MAX_PAYLOAD", "MIN_DEVICE_PAYLOAD",
     "Op", "Error", "NAK_RESPONSE", "Packing", "Status",
     "HEADER_CRC", "FRAME_CRC", "IMAGE_CRC", "crc8_header", "crc16_frame", "crc32_image",
     "table_crc", "formats_id",
@@ -182,6 +182,8 @@ FRAME_OVERHEAD = HEADER_LEN + TRAILER_LEN
 
 MAX_CHUNK = 1024                   # LOAD_CHUNK data bytes
 MAX_LOGITS_PER_READ = 256          # READ_LOGITS count
+WIRE_LOGIT_FRAC = 16               # logits on the wire (FEED_TOKEN's logit, READ_LOGITS) are Q16 int32,
+                                   # whatever the engine's formats (reference.integer.wire_logits)
 MAX_PAYLOAD = max(4 + MAX_CHUNK, 8 + 4 * MAX_LOGITS_PER_READ)   # 1032
 MAX_RESIDUAL_PER_WRITE = 256       # WRITE_RESIDUAL values (fewer where the payload limits them)
 MAX_SLOTS = 255                    # state slots a device may announce (a byte)

@@ -253,7 +253,7 @@ def wire_logits(logits: np.ndarray, fmt: Formats = F) -> np.ndarray:
     """The logits as the engine's external interface carries them (the FEED_TOKEN result's logit,
     READ_LOGITS): Q16 int32 whatever x_frac is, ``clip(rshift_round(logits, x_frac - 16), int32)``.
     The argmax is taken on the full-width logits (first index of the largest)."""
-    v = rshift_round(np.asarray(logits, dtype=np.int64), fmt.x_frac - 16)
+    v = rshift_round(np.asarray(logits, dtype=np.int64), fmt.x_frac - 16)     # protocol.WIRE_LOGIT_FRAC
     return np.clip(v, -(1 << 31), (1 << 31) - 1).astype(np.int64)
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable, Protocol
 
-from mmfree_fpga.config import ModelConfig
+from mmfree_fpga.config import FORMATS, Formats, ModelConfig
 from mmfree_fpga.errors import UserError
 
 if TYPE_CHECKING:
@@ -73,8 +73,8 @@ MODEL_SLOTS = 4      # the model backend's state slots (protocol 1.2's slice ops
 
 def _model_backend(cfg: ModelConfig, packing: str, image: "WeightImage | None", seed: int | None,
                    waves=None, memory: str = "bram", slots: int | None = None, cycle_model: bool = False,
-                   lanes: int = 16, **_options) -> Backend:
-    """The device model with ``slots`` state slots (default :data:`MODEL_SLOTS`: it runs layer
+                   lanes: int = 16, formats: Formats = FORMATS, **_options) -> Backend:
+    """The device model (in ``formats``) with ``slots`` state slots (default :data:`MODEL_SLOTS`: it runs layer
     slices; 0: a device without the slice ops). ``cycle_model``: each feed reports the
     performance model's cycles of an engine of ``lanes`` lanes for the slice it runs."""
     if waves is not None:
@@ -86,9 +86,10 @@ def _model_backend(cfg: ModelConfig, packing: str, image: "WeightImage | None", 
     from mmfree_fpga.config import PERF_MODEL
     if cycle_model:
         device = DeviceModel(cfg, packing, seed=seed, slots=MODEL_SLOTS if slots is None else slots,
-                             lanes=lanes, cycle_model=PERF_MODEL)
+                             lanes=lanes, cycle_model=PERF_MODEL, formats=formats)
     else:
-        device = DeviceModel(cfg, packing, seed=seed, slots=MODEL_SLOTS if slots is None else slots)
+        device = DeviceModel(cfg, packing, seed=seed, slots=MODEL_SLOTS if slots is None else slots,
+                             formats=formats)
     if image is not None:
         device.load_image(image.blob)
     return device
@@ -116,7 +117,8 @@ class RtlBackend:
     SDRAM. A power cycle empties the SDRAM."""
 
     def __init__(self, cfg: ModelConfig, packing: str = "base3", lanes: int = 16, build_dir=None, log=None,
-                 waves=None, waves_from: int = 0, waves_to: int | None = None, memory: str = "bram"):
+                 waves=None, waves_from: int = 0, waves_to: int | None = None, memory: str = "bram",
+                 formats: Formats = FORMATS):
         import hashlib
         import json
         from pathlib import Path
@@ -125,10 +127,13 @@ class RtlBackend:
         from .pipe import PIPE_CLOCK_HZ, PipeSim, build_pipe_sim
         if memory not in MEMORIES:
             raise UserError(f"unknown memory {memory!r}; use one of {', '.join(MEMORIES)}")
-        settings = [cfg.as_dict(), packing, lanes]
+        if memory != "bram" and formats != FORMATS:
+            raise UserError(f"--memory {memory} runs the narrow formats only")
+        settings = [cfg.as_dict(), packing, lanes] + ([] if formats == FORMATS else [formats.as_dict()])
         sources = []
         if memory == "bram":
-            design = LinkedEngine(cfg, lanes=lanes, packing=packing, clk_freq=PIPE_CLOCK_HZ, activity_ports=True)
+            design = LinkedEngine(cfg, lanes=lanes, packing=packing, clk_freq=PIPE_CLOCK_HZ, activity_ports=True,
+                                  formats=formats)
         else:
             from mmfree_fpga.image import image_size
             from .dram_sim import DramLinkedSimTop
@@ -177,7 +182,8 @@ class RtlBackend:
 
 def _rtl_backend(cfg: ModelConfig, packing: str, image: "WeightImage | None", seed: int | None,
                  lanes: int = 16, log=None, waves=None, waves_from: int = 0, waves_to: int | None = None,
-                 memory: str = "bram", slots: int | None = None, cycle_model: bool = False, **_options) -> Backend:
+                 memory: str = "bram", slots: int | None = None, cycle_model: bool = False,
+                 formats: Formats = FORMATS, **_options) -> Backend:
     if slots is not None:
         raise UserError("--slots sets the device model's state slots: the gateware has none yet (its Link answers "
                         "the slice ops UNKNOWN_OP); use --backend model")
@@ -187,7 +193,7 @@ def _rtl_backend(cfg: ModelConfig, packing: str, image: "WeightImage | None", se
         raise UserError("the rtl backend starts without weights, like a board: the first 'run' loads them "
                         "(leave out --preload)")
     return RtlBackend(cfg, packing, lanes=lanes, log=log, waves=waves, waves_from=waves_from, waves_to=waves_to,
-                      memory=memory)
+                      memory=memory, formats=formats)
 
 
 # name -> factory(cfg, packing, image or None, seed) -> Backend

@@ -125,6 +125,17 @@ def test_serve_then_run_gives_the_integer_reference_and_ctrl_c_exits_0(checkpoin
         assert "built for vocab 256, hidden 32" in err and not (tmp_path / "never.json").exists()
 
 
+def test_serve_formats_wide_the_host_exports_in_the_device_formats(checkpoint, tmp_path, capsys):
+    """A device in the wide formats: the host exports the image in the formats IDENTIFY names and
+    the tokens equal reference --integer --formats wide (greedy: the argmax is taken on full width)."""
+    with serve_child(["--backend", "model", "--formats", "wide", "--checkpoint", str(checkpoint)]) as (url, _):
+        out_json = tmp_path / "run.json"
+        assert main(["run", "--device", url, "--checkpoint", str(checkpoint), "--prompt", "def ",
+                     "--steps", "16", "--quiet", "--json-out", str(out_json)]) == 0
+        assert json.loads(out_json.read_text())["tokens"] == reference_tokens(checkpoint, list(b"def "), 16,
+                                                                             formats="wide")
+
+
 def test_run_errors_are_one_line_and_exit_2(checkpoint, capsys):
     common = ["--checkpoint", str(checkpoint), "--steps", "2"]
     assert "cannot open device 'bogus://x'" in _error_line(capsys, ["run", "--device", "bogus://x"] + common)

@@ -77,7 +77,7 @@ def run(args) -> dict:
         info = driver.connect(cfg, what=f"the checkpoint {checkpoint}")
         if not args.quiet:
             print(f"device {args.device}: {describe(info)}", flush=True)
-        image = WeightImage.from_checkpoint(checkpoint, driver.packing)
+        image = WeightImage.from_checkpoint(checkpoint, driver.packing, driver.formats)
         progress = Progress("loading weights", quiet=args.quiet, unit="B", unit_scale=True)
         t_load = time.perf_counter()
         try:
@@ -177,7 +177,7 @@ def _run_one_by_one(args, url, checkpoint, cfg, prompts) -> dict:
         info = driver.connect(cfg, what=f"the checkpoint {checkpoint}")
         if not args.quiet:
             print(f"device {url}: {describe(info)}", flush=True)
-        image = WeightImage.from_checkpoint(checkpoint, driver.packing)
+        image = WeightImage.from_checkpoint(checkpoint, driver.packing, driver.formats)
         loaded = driver.ensure_weights(image, force=args.force_load, allow_load=not args.no_load, verify=args.verify)
         sequences = []
         t0 = time.perf_counter()

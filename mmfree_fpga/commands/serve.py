@@ -25,6 +25,10 @@ def add_arguments(p) -> None:
                    help="(rtl, and model with --cycle-model) lanes of the simulated engine: " + lanes_help(16))
     p.add_argument("--packing", choices=("2bit", "base3"), default="base3",
                    help="trit packing the simulated engine decodes (default base3)")
+    from mmfree_fpga.config import FORMAT_SETS
+    p.add_argument("--formats", choices=tuple(FORMAT_SETS), default="narrow",
+                   help="the number formats the simulated engine computes in (default narrow; the host "
+                        "exports the image in the formats the device announces)")
     p.add_argument("--memory", choices=MEMORIES, default="bram",
                    help="(rtl) where the simulated engine's weights are: 'bram' = on-chip RAM (default); "
                         "'sdram' = a simulated SDRAM behind the generated LiteDRAM core (the ULX3S's "
@@ -78,15 +82,19 @@ def run(args) -> dict:
     if args.memory != "bram" and args.backend != "rtl":
         raise UserError(f"--memory {args.memory} simulates the engine's DRAM in the generated Verilog: it needs "
                         f"--backend rtl (the {args.backend} backend has no memory type)")
+    if args.formats != "narrow" and args.memory != "bram":
+        raise UserError(f"--memory {args.memory} runs the narrow formats only; drop --formats {args.formats}")
     if args.checkpoint is None:      # (imported only here: it brings torch, which serving does not need)
         from mmfree_fpga.reference.checkpoint import DEMO_CHECKPOINT
     checkpoint = args.checkpoint or DEMO_CHECKPOINT
     cfg = ModelConfig.from_checkpoint(checkpoint)
-    image = WeightImage.from_checkpoint(checkpoint, args.packing) if args.preload else None
+    from mmfree_fpga.config import FORMAT_SETS
+    formats = FORMAT_SETS[args.formats]
+    image = WeightImage.from_checkpoint(checkpoint, args.packing, formats) if args.preload else None
     memory = {"memory": args.memory} if args.backend == "rtl" else {}
     backend = make_backend(args.backend, cfg, args.packing, image, lanes=args.lanes,
                            log=lambda msg: print(msg, flush=True), slots=args.slots, cycle_model=args.cycle_model,
-                           **memory, **waves)
+                           formats=formats, **memory, **waves)
     try:
         server = TcpDeviceServer(backend, port=args.port, baud=args.baud)
         print(f"serving on {server.url}", flush=True)
