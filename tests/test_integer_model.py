@@ -218,7 +218,11 @@ def test_mul_shift_is_exact_past_int64():
 
 
 def test_wire_logits():
-    logits = np.array([3 << 24, -(5 << 23), (1 << 8) - 1, 1 << 7, -(1 << 7), 1 << 39, -(1 << 39)])
+    """Q(x_frac) -> Q16 int32, rounding half up, saturating; the identity at x_frac 16."""
+    s = WIDE.x_frac - 16
+    assert s > 0
+    logits = np.array([3 << WIDE.x_frac, -(5 << (WIDE.x_frac - 1)), (1 << s) - 1, 1 << (s - 1), -(1 << (s - 1)),
+                       WIDE.x_max, WIDE.x_min])
     assert im.wire_logits(logits, WIDE).tolist() == [3 << 16, -(5 << 15), 1, 1, 0, (1 << 31) - 1, -(1 << 31)]
     assert im.wire_logits(logits[:3], F).tolist() == logits[:3].tolist()
 
