@@ -125,15 +125,19 @@ def test_serve_then_run_gives_the_integer_reference_and_ctrl_c_exits_0(checkpoin
         assert "built for vocab 256, hidden 32" in err and not (tmp_path / "never.json").exists()
 
 
-def test_serve_formats_wide_the_host_exports_in_the_device_formats(checkpoint, tmp_path, capsys):
+@pytest.mark.parametrize("backend", ["model", pytest.param("rtl", marks=pytest.mark.slow)])
+def test_serve_formats_wide_the_host_exports_in_the_device_formats(checkpoint, tmp_path, backend):
     """A device in the wide formats: the host exports the image in the formats IDENTIFY names and
-    the tokens equal reference --integer --formats wide (greedy: the argmax is taken on full width)."""
-    with serve_child(["--backend", "model", "--formats", "wide", "--checkpoint", str(checkpoint)]) as (url, _):
+    the tokens equal reference --integer --formats wide (greedy: the argmax is taken on full width);
+    rtl: the Link and the wide engine's generated Verilog, the image read back (--verify)."""
+    with serve_child(["--backend", backend, "--formats", "wide", "--checkpoint", str(checkpoint)],
+                     url_timeout=900) as (url, _):
         out_json = tmp_path / "run.json"
         assert main(["run", "--device", url, "--checkpoint", str(checkpoint), "--prompt", "def ",
-                     "--steps", "16", "--quiet", "--json-out", str(out_json)]) == 0
-        assert json.loads(out_json.read_text())["tokens"] == reference_tokens(checkpoint, list(b"def "), 16,
-                                                                             formats="wide")
+                     "--steps", "16", "--quiet", "--verify", "--json-out", str(out_json)]) == 0
+        result = json.loads(out_json.read_text())
+        assert result["verified"] is True
+        assert result["tokens"] == reference_tokens(checkpoint, list(b"def "), 16, formats="wide")
 
 
 def test_run_errors_are_one_line_and_exit_2(checkpoint, capsys):
