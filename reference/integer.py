@@ -38,7 +38,7 @@ __all__ = [
     "IntBitLinear", "IntLayer", "IntegerWeights", "IntegerModel", "parse_image",
     "normalise", "quantise", "bitlinear", "sigmoid_table", "sigmoid", "silu",
     "rshift_round", "saturate", "isqrt", "scale_mantissa", "embed", "embed_row", "mlgru", "glu", "block",
-    "bitlinear_rows", "recurrence", "glu_mix", "block_positions",
+    "bitlinear_rows", "recurrence", "glu_mix", "block_positions", "activations",
     "norm_shift", "shift", "mul_shift", "eps_term", "wire_logits", "EPS_KINDS", "EPS_KIND_OF",
 ]
 
@@ -172,6 +172,13 @@ def _bitlinear_front(v: np.ndarray, layer: "IntBitLinear", fmt: Formats, yg: np.
     r = isqrt(s + e)
     q = quantise(z, m, fmt) if m and r else None
     return q, m, r, s, e
+
+
+def activations(v: np.ndarray, layer: "IntBitLinear", fmt: Formats = F, yg: np.ndarray | None = None) -> np.ndarray:
+    """The int8 activations q a BitLinear feeds its matrix for input ``v`` (zeros where its output
+    is zero)."""
+    q = _bitlinear_front(v, layer, fmt, yg)[0]
+    return np.zeros(layer.trits.shape[1], dtype=np.int64) if q is None else q
 
 
 def _bitlinear_back(acc: np.ndarray, m: int, r: int, layer: "IntBitLinear", fmt: Formats):
