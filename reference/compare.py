@@ -30,7 +30,7 @@ from mmfree_fpga.config import FORMATS, LAYER_BITLINEARS, Formats
 from mmfree_fpga.progress import track
 
 from .integer import IntegerModel, IntegerWeights
-from .model import BitLinear, HGRNBitForCausalLM
+from .model import HGRNBitForCausalLM
 
 __all__ = ["OPS", "OP_JOB", "HARDWARE_VECTORS", "op_fracs", "float_trace", "float64_logits", "integer_trace",
            "compare_traces", "write_report"]

@@ -14,7 +14,7 @@ from mmfree_fpga.config import FORMAT_SETS, FORMATS, ModelConfig
 from mmfree_fpga.reference import integer as im
 from mmfree_fpga.reference.agreement import agreement, held_out_ids
 from mmfree_fpga.reference.checkpoint import DEMO_CHECKPOINT, load_checkpoint, load_model
-from mmfree_fpga.reference.export import integer_weights, to_fixed_vector
+from mmfree_fpga.reference.export import integer_weights
 from mmfree_fpga.reference.model import HGRNBitForCausalLM, randomize, weight_ternary
 from mmfree_fpga.reference.train import int8_embeddings
 
