@@ -16,7 +16,7 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from mmfree_fpga.config import FORMATS, ModelConfig
+from mmfree_fpga.config import FORMATS, Formats, ModelConfig
 from mmfree_fpga.errors import UserError
 
 __all__ = ["DeviceResources", "DEVICES", "device_resources", "ImageSummary", "image_summary",
@@ -125,34 +125,36 @@ class ImageSummary:
         return f"ternary {self.ternary_bytes:,} B {self.packing}, embeddings {self.embedding_bytes:,} B{vectors}"
 
 
-def _state_bytes(cfg: ModelConfig) -> int:
-    return cfg.L * cfg.d * FORMATS.x_bits // 8
+def _state_bytes(cfg: ModelConfig, fmt: Formats = FORMATS) -> int:
+    return cfg.L * cfg.d * fmt.x_bits // 8
 
 
-def _from_sections(source, packing, cfg, sections, image_bytes, sha256) -> ImageSummary:
+def _from_sections(source, packing, cfg, sections, image_bytes, sha256, fmt: Formats = FORMATS) -> ImageSummary:
     """sections: (name, kind, size) of every section of the image."""
     ternary = sum(size for _, kind, size in sections if kind == "trits")
     embedding = sum(size for name, _, size in sections if name.startswith("embedding."))
     return ImageSummary(source=str(source), packing=packing, geometry=cfg.as_dict(),
                         image_bytes=image_bytes, ternary_bytes=ternary, embedding_bytes=embedding,
                         vector_bytes=sum(s for _, _, s in sections) - ternary - embedding,
-                        state_bytes=_state_bytes(cfg), sha256=sha256)
+                        state_bytes=_state_bytes(cfg, fmt), sha256=sha256)
 
 
-def _lower_bound(source, cfg: ModelConfig, packing: str) -> ImageSummary:
-    """Trits and int8 embeddings alone, from config.json: enough to refuse a large model fast."""
+def _lower_bound(source, cfg: ModelConfig, packing: str, fmt: Formats = FORMATS) -> ImageSummary:
+    """Trits and the embedding table alone, from config.json: enough to refuse a large model fast."""
     from mmfree_fpga.packing import packed_size
     shapes = list(cfg.bitlinear_shapes().values()) * cfg.L + [(cfg.V, cfg.d)]
     ternary = sum(packed_size(o * i, packing) for o, i in shapes)
-    emb = cfg.V * cfg.d
+    emb = cfg.V * cfg.d * (1 if fmt.emb_bits <= 8 else 4)
     return ImageSummary(source=str(source), packing=packing, geometry=cfg.as_dict(),
                         image_bytes=ternary + emb, ternary_bytes=ternary, embedding_bytes=emb,
-                        vector_bytes=0, state_bytes=_state_bytes(cfg), sha256=None, exact=False)
+                        vector_bytes=0, state_bytes=_state_bytes(cfg, fmt), sha256=None, exact=False)
 
 
-def image_summary(checkpoint, packing: str | None = None, *, limit_bytes: int | None = None) -> ImageSummary:
+def image_summary(checkpoint, packing: str | None = None, *, limit_bytes: int | None = None,
+                  fmt: Formats = FORMATS) -> ImageSummary:
     """Sizes of the weight image of ``checkpoint``: an export (manifest.json + weights.bin) or a
-    checkpoint directory (config.json + weights), exported in memory with ``packing``.
+    checkpoint directory (config.json + weights), exported in memory with ``packing`` in the
+    number formats ``fmt``.
 
     With ``limit_bytes``, a checkpoint whose trits and embeddings alone exceed it is not
     exported: the lower bound (``exact=False``) is returned at once.
@@ -174,7 +176,11 @@ def image_summary(checkpoint, packing: str | None = None, *, limit_bytes: int | 
         if packing is not None and packing != image_packing:
             raise UserError(f"{directory} is a {image_packing} weight image, but --packing {packing} "
                             f"was asked for; re-export with --packing {packing} or drop --packing")
-        return _from_sections(directory, image_packing, cfg, sections, image_bytes, sha)
+        image_fmt = manifest.get("formats")
+        if image_fmt is not None and {k: v for k, v in image_fmt.items() if k != "acc_bits"} != asdict(fmt):
+            raise UserError(f"{directory} was exported in other number formats than the engine is built for; "
+                            "re-export it with the same --formats as the build")
+        return _from_sections(directory, image_packing, cfg, sections, image_bytes, sha, fmt)
 
     from mmfree_fpga.reference.checkpoint import load_checkpoint
     from mmfree_fpga.image import SECTION_ALIGN
@@ -182,17 +188,17 @@ def image_summary(checkpoint, packing: str | None = None, *, limit_bytes: int | 
     packing = packing or "base3"
     cfg = ModelConfig.from_checkpoint(directory) if directory.is_dir() else None
     if cfg is not None and limit_bytes is not None:
-        bound = _lower_bound(directory, cfg, packing)
+        bound = _lower_bound(directory, cfg, packing, fmt)
         if bound.needed_bytes > limit_bytes:
             return bound
     cfg, tensors = load_checkpoint(directory)
-    sections = image_sections(integer_weights(cfg, tensors), packing)
+    sections = image_sections(integer_weights(cfg, tensors, fmt), packing)
     blob = bytearray()
     for _, _, data, _ in sections:
         blob += b"\0" * ((-len(blob)) % SECTION_ALIGN)
         blob += data
     return _from_sections(directory, packing, cfg, [(n, k, len(d)) for n, k, d, _ in sections],
-                          len(blob), hashlib.sha256(blob).hexdigest())
+                          len(blob), hashlib.sha256(blob).hexdigest(), fmt)
 
 
 @dataclass(frozen=True)

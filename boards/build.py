@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 
+from mmfree_fpga.config import FORMAT_SETS, FORMATS, Formats
 from mmfree_fpga.errors import UserError
 
 from .budget import ImageSummary, check_fits, check_fits_dram, image_summary, memory_budget
@@ -85,19 +86,20 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("MMFREE_FPGA_CACHE", "out/cache"))
 
 
-def _image_summary(checkpoint: Path, packing, limit_bytes, cache: Path | None) -> ImageSummary:
-    """image_summary, remembered per (checkpoint files' names, sizes, mtimes; packing)."""
+def _image_summary(checkpoint: Path, packing, limit_bytes, cache: Path | None, fmt: Formats = FORMATS) -> ImageSummary:
+    """image_summary, remembered per (checkpoint files' names, sizes, mtimes; packing; formats)."""
     if cache is None or not checkpoint.is_dir():
-        return image_summary(checkpoint, packing, limit_bytes=limit_bytes)
+        return image_summary(checkpoint, packing, limit_bytes=limit_bytes, fmt=fmt)
     files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in checkpoint.iterdir() if p.is_file())
-    fingerprint = hashlib.sha256(json.dumps([str(checkpoint.resolve()), packing, files]).encode()).hexdigest()
+    key = [str(checkpoint.resolve()), packing, files] + ([] if fmt == FORMATS else [asdict(fmt)])
+    fingerprint = hashlib.sha256(json.dumps(key).encode()).hexdigest()
     path = cache / "images" / f"{fingerprint}.json"
     if path.is_file():
         try:
             return ImageSummary(**json.loads(path.read_text()))
         except (OSError, ValueError, TypeError):
             pass
-    summary = image_summary(checkpoint, packing, limit_bytes=limit_bytes)
+    summary = image_summary(checkpoint, packing, limit_bytes=limit_bytes, fmt=fmt)
     if summary.exact:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
@@ -232,20 +234,27 @@ def check_memory(spec: Board, memory: str) -> None:
 def prepare(board: str, *, clock_mhz: float | None = None, baud: int = DEFAULT_BAUD, checkpoint=None,
             packing: str | None = None, design: DesignFactory | None = None,
             fifo_depth: int | None = None, cache_dir=None, seed: int | None = None,
-            memory: str = "bram") -> PreparedBuild:
+            memory: str = "bram", formats: str = "narrow") -> PreparedBuild:
     """Elaborate the board top around ``design`` (default: the board's design) into a build plan
     (no tools run).
 
     ``memory``: ``"bram"`` (the weights in on-chip RAM) or ``"dram"`` (in the board's DRAM,
     ``Board.dram``): the model's size is checked against that memory, the board's LiteDRAM
     core is generated for the design clock (default ``Board.dram_clock_hz``) and the design
-    factory finds it in ``DesignContext.dram`` (:mod:`.dram`).
+    factory finds it in ``DesignContext.dram`` (:mod:`.dram`). ``formats``: the engine's number
+    formats, a name of ``config.FORMAT_SETS`` (the image is sized and exported in them).
 
     Raises UserError for an unknown board, an unreachable clock, a baud rate the clock cannot
     make, a model too big for the board, or ``memory="dram"`` on a board without DRAM support.
     """
     spec = resolve_board(board)
     check_memory(spec, memory)
+    if formats not in FORMAT_SETS:
+        raise UserError(f"unknown formats {formats!r}; use one of {', '.join(FORMAT_SETS)}")
+    fmt = FORMAT_SETS[formats]
+    if memory == "dram" and fmt != FORMATS:
+        raise UserError(f"--memory dram builds the narrow formats only so far (the DRAM engine is not verified in "
+                        f"--formats {formats}); drop --formats or --memory dram")
     platform = spec.platform()
     notes = []
     osc_hz = platform.default_clk_frequency
@@ -311,7 +320,7 @@ def prepare(board: str, *, clock_mhz: float | None = None, baud: int = DEFAULT_B
         from mmfree_fpga.reference.checkpoint import DEMO_CHECKPOINT
         ckpt = Path(checkpoint) if checkpoint is not None else DEMO_CHECKPOINT
         limit = dram.size_bytes if memory == "dram" else budget.available_bytes if budget else None
-        image = _image_summary(ckpt, packing, limit, Path(cache_dir) if cache_dir is not None else None)
+        image = _image_summary(ckpt, packing, limit, Path(cache_dir) if cache_dir is not None else None, fmt)
         if memory == "dram":
             fit = check_fits_dram(image, dram, budget, spec.name)
         elif budget is not None:
@@ -328,7 +337,7 @@ def prepare(board: str, *, clock_mhz: float | None = None, baud: int = DEFAULT_B
             raise UserError(f"--memory dram on {spec.name}: {e}") from None
     context = DesignContext(board=spec.name, device=platform.device, family=family, clock_hz=clock_hz,
                             baud=baud, checkpoint=ckpt, image=image, resources=resources, budget=budget,
-                            memory=memory, dram=core)
+                            memory=memory, dram=core, formats=fmt)
     design_obj = design(context)
     if memory == "dram":
         from .dram import DramBoardDesign
@@ -520,7 +529,7 @@ def build(board: str, *, out=None, clock_mhz: float | None = None, baud: int = D
           checkpoint=None, packing: str | None = None, design: DesignFactory | None = None,
           cache_dir=None, use_cache: bool = True, quiet: bool = False,
           fifo_depth: int | None = None, seed: int | None = None, memory: str = "bram",
-          announce: Callable[["PreparedBuild"], None] | None = None) -> dict:
+          announce: Callable[["PreparedBuild"], None] | None = None, formats: str = "narrow") -> dict:
     """Build (or fetch from the cache) the bitstream of ``design`` on ``board``.
 
     Returns the result dict of ``mmfree-fpga build`` (the README's command line section): bitstream path,
@@ -536,7 +545,7 @@ def build(board: str, *, out=None, clock_mhz: float | None = None, baud: int = D
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     prepared = prepare(board, clock_mhz=clock_mhz, baud=baud, checkpoint=checkpoint, packing=packing,
                        design=design, fifo_depth=fifo_depth, cache_dir=cache if use_cache else None, seed=seed,
-                       memory=memory)
+                       memory=memory, formats=formats)
     if announce is not None:
         announce(prepared)
     safe_name = prepared.board.name.replace(":", "_").replace("/", "_")

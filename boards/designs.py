@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mmfree_fpga.config import FORMATS, Formats
 from mmfree_fpga.errors import UserError
 
 from .placeholder import frame_echo
@@ -27,8 +28,9 @@ TINY_FAMILIES = ("ice40",)
 PRELOAD_FAMILIES = ("ecp5",)
 
 
-def weight_image(checkpoint, packing: str | None):
-    """The :class:`~mmfree_fpga.host.image.WeightImage` of an export directory or a checkpoint."""
+def weight_image(checkpoint, packing: str | None, fmt: Formats = FORMATS):
+    """The :class:`~mmfree_fpga.host.image.WeightImage` of an export directory or a checkpoint
+    (exported in the number formats ``fmt``)."""
     from mmfree_fpga.host.image import WeightImage
     from mmfree_fpga.reference.checkpoint import DEMO_CHECKPOINT
     directory = Path(checkpoint) if checkpoint is not None else DEMO_CHECKPOINT
@@ -37,7 +39,7 @@ def weight_image(checkpoint, packing: str | None):
         if packing is not None and packing != image.packing:
             raise UserError(f"{directory} is a {image.packing} weight image, but --packing {packing} was asked for")
         return image
-    return WeightImage.from_checkpoint(directory, packing or "base3")
+    return WeightImage.from_checkpoint(directory, packing or "base3", fmt)
 
 
 def engine_perf_model(family: str):
@@ -71,8 +73,11 @@ def linked_engine(*, lanes: int | None = None, preload: bool | None = None) -> D
         if context.memory == "dram":
             return _dram_engine(context, lanes, preload)
         packing = context.image.packing if context.image is not None else None
-        image = weight_image(context.checkpoint, packing)
+        image = weight_image(context.checkpoint, packing, context.formats)
         tiny = context.family in TINY_FAMILIES
+        if tiny and context.formats != FORMATS:
+            raise UserError(f"the {context.family} build runs the tiny engine, which computes in the narrow formats "
+                            "only; leave out --formats")
         if tiny and lanes not in (None, 1):
             raise UserError(f"the {context.family} build runs the tiny engine, which has one lane; leave out --lanes")
         n = lanes or FAMILY_LANES.get(context.family, DEFAULT_LANES)
@@ -82,6 +87,8 @@ def linked_engine(*, lanes: int | None = None, preload: bool | None = None) -> D
         kw = dict(tiny=True, spram=True, max_payload=256) if tiny else {}
         cycles = engine_perf_model(context.family).cycles_per_token(image.cfg, n)
         step_ms = max(1, int(-(-cycles * 1000 // context.clock_hz)))
+        if not tiny:
+            kw["formats"] = context.formats
         return LinkedEngine(image.cfg, lanes=n, packing=image.packing, clk_freq=context.clock_hz,
                             step_time_ms=step_ms, image=image.blob if with_image else None, **kw)
 
@@ -129,7 +136,8 @@ def _dram_engine(context: DesignContext, lanes: int | None, preload: bool | None
     cycles = perf.cycles_per_token(cfg, n) + perf.bytes_per_token(cfg, packing) / (native_bytes * DRAM_EFFICIENCY_BOUND)
     step_ms = max(1, int(-(-cycles * 1000 // context.clock_hz)))
     engine = LinkedEngine(cfg, lanes=n, packing=packing, clk_freq=context.clock_hz, step_time_ms=step_ms,
-                          memory=kind, native_data_width=core.data_width, native_address_width=core.address_width)
+                          memory=kind, native_data_width=core.data_width, native_address_width=core.address_width,
+                          formats=context.formats)
     return DramBoardDesign(engine, core)
 
 

@@ -30,6 +30,7 @@ from amaranth.lib import fifo, io, stream, wiring
 from amaranth.lib.cdc import ResetSynchronizer
 from amaranth.lib.wiring import In, Out
 
+from mmfree_fpga.config import FORMATS, Formats
 from mmfree_fpga.hw.uart import UARTReceiver, UARTTransmitter
 from mmfree_fpga.protocol import DEFAULT_BAUD
 
@@ -57,6 +58,7 @@ class DesignContext:
     budget: MemoryBudget | None      # on-chip RAM left for the design
     memory: str = "bram"             # where the weights go: "bram" (on chip) or "dram" (the board's DRAM)
     dram: object | None = None       # with memory "dram": the board's LiteDRAM core (litedram.DramCore)
+    formats: Formats = FORMATS       # the engine's number formats (config.FORMAT_SETS)
 
 
 DesignFactory = Callable[[DesignContext], wiring.Component]

@@ -39,9 +39,9 @@ tx : Out(stream.Signature(8))
 engine : In(:class:`~.control.ControlSignature`)
     The engine-control interface, flipped: the Link drives ``cmd``, ``load`` and ``logit_req``
     and takes ``result`` and ``logit_resp`` (hw/control.py has the payloads).
-memory_error : In(1)
+memory_error : In(1), only with ``memory_status=True``
     The engine's weight memory failed to start (a DRAM's read levelling found no window): IDENTIFY
-    reports ``Status.MEMORY_ERROR`` (0 when left unconnected).
+    reports ``Status.MEMORY_ERROR``.
 readback : In(:class:`~.weight_port.ReadbackSignature`), only with ``readback=True``
     VERIFY_IMAGE: the Link asks the engine (``start``, the image size) for its stored image,
     between commands, and runs the bytes (``data``) through the image CRC, which its response
@@ -216,13 +216,15 @@ class Link(wiring.Component):
         default form only).
     formats : Formats
         The engine's number formats: IDENTIFY's formats id and the image size.
+    memory_status : bool
+        The ``memory_error`` member (an engine whose weight memory can fail to start: a DRAM).
     """
 
     def __init__(self, cfg: ModelConfig, *, packing: str = "base3", lanes: int = 0,
                  max_payload: int = MAX_PAYLOAD, step_time_ms: int = 0, clk_freq: float = 12e6,
                  idle_timeout_cycles: int | None = None, boot_id: int | None = None,
                  image: bytes | None = None, small: bool = False, readback: bool = False,
-                 formats: Formats = FORMATS):
+                 formats: Formats = FORMATS, memory_status: bool = False):
         from mmfree_fpga.image import image_size
         if small and readback:
             raise ValueError("the Link's small form has no VERIFY_IMAGE: readback needs small=False")
@@ -237,6 +239,7 @@ class Link(wiring.Component):
         self.max_payload = max_payload
         self.step_time_ms = step_time_ms
         self.formats = formats
+        self.memory_status = memory_status
         self.image_bytes = image_size(cfg, packing, formats)
         self.idle_timeout_cycles = (max(1, round(FRAME_IDLE_TIMEOUT_S * clk_freq))
                                     if idle_timeout_cycles is None else idle_timeout_cycles)
@@ -255,8 +258,9 @@ class Link(wiring.Component):
             "rx": In(stream.Signature(8)),
             "tx": Out(stream.Signature(8)),
             "engine": In(ControlSignature()),
-            "memory_error": In(1),
         }
+        if memory_status:
+            members["memory_error"] = In(1)
         if readback:
             members["readback"] = In(ReadbackSignature())
         super().__init__(members)
@@ -423,7 +427,7 @@ class Link(wiring.Component):
         m.submodules.payload = payload = self.form.Payload(
             cfg=b.cfg, packing=self.packing, lanes=self.lanes, max_payload=self.max_payload,
             step_time_ms=self.step_time_ms, image_bytes=self.image_bytes, arguments=b.check.arguments,
-            readback=self.reads_back, formats=self.formats)
+            readback=self.reads_back, formats=self.formats, memory_status=self.memory_status)
         sender = b.sender
         m.d.comb += [payload.kind.eq(b.out_kind), payload.index.eq(sender.index),
                      payload.logits_data.eq(sender.logits_data), payload.logit_word.eq(sender.logit_word),
@@ -431,13 +435,14 @@ class Link(wiring.Component):
                      payload.boot_id.eq(b.boot_id), payload.position.eq(b.position),
                      payload.load_pointer.eq(b.load_pointer), payload.load_crc.eq(b.load_crc),
                      payload.weights_loaded.eq(b.weights_loaded), payload.load_open.eq(b.load_open),
-                     payload.memory_error.eq(self.memory_error),
                      payload.result.eq(b.last_result), payload.read_start.eq(b.read_start),
                      payload.running_crc.eq(b.crcs.image_crc),
                      payload.nak_error.eq(b.nak_error), payload.op.eq(b.op),
                      payload.last.eq(b.out_last), payload.stale.eq(sender.stale),
                      sender.pb.eq(payload.pb), sender.pb_ready.eq(payload.pb_ready), sender.pb_last.eq(payload.pb_last),
                      sender.payload_ready.eq(payload.data_ready)]
+        if self.memory_status:
+            m.d.comb += payload.memory_error.eq(self.memory_error)
         self.form.connect_payload(m, b, payload)
         b.payload_byte = payload.data
         m.d.comb += self.engine.load.payload.eq(b.byte_r)

@@ -121,14 +121,18 @@ class _ResponsePayload(wiring.Component):
         The VERIFY_IMAGE response is among the payloads.
     formats : Formats
         The engine's number formats (IDENTIFY's formats id).
+    memory_status : bool
+        The ``memory_error`` member exists and sets IDENTIFY's ``Status.MEMORY_ERROR`` (engines
+        whose weight memory can fail to start: a DRAM).
     """
 
     stale_cycles = 1
 
     def __init__(self, *, cfg, packing: str, lanes: int, max_payload: int, step_time_ms: int, image_bytes: int,
-                 arguments, readback: bool = False, formats: Formats = FORMATS):
+                 arguments, readback: bool = False, formats: Formats = FORMATS, memory_status: bool = False):
         self.readback = readback
         self.formats = formats
+        self.memory_status = memory_status
         self.cfg = cfg
         self.packing_code = Packing.from_export_name(packing)
         self.lanes = lanes
@@ -140,19 +144,21 @@ class _ResponsePayload(wiring.Component):
             "kind": In(PayloadKind), "index": In(range(max_payload)), "logits_data": In(1),
             "logit_word": In(32), "logit_byte": In(2), "logit_have": In(1),
             "boot_id": In(32), "position": In(32), "load_pointer": In(range(image_bytes + 1)), "load_crc": In(32),
-            "weights_loaded": In(1), "load_open": In(1), "memory_error": In(1), "result": In(result_layout(cfg.V)),
+            "weights_loaded": In(1), "load_open": In(1), "result": In(result_layout(cfg.V)),
             "read_start": In(range(cfg.V)), "nak_error": In(8), "op": In(8), "running_crc": In(32),
             "data": Out(8), "data_ready": Out(1),
             "last": In(range(max_payload + 1)), "stale": In(1),
             "pb": Out(8), "pb_ready": Out(1), "pb_last": Out(1),
             **self._form_members(),
+            **({"memory_error": In(1)} if memory_status else {}),
         })
 
     def _identity_values(self, m):
         status = Signal(8)
         m.d.comb += status.eq(Mux(self.weights_loaded, Status.WEIGHTS_LOADED, 0)
-                              | Mux(self.load_open, Status.LOADING, 0)
-                              | Mux(self.memory_error, Status.MEMORY_ERROR, 0))
+                              | Mux(self.load_open, Status.LOADING, 0))
+        if self.memory_status:
+            m.d.comb += status[2].eq(self.memory_error)      # Status.MEMORY_ERROR
         cfg = self.cfg
         return dict(
             magic=DEVICE_MAGIC, version_major=PROTOCOL_VERSION[0], version_minor=PROTOCOL_VERSION[1],

@@ -103,7 +103,8 @@ class LinkedEngine(wiring.Component):
         # a response ROM: fewer logic cells, same bytes on the wire)
         self.link = Link(cfg, packing=packing, lanes=lanes, max_payload=max_payload, step_time_ms=step_time_ms,
                          clk_freq=clk_freq, idle_timeout_cycles=idle_timeout_cycles, boot_id=boot_id,
-                         image=image, small=tiny, readback=readback, formats=formats)
+                         image=image, small=tiny, readback=readback, formats=formats,
+                         memory_status=memory != "bram")
         if tiny:
             from .tiny_engine import TinyEngine
             self.engine = TinyEngine(cfg, packing=packing, image=image, **engine_kw)

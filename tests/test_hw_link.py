@@ -454,7 +454,7 @@ def test_preloaded_image(image, small):
 def test_memory_error_shows_in_identify(small):
     """``memory_error`` (a DRAM that failed its read levelling) sets IDENTIFY's MEMORY_ERROR bit
     while it is high, in both forms; the rest of the identity is unchanged."""
-    link = make_link(MIN_DEVICE_PAYLOAD, small=small)
+    link = make_link(MIN_DEVICE_PAYLOAD, small=small, memory_status=True)
 
     async def body(ctx, bench):
         statuses = []

@@ -30,6 +30,10 @@ def add_arguments(p) -> None:
                    help="where the engine keeps the weights: bram (default; on-chip RAM, the model must fit it) "
                         f"or dram (the board's DRAM through a LiteDRAM controller, weights uploaded over the "
                         f"UART; boards: {', '.join(dram_boards())}; default clock: the controller's tested one)")
+    from mmfree_fpga.config import FORMAT_SETS
+    p.add_argument("--formats", choices=tuple(FORMAT_SETS), default="narrow",
+                   help="the engine's number formats (default narrow; wide: the float32-level set of issue 21, "
+                        "ECP5 engines only): the image is sized and exported in them")
     p.add_argument("--packing", choices=("2bit", "base3"), default=None,
                    help="trit packing for the model size check (default base3, or that of an exported image)")
     p.add_argument("--seed", type=non_negative_int, default=None, metavar="N",
@@ -51,7 +55,7 @@ def _utilisation_text(util: dict) -> str:
 
 
 def _model_text(fit: dict) -> str:
-    """The model's fit in one line (printed before the tools run, and again in the summary)."""
+    """The model's fit in one line (printed once the design is prepared, before the tools run)."""
     if fit.get("memory") == "dram":
         return (f"model: {fit['image']['packing']} weight image of {fit['needed_bytes']:,} B in DRAM "
                 f"({fit['percent']:g}% of {fit['dram']}), uploaded over the UART; recurrent state "
@@ -80,13 +84,14 @@ def run(args) -> dict:
         raise UserError(f"--memory {args.memory} applies to the engine; the design built for {args.board} is "
                         f"{name} (add --design engine)")
     def announce(prepared) -> None:
-        if prepared.fit and not args.quiet:
-            print(f"build: {_model_text(prepared.fit)}", file=sys.stderr, flush=True)
+        # the model's fit, before any tool runs (a model that does not fit stopped in prepare)
+        if prepared.fit:
+            print(_model_text(prepared.fit), flush=True)
 
     r = build(args.board, out=args.out, clock_mhz=args.clock_mhz, baud=args.baud, checkpoint=args.checkpoint,
               packing=args.packing, design=design_factory(name, lanes=args.lanes), use_cache=not args.no_cache,
               quiet=args.quiet, seed=args.seed, memory=args.memory,
-              announce=announce)
+              announce=announce, formats=args.formats)
     how = f"from the cache in {r['build_seconds']:.1f} s" if r["cached"] else f"in {r['build_seconds']:.1f} s"
     print(f"built {r['bitstream']} for {r['board']} ({r['device']}) {how}")
     lanes = f", {r['lanes']} lanes" if r["lanes"] else ""
@@ -104,8 +109,6 @@ def run(args) -> dict:
                   f"design's Fmax ({r['fmax_mhz']:g} MHz); rebuild with a lower --clock-mhz (or, if it missed "
                   "narrowly, another --seed)", file=sys.stderr)
     print(f"utilisation: {_utilisation_text(r['utilization'])}")
-    if r["model_fit"]:
-        print(_model_text(r["model_fit"]))
     if r.get("dram"):
         d = r["dram"]
         print(f"DRAM controller: LiteDRAM {d['versions'].get('litedram', '?')} ({d['module']}, {d['phy']}, "
