@@ -155,10 +155,12 @@ class _ResponsePayload(wiring.Component):
 
     def _identity_values(self, m):
         status = Signal(8)
-        m.d.comb += status.eq(Mux(self.weights_loaded, Status.WEIGHTS_LOADED, 0)
-                              | Mux(self.load_open, Status.LOADING, 0))
+        # bit by bit (Status.WEIGHTS_LOADED, LOADING, MEMORY_ERROR): an expression of the Status
+        # values would be as wide as the largest flag, a wider dynamic field for the small form's ROM
+        m.d.comb += [status[Status.WEIGHTS_LOADED.bit_length() - 1].eq(self.weights_loaded),
+                     status[Status.LOADING.bit_length() - 1].eq(self.load_open)]
         if self.memory_status:
-            m.d.comb += status[2].eq(self.memory_error)      # Status.MEMORY_ERROR
+            m.d.comb += status[Status.MEMORY_ERROR.bit_length() - 1].eq(self.memory_error)
         cfg = self.cfg
         return dict(
             magic=DEVICE_MAGIC, version_major=PROTOCOL_VERSION[0], version_minor=PROTOCOL_VERSION[1],
