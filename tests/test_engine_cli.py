@@ -7,7 +7,7 @@ import json
 import pytest
 
 from mmfree_fpga.cli import main
-from mmfree_fpga.config import ModelConfig
+from mmfree_fpga.config import FORMAT_SETS, ModelConfig
 from mmfree_fpga.reference.checkpoint import DEMO_CHECKPOINT
 from mmfree_fpga.sim.runner import simulator_missing
 
@@ -83,5 +83,7 @@ def test_generate_command_wide_formats(tmp_path):
     r = json.loads(js.read_text())
     assert r["formats"] == "wide"
     manifest = json.loads((tmp_path / "gen" / "manifest.json").read_text())
-    assert manifest["number_formats"]["x_bits"] == 40 and manifest["number_formats"]["norm_eps"] is True
+    # the manifest records the set the engine was generated in (config.FORMAT_SETS is its source)
+    assert manifest["number_formats"]["x_bits"] == FORMAT_SETS["wide"].x_bits
+    assert manifest["number_formats"]["norm_eps"] is True
     assert main(["generate", "--formats", "wide", "--lanes", "8", "--out", str(tmp_path / "gen8"), "--quiet"]) == 2
