@@ -32,6 +32,23 @@ def _use(util: dict, key: str) -> dict | None:
     return None if u is None else {"used": u["used"], "available": u["available"], "percent": u["percent"]}
 
 
+def _build_figures(r: dict) -> dict:
+    """The row keys every bench build row has, from a ``build`` result."""
+    util = r["utilization"]
+    return {
+        "clock_mhz": r["clock_mhz"],
+        "fmax_mhz": r["fmax_mhz"],
+        "timing_met": r["timing_met"],
+        "lut": _use(util, "lut"), "ff": _use(util, "ff"), "bram": _use(util, "bram"), "dsp": _use(util, "dsp"),
+        "build_seconds": r["build_seconds"],
+        "cached": r["cached"],
+        # the toolchain's own time (for a cached bitstream: when it was built)
+        "tool_seconds": round(sum(st["seconds"] for st in r["stages"]), 1),
+        "bitstream": r["bitstream"],
+        "error": None,
+    }
+
+
 def board_benchmarks(boards=("ulx3s-85f",), lanes_list=(16, 32, 64), progress: Callable[[str], None] | None = None,
                      *, checkpoint=None, clock_mhz: dict | None = None, cache_dir=None, use_cache: bool = True,
                      out_dir=None) -> list[dict]:
@@ -64,22 +81,9 @@ def board_benchmarks(boards=("ulx3s-85f",), lanes_list=(16, 32, 64), progress: C
             except (UserError, DesignError) as e:
                 rows.append({**row, "error": str(e)})
                 continue
-            util = r["utilization"]
             fmax = r["fmax_mhz"]
-            rows.append({
-                **row,
-                "clock_mhz": r["clock_mhz"],
-                "fmax_mhz": fmax,
-                "timing_met": r["timing_met"],
-                "lut": _use(util, "lut"), "ff": _use(util, "ff"), "bram": _use(util, "bram"), "dsp": _use(util, "dsp"),
-                "tokens_per_s_at_fmax": round(fmax * 1e6 / cycles, 1) if fmax else None,
-                "build_seconds": r["build_seconds"],
-                "cached": r["cached"],
-                # the toolchain's own time (for a cached bitstream: when it was built)
-                "tool_seconds": round(sum(st["seconds"] for st in r["stages"]), 1),
-                "bitstream": r["bitstream"],
-                "error": None,
-            })
+            rows.append({**row, **_build_figures(r),
+                         "tokens_per_s_at_fmax": round(fmax * 1e6 / cycles, 1) if fmax else None})
     return rows
 
 
@@ -145,23 +149,13 @@ def dram_build_rows(boards=DRAM_BUILD_BOARDS, lanes: int = 16, progress: Callabl
         except (UserError, DesignError) as e:
             rows.append({**row, "error": str(e)})
             continue
-        util = r["utilization"]
         dram = r["dram"]
         rows.append({
-            **row,
+            **row, **_build_figures(r),
             "module": dram["module"], "phy": dram["phy"], "memtype": dram["memtype"],
             "read_leveling": dram.get("read_leveling"),
-            "clock_mhz": r["clock_mhz"],
-            "fmax_mhz": r["fmax_mhz"],
-            "timing_met": r["timing_met"],
-            "lut": _use(util, "lut"), "ff": _use(util, "ff"), "bram": _use(util, "bram"), "dsp": _use(util, "dsp"),
-            "iologic": _use(util, "IOLOGIC"),
+            "iologic": _use(r["utilization"], "IOLOGIC"),
             "dram_cells": {cell: r["nextpnr_cells"][cell]["used"] for cell in _DDR_CELLS if cell in r["nextpnr_cells"]},
-            "build_seconds": r["build_seconds"],
-            "cached": r["cached"],
-            "tool_seconds": round(sum(st["seconds"] for st in r["stages"]), 1),
-            "bitstream": r["bitstream"],
-            "error": None,
         })
     return rows
 
