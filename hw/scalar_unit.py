@@ -151,7 +151,7 @@ class ScalarUnit(wiring.Component):
                 with m.State("MUL"):
                     m.d.sync += [num.eq((num << 1) + Mux(kmant[-1], mval, 0)), kmant.eq(kmant << 1),
                                  e.en.eq((e.en << 1) + Mux(e.emant[-1], e.g, 0)), e.emant.eq(e.emant << 1),
-                                 cnt.eq(cnt + 1)]
+                                 cnt.eq(cnt + 1)] + e.plan
                     with m.If(cnt == mul_steps - 1):
                         m.next = "SHIFT"
                 with m.State("SHIFT"):
@@ -224,7 +224,8 @@ class ScalarUnit(wiring.Component):
 
     def _eps_signals(self, m):
         """The eps term's registers and statements: ``accept`` (latch the operands), ``shift``
-        (E's shift, registered), ``add_lo`` (the sum's low half, registered), ``sum`` (sumsq + E,
+        (E's shift, registered), ``plan`` (its amounts, registered during the products),
+        ``add_lo`` (the sum's low half and the overflow, registered), ``sum`` (sumsq + E,
         saturated)."""
         w = self._w
         se = w.se_bits
@@ -244,19 +245,26 @@ class ScalarUnit(wiring.Component):
                     e.g.eq(Mux(kind == EpsKind.INPUT, pl.g, Mux(kind == EpsKind.GSUM, self.gsum, 1))),
                     e.exp.eq(self.eps_exp - Mux(kind == EpsKind.INPUT, 0, pl.sh * 2))]
         # left: en << exp (exp < se, else every non-zero en overflows); right by s = -exp >= 1:
-        # rshift_round(en, s) = ((en >> (s - 1)) + 1) >> 1, and 0 once s - 1 >= en_bits
-        neg = e.exp < 0
-        left_amt = Mux(e.exp >= se, se, e.exp[:(se).bit_length()])
-        wide = Signal(en_bits + se)
-        m.d.comb += wide.eq(e.en << left_amt)
+        # rshift_round(en, s) = ((en >> (s - 1)) + 1) >> 1, and 0 once s - 1 >= en_bits. The
+        # shift amounts and their cases are registered while the products run (``plan``: exp is
+        # fixed by then), the shift itself in SHIFT, the overflow test on the bits shifted past
+        # se_bits in ADD_LO.
+        amt_bits = max(se, en_bits).bit_length()
+        e.neg, lamt, ramt, rzero = Signal(), Signal(amt_bits), Signal(amt_bits), Signal()
         s1 = (-e.exp - 1).as_unsigned()
-        right = Mux(s1 >= en_bits, 0, e.en >> s1[:(en_bits).bit_length()])
-        e.shift = [e.t1.eq(Mux(neg, right, wide[:se])), e.rnd.eq(neg), e.ovf.eq(~neg & wide[se:].any())]
+        e.plan = [e.neg.eq(e.exp < 0), lamt.eq(Mux(e.exp >= se, se, e.exp[:amt_bits])),
+                  rzero.eq(s1 >= en_bits), ramt.eq(s1[:amt_bits])]
+        wide = Signal(en_bits + se)
+        m.d.comb += wide.eq(e.en << lamt)
+        right = Mux(rzero, 0, e.en >> ramt)
+        whi = Signal(en_bits)
+        e.shift = [e.t1.eq(Mux(e.neg, right, wide[:se])), e.rnd.eq(e.neg), whi.eq(wide[se:])]
+        e.ovf_next = e.ovf.eq(~e.rnd & whi.any())
         # sumsq + E in two halves (two shorter carry chains); E = t1, or ceil(t1 / 2) after a right shift
         half = se // 2
         addend = Mux(e.rnd, e.t1 >> 1, e.t1)
         lo = Signal(half + 1)
-        e.add_lo = lo.eq(e.s[:half] + addend[:half] + (e.rnd & e.t1[0]))
+        e.add_lo = [lo.eq(e.s[:half] + addend[:half] + (e.rnd & e.t1[0])), e.ovf_next]
         hi = Signal(se - half + 1)
         m.d.comb += hi.eq(e.s[half:] + addend[half:] + lo[half])
         e.sum = Mux(e.ovf | hi[-1], (1 << se) - 1, Cat(lo[:half], hi[:-1]))
