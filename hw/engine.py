@@ -542,7 +542,7 @@ class EngineCore(wiring.Component):
 
     def _logit_port(self, m, logit_mem):
         """``logit_req`` -> ``logit_resp``: one logit of the last step per request (formats with
-        x_frac above 16: rounded to Q16 into a register, a cycle later)."""
+        x_frac above 16: rounded to Q16 into a register, two cycles later)."""
         lr = registered_read_port(m, logit_mem)
         lvalid = Signal()
         m.d.comb += [lr.addr.eq(self.logit_req.payload), lr.en.eq(self.logit_req.valid & self.logit_req.ready),
@@ -554,12 +554,18 @@ class EngineCore(wiring.Component):
             with m.Elif(self.logit_resp.ready):
                 m.d.sync += lvalid.eq(0)
             return
-        pending = Signal()
+        # the block RAM's output goes into a register first: from its slow clock-to-out through the
+        # rounding carry chain and the saturation was the wide ULX3S build's critical path at 64
+        # lanes (68.6 MHz)
+        pending, loaded = Signal(), Signal()
+        raw = Signal.like(lr.data)
         resp = Signal(signed(32))
-        m.d.comb += [self.logit_req.ready.eq(~lvalid & ~pending), self.logit_resp.payload.eq(resp)]
-        m.d.sync += pending.eq(self.logit_req.valid & self.logit_req.ready)
+        m.d.comb += [self.logit_req.ready.eq(~lvalid & ~pending & ~loaded), self.logit_resp.payload.eq(resp)]
+        m.d.sync += [pending.eq(self.logit_req.valid & self.logit_req.ready), loaded.eq(pending)]
         with m.If(pending):
-            m.d.sync += [resp.eq(wire_logit(lr.data, self.formats)), lvalid.eq(1)]
+            m.d.sync += raw.eq(lr.data)
+        with m.If(loaded):
+            m.d.sync += [resp.eq(wire_logit(raw, self.formats)), lvalid.eq(1)]
         with m.Elif(self.logit_resp.ready):
             m.d.sync += lvalid.eq(0)
 

@@ -655,8 +655,10 @@ def _run_cocotb(*, cfg, blob, packing, build, prompt, steps, simulator, stall_ra
         try:
             t0 = time.perf_counter()
             with simulator_env():
+                # the language named: with the build reused (not fresh: no build() in this process)
+                # cocotb's Icarus runner has no sources to infer it from
                 results = runner.test(test_module="mmfree_fpga.sim.engine_tb", hdl_toplevel="engine_top",
-                                      build_dir=bdir, test_dir=tmp, timescale=("1ns", "1ps"), plusargs=plusargs,
+                                      hdl_toplevel_lang="verilog", build_dir=bdir, test_dir=tmp, timescale=("1ns", "1ps"), plusargs=plusargs,
                                       extra_env={"ENGINE_JOB": str(tmp / "job.json"), "ENGINE_RESULT": str(out)})
             elapsed = time.perf_counter() - t0
             total, failed = get_results(results)
