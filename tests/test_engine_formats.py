@@ -237,7 +237,8 @@ def test_exact_quantiser_ties_and_largest():
     reciprocal's candidate is corrected by one either way)."""
     rng = random.Random(24)
     jobs = []
-    # v16 = v << 7 (max |v| has 16 bits), c = 1: z = v16, m = 254 * 2^15: 127 z / m = k / 2 for
+    # v16 = v << (norm_bits - 17) (max |v| has 16 bits), c = 1: z = v16 = k 2^(norm_bits - 9) and
+    # m = 254 2^(norm_bits - 9): 127 z / m = k / 2 for
     # v = k * 2^8, a tie for every odd k
     n = 40
     for sign in (1, -1):
@@ -260,7 +261,7 @@ def test_exact_quantiser_ties_and_largest():
         z = ref.normalise(np.asarray(v, dtype=np.int64), WIDE)
         m = int(np.abs(z).max())
         q = ref.quantise(z, m, WIDE)
-        assert [abs(int(x)) for x in q] == [(abs(k) + 1) // 2 for k in (x >> 15 for x in z.tolist())]
+        assert [abs(int(x)) for x in q] == [(abs(k) + 1) // 2 for k in (x >> (WIDE.norm_bits - 9) for x in z.tolist())]
 
 
 # -- ScalarUnit: the eps term of each kind ---------------------------------------------------
