@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from amaranth.hdl import Cat, Const, Module, Mux, Signal, unsigned
+from amaranth.hdl import Array, Cat, Const, Module, Mux, Signal, unsigned
 from amaranth.lib import data, enum, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
@@ -116,6 +116,14 @@ class ElementwiseUnit(wiring.Component):
         """Cycles from an accepted element to its result (``share * stages``)."""
         return self.share * self.stages
 
+    # rows of one block RAM (an ECP5 DP16KD: 1024 x 18)
+    ROM_BANK_ROWS = 1024
+
+    @property
+    def _rom_banks(self) -> int:
+        """Banks of the sigmoid table (1: one memory)."""
+        return max(1, self._w.sig_n // self.ROM_BANK_ROWS)
+
     def _dprod_wide(self) -> bool:
         """The table interpolation's operands exceed one DSP (then :func:`umul`)."""
         w = self._w
@@ -126,7 +134,7 @@ class ElementwiseUnit(wiring.Component):
         """Pipeline stages (``STAGES[share]`` with the narrow formats)."""
         w = self._w
         reg = self.share == 2            # shared multipliers take no operand stage
-        s = 4
+        s = 4 + (self._rom_banks > 1)
         if self._dprod_wide():
             s += umul_latency(w.sig_diff_max, (1 << w.sig_frac_bits) - 1, registered=True)
         s += 1                                                       # the sigmoid
@@ -153,10 +161,18 @@ class ElementwiseUnit(wiring.Component):
 
         rom_row = data.StructLayout({"t0": unsigned(max(table).bit_length()),
                                      "d": unsigned(max(1, w.sig_diff_max.bit_length()))})
-        m.submodules.sigmoid_rom = rom = Memory(
-            shape=rom_row, depth=n,
-            init=[{"t0": table[k], "d": table[k + 1] - table[k]} for k in range(n)])
-        rd = rom.read_port()
+        rows = [{"t0": table[k], "d": table[k + 1] - table[k]} for k in range(n)]
+        banks = self._rom_banks
+        depth = n // banks
+        # a table deeper than one block RAM is split into banks of their own, each row registered
+        # next to its RAM and the bank chosen a stage later: as one memory, Yosys's multiplexer
+        # behind the RAMs' slow clock-to-out and a long route made the wide set's critical path
+        # (ULX3S, 64 lanes: 87.7 MHz)
+        ports = []
+        for b in range(banks):
+            rom = Memory(shape=rom_row, depth=depth, init=rows[b * depth:(b + 1) * depth])
+            m.submodules["sigmoid_rom" if banks == 1 else f"sigmoid_rom{b}"] = rom
+            ports.append(rom.read_port())
 
         # stage 1: the accepted element
         valid = p.reg(1, "valid", self.i.valid)
@@ -167,7 +183,12 @@ class ElementwiseUnit(wiring.Component):
         last = p.reg(1, "last", self.i.payload.last)
 
         # stage 2: table address (the ROM answers in stage 2), magnitudes, the residual add
-        m.d.comb += [rd.en.eq(advance), rd.addr.eq(((y >> fb) + n // 2)[:len(rd.addr)])]
+        index = ((y >> fb) + n // 2)[:(n - 1).bit_length()]
+        bank_bits = (banks - 1).bit_length()
+        for rd in ports:
+            m.d.comb += [rd.en.eq(advance), rd.addr.eq(index[:len(rd.addr)])]
+        if banks > 1:
+            bank = p.reg(2, "bank", index[len(index) - bank_bits:])
         frac = p.reg(2, "frac", y[:fb])
         top = y[w.sig_in_log2:]      # inside the table iff these bits are all equal
         lo = p.reg(2, "lo", y[-1] & ~top.all())
@@ -179,20 +200,31 @@ class ElementwiseUnit(wiring.Component):
         g1 = p.reg(2, "g1", w.gate_one - g, w.gate)
         early = p.reg(2, "early", saturate_signed(y + a, w), w.x)       # ADD
 
-        # stage 3: the table row, registered (a block RAM's clock-to-out is slow)
-        d = p.reg(3, "d", rd.data.d)
-        t0 = p.reg(3, "t0", rd.data.t0)
+        # stage 3: the table row, registered (a block RAM's clock-to-out is slow); with banks, each
+        # bank's row, and the bank's in stage 4
+        if banks == 1:
+            d = p.reg(3, "d", ports[0].data.d)
+            t0 = p.reg(3, "t0", ports[0].data.t0)
+            row_stage = 3
+        else:
+            bank_rows = [p.reg(3, f"row{b}", rd.data.as_value()) for b, rd in enumerate(ports)]
+            chosen = Array(bank_rows)[p.at(bank, 3)]
+            row = data.View(rom_row, chosen)
+            d = p.reg(4, "d", row.d)
+            t0 = p.reg(4, "t0", row.t0)
+            row_stage = 4
         if not self._narrow:
             # |silu(y)| outside the table: constant products of |y| (an adder or two each, not
             # shifts as with the narrow table ends), registered early, off the smag stage's path
             early_outside = p.reg(3, "outside", Mux(hi, _const_product_mag(ymag, t_hi, gf, yneg),
                                                     _const_product_mag(ymag, t_lo, gf, yneg)), unsigned(w.x_bits))
 
-        # stage 4: interpolation product (its operands are registers already)
+        # next stage: interpolation product (its operands are registers already)
+        fr = p.at(frac, row_stage)
         if self._dprod_wide():
-            dprod, s = umul(p, 4, "dprod", d, w.sig_diff_max, p.at(frac, 3), (1 << fb) - 1, registered=True)
+            dprod, s = umul(p, row_stage + 1, "dprod", d, w.sig_diff_max, fr, (1 << fb) - 1, registered=True)
         else:
-            (dprod,), s = p.products(4, "dprod", [(d, p.at(frac, 3), unsigned(len(d) + len(frac)))],
+            (dprod,), s = p.products(row_stage + 1, "dprod", [(d, fr, unsigned(len(d) + len(fr)))],
                                      registered=True)
 
         # next stage: sigmoid(y)
