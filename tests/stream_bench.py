@@ -64,3 +64,28 @@ async def receive(ctx, port, n, rng, stall=0.3, convert=None):
             out.append(convert(payload) if convert else payload)
     ctx.set(port.ready, 0)
     return out
+
+
+def one_item_latency(dut, payload, ports=(), max_cycles: int = 500) -> int:
+    """Cycles from ``dut.i`` accepting one item (``payload``, with ``ports``: (name, value) pairs set
+    on the component first) to its result on ``dut.o``, the output always ready."""
+    seen = {}
+
+    async def bench(ctx):
+        ctx.set(dut.o.ready, 1)
+        ctx.set(dut.i.payload, payload)
+        for port, value in ports:
+            ctx.set(getattr(dut, port), value)
+        ctx.set(dut.i.valid, 1)
+        await ctx.tick().until(dut.i.ready)
+        ctx.set(dut.i.valid, 0)
+        cycles = 0
+        while True:
+            cycles += 1
+            _, _, valid = await ctx.tick().sample(dut.o.valid)
+            if valid:
+                break
+        seen["latency"] = cycles - 1
+
+    simulate(dut, bench, max_cycles=max_cycles)
+    return seen["latency"]

@@ -31,7 +31,7 @@ from mmfree_fpga.sim.runner import simulator_missing
 from mmfree_fpga.sim.vector_tb import ref_elementwise
 
 from conftest import random_model
-from stream_bench import receive, send, simulate
+from stream_bench import one_item_latency, receive, send, simulate
 
 WIDE = FORMAT_SETS["wide"]
 W = vector_widths(WIDE)
@@ -426,23 +426,5 @@ def test_scalar_unit_eps_latency():
     """The longest case takes ``max_latency`` cycles: r of se_bits / 2 bits (the sum saturated),
     num of one bit."""
     dut = ScalarUnit(WIDE)
-    seen = {}
-
-    async def bench(ctx):
-        ctx.set(dut.o.ready, 1)
-        ctx.set(dut.i.payload, {"m": 1, "sumsq": (1 << W.sumsq_bits) - 1, "g": 1, "sh": 0})
-        for port, value in (("k_mant", 1), ("eps_mant", 1), ("eps_exp", 200), ("eps_kind", EpsKind.INPUT)):
-            ctx.set(getattr(dut, port), value)
-        ctx.set(dut.i.valid, 1)
-        await ctx.tick().until(dut.i.ready)
-        ctx.set(dut.i.valid, 0)
-        cycles = 0
-        while True:
-            cycles += 1
-            _, _, valid = await ctx.tick().sample(dut.o.valid)
-            if valid:
-                break
-        seen["latency"] = cycles - 1
-
-    simulate(dut, bench, max_cycles=500)
-    assert seen["latency"] == dut.max_latency
+    ports = (("k_mant", 1), ("eps_mant", 1), ("eps_exp", 200), ("eps_kind", EpsKind.INPUT))
+    assert one_item_latency(dut, {"m": 1, "sumsq": (1 << W.sumsq_bits) - 1, "g": 1, "sh": 0}, ports) == dut.max_latency

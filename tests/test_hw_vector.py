@@ -25,7 +25,7 @@ from mmfree_fpga.hw.scalar_unit import ScalarUnit
 from mmfree_fpga.hw.vector_common import vector_widths
 from mmfree_fpga.reference import integer as ref
 from mmfree_fpga.sim.vector_tb import ref_elementwise
-from stream_bench import CLOCK, receive, send, simulate
+from stream_bench import CLOCK, one_item_latency, receive, send, simulate
 
 W = vector_widths(F)
 
@@ -178,27 +178,9 @@ def test_scalar_unit():
 
 
 def test_scalar_unit_latency():
+    # the longest case: r of r_bits bits, num of one bit
     dut = ScalarUnit()
-    seen = {}
-
-    async def bench(ctx):
-        ctx.set(dut.o.ready, 1)
-        # the longest case: r of r_bits bits, num of one bit
-        ctx.set(dut.i.payload, {"m": 1, "sumsq": (1 << W.sumsq_bits) - 1})
-        ctx.set(dut.k_mant, 1)
-        ctx.set(dut.i.valid, 1)
-        await ctx.tick().until(dut.i.ready)
-        ctx.set(dut.i.valid, 0)
-        cycles = 0
-        while True:
-            cycles += 1
-            _, _, valid = await ctx.tick().sample(dut.o.valid)
-            if valid:
-                break
-        seen["latency"] = cycles - 1
-
-    simulate(dut, bench, max_cycles=500)
-    assert seen["latency"] == dut.max_latency
+    assert one_item_latency(dut, {"m": 1, "sumsq": (1 << W.sumsq_bits) - 1}, [("k_mant", 1)]) == dut.max_latency
 
 
 # -- BitLinearFront -------------------------------------------------------------------------
