@@ -134,9 +134,12 @@ class ElementwiseUnit(wiring.Component):
         """Pipeline stages (``STAGES[share]`` with the narrow formats)."""
         w = self._w
         reg = self.share == 2            # shared multipliers take no operand stage
-        s = 4 + (self._rom_banks > 1)
+        banked = self._rom_banks > 1
+        s = 4 + banked
         if self._dprod_wide():
-            s += umul_latency(w.sig_diff_max, (1 << w.sig_frac_bits) - 1, registered=True)
+            s += umul_latency(w.sig_diff_max, (1 << w.sig_frac_bits) - 1, registered=not banked)
+        elif banked:
+            s += 1                                                   # the operands' registers
         s += 1                                                       # the sigmoid
         s += 1 + umul_latency(max(1 << w.sig_in_log2, w.gate_one), max(w.sig_table), registered=reg)
         s += 1                                                       # |silu(y)|, FORGET's gate
@@ -219,13 +222,16 @@ class ElementwiseUnit(wiring.Component):
             early_outside = p.reg(3, "outside", Mux(hi, _const_product_mag(ymag, t_hi, gf, yneg),
                                                     _const_product_mag(ymag, t_lo, gf, yneg)), unsigned(w.x_bits))
 
-        # next stage: interpolation product (its operands are registers already)
+        # next stage: interpolation product (its operands are registers already; with banks
+        # registered once more, beside the multiplier: from the banks' registers to a DSP block far
+        # away was the next critical path, 78.3 MHz)
         fr = p.at(frac, row_stage)
+        reg_ops = banks == 1
         if self._dprod_wide():
-            dprod, s = umul(p, row_stage + 1, "dprod", d, w.sig_diff_max, fr, (1 << fb) - 1, registered=True)
+            dprod, s = umul(p, row_stage + 1, "dprod", d, w.sig_diff_max, fr, (1 << fb) - 1, registered=reg_ops)
         else:
             (dprod,), s = p.products(row_stage + 1, "dprod", [(d, fr, unsigned(len(d) + len(fr)))],
-                                     registered=True)
+                                     registered=reg_ops)
 
         # next stage: sigmoid(y)
         # t0 + rshift_round(d frac, fb) = (t0 2^fb + 2^(fb-1) + d frac) >> fb: one adder
