@@ -343,6 +343,36 @@ def boards_section(quick: bool) -> Section:
     return s
 
 
+def boards_wide_section(quick: bool) -> Section:
+    """The ULX3S engine in the wide number formats next to the narrow one (issue 21's cost)."""
+    from .boards.bench import BENCH_COLUMNS, bench_row_cells, board_benchmarks
+    s = Section("The engine on the ULX3S in each format set (the cost of the wide formats)",
+                "mmfree-fpga bench --only boards_wide", ["formats"] + BENCH_COLUMNS)
+    lanes = (16,) if quick else (16, 32, 64)
+    rows = {}
+    for formats in ("narrow", "wide"):
+        rows[formats] = board_benchmarks(("ulx3s-85f",), lanes, formats=formats,
+                                         progress=lambda line, f=formats: print(f"bench: {line} ({f})", flush=True))
+    for narrow, wide in zip(rows["narrow"], rows["wide"]):
+        s.rows += [["narrow"] + bench_row_cells(narrow), ["wide"] + bench_row_cells(wide)]
+    from .config import FORMAT_SETS
+    w = FORMAT_SETS["wide"]
+    s.notes.append(f"Demo model, both sets built for the same 100 MHz target (cached builds are the same builds as the "
+                   f"boards section's). wide: Q{w.x_frac} activations in {w.x_bits} bits, {w.norm_bits}-bit normalised "
+                   f"vectors, the exact quantiser, the inner eps term, a 2^{w.sig_table_log2}-interval sigmoid "
+                   f"table, {w.emb_bits}-bit embedding mantissas (config.FORMAT_SETS; README 'Format sets'); its "
+                   "fidelity is in the fidelity section.")
+    for narrow, wide in zip(rows["narrow"], rows["wide"]):
+        if narrow.get("error") or wide.get("error"):
+            continue
+        def more(key):
+            a, b = narrow[key]["used"], wide[key]["used"]
+            return f"{b - a:+d} ({(b - a) / a * 100 if a else 0:+.0f}%)"
+        s.notes.append(f"{narrow['lanes']} lanes, wide against narrow: LUT {more('lut')}, FF {more('ff')}, block RAM "
+                       f"{more('bram')}, DSP {more('dsp')}; Fmax {narrow['fmax_mhz']:g} -> {wide['fmax_mhz']:g} MHz.")
+    return s
+
+
 def projection_section(quick: bool) -> Section:
     from .config import PERF_MODEL, PUBLISHED
     clock = 100e6
@@ -599,6 +629,7 @@ SECTIONS: dict[str, Callable[[bool], Section]] = {
     "engine_large": engine_large_section,
     "sim_speed": sim_speed_section,
     "boards": boards_section,
+    "boards_wide": boards_wide_section,
     "projection": projection_section,
     "dram": dram_section,
     "dram_builds": dram_builds_section,
