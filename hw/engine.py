@@ -128,7 +128,7 @@ from .engine_front import FrontSequencer, MatrixIssuer, QPacker
 from .engine_output import OperandStage, ScaleStage, SharedScaleStage, Writer
 from .matvec import TernaryMatVec
 from .output_scale import embed_path_fits
-from .ram import NO_RW_CHECK, registered_read_port
+from .ram import NO_RW_CHECK, address_registered_read_port, registered_read_port
 from .scalar_unit import EpsKind, ScalarUnit
 from .trits import packing_code
 from .vector_common import vector_widths
@@ -415,9 +415,12 @@ class EngineCore(wiring.Component):
         # LUT RAM where the variant has it (its read is fast); iCE40 has none
         pattrs = {**NO_RW_CHECK, "ram_style": "distributed"} if self.variant.param_ram_distributed else NO_RW_CHECK
         m.submodules.pram = pram = Memory(shape=unsigned(32), depth=Param.RAM_SIZE, init=pinit, attrs=pattrs)
-        attach_read_port(m, pram, u.fetcher.p0)
+        # LUT RAM: the register on the address (SET_PARAM writes only while no token runs, so the
+        # fetcher never reads a word being written)
+        reader = address_registered_read_port if self.variant.param_ram_distributed else None
+        attach_read_port(m, pram, u.fetcher.p0, reader)
         if self.variant.param_read_ports == 2:
-            attach_read_port(m, pram, u.fetcher.p1)
+            attach_read_port(m, pram, u.fetcher.p1, reader)
         P = self.params
         geom = Signal(geometry_layout(self.max_d, self.max_I, self.max_L, self.max_V))
         regs = {

@@ -152,10 +152,11 @@ def write_port_signature(shape, depth: int):
     return WritePort.Signature(addr_width=ceil_log2(depth), shape=shape)
 
 
-def attach_read_port(m, memory, port):
+def attach_read_port(m, memory, port, reader=None):
     """Serve a unit's read-port member ``port`` from ``memory`` through a
-    :func:`~.ram.registered_read_port`; returns that port (whose ``data`` the unit sees)."""
-    rp = registered_read_port(m, memory)
+    :func:`~.ram.registered_read_port` (or ``reader``, e.g.
+    :func:`~.ram.address_registered_read_port`); returns that port (whose ``data`` the unit sees)."""
+    rp = (reader or registered_read_port)(m, memory)
     m.d.comb += [rp.addr.eq(port.addr), rp.en.eq(port.en), port.data.eq(rp.data)]
     return rp
 

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 from amaranth.hdl import Signal
 
-__all__ = ["NO_RW_CHECK", "registered_read_port"]
+__all__ = ["NO_RW_CHECK", "registered_read_port", "address_registered_read_port"]
 
 # Memory attribute: Yosys need not make reads of an address written in the same cycle return
 # the old data (the designs that set it never do that), so no collision logic goes behind a
@@ -36,3 +36,21 @@ def registered_read_port(m, memory):
     with m.If(en):
         m.d.sync += data.eq(port.data)
     return SimpleNamespace(addr=port.addr, en=en, data=data)
+
+
+def address_registered_read_port(m, memory):
+    """A one-cycle-latency read port of a LUT RAM (``addr``, ``en``, ``data``) whose register is on
+    the address instead of the data: ``data`` is ``memory[address latched while en]``, so the
+    address logic ends at a register and the RAM's read and its multiplexer start the next cycle
+    (as one registered read, the address logic, the read and the multiplexer were one path: the
+    engine's parameter RAM read from the fetcher's state, the ULX3S engine's critical path at 64
+    lanes). Not for block RAM, and a write to the latched address shows at once: for memories
+    written only while nothing reads them."""
+    port = memory.read_port(domain="comb")
+    en = Signal(init=1)
+    addr_in = Signal.like(port.addr)
+    latched = Signal.like(port.addr, reset_less=True)
+    with m.If(en):
+        m.d.sync += latched.eq(addr_in)
+    m.d.comb += port.addr.eq(latched)
+    return SimpleNamespace(addr=addr_in, en=en, data=port.data)
