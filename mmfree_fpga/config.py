@@ -329,10 +329,9 @@ FORMATS = Formats()
 # engine's); "wide": Q34 activations in 50 bits, 32-bit normalised vectors and norm weights,
 # 24-bit constants, a 2^13-interval sigmoid table, the exact quantiser, the inner RMSNorm eps and
 # 30-bit embedding mantissas (issue 21: float32's distance to float64 at the published
-# geometries). Measured on random-weight checkpoints (1.3B, seed 22, 17 positions; relative
-# distance of the residual stream to float64 after the last layer): float32 0.066, Q28/44 with
-# 24-bit norms and embeddings 0.145, the same with 32-bit norms 0.093, this set 0.070. The 24-bit
-# norms flipped int8 activations at 3-10x float32's rate; the embedding rows (bf16 values, which
+# geometries; bench --only fidelity). From the previous wide set (Q28 in 44 bits, 24-bit norms
+# and embeddings): the 24-bit norms flipped int8 activations at 12-29x float32's rate; the
+# embedding rows (bf16 values, which
 # float32 holds exactly) in 24 bits and Q28 flipped layer 0's. quant_bits / recip_frac stay: in
 # the wide set they size the hardware's reciprocal candidate, which it corrects to the exact result.
 FORMAT_SETS = {
