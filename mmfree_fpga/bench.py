@@ -355,13 +355,16 @@ def boards_wide_section(quick: bool) -> Section:
                                          progress=lambda line, f=formats: print(f"bench: {line} ({f})", flush=True))
     for narrow, wide in zip(rows["narrow"], rows["wide"]):
         s.rows += [["narrow"] + bench_row_cells(narrow), ["wide"] + bench_row_cells(wide)]
+    from .boards.bench import BENCH_CLOCK_MHZ
     from .config import FORMAT_SETS
     w = FORMAT_SETS["wide"]
-    s.notes.append(f"Demo model, both sets built for the same 100 MHz target (cached builds are the same builds as the "
+    s.notes.append(f"Demo model, both sets built for the same {BENCH_CLOCK_MHZ['ulx3s-85f']:g} MHz target (cached "
+                   f"builds are the same builds as the "
                    f"boards section's). wide: Q{w.x_frac} activations in {w.x_bits} bits, {w.norm_bits}-bit normalised "
                    f"vectors, the exact quantiser, the inner eps term, a 2^{w.sig_table_log2}-interval sigmoid "
                    f"table, {w.emb_bits}-bit embedding mantissas (config.FORMAT_SETS; README 'Format sets'); its "
-                   "fidelity is in the fidelity section.")
+                   "fidelity is in the fidelity section. cycles/token and tokens/s: config.PERF_MODEL, made for the narrow "
+                   "engine; the wide one's pipelines are a few stages longer, so its figure is slightly optimistic.")
     for narrow, wide in zip(rows["narrow"], rows["wide"]):
         if narrow.get("error") or wide.get("error"):
             continue

@@ -330,7 +330,7 @@ FORMATS = Formats()
 # 24-bit constants, a 2^13-interval sigmoid table, the exact quantiser, the inner RMSNorm eps and
 # 30-bit embedding mantissas (issue 21: float32's distance to float64 at the published
 # geometries; bench --only fidelity). From the previous wide set (Q28 in 44 bits, 24-bit norms
-# and embeddings): the 24-bit norms flipped int8 activations at 12-29x float32's rate; the
+# and embeddings): the 24-bit norms flipped int8 activations many times as often as float32; the
 # embedding rows (bf16 values, which
 # float32 holds exactly) in 24 bits and Q28 flipped layer 0's. quant_bits / recip_frac stay: in
 # the wide set they size the hardware's reciprocal candidate, which it corrects to the exact result.
