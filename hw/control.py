@@ -47,6 +47,8 @@ class EngineOp(enum.Enum, shape=3):
     FEED_TOKEN = 1
     LOAD_RESET = 2
     SET_PARAM = 3
+    FEED_SLOT = 4       # engines with state slots only (EngineCore(slots=...))
+    RESET_SLOT = 5
 
 
 def command_layout() -> data.StructLayout:

@@ -116,6 +116,7 @@ from mmfree_fpga.config import FORMATS, Formats, ModelConfig
 from mmfree_fpga.errors import DesignError
 from mmfree_fpga.image import image_layout, image_size
 from mmfree_fpga.packing import PACKINGS, TRITS_PER_BYTE
+from mmfree_fpga.protocol import MAX_SLOTS
 
 from .argmax import Argmax
 from .bitlinear_front import BitLinearFront
@@ -134,7 +135,7 @@ from .trits import packing_code
 from .vector_common import vector_widths
 from .weight_port import ADDR_BITS, ReadbackSignature, WeightMemory, WeightReader, weight_port_signature, write_layout
 
-__all__ = ["Param", "JOBS", "trace_layout", "beat_bytes",
+__all__ = ["Param", "JOBS", "trace_layout", "residual_layout", "beat_bytes",
            "engine_params", "check_geometry", "EngineCore", "Engine"]
 
 LANES_SUPPORTED = (8, 16, 32, 64)
@@ -151,6 +152,11 @@ def trace_layout(max_d: int, max_I: int, max_L: int, max_V: int, fmt: Formats = 
     return data.StructLayout({"job": unsigned(3), "layer": unsigned(max(1, max_L.bit_length())),
                               "row": unsigned((2 * max(max_d, max_I) + max_V).bit_length()),
                               "value": signed(fmt.x_bits)})
+
+
+def residual_layout(max_d: int, fmt: Formats = FORMATS) -> data.StructLayout:
+    """A write to the input buffer of an engine with state slots: element ``index`` := ``value``."""
+    return data.StructLayout({"index": range(max_d), "value": signed(fmt.x_bits)})
 
 
 def wire_logit(value, fmt: Formats):
@@ -181,13 +187,24 @@ def check_geometry(cfg: ModelConfig, lanes: int, *, max_d=None, max_I=None, max_
             raise DesignError(f"{name}={v} exceeds this engine build's maximum {mx}; generate a larger build")
 
 
-def engine_params(cfg: ModelConfig, packing: str, lanes: int, fmt: Formats = FORMATS) -> dict[int, int]:
+def engine_params(cfg: ModelConfig, packing: str, lanes: int, fmt: Formats = FORMATS, sl=None) -> dict[int, int]:
     """Every parameter (index -> value) of a model: geometry and the image's section addresses
-    (the image of ``fmt``)."""
+    (the image of ``fmt``). With ``sl`` (a :class:`~mmfree_fpga.image_slice.Slice` of at least one
+    layer), those of its slice image (:func:`~mmfree_fpga.image_slice.slice_layout`): ``L`` is the
+    slice's layer count, layer 0 its first layer, the absent parts' addresses 0, and the registers
+    ``EMBEDDING`` and ``HEAD`` (engines with state slots) say which parts it holds."""
     check_geometry(cfg, lanes)
     wb = beat_bytes(lanes)
     el = image_elements(fmt)
-    sec = {s.name: s for s in image_layout(cfg, packing, fmt)}
+    if sl is None:
+        first, n_layers, embedding, head = 0, cfg.L, True, True
+        sec = {s.name: s for s in image_layout(cfg, packing, fmt)}
+    else:
+        from mmfree_fpga.image_slice import slice_layout
+        if sl.layers < 1:
+            raise DesignError(f"the engine runs slices of at least one layer, not {sl.text()}")
+        first, n_layers, embedding, head = sl.first, sl.layers, sl.embedding, sl.head
+        sec = {s.name: s for s in slice_layout(cfg, packing, sl, fmt)}
 
     def words(name):
         off = sec[name].offset
@@ -199,8 +216,12 @@ def engine_params(cfg: ModelConfig, packing: str, lanes: int, fmt: Formats = FOR
 
     p = {}
     for jt, job in enumerate(JOBS):
-        prefix = "lm_head" if jt == JT_LM else f"layers.0.{job}"
+        prefix = "lm_head" if jt == JT_LM else f"layers.{first}.{job}"
         base = Param.JOB_STRIDE * jt
+        if prefix not in {n.rsplit(".", 1)[0] for n in sec}:
+            for part in (Param.TRITS_OFF, Param.TRITS_BEATS, Param.A_OFF, Param.C_OFF, Param.NORM_BEATS, Param.K_OFF):
+                p[base + part] = 0
+            continue
         in_f = sec[f"{prefix}.trits"].shape[1]
         p[base + Param.TRITS_OFF] = words(f"{prefix}.trits")
         p[base + Param.TRITS_BEATS] = beats(f"{prefix}.trits")
@@ -209,23 +230,25 @@ def engine_params(cfg: ModelConfig, packing: str, lanes: int, fmt: Formats = FOR
         assert (el.norm * in_f) % wb == 0
         p[base + Param.NORM_BEATS] = el.norm * in_f // wb
         p[base + Param.K_OFF] = words(f"{prefix}.k")
-    p[Param.LB_OFF] = words("layers.0.lower_bound")
-    p[Param.LB_BEATS] = beats("layers.0.lower_bound")
-    p[Param.EMB_Q_OFF] = words("embedding.q")
-    p[Param.EMB_ROW_BEATS] = el.emb * cfg.d // wb
-    p[Param.EMB_SCALE_OFF] = sec["embedding.scale"].offset
-    p[Param.D], p[Param.I], p[Param.V], p[Param.L] = cfg.d, cfg.I, cfg.V, cfg.L
+    p[Param.LB_OFF] = words(f"layers.{first}.lower_bound")
+    p[Param.LB_BEATS] = beats(f"layers.{first}.lower_bound")
+    p[Param.EMB_Q_OFF] = words("embedding.q") if embedding else 0
+    p[Param.EMB_ROW_BEATS] = el.emb * cfg.d // wb if embedding else 0
+    p[Param.EMB_SCALE_OFF] = sec["embedding.scale"].offset if embedding else 0
+    p[Param.D], p[Param.I], p[Param.V], p[Param.L] = cfg.d, cfg.I, cfg.V, n_layers
     p[Param.PACKING] = packing_code(packing)
-    if cfg.L > 1:
-        p[Param.LAYER_STRIDE] = words("layers.1.f_proj.trits") - words("layers.0.f_proj.trits")
-        p[Param.LB_STRIDE] = words("layers.1.lower_bound") - words("layers.0.lower_bound")
+    if n_layers > 1:
+        p[Param.LAYER_STRIDE] = words(f"layers.{first + 1}.f_proj.trits") - words(f"layers.{first}.f_proj.trits")
+        p[Param.LB_STRIDE] = words(f"layers.{first + 1}.lower_bound") - words(f"layers.{first}.lower_bound")
         for jt, job in enumerate(JOBS[:6]):
             for part in ("trits", "a", "c", "k"):
-                assert (words(f"layers.1.{job}.{part}") - words(f"layers.0.{job}.{part}")
+                assert (words(f"layers.{first + 1}.{job}.{part}") - words(f"layers.{first}.{job}.{part}")
                         == p[Param.LAYER_STRIDE]), "the image's layers are not evenly spaced"
     else:
         p[Param.LAYER_STRIDE] = 0
         p[Param.LB_STRIDE] = 0
+    if sl is not None:
+        p[Param.EMBEDDING], p[Param.HEAD] = int(embedding), int(head)
     return p
 
 
@@ -254,19 +277,33 @@ class EngineCore(wiring.Component):
         row never notices) and the embedding goes through the output scale (no EmbedScale):
         8 DSPs in all instead of 14.
 
+    slots : int
+        State slots for layer slices (module docstring, "Layer slices and state slots"); 0 (the
+        default): none, the engine runs whole models only and its netlist is that of before.
+
     Members
     -------
     cmd, load, result, logit_req, logit_resp : the control interface (module docstring).
     trace : Out(stream.Signature(trace_layout(...))) : every stored result; ready is ignored.
     wport : Out(weight_port_signature(beat_bytes(lanes)))
     wwrite : Out(write_layout(beat_bytes(lanes))) : image words from ``load``.
+    residual : In(stream.Signature(residual_layout(max_d, formats))), only with ``slots``
+        The input buffer: ``value`` to element ``index`` (always ready; not during a token).
     """
 
     def __init__(self, cfg: ModelConfig, *, lanes: int = 16, packing: str = "base3", packings=PACKINGS,
                  max_d=None, max_I=None, max_L=None, max_V=None, compact: bool = False,
-                 formats: Formats = FORMATS):
+                 formats: Formats = FORMATS, slots: int = 0):
         if not isinstance(formats, Formats):
             raise TypeError(f"formats must be a Formats, not {formats!r}")
+        if not (isinstance(slots, int) and 0 <= slots <= MAX_SLOTS):
+            raise DesignError(f"slots must be an integer in [0, {MAX_SLOTS}], got {slots!r}")
+        if slots and compact:
+            raise DesignError("state slots need the full engine (compact=False)")
+        if slots and not (formats.x_bits <= 32 and formats.x_frac == 16):
+            raise DesignError("state slots need formats whose residual is a Q16 int32 (the narrow set): "
+                              "the output buffer is read through the logit port unchanged")
+        self.slots = slots
         self.cfg = cfg
         self.formats = formats
         self.compact = compact
@@ -305,6 +342,7 @@ class EngineCore(wiring.Component):
             "trace": Out(stream.Signature(self.trace_layout())),
             "wport": Out(weight_port_signature(self.beat_bytes)),
             "wwrite": Out(write_layout(self.beat_bytes)),
+            **({"residual": In(stream.Signature(residual_layout(self.max_d, formats)))} if slots else {}),
         })
 
     def trace_layout(self) -> data.StructLayout:
@@ -328,14 +366,14 @@ class EngineCore(wiring.Component):
         m.submodules.ew = ew = ElementwiseUnit(fmt, share=v.share)
         m.submodules.argmax = amax = Argmax(max_V, fmt)
         u = SimpleNamespace(
-            fetcher=Fetcher(beat_bytes=wb, variant=v, elements=self.elements, **maxima),
+            fetcher=Fetcher(beat_bytes=wb, variant=v, elements=self.elements, slices=bool(self.slots), **maxima),
             router=ResponseRouter(w, beat_bytes=wb, trit_fifo_depth=self.trit_fifo_depth, variant=v, **maxima),
             front_seq=FrontSequencer(w, beat_bytes=wb, variant=v, **maxima),
             qpack=QPacker(act_bits=w.act_bits, lanes=self.lanes, max_in=max_in, variant=v),
             issuer=MatrixIssuer(mv.cmd_layout, **maxima),
             scale=(SharedScaleStage if v.embed_via_output_scale else ScaleStage)(w, acc_layout=mv.out_layout),
-            operands=OperandStage(w, beat_bytes=wb, variant=v, **maxima),
-            writer=Writer(w, trace_layout=self.trace_layout(), **maxima),
+            operands=OperandStage(w, beat_bytes=wb, variant=v, slots=self.slots, **maxima),
+            writer=Writer(w, trace_layout=self.trace_layout(), slots=self.slots, **maxima),
         )
         for name, unit in vars(u).items():
             m.submodules[name] = unit
@@ -361,7 +399,10 @@ class EngineCore(wiring.Component):
         wiring.connect(m, u.router.lb, mem.lb.write_port())
         # the embedding
         wiring.connect(m, u.router.emb, u.scale.emb)
-        wiring.connect(m, u.scale.emb_o, u.writer.emb)
+        if self.slots:
+            self._slice_input(m, u, mem, ctl, regs)
+        else:
+            wiring.connect(m, u.scale.emb_o, u.writer.emb)
         m.d.comb += [u.scale.emb_scale.eq(u.router.emb_scale), u.scale.emb_done.eq(u.writer.emb_done)]
         # the front
         m.d.comb += [u.front_seq.norms_arrived.eq(u.router.norms_arrived), u.front_seq.k.eq(u.router.k),
@@ -405,6 +446,12 @@ class EngineCore(wiring.Component):
         m.d.comb += [amax.i.payload.eq(u.writer.argmax.payload), amax.i.valid.eq(u.writer.argmax.valid),
                      amax.o.ready.eq(1)]
         self._result(m, ctl, amax.o)
+        if self.slots:
+            # a slice without the head: the token is done when the writer has stored the last
+            # layer's down_proj (the residual out is in x and in the output buffer)
+            with m.If(ctl.running & ~regs[Param.HEAD] & (u.writer.done == geom.n_jobs)):
+                m.d.sync += [ctl.res.token.eq(0), ctl.res.logit.eq(0), ctl.res.cycles.eq(ctl.cycles),
+                             ctl.res_valid.eq(1), ctl.running.eq(0)]
         self._logit_port(m, mem.logits)
         return m
 
@@ -432,9 +479,12 @@ class EngineCore(wiring.Component):
             Param.LAYER_STRIDE: Signal(ADDR_BITS, init=P[Param.LAYER_STRIDE], name="g_lstride"),
             Param.LB_STRIDE: Signal(ADDR_BITS, init=P[Param.LB_STRIDE], name="g_lbstride"),
         }
+        if self.slots:
+            regs[Param.EMBEDDING] = Signal(init=1, name="g_embedding")
+            regs[Param.HEAD] = Signal(init=1, name="g_head")
         r = regs
         n_jobs = Signal.like(geom.n_jobs, name="n_jobs")
-        m.d.comb += n_jobs.eq(6 * r[Param.L] + 1)
+        m.d.comb += n_jobs.eq(6 * r[Param.L] + (r[Param.HEAD] if self.slots else 1))
         m.d.comb += [geom.d.eq(r[Param.D]), geom.I.eq(r[Param.I]), geom.V.eq(r[Param.V]), geom.L.eq(r[Param.L]),
                      geom.n_jobs.eq(n_jobs), geom.packing.eq(r[Param.PACKING]),
                      geom.layer_stride.eq(r[Param.LAYER_STRIDE]), geom.lb_stride.eq(r[Param.LB_STRIDE])]
@@ -465,8 +515,11 @@ class EngineCore(wiring.Component):
         mem("x", "x_mem", w.x, max_d)
         mem("u", "u_mem", w.x, max_in)      # p (o_proj input) and v (down_proj input)
         mem("g", "g_mem", w.x, max_in)      # f (forget gate) and the GLU gate
-        mem("h", "h_mem", w.x, max_L * max_d)
-        mem("logits", "logit_mem", w.x, self.max_V)
+        mem("h", "h_mem", w.x, max(self.slots, 1) * max_L * max_d)
+        # with slots the logit memory is also the output buffer of a slice's residual
+        mem("logits", "logit_mem", w.x, max(self.max_V, max_d) if self.slots else self.max_V)
+        if self.slots:
+            mem("x_in", "x_in_mem", w.x, max_d)     # the input buffer (a residual from the host)
         return mems
 
     def _x_readers(self, m, x_mem, front_x, operands_x, operands_own):
@@ -489,6 +542,12 @@ class EngineCore(wiring.Component):
         running = Signal()
         start = Signal()
         cycles = Signal(32)
+        if self.slots:
+            # the slot a step runs on, and where its h starts (slot * max_L * max_d)
+            slot = Signal(range(self.slots), name="slot")
+            h_base = Signal(range(self.slots * self.max_L * self.max_d), name="h_base")
+            m.d.comb += [u.writer.slot.eq(slot), u.writer.h_base.eq(h_base), u.operands.h_base.eq(h_base),
+                         u.writer.head.eq(regs[Param.HEAD]), u.fetcher.embedding.eq(regs[Param.EMBEDDING])]
         res_valid = Signal()
         res = Signal(result_layout())
         m.d.comb += [self.result.valid.eq(res_valid), self.result.payload.eq(res)]
@@ -507,6 +566,15 @@ class EngineCore(wiring.Component):
                 with m.Case(EngineOp.FEED_TOKEN):
                     m.d.sync += [running.eq(1), cycles.eq(1)]
                     m.d.comb += start.eq(1)
+                    if self.slots:
+                        m.d.sync += [slot.eq(0), h_base.eq(0)]
+                if self.slots:
+                    with m.Case(EngineOp.FEED_SLOT):
+                        m.d.sync += [running.eq(1), cycles.eq(1), slot.eq(cmd.index),
+                                     h_base.eq(cmd.index * (self.max_L * self.max_d))]
+                        m.d.comb += start.eq(1)
+                    with m.Case(EngineOp.RESET_SLOT):
+                        m.d.comb += [u.writer.reset_slot.eq(1), u.writer.reset_index.eq(cmd.index)]
                 with m.Case(EngineOp.SET_PARAM):
                     m.d.comb += pw.en.eq(cmd.index < Param.RAM_SIZE)
                     for idx, reg in regs.items():
@@ -535,6 +603,32 @@ class EngineCore(wiring.Component):
                          self.wwrite.addr.eq(wptr >> lb_log), self.wwrite.data.eq(merged)]
         with m.If(self.cmd.valid & self.cmd.ready & (cmd.op == EngineOp.LOAD_RESET)):
             m.d.sync += [wptr.eq(0), lword.eq(0)]
+
+    def _slice_input(self, m, u, mem, ctl, regs):
+        """The writer's x input: the embedding (a slice with it) or the input buffer, read out
+        from element 0 on after FEED_SLOT (a slice without it); and the input buffer's writes."""
+        wp = mem.x_in.write_port()
+        m.d.comb += [self.residual.ready.eq(1), wp.addr.eq(self.residual.payload.index),
+                     wp.data.eq(self.residual.payload.value), wp.en.eq(self.residual.valid)]
+        rp = registered_read_port(m, mem.x_in)
+        reading = Signal()
+        index = Signal(range(self.max_d))
+        out_valid, out_last = Signal(), Signal()
+        last = index == u.writer.geom.d - 1
+        m.d.comb += [rp.addr.eq(index), rp.en.eq(1)]
+        m.d.sync += [out_valid.eq(reading), out_last.eq(last)]
+        with m.If(ctl.start & ~regs[Param.EMBEDDING]):
+            m.d.sync += [reading.eq(1), index.eq(0)]
+        with m.Elif(reading):
+            m.d.sync += index.eq(index + 1)
+            with m.If(last):
+                m.d.sync += reading.eq(0)
+        emb = u.writer.emb
+        with m.If(regs[Param.EMBEDDING]):
+            wiring.connect(m, u.scale.emb_o, emb)
+        with m.Else():
+            m.d.comb += [u.scale.emb_o.ready.eq(1), emb.valid.eq(out_valid), emb.payload.value.eq(rp.data),
+                         emb.payload.last.eq(out_last)]
 
     def _result(self, m, ctl, amax_o):
         """The argmax becomes the result; the token is done."""
@@ -615,6 +709,8 @@ class Engine(wiring.Component):
                             "mem_synthetic": In(1)})
         if readback:
             members["readback"] = Out(ReadbackSignature())
+        if self.core.slots:
+            members["residual"] = In(stream.Signature(residual_layout(self.core.max_d, formats)))
         super().__init__(members)
 
     def elaborate(self, platform):
@@ -638,6 +734,8 @@ class Engine(wiring.Component):
         wiring.connect(m, wiring.flipped(self.logit_req), core.logit_req)
         wiring.connect(m, core.logit_resp, wiring.flipped(self.logit_resp))
         wiring.connect(m, core.trace, wiring.flipped(self.trace))
+        if self.core.slots:
+            wiring.connect(m, wiring.flipped(self.residual), core.residual)
         if self._model:
             m.d.comb += [memory.bandwidth.eq(self.mem_bandwidth), memory.latency.eq(self.mem_latency),
                          memory.stall_rate.eq(self.mem_stall_rate), memory.synthetic.eq(self.mem_synthetic)]

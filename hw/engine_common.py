@@ -45,6 +45,8 @@ class Param:
     RAM_SIZE = 64
     # registers
     D, I, V, L, PACKING, LAYER_STRIDE, LB_STRIDE = range(64, 71)
+    # registers of engines with state slots only (EngineCore(slots=...)): the slice's parts
+    EMBEDDING, HEAD = 71, 72
 
 
 class Tag:

@@ -75,6 +75,9 @@ class Fetcher(wiring.Component):
     tags : Out(stream of tag_layout)
         One per request taken by the weight port, in order (an 8-entry FIFO: ``req`` waits while
         it is full).
+    embedding : In(1), only with ``slices``
+        The slice holds the embedding; without it a step starts from the residual written by the
+        host, and no embedding is fetched.
 
     A request takes several cycles, so that no path runs from the parameter RAM's output through
     an adder into the weight memory: the parameter RAM is read (with one port: the length, then
@@ -84,8 +87,9 @@ class Fetcher(wiring.Component):
     """
 
     def __init__(self, *, beat_bytes: int, max_d: int, max_I: int, max_L: int, max_V: int, variant: Variant,
-                 elements: ImageElements = ImageElements(norm=2, lb=2, emb=1, k=8)):
+                 elements: ImageElements = ImageElements(norm=2, lb=2, emb=1, k=8), slices: bool = False):
         self._wb = beat_bytes
+        self._slices = slices
         self._max = (max_d, max_I, max_L, max_V)
         self._ports = variant.param_read_ports
         self._elements = elements
@@ -101,6 +105,8 @@ class Fetcher(wiring.Component):
         }
         if self._ports == 2:
             members["p1"] = In(read_port_signature(unsigned(32), Param.RAM_SIZE))
+        if slices:
+            members["embedding"] = In(1)
         super().__init__(members)
 
     def elaborate(self, platform):
@@ -185,6 +191,9 @@ class Fetcher(wiring.Component):
                 with m.If(self.start):
                     m.d.sync += ph.eq(0)
                     m.next = "EMBS"
+                    if self._slices:
+                        with m.If(~self.embedding):
+                            m.next = "SEL"
             with m.State("EMBS"):
                 m.d.comb += p0.addr.eq(Param.EMB_SCALE_OFF)
                 request(emb_scale_byte >> lb_log, -(-4 // wb), Tag.EMBS,

@@ -65,7 +65,10 @@ class OperandStage(wiring.Component):
     fresh : In(max_L)
         Per layer: h[l] is zero (RECUR adds 0 instead of reading h).
     lb, g, h, x : In(read port)
-        Lower bounds (a beat's per word), f / the GLU gate, h (layer-major), x.
+        Lower bounds (a beat's per word), f / the GLU gate, h (layer-major; with ``slots``, slot
+        by slot), x.
+    h_base : In(h address), only with ``slots``
+        Where the current slot's h starts (``slot * max_L * max_d``).
     x_owner : Out(1)
         The operand stage is between the first and the last element of an o or down job (so a
         read port of x shared with the front belongs to it).
@@ -76,8 +79,11 @@ class OperandStage(wiring.Component):
         (the front waits for the writer to finish the g job).
     """
 
-    def __init__(self, w, *, beat_bytes: int, max_d: int, max_I: int, max_L: int, max_V: int, variant: Variant):
+    def __init__(self, w, *, beat_bytes: int, max_d: int, max_I: int, max_L: int, max_V: int, variant: Variant,
+                 slots: int = 0):
         self._w = w
+        self._slots = slots
+        h_depth = max(slots, 1) * max_L * max_d
         self._hw = image_elements(w.fmt).per_beat(beat_bytes, "lb")
         self._max = (max_d, max_I, max_L, max_V)
         self._variant = variant
@@ -92,9 +98,10 @@ class OperandStage(wiring.Component):
             "fresh": In(max_L),
             "lb": In(read_port_signature(data.ArrayLayout(w.gate_bits, self._hw), max_d // self._hw)),
             "g": In(read_port_signature(w.x, max_in)),
-            "h": In(read_port_signature(w.x, max_L * max_d)),
+            "h": In(read_port_signature(w.x, h_depth)),
             "x": In(read_port_signature(w.x, max_d)),
             "x_owner": Out(1),
+            **({"h_base": In(range(h_depth))} if slots else {}),
             **({"gsum": Out(unsigned(w.eps_gsum_bits))} if w.norm_eps else {}),
         })
 
@@ -139,7 +146,7 @@ class OperandStage(wiring.Component):
                                   | (gate_up & (writer_behind | (nxt >= self.writer_row + geom.I))))
         m.d.comb += [
             self.lb.addr.eq(jo // hw_), self.g.addr.eq(Mux(upper, jo - geom.I, jo)),
-            self.h.addr.eq(oj.l * max_d + jo), self.x.addr.eq(jo),
+            self.h.addr.eq(oj.l * max_d + jo + (self.h_base if self._slots else 0)), self.x.addr.eq(jo),
             self.lb.en.eq(o_adv), self.g.en.eq(o_adv), self.h.en.eq(o_adv), self.x.en.eq(o_adv),
         ]
         if self._w.norm_eps:
@@ -238,16 +245,27 @@ class Writer(wiring.Component):
     emb_done : Out(1)
         The embedding is in x.
     fresh : Out(max_L)
-        Per layer: h[l] is zero (after RESET_STATE, until i_proj of that layer is stored).
+        Per layer: h[l] is zero (after RESET_STATE, until i_proj of that layer is stored); with
+        ``slots``, the current slot's (each slot has its own).
+    slot, h_base, head, reset_slot, reset_index : In, only with ``slots``
+        The slot a step runs on and where its h starts; whether the slice ends with the head
+        (without it the last layer's down_proj results, the residual out, are also stored to
+        ``logits``, the output buffer); RESET_SLOT accepted, for slot ``reset_index``.
     or_x, or_u : Out(x_bits)
         The OR of the magnitudes of x and of u (p or v) as last stored: its bit length is the
         maximum's.
     """
 
-    def __init__(self, w, *, max_d: int, max_I: int, max_L: int, max_V: int, trace_layout):
+    def __init__(self, w, *, max_d: int, max_I: int, max_L: int, max_V: int, trace_layout, slots: int = 0):
         self._w = w
         self._max = (max_d, max_I, max_L, max_V)
+        self._slots = slots
         max_in = max(max_d, max_I)
+        h_depth = max(slots, 1) * max_L * max_d
+        # with slots the logit memory is also the output buffer of a residual
+        logit_depth = max(max_V, max_d) if slots else max_V
+        slot_members = {"slot": In(range(slots)), "h_base": In(range(h_depth)), "head": In(1),
+                        "reset_slot": In(1), "reset_index": In(8)} if slots else {}
         super().__init__({
             "geom": In(geometry_layout(max_d, max_I, max_L, max_V)),
             "start": In(1),
@@ -257,8 +275,8 @@ class Writer(wiring.Component):
             "x": In(write_port_signature(w.x, max_d)),
             "u": In(write_port_signature(w.x, max_in)),
             "g": In(write_port_signature(w.x, max_in)),
-            "h": In(write_port_signature(w.x, max_L * max_d)),
-            "logits": In(write_port_signature(w.x, max_V)),
+            "h": In(write_port_signature(w.x, h_depth)),
+            "logits": In(write_port_signature(w.x, logit_depth)),
             "argmax": Out(stream.Signature(value_layout(w))),
             "trace": Out(stream.Signature(trace_layout)),
             "done": Out(job_count_shape(max_L)),
@@ -267,6 +285,7 @@ class Writer(wiring.Component):
             "fresh": Out(max_L, init=(1 << max_L) - 1),
             "or_x": Out(w.x_bits),
             "or_u": Out(w.x_bits),
+            **slot_members,
         })
 
     def elaborate(self, platform):
@@ -277,8 +296,19 @@ class Writer(wiring.Component):
         m.d.comb += self.done.eq(wj.k)
         with m.If(self.start):
             m.d.sync += wj.reset() + [self.emb_done.eq(0)]
-        with m.If(self.reset_state):
-            m.d.sync += self.fresh.eq((1 << max_L) - 1)
+        if self._slots:
+            # every slot's flags, the current slot's on ``fresh``
+            self._fresh = fresh = Signal(self._slots * max_L, init=(1 << (self._slots * max_L)) - 1)
+            m.d.comb += self.fresh.eq(fresh.word_select(self.slot, max_L))
+            with m.If(self.reset_state):
+                m.d.sync += fresh.eq(fresh.init)
+            with m.Elif(self.reset_slot):
+                for s in range(self._slots):
+                    with m.If(self.reset_index == s):
+                        m.d.sync += fresh[s * max_L:(s + 1) * max_L].eq((1 << max_L) - 1)
+        else:
+            with m.If(self.reset_state):
+                m.d.sync += self.fresh.eq((1 << max_L) - 1)
         # the embedding -> x
         je = Signal(range(max_d + 1))
         emb = self.emb
@@ -296,7 +326,8 @@ class Writer(wiring.Component):
         m.d.comb += [self.i.ready.eq(1),
                      self.u.data.eq(val), self.g.data.eq(val), self.h.data.eq(val), self.logits.data.eq(val),
                      self.u.addr.eq(Mux(w_up, jw - geom.I, jw)), self.g.addr.eq(jw),
-                     self.h.addr.eq(wj.l * max_d + jw), self.logits.addr.eq(jw)]
+                     self.h.addr.eq(wj.l * max_d + jw + (self.h_base if self._slots else 0)),
+                     self.logits.addr.eq(jw)]
         m.d.comb += [self.argmax.payload.value.eq(val), self.argmax.payload.last.eq(self.i.payload.last),
                      self.argmax.valid.eq(wv & (wj.jt == JT_LM))]
         m.d.comb += [self.trace.valid.eq(wv), self.trace.payload.job.eq(wj.jt),
@@ -318,13 +349,19 @@ class Writer(wiring.Component):
             with m.Case(JT_I):
                 m.d.comb += self.h.en.eq(1)
                 with m.If(self.i.payload.last):
-                    m.d.sync += self.fresh.bit_select(wj.l, 1).eq(0)
+                    if self._slots:
+                        m.d.sync += self._fresh.bit_select(self.slot * self._max[2] + wj.l, 1).eq(0)
+                    else:
+                        m.d.sync += self.fresh.bit_select(wj.l, 1).eq(0)
             with m.Case(JT_G):
                 m.d.comb += self.u.en.eq(1)
                 m.d.sync += self.or_u.eq(Mux(jw == 0, 0, self.or_u) | magnitude(val))
             with m.Case(JT_O, JT_DOWN):
                 m.d.comb += [self.x.en.eq(1), self.x.addr.eq(jw), self.x.data.eq(val)]
                 m.d.sync += self.or_x.eq(Mux(jw == 0, 0, self.or_x) | magnitude(val))
+                if self._slots:
+                    # a slice without the head: the residual out, also into the output buffer
+                    m.d.comb += self.logits.en.eq((wj.jt == JT_DOWN) & (wj.l == self.geom.L - 1) & ~self.head)
             with m.Case(JT_GATE):
                 with m.If(w_up):
                     m.d.comb += self.u.en.eq(1)

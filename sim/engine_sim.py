@@ -47,7 +47,7 @@ from .runner import VERILATOR_FAST, VERILATOR_MAKEFLAGS
 from mmfree_fpga.config import FORMAT_SETS, FORMATS, ModelConfig
 
 __all__ = ["EngineBuild", "default_build", "format_set", "EngineRun", "Waves", "load_image", "synthetic_image_info",
-           "reference_tokens", "run_engine", "run_amaranth", "build_dir_for", "build_harness", "decode_trace",
+           "reference_tokens", "run_engine", "run_amaranth", "run_amaranth_slices", "SliceStep", "build_dir_for", "build_harness", "decode_trace",
            "check_waves", "memory_model_inputs", "dram_config", "dram_core", "dram_figures", "SIMULATORS", "MEMORIES", "DRAM_BOARDS", "WAVE_FORMATS", "HARNESS", "HARNESS_VERILATOR_ARGS",
            "HARNESS_FST_ARGS"]
 
@@ -680,10 +680,11 @@ def _run_cocotb(*, cfg, blob, packing, build, prompt, steps, simulator, stall_ra
 
 def run_amaranth(*, cfg, blob, packing, lanes, prompt, steps, read_logits=(), load_stream: bool = False,
                  trace: bool = False, compact: bool = False, waves: Waves | None = None,
-                 formats: str = "narrow") -> EngineRun:
+                 formats: str = "narrow", slots: int = 0) -> EngineRun:
     """The same run on Amaranth's simulator, weights in on-chip RAM initialised from the image
     (``load_stream``: RAM without contents, the image sent through the ``load`` stream first),
-    in the number formats ``formats`` (a name in ``FORMAT_SETS``).
+    in the number formats ``formats`` (a name in ``FORMAT_SETS``), on an engine with ``slots``
+    state slots (FEED_TOKEN runs slot 0).
     ``sim_cycles``: clock cycles from the first FEED_TOKEN to the last result. ``waves``: a VCD
     from cycle 0 (Amaranth's writer cannot start later) until ``waves.end``."""
     from amaranth.sim import Simulator
@@ -693,7 +694,7 @@ def run_amaranth(*, cfg, blob, packing, lanes, prompt, steps, read_logits=(), lo
         from mmfree_fpga.errors import UserError
         raise UserError("the Amaranth simulator needs real weights (no synthetic mode)")
     dut = Engine(cfg, lanes=lanes, packing=packing, image=None if load_stream else blob,
-                 compact=compact, formats=format_set(formats))
+                 compact=compact, formats=format_set(formats), slots=slots)
     out = EngineRun(tokens=list(prompt), argmax_logits=[], cycles=[], simulator="amaranth",
                     trace=[] if trace else None)
     clock = {"cycle": 0, "start": None, "end": 0, "t0": 0.0, "t1": 0.0}
@@ -785,4 +786,99 @@ def run_amaranth(*, cfg, blob, packing, lanes, prompt, steps, read_logits=(), lo
     out.sim_seconds = time.perf_counter() - t0
     out.sim_cycles = clock["end"] - (clock["start"] or 0)
     out.sim_wall_s = clock["t1"] - clock["t0"]
+    return out
+
+
+@dataclass
+class SliceStep:
+    """One FEED_SLOT of an engine in :func:`run_amaranth_slices`: its result and its output
+    buffer (the logits with the head, else the residual out), as the logit port reads them."""
+    device: int
+    slot: int
+    token: int
+    logit: int
+    cycles: int
+    output: list
+
+
+def run_amaranth_slices(*, cfg, blob, packing, lanes, slices, feeds, slots: int = 2,
+                        read_count: int | None = None) -> list[list[SliceStep]]:
+    """A chain of engines with state slots on Amaranth's simulator, one per slice of ``slices``
+    (:class:`~mmfree_fpga.image_slice.Slice`, device 0 first, as ``chain_error`` wants them),
+    each with ``slots`` slots, its on-chip RAM initialised with its slice image (``cut_image`` of
+    the whole image ``blob``) and its parameters set with SET_PARAM (``engine_params`` of the
+    slice). ``feeds``: ``("feed", slot, token)`` runs one token on ``slot`` through the chain (the
+    residual of each engine written into the next one's input buffer); ``("reset", slot)`` is
+    RESET_SLOT on every engine. Returns, per feed, each engine's :class:`SliceStep`
+    (``read_count``: how many output values are read back, default all)."""
+    from amaranth.hdl import Module
+    from amaranth.sim import Simulator
+    from mmfree_fpga.hw.control import EngineOp
+    from mmfree_fpga.hw.engine import Engine, engine_params
+    from mmfree_fpga.image_slice import chain_error, cut_image
+    why = chain_error(list(slices), cfg)
+    if why:
+        raise ValueError(why)
+    top = Module()
+    duts = []
+    for i, sl in enumerate(slices):
+        dut = Engine(cfg, lanes=lanes, packing=packing, image=cut_image(blob, cfg, packing, sl), slots=slots)
+        top.submodules[f"engine{i}"] = dut
+        duts.append(dut)
+    params = [sorted(engine_params(cfg, packing, lanes, sl=sl).items()) for sl in slices]
+    out: list[list[SliceStep]] = []
+
+    async def command(ctx, dut, op, arg=0, index=0):
+        ctx.set(dut.cmd.payload, {"op": op, "index": index, "arg": arg})
+        ctx.set(dut.cmd.valid, 1)
+        await ctx.tick().until(dut.cmd.ready)
+        ctx.set(dut.cmd.valid, 0)
+
+    async def read(ctx, dut, count):
+        values = []
+        for idx in range(count):
+            ctx.set(dut.logit_req.payload, idx)
+            ctx.set(dut.logit_req.valid, 1)
+            await ctx.tick().until(dut.logit_req.ready)
+            ctx.set(dut.logit_req.valid, 0)
+            ctx.set(dut.logit_resp.ready, 1)
+            (v,) = await ctx.tick().sample(dut.logit_resp.payload).until(dut.logit_resp.valid)
+            ctx.set(dut.logit_resp.ready, 0)
+            values.append(int(v))
+        return values
+
+    async def bench(ctx):
+        for dut, plist in zip(duts, params):
+            ctx.set(dut.result.ready, 0)
+            for index, value in plist:
+                await command(ctx, dut, EngineOp.SET_PARAM, value, index)
+            await command(ctx, dut, EngineOp.RESET_STATE)
+        for feed in feeds:
+            if feed[0] == "reset":
+                for dut in duts:
+                    await command(ctx, dut, EngineOp.RESET_SLOT, index=feed[1])
+                continue
+            _, slot, token = feed
+            residual, steps = None, []
+            for i, (dut, sl) in enumerate(zip(duts, slices)):
+                if residual is not None:
+                    ctx.set(dut.residual.valid, 1)
+                    for index, value in enumerate(residual):
+                        ctx.set(dut.residual.payload, {"index": index, "value": value})
+                        await ctx.tick()
+                    ctx.set(dut.residual.valid, 0)
+                await command(ctx, dut, EngineOp.FEED_SLOT, token if sl.embedding else 0, slot)
+                ctx.set(dut.result.ready, 1)
+                (res,) = await ctx.tick().sample(dut.result.payload).until(dut.result.valid)
+                ctx.set(dut.result.ready, 0)
+                n = cfg.V if sl.head else cfg.d
+                values = await read(ctx, dut, n if read_count is None or not sl.head else min(n, read_count))
+                steps.append(SliceStep(i, slot, int(res.token), int(res.logit), int(res.cycles), values))
+                residual = None if sl.head else values
+            out.append(steps)
+
+    sim = Simulator(top)
+    sim.add_clock(PERIOD_NS * 1e-9)
+    sim.add_testbench(bench)
+    sim.run()
     return out
