@@ -38,7 +38,7 @@ from amaranth.hdl import signed, unsigned
 from amaranth.lib import data, enum, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-__all__ = ["EngineOp", "command_layout", "result_layout", "ControlSignature", "encode_command",
+__all__ = ["EngineOp", "command_layout", "result_layout", "residual_layout", "ControlSignature", "encode_command",
            "decode_result", "field_offsets"]
 
 
@@ -59,6 +59,14 @@ def command_layout() -> data.StructLayout:
 def result_layout() -> data.StructLayout:
     """``result`` payload: ``token`` (bits 31:0), ``logit`` (63:32, signed), ``cycles`` (95:64)."""
     return data.StructLayout({"token": unsigned(32), "logit": signed(32), "cycles": unsigned(32)})
+
+
+def residual_layout(max_d: int, fmt=None) -> data.StructLayout:
+    """A write to the input buffer of an engine with state slots (its ``residual`` member):
+    element ``index`` := ``value`` (signed ``fmt.x_bits``; the narrow formats by default)."""
+    if fmt is None:
+        from mmfree_fpga.config import FORMATS as fmt
+    return data.StructLayout({"index": range(max_d), "value": signed(fmt.x_bits)})
 
 
 class ControlSignature(wiring.Signature):

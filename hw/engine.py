@@ -120,7 +120,7 @@ from mmfree_fpga.protocol import MAX_SLOTS
 
 from .argmax import Argmax
 from .bitlinear_front import BitLinearFront
-from .control import ControlSignature, EngineOp, result_layout
+from .control import ControlSignature, EngineOp, residual_layout, result_layout
 from .elementwise import ElementwiseUnit, shared_products_fit
 from .engine_common import (COMPACT, FULL, JOBS, JT_DOWN, JT_LM, JT_O, NORM_SLOTS, Param, attach_read_port,
                             geometry_layout, image_elements)
@@ -152,11 +152,6 @@ def trace_layout(max_d: int, max_I: int, max_L: int, max_V: int, fmt: Formats = 
     return data.StructLayout({"job": unsigned(3), "layer": unsigned(max(1, max_L.bit_length())),
                               "row": unsigned((2 * max(max_d, max_I) + max_V).bit_length()),
                               "value": signed(fmt.x_bits)})
-
-
-def residual_layout(max_d: int, fmt: Formats = FORMATS) -> data.StructLayout:
-    """A write to the input buffer of an engine with state slots: element ``index`` := ``value``."""
-    return data.StructLayout({"index": range(max_d), "value": signed(fmt.x_bits)})
 
 
 def wire_logit(value, fmt: Formats):

@@ -148,11 +148,14 @@ from mmfree_fpga.protocol import (
     LOAD_BEGIN_RESPONSE, LOAD_CHUNK_RESPONSE, LOAD_COMMIT_RESPONSE, LOAD_STATUS_RESPONSE, MAX_LOGITS_PER_READ,
     MAX_PAYLOAD, MIN_DEVICE_PAYLOAD, NAK_PAYLOAD, NAK_RESPONSE, POSITION, READ_LOGITS_HEADER, READ_LOGITS_REQUEST,
     RESPONSE, SYNC, TRAILER_LEN, VERIFY_IMAGE_RESPONSE, Op, Packing, crc32_image,
+    FEED_SLOT_REQUEST, FEED_SLOT_RESPONSE, LOAD_SLICE_REQUEST, LOAD_SLICE_RESPONSE, READ_OUTPUT_HEADER,
+    READ_OUTPUT_REQUEST, RESET_SLOT_RESPONSE, SLICE_INFO_RESPONSE, WRITE_RESIDUAL_HEADER, WRITE_RESIDUAL_RESPONSE,
+    SliceOp, residual_element_bytes,
 )
 
-from .control import ControlSignature, EngineOp
-from .link_check import ARG_BYTES, COMMANDS
-from .link_fields import field, struct_fields
+from .control import ControlSignature, EngineOp, residual_layout
+from .link_check import ARG_BYTES, COMMANDS, SLICE_ARG_BYTES, SLICE_COMMANDS, slice_geometry
+from .link_fields import field, pack, struct_fields
 from .link_form import DefaultForm, SmallForm
 from .link_respond import PayloadKind, ResponseSender, result_layout
 from .link_ring import ReceiveRing
@@ -178,6 +181,13 @@ _STATE_RESPONSES = {
     Op.LOAD_CHUNK: (PayloadKind.LOAD_CHUNK, LOAD_CHUNK_RESPONSE),
     Op.LOAD_COMMIT: (PayloadKind.LOAD_COMMIT, LOAD_COMMIT_RESPONSE),
     Op.FEED_TOKEN: (PayloadKind.FEED_TOKEN, FEED_TOKEN_RESPONSE),
+}
+# ... and with state slots, the slice ops that change state
+_SLICE_STATE_RESPONSES = {
+    SliceOp.LOAD_SLICE: (PayloadKind.LOAD_SLICE, LOAD_SLICE_RESPONSE),
+    SliceOp.RESET_SLOT: (PayloadKind.RESET_SLOT, RESET_SLOT_RESPONSE),
+    SliceOp.WRITE_RESIDUAL: (PayloadKind.WRITE_RESIDUAL, WRITE_RESIDUAL_RESPONSE),
+    SliceOp.FEED_SLOT: (PayloadKind.FEED_SLOT, FEED_SLOT_RESPONSE),
 }
 
 
@@ -218,18 +228,31 @@ class Link(wiring.Component):
         The engine's number formats: IDENTIFY's formats id and the image size.
     memory_status : bool
         The ``memory_error`` member (an engine whose weight memory can fail to start: a DRAM).
+    slots : int
+        State slots of the engine (``EngineCore(slots=...)``; the default form only): the slice
+        ops of protocol 1.2 (module docstring, "Layer slices and state slots"). 0 (the default):
+        none; they are answered UNKNOWN_OP and the netlist is that of a Link without them.
     """
 
     def __init__(self, cfg: ModelConfig, *, packing: str = "base3", lanes: int = 0,
                  max_payload: int = MAX_PAYLOAD, step_time_ms: int = 0, clk_freq: float = 12e6,
                  idle_timeout_cycles: int | None = None, boot_id: int | None = None,
                  image: bytes | None = None, small: bool = False, readback: bool = False,
-                 formats: Formats = FORMATS, memory_status: bool = False):
+                 formats: Formats = FORMATS, memory_status: bool = False, slots: int = 0):
         from mmfree_fpga.image import image_size
         if small and readback:
             raise ValueError("the Link's small form has no VERIFY_IMAGE: readback needs small=False")
+        if slots and small:
+            raise ValueError("the Link's small form has no state slots (the slice ops): slots needs small=False")
+        if slots and residual_element_bytes(formats) != 4:
+            raise ValueError("state slots need formats with 4-byte residual values (the narrow set)")
+        self.slots = slots
         self.reads_back = readback
-        self.commands = [c for c in COMMANDS if readback or c != Op.VERIFY_IMAGE]
+        self.commands = [c for c in COMMANDS if readback or c != Op.VERIFY_IMAGE] + (SLICE_COMMANDS if slots else [])
+        self.state_responses = {**_STATE_RESPONSES, **(_SLICE_STATE_RESPONSES if slots else {})}
+        self.slices = slice_geometry(cfg, packing, slots, formats) if slots else None
+        self.slice_params = self._slice_params(cfg, packing, lanes, formats) if slots else None
+        self.arg_bytes = SLICE_ARG_BYTES if slots else ARG_BYTES
         if not MIN_DEVICE_PAYLOAD <= max_payload <= MAX_PAYLOAD:
             raise ValueError(f"max_payload must be in [{MIN_DEVICE_PAYLOAD}, {MAX_PAYLOAD}], got {max_payload}")
         self.cfg = cfg
@@ -263,6 +286,8 @@ class Link(wiring.Component):
             members["memory_error"] = In(1)
         if readback:
             members["readback"] = In(ReadbackSignature())
+        if slots:
+            members["residual"] = Out(stream.Signature(residual_layout(cfg.d, formats)))
         super().__init__(members)
         # observation points for testbenches (not ports): ``idle`` (waiting for bytes, nothing
         # to send), ``in_frame`` (a partial frame is held: its idle timeout counts) and every
@@ -283,7 +308,37 @@ class Link(wiring.Component):
             # the last FEED_TOKEN's result: argmax (< vocab, so range(vocab) bits), logit, cycles
             "result": Signal(result_layout(cfg.V).size),
         }
+        if slots:
+            self.state.update(self._slice_registers())
 
+    @staticmethod
+    def _slice_params(cfg, packing, lanes, formats):
+        """The engine parameters a slice changes: (layers, parts) -> [(index, value)], the same
+        indices in every entry (``engine_params`` of each slice the engine runs)."""
+        from mmfree_fpga.image_slice import Slice
+        from .engine import engine_params
+        table = {(n, parts): engine_params(cfg, packing, lanes, formats, sl=Slice.from_parts(0, n, parts))
+                 for n in range(1, cfg.L + 1) for parts in range(4)}
+        whole = table[(cfg.L, 3)]
+        varying = sorted(k for k in whole if any(row[k] != whole[k] for row in table.values()))
+        return {key: [(k, row[k]) for k in varying] for key, row in table.items()}
+
+    def _slice_registers(self):
+        """The state of the slice ops: every slot's position but slot 0's (``position``), the
+        loaded slice and the open load's, the sizes, the input and the output buffer."""
+        cfg, pre = self.cfg, self.preloaded
+        regs = {f"position{s}": Signal(32, name=f"position{s}") for s in range(1, self.slots)}
+        # the loaded weights' slice: preloaded weights are the whole model, from configuration on
+        regs.update(
+            slice_layers=Signal(range(cfg.L + 1), init=cfg.L if pre else 0, reset_less=pre),
+            slice_first=Signal(16, reset_less=pre), slice_end=Signal(16, init=cfg.L if pre else 0, reset_less=pre),
+            slice_parts=Signal(2, init=3 if pre else 0, reset_less=pre),
+            stored_size=Signal(range(self.image_bytes + 1), init=self.image_bytes if pre else 0, reset_less=pre),
+            load_first=Signal(16), load_end=Signal(16), load_parts=Signal(2),
+            load_size=Signal(range(self.image_bytes + 1)),
+            in_valid=Signal(), in_slot=Signal(8), in_position=Signal(32), in_pointer=Signal(range(cfg.d + 1)),
+            out_valid=Signal(), out_slot=Signal(8), out_position=Signal(32), out_logits=Signal())
+        return regs
     def elaborate(self, platform):
         # ``b``: the signals and helpers the parts below share, each made by one of them
         m = Module()
@@ -348,8 +403,8 @@ class Link(wiring.Component):
         b.length_zero = Signal()           # registered: LEN == 0
         m.d.sync += b.length_zero.eq(b.length == 0)
         b.payload_left = Signal(b.index_shape)   # payload bytes still to come, less one
-        b.args = Signal(8 * ARG_BYTES)
-        b.arg_sel = Signal(ARG_BYTES)     # one-hot: the byte of args the next payload byte goes to
+        b.args = Signal(8 * self.arg_bytes)
+        b.arg_sel = Signal(self.arg_bytes)     # one-hot: the byte of args the next payload byte goes to
         b.frame_crc = Signal(16)
         b.tidx = Signal(range(TRAILER_LEN))
 
@@ -369,10 +424,13 @@ class Link(wiring.Component):
         b.out_last = Signal(b.index_shape)   # out_len - 1 (every response has a payload)
         b.out_kind = Signal(PayloadKind)
         b.rescan_after = Signal()          # after the response: rescan from sp + 1 (bad CRC)
-        b.read_start = Signal(range(b.cfg.V))       # READ_LOGITS: checked: start + count <= V, count >= 1
+        # READ_LOGITS: checked: start + count <= V, count >= 1 (READ_OUTPUT: <= V or d)
+        b.read_start = Signal(range(max(b.cfg.V, b.cfg.d) if self.slots else b.cfg.V))
 
         # the response frame's bytes into tx and the CRCs (:class:`~.link_respond.ResponseSender`)
-        m.submodules.sender = b.sender = sender = ResponseSender(vocab_size=b.cfg.V, max_payload=self.max_payload)
+        m.submodules.sender = b.sender = sender = ResponseSender(
+            vocab_size=max(b.cfg.V, b.cfg.d) if self.slots else b.cfg.V, max_payload=self.max_payload,
+            output=bool(self.slots))
         wiring.connect(m, sender.tx, wiring.flipped(self.tx))
         wiring.connect(m, sender.logit_req, wiring.flipped(self.engine.logit_req))
         wiring.connect(m, wiring.flipped(self.engine.logit_resp), sender.logit_resp)
@@ -380,6 +438,9 @@ class Link(wiring.Component):
                      sender.op.eq(b.out_op), sender.length.eq(b.out_len),
                      sender.header_crc.eq(b.crcs.header_crc), sender.frame_crc.eq(b.crcs.frame_crc),
                      sender.may_pick.eq(b.done(1)), sender.logits.eq(b.out_kind == PayloadKind.LOGITS)]
+        if self.slots:
+            m.d.comb += [sender.logits.eq((b.out_kind == PayloadKind.LOGITS) | (b.out_kind == PayloadKind.OUTPUT)),
+                         sender.output.eq(b.out_kind == PayloadKind.OUTPUT)]
         b.j, b.nb_free = sender.index, sender.free
 
         # -- decoded request fields --------------------------------------------------------
@@ -396,7 +457,8 @@ class Link(wiring.Component):
         """The request check (:mod:`~.link_check`), fed while the trailer arrives; the cached
         command's replay flags, registered in CHECK."""
         m.submodules.check = b.check = check = self.form.Check(
-            vocab_size=b.cfg.V, image_bytes=self.image_bytes, max_payload=self.max_payload, commands=self.commands)
+            vocab_size=b.cfg.V, image_bytes=self.image_bytes, max_payload=self.max_payload, commands=self.commands,
+            **({"slices": self.slices} if self.slots else {}))
         b.in_trailer = Signal()
         m.d.comb += [check.op.eq(b.op), check.length.eq(b.length), check.seq.eq(b.seq), check.args.eq(b.args),
                      check.in_trailer.eq(b.in_trailer),
@@ -405,6 +467,16 @@ class Link(wiring.Component):
                      check.running_crc.eq(b.crcs.image_crc), check.weights_loaded.eq(b.weights_loaded),
                      check.logits_valid.eq(b.logits_valid), check.cache_valid.eq(b.cache_valid),
                      check.cache_seq.eq(b.cache_seq), check.cache_op.eq(b.cache_op)]
+        if self.slots:
+            self._slice_signals(m, b)
+            st = self.state
+            m.d.comb += [check.slot_position.eq(b.slot_position), check.slice_parts.eq(st["slice_parts"]),
+                         check.load_size.eq(st["load_size"]),
+                         # READ_LOGITS: the output buffer holds slot 0's logits
+                         check.logits_valid.eq(st["out_valid"] & (st["out_slot"] == 0) & st["out_logits"])]
+            for name in ("in_valid", "in_slot", "in_position", "in_pointer", "out_valid", "out_slot",
+                         "out_position", "out_logits"):
+                m.d.comb += getattr(check, name).eq(st[name])
         b.op_code, b.replayable, b.rejected = check.op_code, check.replayable, check.rejected
         b.nak_error, b.nak_arg_sel = check.nak_error, check.nak_arg_sel
         # the NAK's arguments, as the Link's own signals (the small form's response ROM reads
@@ -419,7 +491,7 @@ class Link(wiring.Component):
         b.good = Signal()                   # the frame's CRC-16 checked out (registered in CHECK)
         b.replay = Signal()                 # DECIDE answers from the cache (registered in CHECK) ...
         b.replay_kind = Signal(PayloadKind)       # ... with the cached command's response
-        b.replay_len = Signal(range(max(layout.size for _, layout in _STATE_RESPONSES.values()) + 1))
+        b.replay_len = Signal(range(max(layout.size for _, layout in self.state_responses.values()) + 1))
 
     def _payload(self, m, b):
         """The response payload (:mod:`~.link_respond`): ``payload_byte`` and its prefetch
@@ -427,7 +499,9 @@ class Link(wiring.Component):
         m.submodules.payload = payload = self.form.Payload(
             cfg=b.cfg, packing=self.packing, lanes=self.lanes, max_payload=self.max_payload,
             step_time_ms=self.step_time_ms, image_bytes=self.image_bytes, arguments=b.check.arguments,
-            readback=self.reads_back, formats=self.formats, memory_status=self.memory_status)
+            readback=self.reads_back, formats=self.formats, memory_status=self.memory_status,
+            **({"extra": {kind: len(value) for kind, value in self._slice_payloads(b).items()}}
+               if self.slots else {}))
         sender = b.sender
         m.d.comb += [payload.kind.eq(b.out_kind), payload.index.eq(sender.index),
                      payload.logits_data.eq(sender.logits_data), payload.logit_word.eq(sender.logit_word),
@@ -444,6 +518,10 @@ class Link(wiring.Component):
         if self.memory_status:
             m.d.comb += payload.memory_error.eq(self.memory_error)
         self.form.connect_payload(m, b, payload)
+        if self.slots:
+            for kind, value in self._slice_payloads(b).items():
+                m.d.comb += getattr(payload, f"x_{kind.name.lower()}").eq(value)
+            m.d.comb += [payload.stored_size.eq(self.state["stored_size"]), payload.load_size.eq(self.state["load_size"])]
         b.payload_byte = payload.data
         m.d.comb += self.engine.load.payload.eq(b.byte_r)
 
@@ -451,9 +529,12 @@ class Link(wiring.Component):
         """The ring's read address, the parse position and the parser's helpers."""
         # -- read port address ---------------------------------------------------------------------
         # the chunk forwarder (:mod:`~.link_chunk`): the ring addresses of a LOAD_CHUNK's data
-        m.submodules.chunk = b.chunk = chunk = self.form.Chunk(ring_depth=self.ring_depth, max_payload=self.max_payload)
+        m.submodules.chunk = b.chunk = chunk = self.form.Chunk(
+            ring_depth=self.ring_depth, max_payload=self.max_payload, **({"residual": True} if self.slots else {}))
         m.d.comb += chunk.frame_start.eq(b.sp)
         self.form.connect_chunk(m, b, chunk)
+        if self.slots:
+            m.d.comb += chunk.residual.eq(b.op == SliceOp.WRITE_RESIDUAL)
         b.chunk_phase = chunk.active
         # the read address is a register (the chunk's or rp): no decision of this cycle reaches it
         m.d.comb += b.ring.addr.eq(Mux(chunk.active, chunk.addr, b.rp[:b.ring_bits]))
@@ -519,7 +600,7 @@ class Link(wiring.Component):
         b.finish_response = finish_response
 
         def state_response(command):
-            kind, layout = _STATE_RESPONSES[command]
+            kind, layout = self.state_responses[command]
             return b.cache_and_respond(kind, layout.size)
         b.state_response = state_response
 
@@ -578,7 +659,7 @@ class Link(wiring.Component):
             with b.frame_byte():
                 m.d.sync += [b.payload_left.eq(b.payload_left - 1), b.arg_sel.eq(b.arg_sel << 1)]
                 m.d.comb += b.crcs.frame.eq(1)
-                for i in range(self.form.stored_arg_bytes, ARG_BYTES):
+                for i in range(self.form.stored_arg_bytes, self.arg_bytes):
                     with m.If(b.arg_sel[i]):
                         m.d.sync += b.args[8 * i:8 * i + 8].eq(b.byte)
                 self.form.on_payload_byte(m, b)
@@ -602,7 +683,7 @@ class Link(wiring.Component):
             # chain and the response registers' enables are not one path)
             m.d.sync += b.replay.eq(b.crc_cached & b.replayable)
             with m.Switch(b.cache_op):
-                for command, (kind, layout) in _STATE_RESPONSES.items():
+                for command, (kind, layout) in self.state_responses.items():
                     with m.Case(command):
                         m.d.sync += [b.replay_kind.eq(kind), b.replay_len.eq(layout.size)]
             with b.after_feeder():
@@ -642,6 +723,8 @@ class Link(wiring.Component):
             m.d.sync += [b.position.eq(0), b.logits_valid.eq(0),
                          *b.state_response(Op.RESET_STATE)]
             m.next = "ENGINE_RESET"
+            if self.slots:      # slot 0 only
+                self._reset_slot(m, b, 0)
 
         def on_load_begin():
             # (small form: image_crc follows load_crc and weights_loaded)
@@ -651,6 +734,8 @@ class Link(wiring.Component):
                          b.load_pointer.eq(0),
                          *b.state_response(Op.LOAD_BEGIN)]
             m.next = "ENGINE_LOAD_RESET"
+            if self.slots:
+                self._begin_load(m, b, self.image_bytes, 0, b.cfg.L, 3)
 
         def on_load_chunk():
             m.d.sync += b.state_response(Op.LOAD_CHUNK)
@@ -663,6 +748,13 @@ class Link(wiring.Component):
                          b.position.eq(0), b.logits_valid.eq(0),
                          *b.state_response(Op.LOAD_COMMIT)]
             m.next = "ENGINE_RESET"
+            if self.slots:
+                st = self.state
+                self._reset_all(m, b)
+                m.d.sync += [st["slice_first"].eq(st["load_first"]), st["slice_end"].eq(st["load_end"]),
+                             st["slice_parts"].eq(st["load_parts"]), st["stored_size"].eq(st["load_size"]),
+                             st["slice_layers"].eq(st["load_end"] - st["load_first"]), b.param_index.eq(0)]
+                m.next = "ENGINE_PARAMS"      # the slice's parameters, then RESET_STATE
 
         def on_feed_token():
             m.d.sync += b.state_response(Op.FEED_TOKEN)
@@ -691,6 +783,8 @@ class Link(wiring.Component):
                           (Op.READ_LOGITS, on_read_logits), (Op.LOAD_STATUS, on_load_status)]
         if self.reads_back:
             commands_taken.append((Op.VERIFY_IMAGE, on_verify_image))
+        if self.slots:
+            commands_taken += self._slice_commands(m, b)
         self.form.decide(m, b, checks, commands_taken)
 
     def _engine_states(self, m, b):
@@ -718,7 +812,13 @@ class Link(wiring.Component):
                 m.d.sync += [b.position.eq(b.position + 1), b.logits_valid.eq(1),
                              b.last_result.argmax.eq(result.token), b.last_result.logit.eq(result.logit),
                              b.last_result.cycles.eq(result.cycles)]
+                if self.slots:      # the output buffer: slot 0's logits
+                    st = self.state
+                    m.d.sync += [st["out_valid"].eq(1), st["out_slot"].eq(0), st["out_position"].eq(b.position + 1),
+                                 st["out_logits"].eq(1)]
                 m.next = "SEND"
+        if self.slots:
+            self._slice_engine_states(m, b)
 
     def _chunk_states(self, m, b):
         """LOAD_CHUNK: the checked frame's data from the ring to the engine."""
@@ -745,7 +845,8 @@ class Link(wiring.Component):
         """VERIFY_IMAGE: the engine's stored image, read back, through the image CRC."""
         rb = self.readback
         with m.State("VERIFY_START"):
-            m.d.comb += [rb.start.valid.eq(1), rb.start.payload.eq(self.image_bytes), b.crcs.image_start.eq(1)]
+            m.d.comb += [rb.start.valid.eq(1), b.crcs.image_start.eq(1),
+                         rb.start.payload.eq(self.state["stored_size"] if self.slots else self.image_bytes)]
             with m.If(rb.start.ready):
                 m.next = "VERIFY_READ"
         with m.State("VERIFY_READ"):
@@ -766,6 +867,179 @@ class Link(wiring.Component):
                 with m.If(getattr(b.sender, done)):
                     m.next = after
         self.form.send_end(m, b)
+
+    # -- the slice ops (``slots``) -------------------------------------------------------------------
+    def _positions(self):
+        return [self.state["position"]] + [self.state[f"position{s}"] for s in range(1, self.slots)]
+
+    def _slice_signals(self, m, b):
+        """The request's slot (its first payload byte), that slot's position, and the registers the
+        slice ops' engine states use."""
+        b.req_slot = b.args[:8]
+        b.slot_position = Signal(32)
+        with m.Switch(b.req_slot):
+            for s, position in enumerate(self._positions()):
+                with m.Case(s):
+                    m.d.comb += b.slot_position.eq(position)
+        b.reset_index = Signal(8)            # the slot ENGINE_RESET_SLOT resets
+        b.param_index = Signal(range(len(next(iter(self.slice_params.values()))) + 1))
+        b.res_index = Signal(range(b.cfg.d + 1))    # the next input buffer element written
+        b.res_word = Signal(32)
+        b.res_byte = Signal(2)
+        b.res_last = Signal()
+
+    def _slice_payloads(self, b):
+        """The slice ops' response payloads, packed from the state (and the request's fields)."""
+        st, args, r = self.state, b.args, b.last_result
+        loaded, loading = self.state["weights_loaded"], b.load_open
+        return {
+            PayloadKind.SLICE_INFO: pack(SLICE_INFO_RESPONSE, self.slots, Mux(loaded, st["slice_parts"], 0),
+                                         Mux(loaded, st["slice_first"], 0), Mux(loaded, st["slice_end"], 0),
+                                         Mux(loading, st["load_parts"], 0), Mux(loading, st["load_first"], 0),
+                                         Mux(loading, st["load_end"], 0), self.image_bytes,
+                                         residual_element_bytes(self.formats)),
+            PayloadKind.LOAD_SLICE: pack(LOAD_SLICE_RESPONSE, st["load_size"], b.load_crc, st["load_first"],
+                                         st["load_end"], st["load_parts"]),
+            PayloadKind.RESET_SLOT: pack(RESET_SLOT_RESPONSE, args[:8], 0),
+            PayloadKind.WRITE_RESIDUAL: pack(WRITE_RESIDUAL_RESPONSE, args[:8], field(args, WRITE_RESIDUAL_HEADER, 1),
+                                             st["in_pointer"]),
+            PayloadKind.FEED_SLOT: pack(FEED_SLOT_RESPONSE, b.slot_position, r.argmax, r.logit, r.cycles),
+            PayloadKind.OUTPUT: pack(READ_OUTPUT_HEADER, args[:8], field(args, READ_OUTPUT_REQUEST, 1),
+                                     field(args, READ_OUTPUT_REQUEST, 2)),
+        }
+
+    def _set_position(self, m, slot, value):
+        with m.Switch(slot):
+            for s, position in enumerate(self._positions()):
+                with m.Case(s):
+                    m.d.sync += position.eq(value)
+
+    def _reset_slot(self, m, b, slot):
+        """RESET_SLOT's (and RESET_STATE's, slot 0) state changes; ENGINE_RESET_SLOT follows."""
+        st = self.state
+        self._set_position(m, slot, 0)
+        with m.If(st["in_slot"] == slot):
+            m.d.sync += st["in_valid"].eq(0)
+        with m.If(st["out_slot"] == slot):
+            m.d.sync += st["out_valid"].eq(0)
+        m.d.sync += b.reset_index.eq(slot)
+        m.next = "ENGINE_RESET_SLOT"
+
+    def _reset_all(self, m, b):
+        st = self.state
+        m.d.sync += [p.eq(0) for p in self._positions()] + [st["in_valid"].eq(0), st["out_valid"].eq(0)]
+
+    def _begin_load(self, m, b, size, first, end, parts):
+        st = self.state
+        self._reset_all(m, b)
+        m.d.sync += [st["load_size"].eq(size), st["load_first"].eq(first), st["load_end"].eq(end),
+                     st["load_parts"].eq(parts)]
+
+    def _slice_commands(self, m, b):
+        """DECIDE's branches of the slice ops (their checks passed)."""
+        st, args = self.state, b.args
+
+        def on_slice_info():
+            m.d.sync += b.cache_and_respond(PayloadKind.SLICE_INFO, SLICE_INFO_RESPONSE.size)
+            m.next = "SEND"
+
+        def on_load_slice():
+            size, crc, first, end, parts = (field(args, LOAD_SLICE_REQUEST, i) for i in range(5))
+            m.d.sync += [b.weights_loaded.eq(0), *self.form.image_crc_cleared(b), b.logits_valid.eq(0),
+                         b.load_open.eq(1), b.load_crc.eq(crc), b.load_pointer.eq(0),
+                         *b.state_response(SliceOp.LOAD_SLICE)]
+            self._begin_load(m, b, size, first, end, parts)
+            m.next = "ENGINE_LOAD_RESET"
+
+        def on_reset_slot():
+            m.d.sync += b.state_response(SliceOp.RESET_SLOT)
+            self._reset_slot(m, b, b.req_slot)
+
+        def on_write_residual():
+            position, start = field(args, WRITE_RESIDUAL_HEADER, 1), field(args, WRITE_RESIDUAL_HEADER, 2)
+            values = (b.length - WRITE_RESIDUAL_HEADER.size) >> 2
+            with m.If(start == 0):          # a new residual for this slot and position
+                m.d.sync += [st["in_valid"].eq(1), st["in_slot"].eq(b.req_slot), st["in_position"].eq(position)]
+            m.d.sync += [st["in_pointer"].eq(start + values), b.res_index.eq(start), b.res_byte.eq(0),
+                         *b.state_response(SliceOp.WRITE_RESIDUAL)]
+            m.d.comb += b.chunk.begin.eq(1)
+            m.next = "RESIDUAL_ADDR"
+
+        def on_feed_slot():
+            m.d.sync += b.state_response(SliceOp.FEED_SLOT)
+            m.next = "ENGINE_FEED_SLOT"
+
+        def on_read_output():
+            start, count = field(args, READ_OUTPUT_REQUEST, 2), field(args, READ_OUTPUT_REQUEST, 3)
+            m.d.comb += [b.sender.logits_begin.eq(1), b.sender.logits_from.eq(start)]
+            m.d.sync += b.cache_and_respond(PayloadKind.OUTPUT, READ_OUTPUT_HEADER.size + 4 * count)
+            m.next = "SEND"
+
+        return [(SliceOp.SLICE_INFO, on_slice_info), (SliceOp.LOAD_SLICE, on_load_slice),
+                (SliceOp.RESET_SLOT, on_reset_slot), (SliceOp.WRITE_RESIDUAL, on_write_residual),
+                (SliceOp.FEED_SLOT, on_feed_slot), (SliceOp.READ_OUTPUT, on_read_output)]
+
+    def _slice_engine_states(self, m, b):
+        """ENGINE_RESET_SLOT, ENGINE_PARAMS (after LOAD_COMMIT: the slice's parameters by
+        SET_PARAM, then RESET_STATE), ENGINE_FEED_SLOT / ENGINE_RESULT_SLOT and the residual
+        forwarding (RESIDUAL_ADDR, _WAIT, _BYTE, _OUT: a WRITE_RESIDUAL's values from the ring into
+        the engine's input buffer, four bytes each)."""
+        st, cmd, eng = self.state, self.engine.cmd, self.engine
+        with m.State("ENGINE_RESET_SLOT"):
+            m.d.comb += [cmd.valid.eq(1), cmd.payload.op.eq(EngineOp.RESET_SLOT), cmd.payload.index.eq(b.reset_index)]
+            with m.If(cmd.ready):
+                m.next = "SEND"
+        with m.State("ENGINE_PARAMS"):
+            rows = self.slice_params
+            count = len(next(iter(rows.values())))
+            with m.If(b.param_index == count):
+                m.next = "ENGINE_RESET"
+            with m.Else():
+                m.d.comb += [cmd.valid.eq(1), cmd.payload.op.eq(EngineOp.SET_PARAM)]
+                with m.Switch(Cat(st["slice_parts"], st["slice_layers"], b.param_index)):
+                    for (layers, parts), row in rows.items():
+                        for i, (index, value) in enumerate(row):
+                            with m.Case(parts | (layers << 2) | (i << (2 + len(st["slice_layers"])))):
+                                m.d.comb += [cmd.payload.index.eq(index), cmd.payload.arg.eq(value)]
+                with m.If(cmd.ready):
+                    m.d.sync += b.param_index.eq(b.param_index + 1)
+        with m.State("ENGINE_FEED_SLOT"):
+            m.d.comb += [cmd.valid.eq(1), cmd.payload.op.eq(EngineOp.FEED_SLOT), cmd.payload.index.eq(b.req_slot),
+                         cmd.payload.arg.eq(field(b.args, FEED_SLOT_REQUEST, 2))]
+            with m.If(cmd.ready):
+                m.next = "ENGINE_RESULT_SLOT"
+        with m.State("ENGINE_RESULT_SLOT"):
+            m.d.comb += eng.result.ready.eq(1)
+            with m.If(eng.result.valid):
+                result = eng.result.payload
+                self._set_position(m, b.req_slot, b.slot_position + 1)
+                m.d.sync += [b.last_result.argmax.eq(result.token), b.last_result.logit.eq(result.logit),
+                             b.last_result.cycles.eq(result.cycles),
+                             st["out_valid"].eq(1), st["out_slot"].eq(b.req_slot),
+                             st["out_position"].eq(b.slot_position + 1), st["out_logits"].eq(st["slice_parts"][1])]
+                with m.If(~st["slice_parts"][0]):       # the residual in was used up
+                    m.d.sync += st["in_valid"].eq(0)
+                m.next = "SEND"
+        # one byte per three cycles, as LOAD_CHUNK's (the ring's output registered twice)
+        with m.State("RESIDUAL_ADDR"):
+            m.next = "RESIDUAL_WAIT"
+        with m.State("RESIDUAL_WAIT"):
+            m.next = "RESIDUAL_BYTE"
+        with m.State("RESIDUAL_BYTE"):
+            m.d.comb += b.chunk.step.eq(1)
+            m.d.sync += [b.res_word.eq(Cat(b.res_word[8:], b.byte_r)), b.res_byte.eq(b.res_byte + 1),
+                         b.res_last.eq(b.chunk.last)]
+            m.next = "RESIDUAL_ADDR"
+            with m.If(b.res_byte == 3):
+                m.next = "RESIDUAL_OUT"
+        with m.State("RESIDUAL_OUT"):
+            res = self.residual
+            m.d.comb += [res.valid.eq(1), res.payload.index.eq(b.res_index), res.payload.value.eq(b.res_word)]
+            with m.If(res.ready):
+                m.d.sync += b.res_index.eq(b.res_index + 1)
+                m.next = "RESIDUAL_ADDR"
+                with m.If(b.res_last):
+                    m.next = "SEND"
 
     def _fsm(self, m, b):
         """The Link's state machine: parse, check, execute, forward a chunk, respond."""

@@ -28,16 +28,18 @@ last : Out(1)
 Default form only: ``length : In(max(8, max_payload.bit_length()))``, the frame's LEN (at least
 ``LOAD_CHUNK_HEADER.size + 1`` when a chunk begins). Small form only: ``frame_end :
 In(ring_bits + 1)``, the parse position, which stands after the frame's trailer from the
-frame's check until the chunk has been forwarded.
+frame's check until the chunk has been forwarded. With ``residual=True`` (a Link with state
+slots): ``residual : In(1)``, the frame is a WRITE_RESIDUAL, whose values are forwarded the same
+way from the byte after its 7-byte header.
 """
 
 from __future__ import annotations
 
-from amaranth.hdl import Module, Signal
+from amaranth.hdl import Module, Mux, Signal
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
-from mmfree_fpga.protocol import HEADER_LEN, LOAD_CHUNK_HEADER, TRAILER_LEN
+from mmfree_fpga.protocol import HEADER_LEN, LOAD_CHUNK_HEADER, TRAILER_LEN, WRITE_RESIDUAL_HEADER
 
 __all__ = ["CountedChunk", "BoundedChunk"]
 
@@ -45,14 +47,23 @@ __all__ = ["CountedChunk", "BoundedChunk"]
 class _ChunkForwarder(wiring.Component):
     """Parameters: ``ring_depth`` (a power of two) and ``max_payload`` (the longest frame)."""
 
-    def __init__(self, *, ring_depth: int, max_payload: int):
+    def __init__(self, *, ring_depth: int, max_payload: int, residual: bool = False):
         self.ring_bits = (ring_depth - 1).bit_length()
         self.max_payload = max_payload
+        self.residual_too = residual
         super().__init__({
             "frame_start": In(self.ring_bits + 1), "begin": In(1), "step": In(1),
             "active": Out(1), "addr": Out(self.ring_bits), "last": Out(1),
             **self._form_members(),
+            **({"residual": In(1)} if residual else {}),
         })
+
+    def _header(self):
+        """Bytes of the request's header before its data: LOAD_CHUNK's, or (``residual``)
+        WRITE_RESIDUAL's."""
+        if self.residual_too:
+            return Mux(self.residual, WRITE_RESIDUAL_HEADER.size, LOAD_CHUNK_HEADER.size)
+        return LOAD_CHUNK_HEADER.size
 
     def elaborate(self, platform):
         m = Module()
@@ -62,7 +73,7 @@ class _ChunkForwarder(wiring.Component):
             m.d.sync += self.active.eq(0)
         with m.If(~self.active):
             # set up for a LOAD_CHUNK until one starts: its first data byte
-            m.d.sync += self.addr.eq(self.frame_start + HEADER_LEN + LOAD_CHUNK_HEADER.size)
+            m.d.sync += self.addr.eq(self.frame_start + HEADER_LEN + self._header())
         with m.Elif(self.step):
             m.d.sync += self.addr.eq(self.addr + 1)
         self._bound(m)
@@ -78,7 +89,7 @@ class CountedChunk(_ChunkForwarder):
     def _bound(self, m):
         left = Signal(range(HEADER_LEN + self.max_payload + TRAILER_LEN + 1))
         with m.If(~self.active):
-            m.d.sync += left.eq(self.length - (LOAD_CHUNK_HEADER.size + 1))
+            m.d.sync += left.eq(self.length - (self._header() + 1))
         with m.Elif(self.step):
             m.d.sync += left.eq(left - 1)
         m.d.comb += self.last.eq(left == 0)

@@ -67,7 +67,8 @@ from mmfree_fpga.config import FORMATS, Formats
 from mmfree_fpga.image import IMAGE_VERSION
 from mmfree_fpga.protocol import (
     DEVICE_MAGIC, FEED_TOKEN_RESPONSE, HEADER_LEN, IDENTITY, LOAD_BEGIN_RESPONSE, LOAD_CHUNK_RESPONSE, LOAD_COMMIT_RESPONSE,
-    LOAD_STATUS_RESPONSE, NAK_PAYLOAD, POSITION, PROTOCOL_VERSION, READ_LOGITS_HEADER, SYNC, TRAILER_LEN,
+    LOAD_STATUS_RESPONSE, NAK_PAYLOAD, POSITION, PROTOCOL_VERSION, READ_LOGITS_HEADER, READ_OUTPUT_HEADER, SYNC,
+    TRAILER_LEN,
     VERIFY_IMAGE_RESPONSE, Identity, Packing, Status, formats_id,
 )
 
@@ -88,6 +89,12 @@ class PayloadKind(enum.Enum, shape=4):
     FEED_TOKEN = 7
     LOAD_STATUS = 8
     VERIFY_IMAGE = 9
+    SLICE_INFO = 10     # the slice ops' (a Link with state slots): packed by the Link (``extra``)
+    LOAD_SLICE = 11
+    RESET_SLOT = 12
+    WRITE_RESIDUAL = 13
+    FEED_SLOT = 14
+    OUTPUT = 15         # READ_OUTPUT: its header (``extra``), then the values, as LOGITS
 
 
 def result_layout(vocab_size: int) -> data.StructLayout:
@@ -124,12 +131,19 @@ class _ResponsePayload(wiring.Component):
     memory_status : bool
         The ``memory_error`` member exists and sets IDENTIFY's ``Status.MEMORY_ERROR`` (engines
         whose weight memory can fail to start: a DRAM).
+    extra : dict of PayloadKind -> int
+        (Default form; a Link with state slots.) Payloads the Link packs itself, each a member
+        ``x_<kind>`` of that many bits; then also ``stored_size`` and ``load_size`` (In(32)): the
+        loaded image's size and the open load's (an image's or a slice image's), which IDENTIFY,
+        LOAD_COMMIT, LOAD_STATUS and VERIFY_IMAGE report instead of the constant image size.
     """
 
     stale_cycles = 1
 
     def __init__(self, *, cfg, packing: str, lanes: int, max_payload: int, step_time_ms: int, image_bytes: int,
-                 arguments, readback: bool = False, formats: Formats = FORMATS, memory_status: bool = False):
+                 arguments, readback: bool = False, formats: Formats = FORMATS, memory_status: bool = False,
+                 extra=None):
+        self.extra = dict(extra or {})
         self.readback = readback
         self.formats = formats
         self.memory_status = memory_status
@@ -151,6 +165,8 @@ class _ResponsePayload(wiring.Component):
             "pb": Out(8), "pb_ready": Out(1), "pb_last": Out(1),
             **self._form_members(),
             **({"memory_error": In(1)} if memory_status else {}),
+            **{f"x_{kind.name.lower()}": In(bits) for kind, bits in self.extra.items()},
+            **({"stored_size": In(32), "load_size": In(32)} if self.extra else {}),
         })
 
     def _identity_values(self, m):
@@ -194,7 +210,8 @@ class MuxPayload(_ResponsePayload):
         return {"image_crc": In(32), "nak_arg": In(32)}
 
     def _image_fields(self):
-        return dict(image_size=Mux(self.weights_loaded, self.image_bytes, 0), image_crc=self.image_crc)
+        size = self.stored_size if self.extra else self.image_bytes
+        return dict(image_size=Mux(self.weights_loaded, size, 0), image_crc=self.image_crc)
 
     def _payload(self, m):
         values = self._identity_values(m)
@@ -202,32 +219,39 @@ class MuxPayload(_ResponsePayload):
         nak = pack(NAK_PAYLOAD, self.nak_error, self.op, self.nak_arg)
         logits_header = pack(READ_LOGITS_HEADER, self.position, self.read_start)
         r = self.result
+        stored, loading = (self.stored_size, self.load_size) if self.extra else (self.image_bytes, self.image_bytes)
         payloads = {
             PayloadKind.RESET_STATE: pack(POSITION, 0),
             PayloadKind.LOAD_BEGIN: pack(LOAD_BEGIN_RESPONSE, self.image_bytes, self.load_crc),
             PayloadKind.LOAD_CHUNK: pack(LOAD_CHUNK_RESPONSE, self.load_pointer),
-            PayloadKind.LOAD_COMMIT: pack(LOAD_COMMIT_RESPONSE, self.image_bytes, self.image_crc),
+            PayloadKind.LOAD_COMMIT: pack(LOAD_COMMIT_RESPONSE, stored, self.image_crc),
             PayloadKind.FEED_TOKEN: pack(FEED_TOKEN_RESPONSE, self.position, r.argmax, r.logit, r.cycles),
             PayloadKind.IDENTITY: identity,
             PayloadKind.NAK: nak,
             PayloadKind.LOAD_STATUS: pack(LOAD_STATUS_RESPONSE, *[Mux(self.load_open, v, 0) for v in (
-                self.image_bytes, self.load_crc, self.load_pointer, self.running_crc)]),
+                loading, self.load_crc, self.load_pointer, self.running_crc)]),
         }
         if self.readback:
-            payloads[PayloadKind.VERIFY_IMAGE] = pack(VERIFY_IMAGE_RESPONSE, self.image_bytes, self.running_crc)
+            payloads[PayloadKind.VERIFY_IMAGE] = pack(VERIFY_IMAGE_RESPONSE, stored, self.running_crc)
+        payloads.update({kind: getattr(self, f"x_{kind.name.lower()}") for kind in self.extra
+                         if kind != PayloadKind.OUTPUT})
         j = self.index
         with m.Switch(self.kind):
             for kind, value in payloads.items():
                 with m.Case(kind):
                     m.d.comb += [self.data.eq(value.word_select(j[:(len(value) // 8 - 1).bit_length()], 8)),
                                  self.data_ready.eq(1)]
-            with m.Case(PayloadKind.LOGITS):
-                with m.If(~self.logits_data):
-                    m.d.comb += [self.data.eq(logits_header.word_select(
-                        j[:(READ_LOGITS_HEADER.size - 1).bit_length()], 8)), self.data_ready.eq(1)]
-                with m.Else():
-                    m.d.comb += [self.data.eq(self.logit_word.word_select(self.logit_byte, 8)),
-                                 self.data_ready.eq(self.logit_have)]
+            headers = [(PayloadKind.LOGITS, logits_header)]
+            if PayloadKind.OUTPUT in self.extra:
+                headers.append((PayloadKind.OUTPUT, self.x_output))
+            for kind, header in headers:
+                with m.Case(kind):
+                    with m.If(~self.logits_data):
+                        m.d.comb += [self.data.eq(header.word_select(
+                            j[:(len(header) // 8 - 1).bit_length()], 8)), self.data_ready.eq(1)]
+                    with m.Else():
+                        m.d.comb += [self.data.eq(self.logit_word.word_select(self.logit_byte, 8)),
+                                     self.data_ready.eq(self.logit_have)]
 
 
 class RomPayload(_ResponsePayload):
@@ -363,7 +387,10 @@ class ResponseSender(wiring.Component):
     (``crc_*``), and only then is the next byte chosen: the payload multiplexer, the handshake
     and the CRC logic are in different cycles (one byte per three cycles at most).
 
-    Parameters: ``vocab_size`` (logit indices) and ``max_payload`` (the longest payload).
+    Parameters: ``vocab_size`` (logit indices) and ``max_payload`` (the longest payload);
+    ``output``: READ_OUTPUT's values are sent too (member ``output`` : In(1): the response is
+    READ_OUTPUT's, whose header is READ_OUTPUT_HEADER's 9 bytes; ``vocab_size`` then bounds the
+    output buffer's indices).
 
     Members
     -------
@@ -411,10 +438,12 @@ class ResponseSender(wiring.Component):
         which restarts them; ``crc_header`` / ``crc_frame``: it enters that CRC).
     """
 
-    def __init__(self, *, vocab_size: int, max_payload: int):
+    def __init__(self, *, vocab_size: int, max_payload: int, output: bool = False):
         self.vocab_size = vocab_size
         self.max_payload = max_payload
+        self._output = output
         super().__init__({
+            **({"output": In(1)} if output else {}),
             "tx": Out(stream.Signature(8)),
             "seq": In(8), "op": In(8), "length": In(range(HEADER_LEN + max_payload + TRAILER_LEN + 1)),
             "header_crc": In(8), "frame_crc": In(16), "may_pick": In(1), "free": Out(1), "pending": Out(1),
@@ -468,7 +497,10 @@ class ResponseSender(wiring.Component):
                 m.d.comb += self.stale.eq(1)
                 m.d.sync += [nb.eq(self.pb), nb_valid.eq(1), nb_start.eq(0), nb_hcrc.eq(0), nb_fcrc.eq(1),
                              j.eq(j + 1)]
-                with m.If(j == READ_LOGITS_HEADER.size - 1):
+                header_last = READ_LOGITS_HEADER.size - 1
+                if self._output:
+                    header_last = Mux(self.output, READ_OUTPUT_HEADER.size - 1, header_last)
+                with m.If(j == header_last):
                     m.d.sync += self.logits_data.eq(1)
                 with m.If(self.logits & self.logits_data):
                     m.d.sync += self.logit_byte.eq(self.logit_byte + 1)

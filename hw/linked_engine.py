@@ -29,6 +29,11 @@ this design on the core's clock. The Link's ``load`` writes the image into the D
 engine's ``load`` has backpressure; the Link waits on it), and commands wait for ``init_done``.
 A DRAM starts without weights: ``image`` is refused.
 
+State slots (``slots``, 0 by default): the Link and the engine both get them (``Link(slots=...)``,
+``EngineCore(slots=...)``): protocol 1.2's slice ops, the Link's ``residual`` writes into the
+engine's input buffer. Only the block-RAM engine has them; the tiny engine (iCE40) and the DRAM
+engine answer the slice ops UNKNOWN_OP.
+
 Read-back (``readback``, the default except with ``tiny``): the engine's ``readback`` member
 (a :class:`~.weight_port.WeightReader` in front of its weight memory or its DRAM adapter) is
 connected to the Link's, which then answers VERIFY_IMAGE with the CRC-32 of the image read
@@ -85,7 +90,8 @@ class LinkedEngine(wiring.Component):
                  max_payload: int = MAX_PAYLOAD, step_time_ms: int = 0, clk_freq: float = 12e6,
                  idle_timeout_cycles: int | None = None, boot_id: int | None = None,
                  image: bytes | None = None, tiny: bool = False, activity_ports: bool = False,
-                 memory: str = "bram", readback: bool | None = None, formats: Formats = FORMATS, **engine_kw):
+                 memory: str = "bram", readback: bool | None = None, formats: Formats = FORMATS, slots: int = 0,
+                 **engine_kw):
         if memory not in MEMORIES:
             raise ValueError(f"unknown memory {memory!r}; use one of {', '.join(MEMORIES)}")
         if memory != "bram" and tiny:
@@ -95,6 +101,8 @@ class LinkedEngine(wiring.Component):
                              "load (leave out image)")
         if tiny and formats != FORMATS:
             raise ValueError("the tiny engine computes in the narrow formats only")
+        if slots and (tiny or memory != "bram"):
+            raise ValueError("state slots (the slice ops) need the block-RAM engine: tiny=False, memory='bram'")
         readback = not tiny if readback is None else readback
         if tiny and readback:
             raise ValueError("the tiny engine cannot read its weights back: readback needs tiny=False")
@@ -104,7 +112,7 @@ class LinkedEngine(wiring.Component):
         self.link = Link(cfg, packing=packing, lanes=lanes, max_payload=max_payload, step_time_ms=step_time_ms,
                          clk_freq=clk_freq, idle_timeout_cycles=idle_timeout_cycles, boot_id=boot_id,
                          image=image, small=tiny, readback=readback, formats=formats,
-                         memory_status=memory != "bram")
+                         memory_status=memory != "bram", slots=slots)
         if tiny:
             from .tiny_engine import TinyEngine
             self.engine = TinyEngine(cfg, packing=packing, image=image, **engine_kw)
@@ -114,7 +122,8 @@ class LinkedEngine(wiring.Component):
                                      **engine_kw)
         else:
             self.engine = Engine(cfg, lanes=lanes, packing=packing, image=image, readback=readback, formats=formats,
-                                 **engine_kw)
+                                 slots=slots, **engine_kw)
+        self.slots = slots
         members = {"i_stream": In(stream.Signature(8)), "o_stream": Out(stream.Signature(8))}
         if activity_ports:
             members |= {"idle": Out(1), "in_frame": Out(1)}
@@ -137,6 +146,11 @@ class LinkedEngine(wiring.Component):
             wiring.connect(m, getattr(link.engine, name), getattr(engine, name))
         if self.reads_back:
             wiring.connect(m, link.readback, engine.readback)
+        if self.slots:
+            # (the engine's index is as wide as its max_d, the Link's as the geometry's d)
+            m.d.comb += [engine.residual.valid.eq(link.residual.valid), link.residual.ready.eq(engine.residual.ready),
+                         engine.residual.payload.index.eq(link.residual.payload.index),
+                         engine.residual.payload.value.eq(link.residual.payload.value)]
 
         if self.memory != "bram":
             wiring.connect(m, engine.native, wiring.flipped(self.native))

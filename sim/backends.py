@@ -118,7 +118,7 @@ class RtlBackend:
 
     def __init__(self, cfg: ModelConfig, packing: str = "base3", lanes: int = 16, build_dir=None, log=None,
                  waves=None, waves_from: int = 0, waves_to: int | None = None, memory: str = "bram",
-                 formats: Formats = FORMATS):
+                 formats: Formats = FORMATS, slots: int = 0):
         import hashlib
         import json
         from pathlib import Path
@@ -129,11 +129,15 @@ class RtlBackend:
             raise UserError(f"unknown memory {memory!r}; use one of {', '.join(MEMORIES)}")
         if memory != "bram" and formats != FORMATS:
             raise UserError(f"--memory {memory} runs the narrow formats only")
+        if slots and memory != "bram":
+            raise UserError(f"--slots needs the block-RAM engine: --memory {memory} has no state slots")
         settings = [cfg.as_dict(), packing, lanes] + ([] if formats == FORMATS else [formats.as_dict()])
+        if slots:
+            settings.append({"slots": slots})
         sources = []
         if memory == "bram":
             design = LinkedEngine(cfg, lanes=lanes, packing=packing, clk_freq=PIPE_CLOCK_HZ, activity_ports=True,
-                                  formats=formats)
+                                  formats=formats, slots=slots)
         else:
             from mmfree_fpga.image import image_size
             from .dram_sim import DramLinkedSimTop
@@ -155,7 +159,9 @@ class RtlBackend:
         self.sim = self._start()
         self.lanes = lanes
         self.memory = memory
+        self.slots = slots
         where = "" if memory == "bram" else f", weights in a simulated {memory.upper()} behind LiteDRAM"
+        where += f", {slots} state slots (layer slices)" if slots else ""
         self.description = (f"the engine's generated Verilog in Verilator ({lanes} lanes, {packing}{where}), "
                             f"d={cfg.d} L={cfg.L} I={cfg.I} V={cfg.V}")
 
@@ -184,16 +190,14 @@ def _rtl_backend(cfg: ModelConfig, packing: str, image: "WeightImage | None", se
                  lanes: int = 16, log=None, waves=None, waves_from: int = 0, waves_to: int | None = None,
                  memory: str = "bram", slots: int | None = None, cycle_model: bool = False,
                  formats: Formats = FORMATS, **_options) -> Backend:
-    if slots is not None:
-        raise UserError("--slots sets the device model's state slots: the gateware has none yet (its Link answers "
-                        "the slice ops UNKNOWN_OP); use --backend model")
     if cycle_model:
         raise UserError("--cycle-model is the device model's: the rtl backend counts the engine's own cycles")
     if image is not None:
         raise UserError("the rtl backend starts without weights, like a board: the first 'run' loads them "
                         "(leave out --preload)")
+    # state slots only when asked for (the default build, as the boards', has none)
     return RtlBackend(cfg, packing, lanes=lanes, log=log, waves=waves, waves_from=waves_from, waves_to=waves_to,
-                      memory=memory, formats=formats)
+                      memory=memory, formats=formats, slots=slots or 0)
 
 
 # name -> factory(cfg, packing, image or None, seed) -> Backend

@@ -131,6 +131,8 @@ class Bench:
         if link.reads_back:
             fields += [("rb_start_valid", L.readback.start.valid), ("rb_start", L.readback.start.payload),
                        ("rb_data_ready", L.readback.data.ready)]
+        if link.slots:      # the input buffer's writes (tests/test_hw_link_slices.py)
+            fields += [("res_in_valid", L.residual.valid), ("res_in", L.residual.payload.as_value())]
         self.packed = Cat(*[v for _, v in fields])
         self.unpack = []
         offset = 0
@@ -145,6 +147,8 @@ class Bench:
         if link.reads_back:
             self.ports.update(rb_start_ready=L.readback.start.ready, rb_data_valid=L.readback.data.valid,
                               rb_data_payload=L.readback.data.payload.as_value())
+        if link.slots:
+            self.ports.update(res_in_ready=L.residual.ready)
 
     def _chance(self, p):
         return not self.bp or self.rng.random() < p
@@ -197,6 +201,9 @@ class Bench:
             if resp_offer:
                 self._set(ctx, P["resp_payload"], self.logit_queue[0][1])
 
+            if self.link.slots:
+                res_in_ready = self._chance(0.7)
+                self._set(ctx, P["res_in_ready"], res_in_ready)
             reads_back = self.link.reads_back
             if reads_back:
                 rb_start_ready = not self.readback and self._chance(0.6)
@@ -215,13 +222,18 @@ class Bench:
                 out.append(v["tx_payload"])
             if v["cmd_valid"] and cmd_ready:
                 cmd = command_layout().from_bits(v["cmd"])
-                assert cmd.index == 0, cmd
-                res = eng.command(cmd.op, cmd.arg)
+                if self.link.slots:
+                    res = eng.command(cmd.op, cmd.arg, index=int(cmd.index))
+                else:
+                    assert cmd.index == 0, cmd
+                    res = eng.command(cmd.op, cmd.arg)
                 if res is not None:
                     assert self.result is None
                     self.result = (rng.randrange(0, 12) if self.bp else 0, res)
             if v["img_valid"] and img_ready:
                 eng.image_byte(v["img_payload"])
+            if self.link.slots and v["res_in_valid"] and res_in_ready:
+                eng.residual_value(v["res_in"])
             if offering and v["res_ready"]:
                 self.result = None
             if v["req_valid"] and req_ready:

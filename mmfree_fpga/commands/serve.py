@@ -40,9 +40,10 @@ def add_arguments(p) -> None:
                         "its own (e.g. 3000000, the boards' rate, to time an upload as a board would take "
                         "it); default: as fast as the socket and the simulation go")
     p.add_argument("--slots", type=int_in(0, 255), default=None, metavar="N",
-                   help="(model) state slots for runs over several devices (protocol 1.2's slice ops: the device "
+                   help="state slots for runs over several devices (protocol 1.2's slice ops: the device "
                         "holds a slice of the layers, takes and gives residuals, N sequences in flight); 0: a "
-                        "device without them, like the gateware today (default 4)")
+                        "device without them (default: 4 for the model backend; 0 for rtl, whose build with "
+                        "slots has the gateware's slice ops: the block-RAM engine only)")
     p.add_argument("--cycle-model", action="store_true",
                    help="(model) report each token's cycles from the performance model of a --lanes engine for "
                         "the slice it runs (default: 0, not counted); the figures are the model's, not a counter")
