@@ -25,7 +25,8 @@ the stored image (what VERIFY_IMAGE reads back), as a faulty memory would, for t
 
 ``slots``: the state slots of protocol 1.2's slice ops (``SliceOp``: a layer slice, residual in
 and out, a recurrent state per slot; ``mmfree_fpga/protocol.py``). 0 (the default) is an engine
-without them, as the gateware Link is today: the slice ops get UNKNOWN_OP. A slice computes with
+without them, as the gateware is unless built with slots (``LinkedEngine(slots=...)``, ``serve
+--backend rtl --slots N``): the slice ops get UNKNOWN_OP. A slice computes with
 the integer model's own functions (``embed_row``, ``block``, ``bitlinear``), so a token through
 a chain of slices is bit for bit ``IntegerModel.step``. ``capacity``: the largest image the
 weight memory holds (default: the whole model's). ``cycle_model``: a

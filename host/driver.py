@@ -716,9 +716,10 @@ class Driver:
             why = (f"it speaks protocol {info.version_major}.{info.version_minor}; layer slices came with "
                    f"{info.version_major}.{MINOR_SLICES}")
         else:
-            why = "its build has no state slots: it answers the slice ops UNKNOWN_OP, as the gateware does for now"
+            why = "its build has no state slots: it answers the slice ops UNKNOWN_OP"
         return NoSlicesError(f"the engine at {self.name} cannot hold a layer slice ({why}); a run over several "
-                             "devices needs engines with the slice ops, e.g. 'mmfree-fpga serve --backend model'")
+                             "devices needs engines with the slice ops, e.g. 'mmfree-fpga serve --backend model' "
+                             "or '--backend rtl --slots 4'")
 
     def slice_info(self) -> SliceInfo | None:
         """SLICE_INFO; None from a device without the slice ops (protocol < 1.2 or no state slots)."""

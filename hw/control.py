@@ -15,7 +15,10 @@ cmd : In(stream.Signature(command_layout()))
     * ``FEED_TOKEN``: run one step on token ``arg``; exactly one ``result`` follows;
     * ``LOAD_RESET``: the weight write pointer := 0 (the Link sends it on LOAD_BEGIN);
     * ``SET_PARAM``: run-time parameter ``index`` := ``arg`` (engine-specific; an engine
-      without parameters ignores it).
+      without parameters ignores it);
+    * ``FEED_SLOT`` and ``RESET_SLOT`` (``index``: the slot): only engines with state slots
+      (``EngineCore(slots=...)``, which then also has the ``residual`` member of
+      :func:`residual_layout`, its input buffer) take them; see :mod:`.engine`.
 load : In(stream.Signature(8))
     Weight-image bytes, stored at the write pointer, which then advances. Not during a token.
 result : Out(stream.Signature(result_layout()))

@@ -75,7 +75,10 @@ while the engine is idle (not during a token, nor while a result waits):
 * ``RESET_STATE``: h := 0 for every layer (also the state after reset);
 * ``FEED_TOKEN(arg = token)``: runs one step; exactly one ``result`` follows;
 * ``LOAD_RESET``: the image write pointer := 0;
-* ``SET_PARAM(index, arg)``: parameter ``index`` := arg (:class:`Param`; see :func:`engine_params`).
+* ``SET_PARAM(index, arg)``: parameter ``index`` := arg (:class:`Param`; see :func:`engine_params`);
+* with state slots only (below): ``FEED_SLOT(index = slot, arg = token)`` runs one step of the
+  slice on that slot's state (``FEED_TOKEN`` is slot 0); ``RESET_SLOT(index = slot)``: that
+  slot's h := 0 (``RESET_STATE``: every slot's).
 
 ``load`` (8-bit stream, always ready; not to be used during a token): image bytes, stored at the
 write pointer, which then advances. ``result`` (:func:`~.control.result_layout`): ``token`` (the argmax,
@@ -88,7 +91,25 @@ In the generated Verilog (ports named ``<member>__valid/ready/payload``): ``cmd_
 ``{arg[31:0], index[7:0], op[2:0]}`` (op in bits 2:0, index 10:3, arg 42:11); ``result__payload``
 is ``{cycles, logit, token}`` (token 31:0, logit 63:32, cycles 95:64); ``load__payload`` 8 bits;
 ``logit_req__payload`` and ``logit_resp__payload`` 32 bits. ``rst`` is synchronous, active high.
-Parameter indices below 64 go to the parameter RAM, 64..70 to registers; others are ignored.
+Parameter indices below 64 go to the parameter RAM, 64..70 (with slots 64..72) to registers; others
+are ignored.
+
+Layer slices and state slots (``EngineCore(slots=N)``, protocol 1.2's slice ops)
+-------------------------------------------------------------------------------
+With ``slots`` > 0 the engine runs a *slice* of a model, layers ``[first, end)`` with or without the
+embedding and the head, from its *slice image* (:mod:`mmfree_fpga.image_slice`) in the weight
+memory: :func:`engine_params` with ``sl=`` gives its parameters (``L`` the slice's layer count,
+its sections' addresses, and the registers ``EMBEDDING`` and ``HEAD``), which ``SET_PARAM``
+writes (the Link does after each LOAD_COMMIT); the job list is then ``6 L + HEAD`` jobs. A step
+starts from the embedding (``EMBEDDING``) or from the *input buffer* (an x-sized memory the
+``residual`` stream writes: ``index``, ``value``; read into x through the writer's embedding
+path), and without the head stops after the last layer's down_proj: that result (the residual
+out) is also stored to the logit memory, which is then the *output buffer* read through
+``logit_req`` / ``logit_resp`` (raw Q16 int32: the narrow formats only), and the result is
+``token`` 0, ``logit`` 0 and the step's ``cycles``. h has ``slots`` copies (``max_L x max_d``
+each) and its zero flags one set per slot. Slices need one layer or more. Without slots (the
+default, every board build) none of this is built: the netlist is that of before (Yosys's cell
+statistics of the full engine are identical).
 
 ``trace`` (:func:`trace_layout`, observational): valid for one cycle whenever the writer stores
 a result: ``job`` (index in ``JOBS``), ``layer``, ``row`` (the output row of the job's matrix)

@@ -99,6 +99,26 @@ every exchange test on both). It takes one block RAM more (the response ROM).
 * The image CRC is not a register of its own: it is ``load_crc`` while weights are loaded and 0
   otherwise (a LOAD_COMMIT copies ``load_crc``, a LOAD_BEGIN drops the weights).
 
+Layer slices and state slots
+----------------------------
+``Link(..., slots=N)`` (the default form only; with ``EngineCore(slots=N)``, ``LinkedEngine(slots=N)``)
+executes protocol 1.2's slice ops as ``DeviceModel(slots=N)`` does, the same NAKs in the same
+order and the same replay: SLICE_INFO (``slots``, the loaded and the loading slice, capacity the
+whole image, 4-byte residual values), LOAD_SLICE (a slice of one layer or more: a zero-layer
+slice gets BAD_ARGUMENT here, where the model takes it; its image size from a table by layer count
+and parts), RESET_SLOT, WRITE_RESIDUAL (the values are forwarded from the ring like a chunk's, four
+bytes each, into the engine's ``residual`` input buffer), FEED_SLOT (engine ``FEED_SLOT``; its
+``cycles`` are the engine's count) and READ_OUTPUT (the output buffer through the logit port, as
+READ_LOGITS' logits). State: every slot's position (slot 0's is ``position``: FEED_TOKEN,
+READ_LOGITS and IDENTIFY), the loaded slice and the open load's with their sizes (LOAD_CHUNK,
+LOAD_COMMIT, LOAD_STATUS, VERIFY_IMAGE and IDENTIFY use them instead of the whole image's), and
+whose residual the input buffer and whose output the output buffer hold. RESET_STATE resets slot
+0 only (engine ``RESET_SLOT``); FEED_TOKEN and READ_LOGITS need the whole model
+(NO_WEIGHTS, arg = the parts). After LOAD_COMMIT the Link writes the slice's engine parameters
+(``SET_PARAM``, from ``engine_params`` of every slice, those that differ) before RESET_STATE. The
+argument bytes kept grow to 13 (LOAD_SLICE's). Without slots nothing of this is built (Yosys's
+cell statistics of both forms are those of before) and the six ops are unknown (UNKNOWN_OP).
+
 Structure
 ---------
 Each part is a component of its own file, in one class per form where the forms differ:
@@ -909,6 +929,9 @@ class Link(wiring.Component):
         }
 
     def _set_position(self, m, slot, value):
+        if isinstance(slot, int):
+            m.d.sync += self._positions()[slot].eq(value)
+            return
         with m.Switch(slot):
             for s, position in enumerate(self._positions()):
                 with m.Case(s):

@@ -142,6 +142,13 @@ def test_link_residual_layout_is_what_the_fake_engine_decodes():
     assert (layout["index"].offset, layout["value"].offset, layout["value"].shape.width) == (0, 4, 32)
 
 
+@pytest.mark.parametrize("slots", [1, 3, 4])
+def test_links_of_other_slot_counts_elaborate_cleanly(slots):
+    """(warnings are errors here: no case of a slot switch out of its value's range)"""
+    from amaranth.back import rtlil
+    rtlil.convert(Link(CFG, packing=PACKING, lanes=LANES, boot_id=BOOT_ID, readback=True, slots=slots))
+
+
 def test_slice_ops_match_device_model(image):
     """The six slice ops, their NAK cases and duplicates, on two slots, two slices and the whole
     model: the same bytes as the device model; the engine computed what SliceModel computes."""
