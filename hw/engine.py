@@ -107,7 +107,8 @@ path), and without the head stops after the last layer's down_proj: that result 
 out) is also stored to the logit memory, which is then the *output buffer* read through
 ``logit_req`` / ``logit_resp`` (raw Q16 int32: the narrow formats only), and the result is
 ``token`` 0, ``logit`` 0 and the step's ``cycles``. h has ``slots`` copies (``max_L x max_d``
-each) and its zero flags one set per slot. Slices need one layer or more. Without slots (the
+each) and its zero flags one set per slot. A slice of no layers runs lm_head alone (the head) or
+no job at all (the embedding only: the embedding is the output). Without slots (the
 default, every board build) none of this is built: the netlist is that of before (Yosys's cell
 statistics of the full engine are identical).
 
@@ -206,9 +207,10 @@ def check_geometry(cfg: ModelConfig, lanes: int, *, max_d=None, max_I=None, max_
 def engine_params(cfg: ModelConfig, packing: str, lanes: int, fmt: Formats = FORMATS, sl=None) -> dict[int, int]:
     """Every parameter (index -> value) of a model: geometry and the image's section addresses
     (the image of ``fmt``). With ``sl`` (a :class:`~mmfree_fpga.image_slice.Slice` of at least one
-    layer), those of its slice image (:func:`~mmfree_fpga.image_slice.slice_layout`): ``L`` is the
-    slice's layer count, layer 0 its first layer, the absent parts' addresses 0, and the registers
-    ``EMBEDDING`` and ``HEAD`` (engines with state slots) say which parts it holds."""
+    layer, or of none with the embedding or the head), those of its slice image
+    (:func:`~mmfree_fpga.image_slice.slice_layout`): ``L`` is the slice's layer count, layer 0 its
+    first layer, the absent parts' addresses 0, and the registers ``EMBEDDING`` and ``HEAD``
+    (engines with state slots) say which parts it holds."""
     check_geometry(cfg, lanes)
     wb = beat_bytes(lanes)
     el = image_elements(fmt)
@@ -217,8 +219,6 @@ def engine_params(cfg: ModelConfig, packing: str, lanes: int, fmt: Formats = FOR
         sec = {s.name: s for s in image_layout(cfg, packing, fmt)}
     else:
         from mmfree_fpga.image_slice import slice_layout
-        if sl.layers < 1:
-            raise DesignError(f"the engine runs slices of at least one layer, not {sl.text()}")
         first, n_layers, embedding, head = sl.first, sl.layers, sl.embedding, sl.head
         sec = {s.name: s for s in slice_layout(cfg, packing, sl, fmt)}
 
@@ -246,8 +246,8 @@ def engine_params(cfg: ModelConfig, packing: str, lanes: int, fmt: Formats = FOR
         assert (el.norm * in_f) % wb == 0
         p[base + Param.NORM_BEATS] = el.norm * in_f // wb
         p[base + Param.K_OFF] = words(f"{prefix}.k")
-    p[Param.LB_OFF] = words(f"layers.{first}.lower_bound")
-    p[Param.LB_BEATS] = beats(f"layers.{first}.lower_bound")
+    p[Param.LB_OFF] = words(f"layers.{first}.lower_bound") if n_layers else 0
+    p[Param.LB_BEATS] = beats(f"layers.{first}.lower_bound") if n_layers else 0
     p[Param.EMB_Q_OFF] = words("embedding.q") if embedding else 0
     p[Param.EMB_ROW_BEATS] = el.emb * cfg.d // wb if embedding else 0
     p[Param.EMB_SCALE_OFF] = sec["embedding.scale"].offset if embedding else 0
@@ -465,7 +465,7 @@ class EngineCore(wiring.Component):
         if self.slots:
             # a slice without the head: the token is done when the writer has stored the last
             # layer's down_proj (the residual out is in x and in the output buffer)
-            with m.If(ctl.running & ~regs[Param.HEAD] & (u.writer.done == geom.n_jobs)):
+            with m.If(ctl.running & ~regs[Param.HEAD] & (u.writer.done == geom.n_jobs) & u.writer.emb_done):
                 m.d.sync += [ctl.res.token.eq(0), ctl.res.logit.eq(0), ctl.res.cycles.eq(ctl.cycles),
                              ctl.res_valid.eq(1), ctl.running.eq(0)]
         self._logit_port(m, mem.logits)
@@ -501,6 +501,8 @@ class EngineCore(wiring.Component):
         r = regs
         n_jobs = Signal.like(geom.n_jobs, name="n_jobs")
         m.d.comb += n_jobs.eq(6 * r[Param.L] + (r[Param.HEAD] if self.slots else 1))
+        # a slice of no layers starts with lm_head (or, without the head, runs no job at all)
+        m.d.comb += geom.first_jt.eq(Mux(r[Param.L] == 0, JT_LM, 0) if self.slots else 0)
         m.d.comb += [geom.d.eq(r[Param.D]), geom.I.eq(r[Param.I]), geom.V.eq(r[Param.V]), geom.L.eq(r[Param.L]),
                      geom.n_jobs.eq(n_jobs), geom.packing.eq(r[Param.PACKING]),
                      geom.layer_stride.eq(r[Param.LAYER_STRIDE]), geom.lb_stride.eq(r[Param.LB_STRIDE])]

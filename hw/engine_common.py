@@ -62,18 +62,20 @@ def job_count_shape(max_L: int):
 def geometry_layout(max_d: int, max_I: int, max_L: int, max_V: int) -> data.StructLayout:
     """The run-time geometry every unit reads (the engine's registers, :class:`Param`):
     ``d``, ``I``, ``V``, ``L``, ``n_jobs`` (``6 L + 1``), ``packing`` (its code), the word
-    strides ``layer_stride`` (one layer's matrices and norms) and ``lb_stride`` (lower bounds)."""
+    strides ``layer_stride`` (one layer's matrices and norms) and ``lb_stride`` (lower bounds),
+    ``first_jt``: the first job's type (``JT_F``; ``JT_LM`` for a slice of no layers but the head)."""
     return data.StructLayout({
         "d": range(max_d + 1), "I": range(max_I + 1), "V": range(max_V + 1), "L": range(max_L + 1),
         "n_jobs": job_count_shape(max_L), "packing": 1,
-        "layer_stride": unsigned(ADDR_BITS), "lb_stride": unsigned(ADDR_BITS),
+        "layer_stride": unsigned(ADDR_BITS), "lb_stride": unsigned(ADDR_BITS), "first_jt": unsigned(3),
     })
 
 
 class JobCounter:
     """A job counter: global index ``k``, job type ``jt``, layer ``l``, norm ``slot``
     (``k mod NORM_SLOTS``) and, per ``(name, stride)`` in ``strides``, ``base[name] = l * stride``
-    kept as a running sum (no multiplier). :meth:`reset` and :meth:`step` return statements."""
+    kept as a running sum (no multiplier). :meth:`reset` (to job 0 of the geometry ``geom``: its
+    ``first_jt``) and :meth:`step` return statements."""
 
     def __init__(self, name: str, max_L: int, strides=()):
         self.k = Signal(job_count_shape(max_L), name=f"{name}_k")
@@ -83,8 +85,8 @@ class JobCounter:
         self._strides = tuple(strides)
         self.base = {n: Signal(ADDR_BITS, name=f"{name}_{n}_base") for n, _ in self._strides}
 
-    def reset(self):
-        return ([self.k.eq(0), self.jt.eq(0), self.l.eq(0), self.slot.eq(0)]
+    def reset(self, geom=None):
+        return ([self.k.eq(0), self.jt.eq(0 if geom is None else geom.first_jt), self.l.eq(0), self.slot.eq(0)]
                 + [b.eq(0) for b in self.base.values()])
 
     def step(self, n_layers):

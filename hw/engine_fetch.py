@@ -134,7 +134,7 @@ class Fetcher(wiring.Component):
         nj = JobCounter("nj", max_L, (("layer", geom.layer_stride), ("lb", geom.lb_stride)))     # next norms
         tj = JobCounter("tj", max_L, (("layer", geom.layer_stride),))                           # next trits
         with m.If(self.start):
-            m.d.sync += nj.reset() + tj.reset()
+            m.d.sync += nj.reset(geom) + tj.reset(geom)
         # the embedding row's word offset token * d * emb / beat_bytes, by shift and add (one
         # token bit per cycle from FEED_TOKEN on, done before the fetcher asks for the row): no
         # multiplier

@@ -114,7 +114,7 @@ class FrontSequencer(wiring.Component):
         fj = JobCounter("fj", max_L)
         m.d.comb += [self.done.eq(fj.k), self.jt.eq(fj.jt)]
         with m.If(self.start):
-            m.d.sync += fj.reset()
+            m.d.sync += fj.reset(self.geom)
         fv = Signal()               # stage A: the element whose memory words are being read
         f_op = Signal(FrontOp)
         f_last = Signal()
@@ -318,7 +318,7 @@ class MatrixIssuer(wiring.Component):
         mj = JobCounter("mj", self._max_L)
         geom, cmd = self.geom, self.cmd
         with m.If(self.start):
-            m.d.sync += mj.reset()
+            m.d.sync += mj.reset(geom)
         m.d.comb += [cmd.valid.eq(self.running & (mj.k < geom.n_jobs)),
                      cmd.payload.rows.eq(rows_of(geom, mj.jt)), cmd.payload.cols.eq(cols_of(geom, mj.jt)),
                      cmd.payload.load.eq(1)]

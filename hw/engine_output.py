@@ -111,7 +111,7 @@ class OperandStage(wiring.Component):
         hw_, geom, v = self._hw, self.geom, self._variant
         oj = JobCounter("oj", max_L)
         with m.If(self.start):
-            m.d.sync += oj.reset()
+            m.d.sync += oj.reset(geom)
         jo = Signal(row_shape(max(max_d, max_I), max_V))
         ov = Signal()
         o_y = Signal(self._w.x)
@@ -295,7 +295,7 @@ class Writer(wiring.Component):
         wj = JobCounter("wj", max_L)
         m.d.comb += self.done.eq(wj.k)
         with m.If(self.start):
-            m.d.sync += wj.reset() + [self.emb_done.eq(0)]
+            m.d.sync += wj.reset(geom) + [self.emb_done.eq(0)]
         if self._slots:
             # every slot's flags, the current slot's on ``fresh``
             self._fresh = fresh = Signal(self._slots * max_L, init=(1 << (self._slots * max_L)) - 1)
@@ -339,6 +339,11 @@ class Writer(wiring.Component):
             with m.Else():
                 m.d.sync += jw.eq(jw + 1)
             self._store(m, wj, jw, val, w_up)
+        if self._slots:
+            # a slice of no layers and no head (the embedding only): the residual out, the
+            # embedding, into the output buffer as it is stored to x (no result comes meanwhile)
+            with m.If(emb.valid & (geom.L == 0) & ~self.head):
+                m.d.comb += [self.logits.en.eq(1), self.logits.addr.eq(je), self.logits.data.eq(emb.payload.value)]
         return m
 
     def _store(self, m, wj, jw, val, w_up):

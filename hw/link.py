@@ -104,9 +104,8 @@ Layer slices and state slots
 ``Link(..., slots=N)`` (the default form only; with ``EngineCore(slots=N)``, ``LinkedEngine(slots=N)``)
 executes protocol 1.2's slice ops as ``DeviceModel(slots=N)`` does, the same NAKs in the same
 order and the same replay: SLICE_INFO (``slots``, the loaded and the loading slice, capacity the
-whole image, 4-byte residual values), LOAD_SLICE (a slice of one layer or more: a zero-layer
-slice gets BAD_ARGUMENT here, where the model takes it; its image size from a table by layer count
-and parts), RESET_SLOT, WRITE_RESIDUAL (the values are forwarded from the ring like a chunk's, four
+whole image, 4-byte residual values), LOAD_SLICE (its image size from a table by layer count and
+parts), RESET_SLOT, WRITE_RESIDUAL (the values are forwarded from the ring like a chunk's, four
 bytes each, into the engine's ``residual`` input buffer), FEED_SLOT (engine ``FEED_SLOT``; its
 ``cycles`` are the engine's count) and READ_OUTPUT (the output buffer through the logit port, as
 READ_LOGITS' logits). State: every slot's position (slot 0's is ``position``: FEED_TOKEN,
@@ -338,7 +337,7 @@ class Link(wiring.Component):
         from mmfree_fpga.image_slice import Slice
         from .engine import engine_params
         table = {(n, parts): engine_params(cfg, packing, lanes, formats, sl=Slice.from_parts(0, n, parts))
-                 for n in range(1, cfg.L + 1) for parts in range(4)}
+                 for n in range(cfg.L + 1) for parts in range(4) if n or parts}
         whole = table[(cfg.L, 3)]
         varying = sorted(k for k in whole if any(row[k] != whole[k] for row in table.values()))
         return {key: [(k, row[k]) for k in varying] for key, row in table.items()}

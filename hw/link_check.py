@@ -93,12 +93,12 @@ class SliceGeometry:
 
 
 def slice_geometry(cfg, packing: str, slots: int, fmt=None) -> SliceGeometry:
-    """The :class:`SliceGeometry` of ``cfg`` and ``packing`` (slices of one layer or more)."""
+    """The :class:`SliceGeometry` of ``cfg`` and ``packing``."""
     from mmfree_fpga.config import FORMATS
     from mmfree_fpga.image_slice import Slice, slice_image_size
     fmt = FORMATS if fmt is None else fmt
     sizes = {(n, parts): slice_image_size(cfg, packing, Slice.from_parts(0, n, parts), fmt)
-             for n in range(1, cfg.L + 1) for parts in range(4)}
+             for n in range(cfg.L + 1) for parts in range(4) if n or parts}
     return SliceGeometry(slots=slots, d=cfg.d, layers=cfg.L, sizes=sizes)
 
 
@@ -361,8 +361,8 @@ class RequestCheck(wiring.Component):
             bad_slot=flag(slot >= g.slots, "bad_slot"),
             slot_position=flag(position != self.slot_position, "slot_position"),
             slot_last_position=flag(position == 0xFFFFFFFF, "slot_last_position"),
-            # (the engine runs slices of at least one layer: end == first is refused here)
-            bad_slice=flag((parts[2:] != 0) | (end <= first) | (end > g.layers), "bad_slice"),
+            bad_slice=flag((parts[2:] != 0) | (end < first) | ((end == first) & (parts[:2] == 0)) | (end > g.layers),
+                           "bad_slice"),
             slice_size=flag(field(args, LOAD_SLICE_REQUEST, 0) != want, "slice_size"),
             residual_short=flag(length < WRITE_RESIDUAL_HEADER.size + 4, "residual_short"),
             residual_long=flag(length > WRITE_RESIDUAL_HEADER.size + 4 * self.residual_most, "residual_long"),

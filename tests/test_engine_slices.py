@@ -40,8 +40,9 @@ def test_slice_params_follow_the_slice_layout():
     assert p[Param.LB_OFF] * wb == layout["layers.1.lower_bound"]
     assert (p[Param.LB_OFF] + p[Param.LB_STRIDE]) * wb == layout["layers.2.lower_bound"]
     assert p[Param.JOB_STRIDE * 5 + Param.K_OFF] * wb == layout["layers.1.down_proj.k"]
-    with pytest.raises(DesignError):
-        engine_params(CFG, PACKING, LANES, sl=Slice(3, 3, False, True))     # no layer
+    p = engine_params(CFG, PACKING, LANES, sl=Slice(3, 3, False, True))     # the head alone
+    assert (p[Param.L], p[Param.EMBEDDING], p[Param.HEAD], p[Param.LB_OFF]) == (0, 0, 1, 0)
+    assert p[Param.JOB_STRIDE * 6 + Param.TRITS_OFF] == 0 == p[Param.JOB_STRIDE * 0 + Param.TRITS_OFF]
     with pytest.raises(DesignError):
         EngineCore(CFG, lanes=LANES, compact=True, slots=2)
 
@@ -81,6 +82,22 @@ def test_engine_slice_chain_two_slots_equals_integer_model(image):
         assert steps[-1].output == [int(v) for v in wire_logits(logits)]
     # slot 1 restarted from token 9 after its reset: the same outputs as its first step
     assert [s.output for s in out[3]] == [s.output for s in out[1]]
+
+
+def test_engine_slices_of_no_layers(image):
+    """The embedding alone (the residual out is the embedding) and the head alone (lm_head on the
+    residual in), around all three layers: the integer model's logits, two slots."""
+    cfg, blob = image
+    slices = [Slice(0, 0, True, False), Slice(0, 3, False, False), Slice(3, 3, False, True)]
+    feeds = [("feed", 0, 3), ("feed", 1, 40), ("feed", 0, 17)]
+    out = run_amaranth_slices(cfg=cfg, blob=blob, packing=PACKING, lanes=LANES, slices=slices, feeds=feeds)
+    whole = {s: IntegerModel(parse_image(blob, cfg, PACKING)) for s in (0, 1)}
+    emb = parse_slice(cut_image(blob, cfg, PACKING, slices[0]), cfg, PACKING, slices[0], slots=2)
+    for (_, slot, token), steps in zip(feeds, out):
+        assert steps[0].output == [int(v) for v in emb.run(slot, token=token)]
+        logits = whole[slot].step(token)
+        assert steps[-1].output == [int(v) for v in wire_logits(logits)]
+        assert steps[-1].token == IntegerModel.argmax(logits)
 
 
 def test_slotted_engine_feeds_whole_model_tokens(image):

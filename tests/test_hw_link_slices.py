@@ -241,6 +241,15 @@ def test_slice_ops_match_device_model(image):
         assert np.frombuffer(out[9:], "<i4").tolist() == [int(v) for v in residual[0]]
         await s.expect(SliceOp.READ_OUTPUT, READ_OUTPUT_REQUEST.pack(1, 1, 3, 5))
         await s.nak(SliceOp.READ_OUTPUT, READ_OUTPUT_REQUEST.pack(1, 1, 3, d - 2), Error.BAD_ARGUMENT)
+        # the head alone (a slice of no layers)
+        alone = Slice(2, 2, False, True)
+        blob = cut_image(image, CFG, PACKING, alone)
+        await s.expect(SliceOp.LOAD_SLICE, LOAD_SLICE_REQUEST.pack(len(blob), crc32_image(blob), 2, 2, 2))
+        await s.expect(Op.LOAD_CHUNK, LOAD_CHUNK_HEADER.pack(0) + blob)
+        await s.expect(Op.LOAD_COMMIT)
+        await s.expect(SliceOp.WRITE_RESIDUAL, WRITE_RESIDUAL_HEADER.pack(0, 0, 0) + residual_bytes(residual[1]))
+        await s.expect(SliceOp.FEED_SLOT, FEED_SLOT_REQUEST.pack(0, 0, 0))
+        await s.expect(SliceOp.READ_OUTPUT, READ_OUTPUT_REQUEST.pack(0, 1, 0, CFG.V))
         # the whole model again: FEED_TOKEN, and FEED_SLOT on slot 1
         await s.expect(Op.LOAD_BEGIN, LOAD_BEGIN_REQUEST.pack(len(image), crc32_image(image)))
         await s.expect(SliceOp.SLICE_INFO)
