@@ -296,3 +296,77 @@ def test_tiny_and_slotless_links_answer_slice_ops_unknown(image):
     sim.add_process(driver)
     while not done:
         sim.advance()
+
+
+def _random_slice_frame(rng, model, image):
+    """A slice op (or FEED_TOKEN / READ_LOGITS / RESET_STATE) with fields near the device's state:
+    right and wrong slots, positions, starts, counts, tokens and lengths."""
+    import random as _random  # noqa: F401  (rng is a random.Random)
+    inp = model._input
+    if inp is not None and inp.pointer == CFG.d and rng.random() < 0.7:      # a complete residual: feed it
+        return SliceOp.FEED_SLOT, FEED_SLOT_REQUEST.pack(inp.slot, inp.position, 0)
+    slot = rng.choice([0, 1, 1, 0, SLOTS, 255])
+    pos = model.slot_position(slot) if slot < SLOTS else 0
+    pos = rng.choice([pos, pos, pos, pos + 1, max(pos - 1, 0), 0xFFFFFFFF])
+    op = rng.choice([SliceOp.WRITE_RESIDUAL] * 4 + [SliceOp.FEED_SLOT] * 3 + [SliceOp.READ_OUTPUT] * 3
+                    + [SliceOp.RESET_SLOT, SliceOp.SLICE_INFO, Op.FEED_TOKEN, Op.READ_LOGITS, Op.RESET_STATE])
+    if op == SliceOp.WRITE_RESIDUAL and slot < SLOTS and rng.random() < 0.5:
+        # a write that the device takes: the rest of this slot's residual (as much as fits a frame)
+        inp, pos = model._input, model.slot_position(slot)
+        start = inp.pointer if inp is not None and (inp.slot, inp.position) == (slot, pos) and inp.pointer < CFG.d else 0
+        n = min(CFG.d - start, 20)
+        return op, WRITE_RESIDUAL_HEADER.pack(slot, pos, start) + residual_bytes(
+            [rng.randrange(-(1 << 18), 1 << 18) for _ in range(n)])
+    if op == SliceOp.FEED_SLOT and slot < SLOTS and rng.random() < 0.5:
+        return op, FEED_SLOT_REQUEST.pack(slot, model.slot_position(slot), rng.randrange(CFG.V) if rng.random() < 0.5
+                                          else 0)
+    if op == SliceOp.WRITE_RESIDUAL:
+        inp = model._input
+        start = rng.choice([0, 0, inp.pointer if inp is not None else 0, rng.randrange(0, 20)])
+        n = rng.choice([1, 2, 4, 6, 16, 16 - start if start < 16 else 1, 31])
+        data = bytes(rng.randrange(256) for _ in range(4 * n + rng.choice([0, 0, 0, 0, 1, 2, 3, -1])))
+        return op, WRITE_RESIDUAL_HEADER.pack(slot, pos, start) + data
+    if op == SliceOp.FEED_SLOT:
+        return op, FEED_SLOT_REQUEST.pack(slot, pos, rng.choice([0, 0, 3, CFG.V - 1, CFG.V, 1 << 31]))
+    if op == SliceOp.READ_OUTPUT:
+        return op, READ_OUTPUT_REQUEST.pack(slot, pos, rng.choice([0, 0, 3, CFG.d - 1, CFG.V - 1, 1 << 30]),
+                                            rng.choice([0, 1, 5, CFG.d, CFG.V, 29, 30, 300]))
+    if op == SliceOp.RESET_SLOT:
+        return op, RESET_SLOT_REQUEST.pack(slot) + (b"\0" if rng.random() < 0.1 else b"")
+    if op == Op.FEED_TOKEN:
+        return op, FEED_TOKEN_REQUEST.pack(model.position, rng.choice([0, 5]))
+    if op == Op.READ_LOGITS:
+        return op, READ_LOGITS_REQUEST.pack(model.position, 0, rng.choice([1, 4]))
+    return op, b""
+
+
+@pytest.mark.parametrize("max_payload", [128])
+def test_fuzz_slice_ops_match_device_model(image, max_payload):
+    """Random slice ops around the state (every slice kind loaded in turn, duplicates between):
+    the same bytes as the device model, exchange after exchange."""
+    import random
+    link, model = make_pair(max_payload)
+    rng = random.Random(22)
+    kinds = [Slice(1, 2, False, False), Slice(0, 1, True, False), Slice(2, 2, False, True), Slice(1, 2, False, True),
+             whole_slice(CFG)]
+
+    async def body(ctx, bench):
+        s = Session(ctx, bench, model)
+        previous = None
+        for sl in kinds:
+            blob = cut_image(image, CFG, PACKING, sl)
+            await s.expect(SliceOp.LOAD_SLICE, LOAD_SLICE_REQUEST.pack(len(blob), crc32_image(blob), sl.first, sl.end,
+                                                                       sl.parts))
+            chunk = max_payload - LOAD_CHUNK_HEADER.size
+            for off in range(0, len(blob), chunk):
+                await s.expect(Op.LOAD_CHUNK, LOAD_CHUNK_HEADER.pack(off) + blob[off:off + chunk])
+            await s.expect(Op.LOAD_COMMIT)
+            for _ in range(50):
+                if previous is not None and rng.random() < 0.15:
+                    await s.send(previous)                  # a duplicate (replayed or re-executed)
+                    continue
+                op, payload = _random_slice_frame(rng, model, image)
+                previous, _ = await s.command(op, payload)
+        assert model.stats["slice_feeds"] > 15 and model.stats["naks"] > 30 and model.stats["replays"] > 5
+
+    simulate(link, body, seed=22)
