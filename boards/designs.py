@@ -49,7 +49,7 @@ def engine_perf_model(family: str):
     return TINY_PERF_MODEL if family in TINY_FAMILIES else PERF_MODEL
 
 
-def linked_engine(*, lanes: int | None = None, preload: bool | None = None) -> DesignFactory:
+def linked_engine(*, lanes: int | None = None, preload: bool | None = None, slots: int = 0) -> DesignFactory:
     """Factory of the engine + link for the context's checkpoint, ``lanes`` trits per cycle
     (default: :data:`FAMILY_LANES` for the board's family, else :data:`DEFAULT_LANES`).
 
@@ -65,11 +65,17 @@ def linked_engine(*, lanes: int | None = None, preload: bool | None = None) -> D
     ``LinkedEngine(memory="sdram")``; the host uploads the image over the UART (a DRAM starts
     empty: nothing is preloaded). Only the geometry and packing of the model are needed
     (``context.image``), not its weights.
+
+    ``slots``: state slots (protocol 1.2's slice ops, layer-pipelined runs over several boards;
+    ``LinkedEngine(slots=...)``); 0, the default, builds none. The block-RAM engine only.
     """
     from mmfree_fpga.hw.engine import check_geometry
     from mmfree_fpga.hw.linked_engine import LinkedEngine
 
     def factory(context: DesignContext):
+        if slots and (context.memory == "dram" or context.family in TINY_FAMILIES):
+            raise UserError("--slots needs the block-RAM engine: the tiny engine (iCE40) and the DRAM engine "
+                            "have no state slots")
         if context.memory == "dram":
             return _dram_engine(context, lanes, preload)
         packing = context.image.packing if context.image is not None else None
@@ -89,6 +95,8 @@ def linked_engine(*, lanes: int | None = None, preload: bool | None = None) -> D
         step_ms = max(1, int(-(-cycles * 1000 // context.clock_hz)))
         if not tiny:
             kw["formats"] = context.formats
+        if slots:
+            kw["slots"] = slots
         return LinkedEngine(image.cfg, lanes=n, packing=image.packing, clk_freq=context.clock_hz,
                             step_time_ms=step_ms, image=image.blob if with_image else None, **kw)
 
@@ -99,6 +107,7 @@ def linked_engine(*, lanes: int | None = None, preload: bool | None = None) -> D
         return 0 if family in TINY_FAMILIES else DEFAULT_FIFO_DEPTH
 
     factory.lanes = lanes
+    factory.slots = slots
     factory.uart_fifo_depth = uart_fifo_depth
     return factory
 
@@ -145,12 +154,14 @@ DESIGNS = {"engine": "the engine with its serial link (hw/linked_engine.py)",
            "echo": "a framed echo with a CRC-8 (boards/placeholder.py): the board path without the engine"}
 
 
-def design_factory(name: str, *, lanes: int | None = None) -> DesignFactory:
-    """The factory of a design by name (:data:`DESIGNS`); ``lanes`` only for the engine."""
+def design_factory(name: str, *, lanes: int | None = None, slots: int = 0) -> DesignFactory:
+    """The factory of a design by name (:data:`DESIGNS`); ``lanes`` and ``slots`` only for the engine."""
     if name == "engine":
-        return linked_engine(lanes=lanes)
+        return linked_engine(lanes=lanes, slots=slots)
     if name == "echo":
         if lanes is not None:
             raise UserError("--lanes applies to the engine design only (--design engine)")
+        if slots:
+            raise UserError("--slots applies to the engine design only (--design engine)")
         return frame_echo
     raise UserError(f"unknown design {name!r}; use one of {', '.join(DESIGNS)}")

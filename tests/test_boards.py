@@ -195,6 +195,14 @@ def test_ulx3s_engine_holds_the_weights_in_the_bitstream(checkpoint):
     assert ice40.link.lanes == 1 and not ice40.link.preloaded and ice40.link.step_time_ms >= 1
     with pytest.raises(UserError, match="tiny engine, which has one lane"):
         factory(context("ice40"))
+    # state slots only where asked for, on the block-RAM engine; none in the iCE40's tiny engine
+    assert ecp5.link.slots == 0 and ecp5.engine.core.slots == 0
+    sliced = design_factory("engine", lanes=32, slots=3)(context("ecp5"))
+    assert sliced.link.slots == 3 and sliced.engine.core.slots == 3
+    with pytest.raises(UserError, match="--slots needs the block-RAM engine"):
+        design_factory("engine", slots=2)(context("ice40"))
+    with pytest.raises(UserError, match="--slots applies to the engine"):
+        design_factory("echo", slots=2)
 
 
 @pytest.mark.parametrize("args, message", [

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._common import check_out_dir, lanes_help, non_negative_int, positive_float, positive_int
+from ._common import check_out_dir, int_in, lanes_help, non_negative_int, positive_float, positive_int
 
 HELP = "build the bitstream of the design for a board (YoWASP Yosys + nextpnr), with timing and utilisation"
 
@@ -34,6 +34,10 @@ def add_arguments(p) -> None:
     p.add_argument("--formats", choices=tuple(FORMAT_SETS), default="narrow",
                    help="the engine's number formats (default narrow; wide: the float32-level set of issue 21, "
                         "ECP5 engines only): the image is sized and exported in them")
+    p.add_argument("--slots", type=int_in(0, 255), default=0, metavar="N",
+                   help="state slots of the engine (protocol 1.2's slice ops: the board can hold a layer slice "
+                        "in a run over several boards, N sequences in flight); default 0, none. The block-RAM "
+                        "engine only (not the iCE40's tiny engine, not --memory sdram/ddr3)")
     p.add_argument("--packing", choices=("2bit", "base3"), default=None,
                    help="trit packing for the model size check (default base3, or that of an exported image)")
     p.add_argument("--seed", type=non_negative_int, default=None, metavar="N",
@@ -80,6 +84,9 @@ def run(args) -> dict:
     if args.lanes is not None and name != "engine":
         raise UserError(f"--lanes applies to the engine; the design built for {args.board} is {name} "
                         "(add --design engine)")
+    if args.slots and name != "engine":
+        raise UserError(f"--slots applies to the engine; the design built for {args.board} is {name} "
+                        "(add --design engine)")
     if args.memory != "bram" and name != "engine":
         raise UserError(f"--memory {args.memory} applies to the engine; the design built for {args.board} is "
                         f"{name} (add --design engine)")
@@ -89,7 +96,8 @@ def run(args) -> dict:
             print(_model_text(prepared.fit), flush=True)
 
     r = build(args.board, out=args.out, clock_mhz=args.clock_mhz, baud=args.baud, checkpoint=args.checkpoint,
-              packing=args.packing, design=design_factory(name, lanes=args.lanes), use_cache=not args.no_cache,
+              packing=args.packing, design=design_factory(name, lanes=args.lanes, slots=args.slots),
+              use_cache=not args.no_cache,
               quiet=args.quiet, seed=args.seed, memory=args.memory,
               announce=announce, formats=args.formats)
     how = f"from the cache in {r['build_seconds']:.1f} s" if r["cached"] else f"in {r['build_seconds']:.1f} s"
