@@ -252,9 +252,6 @@ def prepare(board: str, *, clock_mhz: float | None = None, baud: int = DEFAULT_B
     if formats not in FORMAT_SETS:
         raise UserError(f"unknown formats {formats!r}; use one of {', '.join(FORMAT_SETS)}")
     fmt = FORMAT_SETS[formats]
-    if memory == "dram" and fmt != FORMATS:
-        raise UserError(f"--memory dram builds the narrow formats only so far (the DRAM engine is not verified in "
-                        f"--formats {formats}); drop --formats or --memory dram")
     platform = spec.platform()
     notes = []
     osc_hz = platform.default_clk_frequency

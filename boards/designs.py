@@ -142,7 +142,8 @@ def _dram_engine(context: DesignContext, lanes: int | None, preload: bool | None
     # port's rate (the two overlap in the engine)
     perf = engine_perf_model(context.family)
     native_bytes = core.peak_bytes_per_cycle
-    cycles = perf.cycles_per_token(cfg, n) + perf.bytes_per_token(cfg, packing) / (native_bytes * DRAM_EFFICIENCY_BOUND)
+    cycles = (perf.cycles_per_token(cfg, n)
+              + perf.bytes_per_token(cfg, packing, context.formats) / (native_bytes * DRAM_EFFICIENCY_BOUND))
     step_ms = max(1, int(-(-cycles * 1000 // context.clock_hz)))
     engine = LinkedEngine(cfg, lanes=n, packing=packing, clk_freq=context.clock_hz, step_time_ms=step_ms,
                           memory=kind, native_data_width=core.data_width, native_address_width=core.address_width,

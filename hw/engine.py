@@ -147,7 +147,7 @@ from .elementwise import ElementwiseUnit, shared_products_fit
 from .engine_common import (COMPACT, FULL, JOBS, JT_DOWN, JT_LM, JT_O, NORM_SLOTS, Param, attach_read_port,
                             geometry_layout, image_elements)
 from .engine_fetch import Fetcher, ResponseRouter
-from .engine_front import FrontSequencer, MatrixIssuer, QPacker
+from .engine_front import FrontSequencer, MatrixIssuer, QPacker, SkidBuffer
 from .engine_output import OperandStage, ScaleStage, SharedScaleStage, Writer
 from .matvec import TernaryMatVec
 from .output_scale import embed_path_fits
@@ -427,7 +427,12 @@ class EngineCore(wiring.Component):
         attach_read_port(m, mem.u, u.front_seq.u)
         attach_read_port(m, mem.a, u.front_seq.a)
         attach_read_port(m, mem.c, u.front_seq.c)
-        wiring.connect(m, u.front_seq.o, front.i)
+        if v.front_skid:
+            m.submodules.front_skid = front_skid = SkidBuffer(front.i.payload.shape())
+            wiring.connect(m, u.front_seq.o, front_skid.i)
+            wiring.connect(m, front_skid.o, front.i)
+        else:
+            wiring.connect(m, u.front_seq.o, front.i)
         wiring.connect(m, front.stats, scalar.i)
         m.d.comb += [scalar.k_mant.eq(u.front_seq.k_cur[:32]), scalar.k_exp.eq(u.front_seq.k_cur[32:64].as_signed()),
                      u.front_seq.stats_taken.eq(scalar.i.valid & scalar.i.ready)]

@@ -111,8 +111,9 @@ class Variant:
     registers norm, lower-bound, k and embedding-scale beats before their destinations (the
     transfer logic then drives registers, not block RAM enables). ``register_stage_inputs``: the
     front's and the elementwise unit's inputs are registered after the block RAM reads (stage B).
-    ``q_skid``: a small FIFO between the front's q output and the packer, and a one-hot packer
-    slot; ``q_split``: the q FIFO's words are ``lanes / q_split`` wide (reassembled in front of the
+    ``front_skid``: a :class:`~.engine_front.SkidBuffer` between the front sequencer and the front
+    (the sequencer's advance then sees a register, not the front's stall chain). ``q_skid``: a small
+    FIFO between the front's q output and the packer, and a one-hot packer slot; ``q_split``: the q FIFO's words are ``lanes / q_split`` wide (reassembled in front of the
     matrix unit). ``x_read_ports``: 2, or 1 shared by the front and the operand stage.
     ``hold_operands``: the operand stage holds an element whose operand the writer has not stored
     yet (short rows and few rows); without it the geometry must leave enough slack.
@@ -124,6 +125,7 @@ class Variant:
     param_ram_distributed: bool
     register_beats: bool
     register_stage_inputs: bool
+    front_skid: bool
     q_skid: bool
     q_split: int
     x_read_ports: int
@@ -136,12 +138,12 @@ class Variant:
 
 # Full builds (ECP5): every register that cuts a path from a block RAM's clock-to-out.
 FULL = Variant("full", share=1, embed_via_output_scale=False, param_read_ports=2, param_ram_distributed=True,
-               register_beats=True, register_stage_inputs=True, q_skid=True, q_split=1, x_read_ports=2,
+               register_beats=True, register_stage_inputs=True, front_skid=True, q_skid=True, q_split=1, x_read_ports=2,
                hold_operands=True)
 # The small-FPGA variant (iCE40UP5K: 8 DSPs, no LUT RAM): shared multipliers, no EmbedScale,
 # fewer block RAM copies, the pipelines as short as the slower clock allows.
 COMPACT = Variant("compact", share=2, embed_via_output_scale=True, param_read_ports=1, param_ram_distributed=False,
-                  register_beats=False, register_stage_inputs=False, q_skid=False, q_split=4, x_read_ports=1,
+                  register_beats=False, register_stage_inputs=False, front_skid=False, q_skid=False, q_split=4, x_read_ports=1,
                   hold_operands=False)
 
 

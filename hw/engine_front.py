@@ -16,7 +16,7 @@ from .bitlinear_front import FrontOp, front_input_layout
 from .engine_common import (JT_DOWN, JT_G, JT_GATE, JT_I, JT_LM, JT_O, NORM_SLOTS, JobCounter, Variant,
                             geometry_layout, image_elements, job_count_shape, read_port_signature)
 
-__all__ = ["rows_of", "cols_of", "FrontSequencer", "QPacker", "MatrixIssuer"]
+__all__ = ["rows_of", "cols_of", "FrontSequencer", "SkidBuffer", "QPacker", "MatrixIssuer"]
 
 
 def rows_of(geom, jt):
@@ -194,6 +194,40 @@ class FrontSequencer(wiring.Component):
                 with m.If(stats_taken):
                     m.d.sync += fj.step(self.geom.L) + [stats_taken.eq(0)]
                     m.next = "WAIT"
+
+
+class SkidBuffer(wiring.Component):
+    """A stream register slice that cuts the ``ready`` path and adds no latency.
+
+    ``i.ready`` is a register ("the spare entry is free"): a producer's advance logic no longer
+    sees the consumer's ``ready`` chain. While the spare entry is free, ``i`` passes through to
+    ``o`` combinationally; a transfer the consumer refuses is kept in the spare entry and offered
+    first, and ``i.ready`` drops for as long as it is held.
+
+    Members
+    -------
+    i : In(stream of ``shape``)
+    o : Out(stream of ``shape``)
+    """
+
+    def __init__(self, shape):
+        super().__init__({"i": In(stream.Signature(shape)), "o": Out(stream.Signature(shape))})
+
+    def elaborate(self, platform):
+        m = Module()
+        full = Signal()
+        spare = Signal.like(self.i.payload)
+        m.d.comb += [
+            self.i.ready.eq(~full),
+            self.o.valid.eq(full | self.i.valid),
+            self.o.payload.eq(Mux(full, spare, self.i.payload)),
+        ]
+        with m.If(full):
+            with m.If(self.o.ready):
+                m.d.sync += full.eq(0)
+        with m.Elif(self.i.valid & ~self.o.ready):
+            m.d.sync += [full.eq(1), spare.eq(self.i.payload)]
+        return m
 
 
 class QPacker(wiring.Component):

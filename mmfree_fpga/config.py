@@ -375,11 +375,14 @@ class PerfModel:
         return (self.ideal_cycles(cfg, lanes) + cfg.L * per_layer + (self.passes + self.embed_passes) * cfg.d
                 + self.job_latency)
 
-    def bytes_per_token(self, cfg: ModelConfig, packing: str) -> int:
-        """Weight-memory bytes read per token: the whole image but the embedding table, plus one row."""
+    def bytes_per_token(self, cfg: ModelConfig, packing: str, fmt: Formats = FORMATS) -> int:
+        """Weight-memory bytes read per token: the whole image (in the formats ``fmt``) but the
+        embedding table, plus one row of it and its scale."""
         from mmfree_fpga.image import image_layout
-        total = sum(s.size for s in image_layout(cfg, packing) if not s.name.startswith("embedding."))
-        return total + cfg.d + 4
+        layout = image_layout(cfg, packing, fmt)
+        total = sum(s.size for s in layout if not s.name.startswith("embedding."))
+        row = next(s.size for s in layout if s.name == "embedding.q") // cfg.V
+        return total + row + 4
 
     def tokens_per_s(self, cfg: ModelConfig, lanes: int, packing: str, clock_hz: float,
                      bandwidth_bytes_per_s: float | None = None) -> tuple[float, str]:

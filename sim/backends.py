@@ -40,17 +40,19 @@ MEMORIES = ("bram", "sdram", "ddr3")        # the rtl backend's weight memories 
 DRAM_EFFICIENCY_BOUND = 0.9
 
 
-def dram_step_time_ms(cfg: ModelConfig, packing: str, lanes: int, native_bytes: int) -> int:
+def dram_step_time_ms(cfg: ModelConfig, packing: str, lanes: int, native_bytes: int,
+                      formats: Formats = FORMATS) -> int:
     """An upper bound of one token's time, in ms of the pipe harness's nominal clock, for the
     engine with its weights in DRAM (``native_bytes`` per cycle at the port's peak): the compute
-    cycles plus every weight byte at :data:`DRAM_EFFICIENCY_BOUND` of the peak (the two overlap).
+    cycles plus every weight byte of the image in ``formats`` at :data:`DRAM_EFFICIENCY_BOUND` of
+    the peak (the two overlap).
     The Link reports it (IDENTIFY's ``step_time_ms``); the host waits that long for a token
     before it retransmits. A model the size of the ULX3S's block RAM and more takes seconds per
     token in Verilator, so the bound matters here (the block-RAM engine reports 0: unknown)."""
     from mmfree_fpga.config import PERF_MODEL
     from .pipe import PIPE_CLOCK_HZ
     cycles = (PERF_MODEL.cycles_per_token(cfg, lanes)
-              + PERF_MODEL.bytes_per_token(cfg, packing) / (native_bytes * DRAM_EFFICIENCY_BOUND))
+              + PERF_MODEL.bytes_per_token(cfg, packing, formats) / (native_bytes * DRAM_EFFICIENCY_BOUND))
     return max(1, int(-(-cycles * 1000 // PIPE_CLOCK_HZ)))
 
 
@@ -127,8 +129,6 @@ class RtlBackend:
         from .pipe import PIPE_CLOCK_HZ, PipeSim, build_pipe_sim
         if memory not in MEMORIES:
             raise UserError(f"unknown memory {memory!r}; use one of {', '.join(MEMORIES)}")
-        if memory != "bram" and formats != FORMATS:
-            raise UserError(f"--memory {memory} runs the narrow formats only")
         if slots and memory != "bram":
             raise UserError(f"--slots needs the block-RAM engine: --memory {memory} has no state slots")
         settings = [cfg.as_dict(), packing, lanes] + ([] if formats == FORMATS else [formats.as_dict()])
@@ -143,12 +143,14 @@ class RtlBackend:
             from .dram_sim import DramLinkedSimTop
             from .engine_sim import dram_core
             core = dram_core(memory)
-            size = image_size(cfg, packing)
+            size = image_size(cfg, packing, formats)
             if size > core.size_bytes:
                 raise UserError(f"the weight image ({size:,} bytes) does not fit the simulated {memory} "
                                 f"({core.size_bytes:,} bytes)")
             design = DramLinkedSimTop(core, cfg, lanes=lanes, packing=packing, clk_freq=PIPE_CLOCK_HZ,
-                                      step_time_ms=dram_step_time_ms(cfg, packing, lanes, core.peak_bytes_per_cycle))
+                                      formats=formats,
+                                      step_time_ms=dram_step_time_ms(cfg, packing, lanes, core.peak_bytes_per_cycle,
+                                                                     formats))
             sources = [core.verilog]
             settings += [memory, core.name]
         key = hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:12]

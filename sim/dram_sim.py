@@ -87,7 +87,7 @@ class DramEngineSimTop(wiring.Component):
     (``core``: a :class:`~mmfree_fpga.boards.litedram.DramCore` or its fields), with counters of
     the weight traffic between engine and adapter. ``engine_args`` go to
     :class:`~mmfree_fpga.hw.dram_engine.DramEngine` (cfg, lanes, packing, packings, maxima,
-    fifo_depth).
+    fifo_depth, formats).
 
     Members: the control interface (``cmd``, ``load``, ``result``, ``logit_req``,
     ``logit_resp``) and ``trace`` as :class:`~mmfree_fpga.hw.engine.Engine` has them;
@@ -140,7 +140,7 @@ class DramLinkedSimTop(wiring.Component):
     (``memory="sdram"``, ``activity_ports=True``) and a generated LiteDRAM core of the ``sim``
     variant (``core``: a :class:`~mmfree_fpga.boards.litedram.DramCore` or its fields) as an
     ``Instance`` on the same clock. ``cfg`` and ``linked_args`` go to the LinkedEngine (lanes,
-    packing, clk_freq, ...); the core's widths are added.
+    packing, clk_freq, formats, ...); the core's widths are added.
 
     Members, as :class:`~mmfree_fpga.sim.pipe.build_pipe_sim` expects them: ``i_stream``
     (In(stream.Signature(8)), bytes from the host), ``o_stream`` (Out, bytes to the host),

@@ -26,7 +26,8 @@ C++ harness only): :class:`~mmfree_fpga.sim.dram_sim.DramEngineSimTop`, the engi
 LiteDRAM core in its ``sim`` variant (LiteDRAM's controller and SDRAM model with the board PHY's
 settings, ``boards/litedram.py``, cached under the build root): "sdram" the ULX3S's SDR SDRAM
 (IS42S16160, GENSDRPHY, 50 MHz), "ddr3" the ECPIX-5's DDR3 (MT41K256M16, ECP5DDRPHY, 75 MHz). The harness waits for the core's init
-sequence, writes the image through the engine's ``load`` stream, then runs the tokens;
+sequence, writes the image (of the build's number formats) through the engine's ``load`` stream,
+then runs the tokens;
 :attr:`EngineRun.dram` has the load and the weight traffic (:func:`dram_figures`).
 """
 
@@ -300,8 +301,6 @@ def run_engine(*, cfg: ModelConfig, blob: bytes | None, packing: str, lanes: int
             raise UserError(f"the image ({len(blob)} bytes) is not one of this geometry and packing in the "
                             f"{formats!r} number formats ({image_size(cfg, packing, fmt)} bytes)")
     if memory != "bram":
-        if formats != "narrow":
-            raise UserError(f"--memory {memory} runs the narrow formats only (the DRAM engine is built for them)")
         if simulator != "verilator" or cocotb:
             raise UserError(f"--memory {memory} runs on Verilator's C++ harness only (--simulator verilator)")
         if blob is None or synthetic:
@@ -397,7 +396,7 @@ def _sources(build: EngineBuild, directory: Path) -> list[Path]:
         if not top.exists():
             sim_top = DramEngineSimTop(core, cfg=build.base_cfg(), lanes=build.lanes, packings=build.packings,
                                        packing="base3" if "base3" in build.packings else "2bit",
-                                       compact=build.compact)
+                                       compact=build.compact, formats=build.fmt)
             tmp = write_verilog(sim_top, directory / "engine_top.v.tmp", name="engine_top")
             os.replace(tmp, top)
         return [top, Path(core.verilog)]

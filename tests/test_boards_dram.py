@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ from mmfree_fpga.boards.dram import DramBoardDesign, dram_budget
 from mmfree_fpga.boards.litedram import CORES, generate_core, litedram_available
 from mmfree_fpga.boards.registry import BOARDS
 from mmfree_fpga.cli import main
-from mmfree_fpga.config import PUBLISHED, ModelConfig
+from mmfree_fpga.config import FORMAT_SETS, FORMATS, PUBLISHED, Formats, ModelConfig
 from mmfree_fpga.errors import UserError
 from mmfree_fpga.image import image_layout, image_size
 
@@ -52,13 +53,16 @@ def checkpoint(tmp_path_factory):
     return save_checkpoint(random_model(SMALL), tmp_path_factory.mktemp("ckpt") / "small")
 
 
-def fake_image(directory: Path, cfg: ModelConfig, packing: str = "base3") -> Path:
+def fake_image(directory: Path, cfg: ModelConfig, packing: str = "base3", fmt: Formats | None = None) -> Path:
     """An export's manifest.json for ``cfg`` (sizes from the image layout; no weights.bin): what
-    the size check reads, without the weights of a large model."""
+    the size check reads, without the weights of a large model. ``fmt``: exported in these
+    number formats (the manifest names them); None: the narrow set, unnamed."""
     directory.mkdir(parents=True)
-    manifest = {"geometry": cfg.as_dict(), "packing": packing, "bytes": image_size(cfg, packing),
-                "sha256": "0" * 64,
-                "sections": [{"name": s.name, "kind": s.kind, "size": s.size} for s in image_layout(cfg, packing)]}
+    layout = image_layout(cfg, packing, fmt or FORMATS)
+    manifest = {"geometry": cfg.as_dict(), "packing": packing, "bytes": image_size(cfg, packing, fmt or FORMATS),
+                "sha256": "0" * 64, "sections": [{"name": s.name, "kind": s.kind, "size": s.size} for s in layout]}
+    if fmt is not None:
+        manifest["formats"] = asdict(fmt)
     (directory / "manifest.json").write_text(json.dumps(manifest))
     return directory
 
@@ -258,6 +262,65 @@ def test_build_with_dram_accepts_an_image_beyond_block_ram(tmp_path, capsys, cac
     s = summary(MEDIUM)
     assert p.fit["needed_bytes"] == s.image_bytes and p.fit["available_bytes"] == SDRAM_BYTES
     assert p.lanes == 16 and p.dram.size_bytes == SDRAM_BYTES
+
+
+# -- the wide number formats -------------------------------------------------------------------------
+
+def test_build_dram_wide_formats_gets_to_synthesis(tmp_path, capsys, cache, monkeypatch):
+    """``build --memory dram --formats wide``: the demo's wide image checked against the SDRAM, the
+    board top with the wide engine elaborated and extracted, the build at Yosys's stage (stopped
+    there: no tool runs here)."""
+    from mmfree_fpga.boards import build as board_build
+    from mmfree_fpga.config import FORMAT_SETS
+    from mmfree_fpga.reference.checkpoint import DEMO_CHECKPOINT
+    seen = {}
+
+    def stop(prepared, tools, build_dir, env, quiet):
+        seen.update(prepared=prepared, files={f.name for f in build_dir.iterdir()},
+                    first=board_build._stages(prepared, tools)[0][0])
+        raise UserError("stopped before synthesis")
+
+    monkeypatch.setattr(board_build, "_run_stages", stop)
+    out = tmp_path / "o"
+    rc = main(["build", "--board", "ulx3s-85f", "--memory", "dram", "--formats", "wide", "--out", str(out), "--quiet"])
+    assert rc == 2 and "stopped before synthesis" in one_line_error(capsys)
+    p = seen["prepared"]
+    assert {"top.il", "top.ys", "top.lpf", f"{p.dram.name}.v"} <= seen["files"] and seen["first"] == "yosys"
+    wide = FORMAT_SETS["wide"]
+    cfg = ModelConfig.from_checkpoint(DEMO_CHECKPOINT)
+    assert p.memory == "dram" and p.context.formats == wide and p.lanes == 16
+    assert p.fit["needed_bytes"] == image_size(cfg, "base3", wide) > image_size(cfg, "base3")
+    assert p.fit["on_chip_bytes"] == cfg.L * cfg.d * wide.x_bits // 8
+    assert not out.exists()
+
+
+def test_ecpix5_dram_design_takes_the_wide_formats(checkpoint, tmp_path, cache):
+    """The ECPIX-5's DDR3 design in the wide formats: the DramEngine's core computes in them, the
+    Link's image (load and read-back length) is the wide one; a 370M-geometry image exported in the
+    wide set (192 MiB: int32 embedding mantissas, norms and lower bounds) fits the 512 MiB."""
+    from mmfree_fpga.boards.budget import image_summary
+    from mmfree_fpga.boards.designs import linked_engine
+    from mmfree_fpga.hw.dram_engine import DramEngine
+    wide = FORMAT_SETS["wide"]
+    factory = linked_engine()
+    seen = []
+
+    def spy(context):
+        seen.append(factory(context))
+        return seen[-1]
+
+    p = prepare("ecpix5-85f", checkpoint=checkpoint, memory="dram", formats="wide", design=spy)
+    (design,) = seen
+    linked = design.design
+    assert isinstance(linked.engine, DramEngine) and linked.engine.core.formats == wide
+    assert linked.link.image_bytes == image_size(SMALL, "base3", wide) == p.fit["needed_bytes"]
+
+    big = PUBLISHED["370M"]
+    image = fake_image(tmp_path / "370m-wide", big, fmt=wide)
+    fit = check_fits_dram(image_summary(image, fmt=wide), dram_budget(ECPIX5), None, "ecpix5-85f")
+    assert fit["needed_bytes"] == image_size(big, "base3", wide) > 190 * 2 ** 20 and fit["percent"] == 37.4
+    with pytest.raises(UserError, match="other number formats"):
+        image_summary(image)
 
 
 # -- errors ------------------------------------------------------------------------------------------

@@ -14,6 +14,10 @@
   and read-back logits equal ``reference --integer``; the weight stream keeps the native port
   busy (``dram_efficiency``). The demo in the default suite, a random 1.3 MB model (larger than
   the ULX3S's block RAM) as ``slow``; both share one simulator build (``DRAM_BUILD_FLOOR``).
+* The wide number formats (issue 21) from DRAM: the demo's wide image (int32 norms, lower bounds
+  and embedding mantissas) loaded into the simulated SDRAM, every logit of every step read back
+  and equal to ``reference --integer --formats wide`` (its own simulator build, shared with
+  ``sim --memory sdram --formats wide``); the DDR3 the same way as ``slow``.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import pytest
 from amaranth.sim import Simulator
 
 from mmfree_fpga.cli import main
-from mmfree_fpga.config import ModelConfig
+from mmfree_fpga.config import FORMAT_SETS, PERF_MODEL, ModelConfig
 from mmfree_fpga.hw.control import EngineOp
 from mmfree_fpga.hw.dram_engine import DramEngine
 from mmfree_fpga.reference.checkpoint import DEMO_CHECKPOINT, save_checkpoint
@@ -35,6 +39,7 @@ from mmfree_fpga.sim.engine_sim import DRAM_BUILD_FLOOR, default_build, load_ima
 
 from conftest import random_model
 from test_engine import _check as check_tokens
+from test_engine_formats import _check as check_tokens_in
 
 TINY = ModelConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, intermediate_size=64)
 READ_BACK = (0, 1, 37)
@@ -229,6 +234,50 @@ def test_sim_command_memory_sdram_rejects(capsys):
     for extra in (["--simulator", "amaranth"], ["--synthetic"], ["--stall-rate", "0.1"], ["--mem-latency", "5"]):
         assert main(["sim", "--memory", "sdram", "--steps", "1", "--quiet", *extra]) == 2
         assert "--memory sdram" in capsys.readouterr().err
+
+
+# -- the wide number formats from DRAM ---------------------------------------------------------------
+
+def _wide_demo():
+    from mmfree_fpga.image import image_size
+    cfg, blob = load_image(DEMO_CHECKPOINT, "base3", "wide")
+    # int32 norms, lower bounds and embedding mantissas: the image the DRAM holds is the wide one
+    assert len(blob) == image_size(cfg, "base3", FORMAT_SETS["wide"]) > image_size(cfg, "base3")
+    return cfg, blob
+
+
+@pytest.mark.parametrize("memory", ["sdram", pytest.param("ddr3", marks=pytest.mark.slow)])
+def test_engine_dram_wide_formats_with_command_stalls(memory):
+    """The demo in the wide formats from DRAM, with random idle cycles before every command and
+    load byte: the tokens and every logit of every step (read back through ``logit_req``, Q16
+    on the interface) equal the wide integer model's; the whole wide image was loaded."""
+    _needs_dram_cosim()
+    cfg, blob = _wide_demo()
+    prompt = [int(v) for v in np.random.default_rng(12).integers(0, cfg.V, 3)]
+    run = run_engine(cfg=cfg, blob=blob, packing="base3", lanes=16, prompt=prompt, steps=3, memory=memory,
+                     formats="wide", cmd_stall_rate=0.3, seed=6, read_logits=tuple(range(cfg.V)), progress=False)
+    check_tokens_in(cfg, blob, "base3", prompt, 3, run, "wide")
+    assert all(len(got) == cfg.V for got in run.read_logits.values()) and len(run.read_logits) == len(run.cycles)
+    assert run.memory == memory and run.dram["load_bytes"] == len(blob)
+    assert run.dram["efficiency"] >= EFFICIENCY_BOUND, run.dram
+    # every token streams the wide image but the embedding table (the performance model's count,
+    # to the beat rounding of each request)
+    per_token = run.dram["weight_bytes"] / len(run.cycles)
+    assert per_token == pytest.approx(PERF_MODEL.bytes_per_token(cfg, "base3", FORMAT_SETS["wide"]), rel=1e-3)
+    assert per_token > 1.05 * PERF_MODEL.bytes_per_token(cfg, "base3")
+
+
+def test_sim_command_memory_sdram_wide_formats(tmp_path):
+    """``sim --memory sdram --formats wide``: the wide image exported, loaded into the SDRAM and
+    run; the tokens of ``reference --integer --formats wide`` (the build of the test above)."""
+    _needs_dram_cosim()
+    out = tmp_path / "sim.json"
+    assert main(["sim", "--memory", "sdram", "--formats", "wide", "--prompt", "de", "--steps", "2", "--quiet",
+                 "--json-out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["memory"] == "sdram" and r["formats"] == "wide" and r["matches_integer_model"] is True
+    assert r["tokens"][:2] == list(b"de") and len(r["tokens"]) == 4
+    assert r["dram"]["load_bytes"] == len(_wide_demo()[1])
 
 
 @pytest.mark.slow

@@ -67,6 +67,29 @@ def test_serve_memory_sdram_runs_the_demo_bit_exact(tmp_path, capsys):
         capsys.readouterr()
 
 
+def test_serve_memory_sdram_wide_formats_verifies_and_runs_the_demo(tmp_path, capsys):
+    """``serve --memory sdram --formats wide``: the host exports the demo in the formats the device
+    announces, uploads the wide image into the simulated SDRAM, has it read back from there
+    (VERIFY_IMAGE: the Link's read-back as long as the wide image) and generates the tokens of
+    ``reference --integer --formats wide``."""
+    from mmfree_fpga.config import FORMAT_SETS
+    from mmfree_fpga.image import image_size
+    _needs_dram_cosim()
+    cfg = ModelConfig.from_checkpoint(DEMO_CHECKPOINT)
+    with serve_child(["--memory", "sdram", "--formats", "wide", "--checkpoint", str(DEMO_CHECKPOINT)],
+                     url_timeout=900) as (url, child_out):
+        assert "simulated SDRAM" in child_out.line(timeout=10)
+        out = tmp_path / "run.json"
+        prompt = "def"
+        want = reference_tokens(DEMO_CHECKPOINT, list(prompt.encode()), 4, formats="wide")
+        assert main(["run", "--device", url, "--checkpoint", str(DEMO_CHECKPOINT), "--prompt", prompt,
+                     "--steps", "4", "--verify", "--quiet", "--json-out", str(out)]) == 0
+        r = json.loads(out.read_text())
+        assert r["loaded_weights"] is True and r["verified"] is True and r["tokens"] == want
+        assert r["link"]["image_bytes_sent"] == image_size(cfg, "base3", FORMAT_SETS["wide"])
+        capsys.readouterr()
+
+
 @pytest.mark.slow
 def test_driver_loads_a_model_larger_than_block_ram_into_the_sdram(tmp_path):
     """A random-weight model of 1.36 MB (more than the ULX3S's 420 KB of block RAM): the driver

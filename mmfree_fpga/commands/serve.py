@@ -83,8 +83,6 @@ def run(args) -> dict:
     if args.memory != "bram" and args.backend != "rtl":
         raise UserError(f"--memory {args.memory} simulates the engine's DRAM in the generated Verilog: it needs "
                         f"--backend rtl (the {args.backend} backend has no memory type)")
-    if args.formats != "narrow" and args.memory != "bram":
-        raise UserError(f"--memory {args.memory} runs the narrow formats only; drop --formats {args.formats}")
     if args.checkpoint is None:      # (imported only here: it brings torch, which serving does not need)
         from mmfree_fpga.reference.checkpoint import DEMO_CHECKPOINT
     checkpoint = args.checkpoint or DEMO_CHECKPOINT

@@ -70,8 +70,6 @@ def run(args) -> dict:
         if args.synthetic:
             raise UserError(f"--memory {args.memory} needs real weights (they are loaded into the DRAM); "
                             "drop --synthetic")
-        if args.formats != "narrow":
-            raise UserError(f"--memory {args.memory} runs the narrow formats only; drop --formats {args.formats}")
         if args.stall_rate or args.mem_bandwidth or args.mem_latency != 1:
             raise UserError("--stall-rate, --mem-bandwidth and --mem-latency set the block-RAM memory model; "
                             f"with --memory {args.memory} LiteDRAM's SDRAM model sets the timing")
