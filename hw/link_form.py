@@ -167,13 +167,15 @@ class SmallForm(LinkForm):
         return take_r | jump_r
 
     def ready_byte(self, m, b, moved):
-        # got, and the CRCs done with the previous byte: registered (so no path runs through
-        # the CRCs' count and the parser's states into rp), so cleared after a cycle that moved
-        # the parse position (and not ready in the cycle after it was: the byte may have been
-        # taken; a byte that was not is ready again two cycles later)
+        # got, and the CRCs done with the previous byte: a register and nothing else (no path
+        # runs through the CRCs' count and the parser's states into rp, and none from the
+        # position's move registers into the parser's decisions). Not set in a cycle that moves
+        # the parse position or follows one (a take needs ready_r, which clears it anyway; a jump
+        # (rescan) may come without), nor in the cycle after it was set: the byte may have been
+        # taken; a byte that was not is ready again two cycles later.
         ready_r = Signal()
-        m.d.sync += ready_r.eq(b.got & ~b.feeding & ~moved & ~ready_r)
-        return ready_r & ~moved
+        m.d.sync += ready_r.eq(b.got & ~b.feeding & ~moved & ~ready_r & ~b.jump)
+        return ready_r
 
     def header_compare(self, m, b):
         # compared as the byte is registered (the CRC is final then: done() waits a cycle after

@@ -203,15 +203,20 @@ class TinyALU(wiring.Component):
         m.d.sync += prod.eq(A[:32].as_signed() * xm)
         # sigmoid interval of A; it, and A saturated to int32, are registered every cycle: the ops
         # that take them (SIGP, SAT) hold A in the cycle before EXEC, so they see their own A (and
-        # A's comparison trees stay off the path into A's own enable)
+        # A's comparison trees stay off the path into A's own enable). The interval's range tests
+        # (reductions over A's upper bits) are registered a cycle earlier still: A holds its value
+        # from DECODE on and EXEC comes two cycles later at the earliest (DECODE, ISSUE, EXEC), so
+        # the tests, the interval and SIGP all see the same A
         frac_bits = sig_frac_bits(fmt)
         n_tab = 1 << fmt.sig_table_log2
         hi_bit = frac_bits + fmt.sig_table_log2 - 1          # |y| >= 2^hi_bit is outside the table
         upper = A[hi_bit:]
+        below, above = Signal(), Signal()
+        m.d.sync += [below.eq(a_neg & ~upper.all()), above.eq(~a_neg & upper.any())]
         sig_frac = Signal(frac_bits + 1)
-        with m.If(a_neg & ~upper.all()):
+        with m.If(below):
             m.d.sync += [self.sig_idx.eq(0), sig_frac.eq(0)]
-        with m.Elif(~a_neg & upper.any()):
+        with m.Elif(above):
             m.d.sync += [self.sig_idx.eq(n_tab - 1), sig_frac.eq(1 << frac_bits)]
         with m.Else():
             m.d.sync += [self.sig_idx.eq(A[frac_bits:hi_bit + 1] ^ (n_tab // 2)), sig_frac.eq(A[:frac_bits])]
