@@ -67,17 +67,20 @@ def linked_engine(*, lanes: int | None = None, preload: bool | None = None, slot
     (``context.image``), not its weights.
 
     ``slots``: state slots (protocol 1.2's slice ops, layer-pipelined runs over several boards;
-    ``LinkedEngine(slots=...)``); 0, the default, builds none. The block-RAM engine only.
+    ``LinkedEngine(slots=...)``); 0, the default, builds none. With either memory (a slice image
+    goes into the DRAM as a whole image would); not the tiny engine, not the wide formats.
     """
     from mmfree_fpga.hw.engine import check_geometry
     from mmfree_fpga.hw.linked_engine import LinkedEngine
 
     def factory(context: DesignContext):
-        if slots and (context.memory == "dram" or context.family in TINY_FAMILIES):
-            raise UserError("--slots needs the block-RAM engine: the tiny engine (iCE40) and the DRAM engine "
-                            "have no state slots")
+        if slots and context.family in TINY_FAMILIES:
+            raise UserError(f"--slots needs the block-RAM engine or the DRAM engine: the {context.family} build "
+                            "runs the tiny engine, which has no state slots")
+        if slots and context.formats.x_bits != 32:
+            raise UserError("--slots needs the narrow formats: the slice ops carry int32 residuals")
         if context.memory == "dram":
-            return _dram_engine(context, lanes, preload)
+            return _dram_engine(context, lanes, preload, slots)
         packing = context.image.packing if context.image is not None else None
         image = weight_image(context.checkpoint, packing, context.formats)
         tiny = context.family in TINY_FAMILIES
@@ -117,7 +120,7 @@ def linked_engine(*, lanes: int | None = None, preload: bool | None = None, slot
 DRAM_EFFICIENCY_BOUND = 0.9
 
 
-def _dram_engine(context: DesignContext, lanes: int | None, preload: bool | None):
+def _dram_engine(context: DesignContext, lanes: int | None, preload: bool | None, slots: int = 0):
     """The engine with its weights in the board's DRAM (see :func:`linked_engine`)."""
     from mmfree_fpga.config import ModelConfig
     from mmfree_fpga.hw.engine import check_geometry
@@ -147,7 +150,7 @@ def _dram_engine(context: DesignContext, lanes: int | None, preload: bool | None
     step_ms = max(1, int(-(-cycles * 1000 // context.clock_hz)))
     engine = LinkedEngine(cfg, lanes=n, packing=packing, clk_freq=context.clock_hz, step_time_ms=step_ms,
                           memory=kind, native_data_width=core.data_width, native_address_width=core.address_width,
-                          formats=context.formats)
+                          formats=context.formats, slots=slots)
     return DramBoardDesign(engine, core)
 
 

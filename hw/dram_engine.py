@@ -23,6 +23,12 @@ waiting. A beat left partly written (an image whose size is not a multiple of ``
 is written, zero-padded, before the next command is accepted, and rewritten when more bytes
 complete it, so the DRAM holds exactly what :class:`~.engine.Engine`'s store would.
 
+State slots (``slots``, 0 by default): the core's layer slices and state slots
+(:mod:`.engine`, "Layer slices and state slots"; protocol 1.2's slice ops). A slice image goes
+into the DRAM as a whole image does, through ``load`` from byte 0, and the engine reads it at the
+addresses its ``SET_PARAM`` parameters give; the ``residual`` input buffer and the output buffer
+are the core's, on chip. Nothing else of this component changes with them.
+
 Commands wait (``cmd.ready`` low) until ``init_done`` and until every loaded beat has been
 handed to the native port's command register: reads of a token can then never overtake the
 image's last writes (the adapter gives reads priority for the command slot, and LiteDRAM keeps
@@ -38,7 +44,7 @@ from amaranth.lib.wiring import In, Out
 from mmfree_fpga.config import FORMATS, Formats, ModelConfig
 from mmfree_fpga.packing import PACKINGS
 
-from .control import ControlSignature, EngineOp
+from .control import ControlSignature, EngineOp, residual_layout
 from .dram_port import DramWeightPort, dram_write_layout, native_port_signature
 from .engine import EngineCore
 from .weight_port import ADDR_BITS, ReadbackSignature, WeightReader
@@ -51,7 +57,7 @@ class DramEngine(wiring.Component):
 
     Parameters
     ----------
-    cfg, lanes, packing, packings, compact, max_d, max_I, max_L, max_V
+    cfg, lanes, packing, packings, compact, max_d, max_I, max_L, max_V, slots
         As for :class:`~.engine.EngineCore`.
     formats : Formats
         The number formats, as for :class:`~.engine.EngineCore`: the arithmetic and the image
@@ -81,6 +87,8 @@ class DramEngine(wiring.Component):
         To the LiteDRAM core's native user port (``user_port_<name>`` for member ``<name>``).
     init_done : In(1)
         The core's ``init_done``: its init sequence has run.
+    residual : In(stream.Signature(residual_layout(max_d, formats))), only with ``slots``
+        The core's input buffer (:class:`~.engine.EngineCore`'s ``residual``).
     readback : Out(ReadbackSignature()), only with ``readback=True``
         The stored image read back (:class:`~.weight_port.ReadbackSignature`).
     probe : Out(...), only with ``probe=True``
@@ -99,8 +107,10 @@ class DramEngine(wiring.Component):
 
     def __init__(self, cfg: ModelConfig, *, lanes: int = 16, packing: str = "base3", packings=PACKINGS,
                  native_data_width: int, native_address_width: int, fifo_depth: int = 32,
-                 probe: bool = False, readback: bool = False, formats: Formats = FORMATS, **maxima):
-        self.core = EngineCore(cfg, lanes=lanes, packing=packing, packings=packings, formats=formats, **maxima)
+                 probe: bool = False, readback: bool = False, formats: Formats = FORMATS, slots: int = 0,
+                 **maxima):
+        self.core = EngineCore(cfg, lanes=lanes, packing=packing, packings=packings, formats=formats, slots=slots,
+                               **maxima)
         wb = self.core.beat_bytes
         self.reader = WeightReader(beat_bytes=wb) if readback else None
         self.adapter = DramWeightPort(beat_bytes=wb, data_width=native_data_width,
@@ -118,6 +128,8 @@ class DramEngine(wiring.Component):
                 "beat_taken": Out(1), "beat_ready": Out(1)}))
         if readback:
             members["readback"] = Out(ReadbackSignature())
+        if slots:
+            members["residual"] = In(stream.Signature(residual_layout(self.core.max_d, formats)))
         super().__init__(members)
 
     @property
@@ -143,6 +155,8 @@ class DramEngine(wiring.Component):
         wiring.connect(m, wiring.flipped(self.logit_req), core.logit_req)
         wiring.connect(m, core.logit_resp, wiring.flipped(self.logit_resp))
         wiring.connect(m, core.trace, wiring.flipped(self.trace))
+        if self.core.slots:
+            wiring.connect(m, wiring.flipped(self.residual), core.residual)
 
         drained = self._loader(m, adapter.write)
         open_ = self.init_done & drained

@@ -31,8 +31,11 @@ A DRAM starts without weights: ``image`` is refused.
 
 State slots (``slots``, 0 by default): the Link and the engine both get them (``Link(slots=...)``,
 ``EngineCore(slots=...)``): protocol 1.2's slice ops, the Link's ``residual`` writes into the
-engine's input buffer. Only the block-RAM engine has them; the tiny engine (iCE40) and the DRAM
-engine answer the slice ops UNKNOWN_OP.
+engine's input buffer. The block-RAM and the DRAM engine have them (with ``memory="sdram"`` a
+LOAD_SLICE's image goes into the DRAM through the same ``load`` as a whole image, and VERIFY_IMAGE
+reads back the loaded slice image's bytes from it); the tiny engine (iCE40) has none (its Link's
+small form answers the slice ops UNKNOWN_OP). Slots need the narrow formats (the Link carries
+int32 residuals).
 
 Read-back (``readback``, the default except with ``tiny``): the engine's ``readback`` member
 (a :class:`~.weight_port.WeightReader` in front of its weight memory or its DRAM adapter) is
@@ -101,8 +104,8 @@ class LinkedEngine(wiring.Component):
                              "load (leave out image)")
         if tiny and formats != FORMATS:
             raise ValueError("the tiny engine computes in the narrow formats only")
-        if slots and (tiny or memory != "bram"):
-            raise ValueError("state slots (the slice ops) need the block-RAM engine: tiny=False, memory='bram'")
+        if slots and tiny:
+            raise ValueError("the tiny engine has no state slots (the slice ops): slots needs tiny=False")
         readback = not tiny if readback is None else readback
         if tiny and readback:
             raise ValueError("the tiny engine cannot read its weights back: readback needs tiny=False")
@@ -119,7 +122,7 @@ class LinkedEngine(wiring.Component):
         elif memory == "sdram":
             from .dram_engine import DramEngine
             self.engine = DramEngine(cfg, lanes=lanes, packing=packing, readback=readback, formats=formats,
-                                     **engine_kw)
+                                     slots=slots, **engine_kw)
         else:
             self.engine = Engine(cfg, lanes=lanes, packing=packing, image=image, readback=readback, formats=formats,
                                  slots=slots, **engine_kw)

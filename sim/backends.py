@@ -116,7 +116,8 @@ class RtlBackend:
     with the engine simulations' builds). The image the host uploads goes through the Link's
     ``load`` into the simulated SDRAM; the engine takes commands once the core's init sequence
     has run (the first bytes wait for it). UserError if the model's image does not fit the
-    SDRAM. A power cycle empties the SDRAM."""
+    SDRAM. A power cycle empties the SDRAM. ``slots``: state slots (protocol 1.2's slice ops) in
+    either memory; a slice image goes where a whole image would."""
 
     def __init__(self, cfg: ModelConfig, packing: str = "base3", lanes: int = 16, build_dir=None, log=None,
                  waves=None, waves_from: int = 0, waves_to: int | None = None, memory: str = "bram",
@@ -129,8 +130,8 @@ class RtlBackend:
         from .pipe import PIPE_CLOCK_HZ, PipeSim, build_pipe_sim
         if memory not in MEMORIES:
             raise UserError(f"unknown memory {memory!r}; use one of {', '.join(MEMORIES)}")
-        if slots and memory != "bram":
-            raise UserError(f"--slots needs the block-RAM engine: --memory {memory} has no state slots")
+        if slots and formats.x_bits != 32:
+            raise UserError("--slots needs the narrow formats: the slice ops carry int32 residuals")
         settings = [cfg.as_dict(), packing, lanes] + ([] if formats == FORMATS else [formats.as_dict()])
         if slots:
             settings.append({"slots": slots})
@@ -148,7 +149,7 @@ class RtlBackend:
                 raise UserError(f"the weight image ({size:,} bytes) does not fit the simulated {memory} "
                                 f"({core.size_bytes:,} bytes)")
             design = DramLinkedSimTop(core, cfg, lanes=lanes, packing=packing, clk_freq=PIPE_CLOCK_HZ,
-                                      formats=formats,
+                                      formats=formats, slots=slots,
                                       step_time_ms=dram_step_time_ms(cfg, packing, lanes, core.peak_bytes_per_cycle,
                                                                      formats))
             sources = [core.verilog]

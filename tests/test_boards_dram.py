@@ -294,6 +294,53 @@ def test_build_dram_wide_formats_gets_to_synthesis(tmp_path, capsys, cache, monk
     assert not out.exists()
 
 
+def test_build_dram_with_slots_gets_to_synthesis(checkpoint, tmp_path, capsys, cache, monkeypatch):
+    """``build --memory dram --slots 2`` for the ULX3S: the design is the DramEngine with state slots
+    behind a Link with the slice ops (the slice images go into the SDRAM), elaborated and extracted;
+    the build at Yosys's stage (stopped there: no tool runs here). The wide formats are refused
+    with slots (the Link's slice ops carry int32 residuals)."""
+    from mmfree_fpga.boards import build as board_build
+    from mmfree_fpga.boards import designs
+    from mmfree_fpga.hw.dram_engine import DramEngine
+    seen = {}
+    made = []
+    real_factory = designs.design_factory
+
+    def spy_factory(name, **kw):
+        factory = real_factory(name, **kw)
+
+        def spy(context):
+            made.append(factory(context))
+            return made[-1]
+        spy.__dict__.update(factory.__dict__)
+        return spy
+
+    def stop(prepared, tools, build_dir, env, quiet):
+        seen.update(prepared=prepared, files={f.name for f in build_dir.iterdir()},
+                    first=board_build._stages(prepared, tools)[0][0], il=(build_dir / "top.il").read_text())
+        raise UserError("stopped before synthesis")
+
+    monkeypatch.setattr(designs, "design_factory", spy_factory)
+    monkeypatch.setattr(board_build, "_run_stages", stop)
+    out = tmp_path / "o"
+    rc = main(["build", "--board", "ulx3s-85f", "--memory", "dram", "--slots", "2", "--checkpoint", str(checkpoint),
+               "--out", str(out), "--quiet"])
+    assert rc == 2 and "stopped before synthesis" in one_line_error(capsys)
+    p = seen["prepared"]
+    assert {"top.il", "top.ys", "top.lpf", f"{p.dram.name}.v"} <= seen["files"] and seen["first"] == "yosys"
+    assert p.memory == "dram" and p.fit["needed_bytes"] == image_size(SMALL, "base3")
+    (design,) = made
+    linked = design.design
+    assert isinstance(design, DramBoardDesign) and isinstance(linked.engine, DramEngine)
+    assert linked.slots == linked.link.slots == linked.engine.core.slots == 2
+    assert "residual" in linked.engine.signature.members and "residual__valid" in seen["il"]
+    assert not out.exists()
+
+    rc = main(["build", "--board", "ulx3s-85f", "--memory", "dram", "--slots", "2", "--formats", "wide",
+               "--checkpoint", str(checkpoint), "--out", str(out), "--quiet"])
+    assert rc == 2 and "--slots needs the narrow formats" in one_line_error(capsys)
+
+
 def test_ecpix5_dram_design_takes_the_wide_formats(checkpoint, tmp_path, cache):
     """The ECPIX-5's DDR3 design in the wide formats: the DramEngine's core computes in them, the
     Link's image (load and read-back length) is the wide one; a 370M-geometry image exported in the

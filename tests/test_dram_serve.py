@@ -4,8 +4,10 @@ Verilator's pipe harness), driven by the host driver over TCP: the driver upload
 (LOAD_BEGIN/CHUNK/COMMIT, through the Link's load stream into the DRAM) and streams tokens
 equal to ``reference --integer``.
 
-The demo model runs in the default suite (one Verilator build, about 45 s); a random model of
-1.36 MB, larger than the ULX3S's block RAM, is ``slow``.
+The demo model runs in the default suite (one Verilator build, about 45 s), and so do two such
+devices with state slots running a random 4-layer model in two layer slices (protocol 1.2's slice
+ops, each slice image in its device's SDRAM; another build, about 55 s); a random model of 1.36 MB,
+larger than the ULX3S's block RAM, is ``slow``.
 """
 
 import json
@@ -138,3 +140,94 @@ def test_serve_memory_ddr3_runs_the_demo_bit_exact(tmp_path):
     finally:
         server.stop()
         backend.close()
+
+
+# -- layer slices with the weights in DRAM (protocol 1.2's slice ops in the DramEngine's design) -------
+
+# d and I multiples of the engine's 16 lanes; 4 layers: 2 per device
+SLICED = ModelConfig(vocab_size=64, hidden_size=32, num_hidden_layers=4, intermediate_size=64)
+
+
+def test_dram_design_with_slots_has_the_slice_ops():
+    """``LinkedEngine(memory="sdram", slots=2)``: the Link with the slice ops, the DramEngine's core
+    with the slots and its ``residual`` input buffer; the wide formats (int64-sized residuals) and
+    the tiny engine are refused."""
+    from amaranth.back import rtlil
+    from mmfree_fpga.config import FORMAT_SETS
+    from mmfree_fpga.errors import UserError
+    from mmfree_fpga.hw.dram_engine import DramEngine
+    from mmfree_fpga.hw.linked_engine import LinkedEngine
+    from mmfree_fpga.sim.backends import make_backend
+    linked = LinkedEngine(SLICED, memory="sdram", slots=2, native_data_width=16, native_address_width=24)
+    assert isinstance(linked.engine, DramEngine) and linked.engine.core.slots == 2 and linked.link.slots == 2
+    assert "residual" in linked.engine.signature.members
+    rtlil.convert(linked)       # elaborates, the residual stream and all
+    plain = DramEngine(SLICED, native_data_width=16, native_address_width=24)
+    assert plain.core.slots == 0 and "residual" not in plain.signature.members
+    with pytest.raises(ValueError, match="int32"):
+        LinkedEngine(SLICED, memory="sdram", slots=2, native_data_width=16, native_address_width=24,
+                     formats=FORMAT_SETS["wide"])
+    with pytest.raises(UserError, match="--slots needs the narrow formats"):
+        make_backend("rtl", SLICED, "base3", None, memory="sdram", slots=2, formats=FORMAT_SETS["wide"])
+
+
+# (the first time: a Verilator build of the DRAM design with slots, cached in ./out; about 55 s in all
+# with the SDRAM; the ECPIX-5's DDR3 is slow)
+@pytest.mark.parametrize("memory", ["sdram", pytest.param("ddr3", marks=pytest.mark.slow)])
+def test_run_over_two_dram_serve_processes_with_slots_equals_integer_model(memory, tmp_path):
+    """``serve --backend rtl --memory sdram --slots 2`` twice (or ``--memory ddr3``): each device's
+    slice image goes through the Link's load into its simulated DRAM (LOAD_SLICE, LOAD_CHUNK,
+    LOAD_COMMIT, then the slice's parameters by SET_PARAM), ``run --device A,B --verify`` has each
+    read its slice back from there (VERIFY_IMAGE over the slice image's length), and with two
+    prompts in flight the tokens are the integer model's."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from mmfree_fpga.host.testing import random_checkpoint
+    from mmfree_fpga.image_slice import Slice, slice_image_size
+    from mmfree_fpga.sim.backends import make_backend
+    _needs_dram_cosim()
+    ckpt = random_checkpoint(tmp_path / "ckpt", SLICED, seed=4)
+    # the build once, cached in ./out, before two processes would build the same design
+    make_backend("rtl", SLICED, "base3", None, lanes=16, memory=memory, slots=2).close()
+    procs = [subprocess.Popen([sys.executable, "-m", "mmfree_fpga.cli", "serve", "--backend", "rtl", "--memory", memory,
+                               "--slots", "2", "--port", "0", "--checkpoint", str(ckpt)],
+                              env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+             for _ in range(2)]
+    try:
+        urls = []
+        for proc in procs:
+            for line in proc.stdout:
+                found = re.search(r"socket://127\.0\.0\.1:\d+", line)
+                if found:
+                    urls.append(found.group(0))
+                    break
+        assert len(urls) == 2, "a serve child printed no URL"
+        prompts = [[5, 6, 7], [9]]
+        out = tmp_path / "run.json"
+        # (the DDR3's simulated init and read levelling outlast the adaptive first IDENTIFYs' 2.5 s)
+        wait = ["--timeout", "20"] if memory == "ddr3" else []
+        assert main(["run", "--device", ",".join(urls), "--checkpoint", str(ckpt), "--prompt-ids", "5,6,7;9",
+                     "--steps", "5", "--verify", "--quiet", "--json-out", str(out), *wait]) == 0
+        r = json.loads(out.read_text())
+        assert r["tokens"] == [reference_tokens(ckpt, p, 5) for p in prompts]
+        assert len(r["devices"]) == 2 and r["devices"][0]["embedding"] and r["devices"][-1]["head"]
+        assert r["verified"] is True
+        for d in r["devices"]:      # each loaded its slice image (LOAD_SLICE's size) into its SDRAM
+            sl = Slice(d["first_layer"], d["end_layer"], d["embedding"], d["head"])
+            assert d["loaded_weights"] is True and d["slots"] == 2
+            assert d["image_bytes"] == d["link"]["image_bytes_sent"] == slice_image_size(SLICED, "base3", sl)
+        assert [d["end_layer"] - d["first_layer"] for d in r["devices"]] != [0, SLICED.L]
+        feeds = sum(len(p) + 5 - 1 for p in prompts)
+        assert all(d["feeds"] == feeds and d["cycles"] > 1000 * feeds for d in r["devices"])
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            proc.stdout.close()

@@ -36,8 +36,9 @@ def add_arguments(p) -> None:
                         "ECP5 engines only): the image is sized and exported in them")
     p.add_argument("--slots", type=int_in(0, 255), default=0, metavar="N",
                    help="state slots of the engine (protocol 1.2's slice ops: the board can hold a layer slice "
-                        "in a run over several boards, N sequences in flight); default 0, none. The block-RAM "
-                        "engine only (not the iCE40's tiny engine, not --memory sdram/ddr3)")
+                        "in a run over several boards, N sequences in flight); default 0, none. Any --memory "
+                        "(with dram a slice image goes into the DRAM); not the iCE40's tiny engine, not --formats "
+                        "wide")
     p.add_argument("--packing", choices=("2bit", "base3"), default=None,
                    help="trit packing for the model size check (default base3, or that of an exported image)")
     p.add_argument("--seed", type=non_negative_int, default=None, metavar="N",
