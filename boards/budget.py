@@ -5,7 +5,10 @@ the recurrent state in on-chip RAM, so a model fits a board when the image plus 
 the device's block RAM (and SPRAM on iCE40 UltraPlus) left after the board top's own FIFOs.
 :func:`check_fits` refuses a model before synthesis, with needed and available bytes. With
 ``--memory dram`` (a board with a DRAM, :mod:`.dram`) the weight image goes to the DRAM and only
-the recurrent state stays on chip: :func:`check_fits_dram` checks both.
+the recurrent state stays on chip: :func:`check_fits_dram` checks both. With state slots as
+well (``--slots N``: the board holds a layer slice of a model split over several boards),
+:func:`check_fits_slices` asks the planner whether the model splits over boards of this kind
+instead of whether the whole image fits one.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from mmfree_fpga.config import FORMATS, Formats, ModelConfig
 from mmfree_fpga.errors import UserError
 
 __all__ = ["DeviceResources", "DEVICES", "device_resources", "ImageSummary", "image_summary",
-           "check_fits", "check_fits_dram", "MemoryBudget", "memory_budget"]
+           "check_fits", "check_fits_dram", "check_fits_slices", "MemoryBudget", "memory_budget"]
 
 
 @dataclass(frozen=True)
@@ -267,3 +270,56 @@ def check_fits_dram(summary: ImageSummary, dram, budget: MemoryBudget | None, bo
             "on_chip_bytes": summary.state_bytes,
             "on_chip_available_bytes": budget.available_bytes if budget is not None else None,
             "image": summary.as_dict()}
+
+
+def _model_name(cfg: ModelConfig) -> str | None:
+    """The published name of ``cfg``'s geometry (``370M``), or None."""
+    from mmfree_fpga.config import PUBLISHED
+    return next((name for name, c in PUBLISHED.items() if c.as_dict() == cfg.as_dict()), None)
+
+
+def check_fits_slices(summary: ImageSummary, dram, budget: MemoryBudget | None, board: str, *, slots: int,
+                      lanes: int, clock_hz: float | None = None) -> dict:
+    """The fit of an engine with ``slots`` state slots and its weights in DRAM: a board that holds
+    a layer slice of a model split over several boards of its kind.
+
+    On chip: the engine's recurrent state, ``slots`` copies of the whole model's (the engine is
+    built for the model's geometry, so every slot has room for all its layers), against
+    ``budget``. In DRAM: the whole image if it fits (:func:`check_fits_dram`'s dict, the split
+    then optional); else the planner's split over as few boards of this kind as hold it
+    (:func:`mmfree_fpga.planner.plan`: each slice's image in the DRAM), whose board count and
+    slices the dict reports (``split``). UserError with the sizes when the state does not fit, or
+    no split does (a single layer's slice beyond the DRAM)."""
+    from dataclasses import replace
+
+    from mmfree_fpga import planner
+    cfg = ModelConfig(**summary.geometry)
+    state = slots * summary.state_bytes
+    if budget is not None and state > budget.available_bytes:
+        raise UserError(
+            f"the recurrent state of {slots} state slots ({slots} x {summary.state_bytes:,} B = {state:,} B) does not "
+            f"fit the {board}'s on-chip RAM ({budget.text()}), even with the weights in DRAM; use fewer --slots "
+            "or a smaller model")
+    on_chip = {"on_chip_bytes": state, "on_chip_available_bytes": budget.available_bytes if budget else None,
+               "slots": slots}
+    if summary.image_bytes <= dram.size_bytes:
+        return {**check_fits_dram(summary, dram, budget, board), **on_chip}
+    name = _model_name(cfg)
+    try:
+        device = planner.device_spec(board, "dram", clock_hz)
+        # the build's own DRAM and on-chip budget (its UART FIFOs)
+        device = replace(device, weight_bytes=dram.size_bytes,
+                         state_bytes=budget.available_bytes if budget is not None else device.state_bytes)
+        split = planner.plan(cfg, summary.packing, device, lanes=lanes, model=name or "the model")
+    except ValueError as e:
+        raise UserError(f"the model does not fit the {board}'s DRAM, nor does it split over several: {e}") from None
+    source = f"--model {name}" if name else f"--checkpoint {summary.source}"
+    command = (f"mmfree-fpga plan {source} --board {board}" + (f" --lanes {lanes}" if lanes != 16 else "")
+               + (f" --packing {summary.packing}" if summary.packing != "base3" else ""))
+    largest = max(st.bytes for st in split.stages)
+    return {"memory": "dram", "needed_bytes": largest, "available_bytes": dram.size_bytes,
+            "percent": round(100 * largest / dram.size_bytes, 1), "dram": dram.text(),
+            "split": {"model": name or summary.source, "image_bytes": split.image_bytes, "boards": split.devices,
+                      "slices": [{"holds": st.layers_text, "bytes": st.bytes} for st in split.stages],
+                      "plan_command": command},
+            **on_chip, "image": summary.as_dict()}

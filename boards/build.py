@@ -30,7 +30,7 @@ from pathlib import Path
 from mmfree_fpga.config import FORMAT_SETS, FORMATS, Formats
 from mmfree_fpga.errors import UserError
 
-from .budget import ImageSummary, check_fits, check_fits_dram, image_summary, memory_budget
+from .budget import ImageSummary, check_fits, check_fits_dram, check_fits_slices, image_summary, memory_budget
 from .clocks import DDR_INIT_HZ, PLL_FAMILIES, Ecp5DdrClocking, SyncDomain, ecp5_pll
 from .designs import design_factory
 from .registry import Board, dram_boards, resolve_board
@@ -239,7 +239,9 @@ def prepare(board: str, *, clock_mhz: float | None = None, baud: int = DEFAULT_B
     (no tools run).
 
     ``memory``: ``"bram"`` (the weights in on-chip RAM) or ``"dram"`` (in the board's DRAM,
-    ``Board.dram``): the model's size is checked against that memory, the board's LiteDRAM
+    ``Board.dram``): the model's size is checked against that memory (with ``"dram"`` and a design
+    with state slots, ``design.slots``: whether the model splits over boards of this kind, each
+    holding a layer slice, :func:`~.budget.check_fits_slices`), the board's LiteDRAM
     core is generated for the design clock (default ``Board.dram_clock_hz``) and the design
     factory finds it in ``DesignContext.dram`` (:mod:`.dram`). ``formats``: the engine's number
     formats, a name of ``config.FORMAT_SETS`` (the image is sized and exported in them).
@@ -297,6 +299,7 @@ def prepare(board: str, *, clock_mhz: float | None = None, baud: int = DEFAULT_B
 
     if design is None:
         design = design_factory(spec.design)
+    slots = getattr(design, "slots", 0)      # the engine factory's state slots (designs.linked_engine)
     if fifo_depth is None:
         # the UART FIFOs' depth: the design's choice for this family, else the default
         fifo_depth = getattr(design, "uart_fifo_depth", lambda _family: DEFAULT_FIFO_DEPTH)(family)
@@ -318,7 +321,12 @@ def prepare(board: str, *, clock_mhz: float | None = None, baud: int = DEFAULT_B
         ckpt = Path(checkpoint) if checkpoint is not None else DEMO_CHECKPOINT
         limit = dram.size_bytes if memory == "dram" else budget.available_bytes if budget else None
         image = _image_summary(ckpt, packing, limit, Path(cache_dir) if cache_dir is not None else None, fmt)
-        if memory == "dram":
+        if memory == "dram" and slots:
+            # a board with state slots holds a slice of the model: does it split over boards of this kind?
+            from .designs import DEFAULT_LANES, FAMILY_LANES
+            lanes = getattr(design, "lanes", None) or FAMILY_LANES.get(family, DEFAULT_LANES)
+            fit = check_fits_slices(image, dram, budget, spec.name, slots=slots, lanes=lanes, clock_hz=clock_hz)
+        elif memory == "dram":
             fit = check_fits_dram(image, dram, budget, spec.name)
         elif budget is not None:
             fit = check_fits(image, budget, spec.name, dram)

@@ -150,7 +150,7 @@ def _dram_engine(context: DesignContext, lanes: int | None, preload: bool | None
     step_ms = max(1, int(-(-cycles * 1000 // context.clock_hz)))
     engine = LinkedEngine(cfg, lanes=n, packing=packing, clk_freq=context.clock_hz, step_time_ms=step_ms,
                           memory=kind, native_data_width=core.data_width, native_address_width=core.address_width,
-                          formats=context.formats, slots=slots)
+                          formats=context.formats, slots=slots, capacity=min(core.size_bytes, (1 << 32) - 1))
     return DramBoardDesign(engine, core)
 
 

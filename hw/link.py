@@ -103,9 +103,10 @@ Layer slices and state slots
 ----------------------------
 ``Link(..., slots=N)`` (the default form only; with ``EngineCore(slots=N)``, ``LinkedEngine(slots=N)``)
 executes protocol 1.2's slice ops as ``DeviceModel(slots=N)`` does, the same NAKs in the same
-order and the same replay: SLICE_INFO (``slots``, the loaded and the loading slice, capacity the
-whole image, 4-byte residual values), LOAD_SLICE (its image size from a table by layer count and
-parts), RESET_SLOT, WRITE_RESIDUAL (the values are forwarded from the ring like a chunk's, four
+order and the same replay: SLICE_INFO (``slots``, the loaded and the loading slice, ``capacity``:
+the whole image unless given, a DRAM engine's the DRAM's size; 4-byte residual values), LOAD_SLICE
+(its image size from a table by layer count and parts), RESET_SLOT, WRITE_RESIDUAL (the values
+are forwarded from the ring like a chunk's, four
 bytes each, into the engine's ``residual`` input buffer), FEED_SLOT (engine ``FEED_SLOT``; its
 ``cycles`` are the engine's count) and READ_OUTPUT (the output buffer through the logit port, as
 READ_LOGITS' logits). State: every slot's position (slot 0's is ``position``: FEED_TOKEN,
@@ -251,13 +252,20 @@ class Link(wiring.Component):
         State slots of the engine (``EngineCore(slots=...)``; the default form only): the slice
         ops of protocol 1.2 (module docstring, "Layer slices and state slots"). 0 (the default):
         none; they are answered UNKNOWN_OP and the netlist is that of a Link without them.
+    capacity : int or None
+        With slots: the largest image the engine's weight memory holds, SLICE_INFO's ``capacity``
+        (as ``DeviceModel(capacity=...)``); None: the whole image of ``cfg`` (block RAM sized for
+        it). A DRAM engine's is the DRAM's size, which may be smaller than the whole image: the
+        host then loads it a slice that fits (host/driver.py checks the slice against it; unlike
+        ``DeviceModel``, the Link does not NAK a LOAD_SLICE beyond it).
     """
 
     def __init__(self, cfg: ModelConfig, *, packing: str = "base3", lanes: int = 0,
                  max_payload: int = MAX_PAYLOAD, step_time_ms: int = 0, clk_freq: float = 12e6,
                  idle_timeout_cycles: int | None = None, boot_id: int | None = None,
                  image: bytes | None = None, small: bool = False, readback: bool = False,
-                 formats: Formats = FORMATS, memory_status: bool = False, slots: int = 0):
+                 formats: Formats = FORMATS, memory_status: bool = False, slots: int = 0,
+                 capacity: int | None = None):
         from mmfree_fpga.image import image_size
         if small and readback:
             raise ValueError("the Link's small form has no VERIFY_IMAGE: readback needs small=False")
@@ -284,6 +292,9 @@ class Link(wiring.Component):
         self.formats = formats
         self.memory_status = memory_status
         self.image_bytes = image_size(cfg, packing, formats)
+        self.capacity = self.image_bytes if capacity is None else capacity
+        if not 0 < self.capacity < 1 << 32:
+            raise ValueError(f"capacity must be in [1, 2^32) (SLICE_INFO's field), got {capacity}")
         self.idle_timeout_cycles = (max(1, round(FRAME_IDLE_TIMEOUT_S * clk_freq))
                                     if idle_timeout_cycles is None else idle_timeout_cycles)
         if self.idle_timeout_cycles < 1:
@@ -916,7 +927,7 @@ class Link(wiring.Component):
             PayloadKind.SLICE_INFO: pack(SLICE_INFO_RESPONSE, self.slots, Mux(loaded, st["slice_parts"], 0),
                                          Mux(loaded, st["slice_first"], 0), Mux(loaded, st["slice_end"], 0),
                                          Mux(loading, st["load_parts"], 0), Mux(loading, st["load_first"], 0),
-                                         Mux(loading, st["load_end"], 0), self.image_bytes,
+                                         Mux(loading, st["load_end"], 0), self.capacity,
                                          residual_element_bytes(self.formats)),
             PayloadKind.LOAD_SLICE: pack(LOAD_SLICE_RESPONSE, st["load_size"], b.load_crc, st["load_first"],
                                          st["load_end"], st["load_parts"]),

@@ -35,7 +35,10 @@ engine's input buffer. The block-RAM and the DRAM engine have them (with ``memor
 LOAD_SLICE's image goes into the DRAM through the same ``load`` as a whole image, and VERIFY_IMAGE
 reads back the loaded slice image's bytes from it); the tiny engine (iCE40) has none (its Link's
 small form answers the slice ops UNKNOWN_OP). Slots need the narrow formats (the Link carries
-int32 residuals).
+int32 residuals). SLICE_INFO's capacity (``capacity``) is, with ``memory="sdram"``, the DRAM's size
+(``2**native_address_width`` words of ``native_data_width`` bits, unless given), so a host loads a
+slice of a model whose whole image the DRAM could not hold; with block RAM, the whole image (the
+RAM is sized for it).
 
 Read-back (``readback``, the default except with ``tiny``): the engine's ``readback`` member
 (a :class:`~.weight_port.WeightReader` in front of its weight memory or its DRAM adapter) is
@@ -73,7 +76,8 @@ class LinkedEngine(wiring.Component):
     ``native_address_width`` of the core, required; maxima, ``fifo_depth``) to the
     :class:`~.dram_engine.DramEngine`. ``formats``: the engine's number formats (and IDENTIFY's
     formats id; the tiny engine takes the narrow set only). ``readback`` (None: ``not tiny``) gives the Link
-    VERIFY_IMAGE and the engine its reader (module docstring).
+    VERIFY_IMAGE and the engine its reader (module docstring). ``capacity``: SLICE_INFO's, with
+    ``memory="sdram"`` only (None: the DRAM's size from the native port's widths; module docstring).
 
     Members
     -------
@@ -94,7 +98,7 @@ class LinkedEngine(wiring.Component):
                  idle_timeout_cycles: int | None = None, boot_id: int | None = None,
                  image: bytes | None = None, tiny: bool = False, activity_ports: bool = False,
                  memory: str = "bram", readback: bool | None = None, formats: Formats = FORMATS, slots: int = 0,
-                 **engine_kw):
+                 capacity: int | None = None, **engine_kw):
         if memory not in MEMORIES:
             raise ValueError(f"unknown memory {memory!r}; use one of {', '.join(MEMORIES)}")
         if memory != "bram" and tiny:
@@ -106,6 +110,11 @@ class LinkedEngine(wiring.Component):
             raise ValueError("the tiny engine computes in the narrow formats only")
         if slots and tiny:
             raise ValueError("the tiny engine has no state slots (the slice ops): slots needs tiny=False")
+        if capacity is not None and memory == "bram":
+            raise ValueError("capacity: the block-RAM engine's is its whole image (memory='sdram' only)")
+        if capacity is None and memory == "sdram" and {"native_address_width", "native_data_width"} <= engine_kw.keys():
+            dram_bytes = (1 << engine_kw["native_address_width"]) * engine_kw["native_data_width"] // 8
+            capacity = min(dram_bytes, (1 << 32) - 1)     # (SLICE_INFO's field is a u32)
         readback = not tiny if readback is None else readback
         if tiny and readback:
             raise ValueError("the tiny engine cannot read its weights back: readback needs tiny=False")
@@ -115,7 +124,7 @@ class LinkedEngine(wiring.Component):
         self.link = Link(cfg, packing=packing, lanes=lanes, max_payload=max_payload, step_time_ms=step_time_ms,
                          clk_freq=clk_freq, idle_timeout_cycles=idle_timeout_cycles, boot_id=boot_id,
                          image=image, small=tiny, readback=readback, formats=formats,
-                         memory_status=memory != "bram", slots=slots)
+                         memory_status=memory != "bram", slots=slots, capacity=capacity)
         if tiny:
             from .tiny_engine import TinyEngine
             self.engine = TinyEngine(cfg, packing=packing, image=image, **engine_kw)

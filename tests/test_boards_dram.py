@@ -341,6 +341,81 @@ def test_build_dram_with_slots_gets_to_synthesis(checkpoint, tmp_path, capsys, c
     assert rc == 2 and "--slots needs the narrow formats" in one_line_error(capsys)
 
 
+def test_build_dram_with_slots_builds_a_slice_of_the_370m_split(tmp_path, capsys, cache, monkeypatch):
+    """The 370M (97 MiB of image, its config.json alone: the size check needs no weights) on the
+    ULX3S with ``--memory dram --slots 2``: refused as a whole model, accepted as a slice of a
+    split over the planner's fewest boards, which the build prints; the design reaches Yosys (stopped
+    there), its Link announcing the SDRAM's 32 MiB as its capacity. Without --slots it is refused
+    as before."""
+    from mmfree_fpga.boards import build as board_build
+    from mmfree_fpga.boards import designs
+    from mmfree_fpga.planner import plan
+    big = tmp_path / "370m"
+    big.mkdir()
+    (big / "config.json").write_text(json.dumps(PUBLISHED["370M"].to_hf_dict()))
+    seen, made = {}, []
+    real_factory = designs.design_factory
+
+    def spy_factory(name, **kw):
+        factory = real_factory(name, **kw)
+
+        def spy(context):
+            made.append(factory(context))
+            return made[-1]
+        spy.__dict__.update(factory.__dict__)
+        return spy
+
+    def stop(prepared, tools, build_dir, env, quiet):
+        seen.update(prepared=prepared, first=board_build._stages(prepared, tools)[0][0])
+        raise UserError("stopped before synthesis")
+
+    monkeypatch.setattr(designs, "design_factory", spy_factory)
+    monkeypatch.setattr(board_build, "_run_stages", stop)
+    out = tmp_path / "o"
+    rc = main(["build", "--board", "ulx3s-85f", "--memory", "dram", "--slots", "2", "--checkpoint", str(big),
+               "--out", str(out), "--quiet"])
+    captured = capsys.readouterr()
+    assert rc == 2 and "stopped before synthesis" in captured.err and seen["first"] == "yosys"
+    fewest = plan(PUBLISHED["370M"], "base3", "ulx3s-85f", model="370M")
+    assert fewest.devices == 4
+    assert ("model: 370M: 97.2 MiB does not fit one board's 32 MiB; with --slots it runs as a slice of a split "
+            "over >= 4 boards (mmfree-fpga plan --model 370M --board ulx3s-85f); the largest slice "
+            f"{max(st.bytes for st in fewest.stages):,} B") in captured.out
+    fit = seen["prepared"].fit
+    assert fit["split"]["boards"] == 4 and fit["split"]["image_bytes"] == image_size(PUBLISHED["370M"], "base3")
+    assert [sl["bytes"] for sl in fit["split"]["slices"]] == [st.bytes for st in fewest.stages]
+    assert fit["needed_bytes"] <= fit["available_bytes"] == SDRAM_BYTES
+    assert fit["on_chip_bytes"] == 2 * 24 * 1024 * 4 <= fit["on_chip_available_bytes"]
+    (design,) = made
+    linked = design.design
+    assert linked.slots == 2 and linked.link.capacity == SDRAM_BYTES < linked.link.image_bytes
+    assert not out.exists()
+
+    rc = main(["build", "--board", "ulx3s-85f", "--memory", "dram", "--checkpoint", str(big),
+               "--out", str(out), "--quiet"])
+    err = one_line_error(capsys)
+    assert rc == 2 and "does not fit the ulx3s-85f's DRAM" in err and "33,554,432 B of SDRAM" in err, err
+
+
+def test_slot_builds_refuse_what_does_not_split():
+    """With slots: a model one of whose layers alone is larger than the DRAM is refused (the
+    planner's reason); so is state of the slots beyond the on-chip RAM."""
+    from mmfree_fpga.boards.budget import check_fits_slices
+    budget = memory_budget(ULX3S.resources, (512, 512))
+    dram = dram_budget(ULX3S)
+    huge = ModelConfig(vocab_size=256, hidden_size=4096, num_hidden_layers=2, intermediate_size=16384)
+    with pytest.raises(UserError, match=r"nor does it split over several: .* one layer alone is [\d,]+ B; "
+                                        r"use a board with more memory"):
+        check_fits_slices(summary(huge), dram, budget, "ulx3s-85f", slots=2, lanes=16)
+    with pytest.raises(UserError, match=r"recurrent state of 3 state slots \(3 x 98,304 B = 294,912 B\) does not fit"):
+        check_fits_slices(summary(PUBLISHED["370M"]), dram, memory_budget(ULX3S.resources, (512,) * 120),
+                          "ulx3s-85f", slots=3, lanes=16)
+    # a model whose whole image fits: the DRAM check of before, with the slots' state
+    fit = check_fits_slices(summary(MEDIUM), dram, budget, "ulx3s-85f", slots=2, lanes=16)
+    assert "split" not in fit and fit["needed_bytes"] == image_size(MEDIUM, "base3")
+    assert fit["on_chip_bytes"] == 2 * MEDIUM.L * MEDIUM.d * 4
+
+
 def test_ecpix5_dram_design_takes_the_wide_formats(checkpoint, tmp_path, cache):
     """The ECPIX-5's DDR3 design in the wide formats: the DramEngine's core computes in them, the
     Link's image (load and read-back length) is the wide one; a 370M-geometry image exported in the

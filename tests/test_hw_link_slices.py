@@ -370,3 +370,43 @@ def test_fuzz_slice_ops_match_device_model(image, max_payload):
         assert model.stats["slice_feeds"] > 15 and model.stats["naks"] > 30 and model.stats["replays"] > 5
 
     simulate(link, body, seed=22)
+
+
+def test_link_announces_its_capacity_in_slice_info(image):
+    """SLICE_INFO's capacity: a Link given one (a DRAM engine's: the DRAM's size, which may be less
+    than the whole image) announces it, byte for byte as ``DeviceModel(capacity=...)``, and a slice
+    within it loads; without one, the whole image (the block-RAM engine's). LinkedEngine's DRAM
+    engine takes the DRAM's size from its native port's widths."""
+    from mmfree_fpga.hw.linked_engine import LinkedEngine
+    head = Slice(1, 2, False, True)
+    size = slice_image_size(CFG, PACKING, head)
+    whole = slice_image_size(CFG, PACKING, whole_slice(CFG))
+    capacity = size + 100
+    assert capacity < whole
+    link = Link(CFG, packing=PACKING, lanes=LANES, step_time_ms=STEP_MS, idle_timeout_cycles=NO_TIMEOUT,
+                boot_id=BOOT_ID, readback=True, slots=SLOTS, capacity=capacity)
+    model = DeviceModel(CFG, PACKING, lanes=LANES, step_time_ms=STEP_MS, seed=1, slots=SLOTS, capacity=capacity)
+    model.boot_id = BOOT_ID
+    blob = cut_image(image, CFG, PACKING, head)
+
+    async def body(ctx, bench):
+        s = Session(ctx, bench, model)
+        assert SliceInfo.unpack(await s.expect(SliceOp.SLICE_INFO)).capacity == capacity
+        await s.expect(SliceOp.LOAD_SLICE, LOAD_SLICE_REQUEST.pack(size, crc32_image(blob), 1, 2, 2))
+        for off in range(0, size, 200):
+            await s.expect(Op.LOAD_CHUNK, LOAD_CHUNK_HEADER.pack(off) + blob[off:off + 200])
+        await s.expect(Op.LOAD_COMMIT)
+        info = SliceInfo.unpack(await s.expect(SliceOp.SLICE_INFO))
+        assert (info.parts, info.first_layer, info.end_layer, info.capacity) == (2, 1, 2, capacity)
+
+    simulate(link, body)
+    with pytest.raises(ValueError, match="capacity"):
+        Link(CFG, packing=PACKING, lanes=LANES, slots=SLOTS, capacity=1 << 32)
+    assert make_pair()[0].capacity == whole
+    dram = LinkedEngine(CFG, lanes=LANES, packing=PACKING, memory="sdram", native_data_width=16,
+                        native_address_width=24, slots=SLOTS)
+    assert dram.link.capacity == 32 * 2 ** 20
+    bram = LinkedEngine(CFG, lanes=LANES, packing=PACKING, slots=SLOTS)
+    assert bram.link.capacity == whole
+    with pytest.raises(ValueError, match="capacity"):
+        LinkedEngine(CFG, lanes=LANES, packing=PACKING, slots=SLOTS, capacity=1000)

@@ -37,8 +37,9 @@ def add_arguments(p) -> None:
     p.add_argument("--slots", type=int_in(0, 255), default=0, metavar="N",
                    help="state slots of the engine (protocol 1.2's slice ops: the board can hold a layer slice "
                         "in a run over several boards, N sequences in flight); default 0, none. Any --memory "
-                        "(with dram a slice image goes into the DRAM); not the iCE40's tiny engine, not --formats "
-                        "wide")
+                        "(with dram a slice image goes into the DRAM, and a model larger than the DRAM is built "
+                        "for when it splits over boards of this kind: mmfree-fpga plan); not the iCE40's tiny "
+                        "engine, not --formats wide")
     p.add_argument("--packing", choices=("2bit", "base3"), default=None,
                    help="trit packing for the model size check (default base3, or that of an exported image)")
     p.add_argument("--seed", type=non_negative_int, default=None, metavar="N",
@@ -61,6 +62,13 @@ def _utilisation_text(util: dict) -> str:
 
 def _model_text(fit: dict) -> str:
     """The model's fit in one line (printed once the design is prepared, before the tools run)."""
+    if fit.get("split"):
+        sp, mib = fit["split"], 2 ** 20
+        return (f"model: {sp['model']}: {sp['image_bytes'] / mib:.1f} MiB does not fit one board's "
+                f"{fit['available_bytes'] / mib:.0f} MiB; with --slots it runs as a slice of a split over "
+                f">= {sp['boards']} boards ({sp['plan_command']}); the largest slice {fit['needed_bytes']:,} B "
+                f"({fit['percent']:g}% of {fit['dram']}), recurrent state of {fit['slots']} slots "
+                f"{fit['on_chip_bytes']:,} B on chip")
     if fit.get("memory") == "dram":
         return (f"model: {fit['image']['packing']} weight image of {fit['needed_bytes']:,} B in DRAM "
                 f"({fit['percent']:g}% of {fit['dram']}), uploaded over the UART; recurrent state "
