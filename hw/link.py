@@ -278,7 +278,7 @@ class Link(wiring.Component):
         self.reads_back = readback
         self.commands = [c for c in COMMANDS if readback or c != Op.VERIFY_IMAGE] + (SLICE_COMMANDS if slots else [])
         self.state_responses = {**_STATE_RESPONSES, **(_SLICE_STATE_RESPONSES if slots else {})}
-        self.slices = slice_geometry(cfg, packing, slots, formats) if slots else None
+        self.slices = slice_geometry(cfg, packing, slots, formats, capacity) if slots else None
         self.slice_params = self._slice_params(cfg, packing, lanes, formats) if slots else None
         self.arg_bytes = SLICE_ARG_BYTES if slots else ARG_BYTES
         if not MIN_DEVICE_PAYLOAD <= max_payload <= MAX_PAYLOAD:

@@ -85,21 +85,25 @@ REEXECUTED = (Op.IDENTIFY, Op.READ_LOGITS, Op.LOAD_STATUS, Op.VERIFY_IMAGE, Slic
 class SliceGeometry:
     """What a Link with state slots checks slice ops against: ``slots``, the model's hidden size
     ``d`` and ``layers``, and ``sizes``: (layer count, parts) -> slice image size, for every slice
-    the engine runs (:func:`slice_geometry`)."""
+    the engine runs (:func:`slice_geometry`); ``capacity``: the largest image its weight memory
+    holds (LOAD_SLICE of a larger slice is refused, as ``DeviceModel(capacity=...)`` does)."""
     slots: int
     d: int
     layers: int
     sizes: dict
+    capacity: int
 
 
-def slice_geometry(cfg, packing: str, slots: int, fmt=None) -> SliceGeometry:
-    """The :class:`SliceGeometry` of ``cfg`` and ``packing``."""
+def slice_geometry(cfg, packing: str, slots: int, fmt=None, capacity: int | None = None) -> SliceGeometry:
+    """The :class:`SliceGeometry` of ``cfg`` and ``packing`` (``capacity`` None: the whole image)."""
     from mmfree_fpga.config import FORMATS
     from mmfree_fpga.image_slice import Slice, slice_image_size
     fmt = FORMATS if fmt is None else fmt
     sizes = {(n, parts): slice_image_size(cfg, packing, Slice.from_parts(0, n, parts), fmt)
              for n in range(cfg.L + 1) for parts in range(4) if n or parts}
-    return SliceGeometry(slots=slots, d=cfg.d, layers=cfg.L, sizes=sizes)
+    if capacity is None:
+        capacity = sizes[(cfg.L, 3)]
+    return SliceGeometry(slots=slots, d=cfg.d, layers=cfg.L, sizes=sizes, capacity=capacity)
 
 
 for _layout in (LOAD_BEGIN_REQUEST, LOAD_CHUNK_HEADER, FEED_TOKEN_REQUEST, READ_LOGITS_REQUEST,
@@ -216,7 +220,8 @@ class RequestCheck(wiring.Component):
         position = (f.get("slot_position"), Error.POSITION_MISMATCH, "slot_position")
         if c == SliceOp.LOAD_SLICE:
             return [(f.get("bad_slice"), Error.BAD_ARGUMENT, g.layers),
-                    (f.get("slice_size"), Error.BAD_IMAGE_SIZE, "slice_size")]
+                    (f.get("slice_size"), Error.BAD_IMAGE_SIZE, "slice_size"),
+                    (f.get("over_capacity"), Error.BAD_IMAGE_SIZE, g.capacity)]
         if c == SliceOp.RESET_SLOT:
             return [slot]
         if c == SliceOp.WRITE_RESIDUAL:
@@ -336,12 +341,13 @@ class RequestCheck(wiring.Component):
         m.d.comb += n.eq(end - first)
         want = Signal(32, name="slice_want")
         self.slice_want = want
+        over = Signal(name="slice_over")     # that size is more than the weight memory holds
         with m.Switch(Cat(parts[:2], n)):
             for (layers, p), size in g.sizes.items():
                 with m.Case(p | (layers << 2)):
-                    m.d.sync += want.eq(size)
+                    m.d.sync += [want.eq(size), over.eq(size > g.capacity)]
             with m.Default():
-                m.d.sync += want.eq(0)
+                m.d.sync += [want.eq(0), over.eq(0)]
         # the input buffer belongs to this slot and position (WRITE_RESIDUAL, FEED_SLOT)
         ours = flag(self.in_valid & (self.in_slot == slot) & (self.in_position == position), "ours")
         self.ours = ours
@@ -364,6 +370,7 @@ class RequestCheck(wiring.Component):
             bad_slice=flag((parts[2:] != 0) | (end < first) | ((end == first) & (parts[:2] == 0)) | (end > g.layers),
                            "bad_slice"),
             slice_size=flag(field(args, LOAD_SLICE_REQUEST, 0) != want, "slice_size"),
+            over_capacity=flag(over, "over_capacity"),
             residual_short=flag(length < WRITE_RESIDUAL_HEADER.size + 4, "residual_short"),
             residual_long=flag(length > WRITE_RESIDUAL_HEADER.size + 4 * self.residual_most, "residual_long"),
             residual_ragged=flag((length - WRITE_RESIDUAL_HEADER.size)[:2] != 0, "residual_ragged"),

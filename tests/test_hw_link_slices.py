@@ -374,8 +374,8 @@ def test_fuzz_slice_ops_match_device_model(image, max_payload):
 
 def test_link_announces_its_capacity_in_slice_info(image):
     """SLICE_INFO's capacity: a Link given one (a DRAM engine's: the DRAM's size, which may be less
-    than the whole image) announces it, byte for byte as ``DeviceModel(capacity=...)``, and a slice
-    within it loads; without one, the whole image (the block-RAM engine's). LinkedEngine's DRAM
+    than the whole image) announces it, byte for byte as ``DeviceModel(capacity=...)``, refuses a
+    larger slice with BAD_IMAGE_SIZE and the capacity, and a slice within it loads; without one, the whole image (the block-RAM engine's). LinkedEngine's DRAM
     engine takes the DRAM's size from its native port's widths."""
     from mmfree_fpga.hw.linked_engine import LinkedEngine
     head = Slice(1, 2, False, True)
@@ -392,6 +392,9 @@ def test_link_announces_its_capacity_in_slice_info(image):
     async def body(ctx, bench):
         s = Session(ctx, bench, model)
         assert SliceInfo.unpack(await s.expect(SliceOp.SLICE_INFO)).capacity == capacity
+        # a slice larger than the capacity (the whole model) is refused with the capacity
+        await s.nak(SliceOp.LOAD_SLICE, LOAD_SLICE_REQUEST.pack(whole, 0, 0, CFG.L, 3), Error.BAD_IMAGE_SIZE,
+                    capacity)
         await s.expect(SliceOp.LOAD_SLICE, LOAD_SLICE_REQUEST.pack(size, crc32_image(blob), 1, 2, 2))
         for off in range(0, size, 200):
             await s.expect(Op.LOAD_CHUNK, LOAD_CHUNK_HEADER.pack(off) + blob[off:off + 200])
