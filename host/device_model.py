@@ -481,6 +481,8 @@ class DeviceModel:
         size, crc = LOAD_BEGIN_REQUEST.unpack(payload)
         if size != self.image_bytes:
             raise Rejected(Error.BAD_IMAGE_SIZE, self.image_bytes)
+        if size > self.capacity:           # the whole model is more than the memory holds: slices only
+            raise Rejected(Error.BAD_IMAGE_SIZE, self.capacity)
         self._begin_load(_Load(size=size, crc=crc, data=bytearray(size)))
         return LOAD_BEGIN_RESPONSE.pack(size, crc)
 

@@ -628,6 +628,12 @@ class Driver:
                         begin = self._exchange(Op.LOAD_BEGIN, LOAD_BEGIN_REQUEST.pack(size, crc))
                     except DeviceNak as e:
                         if e.error == Error.BAD_IMAGE_SIZE:
+                            info = self.slice_info() if e.arg < size else None
+                            if info is not None and info.capacity == e.arg:
+                                raise IncompatibleDeviceError(
+                                    f"the engine at {self.name} holds at most {e.arg:,} bytes of weights, the model "
+                                    f"has {size:,}: it runs as a slice of a split over several devices "
+                                    "(run --device A,B,...; mmfree-fpga plan)") from None
                             raise IncompatibleDeviceError(
                                 f"the engine at {self.name} takes images of {e.arg} bytes, this one has {size}; "
                                 "export for the engine's geometry") from None

@@ -54,7 +54,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from amaranth.hdl import Cat, Module, Mux, Signal
+from amaranth.hdl import Cat, Const, Module, Mux, Signal
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
@@ -187,7 +187,11 @@ class RequestCheck(wiring.Component):
         the table of arguments is made)."""
         f = flags or {}
         if c == Op.LOAD_BEGIN:
-            return [(f.get("begin_size"), Error.BAD_IMAGE_SIZE, self.image_bytes)]
+            checks = [(f.get("begin_size"), Error.BAD_IMAGE_SIZE, self.image_bytes)]
+            if self.slices is not None and self.image_bytes > self.slices.capacity:
+                # the whole model is more than the weight memory holds: it runs as slices only
+                checks.append((f.get("begin_over"), Error.BAD_IMAGE_SIZE, self.slices.capacity))
+            return checks
         if c == Op.LOAD_CHUNK:
             return [(f.get("no_load"), Error.NO_LOAD, 0),
                     (f.get("offset"), Error.BAD_OFFSET, "load_pointer"),
@@ -268,6 +272,7 @@ class RequestCheck(wiring.Component):
         return {
             "position": flag(position != self.position, "position"),
             "begin_size": flag(field(self.args, LOAD_BEGIN_REQUEST, 0) != self.image_bytes, "begin_size"),
+            "begin_over": Const(1),
             "offset": flag(field(self.args, LOAD_CHUNK_HEADER, 0) != self.load_pointer, "offset"),
             "last_position": flag(position == 0xFFFFFFFF, "last_position"),
         }

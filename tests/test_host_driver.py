@@ -182,6 +182,16 @@ def test_geometry_and_packing_mismatches_are_clear(image):
             driver.ensure_weights(image)
 
 
+def test_whole_model_larger_than_the_device_memory_is_refused_with_the_way_out(image):
+    """A device with state slots whose memory holds less than the whole model (a DRAM board built
+    for a split) refuses LOAD_BEGIN with its capacity; the driver says to split the model."""
+    dev = DeviceModel(image.cfg, "base3", slots=2, capacity=image.size // 2)
+    with piped(dev) as driver:
+        driver.connect(image.cfg)
+        with pytest.raises(IncompatibleDeviceError, match="runs as a slice of a split over several devices"):
+            driver.ensure_weights(image)
+
+
 def test_weights_that_do_not_match_are_reloaded_or_refused(tmp_path, image, greedy_reference):
     other = WeightImage.from_checkpoint(random_checkpoint(tmp_path / "other", SMALL_CONFIG, seed=99), "base3")
     assert other.crc32 != image.crc32

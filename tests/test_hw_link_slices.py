@@ -392,9 +392,12 @@ def test_link_announces_its_capacity_in_slice_info(image):
     async def body(ctx, bench):
         s = Session(ctx, bench, model)
         assert SliceInfo.unpack(await s.expect(SliceOp.SLICE_INFO)).capacity == capacity
-        # a slice larger than the capacity (the whole model) is refused with the capacity
+        # a slice larger than the capacity (the whole model) is refused with the capacity, and so is
+        # the whole image through LOAD_BEGIN
         await s.nak(SliceOp.LOAD_SLICE, LOAD_SLICE_REQUEST.pack(whole, 0, 0, CFG.L, 3), Error.BAD_IMAGE_SIZE,
                     capacity)
+        await s.nak(Op.LOAD_BEGIN, LOAD_BEGIN_REQUEST.pack(whole, 0), Error.BAD_IMAGE_SIZE, capacity)
+        await s.nak(Op.LOAD_BEGIN, LOAD_BEGIN_REQUEST.pack(whole + 1, 0), Error.BAD_IMAGE_SIZE, whole)
         await s.expect(SliceOp.LOAD_SLICE, LOAD_SLICE_REQUEST.pack(size, crc32_image(blob), 1, 2, 2))
         for off in range(0, size, 200):
             await s.expect(Op.LOAD_CHUNK, LOAD_CHUNK_HEADER.pack(off) + blob[off:off + 200])
