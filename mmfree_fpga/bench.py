@@ -609,7 +609,7 @@ def fidelity_section(quick: bool) -> Section:
 
 
 def pipeline_section(quick: bool) -> Section:
-    from .host.pipeline import pipeline_section as section
+    from .pipeline_bench import pipeline_section as section
     return section(quick)
 
 

@@ -69,11 +69,14 @@ def test_serve_memory_sdram_runs_the_demo_bit_exact(tmp_path, capsys):
         capsys.readouterr()
 
 
+@pytest.mark.slow
 def test_serve_memory_sdram_wide_formats_verifies_and_runs_the_demo(tmp_path, capsys):
     """``serve --memory sdram --formats wide``: the host exports the demo in the formats the device
     announces, uploads the wide image into the simulated SDRAM, has it read back from there
     (VERIFY_IMAGE: the Link's read-back as long as the wide image) and generates the tokens of
-    ``reference --integer --formats wide``."""
+    ``reference --integer --formats wide``. Slow (its own Verilator build, about 47 s): the default
+    suite has the wide DRAM engine against the integer model in test_dram_engine and the
+    CLI's wide DRAM run in test_engine_cli."""
     from mmfree_fpga.config import FORMAT_SETS
     from mmfree_fpga.image import image_size
     _needs_dram_cosim()
