@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+
 from pathlib import Path
 
 from mmfree_fpga.config import ModelConfig
@@ -46,3 +53,38 @@ def reference_tokens(checkpoint, prompt: list[int], steps: int, sampler: Sampler
     from mmfree_fpga.reference.steppers import integer_stepper
     _, step = integer_stepper(checkpoint, FORMAT_SETS[formats])
     return generate(step, list(prompt), steps, sampler or Sampler()).tokens
+
+
+@contextlib.contextmanager
+def serve_many(checkpoint, n: int, *extra, backend: str = "model", cwd=None):
+    """``n`` 'mmfree-fpga serve --backend BACKEND --port 0' children started together (``extra``:
+    more serve options); yields their socket URLs and processes, and stops them all afterwards
+    (a stopped child too). An RTL backend's design is built in ``cwd``'s ./out: build it once
+    first, or the children build it at the same time."""
+    procs = [subprocess.Popen([sys.executable, "-m", "mmfree_fpga.cli", "serve", "--backend", backend, "--port", "0",
+                               "--checkpoint", str(checkpoint), *extra], cwd=cwd, env=dict(os.environ),
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+             for _ in range(n)]
+    try:
+        urls = []
+        for proc in procs:
+            for line in proc.stdout:
+                found = re.search(r"socket://127\.0\.0\.1:\d+", line)
+                if found:
+                    urls.append(found.group(0))
+                    break
+        if len(urls) != n:
+            raise RuntimeError("a serve child printed no URL")
+        yield urls, procs
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGCONT)
+                proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            proc.stdout.close()

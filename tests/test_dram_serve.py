@@ -183,30 +183,14 @@ def test_run_over_two_dram_serve_processes_with_slots_equals_integer_model(memor
     LOAD_COMMIT, then the slice's parameters by SET_PARAM), ``run --device A,B --verify`` has each
     read its slice back from there (VERIFY_IMAGE over the slice image's length), and with two
     prompts in flight the tokens are the integer model's."""
-    import os
-    import re
-    import subprocess
-    import sys
-    from mmfree_fpga.host.testing import random_checkpoint
+    from mmfree_fpga.host.testing import random_checkpoint, serve_many
     from mmfree_fpga.image_slice import Slice, slice_image_size
     from mmfree_fpga.sim.backends import make_backend
     _needs_dram_cosim()
     ckpt = random_checkpoint(tmp_path / "ckpt", SLICED, seed=4)
     # the build once, cached in ./out, before two processes would build the same design
     make_backend("rtl", SLICED, "base3", None, lanes=16, memory=memory, slots=2).close()
-    procs = [subprocess.Popen([sys.executable, "-m", "mmfree_fpga.cli", "serve", "--backend", "rtl", "--memory", memory,
-                               "--slots", "2", "--port", "0", "--checkpoint", str(ckpt)],
-                              env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-             for _ in range(2)]
-    try:
-        urls = []
-        for proc in procs:
-            for line in proc.stdout:
-                found = re.search(r"socket://127\.0\.0\.1:\d+", line)
-                if found:
-                    urls.append(found.group(0))
-                    break
-        assert len(urls) == 2, "a serve child printed no URL"
+    with serve_many(ckpt, 2, "--memory", memory, "--slots", "2", backend="rtl") as (urls, _):
         prompts = [[5, 6, 7], [9]]
         out = tmp_path / "run.json"
         # (the DDR3's simulated init and read levelling outlast the adaptive first IDENTIFYs' 2.5 s)
@@ -224,13 +208,3 @@ def test_run_over_two_dram_serve_processes_with_slots_equals_integer_model(memor
         assert [d["end_layer"] - d["first_layer"] for d in r["devices"]] != [0, SLICED.L]
         feeds = sum(len(p) + 5 - 1 for p in prompts)
         assert all(d["feeds"] == feeds and d["cycles"] > 1000 * feeds for d in r["devices"])
-    finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            proc.stdout.close()

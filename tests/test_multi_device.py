@@ -8,10 +8,7 @@ answering or dies mid-run ends the run with one error naming it, in bounded time
 import contextlib
 import json
 import os
-import re
 import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -26,7 +23,7 @@ from mmfree_fpga.generation import Sampler
 from mmfree_fpga.host.device_model import DeviceModel, parse_slice
 from mmfree_fpga.host.image import WeightImage
 from mmfree_fpga.host.pipeline import Pipeline, PipelineError, schedule_cycles
-from mmfree_fpga.host.testing import TINY_CONFIG, random_checkpoint, reference_tokens
+from mmfree_fpga.host.testing import TINY_CONFIG, random_checkpoint, reference_tokens, serve_many
 from mmfree_fpga.image import image_layout
 from mmfree_fpga.image_slice import PART_EMBEDDING, Slice, chain_error, cut_image, slice_image_size, slice_layout, whole_slice
 from mmfree_fpga.reference.checkpoint import DEMO_CHECKPOINT
@@ -315,37 +312,6 @@ def test_the_cycle_model_reports_the_performance_model_per_slice(image4):
 
 
 # -- runs over serve processes ----------------------------------------------------------------------
-
-@contextlib.contextmanager
-def serve_many(checkpoint, n, *extra):
-    """n 'serve --backend model' children started together; yields their URLs and processes."""
-    procs = [subprocess.Popen([sys.executable, "-m", "mmfree_fpga.cli", "serve", "--backend", "model", "--port", "0",
-                               "--checkpoint", str(checkpoint), *extra],
-                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-             for _ in range(n)]
-    try:
-        urls = []
-        for proc in procs:
-            for line in proc.stdout:
-                found = re.search(r"socket://127\.0\.0\.1:\d+", line)
-                if found:
-                    urls.append(found.group(0))
-                    break
-        assert len(urls) == n, "a serve child printed no URL"
-        yield urls, procs
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                os.kill(proc.pid, signal.SIGCONT)
-                proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            proc.stdout.close()
-
 
 @pytest.fixture(scope="module")
 def demo_devices():

@@ -7,7 +7,7 @@ import pytest
 
 from mmfree_fpga.cli import main
 from mmfree_fpga.config import ModelConfig
-from mmfree_fpga.host.testing import random_checkpoint, reference_tokens
+from mmfree_fpga.host.testing import random_checkpoint, reference_tokens, serve_many
 from mmfree_fpga.sim.runner import simulator_missing
 
 pytestmark = pytest.mark.skipif(simulator_missing("verilator") is not None,
@@ -116,26 +116,11 @@ def test_run_over_two_rtl_serve_processes_with_slots_equals_integer_model(tmp_pa
     """``serve --backend rtl --slots 2`` twice (the board design with state slots: the Link's slice
     ops and the engine's slices), ``run --device A,B`` with two prompts in flight: the integer
     model's tokens; every device reports its engine's own cycles for every FEED_SLOT."""
-    import os
-    import re
-    import subprocess
-    import sys
     from mmfree_fpga.sim.backends import make_backend
     ckpt = random_checkpoint(tmp_path / "ckpt", SLICED_CONFIG, seed=4)
     monkeypatch.chdir(tmp_path)
     make_backend("rtl", SLICED_CONFIG, "base3", None, lanes=16, slots=2).close()   # the build, cached in ./out
-    procs = [subprocess.Popen([sys.executable, "-m", "mmfree_fpga.cli", "serve", "--backend", "rtl", "--slots", "2",
-                               "--port", "0", "--checkpoint", str(ckpt)], cwd=tmp_path, env=dict(os.environ),
-                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) for _ in range(2)]
-    try:
-        urls = []
-        for proc in procs:
-            for line in proc.stdout:
-                found = re.search(r"socket://127\.0\.0\.1:\d+", line)
-                if found:
-                    urls.append(found.group(0))
-                    break
-        assert len(urls) == 2, "a serve child printed no URL"
+    with serve_many(ckpt, 2, "--slots", "2", backend="rtl", cwd=tmp_path) as (urls, _):
         prompts = [[5, 6, 7], [9]]
         out = tmp_path / "run.json"
         assert main(["run", "--device", ",".join(urls), "--checkpoint", str(ckpt), "--prompt-ids", "5,6,7;9",
@@ -145,13 +130,3 @@ def test_run_over_two_rtl_serve_processes_with_slots_equals_integer_model(tmp_pa
         assert len(r["devices"]) == 2 and r["devices"][0]["embedding"] and r["devices"][-1]["head"]
         feeds = sum(len(p) + 6 - 1 for p in prompts)
         assert all(d["feeds"] == feeds and d["cycles"] > 1000 * feeds for d in r["devices"])
-    finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            proc.stdout.close()
