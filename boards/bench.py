@@ -107,15 +107,17 @@ def bench_row_cells(row: dict) -> list:
 # the boards whose DRAM builds the bench reports (build --memory dram), each at its controller's clock
 DRAM_BUILD_BOARDS = ("ulx3s-85f", "ecpix5-85f")
 
-DRAM_BUILD_COLUMNS = ["board", "memory", "PHY", "clock MHz", "Fmax MHz", "timing", "LUT", "FF", "BRAM", "DSP",
-                      "IOLOGIC", "build s"]
+DRAM_BUILD_COLUMNS = ["board", "memory", "PHY", "formats", "router", "clock MHz", "Fmax MHz", "timing", "LUT", "FF",
+                      "BRAM", "DSP", "IOLOGIC", "build s"]
 
 
 def dram_build_rows(boards=DRAM_BUILD_BOARDS, lanes: int = 16, progress: Callable[[str], None] | None = None,
-                    *, checkpoint=None, cache_dir=None, use_cache: bool = True, out_dir=None) -> list[dict]:
+                    *, checkpoint=None, cache_dir=None, use_cache: bool = True, out_dir=None,
+                    formats=(None,)) -> list[dict]:
     """Build the engine with its weights in each board's DRAM (``build --memory dram``, the demo
     model unless ``checkpoint``, at the board's controller clock ``Board.dram_clock_hz``); one
-    row per board, from the real build (cached like any build).
+    row per board and entry of ``formats`` (names of ``config.FORMAT_SETS``; None: the board's
+    default, ``Board.dram_formats``), from the real build (cached like any build).
 
     Row keys: ``board``, ``memory`` (the DRAM's text, e.g. "33,554,432 B of SDRAM (IS42S16160, 32
     MiB)"), ``module``, ``phy``, ``memtype``, ``read_leveling``, ``lanes``, ``clock_mhz`` (the
@@ -123,8 +125,8 @@ def dram_build_rows(boards=DRAM_BUILD_BOARDS, lanes: int = 16, progress: Callabl
     ``lut``/``ff``/``bram``/``dsp``/``iologic`` (``{"used", "available", "percent"}``; IOLOGIC:
     the I/O cells' registers, where the PHY's DDR registers go), ``dram_cells`` (the DDR PHY's
     other hard blocks nextpnr placed: DQSBUFM, DDRDLL, ECLKSYNCB, CLKDIVF, ...),
-    ``build_seconds``, ``tool_seconds``, ``cached``, ``bitstream``, ``error`` (None, or why the
-    build failed; the figures are then missing).
+    ``build_seconds``, ``tool_seconds``, ``cached``, ``bitstream``, ``formats``, ``router``
+    (nextpnr's), ``error`` (None, or why the build failed; the figures are then missing).
     """
     from pathlib import Path
 
@@ -133,28 +135,30 @@ def dram_build_rows(boards=DRAM_BUILD_BOARDS, lanes: int = 16, progress: Callabl
     from .registry import resolve_board
 
     rows = []
-    for board in boards:
+    for board, fmt in [(b, f) for b in boards for f in formats]:
         spec = resolve_board(board)
+        fmt = fmt or spec.dram_formats
         if progress is not None:
-            progress(f"building the engine with its weights in DRAM for {board}"
+            progress(f"building the engine with its weights in DRAM for {board}, {fmt} formats"
                      + (f", {spec.dram_clock_hz / 1e6:g} MHz" if spec.dram_clock_hz else ""))
-        row = {"board": board, "lanes": lanes, "requested_clock_mhz": (spec.dram_clock_hz or 0) / 1e6 or None}
+        row = {"board": board, "lanes": lanes, "requested_clock_mhz": (spec.dram_clock_hz or 0) / 1e6 or None,
+               "formats": fmt}
         try:
             row["memory"] = dram_budget(spec).text()
         except ValueError as e:
             rows.append({**row, "error": str(e)})
             continue
-        out = Path(out_dir) / f"{board.replace(':', '_')}-dram" if out_dir is not None else None
+        out = Path(out_dir) / f"{board.replace(':', '_')}-dram-{fmt}" if out_dir is not None else None
         try:
             r = build(board, out=out, checkpoint=checkpoint, design=linked_engine(lanes=lanes), cache_dir=cache_dir,
-                      use_cache=use_cache, quiet=True, memory="dram")
+                      use_cache=use_cache, quiet=True, memory="dram", formats=fmt)
         except (UserError, DesignError) as e:
             rows.append({**row, "error": str(e)})
             continue
         dram = r["dram"]
         rows.append({
             **row, **_build_figures(r),
-            "module": dram["module"], "phy": dram["phy"], "memtype": dram["memtype"],
+            "module": dram["module"], "phy": dram["phy"], "memtype": dram["memtype"], "router": r["nextpnr_router"],
             "read_leveling": dram.get("read_leveling"),
             "iologic": _use(r["utilization"], "IOLOGIC"),
             "dram_cells": {cell: r["nextpnr_cells"][cell]["used"] for cell in _DDR_CELLS if cell in r["nextpnr_cells"]},
@@ -173,8 +177,9 @@ def dram_build_row_cells(row: dict) -> list:
         return "-" if not u else f"{u['used']}/{u['available']} ({u['percent']:g}%)"
 
     if row.get("error"):
-        return [row["board"], row.get("memory", "-"), "-", row.get("requested_clock_mhz") or "-", "-", row["error"],
-                "-", "-", "-", "-", "-", "-"]
-    return [row["board"], row["memory"], row["phy"], row["clock_mhz"], row["fmax_mhz"],
+        return [row["board"], row.get("memory", "-"), "-", row.get("formats", "-"), "-",
+                row.get("requested_clock_mhz") or "-", "-", row["error"], "-", "-", "-", "-", "-", "-"]
+    return [row["board"], row["memory"], row["phy"], row["formats"], row["router"] or "nextpnr's own",
+            row["clock_mhz"], row["fmax_mhz"],
             "met" if row["timing_met"] else "NOT met", use("lut"), use("ff"), use("bram"), use("dsp"),
             use("iologic"), f"{row['tool_seconds']:g} (cached)" if row.get("cached") else row["build_seconds"]]

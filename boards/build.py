@@ -206,6 +206,8 @@ class PreparedBuild:
     seed: int | None = None           # nextpnr's placement seed (None: nextpnr's default)
     memory: str = "bram"              # where the weights are (MEMORIES)
     dram: object | None = None        # with memory "dram": the generated core (litedram.DramCore)
+    formats: str = "narrow"           # the engine's number formats (a name of config.FORMAT_SETS)
+    router: str | None = None         # nextpnr's router (ROUTERS; None: nextpnr's own)
 
     def bitstream(self, build_dir: Path) -> Path | None:
         """The bitstream the toolchain wrote: .bin (iCE40), .bit (ECP5), else the first one found."""
@@ -231,10 +233,42 @@ def check_memory(spec: Board, memory: str) -> None:
                         f"{', '.join(dram_boards())}); drop --memory dram to keep the weights in on-chip RAM")
 
 
+# nextpnr's routers (--router); nextpnr-ecp5's own is router1
+ROUTERS = ("router1", "router2")
+
+
+def default_router(spec, memory: str) -> str | None:
+    """nextpnr's router for a build unless asked for another: the board's ``dram_router`` for a
+    DRAM design, else None, nextpnr's own (router1 on the ECP5)."""
+    return spec.dram_router if memory == "dram" else None
+
+
+def default_formats(spec, memory: str, slots: int = 0, checkpoint=None) -> str:
+    """The number formats (a name of ``config.FORMAT_SETS``) a build of ``spec`` uses unless asked
+    for others: those of an exported image ``checkpoint`` (its manifest's); the board's
+    ``dram_formats`` for a DRAM engine without state slots (the published models reach a board
+    through its DRAM; the slice ops carry int32 residuals, so slots stay narrow); else narrow (the
+    on-chip engines: their clock targets at 64 lanes, the iCE40's tiny engine)."""
+    manifest = Path(checkpoint) / "manifest.json" if checkpoint is not None else None
+    if manifest is not None and manifest.is_file():
+        try:
+            recorded = json.loads(manifest.read_text()).get("formats")
+        except (OSError, ValueError, AttributeError) as e:
+            raise UserError(f"{manifest}: not a weight image manifest ({e}); run 'mmfree-fpga export'") from None
+        for name, f in FORMAT_SETS.items():
+            if recorded is None and f == FORMATS or f.as_dict() == recorded:
+                return name
+        raise UserError(f"{manifest.parent}: exported in number formats this version does not build; "
+                        "re-export it with --formats")
+    if memory == "dram" and not slots:
+        return spec.dram_formats
+    return "narrow"
+
+
 def prepare(board: str, *, clock_mhz: float | None = None, baud: int = DEFAULT_BAUD, checkpoint=None,
             packing: str | None = None, design: DesignFactory | None = None,
             fifo_depth: int | None = None, cache_dir=None, seed: int | None = None,
-            memory: str = "bram", formats: str = "narrow") -> PreparedBuild:
+            memory: str = "bram", formats: str | None = None, router: str | None = None) -> PreparedBuild:
     """Elaborate the board top around ``design`` (default: the board's design) into a build plan
     (no tools run).
 
@@ -244,13 +278,20 @@ def prepare(board: str, *, clock_mhz: float | None = None, baud: int = DEFAULT_B
     holding a layer slice, :func:`~.budget.check_fits_slices`), the board's LiteDRAM
     core is generated for the design clock (default ``Board.dram_clock_hz``) and the design
     factory finds it in ``DesignContext.dram`` (:mod:`.dram`). ``formats``: the engine's number
-    formats, a name of ``config.FORMAT_SETS`` (the image is sized and exported in them).
+    formats, a name of ``config.FORMAT_SETS`` (the image is sized and exported in them); None: the
+    target's own, :func:`default_formats`. ``router``: nextpnr's (:data:`ROUTERS`; None:
+    :func:`default_router`).
 
     Raises UserError for an unknown board, an unreachable clock, a baud rate the clock cannot
     make, a model too big for the board, or ``memory="dram"`` on a board without DRAM support.
     """
     spec = resolve_board(board)
     check_memory(spec, memory)
+    if design is None:
+        design = design_factory(spec.design)
+    slots = getattr(design, "slots", 0)      # the engine factory's state slots (designs.linked_engine)
+    if formats is None:
+        formats = default_formats(spec, memory, slots, checkpoint)
     if formats not in FORMAT_SETS:
         raise UserError(f"unknown formats {formats!r}; use one of {', '.join(FORMAT_SETS)}")
     fmt = FORMAT_SETS[formats]
@@ -297,9 +338,6 @@ def prepare(board: str, *, clock_mhz: float | None = None, baud: int = DEFAULT_B
     except ValueError as e:
         raise UserError(f"--baud {baud}: {e}") from None
 
-    if design is None:
-        design = design_factory(spec.design)
-    slots = getattr(design, "slots", 0)      # the engine factory's state slots (designs.linked_engine)
     if fifo_depth is None:
         # the UART FIFOs' depth: the design's choice for this family, else the default
         fifo_depth = getattr(design, "uart_fifo_depth", lambda _family: DEFAULT_FIFO_DEPTH)(family)
@@ -367,12 +405,18 @@ def prepare(board: str, *, clock_mhz: float | None = None, baud: int = DEFAULT_B
         # multipliers into SB_MAC16 (synth_ecp5 maps DSPs by default); LUT mapping: ICE40_MAP_LUTS
         overrides["synth_opts"] = "-dsp -run :map_luts"
         overrides["script_after_synth"] = "\n".join([*ICE40_MAP_LUTS, f"synth_ice40 -dsp -top {BUILD_NAME} -run map_cells:"])
-    nextpnr_opts = "--timing-allow-fail" + (f" --seed {seed}" if seed is not None else "")
+    if router is None:
+        router = default_router(spec, memory)
+    if router is not None and router not in ROUTERS:
+        raise UserError(f"unknown router {router!r}; use one of {', '.join(ROUTERS)}")
+    nextpnr_opts = ("--timing-allow-fail" + (f" --seed {seed}" if seed is not None else "")
+                    + (f" --router {router}" if router is not None else ""))
     plan = platform.build(top, name=BUILD_NAME, do_build=False, debug_verilog=False,
                           nextpnr_opts=nextpnr_opts, **overrides)
     return PreparedBuild(board=spec, platform=platform, plan=plan, context=context, design_name=name,
                          design_description=description, requested_clock_hz=requested, pll=pll, fit=fit,
-                         notes=notes, lanes=_design_lanes(design_obj), seed=seed, memory=memory, dram=core)
+                         notes=notes, lanes=_design_lanes(design_obj), seed=seed, memory=memory, dram=core,
+                         formats=formats, router=router)
 
 
 def _ddr_board(spec: Board) -> bool:
@@ -534,7 +578,8 @@ def build(board: str, *, out=None, clock_mhz: float | None = None, baud: int = D
           checkpoint=None, packing: str | None = None, design: DesignFactory | None = None,
           cache_dir=None, use_cache: bool = True, quiet: bool = False,
           fifo_depth: int | None = None, seed: int | None = None, memory: str = "bram",
-          announce: Callable[["PreparedBuild"], None] | None = None, formats: str = "narrow") -> dict:
+          announce: Callable[["PreparedBuild"], None] | None = None, formats: str | None = None,
+          router: str | None = None) -> dict:
     """Build (or fetch from the cache) the bitstream of ``design`` on ``board``.
 
     Returns the result dict of ``mmfree-fpga build`` (the README's command line section): bitstream path,
@@ -550,7 +595,7 @@ def build(board: str, *, out=None, clock_mhz: float | None = None, baud: int = D
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     prepared = prepare(board, clock_mhz=clock_mhz, baud=baud, checkpoint=checkpoint, packing=packing,
                        design=design, fifo_depth=fifo_depth, cache_dir=cache if use_cache else None, seed=seed,
-                       memory=memory, formats=formats)
+                       memory=memory, formats=formats, router=router)
     if announce is not None:
         announce(prepared)
     safe_name = prepared.board.name.replace(":", "_").replace("/", "_")
@@ -590,12 +635,14 @@ def build(board: str, *, out=None, clock_mhz: float | None = None, baud: int = D
         "design": prepared.design_name,
         "design_description": prepared.design_description,
         "lanes": prepared.lanes,
+        "formats": prepared.formats,
         "bitstream": str(out / bitstream_file),
         "clock_mhz": round(ctx.clock_hz / 1e6, 6),
         "requested_clock_mhz": round(prepared.requested_clock_hz / 1e6, 6),
         "pll": (dict(vars(prepared.pll), f_out_mhz=prepared.pll.f_out / 1e6) if prepared.pll is not None else None),
         "baud": ctx.baud,
         "nextpnr_seed": prepared.seed,
+        "nextpnr_router": prepared.router,
         "memory": prepared.memory,
         "dram": _dram_report(prepared.dram),
         **report,

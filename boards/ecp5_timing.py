@@ -1,6 +1,6 @@
 """Out-of-context ECP5 timing of the Engine alone (no Link, no board top): where its own limits are.
 
-``python -m mmfree_fpga.boards.ecp5_timing [--lanes 64] [--freq 115] [--seed 1] [--keep DIR]`` builds
+``python -m mmfree_fpga.boards.ecp5_timing [--lanes 64] [--formats narrow|wide] [--freq 115] [--seed 1] [--keep DIR]`` builds
 the full :class:`~.engine.Engine` for the demo model (or ``--checkpoint``) with the weight image
 in block RAM, as on the ULX3S (DP16KD instances with their output register when the store is
 banked), inside a wrapper whose every port is a flip-flop (inputs from a
@@ -26,6 +26,8 @@ from pathlib import Path
 from amaranth.hdl import Cat, Module, Signal
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
+
+from mmfree_fpga.config import FORMAT_SETS
 
 __all__ = ["RegisteredPorts", "run", "summary", "main"]
 
@@ -62,8 +64,9 @@ class RegisteredPorts(wiring.Component):
         return m
 
 
-def run(design, workdir: Path, *, freq: float = 115.0, seed: int = 1) -> dict:
-    """Synthesise and place and route ``design`` out of context in ``workdir``; nextpnr's JSON report."""
+def run(design, workdir: Path, *, freq: float = 115.0, seed: int = 1, place_only: bool = False) -> dict:
+    """Synthesise and place and route ``design`` out of context in ``workdir``; nextpnr's JSON report
+    (``place_only``: without routing, the delays nextpnr estimates after placement)."""
     from amaranth.back import rtlil
 
     from .build import YOSYS_AFTER_READ, tool_command
@@ -75,7 +78,8 @@ def run(design, workdir: Path, *, freq: float = 115.0, seed: int = 1) -> dict:
     subprocess.run([tool_command("nextpnr-ecp5"), "--85k", "--package", "CABGA381",
                     "--speed", "6", "--out-of-context", "--freq", str(freq), "--seed", str(seed),
                     "--json", "top.json", "--report", "report.json", "--detailed-timing-report",
-                    "--log", "top.tim", "--timing-allow-fail", "-q"], cwd=workdir, check=True)
+                    "--log", "top.tim", "--timing-allow-fail", "-q"] + (["--no-route"] if place_only else []),
+                   cwd=workdir, check=True)
     return json.loads((workdir / "report.json").read_text())
 
 
@@ -117,26 +121,29 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--checkpoint", default=None, help="model directory or export (default: the demo model)")
     ap.add_argument("--keep", default=None, help="directory for the netlists and logs (default: a temporary one)")
+    ap.add_argument("--place-only", action="store_true",
+                    help="stop after placement: estimated delays, minutes instead of the router's hour on a congested design")
+    ap.add_argument("--formats", choices=sorted(FORMAT_SETS), default="narrow", help="the engine's number formats")
     args = ap.parse_args(argv)
     from .designs import weight_image
     from mmfree_fpga.hw.engine import Engine, beat_bytes, check_geometry
     from mmfree_fpga.hw.weight_port import RAM_BANK_WORDS
-    image = weight_image(args.checkpoint, None)
+    image = weight_image(args.checkpoint, None, FORMAT_SETS[args.formats])
     check_geometry(image.cfg, args.lanes)
     # the ULX3S's store: DP16KD instances with their output register when banked (as the board
     # build chooses on an ECP5 platform)
     banked = -(-len(image.blob) // beat_bytes(args.lanes)) > RAM_BANK_WORDS
     design = RegisteredPorts(Engine(image.cfg, lanes=args.lanes, packing=image.packing, image=image.blob,
-                                    mem_dp16kd=banked))
+                                    mem_dp16kd=banked, formats=image.formats))
     t0 = time.monotonic()
     if args.keep:
-        report = run(design, Path(args.keep), freq=args.freq, seed=args.seed)
+        report = run(design, Path(args.keep), freq=args.freq, seed=args.seed, place_only=args.place_only)
     else:
         with tempfile.TemporaryDirectory() as tmp:
-            report = run(design, Path(tmp), freq=args.freq, seed=args.seed)
+            report = run(design, Path(tmp), freq=args.freq, seed=args.seed, place_only=args.place_only)
     print(summary(report))
-    print(f"(Engine alone, full variant, {args.lanes} lanes, d={image.cfg.d} L={image.cfg.L}, weights in block RAM; "
-          f"out-of-context ECP5-85F speed 6, seed {args.seed}; {time.monotonic() - t0:.0f} s)")
+    print(f"(Engine alone, full variant, {args.formats} formats, {args.lanes} lanes, d={image.cfg.d} L={image.cfg.L}, weights in block RAM; "
+          f"{'placement estimate, ' if args.place_only else ''}out-of-context ECP5-85F speed 6, seed {args.seed}; {time.monotonic() - t0:.0f} s)")
     return 0
 
 

@@ -46,6 +46,11 @@ class Board:
     design: str = "echo"                 # what `mmfree-fpga build` puts on it (boards.designs.DESIGNS)
     dram: str | None = None              # its DRAM for --memory dram: a key of boards.litedram.CORES
     dram_clock_hz: float | None = None   # the design clock with --memory dram (the controller's tested clock)
+    # the number formats (a name of config.FORMAT_SETS) of its --memory dram engine unless --formats
+    # says: where the published models run, so the float32-level set wherever it meets dram_clock_hz
+    dram_formats: str = "narrow"
+    # nextpnr's router for its --memory dram designs (None: nextpnr's own), where they need another
+    dram_router: str | None = None
     status_leds: tuple = ()              # (design member, LED) pairs (BoardTop), e.g. the DRAM's calibration
 
     def platform(self) -> Platform:
@@ -85,7 +90,11 @@ def _known():
             default_clock_hz=60e6, pll=True, leds=(0, 1, 2), reset_button=("button_fire", 0),
             programmer=Programmer(ofl_board="ulx3s", cable="the ULX3S's FTDI FT231X on the US1 port",
                                   sram=True, usb_id=(0x0403, 0x6015)),
-            design="engine", dram="ulx3s-85f", dram_clock_hz=50e6),
+            design="engine", dram="ulx3s-85f", dram_clock_hz=50e6, dram_formats="wide",
+            # router1 had not routed the wide DRAM design after 25 minutes (stuck near 62,000
+            # unrouted arcs); router2 routed the same placement in 110 s, 57.4 MHz against 50. On
+            # the ECPIX-5 router1 is the better one: 113.5 MHz against router2's 78.9 at 75.
+            dram_router="router2"),
         # The UART is the FT2232H's second channel (amaranth-boards' uart 0). No reset button:
         # amaranth-boards names only AB1 (GSRN) as "rst" while LiteX's ECPIX-5 target resets from
         # N5; which one the button drives is not settled here, so the design resets at configuration
@@ -98,7 +107,7 @@ def _known():
             leds=(("rgb_led", 0, "g"), ("rgb_led", 1, "b"), ("rgb_led", 2, "r")), reset_button=None,
             programmer=Programmer(ofl_board="ecpix5", cable="the ECPIX-5's FTDI FT2232H on its micro-USB port",
                                   sram=True, usb_id=(0x0403, 0x6010)),
-            design="engine", dram="ecpix5-85f", dram_clock_hz=75e6,
+            design="engine", dram="ecpix5-85f", dram_clock_hz=75e6, dram_formats="wide",
             status_leds=(("dram_ready", ("rgb_led", 3, "g")), ("dram_error", ("rgb_led", 3, "r")))),
     }
 

@@ -473,8 +473,14 @@ def dram_builds_section(quick: bool) -> Section:
     s = Section("Weights in DRAM: the board builds (ULX3S SDRAM, ECPIX-5 DDR3)",
                 "mmfree-fpga bench --only dram_builds (mmfree-fpga build --board B --memory dram)",
                 DRAM_BUILD_COLUMNS)
-    rows = dram_build_rows(progress=lambda text: print(f"  {text}", flush=True))
+    from .config import FORMAT_SETS
+    rows = dram_build_rows(progress=lambda text: print(f"  {text}", flush=True), formats=tuple(FORMAT_SETS))
     s.rows = [dram_build_row_cells(r) for r in rows]
+    s.notes.append("Each board in both format sets (config.FORMAT_SETS); build --memory dram builds its board's "
+                   "(registry.Board.dram_formats, wide on both) unless --formats says. nextpnr's router: each "
+                   "board's for its DRAM designs (registry.Board.dram_router): router2 on the ULX3S, where router1 "
+                   "had not routed the wide design after 25 minutes; nextpnr's own (router1) on the ECPIX-5, where "
+                   "router2 made the wide design 78.9 MHz against router1's 113.5.")
     s.notes.append("Demo model, 16 lanes, at each board's DRAM controller clock (the design runs on it). ULX3S: "
                    "LiteDRAM's GENSDRPHY on the IS42S16160 (SDRAM clock from an ODDRX1F, the design clock inverted). "
                    "ECPIX-5: LiteDRAM's ECP5DDRPHY on the MT41K256M16 (sys2x 150 MHz edge clock through ECLKSYNCB + "
@@ -493,7 +499,8 @@ def dram_projection_section(quick: bool) -> Section:
     import dataclasses
 
     from .boards.litedram import CORES, generate_core
-    from .config import PERF_MODEL, PUBLISHED
+    from .boards.registry import BOARDS
+    from .config import FORMAT_SETS, PERF_MODEL, PUBLISHED
     from .image import image_size
     status = {"ulx3s-85f": "co-simulated (dram section); bitstream: build --memory dram",
               "ecpix5-85f": "co-simulated (sim --memory ddr3); bitstream: build --memory dram (read levelling in "
@@ -505,22 +512,24 @@ def dram_projection_section(quick: bool) -> Section:
         boards.append((board, memory, core.size_bytes, core.clk_freq, core.peak_bytes_per_cycle, status[board]))
     s = Section("Weights in DRAM: tokens/s of the published models per board (performance model)",
                 "mmfree-fpga bench --only dram_projection",
-                ["model", "image bytes", "weight bytes/token", "board", "memory", "clock MHz", "peak GB/s",
+                ["model", "formats", "image bytes", "weight bytes/token", "board", "memory", "clock MHz", "peak GB/s",
                  "tokens/s (bandwidth bound)", "tokens/s (compute bound, 64 lanes)", "tokens/s", "status"])
     # the lowest DRAM efficiency measured in co-simulation (the dram section's runs)
     efficiency = min(r["run"].dram["efficiency"] for r in _dram_runs(quick))
     for name, cfg in PUBLISHED.items():
-        size = image_size(cfg, "base3")
-        per_token = PERF_MODEL.bytes_per_token(cfg, "base3")
         for board, memory, capacity, clock, peak, status in boards:
-            if size > capacity:
-                s.rows.append([name, size, per_token, board, memory, clock / 1e6, peak * clock / 1e9, "", "",
-                               f"does not fit ({size / 2**20:.0f} MiB > {capacity / 2**20:.0f} MiB)", status])
-                continue
-            bandwidth = peak * clock * efficiency / per_token
-            compute = clock / PERF_MODEL.cycles_per_token(cfg, 64)
-            s.rows.append([name, size, per_token, board, memory, clock / 1e6, peak * clock / 1e9,
-                           bandwidth, compute, min(bandwidth, compute), status])
+            for fname, fmt in FORMAT_SETS.items():
+                size = image_size(cfg, "base3", fmt)
+                per_token = PERF_MODEL.bytes_per_token(cfg, "base3", fmt)
+                label = fname + (" (the board's)" if BOARDS[board].dram_formats == fname else "")
+                row = [name, label, size, per_token, board, memory, clock / 1e6, peak * clock / 1e9]
+                if size > capacity:
+                    s.rows.append(row + ["", "", f"does not fit ({size / 2**20:.0f} MiB > {capacity / 2**20:.0f} MiB)",
+                                         status])
+                    continue
+                bandwidth = peak * clock * efficiency / per_token
+                compute = clock / PERF_MODEL.cycles_per_token(cfg, 64)
+                s.rows.append(row + [bandwidth, compute, min(bandwidth, compute), status])
     for anchor, rate in ANCHORS:
         s.notes.append(f"Anchor: {anchor}: {rate} tokens/s (issue 20).")
     s.notes.append(f"Bandwidth bound = peak bytes/s x {efficiency:.3f} (the lowest DRAM efficiency measured in the dram "
@@ -528,7 +537,9 @@ def dram_projection_section(quick: bool) -> Section:
                    "the embedding table, plus one embedding row: config.PERF_MODEL.bytes_per_token); compute bound "
                    "= clock / config.PERF_MODEL cycles per token at 64 lanes. The ULX3S engine runs on the "
                    "controller's clock; the ECPIX-5 at its controller's clock (LiteX's ecpix5 default system clock). Peak = "
-                   "the memory bus's bytes per controller cycle (boards/litedram.py DramCore.peak_bytes_per_cycle).")
+                   "the memory bus's bytes per controller cycle (boards/litedram.py DramCore.peak_bytes_per_cycle). "
+                   "Formats: each set's image (config.FORMAT_SETS); a board's DRAM build uses its own "
+                   "(registry.Board.dram_formats) unless --formats says, or narrow with --slots (a split over boards).")
     return s
 
 

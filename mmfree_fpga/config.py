@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .errors import CheckpointError
 
-__all__ = ["ModelConfig", "Formats", "FORMATS", "FORMAT_SETS", "LAYER_BITLINEARS", "derive_intermediate_size"]
+__all__ = ["ModelConfig", "Formats", "FORMATS", "FORMAT_SETS", "FORMAT_SET_SUMMARY", "LAYER_BITLINEARS", "derive_intermediate_size"]
 
 
 def _is_int(value) -> bool:
@@ -339,6 +339,13 @@ FORMAT_SETS = {
     "wide": Formats(x_bits=50, x_frac=34, norm_bits=32, sumsq_shift=39, gate_frac=23, sig_table_log2=13,
                     const_bits=24, scale_bits=25, emb_bits=30, emb_scale_frac=58, quant_exact=True,
                     norm_eps=True),
+}
+
+# One line per set for help texts and reports (what a user chooses between).
+FORMAT_SET_SUMMARY = {
+    "narrow": "Q16 in 32 bits, 16-bit norms, int8 embeddings, a 2^9-interval sigmoid table, the reciprocal quantiser",
+    "wide": ("Q34 in 50 bits, 32-bit norms, 30-bit embeddings, a 2^13-interval sigmoid table, the exact quantiser, "
+             "the inner RMSNorm eps: float32's distance to float64 at the published geometries"),
 }
 
 

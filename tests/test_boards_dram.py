@@ -241,12 +241,13 @@ def test_build_refuses_370m_on_both_memories_with_the_sizes(tmp_path, capsys, ca
     big = tmp_path / "large"
     big.mkdir()
     (big / "config.json").write_text(json.dumps(PUBLISHED["370M"].to_hf_dict()))
-    for memory in ("bram", "dram"):
+    # int8 embeddings on chip (narrow), 30-bit mantissas in int32 with the DRAM (its default, wide)
+    for memory, embeddings in (("bram", "32,768,000 B"), ("dram", "131,072,000 B")):
         out = tmp_path / f"out-{memory}"
         rc = main(["build", "--board", "ulx3s-85f", "--memory", memory, "--checkpoint", str(big),
                    "--out", str(out), "--quiet"])
         err = one_line_error(capsys)
-        assert rc == 2 and "embeddings 32,768,000 B" in err and "33,554,432 B of SDRAM" in err, err
+        assert rc == 2 and f"embeddings {embeddings}" in err and "33,554,432 B of SDRAM" in err, err
         assert ("of on-chip RAM" in err) == (memory == "bram")
         assert not out.exists()
     # refused before any tool ran (and before the core was generated)
@@ -267,9 +268,10 @@ def test_build_with_dram_accepts_an_image_beyond_block_ram(tmp_path, capsys, cac
 # -- the wide number formats -------------------------------------------------------------------------
 
 def test_build_dram_wide_formats_gets_to_synthesis(tmp_path, capsys, cache, monkeypatch):
-    """``build --memory dram --formats wide``: the demo's wide image checked against the SDRAM, the
-    board top with the wide engine elaborated and extracted, the build at Yosys's stage (stopped
-    there: no tool runs here)."""
+    """``build --memory dram`` builds in the wide formats unless told otherwise (the board's
+    ``dram_formats``): the demo's wide image checked against the SDRAM, the board top with the wide
+    engine elaborated and extracted, the build at Yosys's stage (stopped there: no tool runs here).
+    ``--formats narrow`` and a narrow exported image build narrow; on-chip builds default narrow."""
     from mmfree_fpga.boards import build as board_build
     from mmfree_fpga.config import FORMAT_SETS
     from mmfree_fpga.reference.checkpoint import DEMO_CHECKPOINT
@@ -282,9 +284,10 @@ def test_build_dram_wide_formats_gets_to_synthesis(tmp_path, capsys, cache, monk
 
     monkeypatch.setattr(board_build, "_run_stages", stop)
     out = tmp_path / "o"
-    rc = main(["build", "--board", "ulx3s-85f", "--memory", "dram", "--formats", "wide", "--out", str(out), "--quiet"])
+    rc = main(["build", "--board", "ulx3s-85f", "--memory", "dram", "--out", str(out), "--quiet"])
     assert rc == 2 and "stopped before synthesis" in one_line_error(capsys)
     p = seen["prepared"]
+    assert p.formats == "wide"
     assert {"top.il", "top.ys", "top.lpf", f"{p.dram.name}.v"} <= seen["files"] and seen["first"] == "yosys"
     wide = FORMAT_SETS["wide"]
     cfg = ModelConfig.from_checkpoint(DEMO_CHECKPOINT)
@@ -292,6 +295,19 @@ def test_build_dram_wide_formats_gets_to_synthesis(tmp_path, capsys, cache, monk
     assert p.fit["needed_bytes"] == image_size(cfg, "base3", wide) > image_size(cfg, "base3")
     assert p.fit["on_chip_bytes"] == cfg.L * cfg.d * wide.x_bits // 8
     assert not out.exists()
+
+    from mmfree_fpga.boards.build import prepare
+    assert prepare("ulx3s-85f", memory="dram", formats="narrow").context.formats == FORMAT_SETS["narrow"]
+    on_chip = prepare("ulx3s-85f")
+    assert on_chip.formats == "narrow"
+    # nextpnr's router: router2 beside the DRAM controller, nextpnr's own on chip
+    assert p.router == "router2" and "--router router2" in p.plan.files["build_top.sh"]
+    assert on_chip.router is None and "--router" not in on_chip.plan.files["build_top.sh"]
+    narrow_export = tmp_path / "export"
+    assert main(["export", "--out", str(narrow_export)]) == 0
+    capsys.readouterr()
+    p = prepare("ulx3s-85f", memory="dram", checkpoint=narrow_export)
+    assert p.formats == "narrow" and p.fit["needed_bytes"] == image_size(cfg, "base3")
 
 
 def test_build_dram_with_slots_gets_to_synthesis(checkpoint, tmp_path, capsys, cache, monkeypatch):

@@ -98,6 +98,12 @@ def engine_lanes(text: str) -> int:
     return value
 
 
+def formats_choices_text() -> str:
+    """The format sets a ``--formats`` option offers, one phrase each (``config.FORMAT_SET_SUMMARY``)."""
+    from mmfree_fpga.config import FORMAT_SET_SUMMARY
+    return "; ".join(f"{name}: {text}" for name, text in FORMAT_SET_SUMMARY.items())
+
+
 def lanes_help(default: int) -> str:
     from mmfree_fpga.hw.engine import LANES_SUPPORTED
     return (f"trits per cycle of the matrix unit: {', '.join(map(str, LANES_SUPPORTED))} "

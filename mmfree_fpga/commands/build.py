@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from ._common import check_out_dir, int_in, lanes_help, non_negative_int, positive_float, positive_int
+from ._common import (check_out_dir, formats_choices_text, int_in, lanes_help, non_negative_int, positive_float,
+                      positive_int)
 
 HELP = "build the bitstream of the design for a board (YoWASP Yosys + nextpnr), with timing and utilisation"
 
@@ -31,9 +32,11 @@ def add_arguments(p) -> None:
                         f"or dram (the board's DRAM through a LiteDRAM controller, weights uploaded over the "
                         f"UART; boards: {', '.join(dram_boards())}; default clock: the controller's tested one)")
     from mmfree_fpga.config import FORMAT_SETS
-    p.add_argument("--formats", choices=tuple(FORMAT_SETS), default="narrow",
-                   help="the engine's number formats (default narrow; wide: the float32-level set of issue 21, "
-                        "ECP5 engines only): the image is sized and exported in them")
+    dram_defaults = ", ".join(f"{name} {board.dram_formats}" for name, board in BOARDS.items() if board.dram)
+    p.add_argument("--formats", choices=tuple(FORMAT_SETS), default=None,
+                   help="the engine's number formats, the image is sized and exported in them (default: with "
+                        f"--memory dram and no --slots the board's DRAM set, {dram_defaults}; otherwise "
+                        f"narrow; wide on ECP5 engines only): {formats_choices_text()}")
     p.add_argument("--slots", type=int_in(0, 255), default=0, metavar="N",
                    help="state slots of the engine (protocol 1.2's slice ops: the board can hold a layer slice "
                         "in a run over several boards, N sequences in flight); default 0, none. Any --memory "
@@ -45,6 +48,11 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=non_negative_int, default=None, metavar="N",
                    help="nextpnr's placement seed (default: nextpnr's own); Fmax varies with it by a few "
                         "percent, so a build that misses its clock narrowly may meet it with another seed")
+    from mmfree_fpga.boards.build import ROUTERS
+    dram_routers = ", ".join(f"{name} {board.dram_router}" for name, board in BOARDS.items() if board.dram_router)
+    p.add_argument("--router", choices=ROUTERS, default=None,
+                   help=f"nextpnr's router (default: nextpnr's own, router1, but with --memory dram the board's: "
+                        f"{dram_routers}; router1 stalls there on the wide engine)")
     p.add_argument("--out", default=None, metavar="DIR", help="output directory (default out/build/BOARD)")
     p.add_argument("--no-cache", action="store_true", help="run the toolchain even if this build is cached")
 
@@ -107,11 +115,11 @@ def run(args) -> dict:
     r = build(args.board, out=args.out, clock_mhz=args.clock_mhz, baud=args.baud, checkpoint=args.checkpoint,
               packing=args.packing, design=design_factory(name, lanes=args.lanes, slots=args.slots),
               use_cache=not args.no_cache,
-              quiet=args.quiet, seed=args.seed, memory=args.memory,
+              quiet=args.quiet, seed=args.seed, memory=args.memory, router=args.router,
               announce=announce, formats=args.formats)
     how = f"from the cache in {r['build_seconds']:.1f} s" if r["cached"] else f"in {r['build_seconds']:.1f} s"
     print(f"built {r['bitstream']} for {r['board']} ({r['device']}) {how}")
-    lanes = f", {r['lanes']} lanes" if r["lanes"] else ""
+    lanes = f", {r['lanes']} lanes, {r['formats']} formats" if r["lanes"] else ""
     print(f"design: {r['design']}{lanes}" + (f" ({r['design_description']})" if r["design_description"] else ""))
     pll = r["pll"]
     clock = f"{r['clock_mhz']:g} MHz" + (" from the PLL" if pll else " from the oscillator")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ._common import formats_choices_text
+
 HELP = "write the weight image (packed trits, scales, norm vectors, embeddings) and its manifest"
 
 
@@ -17,9 +19,8 @@ def add_formats_argument(p, what: str, default_note: str = "") -> None:
     """``--formats NAME``: a number format set of ``FORMAT_SETS`` (default: the hardware's)."""
     from mmfree_fpga.config import FORMAT_SETS
     p.add_argument("--formats", choices=tuple(FORMAT_SETS), default=None,
-                   help=f"number formats of {what} (default {default_formats_name()}, the hardware's{default_note}; "
-                        "'wide': Q24 activations, 24-bit norms, embeddings and constants, exact quantiser, the "
-                        "inner RMSNorm eps)")
+                   help=f"number formats of {what} (default {default_formats_name()}, the hardware's{default_note}): "
+                        + formats_choices_text())
 
 
 def formats_of(args):

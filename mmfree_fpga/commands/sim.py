@@ -7,8 +7,8 @@ import sys
 from mmfree_fpga.config import FORMAT_SETS
 from mmfree_fpga.errors import UserError
 
-from ._common import (add_generation_arguments, check_out_file, engine_lanes, float_in, int_in, lanes_help,
-                      non_negative_int, probability, prompt_and_sampler)
+from ._common import (add_generation_arguments, check_out_file, engine_lanes, float_in, formats_choices_text, int_in,
+                      lanes_help, non_negative_int, probability, prompt_and_sampler)
 
 HELP = "simulate the engine's Verilog on a prompt (greedy); cycles per token against the ideal"
 
@@ -20,10 +20,8 @@ def add_arguments(p) -> None:
     p.add_argument("--simulator", choices=("verilator", "icarus", "amaranth"), default="verilator",
                    help="simulator (default verilator)")
     p.add_argument("--formats", choices=tuple(FORMAT_SETS), default="narrow",
-                   help="the number formats the engine is built with and the checkpoint exported in: narrow "
-                        "(Q16 activations, 16-bit norms; default) or wide (Q24 in 40 bits, 24-bit norms and "
-                        "embeddings, the exact quantiser, the inner RMSNorm eps); the logits the interface "
-                        "reports are Q16 either way")
+                   help="the number formats the engine is built with and the checkpoint exported in (default "
+                        f"narrow): {formats_choices_text()}; the logits the interface reports are Q16 either way")
     p.add_argument("--memory", choices=("bram", "sdram", "ddr3"), default="bram",
                    help="where the weights are: bram, an on-chip store with the memory model below (default); "
                         "sdram, the ULX3S's SDRAM (IS42S16160, 50 MHz) or ddr3, the ECPIX-5's DDR3 (MT41K256M16, "
