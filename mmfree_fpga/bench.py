@@ -487,10 +487,12 @@ def dram_builds_section(quick: bool) -> Section:
                    "CLKDIVF), read levelling by hw/dram_calibration.py (bitslip x delay sweep per byte lane, the "
                    "middle of the widest passing window) before the engine gets the memory. Neither has run on a "
                    "real board yet: met timing and a placed design, not a measured token.")
+    cells = {}
     for r in rows:
         if r.get("dram_cells"):
-            s.notes.append(f"{r['board']}: clock and DDR hard blocks placed: "
-                           + ", ".join(f"{k} {v}" for k, v in sorted(r["dram_cells"].items())))
+            cells.setdefault(r["board"], set()).add(", ".join(f"{k} {v}" for k, v in sorted(r["dram_cells"].items())))
+    for board, texts in cells.items():
+        s.notes.append(f"{board}: clock and DDR hard blocks placed: " + " / ".join(sorted(texts)))
     return s
 
 
