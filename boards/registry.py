@@ -91,7 +91,7 @@ def _known():
             programmer=Programmer(ofl_board="ulx3s", cable="the ULX3S's FTDI FT231X on the US1 port",
                                   sram=True, usb_id=(0x0403, 0x6015)),
             design="engine", dram="ulx3s-85f", dram_clock_hz=50e6, dram_formats="wide",
-            # router1 had not routed the wide DRAM design after 25 minutes (stuck near 62,000
+            # router1 had not routed the wide DRAM design after 24 minutes of routing (stuck near 62,000
             # unrouted arcs); router2 routed the same placement in 110 s, 57.4 MHz against 50. On
             # the ECPIX-5 router1 is the better one: 113.5 MHz against router2's 78.9 at 75.
             dram_router="router2"),

@@ -479,7 +479,7 @@ def dram_builds_section(quick: bool) -> Section:
     s.notes.append("Each board in both format sets (config.FORMAT_SETS); build --memory dram builds its board's "
                    "(registry.Board.dram_formats, wide on both) unless --formats says. nextpnr's router: each "
                    "board's for its DRAM designs (registry.Board.dram_router): router2 on the ULX3S, where router1 "
-                   "had not routed the wide design after 25 minutes; nextpnr's own (router1) on the ECPIX-5, where "
+                   "had not routed the wide design after 24 minutes of routing; nextpnr's own (router1) on the ECPIX-5, where "
                    "router2 made the wide design 78.9 MHz against router1's 113.5.")
     s.notes.append("Demo model, 16 lanes, at each board's DRAM controller clock (the design runs on it). ULX3S: "
                    "LiteDRAM's GENSDRPHY on the IS42S16160 (SDRAM clock from an ODDRX1F, the design clock inverted). "
