@@ -1,6 +1,7 @@
 """Out-of-context ECP5 timing of the Engine alone (no Link, no board top): where its own limits are.
 
-``python -m mmfree_fpga.boards.ecp5_timing [--lanes 64] [--formats narrow|wide] [--freq 115] [--seed 1] [--keep DIR]`` builds
+``python -m mmfree_fpga.boards.ecp5_timing [--lanes 64] [--formats narrow|wide] [--freq 115] [--seed 1]
+[--router router2] [--place-only] [--keep DIR]`` builds
 the full :class:`~.engine.Engine` for the demo model (or ``--checkpoint``) with the weight image
 in block RAM, as on the ULX3S (DP16KD instances with their output register when the store is
 banked), inside a wrapper whose every port is a flip-flop (inputs from a
@@ -64,9 +65,11 @@ class RegisteredPorts(wiring.Component):
         return m
 
 
-def run(design, workdir: Path, *, freq: float = 115.0, seed: int = 1, place_only: bool = False) -> dict:
+def run(design, workdir: Path, *, freq: float = 115.0, seed: int = 1, place_only: bool = False,
+        router: str | None = None) -> dict:
     """Synthesise and place and route ``design`` out of context in ``workdir``; nextpnr's JSON report
-    (``place_only``: without routing, the delays nextpnr estimates after placement)."""
+    (``place_only``: without routing, the delays nextpnr estimates after placement; ``router``:
+    nextpnr's, None for its own)."""
     from amaranth.back import rtlil
 
     from .build import YOSYS_AFTER_READ, tool_command
@@ -78,7 +81,8 @@ def run(design, workdir: Path, *, freq: float = 115.0, seed: int = 1, place_only
     subprocess.run([tool_command("nextpnr-ecp5"), "--85k", "--package", "CABGA381",
                     "--speed", "6", "--out-of-context", "--freq", str(freq), "--seed", str(seed),
                     "--json", "top.json", "--report", "report.json", "--detailed-timing-report",
-                    "--log", "top.tim", "--timing-allow-fail", "-q"] + (["--no-route"] if place_only else []),
+                    "--log", "top.tim", "--timing-allow-fail", "-q"] + (["--no-route"] if place_only else [])
+                   + (["--router", router] if router else []),
                    cwd=workdir, check=True)
     return json.loads((workdir / "report.json").read_text())
 
@@ -123,6 +127,8 @@ def main(argv=None) -> int:
     ap.add_argument("--keep", default=None, help="directory for the netlists and logs (default: a temporary one)")
     ap.add_argument("--place-only", action="store_true",
                     help="stop after placement: estimated delays, minutes instead of the router's hour on a congested design")
+    ap.add_argument("--router", choices=("router1", "router2"), default=None,
+                    help="nextpnr's router (default its own, router1; router2 routes the wide engine in minutes)")
     ap.add_argument("--formats", choices=sorted(FORMAT_SETS), default="narrow", help="the engine's number formats")
     args = ap.parse_args(argv)
     from .designs import weight_image
@@ -137,10 +143,12 @@ def main(argv=None) -> int:
                                     mem_dp16kd=banked, formats=image.formats))
     t0 = time.monotonic()
     if args.keep:
-        report = run(design, Path(args.keep), freq=args.freq, seed=args.seed, place_only=args.place_only)
+        report = run(design, Path(args.keep), freq=args.freq, seed=args.seed, place_only=args.place_only,
+                     router=args.router)
     else:
         with tempfile.TemporaryDirectory() as tmp:
-            report = run(design, Path(tmp), freq=args.freq, seed=args.seed, place_only=args.place_only)
+            report = run(design, Path(tmp), freq=args.freq, seed=args.seed, place_only=args.place_only,
+                         router=args.router)
     print(summary(report))
     print(f"(Engine alone, full variant, {args.formats} formats, {args.lanes} lanes, d={image.cfg.d} L={image.cfg.L}, weights in block RAM; "
           f"{'placement estimate, ' if args.place_only else ''}out-of-context ECP5-85F speed 6, seed {args.seed}; {time.monotonic() - t0:.0f} s)")
