@@ -267,22 +267,41 @@ def test_build_with_dram_accepts_an_image_beyond_block_ram(tmp_path, capsys, cac
 
 # -- the wide number formats -------------------------------------------------------------------------
 
+def stop_before_synthesis(monkeypatch):
+    """Builds stop at Yosys's stage (no tool runs): returns ``(seen, made)``, filled by each build
+    with its PreparedBuild, the build directory's file names, the first stage and top.il
+    (``seen``), and the designs the factory made (``made``)."""
+    from mmfree_fpga.boards import build as board_build
+    from mmfree_fpga.boards import designs
+    seen, made = {}, []
+    real_factory = designs.design_factory
+
+    def spy_factory(name, **kw):
+        factory = real_factory(name, **kw)
+
+        def spy(context):
+            made.append(factory(context))
+            return made[-1]
+        spy.__dict__.update(factory.__dict__)
+        return spy
+
+    def stop(prepared, tools, build_dir, env, quiet):
+        seen.update(prepared=prepared, files={f.name for f in build_dir.iterdir()},
+                    first=board_build._stages(prepared, tools)[0][0], il=(build_dir / "top.il").read_text())
+        raise UserError("stopped before synthesis")
+
+    monkeypatch.setattr(designs, "design_factory", spy_factory)
+    monkeypatch.setattr(board_build, "_run_stages", stop)
+    return seen, made
+
 def test_build_dram_wide_formats_gets_to_synthesis(tmp_path, capsys, cache, monkeypatch):
     """``build --memory dram`` builds in the wide formats unless told otherwise (the board's
     ``dram_formats``): the demo's wide image checked against the SDRAM, the board top with the wide
     engine elaborated and extracted, the build at Yosys's stage (stopped there: no tool runs here).
     ``--formats narrow`` and a narrow exported image build narrow; on-chip builds default narrow."""
-    from mmfree_fpga.boards import build as board_build
     from mmfree_fpga.config import FORMAT_SETS
     from mmfree_fpga.reference.checkpoint import DEMO_CHECKPOINT
-    seen = {}
-
-    def stop(prepared, tools, build_dir, env, quiet):
-        seen.update(prepared=prepared, files={f.name for f in build_dir.iterdir()},
-                    first=board_build._stages(prepared, tools)[0][0])
-        raise UserError("stopped before synthesis")
-
-    monkeypatch.setattr(board_build, "_run_stages", stop)
+    seen, _ = stop_before_synthesis(monkeypatch)
     out = tmp_path / "o"
     rc = main(["build", "--board", "ulx3s-85f", "--memory", "dram", "--out", str(out), "--quiet"])
     assert rc == 2 and "stopped before synthesis" in one_line_error(capsys)
@@ -315,29 +334,8 @@ def test_build_dram_with_slots_gets_to_synthesis(checkpoint, tmp_path, capsys, c
     behind a Link with the slice ops (the slice images go into the SDRAM), elaborated and extracted;
     the build at Yosys's stage (stopped there: no tool runs here). The wide formats are refused
     with slots (the Link's slice ops carry int32 residuals)."""
-    from mmfree_fpga.boards import build as board_build
-    from mmfree_fpga.boards import designs
     from mmfree_fpga.hw.dram_engine import DramEngine
-    seen = {}
-    made = []
-    real_factory = designs.design_factory
-
-    def spy_factory(name, **kw):
-        factory = real_factory(name, **kw)
-
-        def spy(context):
-            made.append(factory(context))
-            return made[-1]
-        spy.__dict__.update(factory.__dict__)
-        return spy
-
-    def stop(prepared, tools, build_dir, env, quiet):
-        seen.update(prepared=prepared, files={f.name for f in build_dir.iterdir()},
-                    first=board_build._stages(prepared, tools)[0][0], il=(build_dir / "top.il").read_text())
-        raise UserError("stopped before synthesis")
-
-    monkeypatch.setattr(designs, "design_factory", spy_factory)
-    monkeypatch.setattr(board_build, "_run_stages", stop)
+    seen, made = stop_before_synthesis(monkeypatch)
     out = tmp_path / "o"
     rc = main(["build", "--board", "ulx3s-85f", "--memory", "dram", "--slots", "2", "--checkpoint", str(checkpoint),
                "--out", str(out), "--quiet"])
@@ -363,30 +361,11 @@ def test_build_dram_with_slots_builds_a_slice_of_the_370m_split(tmp_path, capsys
     split over the planner's fewest boards, which the build prints; the design reaches Yosys (stopped
     there), its Link announcing the SDRAM's 32 MiB as its capacity. Without --slots it is refused
     as before."""
-    from mmfree_fpga.boards import build as board_build
-    from mmfree_fpga.boards import designs
     from mmfree_fpga.planner import plan
     big = tmp_path / "370m"
     big.mkdir()
     (big / "config.json").write_text(json.dumps(PUBLISHED["370M"].to_hf_dict()))
-    seen, made = {}, []
-    real_factory = designs.design_factory
-
-    def spy_factory(name, **kw):
-        factory = real_factory(name, **kw)
-
-        def spy(context):
-            made.append(factory(context))
-            return made[-1]
-        spy.__dict__.update(factory.__dict__)
-        return spy
-
-    def stop(prepared, tools, build_dir, env, quiet):
-        seen.update(prepared=prepared, first=board_build._stages(prepared, tools)[0][0])
-        raise UserError("stopped before synthesis")
-
-    monkeypatch.setattr(designs, "design_factory", spy_factory)
-    monkeypatch.setattr(board_build, "_run_stages", stop)
+    seen, made = stop_before_synthesis(monkeypatch)
     out = tmp_path / "o"
     rc = main(["build", "--board", "ulx3s-85f", "--memory", "dram", "--slots", "2", "--checkpoint", str(big),
                "--out", str(out), "--quiet"])
