@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .errors import CheckpointError
 
-__all__ = ["ModelConfig", "Formats", "FORMATS", "FORMAT_SETS", "FORMAT_SET_SUMMARY", "LAYER_BITLINEARS", "derive_intermediate_size"]
+__all__ = ["ModelConfig", "Formats", "FORMATS", "FORMAT_SETS", "LAYER_BITLINEARS", "derive_intermediate_size"]
 
 
 def _is_int(value) -> bool:
@@ -317,6 +317,14 @@ class Formats:
     def x_min(self) -> int:
         return -(1 << (self.x_bits - 1))
 
+    def summary(self) -> str:
+        """One phrase for help texts: the widths a user chooses between, from the fields themselves."""
+        emb = "int8" if self.emb_bits <= 8 else f"{self.emb_bits}-bit"
+        return (f"Q{self.x_frac} in {self.x_bits} bits, {self.norm_bits}-bit norms, {emb} embeddings, a "
+                f"2^{self.sig_table_log2}-interval sigmoid table, the "
+                f"{'exact' if self.quant_exact else 'reciprocal'} quantiser"
+                + (", the inner RMSNorm eps" if self.norm_eps else ""))
+
     def as_dict(self) -> dict:
         d = asdict(self)
         d["acc_bits"] = self.acc_bits
@@ -339,13 +347,6 @@ FORMAT_SETS = {
     "wide": Formats(x_bits=50, x_frac=34, norm_bits=32, sumsq_shift=39, gate_frac=23, sig_table_log2=13,
                     const_bits=24, scale_bits=25, emb_bits=30, emb_scale_frac=58, quant_exact=True,
                     norm_eps=True),
-}
-
-# One line per set for help texts and reports (what a user chooses between).
-FORMAT_SET_SUMMARY = {
-    "narrow": "Q16 in 32 bits, 16-bit norms, int8 embeddings, a 2^9-interval sigmoid table, the reciprocal quantiser",
-    "wide": ("Q34 in 50 bits, 32-bit norms, 30-bit embeddings, a 2^13-interval sigmoid table, the exact quantiser, "
-             "the inner RMSNorm eps: float32's distance to float64 at the published geometries"),
 }
 
 

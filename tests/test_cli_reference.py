@@ -64,3 +64,21 @@ def test_reference_integer_formats(tmp_path, small_checkpoint, capsys):
     capsys.readouterr()
     assert main(["reference", "--checkpoint", str(small_checkpoint), "--formats", "wide"]) == 2
     assert "add --integer" in capsys.readouterr().err
+
+
+def test_formats_help_follows_the_format_sets(capsys):
+    """Every --formats help describes each set from its fields (Formats.summary), so a changed set
+    cannot leave a stale description behind (export's and sim's once described an older wide set)."""
+    import dataclasses
+
+    from mmfree_fpga.config import FORMAT_SETS
+    wide = FORMAT_SETS["wide"]
+    assert wide.summary().startswith(f"Q{wide.x_frac} in {wide.x_bits} bits, {wide.norm_bits}-bit norms")
+    other = dataclasses.replace(wide, x_bits=44, x_frac=28, quant_exact=False, norm_eps=False)
+    assert other.summary().startswith("Q28 in 44 bits") and "reciprocal" in other.summary()
+    assert "eps" not in other.summary()
+    for command in ("export", "sim", "build"):
+        assert main([command, "--help"]) == 0
+        text = " ".join(capsys.readouterr().out.split())
+        for fmt in FORMAT_SETS.values():
+            assert " ".join(fmt.summary().split()) in text, command

@@ -99,9 +99,9 @@ def engine_lanes(text: str) -> int:
 
 
 def formats_choices_text() -> str:
-    """The format sets a ``--formats`` option offers, one phrase each (``config.FORMAT_SET_SUMMARY``)."""
-    from mmfree_fpga.config import FORMAT_SET_SUMMARY
-    return "; ".join(f"{name}: {text}" for name, text in FORMAT_SET_SUMMARY.items())
+    """The format sets a ``--formats`` option offers, one phrase each (``Formats.summary``)."""
+    from mmfree_fpga.config import FORMAT_SETS
+    return "; ".join(f"{name}: {fmt.summary()}" for name, fmt in FORMAT_SETS.items())
 
 
 def lanes_help(default: int) -> str:
