@@ -92,7 +92,7 @@ def _known():
                                   sram=True, usb_id=(0x0403, 0x6015)),
             design="engine", dram="ulx3s-85f", dram_clock_hz=50e6, dram_formats="wide",
             # router1 had not routed the wide DRAM design after 24 minutes of routing (stuck near 62,000
-            # unrouted arcs); router2 routed the same placement in 110 s, 57.4 MHz against 50. On
+            # unrouted arcs); router2 routes it in 107 s (the build's nextpnr log), 57.4 MHz against 50. On
             # the ECPIX-5 router1 is the better one: 113.5 MHz against router2's 78.9 at 75.
             dram_router="router2"),
         # The UART is the FT2232H's second channel (amaranth-boards' uart 0). No reset button:
