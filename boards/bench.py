@@ -51,9 +51,9 @@ def _build_figures(r: dict) -> dict:
 
 def board_benchmarks(boards=("ulx3s-85f",), lanes_list=(16, 32, 64), progress: Callable[[str], None] | None = None,
                      *, checkpoint=None, clock_mhz: dict | None = None, cache_dir=None, use_cache: bool = True,
-                     out_dir=None, formats: str = "narrow") -> list[dict]:
+                     out_dir=None, formats: str | None = None) -> list[dict]:
     """Build the engine for each board x lanes in the number formats ``formats`` (a name of
-    ``config.FORMAT_SETS``); one row (dict) per build.
+    ``config.FORMAT_SETS``; None: each board's own, ``Board.formats``); one row (dict) per build.
 
     ``clock_mhz`` maps board -> requested clock (default :data:`BENCH_CLOCK_MHZ`, else the
     board's default clock). ``progress`` gets one line before each build. A build that fails
@@ -68,18 +68,19 @@ def board_benchmarks(boards=("ulx3s-85f",), lanes_list=(16, 32, 64), progress: C
     cfg = weight_image(checkpoint, None).cfg
     rows = []
     for board in boards:
+        fmt = formats or resolve_board(board).formats
         for lanes in lanes_list:
             mhz = clocks.get(board)
             if progress is not None:
-                progress(f"building the engine for {board}, {lanes} lanes"
+                progress(f"building the engine for {board}, {lanes} lanes, {fmt} formats"
                          + (f", {mhz:g} MHz" if mhz else ""))
             cycles = engine_perf_model(resolve_board(board).family).cycles_per_token(cfg, lanes)
             row = {"board": board, "lanes": lanes, "requested_clock_mhz": mhz, "cycles_per_token": round(cycles, 1),
-                   "formats": formats}
+                   "formats": fmt}
             out = Path(out_dir) / f"{board.replace(':', '_')}-{lanes}" if out_dir is not None else None
             try:
                 r = build(board, out=out, clock_mhz=mhz, checkpoint=checkpoint, design=linked_engine(lanes=lanes),
-                          cache_dir=cache_dir, use_cache=use_cache, quiet=True, formats=formats)
+                          cache_dir=cache_dir, use_cache=use_cache, quiet=True, formats=fmt)
             except (UserError, DesignError) as e:
                 rows.append({**row, "error": str(e)})
                 continue

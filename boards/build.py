@@ -247,8 +247,9 @@ def default_formats(spec, memory: str, slots: int = 0, checkpoint=None) -> str:
     """The number formats (a name of ``config.FORMAT_SETS``) a build of ``spec`` uses unless asked
     for others: those of an exported image ``checkpoint`` (its manifest's); the board's
     ``dram_formats`` for a DRAM engine without state slots (the published models reach a board
-    through its DRAM; the slice ops carry int32 residuals, so slots stay narrow); else narrow (the
-    on-chip engines: their clock targets at 64 lanes, the iCE40's tiny engine)."""
+    through its DRAM); narrow for an engine with state slots (the splits over boards are verified
+    bit for bit in it); else the board's ``formats`` (its on-chip engine: the widest set that meets
+    its clock target at 64 lanes; narrow for the iCE40's tiny engine)."""
     manifest = Path(checkpoint) / "manifest.json" if checkpoint is not None else None
     if manifest is not None and manifest.is_file():
         try:
@@ -262,7 +263,7 @@ def default_formats(spec, memory: str, slots: int = 0, checkpoint=None) -> str:
                         "re-export it with --formats")
     if memory == "dram" and not slots:
         return spec.dram_formats
-    return "narrow"
+    return "narrow" if slots else spec.formats
 
 
 def prepare(board: str, *, clock_mhz: float | None = None, baud: int = DEFAULT_BAUD, checkpoint=None,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mmfree_fpga.config import FORMATS, Formats
+from mmfree_fpga.config import FORMATS, Formats, slots_formats_error
 from mmfree_fpga.errors import UserError
 
 from .placeholder import frame_echo
@@ -77,8 +77,8 @@ def linked_engine(*, lanes: int | None = None, preload: bool | None = None, slot
         if slots and context.family in TINY_FAMILIES:
             raise UserError(f"--slots needs the block-RAM engine or the DRAM engine: the {context.family} build "
                             "runs the tiny engine, which has no state slots")
-        if slots and context.formats.x_bits != 32:
-            raise UserError("--slots needs the narrow formats: the slice ops carry int32 residuals")
+        if slots and not context.formats.int32_residual:
+            raise UserError(slots_formats_error())
         if context.memory == "dram":
             return _dram_engine(context, lanes, preload, slots)
         packing = context.image.packing if context.image is not None else None

@@ -46,8 +46,11 @@ class Board:
     design: str = "echo"                 # what `mmfree-fpga build` puts on it (boards.designs.DESIGNS)
     dram: str | None = None              # its DRAM for --memory dram: a key of boards.litedram.CORES
     dram_clock_hz: float | None = None   # the design clock with --memory dram (the controller's tested clock)
-    # the number formats (a name of config.FORMAT_SETS) of its --memory dram engine unless --formats
-    # says: where the published models run, so the float32-level set wherever it meets dram_clock_hz
+    # the number formats (a name of config.FORMAT_SETS) of its on-chip engine (and of any engine with
+    # --slots) unless --formats says: the widest set that meets its clock target at 64 lanes
+    formats: str = "narrow"
+    # ... and of its --memory dram engine: where the published models run, so the float32-level set
+    # wherever it meets dram_clock_hz
     dram_formats: str = "narrow"
     # nextpnr's router for its --memory dram designs (None: nextpnr's own), where they need another
     dram_router: str | None = None
@@ -90,7 +93,7 @@ def _known():
             default_clock_hz=60e6, pll=True, leds=(0, 1, 2), reset_button=("button_fire", 0),
             programmer=Programmer(ofl_board="ulx3s", cable="the ULX3S's FTDI FT231X on the US1 port",
                                   sram=True, usb_id=(0x0403, 0x6015)),
-            design="engine", dram="ulx3s-85f", dram_clock_hz=50e6, dram_formats="wide",
+            design="engine", formats="medium", dram="ulx3s-85f", dram_clock_hz=50e6, dram_formats="wide",
             # router1 had not routed the wide DRAM design after 24 minutes of routing (stuck near 62,000
             # unrouted arcs); router2 routes it in 107 s (the build's nextpnr log), 57.4 MHz against 50. On
             # the ECPIX-5 router1 is the better one: 113.5 MHz against router2's 78.9 at 75.
@@ -107,7 +110,7 @@ def _known():
             leds=(("rgb_led", 0, "g"), ("rgb_led", 1, "b"), ("rgb_led", 2, "r")), reset_button=None,
             programmer=Programmer(ofl_board="ecpix5", cable="the ECPIX-5's FTDI FT2232H on its micro-USB port",
                                   sram=True, usb_id=(0x0403, 0x6010)),
-            design="engine", dram="ecpix5-85f", dram_clock_hz=75e6, dram_formats="wide",
+            design="engine", formats="medium", dram="ecpix5-85f", dram_clock_hz=75e6, dram_formats="wide",
             status_leds=(("dram_ready", ("rgb_led", 3, "g")), ("dram_error", ("rgb_led", 3, "r")))),
     }
 

@@ -105,7 +105,7 @@ starts from the embedding (``EMBEDDING``) or from the *input buffer* (an x-sized
 ``residual`` stream writes: ``index``, ``value``; read into x through the writer's embedding
 path), and without the head stops after the last layer's down_proj: that result (the residual
 out) is also stored to the logit memory, which is then the *output buffer* read through
-``logit_req`` / ``logit_resp`` (raw Q16 int32: the narrow formats only), and the result is
+``logit_req`` / ``logit_resp`` (raw Q16 int32: ``Formats.int32_residual`` sets only), and the result is
 ``token`` 0, ``logit`` 0 and the step's ``cycles``. h has ``slots`` copies (``max_L x max_d``
 each) and its zero flags one set per slot. A slice of no layers runs lm_head alone (the head) or
 no job at all (the embedding only: the embedding is the output). Without slots (the
@@ -316,8 +316,8 @@ class EngineCore(wiring.Component):
             raise DesignError(f"slots must be an integer in [0, {MAX_SLOTS}], got {slots!r}")
         if slots and compact:
             raise DesignError("state slots need the full engine (compact=False)")
-        if slots and not (formats.x_bits <= 32 and formats.x_frac == 16):
-            raise DesignError("state slots need formats whose residual is a Q16 int32 (the narrow set): "
+        if slots and not formats.int32_residual:
+            raise DesignError("state slots need formats whose residual is a Q16 int32 (Formats.int32_residual): "
                               "the output buffer is read through the logit port unchanged")
         self.slots = slots
         self.cfg = cfg

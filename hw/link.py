@@ -271,9 +271,9 @@ class Link(wiring.Component):
             raise ValueError("the Link's small form has no VERIFY_IMAGE: readback needs small=False")
         if slots and small:
             raise ValueError("the Link's small form has no state slots (the slice ops): slots needs small=False")
-        if slots and formats.x_bits != 32:
+        if slots and not formats.int32_residual:
             # (WRITE_RESIDUAL's range check is then the int32's, which the wire value always passes)
-            raise ValueError("state slots need formats whose residual is an int32 (the narrow set)")
+            raise ValueError("state slots need formats whose residual is a Q16 int32 (Formats.int32_residual)")
         self.slots = slots
         self.reads_back = readback
         self.commands = [c for c in COMMANDS if readback or c != Op.VERIFY_IMAGE] + (SLICE_COMMANDS if slots else [])

@@ -333,7 +333,9 @@ def boards_section(quick: bool) -> Section:
                    "hardware. tokens/s at Fmax = Fmax / cycles per token. build s: the whole build; \"(cached)\": "
                    "the bitstream came from the build cache (same plan, checkpoint and tool versions), and the "
                    "figure is the toolchain's time when it was built.")
-    s.notes.append("ULX3S: the engine with the weight image in block RAM from the bitstream. iCEBreaker: the tiny "
+    s.notes.append(f"ULX3S: the engine in its on-chip number formats ({resolve_board('ulx3s-85f').formats}; "
+                   "registry.Board.formats, the boards_wide section has every set), with the weight image in block "
+                   "RAM from the bitstream. iCEBreaker: the tiny "
                    "engine (hw/tiny_engine.py: one sequential 48-bit datapath run by a program, one trit per cycle), "
                    "weights uploaded over the UART into the four SPRAMs.")
     from mmfree_fpga.boards.build import ICE40_ABC9_WIRE_DELAY_PS
@@ -344,35 +346,37 @@ def boards_section(quick: bool) -> Section:
 
 
 def boards_wide_section(quick: bool) -> Section:
-    """The ULX3S engine in the wide number formats next to the narrow one (issue 21's cost)."""
-    from .boards.bench import BENCH_COLUMNS, bench_row_cells, board_benchmarks
-    s = Section("The engine on the ULX3S in each format set (the cost of the wide formats)",
+    """The ULX3S engine in every format set (issue 21's cost of the wider formats)."""
+    from .boards.bench import BENCH_CLOCK_MHZ, BENCH_COLUMNS, bench_row_cells, board_benchmarks
+    from .boards.registry import BOARDS
+    from .config import FORMAT_SETS
+    s = Section("The engine on the ULX3S in each format set (the cost of the wider formats)",
                 "mmfree-fpga bench --only boards_wide", ["formats"] + BENCH_COLUMNS)
     lanes = (16,) if quick else (16, 32, 64)
-    rows = {}
-    for formats in ("narrow", "wide"):
-        rows[formats] = board_benchmarks(("ulx3s-85f",), lanes, formats=formats,
-                                         progress=lambda line, f=formats: print(f"bench: {line} ({f})", flush=True))
-    for narrow, wide in zip(rows["narrow"], rows["wide"]):
-        s.rows += [["narrow"] + bench_row_cells(narrow), ["wide"] + bench_row_cells(wide)]
-    from .boards.bench import BENCH_CLOCK_MHZ
-    from .config import FORMAT_SETS
-    w = FORMAT_SETS["wide"]
-    s.notes.append(f"Demo model, both sets built for the same {BENCH_CLOCK_MHZ['ulx3s-85f']:g} MHz target (cached "
-                   f"builds are the same builds as the "
-                   f"boards section's). wide: Q{w.x_frac} activations in {w.x_bits} bits, {w.norm_bits}-bit normalised "
-                   f"vectors, the exact quantiser, the inner eps term, a 2^{w.sig_table_log2}-interval sigmoid "
-                   f"table, {w.emb_bits}-bit embedding mantissas (config.FORMAT_SETS; README 'Format sets'); its "
-                   "fidelity is in the fidelity section. cycles/token and tokens/s: config.PERF_MODEL, made for the narrow "
-                   "engine; the wide one's pipelines are a few stages longer, so its figure is slightly optimistic.")
-    for narrow, wide in zip(rows["narrow"], rows["wide"]):
-        if narrow.get("error") or wide.get("error"):
-            continue
-        def more(key):
-            a, b = narrow[key]["used"], wide[key]["used"]
-            return f"{b - a:+d} ({(b - a) / a * 100 if a else 0:+.0f}%)"
-        s.notes.append(f"{narrow['lanes']} lanes, wide against narrow: LUT {more('lut')}, FF {more('ff')}, block RAM "
-                       f"{more('bram')}, DSP {more('dsp')}; Fmax {narrow['fmax_mhz']:g} -> {wide['fmax_mhz']:g} MHz.")
+    rows = {name: board_benchmarks(("ulx3s-85f",), lanes, formats=name,
+                                   progress=lambda line: print(f"bench: {line}", flush=True))
+            for name in FORMAT_SETS}
+    for per_lanes in zip(*rows.values()):
+        s.rows += [[row["formats"]] + bench_row_cells(row) for row in per_lanes]
+    s.notes.append(f"Demo model, every set built for the same {BENCH_CLOCK_MHZ['ulx3s-85f']:g} MHz target (cached "
+                   "builds are the same builds as the boards section's). The sets (config.FORMAT_SETS; README "
+                   "'Format sets'): " + "; ".join(f"{name}: {f.summary()}" for name, f in FORMAT_SETS.items())
+                   + f". The board builds {BOARDS['ulx3s-85f'].formats} on chip unless --formats says "
+                   "(registry.Board.formats). Their fidelity is in the fidelity section. cycles/token and tokens/s: "
+                   "config.PERF_MODEL, made for the narrow engine; the wider ones' pipelines are a few stages "
+                   "longer, so their figures are slightly optimistic.")
+    for per_lanes in zip(*rows.values()):
+        narrow = per_lanes[0]
+        for other in per_lanes[1:]:
+            if narrow.get("error") or other.get("error"):
+                continue
+
+            def more(key, a=narrow, b=other):
+                x, y = a[key]["used"], b[key]["used"]
+                return f"{y - x:+d} ({(y - x) / x * 100 if x else 0:+.0f}%)"
+            s.notes.append(f"{narrow['lanes']} lanes, {other['formats']} against {narrow['formats']}: LUT "
+                           f"{more('lut')}, FF {more('ff')}, block RAM {more('bram')}, DSP {more('dsp')}; Fmax "
+                           f"{narrow['fmax_mhz']:g} -> {other['fmax_mhz']:g} MHz.")
     return s
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable, Protocol
 
-from mmfree_fpga.config import FORMATS, Formats, ModelConfig
+from mmfree_fpga.config import FORMATS, Formats, ModelConfig, slots_formats_error
 from mmfree_fpga.errors import UserError
 
 if TYPE_CHECKING:
@@ -130,8 +130,8 @@ class RtlBackend:
         from .pipe import PIPE_CLOCK_HZ, PipeSim, build_pipe_sim
         if memory not in MEMORIES:
             raise UserError(f"unknown memory {memory!r}; use one of {', '.join(MEMORIES)}")
-        if slots and formats.x_bits != 32:
-            raise UserError("--slots needs the narrow formats: the slice ops carry int32 residuals")
+        if slots and not formats.int32_residual:
+            raise UserError(slots_formats_error())
         settings = [cfg.as_dict(), packing, lanes] + ([] if formats == FORMATS else [formats.as_dict()])
         if slots:
             settings.append({"slots": slots})

@@ -298,7 +298,8 @@ def test_build_dram_wide_formats_gets_to_synthesis(tmp_path, capsys, cache, monk
     """``build --memory dram`` builds in the wide formats unless told otherwise (the board's
     ``dram_formats``): the demo's wide image checked against the SDRAM, the board top with the wide
     engine elaborated and extracted, the build at Yosys's stage (stopped there: no tool runs here).
-    ``--formats narrow`` and a narrow exported image build narrow; on-chip builds default narrow."""
+    ``--formats narrow`` and a narrow exported image build narrow; on-chip builds default to the
+    board's own set, builds with slots to narrow."""
     from mmfree_fpga.config import FORMAT_SETS
     from mmfree_fpga.reference.checkpoint import DEMO_CHECKPOINT
     seen, _ = stop_before_synthesis(monkeypatch)
@@ -318,7 +319,12 @@ def test_build_dram_wide_formats_gets_to_synthesis(tmp_path, capsys, cache, monk
     from mmfree_fpga.boards.build import prepare
     assert prepare("ulx3s-85f", memory="dram", formats="narrow").context.formats == FORMAT_SETS["narrow"]
     on_chip = prepare("ulx3s-85f")
-    assert on_chip.formats == "narrow"
+    # on chip the board's own set (medium on the ECP5 boards), the iCE40's tiny engine narrow
+    assert on_chip.formats == "medium" and on_chip.context.formats == FORMAT_SETS["medium"]
+    assert prepare("icebreaker").formats == "narrow"
+    from mmfree_fpga.boards.build import default_formats
+    from mmfree_fpga.boards.registry import BOARDS
+    assert default_formats(BOARDS["ulx3s-85f"], "bram", slots=2) == "narrow"
     # nextpnr's router: router2 beside the DRAM controller, nextpnr's own on chip
     assert p.router == "router2" and "--router router2" in p.plan.files["build_top.sh"]
     assert on_chip.router is None and "--router" not in on_chip.plan.files["build_top.sh"]
@@ -352,7 +358,7 @@ def test_build_dram_with_slots_gets_to_synthesis(checkpoint, tmp_path, capsys, c
 
     rc = main(["build", "--board", "ulx3s-85f", "--memory", "dram", "--slots", "2", "--formats", "wide",
                "--checkpoint", str(checkpoint), "--out", str(out), "--quiet"])
-    assert rc == 2 and "--slots needs the narrow formats" in one_line_error(capsys)
+    assert rc == 2 and "--slots needs a format set with Q16 int32 residuals (narrow, medium)" in one_line_error(capsys)
 
 
 def test_build_dram_with_slots_builds_a_slice_of_the_370m_split(tmp_path, capsys, cache, monkeypatch):

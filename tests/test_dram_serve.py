@@ -170,7 +170,7 @@ def test_dram_design_with_slots_has_the_slice_ops():
     with pytest.raises(ValueError, match="int32"):
         LinkedEngine(SLICED, memory="sdram", slots=2, native_data_width=16, native_address_width=24,
                      formats=FORMAT_SETS["wide"])
-    with pytest.raises(UserError, match="--slots needs the narrow formats"):
+    with pytest.raises(UserError, match=r"--slots needs a format set with Q16 int32 residuals \(narrow, medium\)"):
         make_backend("rtl", SLICED, "base3", None, memory="sdram", slots=2, formats=FORMAT_SETS["wide"])
 
 

@@ -43,7 +43,7 @@ def add_arguments(p) -> None:
                    help="state slots for runs over several devices (protocol 1.2's slice ops: the device "
                         "holds a slice of the layers, takes and gives residuals, N sequences in flight); 0: a "
                         "device without them (default: 4 for the model backend; 0 for rtl, whose build with "
-                        "slots has the gateware's slice ops, with any --memory; narrow formats only)")
+                        "slots has the gateware's slice ops, with any --memory; formats with Q16 int32 residuals only)")
     p.add_argument("--cycle-model", action="store_true",
                    help="(model) report each token's cycles from the performance model of a --lanes engine for "
                         "the slice it runs (default: 0, not counted); the figures are the model's, not a counter")
