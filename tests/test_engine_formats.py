@@ -2,8 +2,8 @@
 the integer model of the same set: the vector cores in the "wide" formats (Amaranth's simulator,
 driven through their streams with idle cycles and back-pressure), the new pieces on their own
 (the exact quantiser with its ties and the largest element; the eps term of each kind), and the
-whole engine on small models (Amaranth, Verilator and Icarus). The narrow set's tests are
-``test_hw_vector.py`` and ``test_engine.py``.
+whole engine on small models in the "medium" and "wide" sets (Amaranth, Verilator and Icarus).
+The narrow set's tests are ``test_hw_vector.py`` and ``test_engine.py``.
 """
 
 from __future__ import annotations
@@ -358,18 +358,20 @@ def test_engine_refuses_formats_it_cannot_build():
         EngineCore(cfg, lanes=16, formats="wide")
 
 
-@pytest.mark.parametrize("load_stream", [False, True], ids=["ram-init", "load-stream"])
-def test_wide_engine_amaranth_tiny(tiny_checkpoint, load_stream):
-    """The wide engine on a small random model: tokens, the Q16 wire logits of the argmax and
-    read back, and every value the writer stores (the trace) equal to the integer model's."""
-    cfg, blob = load_image(tiny_checkpoint, "2bit", "wide")
+@pytest.mark.parametrize("formats, load_stream", [("wide", False), ("wide", True), ("medium", False)],
+                         ids=["wide-ram-init", "wide-load-stream", "medium-ram-init"])
+def test_engine_amaranth_tiny(tiny_checkpoint, formats, load_stream):
+    """The engine in a wider set on a small random model: tokens, the Q16 wire logits of the
+    argmax and read back, and every value the writer stores (the trace) equal to the integer
+    model's of the same set."""
+    cfg, blob = load_image(tiny_checkpoint, "2bit", formats)
     prompt, steps = [3, 60, 7], 2
     run = run_amaranth(cfg=cfg, blob=blob, packing="2bit", lanes=LANES, prompt=prompt, steps=steps,
-                       read_logits=READ_BACK, load_stream=load_stream, trace=not load_stream, formats="wide")
-    _check(cfg, blob, "2bit", prompt, steps, run, "wide")
+                       read_logits=READ_BACK, load_stream=load_stream, trace=not load_stream, formats=formats)
+    _check(cfg, blob, "2bit", prompt, steps, run, formats)
     if load_stream:
         return
-    model = ref.IntegerModel(ref.parse_image(blob, cfg, "2bit", WIDE))
+    model = ref.IntegerModel(ref.parse_image(blob, cfg, "2bit", FORMAT_SETS[formats]))
     stored = {"f_proj": "forget", "i_proj": "h", "g_proj": "o_in", "o_proj": "x_attn", "down_proj": "x"}
     for t, token in enumerate(run.tokens[:len(prompt) + steps - 1]):
         layers = []
@@ -400,26 +402,28 @@ def _skip_if_missing(simulator):
         pytest.skip(reason)
 
 
-def test_wide_engine_verilator_demo():
-    """The demo model in the wide formats on Verilator (its own build), memory stalls."""
+@pytest.mark.parametrize("formats", ["medium", "wide"])
+def test_engine_verilator_demo(formats):
+    """The demo model in a wider set on Verilator (its own build), memory stalls."""
     _skip_if_missing("verilator")
-    cfg, blob = load_image(DEMO_CHECKPOINT, "base3", "wide")
+    cfg, blob = load_image(DEMO_CHECKPOINT, "base3", formats)
     prompt = list(b"def")
     run = run_engine(cfg=cfg, blob=blob, packing="base3", lanes=LANES, prompt=prompt, steps=3,
-                     simulator="verilator", build=default_build(cfg, LANES, len(blob), formats="wide"),
+                     simulator="verilator", build=default_build(cfg, LANES, len(blob), formats=formats),
                      stall_rate=0.2, mem_latency=5, read_logits=READ_BACK)
-    _check(cfg, blob, "base3", prompt, 3, run, "wide")
+    _check(cfg, blob, "base3", prompt, 3, run, formats)
 
 
-def test_wide_engine_icarus_tiny(tiny_checkpoint):
+@pytest.mark.parametrize("formats", ["medium", "wide"])
+def test_engine_icarus_tiny(tiny_checkpoint, formats):
     _skip_if_missing("icarus")
-    cfg, blob = load_image(tiny_checkpoint, "base3", "wide")
-    build = EngineBuild(lanes=LANES, max_d=32, max_I=64, max_L=2, max_V=64, mem_words=8192, formats="wide")
+    cfg, blob = load_image(tiny_checkpoint, "base3", formats)
+    build = EngineBuild(lanes=LANES, max_d=32, max_I=64, max_L=2, max_V=64, mem_words=8192, formats=formats)
     prompt = [5, 9, 63]
     run = run_engine(cfg=cfg, blob=blob, packing="base3", lanes=LANES, prompt=prompt, steps=2,
                      simulator="icarus", build=build, stall_rate=0.3, cmd_stall_rate=0.3, mem_latency=5,
                      read_logits=READ_BACK)
-    _check(cfg, blob, "base3", prompt, 2, run, "wide")
+    _check(cfg, blob, "base3", prompt, 2, run, formats)
 
 
 def test_scalar_unit_eps_latency():
