@@ -346,23 +346,27 @@ def boards_section(quick: bool) -> Section:
 
 
 def boards_wide_section(quick: bool) -> Section:
-    """The ULX3S engine in every format set (issue 21's cost of the wider formats)."""
+    """The ULX3S engine in each format set an on-chip engine builds (issue 21's cost of the wider
+    formats): narrow and every board's own (``Board.formats``); the wide set is the DRAM engine's
+    (the dram_builds section)."""
     from .boards.bench import BENCH_CLOCK_MHZ, BENCH_COLUMNS, bench_row_cells, board_benchmarks
     from .boards.registry import BOARDS
     from .config import FORMAT_SETS
-    s = Section("The engine on the ULX3S in each format set (the cost of the wider formats)",
+    s = Section("The on-chip engine on the ULX3S in each format set (the cost of the wider formats)",
                 "mmfree-fpga bench --only boards_wide", ["formats"] + BENCH_COLUMNS)
     lanes = (16,) if quick else (16, 32, 64)
+    on_chip = ["narrow"] + sorted({b.formats for b in BOARDS.values()} - {"narrow"})
     rows = {name: board_benchmarks(("ulx3s-85f",), lanes, formats=name,
                                    progress=lambda line: print(f"bench: {line}", flush=True))
-            for name in FORMAT_SETS}
+            for name in on_chip}
     for per_lanes in zip(*rows.values()):
         s.rows += [[row["formats"]] + bench_row_cells(row) for row in per_lanes]
     s.notes.append(f"Demo model, every set built for the same {BENCH_CLOCK_MHZ['ulx3s-85f']:g} MHz target (cached "
                    "builds are the same builds as the boards section's). The sets (config.FORMAT_SETS; README "
-                   "'Format sets'): " + "; ".join(f"{name}: {f.summary()}" for name, f in FORMAT_SETS.items())
+                   "'Format sets'): " + "; ".join(f"{name}: {FORMAT_SETS[name].summary()}" for name in on_chip)
                    + f". The board builds {BOARDS['ulx3s-85f'].formats} on chip unless --formats says "
-                   "(registry.Board.formats). Their fidelity is in the fidelity section. cycles/token and tokens/s: "
+                   "(registry.Board.formats); the wide set is built with the weights in DRAM (the dram_builds "
+                   "section). Their fidelity is in the fidelity section. cycles/token and tokens/s: "
                    "config.PERF_MODEL, made for the narrow engine; the wider ones' pipelines are a few stages "
                    "longer, so their figures are slightly optimistic.")
     for per_lanes in zip(*rows.values()):

@@ -525,28 +525,43 @@ def test_build_runs_the_tool_its_environment_variable_names(checkpoint, tmp_path
     assert not (tmp_path / "out").exists() and not (cache / "bitstreams").exists()
 
 
-# -- one real bitstream build, then a cache hit ------------------------------------------------------
+# -- real bitstream builds, then a cache hit ---------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def icebreaker_builds(tmp_path_factory):
-    """Build the iCEBreaker's design (the tiny engine for the demo model) twice through the CLI,
-    the second time from the cache."""
-    d = tmp_path_factory.mktemp("icebreaker")
+def _build_twice(d: Path, *args: str) -> list[dict]:
+    """``build --board icebreaker ARGS`` twice through the CLI, the second time from the cache."""
     results = []
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MMFREE_FPGA_CACHE", str(d / "cache"))
         for n in (1, 2):
-            rc = main(["build", "--board", "icebreaker", "--quiet",
+            rc = main(["build", "--board", "icebreaker", "--quiet", *args,
                        "--out", str(d / f"out{n}"), "--json-out", str(d / f"build{n}.json")])
             assert rc == 0
             results.append(json.loads((d / f"build{n}.json").read_text()))
     return results
 
 
-def test_icebreaker_bitstream_meets_timing(icebreaker_builds):
+@pytest.fixture(scope="module")
+def echo_builds(tmp_path_factory):
+    """The iCEBreaker's framed echo (the board path without the engine): the whole toolchain in
+    seconds, twice."""
+    return _build_twice(tmp_path_factory.mktemp("icebreaker-echo"), "--design", "echo")
+
+
+def test_echo_bitstream_through_the_whole_toolchain(echo_builds):
+    r = echo_builds[0]
+    assert r["cached"] is False and r["board"] == "icebreaker" and r["device"] == "iCE40UP5K"
+    assert r["design"] == ECHO and r["timing_met"] is True and r["fmax_mhz"] >= r["clock_mhz"]
+    assert 0 < r["utilization"]["lut"]["used"] < 2000 and r["utilization"]["pll"]["used"] == 1
+    assert Path(r["bitstream"]).name == "top.bin" and Path(r["bitstream"]).stat().st_size > 100_000
+    assert [s["stage"] for s in r["stages"]] == ["yosys", "nextpnr-ice40", "icepack"]
+
+
+@pytest.mark.slow
+def test_icebreaker_bitstream_meets_timing(tmp_path):
     """The engine for the demo model, weights loaded over the UART into the SPRAMs: it fits the
-    iCE40UP5K and closes timing at the board's build clock."""
-    r = icebreaker_builds[0]
+    iCE40UP5K and closes timing at the board's build clock (slow: a 100-second build; the bench's
+    boards section builds it too)."""
+    (r, _) = _build_twice(tmp_path)
     assert r["cached"] is False and r["board"] == "icebreaker" and r["device"] == "iCE40UP5K"
     assert r["design"] == ENGINE
     want = resolve_board("icebreaker").default_clock_hz / 1e6
@@ -565,8 +580,8 @@ def test_icebreaker_bitstream_meets_timing(icebreaker_builds):
     assert r["model_fit"]["image"]["geometry"]["hidden_size"] == 128
 
 
-def test_second_build_comes_from_the_cache(icebreaker_builds):
-    first, second = icebreaker_builds
+def test_second_build_comes_from_the_cache(echo_builds):
+    first, second = echo_builds
     assert second["cached"] is True and second["cache_key"] == first["cache_key"]
     assert Path(second["bitstream"]).read_bytes() == Path(first["bitstream"]).read_bytes()
     for key in ("fmax_mhz", "timing_met", "utilization", "clock_mhz"):
