@@ -33,16 +33,18 @@ def add_arguments(p) -> None:
                         f"UART; boards: {', '.join(dram_boards())}; default clock: the controller's tested one)")
     from mmfree_fpga.config import FORMAT_SETS
     dram_defaults = ", ".join(f"{name} {board.dram_formats}" for name, board in BOARDS.items() if board.dram)
+    own = ", ".join(f"{name} {board.formats}" for name, board in BOARDS.items())
     p.add_argument("--formats", choices=tuple(FORMAT_SETS), default=None,
-                   help="the engine's number formats, the image is sized and exported in them (default: with "
-                        f"--memory dram and no --slots the board's DRAM set, {dram_defaults}; otherwise "
-                        f"narrow; wide on ECP5 engines only): {formats_choices_text()}")
+                   help="the engine's number formats, the image is sized and exported in them (default: an "
+                        "exported image's own; with --memory dram and no --slots the board's DRAM set, "
+                        f"{dram_defaults}; with --slots narrow; otherwise the board's, {own}; the iCE40's "
+                        f"tiny engine narrow only): {formats_choices_text()}")
     p.add_argument("--slots", type=int_in(0, 255), default=0, metavar="N",
                    help="state slots of the engine (protocol 1.2's slice ops: the board can hold a layer slice "
                         "in a run over several boards, N sequences in flight); default 0, none. Any --memory "
                         "(with dram a slice image goes into the DRAM, and a model larger than the DRAM is built "
                         "for when it splits over boards of this kind: mmfree-fpga plan); not the iCE40's tiny "
-                        "engine, not --formats wide")
+                        "engine, not --formats wide (the slice ops carry Q16 int32 residuals)")
     p.add_argument("--packing", choices=("2bit", "base3"), default=None,
                    help="trit packing for the model size check (default base3, or that of an exported image)")
     p.add_argument("--seed", type=non_negative_int, default=None, metavar="N",

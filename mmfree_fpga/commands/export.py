@@ -19,8 +19,8 @@ def add_formats_argument(p, what: str, default_note: str = "") -> None:
     """``--formats NAME``: a number format set of ``FORMAT_SETS`` (default: the hardware's)."""
     from mmfree_fpga.config import FORMAT_SETS
     p.add_argument("--formats", choices=tuple(FORMAT_SETS), default=None,
-                   help=f"number formats of {what} (default {default_formats_name()}, the hardware's{default_note}): "
-                        + formats_choices_text())
+                   help=f"number formats of {what} (default {default_formats_name()}, the simulators' and the "
+                        f"iCE40's{default_note}; a board's build names its own set): " + formats_choices_text())
 
 
 def formats_of(args):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from mmfree_fpga.config import FORMAT_SETS
 
-from ._common import check_out_dir, engine_lanes, lanes_help
+from ._common import check_out_dir, engine_lanes, formats_choices_text, lanes_help
 
 HELP = "write the engine's Verilog for a checkpoint's geometry (weights in on-chip RAM) and a manifest"
 
@@ -19,7 +19,8 @@ def add_arguments(p) -> None:
     p.add_argument("--lanes", type=engine_lanes, default=16, metavar="N", help=lanes_help(16))
     p.add_argument("--packing", choices=("base3", "2bit"), default="base3", help="trit packing (default base3)")
     p.add_argument("--formats", choices=tuple(FORMAT_SETS), default="narrow",
-                   help="the number formats: narrow (default) or wide (the image is exported in them)")
+                   help="the number formats, the image is exported in them (default narrow): "
+                        + formats_choices_text())
     p.add_argument("--no-init", action="store_true",
                    help="leave the weight RAM uninitialised (weights arrive through the load stream)")
     p.add_argument("--out", default="build/engine", metavar="DIR", help="output directory (default build/engine)")
