@@ -27,7 +27,7 @@ from .config import FORMAT_SETS, PUBLISHED, Formats, ModelConfig
 
 __all__ = ["DEMO_OFFSETS", "RANDOM_SEED", "random_layer_tensors", "random_global_tensors",
            "random_checkpoint_tensors", "random_ids", "layer_major_logits", "geometry_fidelity",
-           "demo_fidelity", "bits_per_byte", "activation_flips", "fidelity_section"]
+           "demo_fidelity", "bits_per_byte", "activation_precision", "fidelity_section"]
 
 # the held-out demo texts: byte offsets into the demo corpus's held-out files (as the agreement section)
 DEMO_OFFSETS = (100_000, 300_000, 600_000, 900_000)
@@ -184,14 +184,23 @@ def layer_major_logits(cfg: ModelConfig, ids: list[int], layer_tensors, global_t
     return out
 
 
-def activation_flips(cfg: ModelConfig, layers: int | None = None, positions: int = 17, seed: int = RANDOM_SEED,
-                     formats: dict[str, Formats] | None = None) -> dict[str, dict[str, float]]:
+def _pre_round(x: np.ndarray) -> np.ndarray:
+    """The absmax quantiser's input in int8 steps, 127 x / max|x| per row (float64), before rounding."""
+    x = np.asarray(x, dtype=np.float64)
+    m = np.abs(x).max(axis=-1, keepdims=True)
+    return np.divide(127 * x, m, out=np.zeros_like(x), where=m > 0)
+
+
+def activation_precision(cfg: ModelConfig, layers: int | None = None, positions: int = 17, seed: int = RANDOM_SEED,
+                         formats: dict[str, Formats] | None = None) -> dict[str, dict[str, dict[str, float]]]:
     """Teacher-forced precision, free of the chaos of a whole run: every one of the first ``layers``
     layers of a random checkpoint (:func:`random_layer_tensors`) gets the float64 model's input to
     it (the integer models: rounded to Q``x_frac``), and the int8 activations each BitLinear of the
-    layer forms are compared with float64's. Returns flips per million activations by model
-    ("float32", "integer <set>") and matrix (i_proj ... down_proj). Within a layer each model
-    runs on its own values (an o_proj flip moves gate_proj's input), as in a whole run."""
+    layer forms are compared with float64's. Returns, by model ("float32", "integer <set>") and
+    matrix (i_proj ... down_proj): ``"flips"``, int8 activations that differ per million, and
+    ``"error_rms"``, the RMS distance of the quantiser's input (127 z / max|z|, in int8 steps, before
+    rounding) from float64's: how close to a flip the model runs. Within a layer each model runs on
+    its own values (an o_proj flip moves gate_proj's input), as in a whole run."""
     import torch
 
     from .config import LAYER_BITLINEARS
@@ -207,29 +216,38 @@ def activation_flips(cfg: ModelConfig, layers: int | None = None, positions: int
     lb_float = {dt: (lower_bound_values(raw_lb.to(dt)) if cfg.use_lower_bound
                      else torch.zeros(cfg.L, cfg.d, dtype=dt)) for dt in (torch.float32, torch.float64)}
     lb_int = lower_bound_fractions(cfg, raw_lb)
-    flips = {key: dict.fromkeys(LAYER_BITLINEARS, 0) for key in ["float32"] + [f"integer {n}" for n in formats]}
+    keys = ["float32"] + [f"integer {n}" for n in formats]
+    flips = {key: dict.fromkeys(LAYER_BITLINEARS, 0) for key in keys}
+    sq = {key: dict.fromkeys(LAYER_BITLINEARS, 0.0) for key in keys}
     counts = dict.fromkeys(LAYER_BITLINEARS, 0)
+
+    def count(key, n, q, pre, q64, pre64):
+        flips[key][n] += int((q != q64).sum())
+        sq[key][n] += float(((pre - pre64) ** 2).sum())
+
+    def capture(cap, n, x):
+        cap[n] = (activation_quant(x)[0][0].numpy(), _pre_round(x[0].double().numpy()))
+
     x64 = emb.to(torch.float64)[None]
     with torch.no_grad():
         for l in range(layers):
             tensors = random_layer_tensors(cfg, seed, l)
             prefix = f"model.layers.{l}."
             state = {k[len(prefix):]: v for k, v in tensors.items()}
-            q, out = {}, {}
+            pre, out = {}, {}
             for dt in (torch.float64, torch.float32):
                 block = _float_modules(lambda: HGRNBitBlock(cfg), state, dt)
                 cap: dict = {}
                 hooks = [block.get_submodule(n).register_forward_hook(
-                    lambda m, i, o, n=n: cap.__setitem__(n, activation_quant(m.norm(i[0]))[0][0].numpy()))
-                    for n in LAYER_BITLINEARS]
+                    lambda m, i, o, n=n: capture(cap, n, m.norm(i[0]))) for n in LAYER_BITLINEARS]
                 out[dt], _ = block(x64.to(dt), torch.zeros(1, cfg.d, dtype=dt), lb_float[dt][l])
                 for h in hooks:
                     h.remove()
-                q[dt] = cap
+                pre[dt] = cap
                 del block
             for n in LAYER_BITLINEARS:
-                counts[n] += q[torch.float64][n].size
-                flips["float32"][n] += int((q[torch.float32][n] != q[torch.float64][n]).sum())
+                counts[n] += pre[torch.float64][n][0].size
+                count("float32", n, *pre[torch.float32][n], *pre[torch.float64][n])
             inputs = x64[0].numpy()
             for name, fmt in formats.items():
                 layer = integer_layer(cfg, tensors, l, lb_int[l], fmt)
@@ -242,12 +260,17 @@ def activation_flips(cfg: ModelConfig, layers: int | None = None, positions: int
                              "attn.o_proj": (tr["o_in"], tr["g_proj"]), "mlp.gate_proj": (tr["x_attn"], None),
                              "mlp.down_proj": (tr["down_in"], None)}
                     for n, (v, yg) in feeds.items():
-                        qi = im.activations(v, getattr(layer, n.split(".")[1]), fmt, yg)
-                        flips[f"integer {name}"][n] += int((qi != q[torch.float64][n][t]).sum())
+                        bl = getattr(layer, n.split(".")[1])
+                        z = im.normalise(np.asarray(v, dtype=np.int64), fmt) * bl.c
+                        q64, pre64 = pre[torch.float64][n]
+                        count(f"integer {name}", n, im.activations(v, bl, fmt, yg), _pre_round(z.astype(np.float64)),
+                              q64[t], pre64[t])
                 del layer
             x64 = out[torch.float64]
             del tensors, state
-    return {key: {n.split(".")[1]: 1e6 * c / counts[n] for n, c in per.items()} for key, per in flips.items()}
+    short = lambda n: n.split(".")[1]  # noqa: E731
+    return {key: {"flips": {short(n): 1e6 * c / counts[n] for n, c in flips[key].items()},
+                  "error_rms": {short(n): math.sqrt(v / counts[n]) for n, v in sq[key].items()}} for key in keys}
 
 
 def _three_way_sets(logits: dict[str, np.ndarray], formats) -> dict[str, dict]:
@@ -367,15 +390,20 @@ def fidelity_section(quick: bool):
     s.notes.append("The measurement's own spread: float32 computed token by token (the reference model's step, as "
                    "decoding runs it) instead of over the whole prompt at once, against float64: " + "; ".join(steps)
                    + ". The float32 columns above are the whole-prompt order.")
-    flip_cfg, flip_layers = (next(iter(geometries.values())), 4) if quick else (PUBLISHED["370M"], 8)
-    rates = activation_flips(flip_cfg, flip_layers, positions)
-    s.notes.append(f"Precision without the chaos of a whole run: each of the first {flip_layers} layers of the "
-                   f"{next(iter(geometries)) if quick else '370M'} checkpoint fed the float64 model's input, int8 "
-                   "activations that differ from float64's per million (i_proj, f_proj, g_proj, o_proj, gate_proj, "
-                   "down_proj): " + "; ".join(f"{key} " + " / ".join(f"{v:.1f}" for v in r.values())
-                                               for key, r in rates.items())
-                   + ". One flipped activation moves a whole accumulator row and the recurrence carries it on, so "
-                   "over a few positions the distances above are dominated by when the first flip happens.")
+    plan = ([(next(iter(geometries)), next(iter(geometries.values())), 4)] if quick
+            else [("370M", PUBLISHED["370M"], 8), ("1.3B", PUBLISHED["1.3B"], 2)])
+    for label, cfg, layers in plan:
+        r = activation_precision(cfg, layers, positions)
+        s.notes.append(f"Precision without the chaos of a whole run: each of the first {layers} layers of the {label} "
+                       "checkpoint fed the float64 model's input; per BitLinear (i_proj, f_proj, g_proj, o_proj, "
+                       "gate_proj, down_proj) the int8 activations that differ from float64's per million, then the "
+                       "RMS distance of the quantiser's input (127 z / max|z|, before rounding) from float64's, in "
+                       "int8 steps: " + "; ".join(
+                           f"{key} " + " / ".join(f"{v:.1f}" for v in m["flips"].values()) + ", "
+                           + " / ".join(f"{v:.1e}" for v in m["error_rms"].values()) for key, m in r.items())
+                       + ". One flipped activation moves a whole accumulator row and the recurrence carries it on "
+                       "(gate_proj and down_proj follow o_proj's flips), so over a few positions the distances above "
+                       "are dominated by when the first flip happens.")
     s.notes.append("Demo cross-entropy (bits per byte of held-out text): the integer model's largest relative "
                    "difference to float32's over the texts: "
                    + ", ".join(f"{name} {100 * g:.3f}%" for name, g in ce_gap.items()) + ".")

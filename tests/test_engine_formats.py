@@ -63,7 +63,7 @@ def x_values(rng, n):
 # -- the vector cores in the wide formats ----------------------------------------------------
 
 def test_wide_elementwise_unit():
-    """Every op, 40-bit operands (products of two x values are 78 bits), Q23 gates."""
+    """Every op, operands of the wide set's x width (50 bits), Q30 gates."""
     rng = random.Random(21)
     dut = ElementwiseUnit(WIDE)
     items = []

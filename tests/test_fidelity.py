@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mmfree_fpga.config import FORMAT_SETS, PUBLISHED, ModelConfig
-from mmfree_fpga.fidelity import (activation_flips, bits_per_byte, geometry_fidelity, layer_major_logits, random_checkpoint_tensors,
+from mmfree_fpga.fidelity import (activation_precision, bits_per_byte, geometry_fidelity, layer_major_logits, random_checkpoint_tensors,
                                   random_global_tensors, random_ids, random_layer_tensors)
 from mmfree_fpga.reference.export import integer_weights
 from mmfree_fpga.reference.integer import IntegerModel
@@ -75,14 +75,19 @@ def test_wide_formats_as_close_to_float64_as_float32_at_370m():
     assert i["min_logit_cosine"] >= b["min_logit_cosine"] - 0.005, f
 
 
-def test_activation_flips():
-    """Teacher-forced flips: none for an integer model far more precise than float32; many for the
-    narrow set; float32 itself counted against float64."""
+def test_activation_precision():
+    """Teacher-forced flips and pre-rounding error: none and ~0 for an integer model far more
+    precise than float32; many flips for the narrow set; float32 itself counted against float64."""
     import dataclasses
     exact = dataclasses.replace(FORMAT_SETS["wide"], norm_bits=32, sumsq_shift=39, x_frac=32, x_bits=48,
                                 gate_frac=31, sig_table_log2=18)
-    r = activation_flips(SMALL, 2, 8, formats={"narrow": FORMAT_SETS["narrow"], "exact": exact})
+    r = activation_precision(SMALL, 2, 8, formats={"narrow": FORMAT_SETS["narrow"], "exact": exact})
     assert set(r) == {"float32", "integer narrow", "integer exact"}
-    assert list(r["float32"]) == ["i_proj", "f_proj", "g_proj", "o_proj", "gate_proj", "down_proj"]
-    assert sum(r["integer exact"].values()) == 0
-    assert sum(r["integer narrow"].values()) > 100
+    names = ["i_proj", "f_proj", "g_proj", "o_proj", "gate_proj", "down_proj"]
+    assert all(list(m["flips"]) == list(m["error_rms"]) == names for m in r.values())
+    assert sum(r["integer exact"]["flips"].values()) == 0
+    assert sum(r["integer narrow"]["flips"].values()) > 100
+    # float32's own rounding: i_proj's input is float64's, so only the norm's arithmetic differs
+    assert 0 < r["float32"]["error_rms"]["i_proj"] < 1e-4
+    assert r["integer exact"]["error_rms"]["i_proj"] < r["float32"]["error_rms"]["i_proj"] / 100
+    assert r["integer narrow"]["error_rms"]["i_proj"] > r["float32"]["error_rms"]["i_proj"] * 10
