@@ -46,8 +46,8 @@ class Board:
     design: str = "echo"                 # what `mmfree-fpga build` puts on it (boards.designs.DESIGNS)
     dram: str | None = None              # its DRAM for --memory dram: a key of boards.litedram.CORES
     dram_clock_hz: float | None = None   # the design clock with --memory dram (the controller's tested clock)
-    # the number formats (a name of config.FORMAT_SETS) of its on-chip engine (and of any engine with
-    # --slots) unless --formats says: the widest set that meets its clock target at 64 lanes
+    # the number formats (a name of config.FORMAT_SETS) of its on-chip engine unless --formats says
+    # (engines with --slots build narrow): the widest set that meets its clock target at 64 lanes
     formats: str = "narrow"
     # ... and of its --memory dram engine: where the published models run, so the float32-level set
     # wherever it meets dram_clock_hz

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from .errors import CheckpointError
 
-__all__ = ["ModelConfig", "Formats", "FORMATS", "FORMAT_SETS", "slots_formats_error", "LAYER_BITLINEARS", "derive_intermediate_size"]
+__all__ = ["ModelConfig", "Formats", "FORMATS", "FORMAT_SETS", "slots_formats_error", "LAYER_BITLINEARS",
+           "derive_intermediate_size"]
 
 
 def _is_int(value) -> bool:
