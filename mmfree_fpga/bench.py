@@ -343,7 +343,8 @@ def boards_section(quick: bool) -> Section:
     from mmfree_fpga.boards.build import ICE40_ABC9_WIRE_DELAY_PS
     s.notes.append(f"iCE40 synthesis maps LUTs with abc9 at a wire delay of {ICE40_ABC9_WIRE_DELAY_PS} ps per net "
                    "(synth_ice40 uses 250; boards/build.py says why). Fmax depends on nextpnr's placement: the rows "
-                   "are nextpnr's default seed, the one every build uses.")
+                   "are nextpnr's default seed, the one every build uses, but where a row names another "
+                   "(boards.bench.BENCH_SEEDS says why).")
     return s
 
 
@@ -370,7 +371,8 @@ def boards_wide_section(quick: bool) -> Section:
                    "(registry.Board.formats); the wide set is built with the weights in DRAM (the dram_builds "
                    "section). Their fidelity is in the fidelity section. cycles/token and tokens/s: "
                    "config.PERF_MODEL, made for the narrow engine; the wider ones' pipelines are a few stages "
-                   "longer, so their figures are slightly optimistic.")
+                   "longer, so their figures are slightly optimistic. nextpnr's default placement seed but where a "
+                   "row names one (boards.bench.BENCH_SEEDS says why).")
     for per_lanes in zip(*rows.values()):
         narrow = per_lanes[0]
         for other in per_lanes[1:]:
