@@ -96,7 +96,8 @@ def _known():
             design="engine", formats="medium", dram="ulx3s-85f", dram_clock_hz=50e6, dram_formats="wide",
             # router1 had not routed the wide DRAM design after 24 minutes of routing (stuck near 62,000
             # unrouted arcs); router2 routes it in 107 s (the build's nextpnr log), 57.4 MHz against 50. On
-            # the ECPIX-5 router1 is the better one: 113.5 MHz against router2's 78.9 at 75.
+            # the ECPIX-5 router1 is the better one: 113.5 MHz against router2's 78.9 at 75. (Both with
+            # the wide set's earlier 2^13-interval sigmoid table; with 2^15: 69.8 and 96.7 MHz.)
             dram_router="router2"),
         # The UART is the FT2232H's second channel (amaranth-boards' uart 0). No reset button:
         # amaranth-boards names only AB1 (GSRN) as "rst" while LiteX's ECPIX-5 target resets from
