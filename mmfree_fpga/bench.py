@@ -336,9 +336,8 @@ def boards_section(quick: bool) -> Section:
                    "the bitstream came from the build cache (same plan, checkpoint and tool versions), and the "
                    "figure is the toolchain's time when it was built.")
     s.notes.append(f"ULX3S: the engine in its on-chip number formats ({resolve_board('ulx3s-85f').formats}; "
-                   "registry.Board.formats, the boards_wide section has every set), with the weight image in block "
-                   "RAM from the bitstream. iCEBreaker: the tiny "
-                   "engine (hw/tiny_engine.py: one sequential 48-bit datapath run by a program, one trit per cycle), "
+                   "registry.Board.formats; the boards_wide section has the narrow engine beside it), with the "
+                   "weight image in block RAM from the bitstream. iCEBreaker: the tiny engine (hw/tiny_engine.py: one sequential 48-bit datapath run by a program, one trit per cycle), "
                    "weights uploaded over the UART into the four SPRAMs.")
     from mmfree_fpga.boards.build import ICE40_ABC9_WIRE_DELAY_PS
     s.notes.append(f"iCE40 synthesis maps LUTs with abc9 at a wire delay of {ICE40_ABC9_WIRE_DELAY_PS} ps per net "
