@@ -143,6 +143,9 @@ def agreement_section(quick: bool) -> Section:
     s.notes.append("The last rows show the demo model's own sensitivity: any perturbation of ~1e-4 flips "
                    "about 1% of its greedy predictions (int8 activations make its logits discrete, and "
                    "near-ties are common in so small a model).")
+    from .boards.registry import BOARDS
+    from .config import FORMAT_SETS
+    on_chip = BOARDS["ulx3s-85f"].formats
     s.notes.append("What it took to reach 0.99 (ablation, issue #3): one flipped int8 activation moves an accumulator "
                    "by a whole step and the recurrent state carries it on, so every rounding before a quantiser counts. "
                    "The demo model's embeddings are int8-representable (reference.train.int8_embeddings; rounding them "
@@ -151,9 +154,9 @@ def agreement_section(quick: bool) -> Section:
                    "reciprocal (about 16 significant bits whatever quant_bits is), the 16-bit normalised input and "
                    "quant-weights, the 2^9-interval sigmoid table; norm_bits 24, quant_bits 24, recip_frac 50 and "
                    "sig_table_log2 11 give more margin (tests/test_integer_model.py::"
-                   "test_demo_model_agrees_with_wider_formats, slow). These rows are the narrow set's; the ECP5 boards' "
-                   "on-chip engine builds the medium set (the exact quantiser, 20-bit norms, a 2^11-interval table), "
-                   "whose figures are in the fidelity section.")
+                   "test_demo_model_agrees_with_wider_formats, slow). These rows are the narrow set's; the ULX3S's "
+                   f"on-chip engine builds the {on_chip} set ({FORMAT_SETS[on_chip].summary()}; "
+                   "registry.Board.formats), whose figures are in the fidelity section.")
     return s
 
 
